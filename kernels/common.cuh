@@ -1,0 +1,50 @@
+// Shared helpers for every kernel file: dtype conversions and warp/block reductions.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+#define QLORA_WARP 32
+
+// ---- dtype conversions (round to nearest even, as the CPU reference does) ----
+__device__ __forceinline__ float to_f32(float v) { return v; }
+__device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float to_f32(__half v) { return __half2float(v); }
+
+template <typename T> __device__ __forceinline__ T from_f32(float v);
+template <> __device__ __forceinline__ float from_f32<float>(float v) { return v; }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+template <> __device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half_rn(v); }
+
+// ---- reductions ----
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int o = QLORA_WARP / 2; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+// Max over a block of `blockDim.x` threads (a multiple of 32, at most 1024). Every thread gets it.
+__device__ __forceinline__ float block_max(float v) {
+  __shared__ float partial[32];
+  const int lane = threadIdx.x % QLORA_WARP, warp = threadIdx.x / QLORA_WARP;
+  v = warp_max(v);
+  __syncthreads();  // partial[] may still be read by a previous call
+  if (lane == 0) partial[warp] = v;
+  __syncthreads();
+  const int nwarps = blockDim.x / QLORA_WARP;
+  v = lane < nwarps ? partial[lane] : 0.0f;
+  return warp_max(v);
+}
+
+// Index of the first of `n` ascending values that is >= s: the number of values below s.
+__device__ __forceinline__ int lower_bound(const float* sorted, int n, float s) {
+  int lo = 0, hi = n;
+  while (lo < hi) {
+    const int mid = (lo + hi) / 2;
+    if (sorted[mid] < s) lo = mid + 1; else hi = mid;
+  }
+  return lo;
+}

@@ -1,0 +1,273 @@
+//! The CUDA device: one context and one stream per GPU, a per-process cache of loaded modules
+//! (each embedded fatbin is loaded once per device), and the launch helper every op uses.
+//!
+//! `QLORA_SYNC=1` makes every launch synchronise and check, so an asynchronous fault is reported
+//! with the name of the kernel that caused it.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, LaunchArgs, LaunchConfig,
+};
+use cudarc::nvrtc::Ptx;
+use half::{bf16, f16};
+
+use super::{kernels, Availability, CpuStorage};
+use crate::error::{Error, Result};
+use crate::tensor::DType;
+
+/// Whether `libcuda` can be loaded. Must be true before any other cudarc call: cudarc panics
+/// when the library is missing.
+pub fn driver_present() -> bool {
+    static PRESENT: OnceLock<bool> = OnceLock::new();
+    // SAFETY: only tries to dlopen libcuda by its usual names; no CUDA call is made.
+    *PRESENT.get_or_init(|| unsafe { cudarc::driver::sys::is_culib_present() })
+}
+
+/// Device memory of one dtype.
+#[derive(Debug)]
+pub enum CudaStorage {
+    F32(CudaSlice<f32>),
+    BF16(CudaSlice<bf16>),
+    F16(CudaSlice<f16>),
+    U8(CudaSlice<u8>),
+    I32(CudaSlice<i32>),
+}
+
+macro_rules! each_storage {
+    ($s:expr, $v:ident => $e:expr) => {
+        match $s {
+            CudaStorage::F32($v) => $e,
+            CudaStorage::BF16($v) => $e,
+            CudaStorage::F16($v) => $e,
+            CudaStorage::U8($v) => $e,
+            CudaStorage::I32($v) => $e,
+        }
+    };
+}
+
+impl CudaStorage {
+    pub fn dtype(&self) -> DType {
+        match self {
+            CudaStorage::F32(_) => DType::F32,
+            CudaStorage::BF16(_) => DType::BF16,
+            CudaStorage::F16(_) => DType::F16,
+            CudaStorage::U8(_) => DType::U8,
+            CudaStorage::I32(_) => DType::I32,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        each_storage!(self, s => s.len())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn ordinal(&self) -> usize {
+        each_storage!(self, s => s.ordinal())
+    }
+
+    /// Copies to the host (synchronous).
+    pub fn download(&self) -> Result<CpuStorage> {
+        let err = Error::cuda("device to host copy");
+        Ok(match self {
+            CudaStorage::F32(s) => CpuStorage::F32(s.stream().clone_dtoh(s).map_err(err)?),
+            CudaStorage::BF16(s) => CpuStorage::BF16(s.stream().clone_dtoh(s).map_err(err)?),
+            CudaStorage::F16(s) => CpuStorage::F16(s.stream().clone_dtoh(s).map_err(err)?),
+            CudaStorage::U8(s) => CpuStorage::U8(s.stream().clone_dtoh(s).map_err(err)?),
+            CudaStorage::I32(s) => CpuStorage::I32(s.stream().clone_dtoh(s).map_err(err)?),
+        })
+    }
+}
+
+/// One GPU: its context, the stream all our work goes to, and its loaded modules.
+pub struct CudaDevice {
+    ordinal: usize,
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
+    functions: Mutex<HashMap<(&'static str, &'static str), CudaFunction>>,
+    sync_each_launch: bool,
+}
+
+impl std::fmt::Debug for CudaDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "CudaDevice(cuda:{})", self.ordinal)
+    }
+}
+
+impl CudaDevice {
+    /// The process-wide handle of GPU `ordinal`, created on first use. Errors (never panics) when
+    /// this build has no kernels, there is no driver, or no such GPU.
+    pub fn get(ordinal: usize) -> Result<Arc<CudaDevice>> {
+        static DEVICES: OnceLock<Mutex<HashMap<usize, Arc<CudaDevice>>>> = OnceLock::new();
+        let mut devices = DEVICES
+            .get_or_init(Default::default)
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(dev) = devices.get(&ordinal) {
+            return Ok(dev.clone());
+        }
+        if let Some(why) = Availability::probe().cuda_unavailable_reason(ordinal) {
+            return Err(Error::CudaUnavailable(why));
+        }
+        let ctx = CudaContext::new(ordinal).map_err(Error::cuda("creating the CUDA context"))?;
+        // SAFETY: every tensor of this device lives on its one stream, so cudarc's cross-stream
+        // event tracking is not needed.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx
+            .new_stream()
+            .map_err(Error::cuda("creating the CUDA stream"))?;
+        let dev = Arc::new(CudaDevice {
+            ordinal,
+            ctx,
+            stream,
+            modules: Mutex::new(HashMap::new()),
+            functions: Mutex::new(HashMap::new()),
+            sync_each_launch: std::env::var("QLORA_SYNC").is_ok_and(|v| v == "1"),
+        });
+        devices.insert(ordinal, dev.clone());
+        Ok(dev)
+    }
+
+    pub fn ordinal(&self) -> usize {
+        self.ordinal
+    }
+
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// The GPU's name as the driver reports it.
+    pub fn name(&self) -> Result<String> {
+        self.ctx.name().map_err(Error::cuda("reading the GPU name"))
+    }
+
+    /// (major, minor) compute capability.
+    pub fn compute_capability(&self) -> Result<(i32, i32)> {
+        self.ctx
+            .compute_capability()
+            .map_err(Error::cuda("reading the compute capability"))
+    }
+
+    /// Total device memory in bytes.
+    pub fn total_memory(&self) -> Result<usize> {
+        self.ctx
+            .total_mem()
+            .map_err(Error::cuda("reading the memory size"))
+    }
+
+    /// Waits for all work queued on the stream.
+    pub fn synchronize(&self) -> Result<()> {
+        self.stream
+            .synchronize()
+            .map_err(Error::cuda("synchronising the stream"))
+    }
+
+    /// Kernel `name` from `kernels/<module>.cu`, loading the module on first use.
+    pub fn function(&self, module: &'static str, name: &'static str) -> Result<CudaFunction> {
+        let mut functions = self.functions.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(f) = functions.get(&(module, name)) {
+            return Ok(f.clone());
+        }
+        let module_handle = {
+            let mut modules = self.modules.lock().unwrap_or_else(|p| p.into_inner());
+            match modules.get(module) {
+                Some(m) => m.clone(),
+                None => {
+                    let bytes = kernels::fatbin(module).ok_or_else(|| {
+                        Error::CudaUnavailable(format!(
+                            "kernels/{module}.cu is not in this build: {}",
+                            super::NO_KERNELS
+                        ))
+                    })?;
+                    let m = self
+                        .ctx
+                        .load_module(Ptx::from_binary(bytes.to_vec()))
+                        .map_err(Error::cuda(format!("loading kernels/{module}.cu")))?;
+                    modules.insert(module, m.clone());
+                    m
+                }
+            }
+        };
+        let f = module_handle
+            .load_function(name)
+            .map_err(Error::cuda(format!("finding kernel {name} in {module}.cu")))?;
+        functions.insert((module, name), f.clone());
+        Ok(f)
+    }
+
+    /// Launches a kernel whose arguments are already pushed onto `args`, then (with
+    /// `QLORA_SYNC=1`) synchronises and reports a fault under the kernel's name.
+    ///
+    /// # Safety
+    /// The pushed arguments must match the kernel's C signature in number, order and type, and
+    /// every buffer must be large enough for the indices the kernel computes from `cfg` and its
+    /// scalar arguments. Launchers check these at entry and say so in a `// SAFETY:` line.
+    pub unsafe fn launch(
+        &self,
+        name: &'static str,
+        mut args: LaunchArgs<'_>,
+        cfg: LaunchConfig,
+    ) -> Result<()> {
+        // SAFETY: forwarded from the caller's contract.
+        unsafe { args.launch(cfg) }.map_err(Error::cuda(format!("launching {name}")))?;
+        if self.sync_each_launch {
+            self.stream
+                .synchronize()
+                .map_err(Error::cuda(format!("kernel {name} (QLORA_SYNC=1)")))?;
+        }
+        Ok(())
+    }
+
+    /// A zero-filled buffer of `n` elements.
+    pub fn alloc_zeros(&self, dtype: DType, n: usize) -> Result<CudaStorage> {
+        let s = &self.stream;
+        let err = Error::cuda(format!("allocating {n} {dtype} elements"));
+        Ok(match dtype {
+            DType::F32 => CudaStorage::F32(s.alloc_zeros(n).map_err(err)?),
+            DType::BF16 => CudaStorage::BF16(s.alloc_zeros(n).map_err(err)?),
+            DType::F16 => CudaStorage::F16(s.alloc_zeros(n).map_err(err)?),
+            DType::U8 => CudaStorage::U8(s.alloc_zeros(n).map_err(err)?),
+            DType::I32 => CudaStorage::I32(s.alloc_zeros(n).map_err(err)?),
+        })
+    }
+
+    /// Copies host storage to a new device buffer.
+    pub fn upload(&self, host: &CpuStorage) -> Result<CudaStorage> {
+        let s = &self.stream;
+        let err = Error::cuda("host to device copy");
+        Ok(match host {
+            CpuStorage::F32(v) => CudaStorage::F32(s.clone_htod(v).map_err(err)?),
+            CpuStorage::BF16(v) => CudaStorage::BF16(s.clone_htod(v).map_err(err)?),
+            CpuStorage::F16(v) => CudaStorage::F16(s.clone_htod(v).map_err(err)?),
+            CpuStorage::U8(v) => CudaStorage::U8(s.clone_htod(v).map_err(err)?),
+            CpuStorage::I32(v) => CudaStorage::I32(s.clone_htod(v).map_err(err)?),
+        })
+    }
+
+    /// Copies a device buffer of this GPU to a new one.
+    pub fn copy(&self, src: &CudaStorage) -> Result<CudaStorage> {
+        let s = &self.stream;
+        let err = Error::cuda("device to device copy");
+        Ok(match src {
+            CudaStorage::F32(v) => CudaStorage::F32(s.clone_dtod(v).map_err(err)?),
+            CudaStorage::BF16(v) => CudaStorage::BF16(s.clone_dtod(v).map_err(err)?),
+            CudaStorage::F16(v) => CudaStorage::F16(s.clone_dtod(v).map_err(err)?),
+            CudaStorage::U8(v) => CudaStorage::U8(s.clone_dtod(v).map_err(err)?),
+            CudaStorage::I32(v) => CudaStorage::I32(s.clone_dtod(v).map_err(err)?),
+        })
+    }
+}
+
+/// A 1-D launch: `n` work items, `block` threads per block.
+pub fn grid_1d(n: usize, block: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: ((n as u64).div_ceil(block as u64).max(1) as u32, 1, 1),
+        block_dim: (block, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}

@@ -1,0 +1,69 @@
+//! The library's one error type. Every fallible public function returns [`Result`]; only the
+//! binary's `main` turns an error into an exit code.
+
+use std::path::PathBuf;
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// CUDA was asked for but cannot be used here (no kernels in this build, no driver, no GPU).
+    #[error("{0}")]
+    CudaUnavailable(String),
+
+    /// A CUDA driver call failed; `op` says which step of ours made it.
+    #[error("CUDA error in {op}: {source}")]
+    Cuda {
+        op: String,
+        #[source]
+        source: cudarc::driver::DriverError,
+    },
+
+    /// A tensor had the wrong shape for an op.
+    #[error("{op}: expected shape {expected}, got {got}")]
+    ShapeMismatch {
+        op: &'static str,
+        expected: String,
+        got: String,
+    },
+
+    /// A tensor had a dtype the op cannot take.
+    #[error("{op}: unsupported dtype {got} (expected {expected})")]
+    DTypeMismatch {
+        op: &'static str,
+        expected: String,
+        got: String,
+    },
+
+    /// Two tensors of one op live on different devices.
+    #[error("{op}: tensors on different devices ({a} and {b})")]
+    DeviceMismatch {
+        op: &'static str,
+        a: String,
+        b: String,
+    },
+
+    /// A value outside what an op or a format allows.
+    #[error("{0}")]
+    InvalidArgument(String),
+
+    /// A file could not be read or written.
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// A file was read but its content is not what was expected.
+    #[error("{}: {msg}", path.display())]
+    Format { path: PathBuf, msg: String },
+}
+
+impl Error {
+    /// Wraps a driver error with the name of the step that made the call.
+    pub fn cuda(op: impl Into<String>) -> impl FnOnce(cudarc::driver::DriverError) -> Error {
+        let op = op.into();
+        move |source| Error::Cuda { op, source }
+    }
+}

@@ -1,0 +1,277 @@
+//! `Tensor`: a contiguous, row-major array of one dtype on one device.
+//!
+//! Deliberately small: ops take tensors, check shape/dtype/device at entry and dispatch to the CPU
+//! reference or the CUDA launcher. There are no strides or views; a tensor owns its storage.
+
+use half::{bf16, f16};
+
+use crate::device::cuda::{CudaDevice, CudaStorage};
+use crate::device::{CpuStorage, Device};
+use crate::error::{Error, Result};
+
+/// Element types.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DType {
+    F32,
+    BF16,
+    F16,
+    U8,
+    I32,
+}
+
+impl DType {
+    pub fn size_in_bytes(self) -> usize {
+        match self {
+            DType::F32 | DType::I32 => 4,
+            DType::BF16 | DType::F16 => 2,
+            DType::U8 => 1,
+        }
+    }
+
+    pub fn is_float(self) -> bool {
+        matches!(self, DType::F32 | DType::BF16 | DType::F16)
+    }
+}
+
+impl std::fmt::Display for DType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            DType::F32 => "f32",
+            DType::BF16 => "bf16",
+            DType::F16 => "f16",
+            DType::U8 => "u8",
+            DType::I32 => "i32",
+        })
+    }
+}
+
+/// Rust element types that a [`Tensor`] can hold.
+pub trait Element:
+    bytemuck::Pod + cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits + Send + Sync
+{
+    const DTYPE: DType;
+    fn into_cpu(data: Vec<Self>) -> CpuStorage;
+    fn cpu_slice(s: &CpuStorage) -> Option<&[Self]>;
+    fn into_cuda(data: cudarc::driver::CudaSlice<Self>) -> CudaStorage;
+    fn cuda_slice(s: &CudaStorage) -> Option<&cudarc::driver::CudaSlice<Self>>;
+    fn cuda_slice_mut(s: &mut CudaStorage) -> Option<&mut cudarc::driver::CudaSlice<Self>>;
+}
+
+macro_rules! element {
+    ($t:ty, $variant:ident) => {
+        impl Element for $t {
+            const DTYPE: DType = DType::$variant;
+            fn into_cpu(data: Vec<Self>) -> CpuStorage {
+                CpuStorage::$variant(data)
+            }
+            fn cpu_slice(s: &CpuStorage) -> Option<&[Self]> {
+                match s {
+                    CpuStorage::$variant(v) => Some(v),
+                    _ => None,
+                }
+            }
+            fn into_cuda(data: cudarc::driver::CudaSlice<Self>) -> CudaStorage {
+                CudaStorage::$variant(data)
+            }
+            fn cuda_slice(s: &CudaStorage) -> Option<&cudarc::driver::CudaSlice<Self>> {
+                match s {
+                    CudaStorage::$variant(v) => Some(v),
+                    _ => None,
+                }
+            }
+            fn cuda_slice_mut(s: &mut CudaStorage) -> Option<&mut cudarc::driver::CudaSlice<Self>> {
+                match s {
+                    CudaStorage::$variant(v) => Some(v),
+                    _ => None,
+                }
+            }
+        }
+    };
+}
+element!(f32, F32);
+element!(bf16, BF16);
+element!(f16, F16);
+element!(u8, U8);
+element!(i32, I32);
+
+/// Where a tensor's bytes live.
+#[derive(Debug)]
+pub enum Storage {
+    Cpu(CpuStorage),
+    Cuda(CudaStorage),
+}
+
+/// A contiguous row-major tensor.
+#[derive(Debug)]
+pub struct Tensor {
+    storage: Storage,
+    shape: Vec<usize>,
+    device: Device,
+}
+
+pub(crate) fn shape_str(shape: &[usize]) -> String {
+    format!("{shape:?}")
+}
+
+impl Tensor {
+    /// A tensor holding `data` with `shape`, placed on `device`.
+    pub fn from_vec<T: Element>(data: Vec<T>, shape: &[usize], device: &Device) -> Result<Tensor> {
+        let n: usize = shape.iter().product();
+        if n != data.len() {
+            return Err(Error::ShapeMismatch {
+                op: "Tensor::from_vec",
+                expected: format!("{} elements for shape {}", n, shape_str(shape)),
+                got: format!("{} elements", data.len()),
+            });
+        }
+        let cpu = Tensor {
+            storage: Storage::Cpu(T::into_cpu(data)),
+            shape: shape.to_vec(),
+            device: Device::Cpu,
+        };
+        cpu.to_device(device)
+    }
+
+    /// A zero-filled tensor.
+    pub fn zeros(shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
+        let n: usize = shape.iter().product();
+        let storage = match device {
+            Device::Cpu => Storage::Cpu(CpuStorage::zeros(dtype, n)),
+            Device::Cuda(ordinal) => {
+                Storage::Cuda(CudaDevice::get(*ordinal)?.alloc_zeros(dtype, n)?)
+            }
+        };
+        Ok(Tensor {
+            storage,
+            shape: shape.to_vec(),
+            device: *device,
+        })
+    }
+
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    pub fn elem_count(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    pub fn dtype(&self) -> DType {
+        match &self.storage {
+            Storage::Cpu(s) => s.dtype(),
+            Storage::Cuda(s) => s.dtype(),
+        }
+    }
+
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    pub fn storage(&self) -> &Storage {
+        &self.storage
+    }
+
+    /// The same values, shape changed (element counts must agree).
+    pub fn reshape(mut self, shape: &[usize]) -> Result<Tensor> {
+        if shape.iter().product::<usize>() != self.elem_count() {
+            return Err(Error::ShapeMismatch {
+                op: "Tensor::reshape",
+                expected: format!("{} elements", self.elem_count()),
+                got: format!("shape {}", shape_str(shape)),
+            });
+        }
+        self.shape = shape.to_vec();
+        Ok(self)
+    }
+
+    /// A copy on `device` (host↔device, device↔device or host↔host).
+    pub fn to_device(&self, device: &Device) -> Result<Tensor> {
+        let storage = match (&self.storage, device) {
+            (Storage::Cpu(s), Device::Cpu) => Storage::Cpu(s.clone()),
+            (Storage::Cpu(s), Device::Cuda(o)) => Storage::Cuda(CudaDevice::get(*o)?.upload(s)?),
+            (Storage::Cuda(s), Device::Cpu) => Storage::Cpu(s.download()?),
+            (Storage::Cuda(s), Device::Cuda(o)) => {
+                let dev = CudaDevice::get(*o)?;
+                if s.ordinal() == *o {
+                    Storage::Cuda(dev.copy(s)?)
+                } else {
+                    Storage::Cuda(dev.upload(&s.download()?)?)
+                }
+            }
+        };
+        Ok(Tensor {
+            storage,
+            shape: self.shape.clone(),
+            device: *device,
+        })
+    }
+
+    /// The values, copied to the host. Fails if `T` is not the tensor's dtype.
+    pub fn to_vec<T: Element>(&self) -> Result<Vec<T>> {
+        let wrong = || Error::DTypeMismatch {
+            op: "Tensor::to_vec",
+            expected: self.dtype().to_string(),
+            got: T::DTYPE.to_string(),
+        };
+        match &self.storage {
+            Storage::Cpu(s) => T::cpu_slice(s).map(|v| v.to_vec()).ok_or_else(wrong),
+            Storage::Cuda(s) => {
+                let slice = T::cuda_slice(s).ok_or_else(wrong)?;
+                slice
+                    .stream()
+                    .clone_dtoh(slice)
+                    .map_err(Error::cuda("Tensor::to_vec (device to host copy)"))
+            }
+        }
+    }
+
+    /// The host slice of a CPU tensor of dtype `T`.
+    pub fn cpu_slice<T: Element>(&self, op: &'static str) -> Result<&[T]> {
+        match &self.storage {
+            Storage::Cpu(s) => T::cpu_slice(s).ok_or_else(|| Error::DTypeMismatch {
+                op,
+                expected: T::DTYPE.to_string(),
+                got: self.dtype().to_string(),
+            }),
+            Storage::Cuda(_) => Err(Error::InvalidArgument(format!(
+                "{op}: expected a CPU tensor, got one on {}",
+                self.device
+            ))),
+        }
+    }
+
+    /// The device slice of a CUDA tensor of dtype `T`.
+    pub fn cuda_slice<T: Element>(
+        &self,
+        op: &'static str,
+    ) -> Result<&cudarc::driver::CudaSlice<T>> {
+        match &self.storage {
+            Storage::Cuda(s) => T::cuda_slice(s).ok_or_else(|| Error::DTypeMismatch {
+                op,
+                expected: T::DTYPE.to_string(),
+                got: self.dtype().to_string(),
+            }),
+            Storage::Cpu(_) => Err(Error::InvalidArgument(format!(
+                "{op}: expected a CUDA tensor, got one on cpu"
+            ))),
+        }
+    }
+
+    /// The mutable device slice of a CUDA tensor of dtype `T`.
+    pub fn cuda_slice_mut<T: Element>(
+        &mut self,
+        op: &'static str,
+    ) -> Result<&mut cudarc::driver::CudaSlice<T>> {
+        let dtype = self.dtype();
+        match &mut self.storage {
+            Storage::Cuda(s) => T::cuda_slice_mut(s).ok_or_else(|| Error::DTypeMismatch {
+                op,
+                expected: T::DTYPE.to_string(),
+                got: dtype.to_string(),
+            }),
+            Storage::Cpu(_) => Err(Error::InvalidArgument(format!(
+                "{op}: expected a CUDA tensor, got one on cpu"
+            ))),
+        }
+    }
+}

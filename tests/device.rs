@@ -1,0 +1,178 @@
+//! Devices: `--device` parsing and selection, tensors' host↔device copies, the module cache.
+
+use half::{bf16, f16};
+use qlora_rs::device::{self, Availability, CudaDevice, Device, DeviceRequest};
+use qlora_rs::testing::gpu_or_skip;
+use qlora_rs::{DType, Error, Tensor};
+use rand::{Rng, SeedableRng};
+
+fn avail(kernels: bool, driver: bool, gpu_count: usize) -> Availability {
+    Availability {
+        kernels,
+        driver,
+        gpu_count,
+        driver_error: None,
+    }
+}
+
+#[test]
+fn device_request_parses_auto_cpu_cuda_and_ordinals() {
+    assert_eq!(
+        "auto".parse::<DeviceRequest>().unwrap(),
+        DeviceRequest::Auto
+    );
+    assert_eq!("CPU".parse::<DeviceRequest>().unwrap(), DeviceRequest::Cpu);
+    assert_eq!(
+        "cuda".parse::<DeviceRequest>().unwrap(),
+        DeviceRequest::Cuda(0)
+    );
+    assert_eq!(
+        "cuda:3".parse::<DeviceRequest>().unwrap(),
+        DeviceRequest::Cuda(3)
+    );
+    let err = "tpu".parse::<DeviceRequest>().unwrap_err().to_string();
+    assert!(
+        err.contains("tpu") && err.contains("auto, cpu, cuda"),
+        "{err}"
+    );
+    assert!("cuda:x".parse::<DeviceRequest>().is_err());
+}
+
+#[test]
+fn device_auto_picks_cuda_only_with_kernels_driver_and_gpu() {
+    let full = avail(true, true, 2);
+    assert_eq!(
+        device::select(DeviceRequest::Auto, &full).unwrap().device,
+        Device::Cuda(0)
+    );
+    for (a, why) in [
+        (avail(false, true, 1), device::NO_KERNELS),
+        (avail(true, false, 0), device::NO_DRIVER),
+        (avail(true, true, 0), "no GPU"),
+    ] {
+        let s = device::select(DeviceRequest::Auto, &a).unwrap();
+        assert_eq!(s.device, Device::Cpu);
+        assert!(s.reason.contains(why), "{} should say {why}", s.reason);
+    }
+}
+
+#[test]
+fn device_explicit_cuda_fails_with_one_clear_line() {
+    let cases = [
+        (avail(false, false, 0), device::NO_KERNELS),
+        (avail(true, false, 0), device::NO_DRIVER),
+        (avail(true, true, 0), "no GPU"),
+        (avail(true, true, 1), "reports 1 GPU(s)"),
+    ];
+    for (a, why) in cases {
+        let err = device::select(DeviceRequest::Cuda(1), &a).unwrap_err();
+        assert!(matches!(err, Error::CudaUnavailable(_)));
+        let msg = err.to_string();
+        assert!(msg.contains(why), "{msg} should say {why}");
+        assert!(!msg.contains('\n'), "one line: {msg}");
+    }
+    let ok = device::select(DeviceRequest::Cuda(1), &avail(true, true, 2)).unwrap();
+    assert_eq!(ok.device, Device::Cuda(1));
+    let cpu = device::select(DeviceRequest::Cpu, &avail(true, true, 2)).unwrap();
+    assert_eq!(cpu.device, Device::Cpu);
+}
+
+#[test]
+fn device_probe_on_this_machine_is_consistent() {
+    let a = Availability::probe();
+    assert_eq!(a.kernels, device::kernels::available());
+    if !a.driver {
+        assert_eq!(a.gpu_count, 0);
+    }
+    // Auto never fails, and CudaDevice::get agrees with the probe (an Err, never a panic).
+    let s = device::select(DeviceRequest::Auto, &a).unwrap();
+    match a.cuda_unavailable_reason(0) {
+        Some(why) => {
+            assert_eq!(s.device, Device::Cpu);
+            let err = CudaDevice::get(0).unwrap_err().to_string();
+            assert_eq!(err, why);
+        }
+        None => assert_eq!(s.device, Device::Cuda(0)),
+    }
+}
+
+#[test]
+fn device_kernels_are_embedded_when_required() {
+    // CI and the GPU bundle build with QLORA_REQUIRE_KERNELS=1: then every kernels/*.cu must be in.
+    if std::env::var("QLORA_REQUIRE_KERNELS").is_ok_and(|v| v == "1") {
+        assert!(device::kernels::available());
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/kernels");
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "cu") {
+                let stem = path.file_stem().unwrap().to_str().unwrap();
+                let bin = device::kernels::fatbin(stem)
+                    .unwrap_or_else(|| panic!("kernels/{stem}.cu missing from the build"));
+                assert!(bin.len() > 1000, "{stem}: fatbin of {} bytes", bin.len());
+            }
+        }
+    }
+}
+
+#[test]
+fn tensor_rejects_wrong_element_count_and_dtype() {
+    let err = Tensor::from_vec(vec![1.0f32; 5], &[2, 3], &Device::Cpu).unwrap_err();
+    assert!(
+        err.to_string().contains("6 elements for shape [2, 3]"),
+        "{err}"
+    );
+    let t = Tensor::from_vec(vec![1.0f32; 6], &[2, 3], &Device::Cpu).unwrap();
+    let err = t.to_vec::<bf16>().unwrap_err().to_string();
+    assert!(err.contains("f32") && err.contains("bf16"), "{err}");
+    let z = Tensor::zeros(&[3, 7], DType::F16, &Device::Cpu).unwrap();
+    assert_eq!(z.to_vec::<f16>().unwrap(), vec![f16::ZERO; 21]);
+}
+
+fn roundtrip<T: qlora_rs::tensor::Element + PartialEq + std::fmt::Debug>(
+    data: Vec<T>,
+    dev: &Device,
+) {
+    let n = data.len();
+    let t = Tensor::from_vec(data.clone(), &[n], dev).unwrap();
+    assert_eq!(t.device(), *dev);
+    let copy = t.to_device(dev).unwrap();
+    let back = copy.to_device(&Device::Cpu).unwrap();
+    assert_eq!(back.to_vec::<T>().unwrap(), data);
+    assert_eq!(t.to_vec::<T>().unwrap(), data);
+}
+
+#[test]
+fn device_cuda_roundtrip_every_dtype() {
+    let Some(dev) = gpu_or_skip("device_cuda_roundtrip_every_dtype") else {
+        return;
+    };
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    for n in [1usize, 7, 97, 8191, 1 << 20] {
+        roundtrip((0..n).map(|_| rng.random::<f32>()).collect(), &dev);
+        roundtrip((0..n).map(|_| bf16::from_f32(rng.random())).collect(), &dev);
+        roundtrip((0..n).map(|_| f16::from_f32(rng.random())).collect(), &dev);
+        roundtrip((0..n).map(|_| rng.random::<u8>()).collect(), &dev);
+        roundtrip((0..n).map(|_| rng.random::<i32>()).collect(), &dev);
+    }
+    let z = Tensor::zeros(&[5, 3], DType::BF16, &dev).unwrap();
+    assert_eq!(z.to_vec::<bf16>().unwrap(), vec![bf16::ZERO; 15]);
+}
+
+#[test]
+fn device_cuda_module_cache_loads_each_fatbin_once() {
+    let Some(Device::Cuda(o)) = gpu_or_skip("device_cuda_module_cache_loads_each_fatbin_once")
+    else {
+        return;
+    };
+    let dev = CudaDevice::get(o).unwrap();
+    assert!(std::sync::Arc::ptr_eq(&dev, &CudaDevice::get(o).unwrap()));
+    dev.function("nf4", "nf4_quantize_f32").unwrap();
+    dev.function("nf4", "nf4_dequantize_bf16").unwrap();
+    let err = dev
+        .function("nf4", "no_such_kernel")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("no_such_kernel"), "{err}");
+    let err = dev.function("no_such_file", "k").unwrap_err().to_string();
+    assert!(err.contains("no_such_file"), "{err}");
+}

@@ -1,0 +1,7 @@
+//! The integration tests: one binary (so the GPU bundle stays small), one module per area.
+
+mod cli;
+mod device;
+mod harness;
+mod nf4;
+mod ptxas;
