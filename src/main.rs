@@ -27,7 +27,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Show this build (kernels, nvcc, GPU architectures), the driver and GPUs found, and which
-    /// device `--device` selects.
+    /// device `--device` selects; on a GPU, run the NF4 kernels once against the CPU reference.
     Env,
 }
 
@@ -88,6 +88,35 @@ fn env(request: DeviceRequest) -> qlora_rs::Result<()> {
             dev.name()?,
             dev.total_memory()? as f64 / (1u64 << 30) as f64
         );
+        self_test(selection.device)?;
     }
     Ok(())
+}
+
+/// Runs the NF4 kernels on the selected GPU and checks their bytes against the CPU reference:
+/// proves the fatbin loads and runs on this card and driver.
+fn self_test(device: qlora_rs::Device) -> qlora_rs::Result<()> {
+    use qlora_rs::quant::nf4::{Nf4Config, Nf4Tensor};
+    use qlora_rs::{DType, Tensor};
+    let n = 64 * 257 + 3;
+    let w: Vec<f32> = (0..n)
+        .map(|i| ((i as f32 * 0.618_034).fract() - 0.5) * (1.0 + (i % 97) as f32))
+        .collect();
+    let cpu_w = Tensor::from_vec(w, &[n], &qlora_rs::Device::Cpu)?;
+    let cfg = Nf4Config::default();
+    let cpu = Nf4Tensor::quantize(&cpu_w, cfg)?;
+    let gpu = Nf4Tensor::quantize(&cpu_w.to_device(&device)?, cfg)?;
+    let same_codes = cpu.packed.to_vec::<u8>()? == gpu.packed.to_vec::<u8>()?
+        && cpu.absmax_f32()? == gpu.absmax_f32()?;
+    let same_values = cpu.dequantize(DType::F32)?.to_vec::<f32>()?
+        == gpu.dequantize(DType::F32)?.to_vec::<f32>()?;
+    if same_codes && same_values {
+        println!("self-test: NF4 quantize + dequantize on {device} match the CPU reference");
+        Ok(())
+    } else {
+        Err(qlora_rs::Error::InvalidArgument(format!(
+            "self-test failed: NF4 kernels on {device} differ from the CPU reference \
+             (codes equal: {same_codes}, values equal: {same_values})"
+        )))
+    }
 }

@@ -55,6 +55,31 @@ fn cli_cuda_without_gpu_is_one_line_and_nonzero_exit() {
 }
 
 #[test]
+fn cli_env_self_test_on_gpu_with_sync_after_every_launch() {
+    let Some(_) =
+        qlora_rs::testing::gpu_or_skip("cli_env_self_test_on_gpu_with_sync_after_every_launch")
+    else {
+        return;
+    };
+    let out = Command::new(env!("CARGO_BIN_EXE_qlora-rs"))
+        .args(["env", "--device", "cuda"])
+        .env("QLORA_SYNC", "1")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("device: cuda:0 (asked for)"), "{stdout}");
+    assert!(
+        stdout.contains("self-test: NF4 quantize + dequantize on cuda:0 match"),
+        "{stdout}"
+    );
+}
+
+#[test]
 fn cli_rejects_unknown_device() {
     let out = qlora(&["env", "--device", "tpu"]);
     assert!(!out.status.success());
