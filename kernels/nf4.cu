@@ -3,7 +3,7 @@
 //
 // Float rules that keep the bytes identical to the CPU: reciprocal and products with __f*_rn
 // (never contracted into an FMA), true division for the partial last block, the nearest code as
-// "number of midpoints below s" (ties go to the lower index), f64 partial sums in a fixed order
+// "number of midpoints below s" (ties go to the lower index), and torch's cascade summation order
 // for the mean.
 
 #include "common.cuh"
@@ -86,7 +86,15 @@ __device__ float cascade_sum(const float* __restrict__ x, long long size, long l
   float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
   long long i = 0;
   while (i + step <= size) {
-    for (long long k = 0; k < step; ++k, ++i) acc[0] = __fadd_rn(acc[0], x[stride * i + col]);
+    // step is a power of two >= 16: load 16 values at a time so their latencies overlap.
+    for (long long k = 0; k < step; k += 16) {
+      float buf[16];
+#pragma unroll
+      for (int u = 0; u < 16; ++u) buf[u] = x[stride * (i + u) + col];
+#pragma unroll
+      for (int u = 0; u < 16; ++u) acc[0] = __fadd_rn(acc[0], buf[u]);
+      i += 16;
+    }
     for (int j = 1; j < 4; ++j) {
       acc[j] = __fadd_rn(acc[j], acc[j - 1]);
       acc[j - 1] = 0.0f;
@@ -163,7 +171,7 @@ extern "C" __global__ void nf4_quantize_absmax(const float* __restrict__ absmax,
   if (t == 0) absmax2[blockIdx.x] = a2;
 }
 
-// ---- dequantization: one thread per group of 8 elements (4 packed bytes) ----
+// ---- dequantization ----
 
 template <typename T> struct Vec8;
 template <> struct Vec8<float> {
@@ -197,33 +205,52 @@ struct DoubleScale {
   }
 };
 
+// Groups of 8 elements (4 packed bytes) per thread and iteration; each thread takes
+// NF4_DQ_UNROLL groups one grid-stride apart, issuing all their loads before any store, so every
+// load and store instruction of a warp stays contiguous (128 B in, 512 B out for bf16) while
+// each thread keeps several loads in flight.
+#define NF4_DQ_UNROLL 4
+
 //   packed: [ceil(n/2)]; code: [16]; out: [n]. blocksize is a power of two >= 32, so a group of
-//   8 elements never straddles two blocks.
+//   8 elements never straddles two blocks. Grid: ceil(ceil(n/8) / NF4_DQ_UNROLL) threads or more.
 template <typename T, typename Scale>
 __device__ void dequantize_4bit(const uint8_t* __restrict__ packed, const float* __restrict__ code,
                                 Scale scale_of, T* __restrict__ out, long long n, int blocksize) {
   __shared__ float table[16];
   if (threadIdx.x < 16) table[threadIdx.x] = code[threadIdx.x];
   __syncthreads();
-  const long long g = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-  const long long e = 8 * g;
-  if (e >= n) return;
-  const float scale = scale_of(e / blocksize);
-  if (e + 8 <= n) {
-    const uint32_t bytes = *reinterpret_cast<const uint32_t*>(packed + 4 * g);
-    float v[8];
+  const long long full_groups = n / 8;
+  const long long stride = (long long)gridDim.x * blockDim.x;
+  const long long g0 = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+  uint32_t bytes[NF4_DQ_UNROLL];
+  float scale[NF4_DQ_UNROLL];
 #pragma unroll
-    for (int k = 0; k < 4; ++k) {
-      const uint32_t byte = (bytes >> (8 * k)) & 0xFF;
-      v[2 * k] = __fmul_rn(table[byte >> 4], scale);
-      v[2 * k + 1] = __fmul_rn(table[byte & 0xF], scale);
+  for (int k = 0; k < NF4_DQ_UNROLL; ++k) {
+    const long long g = g0 + k * stride;
+    if (g < full_groups) {
+      bytes[k] = __ldg(reinterpret_cast<const uint32_t*>(packed) + g);
+      scale[k] = scale_of(8 * g / blocksize);
     }
-    Vec8<T>::store(out + e, v);
-  } else {
-    for (long long i = e; i < n; ++i) {
-      const uint8_t byte = packed[i / 2];
-      const uint8_t nib = (i % 2 == 0) ? (byte >> 4) : (byte & 0xF);
-      out[i] = from_f32<T>(__fmul_rn(table[nib], scale));
+  }
+#pragma unroll
+  for (int k = 0; k < NF4_DQ_UNROLL; ++k) {
+    const long long g = g0 + k * stride;
+    if (g < full_groups) {
+      float v[8];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const uint32_t byte = (bytes[k] >> (8 * j)) & 0xFF;
+        v[2 * j] = __fmul_rn(table[byte >> 4], scale[k]);
+        v[2 * j + 1] = __fmul_rn(table[byte & 0xF], scale[k]);
+      }
+      Vec8<T>::store(out + 8 * g, v);
+    } else if (g == full_groups) {  // the last n % 8 elements, if any
+      const float sc = n > 8 * g ? scale_of(8 * g / blocksize) : 0.0f;
+      for (long long i = 8 * g; i < n; ++i) {
+        const uint8_t byte = packed[i / 2];
+        const uint8_t nib = (i % 2 == 0) ? (byte >> 4) : (byte & 0xF);
+        out[i] = from_f32<T>(__fmul_rn(table[nib], sc));
+      }
     }
   }
 }

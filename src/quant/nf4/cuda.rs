@@ -13,6 +13,8 @@ const MODULE: &str = "nf4";
 /// Quantization blocks handled by one CTA of the quantize kernel (one warp each).
 const WARPS_PER_CTA: u32 = 8;
 const DEQUANT_THREADS: u32 = 256;
+/// Groups of 8 elements per dequantize thread (`NF4_DQ_UNROLL` in the kernel).
+const DEQUANT_UNROLL: usize = 4;
 
 fn float_kernel(op: &'static str, dtype: DType, names: [&'static str; 3]) -> Result<&'static str> {
     match dtype {
@@ -183,10 +185,11 @@ pub(super) fn dequantize_into(q: &Nf4Tensor, out: &mut Tensor, ordinal: usize) -
     };
     let (n_i64, bs_i32) = (n as i64, q.blocksize as i32);
     b.arg(&n_i64).arg(&bs_i32);
-    let cfg = grid_1d(n.div_ceil(8), DEQUANT_THREADS);
+    let cfg = grid_1d(n.div_ceil(8).div_ceil(DEQUANT_UNROLL), DEQUANT_THREADS);
     // SAFETY: the arguments match nf4_dequantize[_dq]_<dtype> in order and type; validate()
     // checked every part's dtype and length against n and blocksize (packed ceil(n/2), scales
     // one per block, code 16, code2 256), out holds n elements, and the blocksize is a power of
-    // two >= 32 as the kernel requires (a group of 8 never straddles two blocks).
+    // two >= 32 as the kernel requires (a group of 8 never straddles two blocks); the grid has at
+    // least ceil(n/8)/DEQUANT_UNROLL threads, so the unrolled grid-stride covers every group.
     unsafe { dev.launch(name, b, cfg) }
 }
