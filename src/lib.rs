@@ -7,6 +7,7 @@
 
 pub mod device;
 pub mod error;
+pub mod ops;
 pub mod quant;
 pub mod tensor;
 pub mod testing;

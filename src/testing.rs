@@ -17,6 +17,11 @@ pub struct Tolerance {
 
 impl Tolerance {
     pub const EXACT: Tolerance = Tolerance { abs: 0.0, rel: 0.0 };
+    /// For f64 results that should agree to rounding.
+    pub const EXACT_F64: Tolerance = Tolerance {
+        abs: 1e-14,
+        rel: 1e-13,
+    };
 
     /// Defaults for values computed in `dtype` and compared with a higher-precision reference:
     /// a few units of the dtype's rounding error.

@@ -4,4 +4,5 @@ mod cli;
 mod device;
 mod harness;
 mod nf4;
+mod ops;
 mod ptxas;

@@ -1,0 +1,216 @@
+//! Causal grouped-query attention over packed variable-length sequences.
+//!
+//! q `[T, H, D]`, k and v `[T, Hkv, D]`, `cu_seqlens` `[B + 1]`; query head `h` reads key/value
+//! head `h / (H / Hkv)` (transformers' `repeat_kv`). Within each sequence, for query row i and
+//! key rows j ≤ i (never across sequences):
+//! ```text
+//! S_ij = (q_i · k_j) / √D
+//! lse_i = log Σ_{j≤i} exp(S_ij)                saved: lse [T, H]
+//! P_ij = exp(S_ij − lse_i)
+//! o_i  = Σ_j P_ij v_j
+//! ```
+//! Backward (the flash-attention-2 recurrences; P is recomputed from q, k and lse):
+//! ```text
+//! D_i   = dO_i · o_i
+//! dv_j += Σ_i P_ij dO_i                        summed over the H/Hkv query heads sharing j's head
+//! dP_ij = dO_i · v_j
+//! dS_ij = P_ij (dP_ij − D_i)
+//! dq_i  = Σ_j dS_ij k_j / √D
+//! dk_j += Σ_i dS_ij q_i / √D
+//! ```
+//! The CPU reference forms one sequence's `L × L` scores per head at a time (memory is
+//! `L²` for the largest sequence, not `T²`); the CUDA kernel never forms them.
+
+use super::matmul::{gemm, Mat};
+use super::{check_cu_seqlens, expect_len, Real};
+use crate::error::{Error, Result};
+
+/// Head layout.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Dims {
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+}
+
+impl Dims {
+    fn check(&self) -> Result<()> {
+        if self.kv_heads == 0 || self.heads % self.kv_heads != 0 {
+            return Err(Error::InvalidArgument(format!(
+                "attention: query heads ({}) must be a multiple of key/value heads ({})",
+                self.heads, self.kv_heads
+            )));
+        }
+        if self.head_dim == 0 {
+            return Err(Error::InvalidArgument("attention: head_dim is 0".into()));
+        }
+        Ok(())
+    }
+}
+
+fn check<T: Real>(
+    op: &'static str,
+    d: Dims,
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    cu: &[usize],
+) -> Result<usize> {
+    d.check()?;
+    let tokens = q.len() / (d.heads * d.head_dim);
+    expect_len(op, "q [T, H, D]", q.len(), &[tokens, d.heads, d.head_dim])?;
+    expect_len(
+        op,
+        "k [T, Hkv, D]",
+        k.len(),
+        &[tokens, d.kv_heads, d.head_dim],
+    )?;
+    expect_len(
+        op,
+        "v [T, Hkv, D]",
+        v.len(),
+        &[tokens, d.kv_heads, d.head_dim],
+    )?;
+    check_cu_seqlens(op, cu, tokens)?;
+    Ok(tokens)
+}
+
+/// One sequence's probabilities `P` (`L × L`, zero above the diagonal) for head `h`, from
+/// `S = q·kᵀ/√D`; returns the row log-sum-exps when `lse` is `None`, else uses the given ones.
+fn probabilities<T: Real>(q: Mat<T>, k: Mat<T>, scale: T, lse: Option<&[T]>) -> (Vec<T>, Vec<T>) {
+    let l = q.rows;
+    let mut p = vec![T::zero(); l * l];
+    gemm(q, k.t(), &mut p, scale, T::zero());
+    let mut out_lse = Vec::with_capacity(l);
+    for i in 0..l {
+        let row = &mut p[i * l..(i + 1) * l];
+        let m = match lse {
+            Some(saved) => saved[i],
+            None => {
+                let mx = row[..=i].iter().fold(T::neg_infinity(), |a, &b| a.max(b));
+                let sum: T = row[..=i].iter().map(|&s| (s - mx).exp()).sum();
+                mx + sum.ln()
+            }
+        };
+        for s in row[..=i].iter_mut() {
+            *s = (*s - m).exp();
+        }
+        row[i + 1..].fill(T::zero());
+        out_lse.push(m);
+    }
+    (p, out_lse)
+}
+
+/// Returns `(o [T, H, D], lse [T, H])`.
+pub fn forward<T: Real>(
+    d: Dims,
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    cu_seqlens: &[usize],
+) -> Result<(Vec<T>, Vec<T>)> {
+    let tokens = check("attention", d, q, k, v, cu_seqlens)?;
+    let (h_n, kv_n, dim) = (d.heads, d.kv_heads, d.head_dim);
+    let group = h_n / kv_n;
+    let scale = T::one() / T::of(dim as f64).sqrt();
+    let mut o = vec![T::zero(); q.len()];
+    let mut lse = vec![T::zero(); tokens * h_n];
+    for w in cu_seqlens.windows(2) {
+        let (s0, l) = (w[0], w[1] - w[0]);
+        for h in 0..h_n {
+            let g = h / group;
+            let qh = Mat::strided(&q[(s0 * h_n + h) * dim..], l, dim, h_n * dim);
+            let kg = Mat::strided(&k[(s0 * kv_n + g) * dim..], l, dim, kv_n * dim);
+            let vg = Mat::strided(&v[(s0 * kv_n + g) * dim..], l, dim, kv_n * dim);
+            let (p, row_lse) = probabilities(qh, kg, scale, None);
+            let mut oh = vec![T::zero(); l * dim];
+            gemm(Mat::new(&p, l, l), vg, &mut oh, T::one(), T::zero());
+            for i in 0..l {
+                let dst = ((s0 + i) * h_n + h) * dim;
+                o[dst..dst + dim].copy_from_slice(&oh[i * dim..(i + 1) * dim]);
+                lse[(s0 + i) * h_n + h] = row_lse[i];
+            }
+        }
+    }
+    Ok((o, lse))
+}
+
+/// Returns `(dq, dk, dv)`, shaped like q, k, v.
+#[allow(clippy::too_many_arguments)]
+pub fn backward<T: Real>(
+    d: Dims,
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    o: &[T],
+    lse: &[T],
+    d_o: &[T],
+    cu_seqlens: &[usize],
+) -> Result<(Vec<T>, Vec<T>, Vec<T>)> {
+    let tokens = check("attention backward", d, q, k, v, cu_seqlens)?;
+    expect_len("attention backward", "o", o.len(), &[q.len()])?;
+    expect_len(
+        "attention backward",
+        "output gradient",
+        d_o.len(),
+        &[q.len()],
+    )?;
+    expect_len(
+        "attention backward",
+        "lse [T, H]",
+        lse.len(),
+        &[tokens, d.heads],
+    )?;
+    let (h_n, kv_n, dim) = (d.heads, d.kv_heads, d.head_dim);
+    let group = h_n / kv_n;
+    let scale = T::one() / T::of(dim as f64).sqrt();
+    let (mut dq, mut dk, mut dv) = (
+        vec![T::zero(); q.len()],
+        vec![T::zero(); k.len()],
+        vec![T::zero(); v.len()],
+    );
+    for w in cu_seqlens.windows(2) {
+        let (s0, l) = (w[0], w[1] - w[0]);
+        for h in 0..h_n {
+            let g = h / group;
+            let qh = Mat::strided(&q[(s0 * h_n + h) * dim..], l, dim, h_n * dim);
+            let kg = Mat::strided(&k[(s0 * kv_n + g) * dim..], l, dim, kv_n * dim);
+            let vg = Mat::strided(&v[(s0 * kv_n + g) * dim..], l, dim, kv_n * dim);
+            let doh = Mat::strided(&d_o[(s0 * h_n + h) * dim..], l, dim, h_n * dim);
+            let row_lse: Vec<T> = (0..l).map(|i| lse[(s0 + i) * h_n + h]).collect();
+            let (p, _) = probabilities(qh, kg, scale, Some(&row_lse));
+            // D_i = dO_i · o_i
+            let di: Vec<T> = (0..l)
+                .map(|i| {
+                    let at = ((s0 + i) * h_n + h) * dim;
+                    (0..dim).map(|c| d_o[at + c] * o[at + c]).sum()
+                })
+                .collect();
+            // dv_g += Pᵀ·dO_h
+            let mut dvh = vec![T::zero(); l * dim];
+            gemm(Mat::new(&p, l, l).t(), doh, &mut dvh, T::one(), T::zero());
+            // dS = P ⊙ (dO·vᵀ − D)
+            let mut ds = vec![T::zero(); l * l];
+            gemm(doh, vg.t(), &mut ds, T::one(), T::zero());
+            for ((ds_row, p_row), &d_i) in ds.chunks_mut(l).zip(p.chunks(l)).zip(&di) {
+                for (s, &pv) in ds_row.iter_mut().zip(p_row) {
+                    *s = pv * (*s - d_i);
+                }
+            }
+            let mut dqh = vec![T::zero(); l * dim];
+            gemm(Mat::new(&ds, l, l), kg, &mut dqh, scale, T::zero());
+            let mut dkh = vec![T::zero(); l * dim];
+            gemm(Mat::new(&ds, l, l).t(), qh, &mut dkh, scale, T::zero());
+            for i in 0..l {
+                let qa = ((s0 + i) * h_n + h) * dim;
+                let ka = ((s0 + i) * kv_n + g) * dim;
+                dq[qa..qa + dim].copy_from_slice(&dqh[i * dim..(i + 1) * dim]);
+                for c in 0..dim {
+                    dk[ka + c] += dkh[i * dim + c];
+                    dv[ka + c] += dvh[i * dim + c];
+                }
+            }
+        }
+    }
+    Ok((dq, dk, dv))
+}

@@ -1,0 +1,148 @@
+//! Fused, chunked lm_head + cross-entropy: the `[T, V]` logits never exist whole.
+//!
+//! For final hidden states h `[T, d]`, the output embedding W `[V, d]` (the input embedding when
+//! tied) and targets `y` `[T]` (−100 = not counted), per chunk of rows:
+//! ```text
+//! z_t    = h_t · Wᵀ                               [C, V] for the chunk only
+//! lse_t  = log Σ_v exp(z_tv)
+//! loss   = Σ_{t counted} (lse_t − z_{t,y_t})      returned with the count of counted rows
+//! dz_t   = g · (softmax(z_t) − onehot(y_t))       g = d(objective)/d(loss sum); 0 for ignored rows
+//! dh_t   = dz_t · W                               W frozen: no dW
+//! ```
+//! Targets are the labels shifted by one within each packed sequence ([`shift_labels`]): the
+//! logits at position t predict token t + 1, and the last position of a sequence predicts
+//! nothing — transformers' causal-LM loss, computed per sequence.
+
+use super::matmul::{gemm, Mat};
+use super::{expect_len, Real};
+use crate::error::{Error, Result};
+
+/// The label value that is not counted.
+pub const IGNORE_INDEX: i64 = -100;
+
+/// Rows per chunk: the transient logits are `chunk × V` (16 MiB of f32 at V = 128,256).
+pub const DEFAULT_CHUNK: usize = 32;
+
+/// `targets[t] = labels[t + 1]` within each sequence of `cu_seqlens`, −100 at each sequence end.
+pub fn shift_labels(labels: &[i64], cu_seqlens: &[usize]) -> Vec<i64> {
+    let mut targets = vec![IGNORE_INDEX; labels.len()];
+    for w in cu_seqlens.windows(2) {
+        let (start, end) = (w[0], w[1]);
+        if end > start + 1 {
+            targets[start..end - 1].copy_from_slice(&labels[start + 1..end]);
+        }
+    }
+    targets
+}
+
+/// Loss sum, counted rows, and (when a gradient scale is given) `dh`.
+#[derive(Debug)]
+pub struct Output<T> {
+    pub loss_sum: f64,
+    pub count: usize,
+    pub dh: Option<Vec<T>>,
+}
+
+/// Checks every target before any work: in `[0, vocab)` or −100.
+pub fn check_targets(targets: &[i64], vocab: usize) -> Result<()> {
+    match targets
+        .iter()
+        .enumerate()
+        .find(|(_, &y)| y != IGNORE_INDEX && (y < 0 || y as usize >= vocab))
+    {
+        Some((pos, &y)) => Err(Error::InvalidArgument(format!(
+            "cross-entropy: label {y} at position {pos} is outside the vocabulary (size {vocab}; \
+             -100 marks a position that is not counted)"
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// Logits `h·Wᵀ` (`[T, V]`), for evaluation and tests; training uses [`forward_backward`].
+pub fn logits<T: Real>(h: &[T], w: &[T], d: usize) -> Vec<T> {
+    let (t, v) = (h.len() / d, w.len() / d);
+    let mut z = vec![T::zero(); t * v];
+    gemm(
+        Mat::new(h, t, d),
+        Mat::new(w, v, d).t(),
+        &mut z,
+        T::one(),
+        T::zero(),
+    );
+    z
+}
+
+/// The fused op. `grad_scale = Some(g)` also returns `dh` for `g · loss_sum`.
+pub fn forward_backward<T: Real>(
+    h: &[T],
+    w: &[T],
+    d: usize,
+    targets: &[i64],
+    grad_scale: Option<T>,
+    chunk: usize,
+) -> Result<Output<T>> {
+    let tokens = targets.len();
+    expect_len(
+        "cross-entropy",
+        "hidden states [T, d]",
+        h.len(),
+        &[tokens, d],
+    )?;
+    if d == 0 || w.len() % d != 0 {
+        return Err(Error::ShapeMismatch {
+            op: "cross-entropy",
+            expected: format!("lm_head weight [V, {d}]"),
+            got: format!("{} elements", w.len()),
+        });
+    }
+    let vocab = w.len() / d;
+    check_targets(targets, vocab)?;
+    let chunk = chunk.max(1);
+    let mut dh = grad_scale.map(|_| vec![T::zero(); h.len()]);
+    let (mut loss_sum, mut count) = (0.0f64, 0usize);
+    let mut z = vec![T::zero(); chunk * vocab];
+    for c0 in (0..tokens).step_by(chunk) {
+        let rows = chunk.min(tokens - c0);
+        let zc = &mut z[..rows * vocab];
+        gemm(
+            Mat::new(&h[c0 * d..(c0 + rows) * d], rows, d),
+            Mat::new(w, vocab, d).t(),
+            zc,
+            T::one(),
+            T::zero(),
+        );
+        for r in 0..rows {
+            let y = targets[c0 + r];
+            let row = &mut zc[r * vocab..(r + 1) * vocab];
+            if y == IGNORE_INDEX {
+                row.fill(T::zero());
+                continue;
+            }
+            let m = row.iter().fold(T::neg_infinity(), |a, &b| a.max(b));
+            let sum: T = row.iter().map(|&s| (s - m).exp()).sum();
+            let lse = m + sum.ln();
+            loss_sum += (lse - row[y as usize]).to_f64().unwrap_or(f64::NAN);
+            count += 1;
+            if let Some(g) = grad_scale {
+                for s in row.iter_mut() {
+                    *s = g * (*s - lse).exp();
+                }
+                row[y as usize] -= g;
+            }
+        }
+        if let Some(dh) = dh.as_mut() {
+            gemm(
+                Mat::new(zc, rows, vocab),
+                Mat::new(w, vocab, d),
+                &mut dh[c0 * d..(c0 + rows) * d],
+                T::one(),
+                T::zero(),
+            );
+        }
+    }
+    Ok(Output {
+        loss_sum,
+        count,
+        dh,
+    })
+}

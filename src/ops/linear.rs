@@ -1,0 +1,219 @@
+//! A frozen linear layer with an optional bias and a LoRA adapter (PEFT semantics):
+//! ```text
+//! y  = x·Wᵀ + b + s·(x̃·Aᵀ)·Bᵀ          x [T, in], W [out, in], b [out], A [r, in], B [out, r]
+//! x̃  = x ⊙ m                            dropout on the adapter path only (m = 0 or 1/(1−p))
+//! xa = x̃·Aᵀ                             [T, r], saved for the backward
+//! ```
+//! `s` is `alpha/r` (or `alpha/√r` with rsLoRA). W is the dequantized NF4 base on the CPU; the
+//! CUDA kernels dequantize inside the GEMM. Backward (W and b frozen, so only x, A and B):
+//! ```text
+//! g   = dy·B                            [T, r]
+//! dx  = dy·W + s·(g·A) ⊙ m              [T, in]
+//! dA += s·gᵀ·x̃                          [r, in]
+//! dB += s·dyᵀ·xa                        [out, r]
+//! ```
+//! (Unsloth's `fast_lora.py` derivation, with the dropout mask on the adapter branch.)
+
+use super::matmul::{gemm, Mat};
+use super::{expect_len, Real};
+use crate::error::Result;
+
+/// The adapter of one linear layer.
+#[derive(Clone, Copy, Debug)]
+pub struct Lora<'a, T> {
+    /// `[rank, in]`
+    pub a: &'a [T],
+    /// `[out, rank]`
+    pub b: &'a [T],
+    pub rank: usize,
+    pub scale: T,
+}
+
+/// What the backward of an adapted layer needs besides x and dy: the adapter, the saved
+/// `xa = x̃·Aᵀ`, and the gradient buffers (shaped like A and B) to accumulate into.
+#[derive(Debug)]
+pub struct LoraGrads<'a, T> {
+    pub lora: Lora<'a, T>,
+    pub xa: &'a [T],
+    pub grad_a: &'a mut [T],
+    pub grad_b: &'a mut [T],
+}
+
+/// Shapes of one linear layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Dims {
+    pub tokens: usize,
+    pub in_features: usize,
+    pub out_features: usize,
+}
+
+fn check<T: Real>(
+    op: &'static str,
+    d: Dims,
+    x: &[T],
+    w: &[T],
+    bias: Option<&[T]>,
+    lora: Option<&Lora<T>>,
+    mask: Option<&[T]>,
+) -> Result<()> {
+    expect_len(op, "input x", x.len(), &[d.tokens, d.in_features])?;
+    expect_len(op, "weight W", w.len(), &[d.out_features, d.in_features])?;
+    if let Some(b) = bias {
+        expect_len(op, "bias", b.len(), &[d.out_features])?;
+    }
+    if let Some(l) = lora {
+        expect_len(op, "lora_A", l.a.len(), &[l.rank, d.in_features])?;
+        expect_len(op, "lora_B", l.b.len(), &[d.out_features, l.rank])?;
+    }
+    if let Some(m) = mask {
+        expect_len(op, "dropout mask", m.len(), &[d.tokens, d.in_features])?;
+    }
+    Ok(())
+}
+
+fn masked<'a, T: Real>(x: &'a [T], mask: Option<&[T]>) -> std::borrow::Cow<'a, [T]> {
+    match mask {
+        Some(m) => x.iter().zip(m).map(|(&a, &b)| a * b).collect(),
+        None => std::borrow::Cow::Borrowed(x),
+    }
+}
+
+/// Returns `(y [T, out], xa [T, r])` (`xa` empty without an adapter).
+pub fn forward<T: Real>(
+    d: Dims,
+    x: &[T],
+    w: &[T],
+    bias: Option<&[T]>,
+    lora: Option<&Lora<T>>,
+    mask: Option<&[T]>,
+) -> Result<(Vec<T>, Vec<T>)> {
+    check("linear", d, x, w, bias, lora, mask)?;
+    let (t, i, o) = (d.tokens, d.in_features, d.out_features);
+    let mut y = vec![T::zero(); t * o];
+    gemm(
+        Mat::new(x, t, i),
+        Mat::new(w, o, i).t(),
+        &mut y,
+        T::one(),
+        T::zero(),
+    );
+    if let Some(b) = bias {
+        for row in y.chunks_mut(o) {
+            for (v, &bv) in row.iter_mut().zip(b) {
+                *v += bv;
+            }
+        }
+    }
+    let mut xa = Vec::new();
+    if let Some(l) = lora {
+        let xd = masked(x, mask);
+        xa = vec![T::zero(); t * l.rank];
+        gemm(
+            Mat::new(&xd, t, i),
+            Mat::new(l.a, l.rank, i).t(),
+            &mut xa,
+            T::one(),
+            T::zero(),
+        );
+        gemm(
+            Mat::new(&xa, t, l.rank),
+            Mat::new(l.b, o, l.rank).t(),
+            &mut y,
+            l.scale,
+            T::one(),
+        );
+    }
+    Ok((y, xa))
+}
+
+/// Gradients of one linear layer: `dx` when `need_dx`, and `dA`, `dB` accumulated into the
+/// adapter's gradient buffers when there is one.
+pub fn backward<T: Real>(
+    d: Dims,
+    x: &[T],
+    w: &[T],
+    lora: Option<LoraGrads<'_, T>>,
+    mask: Option<&[T]>,
+    dy: &[T],
+    need_dx: bool,
+) -> Result<Option<Vec<T>>> {
+    let (t, i, o) = (d.tokens, d.in_features, d.out_features);
+    expect_len("linear backward", "output gradient", dy.len(), &[t, o])?;
+    check(
+        "linear backward",
+        d,
+        x,
+        w,
+        None,
+        lora.as_ref().map(|g| &g.lora),
+        mask,
+    )?;
+    let mut dx = need_dx.then(|| vec![T::zero(); t * i]);
+    if let Some(dx) = dx.as_mut() {
+        gemm(
+            Mat::new(dy, t, o),
+            Mat::new(w, o, i),
+            dx,
+            T::one(),
+            T::zero(),
+        );
+    }
+    if let Some(LoraGrads {
+        lora: l,
+        xa,
+        grad_a,
+        grad_b,
+    }) = lora
+    {
+        let r = l.rank;
+        expect_len("linear backward", "saved x·Aᵀ", xa.len(), &[t, r])?;
+        expect_len("linear backward", "lora_A gradient", grad_a.len(), &[r, i])?;
+        expect_len("linear backward", "lora_B gradient", grad_b.len(), &[o, r])?;
+        let mut g = vec![T::zero(); t * r];
+        gemm(
+            Mat::new(dy, t, o),
+            Mat::new(l.b, o, r),
+            &mut g,
+            T::one(),
+            T::zero(),
+        );
+        if let Some(dx) = dx.as_mut() {
+            let mut ga = vec![T::zero(); t * i];
+            gemm(
+                Mat::new(&g, t, r),
+                Mat::new(l.a, r, i),
+                &mut ga,
+                T::one(),
+                T::zero(),
+            );
+            match mask {
+                Some(m) => {
+                    for ((dv, &gv), &mv) in dx.iter_mut().zip(&ga).zip(m) {
+                        *dv += l.scale * gv * mv;
+                    }
+                }
+                None => {
+                    for (dv, &gv) in dx.iter_mut().zip(&ga) {
+                        *dv += l.scale * gv;
+                    }
+                }
+            }
+        }
+        let xd = masked(x, mask);
+        gemm(
+            Mat::new(&g, t, r).t(),
+            Mat::new(&xd, t, i),
+            grad_a,
+            l.scale,
+            T::one(),
+        );
+        gemm(
+            Mat::new(dy, t, o).t(),
+            Mat::new(xa, t, r),
+            grad_b,
+            l.scale,
+            T::one(),
+        );
+    }
+    Ok(dx)
+}

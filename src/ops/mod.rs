@@ -1,0 +1,146 @@
+//! The ops of a training step, one module per op family. Each module holds the math in its `//!`
+//! docs (the backward derived by hand, shapes on every buffer), the CPU reference (generic over
+//! f32/f64 so finite-difference checks run in f64) and, as the kernel issues land, the CUDA
+//! launcher it is checked against.
+//!
+//! Layout conventions: activations are row-major `[T, features]` over the T tokens of a packed
+//! micro-batch; per-head tensors are `[T, heads, head_dim]`; `cu_seqlens` (`[B + 1]`, from 0 to
+//! T) marks where each packed sequence starts. Gradient rule (llm.c): parameter gradients are
+//! accumulated (`+=`); activation gradients are written (`=`).
+
+pub mod attention;
+pub mod cross_entropy;
+pub mod embedding;
+pub mod linear;
+pub mod matmul;
+pub mod residual;
+pub mod rmsnorm;
+pub mod rope;
+pub mod swiglu;
+
+use crate::error::{Error, Result};
+
+/// Floating-point element of the CPU reference: f32 for the model, f64 for gradient checks.
+pub trait Real:
+    num_traits::Float
+    + num_traits::FromPrimitive
+    + num_traits::NumAssign
+    + std::iter::Sum
+    + Default
+    + Copy
+    + Send
+    + Sync
+    + std::fmt::Debug
+    + 'static
+{
+    /// `C = alpha·A·B + beta·C` for strided `A` (m×k) and `B` (k×n) and row-major `C` (m×n).
+    ///
+    /// # Safety
+    /// Every index `i·rs + j·cs` of `a` and `b` within their shapes must be in bounds and `c`
+    /// must hold `m·n` elements; [`matmul::gemm`] checks this.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn gemm_raw(
+        m: usize,
+        k: usize,
+        n: usize,
+        alpha: Self,
+        a: *const Self,
+        rsa: isize,
+        csa: isize,
+        b: *const Self,
+        rsb: isize,
+        csb: isize,
+        beta: Self,
+        c: *mut Self,
+    );
+
+    fn of(v: f64) -> Self {
+        Self::from_f64(v).expect("finite constant")
+    }
+}
+
+impl Real for f32 {
+    unsafe fn gemm_raw(
+        m: usize,
+        k: usize,
+        n: usize,
+        alpha: f32,
+        a: *const f32,
+        rsa: isize,
+        csa: isize,
+        b: *const f32,
+        rsb: isize,
+        csb: isize,
+        beta: f32,
+        c: *mut f32,
+    ) {
+        // SAFETY: forwarded from the caller's contract.
+        unsafe {
+            matrixmultiply::sgemm(
+                m, k, n, alpha, a, rsa, csa, b, rsb, csb, beta, c, n as isize, 1,
+            )
+        }
+    }
+}
+
+impl Real for f64 {
+    unsafe fn gemm_raw(
+        m: usize,
+        k: usize,
+        n: usize,
+        alpha: f64,
+        a: *const f64,
+        rsa: isize,
+        csa: isize,
+        b: *const f64,
+        rsb: isize,
+        csb: isize,
+        beta: f64,
+        c: *mut f64,
+    ) {
+        // SAFETY: forwarded from the caller's contract.
+        unsafe {
+            matrixmultiply::dgemm(
+                m, k, n, alpha, a, rsa, csa, b, rsb, csb, beta, c, n as isize, 1,
+            )
+        }
+    }
+}
+
+/// Checks that a buffer holds exactly `shape`'s element count.
+pub(crate) fn expect_len(op: &'static str, what: &str, len: usize, shape: &[usize]) -> Result<()> {
+    let want: usize = shape.iter().product();
+    if len == want {
+        Ok(())
+    } else {
+        Err(Error::ShapeMismatch {
+            op,
+            expected: format!("{what} {shape:?} ({want} elements)"),
+            got: format!("{len} elements"),
+        })
+    }
+}
+
+/// Checks `cu_seqlens`: starts at 0, strictly increasing, ends at `tokens`.
+pub fn check_cu_seqlens(op: &'static str, cu_seqlens: &[usize], tokens: usize) -> Result<()> {
+    if cu_seqlens.len() < 2 || cu_seqlens[0] != 0 {
+        return Err(Error::InvalidArgument(format!(
+            "{op}: cu_seqlens must start at 0 and hold at least one sequence, got {cu_seqlens:?}"
+        )));
+    }
+    if let Some(w) = cu_seqlens.windows(2).position(|w| w[1] <= w[0]) {
+        return Err(Error::InvalidArgument(format!(
+            "{op}: cu_seqlens must be strictly increasing, but entry {} ({}) follows {}",
+            w + 1,
+            cu_seqlens[w + 1],
+            cu_seqlens[w]
+        )));
+    }
+    let last = *cu_seqlens.last().unwrap();
+    if last != tokens {
+        return Err(Error::InvalidArgument(format!(
+            "{op}: cu_seqlens ends at {last} but there are {tokens} tokens"
+        )));
+    }
+    Ok(())
+}

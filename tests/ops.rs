@@ -1,0 +1,481 @@
+//! The CPU reference ops: finite-difference checks of every backward (f64, tiny awkward shapes),
+//! forward checks against naive formulas, and bad input rejected by name.
+
+use qlora_rs::ops::{attention, cross_entropy, linear, residual, rmsnorm, rope, swiglu};
+use qlora_rs::testing::{assert_close, Tolerance};
+use rand::{Rng, SeedableRng};
+
+fn rng(seed: u64) -> rand::rngs::StdRng {
+    rand::rngs::StdRng::seed_from_u64(seed)
+}
+
+fn randn(r: &mut impl Rng, n: usize, scale: f64) -> Vec<f64> {
+    (0..n).map(|_| r.random_range(-1.0..1.0) * scale).collect()
+}
+
+const FD_TOL: Tolerance = Tolerance {
+    abs: 1e-7,
+    rel: 1e-5,
+};
+
+/// Central differences of a scalar objective with respect to every element of `x`.
+fn numeric_grad(x: &[f64], f: impl Fn(&[f64]) -> f64) -> Vec<f64> {
+    let h = 1e-6;
+    let mut xp = x.to_vec();
+    (0..x.len())
+        .map(|i| {
+            let orig = xp[i];
+            xp[i] = orig + h;
+            let up = f(&xp);
+            xp[i] = orig - h;
+            let down = f(&xp);
+            xp[i] = orig;
+            (up - down) / (2.0 * h)
+        })
+        .collect()
+}
+
+fn dot(a: &[f64], b: &[f64]) -> f64 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+#[test]
+fn rmsnorm_backward_matches_finite_differences() {
+    let mut r = rng(1);
+    let (t, d, eps) = (5, 7, 1e-5);
+    let x = randn(&mut r, t * d, 2.0);
+    let w = randn(&mut r, d, 1.5);
+    let c = randn(&mut r, t * d, 1.0);
+    let (_, rstd) = rmsnorm::forward(&x, &w, d, eps).unwrap();
+    let dx = rmsnorm::backward(&x, &w, &rstd, &c, d).unwrap();
+    let num = numeric_grad(&x, |x| dot(&rmsnorm::forward(x, &w, d, eps).unwrap().0, &c));
+    assert_close("rmsnorm dx", &dx, &num, FD_TOL);
+}
+
+#[test]
+fn rmsnorm_forward_is_x_over_rms_times_weight() {
+    let x = [3.0f64, 4.0];
+    let (y, rstd) = rmsnorm::forward(&x, &[1.0, 2.0], 2, 0.0).unwrap();
+    let rms = (12.5f64).sqrt();
+    assert_close(
+        "rmsnorm y",
+        &y,
+        &[3.0 / rms, 8.0 / rms],
+        Tolerance::EXACT_F64,
+    );
+    assert_close("rstd", &rstd, &[1.0 / rms], Tolerance::EXACT_F64);
+    assert!(rmsnorm::forward(&x, &[1.0, 2.0, 3.0], 2, 0.0).is_err());
+}
+
+#[test]
+fn swiglu_backward_matches_finite_differences() {
+    let mut r = rng(2);
+    let n = 3 * 11;
+    let (g, u, c) = (
+        randn(&mut r, n, 3.0),
+        randn(&mut r, n, 2.0),
+        randn(&mut r, n, 1.0),
+    );
+    let (dg, du) = swiglu::backward(&g, &u, &c).unwrap();
+    assert_close(
+        "swiglu dgate",
+        &dg,
+        &numeric_grad(&g, |g| dot(&swiglu::forward(g, &u).unwrap(), &c)),
+        FD_TOL,
+    );
+    assert_close(
+        "swiglu dup",
+        &du,
+        &numeric_grad(&u, |u| dot(&swiglu::forward(&g, u).unwrap(), &c)),
+        FD_TOL,
+    );
+}
+
+#[test]
+fn residual_backward_accumulates() {
+    let y = residual::forward(&[1.0f64, 2.0], &[0.5, -1.0]).unwrap();
+    assert_eq!(y, vec![1.5, 1.0]);
+    let mut acc = vec![1.0f64, 1.0];
+    residual::accumulate(&mut acc, &[0.25, -2.0]).unwrap();
+    assert_eq!(acc, vec![1.25, -1.0]);
+    assert!(residual::forward(&[1.0f64], &[1.0, 2.0]).is_err());
+}
+
+fn llama3_freqs(head_dim: usize) -> Vec<f32> {
+    rope::inv_freq(
+        head_dim,
+        10_000.0,
+        rope::RopeScaling::Llama3 {
+            factor: 8.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position_embeddings: 16,
+        },
+    )
+}
+
+#[test]
+fn rope_backward_matches_finite_differences() {
+    let mut r = rng(3);
+    let (heads, hd) = (3, 8);
+    let positions = [0u32, 1, 2, 0, 1, 5, 9];
+    let t = positions.len();
+    let freqs = llama3_freqs(hd);
+    let x = randn(&mut r, t * heads * hd, 1.0);
+    let c = randn(&mut r, x.len(), 1.0);
+    let mut dx = c.clone();
+    rope::backward(&mut dx, &positions, heads, hd, &freqs).unwrap();
+    let num = numeric_grad(&x, |x| {
+        let mut y = x.to_vec();
+        rope::forward(&mut y, &positions, heads, hd, &freqs).unwrap();
+        dot(&y, &c)
+    });
+    assert_close("rope dx", &dx, &num, FD_TOL);
+}
+
+#[test]
+fn rope_llama3_scaling_keeps_high_and_divides_low_frequencies() {
+    let plain = rope::inv_freq(16, 10_000.0, rope::RopeScaling::None);
+    let scaled = llama3_freqs(16);
+    // wavelength 2π/f: below 16/4 = 4 kept; above 16/1 = 16 divided by 8; smooth between.
+    for (p, s) in plain.iter().zip(&scaled) {
+        let wavelen = 2.0 * std::f32::consts::PI / p;
+        if wavelen < 4.0 {
+            assert_eq!(p, s);
+        } else if wavelen > 16.0 {
+            assert_eq!(*s, p / 8.0);
+        } else {
+            assert!(*s < *p && *s > p / 8.0);
+        }
+    }
+    assert_eq!(plain[0], 1.0);
+    let linear = rope::inv_freq(16, 10_000.0, rope::RopeScaling::Linear { factor: 2.0 });
+    assert_eq!(linear[3], plain[3] / 2.0);
+    assert_eq!(
+        rope::positions_from_cu_seqlens(&[0, 3, 5]),
+        vec![0, 1, 2, 0, 1]
+    );
+}
+
+#[test]
+fn linear_lora_backward_matches_finite_differences() {
+    let mut r = rng(4);
+    let d = linear::Dims {
+        tokens: 4,
+        in_features: 6,
+        out_features: 5,
+    };
+    let rank = 2;
+    let x = randn(&mut r, 4 * 6, 1.0);
+    let w = randn(&mut r, 5 * 6, 0.5);
+    let bias = randn(&mut r, 5, 0.5);
+    let a = randn(&mut r, rank * 6, 0.5);
+    let b = randn(&mut r, 5 * rank, 0.5);
+    let keep = 1.0 / (1.0 - 0.25);
+    let mask: Vec<f64> = (0..24)
+        .map(|i| if i % 4 == 1 { 0.0 } else { keep })
+        .collect();
+    let scale = 1.5;
+    let c = randn(&mut r, 4 * 5, 1.0);
+    let objective = |x: &[f64], a: &[f64], b: &[f64]| {
+        let l = linear::Lora { a, b, rank, scale };
+        dot(
+            &linear::forward(d, x, &w, Some(&bias), Some(&l), Some(&mask))
+                .unwrap()
+                .0,
+            &c,
+        )
+    };
+    let l = linear::Lora {
+        a: &a,
+        b: &b,
+        rank,
+        scale,
+    };
+    let (_, xa) = linear::forward(d, &x, &w, Some(&bias), Some(&l), Some(&mask)).unwrap();
+    // Parameter gradients accumulate: start from a known non-zero value.
+    let mut ga = vec![0.5; a.len()];
+    let mut gb = vec![-0.25; b.len()];
+    let dx = linear::backward(
+        d,
+        &x,
+        &w,
+        Some(linear::LoraGrads {
+            lora: l,
+            xa: &xa,
+            grad_a: &mut ga,
+            grad_b: &mut gb,
+        }),
+        Some(&mask),
+        &c,
+        true,
+    )
+    .unwrap()
+    .unwrap();
+    assert_close(
+        "linear dx",
+        &dx,
+        &numeric_grad(&x, |x| objective(x, &a, &b)),
+        FD_TOL,
+    );
+    let num_a: Vec<f64> = numeric_grad(&a, |a| objective(&x, a, &b))
+        .iter()
+        .map(|g| g + 0.5)
+        .collect();
+    let num_b: Vec<f64> = numeric_grad(&b, |b| objective(&x, &a, b))
+        .iter()
+        .map(|g| g - 0.25)
+        .collect();
+    assert_close("linear dA (accumulated)", &ga, &num_a, FD_TOL);
+    assert_close("linear dB (accumulated)", &gb, &num_b, FD_TOL);
+    // Without an adapter and without dx: nothing computed.
+    assert!(linear::backward(d, &x, &w, None, None, &c, false)
+        .unwrap()
+        .is_none());
+}
+
+#[test]
+fn linear_with_zero_b_equals_the_base_layer() {
+    let mut r = rng(5);
+    let d = linear::Dims {
+        tokens: 3,
+        in_features: 4,
+        out_features: 2,
+    };
+    let (x, w) = (randn(&mut r, 12, 1.0), randn(&mut r, 8, 1.0));
+    let a = randn(&mut r, 2 * 4, 1.0);
+    let zero_b = vec![0.0; 2 * 2];
+    let l = linear::Lora {
+        a: &a,
+        b: &zero_b,
+        rank: 2,
+        scale: 4.0,
+    };
+    let (with, _) = linear::forward(d, &x, &w, None, Some(&l), None).unwrap();
+    let (base, _) = linear::forward(d, &x, &w, None, None, None).unwrap();
+    assert_eq!(with, base);
+    let err = linear::forward(d, &x[..11], &w, None, None, None)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("input x") && err.contains("[3, 4]"), "{err}");
+}
+
+fn attn_dims(heads: usize, kv_heads: usize, head_dim: usize) -> attention::Dims {
+    attention::Dims {
+        heads,
+        kv_heads,
+        head_dim,
+    }
+}
+
+/// Attention computed element by element, straight from the definition.
+fn naive_attention(d: attention::Dims, q: &[f64], k: &[f64], v: &[f64], cu: &[usize]) -> Vec<f64> {
+    let (h_n, kv_n, dim) = (d.heads, d.kv_heads, d.head_dim);
+    let mut o = vec![0.0; q.len()];
+    for w in cu.windows(2) {
+        for i in w[0]..w[1] {
+            for h in 0..h_n {
+                let g = h / (h_n / kv_n);
+                let qi = &q[(i * h_n + h) * dim..][..dim];
+                let s: Vec<f64> = (w[0]..=i)
+                    .map(|j| dot(qi, &k[(j * kv_n + g) * dim..][..dim]) / (dim as f64).sqrt())
+                    .collect();
+                let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let z: f64 = s.iter().map(|x| (x - m).exp()).sum();
+                for (jj, j) in (w[0]..=i).enumerate() {
+                    let p = (s[jj] - m).exp() / z;
+                    for c in 0..dim {
+                        o[(i * h_n + h) * dim + c] += p * v[(j * kv_n + g) * dim + c];
+                    }
+                }
+            }
+        }
+    }
+    o
+}
+
+#[test]
+fn attention_forward_matches_the_definition_with_gqa_and_packing() {
+    let mut r = rng(6);
+    for (h, kv, dim, cu) in [
+        (6, 2, 4, vec![0usize, 4, 7]),
+        (9, 3, 8, vec![0, 1, 2, 11]),
+        (4, 4, 5, vec![0, 13]),
+        (8, 2, 3, vec![0, 5, 6, 9, 17]),
+    ] {
+        let d = attn_dims(h, kv, dim);
+        let t = *cu.last().unwrap();
+        let (q, k, v) = (
+            randn(&mut r, t * h * dim, 1.5),
+            randn(&mut r, t * kv * dim, 1.5),
+            randn(&mut r, t * kv * dim, 1.0),
+        );
+        let (o, lse) = attention::forward(d, &q, &k, &v, &cu).unwrap();
+        assert_close(
+            "attention o",
+            &o,
+            &naive_attention(d, &q, &k, &v, &cu),
+            Tolerance {
+                abs: 1e-12,
+                rel: 1e-10,
+            },
+        );
+        assert_eq!(lse.len(), t * h);
+    }
+}
+
+#[test]
+fn attention_packed_sequences_equal_each_run_alone() {
+    let mut r = rng(7);
+    let d = attn_dims(6, 2, 4);
+    let lens = [5usize, 1, 8];
+    let t: usize = lens.iter().sum();
+    let (q, k, v) = (
+        randn(&mut r, t * 24, 1.0),
+        randn(&mut r, t * 8, 1.0),
+        randn(&mut r, t * 8, 1.0),
+    );
+    let (packed, _) = attention::forward(d, &q, &k, &v, &[0, 5, 6, 14]).unwrap();
+    let mut start = 0;
+    for l in lens {
+        let (alone, _) = attention::forward(
+            d,
+            &q[start * 24..(start + l) * 24],
+            &k[start * 8..(start + l) * 8],
+            &v[start * 8..(start + l) * 8],
+            &[0, l],
+        )
+        .unwrap();
+        assert_eq!(&packed[start * 24..(start + l) * 24], alone.as_slice());
+        start += l;
+    }
+}
+
+#[test]
+fn attention_backward_matches_finite_differences() {
+    let mut r = rng(8);
+    let d = attn_dims(6, 2, 4);
+    let cu = [0usize, 4, 7];
+    let t = 7;
+    let (q, k, v) = (
+        randn(&mut r, t * 24, 1.0),
+        randn(&mut r, t * 8, 1.0),
+        randn(&mut r, t * 8, 1.0),
+    );
+    let c = randn(&mut r, t * 24, 1.0);
+    let (o, lse) = attention::forward(d, &q, &k, &v, &cu).unwrap();
+    let (dq, dk, dv) = attention::backward(d, &q, &k, &v, &o, &lse, &c, &cu).unwrap();
+    let f =
+        |q: &[f64], k: &[f64], v: &[f64]| dot(&attention::forward(d, q, k, v, &cu).unwrap().0, &c);
+    assert_close(
+        "attention dq",
+        &dq,
+        &numeric_grad(&q, |q| f(q, &k, &v)),
+        FD_TOL,
+    );
+    assert_close(
+        "attention dk",
+        &dk,
+        &numeric_grad(&k, |k| f(&q, k, &v)),
+        FD_TOL,
+    );
+    assert_close(
+        "attention dv",
+        &dv,
+        &numeric_grad(&v, |v| f(&q, &k, v)),
+        FD_TOL,
+    );
+}
+
+#[test]
+fn attention_rejects_bad_heads_and_cu_seqlens() {
+    let q = vec![0.0f64; 3 * 9 * 2];
+    let kv = vec![0.0f64; 3 * 4 * 2];
+    let err = attention::forward(attn_dims(9, 4, 2), &q, &kv, &kv, &[0, 3])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("query heads (9)") && err.contains("key/value heads (4)"),
+        "{err}"
+    );
+    let kv = vec![0.0f64; 3 * 3 * 2];
+    let d = attn_dims(9, 3, 2);
+    let err = attention::forward(d, &q, &kv, &kv, &[0, 2, 2, 3])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("strictly increasing"), "{err}");
+    let err = attention::forward(d, &q, &kv, &kv, &[0, 2])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("ends at 2") && err.contains("3 tokens"),
+        "{err}"
+    );
+    let err = attention::forward(d, &q, &kv, &kv, &[1, 3])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("start at 0"), "{err}");
+}
+
+#[test]
+fn cross_entropy_backward_matches_finite_differences_and_chunking() {
+    let mut r = rng(9);
+    let (t, d, vocab) = (6, 5, 9);
+    let h = randn(&mut r, t * d, 1.0);
+    let w = randn(&mut r, vocab * d, 1.0);
+    let targets = [3i64, -100, 0, 8, -100, 5];
+    let g = 0.7;
+    let out = cross_entropy::forward_backward(&h, &w, d, &targets, Some(g), 4).unwrap();
+    assert_eq!(out.count, 4);
+    let num = numeric_grad(&h, |h| {
+        g * cross_entropy::forward_backward(h, &w, d, &targets, None, 4)
+            .unwrap()
+            .loss_sum
+    });
+    assert_close("cross-entropy dh", out.dh.as_ref().unwrap(), &num, FD_TOL);
+    // Against the definition on the full logits, and the same for any chunk size.
+    let z = cross_entropy::logits(&h, &w, d);
+    let want: f64 = targets
+        .iter()
+        .enumerate()
+        .filter(|(_, &y)| y >= 0)
+        .map(|(i, &y)| {
+            let row = &z[i * vocab..(i + 1) * vocab];
+            row.iter().map(|v| v.exp()).sum::<f64>().ln() - row[y as usize]
+        })
+        .sum();
+    for chunk in [1, 4, 6, 100] {
+        let o = cross_entropy::forward_backward(&h, &w, d, &targets, Some(g), chunk).unwrap();
+        assert!((o.loss_sum - want).abs() < 1e-12, "chunk {chunk}");
+        assert_close(
+            "dh across chunk sizes",
+            o.dh.as_ref().unwrap(),
+            out.dh.as_ref().unwrap(),
+            Tolerance {
+                abs: 1e-14,
+                rel: 1e-12,
+            },
+        );
+    }
+}
+
+#[test]
+fn cross_entropy_rejects_labels_outside_the_vocabulary() {
+    let h = vec![0.1f64; 3 * 2];
+    let w = vec![0.1f64; 4 * 2];
+    let err = cross_entropy::forward_backward(&h, &w, 2, &[1, 4, -100], None, 8)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("label 4 at position 1") && err.contains("size 4"),
+        "{err}"
+    );
+    let err = cross_entropy::forward_backward(&h, &w, 2, &[1, -3, 0], None, 8)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("label -3 at position 1"), "{err}");
+    assert_eq!(
+        cross_entropy::shift_labels(&[5, 6, 7, 8, 9], &[0, 3, 5]),
+        vec![6, 7, -100, 9, -100]
+    );
+}
