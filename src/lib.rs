@@ -5,8 +5,11 @@
 //! (`kernels/*.cu`) that is checked against it. See `DESIGN.md` in the project's shared folder
 //! and the README for the layout.
 
+pub mod autograd;
 pub mod device;
 pub mod error;
+pub mod io;
+pub mod model;
 pub mod ops;
 pub mod quant;
 pub mod tensor;

@@ -3,6 +3,7 @@
 mod cli;
 mod device;
 mod harness;
+mod llama;
 mod nf4;
 mod ops;
 mod ptxas;

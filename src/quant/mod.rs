@@ -1,1 +1,2 @@
+pub mod bnb;
 pub mod nf4;

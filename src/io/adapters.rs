@@ -1,0 +1,188 @@
+//! PEFT LoRA adapters: `adapter_model.safetensors` (keys
+//! `base_model.model.model.layers.<i>.<self_attn|mlp>.<proj>.lora_<A|B>.weight`, f32) and
+//! `adapter_config.json`, the files PEFT, vLLM and llama.cpp's converter read.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use safetensors::tensor::{Dtype, TensorView};
+use serde_json::{json, Value};
+
+use super::safetensors::Checkpoint;
+use crate::error::{Error, Result};
+use crate::model::config::LlamaConfig;
+use crate::model::lora::{LoraConfig, LoraParams, Target};
+
+pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
+pub const CONFIG_FILE: &str = "adapter_config.json";
+
+fn format_err(path: &Path, msg: impl Into<String>) -> Error {
+    Error::Format {
+        path: path.to_path_buf(),
+        msg: msg.into(),
+    }
+}
+
+/// Reads the LoRA hyper-parameters of `adapter_config.json`.
+pub fn read_config(path: &Path) -> Result<LoraConfig> {
+    let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let v: Value = serde_json::from_str(&text)
+        .map_err(|e| format_err(path, format!("not valid JSON: {e}")))?;
+    if let Some(t) = v.get("peft_type").and_then(Value::as_str) {
+        if t != "LORA" {
+            return Err(format_err(
+                path,
+                format!("peft_type is {t}; only LORA adapters are supported"),
+            ));
+        }
+    }
+    for flag in ["use_dora", "fan_in_fan_out"] {
+        if v.get(flag).and_then(Value::as_bool) == Some(true) {
+            return Err(format_err(path, format!("`{flag}: true` is not supported")));
+        }
+    }
+    let rank = v
+        .get("r")
+        .and_then(Value::as_u64)
+        .ok_or_else(|| format_err(path, "field `r` (rank) is missing"))? as usize;
+    let alpha = v.get("lora_alpha").and_then(Value::as_f64).unwrap_or(8.0);
+    let targets = match v.get("target_modules") {
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|m| {
+                m.as_str()
+                    .ok_or_else(|| format_err(path, "target_modules must be strings"))
+                    .and_then(|s| Target::parse(s).map_err(|e| format_err(path, e.to_string())))
+            })
+            .collect::<Result<Vec<_>>>()?,
+        Some(Value::String(s)) if s == "all-linear" => Target::ALL.to_vec(),
+        Some(other) => {
+            return Err(format_err(
+                path,
+                format!("target_modules {other} is not supported: give a list of projection names"),
+            ))
+        }
+        None => return Err(format_err(path, "field `target_modules` is missing")),
+    };
+    let mut targets = targets;
+    targets.sort();
+    targets.dedup();
+    let cfg = LoraConfig {
+        rank,
+        alpha,
+        rslora: v
+            .get("use_rslora")
+            .and_then(Value::as_bool)
+            .unwrap_or(false),
+        dropout: v.get("lora_dropout").and_then(Value::as_f64).unwrap_or(0.0),
+        targets,
+    };
+    cfg.validate()
+        .map_err(|e| format_err(path, e.to_string()))?;
+    Ok(cfg)
+}
+
+/// Loads a PEFT adapter folder for a model of configuration `model`.
+pub fn load(dir: &Path, model: &LlamaConfig) -> Result<LoraParams> {
+    let cfg = read_config(&dir.join(CONFIG_FILE))?;
+    let ckpt = Checkpoint::open_files(&[dir.join(WEIGHTS_FILE)])?;
+    let mut params = LoraParams::zeros(model, cfg)?;
+    let mut expected = std::collections::HashSet::new();
+    for slot in params.slots.clone() {
+        for (which, range, shape) in [
+            ('A', slot.a.clone(), [params.config.rank, slot.in_features]),
+            ('B', slot.b.clone(), [slot.out_features, params.config.rank]),
+        ] {
+            let key = LoraParams::peft_key(&slot, which);
+            let values = ckpt.f32(&key, &shape)?;
+            params.values[range].copy_from_slice(&values);
+            expected.insert(key);
+        }
+    }
+    if let Some(extra) = ckpt.names().into_iter().find(|n| !expected.contains(*n)) {
+        return Err(format_err(
+            &dir.join(WEIGHTS_FILE),
+            format!(
+                "tensor `{extra}` is not a LoRA weight of this model's layers ({} layers, targets {:?})",
+                model.num_layers, params.config.targets
+            ),
+        ));
+    }
+    Ok(params)
+}
+
+/// Writes `file` atomically: a temporary file in the same folder, then a rename.
+pub fn write_atomic(file: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = file.with_extension(format!(
+        "{}.tmp",
+        file.extension().and_then(|e| e.to_str()).unwrap_or("")
+    ));
+    let io = |source| Error::Io {
+        path: file.to_path_buf(),
+        source,
+    };
+    std::fs::write(&tmp, bytes).map_err(io)?;
+    std::fs::rename(&tmp, file).map_err(io)
+}
+
+/// Saves an adapter in PEFT's layout (f32 weights, `adapter_config.json`).
+pub fn save(dir: &Path, params: &LoraParams, base_model: Option<&str>) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|source| Error::Io {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    let mut tensors: Vec<(String, Vec<usize>, &[f32])> = Vec::new();
+    for slot in &params.slots {
+        tensors.push((
+            LoraParams::peft_key(slot, 'A'),
+            vec![params.config.rank, slot.in_features],
+            &params.values[slot.a.clone()],
+        ));
+        tensors.push((
+            LoraParams::peft_key(slot, 'B'),
+            vec![slot.out_features, params.config.rank],
+            &params.values[slot.b.clone()],
+        ));
+    }
+    let views: Vec<(String, TensorView)> = tensors
+        .iter()
+        .map(|(k, shape, data)| {
+            let bytes: &[u8] = bytemuck::cast_slice(data);
+            TensorView::new(Dtype::F32, shape.clone(), bytes)
+                .map(|v| (k.clone(), v))
+                .map_err(|e| format_err(dir, format!("cannot serialise {k}: {e}")))
+        })
+        .collect::<Result<_>>()?;
+    let meta: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
+    let bytes = safetensors::serialize(views, Some(meta))
+        .map_err(|e| format_err(dir, format!("cannot serialise the adapter: {e}")))?;
+    write_atomic(&dir.join(WEIGHTS_FILE), &bytes)?;
+    let c = &params.config;
+    let modules: Vec<&str> = c.targets.iter().map(|t| t.module()).collect();
+    let config = json!({
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model,
+        "r": c.rank,
+        "lora_alpha": c.alpha,
+        "lora_dropout": c.dropout,
+        "use_rslora": c.rslora,
+        "target_modules": modules,
+        "bias": "none",
+        "fan_in_fan_out": false,
+        "inference_mode": true,
+        "init_lora_weights": true,
+        "use_dora": false,
+        "modules_to_save": null,
+        "layers_to_transform": null,
+        "layers_pattern": null,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "revision": null,
+    });
+    let text = serde_json::to_string_pretty(&config).expect("JSON of plain values");
+    write_atomic(&dir.join(CONFIG_FILE), text.as_bytes())
+}

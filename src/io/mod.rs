@@ -1,0 +1,4 @@
+//! Files: safetensors checkpoints (memory-mapped, sharded) and PEFT adapters.
+
+pub mod adapters;
+pub mod safetensors;

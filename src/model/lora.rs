@@ -1,0 +1,239 @@
+//! LoRA adapters with PEFT's semantics: `y = W·x + s·B·(A·x)` on the chosen projections, `A`
+//! (`[r, in]`) Kaiming-uniform (PEFT's `kaiming_uniform_(a=√5)`: `U(−1/√in, 1/√in)`), `B`
+//! (`[out, r]`) zero, `s = alpha / r` (or `alpha / √r` with rsLoRA) on the adapter path only.
+//!
+//! Every A and B of the model lives in one flat f32 buffer ([`LoraParams::values`]); each
+//! adapted projection is a [`LoraSlot`] of ranges into it. Gradients and optimizer state mirror
+//! the same layout, so zeroing, clipping and AdamW are one pass over one buffer.
+
+use std::ops::Range;
+
+use rand::{Rng, SeedableRng};
+
+use super::config::LlamaConfig;
+use crate::error::{Error, Result};
+
+/// The seven projections of a decoder layer that can carry an adapter.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Target {
+    Q,
+    K,
+    V,
+    O,
+    Gate,
+    Up,
+    Down,
+}
+
+impl Target {
+    pub const ALL: [Target; 7] = [
+        Target::Q,
+        Target::K,
+        Target::V,
+        Target::O,
+        Target::Gate,
+        Target::Up,
+        Target::Down,
+    ];
+
+    /// The module name (`q_proj`, …, `down_proj`).
+    pub fn module(self) -> &'static str {
+        match self {
+            Target::Q => "q_proj",
+            Target::K => "k_proj",
+            Target::V => "v_proj",
+            Target::O => "o_proj",
+            Target::Gate => "gate_proj",
+            Target::Up => "up_proj",
+            Target::Down => "down_proj",
+        }
+    }
+
+    /// The path inside a decoder layer (`self_attn.q_proj`, `mlp.gate_proj`, …).
+    pub fn hf_path(self) -> &'static str {
+        match self {
+            Target::Q => "self_attn.q_proj",
+            Target::K => "self_attn.k_proj",
+            Target::V => "self_attn.v_proj",
+            Target::O => "self_attn.o_proj",
+            Target::Gate => "mlp.gate_proj",
+            Target::Up => "mlp.up_proj",
+            Target::Down => "mlp.down_proj",
+        }
+    }
+
+    /// `(in_features, out_features)` of this projection.
+    pub fn dims(self, c: &LlamaConfig) -> (usize, usize) {
+        let (d, f) = (c.hidden_size, c.intermediate_size);
+        match self {
+            Target::Q => (d, c.q_dim()),
+            Target::K | Target::V => (d, c.kv_dim()),
+            Target::O => (c.q_dim(), d),
+            Target::Gate | Target::Up => (d, f),
+            Target::Down => (f, d),
+        }
+    }
+
+    /// `q`, `q_proj`, … `down_proj` (case-insensitive).
+    pub fn parse(s: &str) -> Result<Target> {
+        let s = s.trim().to_ascii_lowercase();
+        let base = s.strip_suffix("_proj").unwrap_or(&s);
+        Target::ALL
+            .into_iter()
+            .find(|t| t.module().strip_suffix("_proj") == Some(base))
+            .ok_or_else(|| {
+                Error::InvalidArgument(format!(
+                    "unknown LoRA target `{s}`: use any of q, k, v, o, gate, up, down, or all"
+                ))
+            })
+    }
+
+    /// A comma-separated list, or `all` / `all-linear`.
+    pub fn parse_list(s: &str) -> Result<Vec<Target>> {
+        let s = s.trim();
+        if s.eq_ignore_ascii_case("all") || s.eq_ignore_ascii_case("all-linear") {
+            return Ok(Target::ALL.to_vec());
+        }
+        let mut v: Vec<Target> = s
+            .split(',')
+            .filter(|p| !p.trim().is_empty())
+            .map(Target::parse)
+            .collect::<Result<_>>()?;
+        v.sort();
+        v.dedup();
+        if v.is_empty() {
+            return Err(Error::InvalidArgument("no LoRA targets given".into()));
+        }
+        Ok(v)
+    }
+}
+
+/// Adapter hyper-parameters.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LoraConfig {
+    pub rank: usize,
+    pub alpha: f64,
+    pub rslora: bool,
+    /// Dropout probability on the adapter input (training only).
+    pub dropout: f64,
+    pub targets: Vec<Target>,
+}
+
+impl LoraConfig {
+    /// The adapter scale `s`: `alpha / r`, or `alpha / √r` with rsLoRA.
+    pub fn scale(&self) -> f32 {
+        let r = self.rank as f64;
+        (if self.rslora {
+            self.alpha / r.sqrt()
+        } else {
+            self.alpha / r
+        }) as f32
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        if self.rank == 0 {
+            return Err(Error::InvalidArgument(
+                "LoRA rank must be at least 1".into(),
+            ));
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return Err(Error::InvalidArgument(format!(
+                "LoRA dropout must be in [0, 1), got {}",
+                self.dropout
+            )));
+        }
+        if self.targets.is_empty() {
+            return Err(Error::InvalidArgument("no LoRA targets given".into()));
+        }
+        Ok(())
+    }
+}
+
+/// Where one adapted projection's A and B sit in the flat buffer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LoraSlot {
+    pub layer: usize,
+    pub target: Target,
+    pub in_features: usize,
+    pub out_features: usize,
+    /// `A` `[rank, in]`.
+    pub a: Range<usize>,
+    /// `B` `[out, rank]`.
+    pub b: Range<usize>,
+}
+
+/// Every adapter of a model, in one flat f32 buffer.
+#[derive(Clone, Debug)]
+pub struct LoraParams {
+    pub config: LoraConfig,
+    pub slots: Vec<LoraSlot>,
+    pub values: Vec<f32>,
+}
+
+impl LoraParams {
+    /// Zero-filled adapters for every layer × target, laid out layer by layer, A then B.
+    pub fn zeros(model: &LlamaConfig, config: LoraConfig) -> Result<LoraParams> {
+        config.validate()?;
+        let mut slots = Vec::new();
+        let mut at = 0;
+        for layer in 0..model.num_layers {
+            for &target in &config.targets {
+                let (i, o) = target.dims(model);
+                let a = at..at + config.rank * i;
+                let b = a.end..a.end + o * config.rank;
+                at = b.end;
+                slots.push(LoraSlot {
+                    layer,
+                    target,
+                    in_features: i,
+                    out_features: o,
+                    a,
+                    b,
+                });
+            }
+        }
+        Ok(LoraParams {
+            config,
+            slots,
+            values: vec![0.0; at],
+        })
+    }
+
+    /// PEFT's initialisation: A ~ U(−1/√in, 1/√in), B = 0, from `seed`.
+    pub fn init(model: &LlamaConfig, config: LoraConfig, seed: u64) -> Result<LoraParams> {
+        let mut p = LoraParams::zeros(model, config)?;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        for s in &p.slots {
+            let bound = 1.0 / (s.in_features as f32).sqrt();
+            for v in &mut p.values[s.a.clone()] {
+                *v = rng.random_range(-bound..bound);
+            }
+        }
+        Ok(p)
+    }
+
+    /// Index of the slot of `(layer, target)`, if that projection is adapted.
+    pub fn slot(&self, layer: usize, target: Target) -> Option<usize> {
+        self.slots
+            .iter()
+            .position(|s| s.layer == layer && s.target == target)
+    }
+
+    /// Number of trainable parameters.
+    pub fn len(&self) -> usize {
+        self.values.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.values.is_empty()
+    }
+
+    /// The PEFT key of a slot's A or B (`base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight`).
+    pub fn peft_key(slot: &LoraSlot, which: char) -> String {
+        format!(
+            "base_model.model.model.layers.{}.{}.lora_{which}.weight",
+            slot.layer,
+            slot.target.hf_path()
+        )
+    }
+}

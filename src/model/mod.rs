@@ -1,0 +1,5 @@
+//! The model: configuration, the Llama decoder, LoRA adapters.
+
+pub mod config;
+pub mod llama;
+pub mod lora;
