@@ -611,3 +611,67 @@ fn adapters_round_trip_in_peft_layout() {
     assert_eq!(cfg["lora_alpha"], 12.0);
     assert!(!dir.join("adapter_model.safetensors.tmp").exists());
 }
+
+#[test]
+fn lora_on_a_subset_of_targets_with_rslora_has_consistent_gradients() {
+    let model = load("tiny-qwen2", BaseFormat::Nf4(Nf4Config::default()));
+    let cfg = LoraConfig {
+        rank: 3,
+        alpha: 5.0,
+        rslora: true,
+        dropout: 0.0,
+        targets: Target::parse_list("q,v,down").unwrap(),
+    };
+    assert_eq!(cfg.scale(), (5.0 / 3f64.sqrt()) as f32);
+    let mut lora = LoraParams::init(&model.config, cfg, 9).unwrap();
+    assert_eq!(lora.slots.len(), 2 * 3);
+    // Non-zero B so that A's gradient is not trivially zero.
+    for (i, v) in lora.values.iter_mut().enumerate() {
+        if *v == 0.0 {
+            *v = ((i * 37 % 101) as f32 / 101.0 - 0.5) * 0.1;
+        }
+    }
+    let g = Golden::open("tiny-qwen2");
+    let (ids, labels) = (g.ids("input_ids"), g.ints("labels"));
+    let cu = [0, 20, ids.len()];
+    let mut grads = vec![0.0f32; lora.len()];
+    model
+        .forward_backward(&lora, &mut grads, &ids, &labels, &cu, 0.1, 0)
+        .unwrap();
+    assert!(lora
+        .slots
+        .iter()
+        .all(|s| grads[s.a.clone()].iter().any(|&v| v != 0.0)));
+    let norm2: f64 = grads.iter().map(|&v| (v as f64).powi(2)).sum();
+    let eps = 1e-2 / norm2.sqrt();
+    let shifted = |sign: f64| {
+        let mut l = lora.clone();
+        for (v, gv) in l.values.iter_mut().zip(&grads) {
+            *v += (sign * eps * *gv as f64) as f32;
+        }
+        model.loss(Some(&l), &ids, &labels, &cu).unwrap().loss_sum * 0.1
+    };
+    let numeric = (shifted(1.0) - shifted(-1.0)) / (2.0 * eps);
+    assert!(
+        (numeric - norm2).abs() <= 0.02 * norm2,
+        "directional derivative {numeric} vs |g|² {norm2}"
+    );
+    assert!(Target::parse_list("q,attn").is_err());
+    assert_eq!(Target::parse_list("all").unwrap().len(), 7);
+}
+
+#[test]
+fn f16_tensors_read_as_f32() {
+    let ckpt = Checkpoint::open_files(&[PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/nf4/f16_65x97_bs64_dq.safetensors")])
+    .unwrap();
+    let t = ckpt.get("weight").unwrap();
+    assert_eq!(t.dtype, safetensors::Dtype::F16);
+    let want: Vec<f32> = t
+        .bytes
+        .chunks_exact(2)
+        .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+        .collect();
+    assert_eq!(ckpt.f32("weight", &[65, 97]).unwrap(), want);
+    assert!(want.iter().any(|&v| v != 0.0));
+}

@@ -431,3 +431,40 @@ impl Frozen for Llama {
         self.layers[layer].proj[target as usize].bias.as_deref()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::lora::LoraConfig;
+
+    fn tiny() -> Llama {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llama/tiny-llama");
+        Llama::load(&dir, BaseFormat::Dense).unwrap()
+    }
+
+    #[test]
+    fn tape_records_only_what_a_gradient_flows_through() {
+        let model = tiny();
+        let batch = Batch::new(vec![0, 5]).unwrap();
+        let h = embedding::forward(&model.embed, 96, &[1, 2, 3, 4, 5]).unwrap();
+        // No adapter and an input that needs no gradient: nothing to record.
+        let mut tape = Tape::new(&model, None, &batch, &model.freqs, true, None);
+        let x = tape.leaf(h.clone(), false);
+        model.layer(&mut tape, 0, x).unwrap();
+        assert_eq!(tape.records(), 0);
+        // An adapter on v only: the first norm and q/k (and their RoPE) stay unrecorded.
+        let cfg = LoraConfig {
+            rank: 2,
+            alpha: 4.0,
+            rslora: false,
+            dropout: 0.0,
+            targets: vec![Target::V],
+        };
+        let lora = LoraParams::init(&model.config, cfg, 1).unwrap();
+        let mut tape = Tape::new(&model, Some(&lora), &batch, &model.freqs, true, None);
+        let x = tape.leaf(h, false);
+        model.layer(&mut tape, 0, x).unwrap();
+        // v, attention, o, add, norm, gate, up, swiglu, down, add
+        assert_eq!(tape.records(), 10);
+    }
+}
