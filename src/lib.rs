@@ -14,6 +14,7 @@ pub mod ops;
 pub mod quant;
 pub mod tensor;
 pub mod testing;
+pub mod train;
 
 pub use device::{Device, DeviceRequest};
 pub use error::{Error, Result};

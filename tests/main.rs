@@ -7,3 +7,4 @@ mod llama;
 mod nf4;
 mod ops;
 mod ptxas;
+mod train;
