@@ -6,6 +6,7 @@
 //! and the README for the layout.
 
 pub mod autograd;
+pub mod data;
 pub mod device;
 pub mod error;
 pub mod io;

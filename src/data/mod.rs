@@ -1,0 +1,232 @@
+//! Data: records → examples (per format) → token ids with a loss mask → packed micro-batches.
+//!
+//! Labels follow transformers: `labels[t] = ids[t]` where the token is trained on, −100
+//! elsewhere; the model scores the logits at t against `labels[t + 1]` within each sequence.
+//! Sequences are truncated to `seq_len` (keeping the start) and packed, padding-free, into
+//! micro-batches of at most `batch_tokens` tokens with positions restarting per sequence.
+
+pub mod chat;
+pub mod formats;
+pub mod records;
+pub mod tokenizer;
+
+use std::path::Path;
+
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+
+use crate::error::{Error, Result};
+use crate::ops::cross_entropy::IGNORE_INDEX;
+use formats::{Example, Format};
+use tokenizer::TextTokenizer;
+
+/// One tokenized sequence.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Sequence {
+    pub ids: Vec<u32>,
+    pub labels: Vec<i64>,
+}
+
+impl Sequence {
+    /// Tokens the loss counts (labels after the shift).
+    pub fn counted(&self) -> usize {
+        self.labels
+            .iter()
+            .skip(1)
+            .filter(|&&l| l != IGNORE_INDEX)
+            .count()
+    }
+}
+
+/// What happened while building a dataset.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DataStats {
+    pub records: usize,
+    pub truncated: usize,
+    /// Sequences dropped because no token was left to train on.
+    pub empty: usize,
+    pub tokens: usize,
+    pub counted_tokens: usize,
+}
+
+/// How records become sequences.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DataOptions {
+    /// `None`: detect from the first record's keys.
+    pub format: Option<Format>,
+    pub seq_len: usize,
+    /// Train on prompts and user turns too.
+    pub train_on_prompt: bool,
+}
+
+/// Tokenizes one example: ids and which tokens are trained on.
+pub fn tokenize(
+    tok: &TextTokenizer,
+    ex: &Example,
+    train_on_prompt: bool,
+) -> Result<(Vec<u32>, Vec<bool>)> {
+    match ex {
+        Example::Segments(parts) => {
+            let (mut ids, mut train) = (Vec::new(), Vec::new());
+            for (i, (text, trained)) in parts.iter().enumerate() {
+                let (seg, _) = tok.encode(text, i == 0)?;
+                train.extend(std::iter::repeat_n(*trained || train_on_prompt, seg.len()));
+                ids.extend(seg);
+            }
+            // End with EOS (trained when the last piece is) so the model learns to stop.
+            if let Some(eos) = tok.eos_id {
+                if ids.last() != Some(&eos) {
+                    ids.push(eos);
+                    train.push(parts.last().is_some_and(|p| p.1) || train_on_prompt);
+                }
+            }
+            Ok((ids, train))
+        }
+        Example::Chat(messages) => {
+            let template = tok.chat_template.as_ref().ok_or_else(|| {
+                Error::InvalidArgument(
+                    "chat data needs a chat template, and the model's tokenizer_config.json has none".into(),
+                )
+            })?;
+            let (text, spans) = template.render_with_assistant_spans(messages)?;
+            let (ids, offsets) = tok.encode(&text, false)?;
+            // A token is trained on when it overlaps an assistant span (transformers'
+            // assistant-token mask does the same for tokens straddling a span's start).
+            let train = offsets
+                .iter()
+                .map(|&(s, e)| train_on_prompt || spans.iter().any(|&(a, b)| s < b && e > a))
+                .collect();
+            Ok((ids, train))
+        }
+    }
+}
+
+/// Reads, converts, tokenizes and truncates a dataset file.
+pub fn load(
+    path: &Path,
+    tok: &TextTokenizer,
+    opts: &DataOptions,
+) -> Result<(Vec<Sequence>, DataStats)> {
+    let records = records::read(path)?;
+    if records.is_empty() {
+        return Err(Error::Format {
+            path: path.to_path_buf(),
+            msg: "the dataset has no records".into(),
+        });
+    }
+    let format = match opts.format {
+        Some(f) => f,
+        None => Format::detect(&records[0]).ok_or_else(|| Error::Format {
+            path: path.to_path_buf(),
+            msg: format!(
+                "{}: cannot tell the format from its keys ({}); expected text, prompt+completion, \
+                 messages, instruction+output (alpaca) or conversations (sharegpt), or pass --format",
+                records[0].locate(),
+                records[0].fields.keys().cloned().collect::<Vec<_>>().join(", ")
+            ),
+        })?,
+    };
+    let chat = tok.chat_template.is_some();
+    let mut stats = DataStats {
+        records: records.len(),
+        ..DataStats::default()
+    };
+    let mut out = Vec::with_capacity(records.len());
+    for r in &records {
+        let ex = formats::to_example(path, r, format, chat)?;
+        let (mut ids, mut train) =
+            tokenize(tok, &ex, opts.train_on_prompt).map_err(|e| Error::Format {
+                path: path.to_path_buf(),
+                msg: format!("{}: {e}", r.locate()),
+            })?;
+        if ids.len() > opts.seq_len {
+            ids.truncate(opts.seq_len);
+            train.truncate(opts.seq_len);
+            stats.truncated += 1;
+        }
+        let labels = ids
+            .iter()
+            .zip(&train)
+            .map(|(&id, &t)| if t { id as i64 } else { IGNORE_INDEX })
+            .collect();
+        let seq = Sequence { ids, labels };
+        if seq.counted() == 0 {
+            stats.empty += 1;
+            continue;
+        }
+        stats.tokens += seq.ids.len();
+        stats.counted_tokens += seq.counted();
+        out.push(seq);
+    }
+    if out.is_empty() {
+        return Err(Error::Format {
+            path: path.to_path_buf(),
+            msg: format!(
+                "no record has a token left to train on: {} records, {} truncated to {} tokens, {} \
+                 with nothing to train on after masking (try --train-on-prompt or a longer --seq-len)",
+                stats.records, stats.truncated, opts.seq_len, stats.empty
+            ),
+        });
+    }
+    Ok((out, stats))
+}
+
+/// A packed micro-batch.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MicroBatch {
+    pub ids: Vec<u32>,
+    pub labels: Vec<i64>,
+    pub cu_seqlens: Vec<usize>,
+}
+
+impl MicroBatch {
+    pub fn counted(&self) -> usize {
+        self.cu_seqlens
+            .windows(2)
+            .map(|w| {
+                self.labels[w[0] + 1..w[1]]
+                    .iter()
+                    .filter(|&&l| l != IGNORE_INDEX)
+                    .count()
+            })
+            .sum()
+    }
+}
+
+/// Packs sequences (in the given order) greedily into micro-batches of at most `batch_tokens`.
+pub fn pack(seqs: &[&Sequence], batch_tokens: usize) -> Vec<MicroBatch> {
+    let mut batches = Vec::new();
+    let mut cur = MicroBatch {
+        ids: Vec::new(),
+        labels: Vec::new(),
+        cu_seqlens: vec![0],
+    };
+    for s in seqs {
+        if !cur.ids.is_empty() && cur.ids.len() + s.ids.len() > batch_tokens {
+            batches.push(std::mem::replace(
+                &mut cur,
+                MicroBatch {
+                    ids: Vec::new(),
+                    labels: Vec::new(),
+                    cu_seqlens: vec![0],
+                },
+            ));
+        }
+        cur.ids.extend_from_slice(&s.ids);
+        cur.labels.extend_from_slice(&s.labels);
+        cur.cu_seqlens.push(cur.ids.len());
+    }
+    if !cur.ids.is_empty() {
+        batches.push(cur);
+    }
+    batches
+}
+
+/// The order of an epoch: a permutation of `0..n` drawn from `seed` and the epoch number.
+pub fn epoch_order(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..n).collect();
+    let mut rng =
+        rand::rngs::StdRng::seed_from_u64(seed.wrapping_mul(0x2545_F491_4F6C_DD1D) ^ epoch);
+    order.shuffle(&mut rng);
+    order
+}

@@ -1,0 +1,121 @@
+//! The model's tokenizer (`tokenizer.json`, through the `tokenizers` crate) and the special
+//! tokens and chat template of `tokenizer_config.json` (or `chat_template.jinja`).
+
+use std::path::Path;
+
+use serde_json::Value;
+
+use super::chat::ChatTemplate;
+use crate::error::{Error, Result};
+
+/// Token ids and the byte range of each in the encoded text.
+pub type Encoded = (Vec<u32>, Vec<(usize, usize)>);
+
+pub struct TextTokenizer {
+    inner: tokenizers::Tokenizer,
+    pub bos_token: Option<String>,
+    pub eos_token: Option<String>,
+    pub eos_id: Option<u32>,
+    pub chat_template: Option<ChatTemplate>,
+}
+
+fn token_string(v: Option<&Value>) -> Option<String> {
+    match v? {
+        Value::String(s) => Some(s.clone()),
+        Value::Object(o) => o.get("content").and_then(Value::as_str).map(str::to_string),
+        _ => None,
+    }
+}
+
+fn format_err(path: &Path, msg: impl Into<String>) -> Error {
+    Error::Format {
+        path: path.to_path_buf(),
+        msg: msg.into(),
+    }
+}
+
+impl TextTokenizer {
+    /// Loads `dir/tokenizer.json` with `dir/tokenizer_config.json` (special tokens, chat
+    /// template) and `dir/chat_template.jinja` when present.
+    pub fn load(dir: &Path) -> Result<TextTokenizer> {
+        let tok_path = dir.join("tokenizer.json");
+        if !tok_path.is_file() {
+            return Err(format_err(dir, "no tokenizer.json in the model folder"));
+        }
+        let inner = tokenizers::Tokenizer::from_file(&tok_path)
+            .map_err(|e| format_err(&tok_path, format!("cannot load the tokenizer: {e}")))?;
+        let cfg_path = dir.join("tokenizer_config.json");
+        let cfg: Value = if cfg_path.is_file() {
+            let text = std::fs::read_to_string(&cfg_path).map_err(|source| Error::Io {
+                path: cfg_path.clone(),
+                source,
+            })?;
+            serde_json::from_str(&text)
+                .map_err(|e| format_err(&cfg_path, format!("not valid JSON: {e}")))?
+        } else {
+            Value::Null
+        };
+        let bos_token = token_string(cfg.get("bos_token"));
+        let eos_token = token_string(cfg.get("eos_token"));
+        let eos_id = eos_token.as_deref().and_then(|t| inner.token_to_id(t));
+        let jinja_path = dir.join("chat_template.jinja");
+        let template_text = if jinja_path.is_file() {
+            Some(
+                std::fs::read_to_string(&jinja_path).map_err(|source| Error::Io {
+                    path: jinja_path.clone(),
+                    source,
+                })?,
+            )
+        } else {
+            match cfg.get("chat_template") {
+                Some(Value::String(s)) => Some(s.clone()),
+                // A list of named templates: take "default".
+                Some(Value::Array(list)) => list
+                    .iter()
+                    .find(|t| t.get("name").and_then(Value::as_str) == Some("default"))
+                    .and_then(|t| t.get("template").and_then(Value::as_str))
+                    .map(str::to_string),
+                _ => None,
+            }
+        };
+        let chat_template = template_text
+            .map(|t| {
+                ChatTemplate::new(&t, bos_token.clone(), eos_token.clone())
+                    .map_err(|e| format_err(&cfg_path, format!("chat template: {e}")))
+            })
+            .transpose()?;
+        Ok(TextTokenizer {
+            inner,
+            bos_token,
+            eos_token,
+            eos_id,
+            chat_template,
+        })
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    /// Token ids and their byte ranges in `text`.
+    pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Encoded> {
+        let enc = self.inner.encode(text, add_special_tokens).map_err(|e| {
+            Error::InvalidArgument(format!("tokenizer failed on {:?}: {e}", preview(text)))
+        })?;
+        Ok((enc.get_ids().to_vec(), enc.get_offsets().to_vec()))
+    }
+
+    pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
+        self.inner
+            .decode(ids, skip_special_tokens)
+            .map_err(|e| Error::InvalidArgument(format!("tokenizer cannot decode {ids:?}: {e}")))
+    }
+
+    pub fn token_to_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+}
+
+fn preview(text: &str) -> String {
+    text.chars().take(40).collect()
+}
