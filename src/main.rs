@@ -1,9 +1,17 @@
 //! The `qlora-rs` command line: a thin layer over the library. Only this file exits the process.
 
+use std::io::IsTerminal;
+use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
-use qlora_rs::device::{self, kernels, Availability, CudaDevice, DeviceRequest};
+use clap::{parser::ValueSource, ArgMatches, CommandFactory, FromArgMatches, Parser, Subcommand};
+use qlora_rs::data::tokenizer::TextTokenizer;
+use qlora_rs::data::{formats::Format, DataOptions};
+use qlora_rs::device::{self, kernels, Availability, CudaDevice, Device, DeviceRequest};
+use qlora_rs::io::adapters;
+use qlora_rs::model::llama::{BaseFormat, Llama};
+use qlora_rs::quant::nf4::Nf4Config;
+use qlora_rs::train::{trainer, TrainConfig, Trainer};
 
 #[derive(Parser)]
 #[command(
@@ -11,8 +19,8 @@ use qlora_rs::device::{self, kernels, Availability, CudaDevice, DeviceRequest};
     version,
     about = "QLoRA fine-tuning of Llama-family models with handwritten CUDA kernels",
     long_about = "QLoRA fine-tuning of Llama-family models: a 4-bit NF4 base model (bit-exact with \
-                  bitsandbytes) with LoRA adapters trained on top, on one GPU, through our own CUDA \
-                  kernels; the CPU backend runs everything too (slowly) and is the reference."
+                  bitsandbytes) with LoRA adapters trained on top, written as a PEFT adapter. The \
+                  CPU backend runs everything (slowly) and is the reference for the CUDA kernels."
 )]
 struct Cli {
     /// Where to run: `auto` (CUDA when a driver, a GPU and this build's kernels are present,
@@ -26,6 +34,43 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Fine-tune a LoRA adapter on a 4-bit base model; writes a PEFT adapter, metrics.jsonl,
+    /// loss_curve.svg and checkpoints to --output.
+    Train {
+        /// A TOML file with the same keys as the flags (flags given here override it).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[command(flatten)]
+        train: Box<TrainConfig>,
+    },
+    /// Mean loss and perplexity of a model (and adapter) on a dataset, with the training
+    /// formats and loss masking.
+    Eval {
+        /// Hugging Face model folder.
+        #[arg(long)]
+        model: PathBuf,
+        /// A PEFT LoRA adapter folder to apply.
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        /// Data file (JSON array or JSON Lines).
+        #[arg(long)]
+        data: PathBuf,
+        /// Data format: auto, text, prompt-completion, messages, alpaca, sharegpt.
+        #[arg(long, default_value = "auto")]
+        format: String,
+        /// Score prompts and user turns too.
+        #[arg(long)]
+        train_on_prompt: bool,
+        /// Longest sequence in tokens (longer records are cut, keeping the start).
+        #[arg(long, default_value_t = 2048)]
+        seq_len: usize,
+        /// Tokens per packed batch.
+        #[arg(long, default_value_t = 4096)]
+        batch_tokens: usize,
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Show this build (kernels, nvcc, GPU architectures), the driver and GPUs found, and which
     /// device `--device` selects; on a GPU, run the NF4 kernels once against the CPU reference.
     Env,
@@ -36,9 +81,44 @@ fn parse_device(s: &str) -> Result<DeviceRequest, String> {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(c) => c,
+        Err(e) => e.exit(),
+    };
     let result = match cli.command {
         Command::Env => env(cli.device),
+        Command::Train { config, train } => {
+            let sub = matches
+                .subcommand_matches("train")
+                .expect("train subcommand");
+            merge_config(config, *train, sub).and_then(|cfg| run_train(cli.device, cfg))
+        }
+        Command::Eval {
+            model,
+            adapter,
+            data,
+            format,
+            train_on_prompt,
+            seq_len,
+            batch_tokens,
+            json,
+        } => (|| {
+            let opts = DataOptions {
+                format: Format::parse(&format)?,
+                seq_len,
+                train_on_prompt,
+            };
+            run_eval(
+                cli.device,
+                &model,
+                adapter.as_deref(),
+                &data,
+                &opts,
+                batch_tokens,
+                json,
+            )
+        })(),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -47,6 +127,172 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The TOML file's settings, with every flag given on the command line on top.
+fn merge_config(
+    file: Option<PathBuf>,
+    cli: TrainConfig,
+    m: &ArgMatches,
+) -> qlora_rs::Result<TrainConfig> {
+    let Some(path) = file else { return Ok(cli) };
+    let mut base = serde_json::to_value(TrainConfig::from_toml_file(&path)?).expect("plain struct");
+    let over = serde_json::to_value(&cli).expect("plain struct");
+    for id in m.ids() {
+        let id = id.as_str();
+        if m.value_source(id) == Some(ValueSource::CommandLine) {
+            if let Some(v) = over.get(id) {
+                base[id] = v.clone();
+            }
+        }
+    }
+    serde_json::from_value(base).map_err(|e| qlora_rs::Error::Format {
+        path,
+        msg: format!("with the command-line flags: {e}"),
+    })
+}
+
+/// The device to train or evaluate on. This build trains on the CPU backend; the CUDA step
+/// (every op on our kernels) is not in it yet, so `cuda` is refused and `auto` says it chose the
+/// CPU and why.
+fn compute_device(request: DeviceRequest) -> qlora_rs::Result<Device> {
+    let selection = device::select(request, &Availability::probe())?;
+    match selection.device {
+        Device::Cpu => {
+            eprintln!("device: {}", selection.reason);
+            Ok(Device::Cpu)
+        }
+        Device::Cuda(o) if request == DeviceRequest::Auto => {
+            eprintln!(
+                "device: cpu (auto: cuda:{o} is present, but training and evaluation on CUDA are not \
+                 in this build yet; pass --device cpu to silence this)"
+            );
+            Ok(Device::Cpu)
+        }
+        Device::Cuda(o) => Err(qlora_rs::Error::CudaUnavailable(format!(
+            "--device cuda:{o}: training and evaluation on CUDA are not in this build yet; use --device cpu"
+        ))),
+    }
+}
+
+fn run_train(request: DeviceRequest, cfg: TrainConfig) -> qlora_rs::Result<()> {
+    compute_device(request)?;
+    let mut trainer = Trainer::new(cfg)?;
+    let (n_train, n_eval) = trainer.dataset_sizes();
+    let s = &trainer.data_stats;
+    eprintln!(
+        "data: {} records → {n_train} training sequences{}; {} tokens, {} trained on; {} truncated to {} tokens, {} with nothing to train on",
+        s.records,
+        if n_eval > 0 { format!(", {n_eval} for evaluation") } else { String::new() },
+        s.tokens,
+        s.counted_tokens,
+        s.truncated,
+        trainer.config.seq_len,
+        s.empty
+    );
+    eprintln!(
+        "model: {} layers, hidden {}, vocab {}; LoRA rank {} on {:?}: {} trainable parameters",
+        trainer.model.config.num_layers,
+        trainer.model.config.hidden_size,
+        trainer.model.config.vocab_size,
+        trainer.lora.config.rank,
+        trainer.lora.config.targets,
+        trainer.lora.len()
+    );
+    if trainer.step() > 0 {
+        eprintln!(
+            "resuming at step {} of {}",
+            trainer.step(),
+            trainer.total_steps()
+        );
+    }
+    let stop = trainer.stop_flag();
+    ctrlc::set_handler(move || stop.store(true, std::sync::atomic::Ordering::SeqCst)).map_err(
+        |e| qlora_rs::Error::InvalidArgument(format!("cannot install the Ctrl-C handler: {e}")),
+    )?;
+    let tty = std::io::stderr().is_terminal();
+    let bar = indicatif::ProgressBar::new(trainer.total_steps());
+    if tty {
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
+            )
+            .expect("valid template"),
+        );
+        bar.set_position(trainer.step());
+    } else {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    let mut smoothed: Option<f64> = None;
+    let summary = trainer.run_with_progress(&mut |p| {
+        let m = p.metrics;
+        let loss = m.loss.unwrap_or(f64::NAN);
+        let ema = smoothed.map_or(loss, |s| 0.9 * s + 0.1 * loss);
+        smoothed = Some(ema);
+        let line = format!(
+            "loss {loss:.4} (avg {ema:.4}) lr {:.2e} grad {:.3} {:.0} tok/s mem {:.0} MiB",
+            m.lr.unwrap_or(0.0),
+            m.grad_norm.unwrap_or(0.0),
+            m.tokens_per_s.unwrap_or(0.0),
+            m.memory_bytes.unwrap_or(0) as f64 / (1u64 << 20) as f64
+        );
+        if tty {
+            bar.set_position(m.step);
+            bar.set_message(line);
+        } else {
+            println!("step {}/{} {line}", m.step, p.total_steps);
+        }
+    })?;
+    bar.finish_and_clear();
+    if summary.interrupted {
+        eprintln!(
+            "interrupted at step {}: checkpoint saved; continue with the same command and --resume",
+            summary.steps
+        );
+    } else {
+        println!(
+            "done: {} steps, last loss {:.4}{}; adapter in {}",
+            summary.steps,
+            summary.last_loss.unwrap_or(f64::NAN),
+            summary
+                .eval_loss
+                .map(|l| format!(", eval loss {l:.4}"))
+                .unwrap_or_default(),
+            summary.output.display()
+        );
+    }
+    Ok(())
+}
+
+fn run_eval(
+    request: DeviceRequest,
+    model_dir: &std::path::Path,
+    adapter: Option<&std::path::Path>,
+    data: &std::path::Path,
+    opts: &DataOptions,
+    batch_tokens: usize,
+    json: bool,
+) -> qlora_rs::Result<()> {
+    compute_device(request)?;
+    let model = Llama::load(model_dir, BaseFormat::Nf4(Nf4Config::default()))?;
+    let tokenizer = TextTokenizer::load(model_dir)?;
+    let lora = adapter
+        .map(|a| adapters::load(a, &model.config))
+        .transpose()?;
+    let (loss, tokens) =
+        trainer::evaluate_file(&model, &tokenizer, lora.as_ref(), data, opts, batch_tokens)?;
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"loss": loss, "perplexity": loss.exp(), "tokens": tokens})
+        );
+    } else {
+        println!(
+            "eval loss {loss:.4} (perplexity {:.3}) over {tokens} tokens",
+            loss.exp()
+        );
+    }
+    Ok(())
 }
 
 fn env(request: DeviceRequest) -> qlora_rs::Result<()> {
@@ -80,7 +326,7 @@ fn env(request: DeviceRequest) -> qlora_rs::Result<()> {
     }
     let selection = device::select(request, &avail)?;
     println!("device: {}", selection.reason);
-    if let device::Device::Cuda(o) = selection.device {
+    if let Device::Cuda(o) = selection.device {
         let dev = CudaDevice::get(o)?;
         let (major, minor) = dev.compute_capability()?;
         println!(
@@ -95,14 +341,14 @@ fn env(request: DeviceRequest) -> qlora_rs::Result<()> {
 
 /// Runs the NF4 kernels on the selected GPU and checks their bytes against the CPU reference:
 /// proves the fatbin loads and runs on this card and driver.
-fn self_test(device: qlora_rs::Device) -> qlora_rs::Result<()> {
-    use qlora_rs::quant::nf4::{Nf4Config, Nf4Tensor};
+fn self_test(device: Device) -> qlora_rs::Result<()> {
+    use qlora_rs::quant::nf4::Nf4Tensor;
     use qlora_rs::{DType, Tensor};
     let n = 64 * 257 + 3;
     let w: Vec<f32> = (0..n)
         .map(|i| ((i as f32 * 0.618_034).fract() - 0.5) * (1.0 + (i % 97) as f32))
         .collect();
-    let cpu_w = Tensor::from_vec(w, &[n], &qlora_rs::Device::Cpu)?;
+    let cpu_w = Tensor::from_vec(w, &[n], &Device::Cpu)?;
     let cfg = Nf4Config::default();
     let cpu = Nf4Tensor::quantize(&cpu_w, cfg)?;
     let gpu = Nf4Tensor::quantize(&cpu_w.to_device(&device)?, cfg)?;

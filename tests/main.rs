@@ -9,3 +9,4 @@ mod nf4;
 mod ops;
 mod ptxas;
 mod train;
+mod trainer;

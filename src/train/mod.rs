@@ -1,4 +1,12 @@
-//! Training: the optimizer, learning-rate schedules, and the loop.
+//! Training: configuration, optimizer, learning-rate schedules, checkpoints, metrics and the
+//! loop.
 
+pub mod checkpoint;
+pub mod config;
+pub mod metrics;
 pub mod optimizer;
 pub mod schedule;
+pub mod trainer;
+
+pub use config::TrainConfig;
+pub use trainer::{Summary, Trainer};

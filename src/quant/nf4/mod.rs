@@ -139,7 +139,7 @@ pub struct Nf4Tensor {
     pub absmax: Absmax,
 }
 
-pub(crate) fn check_blocksize(blocksize: usize) -> Result<()> {
+pub fn check_blocksize(blocksize: usize) -> Result<()> {
     if BLOCKSIZES.contains(&blocksize) {
         Ok(())
     } else {

@@ -1,0 +1,488 @@
+//! The training loop: `Trainer::new(cfg)?.run()?`.
+//!
+//! Each optimizer step takes up to `grad_accum` packed micro-batches of the current epoch, runs
+//! forward and backward on each with the gradient scaled by 1 / (tokens counted in the whole
+//! step) — so accumulation gives the same gradient as one big batch — clips the global norm,
+//! and applies AdamW at the schedule's rate. The data order of epoch e is a permutation drawn
+//! from (seed, e); dropout masks come from (seed, step, micro-batch). A checkpoint therefore
+//! only needs the adapter, the optimizer state and (step, epoch, position): a resumed run
+//! repeats the uninterrupted one's losses exactly.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+
+use super::checkpoint::{self, TrainState};
+use super::config::TrainConfig;
+use super::metrics::{self, Metrics, MetricsLog};
+use super::optimizer::{clip_grad_norm, AdamW, AdamWConfig};
+use super::schedule::Schedule;
+use crate::data::tokenizer::TextTokenizer;
+use crate::data::{self, DataOptions, DataStats, MicroBatch, Sequence};
+use crate::error::{Error, Result};
+use crate::io::adapters;
+use crate::model::llama::{BaseFormat, Llama};
+use crate::model::lora::LoraParams;
+use crate::quant::nf4::Nf4Config;
+
+/// What the loop reports after each step (for progress bars and logs).
+#[derive(Clone, Debug)]
+pub struct Progress<'a> {
+    pub metrics: &'a Metrics,
+    pub total_steps: u64,
+}
+
+/// How a run ended.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Summary {
+    pub steps: u64,
+    pub last_loss: Option<f64>,
+    pub eval_loss: Option<f64>,
+    /// Stopped by the stop flag (Ctrl-C) before the last step; a checkpoint was written.
+    pub interrupted: bool,
+    pub output: PathBuf,
+}
+
+pub struct Trainer {
+    pub config: TrainConfig,
+    pub model: Llama,
+    pub tokenizer: TextTokenizer,
+    pub lora: LoraParams,
+    pub optimizer: AdamW,
+    pub data_stats: DataStats,
+    train: Vec<Sequence>,
+    eval: Vec<Sequence>,
+    state: TrainState,
+    total_steps: u64,
+    schedule: Schedule,
+    epoch_batches: Vec<MicroBatch>,
+    grads: Vec<f32>,
+    metrics: MetricsLog,
+    stop: Arc<AtomicBool>,
+}
+
+/// Files that mark a folder as holding a run.
+const RUN_FILES: [&str; 5] = [
+    "metrics.jsonl",
+    "checkpoints",
+    "adapter_model.safetensors",
+    "adapter_config.json",
+    "loss_curve.svg",
+];
+
+fn prepare_output(cfg: &TrainConfig) -> Result<()> {
+    let out = &cfg.output;
+    let found: Vec<&str> = RUN_FILES
+        .iter()
+        .copied()
+        .filter(|f| out.join(f).exists())
+        .collect();
+    if !found.is_empty() && !cfg.resume && !cfg.overwrite {
+        return Err(Error::InvalidArgument(format!(
+            "{} holds another run ({}): pass --resume to continue it or --overwrite to replace it",
+            out.display(),
+            found.join(", ")
+        )));
+    }
+    if cfg.overwrite {
+        for f in found {
+            let p = out.join(f);
+            let r = if p.is_dir() {
+                std::fs::remove_dir_all(&p)
+            } else {
+                std::fs::remove_file(&p)
+            };
+            r.map_err(|source| Error::Io { path: p, source })?;
+        }
+    }
+    std::fs::create_dir_all(out).map_err(|source| Error::Io {
+        path: out.clone(),
+        source,
+    })
+}
+
+/// The settings a resumed run must share with the run it continues.
+fn resume_mismatches(saved: &TrainConfig, now: &TrainConfig) -> Vec<String> {
+    let a = serde_json::to_value(saved).expect("plain struct");
+    let b = serde_json::to_value(now).expect("plain struct");
+    let free = [
+        "resume",
+        "overwrite",
+        "eval_every",
+        "save_every",
+        "max_steps",
+        "epochs",
+        "eval_data",
+        "eval_split",
+    ];
+    a.as_object()
+        .unwrap()
+        .iter()
+        .filter(|(k, _)| !free.contains(&k.as_str()))
+        .filter(|(k, v)| b.get(k.as_str()) != Some(v))
+        .map(|(k, v)| format!("{k} (checkpoint: {v}, now: {})", b[k.as_str()]))
+        .collect()
+}
+
+fn resident_memory() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    Some(pages * 4096)
+}
+
+impl Trainer {
+    /// Loads the model (base quantized to NF4), tokenizer and data, and the latest checkpoint
+    /// with `resume`. Refuses an output folder holding another run unless `resume`/`overwrite`.
+    pub fn new(config: TrainConfig) -> Result<Trainer> {
+        config.validate()?;
+        prepare_output(&config)?;
+        let model = Llama::load(
+            &config.model,
+            BaseFormat::Nf4(Nf4Config {
+                blocksize: config.quant_blocksize,
+                double_quant: true,
+            }),
+        )?;
+        let tokenizer = TextTokenizer::load(&config.model)?;
+        if tokenizer.vocab_size() > model.config.vocab_size {
+            return Err(Error::InvalidArgument(format!(
+                "the tokenizer has {} tokens but the model's vocabulary is {}",
+                tokenizer.vocab_size(),
+                model.config.vocab_size
+            )));
+        }
+        let opts = DataOptions {
+            format: config.data_format()?,
+            seq_len: config.seq_len,
+            train_on_prompt: config.train_on_prompt,
+        };
+        let (mut train, data_stats) = data::load(&config.data, &tokenizer, &opts)?;
+        let eval = match (&config.eval_data, config.eval_split) {
+            (Some(path), _) => data::load(path, &tokenizer, &opts)?.0,
+            (None, f) if f > 0.0 => {
+                let mut order: Vec<usize> = (0..train.len()).collect();
+                order.shuffle(&mut rand::rngs::StdRng::seed_from_u64(config.seed ^ 0xE7A1));
+                let n_eval = ((train.len() as f64 * f).round() as usize)
+                    .clamp(1, train.len().saturating_sub(1));
+                let held: std::collections::HashSet<usize> =
+                    order[..n_eval].iter().copied().collect();
+                let mut keep = Vec::new();
+                let mut eval = Vec::new();
+                for (i, s) in train.drain(..).enumerate() {
+                    if held.contains(&i) {
+                        eval.push(s)
+                    } else {
+                        keep.push(s)
+                    }
+                }
+                train = keep;
+                eval
+            }
+            _ => Vec::new(),
+        };
+        if train.is_empty() {
+            return Err(Error::InvalidArgument(
+                "no training sequences left after the evaluation split".into(),
+            ));
+        }
+        let latest = if config.resume {
+            checkpoint::latest(&config.output)?
+        } else {
+            None
+        };
+        if config.resume && latest.is_none() {
+            return Err(Error::InvalidArgument(format!(
+                "--resume: {} has no checkpoint to resume from",
+                config.output.display()
+            )));
+        }
+        let adamw = AdamWConfig {
+            beta1: config.beta1,
+            beta2: config.beta2,
+            eps: config.eps,
+            weight_decay: config.weight_decay,
+        };
+        let (lora, optimizer, state) = match latest {
+            Some(dir) => {
+                let (lora, mut opt, state) = checkpoint::load(&dir, &model.config)?;
+                let diff = resume_mismatches(&state.config, &config);
+                if !diff.is_empty() {
+                    return Err(Error::InvalidArgument(format!(
+                        "--resume: the checkpoint in {} was made with other settings: {}",
+                        dir.display(),
+                        diff.join("; ")
+                    )));
+                }
+                opt.config = adamw;
+                let state = TrainState {
+                    config: config.clone(),
+                    ..state
+                };
+                (lora, opt, state)
+            }
+            None => {
+                let lora = LoraParams::init(&model.config, config.lora()?, config.seed)?;
+                let opt = AdamW::new(adamw, lora.len());
+                let state = TrainState {
+                    step: 0,
+                    epoch: 0,
+                    cursor: 0,
+                    tokens_seen: 0,
+                    config: config.clone(),
+                };
+                (lora, opt, state)
+            }
+        };
+        let mut trainer = Trainer {
+            metrics: MetricsLog::open(&config.output, Some(state.step))?,
+            grads: vec![0.0; lora.len()],
+            total_steps: 0,
+            schedule: Schedule {
+                kind: config.schedule,
+                lr: config.lr,
+                warmup: config.warmup_steps,
+                total: 0,
+            },
+            epoch_batches: Vec::new(),
+            stop: Arc::new(AtomicBool::new(false)),
+            config,
+            model,
+            tokenizer,
+            lora,
+            optimizer,
+            data_stats,
+            train,
+            eval,
+            state,
+        };
+        trainer.total_steps = trainer.count_steps();
+        trainer.schedule.total = trainer.total_steps;
+        trainer.epoch_batches = trainer.batches_of_epoch(trainer.state.epoch);
+        Ok(trainer)
+    }
+
+    fn batches_of_epoch(&self, epoch: u64) -> Vec<MicroBatch> {
+        let order = data::epoch_order(self.train.len(), self.config.seed, epoch);
+        let seqs: Vec<&Sequence> = order.iter().map(|&i| &self.train[i]).collect();
+        data::pack(&seqs, self.config.batch_tokens)
+    }
+
+    fn count_steps(&self) -> u64 {
+        if let Some(m) = self.config.max_steps {
+            return m;
+        }
+        (0..self.config.epochs)
+            .map(|e| (self.batches_of_epoch(e).len() as u64).div_ceil(self.config.grad_accum))
+            .sum()
+    }
+
+    /// Optimizer steps the run will take.
+    pub fn total_steps(&self) -> u64 {
+        self.total_steps
+    }
+
+    /// Optimizer steps taken.
+    pub fn step(&self) -> u64 {
+        self.state.step
+    }
+
+    /// Training and evaluation sequence counts.
+    pub fn dataset_sizes(&self) -> (usize, usize) {
+        (self.train.len(), self.eval.len())
+    }
+
+    /// A flag that, once set (e.g. by Ctrl-C), makes the loop save a checkpoint and return.
+    pub fn stop_flag(&self) -> Arc<AtomicBool> {
+        self.stop.clone()
+    }
+
+    /// The next step's micro-batches (up to grad_accum, never across an epoch boundary).
+    fn next_batches(&mut self) -> Vec<MicroBatch> {
+        if self.state.cursor >= self.epoch_batches.len() {
+            self.state.epoch += 1;
+            self.state.cursor = 0;
+            self.epoch_batches = self.batches_of_epoch(self.state.epoch);
+        }
+        let end =
+            (self.state.cursor + self.config.grad_accum as usize).min(self.epoch_batches.len());
+        let out = self.epoch_batches[self.state.cursor..end].to_vec();
+        self.state.cursor = end;
+        out
+    }
+
+    /// One optimizer step.
+    pub fn train_step(&mut self) -> Result<Metrics> {
+        let started = Instant::now();
+        let batches = self.next_batches();
+        let counted: usize = batches.iter().map(MicroBatch::counted).sum();
+        let tokens: usize = batches.iter().map(|b| b.ids.len()).sum();
+        self.grads.fill(0.0);
+        let scale = 1.0 / counted.max(1) as f32;
+        let mut loss_sum = 0.0;
+        for (i, b) in batches.iter().enumerate() {
+            let seed = self.config.seed
+                ^ (self.state.step << 16 | i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+            let l = self.model.forward_backward(
+                &self.lora,
+                &mut self.grads,
+                &b.ids,
+                &b.labels,
+                &b.cu_seqlens,
+                scale,
+                seed,
+            )?;
+            loss_sum += l.loss_sum;
+        }
+        let grad_norm = clip_grad_norm(&mut self.grads, self.config.max_grad_norm);
+        let lr = self.schedule.lr(self.state.step);
+        self.optimizer
+            .step(&mut self.lora.values, &self.grads, lr)?;
+        self.state.step += 1;
+        self.state.tokens_seen += tokens as u64;
+        let secs = started.elapsed().as_secs_f64();
+        let m = Metrics {
+            step: self.state.step,
+            epoch: self.state.epoch,
+            loss: Some(loss_sum / counted.max(1) as f64),
+            lr: Some(lr),
+            grad_norm: Some(grad_norm),
+            tokens: Some(tokens as u64),
+            tokens_per_s: Some(tokens as f64 / secs.max(1e-9)),
+            memory_bytes: resident_memory(),
+            eval_loss: None,
+        };
+        self.metrics.append(&m)?;
+        Ok(m)
+    }
+
+    /// Mean loss per counted token over the evaluation set (None without one).
+    pub fn evaluate(&self) -> Result<Option<f64>> {
+        if self.eval.is_empty() {
+            return Ok(None);
+        }
+        let seqs: Vec<&Sequence> = self.eval.iter().collect();
+        let (mut sum, mut count) = (0.0, 0usize);
+        for b in data::pack(&seqs, self.config.batch_tokens) {
+            let l = self
+                .model
+                .loss(Some(&self.lora), &b.ids, &b.labels, &b.cu_seqlens)?;
+            sum += l.loss_sum;
+            count += l.count;
+        }
+        Ok(Some(sum / count.max(1) as f64))
+    }
+
+    fn log_eval(&self) -> Result<Option<f64>> {
+        let loss = self.evaluate()?;
+        if let Some(l) = loss {
+            self.metrics.append(&Metrics {
+                step: self.state.step,
+                epoch: self.state.epoch,
+                eval_loss: Some(l),
+                ..Metrics::default()
+            })?;
+        }
+        Ok(loss)
+    }
+
+    /// Writes a checkpoint of the current state.
+    pub fn save_checkpoint(&self) -> Result<PathBuf> {
+        checkpoint::save(
+            &self.config.output,
+            &self.lora,
+            &self.optimizer,
+            &self.state,
+        )
+    }
+
+    /// Runs to the end (or until the stop flag).
+    pub fn run(&mut self) -> Result<Summary> {
+        self.run_with_progress(&mut |_| {})
+    }
+
+    /// [`Trainer::run`], calling `progress` after every step.
+    pub fn run_with_progress(&mut self, progress: &mut dyn FnMut(Progress)) -> Result<Summary> {
+        let mut last_loss = None;
+        let mut eval_loss = None;
+        let mut interrupted = false;
+        while self.state.step < self.total_steps {
+            if self.stop.load(Ordering::SeqCst) {
+                interrupted = true;
+                break;
+            }
+            let m = self.train_step()?;
+            last_loss = m.loss;
+            progress(Progress {
+                metrics: &m,
+                total_steps: self.total_steps,
+            });
+            let s = self.state.step;
+            if self.config.eval_every > 0 && s % self.config.eval_every == 0 && s < self.total_steps
+            {
+                eval_loss = self.log_eval()?;
+            }
+            if self.config.save_every > 0 && s % self.config.save_every == 0 && s < self.total_steps
+            {
+                self.save_checkpoint()?;
+            }
+        }
+        if !interrupted {
+            eval_loss = self.log_eval()?.or(eval_loss);
+        }
+        self.save_checkpoint()?;
+        if !interrupted {
+            self.write_outputs()?;
+        }
+        Ok(Summary {
+            steps: self.state.step,
+            last_loss,
+            eval_loss,
+            interrupted,
+            output: self.config.output.clone(),
+        })
+    }
+
+    /// The adapter, the loss curve and the configuration, into the output folder.
+    fn write_outputs(&self) -> Result<()> {
+        let out = &self.config.output;
+        adapters::save(
+            out,
+            &self.lora,
+            Some(&self.config.model.display().to_string()),
+        )?;
+        let m = metrics::read(self.metrics.path())?;
+        adapters::write_atomic(
+            &out.join("loss_curve.svg"),
+            metrics::loss_curve_svg(&m).as_bytes(),
+        )?;
+        adapters::write_atomic(
+            &out.join("training_config.toml"),
+            self.config.to_toml().as_bytes(),
+        )
+    }
+}
+
+/// Mean loss and counted tokens of `data` under `model` (+ `lora`), with the training formats
+/// and masking (`qlora-rs eval`).
+pub fn evaluate_file(
+    model: &Llama,
+    tokenizer: &TextTokenizer,
+    lora: Option<&LoraParams>,
+    data_path: &Path,
+    opts: &DataOptions,
+    batch_tokens: usize,
+) -> Result<(f64, usize)> {
+    let (seqs, _) = data::load(data_path, tokenizer, opts)?;
+    let refs: Vec<&Sequence> = seqs.iter().collect();
+    let (mut sum, mut count) = (0.0, 0usize);
+    for b in data::pack(&refs, batch_tokens.max(opts.seq_len)) {
+        let l = model.loss(lora, &b.ids, &b.labels, &b.cu_seqlens)?;
+        sum += l.loss_sum;
+        count += l.count;
+    }
+    Ok((sum / count.max(1) as f64, count))
+}

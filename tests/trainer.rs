@@ -1,0 +1,293 @@
+//! The trainer end to end on the tiny model (CPU): losses fall, outputs are written, resume
+//! repeats the uninterrupted run exactly, gradient accumulation is normalised by the step's
+//! tokens, checkpoints survive a failed write, and the command line's config file and flags.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::Ordering;
+
+use qlora_rs::io::adapters;
+use qlora_rs::model::llama::{BaseFormat, Llama};
+use qlora_rs::train::metrics;
+use qlora_rs::train::{checkpoint, TrainConfig, Trainer};
+
+fn fixtures(p: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(p)
+}
+
+fn tmpdir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("qlora-rs-trainer-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+fn config(data: &str, out: &Path) -> TrainConfig {
+    let mut c = TrainConfig::new(
+        fixtures("llama/tiny-llama"),
+        fixtures(&format!("data/{data}")),
+        out,
+    );
+    c.seq_len = 128;
+    c.batch_tokens = 160;
+    c.lr = 5e-3;
+    c.rank = 4;
+    c.alpha = 8.0;
+    c.dropout = 0.1;
+    c.schedule = "linear".parse().unwrap();
+    c.warmup_steps = 1;
+    c
+}
+
+fn losses(out: &Path) -> Vec<(u64, f64)> {
+    metrics::read(&out.join("metrics.jsonl"))
+        .unwrap()
+        .into_iter()
+        .filter_map(|m| m.loss.map(|l| (m.step, l)))
+        .collect()
+}
+
+#[test]
+fn training_lowers_the_loss_and_writes_a_peft_adapter() {
+    let out = tmpdir("basic");
+    let mut c = config("alpaca.json", &out);
+    c.epochs = 6;
+    c.eval_split = 0.2;
+    c.eval_every = 4;
+    let mut t = Trainer::new(c).unwrap();
+    let first_eval = t.evaluate().unwrap().unwrap();
+    let summary = t.run().unwrap();
+    assert!(!summary.interrupted);
+    assert_eq!(summary.steps, t.total_steps());
+    let l = losses(&out);
+    let n = l.len();
+    let head: f64 = l[..2].iter().map(|x| x.1).sum::<f64>() / 2.0;
+    let tail: f64 = l[n - 2..].iter().map(|x| x.1).sum::<f64>() / 2.0;
+    assert!(tail < head * 0.8, "loss should fall: {l:?}");
+    assert!(
+        summary.eval_loss.unwrap() < first_eval,
+        "eval {first_eval} -> {:?}",
+        summary.eval_loss
+    );
+    for f in [
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        "metrics.jsonl",
+        "loss_curve.svg",
+        "training_config.toml",
+    ] {
+        assert!(out.join(f).is_file(), "{f}");
+    }
+    let svg = std::fs::read_to_string(out.join("loss_curve.svg")).unwrap();
+    assert!(svg.starts_with("<svg") && svg.contains("polyline") && svg.contains("<circle"));
+    // The adapter loads on its own and changes the model's predictions.
+    let model = Llama::load(&fixtures("llama/tiny-llama"), BaseFormat::Dense).unwrap();
+    let lora = adapters::load(&out, &model.config).unwrap();
+    assert_eq!(lora.values, t.lora.values);
+    let ids: Vec<u32> = (1..20).collect();
+    assert_ne!(
+        model.logits(None, &ids, &[0, 19]).unwrap(),
+        model.logits(Some(&lora), &ids, &[0, 19]).unwrap()
+    );
+}
+
+#[test]
+fn resume_reproduces_the_uninterrupted_losses_exactly() {
+    let full = tmpdir("full");
+    let mut c = config("messages.jsonl", &full);
+    c.epochs = 3;
+    c.grad_accum = 2;
+    Trainer::new(c.clone()).unwrap().run().unwrap();
+    let want = losses(&full);
+    assert!(want.len() >= 4, "{want:?}");
+
+    let part = tmpdir("part");
+    c.output = part.clone();
+    let mut t = Trainer::new(c.clone()).unwrap();
+    let stop = t.stop_flag();
+    let cut = want.len() as u64 / 2;
+    let s = t
+        .run_with_progress(&mut |p| {
+            if p.metrics.step == cut {
+                stop.store(true, Ordering::SeqCst);
+            }
+        })
+        .unwrap();
+    assert!(s.interrupted);
+    assert_eq!(s.steps, cut);
+    assert!(
+        !part.join("adapter_model.safetensors").exists(),
+        "no final adapter when interrupted"
+    );
+    // Without --resume the folder is refused; with it the run continues.
+    let err = Trainer::new(c.clone()).err().expect("refused").to_string();
+    assert!(
+        err.contains("holds another run") && err.contains("--resume"),
+        "{err}"
+    );
+    c.resume = true;
+    let mut t = Trainer::new(c.clone()).unwrap();
+    assert_eq!(t.step(), cut);
+    t.run().unwrap();
+    let got = losses(&part);
+    assert_eq!(
+        got, want,
+        "resumed losses must equal the uninterrupted run's"
+    );
+    // Resuming with other settings is refused, naming them.
+    c.lr = 1.0;
+    let err = Trainer::new(c.clone()).err().expect("refused").to_string();
+    assert!(err.contains("lr (checkpoint: 0.005, now: 1.0)"), "{err}");
+    c.lr = 5e-3;
+    c.resume = false;
+    c.overwrite = true;
+    Trainer::new(c).unwrap();
+    assert!(!part.join("metrics.jsonl").exists() || losses(&part).is_empty());
+}
+
+#[test]
+fn gradient_accumulation_is_normalised_by_the_steps_tokens() {
+    // One step over all sequences: packed in one micro-batch, or split over several and
+    // accumulated. The update must be the same.
+    let run = |name: &str, batch_tokens: usize, accum: u64| {
+        let out = tmpdir(name);
+        let mut c = config("prompt_completion.jsonl", &out);
+        c.dropout = 0.0;
+        c.max_steps = Some(1);
+        c.batch_tokens = batch_tokens;
+        c.grad_accum = accum;
+        c.max_grad_norm = 0.0;
+        let mut t = Trainer::new(c).unwrap();
+        t.run().unwrap();
+        t.lora.values.clone()
+    };
+    let one = run("accum-one", 4096, 1);
+    let many = run("accum-many", 128, 64);
+    let scale = one.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    let worst = one
+        .iter()
+        .zip(&many)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    assert!(
+        worst <= 1e-4 * scale,
+        "accumulated update differs by {worst} (scale {scale})"
+    );
+}
+
+#[test]
+fn a_failed_checkpoint_write_leaves_the_previous_one() {
+    let out = tmpdir("ckpt");
+    let mut c = config("text.jsonl", &out);
+    c.max_steps = Some(2);
+    let mut t = Trainer::new(c.clone()).unwrap();
+    t.train_step().unwrap();
+    let first = t.save_checkpoint().unwrap();
+    t.train_step().unwrap();
+    // Make the temporary folder of the next checkpoint impossible to create.
+    std::fs::write(
+        checkpoint::checkpoints_dir(&out).join(".tmp-step-000002"),
+        b"in the way",
+    )
+    .unwrap();
+    assert!(t.save_checkpoint().is_err());
+    assert_eq!(checkpoint::latest(&out).unwrap().unwrap(), first);
+    let model = Llama::load(&fixtures("llama/tiny-llama"), BaseFormat::Dense).unwrap();
+    let (_, opt, state) = checkpoint::load(&first, &model.config).unwrap();
+    assert_eq!((state.step, opt.step), (1, 1));
+}
+
+#[test]
+fn cli_trains_with_a_config_file_and_flag_overrides() {
+    let out = tmpdir("cli");
+    let cfg = out.with_extension("toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "model = {:?}\ndata = {:?}\noutput = {:?}\nseq_len = 96\nbatch_tokens = 200\nrank = 2\nlr = 0.001\nmax_steps = 2\n",
+            fixtures("llama/tiny-llama"),
+            fixtures("data/sharegpt.jsonl"),
+            out
+        ),
+    )
+    .unwrap();
+    let run = |extra: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_qlora-rs"))
+            .args([
+                "train",
+                "--device",
+                "cpu",
+                "--config",
+                cfg.to_str().unwrap(),
+            ])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let o = run(&["--lr", "0.02"]);
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(
+        stdout.contains("step 2/2") && stdout.contains("done: 2 steps"),
+        "{stdout}"
+    );
+    let saved = TrainConfig::from_toml_file(&out.join("training_config.toml")).unwrap();
+    assert_eq!(
+        (saved.lr, saved.rank, saved.seq_len, saved.max_steps),
+        (0.02, 2, 96, Some(2))
+    );
+    // The same output again: refused with a clear message.
+    let o = run(&[]);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && stderr.contains("holds another run"),
+        "{stderr}"
+    );
+    // An unknown key in the config file is an error naming it.
+    std::fs::write(&cfg, "learning_rate = 0.1\n").unwrap();
+    let o = run(&[]);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && stderr.contains("learning_rate"),
+        "{stderr}"
+    );
+    // Missing required settings.
+    let o = Command::new(env!("CARGO_BIN_EXE_qlora-rs"))
+        .args(["train", "--data", "x.jsonl"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && stderr.contains("--model is required"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn cli_eval_reports_loss_and_perplexity() {
+    let o = Command::new(env!("CARGO_BIN_EXE_qlora-rs"))
+        .args(["eval", "--device", "cpu", "--json", "--seq-len", "128"])
+        .arg("--model")
+        .arg(fixtures("llama/tiny-llama"))
+        .arg("--adapter")
+        .arg(fixtures("llama/tiny-llama-lora"))
+        .arg("--data")
+        .arg(fixtures("data/messages.jsonl"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    let loss = v["loss"].as_f64().unwrap();
+    assert!(loss > 0.0 && (v["perplexity"].as_f64().unwrap() - loss.exp()).abs() < 1e-9);
+    assert!(v["tokens"].as_u64().unwrap() > 0);
+}
