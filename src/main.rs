@@ -8,7 +8,7 @@ use clap::{parser::ValueSource, ArgMatches, CommandFactory, FromArgMatches, Pars
 use qlora_rs::data::tokenizer::TextTokenizer;
 use qlora_rs::data::{formats::Format, DataOptions};
 use qlora_rs::device::{self, kernels, Availability, CudaDevice, Device, DeviceRequest};
-use qlora_rs::io::adapters;
+use qlora_rs::io::{adapters, export};
 use qlora_rs::model::llama::{BaseFormat, Llama};
 use qlora_rs::quant::nf4::Nf4Config;
 use qlora_rs::train::{trainer, TrainConfig, Trainer};
@@ -71,6 +71,33 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Fold a LoRA adapter into its base model: W + s·B·A in f32 (W dequantized from NF4, the
+    /// weights the adapter was trained on), written as bf16 safetensors (sharded like the input)
+    /// with config and tokenizer files: a folder transformers loads as a plain model.
+    Merge {
+        /// Hugging Face model folder (plain or bitsandbytes 4-bit).
+        #[arg(long)]
+        model: PathBuf,
+        /// PEFT LoRA adapter folder.
+        #[arg(long)]
+        adapter: PathBuf,
+        /// Output folder (must not hold a model).
+        #[arg(long)]
+        output: PathBuf,
+        /// Add the update to the original (unquantized) weights instead of their NF4 version.
+        #[arg(long)]
+        onto_original: bool,
+    },
+    /// Write a bitsandbytes 4-bit NF4 checkpoint (double quantization, blocks of 64) that
+    /// transformers + bitsandbytes load and `train --model` loads without re-quantizing.
+    Quantize {
+        /// Hugging Face model folder (bf16, f16 or f32 weights).
+        #[arg(long)]
+        model: PathBuf,
+        /// Output folder (must not hold a model).
+        #[arg(long)]
+        output: PathBuf,
+    },
     /// Show this build (kernels, nvcc, GPU architectures), the driver and GPUs found, and which
     /// device `--device` selects; on a GPU, run the NF4 kernels once against the CPU reference.
     Env,
@@ -88,6 +115,31 @@ fn main() -> ExitCode {
     };
     let result = match cli.command {
         Command::Env => env(cli.device),
+        Command::Merge {
+            model,
+            adapter,
+            output,
+            onto_original,
+        } => export::merge(&model, &adapter, &output, onto_original).map(|r| {
+            println!(
+                "merged {} adapted projections; wrote {} tensors ({:.1} MiB) in {} file(s) to {}",
+                r.projections,
+                r.tensors,
+                r.bytes as f64 / (1u64 << 20) as f64,
+                r.shards,
+                output.display()
+            )
+        }),
+        Command::Quantize { model, output } => export::quantize(&model, &output).map(|r| {
+            println!(
+                "quantized {} projections to NF4; wrote {} tensors ({:.1} MiB) in {} file(s) to {}",
+                r.projections,
+                r.tensors,
+                r.bytes as f64 / (1u64 << 20) as f64,
+                r.shards,
+                output.display()
+            )
+        }),
         Command::Train { config, train } => {
             let sub = matches
                 .subcommand_matches("train")

@@ -3,6 +3,7 @@
 mod cli;
 mod data;
 mod device;
+mod export;
 mod harness;
 mod llama;
 mod nf4;

@@ -1,0 +1,445 @@
+//! Writing models: `merge` (adapter folded into the base, bf16 safetensors that transformers
+//! loads as a plain model) and `quantize` (a bitsandbytes 4-bit NF4 checkpoint that
+//! transformers + bitsandbytes load, and that `train --model` loads without re-quantizing).
+//!
+//! Both read the input one tensor at a time and write shards like the input's (the same tensor
+//! → file grouping and `model.safetensors.index.json`), with config.json adjusted and the
+//! tokenizer files copied.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use safetensors::Dtype;
+use serde_json::{json, Value};
+
+use super::adapters;
+use super::safetensors::Checkpoint;
+use super::writer::{self, bf16_bytes, f32_bytes, Entry};
+use crate::device::Device;
+use crate::error::{Error, Result};
+use crate::model::config::LlamaConfig;
+use crate::model::lora::Target;
+use crate::ops::matmul::{gemm, Mat};
+use crate::quant::bnb;
+use crate::quant::nf4::{Absmax, Nf4Config, Nf4Tensor};
+use crate::tensor::{DType, Tensor};
+
+/// Files copied from the model folder as they are.
+const SIDE_FILES: [&str; 6] = [
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "chat_template.jinja",
+    "special_tokens_map.json",
+    "generation_config.json",
+    "vocab.json",
+];
+
+/// What an export wrote.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ExportReport {
+    pub tensors: usize,
+    pub shards: usize,
+    pub bytes: u64,
+    /// Projections changed (merged adapters or quantized weights).
+    pub projections: usize,
+}
+
+fn io(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
+    move |source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// The projection and its base tensor name, for every quantizable weight of the model.
+fn projections(cfg: &LlamaConfig) -> Vec<(String, usize, Target)> {
+    (0..cfg.num_layers)
+        .flat_map(|l| {
+            Target::ALL
+                .into_iter()
+                .map(move |t| (format!("model.layers.{l}.{}", t.hf_path()), l, t))
+        })
+        .collect()
+}
+
+/// Which output file each tensor goes to: the input's grouping, or one `model.safetensors`.
+fn shard_plan(model_dir: &Path) -> Result<Option<HashMap<String, String>>> {
+    let index = model_dir.join("model.safetensors.index.json");
+    if !index.is_file() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(&index).map_err(io(&index))?;
+    let v: Value = serde_json::from_str(&text).map_err(|e| Error::Format {
+        path: index.clone(),
+        msg: format!("not valid JSON: {e}"),
+    })?;
+    let map = v
+        .get("weight_map")
+        .and_then(Value::as_object)
+        .ok_or_else(|| Error::Format {
+            path: index.clone(),
+            msg: "no weight_map".into(),
+        })?;
+    Ok(Some(
+        map.iter()
+            .map(|(k, f)| (k.clone(), f.as_str().unwrap_or("").to_string()))
+            .collect(),
+    ))
+}
+
+fn prepare_out(out: &Path) -> Result<()> {
+    if out.join("config.json").exists() {
+        return Err(Error::InvalidArgument(format!(
+            "{} already holds a model (config.json); choose an empty folder",
+            out.display()
+        )));
+    }
+    std::fs::create_dir_all(out).map_err(io(out))
+}
+
+fn copy_side_files(model_dir: &Path, out: &Path) -> Result<()> {
+    for f in SIDE_FILES {
+        let src = model_dir.join(f);
+        if src.is_file() {
+            std::fs::copy(&src, out.join(f)).map_err(io(&src))?;
+        }
+    }
+    Ok(())
+}
+
+/// Writes `entries` into files per `plan` (or one file), with an index when sharded.
+fn write_shards(
+    out: &Path,
+    entries: Vec<Entry>,
+    plan: Option<&HashMap<String, String>>,
+    mut produce: impl FnMut(&Entry) -> Result<Vec<u8>>,
+) -> Result<ExportReport> {
+    let mut files: BTreeMap<String, Vec<Entry>> = BTreeMap::new();
+    for e in entries {
+        // A tensor the input did not list (e.g. bnb's extra tensors) follows its weight.
+        let file = match plan {
+            Some(p) => {
+                let base = e
+                    .name
+                    .split(".weight")
+                    .next()
+                    .unwrap_or(&e.name)
+                    .to_string()
+                    + ".weight";
+                p.get(&e.name)
+                    .or_else(|| p.get(&base))
+                    .cloned()
+                    .unwrap_or_else(|| "model.safetensors".into())
+            }
+            None => "model.safetensors".into(),
+        };
+        files.entry(file).or_default().push(e);
+    }
+    let meta: BTreeMap<String, String> = [("format".to_string(), "pt".to_string())].into();
+    let mut report = ExportReport::default();
+    let mut weight_map = serde_json::Map::new();
+    for (file, list) in &files {
+        let path = out.join(file);
+        writer::write(&path, list, &meta, &mut produce)?;
+        report.shards += 1;
+        report.tensors += list.len();
+        report.bytes += list.iter().map(|e| e.bytes() as u64).sum::<u64>();
+        for e in list {
+            weight_map.insert(e.name.clone(), json!(file));
+        }
+    }
+    if plan.is_some() {
+        let index = json!({"metadata": {"total_size": report.bytes}, "weight_map": weight_map});
+        adapters::write_atomic(
+            &out.join("model.safetensors.index.json"),
+            index.to_string().as_bytes(),
+        )?;
+    }
+    Ok(report)
+}
+
+fn write_config(
+    model_dir: &Path,
+    out: &Path,
+    edit: impl FnOnce(&mut serde_json::Map<String, Value>),
+) -> Result<()> {
+    let path = model_dir.join("config.json");
+    let text = std::fs::read_to_string(&path).map_err(io(&path))?;
+    let mut v: Value = serde_json::from_str(&text).map_err(|e| Error::Format {
+        path: path.clone(),
+        msg: format!("not valid JSON: {e}"),
+    })?;
+    let obj = v.as_object_mut().ok_or_else(|| Error::Format {
+        path: path.clone(),
+        msg: "not a JSON object".into(),
+    })?;
+    edit(obj);
+    let text = serde_json::to_string_pretty(&v).expect("JSON value");
+    adapters::write_atomic(&out.join("config.json"), text.as_bytes())
+}
+
+/// The base weight of a projection in f32, as trained on: NF4 round trip of the original
+/// (unless `onto_original`), or the pre-quantized checkpoint's NF4 dequantized.
+fn base_weight(
+    ckpt: &Checkpoint,
+    prequantized: bool,
+    name: &str,
+    shape: &[usize],
+    onto_original: bool,
+    nf4: Nf4Config,
+) -> Result<Vec<f32>> {
+    if prequantized {
+        return bnb::load_nf4(ckpt, name, shape)?
+            .dequantize(DType::F32)?
+            .to_vec();
+    }
+    let w = ckpt.f32(&format!("{name}.weight"), shape)?;
+    if onto_original {
+        return Ok(w);
+    }
+    let t = Tensor::from_vec(w, shape, &Device::Cpu)?;
+    Nf4Tensor::quantize(&t, nf4)?
+        .dequantize(DType::F32)?
+        .to_vec()
+}
+
+/// Folds `adapter` into the model of `model_dir`: `W' = W + s·B·A` in f32, written as bf16.
+/// `W` is the NF4-dequantized base the adapter was trained on (bit-for-bit what training used),
+/// or with `onto_original` the unquantized weights of the input.
+pub fn merge(
+    model_dir: &Path,
+    adapter_dir: &Path,
+    out: &Path,
+    onto_original: bool,
+) -> Result<ExportReport> {
+    let cfg = LlamaConfig::from_file(&model_dir.join("config.json"))?;
+    let ckpt = Checkpoint::open_dir(model_dir)?;
+    let lora = adapters::load(adapter_dir, &cfg)?;
+    let prequantized = bnb::is_bnb_4bit(cfg.quantization_config.as_ref())?;
+    if prequantized && onto_original {
+        return Err(Error::InvalidArgument(
+            "--onto-original needs an unquantized model folder; this one is a bitsandbytes 4-bit checkpoint".into(),
+        ));
+    }
+    prepare_out(out)?;
+    let proj: HashMap<String, (usize, Target)> = projections(&cfg)
+        .into_iter()
+        .map(|(n, l, t)| (format!("{n}.weight"), (l, t)))
+        .collect();
+    // Every tensor of the input, less bnb's quantization state.
+    let mut entries = Vec::new();
+    for name in ckpt.names() {
+        if prequantized && name.contains(".weight.") {
+            continue;
+        }
+        let t = ckpt.get(name)?;
+        let shape = match proj.get(name) {
+            Some(&(_, target)) => {
+                let (i, o) = target.dims(&cfg);
+                vec![o, i]
+            }
+            None => t.shape.to_vec(),
+        };
+        entries.push(Entry {
+            name: name.to_string(),
+            dtype: Dtype::BF16,
+            shape,
+        });
+    }
+    let plan = shard_plan(model_dir)?;
+    let nf4 = Nf4Config::default();
+    let mut merged = 0;
+    let mut report = write_shards(out, entries, plan.as_ref(), |e| {
+        let Some(&(layer, target)) = proj.get(&e.name) else {
+            return Ok(bf16_bytes(&ckpt.get(&e.name)?.to_f32()?));
+        };
+        let prefix = e.name.trim_end_matches(".weight");
+        let mut w = base_weight(&ckpt, prequantized, prefix, &e.shape, onto_original, nf4)?;
+        if let Some(s) = lora.slot(layer, target) {
+            let slot = &lora.slots[s];
+            let r = lora.config.rank;
+            // W += s · B[out, r] · A[r, in]
+            gemm(
+                Mat::new(&lora.values[slot.b.clone()], slot.out_features, r),
+                Mat::new(&lora.values[slot.a.clone()], r, slot.in_features),
+                &mut w,
+                lora.config.scale(),
+                1.0,
+            );
+            merged += 1;
+        }
+        Ok(bf16_bytes(&w))
+    })?;
+    report.projections = merged;
+    write_config(model_dir, out, |c| {
+        c.remove("quantization_config");
+        c.remove("dtype");
+        c.insert("torch_dtype".into(), json!("bfloat16"));
+    })?;
+    copy_side_files(model_dir, out)?;
+    Ok(report)
+}
+
+/// The bitsandbytes tensors of one quantized weight (names relative to `prefix.weight`).
+fn bnb_entries(prefix: &str, q: &Nf4Tensor) -> Vec<Entry> {
+    let n = q.elem_count();
+    let nb = q.nblocks();
+    let e = |suffix: &str, dtype: Dtype, shape: Vec<usize>| Entry {
+        name: format!("{prefix}.weight{suffix}"),
+        dtype,
+        shape,
+    };
+    vec![
+        e("", Dtype::U8, vec![n.div_ceil(2), 1]),
+        e(".absmax", Dtype::U8, vec![nb]),
+        e(".quant_map", Dtype::F32, vec![16]),
+        e(".nested_absmax", Dtype::F32, vec![nb.div_ceil(256)]),
+        e(".nested_quant_map", Dtype::F32, vec![256]),
+        e(
+            ".quant_state.bitsandbytes__nf4",
+            Dtype::U8,
+            vec![quant_state_json(q).len()],
+        ),
+    ]
+}
+
+fn dtype_torch_name(d: DType) -> &'static str {
+    match d {
+        DType::BF16 => "bfloat16",
+        DType::F16 => "float16",
+        _ => "float32",
+    }
+}
+
+/// The JSON bitsandbytes keeps in `…quant_state.bitsandbytes__nf4`.
+fn quant_state_json(q: &Nf4Tensor) -> Vec<u8> {
+    let offset = match &q.absmax {
+        Absmax::Double { offset, .. } => offset.to_vec::<f32>().map(|v| v[0]).unwrap_or(0.0),
+        Absmax::Plain(_) => 0.0,
+    };
+    format!(
+        "{{\"quant_type\": \"nf4\", \"blocksize\": {}, \"dtype\": \"{}\", \"shape\": {:?}, \"nested_blocksize\": 256, \"nested_dtype\": \"float32\", \"nested_offset\": {}}}",
+        q.blocksize,
+        dtype_torch_name(q.dtype),
+        q.shape,
+        offset as f64
+    )
+    .into_bytes()
+}
+
+/// Writes a bitsandbytes 4-bit NF4 (double-quantized, blocksize 64) checkpoint of the model in
+/// `model_dir`: the seven projections of every layer quantized, everything else bf16.
+pub fn quantize(model_dir: &Path, out: &Path) -> Result<ExportReport> {
+    let cfg = LlamaConfig::from_file(&model_dir.join("config.json"))?;
+    if bnb::is_bnb_4bit(cfg.quantization_config.as_ref())? {
+        return Err(Error::InvalidArgument(format!(
+            "{} is already a bitsandbytes 4-bit checkpoint",
+            model_dir.display()
+        )));
+    }
+    let ckpt = Checkpoint::open_dir(model_dir)?;
+    prepare_out(out)?;
+    let proj: HashMap<String, (usize, Target)> = projections(&cfg)
+        .into_iter()
+        .map(|(n, l, t)| (n, (l, t)))
+        .collect();
+    let dtype_of = |d: Dtype| match d {
+        Dtype::F16 => DType::F16,
+        Dtype::F32 => DType::F32,
+        _ => DType::BF16,
+    };
+    let mut entries = Vec::new();
+    let mut quantized: HashMap<String, Nf4Tensor> = HashMap::new();
+    let nf4 = Nf4Config::default();
+    for name in ckpt.names() {
+        let prefix = name.trim_end_matches(".weight");
+        match proj.get(prefix) {
+            Some(&(_, target)) if name.ends_with(".weight") => {
+                let (i, o) = target.dims(&cfg);
+                let t = ckpt.get(name)?;
+                let w = Tensor::from_vec(ckpt.f32(name, &[o, i])?, &[o, i], &Device::Cpu)?;
+                // The weight's own dtype is what bitsandbytes records (and quantizes from).
+                let w = match dtype_of(t.dtype) {
+                    DType::BF16 => Tensor::from_vec(
+                        w.to_vec::<f32>()?
+                            .into_iter()
+                            .map(half::bf16::from_f32)
+                            .collect(),
+                        &[o, i],
+                        &Device::Cpu,
+                    )?,
+                    DType::F16 => Tensor::from_vec(
+                        w.to_vec::<f32>()?
+                            .into_iter()
+                            .map(half::f16::from_f32)
+                            .collect(),
+                        &[o, i],
+                        &Device::Cpu,
+                    )?,
+                    _ => w,
+                };
+                let q = Nf4Tensor::quantize(&w, nf4)?;
+                entries.extend(bnb_entries(prefix, &q));
+                quantized.insert(prefix.to_string(), q);
+            }
+            _ => entries.push(Entry {
+                name: name.to_string(),
+                dtype: Dtype::BF16,
+                shape: ckpt.get(name)?.shape.to_vec(),
+            }),
+        }
+    }
+    let plan = shard_plan(model_dir)?;
+    let mut report = write_shards(out, entries, plan.as_ref(), |e| {
+        let Some(idx) = e.name.find(".weight") else {
+            return Ok(bf16_bytes(&ckpt.get(&e.name)?.to_f32()?));
+        };
+        let (prefix, suffix) = (&e.name[..idx], &e.name[idx + ".weight".len()..]);
+        let Some(q) = quantized.get(prefix) else {
+            return Ok(bf16_bytes(&ckpt.get(&e.name)?.to_f32()?));
+        };
+        let Absmax::Double {
+            q: qa,
+            absmax2,
+            code2,
+            ..
+        } = &q.absmax
+        else {
+            unreachable!("quantized with double quantization")
+        };
+        Ok(match suffix {
+            "" => q.packed.to_vec::<u8>()?,
+            ".absmax" => qa.to_vec::<u8>()?,
+            ".quant_map" => f32_bytes(&q.code.to_vec::<f32>()?),
+            ".nested_absmax" => f32_bytes(&absmax2.to_vec::<f32>()?),
+            ".nested_quant_map" => f32_bytes(&code2.to_vec::<f32>()?),
+            ".quant_state.bitsandbytes__nf4" => quant_state_json(q),
+            _ => bf16_bytes(&ckpt.get(&e.name)?.to_f32()?),
+        })
+    })?;
+    report.projections = quantized.len();
+    write_config(model_dir, out, |c| {
+        c.remove("torch_dtype");
+        c.insert("dtype".into(), json!("bfloat16"));
+        c.insert(
+            "quantization_config".into(),
+            json!({
+                "_load_in_4bit": true,
+                "_load_in_8bit": false,
+                "bnb_4bit_compute_dtype": "bfloat16",
+                "bnb_4bit_quant_storage": "uint8",
+                "bnb_4bit_quant_type": "nf4",
+                "bnb_4bit_use_double_quant": true,
+                "llm_int8_enable_fp32_cpu_offload": false,
+                "llm_int8_has_fp16_weight": false,
+                "llm_int8_skip_modules": null,
+                "llm_int8_threshold": 6.0,
+                "load_in_4bit": true,
+                "load_in_8bit": false,
+                "quant_method": "bitsandbytes"
+            }),
+        );
+    })?;
+    copy_side_files(model_dir, out)?;
+    Ok(report)
+}
