@@ -5,10 +5,12 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{parser::ValueSource, ArgMatches, CommandFactory, FromArgMatches, Parser, Subcommand};
+use qlora_rs::data::formats::{Format, Message};
 use qlora_rs::data::tokenizer::TextTokenizer;
-use qlora_rs::data::{formats::Format, DataOptions};
+use qlora_rs::data::DataOptions;
 use qlora_rs::device::{self, kernels, Availability, CudaDevice, Device, DeviceRequest};
 use qlora_rs::io::{adapters, export};
+use qlora_rs::model::generate::Sampling;
 use qlora_rs::model::llama::{BaseFormat, Llama};
 use qlora_rs::quant::nf4::Nf4Config;
 use qlora_rs::train::{trainer, TrainConfig, Trainer};
@@ -71,6 +73,34 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Generate text from a prompt (or a chat message rendered with the model's chat template),
+    /// streaming tokens as they come; stops at the end-of-sequence token or --max-new-tokens.
+    Generate {
+        /// Hugging Face model folder.
+        #[arg(long)]
+        model: PathBuf,
+        /// A PEFT LoRA adapter folder to apply.
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        /// Raw text to continue.
+        #[arg(long, conflicts_with = "chat", required_unless_present = "chat")]
+        prompt: Option<String>,
+        /// A user message, rendered with the chat template and a generation prompt.
+        #[arg(long)]
+        chat: Option<String>,
+        /// Most tokens to generate.
+        #[arg(long, default_value_t = 128)]
+        max_new_tokens: usize,
+        /// 0 is greedy; higher is more random.
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f64,
+        /// Sample only from the most likely tokens whose probability adds up to this.
+        #[arg(long, default_value_t = 0.9)]
+        top_p: f64,
+        /// Seed of the sampler.
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+    },
     /// Fold a LoRA adapter into its base model: W + s·B·A in f32 (W dequantized from NF4, the
     /// weights the adapter was trained on), written as bf16 safetensors (sharded like the input)
     /// with config and tokenizer files: a folder transformers loads as a plain model.
@@ -115,6 +145,31 @@ fn main() -> ExitCode {
     };
     let result = match cli.command {
         Command::Env => env(cli.device),
+        Command::Generate {
+            model,
+            adapter,
+            prompt,
+            chat,
+            max_new_tokens,
+            temperature,
+            top_p,
+            seed,
+        } => {
+            let sampling = Sampling {
+                temperature,
+                top_p,
+                seed,
+                max_new_tokens,
+            };
+            run_generate(
+                cli.device,
+                &model,
+                adapter.as_deref(),
+                prompt,
+                chat,
+                sampling,
+            )
+        }
         Command::Merge {
             model,
             adapter,
@@ -313,6 +368,61 @@ fn run_train(request: DeviceRequest, cfg: TrainConfig) -> qlora_rs::Result<()> {
             summary.output.display()
         );
     }
+    Ok(())
+}
+
+fn run_generate(
+    request: DeviceRequest,
+    model_dir: &std::path::Path,
+    adapter: Option<&std::path::Path>,
+    prompt: Option<String>,
+    chat: Option<String>,
+    sampling: Sampling,
+) -> qlora_rs::Result<()> {
+    use std::io::Write;
+    compute_device(request)?;
+    let model = Llama::load(model_dir, BaseFormat::Nf4(Nf4Config::default()))?;
+    let tokenizer = TextTokenizer::load(model_dir)?;
+    let lora = adapter
+        .map(|a| adapters::load(a, &model.config))
+        .transpose()?;
+    let ids = match (prompt, chat) {
+        (Some(p), _) => tokenizer.encode(&p, true)?.0,
+        (None, Some(c)) => {
+            let template = tokenizer.chat_template.as_ref().ok_or_else(|| {
+                qlora_rs::Error::InvalidArgument(
+                    "--chat needs a chat template, and the model's tokenizer_config.json has none; use --prompt".into(),
+                )
+            })?;
+            let text = template.render(
+                &[Message {
+                    role: "user".into(),
+                    content: c,
+                }],
+                true,
+            )?;
+            tokenizer.encode(&text, false)?.0
+        }
+        (None, None) => unreachable!("clap requires --prompt or --chat"),
+    };
+    let mut out = std::io::stdout();
+    let mut generated: Vec<u32> = Vec::new();
+    let mut shown = 0usize;
+    model.generate(lora.as_ref(), &ids, tokenizer.eos_id, sampling, &mut |id| {
+        if Some(id) == tokenizer.eos_id {
+            return Ok(());
+        }
+        generated.push(id);
+        // Decode everything so far and print what is new (a token may end mid-character).
+        let text = tokenizer.decode(&generated, true)?;
+        if text.len() > shown && text.is_char_boundary(shown) {
+            let _ = write!(out, "{}", &text[shown..]);
+            let _ = out.flush();
+            shown = text.len();
+        }
+        Ok(())
+    })?;
+    println!();
     Ok(())
 }
 

@@ -675,3 +675,102 @@ fn f16_tensors_read_as_f32() {
     assert_eq!(ckpt.f32("weight", &[65, 97]).unwrap(), want);
     assert!(want.iter().any(|&v| v != 0.0));
 }
+
+#[test]
+fn generation_with_a_kv_cache_equals_recomputing_everything() {
+    use qlora_rs::model::generate::Sampling;
+    let model = load("tiny-llama", BaseFormat::Nf4(Nf4Config::default()));
+    let lora = adapter(&model, "tiny-llama-lora");
+    let prompt: Vec<u32> = vec![1, 88, 86, 136, 108, 58, 188];
+    let greedy = Sampling {
+        temperature: 0.0,
+        top_p: 1.0,
+        seed: 0,
+        max_new_tokens: 12,
+    };
+    let mut streamed = Vec::new();
+    let out = model
+        .generate(Some(&lora), &prompt, None, greedy, &mut |t| {
+            streamed.push(t);
+            Ok(())
+        })
+        .unwrap();
+    assert_eq!(out.len(), 12);
+    assert_eq!(out, streamed);
+    // The same tokens from full forwards over the growing sequence.
+    let mut seq = prompt.clone();
+    for &t in &out {
+        let logits = model.logits(Some(&lora), &seq, &[0, seq.len()]).unwrap();
+        let v = model.config.vocab_size;
+        let last = &logits[(seq.len() - 1) * v..];
+        let best = last
+            .iter()
+            .enumerate()
+            .fold((0, f32::MIN), |b, (i, &x)| if x > b.1 { (i, x) } else { b })
+            .0;
+        assert_eq!(best as u32, t);
+        seq.push(t);
+    }
+    // Stops at the end token; sampling is reproducible by seed.
+    let eos = out[3];
+    let first_eos = out.iter().position(|&t| t == eos).unwrap();
+    let stopped = model
+        .generate(Some(&lora), &prompt, Some(eos), greedy, &mut |_| Ok(()))
+        .unwrap();
+    assert_eq!(stopped.len(), first_eos + 1);
+    let hot = Sampling {
+        temperature: 1.5,
+        top_p: 0.95,
+        seed: 7,
+        max_new_tokens: 16,
+    };
+    let a = model
+        .generate(Some(&lora), &prompt, None, hot, &mut |_| Ok(()))
+        .unwrap();
+    assert_eq!(
+        a,
+        model
+            .generate(Some(&lora), &prompt, None, hot, &mut |_| Ok(()))
+            .unwrap()
+    );
+    let b = model
+        .generate(
+            Some(&lora),
+            &prompt,
+            None,
+            Sampling { seed: 8, ..hot },
+            &mut |_| Ok(()),
+        )
+        .unwrap();
+    assert_ne!(a, b);
+}
+
+#[test]
+fn cli_generate_streams_text() {
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_qlora-rs"))
+        .args([
+            "generate",
+            "--device",
+            "cpu",
+            "--chat",
+            "Hello there",
+            "--max-new-tokens",
+            "8",
+            "--model",
+        ])
+        .arg(fixture("tiny-llama"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(!stdout.trim().is_empty());
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_qlora-rs"))
+        .args(["generate", "--model", "x"])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+}

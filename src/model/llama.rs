@@ -168,6 +168,16 @@ impl Llama {
         })
     }
 
+    /// The input embedding `[V, d]`.
+    pub(crate) fn embedding(&self) -> &[f32] {
+        &self.embed
+    }
+
+    /// RoPE frequencies (`head_dim / 2`).
+    pub(crate) fn rope_freqs(&self) -> &[f32] {
+        &self.freqs
+    }
+
     /// The output embedding `[V, d]` (the input embedding when tied).
     pub fn output_embedding(&self) -> &[f32] {
         self.lm_head.as_deref().unwrap_or(&self.embed)

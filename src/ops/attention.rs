@@ -214,3 +214,64 @@ pub fn backward<T: Real>(
     }
     Ok((dq, dk, dv))
 }
+
+/// Decoding with a KV cache: `n` new query rows at absolute positions `start..start + n` (one
+/// sequence) attend to the cached keys/values `0..start + n` (the new ones already appended),
+/// causally. q `[n, H, D]`, k and v `[start + n, Hkv, D]`; returns o `[n, H, D]`.
+pub fn forward_cached<T: Real>(d: Dims, q: &[T], k: &[T], v: &[T], start: usize) -> Result<Vec<T>> {
+    d.check()?;
+    let n = q.len() / (d.heads * d.head_dim);
+    let total = start + n;
+    expect_len(
+        "attention (cached)",
+        "q [n, H, D]",
+        q.len(),
+        &[n, d.heads, d.head_dim],
+    )?;
+    expect_len(
+        "attention (cached)",
+        "k cache",
+        k.len(),
+        &[total, d.kv_heads, d.head_dim],
+    )?;
+    expect_len(
+        "attention (cached)",
+        "v cache",
+        v.len(),
+        &[total, d.kv_heads, d.head_dim],
+    )?;
+    let (h_n, kv_n, dim) = (d.heads, d.kv_heads, d.head_dim);
+    let group = h_n / kv_n;
+    let scale = T::one() / T::of(dim as f64).sqrt();
+    let mut o = vec![T::zero(); q.len()];
+    for h in 0..h_n {
+        let g = h / group;
+        let qh = Mat::strided(&q[h * dim..], n, dim, h_n * dim);
+        let kg = Mat::strided(&k[g * dim..], total, dim, kv_n * dim);
+        let vg = Mat::strided(&v[g * dim..], total, dim, kv_n * dim);
+        let mut s = vec![T::zero(); n * total];
+        gemm(qh, kg.t(), &mut s, scale, T::zero());
+        for (i, row) in s.chunks_mut(total).enumerate() {
+            let visible = start + i + 1;
+            let m = row[..visible]
+                .iter()
+                .fold(T::neg_infinity(), |a, &b| a.max(b));
+            let mut z = T::zero();
+            for x in row[..visible].iter_mut() {
+                *x = (*x - m).exp();
+                z += *x;
+            }
+            for x in row[..visible].iter_mut() {
+                *x /= z;
+            }
+            row[visible..].fill(T::zero());
+        }
+        let mut oh = vec![T::zero(); n * dim];
+        gemm(Mat::new(&s, n, total), vg, &mut oh, T::one(), T::zero());
+        for i in 0..n {
+            o[(i * h_n + h) * dim..(i * h_n + h + 1) * dim]
+                .copy_from_slice(&oh[i * dim..(i + 1) * dim]);
+        }
+    }
+    Ok(o)
+}
