@@ -10,8 +10,11 @@ use qlora_rs::data::tokenizer::TextTokenizer;
 use qlora_rs::data::DataOptions;
 use qlora_rs::device::{self, kernels, Availability, CudaDevice, Device, DeviceRequest};
 use qlora_rs::io::{adapters, export};
+use qlora_rs::model::config::LlamaConfig;
 use qlora_rs::model::generate::Sampling;
 use qlora_rs::model::llama::{BaseFormat, Llama};
+use qlora_rs::model::lora::{LoraConfig, Target};
+use qlora_rs::model::{memory, shapes};
 use qlora_rs::quant::nf4::Nf4Config;
 use qlora_rs::train::{trainer, TrainConfig, Trainer};
 
@@ -101,6 +104,28 @@ enum Command {
         #[arg(long, default_value_t = 42)]
         seed: u64,
     },
+    /// The device memory a training run will need (base weights, adapters and optimizer,
+    /// activations, workspaces) and whether it fits --gpu-mem, before anything is loaded.
+    Plan {
+        /// Hugging Face model folder (only config.json is read).
+        #[arg(long, conflicts_with = "shape", required_unless_present = "shape")]
+        model: Option<PathBuf>,
+        /// A built-in shape: smollm2-135m, llama3-1b, llama3-8b.
+        #[arg(long)]
+        shape: Option<String>,
+        /// Tokens per micro-batch (batch × sequence length).
+        #[arg(long, default_value_t = 4096)]
+        batch_tokens: usize,
+        /// LoRA rank.
+        #[arg(long, default_value_t = 16)]
+        rank: usize,
+        /// Projections to adapt: any of q,k,v,o,gate,up,down, or all.
+        #[arg(long, default_value = "all")]
+        targets: String,
+        /// Device memory to check against, GiB.
+        #[arg(long, default_value_t = 24.0)]
+        gpu_mem: f64,
+    },
     /// Fold a LoRA adapter into its base model: W + s·B·A in f32 (W dequantized from NF4, the
     /// weights the adapter was trained on), written as bf16 safetensors (sharded like the input)
     /// with config and tokenizer files: a folder transformers loads as a plain model.
@@ -170,6 +195,34 @@ fn main() -> ExitCode {
                 sampling,
             )
         }
+        Command::Plan {
+            model,
+            shape,
+            batch_tokens,
+            rank,
+            targets,
+            gpu_mem,
+        } => (|| {
+            let cfg = match (model, shape) {
+                (Some(m), _) => LlamaConfig::from_file(&m.join("config.json"))?,
+                (None, Some(s)) => shapes::by_name(&s)?,
+                (None, None) => unreachable!("clap requires --model or --shape"),
+            };
+            let lora = LoraConfig {
+                rank,
+                alpha: 2.0 * rank as f64,
+                rslora: false,
+                dropout: 0.0,
+                targets: Target::parse_list(&targets)?,
+            };
+            let p = memory::plan(&cfg, &lora, batch_tokens)?;
+            println!(
+                "training plan: {} layers, hidden {}, vocab {}; {batch_tokens} tokens per micro-batch; LoRA rank {rank} on {targets}",
+                cfg.num_layers, cfg.hidden_size, cfg.vocab_size
+            );
+            print!("{}", p.table(Some((gpu_mem * (1u64 << 30) as f64) as u64)));
+            Ok(())
+        })(),
         Command::Merge {
             model,
             adapter,

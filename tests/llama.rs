@@ -774,3 +774,73 @@ fn cli_generate_streams_text() {
         .unwrap();
     assert!(!o.status.success());
 }
+
+#[test]
+fn memory_plan_adds_up_and_answers_fits() {
+    use qlora_rs::model::{memory, shapes};
+    let cfg = shapes::by_name("llama3-8b").unwrap();
+    assert!((7.9e9..8.1e9).contains(&(cfg.num_parameters() as f64)));
+    let lora = LoraConfig {
+        rank: 16,
+        alpha: 32.0,
+        rslora: false,
+        dropout: 0.0,
+        targets: Target::ALL.to_vec(),
+    };
+    let p = memory::plan(&cfg, &lora, 2048).unwrap();
+    let item = |n: &str| p.items.iter().find(|i| i.name == n).unwrap().bytes;
+    // 8B at rank 16 on all projections: 41,943,040 adapter parameters, 16 bytes each.
+    assert_eq!(item("adapters"), 16 * 41_943_040);
+    assert_eq!(item("checkpoints"), 32 * 2048 * 4096 * 2);
+    // NF4 base ≈ 4.13 bits per projection weight.
+    let proj_params = 32u64 * (4096 * 4096 * 2 + 4096 * 1024 * 2 + 3 * 4096 * 14336);
+    let base = item("base weights") - 2 * 128_256 * 4096 * 2 - 65 * 4096 * 2;
+    assert!((base as f64 * 8.0 / proj_params as f64 - 4.127).abs() < 0.01);
+    assert_eq!(p.total(), p.items.iter().map(|i| i.bytes).sum::<u64>());
+    assert!(p.table(Some(24 << 30)).contains("fits in 24.0 GiB"));
+    assert!(p.table(Some(4 << 30)).contains("does NOT fit"));
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_qlora-rs"))
+        .args(["plan", "--model"])
+        .arg(fixture("tiny-llama"))
+        .args(["--batch-tokens", "512", "--rank", "4", "--targets", "q,v"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success() && stdout.contains("adapters") && stdout.contains("fits in 24.0 GiB"),
+        "{stdout}"
+    );
+    assert!(shapes::by_name("gpt-5").is_err());
+}
+
+#[test]
+fn adapters_on_a_subset_of_layers_round_trip() {
+    let model = load("tiny-llama", BaseFormat::Dense);
+    let cfg = LoraConfig {
+        rank: 2,
+        alpha: 4.0,
+        rslora: false,
+        dropout: 0.0,
+        targets: vec![Target::Q, Target::Down],
+    };
+    let lora = LoraParams::init_on_layers(&model.config, cfg.clone(), &[1], 5).unwrap();
+    assert_eq!(lora.layers(), vec![1]);
+    assert!(lora.slot(0, Target::Q).is_none() && lora.slot(1, Target::Q).is_some());
+    let dir = tmpdir("subset");
+    adapters::save(&dir, &lora, None).unwrap();
+    let text = std::fs::read_to_string(dir.join("adapter_config.json")).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["layers_to_transform"], serde_json::json!([1]));
+    let back = adapters::load(&dir, &model.config).unwrap();
+    assert_eq!(back.values, lora.values);
+    assert_eq!(back.layers(), vec![1]);
+    // All layers: PEFT's default (null).
+    let all = LoraParams::init(&model.config, cfg, 5).unwrap();
+    let dir = tmpdir("all-layers");
+    adapters::save(&dir, &all, None).unwrap();
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("adapter_config.json")).unwrap())
+            .unwrap();
+    assert!(v["layers_to_transform"].is_null());
+    assert!(LoraParams::init_on_layers(&model.config, all.config.clone(), &[7], 0).is_err());
+}

@@ -25,6 +25,11 @@ fn format_err(path: &Path, msg: impl Into<String>) -> Error {
 
 /// Reads the LoRA hyper-parameters of `adapter_config.json`.
 pub fn read_config(path: &Path) -> Result<LoraConfig> {
+    read_config_and_layers(path).map(|(c, _)| c)
+}
+
+/// The hyper-parameters and `layers_to_transform` (None: every layer).
+fn read_config_and_layers(path: &Path) -> Result<(LoraConfig, Option<Vec<usize>>)> {
     let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
         path: path.to_path_buf(),
         source,
@@ -82,14 +87,35 @@ pub fn read_config(path: &Path) -> Result<LoraConfig> {
     };
     cfg.validate()
         .map_err(|e| format_err(path, e.to_string()))?;
-    Ok(cfg)
+    let layers = match v.get("layers_to_transform") {
+        None | Some(Value::Null) => None,
+        Some(Value::Number(n)) => Some(vec![n.as_u64().unwrap_or(0) as usize]),
+        Some(Value::Array(a)) => Some(
+            a.iter()
+                .map(|x| {
+                    x.as_u64().map(|n| n as usize).ok_or_else(|| {
+                        format_err(path, "layers_to_transform must hold layer numbers")
+                    })
+                })
+                .collect::<Result<_>>()?,
+        ),
+        Some(other) => {
+            return Err(format_err(
+                path,
+                format!("layers_to_transform {other} is not supported"),
+            ))
+        }
+    };
+    Ok((cfg, layers))
 }
 
 /// Loads a PEFT adapter folder for a model of configuration `model`.
 pub fn load(dir: &Path, model: &LlamaConfig) -> Result<LoraParams> {
-    let cfg = read_config(&dir.join(CONFIG_FILE))?;
+    let (cfg, layers) = read_config_and_layers(&dir.join(CONFIG_FILE))?;
     let ckpt = Checkpoint::open_files(&[dir.join(WEIGHTS_FILE)])?;
-    let mut params = LoraParams::zeros(model, cfg)?;
+    let all: Vec<usize> = (0..model.num_layers).collect();
+    let mut params = LoraParams::zeros_on_layers(model, cfg, layers.as_deref().unwrap_or(&all))
+        .map_err(|e| format_err(&dir.join(CONFIG_FILE), e.to_string()))?;
     let mut expected = std::collections::HashSet::new();
     for slot in params.slots.clone() {
         for (which, range, shape) in [
@@ -162,6 +188,10 @@ pub fn save(dir: &Path, params: &LoraParams, base_model: Option<&str>) -> Result
     write_atomic(&dir.join(WEIGHTS_FILE), &bytes)?;
     let c = &params.config;
     let modules: Vec<&str> = c.targets.iter().map(|t| t.module()).collect();
+    // Adapters on every layer are PEFT's default; a subset is listed.
+    let layers = params.layers();
+    let every = layers.len() == params.model_layers;
+    let layers_to_transform = if every { Value::Null } else { json!(layers) };
     let config = json!({
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -177,7 +207,7 @@ pub fn save(dir: &Path, params: &LoraParams, base_model: Option<&str>) -> Result
         "init_lora_weights": true,
         "use_dora": false,
         "modules_to_save": null,
-        "layers_to_transform": null,
+        "layers_to_transform": layers_to_transform,
         "layers_pattern": null,
         "rank_pattern": {},
         "alpha_pattern": {},

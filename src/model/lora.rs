@@ -168,15 +168,36 @@ pub struct LoraParams {
     pub config: LoraConfig,
     pub slots: Vec<LoraSlot>,
     pub values: Vec<f32>,
+    /// Layers of the model the adapters belong to (to tell "every layer" from a subset).
+    pub model_layers: usize,
 }
 
 impl LoraParams {
     /// Zero-filled adapters for every layer × target, laid out layer by layer, A then B.
     pub fn zeros(model: &LlamaConfig, config: LoraConfig) -> Result<LoraParams> {
+        let all: Vec<usize> = (0..model.num_layers).collect();
+        LoraParams::zeros_on_layers(model, config, &all)
+    }
+
+    /// Zero-filled adapters on the given layers only (PEFT's `layers_to_transform`).
+    pub fn zeros_on_layers(
+        model: &LlamaConfig,
+        config: LoraConfig,
+        layers: &[usize],
+    ) -> Result<LoraParams> {
         config.validate()?;
+        if let Some(&bad) = layers.iter().find(|&&l| l >= model.num_layers) {
+            return Err(Error::InvalidArgument(format!(
+                "LoRA layer {bad} does not exist: the model has {} layers",
+                model.num_layers
+            )));
+        }
+        let mut layers = layers.to_vec();
+        layers.sort_unstable();
+        layers.dedup();
         let mut slots = Vec::new();
         let mut at = 0;
-        for layer in 0..model.num_layers {
+        for layer in layers {
             for &target in &config.targets {
                 let (i, o) = target.dims(model);
                 let a = at..at + config.rank * i;
@@ -196,12 +217,24 @@ impl LoraParams {
             config,
             slots,
             values: vec![0.0; at],
+            model_layers: model.num_layers,
         })
     }
 
     /// PEFT's initialisation: A ~ U(−1/√in, 1/√in), B = 0, from `seed`.
     pub fn init(model: &LlamaConfig, config: LoraConfig, seed: u64) -> Result<LoraParams> {
-        let mut p = LoraParams::zeros(model, config)?;
+        let all: Vec<usize> = (0..model.num_layers).collect();
+        LoraParams::init_on_layers(model, config, &all, seed)
+    }
+
+    /// [`LoraParams::init`] on the given layers only.
+    pub fn init_on_layers(
+        model: &LlamaConfig,
+        config: LoraConfig,
+        layers: &[usize],
+        seed: u64,
+    ) -> Result<LoraParams> {
+        let mut p = LoraParams::zeros_on_layers(model, config, layers)?;
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         for s in &p.slots {
             let bound = 1.0 / (s.in_features as f32).sqrt();
@@ -210,6 +243,13 @@ impl LoraParams {
             }
         }
         Ok(p)
+    }
+
+    /// The layers that carry adapters, ascending.
+    pub fn layers(&self) -> Vec<usize> {
+        let mut l: Vec<usize> = self.slots.iter().map(|s| s.layer).collect();
+        l.dedup();
+        l
     }
 
     /// Index of the slot of `(layer, target)`, if that projection is adapted.

@@ -4,3 +4,5 @@ pub mod config;
 pub mod generate;
 pub mod llama;
 pub mod lora;
+pub mod memory;
+pub mod shapes;

@@ -1,0 +1,61 @@
+//! Built-in model shapes (published configurations), for `plan` and `bench` without a download.
+
+use super::config::{Arch, LlamaConfig};
+use crate::error::{Error, Result};
+use crate::ops::rope::RopeScaling;
+
+pub const NAMES: &str = "smollm2-135m, llama3-1b, llama3-8b";
+
+/// The configuration of a named shape.
+pub fn by_name(name: &str) -> Result<LlamaConfig> {
+    let llama3 = RopeScaling::Llama3 {
+        factor: 8.0,
+        low_freq_factor: 1.0,
+        high_freq_factor: 4.0,
+        original_max_position_embeddings: 8192,
+    };
+    let base =
+        |hidden, inter, layers, heads, kv, vocab, tie, theta: f32, scaling, max_pos| LlamaConfig {
+            arch: Arch::Llama,
+            hidden_size: hidden,
+            intermediate_size: inter,
+            num_layers: layers,
+            num_heads: heads,
+            num_kv_heads: kv,
+            head_dim: hidden / heads,
+            vocab_size: vocab,
+            rms_norm_eps: 1e-5,
+            rope_theta: theta,
+            rope_scaling: scaling,
+            tie_word_embeddings: tie,
+            max_position_embeddings: max_pos,
+            qkv_bias: false,
+            o_bias: false,
+            sliding_window: None,
+            dtype: Some("bfloat16".into()),
+            quantization_config: None,
+        };
+    match name.to_ascii_lowercase().as_str() {
+        "smollm2-135m" => Ok(base(
+            576,
+            1536,
+            30,
+            9,
+            3,
+            49_152,
+            true,
+            100_000.0,
+            RopeScaling::None,
+            8192,
+        )),
+        "llama3-1b" => Ok(base(
+            2048, 8192, 16, 32, 8, 128_256, true, 500_000.0, llama3, 131_072,
+        )),
+        "llama3-8b" => Ok(base(
+            4096, 14_336, 32, 32, 8, 128_256, false, 500_000.0, llama3, 131_072,
+        )),
+        other => Err(Error::InvalidArgument(format!(
+            "unknown shape `{other}`: use one of {NAMES}"
+        ))),
+    }
+}
