@@ -13,8 +13,10 @@ use std::time::{Duration, Instant};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use half::bf16;
 use qlora_rs::device::{CudaDevice, Device};
+use qlora_rs::ops::{cross_entropy, rmsnorm, rope, swiglu};
 use qlora_rs::quant::nf4::{Nf4Config, Nf4Tensor};
 use qlora_rs::testing::gpu_or_skip;
+use qlora_rs::train::optimizer::{AdamWConfig, AdamWCuda};
 use qlora_rs::{DType, Tensor};
 use rand::{Rng, SeedableRng};
 
@@ -96,5 +98,112 @@ fn nf4(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, copy, nf4);
+fn bf16_tensor(device: &Device, shape: &[usize], seed: u64) -> Tensor {
+    let n = shape.iter().product();
+    Tensor::from_vec(random_bf16(n, seed), shape, device).unwrap()
+}
+
+/// Memory-bound kernels of the step at Llama-3-8B sizes (4096 tokens): GB/s of bytes read and
+/// written, to compare with the `copy` group.
+fn step_kernels(c: &mut Criterion) {
+    let Some((device, dev)) = cuda("rmsnorm/rope/swiglu/adamw/cross_entropy") else {
+        return;
+    };
+    let (t, d, f, heads, hd) = (4096usize, 4096usize, 14336usize, 32usize, 128usize);
+
+    let mut g = c.benchmark_group("rmsnorm");
+    let x = bf16_tensor(&device, &[t, d], 2);
+    let w = bf16_tensor(&device, &[d], 3);
+    g.throughput(Throughput::Bytes((2 * t * d * 2 + d * 2 + t * 4) as u64));
+    g.bench_function(BenchmarkId::new("fwd_bf16", format!("{t}x{d}")), |b| {
+        b.iter_custom(|iters| {
+            timed(&dev, iters, || {
+                drop(rmsnorm::forward_cuda(&x, &w, 1e-5).unwrap())
+            })
+        })
+    });
+    let (_, rstd) = rmsnorm::forward_cuda(&x, &w, 1e-5).unwrap();
+    let dy = bf16_tensor(&device, &[t, d], 4);
+    g.throughput(Throughput::Bytes((3 * t * d * 2 + d * 2 + t * 4) as u64));
+    g.bench_function(BenchmarkId::new("bwd_bf16", format!("{t}x{d}")), |b| {
+        b.iter_custom(|iters| {
+            timed(&dev, iters, || {
+                drop(rmsnorm::backward_cuda(&x, &w, &rstd, &dy, None).unwrap())
+            })
+        })
+    });
+    g.finish();
+
+    let mut g = c.benchmark_group("rope");
+    let mut q = bf16_tensor(&device, &[t, heads, hd], 5);
+    let pos = Tensor::from_vec((0..t as i32).collect::<Vec<_>>(), &[t], &device).unwrap();
+    let freqs = Tensor::from_vec(
+        rope::inv_freq(hd, 500_000.0, rope::RopeScaling::None),
+        &[hd / 2],
+        &device,
+    )
+    .unwrap();
+    g.throughput(Throughput::Bytes((2 * t * heads * hd * 2) as u64));
+    g.bench_function(
+        BenchmarkId::new("fwd_bf16", format!("{t}x{heads}x{hd}")),
+        |b| {
+            b.iter_custom(|iters| {
+                timed(&dev, iters, || {
+                    rope::apply_cuda(&mut q, &pos, &freqs, false).unwrap()
+                })
+            })
+        },
+    );
+    g.finish();
+
+    let mut g = c.benchmark_group("swiglu");
+    let gate = bf16_tensor(&device, &[t, f], 6);
+    let upt = bf16_tensor(&device, &[t, f], 7);
+    g.throughput(Throughput::Bytes((3 * t * f * 2) as u64));
+    g.bench_function(BenchmarkId::new("fwd_bf16", format!("{t}x{f}")), |b| {
+        b.iter_custom(|iters| {
+            timed(&dev, iters, || {
+                drop(swiglu::forward_cuda(&gate, &upt).unwrap())
+            })
+        })
+    });
+    g.finish();
+
+    let mut g = c.benchmark_group("cross_entropy");
+    let (rows, vocab) = (256usize, 128_256usize);
+    let logits0: Vec<f32> = (0..rows * vocab)
+        .map(|i| ((i * 2_654_435_761usize) % 1000) as f32 / 100.0)
+        .collect();
+    let mut logits = Tensor::from_vec(logits0, &[rows, vocab], &device).unwrap();
+    let targets: Vec<i64> = (0..rows as i64).map(|i| i * 97).collect();
+    g.throughput(Throughput::Bytes((rows * vocab * 4 * 3) as u64));
+    g.bench_function(
+        BenchmarkId::new("chunk_f32", format!("{rows}x{vocab}")),
+        |b| {
+            b.iter_custom(|iters| {
+                timed(&dev, iters, || {
+                    drop(cross_entropy::chunk_cuda(&mut logits, &targets, 1.0).unwrap())
+                })
+            })
+        },
+    );
+    g.finish();
+
+    let mut g = c.benchmark_group("adamw");
+    let n = 41_943_040usize; // Llama-3-8B, rank 16 on all seven projections
+    let mut p = Tensor::from_vec(vec![0.01f32; n], &[n], &device).unwrap();
+    let grads = Tensor::from_vec(vec![0.001f32; n], &[n], &device).unwrap();
+    let Device::Cuda(o) = device else {
+        unreachable!()
+    };
+    let mut opt = AdamWCuda::new(AdamWConfig::default(), n, o).unwrap();
+    // norm reads g; the update reads p, g, m, v and writes p, m, v
+    g.throughput(Throughput::Bytes((8 * n * 4) as u64));
+    g.bench_function(BenchmarkId::new("step_f32", format!("{n}")), |b| {
+        b.iter_custom(|iters| timed(&dev, iters, || opt.step(&mut p, &grads, 1e-4, 1.0).unwrap()))
+    });
+    g.finish();
+}
+
+criterion_group!(benches, copy, nf4, step_kernels);
 criterion_main!(benches);

@@ -48,3 +48,38 @@ __device__ __forceinline__ int lower_bound(const float* sorted, int n, float s) 
   }
   return lo;
 }
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = QLORA_WARP / 2; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// Sum over a block of `blockDim.x` threads (a multiple of 32, at most 1024); every thread gets
+// it. The order of additions is fixed by the block size, so results are deterministic.
+__device__ __forceinline__ float block_sum(float v) {
+  __shared__ float partial[32];
+  const int lane = threadIdx.x % QLORA_WARP, warp = threadIdx.x / QLORA_WARP;
+  v = warp_sum(v);
+  __syncthreads();
+  if (lane == 0) partial[warp] = v;
+  __syncthreads();
+  const int nwarps = blockDim.x / QLORA_WARP;
+  v = lane < nwarps ? partial[lane] : 0.0f;
+  return warp_sum(v);
+}
+
+typedef __nv_bfloat16 bf16;
+
+// Max over a block, for any sign of the values (block_max above assumes non-negative ones).
+__device__ __forceinline__ float block_max_any(float v) {
+  __shared__ float partial[32];
+  const int lane = threadIdx.x % QLORA_WARP, warp = threadIdx.x / QLORA_WARP;
+  v = warp_max(v);
+  __syncthreads();
+  if (lane == 0) partial[warp] = v;
+  __syncthreads();
+  const int nwarps = blockDim.x / QLORA_WARP;
+  v = lane < nwarps ? partial[lane] : -INFINITY;
+  return warp_max(v);
+}

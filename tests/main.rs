@@ -5,6 +5,7 @@ mod data;
 mod device;
 mod export;
 mod harness;
+mod kernels;
 mod llama;
 mod nf4;
 mod ops;

@@ -13,9 +13,14 @@
 //! logits at position t predict token t + 1, and the last position of a sequence predicts
 //! nothing — transformers' causal-LM loss, computed per sequence.
 
+use cudarc::driver::{LaunchConfig, PushKernelArg};
+
 use super::matmul::{gemm, Mat};
-use super::{expect_len, Real};
+use super::{check_tensor, cuda_ordinal, expect_len, Real};
+use crate::device::cuda::CudaDevice;
+use crate::device::Device;
 use crate::error::{Error, Result};
+use crate::tensor::{DType, Tensor};
 
 /// The label value that is not counted.
 pub const IGNORE_INDEX: i64 = -100;
@@ -145,4 +150,54 @@ pub fn forward_backward<T: Real>(
         count,
         dh,
     })
+}
+
+/// CUDA: over one chunk of fp32 logits `[rows, V]`, overwrites them with
+/// `grad_scale·(softmax − onehot)` and returns each row's loss (f32 `[rows]`, 0 for −100). Targets
+/// are checked on the host before the launch.
+pub fn chunk_cuda(logits: &mut Tensor, targets: &[i64], grad_scale: f32) -> Result<Tensor> {
+    let op = "cross-entropy (cuda)";
+    let o = cuda_ordinal(op, logits)?;
+    let dev = Device::Cuda(o);
+    let (rows, vocab) = match logits.shape() {
+        [r, v] => (*r, *v),
+        other => {
+            return Err(Error::ShapeMismatch {
+                op,
+                expected: "[rows, V]".into(),
+                got: format!("{other:?}"),
+            })
+        }
+    };
+    check_tensor(op, "logits", logits, DType::F32, &[rows, vocab], dev)?;
+    expect_len(op, "targets", targets.len(), &[rows])?;
+    check_targets(targets, vocab)?;
+    let t: Vec<i32> = targets
+        .iter()
+        .map(|&y| if y == IGNORE_INDEX { -1 } else { y as i32 })
+        .collect();
+    let t = Tensor::from_vec(t, &[rows], &dev)?;
+    let mut loss = Tensor::zeros(&[rows], DType::F32, &dev)?;
+    if rows == 0 {
+        return Ok(loss);
+    }
+    let cuda = CudaDevice::get(o)?;
+    let name = "ce_fwd_bwd_f32";
+    let f = cuda.function("cross_entropy", name)?;
+    let v_i = vocab as i32;
+    let mut b = cuda.stream().launch_builder(&f);
+    b.arg(logits.cuda_slice_mut::<f32>(op)?)
+        .arg(t.cuda_slice::<i32>(op)?)
+        .arg(loss.cuda_slice_mut::<f32>(op)?)
+        .arg(&v_i)
+        .arg(&grad_scale);
+    let cfg = LaunchConfig {
+        grid_dim: (rows as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: ce_fwd_bwd_f32(float*, const int*, float*, int, float); logits rows·V, targets
+    // and loss rows; every target is −1 or < V (checked); one block per row.
+    unsafe { cuda.launch(name, b, cfg) }?;
+    Ok(loss)
 }

@@ -1,8 +1,13 @@
 //! Embedding gather: `h[t] = E[ids[t]]` (`E` `[V, d]` frozen, so there is no backward: nothing
 //! upstream of the embedding trains).
 
-use super::Real;
+use cudarc::driver::{LaunchConfig, PushKernelArg};
+
+use super::{check_tensor, cuda_ordinal, row_block, Real};
+use crate::device::cuda::{grid_1d, CudaDevice};
+use crate::device::Device;
 use crate::error::{Error, Result};
+use crate::tensor::{DType, Tensor};
 
 /// Rows of `table` (`[vocab, d]`) for each id; an id outside the vocabulary is an error naming
 /// its position.
@@ -19,4 +24,102 @@ pub fn forward<T: Real>(table: &[T], d: usize, ids: &[u32]) -> Result<Vec<T>> {
         h.extend_from_slice(&table[id * d..(id + 1) * d]);
     }
     Ok(h)
+}
+
+/// The ids as i32, each checked against the vocabulary (the CUDA gather trusts them).
+pub fn checked_ids(ids: &[u32], vocab: usize) -> Result<Vec<i32>> {
+    ids.iter()
+        .enumerate()
+        .map(|(pos, &id)| {
+            if (id as usize) < vocab {
+                Ok(id as i32)
+            } else {
+                Err(Error::InvalidArgument(format!(
+                    "embedding: token id {id} at position {pos} is outside the vocabulary (size {vocab})"
+                )))
+            }
+        })
+        .collect()
+}
+
+/// CUDA: rows of `table` (bf16 `[V, d]`) for `ids` (checked on the host before the launch).
+pub fn forward_cuda(table: &Tensor, ids: &[u32]) -> Result<Tensor> {
+    let op = "embedding (cuda)";
+    let o = cuda_ordinal(op, table)?;
+    let dev = Device::Cuda(o);
+    let (v, d) = match table.shape() {
+        [v, d] => (*v, *d),
+        other => {
+            return Err(Error::ShapeMismatch {
+                op,
+                expected: "[V, d]".into(),
+                got: format!("{other:?}"),
+            })
+        }
+    };
+    check_tensor(op, "table", table, DType::BF16, &[v, d], dev)?;
+    let ids = Tensor::from_vec(checked_ids(ids, v)?, &[ids.len()], &dev)?;
+    let mut out = Tensor::zeros(&[ids.elem_count(), d], DType::BF16, &dev)?;
+    if ids.elem_count() == 0 {
+        return Ok(out);
+    }
+    let cuda = CudaDevice::get(o)?;
+    let name = "embedding_fwd_bf16";
+    let f = cuda.function("embedding", name)?;
+    let d_i = d as i32;
+    let mut b = cuda.stream().launch_builder(&f);
+    b.arg(table.cuda_slice::<half::bf16>(op)?)
+        .arg(ids.cuda_slice::<i32>(op)?)
+        .arg(out.cuda_slice_mut::<half::bf16>(op)?)
+        .arg(&d_i);
+    let cfg = LaunchConfig {
+        grid_dim: (ids.elem_count() as u32, 1, 1),
+        block_dim: (row_block(d), 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: embedding_fwd_bf16(const bf16*, const int*, bf16*, int); every id < V (checked),
+    // table V·d, out T·d; one block per token.
+    unsafe { cuda.launch(name, b, cfg) }?;
+    Ok(out)
+}
+
+/// CUDA: a cast between f32 and bf16 (either direction).
+pub fn cast_cuda(x: &Tensor, to: DType) -> Result<Tensor> {
+    let op = "cast (cuda)";
+    let o = cuda_ordinal(op, x)?;
+    let dev = Device::Cuda(o);
+    let name = match (x.dtype(), to) {
+        (DType::F32, DType::BF16) => "cast_f32_bf16",
+        (DType::BF16, DType::F32) => "cast_bf16_f32",
+        (from, to) => {
+            return Err(Error::DTypeMismatch {
+                op,
+                expected: "f32 → bf16 or bf16 → f32".into(),
+                got: format!("{from} → {to}"),
+            })
+        }
+    };
+    let mut y = Tensor::zeros(x.shape(), to, &dev)?;
+    let n = x.elem_count();
+    if n == 0 {
+        return Ok(y);
+    }
+    let cuda = CudaDevice::get(o)?;
+    let f = cuda.function("embedding", name)?;
+    let n_i = n as i64;
+    let mut b = cuda.stream().launch_builder(&f);
+    match to {
+        DType::BF16 => {
+            b.arg(x.cuda_slice::<f32>(op)?)
+                .arg(y.cuda_slice_mut::<half::bf16>(op)?);
+        }
+        _ => {
+            b.arg(x.cuda_slice::<half::bf16>(op)?)
+                .arg(y.cuda_slice_mut::<f32>(op)?);
+        }
+    }
+    b.arg(&n_i);
+    // SAFETY: cast_*(const From*, To*, long long); x and y hold n elements of the named dtypes.
+    unsafe { cuda.launch(name, b, grid_1d(n, 256)) }?;
+    Ok(y)
 }

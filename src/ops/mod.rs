@@ -18,7 +18,9 @@ pub mod rmsnorm;
 pub mod rope;
 pub mod swiglu;
 
+use crate::device::Device;
 use crate::error::{Error, Result};
+use crate::tensor::{shape_str, DType, Tensor};
 
 /// Floating-point element of the CPU reference: f32 for the model, f64 for gradient checks.
 pub trait Real:
@@ -144,3 +146,54 @@ pub fn check_cu_seqlens(op: &'static str, cu_seqlens: &[usize], tokens: usize) -
     }
     Ok(())
 }
+
+/// Checks one tensor argument of a CUDA launcher: dtype, shape and that it lives on `device`.
+pub(crate) fn check_tensor(
+    op: &'static str,
+    name: &str,
+    t: &Tensor,
+    dtype: DType,
+    shape: &[usize],
+    device: Device,
+) -> Result<()> {
+    if t.dtype() != dtype {
+        return Err(Error::DTypeMismatch {
+            op,
+            expected: format!("{name}: {dtype}"),
+            got: t.dtype().to_string(),
+        });
+    }
+    if t.shape() != shape {
+        return Err(Error::ShapeMismatch {
+            op,
+            expected: format!("{name} {}", shape_str(shape)),
+            got: shape_str(t.shape()),
+        });
+    }
+    if t.device() != device {
+        return Err(Error::DeviceMismatch {
+            op,
+            a: device.to_string(),
+            b: format!("{name} on {}", t.device()),
+        });
+    }
+    Ok(())
+}
+
+/// The CUDA ordinal of a launcher's first tensor (an error for a CPU tensor).
+pub(crate) fn cuda_ordinal(op: &'static str, t: &Tensor) -> Result<usize> {
+    match t.device() {
+        Device::Cuda(o) => Ok(o),
+        Device::Cpu => Err(Error::InvalidArgument(format!(
+            "{op}: the CUDA kernel needs CUDA tensors; this one is on the CPU (use the CPU reference)"
+        ))),
+    }
+}
+
+/// Threads per block for a kernel that walks rows of `d` elements with one block per row.
+pub(crate) fn row_block(d: usize) -> u32 {
+    (d.div_ceil(32) * 32).clamp(32, 256) as u32
+}
+
+/// A null device pointer, for optional kernel arguments.
+pub(crate) const NULL_PTR: u64 = 0;

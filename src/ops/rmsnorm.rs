@@ -11,8 +11,13 @@
 //! dx = r · (g − x̂ · mean(g ⊙ x̂))
 //! ```
 
-use super::{expect_len, Real};
-use crate::error::Result;
+use cudarc::driver::{LaunchConfig, PushKernelArg};
+
+use super::{check_tensor, cuda_ordinal, expect_len, row_block, Real, NULL_PTR};
+use crate::device::cuda::CudaDevice;
+use crate::device::Device;
+use crate::error::{Error, Result};
+use crate::tensor::{DType, Tensor};
 
 /// `y = (x·r)⊙w` per row; returns `(y [T, d], r [T])`.
 pub fn forward<T: Real>(x: &[T], w: &[T], d: usize, eps: f64) -> Result<(Vec<T>, Vec<T>)> {
@@ -59,5 +64,136 @@ pub fn backward<T: Real>(x: &[T], w: &[T], rstd: &[T], dy: &[T], d: usize) -> Re
             *dxo = r * (dyr[i] * w[i] - xhat * dot);
         }
     }
+    Ok(dx)
+}
+
+fn rows_cols(op: &'static str, x: &Tensor) -> Result<(usize, usize)> {
+    match x.shape() {
+        [t, d] => Ok((*t, *d)),
+        other => Err(Error::ShapeMismatch {
+            op,
+            expected: "[T, d]".into(),
+            got: format!("{other:?}"),
+        }),
+    }
+}
+
+fn row_launch(rows: usize, d: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (rows as u32, 1, 1),
+        block_dim: (row_block(d), 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// CUDA: `(y, rstd)` for x bf16 `[T, d]`, w bf16 `[d]` (kernel `rmsnorm_fwd_bf16`).
+pub fn forward_cuda(x: &Tensor, w: &Tensor, eps: f64) -> Result<(Tensor, Tensor)> {
+    let op = "rmsnorm (cuda)";
+    let o = cuda_ordinal(op, x)?;
+    let dev = Device::Cuda(o);
+    let (t, d) = rows_cols(op, x)?;
+    check_tensor(op, "x", x, DType::BF16, &[t, d], dev)?;
+    check_tensor(op, "weight", w, DType::BF16, &[d], dev)?;
+    let mut y = Tensor::zeros(&[t, d], DType::BF16, &dev)?;
+    let mut rstd = Tensor::zeros(&[t], DType::F32, &dev)?;
+    if t == 0 {
+        return Ok((y, rstd));
+    }
+    let cuda = CudaDevice::get(o)?;
+    let name = "rmsnorm_fwd_bf16";
+    let f = cuda.function("rmsnorm", name)?;
+    let (d_i, eps_f) = (d as i32, eps as f32);
+    let mut b = cuda.stream().launch_builder(&f);
+    b.arg(x.cuda_slice::<half::bf16>(op)?)
+        .arg(w.cuda_slice::<half::bf16>(op)?)
+        .arg(y.cuda_slice_mut::<half::bf16>(op)?)
+        .arg(rstd.cuda_slice_mut::<f32>(op)?)
+        .arg(&d_i)
+        .arg(&eps_f);
+    // SAFETY: rmsnorm_fwd_bf16(const bf16*, const bf16*, bf16*, float*, int, float); x and y
+    // hold T·d, w d, rstd T (checked above); one block per row.
+    unsafe { cuda.launch(name, b, row_launch(t, d)) }?;
+    Ok((y, rstd))
+}
+
+/// CUDA: the residual add fused before the norm: `(h = a + b, y = rmsnorm(h), rstd)`.
+pub fn forward_residual_cuda(
+    a: &Tensor,
+    b_in: &Tensor,
+    w: &Tensor,
+    eps: f64,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let op = "rmsnorm+residual (cuda)";
+    let o = cuda_ordinal(op, a)?;
+    let dev = Device::Cuda(o);
+    let (t, d) = rows_cols(op, a)?;
+    check_tensor(op, "a", a, DType::BF16, &[t, d], dev)?;
+    check_tensor(op, "b", b_in, DType::BF16, &[t, d], dev)?;
+    check_tensor(op, "weight", w, DType::BF16, &[d], dev)?;
+    let mut h = Tensor::zeros(&[t, d], DType::BF16, &dev)?;
+    let mut y = Tensor::zeros(&[t, d], DType::BF16, &dev)?;
+    let mut rstd = Tensor::zeros(&[t], DType::F32, &dev)?;
+    if t == 0 {
+        return Ok((h, y, rstd));
+    }
+    let cuda = CudaDevice::get(o)?;
+    let name = "rmsnorm_residual_fwd_bf16";
+    let f = cuda.function("rmsnorm", name)?;
+    let (d_i, eps_f) = (d as i32, eps as f32);
+    let mut b = cuda.stream().launch_builder(&f);
+    b.arg(a.cuda_slice::<half::bf16>(op)?)
+        .arg(b_in.cuda_slice::<half::bf16>(op)?)
+        .arg(h.cuda_slice_mut::<half::bf16>(op)?)
+        .arg(w.cuda_slice::<half::bf16>(op)?)
+        .arg(y.cuda_slice_mut::<half::bf16>(op)?)
+        .arg(rstd.cuda_slice_mut::<f32>(op)?)
+        .arg(&d_i)
+        .arg(&eps_f);
+    // SAFETY: rmsnorm_residual_fwd_bf16(const bf16*, const bf16*, bf16*, const bf16*, bf16*,
+    // float*, int, float); a, b, h, y hold T·d, w d, rstd T (checked above).
+    unsafe { cuda.launch(name, b, row_launch(t, d)) }?;
+    Ok((h, y, rstd))
+}
+
+/// CUDA: `dx` (plus `dres`, the residual stream's gradient, when given).
+pub fn backward_cuda(
+    x: &Tensor,
+    w: &Tensor,
+    rstd: &Tensor,
+    dy: &Tensor,
+    dres: Option<&Tensor>,
+) -> Result<Tensor> {
+    let op = "rmsnorm backward (cuda)";
+    let o = cuda_ordinal(op, x)?;
+    let dev = Device::Cuda(o);
+    let (t, d) = rows_cols(op, x)?;
+    check_tensor(op, "x", x, DType::BF16, &[t, d], dev)?;
+    check_tensor(op, "weight", w, DType::BF16, &[d], dev)?;
+    check_tensor(op, "rstd", rstd, DType::F32, &[t], dev)?;
+    check_tensor(op, "dy", dy, DType::BF16, &[t, d], dev)?;
+    if let Some(r) = dres {
+        check_tensor(op, "dres", r, DType::BF16, &[t, d], dev)?;
+    }
+    let mut dx = Tensor::zeros(&[t, d], DType::BF16, &dev)?;
+    if t == 0 {
+        return Ok(dx);
+    }
+    let cuda = CudaDevice::get(o)?;
+    let name = "rmsnorm_bwd_bf16";
+    let f = cuda.function("rmsnorm", name)?;
+    let d_i = d as i32;
+    let mut b = cuda.stream().launch_builder(&f);
+    b.arg(x.cuda_slice::<half::bf16>(op)?)
+        .arg(w.cuda_slice::<half::bf16>(op)?)
+        .arg(rstd.cuda_slice::<f32>(op)?)
+        .arg(dy.cuda_slice::<half::bf16>(op)?);
+    match dres {
+        Some(r) => b.arg(r.cuda_slice::<half::bf16>(op)?),
+        None => b.arg(&NULL_PTR),
+    };
+    b.arg(dx.cuda_slice_mut::<half::bf16>(op)?).arg(&d_i);
+    // SAFETY: rmsnorm_bwd_bf16(const bf16*, const bf16*, const float*, const bf16*, const
+    // bf16* (nullable), bf16*, int); every [T, d] buffer checked above, rstd T, w d.
+    unsafe { cuda.launch(name, b, row_launch(t, d)) }?;
     Ok(dx)
 }

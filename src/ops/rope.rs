@@ -16,8 +16,13 @@
 //! `(1 − s)·f_i/factor + s·f_i` with `s = (L/λ_i − low) / (high − low)`. Linear scaling divides
 //! every `f_i` by `factor`.
 
-use super::{expect_len, Real};
+use cudarc::driver::PushKernelArg;
+
+use super::{check_tensor, cuda_ordinal, expect_len, Real};
+use crate::device::cuda::{grid_1d, CudaDevice};
+use crate::device::Device;
 use crate::error::{Error, Result};
+use crate::tensor::{DType, Tensor};
 
 /// How the frequencies are scaled for long context.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -139,4 +144,58 @@ pub fn positions_from_cu_seqlens(cu_seqlens: &[usize]) -> Vec<u32> {
         .windows(2)
         .flat_map(|w| (0..(w[1] - w[0]) as u32).collect::<Vec<_>>())
         .collect()
+}
+
+/// CUDA: rotates `x` (bf16 `[T, heads, head_dim]`) in place; `positions` i32 `[T]`, `freqs`
+/// f32 `[head_dim / 2]` (from [`inv_freq`]); `backward` rotates by −θ.
+pub fn apply_cuda(
+    x: &mut Tensor,
+    positions: &Tensor,
+    freqs: &Tensor,
+    backward: bool,
+) -> Result<()> {
+    let op = "rope (cuda)";
+    let o = cuda_ordinal(op, x)?;
+    let dev = Device::Cuda(o);
+    let (t, heads, hd) = match x.shape() {
+        [t, h, d] => (*t, *h, *d),
+        other => {
+            return Err(Error::ShapeMismatch {
+                op,
+                expected: "[T, heads, head_dim]".into(),
+                got: format!("{other:?}"),
+            })
+        }
+    };
+    if hd % 2 != 0 {
+        return Err(Error::InvalidArgument(format!(
+            "{op}: head_dim {hd} must be even"
+        )));
+    }
+    check_tensor(op, "positions", positions, DType::I32, &[t], dev)?;
+    check_tensor(op, "freqs", freqs, DType::F32, &[hd / 2], dev)?;
+    let pairs = t * heads * hd / 2;
+    if pairs == 0 {
+        return Ok(());
+    }
+    let cuda = CudaDevice::get(o)?;
+    let name = "rope_fwd_bf16";
+    let f = cuda.function("rope", name)?;
+    let (t_i, h_i, d_i, sign) = (
+        t as i32,
+        heads as i32,
+        hd as i32,
+        if backward { -1.0f32 } else { 1.0 },
+    );
+    let mut b = cuda.stream().launch_builder(&f);
+    b.arg(x.cuda_slice_mut::<half::bf16>(op)?)
+        .arg(positions.cuda_slice::<i32>(op)?)
+        .arg(freqs.cuda_slice::<f32>(op)?)
+        .arg(&t_i)
+        .arg(&h_i)
+        .arg(&d_i)
+        .arg(&sign);
+    // SAFETY: rope_fwd_bf16(bf16*, const int*, const float*, int, int, int, float); x holds
+    // T·heads·head_dim, positions T, freqs head_dim/2; one thread per pair, bounds-checked.
+    unsafe { cuda.launch(name, b, grid_1d(pairs, 256)) }
 }

@@ -6,8 +6,13 @@
 //! du = dh ⊙ g·σ
 //! ```
 
-use super::{expect_len, Real};
+use cudarc::driver::PushKernelArg;
+
+use super::{check_tensor, cuda_ordinal, expect_len, Real};
+use crate::device::cuda::{grid_1d, CudaDevice};
+use crate::device::Device;
 use crate::error::Result;
+use crate::tensor::{DType, Tensor};
 
 fn sigmoid<T: Real>(g: T) -> T {
     T::one() / (T::one() + (-g).exp())
@@ -39,5 +44,63 @@ pub fn backward<T: Real>(gate: &[T], up: &[T], dh: &[T]) -> Result<(Vec<T>, Vec<
         dg.push(d * u * s * (T::one() + g * (T::one() - s)));
         du.push(d * g * s);
     }
+    Ok((dg, du))
+}
+
+/// CUDA: `h = silu(gate) ⊙ up` for bf16 tensors of one shape.
+pub fn forward_cuda(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    let op = "swiglu (cuda)";
+    let o = cuda_ordinal(op, gate)?;
+    let dev = Device::Cuda(o);
+    let shape = gate.shape().to_vec();
+    check_tensor(op, "gate", gate, DType::BF16, &shape, dev)?;
+    check_tensor(op, "up", up, DType::BF16, &shape, dev)?;
+    let mut h = Tensor::zeros(&shape, DType::BF16, &dev)?;
+    let n = gate.elem_count();
+    if n == 0 {
+        return Ok(h);
+    }
+    let cuda = CudaDevice::get(o)?;
+    let name = "swiglu_fwd_bf16";
+    let f = cuda.function("swiglu", name)?;
+    let n_i = n as i64;
+    let mut b = cuda.stream().launch_builder(&f);
+    b.arg(gate.cuda_slice::<half::bf16>(op)?)
+        .arg(up.cuda_slice::<half::bf16>(op)?)
+        .arg(h.cuda_slice_mut::<half::bf16>(op)?)
+        .arg(&n_i);
+    // SAFETY: swiglu_fwd_bf16(const bf16*, const bf16*, bf16*, long long); all hold n elements.
+    unsafe { cuda.launch(name, b, grid_1d(n, 256)) }?;
+    Ok(h)
+}
+
+/// CUDA: `(dgate, dup)`.
+pub fn backward_cuda(gate: &Tensor, up: &Tensor, dh: &Tensor) -> Result<(Tensor, Tensor)> {
+    let op = "swiglu backward (cuda)";
+    let o = cuda_ordinal(op, gate)?;
+    let dev = Device::Cuda(o);
+    let shape = gate.shape().to_vec();
+    check_tensor(op, "gate", gate, DType::BF16, &shape, dev)?;
+    check_tensor(op, "up", up, DType::BF16, &shape, dev)?;
+    check_tensor(op, "dh", dh, DType::BF16, &shape, dev)?;
+    let mut dg = Tensor::zeros(&shape, DType::BF16, &dev)?;
+    let mut du = Tensor::zeros(&shape, DType::BF16, &dev)?;
+    let n = gate.elem_count();
+    if n == 0 {
+        return Ok((dg, du));
+    }
+    let cuda = CudaDevice::get(o)?;
+    let name = "swiglu_bwd_bf16";
+    let f = cuda.function("swiglu", name)?;
+    let n_i = n as i64;
+    let mut b = cuda.stream().launch_builder(&f);
+    b.arg(gate.cuda_slice::<half::bf16>(op)?)
+        .arg(up.cuda_slice::<half::bf16>(op)?)
+        .arg(dh.cuda_slice::<half::bf16>(op)?)
+        .arg(dg.cuda_slice_mut::<half::bf16>(op)?)
+        .arg(du.cuda_slice_mut::<half::bf16>(op)?)
+        .arg(&n_i);
+    // SAFETY: swiglu_bwd_bf16(const bf16* ×3, bf16* ×2, long long); all hold n elements.
+    unsafe { cuda.launch(name, b, grid_1d(n, 256)) }?;
     Ok((dg, du))
 }

@@ -106,3 +106,160 @@ pub fn clip_grad_norm(grads: &mut [f32], max_norm: f64) -> f64 {
     }
     norm
 }
+
+/// Kernel arguments of `adamw_step_f32` (the C struct `AdamParams`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+struct AdamParams {
+    lr: f32,
+    beta1: f32,
+    beta2: f32,
+    eps: f32,
+    decay: f32,
+    step_size: f32,
+    bc2_sqrt: f32,
+    max_norm: f32,
+}
+
+// SAFETY: a plain #[repr(C)] struct of f32s, laid out as the kernel's `AdamParams`.
+unsafe impl cudarc::driver::DeviceRepr for AdamParams {}
+
+/// Blocks of the gradient-norm kernel (each sums a strided share of the buffer).
+const NORM_BLOCKS: usize = 512;
+
+/// AdamW on the device: parameters, gradients and state stay there; the clipping factor is
+/// computed from the norm in device memory, so a step needs no host synchronisation.
+pub struct AdamWCuda {
+    pub config: AdamWConfig,
+    pub step: u64,
+    m: crate::tensor::Tensor,
+    v: crate::tensor::Tensor,
+    partials: cudarc::driver::CudaSlice<f64>,
+    counter: cudarc::driver::CudaSlice<u32>,
+    norm: cudarc::driver::CudaSlice<f64>,
+    ordinal: usize,
+}
+
+impl AdamWCuda {
+    pub fn new(config: AdamWConfig, len: usize, ordinal: usize) -> Result<AdamWCuda> {
+        use crate::device::{cuda::CudaDevice, Device};
+        use crate::tensor::{DType, Tensor};
+        let dev = CudaDevice::get(ordinal)?;
+        let d = Device::Cuda(ordinal);
+        let s = dev.stream();
+        let err = Error::cuda("allocating the AdamW workspace");
+        Ok(AdamWCuda {
+            config,
+            step: 0,
+            m: Tensor::zeros(&[len], DType::F32, &d)?,
+            v: Tensor::zeros(&[len], DType::F32, &d)?,
+            partials: s
+                .alloc_zeros::<f64>(NORM_BLOCKS)
+                .map_err(Error::cuda("allocating the AdamW workspace"))?,
+            counter: s
+                .alloc_zeros::<u32>(1)
+                .map_err(Error::cuda("allocating the AdamW workspace"))?,
+            norm: s.alloc_zeros::<f64>(1).map_err(err)?,
+            ordinal,
+        })
+    }
+
+    fn check(&self, name: &str, t: &crate::tensor::Tensor) -> Result<()> {
+        crate::ops::check_tensor(
+            "adamw (cuda)",
+            name,
+            t,
+            crate::tensor::DType::F32,
+            self.m.shape(),
+            crate::device::Device::Cuda(self.ordinal),
+        )
+    }
+
+    /// Launches the global gradient-norm reduction (result stays on the device).
+    pub fn launch_grad_norm(&mut self, grads: &crate::tensor::Tensor) -> Result<()> {
+        use cudarc::driver::{LaunchConfig, PushKernelArg};
+        self.check("gradients", grads)?;
+        let dev = crate::device::cuda::CudaDevice::get(self.ordinal)?;
+        let name = "grad_norm_f32";
+        let f = dev.function("adamw", name)?;
+        let n = grads.elem_count() as i64;
+        let blocks = (grads.elem_count().div_ceil(256)).clamp(1, NORM_BLOCKS) as u32;
+        let mut b = dev.stream().launch_builder(&f);
+        b.arg(grads.cuda_slice::<f32>("grad norm")?)
+            .arg(&n)
+            .arg(&mut self.partials)
+            .arg(&mut self.counter)
+            .arg(&mut self.norm);
+        let cfg = LaunchConfig {
+            grid_dim: (blocks, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: grad_norm_f32(const float*, long long, double*, unsigned*, double*); the grid
+        // has at most NORM_BLOCKS blocks = partials' length; the counter starts at 0 and the
+        // last block resets it.
+        unsafe { dev.launch(name, b, cfg) }
+    }
+
+    /// The last computed gradient norm (synchronises: for logging only).
+    pub fn grad_norm(&self) -> Result<f64> {
+        let dev = crate::device::cuda::CudaDevice::get(self.ordinal)?;
+        Ok(dev
+            .stream()
+            .clone_dtoh(&self.norm)
+            .map_err(Error::cuda("reading the gradient norm"))?[0])
+    }
+
+    /// Norm, clip (when `max_norm` > 0) and one AdamW update at `lr`: two launches.
+    pub fn step(
+        &mut self,
+        params: &mut crate::tensor::Tensor,
+        grads: &crate::tensor::Tensor,
+        lr: f64,
+        max_norm: f64,
+    ) -> Result<()> {
+        use cudarc::driver::PushKernelArg;
+        self.check("parameters", params)?;
+        self.launch_grad_norm(grads)?;
+        self.step += 1;
+        let c = self.config;
+        let t = self.step as i32;
+        let a = AdamParams {
+            lr: lr as f32,
+            beta1: c.beta1 as f32,
+            beta2: c.beta2 as f32,
+            eps: c.eps as f32,
+            decay: (1.0 - lr * c.weight_decay) as f32,
+            step_size: (lr / (1.0 - c.beta1.powi(t))) as f32,
+            bc2_sqrt: (1.0 - c.beta2.powi(t)).sqrt() as f32,
+            max_norm: max_norm as f32,
+        };
+        let dev = crate::device::cuda::CudaDevice::get(self.ordinal)?;
+        let name = "adamw_step_f32";
+        let f = dev.function("adamw", name)?;
+        let n = params.elem_count();
+        let n_i = n as i64;
+        let mut b = dev.stream().launch_builder(&f);
+        b.arg(params.cuda_slice_mut::<f32>("adamw")?)
+            .arg(grads.cuda_slice::<f32>("adamw")?)
+            .arg(self.m.cuda_slice_mut::<f32>("adamw")?)
+            .arg(self.v.cuda_slice_mut::<f32>("adamw")?)
+            .arg(&n_i)
+            .arg(&a)
+            .arg(&self.norm);
+        // SAFETY: adamw_step_f32(float*, const float*, float*, float*, long long, AdamParams,
+        // const double*); p, g, m, v hold n floats (checked); AdamParams is #[repr(C)] like the
+        // kernel's struct; norm is one double written by grad_norm_f32 on the same stream.
+        unsafe { dev.launch(name, b, crate::device::cuda::grid_1d(n, 256)) }
+    }
+
+    /// The state on the host (for checkpoints).
+    pub fn to_host(&self) -> Result<AdamW> {
+        Ok(AdamW {
+            config: self.config,
+            step: self.step,
+            m: self.m.to_vec()?,
+            v: self.v.to_vec()?,
+        })
+    }
+}

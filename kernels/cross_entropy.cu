@@ -1,0 +1,33 @@
+// Cross-entropy over one chunk of logits, fused with its gradient (math and CPU reference:
+// src/ops/cross_entropy.rs). logits [rows, V] fp32 are overwritten by dlogits =
+// g·(softmax − onehot(target)) (zeros for target −100); loss[row] = lse − z[target] (0 if
+// ignored). One block per row. The lm_head GEMMs around it (z = h·Wᵀ, dh = dz·W) are the GEMM
+// kernels'.
+
+#include "common.cuh"
+
+extern "C" __global__ void ce_fwd_bwd_f32(float* logits, const int* targets, float* loss,
+                                          int vocab, float grad_scale) {
+  const long long row = blockIdx.x;
+  float* z = logits + row * (long long)vocab;
+  const int y = targets[row];
+  if (y < 0) {
+    for (int i = threadIdx.x; i < vocab; i += blockDim.x) z[i] = 0.0f;
+    if (threadIdx.x == 0) loss[row] = 0.0f;
+    return;
+  }
+  float m = -INFINITY;
+  for (int i = threadIdx.x; i < vocab; i += blockDim.x) m = fmaxf(m, z[i]);
+  m = block_max_any(m);
+  float s = 0.0f;
+  for (int i = threadIdx.x; i < vocab; i += blockDim.x) s += expf(z[i] - m);
+  s = block_sum(s);
+  const float lse = m + logf(s);
+  const float zy = z[y];
+  __syncthreads();  // everyone has read z[y] before it is overwritten
+  for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
+    const float p = expf(z[i] - lse);
+    z[i] = grad_scale * (p - (i == y ? 1.0f : 0.0f));
+  }
+  if (threadIdx.x == 0) loss[row] = lse - zy;
+}

@@ -1,0 +1,350 @@
+//! CUDA kernels of the step (RMSNorm, RoPE, SwiGLU, embedding and casts, cross-entropy, AdamW)
+//! against their CPU references, on fresh random data of awkward sizes. Without a GPU each test
+//! prints `SKIPPED (no CUDA device)` and passes, unless QLORA_REQUIRE_GPU=1.
+
+use half::bf16;
+use qlora_rs::ops::{cross_entropy, embedding, rmsnorm, rope, swiglu};
+use qlora_rs::testing::{check_close, gpu_or_skip, Tolerance};
+use qlora_rs::train::optimizer::{clip_grad_norm, AdamW, AdamWConfig, AdamWCuda};
+use qlora_rs::{DType, Device, Tensor};
+use rand::{Rng, SeedableRng};
+
+fn rng(seed: u64) -> rand::rngs::StdRng {
+    rand::rngs::StdRng::seed_from_u64(seed)
+}
+
+/// Random values already rounded to bf16, as f32 (for the CPU) and bf16 (for the GPU).
+fn bf16_data(r: &mut impl Rng, n: usize, scale: f32) -> (Vec<f32>, Vec<bf16>) {
+    let b: Vec<bf16> = (0..n)
+        .map(|_| bf16::from_f32(r.random_range(-1.0..1.0) * scale))
+        .collect();
+    (b.iter().map(|v| v.to_f32()).collect(), b)
+}
+
+fn up(dev: &Device, v: Vec<bf16>, shape: &[usize]) -> Tensor {
+    Tensor::from_vec(v, shape, dev).unwrap()
+}
+
+fn f64s_bf16(t: &Tensor) -> Vec<f64> {
+    t.to_vec::<bf16>()
+        .unwrap()
+        .iter()
+        .map(|v| v.to_f32() as f64)
+        .collect()
+}
+
+fn f64s(v: &[f32]) -> Vec<f64> {
+    v.iter().map(|&x| x as f64).collect()
+}
+
+const BF16: Tolerance = Tolerance {
+    abs: 1e-2,
+    rel: 1.6e-2,
+};
+
+fn check(what: &str, got: &[f64], want: &[f64], tol: Tolerance) {
+    if let Err(e) = check_close(what, got, want, tol) {
+        panic!("{e}");
+    }
+}
+
+#[test]
+fn kernels_rmsnorm_match_cpu() {
+    let Some(dev) = gpu_or_skip("kernels_rmsnorm_match_cpu") else {
+        return;
+    };
+    let mut r = rng(1);
+    for (t, d) in [(1usize, 96usize), (7, 576), (97, 4097), (33, 4096)] {
+        let (x, xb) = bf16_data(&mut r, t * d, 3.0);
+        let (w, wb) = bf16_data(&mut r, d, 1.5);
+        let (dy, dyb) = bf16_data(&mut r, t * d, 1.0);
+        let (res, resb) = bf16_data(&mut r, t * d, 1.0);
+        let (y_ref, rstd_ref) = rmsnorm::forward(&x, &w, d, 1e-5).unwrap();
+        let (xg, wg) = (up(&dev, xb.clone(), &[t, d]), up(&dev, wb, &[d]));
+        let (y, rstd) = rmsnorm::forward_cuda(&xg, &wg, 1e-5).unwrap();
+        check(
+            &format!("rmsnorm y {t}x{d}"),
+            &f64s_bf16(&y),
+            &f64s(&y_ref),
+            BF16,
+        );
+        check(
+            "rmsnorm rstd",
+            &f64s(&rstd.to_vec::<f32>().unwrap()),
+            &f64s(&rstd_ref),
+            Tolerance::for_dtype(DType::F32),
+        );
+        let dx_ref = rmsnorm::backward(&x, &w, &rstd_ref, &dy, d).unwrap();
+        let dyg = up(&dev, dyb, &[t, d]);
+        let dx = rmsnorm::backward_cuda(&xg, &wg, &rstd, &dyg, None).unwrap();
+        check("rmsnorm dx", &f64s_bf16(&dx), &f64s(&dx_ref), BF16);
+        let resg = up(&dev, resb, &[t, d]);
+        let dx2 = rmsnorm::backward_cuda(&xg, &wg, &rstd, &dyg, Some(&resg)).unwrap();
+        let want: Vec<f64> = dx_ref
+            .iter()
+            .zip(&res)
+            .map(|(a, b)| (*a + *b) as f64)
+            .collect();
+        check("rmsnorm dx + residual", &f64s_bf16(&dx2), &want, BF16);
+        // Fused residual: h = bf16(x + res), then the norm of h.
+        let (h, y2, _) = rmsnorm::forward_residual_cuda(&xg, &resg, &wg, 1e-5).unwrap();
+        let h_ref: Vec<f32> = x
+            .iter()
+            .zip(&res)
+            .map(|(a, b)| bf16::from_f32(a + b).to_f32())
+            .collect();
+        assert_eq!(f64s_bf16(&h), f64s(&h_ref));
+        let (y2_ref, _) = rmsnorm::forward(&h_ref, &w, d, 1e-5).unwrap();
+        check("rmsnorm+residual y", &f64s_bf16(&y2), &f64s(&y2_ref), BF16);
+    }
+    let bad = Tensor::zeros(&[3, 4], DType::F32, &dev).unwrap();
+    let w = Tensor::zeros(&[4], DType::BF16, &dev).unwrap();
+    let err = rmsnorm::forward_cuda(&bad, &w, 1e-5)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("rmsnorm") && err.contains("f32"), "{err}");
+}
+
+#[test]
+fn kernels_rope_match_cpu_with_restarting_positions() {
+    let Some(dev) = gpu_or_skip("kernels_rope_match_cpu_with_restarting_positions") else {
+        return;
+    };
+    let mut r = rng(2);
+    let scaling = rope::RopeScaling::Llama3 {
+        factor: 8.0,
+        low_freq_factor: 1.0,
+        high_freq_factor: 4.0,
+        original_max_position_embeddings: 8192,
+    };
+    for (heads, hd, cu) in [
+        (9usize, 64usize, vec![0usize, 5, 6, 300]),
+        (8, 128, vec![0, 1]),
+        (3, 64, vec![0, 4097]),
+    ] {
+        let pos = rope::positions_from_cu_seqlens(&cu);
+        let t = pos.len();
+        let freqs = rope::inv_freq(hd, 500_000.0, scaling);
+        let (x, xb) = bf16_data(&mut r, t * heads * hd, 2.0);
+        let mut want = x.clone();
+        rope::forward(&mut want, &pos, heads, hd, &freqs).unwrap();
+        let mut xg = up(&dev, xb, &[t, heads, hd]);
+        let pg = Tensor::from_vec(
+            pos.iter().map(|&p| p as i32).collect::<Vec<_>>(),
+            &[t],
+            &dev,
+        )
+        .unwrap();
+        let fg = Tensor::from_vec(freqs.clone(), &[hd / 2], &dev).unwrap();
+        rope::apply_cuda(&mut xg, &pg, &fg, false).unwrap();
+        check(
+            &format!("rope {heads}x{hd} T={t}"),
+            &f64s_bf16(&xg),
+            &f64s(&want),
+            BF16,
+        );
+        rope::apply_cuda(&mut xg, &pg, &fg, true).unwrap();
+        check(
+            "rope then its backward",
+            &f64s_bf16(&xg),
+            &f64s(&x),
+            Tolerance {
+                abs: 3e-2,
+                rel: 3e-2,
+            },
+        );
+    }
+}
+
+#[test]
+fn kernels_swiglu_match_cpu() {
+    let Some(dev) = gpu_or_skip("kernels_swiglu_match_cpu") else {
+        return;
+    };
+    let mut r = rng(3);
+    for n in [1usize, 7 * 97, 1536 * 33 + 5] {
+        let (g, gb) = bf16_data(&mut r, n, 6.0);
+        let (u, ub) = bf16_data(&mut r, n, 2.0);
+        let (dh, dhb) = bf16_data(&mut r, n, 1.0);
+        let (gg, ug, dhg) = (up(&dev, gb, &[n]), up(&dev, ub, &[n]), up(&dev, dhb, &[n]));
+        check(
+            "swiglu h",
+            &f64s_bf16(&swiglu::forward_cuda(&gg, &ug).unwrap()),
+            &f64s(&swiglu::forward(&g, &u).unwrap()),
+            BF16,
+        );
+        let (dg_ref, du_ref) = swiglu::backward(&g, &u, &dh).unwrap();
+        let (dg, du) = swiglu::backward_cuda(&gg, &ug, &dhg).unwrap();
+        check("swiglu dgate", &f64s_bf16(&dg), &f64s(&dg_ref), BF16);
+        check("swiglu dup", &f64s_bf16(&du), &f64s(&du_ref), BF16);
+    }
+}
+
+#[test]
+fn kernels_embedding_and_casts_are_exact() {
+    let Some(dev) = gpu_or_skip("kernels_embedding_and_casts_are_exact") else {
+        return;
+    };
+    let mut r = rng(4);
+    let (v, d) = (211usize, 97usize);
+    let (table, tb) = bf16_data(&mut r, v * d, 1.0);
+    let ids: Vec<u32> = (0..37).map(|_| r.random_range(0..v as u32)).collect();
+    let got = embedding::forward_cuda(&up(&dev, tb, &[v, d]), &ids).unwrap();
+    assert_eq!(
+        f64s_bf16(&got),
+        f64s(&embedding::forward(&table, d, &ids).unwrap())
+    );
+    let tg = Tensor::zeros(&[v, d], DType::BF16, &dev).unwrap();
+    let err = embedding::forward_cuda(&tg, &[3, 211])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("token id 211 at position 1"), "{err}");
+    let x: Vec<f32> = (0..10_007)
+        .map(|_| r.random_range(-100.0f32..100.0))
+        .collect();
+    let xg = Tensor::from_vec(x.clone(), &[x.len()], &dev).unwrap();
+    let b = embedding::cast_cuda(&xg, DType::BF16).unwrap();
+    let want: Vec<bf16> = x.iter().map(|&v| bf16::from_f32(v)).collect();
+    assert_eq!(b.to_vec::<bf16>().unwrap(), want);
+    let back = embedding::cast_cuda(&b, DType::F32).unwrap();
+    assert_eq!(
+        back.to_vec::<f32>().unwrap(),
+        want.iter().map(|v| v.to_f32()).collect::<Vec<_>>()
+    );
+}
+
+#[test]
+fn kernels_cross_entropy_chunk_matches_cpu() {
+    let Some(dev) = gpu_or_skip("kernels_cross_entropy_chunk_matches_cpu") else {
+        return;
+    };
+    let mut r = rng(5);
+    for (rows, vocab) in [(1usize, 211usize), (7, 4097), (32, 49_152)] {
+        let z: Vec<f32> = (0..rows * vocab)
+            .map(|_| r.random_range(-8.0f32..8.0))
+            .collect();
+        let targets: Vec<i64> = (0..rows)
+            .map(|i| {
+                if i % 3 == 1 {
+                    -100
+                } else {
+                    r.random_range(0..vocab as i64)
+                }
+            })
+            .collect();
+        let g = 0.37f32;
+        let mut zg = Tensor::from_vec(z.clone(), &[rows, vocab], &dev).unwrap();
+        let loss = cross_entropy::chunk_cuda(&mut zg, &targets, g)
+            .unwrap()
+            .to_vec::<f32>()
+            .unwrap();
+        let dz = zg.to_vec::<f32>().unwrap();
+        for (i, &y) in targets.iter().enumerate() {
+            let row: Vec<f64> = z[i * vocab..(i + 1) * vocab]
+                .iter()
+                .map(|&v| v as f64)
+                .collect();
+            let m = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let lse = m + row.iter().map(|v| (v - m).exp()).sum::<f64>().ln();
+            let (want_loss, want_dz): (f64, Vec<f64>) = if y < 0 {
+                (0.0, vec![0.0; vocab])
+            } else {
+                let dz = row
+                    .iter()
+                    .enumerate()
+                    .map(|(j, v)| {
+                        g as f64 * ((v - lse).exp() - if j as i64 == y { 1.0 } else { 0.0 })
+                    })
+                    .collect();
+                (lse - row[y as usize], dz)
+            };
+            check(
+                "ce loss",
+                &[loss[i] as f64],
+                &[want_loss],
+                Tolerance {
+                    abs: 1e-4,
+                    rel: 1e-5,
+                },
+            );
+            check(
+                "ce dlogits",
+                &f64s(&dz[i * vocab..(i + 1) * vocab]),
+                &want_dz,
+                Tolerance {
+                    abs: 1e-7,
+                    rel: 1e-4,
+                },
+            );
+        }
+    }
+    let mut zg = Tensor::zeros(&[2, 5], DType::F32, &dev).unwrap();
+    let err = cross_entropy::chunk_cuda(&mut zg, &[1, 5], 1.0)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("label 5 at position 1"), "{err}");
+}
+
+#[test]
+fn kernels_adamw_and_grad_norm_match_cpu() {
+    let Some(Device::Cuda(o)) = gpu_or_skip("kernels_adamw_and_grad_norm_match_cpu") else {
+        return;
+    };
+    let dev = Device::Cuda(o);
+    let mut r = rng(6);
+    let n = 100_003;
+    let cfg = AdamWConfig {
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay: 0.01,
+    };
+    let mut p_cpu: Vec<f32> = (0..n).map(|_| r.random_range(-1.0f32..1.0)).collect();
+    let mut p_gpu = Tensor::from_vec(p_cpu.clone(), &[n], &dev).unwrap();
+    let mut cpu = AdamW::new(cfg, n);
+    let mut gpu = AdamWCuda::new(cfg, n, o).unwrap();
+    for (step, max_norm) in [(0, 1.0), (1, 1e6), (2, 0.0)] {
+        let g: Vec<f32> = (0..n)
+            .map(|_| r.random_range(-0.05f32..0.05) * (1 + step) as f32)
+            .collect();
+        let gg = Tensor::from_vec(g.clone(), &[n], &dev).unwrap();
+        let mut gc = g.clone();
+        let norm = clip_grad_norm(&mut gc, max_norm);
+        cpu.step(&mut p_cpu, &gc, 1e-3).unwrap();
+        gpu.step(&mut p_gpu, &gg, 1e-3, max_norm).unwrap();
+        let got_norm = gpu.grad_norm().unwrap();
+        assert!(
+            (got_norm - norm).abs() <= 1e-9 * norm,
+            "norm {got_norm} vs {norm}"
+        );
+        check(
+            "adamw params",
+            &f64s(&p_gpu.to_vec::<f32>().unwrap()),
+            &f64s(&p_cpu),
+            Tolerance {
+                abs: 1e-6,
+                rel: 1e-5,
+            },
+        );
+    }
+    let host = gpu.to_host().unwrap();
+    check(
+        "adamw m",
+        &f64s(&host.m),
+        &f64s(&cpu.m),
+        Tolerance {
+            abs: 1e-8,
+            rel: 1e-5,
+        },
+    );
+    check(
+        "adamw v",
+        &f64s(&host.v),
+        &f64s(&cpu.v),
+        Tolerance {
+            abs: 1e-10,
+            rel: 1e-5,
+        },
+    );
+    assert_eq!(host.step, 3);
+}
