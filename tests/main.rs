@@ -3,6 +3,7 @@
 mod cli;
 mod data;
 mod device;
+mod gguf;
 mod harness;
 mod llama;
 mod nf4;

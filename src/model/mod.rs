@@ -1,5 +1,6 @@
-//! The model: configuration, the Llama decoder, LoRA adapters.
+//! The model: configuration, the Llama decoder, LoRA adapters, GGUF import.
 
 pub mod config;
+pub mod import_gguf;
 pub mod llama;
 pub mod lora;
