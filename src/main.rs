@@ -14,7 +14,7 @@ use qlora_rs::model::config::LlamaConfig;
 use qlora_rs::model::generate::Sampling;
 use qlora_rs::model::llama::{BaseFormat, Llama};
 use qlora_rs::model::lora::{LoraConfig, Target};
-use qlora_rs::model::{memory, shapes};
+use qlora_rs::model::{import_gguf, memory, shapes};
 use qlora_rs::quant::nf4::Nf4Config;
 use qlora_rs::train::{trainer, TrainConfig, Trainer};
 
@@ -75,6 +75,10 @@ enum Command {
         /// Print one JSON object instead of text.
         #[arg(long)]
         json: bool,
+        /// How to hold the base weights: nf4 (as training does) or dense (the checkpoint's own
+        /// precision). Default: nf4 with --adapter, dense without (e.g. a merged model).
+        #[arg(long, value_parser = ["nf4", "dense"])]
+        base: Option<String>,
     },
     /// Generate text from a prompt (or a chat message rendered with the model's chat template),
     /// streaming tokens as they come; stops at the end-of-sequence token or --max-new-tokens.
@@ -103,6 +107,9 @@ enum Command {
         /// Seed of the sampler.
         #[arg(long, default_value_t = 42)]
         seed: u64,
+        /// How to hold the base weights: nf4 or dense. Default: nf4 with --adapter, else dense.
+        #[arg(long, value_parser = ["nf4", "dense"])]
+        base: Option<String>,
     },
     /// The device memory a training run will need (base weights, adapters and optimizer,
     /// activations, workspaces) and whether it fits --gpu-mem, before anything is loaded.
@@ -125,6 +132,16 @@ enum Command {
         /// Device memory to check against, GiB.
         #[arg(long, default_value_t = 24.0)]
         gpu_mem: f64,
+    },
+    /// Convert a llama-architecture GGUF (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q6_K tensors;
+    /// byte-level BPE tokenizer) into a Hugging Face folder: config.json, bf16 safetensors,
+    /// tokenizer.json and tokenizer_config.json with the chat template.
+    ImportGguf {
+        /// The .gguf file.
+        gguf: PathBuf,
+        /// Output folder.
+        #[arg(long)]
+        output: PathBuf,
     },
     /// Fold a LoRA adapter into its base model: W + s·B·A in f32 (W dequantized from NF4, the
     /// weights the adapter was trained on), written as bf16 safetensors (sharded like the input)
@@ -179,6 +196,7 @@ fn main() -> ExitCode {
             temperature,
             top_p,
             seed,
+            base,
         } => {
             let sampling = Sampling {
                 temperature,
@@ -186,6 +204,7 @@ fn main() -> ExitCode {
                 seed,
                 max_new_tokens,
             };
+            let format = base_format(base.as_deref(), adapter.is_some());
             run_generate(
                 cli.device,
                 &model,
@@ -193,6 +212,7 @@ fn main() -> ExitCode {
                 prompt,
                 chat,
                 sampling,
+                format,
             )
         }
         Command::Plan {
@@ -223,6 +243,9 @@ fn main() -> ExitCode {
             print!("{}", p.table(Some((gpu_mem * (1u64 << 30) as f64) as u64)));
             Ok(())
         })(),
+        Command::ImportGguf { gguf, output } => {
+            import_gguf::import_gguf(&gguf, &output).map(|r| println!("{r}"))
+        }
         Command::Merge {
             model,
             adapter,
@@ -263,12 +286,14 @@ fn main() -> ExitCode {
             seq_len,
             batch_tokens,
             json,
+            base,
         } => (|| {
             let opts = DataOptions {
                 format: Format::parse(&format)?,
                 seq_len,
                 train_on_prompt,
             };
+            let base = base_format(base.as_deref(), adapter.is_some());
             run_eval(
                 cli.device,
                 &model,
@@ -277,6 +302,7 @@ fn main() -> ExitCode {
                 &opts,
                 batch_tokens,
                 json,
+                base,
             )
         })(),
     };
@@ -424,6 +450,17 @@ fn run_train(request: DeviceRequest, cfg: TrainConfig) -> qlora_rs::Result<()> {
     Ok(())
 }
 
+/// The base weights as training holds them (NF4) when an adapter is applied, else the
+/// checkpoint's own precision, unless `--base` says otherwise.
+fn base_format(flag: Option<&str>, with_adapter: bool) -> BaseFormat {
+    match flag {
+        Some("dense") => BaseFormat::Dense,
+        Some(_) => BaseFormat::Nf4(Nf4Config::default()),
+        None if with_adapter => BaseFormat::Nf4(Nf4Config::default()),
+        None => BaseFormat::Dense,
+    }
+}
+
 fn run_generate(
     request: DeviceRequest,
     model_dir: &std::path::Path,
@@ -431,10 +468,11 @@ fn run_generate(
     prompt: Option<String>,
     chat: Option<String>,
     sampling: Sampling,
+    format: BaseFormat,
 ) -> qlora_rs::Result<()> {
     use std::io::Write;
     compute_device(request)?;
-    let model = Llama::load(model_dir, BaseFormat::Nf4(Nf4Config::default()))?;
+    let model = Llama::load(model_dir, format)?;
     let tokenizer = TextTokenizer::load(model_dir)?;
     let lora = adapter
         .map(|a| adapters::load(a, &model.config))
@@ -479,6 +517,7 @@ fn run_generate(
     Ok(())
 }
 
+#[allow(clippy::too_many_arguments)]
 fn run_eval(
     request: DeviceRequest,
     model_dir: &std::path::Path,
@@ -487,9 +526,10 @@ fn run_eval(
     opts: &DataOptions,
     batch_tokens: usize,
     json: bool,
+    format: BaseFormat,
 ) -> qlora_rs::Result<()> {
     compute_device(request)?;
-    let model = Llama::load(model_dir, BaseFormat::Nf4(Nf4Config::default()))?;
+    let model = Llama::load(model_dir, format)?;
     let tokenizer = TextTokenizer::load(model_dir)?;
     let lora = adapter
         .map(|a| adapters::load(a, &model.config))

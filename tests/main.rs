@@ -3,7 +3,9 @@
 mod cli;
 mod data;
 mod device;
+mod e2e;
 mod export;
+mod gguf;
 mod harness;
 mod kernels;
 mod llama;

@@ -1,7 +1,9 @@
-//! The model: configuration, the Llama decoder, LoRA adapters.
+//! The model: configuration, the Llama decoder, LoRA adapters, generation, memory planning,
+//! GGUF import.
 
 pub mod config;
 pub mod generate;
+pub mod import_gguf;
 pub mod llama;
 pub mod lora;
 pub mod memory;

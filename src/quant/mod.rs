@@ -1,2 +1,3 @@
 pub mod bnb;
+pub mod gguf;
 pub mod nf4;

@@ -110,6 +110,7 @@ fn resume_mismatches(saved: &TrainConfig, now: &TrainConfig) -> Vec<String> {
     let a = serde_json::to_value(saved).expect("plain struct");
     let b = serde_json::to_value(now).expect("plain struct");
     let free = [
+        "output",
         "resume",
         "overwrite",
         "eval_every",
