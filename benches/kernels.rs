@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use half::bf16;
 use qlora_rs::device::{CudaDevice, Device};
+use qlora_rs::ops::gemm::{self, Layout, LoraCuda};
 use qlora_rs::ops::{cross_entropy, rmsnorm, rope, swiglu};
 use qlora_rs::quant::nf4::{Nf4Config, Nf4Tensor};
 use qlora_rs::testing::gpu_or_skip;
@@ -205,5 +206,81 @@ fn step_kernels(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, copy, nf4, step_kernels);
+/// Llama-3-8B projection shapes (N = out, K = in).
+const LLAMA3_8B: [(usize, usize); 4] = [(4096, 4096), (14336, 4096), (4096, 14336), (1024, 4096)];
+const MS: [usize; 5] = [1, 16, 512, 2048, 8192];
+
+/// bf16 GEMM Y = X·Wᵀ (bf16 out) and the NF4 GEMM at the Llama-3-8B shapes. Throughput is in
+/// "elements" = FLOPs (2·M·N·K), so criterion's elem/s reads as FLOP/s. Ceilings on an H100
+/// (PEERS.md): cuBLAS bf16 ≈ 711 TFLOP/s at 2048×14336×4096; `mma.sync` runs at about half.
+fn gemm(c: &mut Criterion) {
+    let Some((device, dev)) = cuda("gemm/nf4_gemm/lora") else {
+        return;
+    };
+    for (group_name, nf4) in [("gemm", false), ("nf4_gemm", true)] {
+        let mut g = c.benchmark_group(group_name);
+        for (n, k) in LLAMA3_8B {
+            let w = bf16_tensor(&device, &[n, k], 11);
+            let q = Nf4Tensor::quantize(&w, Nf4Config::default()).unwrap();
+            for m in MS {
+                let x = bf16_tensor(&device, &[m, k], 12);
+                let mut y = Tensor::zeros(&[m, n], DType::BF16, &device).unwrap();
+                g.throughput(Throughput::Elements((2 * m * n * k) as u64));
+                g.bench_function(BenchmarkId::new("nt_bf16", format!("{m}x{n}x{k}")), |b| {
+                    b.iter_custom(|iters| {
+                        timed(&dev, iters, || {
+                            if nf4 {
+                                drop(gemm::nf4_forward_cuda(&x, &q, None).unwrap())
+                            } else {
+                                gemm::gemm_cuda(Layout::Nt, &x, &w, &mut y, 1.0, 0.0).unwrap()
+                            }
+                        })
+                    })
+                });
+            }
+        }
+        g.finish();
+    }
+    // The adapter path of one 4096→4096 layer, rank 16, 2048 tokens: forward, then backward.
+    let mut g = c.benchmark_group("lora");
+    let (t, i, o, r) = (2048usize, 4096usize, 4096usize, 16usize);
+    let w = bf16_tensor(&device, &[o, i], 13);
+    let q = Nf4Tensor::quantize(&w, Nf4Config::default()).unwrap();
+    let (x, a, bm, dy) = (
+        bf16_tensor(&device, &[t, i], 14),
+        bf16_tensor(&device, &[r, i], 15),
+        bf16_tensor(&device, &[o, r], 16),
+        bf16_tensor(&device, &[t, o], 17),
+    );
+    let lora = LoraCuda {
+        a: &a,
+        b: &bm,
+        scale: 2.0,
+    };
+    let (_, xa) = gemm::lora_forward_cuda(&x, &q, &lora).unwrap();
+    let mut ga = Tensor::zeros(&[r, i], DType::F32, &device).unwrap();
+    let mut gb = Tensor::zeros(&[o, r], DType::F32, &device).unwrap();
+    let fwd_flops = 2 * t * o * i + 2 * t * r * (i + o);
+    g.throughput(Throughput::Elements(fwd_flops as u64));
+    g.bench_function(BenchmarkId::new("fwd", format!("{t}x{o}x{i}_r{r}")), |b| {
+        b.iter_custom(|iters| {
+            timed(&dev, iters, || {
+                drop(gemm::lora_forward_cuda(&x, &q, &lora).unwrap())
+            })
+        })
+    });
+    g.throughput(Throughput::Elements(
+        (2 * t * o * i + 8 * t * r * (i + o)) as u64,
+    ));
+    g.bench_function(BenchmarkId::new("bwd", format!("{t}x{o}x{i}_r{r}")), |b| {
+        b.iter_custom(|iters| {
+            timed(&dev, iters, || {
+                drop(gemm::lora_backward_cuda(&x, &q, &lora, &xa, &dy, &mut ga, &mut gb).unwrap())
+            })
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, copy, nf4, step_kernels, gemm);
 criterion_main!(benches);

@@ -257,6 +257,14 @@ impl Tensor {
         }
     }
 
+    /// The raw device address of a CUDA tensor (0 for a CPU tensor), for parameter structs.
+    pub(crate) fn device_ptr(&self) -> u64 {
+        match &self.storage {
+            Storage::Cuda(s) => s.device_ptr(),
+            Storage::Cpu(_) => 0,
+        }
+    }
+
     /// The mutable device slice of a CUDA tensor of dtype `T`.
     pub fn cuda_slice_mut<T: Element>(
         &mut self,

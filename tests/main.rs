@@ -5,6 +5,7 @@ mod data;
 mod device;
 mod e2e;
 mod export;
+mod gemm;
 mod gguf;
 mod harness;
 mod kernels;

@@ -70,6 +70,16 @@ impl CudaStorage {
         each_storage!(self, s => s.ordinal())
     }
 
+    /// The raw device address, for kernels that take pointers inside a parameter struct. The
+    /// caller keeps the storage alive until the kernel has run (frees are stream-ordered).
+    pub(crate) fn device_ptr(&self) -> u64 {
+        use cudarc::driver::DevicePtr;
+        each_storage!(self, s => {
+            let (ptr, _sync) = s.device_ptr(s.stream());
+            ptr
+        })
+    }
+
     /// Copies to the host (synchronous).
     pub fn download(&self) -> Result<CpuStorage> {
         let err = Error::cuda("device to host copy");
@@ -151,6 +161,16 @@ impl CudaDevice {
         self.ctx
             .compute_capability()
             .map_err(Error::cuda("reading the compute capability"))
+    }
+
+    /// Streaming multiprocessors.
+    pub fn multiprocessor_count(&self) -> Result<usize> {
+        self.ctx
+            .attribute(
+                cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+            )
+            .map(|n| n.max(1) as usize)
+            .map_err(Error::cuda("reading the multiprocessor count"))
     }
 
     /// Total device memory in bytes.

@@ -11,6 +11,7 @@
 pub mod attention;
 pub mod cross_entropy;
 pub mod embedding;
+pub mod gemm;
 pub mod linear;
 pub mod matmul;
 pub mod residual;

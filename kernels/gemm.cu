@@ -1,0 +1,452 @@
+// Tensor-core GEMMs (mma.sync m16n8k16 bf16, fp32 accumulation, cp.async 3-stage pipeline) for
+// the three products of a linear layer, with an fp32 or bf16 output, C = alpha·A·B + beta·C,
+// split-K for skinny shapes, and an optional second phase that adds A2·B2 (the fused LoRA term
+// s·(X·Aᵀ)·Bᵀ) before the epilogue. The NF4 variants take B as packed NF4 + (double-quantized)
+// scales and dequantize each tile into shared memory, so W never exists in bf16 in device memory.
+// Math, shapes and the CPU references: src/ops/gemm.rs.
+//
+// Operand layouts (KC: contiguous along k; MC: contiguous along m or n):
+//   gemm_nt: A = X [M, K] (KC), B = W [N, K] (KC)        Y = X·Wᵀ
+//   gemm_nn: A = dY [M, K] (KC), B = W [K, N] (MC)       dX = dY·W
+//   gemm_tn: A = dYᵀ, dY [K, M] (MC), B = X [K, N] (MC)   dW = dYᵀ·X
+// Requirements (checked by the launchers): every contiguous dimension is a multiple of 8 and
+// every row start 16-byte aligned; M, N, K otherwise arbitrary (edges are zero-filled).
+//
+// Block tile 128×128×32, 8 warps as 2 (m) × 4 (n), warp tile 64×32 = 4×4 mma tiles. Shared
+// memory rows are XOR-swizzled by 16-byte chunk so ldmatrix reads are bank-conflict free.
+
+#include "common.cuh"
+
+#define BM 128
+#define BN 128
+#define BK 32
+#define STAGES 3
+#define THREADS 256
+#define TILE_ELEMS (BM * BK)  // = BN * BK
+
+struct GemmParams {
+  const bf16* a;
+  const bf16* b;
+  void* c;
+  float* partial;  // split-K workspace [gridDim.z, m, n] (fp32) when gridDim.z > 1
+  const bf16* a2;  // second phase: A2 [m, k2] (KC), B2 [n, k2] (KC); null when absent
+  const bf16* b2;
+  long long lda, ldb, ldc, lda2, ldb2;
+  int m, n, k, k2;
+  int k_tiles_per_split;
+  float alpha, beta;
+};
+
+// NF4 weight W [rows, cols] (row-major flattened, blocks of `blocksize`).
+struct Nf4Params {
+  const uint8_t* packed;
+  const float* absmax;      // plain scales (null with double quantization)
+  const uint8_t* absmax_q;  // double quantization: codes, second-level absmax, offset, map
+  const float* absmax2;
+  const float* offset;
+  const float* code2;
+  const float* code;  // [16]
+  long long rows, cols;
+  int blocksize;
+};
+
+// ---- PTX helpers ----
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return (uint32_t)__cvta_generic_to_shared(p);
+}
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
+  const int bytes = valid ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(dst)), "l"(src), "r"(bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t* r, const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_u32(p)));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t* r, const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_u32(p)));
+}
+__device__ __forceinline__ void mma16816(float* c, const uint32_t* a, const uint32_t* b) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+// ---- swizzled shared-memory addressing (element offsets) ----
+// KC tile: [128 rows][32 k]: 4 chunks of 8 per row; chunk ^= (row >> 1) & 3.
+__device__ __forceinline__ int off_kc(int row, int chunk) { return row * BK + ((chunk ^ ((row >> 1) & 3)) << 3); }
+// MC tile: [32 k-rows][128]: 16 chunks per row; chunk ^= row & 7.
+__device__ __forceinline__ int off_mc(int krow, int chunk) { return krow * BM + ((chunk ^ (krow & 7)) << 3); }
+
+// Loads one operand tile (rows [r0, r0+128) of the m/n dimension, k in [k0, min(k0+32, kend)))
+// with cp.async; zero-fills outside.
+template <bool KC>
+__device__ __forceinline__ void load_tile(bf16* s, const bf16* g, long long ld, int r0, int rmax, int k0,
+                                          int kend) {
+  const int tid = threadIdx.x;
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int q = tid + i * THREADS;
+    if (KC) {
+      const int row = q >> 2, ch = q & 3;
+      const int gr = r0 + row, gk = k0 + ch * 8;
+      const bool ok = gr < rmax && gk < kend;
+      cp_async16(s + off_kc(row, ch), ok ? g + (long long)gr * ld + gk : g, ok);
+    } else {
+      const int krow = q >> 4, ch = q & 15;
+      const int gk = k0 + krow, gr = r0 + ch * 8;
+      const bool ok = gk < kend && gr < rmax;
+      cp_async16(s + off_mc(krow, ch), ok ? g + (long long)gk * ld + gr : g, ok);
+    }
+  }
+}
+
+// Fragments of one k16 step (kk = 0 or 1 within the BK = 32 tile) and the 16 mma.
+template <bool A_KC, bool B_KC>
+__device__ __forceinline__ void compute_tile(const bf16* sa, const bf16* sb, float (*acc)[4][4], int kk) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int wm = warp >> 2, wn = warp & 3;
+  const int j = lane >> 3, r = lane & 7;
+  uint32_t a[4][4], b[4][2];
+#pragma unroll
+  for (int mi = 0; mi < 4; ++mi) {
+    if (A_KC) {
+      const int row = wm * 64 + mi * 16 + (j & 1) * 8 + r;
+      ldmatrix_x4(a[mi], sa + off_kc(row, kk * 2 + (j >> 1)));
+    } else {
+      const int krow = kk * 16 + (j >> 1) * 8 + r;
+      const int col = wm * 64 + mi * 16 + (j & 1) * 8;
+      ldmatrix_x4_trans(a[mi], sa + off_mc(krow, col >> 3));
+    }
+  }
+#pragma unroll
+  for (int np = 0; np < 2; ++np) {
+    uint32_t t[4];
+    if (B_KC) {
+      const int row = wn * 32 + np * 16 + (j >> 1) * 8 + r;
+      ldmatrix_x4(t, sb + off_kc(row, kk * 2 + (j & 1)));
+    } else {
+      const int krow = kk * 16 + (j & 1) * 8 + r;
+      const int col = wn * 32 + np * 16 + (j >> 1) * 8;
+      ldmatrix_x4_trans(t, sb + off_mc(krow, col >> 3));
+    }
+    b[2 * np][0] = t[0];
+    b[2 * np][1] = t[1];
+    b[2 * np + 1][0] = t[2];
+    b[2 * np + 1][1] = t[3];
+  }
+#pragma unroll
+  for (int mi = 0; mi < 4; ++mi)
+#pragma unroll
+    for (int ni = 0; ni < 4; ++ni) mma16816(acc[mi][ni], a[mi], b[ni]);
+}
+
+template <typename OutT>
+__device__ __forceinline__ void store_out(OutT* c, long long i, float v);
+template <>
+__device__ __forceinline__ void store_out<float>(float* c, long long i, float v) { c[i] = v; }
+template <>
+__device__ __forceinline__ void store_out<bf16>(bf16* c, long long i, float v) { c[i] = __float2bfloat16_rn(v); }
+__device__ __forceinline__ float load_out(const float* c, long long i) { return c[i]; }
+__device__ __forceinline__ float load_out(const bf16* c, long long i) { return __bfloat162float(c[i]); }
+
+// The epilogue: C = alpha·acc + beta·C, or the split's fp32 partial.
+template <typename OutT>
+__device__ __forceinline__ void epilogue(const GemmParams& p, float (*acc)[4][4], int m0, int n0) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int wm = warp >> 2, wn = warp & 3;
+  const bool split = gridDim.z > 1;
+#pragma unroll
+  for (int mi = 0; mi < 4; ++mi)
+#pragma unroll
+    for (int ni = 0; ni < 4; ++ni)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int row = m0 + wm * 64 + mi * 16 + (lane >> 2) + h * 8;
+        const int col = n0 + wn * 32 + ni * 8 + (lane & 3) * 2;
+        if (row >= p.m) continue;
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          if (col + e >= p.n) continue;
+          const float v = acc[mi][ni][h * 2 + e];
+          if (split) {
+            p.partial[((long long)blockIdx.z * p.m + row) * p.n + col + e] = v;
+          } else {
+            OutT* c = (OutT*)p.c;
+            const long long at = (long long)row * p.ldc + col + e;
+            float out = p.alpha * v;
+            if (p.beta != 0.0f) out += p.beta * load_out(c, at);
+            store_out<OutT>(c, at, out);
+          }
+        }
+      }
+}
+
+template <bool A_KC, bool B_KC, typename OutT>
+__device__ void gemm_body(const GemmParams& p) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  bf16* sa = (bf16*)smem_raw;
+  bf16* sb = sa + STAGES * TILE_ELEMS;
+  const int m0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
+  const int tiles1 = (p.k + BK - 1) / BK;
+  const int t_begin = blockIdx.z * p.k_tiles_per_split;
+  const int t_end1 = min(tiles1, t_begin + p.k_tiles_per_split);
+  // Phase 2 (fused LoRA) runs in the last split only; launchers allow it without split-K.
+  const int tiles2 = (p.a2 != nullptr && blockIdx.z == gridDim.z - 1) ? (p.k2 + BK - 1) / BK : 0;
+  const int ntiles = max(0, t_end1 - t_begin) + tiles2;
+
+  float acc[4][4][4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.0f;
+
+  auto load = [&](int t, int stage) {
+    const int n1 = max(0, t_end1 - t_begin);
+    if (t < n1) {
+      const int k0 = (t_begin + t) * BK;
+      load_tile<A_KC>(sa + stage * TILE_ELEMS, p.a, p.lda, m0, p.m, k0, p.k);
+      load_tile<B_KC>(sb + stage * TILE_ELEMS, p.b, p.ldb, n0, p.n, k0, p.k);
+    } else {
+      const int k0 = (t - n1) * BK;
+      load_tile<true>(sa + stage * TILE_ELEMS, p.a2, p.lda2, m0, p.m, k0, p.k2);
+      load_tile<true>(sb + stage * TILE_ELEMS, p.b2, p.ldb2, n0, p.n, k0, p.k2);
+    }
+  };
+  const int n1 = max(0, t_end1 - t_begin);
+
+#pragma unroll
+  for (int s = 0; s < STAGES - 1; ++s) {
+    if (s < ntiles) load(s, s);
+    cp_async_commit();
+  }
+  for (int t = 0; t < ntiles; ++t) {
+    cp_async_wait<STAGES - 2>();
+    __syncthreads();
+    const int next = t + STAGES - 1;
+    if (next < ntiles) load(next, next % STAGES);
+    cp_async_commit();
+    const bf16* ta = sa + (t % STAGES) * TILE_ELEMS;
+    const bf16* tb = sb + (t % STAGES) * TILE_ELEMS;
+    if (t < n1) {
+      compute_tile<A_KC, B_KC>(ta, tb, acc, 0);
+      compute_tile<A_KC, B_KC>(ta, tb, acc, 1);
+    } else {
+      compute_tile<true, true>(ta, tb, acc, 0);
+      compute_tile<true, true>(ta, tb, acc, 1);
+    }
+  }
+  cp_async_wait<0>();
+  epilogue<OutT>(p, acc, m0, n0);
+}
+
+#define GEMM_ENTRY(NAME, AKC, BKC, OUT) \
+  extern "C" __global__ void __launch_bounds__(THREADS) NAME(GemmParams p) { gemm_body<AKC, BKC, OUT>(p); }
+
+GEMM_ENTRY(gemm_nt_bf16, true, true, bf16)
+GEMM_ENTRY(gemm_nt_f32, true, true, float)
+GEMM_ENTRY(gemm_nn_bf16, true, false, bf16)
+GEMM_ENTRY(gemm_nn_f32, true, false, float)
+GEMM_ENTRY(gemm_tn_bf16, false, false, bf16)
+GEMM_ENTRY(gemm_tn_f32, false, false, float)
+
+// C = alpha·Σ_z partial[z] + beta·C, summed in z order (deterministic). One thread per element.
+template <typename OutT>
+__device__ void splitk_reduce(const float* partial, int splits, OutT* c, int m, int n, long long ldc, float alpha,
+                              float beta) {
+  const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= (long long)m * n) return;
+  const long long row = i / n, col = i % n;
+  float s = 0.0f;
+  for (int z = 0; z < splits; ++z) s += partial[(long long)z * m * n + i];
+  const long long at = row * ldc + col;
+  float out = alpha * s;
+  if (beta != 0.0f) out += beta * load_out(c, at);
+  store_out<OutT>(c, at, out);
+}
+extern "C" __global__ void gemm_splitk_reduce_f32(const float* partial, int splits, float* c, int m, int n,
+                                                  long long ldc, float alpha, float beta) {
+  splitk_reduce<float>(partial, splits, c, m, n, ldc, alpha, beta);
+}
+extern "C" __global__ void gemm_splitk_reduce_bf16(const float* partial, int splits, bf16* c, int m, int n,
+                                                   long long ldc, float alpha, float beta) {
+  splitk_reduce<bf16>(partial, splits, c, m, n, ldc, alpha, beta);
+}
+
+// ---- NF4 weights as the B operand ----
+
+__device__ __forceinline__ float nf4_scale(const Nf4Params& w, long long block) {
+  if (w.absmax_q == nullptr) return w.absmax[block];
+  return __fadd_rn(__fmul_rn(__ldg(w.code2 + w.absmax_q[block]), w.absmax2[block / 256]), __ldg(w.offset));
+}
+
+// What one thread carries from global memory to its share of a B tile: 16 consecutive elements,
+// either as NF4 (8 bytes + scale, decoded when stored) or bf16 (phase 2's B2 rows).
+struct BStage {
+  uint2 bits;
+  float scale;
+  uint4 raw[2];
+  bool ok;
+};
+
+// This thread's 16 elements of the B tile: (row-of-tile, first element) in the smem layout.
+template <bool B_KC>
+__device__ __forceinline__ void b_slot(int& srow, int& scol) {
+  const int tid = threadIdx.x;
+  if (B_KC) {
+    srow = tid >> 1;          // n within the tile (128 rows of 32 k)
+    scol = (tid & 1) * 16;    // k within the tile
+  } else {
+    srow = tid >> 3;          // k within the tile (32 rows of 128 n)
+    scol = (tid & 7) * 16;    // n within the tile
+  }
+}
+
+// Phase 1: B(k, n) from NF4 W. KC (forward): B(k, n) = W[n][k]; MC (dX): B(k, n) = W[k][n].
+template <bool B_KC>
+__device__ __forceinline__ void fetch_nf4(const Nf4Params& w, int n0, int nmax, int k0, int kmax, BStage& st) {
+  int srow, scol;
+  b_slot<B_KC>(srow, scol);
+  long long wrow, wcol;
+  if (B_KC) {
+    wrow = n0 + srow;
+    wcol = k0 + scol;
+    st.ok = wrow < nmax && wcol < kmax;
+  } else {
+    wrow = k0 + srow;
+    wcol = n0 + scol;
+    st.ok = wrow < kmax && wcol < nmax;
+  }
+  if (st.ok) {
+    const long long flat = wrow * w.cols + wcol;
+    st.bits = __ldg(reinterpret_cast<const uint2*>(w.packed + flat / 2));
+    st.scale = nf4_scale(w, flat / w.blocksize);
+  }
+}
+
+// Phase 2: B2 [n, k2] bf16 (KC only).
+__device__ __forceinline__ void fetch_bf16(const bf16* b2, long long ldb2, int n0, int nmax, int k0, int kmax,
+                                           BStage& st) {
+  int srow, scol;
+  b_slot<true>(srow, scol);
+  const long long n = n0 + srow, k = k0 + scol;
+  // k2 is a multiple of 8: a 16-element run may be half inside.
+  st.ok = n < nmax && k < kmax;
+  if (st.ok) {
+    const uint4* src = reinterpret_cast<const uint4*>(b2 + n * ldb2 + k);
+    st.raw[0] = __ldg(src);
+    st.raw[1] = (k + 8 < kmax) ? __ldg(src + 1) : make_uint4(0, 0, 0, 0);
+  }
+}
+
+template <bool B_KC>
+__device__ __forceinline__ void store_b(bf16* sb, const BStage& st, bool nf4, const float* code) {
+  int srow, scol;
+  b_slot<B_KC>(srow, scol);
+  uint4 out[2];
+  if (!st.ok) {
+    out[0] = out[1] = make_uint4(0, 0, 0, 0);
+  } else if (!nf4) {
+    out[0] = st.raw[0];
+    out[1] = st.raw[1];
+  } else {
+    union { uint4 u[2]; bf16 h[16]; } v;
+    const uint32_t words[2] = {st.bits.x, st.bits.y};
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      const uint32_t byte = (words[j >> 2] >> (8 * (j & 3))) & 0xFF;
+      v.h[2 * j] = __float2bfloat16_rn(__fmul_rn(code[byte >> 4], st.scale));
+      v.h[2 * j + 1] = __float2bfloat16_rn(__fmul_rn(code[byte & 0xF], st.scale));
+    }
+    out[0] = v.u[0];
+    out[1] = v.u[1];
+  }
+  const int c0 = scol >> 3;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int off = B_KC ? off_kc(srow, c0 + h) : off_mc(srow, c0 + h);
+    *reinterpret_cast<uint4*>(sb + off) = out[h];
+  }
+}
+
+template <bool B_KC>
+__device__ void gemm_nf4_body(const GemmParams& p, const Nf4Params& w) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  bf16* sa = (bf16*)smem_raw;
+  bf16* sb = sa + STAGES * TILE_ELEMS;  // two B buffers
+  __shared__ float code[16];
+  if (threadIdx.x < 16) code[threadIdx.x] = w.code[threadIdx.x];
+  const int m0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
+  const int n1 = (p.k + BK - 1) / BK;
+  const int n2 = (B_KC && p.a2 != nullptr) ? (p.k2 + BK - 1) / BK : 0;
+  const int ntiles = n1 + n2;
+
+  float acc[4][4][4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.0f;
+
+  auto load_a = [&](int t, int stage) {
+    if (t < n1) load_tile<true>(sa + stage * TILE_ELEMS, p.a, p.lda, m0, p.m, t * BK, p.k);
+    else load_tile<true>(sa + stage * TILE_ELEMS, p.a2, p.lda2, m0, p.m, (t - n1) * BK, p.k2);
+  };
+  auto fetch_b = [&](int t, BStage& st) {
+    if (t < n1) fetch_nf4<B_KC>(w, n0, p.n, t * BK, p.k, st);
+    else fetch_bf16(p.b2, p.ldb2, n0, p.n, (t - n1) * BK, p.k2, st);
+  };
+
+#pragma unroll
+  for (int s = 0; s < STAGES - 1; ++s) {
+    if (s < ntiles) load_a(s, s);
+    cp_async_commit();
+  }
+  BStage st;
+  __syncthreads();  // the codebook
+  if (ntiles > 0) {
+    fetch_b(0, st);
+    store_b<B_KC>(sb, st, 0 < n1, code);
+  }
+  for (int t = 0; t < ntiles; ++t) {
+    cp_async_wait<STAGES - 2>();
+    __syncthreads();
+    const int next = t + STAGES - 1;
+    if (next < ntiles) load_a(next, next % STAGES);
+    cp_async_commit();
+    const bool more = t + 1 < ntiles;
+    if (more) fetch_b(t + 1, st);
+    const bf16* ta = sa + (t % STAGES) * TILE_ELEMS;
+    const bf16* tb = sb + (t % 2) * TILE_ELEMS;
+    if (t < n1) {
+      compute_tile<true, B_KC>(ta, tb, acc, 0);
+      compute_tile<true, B_KC>(ta, tb, acc, 1);
+    } else {
+      compute_tile<true, true>(ta, tb, acc, 0);
+      compute_tile<true, true>(ta, tb, acc, 1);
+    }
+    if (more) store_b<B_KC>(sb + ((t + 1) % 2) * TILE_ELEMS, st, t + 1 < n1, code);
+  }
+  cp_async_wait<0>();
+  epilogue<bf16>(p, acc, m0, n0);
+}
+
+// Y = X·Wᵀ (+ A2·B2ᵀ): X [M, K] bf16, W NF4 [N, K]; Y [M, N] bf16.
+extern "C" __global__ void __launch_bounds__(THREADS) gemm_nf4_nt_bf16(GemmParams p, Nf4Params w) {
+  gemm_nf4_body<true>(p, w);
+}
+// dX = dY·W: dY [M, K=N_out] bf16, W NF4 [N_out, N_in]; dX [M, N_in] bf16.
+extern "C" __global__ void __launch_bounds__(THREADS) gemm_nf4_nn_bf16(GemmParams p, Nf4Params w) {
+  gemm_nf4_body<false>(p, w);
+}

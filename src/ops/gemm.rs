@@ -1,0 +1,420 @@
+//! Tensor-core GEMMs on CUDA (`kernels/gemm.cu`): the three products of a linear layer, the
+//! NF4 variants that dequantize W inside the kernel, and the fused LoRA forward/backward.
+//!
+//! For `y = x·Wᵀ + s·(x·Aᵀ)·Bᵀ` (x `[T, in]`, W `[out, in]`, A `[r, in]`, B `[out, r]`):
+//! ```text
+//! forward   xa = s·x·Aᵀ                  gemm NT  [T, r]      (kept for the backward)
+//!           y  = x·Wᵀ + xa·Bᵀ            NF4 GEMM NT with the adapter as a second k-phase
+//! backward  g  = dy·B                    gemm NN  [T, r]
+//!           dx = dy·W + s·g·A            NF4 GEMM NN, then gemm NN accumulating (beta = 1)
+//!           dA += s·gᵀ·x                 gemm TN  [r, in]  fp32, split-K over T
+//!           dB += dyᵀ·xa                 gemm TN  [out, r] fp32, split-K over T
+//! ```
+//! Every GEMM accumulates in fp32; `C = alpha·A·B + beta·C`. The CPU reference of all of it is
+//! `ops::linear` (and `ops::matmul` for the plain products). Requirements, checked here: bf16
+//! operands, contiguous dimensions multiples of 8 (16 for NF4 weights), rank a multiple of 8 for
+//! the fused adapter.
+
+use cudarc::driver::{LaunchConfig, PushKernelArg};
+
+use super::{check_tensor, cuda_ordinal};
+use crate::device::cuda::{grid_1d, CudaDevice};
+use crate::device::Device;
+use crate::error::{Error, Result};
+use crate::quant::nf4::{Absmax, Nf4Tensor};
+use crate::tensor::{shape_str, DType, Tensor};
+
+const TILE: usize = 128;
+const BK: usize = 32;
+const STAGES: usize = 3;
+const THREADS: u32 = 256;
+
+/// Which product.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Layout {
+    /// `C[M,N] = A[M,K]·B[N,K]ᵀ` (forward: y = x·Wᵀ).
+    Nt,
+    /// `C[M,N] = A[M,K]·B[K,N]` (input gradient: dx = dy·W).
+    Nn,
+    /// `C[M,N] = A[K,M]ᵀ·B[K,N]` (weight-shaped gradient: dW = dyᵀ·x).
+    Tn,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct GemmParams {
+    a: u64,
+    b: u64,
+    c: u64,
+    partial: u64,
+    a2: u64,
+    b2: u64,
+    lda: i64,
+    ldb: i64,
+    ldc: i64,
+    lda2: i64,
+    ldb2: i64,
+    m: i32,
+    n: i32,
+    k: i32,
+    k2: i32,
+    k_tiles_per_split: i32,
+    alpha: f32,
+    beta: f32,
+}
+// SAFETY: #[repr(C)] plain data laid out like the kernel's `GemmParams`.
+unsafe impl cudarc::driver::DeviceRepr for GemmParams {}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct Nf4Params {
+    packed: u64,
+    absmax: u64,
+    absmax_q: u64,
+    absmax2: u64,
+    offset: u64,
+    code2: u64,
+    code: u64,
+    rows: i64,
+    cols: i64,
+    blocksize: i32,
+}
+// SAFETY: #[repr(C)] plain data laid out like the kernel's `Nf4Params`.
+unsafe impl cudarc::driver::DeviceRepr for Nf4Params {}
+
+fn dims2(op: &'static str, name: &str, t: &Tensor) -> Result<(usize, usize)> {
+    match t.shape() {
+        [a, b] => Ok((*a, *b)),
+        other => Err(Error::ShapeMismatch {
+            op,
+            expected: format!("{name}: a matrix"),
+            got: shape_str(other),
+        }),
+    }
+}
+
+fn multiple_of(op: &'static str, what: &str, v: usize, m: usize) -> Result<()> {
+    if v % m == 0 {
+        Ok(())
+    } else {
+        Err(Error::InvalidArgument(format!(
+            "{op}: {what} ({v}) must be a multiple of {m} for the tensor-core kernels"
+        )))
+    }
+}
+
+fn launch_cfg(m: usize, n: usize, splits: usize, smem: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (
+            n.div_ceil(TILE) as u32,
+            m.div_ceil(TILE) as u32,
+            splits as u32,
+        ),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: smem as u32,
+    }
+}
+
+/// Split-K factor: enough blocks to fill the GPU twice when the output has few tiles.
+fn split_k(dev: &CudaDevice, m: usize, n: usize, k: usize) -> Result<usize> {
+    let tiles = m.div_ceil(TILE) * n.div_ceil(TILE);
+    let k_tiles = k.div_ceil(BK);
+    let want = (2 * dev.multiprocessor_count()?).div_ceil(tiles);
+    Ok(want.clamp(1, (k_tiles / 4).clamp(1, 32)))
+}
+
+/// `C = alpha·op(A)·op(B) + beta·C` (A, B bf16; C bf16 or f32, of shape `[M, N]`).
+pub fn gemm_cuda(
+    layout: Layout,
+    a: &Tensor,
+    b: &Tensor,
+    c: &mut Tensor,
+    alpha: f32,
+    beta: f32,
+) -> Result<()> {
+    let op = "gemm (cuda)";
+    let o = cuda_ordinal(op, a)?;
+    let dev = Device::Cuda(o);
+    let (a0, a1) = dims2(op, "A", a)?;
+    let (b0, b1) = dims2(op, "B", b)?;
+    let (m, k, n) = match layout {
+        Layout::Nt => (a0, a1, b0),
+        Layout::Nn => (a0, a1, b1),
+        Layout::Tn => (a1, a0, b1),
+    };
+    let (bk_rows, bk_cols) = match layout {
+        Layout::Nt => (n, k),
+        _ => (k, n),
+    };
+    check_tensor(op, "A", a, DType::BF16, &[a0, a1], dev)?;
+    check_tensor(op, "B", b, DType::BF16, &[bk_rows, bk_cols], dev)?;
+    let out = c.dtype();
+    if out != DType::BF16 && out != DType::F32 {
+        return Err(Error::DTypeMismatch {
+            op,
+            expected: "C: bf16 or f32".into(),
+            got: out.to_string(),
+        });
+    }
+    check_tensor(op, "C", c, out, &[m, n], dev)?;
+    // Contiguous dimensions: A's rows (a1), B's rows (b1), and C's rows (n, for the epilogue).
+    multiple_of(op, "A's row length", a1, 8)?;
+    multiple_of(op, "B's row length", b1, 8)?;
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    let cuda = CudaDevice::get(o)?;
+    let splits = if k == 0 { 1 } else { split_k(&cuda, m, n, k)? };
+    let k_tiles = k.div_ceil(BK).max(1);
+    let per_split = k_tiles.div_ceil(splits);
+    let splits = k_tiles.div_ceil(per_split);
+    let workspace = if splits > 1 {
+        Some(Tensor::zeros(&[splits * m * n], DType::F32, &dev)?)
+    } else {
+        None
+    };
+    let params = GemmParams {
+        a: a.device_ptr(),
+        b: b.device_ptr(),
+        c: c.device_ptr(),
+        partial: workspace.as_ref().map_or(0, |w| w.device_ptr()),
+        lda: a1 as i64,
+        ldb: b1 as i64,
+        ldc: n as i64,
+        m: m as i32,
+        n: n as i32,
+        k: k as i32,
+        k_tiles_per_split: per_split as i32,
+        alpha,
+        beta,
+        ..GemmParams::default()
+    };
+    let name = match (layout, out) {
+        (Layout::Nt, DType::BF16) => "gemm_nt_bf16",
+        (Layout::Nt, _) => "gemm_nt_f32",
+        (Layout::Nn, DType::BF16) => "gemm_nn_bf16",
+        (Layout::Nn, _) => "gemm_nn_f32",
+        (Layout::Tn, DType::BF16) => "gemm_tn_bf16",
+        (Layout::Tn, _) => "gemm_tn_f32",
+    };
+    let f = cuda.function("gemm", name)?;
+    let mut bld = cuda.stream().launch_builder(&f);
+    bld.arg(&params);
+    let smem = 2 * STAGES * TILE * BK * 2;
+    // SAFETY: the pointers in `params` come from tensors checked above (dtype bf16/f32, shapes
+    // [M,K]/[N,K] or [K,N] and [M,N] with the leading dimensions given), all alive until the
+    // stream-ordered work is done; the workspace holds splits·M·N floats; the kernel needs
+    // `smem` bytes of dynamic shared memory and 256 threads, which cfg gives.
+    unsafe { cuda.launch(name, bld, launch_cfg(m, n, splits, smem)) }?;
+    if let Some(ws) = workspace {
+        let red = if out == DType::BF16 {
+            "gemm_splitk_reduce_bf16"
+        } else {
+            "gemm_splitk_reduce_f32"
+        };
+        let f = cuda.function("gemm", red)?;
+        let (splits_i, m_i, n_i, ldc) = (splits as i32, m as i32, n as i32, n as i64);
+        let mut bld = cuda.stream().launch_builder(&f);
+        bld.arg(ws.cuda_slice::<f32>(op)?).arg(&splits_i);
+        match out {
+            DType::BF16 => bld.arg(c.cuda_slice_mut::<half::bf16>(op)?),
+            _ => bld.arg(c.cuda_slice_mut::<f32>(op)?),
+        };
+        bld.arg(&m_i).arg(&n_i).arg(&ldc).arg(&alpha).arg(&beta);
+        // SAFETY: gemm_splitk_reduce_*(const float*, int, T*, int, int, long long, float,
+        // float): the workspace holds splits·M·N floats written by the GEMM above on the same
+        // stream; C is [M, N].
+        unsafe { cuda.launch(red, bld, grid_1d(m * n, 256)) }?;
+    }
+    Ok(())
+}
+
+fn nf4_params(w: &Nf4Tensor) -> Result<Nf4Params> {
+    let (rows, cols) = match w.shape.as_slice() {
+        [r, c] => (*r, *c),
+        other => {
+            return Err(Error::ShapeMismatch {
+                op: "nf4 gemm",
+                expected: "a 2-D NF4 weight".into(),
+                got: shape_str(other),
+            })
+        }
+    };
+    w.validate()?;
+    let mut p = Nf4Params {
+        packed: w.packed.device_ptr(),
+        code: w.code.device_ptr(),
+        rows: rows as i64,
+        cols: cols as i64,
+        blocksize: w.blocksize as i32,
+        ..Nf4Params::default()
+    };
+    match &w.absmax {
+        Absmax::Plain(a) => p.absmax = a.device_ptr(),
+        Absmax::Double {
+            q,
+            absmax2,
+            offset,
+            code2,
+        } => {
+            p.absmax_q = q.device_ptr();
+            p.absmax2 = absmax2.device_ptr();
+            p.offset = offset.device_ptr();
+            p.code2 = code2.device_ptr();
+        }
+    }
+    Ok(p)
+}
+
+/// `y = x·Wᵀ` (+ `xa·Bᵀ` with `adapter = Some((xa, b))`): x bf16 `[M, K]`, W NF4 `[N, K]`,
+/// xa bf16 `[M, r]` (already scaled by s), b bf16 `[N, r]`; y bf16 `[M, N]`.
+pub fn nf4_forward_cuda(
+    x: &Tensor,
+    w: &Nf4Tensor,
+    adapter: Option<(&Tensor, &Tensor)>,
+) -> Result<Tensor> {
+    let op = "nf4 gemm forward (cuda)";
+    let o = cuda_ordinal(op, x)?;
+    let dev = Device::Cuda(o);
+    let (m, k) = dims2(op, "x", x)?;
+    let p = nf4_params(w)?;
+    let n = p.rows as usize;
+    if p.cols as usize != k || w.device() != dev {
+        return Err(Error::ShapeMismatch {
+            op,
+            expected: format!("W [N, {k}] on {dev}"),
+            got: format!("{} on {}", shape_str(&w.shape), w.device()),
+        });
+    }
+    check_tensor(op, "x", x, DType::BF16, &[m, k], dev)?;
+    multiple_of(op, "in_features", k, 16)?;
+    let y = Tensor::zeros(&[m, n], DType::BF16, &dev)?;
+    let mut g = GemmParams {
+        a: x.device_ptr(),
+        c: y.device_ptr(),
+        lda: k as i64,
+        ldc: n as i64,
+        m: m as i32,
+        n: n as i32,
+        k: k as i32,
+        k_tiles_per_split: k.div_ceil(BK) as i32,
+        alpha: 1.0,
+        beta: 0.0,
+        ..GemmParams::default()
+    };
+    if let Some((xa, b)) = adapter {
+        let r = xa.shape().get(1).copied().unwrap_or(0);
+        check_tensor(op, "x·Aᵀ", xa, DType::BF16, &[m, r], dev)?;
+        check_tensor(op, "lora_B", b, DType::BF16, &[n, r], dev)?;
+        multiple_of(op, "LoRA rank", r, 8)?;
+        g.a2 = xa.device_ptr();
+        g.b2 = b.device_ptr();
+        g.lda2 = r as i64;
+        g.ldb2 = r as i64;
+        g.k2 = r as i32;
+    }
+    if m == 0 || n == 0 {
+        return Ok(y);
+    }
+    launch_nf4(o, "gemm_nf4_nt_bf16", g, p, m, n)?;
+    Ok(y)
+}
+
+/// `dx = dy·W`: dy bf16 `[M, N_out]`, W NF4 `[N_out, N_in]`; dx bf16 `[M, N_in]`.
+pub fn nf4_dx_cuda(dy: &Tensor, w: &Nf4Tensor) -> Result<Tensor> {
+    let op = "nf4 gemm dx (cuda)";
+    let o = cuda_ordinal(op, dy)?;
+    let dev = Device::Cuda(o);
+    let (m, k) = dims2(op, "dy", dy)?;
+    let p = nf4_params(w)?;
+    let n = p.cols as usize;
+    if p.rows as usize != k || w.device() != dev {
+        return Err(Error::ShapeMismatch {
+            op,
+            expected: format!("W [{k}, N] on {dev}"),
+            got: format!("{} on {}", shape_str(&w.shape), w.device()),
+        });
+    }
+    check_tensor(op, "dy", dy, DType::BF16, &[m, k], dev)?;
+    multiple_of(op, "out_features", k, 8)?;
+    multiple_of(op, "in_features", n, 16)?;
+    let dx = Tensor::zeros(&[m, n], DType::BF16, &dev)?;
+    if m == 0 || n == 0 {
+        return Ok(dx);
+    }
+    let g = GemmParams {
+        a: dy.device_ptr(),
+        c: dx.device_ptr(),
+        lda: k as i64,
+        ldc: n as i64,
+        m: m as i32,
+        n: n as i32,
+        k: k as i32,
+        k_tiles_per_split: k.div_ceil(BK) as i32,
+        alpha: 1.0,
+        beta: 0.0,
+        ..GemmParams::default()
+    };
+    launch_nf4(o, "gemm_nf4_nn_bf16", g, p, m, n)?;
+    Ok(dx)
+}
+
+fn launch_nf4(
+    o: usize,
+    name: &'static str,
+    g: GemmParams,
+    p: Nf4Params,
+    m: usize,
+    n: usize,
+) -> Result<()> {
+    let cuda = CudaDevice::get(o)?;
+    let f = cuda.function("gemm", name)?;
+    let mut bld = cuda.stream().launch_builder(&f);
+    bld.arg(&g).arg(&p);
+    let smem = (STAGES + 2) * TILE * BK * 2;
+    // SAFETY: gemm_nf4_*(GemmParams, Nf4Params): the pointers come from tensors checked by the
+    // callers (x/dy bf16 [M, K], the output bf16 [M, N], the NF4 parts validated against W's
+    // shape), alive until the stream-ordered work is done; `smem` bytes of dynamic shared memory
+    // (3 A stages + 2 B buffers) and 256 threads, as the kernel expects.
+    unsafe { cuda.launch(name, bld, launch_cfg(m, n, 1, smem)) }
+}
+
+/// The adapter of one layer on the device: A `[r, in]` and B `[out, r]` in bf16 (copies of the
+/// fp32 master weights, refreshed after each optimizer step), and its scale.
+pub struct LoraCuda<'a> {
+    pub a: &'a Tensor,
+    pub b: &'a Tensor,
+    pub scale: f32,
+}
+
+/// Forward of an NF4 linear layer with its adapter: returns `(y, xa)` with `xa = s·x·Aᵀ`.
+pub fn lora_forward_cuda(x: &Tensor, w: &Nf4Tensor, lora: &LoraCuda) -> Result<(Tensor, Tensor)> {
+    let (m, _) = dims2("lora forward (cuda)", "x", x)?;
+    let r = lora.a.shape().first().copied().unwrap_or(0);
+    let mut xa = Tensor::zeros(&[m, r], DType::BF16, &x.device())?;
+    gemm_cuda(Layout::Nt, x, lora.a, &mut xa, lora.scale, 0.0)?;
+    let y = nf4_forward_cuda(x, w, Some((&xa, lora.b)))?;
+    Ok((y, xa))
+}
+
+/// Backward of [`lora_forward_cuda`]: returns dx and accumulates `dA` / `dB` (fp32, shaped like
+/// A and B) into `grad_a` / `grad_b`.
+pub fn lora_backward_cuda(
+    x: &Tensor,
+    w: &Nf4Tensor,
+    lora: &LoraCuda,
+    xa: &Tensor,
+    dy: &Tensor,
+    grad_a: &mut Tensor,
+    grad_b: &mut Tensor,
+) -> Result<Tensor> {
+    let (m, _) = dims2("lora backward (cuda)", "dy", dy)?;
+    let r = lora.a.shape().first().copied().unwrap_or(0);
+    let mut g = Tensor::zeros(&[m, r], DType::BF16, &dy.device())?;
+    gemm_cuda(Layout::Nn, dy, lora.b, &mut g, 1.0, 0.0)?; // g = dy·B
+    let mut dx = nf4_dx_cuda(dy, w)?; // dy·W
+    gemm_cuda(Layout::Nn, &g, lora.a, &mut dx, lora.scale, 1.0)?; // += s·g·A
+    gemm_cuda(Layout::Tn, &g, x, grad_a, lora.scale, 1.0)?; // dA += s·gᵀ·x
+    gemm_cuda(Layout::Tn, dy, xa, grad_b, 1.0, 1.0)?; // dB += dyᵀ·xa
+    Ok(dx)
+}

@@ -1,0 +1,274 @@
+//! Tensor-core GEMMs, NF4 GEMMs and the fused LoRA layer on CUDA against f64/CPU references, on
+//! awkward sizes (M = 1, 7, 16, 97, 2048; N and K not multiples of the 128×128×32 tiles).
+//! Without a GPU each test prints `SKIPPED (no CUDA device)` and passes.
+
+use half::bf16;
+use qlora_rs::ops::gemm::{self, Layout, LoraCuda};
+use qlora_rs::ops::linear;
+use qlora_rs::quant::nf4::{Nf4Config, Nf4Tensor};
+use qlora_rs::testing::gpu_or_skip;
+use qlora_rs::{DType, Device, Tensor};
+use rand::{Rng, SeedableRng};
+
+fn data(r: &mut impl Rng, n: usize, scale: f32) -> (Vec<f32>, Vec<bf16>) {
+    let b: Vec<bf16> = (0..n)
+        .map(|_| bf16::from_f32(r.random_range(-1.0..1.0) * scale))
+        .collect();
+    (b.iter().map(|v| v.to_f32()).collect(), b)
+}
+
+/// `max |got − ref| ≤ tol · max |ref|`.
+fn close(what: &str, got: &[f32], want: &[f64], tol: f64) {
+    assert_eq!(got.len(), want.len(), "{what}");
+    let scale = want.iter().fold(0.0f64, |m, v| m.max(v.abs())).max(1e-30);
+    let (mut worst, mut at) = (0.0f64, 0);
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        let e = (*g as f64 - w).abs();
+        if e > worst || e.is_nan() {
+            worst = e;
+            at = i;
+        }
+    }
+    assert!(
+        worst <= tol * scale,
+        "{what}: max error {worst:e} at {at} (got {}, want {}) > {tol} × {scale:e}",
+        got[at],
+        want[at]
+    );
+}
+
+/// f64 reference: C[M,N] = Σ_k A(m,k)·B(k,n) with accessors.
+fn reference(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: impl Fn(usize, usize) -> f64,
+    b: impl Fn(usize, usize) -> f64,
+) -> Vec<f64> {
+    let mut c = vec![0.0; m * n];
+    for i in 0..m {
+        for j in 0..n {
+            c[i * n + j] = (0..k).map(|p| a(i, p) * b(p, j)).sum();
+        }
+    }
+    c
+}
+
+fn to_f32(t: &Tensor) -> Vec<f32> {
+    match t.dtype() {
+        DType::BF16 => t
+            .to_vec::<bf16>()
+            .unwrap()
+            .iter()
+            .map(|v| v.to_f32())
+            .collect(),
+        _ => t.to_vec::<f32>().unwrap(),
+    }
+}
+
+#[test]
+fn gemm_all_layouts_match_f64() {
+    let Some(dev) = gpu_or_skip("gemm_all_layouts_match_f64") else {
+        return;
+    };
+    let mut r = rand::rngs::StdRng::seed_from_u64(1);
+    for (m, n, k) in [
+        (1usize, 8usize, 8usize),
+        (7, 200, 104),
+        (16, 136, 264),
+        (97, 1032, 520),
+        (2048, 256, 4096),
+        (16, 4096, 2048),
+    ] {
+        for layout in [Layout::Nt, Layout::Nn, Layout::Tn] {
+            let (a_shape, b_shape) = match layout {
+                Layout::Nt => ([m, k], [n, k]),
+                Layout::Nn => ([m, k], [k, n]),
+                Layout::Tn => ([k, m], [k, n]),
+            };
+            if (layout == Layout::Tn && m % 8 != 0) || (layout != Layout::Nt && n % 8 != 0) {
+                continue; // contiguous dimensions must be multiples of 8
+            }
+            let (af, ab) = data(&mut r, m * k, 1.0);
+            let (bf, bb) = data(&mut r, n * k, 1.0);
+            let (cf, _) = data(&mut r, m * n, 1.0);
+            let want = reference(
+                m,
+                n,
+                k,
+                |i, p| match layout {
+                    Layout::Tn => af[p * m + i] as f64,
+                    _ => af[i * k + p] as f64,
+                },
+                |p, j| match layout {
+                    Layout::Nt => bf[j * k + p] as f64,
+                    _ => bf[p * n + j] as f64,
+                },
+            );
+            let a = Tensor::from_vec(ab, &a_shape, &dev).unwrap();
+            let b = Tensor::from_vec(bb, &b_shape, &dev).unwrap();
+            // fp32 output, C = 0.5·A·B + 2·C
+            let mut c = Tensor::from_vec(cf.clone(), &[m, n], &dev).unwrap();
+            gemm::gemm_cuda(layout, &a, &b, &mut c, 0.5, 2.0).unwrap();
+            let want_f: Vec<f64> = want
+                .iter()
+                .zip(&cf)
+                .map(|(w, c0)| 0.5 * w + 2.0 * *c0 as f64)
+                .collect();
+            close(
+                &format!("{layout:?} f32 {m}x{n}x{k}"),
+                &to_f32(&c),
+                &want_f,
+                1e-4,
+            );
+            // bf16 output
+            let mut cb = Tensor::zeros(&[m, n], DType::BF16, &dev).unwrap();
+            gemm::gemm_cuda(layout, &a, &b, &mut cb, 1.0, 0.0).unwrap();
+            close(
+                &format!("{layout:?} bf16 {m}x{n}x{k}"),
+                &to_f32(&cb),
+                &want,
+                1e-2,
+            );
+        }
+    }
+    let a = Tensor::zeros(&[4, 12], DType::BF16, &dev).unwrap();
+    let mut c = Tensor::zeros(&[4, 4], DType::F32, &dev).unwrap();
+    let err = gemm::gemm_cuda(
+        Layout::Nt,
+        &a,
+        &Tensor::zeros(&[4, 12], DType::BF16, &dev).unwrap(),
+        &mut c,
+        1.0,
+        0.0,
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("multiple of 8"), "{err}");
+}
+
+fn nf4_weight(r: &mut impl Rng, n: usize, k: usize, dev: &Device) -> (Nf4Tensor, Tensor) {
+    let (_, wb) = data(r, n * k, 0.05);
+    let w = Tensor::from_vec(wb, &[n, k], dev).unwrap();
+    let q = Nf4Tensor::quantize(&w, Nf4Config::default()).unwrap();
+    let dense = q.dequantize(DType::BF16).unwrap();
+    (q, dense)
+}
+
+#[test]
+fn nf4_gemm_equals_dequantize_then_gemm() {
+    let Some(dev) = gpu_or_skip("nf4_gemm_equals_dequantize_then_gemm") else {
+        return;
+    };
+    let mut r = rand::rngs::StdRng::seed_from_u64(2);
+    for (m, n, k) in [
+        (1usize, 200usize, 96usize),
+        (7, 136, 4096),
+        (97, 1032, 576),
+        (2048, 512, 1536),
+    ] {
+        let (q, dense) = nf4_weight(&mut r, n, k, &dev);
+        let (_, xb) = data(&mut r, m * k, 1.0);
+        let x = Tensor::from_vec(xb, &[m, k], &dev).unwrap();
+        let y = gemm::nf4_forward_cuda(&x, &q, None).unwrap();
+        let mut want = Tensor::zeros(&[m, n], DType::BF16, &dev).unwrap();
+        gemm::gemm_cuda(Layout::Nt, &x, &dense, &mut want, 1.0, 0.0).unwrap();
+        // Same bf16 weights, same tiles, same accumulation order: identical.
+        assert_eq!(
+            y.to_vec::<bf16>().unwrap(),
+            want.to_vec::<bf16>().unwrap(),
+            "forward {m}x{n}x{k}"
+        );
+        let (_, dyb) = data(&mut r, m * n, 1.0);
+        let dy = Tensor::from_vec(dyb, &[m, n], &dev).unwrap();
+        let dx = gemm::nf4_dx_cuda(&dy, &q).unwrap();
+        let mut want = Tensor::zeros(&[m, k], DType::BF16, &dev).unwrap();
+        gemm::gemm_cuda(Layout::Nn, &dy, &dense, &mut want, 1.0, 0.0).unwrap();
+        assert_eq!(
+            dx.to_vec::<bf16>().unwrap(),
+            want.to_vec::<bf16>().unwrap(),
+            "dx {m}x{n}x{k}"
+        );
+    }
+}
+
+#[test]
+fn lora_layer_on_cuda_matches_the_cpu_reference() {
+    let Some(dev) = gpu_or_skip("lora_layer_on_cuda_matches_the_cpu_reference") else {
+        return;
+    };
+    let mut r = rand::rngs::StdRng::seed_from_u64(3);
+    for (t, i, o, rank) in [
+        (7usize, 96usize, 200usize, 8usize),
+        (97, 576, 1536, 16),
+        (2048, 1024, 512, 32),
+    ] {
+        let (q, dense) = nf4_weight(&mut r, o, i, &dev);
+        let w32: Vec<f32> = to_f32(&dense);
+        let (xf, xb) = data(&mut r, t * i, 1.0);
+        let (af, ab) = data(&mut r, rank * i, 0.1);
+        let (bf, bb) = data(&mut r, o * rank, 0.1);
+        let (dyf, dyb) = data(&mut r, t * o, 1.0);
+        let scale = 2.0f32;
+        let (x, a, b, dy) = (
+            Tensor::from_vec(xb, &[t, i], &dev).unwrap(),
+            Tensor::from_vec(ab, &[rank, i], &dev).unwrap(),
+            Tensor::from_vec(bb, &[o, rank], &dev).unwrap(),
+            Tensor::from_vec(dyb, &[t, o], &dev).unwrap(),
+        );
+        let lora = LoraCuda {
+            a: &a,
+            b: &b,
+            scale,
+        };
+        let (y, xa) = gemm::lora_forward_cuda(&x, &q, &lora).unwrap();
+        let mut ga = Tensor::zeros(&[rank, i], DType::F32, &dev).unwrap();
+        let mut gb = Tensor::zeros(&[o, rank], DType::F32, &dev).unwrap();
+        let dx = gemm::lora_backward_cuda(&x, &q, &lora, &xa, &dy, &mut ga, &mut gb).unwrap();
+        // f64 CPU reference on the same bf16 values.
+        let f = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<f64>>();
+        let d = linear::Dims {
+            tokens: t,
+            in_features: i,
+            out_features: o,
+        };
+        let (af64, bf64) = (f(&af), f(&bf));
+        let l = linear::Lora {
+            a: &af64,
+            b: &bf64,
+            rank,
+            scale: scale as f64,
+        };
+        let (y_ref, xa_ref) = linear::forward(d, &f(&xf), &f(&w32), None, Some(&l), None).unwrap();
+        close("lora y", &to_f32(&y), &y_ref, 2e-2);
+        let (mut ga_ref, mut gb_ref) = (vec![0.0; rank * i], vec![0.0; o * rank]);
+        let dx_ref = linear::backward(
+            d,
+            &f(&xf),
+            &f(&w32),
+            Some(linear::LoraGrads {
+                lora: l,
+                xa: &xa_ref,
+                grad_a: &mut ga_ref,
+                grad_b: &mut gb_ref,
+            }),
+            None,
+            &f(&dyf),
+            true,
+        )
+        .unwrap()
+        .unwrap();
+        close("lora dx", &to_f32(&dx), &dx_ref, 2e-2);
+        close(
+            "lora dA (fp32)",
+            &ga.to_vec::<f32>().unwrap(),
+            &ga_ref,
+            1e-2,
+        );
+        close(
+            "lora dB (fp32)",
+            &gb.to_vec::<f32>().unwrap(),
+            &gb_ref,
+            1e-2,
+        );
+    }
+}
