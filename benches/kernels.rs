@@ -190,6 +190,38 @@ fn step_kernels(c: &mut Criterion) {
     );
     g.finish();
 
+    // The fused, chunked lm_head + CE at 8192 tokens × 4096 × 128,256 (Llama-3-8B), beside the
+    // bf16 GEMM alone for the same logits (the target: within 15% of it).
+    let (tt, vv) = (8192usize, 128_256usize);
+    let hh = bf16_tensor(&device, &[tt, d], 8);
+    let ww = bf16_tensor(&device, &[vv, d], 9);
+    let tg: Vec<i64> = (0..tt as i64).map(|i| (i * 7919) % vv as i64).collect();
+    g_flops(c, "lm_head_ce", (2 * tt * vv * d) as u64, |name, bench| {
+        bench.bench_function(BenchmarkId::new(name, format!("{tt}x{vv}x{d}")), |b| {
+            b.iter_custom(|iters| {
+                timed(&dev, iters, || {
+                    drop(
+                        cross_entropy::lm_head_ce_cuda(&hh, &ww, &tg, 1.0 / tt as f32, 256)
+                            .unwrap(),
+                    )
+                })
+            })
+        });
+    });
+    let mut logits = Tensor::zeros(&[tt, vv], DType::BF16, &device).unwrap();
+    g_flops(c, "lm_head_ce", (2 * tt * vv * d) as u64, |_, bench| {
+        bench.bench_function(
+            BenchmarkId::new("logits_gemm_only", format!("{tt}x{vv}x{d}")),
+            |b| {
+                b.iter_custom(|iters| {
+                    timed(&dev, iters, || {
+                        gemm::gemm_cuda(Layout::Nt, &hh, &ww, &mut logits, 1.0, 0.0).unwrap()
+                    })
+                })
+            },
+        );
+    });
+
     let mut g = c.benchmark_group("adamw");
     let n = 41_943_040usize; // Llama-3-8B, rank 16 on all seven projections
     let mut p = Tensor::from_vec(vec![0.01f32; n], &[n], &device).unwrap();
@@ -203,6 +235,19 @@ fn step_kernels(c: &mut Criterion) {
     g.bench_function(BenchmarkId::new("step_f32", format!("{n}")), |b| {
         b.iter_custom(|iters| timed(&dev, iters, || opt.step(&mut p, &grads, 1e-4, 1.0).unwrap()))
     });
+    g.finish();
+}
+
+/// A benchmark group measured in FLOPs (criterion's "elements").
+fn g_flops(
+    c: &mut Criterion,
+    group: &str,
+    flops: u64,
+    f: impl FnOnce(&str, &mut criterion::BenchmarkGroup<criterion::measurement::WallTime>),
+) {
+    let mut g = c.benchmark_group(group);
+    g.throughput(Throughput::Elements(flops));
+    f("fused_chunk256", &mut g);
     g.finish();
 }
 

@@ -6,13 +6,18 @@
 
 #include "common.cuh"
 
+// With `dz_bf16` non-null the gradient is also written there in bf16 (the operand of dh = dz·W).
 extern "C" __global__ void ce_fwd_bwd_f32(float* logits, const int* targets, float* loss,
-                                          int vocab, float grad_scale) {
+                                          int vocab, float grad_scale, bf16* dz_bf16) {
   const long long row = blockIdx.x;
   float* z = logits + row * (long long)vocab;
   const int y = targets[row];
+  bf16* zb = dz_bf16 ? dz_bf16 + row * (long long)vocab : nullptr;
   if (y < 0) {
-    for (int i = threadIdx.x; i < vocab; i += blockDim.x) z[i] = 0.0f;
+    for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
+      z[i] = 0.0f;
+      if (zb) zb[i] = __float2bfloat16_rn(0.0f);
+    }
     if (threadIdx.x == 0) loss[row] = 0.0f;
     return;
   }
@@ -27,7 +32,9 @@ extern "C" __global__ void ce_fwd_bwd_f32(float* logits, const int* targets, flo
   __syncthreads();  // everyone has read z[y] before it is overwritten
   for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
     const float p = expf(z[i] - lse);
-    z[i] = grad_scale * (p - (i == y ? 1.0f : 0.0f));
+    const float g = grad_scale * (p - (i == y ? 1.0f : 0.0f));
+    z[i] = g;
+    if (zb) zb[i] = __float2bfloat16_rn(g);
   }
   if (threadIdx.x == 0) loss[row] = lse - zy;
 }

@@ -348,3 +348,63 @@ fn kernels_adamw_and_grad_norm_match_cpu() {
     );
     assert_eq!(host.step, 3);
 }
+
+#[test]
+fn kernels_fused_lm_head_cross_entropy_matches_cpu() {
+    let Some(dev) = gpu_or_skip("kernels_fused_lm_head_cross_entropy_matches_cpu") else {
+        return;
+    };
+    let mut r = rng(7);
+    for (t, d, vocab, chunk) in [
+        (7usize, 64usize, 211usize, 4usize),
+        (97, 576, 4104, 32),
+        (300, 256, 32_000, 64),
+    ] {
+        let (h, hb) = bf16_data(&mut r, t * d, 1.0);
+        let (w, wb) = bf16_data(&mut r, vocab * d, 0.5);
+        let targets: Vec<i64> = (0..t)
+            .map(|i| {
+                if i % 5 == 2 {
+                    -100
+                } else {
+                    r.random_range(0..vocab as i64)
+                }
+            })
+            .collect();
+        let count = targets.iter().filter(|&&y| y >= 0).count();
+        let g = 1.0 / count as f32;
+        let want = cross_entropy::forward_backward(&h, &w, d, &targets, Some(g), 32).unwrap();
+        let out = cross_entropy::lm_head_ce_cuda(
+            &up(&dev, hb, &[t, d]),
+            &up(&dev, wb, &[vocab, d]),
+            &targets,
+            g,
+            chunk,
+        )
+        .unwrap();
+        assert_eq!(out.count, want.count);
+        let loss: f64 = out
+            .loss
+            .to_vec::<f32>()
+            .unwrap()
+            .iter()
+            .map(|&v| v as f64)
+            .sum();
+        assert!(
+            (loss - want.loss_sum).abs() <= 1e-3 * want.loss_sum,
+            "loss {loss} vs {}",
+            want.loss_sum
+        );
+        let dh_ref = f64s(want.dh.as_ref().unwrap());
+        let scale = dh_ref.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+        check(
+            "fused lm_head+CE dh",
+            &f64s_bf16(&out.dh),
+            &dh_ref,
+            Tolerance {
+                abs: 2e-2 * scale,
+                rel: 2e-2,
+            },
+        );
+    }
+}

@@ -190,14 +190,140 @@ pub fn chunk_cuda(logits: &mut Tensor, targets: &[i64], grad_scale: f32) -> Resu
         .arg(t.cuda_slice::<i32>(op)?)
         .arg(loss.cuda_slice_mut::<f32>(op)?)
         .arg(&v_i)
-        .arg(&grad_scale);
+        .arg(&grad_scale)
+        .arg(&super::NULL_PTR);
     let cfg = LaunchConfig {
         grid_dim: (rows as u32, 1, 1),
         block_dim: (256, 1, 1),
         shared_mem_bytes: 0,
     };
-    // SAFETY: ce_fwd_bwd_f32(float*, const int*, float*, int, float); logits rows·V, targets
-    // and loss rows; every target is −1 or < V (checked); one block per row.
+    // SAFETY: ce_fwd_bwd_f32(float*, const int*, float*, int, float, bf16* (null)); logits
+    // rows·V, targets and loss rows; every target is −1 or < V (checked); one block per row.
     unsafe { cuda.launch(name, b, cfg) }?;
     Ok(loss)
+}
+
+/// Result of the fused lm_head + cross-entropy on CUDA.
+pub struct CudaCeOutput {
+    /// Per-token losses (f32 `[T]`, 0 where not counted): summed on the host only when logged.
+    pub loss: Tensor,
+    /// Tokens counted.
+    pub count: usize,
+    /// `dh = grad_scale · dlogits · W` (bf16 `[T, d]`).
+    pub dh: Tensor,
+}
+
+/// CUDA: the fused, chunked lm_head + cross-entropy: for each chunk of `chunk` tokens, the fp32
+/// logits `h_c·Wᵀ` (GEMM), loss and dlogits in place (one kernel), then `dh_c = dz_c·W` (GEMM).
+/// Only one chunk of logits exists at a time: `chunk · V · 6` bytes of workspace.
+pub fn lm_head_ce_cuda(
+    h: &Tensor,
+    w: &Tensor,
+    targets: &[i64],
+    grad_scale: f32,
+    chunk: usize,
+) -> Result<CudaCeOutput> {
+    use super::gemm::{gemm_ptrs, Layout};
+    let op = "lm_head + cross-entropy (cuda)";
+    let o = cuda_ordinal(op, h)?;
+    let dev = Device::Cuda(o);
+    let (t, d) = match h.shape() {
+        [t, d] => (*t, *d),
+        other => {
+            return Err(Error::ShapeMismatch {
+                op,
+                expected: "h [T, d]".into(),
+                got: format!("{other:?}"),
+            })
+        }
+    };
+    let vocab = w.shape().first().copied().unwrap_or(0);
+    check_tensor(op, "h", h, DType::BF16, &[t, d], dev)?;
+    check_tensor(op, "lm_head weight", w, DType::BF16, &[vocab, d], dev)?;
+    expect_len(op, "targets", targets.len(), &[t])?;
+    check_targets(targets, vocab)?;
+    let count = targets.iter().filter(|&&y| y != IGNORE_INDEX).count();
+    let chunk = chunk.clamp(1, t.max(1));
+    let loss = Tensor::zeros(&[t], DType::F32, &dev)?;
+    let dh = Tensor::zeros(&[t, d], DType::BF16, &dev)?;
+    if t == 0 {
+        return Ok(CudaCeOutput { loss, count, dh });
+    }
+    let t_dev: Vec<i32> = targets
+        .iter()
+        .map(|&y| if y == IGNORE_INDEX { -1 } else { y as i32 })
+        .collect();
+    let t_dev = Tensor::from_vec(t_dev, &[t], &dev)?;
+    let z = Tensor::zeros(&[chunk, vocab], DType::F32, &dev)?;
+    let zb = Tensor::zeros(&[chunk, vocab], DType::BF16, &dev)?;
+    let cuda = CudaDevice::get(o)?;
+    let ce = cuda.function("cross_entropy", "ce_fwd_bwd_f32")?;
+    let (hp, wp, zp, zbp, dhp) = (
+        h.device_ptr(),
+        w.device_ptr(),
+        z.device_ptr(),
+        zb.device_ptr(),
+        dh.device_ptr(),
+    );
+    let (tp, lp) = (t_dev.device_ptr(), loss.device_ptr());
+    for c0 in (0..t).step_by(chunk) {
+        let rows = chunk.min(t - c0);
+        // SAFETY: pointer arithmetic stays inside h [T, d], dh [T, d], z/zb [chunk, V]; the
+        // shapes were checked above; every buffer outlives the stream-ordered launches.
+        unsafe {
+            gemm_ptrs(
+                o,
+                Layout::Nt,
+                hp + (c0 * d * 2) as u64,
+                d,
+                wp,
+                d,
+                zp,
+                vocab,
+                rows,
+                vocab,
+                d,
+                DType::F32,
+                1.0,
+                0.0,
+            )?;
+        }
+        let v_i = vocab as i32;
+        let (tc, lc, zbc) = (tp + (c0 * 4) as u64, lp + (c0 * 4) as u64, zbp);
+        let mut b = cuda.stream().launch_builder(&ce);
+        b.arg(&zp)
+            .arg(&tc)
+            .arg(&lc)
+            .arg(&v_i)
+            .arg(&grad_scale)
+            .arg(&zbc);
+        let cfg = LaunchConfig {
+            grid_dim: (rows as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: ce_fwd_bwd_f32(float*, const int*, float*, int, float, bf16*) over `rows`
+        // rows of the chunk buffers; targets and losses offset to the chunk; targets checked.
+        unsafe { cuda.launch("ce_fwd_bwd_f32", b, cfg) }?;
+        // SAFETY: as above; dz (bf16 [rows, V]) · W ([V, d]) into dh rows c0.. (beta 0).
+        unsafe {
+            gemm_ptrs(
+                o,
+                Layout::Nn,
+                zbc,
+                vocab,
+                wp,
+                d,
+                dhp + (c0 * d * 2) as u64,
+                d,
+                rows,
+                d,
+                vocab,
+                DType::BF16,
+                1.0,
+                0.0,
+            )?;
+        }
+    }
+    Ok(CudaCeOutput { loss, count, dh })
 }

@@ -163,7 +163,60 @@ pub fn gemm_cuda(
     if m == 0 || n == 0 {
         return Ok(());
     }
-    let cuda = CudaDevice::get(o)?;
+    // SAFETY: the pointers come from the tensors checked above, with their row lengths as
+    // leading dimensions; they outlive the stream-ordered launches.
+    unsafe {
+        gemm_ptrs(
+            o,
+            layout,
+            a.device_ptr(),
+            a1,
+            b.device_ptr(),
+            b1,
+            c.device_ptr(),
+            n,
+            m,
+            n,
+            k,
+            out,
+            alpha,
+            beta,
+        )
+    }
+}
+
+/// [`gemm_cuda`] on raw device addresses (row blocks of larger buffers, e.g. one chunk of
+/// tokens). `lda`/`ldb`/`ldc` are row lengths in elements; multiples of 8 for A and B.
+///
+/// # Safety
+/// Each pointer must address a live bf16 (A, B) or `out`-typed (C) buffer of at least
+/// `rows × ld` elements for the shape `layout` implies (A `[M,K]` or `[K,M]`, B `[N,K]` or
+/// `[K,N]`, C `[M,N]`), 16-byte aligned rows, on device `ordinal`, alive until the work runs.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn gemm_ptrs(
+    ordinal: usize,
+    layout: Layout,
+    a: u64,
+    lda: usize,
+    b: u64,
+    ldb: usize,
+    c: u64,
+    ldc: usize,
+    m: usize,
+    n: usize,
+    k: usize,
+    out: DType,
+    alpha: f32,
+    beta: f32,
+) -> Result<()> {
+    let op = "gemm (cuda)";
+    multiple_of(op, "A's row length", lda, 8)?;
+    multiple_of(op, "B's row length", ldb, 8)?;
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    let dev = Device::Cuda(ordinal);
+    let cuda = CudaDevice::get(ordinal)?;
     let splits = if k == 0 { 1 } else { split_k(&cuda, m, n, k)? };
     let k_tiles = k.div_ceil(BK).max(1);
     let per_split = k_tiles.div_ceil(splits);
@@ -174,13 +227,13 @@ pub fn gemm_cuda(
         None
     };
     let params = GemmParams {
-        a: a.device_ptr(),
-        b: b.device_ptr(),
-        c: c.device_ptr(),
+        a,
+        b,
+        c,
         partial: workspace.as_ref().map_or(0, |w| w.device_ptr()),
-        lda: a1 as i64,
-        ldb: b1 as i64,
-        ldc: n as i64,
+        lda: lda as i64,
+        ldb: ldb as i64,
+        ldc: ldc as i64,
         m: m as i32,
         n: n as i32,
         k: k as i32,
@@ -201,10 +254,9 @@ pub fn gemm_cuda(
     let mut bld = cuda.stream().launch_builder(&f);
     bld.arg(&params);
     let smem = 2 * STAGES * TILE * BK * 2;
-    // SAFETY: the pointers in `params` come from tensors checked above (dtype bf16/f32, shapes
-    // [M,K]/[N,K] or [K,N] and [M,N] with the leading dimensions given), all alive until the
-    // stream-ordered work is done; the workspace holds splits·M·N floats; the kernel needs
-    // `smem` bytes of dynamic shared memory and 256 threads, which cfg gives.
+    // SAFETY: the caller's contract covers the pointers and shapes; the workspace holds
+    // splits·M·N floats; the kernel needs `smem` bytes of dynamic shared memory and 256 threads,
+    // which cfg gives.
     unsafe { cuda.launch(name, bld, launch_cfg(m, n, splits, smem)) }?;
     if let Some(ws) = workspace {
         let red = if out == DType::BF16 {
@@ -213,17 +265,19 @@ pub fn gemm_cuda(
             "gemm_splitk_reduce_f32"
         };
         let f = cuda.function("gemm", red)?;
-        let (splits_i, m_i, n_i, ldc) = (splits as i32, m as i32, n as i32, n as i64);
+        let (splits_i, m_i, n_i, ldc_i) = (splits as i32, m as i32, n as i32, ldc as i64);
         let mut bld = cuda.stream().launch_builder(&f);
-        bld.arg(ws.cuda_slice::<f32>(op)?).arg(&splits_i);
-        match out {
-            DType::BF16 => bld.arg(c.cuda_slice_mut::<half::bf16>(op)?),
-            _ => bld.arg(c.cuda_slice_mut::<f32>(op)?),
-        };
-        bld.arg(&m_i).arg(&n_i).arg(&ldc).arg(&alpha).arg(&beta);
+        bld.arg(ws.cuda_slice::<f32>(op)?)
+            .arg(&splits_i)
+            .arg(&c)
+            .arg(&m_i)
+            .arg(&n_i)
+            .arg(&ldc_i)
+            .arg(&alpha)
+            .arg(&beta);
         // SAFETY: gemm_splitk_reduce_*(const float*, int, T*, int, int, long long, float,
         // float): the workspace holds splits·M·N floats written by the GEMM above on the same
-        // stream; C is [M, N].
+        // stream; C is the caller's [M, N] buffer with row length ldc.
         unsafe { cuda.launch(red, bld, grid_1d(m * n, 256)) }?;
     }
     Ok(())
