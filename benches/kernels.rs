@@ -14,7 +14,7 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use half::bf16;
 use qlora_rs::device::{CudaDevice, Device};
 use qlora_rs::ops::gemm::{self, Layout, LoraCuda};
-use qlora_rs::ops::{cross_entropy, rmsnorm, rope, swiglu};
+use qlora_rs::ops::{attention, cross_entropy, rmsnorm, rope, swiglu};
 use qlora_rs::quant::nf4::{Nf4Config, Nf4Tensor};
 use qlora_rs::testing::gpu_or_skip;
 use qlora_rs::train::optimizer::{AdamWConfig, AdamWCuda};
@@ -327,5 +327,54 @@ fn gemm(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, copy, nf4, step_kernels, gemm);
+/// Flash attention, causal: fwd FLOPs 2·B·H·S²·D (the convention of the FlashAttention papers),
+/// fwd+bwd 3.5× that. Ceilings on an H100 (PEERS.md): PyTorch SDPA fwd/fwd+bwd 244/213 TFLOP/s
+/// at (1,32,2048,128); FlashAttention-2 published fwd+bwd 265 at 2k, 308 at 8k.
+fn attention(c: &mut Criterion) {
+    let Some((device, dev)) = cuda("attention") else {
+        return;
+    };
+    let mut g = c.benchmark_group("attention");
+    for (b, h, s, d) in [
+        (1usize, 32usize, 2048usize, 128usize),
+        (1, 32, 8192, 128),
+        (4, 32, 2048, 128),
+        (1, 9, 2048, 64),
+    ] {
+        let kv = if h == 9 { 3 } else { 8 };
+        let t = b * s;
+        let dims = attention::Dims {
+            heads: h,
+            kv_heads: kv,
+            head_dim: d,
+        };
+        let cu: Vec<usize> = (0..=b).map(|i| i * s).collect();
+        let q = bf16_tensor(&device, &[t, h, d], 21);
+        let k = bf16_tensor(&device, &[t, kv, d], 22);
+        let v = bf16_tensor(&device, &[t, kv, d], 23);
+        let dout = bf16_tensor(&device, &[t, h, d], 24);
+        let flops = 2 * b * h * s * s * d;
+        let label = format!("b{b}_h{h}_s{s}_d{d}");
+        g.throughput(Throughput::Elements(flops as u64));
+        g.bench_function(BenchmarkId::new("fwd", &label), |bn| {
+            bn.iter_custom(|iters| {
+                timed(&dev, iters, || {
+                    drop(attention::forward_cuda(dims, &q, &k, &v, &cu).unwrap())
+                })
+            })
+        });
+        g.throughput(Throughput::Elements((flops as f64 * 3.5) as u64));
+        g.bench_function(BenchmarkId::new("fwd_bwd", &label), |bn| {
+            bn.iter_custom(|iters| {
+                timed(&dev, iters, || {
+                    let (o, lse) = attention::forward_cuda(dims, &q, &k, &v, &cu).unwrap();
+                    drop(attention::backward_cuda(dims, &q, &k, &v, &o, &lse, &dout, &cu).unwrap())
+                })
+            })
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, copy, nf4, step_kernels, gemm, attention);
 criterion_main!(benches);

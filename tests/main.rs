@@ -5,6 +5,7 @@ mod data;
 mod device;
 mod e2e;
 mod export;
+mod flash;
 mod gemm;
 mod gguf;
 mod harness;

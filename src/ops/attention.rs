@@ -21,9 +21,14 @@
 //! The CPU reference forms one sequence's `L × L` scores per head at a time (memory is
 //! `L²` for the largest sequence, not `T²`); the CUDA kernel never forms them.
 
+use cudarc::driver::{LaunchConfig, PushKernelArg};
+
 use super::matmul::{gemm, Mat};
-use super::{check_cu_seqlens, expect_len, Real};
+use super::{check_cu_seqlens, check_tensor, cuda_ordinal, expect_len, Real};
+use crate::device::cuda::CudaDevice;
+use crate::device::Device;
 use crate::error::{Error, Result};
+use crate::tensor::{DType, Tensor};
 
 /// Head layout.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -274,4 +279,233 @@ pub fn forward_cached<T: Real>(d: Dims, q: &[T], k: &[T], v: &[T], start: usize)
         }
     }
     Ok(o)
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct AttnParams {
+    q: u64,
+    k: u64,
+    v: u64,
+    o: u64,
+    lse: u64,
+    dout: u64,
+    dq: u64,
+    dk: u64,
+    dv: u64,
+    dsum: u64,
+    cu_seqlens: u64,
+    heads: i32,
+    kv_heads: i32,
+    scale: f32,
+}
+// SAFETY: #[repr(C)] plain data laid out like the kernel's `AttnParams`.
+unsafe impl cudarc::driver::DeviceRepr for AttnParams {}
+
+const TILE: usize = 64;
+
+/// Checks the CUDA inputs; returns (tokens, device, cu_seqlens on the device, longest sequence).
+fn check_cuda(
+    op: &'static str,
+    d: Dims,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    cu: &[usize],
+) -> Result<(usize, Device, Tensor, usize)> {
+    d.check()?;
+    if d.head_dim != 64 && d.head_dim != 128 {
+        return Err(Error::InvalidArgument(format!(
+            "{op}: head_dim {} is not supported by the flash-attention kernels (64 or 128)",
+            d.head_dim
+        )));
+    }
+    let o = cuda_ordinal(op, q)?;
+    let dev = Device::Cuda(o);
+    let tokens = q.shape().first().copied().unwrap_or(0);
+    check_tensor(op, "q", q, DType::BF16, &[tokens, d.heads, d.head_dim], dev)?;
+    check_tensor(
+        op,
+        "k",
+        k,
+        DType::BF16,
+        &[tokens, d.kv_heads, d.head_dim],
+        dev,
+    )?;
+    check_tensor(
+        op,
+        "v",
+        v,
+        DType::BF16,
+        &[tokens, d.kv_heads, d.head_dim],
+        dev,
+    )?;
+    check_cu_seqlens(op, cu, tokens)?;
+    let max_len = cu.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0);
+    let cu_dev = Tensor::from_vec(
+        cu.iter().map(|&c| c as i32).collect::<Vec<_>>(),
+        &[cu.len()],
+        &dev,
+    )?;
+    Ok((tokens, dev, cu_dev, max_len))
+}
+
+fn grid(max_len: usize, heads: usize, seqs: usize, threads: u32, smem: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (max_len.div_ceil(TILE) as u32, heads as u32, seqs as u32),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: smem as u32,
+    }
+}
+
+/// CUDA flash attention forward: `(o [T, H, D] bf16, lse [T, H] f32)`.
+pub fn forward_cuda(
+    d: Dims,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    cu_seqlens: &[usize],
+) -> Result<(Tensor, Tensor)> {
+    let op = "flash attention (cuda)";
+    let (tokens, dev, cu, max_len) = check_cuda(op, d, q, k, v, cu_seqlens)?;
+    let o = Tensor::zeros(&[tokens, d.heads, d.head_dim], DType::BF16, &dev)?;
+    let lse = Tensor::zeros(&[tokens, d.heads], DType::F32, &dev)?;
+    if tokens == 0 {
+        return Ok((o, lse));
+    }
+    let p = AttnParams {
+        q: q.device_ptr(),
+        k: k.device_ptr(),
+        v: v.device_ptr(),
+        o: o.device_ptr(),
+        lse: lse.device_ptr(),
+        cu_seqlens: cu.device_ptr(),
+        heads: d.heads as i32,
+        kv_heads: d.kv_heads as i32,
+        scale: 1.0 / (d.head_dim as f32).sqrt(),
+        ..AttnParams::default()
+    };
+    let Device::Cuda(ord) = dev else {
+        unreachable!("checked")
+    };
+    let cuda = CudaDevice::get(ord)?;
+    let name = if d.head_dim == 64 {
+        "flash_fwd_d64"
+    } else {
+        "flash_fwd_d128"
+    };
+    let f = cuda.function("attention", name)?;
+    let mut b = cuda.stream().launch_builder(&f);
+    b.arg(&p);
+    // SAFETY: flash_fwd_d*(AttnParams): q/k/v/o/lse checked above ([T, H|Hkv, D] bf16, lse
+    // [T, H] f32), cu_seqlens validated (0 .. T, increasing) and on the device; the grid covers
+    // the longest sequence; 128 threads as the kernel assumes; all buffers outlive the launch.
+    unsafe {
+        cuda.launch(
+            name,
+            b,
+            grid(max_len, d.heads, cu_seqlens.len() - 1, 128, 0),
+        )
+    }?;
+    Ok((o, lse))
+}
+
+/// CUDA flash attention backward (deterministic): `(dq, dk, dv)` in bf16.
+#[allow(clippy::too_many_arguments)]
+pub fn backward_cuda(
+    d: Dims,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    o: &Tensor,
+    lse: &Tensor,
+    d_o: &Tensor,
+    cu_seqlens: &[usize],
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let op = "flash attention backward (cuda)";
+    let (tokens, dev, cu, max_len) = check_cuda(op, d, q, k, v, cu_seqlens)?;
+    check_tensor(op, "o", o, DType::BF16, q.shape(), dev)?;
+    check_tensor(op, "dO", d_o, DType::BF16, q.shape(), dev)?;
+    check_tensor(op, "lse", lse, DType::F32, &[tokens, d.heads], dev)?;
+    let dq = Tensor::zeros(q.shape(), DType::BF16, &dev)?;
+    let dk = Tensor::zeros(k.shape(), DType::BF16, &dev)?;
+    let dv = Tensor::zeros(v.shape(), DType::BF16, &dev)?;
+    if tokens == 0 {
+        return Ok((dq, dk, dv));
+    }
+    let dsum = Tensor::zeros(&[tokens, d.heads], DType::F32, &dev)?;
+    let p = AttnParams {
+        q: q.device_ptr(),
+        k: k.device_ptr(),
+        v: v.device_ptr(),
+        o: o.device_ptr(),
+        lse: lse.device_ptr(),
+        dout: d_o.device_ptr(),
+        dq: dq.device_ptr(),
+        dk: dk.device_ptr(),
+        dv: dv.device_ptr(),
+        dsum: dsum.device_ptr(),
+        cu_seqlens: cu.device_ptr(),
+        heads: d.heads as i32,
+        kv_heads: d.kv_heads as i32,
+        scale: 1.0 / (d.head_dim as f32).sqrt(),
+    };
+    let Device::Cuda(ord) = dev else {
+        unreachable!("checked")
+    };
+    let cuda = CudaDevice::get(ord)?;
+    let suffix = if d.head_dim == 64 { "d64" } else { "d128" };
+    let seqs = cu_seqlens.len() - 1;
+    // D_i = dO_i · O_i: one warp per (token, head).
+    let name: &'static str = if suffix == "d64" {
+        "flash_bwd_dsum_d64"
+    } else {
+        "flash_bwd_dsum_d128"
+    };
+    let f = cuda.function("attention", name)?;
+    let tokens_i = tokens as i32;
+    let mut b = cuda.stream().launch_builder(&f);
+    b.arg(&p).arg(&tokens_i);
+    let warps = tokens * d.heads;
+    let cfg = LaunchConfig {
+        grid_dim: (warps.div_ceil(8) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: flash_bwd_dsum_*(AttnParams, int): dout, o [T, H, D] and dsum [T, H] checked; one
+    // warp per (token, head), bounds-checked in the kernel.
+    unsafe { cuda.launch(name, b, cfg) }?;
+    // dK, dV over key tiles (4 tiles of 64 × D in dynamic shared memory).
+    let (name, threads): (&'static str, u32) = if suffix == "d64" {
+        ("flash_bwd_dkdv_d64", 128)
+    } else {
+        ("flash_bwd_dkdv_d128", 256)
+    };
+    let smem = 4 * TILE * d.head_dim * 2;
+    let f = cuda.function("attention", name)?;
+    f.set_attribute(
+        cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+        smem as i32,
+    )
+    .map_err(Error::cuda(format!(
+        "allowing {smem} bytes of shared memory for {name}"
+    )))?;
+    let mut b = cuda.stream().launch_builder(&f);
+    b.arg(&p);
+    // SAFETY: flash_bwd_dkdv_*(AttnParams): every buffer checked above; dsum written by the
+    // previous launch on the same stream; `smem` bytes of dynamic shared memory (opted in above)
+    // and the thread count the kernel's warp/column split assumes.
+    unsafe { cuda.launch(name, b, grid(max_len, d.kv_heads, seqs, threads, smem)) }?;
+    // dQ over query tiles.
+    let name: &'static str = if suffix == "d64" {
+        "flash_bwd_dq_d64"
+    } else {
+        "flash_bwd_dq_d128"
+    };
+    let f = cuda.function("attention", name)?;
+    let mut b = cuda.stream().launch_builder(&f);
+    b.arg(&p);
+    // SAFETY: flash_bwd_dq_*(AttnParams): as above; 128 threads.
+    unsafe { cuda.launch(name, b, grid(max_len, d.heads, seqs, 128, 0)) }?;
+    Ok((dq, dk, dv))
 }

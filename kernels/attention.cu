@@ -1,0 +1,445 @@
+// Flash attention (FlashAttention-2 scheme) on tensor cores: causal, grouped-query, packed
+// variable-length sequences (cu_seqlens), head dim 64 or 128, bf16 in and out, fp32 online
+// softmax; the forward saves the row log-sum-exp. The T×T scores never exist in memory.
+// Math and the CPU reference: src/ops/attention.rs.
+//
+// Forward: one block per (query tile of 64, head, sequence), 4 warps × 16 query rows; key/value
+// tiles of 64 stream through shared memory; S = Q·Kᵀ and O += P·V with mma.sync m16n8k16.
+// Backward (deterministic, no atomics):
+//   flash_bwd_dsum:  D_i = dO_i · O_i
+//   flash_bwd_dkdv:  one block per (key tile, kv head, sequence); loops over the query heads of
+//                    its group and the query tiles at or after the keys: dV += Pᵀ·dO,
+//                    dK += scale·dSᵀ·Q with dS = P ⊙ (dO·Vᵀ − D)
+//   flash_bwd_dq:    one block per (query tile, head, sequence): dQ = scale·Σ_j dS_j·K_j
+// Layouts: q, o, dout, dq [T, H, D]; k, v, dk, dv [T, Hkv, D]; lse, dsum [T, H] fp32.
+
+#include "common.cuh"
+
+#define ATT_BM 64
+#define ATT_BN 64
+#define ATT_THREADS 128
+
+struct AttnParams {
+  const bf16* q;
+  const bf16* k;
+  const bf16* v;
+  bf16* o;
+  float* lse;
+  const bf16* dout;
+  bf16* dq;
+  bf16* dk;
+  bf16* dv;
+  float* dsum;
+  const int* cu_seqlens;
+  int heads, kv_heads;
+  float scale;
+};
+
+__device__ __forceinline__ uint32_t att_smem(const void* p) { return (uint32_t)__cvta_generic_to_shared(p); }
+__device__ __forceinline__ void att_cp16(void* dst, const void* src, bool ok) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(att_smem(dst)), "l"(src), "r"(ok ? 16 : 0));
+}
+__device__ __forceinline__ void att_commit_wait() {
+  asm volatile("cp.async.commit_group;\n" ::);
+  asm volatile("cp.async.wait_group 0;\n" ::);
+}
+__device__ __forceinline__ void att_ldm(uint32_t* r, const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(att_smem(p)));
+}
+__device__ __forceinline__ void att_ldm_t(uint32_t* r, const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(att_smem(p)));
+}
+__device__ __forceinline__ void att_mma(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
+  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+
+// Tile [64 rows][D] bf16 in shared memory, 16-byte chunks swizzled by row: conflict-free
+// ldmatrix (8 consecutive rows at one chunk), with or without .trans.
+template <int D>
+__device__ __forceinline__ int att_off(int row, int chunk) {
+  return row * D + ((chunk ^ (row & 7)) << 3);
+}
+
+// Loads rows [r0, r0 + 64) of a [T, heads, D] tensor (head h) into a tile; rows ≥ rend are 0.
+template <int D>
+__device__ __forceinline__ void att_load(bf16* s, const bf16* g, int r0, int rend, int nheads, int h) {
+  constexpr int CH = D / 8;
+  for (int q = threadIdx.x; q < 64 * CH; q += blockDim.x) {
+    const int row = q / CH, ch = q % CH;
+    const int t = r0 + row;
+    const bool ok = t < rend;
+    const bf16* src = ok ? g + ((long long)t * nheads + h) * D + ch * 8 : g;
+    att_cp16(s + att_off<D>(row, ch), src, ok);
+  }
+}
+
+// A fragments (16 rows × D) of a tile's rows [row0, row0+16): a[kk] for k16 step kk.
+template <int D>
+__device__ __forceinline__ void att_frag_a(uint32_t (*a)[4], const bf16* s, int row0) {
+  const int lane = threadIdx.x & 31, j = lane >> 3, r = lane & 7;
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) att_ldm(a[kk], s + att_off<D>(row0 + (j & 1) * 8 + r, kk * 2 + (j >> 1)));
+}
+
+// acc[16 × 64] += A(16 × D) · B where B(k=d, n=key) = tile[key][d] (keys are tile rows):
+// S = Q·Kᵀ style. acc[nt][4] for 8 n8 tiles.
+template <int D>
+__device__ __forceinline__ void att_mma_rows(float (*acc)[4], const uint32_t (*a)[4], const bf16* s) {
+  const int lane = threadIdx.x & 31, j = lane >> 3, r = lane & 7;
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk)
+#pragma unroll
+    for (int np = 0; np < 4; ++np) {
+      uint32_t t[4];
+      att_ldm(t, s + att_off<D>(np * 16 + (j >> 1) * 8 + r, kk * 2 + (j & 1)));
+      att_mma(acc[2 * np], a[kk], t[0], t[1]);
+      att_mma(acc[2 * np + 1], a[kk], t[2], t[3]);
+    }
+}
+
+// acc[16 × DC] += P(16 × 64, as A fragments from probabilities) · tile(64 × D)[:, col0 .. col0+DC)
+// (O += P·V style); DC = D unless a kernel splits the columns between warps.
+template <int D, int DC = D>
+__device__ __forceinline__ void att_mma_cols(float (*acc)[4], const uint32_t (*p)[4], const bf16* s, int col0 = 0) {
+  const int lane = threadIdx.x & 31, j = lane >> 3, r = lane & 7;
+#pragma unroll
+  for (int kk = 0; kk < 4; ++kk)  // 64 keys = 4 k16 steps
+#pragma unroll
+    for (int np = 0; np < DC / 16; ++np) {
+      uint32_t t[4];
+      att_ldm_t(t, s + att_off<D>(kk * 16 + (j & 1) * 8 + r, (col0 >> 3) + np * 2 + (j >> 1)));
+      att_mma(acc[2 * np], p[kk], t[0], t[1]);
+      att_mma(acc[2 * np + 1], p[kk], t[2], t[3]);
+    }
+}
+
+// C fragments of a 16×64 block (8 n8 tiles) → A fragments of 4 k16 steps (bf16).
+__device__ __forceinline__ void att_c_to_a(uint32_t (*a)[4], const float (*c)[4]) {
+#pragma unroll
+  for (int kk = 0; kk < 4; ++kk) {
+    a[kk][0] = pack_bf16(c[2 * kk][0], c[2 * kk][1]);
+    a[kk][1] = pack_bf16(c[2 * kk][2], c[2 * kk][3]);
+    a[kk][2] = pack_bf16(c[2 * kk + 1][0], c[2 * kk + 1][1]);
+    a[kk][3] = pack_bf16(c[2 * kk + 1][2], c[2 * kk + 1][3]);
+  }
+}
+
+__device__ __forceinline__ float quad_max(float v) {
+  v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
+  return fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
+}
+__device__ __forceinline__ float quad_sum(float v) {
+  v += __shfl_xor_sync(0xffffffffu, v, 1);
+  return v + __shfl_xor_sync(0xffffffffu, v, 2);
+}
+
+// ---- forward ----
+template <int D>
+__device__ void flash_fwd(const AttnParams& p) {
+  __shared__ __align__(16) bf16 sq[64 * D];
+  __shared__ __align__(16) bf16 sk[64 * D];
+  __shared__ __align__(16) bf16 sv[64 * D];
+  const int seq = blockIdx.z, h = blockIdx.y;
+  const int start = p.cu_seqlens[seq], len = p.cu_seqlens[seq + 1] - start;
+  const int q0 = blockIdx.x * ATT_BM;
+  if (q0 >= len) return;
+  const int g = h / (p.heads / p.kv_heads);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int end = start + len;
+
+  att_load<D>(sq, p.q, start + q0, end, p.heads, h);
+  att_commit_wait();
+  __syncthreads();
+  uint32_t qa[D / 16][4];
+  att_frag_a<D>(qa, sq, warp * 16);
+
+  float o[D / 8][4];
+#pragma unroll
+  for (int i = 0; i < D / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
+  const int qrow[2] = {q0 + warp * 16 + (lane >> 2), q0 + warp * 16 + (lane >> 2) + 8};
+
+  const int last_key = min(len, q0 + ATT_BM);  // causal: keys < last query + 1
+  for (int k0 = 0; k0 < last_key; k0 += ATT_BN) {
+    __syncthreads();  // the previous tile is no longer read
+    att_load<D>(sk, p.k, start + k0, end, p.kv_heads, g);
+    att_load<D>(sv, p.v, start + k0, end, p.kv_heads, g);
+    att_commit_wait();
+    __syncthreads();
+    float s[8][4];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.0f;
+    att_mma_rows<D>(s, qa, sk);
+    float tmax[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int key = k0 + nt * 8 + (lane & 3) * 2 + (e & 1);
+        const int hr = e >> 1;
+        const bool ok = key < len && key <= qrow[hr];
+        s[nt][e] = ok ? s[nt][e] * p.scale : -INFINITY;
+        tmax[hr] = fmaxf(tmax[hr], s[nt][e]);
+      }
+    float corr[2];
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr) {
+      const float mn = fmaxf(m[hr], quad_max(tmax[hr]));
+      const float use = mn == -INFINITY ? 0.0f : mn;
+      corr[hr] = expf(m[hr] - use);
+      m[hr] = mn;
+      float sum = 0.0f;
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const float pv = expf(s[nt][hr * 2 + e] - use);
+          s[nt][hr * 2 + e] = pv;
+          sum += pv;
+        }
+      l[hr] = l[hr] * corr[hr] + quad_sum(sum);
+    }
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i) {
+      o[i][0] *= corr[0];
+      o[i][1] *= corr[0];
+      o[i][2] *= corr[1];
+      o[i][3] *= corr[1];
+    }
+    uint32_t pa[4][4];
+    att_c_to_a(pa, s);
+    att_mma_cols<D>(o, pa, sv);
+  }
+  // O /= l; write O and lse.
+#pragma unroll
+  for (int hr = 0; hr < 2; ++hr) {
+    const int q = qrow[hr];
+    if (q >= len) continue;
+    const float inv = l[hr] > 0.0f ? 1.0f / l[hr] : 0.0f;
+    bf16* orow = p.o + ((long long)(start + q) * p.heads + h) * D;
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i) {
+      const int col = i * 8 + (lane & 3) * 2;
+      orow[col] = __float2bfloat16_rn(o[i][hr * 2] * inv);
+      orow[col + 1] = __float2bfloat16_rn(o[i][hr * 2 + 1] * inv);
+    }
+    if ((lane & 3) == 0) p.lse[(long long)(start + q) * p.heads + h] = m[hr] + logf(l[hr]);
+  }
+}
+
+extern "C" __global__ void __launch_bounds__(ATT_THREADS) flash_fwd_d64(AttnParams p) { flash_fwd<64>(p); }
+extern "C" __global__ void __launch_bounds__(ATT_THREADS) flash_fwd_d128(AttnParams p) { flash_fwd<128>(p); }
+
+// ---- backward ----
+
+// dsum[t, h] = Σ_d dO·O; one warp per (token, head).
+template <int D>
+__device__ void flash_dsum(const AttnParams& p, int tokens) {
+  const long long w = ((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+  const int lane = threadIdx.x & 31;
+  if (w >= (long long)tokens * p.heads) return;
+  const bf16* a = p.dout + w * D;
+  const bf16* b = p.o + w * D;
+  float s = 0.0f;
+  for (int i = lane; i < D; i += 32) s += __bfloat162float(a[i]) * __bfloat162float(b[i]);
+  s = warp_sum(s);
+  if (lane == 0) p.dsum[w] = s;
+}
+extern "C" __global__ void flash_bwd_dsum_d64(AttnParams p, int tokens) { flash_dsum<64>(p, tokens); }
+extern "C" __global__ void flash_bwd_dsum_d128(AttnParams p, int tokens) { flash_dsum<128>(p, tokens); }
+
+// P = exp(S·scale − lse) with the causal/length mask, for a 16-row × 64-col block whose rows are
+// `rows` and columns `cols` (row index ≥ col index required). `rows_are_queries` tells which
+// of the two is the query.
+__device__ __forceinline__ float att_prob(float s, float scale, float lse, int query, int key, int len) {
+  if (query >= len || key >= len || key > query) return 0.0f;
+  return expf(s * scale - lse);
+}
+
+// dK, dV for 64 keys of kv head g: warps own 16 keys each.
+// Dynamic shared memory: four 64 × D tiles (K, V, Q, dO), 64 KiB at D = 128 (the launcher opts
+// in above the 48 KiB default). 4·SPLIT warps: warp w owns keys 16·(w % 4).. and the output
+// columns [(w / 4)·D/SPLIT, ...) of dK and dV (SPLIT = 2 at D = 128 keeps the fp32 accumulators
+// in registers); each warp recomputes the scores it needs over the full head dimension.
+template <int D, int SPLIT>
+__device__ void flash_dkdv(const AttnParams& p) {
+  constexpr int DC = D / SPLIT;
+  extern __shared__ __align__(16) unsigned char att_dyn[];
+  bf16* sk = (bf16*)att_dyn;
+  bf16* sv = sk + 64 * D;
+  bf16* sq = sv + 64 * D;
+  bf16* sdo = sq + 64 * D;
+  __shared__ float slse[64], sdsum[64];
+  const int seq = blockIdx.z, g = blockIdx.y;
+  const int start = p.cu_seqlens[seq], len = p.cu_seqlens[seq + 1] - start;
+  const int k0 = blockIdx.x * ATT_BN;
+  if (k0 >= len) return;
+  const int warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
+  const int col0 = (threadIdx.x >> 7) * DC;
+  const int end = start + len;
+  const int group = p.heads / p.kv_heads;
+  att_load<D>(sk, p.k, start + k0, end, p.kv_heads, g);
+  att_load<D>(sv, p.v, start + k0, end, p.kv_heads, g);
+  att_commit_wait();
+  __syncthreads();
+  float dk[DC / 8][4], dv[DC / 8][4];
+#pragma unroll
+  for (int i = 0; i < DC / 8; ++i)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) dk[i][e] = dv[i][e] = 0.0f;
+  const int key[2] = {k0 + warp * 16 + (lane >> 2), k0 + warp * 16 + (lane >> 2) + 8};
+
+  for (int hq = g * group; hq < (g + 1) * group; ++hq) {
+    for (int q0 = (k0 / ATT_BM) * ATT_BM; q0 < len; q0 += ATT_BM) {
+      __syncthreads();
+      att_load<D>(sq, p.q, start + q0, end, p.heads, hq);
+      att_load<D>(sdo, p.dout, start + q0, end, p.heads, hq);
+      if (threadIdx.x < 64) {
+        const int t = q0 + threadIdx.x;
+        const long long at = (long long)(start + t) * p.heads + hq;
+        slse[threadIdx.x] = t < len ? p.lse[at] : 0.0f;
+        sdsum[threadIdx.x] = t < len ? p.dsum[at] : 0.0f;
+      }
+      att_commit_wait();
+      __syncthreads();
+      // Sᵀ = K·Qᵀ (16 keys × 64 queries) → Pᵀ, dV += Pᵀ·dO; then dPᵀ = V·dOᵀ → dSᵀ; in this
+      // order so that fewer fragments are live at once.
+      uint32_t frag[D / 16][4];
+      float st[8][4];
+#pragma unroll
+      for (int i = 0; i < 8; ++i) st[i][0] = st[i][1] = st[i][2] = st[i][3] = 0.0f;
+      att_frag_a<D>(frag, sk, warp * 16);
+      att_mma_rows<D>(st, frag, sq);
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int qi = nt * 8 + (lane & 3) * 2 + (e & 1);
+          st[nt][e] = att_prob(st[nt][e], p.scale, slse[qi], q0 + qi, key[e >> 1], len);
+        }
+      {
+        uint32_t pa[4][4];
+        att_c_to_a(pa, st);
+        att_mma_cols<D, DC>(dv, pa, sdo, col0);  // dV += Pᵀ·dO
+      }
+      float dpt[8][4];
+#pragma unroll
+      for (int i = 0; i < 8; ++i) dpt[i][0] = dpt[i][1] = dpt[i][2] = dpt[i][3] = 0.0f;
+      att_frag_a<D>(frag, sv, warp * 16);
+      att_mma_rows<D>(dpt, frag, sdo);
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int qi = nt * 8 + (lane & 3) * 2 + (e & 1);
+          dpt[nt][e] = st[nt][e] * (dpt[nt][e] - sdsum[qi]);
+        }
+      uint32_t dsa[4][4];
+      att_c_to_a(dsa, dpt);
+      att_mma_cols<D, DC>(dk, dsa, sq, col0);  // dK += dSᵀ·Q (scaled below)
+    }
+  }
+#pragma unroll
+  for (int hr = 0; hr < 2; ++hr) {
+    const int kk = key[hr];
+    if (kk >= len) continue;
+    const long long at = ((long long)(start + kk) * p.kv_heads + g) * D;
+#pragma unroll
+    for (int i = 0; i < DC / 8; ++i) {
+      const int col = col0 + i * 8 + (lane & 3) * 2;
+      p.dk[at + col] = __float2bfloat16_rn(dk[i][hr * 2] * p.scale);
+      p.dk[at + col + 1] = __float2bfloat16_rn(dk[i][hr * 2 + 1] * p.scale);
+      p.dv[at + col] = __float2bfloat16_rn(dv[i][hr * 2]);
+      p.dv[at + col + 1] = __float2bfloat16_rn(dv[i][hr * 2 + 1]);
+    }
+  }
+}
+extern "C" __global__ void __launch_bounds__(ATT_THREADS) flash_bwd_dkdv_d64(AttnParams p) { flash_dkdv<64, 1>(p); }
+extern "C" __global__ void __launch_bounds__(2 * ATT_THREADS) flash_bwd_dkdv_d128(AttnParams p) { flash_dkdv<128, 2>(p); }
+
+// dQ for 64 queries of head h: warps own 16 queries each.
+// Two 64 × D tiles: Q and dO while their fragments are built, then K and V.
+template <int D>
+__device__ void flash_dq(const AttnParams& p) {
+  __shared__ __align__(16) bf16 sa[64 * D];
+  __shared__ __align__(16) bf16 sb[64 * D];
+  bf16* sq = sa;
+  bf16* sdo = sb;
+  bf16* sk = sa;
+  bf16* sv = sb;
+  const int seq = blockIdx.z, h = blockIdx.y;
+  const int start = p.cu_seqlens[seq], len = p.cu_seqlens[seq + 1] - start;
+  const int q0 = blockIdx.x * ATT_BM;
+  if (q0 >= len) return;
+  const int g = h / (p.heads / p.kv_heads);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int end = start + len;
+  att_load<D>(sq, p.q, start + q0, end, p.heads, h);
+  att_load<D>(sdo, p.dout, start + q0, end, p.heads, h);
+  att_commit_wait();
+  __syncthreads();
+  uint32_t qa[D / 16][4], doa[D / 16][4];
+  att_frag_a<D>(qa, sq, warp * 16);
+  att_frag_a<D>(doa, sdo, warp * 16);
+  const int qrow[2] = {q0 + warp * 16 + (lane >> 2), q0 + warp * 16 + (lane >> 2) + 8};
+  float lse[2], ds_[2];
+#pragma unroll
+  for (int hr = 0; hr < 2; ++hr) {
+    const bool ok = qrow[hr] < len;
+    const long long at = (long long)(start + qrow[hr]) * p.heads + h;
+    lse[hr] = ok ? p.lse[at] : 0.0f;
+    ds_[hr] = ok ? p.dsum[at] : 0.0f;
+  }
+  float dq[D / 8][4];
+#pragma unroll
+  for (int i = 0; i < D / 8; ++i) dq[i][0] = dq[i][1] = dq[i][2] = dq[i][3] = 0.0f;
+  const int last_key = min(len, q0 + ATT_BM);
+  for (int k0 = 0; k0 < last_key; k0 += ATT_BN) {
+    __syncthreads();
+    att_load<D>(sk, p.k, start + k0, end, p.kv_heads, g);
+    att_load<D>(sv, p.v, start + k0, end, p.kv_heads, g);
+    att_commit_wait();
+    __syncthreads();
+    float s[8][4], dp[8][4];
+#pragma unroll
+    for (int i = 0; i < 8; ++i)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[i][e] = dp[i][e] = 0.0f;
+    att_mma_rows<D>(s, qa, sk);
+    att_mma_rows<D>(dp, doa, sv);
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int hr = e >> 1;
+        const int key = k0 + nt * 8 + (lane & 3) * 2 + (e & 1);
+        const float pv = att_prob(s[nt][e], p.scale, lse[hr], qrow[hr], key, len);
+        s[nt][e] = pv * (dp[nt][e] - ds_[hr]);  // dS
+      }
+    uint32_t dsa[4][4];
+    att_c_to_a(dsa, s);
+    att_mma_cols<D>(dq, dsa, sk);  // dQ += dS·K
+  }
+#pragma unroll
+  for (int hr = 0; hr < 2; ++hr) {
+    if (qrow[hr] >= len) continue;
+    bf16* row = p.dq + ((long long)(start + qrow[hr]) * p.heads + h) * D;
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i) {
+      const int col = i * 8 + (lane & 3) * 2;
+      row[col] = __float2bfloat16_rn(dq[i][hr * 2] * p.scale);
+      row[col + 1] = __float2bfloat16_rn(dq[i][hr * 2 + 1] * p.scale);
+    }
+  }
+}
+extern "C" __global__ void __launch_bounds__(ATT_THREADS) flash_bwd_dq_d64(AttnParams p) { flash_dq<64>(p); }
+extern "C" __global__ void __launch_bounds__(ATT_THREADS) flash_bwd_dq_d128(AttnParams p) { flash_dq<128>(p); }
