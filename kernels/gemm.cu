@@ -450,3 +450,88 @@ extern "C" __global__ void __launch_bounds__(THREADS) gemm_nf4_nt_bf16(GemmParam
 extern "C" __global__ void __launch_bounds__(THREADS) gemm_nf4_nn_bf16(GemmParams p, Nf4Params w) {
   gemm_nf4_body<false>(p, w);
 }
+
+// ---- small M (generation, tiny batches): Y[M ≤ 16, N] = X·Wᵀ (+ A2·B2ᵀ), W in NF4 ----
+// Memory-bound on W's 4-bit codes: each warp streams 4 rows of W once, in chunks of 1024
+// columns; the chunk of X (M × 1024 bf16) is staged in shared memory. Lane l of a chunk takes
+// the 8-element groups g·256 + 8l (g = 0..3), so X reads are conflict-free and W reads
+// coalesced. Block: 8 warps × 4 rows = 32 output columns.
+#define SM_CHUNK 1024
+#define SM_ROWS 4
+
+extern "C" __global__ void __launch_bounds__(256) gemm_nf4_small_m_bf16(GemmParams p, Nf4Params w) {
+  __shared__ __align__(16) bf16 sx[16 * SM_CHUNK];
+  __shared__ float code[16];
+  if (threadIdx.x < 16) code[threadIdx.x] = w.code[threadIdx.x];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int n_base = blockIdx.x * 32 + warp * SM_ROWS;
+  const int m_rows = p.m;
+  float acc[SM_ROWS][16];
+#pragma unroll
+  for (int r = 0; r < SM_ROWS; ++r)
+#pragma unroll
+    for (int m = 0; m < 16; ++m) acc[r][m] = 0.0f;
+
+  for (int k0 = 0; k0 < p.k; k0 += SM_CHUNK) {
+    __syncthreads();
+    // Stage X[:, k0 .. k0 + 1024) (zero beyond K).
+    for (int q = threadIdx.x; q < m_rows * (SM_CHUNK / 8); q += blockDim.x) {
+      const int m = q / (SM_CHUNK / 8), c = q % (SM_CHUNK / 8);
+      const int k = k0 + c * 8;
+      uint4 v = make_uint4(0, 0, 0, 0);
+      if (k < p.k) v = *reinterpret_cast<const uint4*>(p.a + (long long)m * p.lda + k);
+      *reinterpret_cast<uint4*>(sx + m * SM_CHUNK + c * 8) = v;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int r = 0; r < SM_ROWS; ++r) {
+      const long long n = n_base + r;
+      if (n >= p.n) break;
+#pragma unroll
+      for (int g = 0; g < 4; ++g) {
+        const int kk = g * 256 + lane * 8;  // within the chunk
+        const int k = k0 + kk;
+        if (k >= p.k) continue;
+        const long long flat = n * w.cols + k;
+        const uint32_t bits = __ldg(reinterpret_cast<const uint32_t*>(w.packed + flat / 2));
+        const float scale = nf4_scale(w, flat / w.blocksize);
+        float wv[8];
+#pragma unroll
+        for (int b = 0; b < 4; ++b) {
+          const uint32_t byte = (bits >> (8 * b)) & 0xFF;
+          // bf16-rounded, exactly the values the tensor-core path multiplies.
+          wv[2 * b] = __bfloat162float(__float2bfloat16_rn(__fmul_rn(code[byte >> 4], scale)));
+          wv[2 * b + 1] = __bfloat162float(__float2bfloat16_rn(__fmul_rn(code[byte & 0xF], scale)));
+        }
+        // Unrolled over all 16 rows (guarded) so acc stays in registers.
+#pragma unroll
+        for (int m = 0; m < 16; ++m) {
+          if (m >= m_rows) break;
+          union { uint4 u; bf16 h[8]; } xv;
+          xv.u = *reinterpret_cast<const uint4*>(sx + m * SM_CHUNK + kk);
+          float s = 0.0f;
+#pragma unroll
+          for (int e = 0; e < 8; ++e) s += __bfloat162float(xv.h[e]) * wv[e];
+          acc[r][m] += s;
+        }
+      }
+    }
+  }
+  bf16* y = (bf16*)p.c;
+#pragma unroll
+  for (int r = 0; r < SM_ROWS; ++r) {
+    const long long n = n_base + r;
+#pragma unroll
+    for (int m = 0; m < 16; ++m) {
+      if (m >= m_rows) break;
+      const float s = warp_sum(acc[r][m]);
+      if (lane == 0 && n < p.n) {
+        float out = s;
+        if (p.a2 != nullptr)
+          for (int j = 0; j < p.k2; ++j)
+            out += __bfloat162float(p.a2[(long long)m * p.lda2 + j]) * __bfloat162float(p.b2[n * p.ldb2 + j]);
+        y[(long long)m * p.ldc + n] = __float2bfloat16_rn(out);
+      }
+    }
+  }
+}

@@ -28,6 +28,8 @@ const TILE: usize = 128;
 const BK: usize = 32;
 const STAGES: usize = 3;
 const THREADS: u32 = 256;
+/// Rows at or below which the NF4 forward takes the memory-bound small-M kernel.
+pub const SMALL_M: usize = 16;
 
 /// Which product.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -321,7 +323,9 @@ fn nf4_params(w: &Nf4Tensor) -> Result<Nf4Params> {
 }
 
 /// `y = x·Wᵀ` (+ `xa·Bᵀ` with `adapter = Some((xa, b))`): x bf16 `[M, K]`, W NF4 `[N, K]`,
-/// xa bf16 `[M, r]` (already scaled by s), b bf16 `[N, r]`; y bf16 `[M, N]`.
+/// xa bf16 `[M, r]` (already scaled by s), b bf16 `[N, r]`; y bf16 `[M, N]`. For M ≤ 16
+/// (generation, tiny batches) a memory-bound kernel streams W once instead of the tensor-core
+/// tiles.
 pub fn nf4_forward_cuda(
     x: &Tensor,
     w: &Nf4Tensor,
@@ -369,6 +373,22 @@ pub fn nf4_forward_cuda(
     }
     if m == 0 || n == 0 {
         return Ok(y);
+    }
+    if m <= SMALL_M {
+        let cuda = CudaDevice::get(o)?;
+        let name = "gemm_nf4_small_m_bf16";
+        let f = cuda.function("gemm", name)?;
+        let mut bld = cuda.stream().launch_builder(&f);
+        bld.arg(&g).arg(&p);
+        let cfg = LaunchConfig {
+            grid_dim: (n.div_ceil(32) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: gemm_nf4_small_m_bf16(GemmParams, Nf4Params): M ≤ 16 rows of x (the kernel's
+        // staging buffer holds 16), the other pointers as for the tensor-core path; 32 output
+        // columns per block of 256 threads.
+        return unsafe { cuda.launch(name, bld, cfg) }.map(|_| y);
     }
     launch_nf4(o, "gemm_nf4_nt_bf16", g, p, m, n)?;
     Ok(y)
