@@ -396,7 +396,8 @@ fn run_train(request: DeviceRequest, cfg: TrainConfig) -> qlora_rs::Result<()> {
     ctrlc::set_handler(move || stop.store(true, std::sync::atomic::Ordering::SeqCst)).map_err(
         |e| qlora_rs::Error::InvalidArgument(format!("cannot install the Ctrl-C handler: {e}")),
     )?;
-    let tty = std::io::stderr().is_terminal();
+    // A bar (on stderr) for a terminal; plain log lines on stdout when it is not one.
+    let tty = std::io::stdout().is_terminal() && std::io::stderr().is_terminal();
     let bar = indicatif::ProgressBar::new(trainer.total_steps());
     if tty {
         bar.set_style(

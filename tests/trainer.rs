@@ -291,3 +291,78 @@ fn cli_eval_reports_loss_and_perplexity() {
     assert!(loss > 0.0 && (v["perplexity"].as_f64().unwrap() - loss.exp()).abs() < 1e-9);
     assert!(v["tokens"].as_u64().unwrap() > 0);
 }
+
+#[test]
+fn ctrl_c_saves_a_checkpoint_and_resume_continues() {
+    use std::io::{BufRead, BufReader};
+    let out = tmpdir("sigint");
+    let bin = env!("CARGO_BIN_EXE_qlora-rs");
+    let args = |extra: &[&str]| -> Vec<String> {
+        let mut a: Vec<String> = [
+            "train",
+            "--device",
+            "cpu",
+            "--seq-len",
+            "64",
+            "--batch-tokens",
+            "64",
+            "--rank",
+            "2",
+            "--max-steps",
+            "200000",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        a.extend([
+            "--model".into(),
+            fixtures("llama/tiny-llama").display().to_string(),
+        ]);
+        a.extend([
+            "--data".into(),
+            fixtures("data/text.jsonl").display().to_string(),
+        ]);
+        a.extend(["--output".into(), out.display().to_string()]);
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    };
+    let mut child = Command::new(bin)
+        .args(args(&[]))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    // Wait for a few steps, then Ctrl-C.
+    for line in lines.by_ref() {
+        if line.unwrap().starts_with("step 3/") {
+            break;
+        }
+    }
+    let status = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    for _ in lines.by_ref() {}
+    let result = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&result.stderr);
+    assert!(result.status.success(), "{stderr}");
+    assert!(stderr.contains("interrupted at step"), "{stderr}");
+    let dir = checkpoint::latest(&out)
+        .unwrap()
+        .expect("a checkpoint after Ctrl-C");
+    let model = Llama::load(&fixtures("llama/tiny-llama"), BaseFormat::Dense).unwrap();
+    let (_, _, state) = checkpoint::load(&dir, &model.config).unwrap();
+    assert!(state.step >= 3 && state.step < 200_000);
+    // --resume picks it up (a short run: a new --max-steps is allowed).
+    let mut a = args(&["--resume"]);
+    let i = a.iter().position(|s| s == "200000").unwrap();
+    a[i] = (state.step + 2).to_string();
+    let o = Command::new(bin).args(&a).output().unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        o.status.success() && stderr.contains(&format!("resuming at step {}", state.step)),
+        "{stderr}"
+    );
+}
