@@ -111,6 +111,32 @@ enum Command {
         #[arg(long, value_parser = ["nf4", "dense"])]
         base: Option<String>,
     },
+    /// Time training steps of a model (random weights of a built-in shape, or a model folder):
+    /// tokens/s, step time, achieved FLOP/s (the FLOP count is printed), peak memory, and the
+    /// memory plan beside it.
+    Bench {
+        /// A built-in shape: smollm2-135m, llama3-1b, llama3-8b (random weights).
+        #[arg(long, conflicts_with = "model", required_unless_present = "model")]
+        shape: Option<String>,
+        /// A Hugging Face model folder instead (its real weights).
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// Sequences per step.
+        #[arg(long, default_value_t = 1)]
+        batch: usize,
+        /// Tokens per sequence.
+        #[arg(long, default_value_t = 512)]
+        seq_len: usize,
+        /// Timed steps (after one warm-up step).
+        #[arg(long, default_value_t = 3)]
+        steps: usize,
+        /// LoRA rank.
+        #[arg(long, default_value_t = 16)]
+        rank: usize,
+        /// Projections to adapt: any of q,k,v,o,gate,up,down, or all.
+        #[arg(long, default_value = "all")]
+        targets: String,
+    },
     /// The device memory a training run will need (base weights, adapters and optimizer,
     /// activations, workspaces) and whether it fits --gpu-mem, before anything is loaded.
     Plan {
@@ -215,6 +241,17 @@ fn main() -> ExitCode {
                 format,
             )
         }
+        Command::Bench {
+            shape,
+            model,
+            batch,
+            seq_len,
+            steps,
+            rank,
+            targets,
+        } => run_bench(
+            cli.device, shape, model, batch, seq_len, steps, rank, &targets,
+        ),
         Command::Plan {
             model,
             shape,
@@ -460,6 +497,123 @@ fn base_format(flag: Option<&str>, with_adapter: bool) -> BaseFormat {
         None if with_adapter => BaseFormat::Nf4(Nf4Config::default()),
         None => BaseFormat::Dense,
     }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_bench(
+    request: DeviceRequest,
+    shape: Option<String>,
+    model_dir: Option<PathBuf>,
+    batch: usize,
+    seq_len: usize,
+    steps: usize,
+    rank: usize,
+    targets: &str,
+) -> qlora_rs::Result<()> {
+    use qlora_rs::model::lora::LoraParams;
+    use qlora_rs::train::optimizer::{AdamW, AdamWConfig};
+    use rand::{Rng, SeedableRng};
+    use std::time::Instant;
+    let device = compute_device(request)?;
+    let nf4 = BaseFormat::Nf4(Nf4Config::default());
+    let started = Instant::now();
+    let model = match (&shape, &model_dir) {
+        (Some(s), _) => Llama::random(shapes::by_name(s)?, nf4, 0)?,
+        (None, Some(m)) => Llama::load(m, nf4)?,
+        (None, None) => unreachable!("clap requires --shape or --model"),
+    };
+    let cfg = model.config.clone();
+    let lora_cfg = LoraConfig {
+        rank,
+        alpha: 2.0 * rank as f64,
+        rslora: false,
+        dropout: 0.0,
+        targets: Target::parse_list(targets)?,
+    };
+    let mut lora = LoraParams::init(&cfg, lora_cfg.clone(), 0)?;
+    let mut opt = AdamW::new(AdamWConfig::default(), lora.len());
+    let tokens = batch * seq_len;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+    let ids: Vec<u32> = (0..tokens)
+        .map(|_| rng.random_range(0..cfg.vocab_size as u32))
+        .collect();
+    let labels: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
+    let cu: Vec<usize> = (0..=batch).map(|b| b * seq_len).collect();
+    let mut grads = vec![0.0f32; lora.len()];
+    eprintln!(
+        "model ready in {:.1} s on {device}: {} layers, hidden {}, {:.0}M parameters; LoRA rank {rank}: {} trainable",
+        started.elapsed().as_secs_f64(),
+        cfg.num_layers,
+        cfg.hidden_size,
+        cfg.num_parameters() as f64 / 1e6,
+        lora.len()
+    );
+    let mut times = Vec::with_capacity(steps);
+    for step in 0..=steps {
+        let t0 = Instant::now();
+        grads.fill(0.0);
+        let counted = (tokens - batch) as f32;
+        model.forward_backward(
+            &lora,
+            &mut grads,
+            &ids,
+            &labels,
+            &cu,
+            1.0 / counted,
+            step as u64,
+        )?;
+        opt.step(&mut lora.values, &grads, 1e-4)?;
+        if step > 0 {
+            times.push(t0.elapsed().as_secs_f64());
+        }
+    }
+    let mean = times.iter().sum::<f64>() / times.len().max(1) as f64;
+    // Model FLOPs per step: 6·N·T for the parameter products (forward, and the input and
+    // adapter gradients of the backward; the recomputed forward is not counted, by convention)
+    // plus 6·L·d·S·T for causal attention (QKᵀ and PV, forward and backward, halved by the mask).
+    let n = cfg.num_parameters() as f64;
+    let flops = 6.0 * n * tokens as f64
+        + 6.0 * (cfg.num_layers * cfg.hidden_size * seq_len) as f64 * tokens as f64;
+    let peak = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .map(str::to_string)
+        })
+        .and_then(|l| {
+            l.split_whitespace()
+                .nth(1)
+                .and_then(|k| k.parse::<f64>().ok())
+        })
+        .map(|kib| kib / (1024.0 * 1024.0));
+    let plan = memory::plan(&cfg, &lora_cfg, tokens)?;
+    println!("bench: {batch} × {seq_len} tokens, {steps} timed steps on {device}");
+    println!(
+        "  step time   {:.3} s ({:.0} tokens/s)",
+        mean,
+        tokens as f64 / mean
+    );
+    println!(
+        "  throughput  {:.2} TFLOP/s of model FLOPs ({:.3e} per step = 6·N·T + 6·L·d·S·T, N = {:.3e})",
+        flops / mean / 1e12,
+        flops,
+        n
+    );
+    match device {
+        Device::Cpu => {
+            println!("  MFU         n/a on the CPU backend (no peak rate to compare with)")
+        }
+        Device::Cuda(_) => {}
+    }
+    if let Some(gib) = peak {
+        println!("  peak memory {gib:.2} GiB resident (host: the CPU backend)");
+    }
+    println!(
+        "  plan        {:.2} GiB on a CUDA device for this configuration (see `qlora-rs plan`)",
+        plan.total() as f64 / (1u64 << 30) as f64
+    );
+    Ok(())
 }
 
 fn run_generate(

@@ -366,3 +366,39 @@ fn ctrl_c_saves_a_checkpoint_and_resume_continues() {
         "{stderr}"
     );
 }
+
+#[test]
+fn cli_bench_reports_throughput_and_the_plan() {
+    let o = Command::new(env!("CARGO_BIN_EXE_qlora-rs"))
+        .args([
+            "bench",
+            "--device",
+            "cpu",
+            "--seq-len",
+            "32",
+            "--batch",
+            "2",
+            "--steps",
+            "1",
+            "--rank",
+            "4",
+            "--model",
+        ])
+        .arg(fixtures("llama/tiny-llama"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    for want in [
+        "2 × 32 tokens",
+        "tokens/s",
+        "TFLOP/s of model FLOPs",
+        "plan",
+    ] {
+        assert!(stdout.contains(want), "{want} missing in {stdout}");
+    }
+}

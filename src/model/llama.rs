@@ -101,6 +101,61 @@ impl Llama {
         Llama::from_checkpoint(config, &ckpt, format)
     }
 
+    /// A model of configuration `config` with random weights (uniform with the spread of
+    /// N(0, 0.02²), norms 1), projections quantized like a loaded model: for benchmarks and
+    /// memory plans without a download.
+    pub fn random(config: LlamaConfig, format: BaseFormat, seed: u64) -> Result<Llama> {
+        use rand::{Rng, SeedableRng};
+        let c = &config;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        // U(-a, a) with a = 0.02·√3 has the standard deviation 0.02.
+        let a = 0.02f32 * 3f32.sqrt();
+        let mut random =
+            |n: usize| -> Vec<f32> { (0..n).map(|_| rng.random_range(-a..a)).collect() };
+        let d = c.hidden_size;
+        let embed = random(c.vocab_size * d);
+        let mut layers = Vec::with_capacity(c.num_layers);
+        for _ in 0..c.num_layers {
+            let mut proj = Vec::with_capacity(7);
+            for t in Target::ALL {
+                let (i, o) = t.dims(c);
+                let w = random(o * i);
+                let weight = match format {
+                    BaseFormat::Dense => BaseWeight::Dense(w),
+                    BaseFormat::Nf4(cfg) => {
+                        let t = Tensor::from_vec(w, &[o, i], &Device::Cpu)?;
+                        BaseWeight::Nf4(Nf4Tensor::quantize(&t, cfg)?)
+                    }
+                };
+                let bias = match t {
+                    Target::Q | Target::K | Target::V if c.qkv_bias => Some(random(o)),
+                    Target::O if c.o_bias => Some(random(o)),
+                    _ => None,
+                };
+                proj.push(Projection { weight, bias });
+            }
+            layers.push(DecoderLayer {
+                input_norm: vec![1.0; d],
+                post_norm: vec![1.0; d],
+                proj,
+            });
+        }
+        let lm_head = if c.tie_word_embeddings {
+            None
+        } else {
+            Some(random(c.vocab_size * d))
+        };
+        let freqs = rope::inv_freq(c.head_dim, c.rope_theta, c.rope_scaling);
+        Ok(Llama {
+            norm: vec![1.0; d],
+            config,
+            embed,
+            layers,
+            lm_head,
+            freqs,
+        })
+    }
+
     /// Builds the model from an open checkpoint, one tensor at a time.
     pub fn from_checkpoint(
         config: LlamaConfig,
