@@ -115,6 +115,18 @@ pub fn assert_close(what: &str, got: &[f64], reference: &[f64], tol: Tolerance) 
     }
 }
 
+/// The project root for test fixtures: the source folder this was built from, or, when that
+/// does not exist (test binaries copied to a GPU host), the current directory, from which
+/// `.gpu/run.sh` runs them.
+pub fn project_root() -> std::path::PathBuf {
+    let built = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    if built.join("tests/fixtures").is_dir() {
+        built
+    } else {
+        std::env::current_dir().unwrap_or(built)
+    }
+}
+
 /// Whether GPU tests must fail rather than skip (`QLORA_REQUIRE_GPU=1`, set on the GPU host).
 pub fn gpu_required() -> bool {
     std::env::var("QLORA_REQUIRE_GPU").is_ok_and(|v| v == "1")

@@ -5,7 +5,7 @@ use std::process::Command;
 use qlora_rs::device::Availability;
 
 fn qlora(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_qlora-rs"))
+    Command::new(crate::common::qlora_bin())
         .args(args)
         .output()
         .expect("run qlora-rs")
@@ -61,7 +61,7 @@ fn cli_env_self_test_on_gpu_with_sync_after_every_launch() {
     else {
         return;
     };
-    let out = Command::new(env!("CARGO_BIN_EXE_qlora-rs"))
+    let out = Command::new(crate::common::qlora_bin())
         .args(["env", "--device", "cuda"])
         .env("QLORA_SYNC", "1")
         .output()

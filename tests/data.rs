@@ -10,7 +10,7 @@ use qlora_rs::data::{self, DataOptions, Sequence};
 use serde_json::Value;
 
 fn fixtures(p: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    qlora_rs::testing::project_root()
         .join("tests/fixtures")
         .join(p)
 }

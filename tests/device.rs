@@ -101,7 +101,7 @@ fn device_kernels_are_embedded_when_required() {
     // CI and the GPU bundle build with QLORA_REQUIRE_KERNELS=1: then every kernels/*.cu must be in.
     if std::env::var("QLORA_REQUIRE_KERNELS").is_ok_and(|v| v == "1") {
         assert!(device::kernels::available());
-        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/kernels");
+        let dir = &qlora_rs::testing::project_root().join("kernels");
         for entry in std::fs::read_dir(dir).unwrap() {
             let path = entry.unwrap().path();
             if path.extension().is_some_and(|e| e == "cu") {

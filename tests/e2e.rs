@@ -11,7 +11,7 @@ use std::process::Command;
 use qlora_rs::train::metrics;
 
 fn qlora(args: &[&str]) -> String {
-    let o = Command::new(env!("CARGO_BIN_EXE_qlora-rs"))
+    let o = Command::new(crate::common::qlora_bin())
         .args(args)
         .output()
         .unwrap();

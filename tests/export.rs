@@ -10,7 +10,7 @@ use qlora_rs::model::llama::{BaseFormat, Llama};
 use qlora_rs::quant::nf4::Nf4Config;
 
 fn fixture(p: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    qlora_rs::testing::project_root()
         .join("tests/fixtures/llama")
         .join(p)
 }
@@ -144,7 +144,7 @@ fn merge_keeps_the_input_sharding_and_reads_bnb_checkpoints() {
     Llama::load(&out, BaseFormat::Dense).unwrap();
     // From the pre-quantized checkpoint, through the command line.
     let out = tmpdir("merge-bnb");
-    let o = Command::new(env!("CARGO_BIN_EXE_qlora-rs"))
+    let o = Command::new(crate::common::qlora_bin())
         .args(["merge", "--model"])
         .arg(fixture("tiny-llama-bnb-4bit"))
         .arg("--adapter")

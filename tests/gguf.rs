@@ -17,7 +17,7 @@ use qlora_rs::quant::gguf::{self, GgmlType, GgufFile, Value};
 use serde_json::Value as Json;
 
 fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    qlora_rs::testing::project_root()
         .join("tests/fixtures/gguf")
         .join(name)
 }

@@ -13,7 +13,7 @@ use qlora_rs::ops::rope::RopeScaling;
 use qlora_rs::quant::nf4::Nf4Config;
 
 fn fixture(p: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    qlora_rs::testing::project_root()
         .join("tests/fixtures/llama")
         .join(p)
 }
@@ -662,9 +662,10 @@ fn lora_on_a_subset_of_targets_with_rslora_has_consistent_gradients() {
 
 #[test]
 fn f16_tensors_read_as_f32() {
-    let ckpt = Checkpoint::open_files(&[PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/nf4/f16_65x97_bs64_dq.safetensors")])
-    .unwrap();
+    let ckpt =
+        Checkpoint::open_files(&[qlora_rs::testing::project_root()
+            .join("tests/fixtures/nf4/f16_65x97_bs64_dq.safetensors")])
+        .unwrap();
     let t = ckpt.get("weight").unwrap();
     assert_eq!(t.dtype, safetensors::Dtype::F16);
     let want: Vec<f32> = t
@@ -747,7 +748,7 @@ fn generation_with_a_kv_cache_equals_recomputing_everything() {
 
 #[test]
 fn cli_generate_streams_text() {
-    let o = std::process::Command::new(env!("CARGO_BIN_EXE_qlora-rs"))
+    let o = std::process::Command::new(crate::common::qlora_bin())
         .args([
             "generate",
             "--device",
@@ -768,7 +769,7 @@ fn cli_generate_streams_text() {
         String::from_utf8_lossy(&o.stderr)
     );
     assert!(!stdout.trim().is_empty());
-    let o = std::process::Command::new(env!("CARGO_BIN_EXE_qlora-rs"))
+    let o = std::process::Command::new(crate::common::qlora_bin())
         .args(["generate", "--model", "x"])
         .output()
         .unwrap();
@@ -799,7 +800,7 @@ fn memory_plan_adds_up_and_answers_fits() {
     assert_eq!(p.total(), p.items.iter().map(|i| i.bytes).sum::<u64>());
     assert!(p.table(Some(24 << 30)).contains("fits in 24.0 GiB"));
     assert!(p.table(Some(4 << 30)).contains("does NOT fit"));
-    let o = std::process::Command::new(env!("CARGO_BIN_EXE_qlora-rs"))
+    let o = std::process::Command::new(crate::common::qlora_bin())
         .args(["plan", "--model"])
         .arg(fixture("tiny-llama"))
         .args(["--batch-tokens", "512", "--rank", "4", "--targets", "q,v"])

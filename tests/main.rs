@@ -1,6 +1,7 @@
 //! The integration tests: one binary (so the GPU bundle stays small), one module per area.
 
 mod cli;
+mod common;
 mod data;
 mod device;
 mod e2e;

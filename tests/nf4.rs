@@ -121,7 +121,7 @@ impl Fixture {
 }
 
 fn fixtures() -> Vec<Fixture> {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/nf4");
+    let dir = qlora_rs::testing::project_root().join("tests/fixtures/nf4");
     let mut paths: Vec<PathBuf> = std::fs::read_dir(&dir)
         .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
         .map(|e| e.unwrap().path())
@@ -255,8 +255,7 @@ fn quantize_fixture(fx: &Fixture, device: &Device) -> Nf4Tensor {
 
 /// (vector, torch's single-threaded f32 mean) pairs from tests/fixtures/torch_mean.safetensors.
 fn torch_means() -> Vec<(Vec<f32>, f32)> {
-    let path =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/torch_mean.safetensors");
+    let path = qlora_rs::testing::project_root().join("tests/fixtures/torch_mean.safetensors");
     let fx = Fixture::load(&path);
     let mut out: Vec<(Vec<f32>, f32)> = fx
         .tensors

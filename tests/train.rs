@@ -9,7 +9,7 @@ use qlora_rs::train::optimizer::{clip_grad_norm, grad_norm, AdamW, AdamWConfig};
 use qlora_rs::train::schedule::{Schedule, ScheduleKind};
 
 fn fixture(p: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    qlora_rs::testing::project_root()
         .join("tests/fixtures/llama")
         .join(p)
 }

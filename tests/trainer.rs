@@ -12,7 +12,7 @@ use qlora_rs::train::metrics;
 use qlora_rs::train::{checkpoint, TrainConfig, Trainer};
 
 fn fixtures(p: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    qlora_rs::testing::project_root()
         .join("tests/fixtures")
         .join(p)
 }
@@ -213,7 +213,7 @@ fn cli_trains_with_a_config_file_and_flag_overrides() {
     )
     .unwrap();
     let run = |extra: &[&str]| {
-        Command::new(env!("CARGO_BIN_EXE_qlora-rs"))
+        Command::new(crate::common::qlora_bin())
             .args([
                 "train",
                 "--device",
@@ -257,7 +257,7 @@ fn cli_trains_with_a_config_file_and_flag_overrides() {
         "{stderr}"
     );
     // Missing required settings.
-    let o = Command::new(env!("CARGO_BIN_EXE_qlora-rs"))
+    let o = Command::new(crate::common::qlora_bin())
         .args(["train", "--data", "x.jsonl"])
         .output()
         .unwrap();
@@ -270,7 +270,7 @@ fn cli_trains_with_a_config_file_and_flag_overrides() {
 
 #[test]
 fn cli_eval_reports_loss_and_perplexity() {
-    let o = Command::new(env!("CARGO_BIN_EXE_qlora-rs"))
+    let o = Command::new(crate::common::qlora_bin())
         .args(["eval", "--device", "cpu", "--json", "--seq-len", "128"])
         .arg("--model")
         .arg(fixtures("llama/tiny-llama"))
@@ -296,7 +296,7 @@ fn cli_eval_reports_loss_and_perplexity() {
 fn ctrl_c_saves_a_checkpoint_and_resume_continues() {
     use std::io::{BufRead, BufReader};
     let out = tmpdir("sigint");
-    let bin = env!("CARGO_BIN_EXE_qlora-rs");
+    let bin = crate::common::qlora_bin();
     let args = |extra: &[&str]| -> Vec<String> {
         let mut a: Vec<String> = [
             "train",
@@ -326,7 +326,7 @@ fn ctrl_c_saves_a_checkpoint_and_resume_continues() {
         a.extend(extra.iter().map(|s| s.to_string()));
         a
     };
-    let mut child = Command::new(bin)
+    let mut child = Command::new(&bin)
         .args(args(&[]))
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -369,7 +369,7 @@ fn ctrl_c_saves_a_checkpoint_and_resume_continues() {
 
 #[test]
 fn cli_bench_reports_throughput_and_the_plan() {
-    let o = Command::new(env!("CARGO_BIN_EXE_qlora-rs"))
+    let o = Command::new(crate::common::qlora_bin())
         .args([
             "bench",
             "--device",

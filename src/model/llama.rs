@@ -503,7 +503,7 @@ mod tests {
     use crate::model::lora::LoraConfig;
 
     fn tiny() -> Llama {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llama/tiny-llama");
+        let dir = crate::testing::project_root().join("tests/fixtures/llama/tiny-llama");
         Llama::load(&dir, BaseFormat::Dense).unwrap()
     }
 
