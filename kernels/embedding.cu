@@ -20,3 +20,9 @@ extern "C" __global__ void cast_bf16_f32(const bf16* x, float* y, long long n) {
   const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
   if (i < n) y[i] = __bfloat162float(x[i]);
 }
+
+// out = a + b (bf16, rounded once): the residual adds and gradient sums of the CUDA step.
+extern "C" __global__ void add_bf16(const bf16* a, const bf16* b, bf16* out, long long n) {
+  const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < n) out[i] = __float2bfloat16_rn(__bfloat162float(a[i]) + __bfloat162float(b[i]));
+}

@@ -184,6 +184,19 @@ impl Tensor {
         Ok(self)
     }
 
+    /// Changes the shape in place (element counts must agree); no data moves.
+    pub fn reshape_in_place(&mut self, shape: &[usize]) -> Result<()> {
+        if shape.iter().product::<usize>() != self.elem_count() {
+            return Err(Error::ShapeMismatch {
+                op: "Tensor::reshape_in_place",
+                expected: format!("{} elements", self.elem_count()),
+                got: format!("shape {}", shape_str(shape)),
+            });
+        }
+        self.shape = shape.to_vec();
+        Ok(())
+    }
+
     /// A copy on `device` (host↔device, device↔device or host↔host).
     pub fn to_device(&self, device: &Device) -> Result<Tensor> {
         let storage = match (&self.storage, device) {

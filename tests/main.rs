@@ -2,6 +2,7 @@
 
 mod cli;
 mod common;
+mod cuda_step;
 mod data;
 mod device;
 mod e2e;

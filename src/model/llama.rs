@@ -223,6 +223,11 @@ impl Llama {
         })
     }
 
+    /// The untied output embedding `[V, d]`, if any.
+    pub(crate) fn lm_head(&self) -> Option<&[f32]> {
+        self.lm_head.as_deref()
+    }
+
     /// The input embedding `[V, d]`.
     pub(crate) fn embedding(&self) -> &[f32] {
         &self.embed

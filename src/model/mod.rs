@@ -2,6 +2,7 @@
 //! GGUF import.
 
 pub mod config;
+pub mod cuda_llama;
 pub mod generate;
 pub mod import_gguf;
 pub mod llama;

@@ -123,3 +123,60 @@ pub fn cast_cuda(x: &Tensor, to: DType) -> Result<Tensor> {
     unsafe { cuda.launch(name, b, grid_1d(n, 256)) }?;
     Ok(y)
 }
+
+/// CUDA: `out = a + b` for two bf16 tensors of one shape (residual adds, gradient sums).
+pub fn add_cuda(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let op = "add (cuda)";
+    let o = cuda_ordinal(op, a)?;
+    let dev = Device::Cuda(o);
+    let shape = a.shape().to_vec();
+    check_tensor(op, "a", a, DType::BF16, &shape, dev)?;
+    check_tensor(op, "b", b, DType::BF16, &shape, dev)?;
+    let mut out = Tensor::zeros(&shape, DType::BF16, &dev)?;
+    let n = a.elem_count();
+    if n == 0 {
+        return Ok(out);
+    }
+    let cuda = CudaDevice::get(o)?;
+    let name = "add_bf16";
+    let f = cuda.function("embedding", name)?;
+    let n_i = n as i64;
+    let mut bld = cuda.stream().launch_builder(&f);
+    bld.arg(a.cuda_slice::<half::bf16>(op)?)
+        .arg(b.cuda_slice::<half::bf16>(op)?)
+        .arg(out.cuda_slice_mut::<half::bf16>(op)?)
+        .arg(&n_i);
+    // SAFETY: add_bf16(const bf16*, const bf16*, bf16*, long long); all hold n elements.
+    unsafe { cuda.launch(name, bld, grid_1d(n, 256)) }?;
+    Ok(out)
+}
+
+/// CUDA: casts f32 `x` into the existing bf16 buffer `y` (same element count).
+pub fn cast_into_cuda(x: &Tensor, y: &mut Tensor) -> Result<()> {
+    let op = "cast into (cuda)";
+    let o = cuda_ordinal(op, x)?;
+    let dev = Device::Cuda(o);
+    check_tensor(op, "x", x, DType::F32, x.shape(), dev)?;
+    check_tensor(op, "y", y, DType::BF16, y.shape(), dev)?;
+    let n = x.elem_count();
+    if y.elem_count() != n {
+        return Err(Error::ShapeMismatch {
+            op,
+            expected: format!("{n} elements"),
+            got: format!("{}", y.elem_count()),
+        });
+    }
+    if n == 0 {
+        return Ok(());
+    }
+    let cuda = CudaDevice::get(o)?;
+    let name = "cast_f32_bf16";
+    let f = cuda.function("embedding", name)?;
+    let n_i = n as i64;
+    let mut b = cuda.stream().launch_builder(&f);
+    b.arg(x.cuda_slice::<f32>(op)?)
+        .arg(y.cuda_slice_mut::<half::bf16>(op)?)
+        .arg(&n_i);
+    // SAFETY: cast_f32_bf16(const float*, bf16*, long long); both hold n elements.
+    unsafe { cuda.launch(name, b, grid_1d(n, 256)) }
+}

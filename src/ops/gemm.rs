@@ -371,6 +371,12 @@ pub fn nf4_forward_cuda(
         g.ldb2 = r as i64;
         g.k2 = r as i32;
     }
+    nf4_forward_launch(o, g, p, y)
+}
+
+/// The launch half of [`nf4_forward_cuda`] (`g` filled and checked by the caller).
+fn nf4_forward_launch(o: usize, g: GemmParams, p: Nf4Params, y: Tensor) -> Result<Tensor> {
+    let (m, n) = (g.m as usize, g.n as usize);
     if m == 0 || n == 0 {
         return Ok(y);
     }
@@ -490,5 +496,183 @@ pub fn lora_backward_cuda(
     gemm_cuda(Layout::Nn, &g, lora.a, &mut dx, lora.scale, 1.0)?; // += s·g·A
     gemm_cuda(Layout::Tn, &g, x, grad_a, lora.scale, 1.0)?; // dA += s·gᵀ·x
     gemm_cuda(Layout::Tn, dy, xa, grad_b, 1.0, 1.0)?; // dB += dyᵀ·xa
+    Ok(dx)
+}
+
+/// A bf16 matrix on the device by address: a view into a larger buffer (one adapter of the
+/// flat bf16 mirror of the LoRA parameters).
+#[derive(Clone, Copy, Debug)]
+pub struct DevMat {
+    pub ptr: u64,
+    pub rows: usize,
+    pub cols: usize,
+}
+
+/// One adapter as views into the flat buffers: A `[r, in]` and B `[out, r]` (bf16 mirror), and
+/// where their fp32 gradients accumulate.
+#[derive(Clone, Copy, Debug)]
+pub struct LoraView {
+    pub a: DevMat,
+    pub b: DevMat,
+    pub grad_a: u64,
+    pub grad_b: u64,
+    pub scale: f32,
+}
+
+/// [`lora_forward_cuda`] for an adapter given as views. Returns `(y, xa = s·x·Aᵀ)`.
+pub fn lora_forward_view(x: &Tensor, w: &Nf4Tensor, l: &LoraView) -> Result<(Tensor, Tensor)> {
+    let op = "lora forward (cuda)";
+    let o = cuda_ordinal(op, x)?;
+    let (m, k) = dims2(op, "x", x)?;
+    let (r, n) = (l.a.rows, l.b.rows);
+    if l.a.cols != k || l.b.cols != r || w.shape != [n, k] {
+        return Err(Error::ShapeMismatch {
+            op,
+            expected: format!("A [r, {k}], B [{}, r], W [{}, {k}]", w.shape[0], w.shape[0]),
+            got: format!(
+                "A [{r}, {}], B [{n}, {}], W {}",
+                l.a.cols,
+                l.b.cols,
+                shape_str(&w.shape)
+            ),
+        });
+    }
+    multiple_of(op, "LoRA rank", r, 8)?;
+    let xa = Tensor::zeros(&[m, r], DType::BF16, &x.device())?;
+    // SAFETY: x is [M, K] bf16 (checked by dims2/cuda_ordinal and below by the NF4 path), A a
+    // live [r, K] bf16 view, xa [M, r]; all on device `o`.
+    unsafe {
+        gemm_ptrs(
+            o,
+            Layout::Nt,
+            x.device_ptr(),
+            k,
+            l.a.ptr,
+            k,
+            xa.device_ptr(),
+            r,
+            m,
+            r,
+            k,
+            DType::BF16,
+            l.scale,
+            0.0,
+        )?
+    };
+    let p = nf4_params(w)?;
+    check_tensor(op, "x", x, DType::BF16, &[m, k], Device::Cuda(o))?;
+    multiple_of(op, "in_features", k, 16)?;
+    let y = Tensor::zeros(&[m, n], DType::BF16, &x.device())?;
+    let g = GemmParams {
+        a: x.device_ptr(),
+        c: y.device_ptr(),
+        a2: xa.device_ptr(),
+        b2: l.b.ptr,
+        lda: k as i64,
+        ldc: n as i64,
+        lda2: r as i64,
+        ldb2: r as i64,
+        m: m as i32,
+        n: n as i32,
+        k: k as i32,
+        k2: r as i32,
+        k_tiles_per_split: k.div_ceil(BK) as i32,
+        alpha: 1.0,
+        beta: 0.0,
+        ..GemmParams::default()
+    };
+    if m == 0 || n == 0 {
+        return Ok((y, xa));
+    }
+    let y = nf4_forward_launch(o, g, p, y)?;
+    Ok((y, xa))
+}
+
+/// [`lora_backward_cuda`] for an adapter given as views: returns dx; dA, dB accumulate (fp32)
+/// at the views' gradient addresses.
+pub fn lora_backward_view(
+    x: &Tensor,
+    w: &Nf4Tensor,
+    l: &LoraView,
+    xa: &Tensor,
+    dy: &Tensor,
+) -> Result<Tensor> {
+    let op = "lora backward (cuda)";
+    let o = cuda_ordinal(op, dy)?;
+    let (m, n) = dims2(op, "dy", dy)?;
+    let (_, k) = dims2(op, "x", x)?;
+    let r = l.a.rows;
+    check_tensor(op, "x·Aᵀ", xa, DType::BF16, &[m, r], Device::Cuda(o))?;
+    let g = Tensor::zeros(&[m, r], DType::BF16, &dy.device())?;
+    let dx = nf4_dx_cuda(dy, w)?;
+    // SAFETY: dy [M, N], B view [N, r], g [M, r], A view [r, K], dx [M, K], x [M, K],
+    // xa [M, r], the gradient views [r, K] and [N, r] fp32: shapes checked above and by the
+    // views' construction; all on device `o`.
+    unsafe {
+        gemm_ptrs(
+            o,
+            Layout::Nn,
+            dy.device_ptr(),
+            n,
+            l.b.ptr,
+            r,
+            g.device_ptr(),
+            r,
+            m,
+            r,
+            n,
+            DType::BF16,
+            1.0,
+            0.0,
+        )?;
+        gemm_ptrs(
+            o,
+            Layout::Nn,
+            g.device_ptr(),
+            r,
+            l.a.ptr,
+            k,
+            dx.device_ptr(),
+            k,
+            m,
+            k,
+            r,
+            DType::BF16,
+            l.scale,
+            1.0,
+        )?;
+        gemm_ptrs(
+            o,
+            Layout::Tn,
+            g.device_ptr(),
+            r,
+            x.device_ptr(),
+            k,
+            l.grad_a,
+            k,
+            r,
+            k,
+            m,
+            DType::F32,
+            l.scale,
+            1.0,
+        )?;
+        gemm_ptrs(
+            o,
+            Layout::Tn,
+            dy.device_ptr(),
+            n,
+            xa.device_ptr(),
+            r,
+            l.grad_b,
+            r,
+            n,
+            r,
+            m,
+            DType::F32,
+            1.0,
+            1.0,
+        )?;
+    }
     Ok(dx)
 }

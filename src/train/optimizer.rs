@@ -253,6 +253,23 @@ impl AdamWCuda {
         unsafe { dev.launch(name, b, crate::device::cuda::grid_1d(n, 256)) }
     }
 
+    /// Restores the state of a (host) optimizer, e.g. from a checkpoint.
+    pub fn load(&mut self, host: &AdamW) -> Result<()> {
+        let dev = crate::device::Device::Cuda(self.ordinal);
+        if host.m.len() != self.m.elem_count() {
+            return Err(Error::ShapeMismatch {
+                op: "adamw (cuda) load",
+                expected: format!("{} parameters", self.m.elem_count()),
+                got: format!("{}", host.m.len()),
+            });
+        }
+        self.m = crate::tensor::Tensor::from_vec(host.m.clone(), &[host.m.len()], &dev)?;
+        self.v = crate::tensor::Tensor::from_vec(host.v.clone(), &[host.v.len()], &dev)?;
+        self.step = host.step;
+        self.config = host.config;
+        Ok(())
+    }
+
     /// The state on the host (for checkpoints).
     pub fn to_host(&self) -> Result<AdamW> {
         Ok(AdamW {
