@@ -375,10 +375,10 @@ fn merge_config(
     })
 }
 
-/// The device to train or evaluate on. This build trains on the CPU backend; the CUDA step
-/// (every op on our kernels) is not in it yet, so `cuda` is refused and `auto` says it chose the
-/// CPU and why.
-fn compute_device(request: DeviceRequest) -> qlora_rs::Result<Device> {
+/// The device to run on. `train` runs on CUDA when asked for explicitly (`--device cuda`); the
+/// CUDA step is new and awaits its first GPU validation, so `auto` keeps training on the CPU and
+/// says so. The other commands run on the CPU backend in this build and refuse `cuda`.
+fn compute_device(request: DeviceRequest, cuda_ok: bool) -> qlora_rs::Result<Device> {
     let selection = device::select(request, &Availability::probe())?;
     match selection.device {
         Device::Cpu => {
@@ -386,21 +386,23 @@ fn compute_device(request: DeviceRequest) -> qlora_rs::Result<Device> {
             Ok(Device::Cpu)
         }
         Device::Cuda(o) if request == DeviceRequest::Auto => {
-            eprintln!(
-                "device: cpu (auto: cuda:{o} is present, but training and evaluation on CUDA are not \
-                 in this build yet; pass --device cpu to silence this)"
-            );
+            let how = if cuda_ok { "pass --device cuda to train on it" } else { "this command runs on the CPU backend in this build" };
+            eprintln!("device: cpu (auto: cuda:{o} is present; {how})");
             Ok(Device::Cpu)
         }
+        Device::Cuda(o) if cuda_ok => {
+            eprintln!("device: {}", selection.reason);
+            Ok(Device::Cuda(o))
+        }
         Device::Cuda(o) => Err(qlora_rs::Error::CudaUnavailable(format!(
-            "--device cuda:{o}: training and evaluation on CUDA are not in this build yet; use --device cpu"
+            "--device cuda:{o}: this command runs on the CPU backend in this build; use --device cpu"
         ))),
     }
 }
 
 fn run_train(request: DeviceRequest, cfg: TrainConfig) -> qlora_rs::Result<()> {
-    compute_device(request)?;
-    let mut trainer = Trainer::new(cfg)?;
+    let device = compute_device(request, true)?;
+    let mut trainer = Trainer::new_on(cfg, device)?;
     let (n_train, n_eval) = trainer.dataset_sizes();
     let s = &trainer.data_stats;
     eprintln!(
@@ -514,7 +516,7 @@ fn run_bench(
     use qlora_rs::train::optimizer::{AdamW, AdamWConfig};
     use rand::{Rng, SeedableRng};
     use std::time::Instant;
-    let device = compute_device(request)?;
+    let device = compute_device(request, true)?;
     let nf4 = BaseFormat::Nf4(Nf4Config::default());
     let started = Instant::now();
     let model = match (&shape, &model_dir) {
@@ -549,22 +551,45 @@ fn run_bench(
         lora.len()
     );
     let mut times = Vec::with_capacity(steps);
-    for step in 0..=steps {
-        let t0 = Instant::now();
-        grads.fill(0.0);
-        let counted = (tokens - batch) as f32;
-        model.forward_backward(
-            &lora,
-            &mut grads,
-            &ids,
-            &labels,
-            &cu,
-            1.0 / counted,
-            step as u64,
-        )?;
-        opt.step(&mut lora.values, &grads, 1e-4)?;
-        if step > 0 {
-            times.push(t0.elapsed().as_secs_f64());
+    let counted = (tokens - batch) as f32;
+    let mut device_memory = None;
+    match device {
+        Device::Cpu => {
+            for step in 0..=steps {
+                let t0 = Instant::now();
+                grads.fill(0.0);
+                model.forward_backward(
+                    &lora,
+                    &mut grads,
+                    &ids,
+                    &labels,
+                    &cu,
+                    1.0 / counted,
+                    step as u64,
+                )?;
+                opt.step(&mut lora.values, &grads, 1e-4)?;
+                if step > 0 {
+                    times.push(t0.elapsed().as_secs_f64());
+                }
+            }
+        }
+        Device::Cuda(o) => {
+            use qlora_rs::model::cuda_llama::{CudaLlama, CudaLora};
+            let gpu = CudaLlama::from_llama(&model, o)?;
+            let mut gpu_lora = CudaLora::from_params(&lora, None, AdamWConfig::default(), o)?;
+            let dev = CudaDevice::get(o)?;
+            for step in 0..=steps {
+                dev.synchronize()?;
+                let t0 = Instant::now();
+                gpu_lora.zero_grads()?;
+                gpu.forward_backward(&mut gpu_lora, &ids, &labels, &cu, 1.0 / counted)?;
+                gpu_lora.step(1e-4, 1.0)?;
+                dev.synchronize()?;
+                if step > 0 {
+                    times.push(t0.elapsed().as_secs_f64());
+                }
+            }
+            device_memory = Some(dev.memory_used()? as f64 / (1u64 << 30) as f64);
         }
     }
     let mean = times.iter().sum::<f64>() / times.len().max(1) as f64;
@@ -602,12 +627,38 @@ fn run_bench(
     );
     match device {
         Device::Cpu => {
-            println!("  MFU         n/a on the CPU backend (no peak rate to compare with)")
+            println!("  MFU         n/a on the CPU backend (no peak rate to compare with)");
+            if let Some(gib) = peak {
+                println!("  peak memory {gib:.2} GiB resident (host: the CPU backend)");
+            }
         }
-        Device::Cuda(_) => {}
-    }
-    if let Some(gib) = peak {
-        println!("  peak memory {gib:.2} GiB resident (host: the CPU backend)");
+        Device::Cuda(o) => {
+            let dev = CudaDevice::get(o)?;
+            let name = dev.name()?;
+            // Dense bf16 tensor-core peaks of common cards; others print n/a.
+            let peak_tflops = [
+                ("H100", 989.0),
+                ("H200", 989.0),
+                ("A100", 312.0),
+                ("4090", 165.2),
+                ("3090", 71.0),
+            ]
+            .iter()
+            .find(|(k, _)| name.contains(k))
+            .map(|(_, p)| *p);
+            match peak_tflops {
+                Some(p) => println!(
+                    "  MFU         {:.1}% of {p} TFLOP/s ({name}, dense bf16)",
+                    flops / mean / 1e12 / p * 100.0
+                ),
+                None => println!("  MFU         n/a (no bf16 peak on file for {name})"),
+            }
+            if let Some(gib) = device_memory {
+                println!(
+                    "  device mem  {gib:.2} GiB in use after the steps (the driver's total − free)"
+                );
+            }
+        }
     }
     println!(
         "  plan        {:.2} GiB on a CUDA device for this configuration (see `qlora-rs plan`)",
@@ -626,7 +677,7 @@ fn run_generate(
     format: BaseFormat,
 ) -> qlora_rs::Result<()> {
     use std::io::Write;
-    compute_device(request)?;
+    compute_device(request, false)?;
     let model = Llama::load(model_dir, format)?;
     let tokenizer = TextTokenizer::load(model_dir)?;
     let lora = adapter
@@ -683,7 +734,7 @@ fn run_eval(
     json: bool,
     format: BaseFormat,
 ) -> qlora_rs::Result<()> {
-    compute_device(request)?;
+    compute_device(request, false)?;
     let model = Llama::load(model_dir, format)?;
     let tokenizer = TextTokenizer::load(model_dir)?;
     let lora = adapter

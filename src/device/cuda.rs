@@ -173,6 +173,14 @@ impl CudaDevice {
             .map_err(Error::cuda("reading the multiprocessor count"))
     }
 
+    /// Device memory in use (total − free, as the driver reports it), bytes.
+    pub fn memory_used(&self) -> Result<usize> {
+        self.ctx
+            .mem_get_info()
+            .map(|(free, total)| total.saturating_sub(free))
+            .map_err(Error::cuda("reading the memory in use"))
+    }
+
     /// Total device memory in bytes.
     pub fn total_memory(&self) -> Result<usize> {
         self.ctx

@@ -121,6 +121,14 @@ impl CudaLlama {
         })
     }
 
+    /// The GPU this model lives on.
+    pub fn config_ordinal(&self) -> usize {
+        match self.device {
+            Device::Cuda(o) => o,
+            Device::Cpu => unreachable!("a CudaLlama lives on a GPU"),
+        }
+    }
+
     fn out_embedding(&self) -> &Tensor {
         self.lm_head.as_ref().unwrap_or(&self.embed)
     }

@@ -23,8 +23,10 @@ use super::optimizer::{clip_grad_norm, AdamW, AdamWConfig};
 use super::schedule::Schedule;
 use crate::data::tokenizer::TextTokenizer;
 use crate::data::{self, DataOptions, DataStats, MicroBatch, Sequence};
+use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::io::adapters;
+use crate::model::cuda_llama::{CudaLlama, CudaLora};
 use crate::model::llama::{BaseFormat, Llama};
 use crate::model::lora::LoraParams;
 use crate::quant::nf4::Nf4Config;
@@ -63,6 +65,9 @@ pub struct Trainer {
     grads: Vec<f32>,
     metrics: MetricsLog,
     stop: Arc<AtomicBool>,
+    /// The model and adapters on a GPU, when training there; `lora` and `optimizer` above are
+    /// then refreshed from it for checkpoints and outputs.
+    cuda: Option<(CudaLlama, CudaLora)>,
 }
 
 /// Files that mark a folder as holding a run.
@@ -136,9 +141,23 @@ fn resident_memory() -> Option<u64> {
 }
 
 impl Trainer {
-    /// Loads the model (base quantized to NF4), tokenizer and data, and the latest checkpoint
-    /// with `resume`. Refuses an output folder holding another run unless `resume`/`overwrite`.
+    /// [`Trainer::new_on`] the CPU.
     pub fn new(config: TrainConfig) -> Result<Trainer> {
+        Trainer::new_on(config, Device::Cpu)
+    }
+
+    /// Loads the model (base quantized to NF4), tokenizer and data, and the latest checkpoint
+    /// with `resume`, for training on `device`. Refuses an output folder holding another run
+    /// unless `resume`/`overwrite`.
+    pub fn new_on(config: TrainConfig, device: Device) -> Result<Trainer> {
+        if let Device::Cuda(_) = device {
+            if config.dropout > 0.0 {
+                return Err(Error::InvalidArgument(
+                    "LoRA dropout is not in the CUDA step yet: pass --dropout 0 with --device cuda"
+                        .into(),
+                ));
+            }
+        }
         config.validate()?;
         prepare_output(&config)?;
         let model = Llama::load(
@@ -250,6 +269,7 @@ impl Trainer {
             },
             epoch_batches: Vec::new(),
             stop: Arc::new(AtomicBool::new(false)),
+            cuda: None,
             config,
             model,
             tokenizer,
@@ -260,6 +280,12 @@ impl Trainer {
             eval,
             state,
         };
+        if let Device::Cuda(o) = device {
+            let gpu_model = CudaLlama::from_llama(&trainer.model, o)?;
+            let gpu_lora =
+                CudaLora::from_params(&trainer.lora, Some(&trainer.optimizer), adamw, o)?;
+            trainer.cuda = Some((gpu_model, gpu_lora));
+        }
         trainer.total_steps = trainer.count_steps();
         trainer.schedule.total = trainer.total_steps;
         trainer.epoch_batches = trainer.batches_of_epoch(trainer.state.epoch);
@@ -321,27 +347,55 @@ impl Trainer {
         let batches = self.next_batches();
         let counted: usize = batches.iter().map(MicroBatch::counted).sum();
         let tokens: usize = batches.iter().map(|b| b.ids.len()).sum();
-        self.grads.fill(0.0);
         let scale = 1.0 / counted.max(1) as f32;
-        let mut loss_sum = 0.0;
-        for (i, b) in batches.iter().enumerate() {
-            let seed = self.config.seed
-                ^ (self.state.step << 16 | i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-            let l = self.model.forward_backward(
-                &self.lora,
-                &mut self.grads,
-                &b.ids,
-                &b.labels,
-                &b.cu_seqlens,
-                scale,
-                seed,
-            )?;
-            loss_sum += l.loss_sum;
-        }
-        let grad_norm = clip_grad_norm(&mut self.grads, self.config.max_grad_norm);
         let lr = self.schedule.lr(self.state.step);
-        self.optimizer
-            .step(&mut self.lora.values, &self.grads, lr)?;
+        let (loss_sum, grad_norm, memory) = match self.cuda.as_mut() {
+            Some((model, lora)) => {
+                lora.zero_grads()?;
+                let mut losses = Vec::with_capacity(batches.len());
+                for b in &batches {
+                    losses.push(
+                        model
+                            .forward_backward(lora, &b.ids, &b.labels, &b.cu_seqlens, scale)?
+                            .0,
+                    );
+                }
+                lora.step(lr, self.config.max_grad_norm)?;
+                // Read back for the log line (the only host synchronisation of the step).
+                let mut sum = 0.0;
+                for l in losses {
+                    sum += l.to_vec::<f32>()?.iter().map(|&v| v as f64).sum::<f64>();
+                }
+                let dev = crate::device::cuda::CudaDevice::get(model.config_ordinal())?;
+                (
+                    sum,
+                    lora.optimizer.grad_norm()?,
+                    Some(dev.memory_used()? as u64),
+                )
+            }
+            None => {
+                self.grads.fill(0.0);
+                let mut loss_sum = 0.0;
+                for (i, b) in batches.iter().enumerate() {
+                    let seed = self.config.seed
+                        ^ (self.state.step << 16 | i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+                    let l = self.model.forward_backward(
+                        &self.lora,
+                        &mut self.grads,
+                        &b.ids,
+                        &b.labels,
+                        &b.cu_seqlens,
+                        scale,
+                        seed,
+                    )?;
+                    loss_sum += l.loss_sum;
+                }
+                let grad_norm = clip_grad_norm(&mut self.grads, self.config.max_grad_norm);
+                self.optimizer
+                    .step(&mut self.lora.values, &self.grads, lr)?;
+                (loss_sum, grad_norm, resident_memory())
+            }
+        };
         self.state.step += 1;
         self.state.tokens_seen += tokens as u64;
         let secs = started.elapsed().as_secs_f64();
@@ -353,7 +407,7 @@ impl Trainer {
             grad_norm: Some(grad_norm),
             tokens: Some(tokens as u64),
             tokens_per_s: Some(tokens as f64 / secs.max(1e-9)),
-            memory_bytes: resident_memory(),
+            memory_bytes: memory,
             eval_loss: None,
         };
         self.metrics.append(&m)?;
@@ -390,8 +444,18 @@ impl Trainer {
         Ok(loss)
     }
 
+    /// Brings the adapters and optimizer state back from the GPU (when training there).
+    fn sync_from_device(&mut self) -> Result<()> {
+        if let Some((_, lora)) = &self.cuda {
+            self.lora = lora.to_host()?;
+            self.optimizer = lora.optimizer.to_host()?;
+        }
+        Ok(())
+    }
+
     /// Writes a checkpoint of the current state.
-    pub fn save_checkpoint(&self) -> Result<PathBuf> {
+    pub fn save_checkpoint(&mut self) -> Result<PathBuf> {
+        self.sync_from_device()?;
         checkpoint::save(
             &self.config.output,
             &self.lora,
@@ -448,7 +512,8 @@ impl Trainer {
     }
 
     /// The adapter, the loss curve and the configuration, into the output folder.
-    fn write_outputs(&self) -> Result<()> {
+    fn write_outputs(&mut self) -> Result<()> {
+        self.sync_from_device()?;
         let out = &self.config.output;
         adapters::save(
             out,
