@@ -26,3 +26,20 @@ extern "C" __global__ void add_bf16(const bf16* a, const bf16* b, bf16* out, lon
   const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
   if (i < n) out[i] = __float2bfloat16_rn(__bfloat162float(a[i]) + __bfloat162float(b[i]));
 }
+
+// Dropout with a counter-based mask: element i is kept when the top 24 bits of
+// splitmix64(seed ^ i·φ) are ≥ p·2²⁴, and then scaled by 1/(1 − p). The mask is a pure function
+// of (seed, i), so the backward (and the per-layer replay) redraws exactly the same one.
+__device__ __forceinline__ unsigned long long splitmix64(unsigned long long z) {
+  z += 0x9E3779B97F4A7C15ull;
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
+}
+extern "C" __global__ void dropout_bf16(const bf16* x, bf16* y, long long n, unsigned long long seed, float p) {
+  const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  const unsigned long long h = splitmix64(seed ^ ((unsigned long long)i * 0x9E3779B97F4A7C15ull));
+  const float u = (float)(h >> 40) * (1.0f / 16777216.0f);
+  y[i] = u >= p ? __float2bfloat16_rn(__bfloat162float(x[i]) / (1.0f - p)) : __float2bfloat16_rn(0.0f);
+}

@@ -270,6 +270,12 @@ impl Tensor {
         }
     }
 
+    /// The raw device address of a CUDA tensor (0 for a CPU tensor), for building views (e.g.
+    /// [`crate::ops::gemm::DevMat`]) into a larger buffer. The tensor must outlive every use.
+    pub fn device_address(&self) -> u64 {
+        self.device_ptr()
+    }
+
     /// The raw device address of a CUDA tensor (0 for a CPU tensor), for parameter structs.
     pub(crate) fn device_ptr(&self) -> u64 {
         match &self.storage {

@@ -284,3 +284,104 @@ fn lora_layer_on_cuda_matches_the_cpu_reference() {
         );
     }
 }
+
+#[test]
+fn lora_view_with_dropout_matches_the_cpu_with_the_same_mask() {
+    let Some(Device::Cuda(o)) =
+        gpu_or_skip("lora_view_with_dropout_matches_the_cpu_with_the_same_mask")
+    else {
+        return;
+    };
+    let dev = Device::Cuda(o);
+    let mut r = rand::rngs::StdRng::seed_from_u64(5);
+    let (t, i, out, rank, p, seed) = (97usize, 576usize, 200usize, 16usize, 0.25f32, 1234u64);
+    // The mask: dropout of ones; same seed, same mask; about 1 − p kept.
+    let ones = Tensor::from_vec(vec![bf16::ONE; t * i], &[t, i], &dev).unwrap();
+    let mask = to_f32(&qlora_rs::ops::embedding::dropout_cuda(&ones, p, seed).unwrap());
+    assert_eq!(
+        mask,
+        to_f32(&qlora_rs::ops::embedding::dropout_cuda(&ones, p, seed).unwrap())
+    );
+    assert_ne!(
+        mask,
+        to_f32(&qlora_rs::ops::embedding::dropout_cuda(&ones, p, seed + 1).unwrap())
+    );
+    let kept = mask.iter().filter(|&&m| m != 0.0).count() as f64 / mask.len() as f64;
+    assert!((kept - 0.75).abs() < 0.02, "kept {kept}");
+    assert!(mask
+        .iter()
+        .all(|&m| m == 0.0 || (m - 1.0 / 0.75).abs() < 1e-2));
+
+    let (q, dense) = nf4_weight(&mut r, out, i, &dev);
+    let w32 = to_f32(&dense);
+    let (xf, xb) = data(&mut r, t * i, 1.0);
+    let (af, ab) = data(&mut r, rank * i, 0.1);
+    let (bf, bb) = data(&mut r, out * rank, 0.1);
+    let (dyf, dyb) = data(&mut r, t * out, 1.0);
+    let x = Tensor::from_vec(xb, &[t, i], &dev).unwrap();
+    let dy = Tensor::from_vec(dyb, &[t, out], &dev).unwrap();
+    // A and B in one flat bf16 buffer, gradients in one flat f32 buffer, as the CUDA step holds them.
+    let flat: Vec<bf16> = ab.iter().chain(&bb).copied().collect();
+    let flat = Tensor::from_vec(flat, &[rank * i + out * rank], &dev).unwrap();
+    let grads = Tensor::zeros(&[rank * i + out * rank], DType::F32, &dev).unwrap();
+    let view = gemm::LoraView {
+        a: gemm::DevMat {
+            ptr: qlora_rs_ptr(&flat, 0, 2),
+            rows: rank,
+            cols: i,
+        },
+        b: gemm::DevMat {
+            ptr: qlora_rs_ptr(&flat, rank * i, 2),
+            rows: out,
+            cols: rank,
+        },
+        grad_a: qlora_rs_ptr(&grads, 0, 4),
+        grad_b: qlora_rs_ptr(&grads, rank * i, 4),
+        scale: 2.0,
+        dropout: Some((p, seed)),
+    };
+    let (y, xa) = gemm::lora_forward_view(&x, &q, &view).unwrap();
+    let dx = gemm::lora_backward_view(&x, &q, &view, &xa, &dy).unwrap();
+    let f = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<f64>>();
+    let d = linear::Dims {
+        tokens: t,
+        in_features: i,
+        out_features: out,
+    };
+    let (af64, bf64, m64) = (f(&af), f(&bf), f(&mask));
+    let l = linear::Lora {
+        a: &af64,
+        b: &bf64,
+        rank,
+        scale: 2.0,
+    };
+    let (y_ref, xa_ref) =
+        linear::forward(d, &f(&xf), &f(&w32), None, Some(&l), Some(&m64)).unwrap();
+    close("dropout lora y", &to_f32(&y), &y_ref, 2e-2);
+    let (mut ga, mut gb) = (vec![0.0; rank * i], vec![0.0; out * rank]);
+    let dx_ref = linear::backward(
+        d,
+        &f(&xf),
+        &f(&w32),
+        Some(linear::LoraGrads {
+            lora: l,
+            xa: &xa_ref,
+            grad_a: &mut ga,
+            grad_b: &mut gb,
+        }),
+        Some(&m64),
+        &f(&dyf),
+        true,
+    )
+    .unwrap()
+    .unwrap();
+    close("dropout lora dx", &to_f32(&dx), &dx_ref, 2e-2);
+    let g = grads.to_vec::<f32>().unwrap();
+    close("dropout lora dA", &g[..rank * i], &ga, 2e-2);
+    close("dropout lora dB", &g[rank * i..], &gb, 2e-2);
+}
+
+/// The device address of element `at` of a CUDA tensor with `width`-byte elements.
+fn qlora_rs_ptr(t: &Tensor, at: usize, width: u64) -> u64 {
+    t.device_address() + at as u64 * width
+}

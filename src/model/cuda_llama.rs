@@ -59,6 +59,8 @@ pub struct CudaLora {
     mirror: Tensor,
     grads: Tensor,
     pub optimizer: AdamWCuda,
+    /// Seed of the current micro-batch's dropout masks (None: no dropout).
+    dropout_seed: Option<u64>,
 }
 
 impl CudaLlama {
@@ -409,6 +411,7 @@ impl CudaLora {
             mirror,
             grads: Tensor::zeros(&[p.len()], DType::F32, &dev)?,
             optimizer,
+            dropout_seed: None,
         })
     }
 
@@ -435,7 +438,20 @@ impl CudaLora {
             grad_a: at(&self.grads, &s.a, 4),
             grad_b: at(&self.grads, &s.b, 4),
             scale: self.config.scale(),
+            // One mask stream per (micro-batch, layer, projection), as on the CPU.
+            dropout: match (self.dropout_seed, self.config.dropout) {
+                (Some(seed), p) if p > 0.0 => {
+                    let stream = (layer as u64) << 8 | target as u64;
+                    Some((p as f32, seed ^ stream.wrapping_mul(0x9E37_79B9_7F4A_7C15)))
+                }
+                _ => None,
+            },
         })
+    }
+
+    /// Sets the dropout seed of the next micro-batch (training); `None` for evaluation.
+    pub fn set_dropout_seed(&mut self, seed: Option<u64>) {
+        self.dropout_seed = seed;
     }
 
     /// Zeroes the gradient buffer (once per optimizer step).

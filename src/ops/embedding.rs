@@ -180,3 +180,36 @@ pub fn cast_into_cuda(x: &Tensor, y: &mut Tensor) -> Result<()> {
     // SAFETY: cast_f32_bf16(const float*, bf16*, long long); both hold n elements.
     unsafe { cuda.launch(name, b, grid_1d(n, 256)) }
 }
+
+/// CUDA: inverted dropout `y = x ⊙ m`, `m ∈ {0, 1/(1 − p)}`, with a mask that is a pure
+/// function of `(seed, element index)`: the same seed redraws the same mask.
+pub fn dropout_cuda(x: &Tensor, p: f32, seed: u64) -> Result<Tensor> {
+    let op = "dropout (cuda)";
+    let o = cuda_ordinal(op, x)?;
+    let dev = Device::Cuda(o);
+    check_tensor(op, "x", x, DType::BF16, x.shape(), dev)?;
+    if !(0.0..1.0).contains(&p) {
+        return Err(Error::InvalidArgument(format!(
+            "{op}: probability {p} is not in [0, 1)"
+        )));
+    }
+    let mut y = Tensor::zeros(x.shape(), DType::BF16, &dev)?;
+    let n = x.elem_count();
+    if n == 0 {
+        return Ok(y);
+    }
+    let cuda = CudaDevice::get(o)?;
+    let name = "dropout_bf16";
+    let f = cuda.function("embedding", name)?;
+    let n_i = n as i64;
+    let mut b = cuda.stream().launch_builder(&f);
+    b.arg(x.cuda_slice::<half::bf16>(op)?)
+        .arg(y.cuda_slice_mut::<half::bf16>(op)?)
+        .arg(&n_i)
+        .arg(&seed)
+        .arg(&p);
+    // SAFETY: dropout_bf16(const bf16*, bf16*, long long, unsigned long long, float); x and y
+    // hold n elements.
+    unsafe { cuda.launch(name, b, grid_1d(n, 256)) }?;
+    Ok(y)
+}

@@ -509,7 +509,8 @@ pub struct DevMat {
 }
 
 /// One adapter as views into the flat buffers: A `[r, in]` and B `[out, r]` (bf16 mirror), and
-/// where their fp32 gradients accumulate.
+/// where their fp32 gradients accumulate; with `dropout = Some((p, seed))` the adapter sees
+/// `x̃ = x ⊙ m` (the mask redrawn from the seed in the backward).
 #[derive(Clone, Copy, Debug)]
 pub struct LoraView {
     pub a: DevMat,
@@ -517,9 +518,38 @@ pub struct LoraView {
     pub grad_a: u64,
     pub grad_b: u64,
     pub scale: f32,
+    pub dropout: Option<(f32, u64)>,
 }
 
-/// [`lora_forward_cuda`] for an adapter given as views. Returns `(y, xa = s·x·Aᵀ)`.
+/// `C = alpha·A·B + beta·C` on addresses, for the views below (bf16 out unless `f32_out`).
+///
+/// # Safety
+/// As [`gemm_ptrs`].
+#[allow(clippy::too_many_arguments)]
+unsafe fn mm(
+    o: usize,
+    layout: Layout,
+    a: u64,
+    lda: usize,
+    b: u64,
+    ldb: usize,
+    c: u64,
+    ldc: usize,
+    mnk: (usize, usize, usize),
+    f32_out: bool,
+    alpha: f32,
+    beta: f32,
+) -> Result<()> {
+    let out = if f32_out { DType::F32 } else { DType::BF16 };
+    // SAFETY: forwarded from the caller's contract.
+    unsafe {
+        gemm_ptrs(
+            o, layout, a, lda, b, ldb, c, ldc, mnk.0, mnk.1, mnk.2, out, alpha, beta,
+        )
+    }
+}
+
+/// [`lora_forward_cuda`] for an adapter given as views. Returns `(y, xa = s·x̃·Aᵀ)`.
 pub fn lora_forward_view(x: &Tensor, w: &Nf4Tensor, l: &LoraView) -> Result<(Tensor, Tensor)> {
     let op = "lora forward (cuda)";
     let o = cuda_ordinal(op, x)?;
@@ -538,30 +568,32 @@ pub fn lora_forward_view(x: &Tensor, w: &Nf4Tensor, l: &LoraView) -> Result<(Ten
         });
     }
     multiple_of(op, "LoRA rank", r, 8)?;
+    check_tensor(op, "x", x, DType::BF16, &[m, k], Device::Cuda(o))?;
+    multiple_of(op, "in_features", k, 16)?;
     let xa = Tensor::zeros(&[m, r], DType::BF16, &x.device())?;
-    // SAFETY: x is [M, K] bf16 (checked by dims2/cuda_ordinal and below by the NF4 path), A a
-    // live [r, K] bf16 view, xa [M, r]; all on device `o`.
+    let dropped = match l.dropout {
+        Some((p, seed)) => Some(super::embedding::dropout_cuda(x, p, seed)?),
+        None => None,
+    };
+    let x_ad = dropped.as_ref().unwrap_or(x);
+    // SAFETY: x (and its dropout) [M, K] bf16, A a live [r, K] bf16 view, xa [M, r]; device o.
     unsafe {
-        gemm_ptrs(
+        mm(
             o,
             Layout::Nt,
-            x.device_ptr(),
+            x_ad.device_ptr(),
             k,
             l.a.ptr,
             k,
             xa.device_ptr(),
             r,
-            m,
-            r,
-            k,
-            DType::BF16,
+            (m, r, k),
+            false,
             l.scale,
             0.0,
         )?
     };
     let p = nf4_params(w)?;
-    check_tensor(op, "x", x, DType::BF16, &[m, k], Device::Cuda(o))?;
-    multiple_of(op, "in_features", k, 16)?;
     let y = Tensor::zeros(&[m, n], DType::BF16, &x.device())?;
     let g = GemmParams {
         a: x.device_ptr(),
@@ -581,15 +613,12 @@ pub fn lora_forward_view(x: &Tensor, w: &Nf4Tensor, l: &LoraView) -> Result<(Ten
         beta: 0.0,
         ..GemmParams::default()
     };
-    if m == 0 || n == 0 {
-        return Ok((y, xa));
-    }
     let y = nf4_forward_launch(o, g, p, y)?;
     Ok((y, xa))
 }
 
 /// [`lora_backward_cuda`] for an adapter given as views: returns dx; dA, dB accumulate (fp32)
-/// at the views' gradient addresses.
+/// at the views' gradient addresses. With dropout, `dx += (s·g·A) ⊙ m` and `dA += s·gᵀ·x̃`.
 pub fn lora_backward_view(
     x: &Tensor,
     w: &Nf4Tensor,
@@ -604,12 +633,12 @@ pub fn lora_backward_view(
     let r = l.a.rows;
     check_tensor(op, "x·Aᵀ", xa, DType::BF16, &[m, r], Device::Cuda(o))?;
     let g = Tensor::zeros(&[m, r], DType::BF16, &dy.device())?;
-    let dx = nf4_dx_cuda(dy, w)?;
-    // SAFETY: dy [M, N], B view [N, r], g [M, r], A view [r, K], dx [M, K], x [M, K],
-    // xa [M, r], the gradient views [r, K] and [N, r] fp32: shapes checked above and by the
-    // views' construction; all on device `o`.
+    let mut dx = nf4_dx_cuda(dy, w)?;
+    // SAFETY (every call below): dy [M, N], B view [N, r], g [M, r], A view [r, K], dx and the
+    // adapter term [M, K], x and its dropout [M, K], xa [M, r], the gradient views [r, K] and
+    // [N, r] fp32: shapes checked above and by the views' construction; all on device `o`.
     unsafe {
-        gemm_ptrs(
+        mm(
             o,
             Layout::Nn,
             dy.device_ptr(),
@@ -618,46 +647,83 @@ pub fn lora_backward_view(
             r,
             g.device_ptr(),
             r,
-            m,
-            r,
-            n,
-            DType::BF16,
+            (m, r, n),
+            false,
             1.0,
             0.0,
-        )?;
-        gemm_ptrs(
-            o,
-            Layout::Nn,
-            g.device_ptr(),
-            r,
-            l.a.ptr,
-            k,
-            dx.device_ptr(),
-            k,
-            m,
-            k,
-            r,
-            DType::BF16,
-            l.scale,
-            1.0,
-        )?;
-        gemm_ptrs(
-            o,
-            Layout::Tn,
-            g.device_ptr(),
-            r,
-            x.device_ptr(),
-            k,
-            l.grad_a,
-            k,
-            r,
-            k,
-            m,
-            DType::F32,
-            l.scale,
-            1.0,
-        )?;
-        gemm_ptrs(
+        )?
+    };
+    match l.dropout {
+        None => unsafe {
+            mm(
+                o,
+                Layout::Nn,
+                g.device_ptr(),
+                r,
+                l.a.ptr,
+                k,
+                dx.device_ptr(),
+                k,
+                (m, k, r),
+                false,
+                l.scale,
+                1.0,
+            )?;
+            mm(
+                o,
+                Layout::Tn,
+                g.device_ptr(),
+                r,
+                x.device_ptr(),
+                k,
+                l.grad_a,
+                k,
+                (r, k, m),
+                true,
+                l.scale,
+                1.0,
+            )?;
+        },
+        Some((p, seed)) => {
+            let ga = Tensor::zeros(&[m, k], DType::BF16, &dy.device())?;
+            unsafe {
+                mm(
+                    o,
+                    Layout::Nn,
+                    g.device_ptr(),
+                    r,
+                    l.a.ptr,
+                    k,
+                    ga.device_ptr(),
+                    k,
+                    (m, k, r),
+                    false,
+                    l.scale,
+                    0.0,
+                )?
+            };
+            dx = super::embedding::add_cuda(&dx, &super::embedding::dropout_cuda(&ga, p, seed)?)?;
+            let x_ad = super::embedding::dropout_cuda(x, p, seed)?;
+            unsafe {
+                mm(
+                    o,
+                    Layout::Tn,
+                    g.device_ptr(),
+                    r,
+                    x_ad.device_ptr(),
+                    k,
+                    l.grad_a,
+                    k,
+                    (r, k, m),
+                    true,
+                    l.scale,
+                    1.0,
+                )?
+            };
+        }
+    }
+    unsafe {
+        mm(
             o,
             Layout::Tn,
             dy.device_ptr(),
@@ -666,13 +732,11 @@ pub fn lora_backward_view(
             r,
             l.grad_b,
             r,
-            n,
-            r,
-            m,
-            DType::F32,
+            (n, r, m),
+            true,
             1.0,
             1.0,
-        )?;
-    }
+        )?
+    };
     Ok(dx)
 }

@@ -150,14 +150,6 @@ impl Trainer {
     /// with `resume`, for training on `device`. Refuses an output folder holding another run
     /// unless `resume`/`overwrite`.
     pub fn new_on(config: TrainConfig, device: Device) -> Result<Trainer> {
-        if let Device::Cuda(_) = device {
-            if config.dropout > 0.0 {
-                return Err(Error::InvalidArgument(
-                    "LoRA dropout is not in the CUDA step yet: pass --dropout 0 with --device cuda"
-                        .into(),
-                ));
-            }
-        }
         config.validate()?;
         prepare_output(&config)?;
         let model = Llama::load(
@@ -353,13 +345,17 @@ impl Trainer {
             Some((model, lora)) => {
                 lora.zero_grads()?;
                 let mut losses = Vec::with_capacity(batches.len());
-                for b in &batches {
+                for (i, b) in batches.iter().enumerate() {
+                    let seed = self.config.seed
+                        ^ (self.state.step << 16 | i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+                    lora.set_dropout_seed(Some(seed));
                     losses.push(
                         model
                             .forward_backward(lora, &b.ids, &b.labels, &b.cu_seqlens, scale)?
                             .0,
                     );
                 }
+                lora.set_dropout_seed(None);
                 lora.step(lr, self.config.max_grad_norm)?;
                 // Read back for the log line (the only host synchronisation of the step).
                 let mut sum = 0.0;
