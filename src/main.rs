@@ -386,7 +386,11 @@ fn compute_device(request: DeviceRequest, cuda_ok: bool) -> qlora_rs::Result<Dev
             Ok(Device::Cpu)
         }
         Device::Cuda(o) if request == DeviceRequest::Auto => {
-            let how = if cuda_ok { "pass --device cuda to train on it" } else { "this command runs on the CPU backend in this build" };
+            let how = if cuda_ok {
+                "pass --device cuda to use it (the CUDA path awaits its first GPU validation)"
+            } else {
+                "this command runs on the CPU backend in this build"
+            };
             eprintln!("device: cpu (auto: cuda:{o} is present; {how})");
             Ok(Device::Cpu)
         }
@@ -734,14 +738,21 @@ fn run_eval(
     json: bool,
     format: BaseFormat,
 ) -> qlora_rs::Result<()> {
-    compute_device(request, false)?;
+    let device = compute_device(request, true)?;
     let model = Llama::load(model_dir, format)?;
     let tokenizer = TextTokenizer::load(model_dir)?;
     let lora = adapter
         .map(|a| adapters::load(a, &model.config))
         .transpose()?;
-    let (loss, tokens) =
-        trainer::evaluate_file(&model, &tokenizer, lora.as_ref(), data, opts, batch_tokens)?;
+    let (loss, tokens) = trainer::evaluate_file(
+        &model,
+        &tokenizer,
+        lora.as_ref(),
+        data,
+        opts,
+        batch_tokens,
+        device,
+    )?;
     if json {
         println!(
             "{}",

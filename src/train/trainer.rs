@@ -529,7 +529,7 @@ impl Trainer {
 }
 
 /// Mean loss and counted tokens of `data` under `model` (+ `lora`), with the training formats
-/// and masking (`qlora-rs eval`).
+/// and masking (`qlora-rs eval`), on `device` (the CUDA step's forward on a GPU).
 pub fn evaluate_file(
     model: &Llama,
     tokenizer: &TextTokenizer,
@@ -537,14 +537,38 @@ pub fn evaluate_file(
     data_path: &Path,
     opts: &DataOptions,
     batch_tokens: usize,
+    device: Device,
 ) -> Result<(f64, usize)> {
     let (seqs, _) = data::load(data_path, tokenizer, opts)?;
     let refs: Vec<&Sequence> = seqs.iter().collect();
+    let gpu = match device {
+        Device::Cuda(o) => {
+            let m = CudaLlama::from_llama(model, o)?;
+            let l = lora
+                .map(|p| CudaLora::from_params(p, None, AdamWConfig::default(), o))
+                .transpose()?;
+            Some((m, l))
+        }
+        Device::Cpu => None,
+    };
     let (mut sum, mut count) = (0.0, 0usize);
     for b in data::pack(&refs, batch_tokens.max(opts.seq_len)) {
-        let l = model.loss(lora, &b.ids, &b.labels, &b.cu_seqlens)?;
-        sum += l.loss_sum;
-        count += l.count;
+        match &gpu {
+            Some((m, l)) => {
+                let (losses, n) = m.loss(l.as_ref(), &b.ids, &b.labels, &b.cu_seqlens)?;
+                sum += losses
+                    .to_vec::<f32>()?
+                    .iter()
+                    .map(|&v| v as f64)
+                    .sum::<f64>();
+                count += n;
+            }
+            None => {
+                let l = model.loss(lora, &b.ids, &b.labels, &b.cu_seqlens)?;
+                sum += l.loss_sum;
+                count += l.count;
+            }
+        }
     }
     Ok((sum / count.max(1) as f64, count))
 }
