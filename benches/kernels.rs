@@ -286,6 +286,7 @@ fn gemm(c: &mut Criterion) {
         }
         g.finish();
     }
+    cublas_reference(c, &dev);
     // The adapter path of one 4096→4096 layer, rank 16, 2048 tokens: forward, then backward.
     let mut g = c.benchmark_group("lora");
     let (t, i, o, r) = (2048usize, 4096usize, 4096usize, 16usize);
@@ -325,6 +326,98 @@ fn gemm(c: &mut Criterion) {
         })
     });
     g.finish();
+}
+
+/// cuBLAS bf16 GEMM (fp32 accumulate) at the same shapes as `gemm/nt_bf16`: the ceiling our
+/// `mma.sync` kernels are measured against, in the same process on the same card. Row-major
+/// Y[m,n] = X[m,k]·W[n,k]ᵀ is column-major Yᵀ = op(W)·X with op = transpose, so cuBLAS gets
+/// (transa, transb) = (T, N), (m, n, k) = (n, m, k), lda = ldb = k, ldc = n. cuBLAS is loaded at
+/// run time; where libcublas is not on the loader path the group prints SKIPPED and says so.
+fn cublas_reference(c: &mut Criterion, dev: &Arc<CudaDevice>) {
+    use cudarc::cublas::{sys::cublasOperation_t as Op, CudaBlas, Gemm, GemmConfig};
+    // SAFETY: only probes whether the shared library can be opened.
+    if !unsafe { cudarc::cublas::sys::is_culib_present() } {
+        preload_pip_cublas();
+    }
+    // SAFETY: as above.
+    if !unsafe { cudarc::cublas::sys::is_culib_present() } {
+        eprintln!(
+            "SKIPPED bench group cublas: libcublas not found on the loader path (on a host with \
+             PyTorch: export LD_LIBRARY_PATH=\"$(python3 -c 'import nvidia.cublas as m; \
+             print(m.__path__[0])')/lib\")"
+        );
+        return;
+    }
+    let blas = CudaBlas::new(dev.stream().clone()).expect("cuBLAS handle");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(21);
+    let mut upload = |len: usize| {
+        let host: Vec<bf16> = (0..len)
+            .map(|_| bf16::from_f32(rng.random_range(-1.0f32..1.0)))
+            .collect();
+        dev.stream().clone_htod(&host).unwrap()
+    };
+    let mut g = c.benchmark_group("cublas");
+    for (n, k) in LLAMA3_8B {
+        let w = upload(n * k);
+        for m in MS {
+            let x = upload(m * k);
+            let mut y = dev.stream().alloc_zeros::<bf16>(m * n).unwrap();
+            let cfg = GemmConfig {
+                transa: Op::CUBLAS_OP_T,
+                transb: Op::CUBLAS_OP_N,
+                m: n as i32,
+                n: m as i32,
+                k: k as i32,
+                alpha: bf16::ONE,
+                lda: k as i32,
+                ldb: k as i32,
+                beta: bf16::ZERO,
+                ldc: n as i32,
+            };
+            g.throughput(Throughput::Elements((2 * m * n * k) as u64));
+            g.bench_function(BenchmarkId::new("nt_bf16", format!("{m}x{n}x{k}")), |b| {
+                b.iter_custom(|iters| {
+                    timed(dev, iters, || {
+                        // SAFETY: the buffers hold m·k, n·k and m·n elements, matching cfg.
+                        unsafe { blas.gemm(cfg, &w, &x, &mut y) }.unwrap()
+                    })
+                })
+            });
+        }
+    }
+    g.finish();
+}
+
+/// PyTorch hosts carry cuBLAS in the `nvidia-cublas` wheel, off the loader path. Opening it once
+/// by absolute path makes the later open by soname (cudarc's) find the loaded copy.
+fn preload_pip_cublas() {
+    let Ok(out) = std::process::Command::new("python3")
+        .args(["-c", "import nvidia.cublas as m; print(m.__path__[0])"])
+        .output()
+    else {
+        return;
+    };
+    let dir = std::path::PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()).join("lib");
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return;
+    };
+    let mut libs: Vec<_> = entries
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("libcublas") && n.contains(".so"))
+        })
+        .collect();
+    // libcublasLt first: libcublas needs it.
+    libs.sort_by_key(|p| !p.to_string_lossy().contains("cublasLt"));
+    for lib in libs {
+        // SAFETY: loading NVIDIA's cuBLAS runs only its ordinary initialisers.
+        if let Ok(handle) = unsafe { libloading::Library::new(&lib) } {
+            std::mem::forget(handle);
+        }
+    }
 }
 
 /// Flash attention, causal: fwd FLOPs 2·B·H·S²·D (the convention of the FlashAttention papers),
