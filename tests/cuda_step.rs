@@ -1,7 +1,7 @@
-//! The whole training step on the GPU against the CPU model: the first ten losses match within
-//! bf16 tolerance, a GPU-trained adapter evaluates the same on the CPU, and `eval` over a data
-//! file gives the same loss on both devices. Without a GPU the
-//! tests print `SKIPPED (no CUDA device)` and pass.
+//! The whole training step on the GPU against the CPU model, at a rank the kernels take and at
+//! one padded for them: the first ten losses match within bf16 tolerance, a GPU-trained adapter
+//! evaluates the same on the CPU, and `eval` over a data file gives the same loss on both
+//! devices. Without a GPU the tests print `SKIPPED (no CUDA device)` and pass.
 
 use qlora_rs::model::config::{Arch, LlamaConfig};
 use qlora_rs::model::cuda_llama::{CudaLlama, CudaLora};
@@ -42,10 +42,17 @@ fn cuda_step_losses_match_the_cpu_for_ten_steps() {
     let Some(Device::Cuda(o)) = gpu_or_skip("cuda_step_losses_match_the_cpu_for_ten_steps") else {
         return;
     };
+    // Rank 8 as the kernels take it, and rank 4, padded to 8 on the device.
+    for rank in [8, 4] {
+        step_parity(o, rank);
+    }
+}
+
+fn step_parity(o: usize, rank: usize) {
     let cfg = small_config();
     let model = Llama::random(cfg.clone(), BaseFormat::Nf4(Nf4Config::default()), 3).unwrap();
     let lora_cfg = LoraConfig {
-        rank: 8,
+        rank,
         alpha: 16.0,
         rslora: false,
         dropout: 0.0,
@@ -97,11 +104,15 @@ fn cuda_step_losses_match_the_cpu_for_ten_steps() {
         let (a, b) = (cpu.loss_sum / counted as f64, gpu_loss / counted as f64);
         assert!(
             (a - b).abs() <= 2e-2 * a.abs(),
-            "step {step}: CPU loss {a}, GPU loss {b}"
+            "rank {rank}, step {step}: CPU loss {a}, GPU loss {b}"
         );
     }
     // The GPU-trained adapter evaluates the same on the CPU.
     let trained = gpu_lora.to_host().unwrap();
+    assert_eq!(trained.config.rank, rank);
+    assert_eq!(trained.len(), lora.len());
+    let moments = gpu_lora.optimizer_to_host().unwrap();
+    assert_eq!((moments.m.len(), moments.step), (lora.len(), 10));
     let cpu_eval = model
         .loss(Some(&trained), &ids, &labels, &cu)
         .unwrap()
@@ -115,7 +126,7 @@ fn cuda_step_losses_match_the_cpu_for_ten_steps() {
         .sum();
     assert!(
         (cpu_eval - gpu_eval).abs() <= 2e-2 * cpu_eval,
-        "eval: CPU {cpu_eval}, GPU {gpu_eval}"
+        "rank {rank}, eval: CPU {cpu_eval}, GPU {gpu_eval}"
     );
 }
 

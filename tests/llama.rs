@@ -845,3 +845,50 @@ fn adapters_on_a_subset_of_layers_round_trip() {
     assert!(v["layers_to_transform"].is_null());
     assert!(LoraParams::init_on_layers(&model.config, all.config.clone(), &[7], 0).is_err());
 }
+
+/// The CUDA step pads LoRA ranks to a multiple of 8 (`LoraParams::padded_to_rank`). On the CPU
+/// reference the padded adapters give the same loss and, on the original entries, the same
+/// gradients; the padded entries get exactly zero gradient; repacking back is lossless.
+#[test]
+fn rank_padding_is_exact_in_loss_and_gradients() {
+    let model = load("tiny-llama", BaseFormat::Nf4(Nf4Config::default()));
+    let g = Golden::open("tiny-llama");
+    let (ids, labels) = (g.ids("input_ids"), g.ints("labels"));
+    let cu = [0, ids.len()];
+    for rslora in [false, true] {
+        let mut lora = adapter(&model, "tiny-llama-lora");
+        assert_eq!(lora.config.rank, 4);
+        lora.config.rslora = rslora;
+        lora.config.dropout = 0.1;
+        let padded = lora.padded_to_rank(8).unwrap();
+        assert_eq!(padded.config.rank, 8);
+        assert!((padded.config.scale() - lora.config.scale()).abs() <= 1e-6 * lora.config.scale());
+        assert_eq!(padded.len(), 2 * lora.len());
+        assert_eq!(lora.repack_from(&padded, &padded.values), lora.values);
+        let run = |p: &qlora_rs::model::lora::LoraParams| {
+            let mut grads = vec![0.0f32; p.len()];
+            let l = model
+                .forward_backward(p, &mut grads, &ids, &labels, &cu, 0.05, 11)
+                .unwrap();
+            (l.loss_sum, grads)
+        };
+        let (loss, grads) = run(&lora);
+        let (ploss, pgrads) = run(&padded);
+        assert!(
+            (loss - ploss).abs() <= 1e-5 * loss,
+            "rslora {rslora}: loss {loss} vs padded {ploss}"
+        );
+        assert_rel(
+            "gradients of the original entries",
+            &lora.repack_from(&padded, &pgrads),
+            &grads,
+            1e-4,
+        );
+        // Everything outside the original entries is exactly zero.
+        let back = padded.repack_from(&lora, &lora.repack_from(&padded, &pgrads));
+        assert_eq!(back, pgrads, "padded entries get zero gradient");
+    }
+    let lora = adapter(&model, "tiny-llama-lora");
+    let err = lora.padded_to_rank(2).unwrap_err().to_string();
+    assert!(err.contains("cannot pad LoRA rank 4 down to 2"), "{err}");
+}

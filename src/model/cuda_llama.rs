@@ -15,7 +15,7 @@ use std::ops::Range;
 
 use super::config::LlamaConfig;
 use super::llama::{BaseWeight, Llama};
-use super::lora::{LoraConfig, LoraParams, LoraSlot, Target};
+use super::lora::{LoraConfig, LoraParams, Target};
 use crate::autograd::{Batch, Frozen, NormId};
 use crate::device::Device;
 use crate::error::{Error, Result};
@@ -50,11 +50,13 @@ pub struct CudaLlama {
 }
 
 /// The adapters on the GPU: fp32 master weights, their bf16 mirror, fp32 gradients and AdamW
-/// state, each one flat buffer laid out like [`LoraParams::values`].
+/// state, each one flat buffer laid out like [`LoraParams::values`] at the rank rounded up to a
+/// multiple of 8 (the GEMM tiles' need; [`LoraParams::padded_to_rank`] shows the padding is exact).
 pub struct CudaLora {
-    pub config: LoraConfig,
-    slots: Vec<LoraSlot>,
-    model_layers: usize,
+    /// The adapters' layout as configured, which [`CudaLora::to_host`] returns (values empty).
+    host: LoraParams,
+    /// The device layout (values empty).
+    layout: LoraParams,
     master: Tensor,
     mirror: Tensor,
     grads: Tensor,
@@ -389,27 +391,37 @@ impl CudaLora {
         config: AdamWConfig,
         ordinal: usize,
     ) -> Result<CudaLora> {
-        if p.config.rank % 8 != 0 {
-            return Err(Error::InvalidArgument(format!(
-                "the CUDA step needs a LoRA rank that is a multiple of 8, got {}",
-                p.config.rank
-            )));
-        }
+        let mut padded = p.padded_to_rank(p.config.rank.div_ceil(8) * 8)?;
+        let n = padded.len();
         let dev = Device::Cuda(ordinal);
-        let master = Tensor::from_vec(p.values.clone(), &[p.len()], &dev)?;
-        let mut mirror = Tensor::zeros(&[p.len()], DType::BF16, &dev)?;
+        let master = Tensor::from_vec(std::mem::take(&mut padded.values), &[n], &dev)?;
+        let mut mirror = Tensor::zeros(&[n], DType::BF16, &dev)?;
         embedding::cast_into_cuda(&master, &mut mirror)?;
-        let mut optimizer = AdamWCuda::new(config, p.len(), ordinal)?;
+        let mut optimizer = AdamWCuda::new(config, n, ordinal)?;
         if let Some(a) = adam {
-            optimizer.load(a)?;
+            if a.m.len() != p.len() || a.v.len() != p.len() {
+                return Err(Error::ShapeMismatch {
+                    op: "CudaLora::from_params (AdamW state)",
+                    expected: format!("{} moments", p.len()),
+                    got: format!("{} and {}", a.m.len(), a.v.len()),
+                });
+            }
+            optimizer.load(&AdamW {
+                config: a.config,
+                step: a.step,
+                m: padded.repack_from(p, &a.m),
+                v: padded.repack_from(p, &a.v),
+            })?;
         }
         Ok(CudaLora {
-            config: p.config.clone(),
-            slots: p.slots.clone(),
-            model_layers: p.model_layers,
+            host: LoraParams {
+                values: Vec::new(),
+                ..p.clone()
+            },
+            layout: padded,
             master,
             mirror,
-            grads: Tensor::zeros(&[p.len()], DType::F32, &dev)?,
+            grads: Tensor::zeros(&[n], DType::F32, &dev)?,
             optimizer,
             dropout_seed: None,
         })
@@ -417,10 +429,11 @@ impl CudaLora {
 
     fn view(&self, layer: usize, target: Target) -> Option<LoraView> {
         let s = self
+            .layout
             .slots
             .iter()
             .find(|s| s.layer == layer && s.target == target)?;
-        let r = self.config.rank;
+        let r = self.layout.config.rank;
         let at = |buf: &Tensor, range: &Range<usize>, width: u64| {
             buf.device_ptr() + range.start as u64 * width
         };
@@ -437,9 +450,9 @@ impl CudaLora {
             },
             grad_a: at(&self.grads, &s.a, 4),
             grad_b: at(&self.grads, &s.b, 4),
-            scale: self.config.scale(),
+            scale: self.host.config.scale(),
             // One mask stream per (micro-batch, layer, projection), as on the CPU.
-            dropout: match (self.dropout_seed, self.config.dropout) {
+            dropout: match (self.dropout_seed, self.host.config.dropout) {
                 (Some(seed), p) if p > 0.0 => {
                     let stream = (layer as u64) << 8 | target as u64;
                     Some((p as f32, seed ^ stream.wrapping_mul(0x9E37_79B9_7F4A_7C15)))
@@ -468,13 +481,27 @@ impl CudaLora {
         embedding::cast_into_cuda(&self.master, &mut self.mirror)
     }
 
-    /// The adapters on the host.
+    /// The adapters on the host, at their configured rank.
     pub fn to_host(&self) -> Result<LoraParams> {
+        let device = self.master.to_vec()?;
         Ok(LoraParams {
-            config: self.config.clone(),
-            slots: self.slots.clone(),
-            values: self.master.to_vec()?,
-            model_layers: self.model_layers,
+            values: self.host.repack_from(&self.layout, &device),
+            ..self.host.clone()
+        })
+    }
+
+    /// The adapters' configuration (rank as configured, not as padded on the device).
+    pub fn config(&self) -> &LoraConfig {
+        &self.host.config
+    }
+
+    /// The AdamW state on the host, laid out like [`CudaLora::to_host`]'s values (checkpoints).
+    pub fn optimizer_to_host(&self) -> Result<AdamW> {
+        let a = self.optimizer.to_host()?;
+        Ok(AdamW {
+            m: self.host.repack_from(&self.layout, &a.m),
+            v: self.host.repack_from(&self.layout, &a.v),
+            ..a
         })
     }
 }

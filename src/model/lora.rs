@@ -259,6 +259,75 @@ impl LoraParams {
             .position(|s| s.layer == layer && s.target == target)
     }
 
+    /// The same adapters at a larger `rank`: A gains zero rows and B zero columns, and `alpha` is
+    /// rescaled so that [`LoraConfig::scale`] is unchanged. The product B·A, the forward and the
+    /// gradients of the original entries are exactly those of `self`; the padded entries get zero
+    /// gradient (dA's extra rows meet B's zero columns, dB's extra columns meet A's zero rows), so
+    /// AdamW (zero gradient, zero weight, zero moments) keeps them zero. The CUDA kernels need
+    /// ranks in multiples of 8; this is how other ranks train there.
+    pub fn padded_to_rank(&self, rank: usize) -> Result<LoraParams> {
+        let r = self.config.rank;
+        if rank < r {
+            return Err(Error::InvalidArgument(format!(
+                "cannot pad LoRA rank {r} down to {rank}"
+            )));
+        }
+        let ratio = rank as f64 / r as f64;
+        let config = LoraConfig {
+            rank,
+            alpha: if self.config.rslora {
+                self.config.alpha * ratio.sqrt()
+            } else {
+                self.config.alpha * ratio
+            },
+            ..self.config.clone()
+        };
+        let mut slots = Vec::with_capacity(self.slots.len());
+        let mut at = 0;
+        for s in &self.slots {
+            let a = at..at + rank * s.in_features;
+            let b = a.end..a.end + s.out_features * rank;
+            at = b.end;
+            slots.push(LoraSlot { a, b, ..s.clone() });
+        }
+        let mut padded = LoraParams {
+            config,
+            slots,
+            values: vec![0.0; at],
+            model_layers: self.model_layers,
+        };
+        padded.values = padded.repack_from(self, &self.values);
+        Ok(padded)
+    }
+
+    /// Moves a flat buffer laid out like `from` (its values, gradients or AdamW moments) into the
+    /// layout of `self`, which holds the same slots at another rank: the common leading rows of
+    /// each A and columns of each B are copied, the rest of `self`'s layout is zero.
+    pub fn repack_from(&self, from: &LoraParams, buf: &[f32]) -> Vec<f32> {
+        assert_eq!(buf.len(), from.layout_len(), "buffer laid out like `from`");
+        assert_eq!(self.slots.len(), from.slots.len(), "the same slots");
+        let (rt, rf) = (self.config.rank, from.config.rank);
+        let r = rt.min(rf);
+        let mut out = vec![0.0; self.layout_len()];
+        for (t, f) in self.slots.iter().zip(&from.slots) {
+            let i = t.in_features;
+            // A [rank, in]: rows are contiguous.
+            out[t.a.start..t.a.start + r * i].copy_from_slice(&buf[f.a.start..f.a.start + r * i]);
+            // B [out, rank]: the first r entries of each row.
+            for row in 0..t.out_features {
+                let (dst, src) = (t.b.start + row * rt, f.b.start + row * rf);
+                out[dst..dst + r].copy_from_slice(&buf[src..src + r]);
+            }
+        }
+        out
+    }
+
+    /// Length of the flat buffer the slots describe (equal to `len()` unless `values` is empty
+    /// because only the layout is kept).
+    fn layout_len(&self) -> usize {
+        self.slots.last().map_or(0, |s| s.b.end)
+    }
+
     /// Number of trainable parameters.
     pub fn len(&self) -> usize {
         self.values.len()

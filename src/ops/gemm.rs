@@ -13,7 +13,7 @@
 //! Every GEMM accumulates in fp32; `C = alpha·A·B + beta·C`. The CPU reference of all of it is
 //! `ops::linear` (and `ops::matmul` for the plain products). Requirements, checked here: bf16
 //! operands, contiguous dimensions multiples of 8 (16 for NF4 weights), rank a multiple of 8 for
-//! the fused adapter.
+//! the fused adapter (the CUDA step zero-pads other ranks: `LoraParams::padded_to_rank`).
 
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 

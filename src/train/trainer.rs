@@ -444,7 +444,7 @@ impl Trainer {
     fn sync_from_device(&mut self) -> Result<()> {
         if let Some((_, lora)) = &self.cuda {
             self.lora = lora.to_host()?;
-            self.optimizer = lora.optimizer.to_host()?;
+            self.optimizer = lora.optimizer_to_host()?;
         }
         Ok(())
     }
