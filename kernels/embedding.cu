@@ -27,6 +27,13 @@ extern "C" __global__ void add_bf16(const bf16* a, const bf16* b, bf16* out, lon
   if (i < n) out[i] = __float2bfloat16_rn(__bfloat162float(a[i]) + __bfloat162float(b[i]));
 }
 
+// y[row, c] += bias[c] in place (bf16, rounded once): the frozen projection biases (Qwen2's
+// q/k/v). Reference: ops::linear::add_bias.
+extern "C" __global__ void bias_add_bf16(bf16* y, const bf16* bias, long long n, int cols) {
+  const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < n) y[i] = __float2bfloat16_rn(__bfloat162float(y[i]) + __bfloat162float(bias[i % cols]));
+}
+
 // Dropout with a counter-based mask: element i is kept when the top 24 bits of
 // splitmix64(seed ^ i·φ) are ≥ p·2²⁴, and then scaled by 1/(1 − p). The mask is a pure function
 // of (seed, i), so the backward (and the per-layer replay) redraws exactly the same one.

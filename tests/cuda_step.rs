@@ -44,12 +44,26 @@ fn cuda_step_losses_match_the_cpu_for_ten_steps() {
     };
     // Rank 8 as the kernels take it, and rank 4, padded to 8 on the device.
     for rank in [8, 4] {
-        step_parity(o, rank);
+        step_parity(o, rank, small_config());
     }
 }
 
-fn step_parity(o: usize, rank: usize) {
-    let cfg = small_config();
+/// Frozen projection biases (Qwen2's q/k/v, and `attention_bias` on o) on the device.
+#[test]
+fn cuda_step_with_projection_biases_matches_the_cpu() {
+    let Some(Device::Cuda(o)) = gpu_or_skip("cuda_step_with_projection_biases_matches_the_cpu")
+    else {
+        return;
+    };
+    let cfg = LlamaConfig {
+        qkv_bias: true,
+        o_bias: true,
+        ..small_config()
+    };
+    step_parity(o, 8, cfg);
+}
+
+fn step_parity(o: usize, rank: usize, cfg: LlamaConfig) {
     let model = Llama::random(cfg.clone(), BaseFormat::Nf4(Nf4Config::default()), 3).unwrap();
     let lora_cfg = LoraConfig {
         rank,

@@ -1,4 +1,5 @@
-//! CUDA kernels of the step (RMSNorm, RoPE, SwiGLU, embedding and casts, cross-entropy, AdamW)
+//! CUDA kernels of the step (RMSNorm, RoPE, SwiGLU, embedding, casts and bias add,
+//! cross-entropy, AdamW)
 //! against their CPU references, on fresh random data of awkward sizes. Without a GPU each test
 //! prints `SKIPPED (no CUDA device)` and passes, unless QLORA_REQUIRE_GPU=1.
 
@@ -211,6 +212,31 @@ fn kernels_embedding_and_casts_are_exact() {
         back.to_vec::<f32>().unwrap(),
         want.iter().map(|v| v.to_f32()).collect::<Vec<_>>()
     );
+}
+
+#[test]
+fn kernels_bias_add_matches_cpu_exactly() {
+    let Some(dev) = gpu_or_skip("kernels_bias_add_matches_cpu_exactly") else {
+        return;
+    };
+    let mut r = rng(9);
+    let (rows, cols) = (37usize, 97usize);
+    let (y, yb) = bf16_data(&mut r, rows * cols, 3.0);
+    let (b, bb) = bf16_data(&mut r, cols, 1.0);
+    let mut yg = up(&dev, yb, &[rows, cols]);
+    embedding::bias_add_cuda(&mut yg, &up(&dev, bb.clone(), &[cols])).unwrap();
+    // The kernel rounds the f32 sum once, so the rounded CPU sum is the exact expectation.
+    let mut want = y.clone();
+    qlora_rs::ops::linear::add_bias(&mut want, &b);
+    let want: Vec<f64> = want
+        .iter()
+        .map(|&v| bf16::from_f32(v).to_f32() as f64)
+        .collect();
+    assert_eq!(f64s_bf16(&yg), want);
+    let err = embedding::bias_add_cuda(&mut yg, &up(&dev, bb[..96].to_vec(), &[96]))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("bias"), "{err}");
 }
 
 #[test]

@@ -46,6 +46,8 @@ pub struct CudaLlama {
     norm: Tensor,
     /// `[layer][Target as usize]`.
     proj: Vec<Vec<Nf4Tensor>>,
+    /// Frozen projection biases (Qwen2's q/k/v), bf16, `[layer][Target as usize]`.
+    bias: Vec<Vec<Option<Tensor>>>,
     freqs: Tensor,
 }
 
@@ -70,11 +72,6 @@ impl CudaLlama {
     /// the model holds them dense).
     pub fn from_llama(model: &Llama, ordinal: usize) -> Result<CudaLlama> {
         let c = model.config.clone();
-        if c.qkv_bias || c.o_bias {
-            return Err(Error::InvalidArgument(
-                "projection biases (Qwen2, attention_bias) are not supported by the CUDA step yet; use --device cpu".into(),
-            ));
-        }
         if c.head_dim != 64 && c.head_dim != 128 {
             return Err(Error::InvalidArgument(format!(
                 "the CUDA step needs head_dim 64 or 128 (flash attention); this model has {}",
@@ -91,6 +88,7 @@ impl CudaLlama {
         let mut norm_in = Vec::with_capacity(c.num_layers);
         let mut norm_post = Vec::with_capacity(c.num_layers);
         let mut proj = Vec::with_capacity(c.num_layers);
+        let mut bias = Vec::with_capacity(c.num_layers);
         for l in 0..c.num_layers {
             norm_in.push(bf16_tensor(model.norm(NormId::Input(l)), &[d], &dev)?);
             norm_post.push(bf16_tensor(
@@ -109,6 +107,17 @@ impl CudaLlama {
                 });
             }
             proj.push(layer);
+            bias.push(
+                Target::ALL
+                    .iter()
+                    .map(|&t| {
+                        model
+                            .bias(l, t)
+                            .map(|b| bf16_tensor(b, &[b.len()], &dev))
+                            .transpose()
+                    })
+                    .collect::<Result<Vec<_>>>()?,
+            );
         }
         let norm = bf16_tensor(model.norm(NormId::Final), &[d], &dev)?;
         let freqs = Tensor::from_vec(model.rope_freqs().to_vec(), &[c.head_dim / 2], &dev)?;
@@ -121,6 +130,7 @@ impl CudaLlama {
             norm_post,
             norm,
             proj,
+            bias,
             freqs,
         })
     }
@@ -145,13 +155,18 @@ impl CudaLlama {
         x: &Tensor,
     ) -> Result<(Tensor, Option<Tensor>)> {
         let w = &self.proj[l][t as usize];
-        match lora.and_then(|a| a.view(l, t)) {
+        let (mut y, xa) = match lora.and_then(|a| a.view(l, t)) {
             Some(view) => {
                 let (y, xa) = gemm::lora_forward_view(x, w, &view)?;
-                Ok((y, Some(xa)))
+                (y, Some(xa))
             }
-            None => Ok((gemm::nf4_forward_cuda(x, w, None)?, None)),
+            None => (gemm::nf4_forward_cuda(x, w, None)?, None),
+        };
+        // The bias is frozen: nothing to do for it in the backward.
+        if let Some(b) = &self.bias[l][t as usize] {
+            embedding::bias_add_cuda(&mut y, b)?;
         }
+        Ok((y, xa))
     }
 
     fn linear_bwd(

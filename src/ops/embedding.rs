@@ -151,6 +151,34 @@ pub fn add_cuda(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     Ok(out)
 }
 
+/// CUDA: `y[t, c] += bias[c]` in place, y bf16 `[.., out]`, bias bf16 `[out]` (rounded once;
+/// reference `linear::add_bias`).
+pub fn bias_add_cuda(y: &mut Tensor, bias: &Tensor) -> Result<()> {
+    let op = "bias add (cuda)";
+    let o = cuda_ordinal(op, y)?;
+    let dev = Device::Cuda(o);
+    let cols = *y.shape().last().unwrap_or(&0);
+    check_tensor(op, "y", y, DType::BF16, y.shape(), dev)?;
+    check_tensor(op, "bias", bias, DType::BF16, &[cols], dev)?;
+    let n = y.elem_count();
+    if n == 0 {
+        return Ok(());
+    }
+    let cuda = CudaDevice::get(o)?;
+    let name = "bias_add_bf16";
+    let f = cuda.function("embedding", name)?;
+    let (n_i, cols_i) = (n as i64, cols as i32);
+    let mut bld = cuda.stream().launch_builder(&f);
+    bld.arg(y.cuda_slice_mut::<half::bf16>(op)?)
+        .arg(bias.cuda_slice::<half::bf16>(op)?)
+        .arg(&n_i)
+        .arg(&cols_i);
+    // SAFETY: bias_add_bf16(bf16*, const bf16*, long long, int); y holds n elements, a multiple
+    // of cols (its last dimension), and bias holds cols.
+    unsafe { cuda.launch(name, bld, grid_1d(n, 256)) }?;
+    Ok(())
+}
+
 /// CUDA: casts f32 `x` into the existing bf16 buffer `y` (same element count).
 pub fn cast_into_cuda(x: &Tensor, y: &mut Tensor) -> Result<()> {
     let op = "cast into (cuda)";

@@ -78,6 +78,16 @@ fn masked<'a, T: Real>(x: &'a [T], mask: Option<&[T]>) -> std::borrow::Cow<'a, [
     }
 }
 
+/// `y[t, c] += bias[c]` for `y` `[T, out]` row-major (`out = bias.len()`). The bias is frozen:
+/// the backward passes `dy` through unchanged. CUDA: `embedding::bias_add_cuda`.
+pub fn add_bias<T: Real>(y: &mut [T], bias: &[T]) {
+    for row in y.chunks_mut(bias.len().max(1)) {
+        for (v, &b) in row.iter_mut().zip(bias) {
+            *v += b;
+        }
+    }
+}
+
 /// Returns `(y [T, out], xa [T, r])` (`xa` empty without an adapter).
 pub fn forward<T: Real>(
     d: Dims,
@@ -98,11 +108,7 @@ pub fn forward<T: Real>(
         T::zero(),
     );
     if let Some(b) = bias {
-        for row in y.chunks_mut(o) {
-            for (v, &bv) in row.iter_mut().zip(b) {
-                *v += bv;
-            }
-        }
+        add_bias(&mut y, b);
     }
     let mut xa = Vec::new();
     if let Some(l) = lora {
