@@ -200,3 +200,123 @@ fn evaluate_file_on_cuda_matches_the_cpu() {
         "adapter effect: CPU {cpu_delta}, GPU {gpu_delta}"
     );
 }
+
+/// Writes a random Llama the kernels accept (head_dim 64) as a Hugging Face folder, with the tiny
+/// fixture's tokenizer (211 tokens ≤ the model's 256).
+fn write_gpu_sized_model(dir: &std::path::Path) {
+    use qlora_rs::io::writer::{self, f32_bytes, Entry};
+    use rand::{Rng, SeedableRng};
+    let fixture = qlora_rs::testing::project_root().join("tests/fixtures/llama/tiny-llama");
+    std::fs::create_dir_all(dir).unwrap();
+    for f in ["tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(fixture.join(f), dir.join(f)).unwrap();
+    }
+    let (d, ff, v, layers, heads, kv, hd) = (128usize, 352usize, 256usize, 2, 2, 1, 64usize);
+    let config = serde_json::json!({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "hidden_size": d, "intermediate_size": ff, "vocab_size": v,
+        "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": kv,
+        "head_dim": hd, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+        "max_position_embeddings": 256, "tie_word_embeddings": true, "hidden_act": "silu",
+        "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "float32"
+    });
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    let mut entries = vec![
+        ("model.embed_tokens.weight".to_string(), vec![v, d]),
+        ("model.norm.weight".to_string(), vec![d]),
+    ];
+    for l in 0..layers {
+        let p = format!("model.layers.{l}");
+        for (name, shape) in [
+            ("input_layernorm", vec![d]),
+            ("post_attention_layernorm", vec![d]),
+            ("self_attn.q_proj", vec![heads * hd, d]),
+            ("self_attn.k_proj", vec![kv * hd, d]),
+            ("self_attn.v_proj", vec![kv * hd, d]),
+            ("self_attn.o_proj", vec![d, heads * hd]),
+            ("mlp.gate_proj", vec![ff, d]),
+            ("mlp.up_proj", vec![ff, d]),
+            ("mlp.down_proj", vec![d, ff]),
+        ] {
+            entries.push((format!("{p}.{name}.weight"), shape));
+        }
+    }
+    let entries: Vec<Entry> = entries
+        .into_iter()
+        .map(|(name, shape)| Entry {
+            name,
+            dtype: safetensors::Dtype::F32,
+            shape,
+        })
+        .collect();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(17);
+    writer::write(
+        &dir.join("model.safetensors"),
+        &entries,
+        &Default::default(),
+        |e| {
+            let n: usize = e.shape.iter().product();
+            let vals: Vec<f32> = if e.name.ends_with("norm.weight") {
+                vec![1.0; n]
+            } else {
+                (0..n).map(|_| rng.random_range(-0.08f32..0.08)).collect()
+            };
+            Ok(f32_bytes(&vals))
+        },
+    )
+    .unwrap();
+}
+
+/// Training on the GPU, the trainer's evaluations (periodic and final) use the adapters as they
+/// are on the device: the final eval loss equals the saved adapter evaluated on the CPU, and it
+/// moved from the first evaluation.
+#[test]
+fn trainer_on_cuda_evaluates_the_current_adapters() {
+    let Some(dev @ Device::Cuda(_)) = gpu_or_skip("trainer_on_cuda_evaluates_the_current_adapters")
+    else {
+        return;
+    };
+    use qlora_rs::data::{tokenizer::TextTokenizer, DataOptions};
+    use qlora_rs::train::{trainer::evaluate_file, TrainConfig, Trainer};
+    let root = std::env::temp_dir().join(format!("qlora-rs-cuda-trainer-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    let model_dir = root.join("model");
+    write_gpu_sized_model(&model_dir);
+    let fixtures = qlora_rs::testing::project_root().join("tests/fixtures/data");
+    let mut c = TrainConfig::new(&model_dir, fixtures.join("alpaca.json"), root.join("out"));
+    c.eval_data = Some(fixtures.join("messages.jsonl"));
+    c.seq_len = 128;
+    c.batch_tokens = 256;
+    c.rank = 8;
+    c.alpha = 16.0;
+    c.lr = 2e-2;
+    c.epochs = 4;
+    let mut t = Trainer::new_on(c.clone(), dev).unwrap();
+    let first = t.evaluate().unwrap().unwrap();
+    let summary = t.run().unwrap();
+    let last = summary.eval_loss.unwrap();
+    assert!((first - last).abs() > 1e-3 * first, "{first} → {last}");
+    let model = Llama::load(&model_dir, BaseFormat::Nf4(Nf4Config::default())).unwrap();
+    let adapter = qlora_rs::io::adapters::load(&root.join("out"), &model.config).unwrap();
+    let tokenizer = TextTokenizer::load(&model_dir).unwrap();
+    let opts = DataOptions {
+        format: None,
+        seq_len: 128,
+        train_on_prompt: false,
+    };
+    let (cpu, _) = evaluate_file(
+        &model,
+        &tokenizer,
+        Some(&adapter),
+        c.eval_data.as_ref().unwrap(),
+        &opts,
+        256,
+        Device::Cpu,
+    )
+    .unwrap();
+    assert!(
+        (cpu - last).abs() <= 2e-2 * cpu,
+        "trainer's final eval {last} vs the saved adapter on the CPU {cpu}"
+    );
+    let _ = std::fs::remove_dir_all(&root);
+}

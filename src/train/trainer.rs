@@ -418,11 +418,26 @@ impl Trainer {
         let seqs: Vec<&Sequence> = self.eval.iter().collect();
         let (mut sum, mut count) = (0.0, 0usize);
         for b in data::pack(&seqs, self.config.batch_tokens) {
-            let l = self
-                .model
-                .loss(Some(&self.lora), &b.ids, &b.labels, &b.cu_seqlens)?;
-            sum += l.loss_sum;
-            count += l.count;
+            // Training on a GPU, the current adapters live there (the host copy is only synced
+            // for checkpoints), so the evaluation runs there too.
+            match &self.cuda {
+                Some((model, lora)) => {
+                    let (losses, n) = model.loss(Some(lora), &b.ids, &b.labels, &b.cu_seqlens)?;
+                    sum += losses
+                        .to_vec::<f32>()?
+                        .iter()
+                        .map(|&v| v as f64)
+                        .sum::<f64>();
+                    count += n;
+                }
+                None => {
+                    let l = self
+                        .model
+                        .loss(Some(&self.lora), &b.ids, &b.labels, &b.cu_seqlens)?;
+                    sum += l.loss_sum;
+                    count += l.count;
+                }
+            }
         }
         Ok(Some(sum / count.max(1) as f64))
     }
