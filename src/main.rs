@@ -456,7 +456,11 @@ fn run_train(request: DeviceRequest, cfg: TrainConfig) -> qlora_rs::Result<()> {
     let mut smoothed: Option<f64> = None;
     let summary = trainer.run_with_progress(&mut |p| {
         let m = p.metrics;
-        let loss = m.loss.unwrap_or(f64::NAN);
+        // Steps between two logged ones (--logging-steps) only move the bar.
+        let Some(loss) = m.loss else {
+            bar.set_position(m.step);
+            return;
+        };
         let ema = smoothed.map_or(loss, |s| 0.9 * s + 0.1 * loss);
         smoothed = Some(ema);
         let line = format!(

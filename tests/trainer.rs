@@ -402,3 +402,49 @@ fn cli_bench_reports_throughput_and_the_plan() {
         assert!(stdout.contains(want), "{want} missing in {stdout}");
     }
 }
+
+#[test]
+fn logging_steps_log_the_mean_of_their_steps() {
+    let run = |every: u64, name: &str| {
+        let out = tmpdir(name);
+        let mut c = config("alpaca.json", &out);
+        c.max_steps = Some(7);
+        c.logging_steps = every;
+        let mut t = Trainer::new(c).unwrap();
+        let mut unlogged = 0;
+        for _ in 0..7 {
+            let m = t.train_step().unwrap();
+            if m.loss.is_none() {
+                assert!(m.grad_norm.is_none() && m.tokens.is_none());
+                unlogged += 1;
+            }
+        }
+        let rows = metrics::read(&out.join("metrics.jsonl")).unwrap();
+        (unlogged, rows)
+    };
+    let (none, each) = run(1, "log1");
+    assert_eq!((none, each.len()), (0, 7));
+    let (none, every3) = run(3, "log3");
+    // Steps 3 and 6 and the last one (7) are logged.
+    assert_eq!(none, 4);
+    let steps: Vec<u64> = every3.iter().map(|m| m.step).collect();
+    assert_eq!(steps, [3, 6, 7]);
+    for (row, range) in every3.iter().zip([0..3, 3..6, 6..7]) {
+        let part = &each[range];
+        let mean = part.iter().map(|m| m.loss.unwrap()).sum::<f64>() / part.len() as f64;
+        assert!(
+            (row.loss.unwrap() - mean).abs() <= 1e-12 * mean,
+            "step {}: {} vs {mean}",
+            row.step,
+            row.loss.unwrap()
+        );
+        let tokens: u64 = part.iter().map(|m| m.tokens.unwrap()).sum();
+        assert_eq!(row.tokens, Some(tokens));
+        assert_eq!(row.grad_norm, part.last().unwrap().grad_norm);
+    }
+    let out = tmpdir("log0");
+    let mut c = config("alpaca.json", &out);
+    c.logging_steps = 0;
+    let err = Trainer::new(c).err().unwrap().to_string();
+    assert!(err.contains("--logging-steps"), "{err}");
+}

@@ -175,6 +175,11 @@ pub struct TrainConfig {
     #[arg(long, default_value_t = 0.0)]
     #[serde(default)]
     pub eval_split: f64,
+    /// Log every N optimizer steps (and the last): the mean of those steps' losses, the grad norm,
+    /// tokens/s and memory. On a GPU the host reads the losses back only on these steps.
+    #[arg(long, default_value_t = 1)]
+    #[serde(default = "one")]
+    pub logging_steps: u64,
     /// Evaluate every N optimizer steps (0: only at the end).
     #[arg(long, default_value_t = 0)]
     #[serde(default)]
@@ -276,8 +281,14 @@ impl TrainConfig {
                 self.batch_tokens, self.seq_len
             ));
         }
-        if self.grad_accum == 0 || self.epochs == 0 || self.max_steps == Some(0) {
-            return bad("--grad-accum, --epochs and --max-steps must be at least 1".into());
+        if self.grad_accum == 0
+            || self.epochs == 0
+            || self.max_steps == Some(0)
+            || self.logging_steps == 0
+        {
+            return bad(
+                "--grad-accum, --epochs, --max-steps and --logging-steps must be at least 1".into(),
+            );
         }
         if !(self.lr > 0.0 && self.lr.is_finite()) {
             return bad(format!("--lr must be positive, got {}", self.lr));
@@ -299,4 +310,8 @@ impl TrainConfig {
         self.data_format()?;
         Ok(())
     }
+}
+
+fn one() -> u64 {
+    1
 }

@@ -30,6 +30,7 @@ use crate::model::cuda_llama::{CudaLlama, CudaLora};
 use crate::model::llama::{BaseFormat, Llama};
 use crate::model::lora::LoraParams;
 use crate::quant::nf4::Nf4Config;
+use crate::tensor::Tensor;
 
 /// What the loop reports after each step (for progress bars and logs).
 #[derive(Clone, Debug)]
@@ -68,6 +69,24 @@ pub struct Trainer {
     /// The model and adapters on a GPU, when training there; `lora` and `optimizer` above are
     /// then refreshed from it for checkpoints and outputs.
     cuda: Option<(CudaLlama, CudaLora)>,
+    /// What the steps since the last logged one add up to (`logging_steps`).
+    pending: PendingLog,
+}
+
+/// Loss and throughput of the optimizer steps not yet logged.
+#[derive(Default)]
+struct PendingLog {
+    steps: Vec<PendingStep>,
+    tokens: usize,
+    started: Option<Instant>,
+}
+
+/// One unlogged step's loss: a sum on the host (CPU training) and per-token losses still on the
+/// GPU (read back only when logged), over `counted` tokens.
+struct PendingStep {
+    loss_sum: f64,
+    device: Vec<Tensor>,
+    counted: usize,
 }
 
 /// Files that mark a folder as holding a run.
@@ -262,6 +281,7 @@ impl Trainer {
             epoch_batches: Vec::new(),
             stop: Arc::new(AtomicBool::new(false)),
             cuda: None,
+            pending: PendingLog::default(),
             config,
             model,
             tokenizer,
@@ -333,7 +353,9 @@ impl Trainer {
         out
     }
 
-    /// One optimizer step.
+    /// One optimizer step. Its metrics carry the loss, grad norm and throughput (averaged since the
+    /// last logged step) on logged steps (`logging_steps`, and the last step), and only the step
+    /// number, epoch and lr otherwise.
     pub fn train_step(&mut self) -> Result<Metrics> {
         let started = Instant::now();
         let batches = self.next_batches();
@@ -341,37 +363,41 @@ impl Trainer {
         let tokens: usize = batches.iter().map(|b| b.ids.len()).sum();
         let scale = 1.0 / counted.max(1) as f32;
         let lr = self.schedule.lr(self.state.step);
-        let (loss_sum, grad_norm, memory) = match self.cuda.as_mut() {
+        let next = self.state.step + 1;
+        let log = next % self.config.logging_steps.max(1) == 0 || next >= self.total_steps;
+        self.pending.started.get_or_insert(started);
+        self.pending.tokens += tokens;
+        let mut step = PendingStep {
+            loss_sum: 0.0,
+            device: Vec::new(),
+            counted,
+        };
+        let (grad_norm, memory) = match self.cuda.as_mut() {
             Some((model, lora)) => {
                 lora.zero_grads()?;
-                let mut losses = Vec::with_capacity(batches.len());
                 for (i, b) in batches.iter().enumerate() {
                     let seed = self.config.seed
                         ^ (self.state.step << 16 | i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
                     lora.set_dropout_seed(Some(seed));
-                    losses.push(
-                        model
-                            .forward_backward(lora, &b.ids, &b.labels, &b.cu_seqlens, scale)?
-                            .0,
-                    );
+                    let (losses, _) =
+                        model.forward_backward(lora, &b.ids, &b.labels, &b.cu_seqlens, scale)?;
+                    step.device.push(losses);
                 }
                 lora.set_dropout_seed(None);
                 lora.step(lr, self.config.max_grad_norm)?;
-                // Read back for the log line (the only host synchronisation of the step).
-                let mut sum = 0.0;
-                for l in losses {
-                    sum += l.to_vec::<f32>()?.iter().map(|&v| v as f64).sum::<f64>();
+                if log {
+                    // The only host synchronisation: the logged step's read-backs.
+                    let dev = crate::device::cuda::CudaDevice::get(model.config_ordinal())?;
+                    (
+                        Some(lora.optimizer.grad_norm()?),
+                        Some(dev.memory_used()? as u64),
+                    )
+                } else {
+                    (None, None)
                 }
-                let dev = crate::device::cuda::CudaDevice::get(model.config_ordinal())?;
-                (
-                    sum,
-                    lora.optimizer.grad_norm()?,
-                    Some(dev.memory_used()? as u64),
-                )
             }
             None => {
                 self.grads.fill(0.0);
-                let mut loss_sum = 0.0;
                 for (i, b) in batches.iter().enumerate() {
                     let seed = self.config.seed
                         ^ (self.state.step << 16 | i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
@@ -384,29 +410,42 @@ impl Trainer {
                         scale,
                         seed,
                     )?;
-                    loss_sum += l.loss_sum;
+                    step.loss_sum += l.loss_sum;
                 }
                 let grad_norm = clip_grad_norm(&mut self.grads, self.config.max_grad_norm);
                 self.optimizer
                     .step(&mut self.lora.values, &self.grads, lr)?;
-                (loss_sum, grad_norm, resident_memory())
+                (Some(grad_norm), resident_memory())
             }
         };
+        self.pending.steps.push(step);
         self.state.step += 1;
         self.state.tokens_seen += tokens as u64;
-        let secs = started.elapsed().as_secs_f64();
-        let m = Metrics {
+        let mut m = Metrics {
             step: self.state.step,
             epoch: self.state.epoch,
-            loss: Some(loss_sum / counted.max(1) as f64),
             lr: Some(lr),
-            grad_norm: Some(grad_norm),
-            tokens: Some(tokens as u64),
-            tokens_per_s: Some(tokens as f64 / secs.max(1e-9)),
-            memory_bytes: memory,
-            eval_loss: None,
+            ..Metrics::default()
         };
-        self.metrics.append(&m)?;
+        if log {
+            let p = std::mem::take(&mut self.pending);
+            let secs = p.started.map_or(0.0, |t| t.elapsed().as_secs_f64());
+            // The mean of the steps' per-token mean losses (as transformers logs).
+            let mut total = 0.0;
+            for st in &p.steps {
+                let mut sum = st.loss_sum;
+                for l in &st.device {
+                    sum += l.to_vec::<f32>()?.iter().map(|&v| v as f64).sum::<f64>();
+                }
+                total += sum / st.counted.max(1) as f64;
+            }
+            m.loss = Some(total / p.steps.len().max(1) as f64);
+            m.grad_norm = grad_norm;
+            m.tokens = Some(p.tokens as u64);
+            m.tokens_per_s = Some(p.tokens as f64 / secs.max(1e-9));
+            m.memory_bytes = memory;
+            self.metrics.append(&m)?;
+        }
         Ok(m)
     }
 
