@@ -14,7 +14,7 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use half::bf16;
 use qlora_rs::device::{CudaDevice, Device};
 use qlora_rs::ops::gemm::{self, Layout, LoraCuda};
-use qlora_rs::ops::{attention, cross_entropy, rmsnorm, rope, swiglu};
+use qlora_rs::ops::{attention, cross_entropy, embedding, rmsnorm, rope, swiglu};
 use qlora_rs::quant::nf4::{Nf4Config, Nf4Tensor};
 use qlora_rs::testing::gpu_or_skip;
 use qlora_rs::train::optimizer::{AdamWConfig, AdamWCuda};
@@ -107,7 +107,7 @@ fn bf16_tensor(device: &Device, shape: &[usize], seed: u64) -> Tensor {
 /// Memory-bound kernels of the step at Llama-3-8B sizes (4096 tokens): GB/s of bytes read and
 /// written, to compare with the `copy` group.
 fn step_kernels(c: &mut Criterion) {
-    let Some((device, dev)) = cuda("rmsnorm/rope/swiglu/adamw/cross_entropy") else {
+    let Some((device, dev)) = cuda("rmsnorm/rope/embedding/swiglu/adamw/cross_entropy") else {
         return;
     };
     let (t, d, f, heads, hd) = (4096usize, 4096usize, 14336usize, 32usize, 128usize);
@@ -155,6 +155,47 @@ fn step_kernels(c: &mut Criterion) {
             })
         },
     );
+    g.finish();
+
+    // kernels/embedding.cu: the gather and the elementwise kernels of the step.
+    let mut g = c.benchmark_group("embedding");
+    // The gather takes host ids, so its time includes their upload (as in the step).
+    let table = bf16_tensor(&device, &[32_000, d], 20);
+    let ids: Vec<u32> = (0..t as u32).map(|i| i * 31 % 32_000).collect();
+    g.throughput(Throughput::Bytes((2 * t * d * 2 + t * 4) as u64));
+    g.bench_function(BenchmarkId::new("gather_bf16", format!("{t}x{d}")), |b| {
+        b.iter_custom(|iters| {
+            timed(&dev, iters, || {
+                drop(embedding::forward_cuda(&table, &ids).unwrap())
+            })
+        })
+    });
+    let (ea, eb) = (
+        bf16_tensor(&device, &[t, d], 21),
+        bf16_tensor(&device, &[t, d], 22),
+    );
+    g.throughput(Throughput::Bytes((3 * t * d * 2) as u64));
+    g.bench_function(BenchmarkId::new("add_bf16", format!("{t}x{d}")), |b| {
+        b.iter_custom(|iters| timed(&dev, iters, || drop(embedding::add_cuda(&ea, &eb).unwrap())))
+    });
+    let mut ey = bf16_tensor(&device, &[t, d], 23);
+    let bias = bf16_tensor(&device, &[d], 24);
+    g.throughput(Throughput::Bytes((2 * t * d * 2 + d * 2) as u64));
+    g.bench_function(BenchmarkId::new("bias_add_bf16", format!("{t}x{d}")), |b| {
+        b.iter_custom(|iters| {
+            timed(&dev, iters, || {
+                embedding::bias_add_cuda(&mut ey, &bias).unwrap()
+            })
+        })
+    });
+    g.throughput(Throughput::Bytes((2 * t * d * 2) as u64));
+    g.bench_function(BenchmarkId::new("dropout_bf16", format!("{t}x{d}")), |b| {
+        b.iter_custom(|iters| {
+            timed(&dev, iters, || {
+                drop(embedding::dropout_cuda(&ea, 0.1, 7).unwrap())
+            })
+        })
+    });
     g.finish();
 
     let mut g = c.benchmark_group("swiglu");
