@@ -176,3 +176,39 @@ fn device_cuda_module_cache_loads_each_fatbin_once() {
     let err = dev.function("no_such_file", "k").unwrap_err().to_string();
     assert!(err.contains("no_such_file"), "{err}");
 }
+
+/// The device's default memory pool keeps freed blocks (release threshold "never"), so a step's
+/// activations are reused from the pool instead of being mapped from the driver every step.
+#[test]
+fn device_cuda_pool_keeps_freed_memory() {
+    use cudarc::driver::{result, sys};
+    let Some(Device::Cuda(o)) = gpu_or_skip("device_cuda_pool_keeps_freed_memory") else {
+        return;
+    };
+    let dev = CudaDevice::get(o).unwrap();
+    let cu = result::device::get(o as i32).unwrap();
+    // SAFETY: cu is a valid device; the attribute is a u64 written through the pointer.
+    let threshold = unsafe {
+        if result::device::get_attribute(
+            cu,
+            sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MEMORY_POOLS_SUPPORTED,
+        )
+        .unwrap()
+            == 0
+        {
+            eprintln!("SKIPPED: this device has no memory pools");
+            return;
+        }
+        let pool = result::device::get_default_mem_pool(cu).unwrap();
+        let mut v = 0u64;
+        result::mem_pool::get_attribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            (&mut v as *mut u64).cast(),
+        )
+        .unwrap();
+        v
+    };
+    assert_eq!(threshold, u64::MAX);
+    drop(dev);
+}

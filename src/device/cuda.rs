@@ -128,6 +128,7 @@ impl CudaDevice {
         // SAFETY: every tensor of this device lives on its one stream, so cudarc's cross-stream
         // event tracking is not needed.
         unsafe { ctx.disable_event_tracking() };
+        keep_freed_memory_pooled(&ctx)?;
         let stream = ctx
             .new_stream()
             .map_err(Error::cuda("creating the CUDA stream"))?;
@@ -297,5 +298,41 @@ pub fn grid_1d(n: usize, block: u32) -> LaunchConfig {
         grid_dim: ((n as u64).div_ceil(block as u64).max(1) as u32, 1, 1),
         block_dim: (block, 1, 1),
         shared_mem_bytes: 0,
+    }
+}
+
+/// Tensors are allocated stream-ordered (`cuMemAllocAsync`) from the device's default pool. By
+/// default that pool hands freed memory back to the driver at every synchronisation, so each
+/// training step would map its activations afresh. A release threshold of "never" keeps freed
+/// blocks in the pool for the next step: after the first step the step allocates nothing from the
+/// driver, and the memory in use (`memory_used`) is the pool's high-water mark, which is what
+/// `bench` reports as the footprint. Devices without memory pools allocate synchronously (cudarc's
+/// choice) and are left as they are.
+fn keep_freed_memory_pooled(ctx: &CudaContext) -> Result<()> {
+    use cudarc::driver::{result, sys};
+    let what = "keeping freed device memory in the stream-ordered pool";
+    // SAFETY: cu_device is the context's valid device handle.
+    let pools = unsafe {
+        result::device::get_attribute(
+            ctx.cu_device(),
+            sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MEMORY_POOLS_SUPPORTED,
+        )
+    }
+    .map_err(Error::cuda(what))?;
+    if pools == 0 {
+        return Ok(());
+    }
+    // SAFETY: as above; the pool handle comes from the driver, and the release threshold
+    // attribute takes a pointer to a u64.
+    unsafe {
+        let pool =
+            result::device::get_default_mem_pool(ctx.cu_device()).map_err(Error::cuda(what))?;
+        let mut threshold = u64::MAX;
+        result::mem_pool::set_attribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            (&mut threshold as *mut u64).cast(),
+        )
+        .map_err(Error::cuda(what))
     }
 }
