@@ -11,11 +11,13 @@ use qlora_rs::data::DataOptions;
 use qlora_rs::device::{self, kernels, Availability, CudaDevice, Device, DeviceRequest};
 use qlora_rs::io::{adapters, export};
 use qlora_rs::model::config::LlamaConfig;
+use qlora_rs::model::cuda_llama::{CudaLlama, CudaLora};
 use qlora_rs::model::generate::Sampling;
 use qlora_rs::model::llama::{BaseFormat, Llama};
 use qlora_rs::model::lora::{LoraConfig, Target};
 use qlora_rs::model::{import_gguf, memory, shapes};
 use qlora_rs::quant::nf4::Nf4Config;
+use qlora_rs::train::optimizer::AdamWConfig;
 use qlora_rs::train::{trainer, TrainConfig, Trainer};
 
 #[derive(Parser)]
@@ -685,7 +687,7 @@ fn run_generate(
     format: BaseFormat,
 ) -> qlora_rs::Result<()> {
     use std::io::Write;
-    compute_device(request, false)?;
+    let device = compute_device(request, true)?;
     let model = Llama::load(model_dir, format)?;
     let tokenizer = TextTokenizer::load(model_dir)?;
     let lora = adapter
@@ -713,7 +715,7 @@ fn run_generate(
     let mut out = std::io::stdout();
     let mut generated: Vec<u32> = Vec::new();
     let mut shown = 0usize;
-    model.generate(lora.as_ref(), &ids, tokenizer.eos_id, sampling, &mut |id| {
+    let mut on_token = |id| {
         if Some(id) == tokenizer.eos_id {
             return Ok(());
         }
@@ -726,7 +728,36 @@ fn run_generate(
             shown = text.len();
         }
         Ok(())
-    })?;
+    };
+    match device {
+        Device::Cpu => {
+            model.generate(
+                lora.as_ref(),
+                &ids,
+                tokenizer.eos_id,
+                sampling,
+                &mut on_token,
+            )?;
+        }
+        Device::Cuda(o) => {
+            let gpu = CudaLlama::from_llama(&model, o)?;
+            let gpu_lora = lora
+                .as_ref()
+                .map(|p| CudaLora::from_params(p, None, AdamWConfig::default(), o))
+                .transpose()?;
+            let mut seen: Vec<u32> = Vec::new();
+            qlora_rs::model::generate::generate_with(
+                &ids,
+                tokenizer.eos_id,
+                sampling,
+                &mut on_token,
+                &mut |new| {
+                    seen.extend_from_slice(new);
+                    gpu.last_logits(gpu_lora.as_ref(), &seen)
+                },
+            )?;
+        }
+    }
     println!();
     Ok(())
 }

@@ -320,3 +320,50 @@ fn trainer_on_cuda_evaluates_the_current_adapters() {
     );
     let _ = std::fs::remove_dir_all(&root);
 }
+
+/// `generate --device cuda` takes each next token from `CudaLlama::last_logits`: the last row
+/// of the CPU model's logits, within bf16 tolerance, with and without an adapter.
+#[test]
+fn last_logits_on_cuda_match_the_cpu() {
+    let Some(Device::Cuda(o)) = gpu_or_skip("last_logits_on_cuda_match_the_cpu") else {
+        return;
+    };
+    let cfg = small_config();
+    let model = Llama::random(cfg.clone(), BaseFormat::Nf4(Nf4Config::default()), 8).unwrap();
+    let lora_cfg = LoraConfig {
+        rank: 4,
+        alpha: 8.0,
+        rslora: false,
+        dropout: 0.0,
+        targets: Target::ALL.to_vec(),
+    };
+    let mut lora = LoraParams::init(&cfg, lora_cfg, 9).unwrap();
+    for s in lora.slots.clone() {
+        for (i, v) in lora.values[s.b.clone()].iter_mut().enumerate() {
+            *v = ((i * 7 % 13) as f32 - 6.0) * 0.02;
+        }
+    }
+    let gpu = CudaLlama::from_llama(&model, o).unwrap();
+    let gpu_lora = CudaLora::from_params(&lora, None, AdamWConfig::default(), o).unwrap();
+    let v = cfg.vocab_size;
+    for len in [1usize, 37, 130] {
+        let ids: Vec<u32> = (0..len as u32).map(|i| (i * 53 + 5) % v as u32).collect();
+        for adapter in [false, true] {
+            let cpu = model
+                .logits(adapter.then_some(&lora), &ids, &[0, len])
+                .unwrap();
+            let want = &cpu[(len - 1) * v..];
+            let got = gpu.last_logits(adapter.then_some(&gpu_lora), &ids).unwrap();
+            assert_eq!(got.len(), v);
+            let scale = want.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+            let worst = got
+                .iter()
+                .zip(want)
+                .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+            assert!(
+                worst <= 3e-2 * scale + 1e-3,
+                "len {len}, adapter {adapter}: max error {worst} (max |logit| {scale})"
+            );
+        }
+    }
+}

@@ -372,6 +372,42 @@ impl CudaLlama {
     }
 }
 
+impl CudaLlama {
+    /// Logits `[vocab]` (f32) of the last position of one sequence `ids`, for generation. There
+    /// is no KV cache on the GPU yet: each call runs the whole forward over `ids`, then the final
+    /// norm and the lm_head on the last row only.
+    pub fn last_logits(&self, lora: Option<&CudaLora>, ids: &[u32]) -> Result<Vec<f32>> {
+        let op = "last logits (cuda)";
+        let t = ids.len();
+        if t == 0 {
+            return Err(Error::InvalidArgument(format!("{op}: no tokens")));
+        }
+        let b = self.batch(ids, &[0, t])?;
+        let mut h = embedding::forward_cuda(&self.embed, ids)?;
+        for l in 0..self.config.num_layers {
+            h = self.layer(lora, l, &h, &b, false)?.0;
+        }
+        let d = self.config.hidden_size;
+        let mut last = Tensor::zeros(&[1, d], DType::BF16, &self.device)?;
+        let cuda = crate::device::cuda::CudaDevice::get(self.config_ordinal())?;
+        let row = h.cuda_slice::<half::bf16>(op)?.slice((t - 1) * d..t * d);
+        cuda.stream()
+            .memcpy_dtod(&row, last.cuda_slice_mut::<half::bf16>(op)?)
+            .map_err(Error::cuda("copying the last hidden row"))?;
+        let (n, _) = rmsnorm::forward_cuda(&last, &self.norm, self.config.rms_norm_eps)?;
+        let mut logits = Tensor::zeros(&[1, self.config.vocab_size], DType::F32, &self.device)?;
+        gemm::gemm_cuda(
+            gemm::Layout::Nt,
+            &n,
+            self.out_embedding(),
+            &mut logits,
+            1.0,
+            0.0,
+        )?;
+        logits.to_vec::<f32>()
+    }
+}
+
 /// A micro-batch's positions (on the device) and sequence boundaries.
 struct StepBatch {
     tokens: usize,

@@ -121,31 +121,46 @@ impl Llama {
         sampling: Sampling,
         on_token: &mut dyn FnMut(u32) -> Result<()>,
     ) -> Result<Vec<u32>> {
-        if prompt.is_empty() {
-            return Err(Error::InvalidArgument(
-                "generate: the prompt has no tokens".into(),
-            ));
-        }
         let c = &self.config;
         let mut cache = KvCache {
             k: vec![Vec::new(); c.num_layers],
             v: vec![Vec::new(); c.num_layers],
             len: 0,
         };
-        let mut rng = rand::rngs::StdRng::seed_from_u64(sampling.seed);
-        let mut logits = self.decode_step(prompt, &mut cache, lora)?;
-        let mut out = Vec::new();
-        while out.len() < sampling.max_new_tokens {
-            let next = pick(&logits, sampling, &mut rng);
-            out.push(next);
-            on_token(next)?;
-            if Some(next) == eos {
-                break;
-            }
-            logits = self.decode_step(&[next], &mut cache, lora)?;
-        }
-        Ok(out)
+        generate_with(prompt, eos, sampling, on_token, &mut |new| {
+            self.decode_step(new, &mut cache, lora)
+        })
     }
+}
+
+/// The sampling loop over any model: `next_logits` gets the tokens not yet seen (the prompt,
+/// then each new token) and returns the logits of the last position. Used by the CPU model
+/// (with its KV cache) and by the CUDA model (`qlora-rs generate --device cuda`).
+pub fn generate_with(
+    prompt: &[u32],
+    eos: Option<u32>,
+    sampling: Sampling,
+    on_token: &mut dyn FnMut(u32) -> Result<()>,
+    next_logits: &mut dyn FnMut(&[u32]) -> Result<Vec<f32>>,
+) -> Result<Vec<u32>> {
+    if prompt.is_empty() {
+        return Err(Error::InvalidArgument(
+            "generate: the prompt has no tokens".into(),
+        ));
+    }
+    let mut rng = rand::rngs::StdRng::seed_from_u64(sampling.seed);
+    let mut logits = next_logits(prompt)?;
+    let mut out = Vec::new();
+    while out.len() < sampling.max_new_tokens {
+        let next = pick(&logits, sampling, &mut rng);
+        out.push(next);
+        on_token(next)?;
+        if Some(next) == eos {
+            break;
+        }
+        logits = next_logits(&[next])?;
+    }
+    Ok(out)
 }
 
 /// The next token from one row of logits.
