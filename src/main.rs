@@ -599,7 +599,7 @@ fn run_bench(
                     times.push(t0.elapsed().as_secs_f64());
                 }
             }
-            device_memory = Some(dev.memory_used()? as f64 / (1u64 << 30) as f64);
+            device_memory = Some((dev.memory_used()?, dev.pool_peaks()?));
         }
     }
     let mean = times.iter().sum::<f64>() / times.len().max(1) as f64;
@@ -663,9 +663,20 @@ fn run_bench(
                 ),
                 None => println!("  MFU         n/a (no bf16 peak on file for {name})"),
             }
-            if let Some(gib) = device_memory {
+            let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+            if let Some((used, pool)) = device_memory {
+                if let Some((allocated, reserved)) = pool {
+                    println!(
+                        "  peak memory {:.2} GiB allocated, {:.2} GiB reserved (every tensor we \
+                         allocate; cf. torch.cuda.max_memory_allocated/reserved)",
+                        gib(allocated),
+                        gib(reserved)
+                    );
+                }
                 println!(
-                    "  device mem  {gib:.2} GiB in use after the steps (the driver's total − free)"
+                    "  device mem  {:.2} GiB in use after the steps (the driver's total − free: \
+                     with the CUDA context, kernels and any other process)",
+                    gib(used as u64)
                 );
             }
         }

@@ -210,5 +210,12 @@ fn device_cuda_pool_keeps_freed_memory() {
         v
     };
     assert_eq!(threshold, u64::MAX);
-    drop(dev);
+    // Every tensor comes from that pool, so its high-water mark covers a fresh 64 MiB one.
+    let t = Tensor::zeros(&[16 << 20], DType::F32, &Device::Cuda(o)).unwrap();
+    let (allocated, reserved) = dev.pool_peaks().unwrap().unwrap();
+    assert!(
+        allocated >= 64 << 20 && reserved >= allocated,
+        "{allocated} {reserved}"
+    );
+    drop(t);
 }

@@ -182,6 +182,40 @@ impl CudaDevice {
             .map_err(Error::cuda("reading the memory in use"))
     }
 
+    /// High-water marks of the device's stream-ordered pool, which every tensor we allocate comes
+    /// from: `(peak bytes allocated, peak bytes reserved)`, the counterparts of PyTorch's
+    /// `max_memory_allocated` / `max_memory_reserved` (the CUDA context and the loaded kernels
+    /// are outside the pool: see [`CudaDevice::memory_used`]). `None` on a device without memory
+    /// pools.
+    pub fn pool_peaks(&self) -> Result<Option<(u64, u64)>> {
+        use cudarc::driver::{result, sys};
+        let what = "reading the memory pool's high-water marks";
+        let cu = self.ctx.cu_device();
+        // SAFETY: cu is the context's valid device; both attributes are u64s written through
+        // the pointers.
+        unsafe {
+            let pools = result::device::get_attribute(
+                cu,
+                sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MEMORY_POOLS_SUPPORTED,
+            )
+            .map_err(Error::cuda(what))?;
+            if pools == 0 {
+                return Ok(None);
+            }
+            let pool = result::device::get_default_mem_pool(cu).map_err(Error::cuda(what))?;
+            let read = |attr| {
+                let mut v = 0u64;
+                result::mem_pool::get_attribute(pool, attr, (&mut v as *mut u64).cast())
+                    .map(|()| v)
+                    .map_err(Error::cuda(what))
+            };
+            Ok(Some((
+                read(sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH)?,
+                read(sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH)?,
+            )))
+        }
+    }
+
     /// Total device memory in bytes.
     pub fn total_memory(&self) -> Result<usize> {
         self.ctx
