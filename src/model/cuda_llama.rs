@@ -62,7 +62,7 @@ pub struct CudaLora {
     master: Tensor,
     mirror: Tensor,
     grads: Tensor,
-    pub optimizer: AdamWCuda,
+    optimizer: AdamWCuda,
     /// Seed of the current micro-batch's dropout masks (None: no dropout).
     dropout_seed: Option<u64>,
 }
@@ -466,8 +466,10 @@ impl CudaLora {
         }
         Ok(CudaLora {
             host: LoraParams {
+                config: p.config.clone(),
+                slots: p.slots.clone(),
                 values: Vec::new(),
-                ..p.clone()
+                model_layers: p.model_layers,
             },
             layout: padded,
             master,
@@ -539,6 +541,12 @@ impl CudaLora {
             values: self.host.repack_from(&self.layout, &device),
             ..self.host.clone()
         })
+    }
+
+    /// The global gradient norm of the last optimizer step, before clipping (synchronises: for
+    /// logging only).
+    pub fn grad_norm(&self) -> Result<f64> {
+        self.optimizer.grad_norm()
     }
 
     /// The adapters' configuration (rank as configured, not as padded on the device).

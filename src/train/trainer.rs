@@ -388,10 +388,7 @@ impl Trainer {
                 if log {
                     // The only host synchronisation: the logged step's read-backs.
                     let dev = crate::device::cuda::CudaDevice::get(model.config_ordinal())?;
-                    (
-                        Some(lora.optimizer.grad_norm()?),
-                        Some(dev.memory_used()? as u64),
-                    )
+                    (Some(lora.grad_norm()?), Some(dev.memory_used()? as u64))
                 } else {
                     (None, None)
                 }
