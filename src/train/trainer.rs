@@ -432,7 +432,7 @@ impl Trainer {
             for st in &p.steps {
                 let mut sum = st.loss_sum;
                 for l in &st.device {
-                    sum += l.to_vec::<f32>()?.iter().map(|&v| v as f64).sum::<f64>();
+                    sum += device_sum(l)?;
                 }
                 total += sum / st.counted.max(1) as f64;
             }
@@ -452,29 +452,13 @@ impl Trainer {
             return Ok(None);
         }
         let seqs: Vec<&Sequence> = self.eval.iter().collect();
-        let (mut sum, mut count) = (0.0, 0usize);
-        for b in data::pack(&seqs, self.config.batch_tokens) {
-            // Training on a GPU, the current adapters live there (the host copy is only synced
-            // for checkpoints), so the evaluation runs there too.
-            match &self.cuda {
-                Some((model, lora)) => {
-                    let (losses, n) = model.loss(Some(lora), &b.ids, &b.labels, &b.cu_seqlens)?;
-                    sum += losses
-                        .to_vec::<f32>()?
-                        .iter()
-                        .map(|&v| v as f64)
-                        .sum::<f64>();
-                    count += n;
-                }
-                None => {
-                    let l = self
-                        .model
-                        .loss(Some(&self.lora), &b.ids, &b.labels, &b.cu_seqlens)?;
-                    sum += l.loss_sum;
-                    count += l.count;
-                }
-            }
-        }
+        // Training on a GPU, the current adapters live there (the host copy is only synced for
+        // checkpoints), so the evaluation runs there too.
+        let on = match &self.cuda {
+            Some((model, lora)) => LossModel::Cuda(model, Some(lora)),
+            None => LossModel::Cpu(&self.model, Some(&self.lora)),
+        };
+        let (sum, count) = loss_over(on, &seqs, self.config.batch_tokens)?;
         Ok(Some(sum / count.max(1) as f64))
     }
 
@@ -602,24 +586,41 @@ pub fn evaluate_file(
         }
         Device::Cpu => None,
     };
+    let on = match &gpu {
+        Some((m, l)) => LossModel::Cuda(m, l.as_ref()),
+        None => LossModel::Cpu(model, lora),
+    };
+    let (sum, count) = loss_over(on, &refs, batch_tokens.max(opts.seq_len))?;
+    Ok((sum / count.max(1) as f64, count))
+}
+
+/// The model a loss is computed with: the host model or its copy on a GPU, with adapters.
+enum LossModel<'a> {
+    Cpu(&'a Llama, Option<&'a LoraParams>),
+    Cuda(&'a CudaLlama, Option<&'a CudaLora>),
+}
+
+/// Loss sum and counted tokens of `seqs`, packed into batches of `batch_tokens` (evaluation).
+fn loss_over(on: LossModel, seqs: &[&Sequence], batch_tokens: usize) -> Result<(f64, usize)> {
     let (mut sum, mut count) = (0.0, 0usize);
-    for b in data::pack(&refs, batch_tokens.max(opts.seq_len)) {
-        match &gpu {
-            Some((m, l)) => {
-                let (losses, n) = m.loss(l.as_ref(), &b.ids, &b.labels, &b.cu_seqlens)?;
-                sum += losses
-                    .to_vec::<f32>()?
-                    .iter()
-                    .map(|&v| v as f64)
-                    .sum::<f64>();
+    for b in data::pack(seqs, batch_tokens) {
+        match on {
+            LossModel::Cuda(m, l) => {
+                let (losses, n) = m.loss(l, &b.ids, &b.labels, &b.cu_seqlens)?;
+                sum += device_sum(&losses)?;
                 count += n;
             }
-            None => {
-                let l = model.loss(lora, &b.ids, &b.labels, &b.cu_seqlens)?;
+            LossModel::Cpu(m, l) => {
+                let l = m.loss(l, &b.ids, &b.labels, &b.cu_seqlens)?;
                 sum += l.loss_sum;
                 count += l.count;
             }
         }
     }
-    Ok((sum / count.max(1) as f64, count))
+    Ok((sum, count))
+}
+
+/// Sum of a device tensor of per-token f32 losses, read back to the host (synchronises).
+fn device_sum(losses: &Tensor) -> Result<f64> {
+    Ok(losses.to_vec::<f32>()?.iter().map(|&v| v as f64).sum())
 }
