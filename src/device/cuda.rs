@@ -190,30 +190,21 @@ impl CudaDevice {
     pub fn pool_peaks(&self) -> Result<Option<(u64, u64)>> {
         use cudarc::driver::{result, sys};
         let what = "reading the memory pool's high-water marks";
-        let cu = self.ctx.cu_device();
-        // SAFETY: cu is the context's valid device; both attributes are u64s written through
-        // the pointers.
-        unsafe {
-            let pools = result::device::get_attribute(
-                cu,
-                sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MEMORY_POOLS_SUPPORTED,
-            )
-            .map_err(Error::cuda(what))?;
-            if pools == 0 {
-                return Ok(None);
-            }
-            let pool = result::device::get_default_mem_pool(cu).map_err(Error::cuda(what))?;
-            let read = |attr| {
-                let mut v = 0u64;
-                result::mem_pool::get_attribute(pool, attr, (&mut v as *mut u64).cast())
-                    .map(|()| v)
-                    .map_err(Error::cuda(what))
-            };
-            Ok(Some((
-                read(sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH)?,
-                read(sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH)?,
-            )))
-        }
+        let Some(pool) = default_pool(&self.ctx, what)? else {
+            return Ok(None);
+        };
+        let read = |attr| {
+            let mut v = 0u64;
+            // SAFETY: the pool handle comes from the driver; both attributes are u64s written
+            // through the pointer.
+            unsafe { result::mem_pool::get_attribute(pool, attr, (&mut v as *mut u64).cast()) }
+                .map(|()| v)
+                .map_err(Error::cuda(what))
+        };
+        Ok(Some((
+            read(sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH)?,
+            read(sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH)?,
+        )))
     }
 
     /// Total device memory in bytes.
@@ -345,6 +336,28 @@ pub fn grid_1d(n: usize, block: u32) -> LaunchConfig {
 fn keep_freed_memory_pooled(ctx: &CudaContext) -> Result<()> {
     use cudarc::driver::{result, sys};
     let what = "keeping freed device memory in the stream-ordered pool";
+    let Some(pool) = default_pool(ctx, what)? else {
+        return Ok(());
+    };
+    let mut threshold = u64::MAX;
+    // SAFETY: the pool handle comes from the driver, and the release threshold attribute takes
+    // a pointer to a u64.
+    unsafe {
+        result::mem_pool::set_attribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            (&mut threshold as *mut u64).cast(),
+        )
+    }
+    .map_err(Error::cuda(what))
+}
+
+/// The device's default stream-ordered memory pool, or `None` on a device without pools.
+fn default_pool(
+    ctx: &CudaContext,
+    what: &'static str,
+) -> Result<Option<cudarc::driver::sys::CUmemoryPool>> {
+    use cudarc::driver::{result, sys};
     // SAFETY: cu_device is the context's valid device handle.
     let pools = unsafe {
         result::device::get_attribute(
@@ -354,19 +367,10 @@ fn keep_freed_memory_pooled(ctx: &CudaContext) -> Result<()> {
     }
     .map_err(Error::cuda(what))?;
     if pools == 0 {
-        return Ok(());
+        return Ok(None);
     }
-    // SAFETY: as above; the pool handle comes from the driver, and the release threshold
-    // attribute takes a pointer to a u64.
-    unsafe {
-        let pool =
-            result::device::get_default_mem_pool(ctx.cu_device()).map_err(Error::cuda(what))?;
-        let mut threshold = u64::MAX;
-        result::mem_pool::set_attribute(
-            pool,
-            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
-            (&mut threshold as *mut u64).cast(),
-        )
+    // SAFETY: as above.
+    unsafe { result::device::get_default_mem_pool(ctx.cu_device()) }
+        .map(Some)
         .map_err(Error::cuda(what))
-    }
 }
