@@ -174,7 +174,10 @@ fn compile(nvcc: &Path, src: &Path, archs: &[u32], out_dir: &Path) -> (String, P
         "-Xfatbin=-compress-all",
     ])
     .arg("-I")
-    .arg("kernels");
+    .arg("kernels")
+    // The source file's name in every fatbin entry (cuobjdump's "identifier"; a driver ignores
+    // it): the simulated GPU's driver stand-in maps a loaded image to its host-compiled kernels.
+    .arg(format!("-Xfatbin=--ident={stem}.cu"));
     for a in archs {
         cmd.arg(format!("-gencode=arch=compute_{a},code=sm_{a}"));
     }

@@ -35,28 +35,6 @@ struct AttnParams {
   float scale;
 };
 
-__device__ __forceinline__ uint32_t att_smem(const void* p) { return (uint32_t)__cvta_generic_to_shared(p); }
-__device__ __forceinline__ void att_cp16(void* dst, const void* src, bool ok) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(att_smem(dst)), "l"(src), "r"(ok ? 16 : 0));
-}
-__device__ __forceinline__ void att_commit_wait() {
-  asm volatile("cp.async.commit_group;\n" ::);
-  asm volatile("cp.async.wait_group 0;\n" ::);
-}
-__device__ __forceinline__ void att_ldm(uint32_t* r, const void* p) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(att_smem(p)));
-}
-__device__ __forceinline__ void att_ldm_t(uint32_t* r, const void* p) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(att_smem(p)));
-}
-__device__ __forceinline__ void att_mma(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
 __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
   __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
   return *reinterpret_cast<uint32_t*>(&v);
@@ -78,7 +56,7 @@ __device__ __forceinline__ void att_load(bf16* s, const bf16* g, int r0, int ren
     const int t = r0 + row;
     const bool ok = t < rend;
     const bf16* src = ok ? g + ((long long)t * nheads + h) * D + ch * 8 : g;
-    att_cp16(s + att_off<D>(row, ch), src, ok);
+    cp_async_16(s + att_off<D>(row, ch), src, ok ? 16 : 0);
   }
 }
 
@@ -87,7 +65,7 @@ template <int D>
 __device__ __forceinline__ void att_frag_a(uint32_t (*a)[4], const bf16* s, int row0) {
   const int lane = threadIdx.x & 31, j = lane >> 3, r = lane & 7;
 #pragma unroll
-  for (int kk = 0; kk < D / 16; ++kk) att_ldm(a[kk], s + att_off<D>(row0 + (j & 1) * 8 + r, kk * 2 + (j >> 1)));
+  for (int kk = 0; kk < D / 16; ++kk) ldmatrix_x4(a[kk], s + att_off<D>(row0 + (j & 1) * 8 + r, kk * 2 + (j >> 1)));
 }
 
 // acc[16 × 64] += A(16 × D) · B where B(k=d, n=key) = tile[key][d] (keys are tile rows):
@@ -100,9 +78,9 @@ __device__ __forceinline__ void att_mma_rows(float (*acc)[4], const uint32_t (*a
 #pragma unroll
     for (int np = 0; np < 4; ++np) {
       uint32_t t[4];
-      att_ldm(t, s + att_off<D>(np * 16 + (j >> 1) * 8 + r, kk * 2 + (j & 1)));
-      att_mma(acc[2 * np], a[kk], t[0], t[1]);
-      att_mma(acc[2 * np + 1], a[kk], t[2], t[3]);
+      ldmatrix_x4(t, s + att_off<D>(np * 16 + (j >> 1) * 8 + r, kk * 2 + (j & 1)));
+      mma_m16n8k16_bf16(acc[2 * np], a[kk], t[0], t[1]);
+      mma_m16n8k16_bf16(acc[2 * np + 1], a[kk], t[2], t[3]);
     }
 }
 
@@ -116,9 +94,9 @@ __device__ __forceinline__ void att_mma_cols(float (*acc)[4], const uint32_t (*p
 #pragma unroll
     for (int np = 0; np < DC / 16; ++np) {
       uint32_t t[4];
-      att_ldm_t(t, s + att_off<D>(kk * 16 + (j & 1) * 8 + r, (col0 >> 3) + np * 2 + (j >> 1)));
-      att_mma(acc[2 * np], p[kk], t[0], t[1]);
-      att_mma(acc[2 * np + 1], p[kk], t[2], t[3]);
+      ldmatrix_x4_trans(t, s + att_off<D>(kk * 16 + (j & 1) * 8 + r, (col0 >> 3) + np * 2 + (j >> 1)));
+      mma_m16n8k16_bf16(acc[2 * np], p[kk], t[0], t[1]);
+      mma_m16n8k16_bf16(acc[2 * np + 1], p[kk], t[2], t[3]);
     }
 }
 
@@ -157,7 +135,8 @@ __device__ void flash_fwd(const AttnParams& p) {
   const int end = start + len;
 
   att_load<D>(sq, p.q, start + q0, end, p.heads, h);
-  att_commit_wait();
+  cp_async_commit();
+  cp_async_wait<0>();
   __syncthreads();
   uint32_t qa[D / 16][4];
   att_frag_a<D>(qa, sq, warp * 16);
@@ -173,7 +152,8 @@ __device__ void flash_fwd(const AttnParams& p) {
     __syncthreads();  // the previous tile is no longer read
     att_load<D>(sk, p.k, start + k0, end, p.kv_heads, g);
     att_load<D>(sv, p.v, start + k0, end, p.kv_heads, g);
-    att_commit_wait();
+    cp_async_commit();
+  cp_async_wait<0>();
     __syncthreads();
     float s[8][4];
 #pragma unroll
@@ -273,8 +253,7 @@ __device__ __forceinline__ float att_prob(float s, float scale, float lse, int q
 template <int D, int SPLIT>
 __device__ void flash_dkdv(const AttnParams& p) {
   constexpr int DC = D / SPLIT;
-  extern __shared__ __align__(16) unsigned char att_dyn[];
-  bf16* sk = (bf16*)att_dyn;
+  bf16* sk = (bf16*)qlora_dynamic_smem();
   bf16* sv = sk + 64 * D;
   bf16* sq = sv + 64 * D;
   bf16* sdo = sq + 64 * D;
@@ -289,7 +268,8 @@ __device__ void flash_dkdv(const AttnParams& p) {
   const int group = p.heads / p.kv_heads;
   att_load<D>(sk, p.k, start + k0, end, p.kv_heads, g);
   att_load<D>(sv, p.v, start + k0, end, p.kv_heads, g);
-  att_commit_wait();
+  cp_async_commit();
+  cp_async_wait<0>();
   __syncthreads();
   float dk[DC / 8][4], dv[DC / 8][4];
 #pragma unroll
@@ -309,7 +289,8 @@ __device__ void flash_dkdv(const AttnParams& p) {
         slse[threadIdx.x] = t < len ? p.lse[at] : 0.0f;
         sdsum[threadIdx.x] = t < len ? p.dsum[at] : 0.0f;
       }
-      att_commit_wait();
+      cp_async_commit();
+  cp_async_wait<0>();
       __syncthreads();
       // Sᵀ = K·Qᵀ (16 keys × 64 queries) → Pᵀ, dV += Pᵀ·dO; then dPᵀ = V·dOᵀ → dSᵀ; in this
       // order so that fewer fragments are live at once.
@@ -385,7 +366,8 @@ __device__ void flash_dq(const AttnParams& p) {
   const int end = start + len;
   att_load<D>(sq, p.q, start + q0, end, p.heads, h);
   att_load<D>(sdo, p.dout, start + q0, end, p.heads, h);
-  att_commit_wait();
+  cp_async_commit();
+  cp_async_wait<0>();
   __syncthreads();
   uint32_t qa[D / 16][4], doa[D / 16][4];
   att_frag_a<D>(qa, sq, warp * 16);
@@ -407,7 +389,8 @@ __device__ void flash_dq(const AttnParams& p) {
     __syncthreads();
     att_load<D>(sk, p.k, start + k0, end, p.kv_heads, g);
     att_load<D>(sv, p.v, start + k0, end, p.kv_heads, g);
-    att_commit_wait();
+    cp_async_commit();
+  cp_async_wait<0>();
     __syncthreads();
     float s[8][4], dp[8][4];
 #pragma unroll

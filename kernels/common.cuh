@@ -1,11 +1,24 @@
-// Shared helpers for every kernel file: dtype conversions and warp/block reductions.
+// Shared helpers for every kernel file: dtype conversions, warp/block reductions, dynamic shared
+// memory, and (ptx.cuh) the PTX instructions.
 #pragma once
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <stdint.h>
 
+#include "ptx.cuh"
+
 #define QLORA_WARP 32
+
+// The block's dynamic shared memory (the launch's shared_mem_bytes), 16-byte aligned.
+__device__ __forceinline__ unsigned char* qlora_dynamic_smem() {
+#ifdef QLORA_SIM
+  return ::qsim::dynamic_shared_base();
+#else
+  extern __shared__ __align__(16) unsigned char qlora_dynamic_smem_bytes[];
+  return qlora_dynamic_smem_bytes;
+#endif
+}
 
 // ---- dtype conversions (round to nearest even, as the CPU reference does) ----
 __device__ __forceinline__ float to_f32(float v) { return v; }

@@ -1,18 +1,21 @@
 // Cross-entropy over one chunk of logits, fused with its gradient (math and CPU reference:
-// src/ops/cross_entropy.rs). logits [rows, V] fp32 are overwritten by dlogits =
+// src/ops/cross_entropy.rs). logits [rows, V] fp32 (row length `ld` ≥ V, so the lm_head can pad
+// its rows to a multiple of 8 for the GEMMs) are overwritten by dlogits =
 // g·(softmax − onehot(target)) (zeros for target −100); loss[row] = lse − z[target] (0 if
 // ignored). One block per row. The lm_head GEMMs around it (z = h·Wᵀ, dh = dz·W) are the GEMM
 // kernels'.
 
 #include "common.cuh"
 
-// With `dz_bf16` non-null the gradient is also written there in bf16 (the operand of dh = dz·W).
+// With `dz_bf16` non-null the gradient is also written there in bf16 (the operand of dh = dz·W),
+// with the same row length `ld`; columns V..ld are left as they are (zero, for the GEMM).
 extern "C" __global__ void ce_fwd_bwd_f32(float* logits, const int* targets, float* loss,
-                                          int vocab, float grad_scale, bf16* dz_bf16) {
+                                          int vocab, long long ld, float grad_scale,
+                                          bf16* dz_bf16) {
   const long long row = blockIdx.x;
-  float* z = logits + row * (long long)vocab;
+  float* z = logits + row * ld;
   const int y = targets[row];
-  bf16* zb = dz_bf16 ? dz_bf16 + row * (long long)vocab : nullptr;
+  bf16* zb = dz_bf16 ? dz_bf16 + row * ld : nullptr;
   if (y < 0) {
     for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
       z[i] = 0.0f;

@@ -50,36 +50,6 @@ struct Nf4Params {
   int blocksize;
 };
 
-// ---- PTX helpers ----
-__device__ __forceinline__ uint32_t smem_u32(const void* p) {
-  return (uint32_t)__cvta_generic_to_shared(p);
-}
-__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
-  const int bytes = valid ? 16 : 0;
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(dst)), "l"(src), "r"(bytes));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
-
-__device__ __forceinline__ void ldmatrix_x4(uint32_t* r, const void* p) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_u32(p)));
-}
-__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t* r, const void* p) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_u32(p)));
-}
-__device__ __forceinline__ void mma16816(float* c, const uint32_t* a, const uint32_t* b) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-      "{%0,%1,%2,%3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-}
-
 // ---- swizzled shared-memory addressing (element offsets) ----
 // KC tile: [128 rows][32 k]: 4 chunks of 8 per row; chunk ^= (row >> 1) & 3.
 __device__ __forceinline__ int off_kc(int row, int chunk) { return row * BK + ((chunk ^ ((row >> 1) & 3)) << 3); }
@@ -99,12 +69,12 @@ __device__ __forceinline__ void load_tile(bf16* s, const bf16* g, long long ld, 
       const int row = q >> 2, ch = q & 3;
       const int gr = r0 + row, gk = k0 + ch * 8;
       const bool ok = gr < rmax && gk < kend;
-      cp_async16(s + off_kc(row, ch), ok ? g + (long long)gr * ld + gk : g, ok);
+      cp_async_16(s + off_kc(row, ch), ok ? g + (long long)gr * ld + gk : g, ok ? 16 : 0);
     } else {
       const int krow = q >> 4, ch = q & 15;
       const int gk = k0 + krow, gr = r0 + ch * 8;
       const bool ok = gk < kend && gr < rmax;
-      cp_async16(s + off_mc(krow, ch), ok ? g + (long long)gk * ld + gr : g, ok);
+      cp_async_16(s + off_mc(krow, ch), ok ? g + (long long)gk * ld + gr : g, ok ? 16 : 0);
     }
   }
 }
@@ -146,7 +116,7 @@ __device__ __forceinline__ void compute_tile(const bf16* sa, const bf16* sb, flo
 #pragma unroll
   for (int mi = 0; mi < 4; ++mi)
 #pragma unroll
-    for (int ni = 0; ni < 4; ++ni) mma16816(acc[mi][ni], a[mi], b[ni]);
+    for (int ni = 0; ni < 4; ++ni) mma_m16n8k16_bf16(acc[mi][ni], a[mi], b[ni][0], b[ni][1]);
 }
 
 template <typename OutT>
@@ -192,8 +162,7 @@ __device__ __forceinline__ void epilogue(const GemmParams& p, float (*acc)[4][4]
 
 template <bool A_KC, bool B_KC, typename OutT>
 __device__ void gemm_body(const GemmParams& p) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  bf16* sa = (bf16*)smem_raw;
+  bf16* sa = (bf16*)qlora_dynamic_smem();
   bf16* sb = sa + STAGES * TILE_ELEMS;
   const int m0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
   const int tiles1 = (p.k + BK - 1) / BK;
@@ -381,8 +350,7 @@ __device__ __forceinline__ void store_b(bf16* sb, const BStage& st, bool nf4, co
 
 template <bool B_KC>
 __device__ void gemm_nf4_body(const GemmParams& p, const Nf4Params& w) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  bf16* sa = (bf16*)smem_raw;
+  bf16* sa = (bf16*)qlora_dynamic_smem();
   bf16* sb = sa + STAGES * TILE_ELEMS;  // two B buffers
   __shared__ float code[16];
   if (threadIdx.x < 16) code[threadIdx.x] = w.code[threadIdx.x];

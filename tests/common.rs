@@ -18,3 +18,13 @@ pub fn qlora_bin() -> PathBuf {
         built
     }
 }
+
+/// Whether CUDA device 0 is the simulated GPU (`scripts/sim.sh`): the real kernels run on the
+/// CPU there, thousands of times slower, so tests swap their largest shapes for smaller ones
+/// that still cross the same tile edges (never for speed-free cases: every odd size stays).
+pub fn on_simulator() -> bool {
+    qlora_rs::device::CudaDevice::get(0)
+        .ok()
+        .and_then(|d| d.name().ok())
+        .is_some_and(|name| name.contains("simulated"))
+}

@@ -203,7 +203,7 @@ fn evaluate_file_on_cuda_matches_the_cpu() {
 
 /// Writes a random Llama the kernels accept (head_dim 64) as a Hugging Face folder, with the tiny
 /// fixture's tokenizer (211 tokens ≤ the model's 256).
-fn write_gpu_sized_model(dir: &std::path::Path) {
+pub(crate) fn write_gpu_sized_model(dir: &std::path::Path) {
     use qlora_rs::io::writer::{self, f32_bytes, Entry};
     use rand::{Rng, SeedableRng};
     let fixture = qlora_rs::testing::project_root().join("tests/fixtures/llama/tiny-llama");

@@ -2,6 +2,7 @@
 //! awkward sizes (M = 1, 7, 16, 97, 2048; N and K not multiples of the 128×128×32 tiles).
 //! Without a GPU each test prints `SKIPPED (no CUDA device)` and passes.
 
+use crate::common::on_simulator;
 use half::bf16;
 use qlora_rs::ops::gemm::{self, Layout, LoraCuda};
 use qlora_rs::ops::linear;
@@ -72,13 +73,20 @@ fn gemm_all_layouts_match_f64() {
         return;
     };
     let mut r = rand::rngs::StdRng::seed_from_u64(1);
+    // On the simulator the two largest shapes shrink but keep partial M, N and K tiles and the
+    // skinny shape that takes split-K.
+    let (big, skinny) = if on_simulator() {
+        ((260, 264, 1048), (16, 1040, 2056))
+    } else {
+        ((2048, 256, 4096), (16, 4096, 2048))
+    };
     for (m, n, k) in [
         (1usize, 8usize, 8usize),
         (7, 200, 104),
         (16, 136, 264),
         (97, 1032, 520),
-        (2048, 256, 4096),
-        (16, 4096, 2048),
+        big,
+        skinny,
     ] {
         for layout in [Layout::Nt, Layout::Nn, Layout::Tn] {
             let (a_shape, b_shape) = match layout {
@@ -146,6 +154,40 @@ fn gemm_all_layouts_match_f64() {
     assert!(err.to_string().contains("multiple of 8"), "{err}");
 }
 
+/// The split-K count is a parameter: every pinned count gives the f64 product within fp32
+/// rounding, the same count gives the same bits, and 0 is refused.
+#[test]
+fn gemm_split_k_count_can_be_pinned() {
+    let Some(dev) = gpu_or_skip("gemm_split_k_count_can_be_pinned") else {
+        return;
+    };
+    let mut r = rand::rngs::StdRng::seed_from_u64(4);
+    let (m, n, k) = (97usize, 136usize, 1040usize);
+    let (af, ab) = data(&mut r, m * k, 1.0);
+    let (bf, bb) = data(&mut r, n * k, 1.0);
+    let want = reference(
+        m,
+        n,
+        k,
+        |i, p| af[i * k + p] as f64,
+        |p, j| bf[j * k + p] as f64,
+    );
+    let a = Tensor::from_vec(ab, &[m, k], &dev).unwrap();
+    let b = Tensor::from_vec(bb, &[n, k], &dev).unwrap();
+    let run = |splits| {
+        let mut c = Tensor::zeros(&[m, n], DType::F32, &dev).unwrap();
+        gemm::gemm_cuda_split(Layout::Nt, &a, &b, &mut c, 1.0, 0.0, splits).unwrap();
+        c.to_vec::<f32>().unwrap()
+    };
+    for splits in [Some(1), Some(3), Some(8), None] {
+        close(&format!("split {splits:?}"), &run(splits), &want, 1e-4);
+    }
+    assert_eq!(run(Some(3)), run(Some(3)));
+    let mut c = Tensor::zeros(&[m, n], DType::F32, &dev).unwrap();
+    let err = gemm::gemm_cuda_split(Layout::Nt, &a, &b, &mut c, 1.0, 0.0, Some(0)).unwrap_err();
+    assert!(err.to_string().contains("split-K count of 0"), "{err}");
+}
+
 fn nf4_weight(r: &mut impl Rng, n: usize, k: usize, dev: &Device) -> (Nf4Tensor, Tensor) {
     let (_, wb) = data(r, n * k, 0.05);
     let w = Tensor::from_vec(wb, &[n, k], dev).unwrap();
@@ -160,19 +202,26 @@ fn nf4_gemm_equals_dequantize_then_gemm() {
         return;
     };
     let mut r = rand::rngs::StdRng::seed_from_u64(2);
+    let big = if on_simulator() {
+        (272, 264, 1040)
+    } else {
+        (2048, 512, 1536)
+    };
     for (m, n, k) in [
         (1usize, 200usize, 96usize),
         (7, 136, 4096),
         (16, 4104, 1040),
         (97, 1032, 576),
-        (2048, 512, 1536),
+        big,
     ] {
         let (q, dense) = nf4_weight(&mut r, n, k, &dev);
         let (_, xb) = data(&mut r, m * k, 1.0);
         let x = Tensor::from_vec(xb, &[m, k], &dev).unwrap();
         let y = gemm::nf4_forward_cuda(&x, &q, None).unwrap();
+        // The reference unsplit, like the NF4 kernels (a card with many SMs would otherwise split
+        // K here and round the fp32 sums in another order).
         let mut want = Tensor::zeros(&[m, n], DType::BF16, &dev).unwrap();
-        gemm::gemm_cuda(Layout::Nt, &x, &dense, &mut want, 1.0, 0.0).unwrap();
+        gemm::gemm_cuda_split(Layout::Nt, &x, &dense, &mut want, 1.0, 0.0, Some(1)).unwrap();
         if m > gemm::SMALL_M {
             // Same bf16 weights, same tiles, same accumulation order: identical.
             assert_eq!(
@@ -194,7 +243,7 @@ fn nf4_gemm_equals_dequantize_then_gemm() {
         let dy = Tensor::from_vec(dyb, &[m, n], &dev).unwrap();
         let dx = gemm::nf4_dx_cuda(&dy, &q).unwrap();
         let mut want = Tensor::zeros(&[m, k], DType::BF16, &dev).unwrap();
-        gemm::gemm_cuda(Layout::Nn, &dy, &dense, &mut want, 1.0, 0.0).unwrap();
+        gemm::gemm_cuda_split(Layout::Nn, &dy, &dense, &mut want, 1.0, 0.0, Some(1)).unwrap();
         assert_eq!(
             dx.to_vec::<bf16>().unwrap(),
             want.to_vec::<bf16>().unwrap(),
@@ -209,10 +258,15 @@ fn lora_layer_on_cuda_matches_the_cpu_reference() {
         return;
     };
     let mut r = rand::rngs::StdRng::seed_from_u64(3);
+    let big = if on_simulator() {
+        (300, 1024, 512, 32)
+    } else {
+        (2048, 1024, 512, 32)
+    };
     for (t, i, o, rank) in [
         (7usize, 96usize, 200usize, 8usize),
         (97, 576, 1536, 16),
-        (2048, 1024, 512, 32),
+        big,
     ] {
         let (q, dense) = nf4_weight(&mut r, o, i, &dev);
         let w32: Vec<f32> = to_f32(&dense);

@@ -1,6 +1,7 @@
 //! The integration tests: one binary (so the GPU bundle stays small), one module per area.
 
 mod cli;
+mod cli_cuda;
 mod common;
 mod cuda_step;
 mod data;

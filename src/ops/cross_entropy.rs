@@ -184,12 +184,13 @@ pub fn chunk_cuda(logits: &mut Tensor, targets: &[i64], grad_scale: f32) -> Resu
     let cuda = CudaDevice::get(o)?;
     let name = "ce_fwd_bwd_f32";
     let f = cuda.function("cross_entropy", name)?;
-    let v_i = vocab as i32;
+    let (v_i, ld) = (vocab as i32, vocab as i64);
     let mut b = cuda.stream().launch_builder(&f);
     b.arg(logits.cuda_slice_mut::<f32>(op)?)
         .arg(t.cuda_slice::<i32>(op)?)
         .arg(loss.cuda_slice_mut::<f32>(op)?)
         .arg(&v_i)
+        .arg(&ld)
         .arg(&grad_scale)
         .arg(&super::NULL_PTR);
     let cfg = LaunchConfig {
@@ -197,7 +198,8 @@ pub fn chunk_cuda(logits: &mut Tensor, targets: &[i64], grad_scale: f32) -> Resu
         block_dim: (256, 1, 1),
         shared_mem_bytes: 0,
     };
-    // SAFETY: ce_fwd_bwd_f32(float*, const int*, float*, int, float, bf16* (null)); logits
+    // SAFETY: ce_fwd_bwd_f32(float*, const int*, float*, int, long long, float, bf16* (null));
+    // logits
     // rows·V, targets and loss rows; every target is −1 or < V (checked); one block per row.
     unsafe { cuda.launch(name, b, cfg) }?;
     Ok(loss)
@@ -215,7 +217,8 @@ pub struct CudaCeOutput {
 
 /// CUDA: the fused, chunked lm_head + cross-entropy: for each chunk of `chunk` tokens, the fp32
 /// logits `h_c·Wᵀ` (GEMM), loss and dlogits in place (one kernel), then `dh_c = dz_c·W` (GEMM).
-/// Only one chunk of logits exists at a time: `chunk · V · 6` bytes of workspace.
+/// Only one chunk of logits exists at a time: `chunk · Vp · 6` bytes of workspace (Vp: V rounded
+/// up to a multiple of 8, the row alignment the GEMM operands need).
 pub fn lm_head_ce_cuda(
     h: &Tensor,
     w: &Tensor,
@@ -254,8 +257,12 @@ pub fn lm_head_ce_cuda(
         .map(|&y| if y == IGNORE_INDEX { -1 } else { y as i32 })
         .collect();
     let t_dev = Tensor::from_vec(t_dev, &[t], &dev)?;
-    let z = Tensor::zeros(&[chunk, vocab], DType::F32, &dev)?;
-    let zb = Tensor::zeros(&[chunk, vocab], DType::BF16, &dev)?;
+    // The chunk's logits have rows padded to a multiple of 8 elements: the tensor-core GEMM reads
+    // its operands in 16-byte rows. The padding columns stay zero (the GEMM writes and the CE
+    // kernel touches only the V real ones), so dz·W over K = V reads zeros past V.
+    let vp = vocab.next_multiple_of(8);
+    let z = Tensor::zeros(&[chunk, vp], DType::F32, &dev)?;
+    let zb = Tensor::zeros(&[chunk, vp], DType::BF16, &dev)?;
     let cuda = CudaDevice::get(o)?;
     let ce = cuda.function("cross_entropy", "ce_fwd_bwd_f32")?;
     let (hp, wp, zp, zbp, dhp) = (
@@ -268,7 +275,7 @@ pub fn lm_head_ce_cuda(
     let (tp, lp) = (t_dev.device_ptr(), loss.device_ptr());
     for c0 in (0..t).step_by(chunk) {
         let rows = chunk.min(t - c0);
-        // SAFETY: pointer arithmetic stays inside h [T, d], dh [T, d], z/zb [chunk, V]; the
+        // SAFETY: pointer arithmetic stays inside h [T, d], dh [T, d], z/zb [chunk, Vp]; the
         // shapes were checked above; every buffer outlives the stream-ordered launches.
         unsafe {
             gemm_ptrs(
@@ -279,7 +286,7 @@ pub fn lm_head_ce_cuda(
                 wp,
                 d,
                 zp,
-                vocab,
+                vp,
                 rows,
                 vocab,
                 d,
@@ -288,13 +295,14 @@ pub fn lm_head_ce_cuda(
                 0.0,
             )?;
         }
-        let v_i = vocab as i32;
+        let (v_i, ld) = (vocab as i32, vp as i64);
         let (tc, lc, zbc) = (tp + (c0 * 4) as u64, lp + (c0 * 4) as u64, zbp);
         let mut b = cuda.stream().launch_builder(&ce);
         b.arg(&zp)
             .arg(&tc)
             .arg(&lc)
             .arg(&v_i)
+            .arg(&ld)
             .arg(&grad_scale)
             .arg(&zbc);
         let cfg = LaunchConfig {
@@ -302,16 +310,17 @@ pub fn lm_head_ce_cuda(
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
-        // SAFETY: ce_fwd_bwd_f32(float*, const int*, float*, int, float, bf16*) over `rows`
+        // SAFETY: ce_fwd_bwd_f32(float*, const int*, float*, int, long long, float, bf16*) over `rows`
         // rows of the chunk buffers; targets and losses offset to the chunk; targets checked.
         unsafe { cuda.launch("ce_fwd_bwd_f32", b, cfg) }?;
-        // SAFETY: as above; dz (bf16 [rows, V]) · W ([V, d]) into dh rows c0.. (beta 0).
+        // SAFETY: as above; dz (bf16 [rows, V], row length Vp) · W ([V, d]) into dh rows c0..
+        // (beta 0).
         unsafe {
             gemm_ptrs(
                 o,
                 Layout::Nn,
                 zbc,
-                vocab,
+                vp,
                 wp,
                 d,
                 dhp + (c0 * d * 2) as u64,

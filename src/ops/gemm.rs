@@ -125,7 +125,9 @@ fn split_k(dev: &CudaDevice, m: usize, n: usize, k: usize) -> Result<usize> {
     Ok(want.clamp(1, (k_tiles / 4).clamp(1, 32)))
 }
 
-/// `C = alpha·op(A)·op(B) + beta·C` (A, B bf16; C bf16 or f32, of shape `[M, N]`).
+/// `C = alpha·op(A)·op(B) + beta·C` (A, B bf16; C bf16 or f32, of shape `[M, N]`). K is split
+/// across blocks (deterministically, reduced in order) when the card has more SMs than the output
+/// has tiles; see [`gemm_cuda_split`] to fix the split.
 pub fn gemm_cuda(
     layout: Layout,
     a: &Tensor,
@@ -133,6 +135,22 @@ pub fn gemm_cuda(
     c: &mut Tensor,
     alpha: f32,
     beta: f32,
+) -> Result<()> {
+    gemm_cuda_split(layout, a, b, c, alpha, beta, None)
+}
+
+/// [`gemm_cuda`] with the split-K count pinned: `Some(1)` never splits (the NF4 kernels never do,
+/// so their results equal it bit for bit on every card), `Some(s)` splits K into at most `s`
+/// parts, `None` chooses from the card's SM count. The split changes the order of the fp32 sums,
+/// so results depend on it by rounding only.
+pub fn gemm_cuda_split(
+    layout: Layout,
+    a: &Tensor,
+    b: &Tensor,
+    c: &mut Tensor,
+    alpha: f32,
+    beta: f32,
+    splits: Option<usize>,
 ) -> Result<()> {
     let op = "gemm (cuda)";
     let o = cuda_ordinal(op, a)?;
@@ -168,21 +186,16 @@ pub fn gemm_cuda(
     // SAFETY: the pointers come from the tensors checked above, with their row lengths as
     // leading dimensions; they outlive the stream-ordered launches.
     unsafe {
-        gemm_ptrs(
+        gemm_ptrs_split(
             o,
             layout,
-            a.device_ptr(),
-            a1,
-            b.device_ptr(),
-            b1,
-            c.device_ptr(),
-            n,
-            m,
-            n,
-            k,
+            [a.device_ptr(), b.device_ptr(), c.device_ptr()],
+            [a1, b1, n],
+            [m, n, k],
             out,
             alpha,
             beta,
+            splits,
         )
     }
 }
@@ -211,15 +224,57 @@ pub unsafe fn gemm_ptrs(
     alpha: f32,
     beta: f32,
 ) -> Result<()> {
+    // SAFETY: forwarded from the caller's contract.
+    unsafe {
+        gemm_ptrs_split(
+            ordinal,
+            layout,
+            [a, b, c],
+            [lda, ldb, ldc],
+            [m, n, k],
+            out,
+            alpha,
+            beta,
+            None,
+        )
+    }
+}
+
+/// [`gemm_ptrs`] with pointers `[A, B, C]`, row lengths `[lda, ldb, ldc]`, `[M, N, K]` and the
+/// split-K count (see [`gemm_cuda_split`]).
+///
+/// # Safety
+/// As [`gemm_ptrs`].
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_ptrs_split(
+    ordinal: usize,
+    layout: Layout,
+    [a, b, c]: [u64; 3],
+    [lda, ldb, ldc]: [usize; 3],
+    [m, n, k]: [usize; 3],
+    out: DType,
+    alpha: f32,
+    beta: f32,
+    splits: Option<usize>,
+) -> Result<()> {
     let op = "gemm (cuda)";
     multiple_of(op, "A's row length", lda, 8)?;
     multiple_of(op, "B's row length", ldb, 8)?;
+    if splits == Some(0) {
+        return Err(Error::InvalidArgument(format!(
+            "{op}: a split-K count of 0 (1 means no split)"
+        )));
+    }
     if m == 0 || n == 0 {
         return Ok(());
     }
     let dev = Device::Cuda(ordinal);
     let cuda = CudaDevice::get(ordinal)?;
-    let splits = if k == 0 { 1 } else { split_k(&cuda, m, n, k)? };
+    let splits = match splits {
+        _ if k == 0 => 1,
+        Some(s) => s,
+        None => split_k(&cuda, m, n, k)?,
+    };
     let k_tiles = k.div_ceil(BK).max(1);
     let per_split = k_tiles.div_ceil(splits);
     let splits = k_tiles.div_ceil(per_split);

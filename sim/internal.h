@@ -1,0 +1,81 @@
+// Internals shared by the execution engine (exec.cpp) and the memory checker (memory.cpp).
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "runtime.h"
+
+namespace qsim {
+
+// One CUDA thread of the running block: a fiber.
+struct Thread {
+  void* sp = nullptr;     // saved stack pointer while switched out
+  char* stack = nullptr;  // base of its stack (from the pool)
+  unsigned tx, ty, tz;    // threadIdx
+  unsigned linear, warp, lane;
+  uint16_t id;            // linear id within the block (race shadow)
+  enum class State : uint8_t { Runnable, AtBarrier, AtCollective, Exited } state;
+  uint64_t barriers_passed = 0;
+  // Warp collective this lane waits at (valid while AtCollective).
+  unsigned coll_mask = 0;
+  const char* coll_site = nullptr;
+  struct Collective* coll = nullptr;  // the instance the lane joined
+  // cp.async bookkeeping: committed group count and copies not yet landed.
+  struct Copy {
+    uintptr_t dst, src;
+    uint32_t src_bytes;
+    uint64_t group;  // groups_committed when issued: it lands with that commit's group
+  };
+  uint64_t groups_committed = 0;
+  std::vector<Copy> copies;
+};
+
+// What the engine tells the checker about the block running now.
+struct BlockView {
+  const KernelInfo* kernel = nullptr;
+  unsigned bx = 0, by = 0, bz = 0;
+  uint64_t launch_id = 0;
+  uint32_t epoch = 0;             // block-barrier interval (unique across blocks and launches)
+  const uint32_t* warp_epoch = nullptr;  // per warp: __syncwarp interval (unique, see exec.cpp)
+  Thread* threads = nullptr;
+  size_t dynamic_shared = 0;      // bytes the launch asked for
+};
+
+// Set by the engine while a kernel runs (under the launch lock); null otherwise.
+extern BlockView* g_block;
+extern Thread* g_current;  // the fiber running now
+
+// A finding: records the message for the launch and leaves the faulting fiber for good.
+[[noreturn]] void fault(const std::string& message);
+// "kernel K (kernels/f.cu), block (x,y,z), thread (x,y,z)": the prefix of every finding.
+std::string where();
+
+// ---- memory checker (memory.cpp) ----
+enum class Access : uint8_t { Load, Store, Atomic };
+// Checks one access of `bytes` at `addr` made by the current thread; faults on a finding.
+// Addresses outside device memory and shared memory (the fiber's stack, the runtime) are ignored.
+void check_access(uintptr_t addr, size_t bytes, Access kind);
+bool is_shared(uintptr_t addr, size_t bytes);
+// Shared memory for a new block: poisons what the previous block touched, sizes the dynamic arena.
+void shared_begin_block(size_t dynamic_bytes);
+// The base of the dynamic shared-memory arena (`extern __shared__` in the kernels).
+unsigned char* dynamic_shared_base();
+// Static __shared__ bytes the block that just ran wrote (its footprint), with names for messages.
+size_t static_shared_footprint(std::string* names);
+// cp.async destinations: poisoned and marked pending until the wait lands them.
+void shared_mark_pending(uintptr_t dst, size_t bytes);
+void shared_land(uintptr_t dst, const void* data, size_t bytes);  // the copy's write, by g_current
+// The undo log of QLORA_SIM_SCHEDULE=all: while active, the first store to each device page saves
+// the page (contents and shadow) as it was before the launch, so the launch can be run again from
+// the same memory under another schedule and its results compared.
+void undo_begin();
+std::vector<std::vector<uint8_t>> undo_snapshot();  // the saved pages' current contents
+void undo_restore();                                 // every saved page back to its saved state
+uintptr_t undo_first_difference(const std::vector<std::vector<uint8_t>>& snapshot);  // 0: none
+void undo_end();
+// Describes an address for a message: "device buffer #3 (4096 bytes), offset 4100" etc.
+std::string describe(uintptr_t addr);
+
+}  // namespace qsim

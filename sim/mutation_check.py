@@ -1,0 +1,119 @@
+#!/usr/bin/env python3
+"""The simulator proves itself: planted bugs in copies of the real kernels must each make a
+simulated test fail.
+
+For each mutation below, the kernel sources are copied, the one change is applied (its text must
+occur exactly once), the simulated GPU is rebuilt from the copy (only the stand-in library
+changes: the Rust test binary is the same, so nothing else is recompiled), and the named tests run
+against it with QLORA_REQUIRE_GPU=1. A mutation no test catches fails the check. Prints which test
+caught which mutation, and how (the simulator's finding, or the test's own assertion).
+
+Usage: sim/mutation_check.py [NAME ...]     (default: every mutation)
+Needs: the release test binary built (cargo test --release --no-run) with GPU kernels.
+"""
+import glob
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# (name, file, original text, mutated text, tests that must catch it)
+MUTATIONS = [
+    ("swapped mma fragment register", "gemm.cu",
+     "    b[2 * np][0] = t[0];\n    b[2 * np][1] = t[1];\n",
+     "    b[2 * np][0] = t[1];\n    b[2 * np][1] = t[0];\n",
+     ["gemm::gemm_all_layouts_match_f64"]),
+    ("missing __syncthreads before a tile is overwritten", "attention.cu",
+     "    __syncthreads();  // the previous tile is no longer read\n",
+     "",
+     ["flash::flash_attention_matches_f64_over_lengths_and_gqa"]),
+    ("missing cp.async wait", "gemm.cu",
+     "    cp_async_wait<STAGES - 2>();\n    __syncthreads();\n    const int next = t + STAGES - 1;\n    if (next < ntiles) load(next",
+     "    __syncthreads();\n    const int next = t + STAGES - 1;\n    if (next < ntiles) load(next",
+     ["gemm::gemm_all_layouts_match_f64"]),
+    ("off-by-one tile bound", "gemm.cu",
+     "const bool ok = gr < rmax && gk < kend;",
+     "const bool ok = gr <= rmax && gk < kend;",
+     ["gemm::gemm_all_layouts_match_f64"]),
+    ("ldmatrix without .trans", "attention.cu",
+     "      ldmatrix_x4_trans(t, s + att_off<D>(kk * 16",
+     "      ldmatrix_x4(t, s + att_off<D>(kk * 16",
+     ["flash::flash_attention_matches_f64_over_lengths_and_gqa"]),
+    ("divergent early return before a barrier", "rmsnorm.cu",
+     "                                         float eps) {\n  float ss = 0.0f;\n",
+     "                                         float eps) {\n  if (threadIdx.x == blockDim.x - 1) return;\n  float ss = 0.0f;\n",
+     ["kernels::kernels_rmsnorm_match_cpu"]),
+    ("race on a shared reduction buffer", "common.cuh",
+     "  v = warp_sum(v);\n  __syncthreads();\n  if (lane == 0) partial[warp] = v;\n  __syncthreads();\n",
+     "  v = warp_sum(v);\n  __syncthreads();\n  if (lane == 0) partial[warp] = v;\n",
+     ["kernels::kernels_rmsnorm_match_cpu"]),
+]
+
+
+def test_binary():
+    """The newest release build of the integration tests."""
+    found = [p for p in glob.glob(os.path.join(ROOT, "target/release/deps/integration-*"))
+             if os.access(p, os.X_OK) and not p.endswith(".d")]
+    if not found:
+        sys.exit("mutation check: no target/release/deps/integration-* (run cargo test --release --no-run)")
+    return max(found, key=os.path.getmtime)
+
+
+def how(output):
+    """The simulator's finding, or else the first line of the test's panic."""
+    lines = output.splitlines()
+    for l in lines:
+        if l.startswith("qlora-rs simulated GPU: "):
+            return l[len("qlora-rs simulated GPU: "):]
+    for i, l in enumerate(lines):
+        if "panicked at" in l and i + 1 < len(lines):
+            return lines[i + 1].strip()
+    return "(failed; no message found)"
+
+
+def main():
+    wanted = sys.argv[1:]
+    binary = test_binary()
+    build = os.path.join(ROOT, "sim", "build.sh")
+    results = []
+    for name, file, old, new, tests in MUTATIONS:
+        if wanted and name not in wanted:
+            continue
+        with tempfile.TemporaryDirectory(prefix="qlora-mutant-") as tmp:
+            kdir = os.path.join(tmp, "kernels")
+            shutil.copytree(os.path.join(ROOT, "kernels"), kdir)
+            path = os.path.join(kdir, file)
+            text = open(path).read()
+            if text.count(old) != 1:
+                sys.exit(f"mutation check: `{name}`: its text occurs {text.count(old)} times in "
+                         f"kernels/{file} (must be once); update the mutation")
+            open(path, "w").write(text.replace(old, new))
+            env = dict(os.environ, QLORA_SIM_KERNELS=kdir, QLORA_SIM_DIR=os.path.join(tmp, "sim"))
+            b = subprocess.run([build], env=env, capture_output=True, text=True)
+            if b.returncode != 0:
+                sys.exit(f"mutation check: `{name}` does not compile:\n{b.stderr}")
+            env["LD_LIBRARY_PATH"] = b.stdout.strip()
+            env["QLORA_REQUIRE_GPU"] = "1"
+            caught = None
+            start = time.time()
+            for t in tests:
+                r = subprocess.run([binary, "--exact", t, "--test-threads", "1"], env=env,
+                                   capture_output=True, text=True, cwd=ROOT)
+                if r.returncode != 0:
+                    caught = (t, how(r.stdout + r.stderr))
+                    break
+            results.append((name, file, caught, time.time() - start))
+            status = f"caught by {caught[0]}: {caught[1]}" if caught else "NOT CAUGHT"
+            print(f"{'ok  ' if caught else 'FAIL'} {name} (kernels/{file}): {status} "
+                  f"[{time.time() - start:.0f} s]", flush=True)
+    missed = [r for r in results if r[2] is None]
+    print(f"mutation check: {len(results) - len(missed)} of {len(results)} planted bugs caught")
+    return 1 if missed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
