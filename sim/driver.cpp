@@ -323,6 +323,7 @@ CUresult copy_htod(const char* fn, CUdeviceptr dst, const void* src, size_t n, C
   TRY(check_stream(fn, s));
   if (n == 0) return CUDA_SUCCESS;
   if (!src) return fail(CUDA_ERROR_INVALID_VALUE, "%s: null host source", fn);
+  std::lock_guard<std::mutex> device(qsim::device_mutex());
   TRY(range_ok(dst, n, fn, "destination"));
   std::memcpy(reinterpret_cast<void*>(dst), src, n);
   qsim::device_mark_written(dst, n);
@@ -334,18 +335,24 @@ CUresult copy_dtoh(const char* fn, void* dst, CUdeviceptr src, size_t n, CUstrea
   TRY(check_stream(fn, s));
   if (n == 0) return CUDA_SUCCESS;
   if (!dst) return fail(CUDA_ERROR_INVALID_VALUE, "%s: null host destination", fn);
-  TRY(range_ok(src, n, fn, "source"));
   std::string why, what = std::string(fn) + " source";
+  {
+    std::lock_guard<std::mutex> device(qsim::device_mutex());
+    TRY(range_ok(src, n, fn, "source"));
+    if (qsim::device_check_written(src, n, what.c_str(), &why)) {
+      std::memcpy(dst, reinterpret_cast<const void*>(src), n);
+      return CUDA_SUCCESS;
+    }
+  }
   // A download of never-written memory is garbage on a real card: a finding, sticky like a fault.
-  if (!qsim::device_check_written(src, n, what.c_str(), &why)) return kernel_fault(why);
-  std::memcpy(dst, reinterpret_cast<const void*>(src), n);
-  return CUDA_SUCCESS;
+  return kernel_fault(why);
 }
 
 CUresult copy_dtod(const char* fn, CUdeviceptr dst, CUdeviceptr src, size_t n, CUstream s) {
   TRY(live());
   TRY(check_stream(fn, s));
   if (n == 0) return CUDA_SUCCESS;
+  std::lock_guard<std::mutex> device(qsim::device_mutex());
   TRY(range_ok(src, n, fn, "source"));
   TRY(range_ok(dst, n, fn, "destination"));
   std::memmove(reinterpret_cast<void*>(dst), reinterpret_cast<const void*>(src), n);
@@ -362,6 +369,7 @@ CUresult memset_n(const char* fn, CUdeviceptr dst, T value, size_t n, CUstream s
     return fail(CUDA_ERROR_INVALID_VALUE, "%s: destination 0x%llx is not %zu-byte aligned", fn,
                 (unsigned long long)dst, sizeof(T));
   if (n > SIZE_MAX / sizeof(T)) return fail(CUDA_ERROR_INVALID_VALUE, "%s: count overflows", fn);
+  std::lock_guard<std::mutex> device(qsim::device_mutex());
   TRY(range_ok(dst, n * sizeof(T), fn, "destination"));
   T* d = reinterpret_cast<T*>(dst);
   for (size_t i = 0; i < n; ++i) d[i] = value;
@@ -377,7 +385,11 @@ CUresult alloc(const char* fn, CUdeviceptr* dptr, size_t bytes, bool zero_ok) {
   // CudaStream::null, empty tensors) get a buffer of their own, so that a kernel touching it is
   // reported by the checker instead of dereferencing null.
   if (bytes == 0 && !zero_ok) return fail(CUDA_ERROR_INVALID_VALUE, "%s: 0 bytes requested", fn);
-  uint64_t p = qsim::device_alloc(bytes);
+  uint64_t p;
+  {
+    std::lock_guard<std::mutex> device(qsim::device_mutex());
+    p = qsim::device_alloc(bytes);
+  }
   if (p == 0) return CUDA_ERROR_OUT_OF_MEMORY;  // quiet, like the real driver
   *dptr = p;
   return CUDA_SUCCESS;
@@ -385,7 +397,12 @@ CUresult alloc(const char* fn, CUdeviceptr* dptr, size_t bytes, bool zero_ok) {
 
 CUresult release(const char* fn, CUdeviceptr p) {
   if (p == 0) return CUDA_SUCCESS;  // freeing null is a no-op
-  if (!qsim::device_free(p))
+  bool freed;
+  {
+    std::lock_guard<std::mutex> device(qsim::device_mutex());
+    freed = qsim::device_free(p);
+  }
+  if (!freed)
     return fail(CUDA_ERROR_INVALID_VALUE,
                 "%s: 0x%llx is not the start of a live allocation (a double free, or a pointer "
                 "into an allocation)", fn, (unsigned long long)p);

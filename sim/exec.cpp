@@ -151,7 +151,6 @@ struct LaunchState {
   std::string error;
 };
 
-std::mutex g_launch_mutex;
 LaunchState* g_launch = nullptr;
 StackPool g_stacks;
 uint32_t g_epoch_counter = 0, g_wepoch_counter = 0;
@@ -227,12 +226,12 @@ Collective* join(const char* site, unsigned mask, const void* in, size_t size, b
     c->refs = __builtin_popcount(mask);
     for (unsigned l = 0; l < 32; ++l) {
       Thread& o = L.threads[t.warp * 32 + l];
-      if ((mask >> l & 1) && l != t.lane) o.state = Thread::State::Runnable, o.coll = nullptr;
+      if ((mask >> l & 1) && l != t.lane) o.state = Thread::State::Runnable;
     }
     if (site == kSyncwarp) L.warp_epoch[t.warp] = ++g_wepoch_counter;
   } else {
     t.state = Thread::State::AtCollective;
-    t.coll = c, t.coll_mask = mask, t.coll_site = site;
+    t.coll_site = site;
     resume_scheduler();
   }
   return c;
@@ -350,8 +349,6 @@ void run_block() {
   for (size_t i = 0; i < n; ++i) {
     Thread& t = L.threads[i];
     t.state = Thread::State::Runnable;
-    t.barriers_passed = 0;
-    t.coll = nullptr;
     t.groups_committed = 0;
     t.copies.clear();
     t.stack = g_stacks.get(i);
@@ -456,6 +453,11 @@ KernelInfo* find_kernel(const char* name) {
   return it == registry().end() ? nullptr : it->second;
 }
 
+std::mutex& device_mutex() {
+  static std::mutex m;
+  return m;
+}
+
 bool module_registered(const char* stem) {
   for (auto& [name, k] : registry()) {
     if (strcmp(k->module, stem) == 0) return true;
@@ -475,7 +477,7 @@ bool launch_once(KernelInfo* k, Dim grid, Dim block, size_t dynamic_shared, void
 
 bool launch(KernelInfo* k, Dim grid, Dim block, size_t dynamic_shared, void** params,
             std::string* error) {
-  std::lock_guard<std::mutex> lock(g_launch_mutex);
+  std::lock_guard<std::mutex> lock(device_mutex());
   const uint64_t id = ++g_launch_counter;
   if (!schedule_all()) {
     return launch_once(k, grid, block, dynamic_shared, params, id, schedule_for(id), error);
@@ -507,6 +509,12 @@ bool launch(KernelInfo* k, Dim grid, Dim block, size_t dynamic_shared, void** pa
 namespace {
 bool launch_once(KernelInfo* k, Dim grid, Dim block, size_t dynamic_shared, void** params,
                  uint64_t id, Schedule schedule, std::string* error) {
+  if (dynamic_shared > size_t(kMaxSharedPerBlockOptin)) {
+    *error = std::string("kernel ") + k->name + " (kernels/" + k->module + ".cu) launched with " +
+             std::to_string(dynamic_shared) + " bytes of dynamic shared memory, more than an "
+             "sm_80 block may have (" + std::to_string(kMaxSharedPerBlockOptin) + ")";
+    return false;
+  }
   LaunchState L;
   L.kernel = k;
   L.params = params;
@@ -526,10 +534,8 @@ bool launch_once(KernelInfo* k, Dim grid, Dim block, size_t dynamic_shared, void
   for (unsigned w = 0; w < nwarps; ++w) L.warps[w].size = std::min(32u, nthreads - w * 32);
   L.warp_epoch.resize(nwarps);
   L.view.kernel = k;
-  L.view.launch_id = id;
   L.view.threads = L.threads.data();
   L.view.warp_epoch = L.warp_epoch.data();
-  L.view.dynamic_shared = dynamic_shared;
   qsim_blockDim = dim3(block.x, block.y, block.z);
   qsim_gridDim = dim3(grid.x, grid.y, grid.z);
   g_launch = &L;
@@ -582,7 +588,6 @@ void syncthreads() {
   Thread& t = *g_current;
   t.state = Thread::State::AtBarrier;
   ++L.at_barrier;
-  ++t.barriers_passed;
   if (L.at_barrier + L.exited == L.threads.size()) {
     block_barrier_complete();  // the last thread to arrive releases the others and goes on
   } else {

@@ -17,11 +17,7 @@ struct Thread {
   unsigned linear, warp, lane;
   uint16_t id;            // linear id within the block (race shadow)
   enum class State : uint8_t { Runnable, AtBarrier, AtCollective, Exited } state;
-  uint64_t barriers_passed = 0;
-  // Warp collective this lane waits at (valid while AtCollective).
-  unsigned coll_mask = 0;
-  const char* coll_site = nullptr;
-  struct Collective* coll = nullptr;  // the instance the lane joined
+  const char* coll_site = nullptr;  // the warp collective this lane waits at (AtCollective)
   // cp.async bookkeeping: committed group count and copies not yet landed.
   struct Copy {
     uintptr_t dst, src;
@@ -36,14 +32,12 @@ struct Thread {
 struct BlockView {
   const KernelInfo* kernel = nullptr;
   unsigned bx = 0, by = 0, bz = 0;
-  uint64_t launch_id = 0;
   uint32_t epoch = 0;             // block-barrier interval (unique across blocks and launches)
   const uint32_t* warp_epoch = nullptr;  // per warp: __syncwarp interval (unique, see exec.cpp)
   Thread* threads = nullptr;
-  size_t dynamic_shared = 0;      // bytes the launch asked for
 };
 
-// Set by the engine while a kernel runs (under the launch lock); null otherwise.
+// Set by the engine while a kernel runs (under the device lock); null otherwise.
 extern BlockView* g_block;
 extern Thread* g_current;  // the fiber running now
 

@@ -9,6 +9,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <mutex>
 #include <string>
 
 #include <vector_types.h>
@@ -67,6 +68,11 @@ void device_copy_written(uint64_t dst, uint64_t src, size_t bytes);
 bool device_check_written(uint64_t ptr, size_t bytes, const char* what, std::string* why);
 
 // ---- launches (exec.cpp) ----
+// The device lock: a launch holds it while it runs, and every host-side access to device memory
+// (copies, memsets, allocations, frees: driver.cpp) takes it too, so nothing another thread does
+// lands in the middle of a launch (QLORA_SIM_SCHEDULE=all restores memory between its runs).
+std::mutex& device_mutex();
+
 struct Dim { unsigned x, y, z; };
 
 // Runs a whole grid to completion. Returns false with a message naming the kernel, block, thread

@@ -219,3 +219,36 @@ fn device_cuda_pool_keeps_freed_memory() {
     );
     drop(t);
 }
+
+/// A launch asking for more dynamic shared memory than its kernel opted into
+/// (`cuFuncSetAttribute`) is refused at the launch, as the driver does, and leaves the device
+/// usable: a refused launch is not a kernel fault.
+#[test]
+fn device_cuda_launch_beyond_the_shared_memory_opt_in_is_refused() {
+    let Some(Device::Cuda(o)) =
+        gpu_or_skip("device_cuda_launch_beyond_the_shared_memory_opt_in_is_refused")
+    else {
+        return;
+    };
+    use cudarc::driver::{LaunchConfig, PushKernelArg};
+    let dev = CudaDevice::get(o).unwrap();
+    let f = dev.function("embedding", "cast_f32_bf16").unwrap();
+    let x = Tensor::from_vec(vec![1.5f32; 32], &[32], &Device::Cuda(o)).unwrap();
+    let y = Tensor::zeros(&[32], DType::BF16, &Device::Cuda(o)).unwrap();
+    let n = 32i64;
+    let mut b = dev.stream().launch_builder(&f);
+    b.arg(x.cuda_slice::<f32>("test").unwrap())
+        .arg(y.cuda_slice::<bf16>("test").unwrap())
+        .arg(&n);
+    let cfg = LaunchConfig {
+        grid_dim: (1, 1, 1),
+        block_dim: (32, 1, 1),
+        shared_mem_bytes: 64 * 1024,
+    };
+    // SAFETY: cast_f32_bf16(const float*, bf16*, long long) over 32 elements; the launch is
+    // expected to be refused before it runs.
+    let err = unsafe { dev.launch("cast_f32_bf16", b, cfg) }.unwrap_err();
+    assert!(err.to_string().contains("launching cast_f32_bf16"), "{err}");
+    dev.synchronize().unwrap();
+    assert_eq!(y.to_vec::<bf16>().unwrap(), vec![bf16::ZERO; 32]);
+}

@@ -112,6 +112,9 @@ int main() {
       for (int i = 0; i < 256; ++i) want0 += h[i], want1 += h[256 + i];
       check(out[0] == want0 && out[1] == want1, "block sum matches the host");
     }
+    run("st_block_sum", {2, 1, 1}, {256, 1, 1}, 166000, {&x, &out, &barrier},
+        "bytes of static shared memory (st_block_sum::part (1024 B)) plus 166000 dynamic",
+        "static plus dynamic shared memory above the sm_80 limit is reported");
     barrier = 0;
     run("st_block_sum", {2, 1, 1}, {256, 1, 1}, 0, {&x, &out, &barrier},
         "shared-memory race|never written in this block",
@@ -185,6 +188,9 @@ int main() {
     run("st_dynamic_shared", {1, 1, 1}, {64, 1, 1}, 1000, {&out, &n}, "", "1000 bytes of dynamic shared memory");
     run("st_dynamic_shared", {1, 1, 1}, {64, 1, 1}, 999, {&out, &n}, "dynamic shared memory (the launch has 999",
         "writing past the launch's dynamic shared memory is reported");
+    run("st_dynamic_shared", {1, 1, 1}, {64, 1, 1}, size_t(kMaxSharedPerBlockOptin) + 16, {&out, &n},
+        "more than an sm_80 block may have",
+        "more shared memory than an sm_80 block may have is reported");
   }
   // Atomics: the last-block pattern.
   {
