@@ -153,7 +153,7 @@ __device__ void flash_fwd(const AttnParams& p) {
     att_load<D>(sk, p.k, start + k0, end, p.kv_heads, g);
     att_load<D>(sv, p.v, start + k0, end, p.kv_heads, g);
     cp_async_commit();
-  cp_async_wait<0>();
+    cp_async_wait<0>();
     __syncthreads();
     float s[8][4];
 #pragma unroll
@@ -290,7 +290,7 @@ __device__ void flash_dkdv(const AttnParams& p) {
         sdsum[threadIdx.x] = t < len ? p.dsum[at] : 0.0f;
       }
       cp_async_commit();
-  cp_async_wait<0>();
+      cp_async_wait<0>();
       __syncthreads();
       // Sᵀ = K·Qᵀ (16 keys × 64 queries) → Pᵀ, dV += Pᵀ·dO; then dPᵀ = V·dOᵀ → dSᵀ; in this
       // order so that fewer fragments are live at once.
@@ -390,7 +390,7 @@ __device__ void flash_dq(const AttnParams& p) {
     att_load<D>(sk, p.k, start + k0, end, p.kv_heads, g);
     att_load<D>(sv, p.v, start + k0, end, p.kv_heads, g);
     cp_async_commit();
-  cp_async_wait<0>();
+    cp_async_wait<0>();
     __syncthreads();
     float s[8][4], dp[8][4];
 #pragma unroll

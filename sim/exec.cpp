@@ -14,6 +14,7 @@
 // some threads never reach (an early return before __syncthreads), a collective whose mask names
 // lanes that exited or do not exist, lanes of one mask waiting at different collectives, and
 // deadlock.
+#include <signal.h>
 #include <sys/mman.h>
 
 #include <algorithm>
@@ -22,6 +23,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <map>
+#include <memory>
 #include <mutex>
 #include <random>
 #include <vector>
@@ -129,7 +131,8 @@ namespace {
 struct Warp {
   unsigned size = 32;  // lanes that exist (the last warp of a block may be partial)
   unsigned exited = 0;  // lanes that have exited
-  std::vector<Collective*> forming, spare;
+  std::vector<Collective*> forming, spare;  // owned by `owned`
+  std::vector<std::unique_ptr<Collective>> owned;
 };
 
 enum class Schedule { Forward, Reverse, Random };
@@ -181,15 +184,15 @@ std::string lanes(unsigned mask) {
 }
 
 // Joins the warp collective `site` over `mask`, depositing `size` bytes; returns when every lane
-// of the mask has arrived. The caller reads the deposits, then calls release().
-Collective* join(const char* site, unsigned mask, const void* in, size_t size, bool aligned) {
+// of the mask has arrived. The caller reads the deposits, then calls release(). The `.aligned`
+// PTX instructions (mma, ldmatrix) pass the full mask: every lane of the warp must execute them.
+Collective* join(const char* site, unsigned mask, const void* in, size_t size) {
   Thread& t = *g_current;
   LaunchState& L = *g_launch;
   Warp& w = L.warps[t.warp];
   const unsigned exist = w.size == 32 ? 0xffffffffu : ((1u << w.size) - 1);
-  if (aligned && mask != 0xffffffffu) mask = 0xffffffffu;
   if (!(mask >> t.lane & 1)) {
-    fault(where() + ": " + site + " with mask 0x" + [&] { char b[16]; snprintf(b, sizeof b, "%08x", mask); return std::string(b); }() +
+    fault(where() + ": " + site + " over lanes " + lanes(mask) +
           ", which does not include the calling lane " + std::to_string(t.lane));
   }
   if (mask & ~exist) {
@@ -211,7 +214,8 @@ Collective* join(const char* site, unsigned mask, const void* in, size_t size, b
   }
   if (!c) {
     if (w.spare.empty()) {
-      c = new Collective;
+      w.owned.push_back(std::make_unique<Collective>());
+      c = w.owned.back().get();
     } else {
       c = w.spare.back();
       w.spare.pop_back();
@@ -473,11 +477,59 @@ const char* schedule_name() {
 namespace {
 bool launch_once(KernelInfo* k, Dim grid, Dim block, size_t dynamic_shared, void** params,
                  uint64_t id, Schedule schedule, std::string* error);
+
+// A kernel that dereferences a pointer into neither device nor shared memory (null, a host
+// address, garbage) faults on a card; here it would crash the process. While a kernel thread
+// runs, SIGSEGV and SIGBUS become a finding naming the kernel, block and thread (the handler runs
+// on an alternate stack, so a fiber's stack overflow is caught too, and leaves the fiber for good
+// like any finding). Any other segfault goes to the handler that was there before.
+struct sigaction g_old_segv, g_old_bus;
+
+void on_bad_access(int sig, siginfo_t* info, void*) {
+  if (g_launch && g_current) {
+    char msg[160];
+    snprintf(msg, sizeof msg, ": %s at address %p: an access outside device and shared memory "
+             "(a null, host or stale pointer, or a stack overflow)",
+             sig == SIGSEGV ? "segmentation fault" : "bus error", info->si_addr);
+    sigset_t s;
+    sigemptyset(&s);
+    sigaddset(&s, sig);
+    pthread_sigmask(SIG_UNBLOCK, &s, nullptr);
+    fault(where() + msg);
+  }
+  sigaction(sig, sig == SIGSEGV ? &g_old_segv : &g_old_bus, nullptr);  // re-raised on return
 }
+
+void install_fault_handlers() {
+  static std::once_flag once;
+  std::call_once(once, [] {
+    struct sigaction sa {};
+    sa.sa_sigaction = on_bad_access;
+    sa.sa_flags = SA_SIGINFO | SA_ONSTACK | SA_NODEFER;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGSEGV, &sa, &g_old_segv);
+    sigaction(SIGBUS, &sa, &g_old_bus);
+  });
+  // The handler needs an alternate stack on the launching thread (Rust's threads have one).
+  thread_local bool has_stack = false;
+  if (!has_stack) {
+    stack_t old{};
+    sigaltstack(nullptr, &old);
+    if (old.ss_flags & SS_DISABLE) {
+      stack_t ss{};
+      ss.ss_size = 64 * 1024;
+      ss.ss_sp = malloc(ss.ss_size);  // lives as long as the thread may launch
+      sigaltstack(&ss, nullptr);
+    }
+    has_stack = true;
+  }
+}
+}  // namespace
 
 bool launch(KernelInfo* k, Dim grid, Dim block, size_t dynamic_shared, void** params,
             std::string* error) {
   std::lock_guard<std::mutex> lock(device_mutex());
+  install_fault_handlers();
   const uint64_t id = ++g_launch_counter;
   if (!schedule_all()) {
     return launch_once(k, grid, block, dynamic_shared, params, id, schedule_for(id), error);
@@ -596,7 +648,7 @@ void syncthreads() {
 }
 
 void syncwarp(unsigned mask) {
-  Collective* c = join(kSyncwarp, mask, nullptr, 0, false);
+  Collective* c = join(kSyncwarp, mask, nullptr, 0);
   release(c);
 }
 
@@ -607,7 +659,7 @@ void shfl(unsigned mask, const void* in, void* out, size_t size, int mode, int a
     fault(where() + ": " + site + " with width " + std::to_string(width) +
           " (must be a power of two up to 32)");
   }
-  Collective* c = join(site, mask, in, size, false);
+  Collective* c = join(site, mask, in, size);
   const int lane = int(g_current->lane), seg = lane & ~(width - 1);
   int src = lane;
   switch (mode) {
@@ -626,7 +678,7 @@ void shfl(unsigned mask, const void* in, void* out, size_t size, int mode, int a
 
 unsigned vote_ballot(unsigned mask, bool pred) {
   const unsigned char p = pred;
-  Collective* c = join("__ballot_sync", mask, &p, 1, false);
+  Collective* c = join("__ballot_sync", mask, &p, 1);
   unsigned r = 0;
   for (int l = 0; l < 32; ++l) {
     if ((mask >> l & 1) && c->slot[l][0]) r |= 1u << l;
@@ -663,7 +715,7 @@ double atomic_add_f64(double* p, double v) { return atomic_add(p, v); }
 // (the hardware's internal order is unspecified).
 void mma_m16n8k16_bf16(float* d, const uint32_t* a, const uint32_t* b) {
   uint32_t in[6] = {a[0], a[1], a[2], a[3], b[0], b[1]};
-  Collective* c = join("mma.sync.aligned.m16n8k16", 0xffffffffu, in, sizeof in, true);
+  Collective* c = join("mma.sync.aligned.m16n8k16", 0xffffffffu, in, sizeof in);
   if (!c->decoded) {
     auto bf = [](uint32_t bits16) {
       const uint32_t bits = bits16 << 16;
@@ -711,7 +763,7 @@ void ldmatrix_x4(uint32_t* r, const void* row, bool trans) {
   check_access(a, 16, Access::Load);  // each lane reads the row it names
   unsigned char mine[16];
   memcpy(mine, row, 16);
-  Collective* c = join(site, 0xffffffffu, mine, 16, true);
+  Collective* c = join(site, 0xffffffffu, mine, 16);
   const int l = int(g_current->lane);
   for (int j = 0; j < 4; ++j) {
     uint16_t e[2];

@@ -37,7 +37,7 @@ extern "C" char __stop_qsim_shared[] __attribute__((weak));
 namespace qsim {
 namespace {
 
-constexpr size_t kHeapReserve = size_t(256) << 30;  // address space, not memory
+constexpr size_t kHeapReserve = size_t(2) << 40;  // address space, not memory (never reused)
 constexpr size_t kAlign = 256;
 constexpr size_t kRedZone = 256;
 enum : uint8_t { kNoAccess = 0, kUnwritten = 1, kWritten = 2, kPending = 3 };

@@ -61,9 +61,17 @@ pub enum Error {
 }
 
 impl Error {
-    /// Wraps a driver error with the name of the step that made the call.
+    /// Wraps a driver error with the name of the step that made the call. A kernel fault
+    /// surfaces at whichever call comes next, so its error also names the kernels launched since
+    /// the last synchronisation (see `device::cuda`).
     pub fn cuda(op: impl Into<String>) -> impl FnOnce(cudarc::driver::DriverError) -> Error {
         let op = op.into();
-        move |source| Error::Cuda { op, source }
+        move |source| {
+            let op = match crate::device::cuda::fault_suspects(&source) {
+                Some(suspects) => format!("{op} ({suspects})"),
+                None => op,
+            };
+            Error::Cuda { op, source }
+        }
     }
 }

@@ -252,3 +252,68 @@ fn device_cuda_launch_beyond_the_shared_memory_opt_in_is_refused() {
     dev.synchronize().unwrap();
     assert_eq!(y.to_vec::<bf16>().unwrap(), vec![bf16::ZERO; 32]);
 }
+
+/// The child half of `device_cuda_kernel_fault_names_its_kernel`: faults the device on purpose and
+/// prints the error the next call reports. A fault loses the CUDA context, so this runs only in a
+/// process of its own.
+#[test]
+#[ignore = "run by device_cuda_kernel_fault_names_its_kernel in a process of its own"]
+fn device_cuda_fault_on_purpose_child() {
+    use cudarc::driver::PushKernelArg;
+    let dev = CudaDevice::get(0).unwrap();
+    // Another kernel first, so the report has more than one suspect.
+    let x = Tensor::from_vec(vec![1.0f32; 32], &[32], &Device::Cuda(0)).unwrap();
+    let _ = qlora_rs::ops::embedding::cast_cuda(&x, DType::BF16).unwrap();
+    let f = dev.function("testing", "fault_on_purpose").unwrap();
+    let null = 0u64;
+    let mut b = dev.stream().launch_builder(&f);
+    b.arg(&null);
+    // SAFETY: deliberately violated: the kernel writes through a null pointer, which faults the
+    // device of this process (and only this one).
+    let launched = unsafe { dev.launch("fault_on_purpose", b, device::cuda::grid_1d(32, 32)) };
+    let err = launched.and_then(|()| dev.synchronize()).unwrap_err();
+    println!("FAULT REPORT: {err}");
+}
+
+/// A kernel fault surfaces at a later call, under that call's name; the error also names the
+/// kernels launched since the last synchronisation, and with `QLORA_SYNC=1` the faulting kernel.
+#[test]
+fn device_cuda_kernel_fault_names_its_kernel() {
+    let Some(_) = gpu_or_skip("device_cuda_kernel_fault_names_its_kernel") else {
+        return;
+    };
+    for sync in ["0", "1"] {
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--ignored",
+                "--exact",
+                "device::device_cuda_fault_on_purpose_child",
+            ])
+            .arg("--nocapture")
+            .env("QLORA_SYNC", sync)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let report = stdout
+            .lines()
+            .find_map(|l| l.strip_prefix("FAULT REPORT: "))
+            .unwrap_or_else(|| {
+                panic!(
+                    "QLORA_SYNC={sync}: no fault report:\n{stdout}{}",
+                    String::from_utf8_lossy(&out.stderr)
+                )
+            });
+        if sync == "1" {
+            assert!(
+                report.contains("kernel fault_on_purpose (QLORA_SYNC=1)"),
+                "{report}"
+            );
+        } else {
+            assert!(
+                report.contains("synchronising the stream (kernel fault in one of: ")
+                    && report.contains(", fault_on_purpose; rerun with QLORA_SYNC=1 to name it"),
+                "{report}"
+            );
+        }
+    }
+}

@@ -200,6 +200,14 @@ int main() {
       check(*counter == 37 && *out == 37, "the last block sees every other block's increment");
     }
   }
+  // A wild pointer: a finding, not a crashed process; later launches still run.
+  {
+    float* null = nullptr;
+    run("st_write_through", {1, 1, 1}, {32, 1, 1}, 0, {&null}, "segmentation fault at address",
+        "a write through a null pointer is reported, naming the kernel and thread");
+    float* y = fresh<float>(32);
+    run("st_write_through", {1, 1, 1}, {32, 1, 1}, 0, {&y}, "", "launches after it still run");
+  }
   // A race between blocks on global memory: invisible to one schedule, found by comparing three.
   {
     int* out = fresh<int>(1);

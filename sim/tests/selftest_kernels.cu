@@ -108,3 +108,6 @@ extern "C" __global__ void st_last_block(unsigned* counter, unsigned* out) {
 extern "C" __global__ void st_last_writer(int* out) {
   if (threadIdx.x == 0) out[0] = blockIdx.x;
 }
+
+// Writes through whatever pointer it is given (a null one, in the self-test).
+extern "C" __global__ void st_write_through(float* p) { p[threadIdx.x] = 1.0f; }

@@ -1,10 +1,13 @@
 //! The CUDA device: one context and one stream per GPU, a per-process cache of loaded modules
 //! (each embedded fatbin is loaded once per device), and the launch helper every op uses.
 //!
-//! `QLORA_SYNC=1` makes every launch synchronise and check, so an asynchronous fault is reported
-//! with the name of the kernel that caused it.
+//! A kernel fault (an illegal address, a trap) is asynchronous: it surfaces at a later driver
+//! call, under that call's name. So the kernels launched since the last synchronisation are kept
+//! (the newest [`IN_FLIGHT_NAMES`] names and a count), and an error whose code is such a sticky
+//! fault names them ("kernel fault in one of: …"). `QLORA_SYNC=1` makes every launch synchronise
+//! and check, so the fault is reported with the name of the one kernel that caused it.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use cudarc::driver::{
@@ -23,6 +26,79 @@ pub fn driver_present() -> bool {
     static PRESENT: OnceLock<bool> = OnceLock::new();
     // SAFETY: only tries to dlopen libcuda by its usual names; no CUDA call is made.
     *PRESENT.get_or_init(|| unsafe { cudarc::driver::sys::is_culib_present() })
+}
+
+/// How many of the kernels launched since the last synchronisation a fault report names.
+pub const IN_FLIGHT_NAMES: usize = 8;
+
+/// Kernels launched since the last synchronisation, process-wide (a fault is reported by whatever
+/// call meets it, which may not know the device): the newest names and how many there were.
+struct InFlight {
+    names: VecDeque<&'static str>,
+    count: usize,
+}
+
+static IN_FLIGHT: Mutex<InFlight> = Mutex::new(InFlight {
+    names: VecDeque::new(),
+    count: 0,
+});
+
+fn in_flight() -> std::sync::MutexGuard<'static, InFlight> {
+    IN_FLIGHT.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn note_launch(name: &'static str) {
+    let mut f = in_flight();
+    if f.names.len() == IN_FLIGHT_NAMES {
+        f.names.pop_front();
+    }
+    f.names.push_back(name);
+    f.count += 1;
+}
+
+fn note_synchronized() {
+    let mut f = in_flight();
+    f.names.clear();
+    f.count = 0;
+}
+
+/// Whether a driver error is a kernel fault, which the driver reports at a later call and keeps
+/// reporting (the context is lost).
+fn is_kernel_fault(e: &cudarc::driver::DriverError) -> bool {
+    use cudarc::driver::sys::CUresult::*;
+    matches!(
+        e.0,
+        CUDA_ERROR_ILLEGAL_ADDRESS
+            | CUDA_ERROR_LAUNCH_FAILED
+            | CUDA_ERROR_MISALIGNED_ADDRESS
+            | CUDA_ERROR_ILLEGAL_INSTRUCTION
+            | CUDA_ERROR_INVALID_ADDRESS_SPACE
+            | CUDA_ERROR_INVALID_PC
+            | CUDA_ERROR_HARDWARE_STACK_ERROR
+            | CUDA_ERROR_ASSERT
+            | CUDA_ERROR_LAUNCH_TIMEOUT
+    )
+}
+
+/// For an error that is a kernel fault: which kernels may have caused it, as a clause for the
+/// message; `None` for other errors or when no kernel is in flight.
+pub(crate) fn fault_suspects(e: &cudarc::driver::DriverError) -> Option<String> {
+    if !is_kernel_fault(e) {
+        return None;
+    }
+    let f = in_flight();
+    if f.count == 0 {
+        return None;
+    }
+    let names: Vec<&str> = f.names.iter().copied().collect();
+    let earlier = match f.count - names.len() {
+        0 => String::new(),
+        n => format!(" (and {n} earlier)"),
+    };
+    Some(format!(
+        "kernel fault in one of: {}{earlier}; rerun with QLORA_SYNC=1 to name it",
+        names.join(", ")
+    ))
 }
 
 /// Device memory of one dtype.
@@ -83,13 +159,16 @@ impl CudaStorage {
     /// Copies to the host (synchronous).
     pub fn download(&self) -> Result<CpuStorage> {
         let err = Error::cuda("device to host copy");
-        Ok(match self {
+        let host = match self {
             CudaStorage::F32(s) => CpuStorage::F32(s.stream().clone_dtoh(s).map_err(err)?),
             CudaStorage::BF16(s) => CpuStorage::BF16(s.stream().clone_dtoh(s).map_err(err)?),
             CudaStorage::F16(s) => CpuStorage::F16(s.stream().clone_dtoh(s).map_err(err)?),
             CudaStorage::U8(s) => CpuStorage::U8(s.stream().clone_dtoh(s).map_err(err)?),
             CudaStorage::I32(s) => CpuStorage::I32(s.stream().clone_dtoh(s).map_err(err)?),
-        })
+        };
+        // The copy waited for the stream: every kernel launched before it has run.
+        note_synchronized();
+        Ok(host)
     }
 }
 
@@ -218,7 +297,9 @@ impl CudaDevice {
     pub fn synchronize(&self) -> Result<()> {
         self.stream
             .synchronize()
-            .map_err(Error::cuda("synchronising the stream"))
+            .map_err(Error::cuda("synchronising the stream"))?;
+        note_synchronized();
+        Ok(())
     }
 
     /// Kernel `name` from `kernels/<module>.cu`, loading the module on first use.
@@ -269,7 +350,9 @@ impl CudaDevice {
     ) -> Result<()> {
         // SAFETY: forwarded from the caller's contract.
         unsafe { args.launch(cfg) }.map_err(Error::cuda(format!("launching {name}")))?;
-        if self.sync_each_launch {
+        if !self.sync_each_launch {
+            note_launch(name);
+        } else {
             self.stream
                 .synchronize()
                 .map_err(Error::cuda(format!("kernel {name} (QLORA_SYNC=1)")))?;
