@@ -57,7 +57,9 @@ __device__ __forceinline__ int off_kc(int row, int chunk) { return row * BK + ((
 __device__ __forceinline__ int off_mc(int krow, int chunk) { return krow * BM + ((chunk ^ (krow & 7)) << 3); }
 
 // Loads one operand tile (rows [r0, r0+128) of the m/n dimension, k in [k0, min(k0+32, kend)))
-// with cp.async; zero-fills outside.
+// with cp.async; zero-fills outside. A chunk of 8 that straddles the end of the contiguous
+// dimension (kend for KC, rmax for MC: possible when the row length `ld` is padded past it)
+// copies only the elements before the end and zero-fills the rest, so the padding is never read.
 template <bool KC>
 __device__ __forceinline__ void load_tile(bf16* s, const bf16* g, long long ld, int r0, int rmax, int k0,
                                           int kend) {
@@ -69,12 +71,14 @@ __device__ __forceinline__ void load_tile(bf16* s, const bf16* g, long long ld, 
       const int row = q >> 2, ch = q & 3;
       const int gr = r0 + row, gk = k0 + ch * 8;
       const bool ok = gr < rmax && gk < kend;
-      cp_async_16(s + off_kc(row, ch), ok ? g + (long long)gr * ld + gk : g, ok ? 16 : 0);
+      const int bytes = ok ? 2 * min(8, kend - gk) : 0;
+      cp_async_16(s + off_kc(row, ch), ok ? g + (long long)gr * ld + gk : g, bytes);
     } else {
       const int krow = q >> 4, ch = q & 15;
       const int gk = k0 + krow, gr = r0 + ch * 8;
       const bool ok = gk < kend && gr < rmax;
-      cp_async_16(s + off_mc(krow, ch), ok ? g + (long long)gk * ld + gr : g, ok ? 16 : 0);
+      const int bytes = ok ? 2 * min(8, rmax - gr) : 0;
+      cp_async_16(s + off_mc(krow, ch), ok ? g + (long long)gk * ld + gr : g, bytes);
     }
   }
 }

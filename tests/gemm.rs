@@ -188,6 +188,78 @@ fn gemm_split_k_count_can_be_pinned() {
     assert!(err.to_string().contains("split-K count of 0"), "{err}");
 }
 
+/// `gemm_ptrs` on rows padded past the contiguous dimension (K for the KC operands, M or N for the
+/// MC ones, none a multiple of 8): the padding holds NaN, and none of it may be read — a chunk
+/// that straddles the end copies only what is before it.
+#[test]
+fn gemm_ptrs_never_reads_row_padding() {
+    let Some(Device::Cuda(o)) = gpu_or_skip("gemm_ptrs_never_reads_row_padding") else {
+        return;
+    };
+    let dev = Device::Cuda(o);
+    let mut r = rand::rngs::StdRng::seed_from_u64(6);
+    let (m, n, k) = (97usize, 100usize, 201usize);
+    // A `rows × cols` matrix stored with row length `cols` rounded up to 8, NaN in the padding.
+    let padded = |r: &mut rand::rngs::StdRng, rows: usize, cols: usize| {
+        let ld = cols.next_multiple_of(8);
+        let (vals, _) = data(r, rows * cols, 1.0);
+        let mut buf = vec![bf16::NAN; rows * ld];
+        for i in 0..rows {
+            for j in 0..cols {
+                buf[i * ld + j] = bf16::from_f32(vals[i * cols + j]);
+            }
+        }
+        (vals, Tensor::from_vec(buf, &[rows, ld], &dev).unwrap(), ld)
+    };
+    for layout in [Layout::Nt, Layout::Nn, Layout::Tn] {
+        let (a_rows, a_cols) = if layout == Layout::Tn { (k, m) } else { (m, k) };
+        let (b_rows, b_cols) = if layout == Layout::Nt { (n, k) } else { (k, n) };
+        let (af, a, lda) = padded(&mut r, a_rows, a_cols);
+        let (bf, b, ldb) = padded(&mut r, b_rows, b_cols);
+        let want = reference(
+            m,
+            n,
+            k,
+            |i, p| match layout {
+                Layout::Tn => af[p * m + i] as f64,
+                _ => af[i * k + p] as f64,
+            },
+            |p, j| match layout {
+                Layout::Nt => bf[j * k + p] as f64,
+                _ => bf[p * n + j] as f64,
+            },
+        );
+        let c = Tensor::zeros(&[m, n], DType::F32, &dev).unwrap();
+        // SAFETY: A is [a_rows, lda], B [b_rows, ldb] and C [m, n] bf16/bf16/f32 buffers on this
+        // device, alive until the copy below; the row lengths are multiples of 8.
+        unsafe {
+            gemm::gemm_ptrs(
+                o,
+                layout,
+                a.device_address(),
+                lda,
+                b.device_address(),
+                ldb,
+                c.device_address(),
+                n,
+                m,
+                n,
+                k,
+                DType::F32,
+                1.0,
+                0.0,
+            )
+        }
+        .unwrap();
+        close(
+            &format!("{layout:?} padded rows"),
+            &c.to_vec::<f32>().unwrap(),
+            &want,
+            1e-4,
+        );
+    }
+}
+
 fn nf4_weight(r: &mut impl Rng, n: usize, k: usize, dev: &Device) -> (Nf4Tensor, Tensor) {
     let (_, wb) = data(r, n * k, 0.05);
     let w = Tensor::from_vec(wb, &[n, k], dev).unwrap();

@@ -257,9 +257,9 @@ pub fn lm_head_ce_cuda(
         .map(|&y| if y == IGNORE_INDEX { -1 } else { y as i32 })
         .collect();
     let t_dev = Tensor::from_vec(t_dev, &[t], &dev)?;
-    // The chunk's logits have rows padded to a multiple of 8 elements: the tensor-core GEMM reads
-    // its operands in 16-byte rows. The padding columns stay zero (the GEMM writes and the CE
-    // kernel touches only the V real ones), so dz·W over K = V reads zeros past V.
+    // The chunk's logits have rows padded to a multiple of 8 elements: the tensor-core GEMM needs
+    // 16-byte aligned rows. Only the V real columns are written or read (the GEMMs read nothing
+    // past their K or N, the CE kernel touches columns < V).
     let vp = vocab.next_multiple_of(8);
     let z = Tensor::zeros(&[chunk, vp], DType::F32, &dev)?;
     let zb = Tensor::zeros(&[chunk, vp], DType::BF16, &dev)?;

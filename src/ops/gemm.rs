@@ -201,7 +201,9 @@ pub fn gemm_cuda_split(
 }
 
 /// [`gemm_cuda`] on raw device addresses (row blocks of larger buffers, e.g. one chunk of
-/// tokens). `lda`/`ldb`/`ldc` are row lengths in elements; multiples of 8 for A and B.
+/// tokens). `lda`/`ldb`/`ldc` are row lengths in elements; multiples of 8 for A and B (16-byte
+/// rows). A row may be longer than the dimension it holds (K, or M/N for a transposed operand);
+/// nothing past that dimension is read, so the padding may hold anything.
 ///
 /// # Safety
 /// Each pointer must address a live bf16 (A, B) or `out`-typed (C) buffer of at least
