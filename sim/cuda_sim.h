@@ -83,7 +83,7 @@ template <class T>
 inline T __shfl_xor_sync(unsigned m, T v, int lm, int w = 32) { return qsim_shfl(m, v, ::qsim::kShflXor, lm, w); }
 inline unsigned __ballot_sync(unsigned m, int p) { return ::qsim::vote_ballot(m, p != 0); }
 inline int __any_sync(unsigned m, int p) { return ::qsim::vote_ballot(m, p != 0) != 0; }
-inline int __all_sync(unsigned m, int p) { return ::qsim::vote_ballot(m, p != 0) == (m & ::qsim::vote_ballot(m, true)); }
+inline int __all_sync(unsigned m, int p) { return ::qsim::vote_ballot(m, p != 0) == m; }
 
 inline unsigned atomicAdd(unsigned* p, unsigned v) { return ::qsim::atomic_add_u32(p, v); }
 inline int atomicAdd(int* p, int v) { return ::qsim::atomic_add_i32(p, v); }

@@ -159,6 +159,11 @@ StackPool g_stacks;
 uint32_t g_epoch_counter = 0, g_wepoch_counter = 0;
 uint64_t g_launch_counter = 0;
 
+// "kernel NAME (kernels/FILE.cu)": how every finding begins.
+std::string kernel_label(const KernelInfo* k) {
+  return std::string("kernel ") + k->name + " (kernels/" + k->module + ".cu)";
+}
+
 std::string dims(unsigned x, unsigned y, unsigned z) {
   return "(" + std::to_string(x) + "," + std::to_string(y) + "," + std::to_string(z) + ")";
 }
@@ -379,9 +384,7 @@ void run_block() {
     }
     if (!ran) {
       L.faulted = true;
-      L.error = std::string("kernel ") + L.kernel->name + " (kernels/" + L.kernel->module +
-                ".cu), block " + dims(L.view.bx, L.view.by, L.view.bz) +
-                ": deadlock, no thread can proceed: " + state_summary();
+      L.error = where() + ": deadlock, no thread can proceed: " + state_summary();
       return;
     }
   }
@@ -390,8 +393,9 @@ void run_block() {
 // QLORA_SIM_SCHEDULE: forward, reverse or random for every launch; rotate (the default): launch
 // n gets the (n mod 3)-th; all: every launch runs under all three, from the same memory, and its
 // results must agree.
-bool schedule_all() {
-  static const bool all = [] {
+// The setting, read and checked once.
+const std::string& schedule_setting() {
+  static const std::string setting = [] {
     const char* env = getenv("QLORA_SIM_SCHEDULE");
     const std::string s = env ? env : "rotate";
     if (s != "forward" && s != "reverse" && s != "random" && s != "rotate" && s != "all") {
@@ -399,15 +403,15 @@ bool schedule_all() {
               "reverse, random, rotate, all\n", s.c_str());
       abort();
     }
-    return s == "all";
+    return s;
   }();
-  return all;
+  return setting;
 }
 
+bool schedule_all() { return schedule_setting() == "all"; }
+
 Schedule schedule_for(uint64_t launch) {
-  schedule_all();  // validates the variable
-  static const char* env = getenv("QLORA_SIM_SCHEDULE");
-  const std::string s = env ? env : "rotate";
+  const std::string& s = schedule_setting();
   if (s == "forward") return Schedule::Forward;
   if (s == "reverse") return Schedule::Reverse;
   if (s == "random") return Schedule::Random;
@@ -424,8 +428,7 @@ const char* schedule_label(Schedule s) {
 
 std::string where() {
   LaunchState& L = *g_launch;
-  std::string s = std::string("kernel ") + L.kernel->name + " (kernels/" + L.kernel->module +
-                  ".cu), block " + dims(L.view.bx, L.view.by, L.view.bz);
+  std::string s = kernel_label(L.kernel) + ", block " + dims(L.view.bx, L.view.by, L.view.bz);
   if (g_current) s += ", thread " + dims(g_current->tx, g_current->ty, g_current->tz);
   return s;
 }
@@ -469,10 +472,7 @@ bool module_registered(const char* stem) {
   return false;
 }
 
-const char* schedule_name() {
-  static const char* env = getenv("QLORA_SIM_SCHEDULE");
-  return env ? env : "rotate";
-}
+const char* schedule_name() { return schedule_setting().c_str(); }
 
 namespace {
 bool launch_once(KernelInfo* k, Dim grid, Dim block, size_t dynamic_shared, void** params,
@@ -546,7 +546,7 @@ bool launch(KernelInfo* k, Dim grid, Dim block, size_t dynamic_shared, void** pa
     if (s == Schedule::Forward) {
       first = undo_snapshot();
     } else if (uintptr_t at = undo_first_difference(first)) {
-      *error = std::string("kernel ") + k->name + " (kernels/" + k->module + ".cu): the " +
+      *error = kernel_label(k) + ": the " +
                schedule_label(s) + " schedule leaves " + describe(at) +
                " different from the forward one: the result depends on an order of threads or "
                "blocks the kernel does not enforce (a race the checks did not see)";
@@ -562,7 +562,7 @@ namespace {
 bool launch_once(KernelInfo* k, Dim grid, Dim block, size_t dynamic_shared, void** params,
                  uint64_t id, Schedule schedule, std::string* error) {
   if (dynamic_shared > size_t(kMaxSharedPerBlockOptin)) {
-    *error = std::string("kernel ") + k->name + " (kernels/" + k->module + ".cu) launched with " +
+    *error = kernel_label(k) + " launched with " +
              std::to_string(dynamic_shared) + " bytes of dynamic shared memory, more than an "
              "sm_80 block may have (" + std::to_string(kMaxSharedPerBlockOptin) + ")";
     return false;
@@ -614,7 +614,7 @@ bool launch_once(KernelInfo* k, Dim grid, Dim block, size_t dynamic_shared, void
       k->static_shared_seen = std::max(k->static_shared_seen, st);
       if (st + dynamic_shared > size_t(kMaxSharedPerBlockOptin)) {
         L.faulted = true;
-        L.error = std::string("kernel ") + k->name + " (kernels/" + k->module + ".cu) uses " +
+        L.error = kernel_label(k) + " uses " +
                   std::to_string(st) + " bytes of static shared memory (" + names + ") plus " +
                   std::to_string(dynamic_shared) + " dynamic, more than an sm_80 block may have (" +
                   std::to_string(kMaxSharedPerBlockOptin) + ")";

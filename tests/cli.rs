@@ -4,12 +4,7 @@ use std::process::Command;
 
 use qlora_rs::device::Availability;
 
-fn qlora(args: &[&str]) -> std::process::Output {
-    Command::new(crate::common::qlora_bin())
-        .args(args)
-        .output()
-        .expect("run qlora-rs")
-}
+use crate::common::qlora;
 
 #[test]
 fn cli_env_on_cpu_says_which_device_and_why() {

@@ -3,29 +3,13 @@
 //! Without a GPU the test prints `SKIPPED (no CUDA device)` and passes.
 
 use std::path::Path;
-use std::process::{Command, Output};
 
 use qlora_rs::testing::gpu_or_skip;
 
-fn qlora(args: &[&str]) -> Output {
-    Command::new(crate::common::qlora_bin())
-        .args(args)
-        .output()
-        .expect("run qlora-rs")
-}
-
-fn ok(what: &str, o: &Output) -> String {
-    let stdout = String::from_utf8_lossy(&o.stdout).into_owned();
-    assert!(
-        o.status.success(),
-        "{what} failed:\n{stdout}{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    stdout
-}
+use crate::common::{qlora, qlora_ok, succeeded};
 
 fn eval_loss(device: &str, model: &Path, adapter: &Path, data: &Path) -> f64 {
-    let o = qlora(&[
+    let stdout = qlora_ok(&[
         "eval",
         "--device",
         device,
@@ -39,7 +23,6 @@ fn eval_loss(device: &str, model: &Path, adapter: &Path, data: &Path) -> f64 {
         "--data",
         data.to_str().unwrap(),
     ]);
-    let stdout = ok(&format!("eval --device {device}"), &o);
     let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
     v["loss"].as_f64().unwrap()
 }
@@ -56,7 +39,7 @@ fn cli_train_eval_generate_on_cuda() {
     let data = qlora_rs::testing::project_root().join("tests/fixtures/data");
     let (train_data, eval_data) = (data.join("alpaca.json"), data.join("messages.jsonl"));
 
-    let o = qlora(&[
+    let train = [
         "train",
         "--device",
         "cuda",
@@ -76,8 +59,9 @@ fn cli_train_eval_generate_on_cuda() {
         "2e-2",
         "--max-steps",
         "3",
-    ]);
-    ok("train --device cuda", &o);
+    ];
+    let o = qlora(&train);
+    succeeded(&train, &o);
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert!(stderr.contains("device: cuda:0"), "{stderr}");
     assert!(out.join("adapter_model.safetensors").is_file());
@@ -100,7 +84,7 @@ fn cli_train_eval_generate_on_cuda() {
         "eval of the CUDA-trained adapter: cuda {cuda} vs cpu {cpu}"
     );
 
-    let o = qlora(&[
+    let text = qlora_ok(&[
         "generate",
         "--device",
         "cuda",
@@ -113,7 +97,6 @@ fn cli_train_eval_generate_on_cuda() {
         "--max-new-tokens",
         "4",
     ]);
-    let text = ok("generate --device cuda", &o);
     assert!(!text.trim().is_empty(), "generate printed nothing");
     let _ = std::fs::remove_dir_all(&root);
 }

@@ -1,6 +1,7 @@
 //! Helpers shared by the test modules.
 
 use std::path::PathBuf;
+use std::process::{Command, Output};
 
 /// The `qlora-rs` binary: the one cargo built, or, for test binaries copied to a GPU host, the
 /// bundled `.gpu/bin/qlora-rs` next to the current directory.
@@ -17,6 +18,31 @@ pub fn qlora_bin() -> PathBuf {
     } else {
         built
     }
+}
+
+/// Runs the `qlora-rs` binary with `args`.
+pub fn qlora(args: &[&str]) -> Output {
+    Command::new(qlora_bin())
+        .args(args)
+        .output()
+        .expect("run qlora-rs")
+}
+
+/// The standard output of a `qlora-rs` run that must have succeeded (else a panic with both
+/// outputs).
+pub fn succeeded(args: &[&str], o: &Output) -> String {
+    let stdout = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(
+        o.status.success(),
+        "qlora-rs {args:?} failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    stdout
+}
+
+/// Runs `qlora-rs` with `args`, which must succeed; returns its standard output.
+pub fn qlora_ok(args: &[&str]) -> String {
+    succeeded(args, &qlora(args))
 }
 
 /// Whether CUDA device 0 is the simulated GPU (`scripts/sim.sh`): the real kernels run on the

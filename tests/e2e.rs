@@ -6,23 +6,10 @@
 //! losses exactly; `merge` then `eval` equals `eval --adapter`; `generate` produces text.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use qlora_rs::train::metrics;
 
-fn qlora(args: &[&str]) -> String {
-    let o = Command::new(crate::common::qlora_bin())
-        .args(args)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&o.stdout).into_owned();
-    assert!(
-        o.status.success(),
-        "qlora-rs {args:?} failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    stdout
-}
+use crate::common::qlora_ok as qlora;
 
 /// Eval loss with the base held as `base` (nf4 as in training, or dense).
 fn eval_loss(model: &Path, adapter: Option<&Path>, data: &Path, base: &str) -> f64 {

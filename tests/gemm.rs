@@ -55,6 +55,31 @@ fn reference(
     c
 }
 
+/// The f64 product for `layout` of A and B stored as its operands are (A `[M,K]`, or `[K,M]` for
+/// TN; B `[N,K]` for NT, else `[K,N]`), row-major without padding.
+fn layout_reference(
+    layout: Layout,
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    b: &[f32],
+) -> Vec<f64> {
+    reference(
+        m,
+        n,
+        k,
+        |i, p| match layout {
+            Layout::Tn => a[p * m + i] as f64,
+            _ => a[i * k + p] as f64,
+        },
+        |p, j| match layout {
+            Layout::Nt => b[j * k + p] as f64,
+            _ => b[p * n + j] as f64,
+        },
+    )
+}
+
 fn to_f32(t: &Tensor) -> Vec<f32> {
     match t.dtype() {
         DType::BF16 => t
@@ -100,19 +125,7 @@ fn gemm_all_layouts_match_f64() {
             let (af, ab) = data(&mut r, m * k, 1.0);
             let (bf, bb) = data(&mut r, n * k, 1.0);
             let (cf, _) = data(&mut r, m * n, 1.0);
-            let want = reference(
-                m,
-                n,
-                k,
-                |i, p| match layout {
-                    Layout::Tn => af[p * m + i] as f64,
-                    _ => af[i * k + p] as f64,
-                },
-                |p, j| match layout {
-                    Layout::Nt => bf[j * k + p] as f64,
-                    _ => bf[p * n + j] as f64,
-                },
-            );
+            let want = layout_reference(layout, m, n, k, &af, &bf);
             let a = Tensor::from_vec(ab, &a_shape, &dev).unwrap();
             let b = Tensor::from_vec(bb, &b_shape, &dev).unwrap();
             // fp32 output, C = 0.5·A·B + 2·C
@@ -165,13 +178,7 @@ fn gemm_split_k_count_can_be_pinned() {
     let (m, n, k) = (97usize, 136usize, 1040usize);
     let (af, ab) = data(&mut r, m * k, 1.0);
     let (bf, bb) = data(&mut r, n * k, 1.0);
-    let want = reference(
-        m,
-        n,
-        k,
-        |i, p| af[i * k + p] as f64,
-        |p, j| bf[j * k + p] as f64,
-    );
+    let want = layout_reference(Layout::Nt, m, n, k, &af, &bf);
     let a = Tensor::from_vec(ab, &[m, k], &dev).unwrap();
     let b = Tensor::from_vec(bb, &[n, k], &dev).unwrap();
     let run = |splits| {
@@ -216,19 +223,7 @@ fn gemm_ptrs_never_reads_row_padding() {
         let (b_rows, b_cols) = if layout == Layout::Nt { (n, k) } else { (k, n) };
         let (af, a, lda) = padded(&mut r, a_rows, a_cols);
         let (bf, b, ldb) = padded(&mut r, b_rows, b_cols);
-        let want = reference(
-            m,
-            n,
-            k,
-            |i, p| match layout {
-                Layout::Tn => af[p * m + i] as f64,
-                _ => af[i * k + p] as f64,
-            },
-            |p, j| match layout {
-                Layout::Nt => bf[j * k + p] as f64,
-                _ => bf[p * n + j] as f64,
-            },
-        );
+        let want = layout_reference(layout, m, n, k, &af, &bf);
         let c = Tensor::zeros(&[m, n], DType::F32, &dev).unwrap();
         // SAFETY: A is [a_rows, lda], B [b_rows, ldb] and C [m, n] bf16/bf16/f32 buffers on this
         // device, alive until the copy below; the row lengths are multiples of 8.
