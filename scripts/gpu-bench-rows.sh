@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The issue-8 comparison rows on a GPU host: `qlora-rs bench --device cuda` at the shapes of
-# ../shared/PEERS.md (rank 16, all seven projections), one line of output per figure, into
-# $OUT/bench-rows.log (or .gpu/out/). Run from the project root after ../shared/gpu/bundle.sh,
-# which puts the binary in .gpu/bin/. Rows run smallest first, each under its own time limit,
+# The comparison rows on a GPU host: `qlora-rs bench --device cuda` at the shapes the Python
+# stack (PyTorch + PEFT + bitsandbytes, Unsloth, torchtune) is measured at — SmolLM2-135M, Llama-3
+# 1B and 8B, sequence lengths 2048 to 32768, LoRA rank 16 on all seven projections — one line of
+# output per figure, into $OUT/bench-rows.log (or .gpu/out/). Run from the project root after
+# scripts/gpu-bundle.sh, which puts the binary in .gpu/bin/. Rows run smallest first, each under its own time limit,
 # so a short device lease still gets the small rows; llama3-8b spends about a minute quantizing
 # its random weights on the host before the first step.
 #
