@@ -14,7 +14,7 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use half::bf16;
 use qlora_rs::device::{CudaDevice, Device};
 use qlora_rs::ops::gemm::{self, Layout, LoraCuda};
-use qlora_rs::ops::{attention, cross_entropy, embedding, rmsnorm, rope, swiglu};
+use qlora_rs::ops::{attention, cross_entropy, dropout, embedding, rmsnorm, rope, swiglu};
 use qlora_rs::quant::nf4::{Nf4Config, Nf4Tensor};
 use qlora_rs::testing::gpu_or_skip;
 use qlora_rs::train::optimizer::{AdamWConfig, AdamWCuda};
@@ -192,7 +192,7 @@ fn step_kernels(c: &mut Criterion) {
     g.bench_function(BenchmarkId::new("dropout_bf16", format!("{t}x{d}")), |b| {
         b.iter_custom(|iters| {
             timed(&dev, iters, || {
-                drop(embedding::dropout_cuda(&ea, 0.1, 7).unwrap())
+                drop(dropout::dropout_cuda(&ea, 0.1, 7).unwrap())
             })
         })
     });
@@ -242,7 +242,7 @@ fn step_kernels(c: &mut Criterion) {
             b.iter_custom(|iters| {
                 timed(&dev, iters, || {
                     drop(
-                        cross_entropy::lm_head_ce_cuda(&hh, &ww, &tg, 1.0 / tt as f32, 256)
+                        cross_entropy::lm_head_ce_cuda(&hh, &ww, &tg, Some(1.0 / tt as f32), 256)
                             .unwrap(),
                     )
                 })

@@ -2,13 +2,25 @@
 // src/ops/cross_entropy.rs). logits [rows, V] fp32 (row length `ld` ≥ V, so the lm_head can pad
 // its rows to a multiple of 8 for the GEMMs) are overwritten by dlogits =
 // g·(softmax − onehot(target)) (zeros for target −100); loss[row] = lse − z[target] (0 if
-// ignored). One block per row. The lm_head GEMMs around it (z = h·Wᵀ, dh = dz·W) are the GEMM
-// kernels'.
+// ignored). `ce_loss_f32` computes the loss alone, for evaluation. One block per row. The
+// lm_head GEMMs around it (z = h·Wᵀ, dh = dz·W) are the GEMM kernels'.
 
 #include "common.cuh"
 
+// log Σ_i exp(z_i) over one row, with the row maximum subtracted first; every thread of the
+// block gets it.
+__device__ __forceinline__ float row_lse(const float* z, int vocab) {
+  float m = -INFINITY;
+  for (int i = threadIdx.x; i < vocab; i += blockDim.x) m = fmaxf(m, z[i]);
+  m = block_max_any(m);
+  float s = 0.0f;
+  for (int i = threadIdx.x; i < vocab; i += blockDim.x) s += expf(z[i] - m);
+  s = block_sum(s);
+  return m + logf(s);
+}
+
 // With `dz_bf16` non-null the gradient is also written there in bf16 (the operand of dh = dz·W),
-// with the same row length `ld`; columns V..ld are left as they are (zero, for the GEMM).
+// with the same row length `ld`; columns V..ld are neither read nor written.
 extern "C" __global__ void ce_fwd_bwd_f32(float* logits, const int* targets, float* loss,
                                           int vocab, long long ld, float grad_scale,
                                           bf16* dz_bf16) {
@@ -24,13 +36,7 @@ extern "C" __global__ void ce_fwd_bwd_f32(float* logits, const int* targets, flo
     if (threadIdx.x == 0) loss[row] = 0.0f;
     return;
   }
-  float m = -INFINITY;
-  for (int i = threadIdx.x; i < vocab; i += blockDim.x) m = fmaxf(m, z[i]);
-  m = block_max_any(m);
-  float s = 0.0f;
-  for (int i = threadIdx.x; i < vocab; i += blockDim.x) s += expf(z[i] - m);
-  s = block_sum(s);
-  const float lse = m + logf(s);
+  const float lse = row_lse(z, vocab);
   const float zy = z[y];
   __syncthreads();  // everyone has read z[y] before it is overwritten
   for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
@@ -40,4 +46,19 @@ extern "C" __global__ void ce_fwd_bwd_f32(float* logits, const int* targets, flo
     if (zb) zb[i] = __float2bfloat16_rn(g);
   }
   if (threadIdx.x == 0) loss[row] = lse - zy;
+}
+
+// The loss alone (evaluation): loss[row] = lse − z[target], 0 for ignored rows; the logits are
+// only read.
+extern "C" __global__ void ce_loss_f32(const float* logits, const int* targets, float* loss,
+                                       int vocab, long long ld) {
+  const long long row = blockIdx.x;
+  const int y = targets[row];
+  if (y < 0) {  // the whole block leaves together: y is the row's
+    if (threadIdx.x == 0) loss[row] = 0.0f;
+    return;
+  }
+  const float* z = logits + row * ld;
+  const float lse = row_lse(z, vocab);
+  if (threadIdx.x == 0) loss[row] = lse - z[y];
 }

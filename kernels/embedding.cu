@@ -1,5 +1,6 @@
-// Embedding gather (frozen table, no backward) and dtype casts. Ids are checked against the
-// vocabulary on the host before launch (src/ops/embedding.rs).
+// Embedding gather (frozen table, no backward), dtype casts, the elementwise adds of the step,
+// and the counter-based random kernels (LoRA dropout, random weights). Ids are checked against
+// the vocabulary on the host before launch (src/ops/embedding.rs).
 
 #include "common.cuh"
 
@@ -43,10 +44,23 @@ __device__ __forceinline__ unsigned long long splitmix64(unsigned long long z) {
   z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
   return z ^ (z >> 31);
 }
+// LoRA dropout, y = x ⊙ m: the mask is the counter-based function of src/ops/dropout.rs (its CPU
+// twin, `ops::dropout::mask`, draws the same one), the kept scale 1/(1 − p) is the same f32.
 extern "C" __global__ void dropout_bf16(const bf16* x, bf16* y, long long n, unsigned long long seed, float p) {
   const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= n) return;
   const unsigned long long h = splitmix64(seed ^ ((unsigned long long)i * 0x9E3779B97F4A7C15ull));
   const float u = (float)(h >> 40) * (1.0f / 16777216.0f);
-  y[i] = u >= p ? __float2bfloat16_rn(__bfloat162float(x[i]) / (1.0f - p)) : __float2bfloat16_rn(0.0f);
+  const float scale = 1.0f / (1.0f - p);
+  y[i] = u >= p ? __float2bfloat16_rn(__bfloat162float(x[i]) * scale) : __float2bfloat16_rn(0.0f);
+}
+
+// y[i] = a·(2·u_i − 1), u_i = unit(seed, i) of src/ops/random.rs (its CPU twin `uniform`): random
+// weights drawn on the device (benchmarks of large shapes need no host copy).
+extern "C" __global__ void uniform_bf16(bf16* y, long long n, unsigned long long seed, float a) {
+  const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  const unsigned long long h = splitmix64(seed ^ ((unsigned long long)i * 0x9E3779B97F4A7C15ull));
+  const float u = (float)(h >> 40) * (1.0f / 16777216.0f);
+  y[i] = __float2bfloat16_rn(a * (2.0f * u - 1.0f));
 }

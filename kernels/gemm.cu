@@ -23,6 +23,11 @@
 #define STAGES 3
 #define THREADS 256
 #define TILE_ELEMS (BM * BK)  // = BN * BK
+// Occupancy the tiles are designed for: two 256-thread blocks per SM, so one block's loads
+// overlap the other's mma. That caps registers at 128 per thread (ptxas spills rather than
+// exceed it; build.rs reports any spill), and shared memory at 2 × 48 KiB (plain) or
+// 2 × 40 KiB (NF4), which every sm_80+ SM holds (sm_86/89/120: 100 KiB).
+#define MIN_BLOCKS 2
 
 struct GemmParams {
   const bf16* a;
@@ -224,7 +229,7 @@ __device__ void gemm_body(const GemmParams& p) {
 }
 
 #define GEMM_ENTRY(NAME, AKC, BKC, OUT) \
-  extern "C" __global__ void __launch_bounds__(THREADS) NAME(GemmParams p) { gemm_body<AKC, BKC, OUT>(p); }
+  extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) NAME(GemmParams p) { gemm_body<AKC, BKC, OUT>(p); }
 
 GEMM_ENTRY(gemm_nt_bf16, true, true, bf16)
 GEMM_ENTRY(gemm_nt_f32, true, true, float)
@@ -415,11 +420,11 @@ __device__ void gemm_nf4_body(const GemmParams& p, const Nf4Params& w) {
 }
 
 // Y = X·Wᵀ (+ A2·B2ᵀ): X [M, K] bf16, W NF4 [N, K]; Y [M, N] bf16.
-extern "C" __global__ void __launch_bounds__(THREADS) gemm_nf4_nt_bf16(GemmParams p, Nf4Params w) {
+extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) gemm_nf4_nt_bf16(GemmParams p, Nf4Params w) {
   gemm_nf4_body<true>(p, w);
 }
 // dX = dY·W: dY [M, K=N_out] bf16, W NF4 [N_out, N_in]; dX [M, N_in] bf16.
-extern "C" __global__ void __launch_bounds__(THREADS) gemm_nf4_nn_bf16(GemmParams p, Nf4Params w) {
+extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) gemm_nf4_nn_bf16(GemmParams p, Nf4Params w) {
   gemm_nf4_body<false>(p, w);
 }
 
@@ -427,11 +432,12 @@ extern "C" __global__ void __launch_bounds__(THREADS) gemm_nf4_nn_bf16(GemmParam
 // Memory-bound on W's 4-bit codes: each warp streams 4 rows of W once, in chunks of 1024
 // columns; the chunk of X (M × 1024 bf16) is staged in shared memory. Lane l of a chunk takes
 // the 8-element groups g·256 + 8l (g = 0..3), so X reads are conflict-free and W reads
-// coalesced. Block: 8 warps × 4 rows = 32 output columns.
+// coalesced. Block: 8 warps × 4 rows = 32 output columns; at least two blocks per SM (≤ 128
+// registers, 2 × 32 KiB of shared memory).
 #define SM_CHUNK 1024
 #define SM_ROWS 4
 
-extern "C" __global__ void __launch_bounds__(256) gemm_nf4_small_m_bf16(GemmParams p, Nf4Params w) {
+extern "C" __global__ void __launch_bounds__(256, 2) gemm_nf4_small_m_bf16(GemmParams p, Nf4Params w) {
   __shared__ __align__(16) bf16 sx[16 * SM_CHUNK];
   __shared__ float code[16];
   if (threadIdx.x < 16) code[threadIdx.x] = w.code[threadIdx.x];

@@ -1,5 +1,6 @@
 // SwiGLU h = silu(g)·u and its backward, elementwise over [T, F] bf16 (math and CPU reference:
-// src/ops/swiglu.rs). One thread per element.
+// src/ops/swiglu.rs). One thread per element. The backward may write dgate and dup over gate and
+// up (the launcher does): each thread reads its element of all three inputs before it writes.
 
 #include "common.cuh"
 

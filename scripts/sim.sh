@@ -12,6 +12,12 @@
 #                       all (every launch under all three from the same memory; results must agree)
 #   QLORA_SIM_SEED      seed of the random schedule (printed with every finding)
 #   QLORA_SIM_FAULT_ABORT=1  abort at the first finding (to stop a debugger there)
+#   QLORA_SIM_MODE      check (default: everything runs and is checked) or account (launches
+#                       checked but not run, allocations counted but never touched: the device
+#                       memory of shapes the host could not execute, e.g. bench --shape llama3-8b)
+#   QLORA_SIM_PEAK_DUMP=1  at exit, the live buffers at the peak (sizes and counts)
+#   QLORA_SIM_DYNAMIC_SMEM_DEFAULT  dynamic shared memory a kernel may use without opting in
+#                       (bytes; default 48 KiB as on every card; 0 proves every launcher opts in)
 set -euo pipefail
 if [ $# -eq 0 ]; then
   sed -n '2,/^set /p' "$0" | sed '$d; s/^# \{0,1\}//'

@@ -119,12 +119,49 @@ thread_local std::vector<CUcontext> t_contexts;
 CUcontext primary() { return reinterpret_cast<CUcontext>(&g_primary); }
 CUmemoryPool default_pool() { return reinterpret_cast<CUmemoryPool>(&g_pool); }
 
+// Account mode (QLORA_SIM_MODE=account): launches checked but not run, and at exit one line
+// saying so, with the peak of device memory allocated.
+std::atomic<unsigned long long> g_account_launches{0};
+
+__attribute__((destructor)) void account_summary() {
+  // Only a process that used the device says so (not, say, a probe that only counted devices).
+  if (!qsim::account_mode() || (g_account_launches.load() == 0 && qsim::device_peak() == 0)) return;
+  std::fprintf(stderr,
+               "qlora-rs simulated GPU (QLORA_SIM_MODE=account): %llu kernel launches checked, "
+               "none run (results are zeros); peak device memory allocated %.3f GiB\n",
+               g_account_launches.load(), double(qsim::device_peak()) / double(1ull << 30));
+}
+
 bool abort_on_fault() {
   static const bool abort = [] {
     const char* v = std::getenv("QLORA_SIM_FAULT_ABORT");
     return v && std::strcmp(v, "1") == 0;
   }();
   return abort;
+}
+
+// Dynamic shared memory a kernel may use without opting in (cuFuncSetAttribute): 48 KiB on every
+// card, or QLORA_SIM_DYNAMIC_SMEM_DEFAULT bytes (smaller), which makes every launch that asks for
+// more prove it opted in: a launcher that relies on the default breaks as soon as a stage count
+// or tile grows, and this finds it before that.
+int default_dynamic_shared() {
+  static const int bytes = [] {
+    const char* v = std::getenv("QLORA_SIM_DYNAMIC_SMEM_DEFAULT");
+    if (!v || !*v) return qsim::kMaxSharedPerBlock;
+    char* end = nullptr;
+    long n = std::strtol(v, &end, 10);
+    if (*end != '\0' || n < 0 || n > qsim::kMaxSharedPerBlock) {
+      std::fprintf(stderr, "qlora-rs simulated GPU: QLORA_SIM_DYNAMIC_SMEM_DEFAULT=%s is not a byte "
+                   "count from 0 to %d\n", v, qsim::kMaxSharedPerBlock);
+      std::abort();
+    }
+    return int(n);
+  }();
+  return bytes;
+}
+
+int dynamic_shared_limit(const qsim::KernelInfo* k) {
+  return k->opted_in ? k->max_dynamic_shared : default_dynamic_shared();
 }
 
 // Records a simulator finding as the context's sticky fault (the first one wins) and returns the
@@ -325,6 +362,7 @@ CUresult copy_htod(const char* fn, CUdeviceptr dst, const void* src, size_t n, C
   if (!src) return fail(CUDA_ERROR_INVALID_VALUE, "%s: null host source", fn);
   std::lock_guard<std::mutex> device(qsim::device_mutex());
   TRY(range_ok(dst, n, fn, "destination"));
+  if (qsim::account_mode()) return CUDA_SUCCESS;
   std::memcpy(reinterpret_cast<void*>(dst), src, n);
   qsim::device_mark_written(dst, n);
   return CUDA_SUCCESS;
@@ -339,6 +377,10 @@ CUresult copy_dtoh(const char* fn, void* dst, CUdeviceptr src, size_t n, CUstrea
   {
     std::lock_guard<std::mutex> device(qsim::device_mutex());
     TRY(range_ok(src, n, fn, "source"));
+    if (qsim::account_mode()) {  // nothing ran: the values are zeros, not results
+      std::memset(dst, 0, n);
+      return CUDA_SUCCESS;
+    }
     if (qsim::device_check_written(src, n, what.c_str(), &why)) {
       std::memcpy(dst, reinterpret_cast<const void*>(src), n);
       return CUDA_SUCCESS;
@@ -355,6 +397,7 @@ CUresult copy_dtod(const char* fn, CUdeviceptr dst, CUdeviceptr src, size_t n, C
   std::lock_guard<std::mutex> device(qsim::device_mutex());
   TRY(range_ok(src, n, fn, "source"));
   TRY(range_ok(dst, n, fn, "destination"));
+  if (qsim::account_mode()) return CUDA_SUCCESS;
   std::memmove(reinterpret_cast<void*>(dst), reinterpret_cast<const void*>(src), n);
   qsim::device_copy_written(dst, src, n);
   return CUDA_SUCCESS;
@@ -371,6 +414,7 @@ CUresult memset_n(const char* fn, CUdeviceptr dst, T value, size_t n, CUstream s
   if (n > SIZE_MAX / sizeof(T)) return fail(CUDA_ERROR_INVALID_VALUE, "%s: count overflows", fn);
   std::lock_guard<std::mutex> device(qsim::device_mutex());
   TRY(range_ok(dst, n * sizeof(T), fn, "destination"));
+  if (qsim::account_mode()) return CUDA_SUCCESS;
   T* d = reinterpret_cast<T*>(dst);
   for (size_t i = 0; i < n; ++i) d[i] = value;
   qsim::device_mark_written(dst, n * sizeof(T));
@@ -1064,6 +1108,7 @@ QSIM_EXPORT CUresult CUDAAPI cuFuncSetAttribute(CUfunction hfunc, CUfunction_att
                 "sm_80 block can have (%d bytes, less %zu static)",
                 k->name, value, qsim::kMaxSharedPerBlockOptin, static_shared);
   k->max_dynamic_shared = value;
+  k->opted_in = true;
   return CUDA_SUCCESS;
 }
 
@@ -1079,7 +1124,7 @@ QSIM_EXPORT CUresult CUDAAPI cuFuncGetAttribute(int* pi, CUfunction_attribute at
   switch (attrib) {
     case CU_FUNC_ATTRIBUTE_MAX_THREADS_PER_BLOCK: *pi = k->max_threads; return CUDA_SUCCESS;
     case CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES:
-      *pi = k->max_dynamic_shared; return CUDA_SUCCESS;
+      *pi = dynamic_shared_limit(k); return CUDA_SUCCESS;
     case CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES:  // as seen in launches so far (0 before the first)
       *pi = int(__atomic_load_n(&k->static_shared_seen, __ATOMIC_RELAXED)); return CUDA_SUCCESS;
     default:
@@ -1130,10 +1175,18 @@ QSIM_EXPORT CUresult CUDAAPI cuLaunchKernel(CUfunction f, unsigned int gridDimX,
                   "cuLaunchKernel: kernel %s launched with grid (%u, %u, %u): each dimension "
                   "must be >= 1, x < 2^31, y and z <= 65535", k->name, gridDimX, gridDimY,
                   gridDimZ);
-    if (sharedMemBytes > unsigned(k->max_dynamic_shared))
+    if (sharedMemBytes > unsigned(dynamic_shared_limit(k)))
       return fail(CUDA_ERROR_INVALID_VALUE,
-                  "kernel %s launched with %u bytes of dynamic shared memory but opted into %d "
-                  "(cuFuncSetAttribute)", k->name, sharedMemBytes, k->max_dynamic_shared);
+                  k->opted_in
+                      ? "kernel %s launched with %u bytes of dynamic shared memory but opted into "
+                        "%d (cuFuncSetAttribute)"
+                      : "kernel %s launched with %u bytes of dynamic shared memory without opting "
+                        "in (cuFuncSetAttribute); a block may use %d without",
+                  k->name, sharedMemBytes, dynamic_shared_limit(k));
+  }
+  if (qsim::account_mode()) {  // checked above; nothing runs
+    g_account_launches.fetch_add(1, std::memory_order_relaxed);
+    return CUDA_SUCCESS;
   }
   // Outside g_mu: launch takes the launch lock and runs the whole grid.
   std::string error;

@@ -29,7 +29,20 @@ lines = [
     f'#include "{source}"',
     "}",
 ]
+
+
+def max_threads(bounds):
+    """The first argument of __launch_bounds__(maxThreads[, minBlocks[, maxBlocksPerCluster]])."""
+    depth = 0
+    for i, ch in enumerate(bounds):
+        depth += ch == "("
+        depth -= ch == ")"
+        if ch == "," and depth == 0:
+            return bounds[:i].strip()
+    return bounds.strip()
+
+
 for bounds, name in found:
-    bounds = bounds.strip() or "1024"
+    bounds = max_threads(bounds) or "1024"
     lines.append(f"QSIM_KERNEL({stem}, {name}, ({bounds}))")
 open(out, "w").write("\n".join(lines) + "\n")

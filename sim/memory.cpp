@@ -22,6 +22,7 @@
 #include <algorithm>
 #include <cinttypes>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <fstream>
 #include <map>
@@ -56,7 +57,18 @@ struct Heap {
   std::map<uintptr_t, Alloc> allocs;  // by start address, freed ones kept for messages
   uint64_t next_id = 1;
   size_t used = 0, peak = 0;
+  std::vector<size_t> at_peak;  // sizes of the live buffers at the peak (QLORA_SIM_PEAK_DUMP=1)
 };
+
+// QLORA_SIM_PEAK_DUMP=1: keep the sizes of the live buffers at each new peak, and print them
+// (largest first, with counts) when the process exits: what the peak is made of.
+bool peak_dump() {
+  static const bool on = [] {
+    const char* v = std::getenv("QLORA_SIM_PEAK_DUMP");
+    return v && std::strcmp(v, "1") == 0;
+  }();
+  return on;
+}
 
 void* reserve(size_t bytes) {
   void* p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE,
@@ -127,6 +139,16 @@ const std::vector<SharedVar>& shared_vars() {
   static const std::vector<SharedVar> vars =
       read_static_shared_symbols(shared().static_lo, shared().static_hi);
   return vars;
+}
+
+__attribute__((destructor)) void print_peak() {
+  if (!peak_dump() || g_heap == nullptr || g_heap->peak == 0) return;
+  std::map<size_t, size_t, std::greater<size_t>> counts;
+  for (size_t b : g_heap->at_peak) ++counts[b];
+  fprintf(stderr, "qlora-rs simulated GPU: %zu live buffers at the peak of %zu bytes:\n",
+          g_heap->at_peak.size(), g_heap->peak);
+  for (const auto& [bytes, n] : counts)
+    fprintf(stderr, "  %6zu x %14zu bytes = %14zu\n", n, bytes, n * bytes);
 }
 
 __attribute__((constructor)) void init_memory() {
@@ -330,6 +352,17 @@ void shared_access(uintptr_t a, size_t n, Access kind) {
 
 // ---- device memory API (runtime.h) ----
 
+bool account_mode() {
+  static const bool account = [] {
+    const char* v = std::getenv("QLORA_SIM_MODE");
+    if (!v || !*v || std::strcmp(v, "check") == 0) return false;
+    if (std::strcmp(v, "account") == 0) return true;
+    fprintf(stderr, "qlora-rs simulated GPU: QLORA_SIM_MODE=%s is not `check` or `account`\n", v);
+    abort();
+  }();
+  return account;
+}
+
 uint64_t device_alloc(size_t bytes) {
   Heap& h = heap();
   std::lock_guard<std::mutex> lock(h.mu);
@@ -339,10 +372,17 @@ uint64_t device_alloc(size_t bytes) {
   if (start + span + kRedZone > kHeapReserve) return 0;
   h.next = start + span + kRedZone;
   const uintptr_t a = h.base + start;
-  memset(reinterpret_cast<void*>(a), 0xFF, bytes);
-  memset(h.shadow + start, kUnwritten, bytes);
+  if (!account_mode()) {  // accounting never touches the pages (an 8B model's worth of them)
+    memset(reinterpret_cast<void*>(a), 0xFF, bytes);
+    memset(h.shadow + start, kUnwritten, bytes);
+  }
   h.allocs[a] = Alloc{bytes, h.next_id++, true};
   h.used += bytes;
+  if (h.used > h.peak && peak_dump()) {  // the live buffers at the new high-water mark
+    h.at_peak.clear();
+    for (const auto& [start, al] : h.allocs)
+      if (al.live) h.at_peak.push_back(al.bytes);
+  }
   h.peak = std::max(h.peak, h.used);
   return a;
 }
@@ -355,7 +395,7 @@ bool device_free(uint64_t ptr) {
   it->second.live = false;
   h.used -= it->second.bytes;
   const uintptr_t off = ptr - h.base;
-  memset(h.shadow + off, kNoAccess, it->second.bytes);
+  if (!account_mode()) memset(h.shadow + off, kNoAccess, it->second.bytes);
   // Give whole pages back to the host (the shadow's zero pages read as "no access").
   const uintptr_t page = 4096, lo = (ptr + page - 1) / page * page;
   const uintptr_t hi = (ptr + it->second.bytes) / page * page;
@@ -386,6 +426,17 @@ bool device_range_ok(uint64_t ptr, size_t bytes, const char* what, std::string* 
     *why = std::string(what) + ": " + hex(ptr) + " is not a device address";
     return false;
   }
+  if (account_mode()) {  // no shadow: the range must lie inside one live allocation
+    std::lock_guard<std::mutex> lock(h.mu);
+    auto it = h.allocs.upper_bound(ptr);
+    if (it != h.allocs.begin()) {
+      --it;
+      if (it->second.live && ptr + bytes <= it->first + it->second.bytes) return true;
+    }
+    *why = std::string(what) + ": " + std::to_string(bytes) + " bytes at " + hex(ptr) +
+           " are not inside one live device buffer";
+    return false;
+  }
   const uint8_t* sh = h.shadow + (ptr - h.base);
   for (size_t i = 0; i < bytes; ++i) {
     if (sh[i] == kNoAccess) {
@@ -410,6 +461,17 @@ void device_copy_written(uint64_t dst, uint64_t src, size_t bytes) {
 bool device_check_written(uint64_t ptr, size_t bytes, const char* what, std::string* why) {
   if (!device_range_ok(ptr, bytes, what, why)) return false;
   Heap& h = heap();
+  if (account_mode()) {  // no shadow: the range must lie inside one live allocation
+    std::lock_guard<std::mutex> lock(h.mu);
+    auto it = h.allocs.upper_bound(ptr);
+    if (it != h.allocs.begin()) {
+      --it;
+      if (it->second.live && ptr + bytes <= it->first + it->second.bytes) return true;
+    }
+    *why = std::string(what) + ": " + std::to_string(bytes) + " bytes at " + hex(ptr) +
+           " are not inside one live device buffer";
+    return false;
+  }
   const uint8_t* sh = h.shadow + (ptr - h.base);
   for (size_t i = 0; i < bytes; ++i) {
     if (sh[i] != kWritten) {

@@ -25,7 +25,7 @@ struct Registrar {
   template <class... A>
   Registrar(const char* module, const char* name, void (*fn)(A...), int max_threads) {
     register_kernel(new KernelInfo{module, name, reinterpret_cast<void*>(fn), &invoke_unpacked<A...>,
-                                   int(sizeof...(A)), max_threads, kMaxSharedPerBlock, 0});
+                                   int(sizeof...(A)), max_threads, kMaxSharedPerBlock, 0, false});
   }
 };
 

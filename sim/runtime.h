@@ -28,8 +28,10 @@ struct KernelInfo {
   Invoker invoke;          // unpacks kernelParams by the kernel's C++ signature
   int num_params;
   int max_threads;         // __launch_bounds__ (1024 when none)
-  // Settable with cuFuncSetAttribute (CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES).
-  int max_dynamic_shared;  // 48 KiB unless opted in
+  // Settable with cuFuncSetAttribute (CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES); until
+  // then the launch limit is the card's default (48 KiB, or QLORA_SIM_DYNAMIC_SMEM_DEFAULT).
+  int max_dynamic_shared;
+  bool opted_in = false;
   // Largest static __shared__ footprint seen in any launch so far (bytes).
   size_t static_shared_seen;
 };
@@ -82,6 +84,12 @@ bool launch(KernelInfo* k, Dim grid, Dim block, size_t dynamic_shared, void** pa
 
 // The simulator's settings, from the environment (QLORA_SIM_SCHEDULE etc.), read once.
 const char* schedule_name();
+// QLORA_SIM_MODE=account: launches are checked (configuration, limits, opt-ins) but not run, and
+// allocations are counted (sizes, peak, frees) but their memory is never touched (no poison, no
+// shadow, no copies; downloads read zeros). Measures the device memory of shapes far larger than
+// the host could execute (an 8B model's step) with the real allocation sequence. Default: check
+// (everything runs and is checked).
+bool account_mode();
 
 // ---- what the kernels call (through sim/cuda_sim.h and kernels/ptx.cuh; exec.cpp) ----
 enum ShflMode : int { kShflIdx, kShflUp, kShflDown, kShflXor };

@@ -12,8 +12,6 @@
 
 use std::borrow::Cow;
 
-use rand::{Rng, SeedableRng};
-
 use crate::error::{Error, Result};
 use crate::model::config::LlamaConfig;
 use crate::model::lora::{LoraParams, Target};
@@ -128,13 +126,8 @@ pub struct Tape<'a> {
 }
 
 fn dropout_mask(d: Dropout, layer: usize, target: Target, n: usize) -> Vec<f32> {
-    let stream = (layer as u64) << 8 | target as u64;
-    let mut rng =
-        rand::rngs::StdRng::seed_from_u64(d.seed ^ stream.wrapping_mul(0x9E37_79B9_7F4A_7C15));
-    let keep = (1.0 / (1.0 - d.p)) as f32;
-    (0..n)
-        .map(|_| if rng.random::<f64>() < d.p { 0.0 } else { keep })
-        .collect()
+    let s = crate::ops::dropout::stream_seed(d.seed, layer, target as u64);
+    crate::ops::dropout::mask(s, d.p as f32, n)
 }
 
 impl<'a> Tape<'a> {

@@ -522,6 +522,7 @@ fn run_bench(
     rank: usize,
     targets: &str,
 ) -> qlora_rs::Result<()> {
+    use qlora_rs::model::cuda_llama::{CudaLlama, CudaLora};
     use qlora_rs::model::lora::LoraParams;
     use qlora_rs::train::optimizer::{AdamW, AdamWConfig};
     use rand::{Rng, SeedableRng};
@@ -529,12 +530,23 @@ fn run_bench(
     let device = compute_device(request, true)?;
     let nf4 = BaseFormat::Nf4(Nf4Config::default());
     let started = Instant::now();
-    let model = match (&shape, &model_dir) {
-        (Some(s), _) => Llama::random(shapes::by_name(s)?, nf4, 0)?,
-        (None, Some(m)) => Llama::load(m, nf4)?,
-        (None, None) => unreachable!("clap requires --shape or --model"),
+    // A built-in shape on a GPU is drawn on the GPU: no host copy of the model, whatever its size.
+    let (cpu_model, gpu_model) = match (device, &shape, &model_dir) {
+        (Device::Cuda(o), Some(s), _) => {
+            (None, Some(CudaLlama::random(shapes::by_name(s)?, o, 0)?))
+        }
+        (Device::Cuda(o), None, Some(m)) => {
+            (None, Some(CudaLlama::from_llama(&Llama::load(m, nf4)?, o)?))
+        }
+        (Device::Cpu, Some(s), _) => (Some(Llama::random(shapes::by_name(s)?, nf4, 0)?), None),
+        (Device::Cpu, None, Some(m)) => (Some(Llama::load(m, nf4)?), None),
+        (_, None, None) => unreachable!("clap requires --shape or --model"),
     };
-    let cfg = model.config.clone();
+    let cfg = match (&cpu_model, &gpu_model) {
+        (Some(m), _) => m.config.clone(),
+        (None, Some(m)) => m.config.clone(),
+        (None, None) => unreachable!("one of the two was built above"),
+    };
     let lora_cfg = LoraConfig {
         rank,
         alpha: 2.0 * rank as f64,
@@ -563,8 +575,8 @@ fn run_bench(
     let mut times = Vec::with_capacity(steps);
     let counted = (tokens - batch) as f32;
     let mut device_memory = None;
-    match device {
-        Device::Cpu => {
+    match (&cpu_model, &gpu_model, device) {
+        (Some(model), _, _) => {
             for step in 0..=steps {
                 let t0 = Instant::now();
                 grads.fill(0.0);
@@ -583,9 +595,7 @@ fn run_bench(
                 }
             }
         }
-        Device::Cuda(o) => {
-            use qlora_rs::model::cuda_llama::{CudaLlama, CudaLora};
-            let gpu = CudaLlama::from_llama(&model, o)?;
+        (None, Some(gpu), Device::Cuda(o)) => {
             let mut gpu_lora = CudaLora::from_params(&lora, None, AdamWConfig::default(), o)?;
             let dev = CudaDevice::get(o)?;
             for step in 0..=steps {
@@ -601,6 +611,7 @@ fn run_bench(
             }
             device_memory = Some((dev.memory_used()?, dev.pool_peaks()?));
         }
+        _ => unreachable!("the model was built for `device` above"),
     }
     let mean = times.iter().sum::<f64>() / times.len().max(1) as f64;
     // Model FLOPs per step: 6·N·T for the parameter products (forward, and the input and
@@ -663,12 +674,19 @@ fn run_bench(
                 ),
                 None => println!("  MFU         n/a (no bf16 peak on file for {name})"),
             }
+            if name.contains("simulated") {
+                println!(
+                    "  note        the simulated GPU proves results and measures memory; its \
+                     times are the CPU's, not a GPU's"
+                );
+            }
             let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
             if let Some((used, pool)) = device_memory {
                 if let Some((allocated, reserved)) = pool {
                     println!(
-                        "  peak memory {:.2} GiB allocated, {:.2} GiB reserved (every tensor we \
-                         allocate; cf. torch.cuda.max_memory_allocated/reserved)",
+                        "  peak memory {:.2} GiB allocated ({allocated} bytes), {:.2} GiB \
+                         reserved (every tensor we allocate; cf. \
+                         torch.cuda.max_memory_allocated/reserved)",
                         gib(allocated),
                         gib(reserved)
                     );
@@ -682,8 +700,10 @@ fn run_bench(
         }
     }
     println!(
-        "  plan        {:.2} GiB on a CUDA device for this configuration (see `qlora-rs plan`)",
-        plan.total() as f64 / (1u64 << 30) as f64
+        "  plan        {:.2} GiB ({} bytes) on a CUDA device for this configuration (see \
+         `qlora-rs plan`)",
+        plan.total() as f64 / (1u64 << 30) as f64,
+        plan.total()
     );
     Ok(())
 }

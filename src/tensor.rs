@@ -132,6 +132,25 @@ impl Tensor {
         cpu.to_device(device)
     }
 
+    /// A tensor for a kernel to overwrite whole: on a GPU its memory is not cleared (what it
+    /// holds is unspecified), on the CPU it is zeros. Only for outputs whose kernel writes every
+    /// element (the simulated GPU reports a read of any element that was never written);
+    /// accumulators take [`Tensor::zeros`].
+    pub(crate) fn uninit(shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
+        let n: usize = shape.iter().product();
+        let storage = match device {
+            Device::Cpu => Storage::Cpu(CpuStorage::zeros(dtype, n)),
+            Device::Cuda(ordinal) => {
+                Storage::Cuda(CudaDevice::get(*ordinal)?.alloc_uninit(dtype, n)?)
+            }
+        };
+        Ok(Tensor {
+            storage,
+            shape: shape.to_vec(),
+            device: *device,
+        })
+    }
+
     /// A zero-filled tensor.
     pub fn zeros(shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
         let n: usize = shape.iter().product();

@@ -63,6 +63,66 @@ fn cuda_step_with_projection_biases_matches_the_cpu() {
     step_parity(o, 8, cfg);
 }
 
+/// LoRA dropout draws the same masks on both devices (one counter-based function of the seed,
+/// layer, projection and element): one micro-batch's adapter gradients on the GPU equal the
+/// CPU's with the same seed, and differ from the CPU's with another seed by far more than the
+/// tolerance, so the comparison can tell masks apart.
+#[test]
+fn cuda_step_dropout_masks_match_the_cpu() {
+    let Some(Device::Cuda(o)) = gpu_or_skip("cuda_step_dropout_masks_match_the_cpu") else {
+        return;
+    };
+    let cfg = small_config();
+    let model = Llama::random(cfg.clone(), BaseFormat::Nf4(Nf4Config::default()), 3).unwrap();
+    let lora_cfg = LoraConfig {
+        rank: 8,
+        alpha: 16.0,
+        rslora: false,
+        dropout: 0.3,
+        targets: Target::ALL.to_vec(),
+    };
+    let mut lora = LoraParams::init(&cfg, lora_cfg, 4).unwrap();
+    for s in lora.slots.clone() {
+        for (i, v) in lora.values[s.b.clone()].iter_mut().enumerate() {
+            *v = ((i * 31 % 17) as f32 - 8.0) * 0.01;
+        }
+    }
+    let ids: Vec<u32> = (0..81u32).map(|i| (i * 37 + 11) % 515).collect();
+    let labels: Vec<i64> = ids.iter().map(|&t| t as i64).collect();
+    let cu = [0usize, 50, 81];
+    let seed = qlora_rs::ops::dropout::batch_seed(1234, 7, 1);
+    let cpu_grads = |seed: u64| {
+        let mut g = vec![0.0f32; lora.len()];
+        model
+            .forward_backward(&lora, &mut g, &ids, &labels, &cu, 0.01, seed)
+            .unwrap();
+        g
+    };
+    let (same, other) = (cpu_grads(seed), cpu_grads(seed + 1));
+    let gpu_model = CudaLlama::from_llama(&model, o).unwrap();
+    let mut gpu_lora = CudaLora::from_params(&lora, None, AdamWConfig::default(), o).unwrap();
+    gpu_lora.zero_grads().unwrap();
+    gpu_lora.set_dropout_seed(Some(seed));
+    gpu_model
+        .forward_backward(&mut gpu_lora, &ids, &labels, &cu, 0.01)
+        .unwrap();
+    let gpu = gpu_lora.grads_to_host().unwrap();
+    // Relative distance over the whole gradient vector.
+    let dist = |a: &[f32], b: &[f32]| {
+        let (mut d, mut n) = (0.0f64, 0.0f64);
+        for (&x, &y) in a.iter().zip(b) {
+            d += (x as f64 - y as f64).powi(2);
+            n += (y as f64).powi(2);
+        }
+        (d / n).sqrt()
+    };
+    let (to_same, to_other) = (dist(&gpu, &same), dist(&gpu, &other));
+    assert!(
+        to_same < 0.05 && to_other > 4.0 * to_same,
+        "GPU gradients vs the CPU's: {to_same:.4} with the same seed, {to_other:.4} with another"
+    );
+}
+
 fn step_parity(o: usize, rank: usize, cfg: LlamaConfig) {
     let model = Llama::random(cfg.clone(), BaseFormat::Nf4(Nf4Config::default()), 3).unwrap();
     let lora_cfg = LoraConfig {

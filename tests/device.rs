@@ -317,3 +317,36 @@ fn device_cuda_kernel_fault_names_its_kernel() {
         }
     }
 }
+
+/// Every launcher whose kernel takes dynamic shared memory opts in for it (cuFuncSetAttribute)
+/// instead of leaning on the 48 KiB a block gets by default: on the simulated GPU, with that
+/// default set to 0 bytes, the plain GEMM (split and unsplit), the NF4 GEMMs, the fused LoRA
+/// views and the flash-attention backward still run. On a real GPU the setting does not exist,
+/// so the test says so and passes.
+#[test]
+fn device_cuda_dynamic_shared_memory_is_always_opted_into() {
+    let Some(_) = gpu_or_skip("device_cuda_dynamic_shared_memory_is_always_opted_into") else {
+        return;
+    };
+    if !crate::common::on_simulator() {
+        eprintln!("device_cuda_dynamic_shared_memory_is_always_opted_into: SKIPPED (needs the simulated GPU's QLORA_SIM_DYNAMIC_SMEM_DEFAULT)");
+        return;
+    }
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "gemm::gemm_split_k_count_can_be_pinned",
+            "gemm::gemm_and_lora_launchers_refuse_what_their_kernels_cannot_take",
+            "flash::flash_attention_packed_batches_equal_each_sequence_alone",
+        ])
+        .env("QLORA_SIM_DYNAMIC_SMEM_DEFAULT", "0")
+        .env("QLORA_REQUIRE_GPU", "1")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("test result: ok. 3 passed"),
+        "with no dynamic shared memory by default:\n{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -43,11 +43,14 @@ fn naive_bf16(d: Dims, q: &[f64], k: &[f64], v: &[f64], cu: &[usize]) -> Vec<f64
                     })
                     .collect();
                 let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-                let z: f64 = s.iter().map(|x| (x - m).exp()).sum();
+                let e: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
+                let z: f64 = e.iter().sum();
+                // Each probability once (rounded to bf16), not once per output column.
+                let p: Vec<f64> = e.iter().map(|x| round_bf16(x / z)).collect();
                 for c in 0..dim {
                     let acc: f64 = (w[0]..=i)
-                        .zip(&s)
-                        .map(|(j, sv)| round_bf16((sv - m).exp() / z) * v[(j * kv_n + g) * dim + c])
+                        .zip(&p)
+                        .map(|(j, pj)| pj * v[(j * kv_n + g) * dim + c])
                         .sum();
                     o[(i * h_n + h) * dim + c] = round_bf16(acc);
                 }
@@ -117,10 +120,11 @@ fn run_case(dev: &Device, d: Dims, cu: &[usize], seed: u64, check_grads: bool) {
                 "{label}: {name} error {e:e} (max |ref| {scale:e})"
             );
         }
-        // Deterministic: the same call gives the same bits.
-        let (dq2, dk2, _) = attention::backward_cuda(d, &q, &k, &v, &o, &lse, &dout, cu).unwrap();
+        // Deterministic: the same call gives the same bits, for all three gradients.
+        let (dq2, dk2, dv2) = attention::backward_cuda(d, &q, &k, &v, &o, &lse, &dout, cu).unwrap();
         assert_eq!(dq.to_vec::<bf16>().unwrap(), dq2.to_vec::<bf16>().unwrap());
         assert_eq!(dk.to_vec::<bf16>().unwrap(), dk2.to_vec::<bf16>().unwrap());
+        assert_eq!(dv.to_vec::<bf16>().unwrap(), dv2.to_vec::<bf16>().unwrap());
     }
 }
 
@@ -137,7 +141,11 @@ fn flash_attention_matches_f64_over_lengths_and_gqa() {
     let Some(dev) = gpu_or_skip("flash_attention_matches_f64_over_lengths_and_gqa") else {
         return;
     };
-    for (i, len) in [1usize, 2, 63, 97, 257, 1025].into_iter().enumerate() {
+    // Lengths on and off the 64-row tiles (64 and 128 end exactly on a tile edge).
+    for (i, len) in [1usize, 2, 63, 64, 97, 128, 257, 1025]
+        .into_iter()
+        .enumerate()
+    {
         run_case(&dev, dims(4, 4, 64), &[0, len], i as u64, true);
         run_case(&dev, dims(9, 3, 64), &[0, len], 10 + i as u64, true);
         run_case(&dev, dims(8, 2, 128), &[0, len], 20 + i as u64, len <= 257);
@@ -148,43 +156,60 @@ fn flash_attention_matches_f64_over_lengths_and_gqa() {
     run_case(&dev, dims(4, 1, 128), &[0, long], 30, false);
 }
 
+/// A packed batch gives each sequence exactly what it gets alone, forward and backward, bit for
+/// bit: head dim 64 with GQA 3 and head dim 128 with GQA 4, lengths on and off the tile edges.
 #[test]
 fn flash_attention_packed_batches_equal_each_sequence_alone() {
     let Some(dev) = gpu_or_skip("flash_attention_packed_batches_equal_each_sequence_alone") else {
         return;
     };
-    let d = dims(9, 3, 64);
-    let lens = [1usize, 63, 97, 257];
+    packed_equals_alone(&dev, dims(9, 3, 64), &[1, 63, 97, 257], 40);
+    packed_equals_alone(&dev, dims(8, 2, 128), &[64, 1, 130, 97], 50);
+}
+
+fn packed_equals_alone(dev: &Device, d: Dims, lens: &[usize], seed: u64) {
     let cu: Vec<usize> = std::iter::once(0)
         .chain(lens.iter().scan(0, |s, &l| {
             *s += l;
             Some(*s)
         }))
         .collect();
-    run_case(&dev, d, &cu, 40, true);
+    run_case(dev, d, &cu, seed, true);
     let t = *cu.last().unwrap();
-    let mut r = rand::rngs::StdRng::seed_from_u64(41);
-    let (_, qb) = data(&mut r, t * 9 * 64);
-    let (_, kb) = data(&mut r, t * 3 * 64);
-    let (_, vb) = data(&mut r, t * 3 * 64);
-    let up = |v: &[bf16], n, h| Tensor::from_vec(v.to_vec(), &[n, h, 64], &dev).unwrap();
-    let (packed, _) =
-        attention::forward_cuda(d, &up(&qb, t, 9), &up(&kb, t, 3), &up(&vb, t, 3), &cu).unwrap();
-    let packed = packed.to_vec::<bf16>().unwrap();
+    let (qw, kw) = (d.heads * d.head_dim, d.kv_heads * d.head_dim);
+    let mut r = rand::rngs::StdRng::seed_from_u64(seed + 1);
+    let (_, qb) = data(&mut r, t * qw);
+    let (_, kb) = data(&mut r, t * kw);
+    let (_, vb) = data(&mut r, t * kw);
+    let (_, db) = data(&mut r, t * qw);
+    let up = |v: &[bf16], n, h| Tensor::from_vec(v.to_vec(), &[n, h, d.head_dim], dev).unwrap();
+    let bits = |t: &Tensor| t.to_vec::<bf16>().unwrap();
+    let run = |s: usize, l: usize, cu: &[usize]| {
+        let (q, k, v) = (
+            up(&qb[s * qw..(s + l) * qw], l, d.heads),
+            up(&kb[s * kw..(s + l) * kw], l, d.kv_heads),
+            up(&vb[s * kw..(s + l) * kw], l, d.kv_heads),
+        );
+        let dout = up(&db[s * qw..(s + l) * qw], l, d.heads);
+        let (o, lse) = attention::forward_cuda(d, &q, &k, &v, cu).unwrap();
+        let (dq, dk, dv) = attention::backward_cuda(d, &q, &k, &v, &o, &lse, &dout, cu).unwrap();
+        [bits(&o), bits(&dq), bits(&dk), bits(&dv)]
+    };
+    let packed = run(0, t, &cu);
     for w in cu.windows(2) {
         let (s, l) = (w[0], w[1] - w[0]);
-        let (alone, _) = attention::forward_cuda(
-            d,
-            &up(&qb[s * 576..(s + l) * 576], l, 9),
-            &up(&kb[s * 192..(s + l) * 192], l, 3),
-            &up(&vb[s * 192..(s + l) * 192], l, 3),
-            &[0, l],
-        )
-        .unwrap();
-        assert_eq!(
-            &packed[s * 576..(s + l) * 576],
-            alone.to_vec::<bf16>().unwrap().as_slice()
-        );
+        let alone = run(s, l, &[0, l]);
+        for (i, name) in ["o", "dq", "dk", "dv"].into_iter().enumerate() {
+            let width = if i < 2 { qw } else { kw };
+            assert_eq!(
+                &packed[i][s * width..(s + l) * width],
+                alone[i].as_slice(),
+                "{name} of the sequence at {s} (length {l}), H={} Hkv={} D={}",
+                d.heads,
+                d.kv_heads,
+                d.head_dim
+            );
+        }
     }
 }
 

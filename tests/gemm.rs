@@ -4,6 +4,7 @@
 
 use crate::common::on_simulator;
 use half::bf16;
+use qlora_rs::device::CudaDevice;
 use qlora_rs::ops::gemm::{self, Layout, LoraCuda};
 use qlora_rs::ops::linear;
 use qlora_rs::quant::nf4::{Nf4Config, Nf4Tensor};
@@ -206,9 +207,10 @@ fn gemm_ptrs_never_reads_row_padding() {
     let dev = Device::Cuda(o);
     let mut r = rand::rngs::StdRng::seed_from_u64(6);
     let (m, n, k) = (97usize, 100usize, 201usize);
-    // A `rows × cols` matrix stored with row length `cols` rounded up to 8, NaN in the padding.
-    let padded = |r: &mut rand::rngs::StdRng, rows: usize, cols: usize| {
-        let ld = cols.next_multiple_of(8);
+    // A `rows × cols` matrix stored with row length `cols` rounded up to 8 plus `extra`, NaN in
+    // the padding.
+    let padded = |r: &mut rand::rngs::StdRng, rows: usize, cols: usize, extra: usize| {
+        let ld = cols.next_multiple_of(8) + extra;
         let (vals, _) = data(r, rows * cols, 1.0);
         let mut buf = vec![bf16::NAN; rows * ld];
         for i in 0..rows {
@@ -218,11 +220,16 @@ fn gemm_ptrs_never_reads_row_padding() {
         }
         (vals, Tensor::from_vec(buf, &[rows, ld], &dev).unwrap(), ld)
     };
-    for layout in [Layout::Nt, Layout::Nn, Layout::Tn] {
+    // Rows padded to the next 16 bytes, and rows far longer than the dimension (a row block of
+    // a wider buffer).
+    for (layout, extra) in [Layout::Nt, Layout::Nn, Layout::Tn]
+        .into_iter()
+        .flat_map(|l| [(l, 0), (l, 40)])
+    {
         let (a_rows, a_cols) = if layout == Layout::Tn { (k, m) } else { (m, k) };
         let (b_rows, b_cols) = if layout == Layout::Nt { (n, k) } else { (k, n) };
-        let (af, a, lda) = padded(&mut r, a_rows, a_cols);
-        let (bf, b, ldb) = padded(&mut r, b_rows, b_cols);
+        let (af, a, lda) = padded(&mut r, a_rows, a_cols, extra);
+        let (bf, b, ldb) = padded(&mut r, b_rows, b_cols, extra + 16);
         let want = layout_reference(layout, m, n, k, &af, &bf);
         let c = Tensor::zeros(&[m, n], DType::F32, &dev).unwrap();
         // SAFETY: A is [a_rows, lda], B [b_rows, ldb] and C [m, n] bf16/bf16/f32 buffers on this
@@ -247,7 +254,7 @@ fn gemm_ptrs_never_reads_row_padding() {
         }
         .unwrap();
         close(
-            &format!("{layout:?} padded rows"),
+            &format!("{layout:?} rows padded by {extra}"),
             &c.to_vec::<f32>().unwrap(),
             &want,
             1e-4,
@@ -255,10 +262,157 @@ fn gemm_ptrs_never_reads_row_padding() {
     }
 }
 
+/// Every assumption the kernels make about raw addresses and views is an `Err` naming the op
+/// and the argument before anything launches: row lengths shorter than the row, addresses the
+/// 16-byte copies cannot take, adapter views that do not fit the layer, x and dy of different
+/// token counts. (Without these checks the misaligned cases fault the card after the launch and
+/// the others read the wrong memory.)
+#[test]
+fn gemm_and_lora_launchers_refuse_what_their_kernels_cannot_take() {
+    let Some(Device::Cuda(o)) =
+        gpu_or_skip("gemm_and_lora_launchers_refuse_what_their_kernels_cannot_take")
+    else {
+        return;
+    };
+    let dev = Device::Cuda(o);
+    let (m, n, k) = (24usize, 32usize, 64usize);
+    let buf = Tensor::zeros(&[4096], DType::BF16, &dev).unwrap();
+    let c = Tensor::zeros(&[m * n + 8], DType::F32, &dev).unwrap();
+    let (base, cbase) = (buf.device_address(), c.device_address());
+    let gemm = |a: u64, lda: usize, cc: u64, layout: Layout| {
+        // SAFETY: every case either fails its checks before the launch or addresses
+        // [m, k] / [n, k] bf16 and [m, n] f32 inside `buf` and `c`.
+        unsafe {
+            gemm::gemm_ptrs(
+                o,
+                layout,
+                a,
+                lda,
+                base + 2048 * 2,
+                k,
+                cc,
+                n,
+                m,
+                n,
+                k,
+                DType::F32,
+                1.0,
+                0.0,
+            )
+        }
+    };
+    gemm(base, k, cbase, Layout::Nt).unwrap();
+    let refusals = [
+        (
+            gemm(base + 2, k, cbase, Layout::Nt),
+            "A's device address 0x",
+        ),
+        (
+            gemm(base + 8, k, cbase, Layout::Nt),
+            "must be 16-byte aligned",
+        ),
+        (gemm(base, k, cbase + 2, Layout::Nt), "C's device address"),
+        (
+            gemm(base, 56, cbase, Layout::Nt),
+            "A's row length (56) is shorter",
+        ),
+        // Tn: A is [K, M], rows of M = 24, so a row length of 16 is short.
+        (
+            gemm(base, 16, cbase, Layout::Tn),
+            "A's row length (16) is shorter",
+        ),
+    ];
+    for (result, want) in refusals {
+        let err = result.unwrap_err().to_string();
+        assert!(
+            err.contains("gemm (cuda)") && err.contains(want),
+            "{want}: {err}"
+        );
+    }
+    CudaDevice::get(o).unwrap().synchronize().unwrap();
+
+    // Adapter views: r = 8 on a 32 × 64 layer.
+    let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+    let (q, _) = nf4_weight(&mut rng, n, k, &dev);
+    let (_, xb) = data(&mut rng, m * k, 1.0);
+    let x = Tensor::from_vec(xb, &[m, k], &dev).unwrap();
+    let grads = Tensor::zeros(&[8 * k + n * 8], DType::F32, &dev).unwrap();
+    let view = gemm::LoraView {
+        a: gemm::DevMat {
+            ptr: base,
+            rows: 8,
+            cols: k,
+        },
+        b: gemm::DevMat {
+            ptr: base + 8 * k as u64 * 2,
+            rows: n,
+            cols: 8,
+        },
+        grad_a: grads.device_address(),
+        grad_b: grads.device_address() + 8 * k as u64 * 4,
+        scale: 1.0,
+        dropout: None,
+    };
+    let (_, xa) = gemm::lora_forward_view(&x, &q, &view).unwrap();
+    let dy = Tensor::zeros(&[m, n], DType::BF16, &dev).unwrap();
+    gemm::lora_backward_view(&x, &q, &view, &xa, &dy).unwrap();
+    let mut misaligned = view;
+    misaligned.a.ptr += 8;
+    let mut wrong_b = view;
+    wrong_b.b.rows = n + 8;
+    let mut null_grad = view;
+    null_grad.grad_b = 0;
+    let mut odd_grad = view;
+    odd_grad.grad_a += 2;
+    let fewer = Tensor::zeros(&[m - 1, n], DType::BF16, &dev).unwrap();
+    let refusals = [
+        (
+            gemm::lora_forward_view(&x, &q, &misaligned).map(|_| ()),
+            "A's device address",
+        ),
+        (
+            gemm::lora_forward_view(&x, &q, &wrong_b).map(|_| ()),
+            "B [32, r]",
+        ),
+        (
+            gemm::lora_backward_view(&x, &q, &wrong_b, &xa, &dy).map(|_| ()),
+            "B [32, r]",
+        ),
+        (
+            gemm::lora_backward_view(&x, &q, &null_grad, &xa, &dy).map(|_| ()),
+            "dB view has a null device address",
+        ),
+        (
+            gemm::lora_backward_view(&x, &q, &odd_grad, &xa, &dy).map(|_| ()),
+            "dA's device address",
+        ),
+        // x has 24 tokens, dy 23.
+        (
+            gemm::lora_backward_view(&x, &q, &view, &xa, &fewer).map(|_| ()),
+            "x [23, 64]",
+        ),
+    ];
+    for (result, want) in refusals {
+        let err = result.unwrap_err().to_string();
+        assert!(err.contains("lora") && err.contains(want), "{want}: {err}");
+    }
+    CudaDevice::get(o).unwrap().synchronize().unwrap();
+}
+
 fn nf4_weight(r: &mut impl Rng, n: usize, k: usize, dev: &Device) -> (Nf4Tensor, Tensor) {
+    nf4_weight_with(r, n, k, dev, Nf4Config::default())
+}
+
+fn nf4_weight_with(
+    r: &mut impl Rng,
+    n: usize,
+    k: usize,
+    dev: &Device,
+    cfg: Nf4Config,
+) -> (Nf4Tensor, Tensor) {
     let (_, wb) = data(r, n * k, 0.05);
     let w = Tensor::from_vec(wb, &[n, k], dev).unwrap();
-    let q = Nf4Tensor::quantize(&w, Nf4Config::default()).unwrap();
+    let q = Nf4Tensor::quantize(&w, cfg).unwrap();
     let dense = q.dequantize(DType::BF16).unwrap();
     (q, dense)
 }
@@ -281,42 +435,80 @@ fn nf4_gemm_equals_dequantize_then_gemm() {
         (97, 1032, 576),
         big,
     ] {
-        let (q, dense) = nf4_weight(&mut r, n, k, &dev);
-        let (_, xb) = data(&mut r, m * k, 1.0);
-        let x = Tensor::from_vec(xb, &[m, k], &dev).unwrap();
-        let y = gemm::nf4_forward_cuda(&x, &q, None).unwrap();
-        // The reference unsplit, like the NF4 kernels (a card with many SMs would otherwise split
-        // K here and round the fp32 sums in another order).
-        let mut want = Tensor::zeros(&[m, n], DType::BF16, &dev).unwrap();
-        gemm::gemm_cuda_split(Layout::Nt, &x, &dense, &mut want, 1.0, 0.0, Some(1)).unwrap();
-        if m > gemm::SMALL_M {
-            // Same bf16 weights, same tiles, same accumulation order: identical.
-            assert_eq!(
-                y.to_vec::<bf16>().unwrap(),
-                want.to_vec::<bf16>().unwrap(),
-                "forward {m}x{n}x{k}"
-            );
-        } else {
-            // The small-M kernel adds in another order: equal to bf16 rounding.
-            let w: Vec<f64> = to_f32(&want).iter().map(|&v| v as f64).collect();
-            close(
-                &format!("small-M forward {m}x{n}x{k}"),
-                &to_f32(&y),
-                &w,
-                1e-2,
-            );
+        check_nf4_gemm(&dev, &mut r, (m, n, k), Nf4Config::default());
+    }
+}
+
+/// The NF4 GEMMs with plain (not double-quantized) absmax and with every other kind of block:
+/// the smallest (32), larger ones, and one larger than a row (4096 > K), on the small-M and
+/// the tensor-core kernels.
+#[test]
+fn nf4_gemm_with_plain_absmax_and_other_block_sizes() {
+    let Some(dev) = gpu_or_skip("nf4_gemm_with_plain_absmax_and_other_block_sizes") else {
+        return;
+    };
+    let mut r = rand::rngs::StdRng::seed_from_u64(12);
+    for (blocksize, double_quant) in [
+        (64, false),
+        (32, true),
+        (32, false),
+        (128, true),
+        (256, false),
+        (4096, true),
+    ] {
+        let cfg = Nf4Config {
+            blocksize,
+            double_quant,
+        };
+        for mnk in [(3usize, 136usize, 96usize), (97, 264, 576)] {
+            check_nf4_gemm(&dev, &mut r, mnk, cfg);
         }
-        let (_, dyb) = data(&mut r, m * n, 1.0);
-        let dy = Tensor::from_vec(dyb, &[m, n], &dev).unwrap();
-        let dx = gemm::nf4_dx_cuda(&dy, &q).unwrap();
-        let mut want = Tensor::zeros(&[m, k], DType::BF16, &dev).unwrap();
-        gemm::gemm_cuda_split(Layout::Nn, &dy, &dense, &mut want, 1.0, 0.0, Some(1)).unwrap();
+    }
+}
+
+/// `nf4_forward_cuda` and `nf4_dx_cuda` on a random W quantized with `cfg` against the plain
+/// GEMM on its dequantized bf16 copy (unsplit, like the NF4 kernels).
+fn check_nf4_gemm(
+    dev: &Device,
+    r: &mut impl Rng,
+    (m, n, k): (usize, usize, usize),
+    cfg: Nf4Config,
+) {
+    let (q, dense) = nf4_weight_with(r, n, k, dev, cfg);
+    let (_, xb) = data(r, m * k, 1.0);
+    let x = Tensor::from_vec(xb, &[m, k], dev).unwrap();
+    let y = gemm::nf4_forward_cuda(&x, &q, None).unwrap();
+    // The reference unsplit, like the NF4 kernels (a card with many SMs would otherwise split
+    // K here and round the fp32 sums in another order).
+    let mut want = Tensor::zeros(&[m, n], DType::BF16, dev).unwrap();
+    gemm::gemm_cuda_split(Layout::Nt, &x, &dense, &mut want, 1.0, 0.0, Some(1)).unwrap();
+    if m > gemm::SMALL_M {
+        // Same bf16 weights, same tiles, same accumulation order: identical.
         assert_eq!(
-            dx.to_vec::<bf16>().unwrap(),
+            y.to_vec::<bf16>().unwrap(),
             want.to_vec::<bf16>().unwrap(),
-            "dx {m}x{n}x{k}"
+            "forward {m}x{n}x{k} {cfg:?}"
+        );
+    } else {
+        // The small-M kernel adds in another order: equal to bf16 rounding.
+        let w: Vec<f64> = to_f32(&want).iter().map(|&v| v as f64).collect();
+        close(
+            &format!("small-M forward {m}x{n}x{k} {cfg:?}"),
+            &to_f32(&y),
+            &w,
+            1e-2,
         );
     }
+    let (_, dyb) = data(r, m * n, 1.0);
+    let dy = Tensor::from_vec(dyb, &[m, n], dev).unwrap();
+    let dx = gemm::nf4_dx_cuda(&dy, &q).unwrap();
+    let mut want = Tensor::zeros(&[m, k], DType::BF16, dev).unwrap();
+    gemm::gemm_cuda_split(Layout::Nn, &dy, &dense, &mut want, 1.0, 0.0, Some(1)).unwrap();
+    assert_eq!(
+        dx.to_vec::<bf16>().unwrap(),
+        want.to_vec::<bf16>().unwrap(),
+        "dx {m}x{n}x{k} {cfg:?}"
+    );
 }
 
 #[test]
@@ -418,15 +610,21 @@ fn lora_view_with_dropout_matches_the_cpu_with_the_same_mask() {
     let (t, i, out, rank, p, seed) = (97usize, 576usize, 200usize, 16usize, 0.25f32, 1234u64);
     // The mask: dropout of ones; same seed, same mask; about 1 − p kept.
     let ones = Tensor::from_vec(vec![bf16::ONE; t * i], &[t, i], &dev).unwrap();
-    let mask = to_f32(&qlora_rs::ops::embedding::dropout_cuda(&ones, p, seed).unwrap());
+    let mask = to_f32(&qlora_rs::ops::dropout::dropout_cuda(&ones, p, seed).unwrap());
     assert_eq!(
         mask,
-        to_f32(&qlora_rs::ops::embedding::dropout_cuda(&ones, p, seed).unwrap())
+        to_f32(&qlora_rs::ops::dropout::dropout_cuda(&ones, p, seed).unwrap())
     );
     assert_ne!(
         mask,
-        to_f32(&qlora_rs::ops::embedding::dropout_cuda(&ones, p, seed + 1).unwrap())
+        to_f32(&qlora_rs::ops::dropout::dropout_cuda(&ones, p, seed + 1).unwrap())
     );
+    // The CPU draws the same mask (`ops::dropout::mask`); the GPU's is rounded to bf16.
+    let cpu_mask = qlora_rs::ops::dropout::mask(seed, p, t * i);
+    for (j, (&g, &c)) in mask.iter().zip(&cpu_mask).enumerate() {
+        assert_eq!(g == 0.0, c == 0.0, "mask element {j}: GPU {g}, CPU {c}");
+        assert_eq!(bf16::from_f32(c).to_f32(), g, "mask element {j}");
+    }
     let kept = mask.iter().filter(|&&m| m != 0.0).count() as f64 / mask.len() as f64;
     assert!((kept - 0.75).abs() < 0.02, "kept {kept}");
     assert!(mask

@@ -167,6 +167,7 @@ fn kernels_swiglu_match_cpu() {
         let (g, gb) = bf16_data(&mut r, n, 6.0);
         let (u, ub) = bf16_data(&mut r, n, 2.0);
         let (dh, dhb) = bf16_data(&mut r, n, 1.0);
+        let (gb_copy, ub_copy) = (gb.clone(), ub.clone());
         let (gg, ug, dhg) = (up(&dev, gb, &[n]), up(&dev, ub, &[n]), up(&dev, dhb, &[n]));
         check(
             "swiglu h",
@@ -175,7 +176,12 @@ fn kernels_swiglu_match_cpu() {
             BF16,
         );
         let (dg_ref, du_ref) = swiglu::backward(&g, &u, &dh).unwrap();
-        let (dg, du) = swiglu::backward_cuda(&gg, &ug, &dhg).unwrap();
+        // In place over copies of gate and up (the originals are read again above).
+        let (gc, uc) = (
+            up(&dev, gb_copy.clone(), &[n]),
+            up(&dev, ub_copy.clone(), &[n]),
+        );
+        let (dg, du) = swiglu::backward_cuda(gc, uc, &dhg).unwrap();
         check("swiglu dgate", &f64s_bf16(&dg), &f64s(&dg_ref), BF16);
         check("swiglu dup", &f64s_bf16(&du), &f64s(&du_ref), BF16);
     }
@@ -400,15 +406,18 @@ fn kernels_fused_lm_head_cross_entropy_matches_cpu() {
         let count = targets.iter().filter(|&&y| y >= 0).count();
         let g = 1.0 / count as f32;
         let want = cross_entropy::forward_backward(&h, &w, d, &targets, Some(g), 32).unwrap();
-        let out = cross_entropy::lm_head_ce_cuda(
-            &up(&dev, hb, &[t, d]),
-            &up(&dev, wb, &[vocab, d]),
-            &targets,
-            g,
-            chunk,
-        )
-        .unwrap();
+        let (h_dev, w_dev) = (up(&dev, hb, &[t, d]), up(&dev, wb, &[vocab, d]));
+        let out = cross_entropy::lm_head_ce_cuda(&h_dev, &w_dev, &targets, Some(g), chunk).unwrap();
         assert_eq!(out.count, want.count);
+        // The loss alone (evaluation): no gradient, the same losses bit for bit.
+        let eval = cross_entropy::lm_head_ce_cuda(&h_dev, &w_dev, &targets, None, chunk).unwrap();
+        assert!(eval.dh.is_none());
+        assert_eq!(eval.count, want.count);
+        assert_eq!(
+            eval.loss.to_vec::<f32>().unwrap(),
+            out.loss.to_vec::<f32>().unwrap(),
+            "loss-only CE, V = {vocab}"
+        );
         let loss: f64 = out
             .loss
             .to_vec::<f32>()
@@ -425,12 +434,39 @@ fn kernels_fused_lm_head_cross_entropy_matches_cpu() {
         let scale = dh_ref.iter().fold(0.0f64, |m, v| m.max(v.abs()));
         check(
             "fused lm_head+CE dh",
-            &f64s_bf16(&out.dh),
+            &f64s_bf16(out.dh.as_ref().unwrap()),
             &dh_ref,
             Tolerance {
                 abs: 2e-2 * scale,
                 rel: 2e-2,
             },
         );
+    }
+}
+
+/// Random weights drawn on the device equal the CPU formula (`ops::random::uniform`) bit for
+/// bit, at sizes off every block edge; they are bounded by a and centred.
+#[test]
+fn kernels_uniform_random_matches_the_cpu_formula() {
+    let Some(dev) = gpu_or_skip("kernels_uniform_random_matches_the_cpu_formula") else {
+        return;
+    };
+    use qlora_rs::ops::random;
+    let a = 0.02f32 * 3f32.sqrt();
+    for (n, seed) in [(1usize, 5u64), (257, 6), (100_003, 7)] {
+        let got = random::uniform_cuda(&[n], a, seed, &dev)
+            .unwrap()
+            .to_vec::<bf16>()
+            .unwrap();
+        let want: Vec<bf16> = (0..n as u64)
+            .map(|i| bf16::from_f32(random::uniform(seed, i, a)))
+            .collect();
+        assert_eq!(got, want, "n = {n}");
+        let bound = bf16::from_f32(a).to_f32();
+        assert!(got.iter().all(|v| v.to_f32().abs() <= bound));
+        if n > 1000 {
+            let mean = got.iter().map(|v| v.to_f32() as f64).sum::<f64>() / n as f64;
+            assert!(mean.abs() < 1e-3, "mean {mean}");
+        }
     }
 }

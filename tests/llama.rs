@@ -790,8 +790,10 @@ fn memory_plan_adds_up_and_answers_fits() {
     };
     let p = memory::plan(&cfg, &lora, 2048).unwrap();
     let item = |n: &str| p.items.iter().find(|i| i.name == n).unwrap().bytes;
-    // 8B at rank 16 on all projections: 41,943,040 adapter parameters, 16 bytes each.
-    assert_eq!(item("adapters"), 16 * 41_943_040);
+    // 8B at rank 16 on all projections: 41,943,040 adapter parameters, 18 bytes each (fp32
+    // weights, bf16 copy, fp32 gradients, AdamW m and v) and the optimizer's norm scratch.
+    assert_eq!(item("adapters"), 18 * 41_943_040 + 8 * 512 + 12);
+    assert_eq!(item("step"), 2048 * 8);
     assert_eq!(item("checkpoints"), 32 * 2048 * 4096 * 2);
     // NF4 base ≈ 4.13 bits per projection weight.
     let proj_params = 32u64 * (4096 * 4096 * 2 + 4096 * 1024 * 2 + 3 * 4096 * 14336);

@@ -479,3 +479,32 @@ fn cross_entropy_rejects_labels_outside_the_vocabulary() {
         vec![6, 7, -100, 9, -100]
     );
 }
+
+/// The LoRA-dropout mask is the counter-based function both devices share: pinned values (from
+/// the formula in `ops::dropout`, computed independently), about 1 − p kept with scale
+/// 1/(1 − p), one stream per (layer, projection), p = 0 keeps everything.
+#[test]
+fn dropout_mask_is_the_shared_counter_based_function() {
+    use qlora_rs::ops::dropout;
+    // splitmix64(42 ⊕ i·φ) >> 40, over 2²⁴, against p = 0.5.
+    let kept: Vec<bool> = (0..16).map(|i| dropout::keep(42, i, 0.5)).collect();
+    let want = [
+        true, false, false, false, false, false, false, true, true, false, false, true, true, true,
+        true, true,
+    ];
+    assert_eq!(kept, want);
+    let n = 200_000;
+    let m = dropout::mask(dropout::stream_seed(7, 3, 2), 0.25, n);
+    let frac = m.iter().filter(|&&v| v != 0.0).count() as f64 / n as f64;
+    assert!((frac - 0.75).abs() < 0.005, "kept {frac}");
+    assert!(m.iter().all(|&v| v == 0.0 || v == 1.0 / 0.75f32));
+    assert_eq!(m, dropout::mask(dropout::stream_seed(7, 3, 2), 0.25, n));
+    assert_ne!(m, dropout::mask(dropout::stream_seed(7, 3, 1), 0.25, n));
+    assert_ne!(m, dropout::mask(dropout::stream_seed(7, 4, 2), 0.25, n));
+    assert_ne!(
+        dropout::batch_seed(1, 2, 0),
+        dropout::batch_seed(1, 2, 1),
+        "micro-batches of a step draw different masks"
+    );
+    assert!(dropout::mask(99, 0.0, 1000).iter().all(|&v| v == 1.0));
+}

@@ -217,6 +217,11 @@ int main() {
         all ? "QLORA_SIM_SCHEDULE=all: a result that depends on the block order is reported"
             : "a race between blocks passes under a single schedule (QLORA_SIM_SCHEDULE=all finds it)");
   }
+  // __launch_bounds__(64, 2): the thread limit is 64, not the comma expression's 2.
+  {
+    KernelInfo* k = find_kernel("st_bounded");
+    check(k && k->max_threads == 64, "__launch_bounds__(64, 2) registers a 64-thread limit");
+  }
   printf("%d passed, %d failed\n", passes, failures);
   return failures;
 }

@@ -111,3 +111,6 @@ extern "C" __global__ void st_last_writer(int* out) {
 
 // Writes through whatever pointer it is given (a null one, in the self-test).
 extern "C" __global__ void st_write_through(float* p) { p[threadIdx.x] = 1.0f; }
+
+// __launch_bounds__ with a minimum block count: the first argument alone is the thread limit.
+extern "C" __global__ void __launch_bounds__(64, 2) st_bounded(float* p) { p[threadIdx.x] = 1.0f; }

@@ -179,6 +179,8 @@ pub struct CudaDevice {
     stream: Arc<CudaStream>,
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
     functions: Mutex<HashMap<(&'static str, &'static str), CudaFunction>>,
+    /// Dynamic shared memory each kernel has been allowed (cuFuncSetAttribute), bytes.
+    shared_allowed: Mutex<HashMap<(&'static str, &'static str), usize>>,
     sync_each_launch: bool,
 }
 
@@ -217,6 +219,7 @@ impl CudaDevice {
             stream,
             modules: Mutex::new(HashMap::new()),
             functions: Mutex::new(HashMap::new()),
+            shared_allowed: Mutex::new(HashMap::new()),
             sync_each_launch: std::env::var("QLORA_SYNC").is_ok_and(|v| v == "1"),
         });
         devices.insert(ordinal, dev.clone());
@@ -335,6 +338,47 @@ impl CudaDevice {
         Ok(f)
     }
 
+    /// Kernel `name` from `kernels/<module>.cu`, allowed `bytes` of dynamic shared memory per
+    /// block. Every launcher whose kernel takes dynamic shared memory comes here, whatever the
+    /// size: the 48 KiB a block gets without opting in is a default, not a promise that a tile or
+    /// stage count will stay under it. The attribute is set once per kernel and size; more than
+    /// the card allows is an error naming the kernel.
+    pub fn function_with_shared(
+        &self,
+        module: &'static str,
+        name: &'static str,
+        bytes: usize,
+    ) -> Result<CudaFunction> {
+        use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
+        let f = self.function(module, name)?;
+        let mut allowed = self
+            .shared_allowed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if allowed.get(&(module, name)).is_some_and(|&a| a >= bytes) {
+            return Ok(f);
+        }
+        let most = self
+            .ctx
+            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+            .map_err(Error::cuda("reading the shared memory limit"))?;
+        if bytes > most.max(0) as usize {
+            return Err(Error::CudaUnavailable(format!(
+                "kernel {name} ({module}.cu) needs {bytes} bytes of shared memory per block; this \
+                 GPU allows {most}"
+            )));
+        }
+        f.set_attribute(
+            CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            bytes as i32,
+        )
+        .map_err(Error::cuda(format!(
+            "allowing {bytes} bytes of shared memory for {name}"
+        )))?;
+        allowed.insert((module, name), bytes);
+        Ok(f)
+    }
+
     /// Launches a kernel whose arguments are already pushed onto `args`, then (with
     /// `QLORA_SYNC=1`) synchronises and reports a fault under the kernel's name.
     ///
@@ -358,6 +402,25 @@ impl CudaDevice {
                 .map_err(Error::cuda(format!("kernel {name} (QLORA_SYNC=1)")))?;
         }
         Ok(())
+    }
+
+    /// A buffer of `n` elements whose contents are unspecified (no memset): for outputs a kernel
+    /// overwrites whole. Every element type we store is valid for any bit pattern.
+    pub fn alloc_uninit(&self, dtype: DType, n: usize) -> Result<CudaStorage> {
+        let s = &self.stream;
+        let err = Error::cuda(format!("allocating {n} {dtype} elements"));
+        // SAFETY: `alloc` hands out device memory without initialising it; f32, bf16, f16, u8
+        // and i32 have no invalid bit patterns, and the memory is only read through copies and
+        // kernels, never as Rust references.
+        Ok(unsafe {
+            match dtype {
+                DType::F32 => CudaStorage::F32(s.alloc(n).map_err(err)?),
+                DType::BF16 => CudaStorage::BF16(s.alloc(n).map_err(err)?),
+                DType::F16 => CudaStorage::F16(s.alloc(n).map_err(err)?),
+                DType::U8 => CudaStorage::U8(s.alloc(n).map_err(err)?),
+                DType::I32 => CudaStorage::I32(s.alloc(n).map_err(err)?),
+            }
+        })
     }
 
     /// A zero-filled buffer of `n` elements.

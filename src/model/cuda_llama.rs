@@ -35,6 +35,17 @@ fn bf16_tensor(v: &[f32], shape: &[usize], dev: &Device) -> Result<Tensor> {
     )
 }
 
+/// The flash-attention kernels take head dims 64 and 128.
+fn check_head_dim(c: &LlamaConfig) -> Result<()> {
+    if c.head_dim != 64 && c.head_dim != 128 {
+        return Err(Error::InvalidArgument(format!(
+            "the CUDA step needs head_dim 64 or 128 (flash attention); this model has {}",
+            c.head_dim
+        )));
+    }
+    Ok(())
+}
+
 /// The frozen model on one GPU.
 pub struct CudaLlama {
     pub config: LlamaConfig,
@@ -72,12 +83,7 @@ impl CudaLlama {
     /// the model holds them dense).
     pub fn from_llama(model: &Llama, ordinal: usize) -> Result<CudaLlama> {
         let c = model.config.clone();
-        if c.head_dim != 64 && c.head_dim != 128 {
-            return Err(Error::InvalidArgument(format!(
-                "the CUDA step needs head_dim 64 or 128 (flash attention); this model has {}",
-                c.head_dim
-            )));
-        }
+        check_head_dim(&c)?;
         let dev = Device::Cuda(ordinal);
         let d = c.hidden_size;
         let embed = bf16_tensor(model.embedding(), &[c.vocab_size, d], &dev)?;
@@ -135,6 +141,67 @@ impl CudaLlama {
         })
     }
 
+    /// A model of configuration `config` with random weights drawn on GPU `ordinal` itself (the
+    /// distribution of [`Llama::random`]: uniform with the spread of N(0, 0.02²), norms 1;
+    /// projections quantized to NF4 on the device), so that a benchmark or a memory measurement
+    /// of an 8B shape needs no host copy of the model. Tensor `k` of the model draws from stream
+    /// `seed ⊕ k·φ` (`ops::random`).
+    pub fn random(config: LlamaConfig, ordinal: usize, seed: u64) -> Result<CudaLlama> {
+        use crate::ops::random::{uniform_cuda, PHI};
+        let c = config;
+        check_head_dim(&c)?;
+        let dev = Device::Cuda(ordinal);
+        let d = c.hidden_size;
+        let a = 0.02f32 * 3f32.sqrt();
+        let mut k = 0u64;
+        let mut draw = |shape: &[usize]| {
+            k += 1;
+            uniform_cuda(shape, a, seed ^ k.wrapping_mul(PHI), &dev)
+        };
+        let embed = draw(&[c.vocab_size, d])?;
+        let lm_head = if c.tie_word_embeddings {
+            None
+        } else {
+            Some(draw(&[c.vocab_size, d])?)
+        };
+        let mut proj = Vec::with_capacity(c.num_layers);
+        let mut bias = Vec::with_capacity(c.num_layers);
+        for _ in 0..c.num_layers {
+            let mut layer = Vec::with_capacity(7);
+            let mut layer_bias = Vec::with_capacity(7);
+            for t in Target::ALL {
+                let (i, o) = t.dims(&c);
+                // One dense projection at a time exists in bf16, then only its NF4 form.
+                layer.push(Nf4Tensor::quantize(&draw(&[o, i])?, Nf4Config::default())?);
+                let has_bias = match t {
+                    Target::Q | Target::K | Target::V => c.qkv_bias,
+                    Target::O => c.o_bias,
+                    _ => false,
+                };
+                layer_bias.push(if has_bias { Some(draw(&[o])?) } else { None });
+            }
+            proj.push(layer);
+            bias.push(layer_bias);
+        }
+        let ones = || bf16_tensor(&vec![1.0; d], &[d], &dev);
+        let norm_in = (0..c.num_layers).map(|_| ones()).collect::<Result<_>>()?;
+        let norm_post = (0..c.num_layers).map(|_| ones()).collect::<Result<_>>()?;
+        let inv_freq = crate::ops::rope::inv_freq(c.head_dim, c.rope_theta, c.rope_scaling);
+        let freqs = Tensor::from_vec(inv_freq, &[c.head_dim / 2], &dev)?;
+        Ok(CudaLlama {
+            norm: ones()?,
+            config: c,
+            device: dev,
+            embed,
+            lm_head,
+            norm_in,
+            norm_post,
+            proj,
+            bias,
+            freqs,
+        })
+    }
+
     /// The GPU this model lives on.
     pub fn config_ordinal(&self) -> usize {
         match self.device {
@@ -169,6 +236,25 @@ impl CudaLlama {
         Ok((y, xa))
     }
 
+    /// `s·x̃·Aᵀ` of projection `t` alone (None when it has no adapter): the replay of the down
+    /// projection, whose output nothing reads, needs only this.
+    fn linear_xa(
+        &self,
+        lora: Option<&CudaLora>,
+        l: usize,
+        t: Target,
+        x: &Tensor,
+    ) -> Result<Option<Tensor>> {
+        match lora.and_then(|a| a.view(l, t)) {
+            Some(view) => Ok(Some(gemm::lora_xa_view(
+                x,
+                &self.proj[l][t as usize],
+                &view,
+            )?)),
+            None => Ok(None),
+        }
+    }
+
     fn linear_bwd(
         &self,
         lora: Option<&CudaLora>,
@@ -185,15 +271,90 @@ impl CudaLlama {
         }
     }
 
-    /// One decoder layer; with `keep`, every value its backward needs.
+    /// [`Self::linear_bwd`] for an input nothing needs afterwards: dx is written over it.
+    fn linear_bwd_over_x(
+        &self,
+        lora: Option<&CudaLora>,
+        l: usize,
+        t: Target,
+        x: Tensor,
+        xa: Option<&Tensor>,
+        dy: &Tensor,
+    ) -> Result<Tensor> {
+        let w = &self.proj[l][t as usize];
+        match (lora.and_then(|a| a.view(l, t)), xa) {
+            (Some(view), Some(xa)) => gemm::lora_backward_view_over_x(x, w, &view, xa, dy),
+            _ => gemm::nf4_dx_into(dy, w, x),
+        }
+    }
+
+    /// One decoder layer's output, each value dropped after its last use (the forward of the
+    /// last layer is one of the step's two memory peaks, with the backward's first replay).
     fn layer(
         &self,
         lora: Option<&CudaLora>,
         l: usize,
         x: &Tensor,
         b: &StepBatch,
-        keep: bool,
-    ) -> Result<(Tensor, Option<Saved>)> {
+    ) -> Result<Tensor> {
+        let c = &self.config;
+        let t = b.tokens;
+        let eps = c.rms_norm_eps;
+        let (n1, _) = rmsnorm::forward_cuda(x, &self.norm_in[l], eps)?;
+        let (mut q, _) = self.linear(lora, l, Target::Q, &n1)?;
+        let (mut k, _) = self.linear(lora, l, Target::K, &n1)?;
+        let (mut v, _) = self.linear(lora, l, Target::V, &n1)?;
+        drop(n1);
+        q.reshape_in_place(&[t, c.num_heads, c.head_dim])?;
+        k.reshape_in_place(&[t, c.num_kv_heads, c.head_dim])?;
+        v.reshape_in_place(&[t, c.num_kv_heads, c.head_dim])?;
+        rope::apply_cuda(&mut q, &b.positions, &self.freqs, false)?;
+        rope::apply_cuda(&mut k, &b.positions, &self.freqs, false)?;
+        let dims = attention::Dims {
+            heads: c.num_heads,
+            kv_heads: c.num_kv_heads,
+            head_dim: c.head_dim,
+        };
+        let (mut o, _) = attention::forward_cuda(dims, &q, &k, &v, &b.cu_seqlens)?;
+        drop((q, k, v));
+        o.reshape_in_place(&[t, c.q_dim()])?;
+        let (a, _) = self.linear(lora, l, Target::O, &o)?;
+        drop(o);
+        let (h1, n2, _) = rmsnorm::forward_residual_cuda(x, &a, &self.norm_post[l], eps)?;
+        drop(a);
+        let (g, _) = self.linear(lora, l, Target::Gate, &n2)?;
+        let (u, _) = self.linear(lora, l, Target::Up, &n2)?;
+        drop(n2);
+        let s = swiglu::forward_cuda(&g, &u)?;
+        drop((g, u));
+        let (dn, _) = self.linear(lora, l, Target::Down, &s)?;
+        drop(s);
+        embedding::add_cuda(&h1, &dn)
+    }
+
+    /// The replay of layer `l` for its backward: every value the backward needs, and nothing
+    /// else (the down projection's output and the layer's output are not computed; only the
+    /// down adapter's `s·x̃·Aᵀ`).
+    fn layer_saved(
+        &self,
+        lora: Option<&CudaLora>,
+        l: usize,
+        x: &Tensor,
+        b: &StepBatch,
+    ) -> Result<Saved> {
+        let mut sv = self.layer_to_down(lora, l, x, b)?;
+        sv.xa[Target::Down as usize] = self.linear_xa(lora, l, Target::Down, &sv.s)?;
+        Ok(sv)
+    }
+
+    /// Layer `l` up to the down projection's input `s` (the down adapter's `xa` left empty).
+    fn layer_to_down(
+        &self,
+        lora: Option<&CudaLora>,
+        l: usize,
+        x: &Tensor,
+        b: &StepBatch,
+    ) -> Result<Saved> {
         let c = &self.config;
         let t = b.tokens;
         let eps = c.rms_norm_eps;
@@ -215,12 +376,11 @@ impl CudaLlama {
         o.reshape_in_place(&[t, c.q_dim()])?;
         let (a, xa_o) = self.linear(lora, l, Target::O, &o)?;
         let (h1, n2, r2) = rmsnorm::forward_residual_cuda(x, &a, &self.norm_post[l], eps)?;
+        drop(a);
         let (g, xa_g) = self.linear(lora, l, Target::Gate, &n2)?;
         let (u, xa_u) = self.linear(lora, l, Target::Up, &n2)?;
         let s = swiglu::forward_cuda(&g, &u)?;
-        let (dn, xa_d) = self.linear(lora, l, Target::Down, &s)?;
-        let out = embedding::add_cuda(&h1, &dn)?;
-        let saved = keep.then(|| Saved {
+        Ok(Saved {
             n1,
             r1,
             q,
@@ -234,12 +394,14 @@ impl CudaLlama {
             g,
             u,
             s,
-            xa: [xa_q, xa_k, xa_v, xa_o, xa_g, xa_u, xa_d],
-        });
-        Ok((out, saved))
+            xa: [xa_q, xa_k, xa_v, xa_o, xa_g, xa_u, None],
+        })
     }
 
     /// The backward of layer `l` from its input `x` (replayed) and the gradient of its output.
+    /// Every saved value and every gradient is dropped as soon as its last use has run, so the
+    /// live set at each point is what the rest of the backward needs (this is what bounds the
+    /// step's peak memory: see `model::memory`).
     fn layer_bwd(
         &self,
         lora: &CudaLora,
@@ -250,48 +412,70 @@ impl CudaLlama {
     ) -> Result<Tensor> {
         let c = &self.config;
         let t = b.tokens;
-        let (_, sv) = self.layer(Some(lora), l, x, b, true)?;
-        let mut sv = sv.expect("kept");
-        let xa = |i: Target| sv.xa[i as usize].as_ref();
-        let ds = self.linear_bwd(Some(lora), l, Target::Down, &sv.s, xa(Target::Down), dout)?;
-        let (dg, du) = swiglu::backward_cuda(&sv.g, &sv.u, &ds)?;
+        let lora = Some(lora);
+        let Saved {
+            n1,
+            r1,
+            q,
+            k,
+            v,
+            mut o,
+            lse,
+            h1,
+            n2,
+            r2,
+            g,
+            u,
+            s,
+            xa: [xa_q, xa_k, xa_v, xa_o, xa_g, xa_u, xa_d],
+        } = self.layer_saved(lora, l, x, b)?;
+        // MLP: down, SwiGLU, gate + up, the post-attention norm.
+        // ds is written over s, the down projection's input, which nothing needs after it.
+        let ds = self.linear_bwd_over_x(lora, l, Target::Down, s, xa_d.as_ref(), dout)?;
+        drop(xa_d);
+        let (dg, du) = swiglu::backward_cuda(g, u, &ds)?;
+        drop(ds);
+        let dn2 = self.linear_bwd(lora, l, Target::Gate, &n2, xa_g.as_ref(), &dg)?;
+        drop((dg, xa_g));
         let dn2 = embedding::add_cuda(
-            &self.linear_bwd(Some(lora), l, Target::Gate, &sv.n2, xa(Target::Gate), &dg)?,
-            &self.linear_bwd(Some(lora), l, Target::Up, &sv.n2, xa(Target::Up), &du)?,
+            &dn2,
+            &self.linear_bwd(lora, l, Target::Up, &n2, xa_u.as_ref(), &du)?,
         )?;
-        let dh1 = rmsnorm::backward_cuda(&sv.h1, &self.norm_post[l], &sv.r2, &dn2, Some(dout))?;
-        let mut d_o = self.linear_bwd(Some(lora), l, Target::O, &sv.o, xa(Target::O), &dh1)?;
+        drop((du, n2, xa_u));
+        let dh1 = rmsnorm::backward_cuda(&h1, &self.norm_post[l], &r2, &dn2, Some(dout))?;
+        drop((h1, r2, dn2));
+        // Attention: o projection, flash attention, RoPE.
+        let mut d_o = self.linear_bwd(lora, l, Target::O, &o, xa_o.as_ref(), &dh1)?;
+        drop(xa_o);
         d_o.reshape_in_place(&[t, c.num_heads, c.head_dim])?;
-        sv.o.reshape_in_place(&[t, c.num_heads, c.head_dim])?;
+        o.reshape_in_place(&[t, c.num_heads, c.head_dim])?;
         let dims = attention::Dims {
             heads: c.num_heads,
             kv_heads: c.num_kv_heads,
             head_dim: c.head_dim,
         };
-        let (mut dq, mut dk, mut dv) = attention::backward_cuda(
-            dims,
-            &sv.q,
-            &sv.k,
-            &sv.v,
-            &sv.o,
-            &sv.lse,
-            &d_o,
-            &b.cu_seqlens,
-        )?;
+        let (mut dq, mut dk, mut dv) =
+            attention::backward_cuda(dims, &q, &k, &v, &o, &lse, &d_o, &b.cu_seqlens)?;
+        drop((q, k, v, o, lse, d_o));
         rope::apply_cuda(&mut dq, &b.positions, &self.freqs, true)?;
         rope::apply_cuda(&mut dk, &b.positions, &self.freqs, true)?;
         dq.reshape_in_place(&[t, c.q_dim()])?;
         dk.reshape_in_place(&[t, c.kv_dim()])?;
         dv.reshape_in_place(&[t, c.kv_dim()])?;
-        let xa = |i: Target| sv.xa[i as usize].as_ref();
+        // q, k, v projections into the input norm's gradient, one at a time.
+        let dn1 = self.linear_bwd(lora, l, Target::Q, &n1, xa_q.as_ref(), &dq)?;
+        drop((dq, xa_q));
         let dn1 = embedding::add_cuda(
-            &embedding::add_cuda(
-                &self.linear_bwd(Some(lora), l, Target::Q, &sv.n1, xa(Target::Q), &dq)?,
-                &self.linear_bwd(Some(lora), l, Target::K, &sv.n1, xa(Target::K), &dk)?,
-            )?,
-            &self.linear_bwd(Some(lora), l, Target::V, &sv.n1, xa(Target::V), &dv)?,
+            &dn1,
+            &self.linear_bwd(lora, l, Target::K, &n1, xa_k.as_ref(), &dk)?,
         )?;
-        rmsnorm::backward_cuda(x, &self.norm_in[l], &sv.r1, &dn1, Some(&dh1))
+        drop((dk, xa_k));
+        let dn1 = embedding::add_cuda(
+            &dn1,
+            &self.linear_bwd(lora, l, Target::V, &n1, xa_v.as_ref(), &dv)?,
+        )?;
+        drop((dv, xa_v, n1));
+        rmsnorm::backward_cuda(x, &self.norm_in[l], &r1, &dn1, Some(&dh1))
     }
 
     fn batch(&self, ids: &[u32], cu_seqlens: &[usize]) -> Result<StepBatch> {
@@ -327,7 +511,7 @@ impl CudaLlama {
         let mut inputs = Vec::with_capacity(self.config.num_layers);
         let mut h = embedding::forward_cuda(&self.embed, ids)?;
         for l in 0..self.config.num_layers {
-            let (out, _) = self.layer(Some(lora), l, &h, &b, false)?;
+            let out = self.layer(Some(lora), l, &h, &b)?;
             inputs.push(h);
             h = out;
         }
@@ -336,12 +520,18 @@ impl CudaLlama {
             &n,
             self.out_embedding(),
             &targets,
-            grad_scale,
+            Some(grad_scale),
             cross_entropy::DEFAULT_CHUNK,
         )?;
-        let mut dh = rmsnorm::backward_cuda(&h, &self.norm, &r, &ce.dh, None)?;
+        let dlast = ce
+            .dh
+            .expect("lm_head_ce_cuda returns dh when given a gradient scale");
+        let mut dh = rmsnorm::backward_cuda(&h, &self.norm, &r, &dlast, None)?;
+        drop((h, n, r, dlast));
+        // Each layer's input is dropped once its backward has run.
         for l in (0..self.config.num_layers).rev() {
-            dh = self.layer_bwd(lora, l, &inputs[l], &dh, &b)?;
+            let x = inputs.pop().expect("one input per layer");
+            dh = self.layer_bwd(lora, l, &x, &dh, &b)?;
         }
         Ok((ce.loss, ce.count))
     }
@@ -358,14 +548,14 @@ impl CudaLlama {
         let targets = cross_entropy::shift_labels(labels, cu_seqlens);
         let mut h = embedding::forward_cuda(&self.embed, ids)?;
         for l in 0..self.config.num_layers {
-            h = self.layer(lora, l, &h, &b, false)?.0;
+            h = self.layer(lora, l, &h, &b)?;
         }
         let (n, _) = rmsnorm::forward_cuda(&h, &self.norm, self.config.rms_norm_eps)?;
         let ce = cross_entropy::lm_head_ce_cuda(
             &n,
             self.out_embedding(),
             &targets,
-            0.0,
+            None,
             cross_entropy::DEFAULT_CHUNK,
         )?;
         Ok((ce.loss, ce.count))
@@ -385,17 +575,17 @@ impl CudaLlama {
         let b = self.batch(ids, &[0, t])?;
         let mut h = embedding::forward_cuda(&self.embed, ids)?;
         for l in 0..self.config.num_layers {
-            h = self.layer(lora, l, &h, &b, false)?.0;
+            h = self.layer(lora, l, &h, &b)?;
         }
         let d = self.config.hidden_size;
-        let mut last = Tensor::zeros(&[1, d], DType::BF16, &self.device)?;
+        let mut last = Tensor::uninit(&[1, d], DType::BF16, &self.device)?;
         let cuda = crate::device::cuda::CudaDevice::get(self.config_ordinal())?;
         let row = h.cuda_slice::<half::bf16>(op)?.slice((t - 1) * d..t * d);
         cuda.stream()
             .memcpy_dtod(&row, last.cuda_slice_mut::<half::bf16>(op)?)
             .map_err(Error::cuda("copying the last hidden row"))?;
         let (n, _) = rmsnorm::forward_cuda(&last, &self.norm, self.config.rms_norm_eps)?;
-        let mut logits = Tensor::zeros(&[1, self.config.vocab_size], DType::F32, &self.device)?;
+        let mut logits = Tensor::uninit(&[1, self.config.vocab_size], DType::F32, &self.device)?;
         gemm::gemm_cuda(
             gemm::Layout::Nt,
             &n,
@@ -446,7 +636,7 @@ impl CudaLora {
         let n = padded.len();
         let dev = Device::Cuda(ordinal);
         let master = Tensor::from_vec(std::mem::take(&mut padded.values), &[n], &dev)?;
-        let mut mirror = Tensor::zeros(&[n], DType::BF16, &dev)?;
+        let mut mirror = Tensor::uninit(&[n], DType::BF16, &dev)?;
         embedding::cast_into_cuda(&master, &mut mirror)?;
         let mut optimizer = AdamWCuda::new(config, n, ordinal)?;
         if let Some(a) = adam {
@@ -504,12 +694,12 @@ impl CudaLora {
             grad_a: at(&self.grads, &s.a, 4),
             grad_b: at(&self.grads, &s.b, 4),
             scale: self.host.config.scale(),
-            // One mask stream per (micro-batch, layer, projection), as on the CPU.
+            // One mask stream per (micro-batch, layer, projection), the CPU's (`ops::dropout`).
             dropout: match (self.dropout_seed, self.host.config.dropout) {
-                (Some(seed), p) if p > 0.0 => {
-                    let stream = (layer as u64) << 8 | target as u64;
-                    Some((p as f32, seed ^ stream.wrapping_mul(0x9E37_79B9_7F4A_7C15)))
-                }
+                (Some(seed), p) if p > 0.0 => Some((
+                    p as f32,
+                    crate::ops::dropout::stream_seed(seed, layer, target as u64),
+                )),
                 _ => None,
             },
         })
@@ -522,9 +712,19 @@ impl CudaLora {
 
     /// Zeroes the gradient buffer (once per optimizer step).
     pub fn zero_grads(&mut self) -> Result<()> {
-        let dev = self.grads.device();
-        self.grads = Tensor::zeros(&[self.grads.elem_count()], DType::F32, &dev)?;
-        Ok(())
+        // In place: a fresh buffer would hold two gradient buffers at once for a moment.
+        let op = "zeroing the LoRA gradients";
+        let cuda = crate::device::cuda::CudaDevice::get(self.config_ordinal_of_grads())?;
+        cuda.stream()
+            .memset_zeros(self.grads.cuda_slice_mut::<f32>(op)?)
+            .map_err(Error::cuda(op))
+    }
+
+    fn config_ordinal_of_grads(&self) -> usize {
+        match self.grads.device() {
+            Device::Cuda(o) => o,
+            Device::Cpu => unreachable!("CudaLora's buffers live on a GPU"),
+        }
     }
 
     /// Clip and AdamW over the flat buffer, then refresh the bf16 mirror.
@@ -541,6 +741,12 @@ impl CudaLora {
             values: self.host.repack_from(&self.layout, &device),
             ..self.host.clone()
         })
+    }
+
+    /// The accumulated gradients on the host, laid out like [`CudaLora::to_host`]'s values
+    /// (synchronises: for tests and debugging).
+    pub fn grads_to_host(&self) -> Result<Vec<f32>> {
+        Ok(self.host.repack_from(&self.layout, &self.grads.to_vec()?))
     }
 
     /// The global gradient norm of the last optimizer step, before clipping (synchronises: for

@@ -1,17 +1,25 @@
 //! The device-memory plan of a training run, computed before anything is allocated: the same
-//! numbers `qlora-rs plan` prints and the CUDA trainer sizes its buffers from.
+//! numbers `qlora-rs plan` prints, from the allocations the CUDA step makes (`model::cuda_llama`),
+//! held to the peak the simulated GPU measures (`QLORA_SIM_MODE=account`; a test compares them).
 //!
-//! With T tokens per micro-batch, d hidden, F intermediate, L layers, V vocabulary, P LoRA
-//! parameters, qd/kvd the q and k/v widths, r the rank and n_a adapted projections per layer:
+//! With T tokens per micro-batch, d hidden, F intermediate, L layers, V vocabulary (Vp rounded up
+//! to 8), H heads, qd/kvd the q and k/v widths, r the rank rounded up to 8 (the device's), P the
+//! LoRA parameters at that rank, n_a adapted projections per layer:
 //! ```text
-//! base weights   projections NF4: n/2 + n/64 (u8 scales) + 4·n/16384 (+ tables) bytes each;
-//!                embedding (and an untied lm_head) and norms in bf16
-//! adapters       P·4 (fp32 master) + P·4 (gradients) + P·8 (AdamW m, v)
+//! base weights   projections NF4: n/2 + n/64 (u8 scales) + 4·⌈n/16384⌉ + 1092 bytes each;
+//!                embedding (and an untied lm_head), norms and biases in bf16; RoPE f32
+//! adapters       P·18: fp32 master 4, bf16 mirror 2, fp32 gradients 4, AdamW m and v 8
+//! step           T·8: positions (i32) and per-token losses (f32)
 //! checkpoints    L·T·d·2: each layer's bf16 input, kept for the backward
-//! layer replay   one layer's forward values and their gradients, bf16:
-//!                2·T·(4d + 2qd + 2kvd + 3F)·2, plus lse T·H·4 and x·Aᵀ n_a·T·r·4
-//! lm_head + CE   logits of one chunk of C tokens, fp32: C·V·4, plus dh T·d·4
+//! then the larger of the step's two peaks:
+//! layer backward the first replayed layer at its down projection's backward: the incoming
+//!                gradient T·d·2, the replay's saved values T·(3d + 2qd + 2kvd + 3F)·2 + T·H·4
+//!                + T·8, the adapters' x·Aᵀ n_a·T·r·2, and g = dy·B T·r·2 (dx is written over
+//!                the down projection's input, which nothing needs after it)
+//! lm_head + CE   the last hidden state, its norm and its gradient 3·T·d·2, the targets T·4 and
+//!                one chunk of C tokens' logits, fp32 and bf16: C·Vp·6
 //! ```
+//! Transient split-K workspaces (under 2 MB at 8B) are not counted.
 
 use super::config::LlamaConfig;
 use super::lora::{LoraConfig, LoraParams};
@@ -59,7 +67,9 @@ impl MemoryPlan {
 
 fn nf4_bytes(n: u64) -> u64 {
     let blocks = n.div_ceil(64);
-    n.div_ceil(2) + blocks + 4 * blocks.div_ceil(256) + 4 + 64 + 1024
+    // packed codes, u8 scales, f32 second-level scales, offset, the 256-entry second-level
+    // code and the 16-entry NF4 code
+    n.div_ceil(2) + blocks + 4 * blocks.div_ceil(256) + 4 + 1024 + 64
 }
 
 /// The plan of training `model` with `lora` on micro-batches of `tokens` tokens.
@@ -72,7 +82,7 @@ pub fn plan(model: &LlamaConfig, lora: &LoraConfig, tokens: usize) -> Result<Mem
         c.num_layers as u64,
         c.vocab_size as u64,
     );
-    let (qd, kvd) = (c.q_dim() as u64, c.kv_dim() as u64);
+    let (qd, kvd, h) = (c.q_dim() as u64, c.kv_dim() as u64, c.num_heads as u64);
     let proj: u64 = super::lora::Target::ALL
         .iter()
         .map(|tg| {
@@ -83,49 +93,81 @@ pub fn plan(model: &LlamaConfig, lora: &LoraConfig, tokens: usize) -> Result<Mem
         * l;
     let emb = v * d * 2 * if c.tie_word_embeddings { 1 } else { 2 };
     let norms = (2 * l + 1) * d * 2;
-    let p = LoraParams::zeros(model, lora.clone())?.len() as u64;
+    let biases = l * 2 * (if c.qkv_bias { qd + 2 * kvd } else { 0 } + if c.o_bias { d } else { 0 });
+    let rope = (c.head_dim as u64 / 2) * 4;
+    // The device holds the adapters at the rank rounded up to 8 (the GEMM tiles' need).
+    let rp = lora.rank.div_ceil(8) * 8;
+    let device_lora = LoraConfig {
+        rank: rp,
+        ..lora.clone()
+    };
+    let p = LoraParams::zeros(model, device_lora)?.len() as u64;
+    let adamw_scratch = 8 * 512 + 4 + 8;
     let n_a = lora.targets.len() as u64;
-    let r = lora.rank as u64;
-    let replay = 2 * t * (4 * d + 2 * qd + 2 * kvd + 3 * f) * 2
-        + t * c.num_heads as u64 * 4
-        + n_a * t * r * 4;
-    let chunk = DEFAULT_CHUNK as u64;
+    let down_adapted = lora.targets.contains(&super::lora::Target::Down);
+    let r = rp as u64;
+    let saved = t * (3 * d + 2 * qd + 2 * kvd + 3 * f) * 2 + t * h * 4 + t * 8 + n_a * t * r * 2;
+    let backward = t * d * 2 + saved + if down_adapted { t * r * 2 } else { 0 };
+    let chunk = (DEFAULT_CHUNK as u64).min(t.max(1));
+    let vp = v.next_multiple_of(8);
+    let ce = 3 * t * d * 2 + t * 4 + chunk * vp * 6;
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    let peak = if backward >= ce {
+        Item {
+            name: "layer backward",
+            bytes: backward,
+            detail: format!(
+                "the peak: one replayed layer's saved values and gradients ({:.2} GiB) > lm_head + CE \
+                 ({:.2} GiB)",
+                gib(backward),
+                gib(ce)
+            ),
+        }
+    } else {
+        Item {
+            name: "lm_head + CE",
+            bytes: ce,
+            detail: format!(
+                "the peak: a {chunk}-token chunk of logits (never the full {t} × {v}) > one layer's \
+                 backward ({:.2} GiB)",
+                gib(backward)
+            ),
+        }
+    };
     let items = vec![
         Item {
             name: "base weights",
-            bytes: proj + emb + norms,
+            bytes: proj + emb + norms + biases + rope,
             detail: format!(
                 "{} projections in NF4 ({:.2} GiB), embedding{} bf16 ({:.2} GiB)",
                 7 * l,
-                proj as f64 / (1u64 << 30) as f64,
+                gib(proj),
                 if c.tie_word_embeddings {
                     ""
                 } else {
                     " + lm_head"
                 },
-                emb as f64 / (1u64 << 30) as f64
+                gib(emb)
             ),
         },
         Item {
             name: "adapters",
-            bytes: 16 * p,
-            detail: format!("{p} LoRA parameters: fp32 weights, gradients, AdamW m and v"),
+            bytes: 18 * p + adamw_scratch,
+            detail: format!(
+                "{p} LoRA parameters at rank {rp}: fp32 weights, bf16 copy, gradients, AdamW m and v"
+            ),
+        },
+        Item {
+            name: "step",
+            bytes: t * 8,
+            detail: "token positions and per-token losses".into(),
         },
         Item {
             name: "checkpoints",
             bytes: l * t * d * 2,
             detail: format!("{l} layer inputs of {t} tokens × {d}, bf16"),
         },
-        Item {
-            name: "layer replay",
-            bytes: replay,
-            detail: "one layer's activations and their gradients during its backward".into(),
-        },
-        Item {
-            name: "lm_head + CE",
-            bytes: chunk * v * 4 + t * d * 4,
-            detail: format!("{chunk}-token chunk of fp32 logits (never the full {t} × {v})"),
-        },
+        peak,
     ];
     Ok(MemoryPlan { items })
 }

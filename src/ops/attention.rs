@@ -368,8 +368,8 @@ pub fn forward_cuda(
 ) -> Result<(Tensor, Tensor)> {
     let op = "flash attention (cuda)";
     let (tokens, dev, cu, max_len) = check_cuda(op, d, q, k, v, cu_seqlens)?;
-    let o = Tensor::zeros(&[tokens, d.heads, d.head_dim], DType::BF16, &dev)?;
-    let lse = Tensor::zeros(&[tokens, d.heads], DType::F32, &dev)?;
+    let o = Tensor::uninit(&[tokens, d.heads, d.head_dim], DType::BF16, &dev)?;
+    let lse = Tensor::uninit(&[tokens, d.heads], DType::F32, &dev)?;
     if tokens == 0 {
         return Ok((o, lse));
     }
@@ -427,13 +427,13 @@ pub fn backward_cuda(
     check_tensor(op, "o", o, DType::BF16, q.shape(), dev)?;
     check_tensor(op, "dO", d_o, DType::BF16, q.shape(), dev)?;
     check_tensor(op, "lse", lse, DType::F32, &[tokens, d.heads], dev)?;
-    let dq = Tensor::zeros(q.shape(), DType::BF16, &dev)?;
-    let dk = Tensor::zeros(k.shape(), DType::BF16, &dev)?;
-    let dv = Tensor::zeros(v.shape(), DType::BF16, &dev)?;
+    let dq = Tensor::uninit(q.shape(), DType::BF16, &dev)?;
+    let dk = Tensor::uninit(k.shape(), DType::BF16, &dev)?;
+    let dv = Tensor::uninit(v.shape(), DType::BF16, &dev)?;
     if tokens == 0 {
         return Ok((dq, dk, dv));
     }
-    let dsum = Tensor::zeros(&[tokens, d.heads], DType::F32, &dev)?;
+    let dsum = Tensor::uninit(&[tokens, d.heads], DType::F32, &dev)?;
     let p = AttnParams {
         q: q.device_ptr(),
         k: k.device_ptr(),
@@ -482,14 +482,7 @@ pub fn backward_cuda(
         ("flash_bwd_dkdv_d128", 256)
     };
     let smem = 4 * TILE * d.head_dim * 2;
-    let f = cuda.function("attention", name)?;
-    f.set_attribute(
-        cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-        smem as i32,
-    )
-    .map_err(Error::cuda(format!(
-        "allowing {smem} bytes of shared memory for {name}"
-    )))?;
+    let f = cuda.function_with_shared("attention", name, smem)?;
     let mut b = cuda.stream().launch_builder(&f);
     b.arg(&p);
     // SAFETY: flash_bwd_dkdv_*(AttnParams): every buffer checked above; dsum written by the

@@ -177,7 +177,7 @@ pub fn chunk_cuda(logits: &mut Tensor, targets: &[i64], grad_scale: f32) -> Resu
         .map(|&y| if y == IGNORE_INDEX { -1 } else { y as i32 })
         .collect();
     let t = Tensor::from_vec(t, &[rows], &dev)?;
-    let mut loss = Tensor::zeros(&[rows], DType::F32, &dev)?;
+    let mut loss = Tensor::uninit(&[rows], DType::F32, &dev)?;
     if rows == 0 {
         return Ok(loss);
     }
@@ -211,19 +211,21 @@ pub struct CudaCeOutput {
     pub loss: Tensor,
     /// Tokens counted.
     pub count: usize,
-    /// `dh = grad_scale · dlogits · W` (bf16 `[T, d]`).
-    pub dh: Tensor,
+    /// `dh = grad_scale · dlogits · W` (bf16 `[T, d]`); `None` for the loss alone.
+    pub dh: Option<Tensor>,
 }
 
 /// CUDA: the fused, chunked lm_head + cross-entropy: for each chunk of `chunk` tokens, the fp32
 /// logits `h_c·Wᵀ` (GEMM), loss and dlogits in place (one kernel), then `dh_c = dz_c·W` (GEMM).
-/// Only one chunk of logits exists at a time: `chunk · Vp · 6` bytes of workspace (Vp: V rounded
-/// up to a multiple of 8, the row alignment the GEMM operands need).
+/// With `grad_scale` `None` (evaluation) only the loss is computed: the logits GEMM and a
+/// read-only loss kernel per chunk, no gradient and no `dh` GEMM. Only one chunk of logits exists
+/// at a time: `chunk · Vp · 6` bytes of workspace with the gradient, `chunk · Vp · 4` without
+/// (Vp: V rounded up to a multiple of 8, the row alignment the GEMM operands need).
 pub fn lm_head_ce_cuda(
     h: &Tensor,
     w: &Tensor,
     targets: &[i64],
-    grad_scale: f32,
+    grad_scale: Option<f32>,
     chunk: usize,
 ) -> Result<CudaCeOutput> {
     use super::gemm::{gemm_ptrs, Layout};
@@ -247,8 +249,12 @@ pub fn lm_head_ce_cuda(
     check_targets(targets, vocab)?;
     let count = targets.iter().filter(|&&y| y != IGNORE_INDEX).count();
     let chunk = chunk.clamp(1, t.max(1));
-    let loss = Tensor::zeros(&[t], DType::F32, &dev)?;
-    let dh = Tensor::zeros(&[t, d], DType::BF16, &dev)?;
+    // Every row of both is written: the loss by the CE kernel, dh by the chunk's dh GEMM.
+    let loss = Tensor::uninit(&[t], DType::F32, &dev)?;
+    let dh = match grad_scale {
+        Some(_) => Some(Tensor::uninit(&[t, d], DType::BF16, &dev)?),
+        None => None,
+    };
     if t == 0 {
         return Ok(CudaCeOutput { loss, count, dh });
     }
@@ -259,24 +265,26 @@ pub fn lm_head_ce_cuda(
     let t_dev = Tensor::from_vec(t_dev, &[t], &dev)?;
     // The chunk's logits have rows padded to a multiple of 8 elements: the tensor-core GEMM needs
     // 16-byte aligned rows. Only the V real columns are written or read (the GEMMs read nothing
-    // past their K or N, the CE kernel touches columns < V).
+    // past their K or N, the CE kernels touch columns < V).
     let vp = vocab.next_multiple_of(8);
-    let z = Tensor::zeros(&[chunk, vp], DType::F32, &dev)?;
-    let zb = Tensor::zeros(&[chunk, vp], DType::BF16, &dev)?;
+    let z = Tensor::uninit(&[chunk, vp], DType::F32, &dev)?;
+    let zb = match grad_scale {
+        Some(_) => Some(Tensor::uninit(&[chunk, vp], DType::BF16, &dev)?),
+        None => None,
+    };
     let cuda = CudaDevice::get(o)?;
-    let ce = cuda.function("cross_entropy", "ce_fwd_bwd_f32")?;
-    let (hp, wp, zp, zbp, dhp) = (
-        h.device_ptr(),
-        w.device_ptr(),
-        z.device_ptr(),
-        zb.device_ptr(),
-        dh.device_ptr(),
-    );
+    let ce_name = if dh.is_some() {
+        "ce_fwd_bwd_f32"
+    } else {
+        "ce_loss_f32"
+    };
+    let ce = cuda.function("cross_entropy", ce_name)?;
+    let (hp, wp, zp) = (h.device_ptr(), w.device_ptr(), z.device_ptr());
     let (tp, lp) = (t_dev.device_ptr(), loss.device_ptr());
     for c0 in (0..t).step_by(chunk) {
         let rows = chunk.min(t - c0);
-        // SAFETY: pointer arithmetic stays inside h [T, d], dh [T, d], z/zb [chunk, Vp]; the
-        // shapes were checked above; every buffer outlives the stream-ordered launches.
+        // SAFETY: pointer arithmetic stays inside h [T, d] and z [chunk, Vp]; the shapes were
+        // checked above; every buffer outlives the stream-ordered launches.
         unsafe {
             gemm_ptrs(
                 o,
@@ -296,42 +304,47 @@ pub fn lm_head_ce_cuda(
             )?;
         }
         let (v_i, ld) = (vocab as i32, vp as i64);
-        let (tc, lc, zbc) = (tp + (c0 * 4) as u64, lp + (c0 * 4) as u64, zbp);
+        let (tc, lc) = (tp + (c0 * 4) as u64, lp + (c0 * 4) as u64);
         let mut b = cuda.stream().launch_builder(&ce);
-        b.arg(&zp)
-            .arg(&tc)
-            .arg(&lc)
-            .arg(&v_i)
-            .arg(&ld)
-            .arg(&grad_scale)
-            .arg(&zbc);
+        b.arg(&zp).arg(&tc).arg(&lc).arg(&v_i).arg(&ld);
+        let (scale, zbp) = (
+            grad_scale.unwrap_or(0.0),
+            zb.as_ref().map(|z| z.device_ptr()),
+        );
+        if let Some(zbp) = &zbp {
+            b.arg(&scale).arg(zbp);
+        }
         let cfg = LaunchConfig {
             grid_dim: (rows as u32, 1, 1),
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
-        // SAFETY: ce_fwd_bwd_f32(float*, const int*, float*, int, long long, float, bf16*) over `rows`
-        // rows of the chunk buffers; targets and losses offset to the chunk; targets checked.
-        unsafe { cuda.launch("ce_fwd_bwd_f32", b, cfg) }?;
-        // SAFETY: as above; dz (bf16 [rows, V], row length Vp) · W ([V, d]) into dh rows c0..
-        // (beta 0).
-        unsafe {
-            gemm_ptrs(
-                o,
-                Layout::Nn,
-                zbc,
-                vp,
-                wp,
-                d,
-                dhp + (c0 * d * 2) as u64,
-                d,
-                rows,
-                d,
-                vocab,
-                DType::BF16,
-                1.0,
-                0.0,
-            )?;
+        // SAFETY: ce_fwd_bwd_f32(float*, const int*, float*, int, long long, float, bf16*) or
+        // ce_loss_f32(const float*, const int*, float*, int, long long), as pushed above, over
+        // `rows` rows of the chunk buffers; targets and losses offset to the chunk; targets
+        // checked against V.
+        unsafe { cuda.launch(ce_name, b, cfg) }?;
+        if let (Some(zbp), Some(dh)) = (zbp, &dh) {
+            // SAFETY: as above; dz (bf16 [rows, V], row length Vp) · W ([V, d]) into dh rows
+            // c0.. (beta 0).
+            unsafe {
+                gemm_ptrs(
+                    o,
+                    Layout::Nn,
+                    zbp,
+                    vp,
+                    wp,
+                    d,
+                    dh.device_ptr() + (c0 * d * 2) as u64,
+                    d,
+                    rows,
+                    d,
+                    vocab,
+                    DType::BF16,
+                    1.0,
+                    0.0,
+                )?;
+            }
         }
     }
     Ok(CudaCeOutput { loss, count, dh })

@@ -59,7 +59,7 @@ pub fn forward_cuda(table: &Tensor, ids: &[u32]) -> Result<Tensor> {
     };
     check_tensor(op, "table", table, DType::BF16, &[v, d], dev)?;
     let ids = Tensor::from_vec(checked_ids(ids, v)?, &[ids.len()], &dev)?;
-    let mut out = Tensor::zeros(&[ids.elem_count(), d], DType::BF16, &dev)?;
+    let mut out = Tensor::uninit(&[ids.elem_count(), d], DType::BF16, &dev)?;
     if ids.elem_count() == 0 {
         return Ok(out);
     }
@@ -99,7 +99,7 @@ pub fn cast_cuda(x: &Tensor, to: DType) -> Result<Tensor> {
             })
         }
     };
-    let mut y = Tensor::zeros(x.shape(), to, &dev)?;
+    let mut y = Tensor::uninit(x.shape(), to, &dev)?;
     let n = x.elem_count();
     if n == 0 {
         return Ok(y);
@@ -132,7 +132,7 @@ pub fn add_cuda(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     let shape = a.shape().to_vec();
     check_tensor(op, "a", a, DType::BF16, &shape, dev)?;
     check_tensor(op, "b", b, DType::BF16, &shape, dev)?;
-    let mut out = Tensor::zeros(&shape, DType::BF16, &dev)?;
+    let mut out = Tensor::uninit(&shape, DType::BF16, &dev)?;
     let n = a.elem_count();
     if n == 0 {
         return Ok(out);
@@ -207,37 +207,4 @@ pub fn cast_into_cuda(x: &Tensor, y: &mut Tensor) -> Result<()> {
         .arg(&n_i);
     // SAFETY: cast_f32_bf16(const float*, bf16*, long long); both hold n elements.
     unsafe { cuda.launch(name, b, grid_1d(n, 256)) }
-}
-
-/// CUDA: inverted dropout `y = x ⊙ m`, `m ∈ {0, 1/(1 − p)}`, with a mask that is a pure
-/// function of `(seed, element index)`: the same seed redraws the same mask.
-pub fn dropout_cuda(x: &Tensor, p: f32, seed: u64) -> Result<Tensor> {
-    let op = "dropout (cuda)";
-    let o = cuda_ordinal(op, x)?;
-    let dev = Device::Cuda(o);
-    check_tensor(op, "x", x, DType::BF16, x.shape(), dev)?;
-    if !(0.0..1.0).contains(&p) {
-        return Err(Error::InvalidArgument(format!(
-            "{op}: probability {p} is not in [0, 1)"
-        )));
-    }
-    let mut y = Tensor::zeros(x.shape(), DType::BF16, &dev)?;
-    let n = x.elem_count();
-    if n == 0 {
-        return Ok(y);
-    }
-    let cuda = CudaDevice::get(o)?;
-    let name = "dropout_bf16";
-    let f = cuda.function("embedding", name)?;
-    let n_i = n as i64;
-    let mut b = cuda.stream().launch_builder(&f);
-    b.arg(x.cuda_slice::<half::bf16>(op)?)
-        .arg(y.cuda_slice_mut::<half::bf16>(op)?)
-        .arg(&n_i)
-        .arg(&seed)
-        .arg(&p);
-    // SAFETY: dropout_bf16(const bf16*, bf16*, long long, unsigned long long, float); x and y
-    // hold n elements.
-    unsafe { cuda.launch(name, b, grid_1d(n, 256)) }?;
-    Ok(y)
 }

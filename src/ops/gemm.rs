@@ -105,6 +105,30 @@ fn multiple_of(op: &'static str, what: &str, v: usize, m: usize) -> Result<()> {
     }
 }
 
+/// The kernels copy A and B (and the adapter's views) in 16-byte chunks (`cp.async`, `uint4`
+/// loads) and store C one element at a time: a raw address they are given must be aligned to
+/// that, or the card faults (misaligned address) after the launch, far from the cause.
+fn aligned(op: &'static str, what: &str, addr: u64, bytes: u64) -> Result<()> {
+    if addr % bytes == 0 {
+        Ok(())
+    } else {
+        Err(Error::InvalidArgument(format!(
+            "{op}: {what}'s device address 0x{addr:x} must be {bytes}-byte aligned"
+        )))
+    }
+}
+
+/// A row length must hold the dimension stored along it.
+fn holds(op: &'static str, what: &str, ld: usize, dim: usize) -> Result<()> {
+    if ld >= dim {
+        Ok(())
+    } else {
+        Err(Error::InvalidArgument(format!(
+            "{op}: {what}'s row length ({ld}) is shorter than the {dim} elements each row holds"
+        )))
+    }
+}
+
 fn launch_cfg(m: usize, n: usize, splits: usize, smem: usize) -> LaunchConfig {
     LaunchConfig {
         grid_dim: (
@@ -262,6 +286,18 @@ unsafe fn gemm_ptrs_split(
     let op = "gemm (cuda)";
     multiple_of(op, "A's row length", lda, 8)?;
     multiple_of(op, "B's row length", ldb, 8)?;
+    // The dimension along each operand's rows: A [M,K] / [K,M], B [N,K] / [K,N], C [M,N].
+    let (a_row, b_row) = match layout {
+        Layout::Nt => (k, k),
+        Layout::Nn => (k, n),
+        Layout::Tn => (m, n),
+    };
+    holds(op, "A", lda, a_row)?;
+    holds(op, "B", ldb, b_row)?;
+    holds(op, "C", ldc, n)?;
+    aligned(op, "A", a, 16)?;
+    aligned(op, "B", b, 16)?;
+    aligned(op, "C", c, out.size_in_bytes() as u64)?;
     if splits == Some(0) {
         return Err(Error::InvalidArgument(format!(
             "{op}: a split-K count of 0 (1 means no split)"
@@ -281,7 +317,7 @@ unsafe fn gemm_ptrs_split(
     let per_split = k_tiles.div_ceil(splits);
     let splits = k_tiles.div_ceil(per_split);
     let workspace = if splits > 1 {
-        Some(Tensor::zeros(&[splits * m * n], DType::F32, &dev)?)
+        Some(Tensor::uninit(&[splits * m * n], DType::F32, &dev)?)
     } else {
         None
     };
@@ -309,13 +345,13 @@ unsafe fn gemm_ptrs_split(
         (Layout::Tn, DType::BF16) => "gemm_tn_bf16",
         (Layout::Tn, _) => "gemm_tn_f32",
     };
-    let f = cuda.function("gemm", name)?;
+    let smem = 2 * STAGES * TILE * BK * 2;
+    let f = cuda.function_with_shared("gemm", name, smem)?;
     let mut bld = cuda.stream().launch_builder(&f);
     bld.arg(&params);
-    let smem = 2 * STAGES * TILE * BK * 2;
     // SAFETY: the caller's contract covers the pointers and shapes; the workspace holds
-    // splits·M·N floats; the kernel needs `smem` bytes of dynamic shared memory and 256 threads,
-    // which cfg gives.
+    // splits·M·N floats; the kernel needs `smem` bytes of dynamic shared memory (allowed above)
+    // and 256 threads, which cfg gives.
     unsafe { cuda.launch(name, bld, launch_cfg(m, n, splits, smem)) }?;
     if let Some(ws) = workspace {
         let red = if out == DType::BF16 {
@@ -403,7 +439,7 @@ pub fn nf4_forward_cuda(
     }
     check_tensor(op, "x", x, DType::BF16, &[m, k], dev)?;
     multiple_of(op, "in_features", k, 16)?;
-    let y = Tensor::zeros(&[m, n], DType::BF16, &dev)?;
+    let y = Tensor::uninit(&[m, n], DType::BF16, &dev)?;
     let mut g = GemmParams {
         a: x.device_ptr(),
         c: y.device_ptr(),
@@ -459,6 +495,16 @@ fn nf4_forward_launch(o: usize, g: GemmParams, p: Nf4Params, y: Tensor) -> Resul
 
 /// `dx = dy·W`: dy bf16 `[M, N_out]`, W NF4 `[N_out, N_in]`; dx bf16 `[M, N_in]`.
 pub fn nf4_dx_cuda(dy: &Tensor, w: &Nf4Tensor) -> Result<Tensor> {
+    nf4_dx(dy, w, None)
+}
+
+/// [`nf4_dx_cuda`] written into `out` (bf16 `[M, N_in]`, overwritten whole), e.g. the buffer of
+/// the layer input x once nothing needs x any more: one `[M, N_in]` tensor fewer at that point.
+pub fn nf4_dx_into(dy: &Tensor, w: &Nf4Tensor, out: Tensor) -> Result<Tensor> {
+    nf4_dx(dy, w, Some(out))
+}
+
+fn nf4_dx(dy: &Tensor, w: &Nf4Tensor, out: Option<Tensor>) -> Result<Tensor> {
     let op = "nf4 gemm dx (cuda)";
     let o = cuda_ordinal(op, dy)?;
     let dev = Device::Cuda(o);
@@ -475,7 +521,13 @@ pub fn nf4_dx_cuda(dy: &Tensor, w: &Nf4Tensor) -> Result<Tensor> {
     check_tensor(op, "dy", dy, DType::BF16, &[m, k], dev)?;
     multiple_of(op, "out_features", k, 8)?;
     multiple_of(op, "in_features", n, 16)?;
-    let dx = Tensor::zeros(&[m, n], DType::BF16, &dev)?;
+    let dx = match out {
+        Some(t) => {
+            check_tensor(op, "dx (output)", &t, DType::BF16, &[m, n], dev)?;
+            t
+        }
+        None => Tensor::uninit(&[m, n], DType::BF16, &dev)?,
+    };
     if m == 0 || n == 0 {
         return Ok(dx);
     }
@@ -505,10 +557,10 @@ fn launch_nf4(
     n: usize,
 ) -> Result<()> {
     let cuda = CudaDevice::get(o)?;
-    let f = cuda.function("gemm", name)?;
+    let smem = (STAGES + 2) * TILE * BK * 2;
+    let f = cuda.function_with_shared("gemm", name, smem)?;
     let mut bld = cuda.stream().launch_builder(&f);
     bld.arg(&g).arg(&p);
-    let smem = (STAGES + 2) * TILE * BK * 2;
     // SAFETY: gemm_nf4_*(GemmParams, Nf4Params): the pointers come from tensors checked by the
     // callers (x/dy bf16 [M, K], the output bf16 [M, N], the NF4 parts validated against W's
     // shape), alive until the stream-ordered work is done; `smem` bytes of dynamic shared memory
@@ -528,7 +580,7 @@ pub struct LoraCuda<'a> {
 pub fn lora_forward_cuda(x: &Tensor, w: &Nf4Tensor, lora: &LoraCuda) -> Result<(Tensor, Tensor)> {
     let (m, _) = dims2("lora forward (cuda)", "x", x)?;
     let r = lora.a.shape().first().copied().unwrap_or(0);
-    let mut xa = Tensor::zeros(&[m, r], DType::BF16, &x.device())?;
+    let mut xa = Tensor::uninit(&[m, r], DType::BF16, &x.device())?;
     gemm_cuda(Layout::Nt, x, lora.a, &mut xa, lora.scale, 0.0)?;
     let y = nf4_forward_cuda(x, w, Some((&xa, lora.b)))?;
     Ok((y, xa))
@@ -547,7 +599,7 @@ pub fn lora_backward_cuda(
 ) -> Result<Tensor> {
     let (m, _) = dims2("lora backward (cuda)", "dy", dy)?;
     let r = lora.a.shape().first().copied().unwrap_or(0);
-    let mut g = Tensor::zeros(&[m, r], DType::BF16, &dy.device())?;
+    let mut g = Tensor::uninit(&[m, r], DType::BF16, &dy.device())?;
     gemm_cuda(Layout::Nn, dy, lora.b, &mut g, 1.0, 0.0)?; // g = dy·B
     let mut dx = nf4_dx_cuda(dy, w)?; // dy·W
     gemm_cuda(Layout::Nn, &g, lora.a, &mut dx, lora.scale, 1.0)?; // += s·g·A
@@ -576,6 +628,43 @@ pub struct LoraView {
     pub grad_b: u64,
     pub scale: f32,
     pub dropout: Option<(f32, u64)>,
+}
+
+/// Checks an adapter view against its layer (W `[out, in]`, x with `k` = in features): A
+/// `[r, in]`, B `[out, r]` with r a multiple of 8, A and B 16-byte aligned (the kernels copy
+/// them in 16-byte chunks), the fp32 gradients 4-byte aligned, no null address. Returns r.
+fn check_view(op: &'static str, l: &LoraView, w: &Nf4Tensor, k: usize) -> Result<usize> {
+    let n = w.shape.first().copied().unwrap_or(0);
+    let r = l.a.rows;
+    if l.a.cols != k || l.b.rows != n || l.b.cols != r || w.shape != [n, k] {
+        return Err(Error::ShapeMismatch {
+            op,
+            expected: format!("A [r, {k}], B [{n}, r], W [{n}, {k}] (x has {k} features)"),
+            got: format!(
+                "A [{r}, {}], B [{}, {}], W {}",
+                l.a.cols,
+                l.b.rows,
+                l.b.cols,
+                shape_str(&w.shape)
+            ),
+        });
+    }
+    multiple_of(op, "LoRA rank", r, 8)?;
+    multiple_of(op, "in_features", k, 16)?;
+    for (what, addr, bytes) in [
+        ("A", l.a.ptr, 16),
+        ("B", l.b.ptr, 16),
+        ("dA", l.grad_a, 4),
+        ("dB", l.grad_b, 4),
+    ] {
+        if addr == 0 {
+            return Err(Error::InvalidArgument(format!(
+                "{op}: the adapter's {what} view has a null device address"
+            )));
+        }
+        aligned(op, what, addr, bytes)?;
+    }
+    Ok(r)
 }
 
 /// `C = alpha·A·B + beta·C` on addresses, for the views below (bf16 out unless `f32_out`).
@@ -611,47 +700,12 @@ pub fn lora_forward_view(x: &Tensor, w: &Nf4Tensor, l: &LoraView) -> Result<(Ten
     let op = "lora forward (cuda)";
     let o = cuda_ordinal(op, x)?;
     let (m, k) = dims2(op, "x", x)?;
-    let (r, n) = (l.a.rows, l.b.rows);
-    if l.a.cols != k || l.b.cols != r || w.shape != [n, k] {
-        return Err(Error::ShapeMismatch {
-            op,
-            expected: format!("A [r, {k}], B [{}, r], W [{}, {k}]", w.shape[0], w.shape[0]),
-            got: format!(
-                "A [{r}, {}], B [{n}, {}], W {}",
-                l.a.cols,
-                l.b.cols,
-                shape_str(&w.shape)
-            ),
-        });
-    }
-    multiple_of(op, "LoRA rank", r, 8)?;
+    let n = w.shape.first().copied().unwrap_or(0);
+    let r = check_view(op, l, w, k)?;
     check_tensor(op, "x", x, DType::BF16, &[m, k], Device::Cuda(o))?;
-    multiple_of(op, "in_features", k, 16)?;
-    let xa = Tensor::zeros(&[m, r], DType::BF16, &x.device())?;
-    let dropped = match l.dropout {
-        Some((p, seed)) => Some(super::embedding::dropout_cuda(x, p, seed)?),
-        None => None,
-    };
-    let x_ad = dropped.as_ref().unwrap_or(x);
-    // SAFETY: x (and its dropout) [M, K] bf16, A a live [r, K] bf16 view, xa [M, r]; device o.
-    unsafe {
-        mm(
-            o,
-            Layout::Nt,
-            x_ad.device_ptr(),
-            k,
-            l.a.ptr,
-            k,
-            xa.device_ptr(),
-            r,
-            (m, r, k),
-            false,
-            l.scale,
-            0.0,
-        )?
-    };
+    let xa = adapter_input(o, x, l, (m, k, r))?;
     let p = nf4_params(w)?;
-    let y = Tensor::zeros(&[m, n], DType::BF16, &x.device())?;
+    let y = Tensor::uninit(&[m, n], DType::BF16, &x.device())?;
     let g = GemmParams {
         a: x.device_ptr(),
         c: y.device_ptr(),
@@ -674,6 +728,51 @@ pub fn lora_forward_view(x: &Tensor, w: &Nf4Tensor, l: &LoraView) -> Result<(Ten
     Ok((y, xa))
 }
 
+/// `xa = s·x̃·Aᵀ` alone (`x̃` the dropped-out x): what the backward of the layer needs from its
+/// forward, without the layer's output (the replay of a layer whose output nothing reads).
+pub fn lora_xa_view(x: &Tensor, w: &Nf4Tensor, l: &LoraView) -> Result<Tensor> {
+    let op = "lora x·Aᵀ (cuda)";
+    let o = cuda_ordinal(op, x)?;
+    let (m, k) = dims2(op, "x", x)?;
+    let r = check_view(op, l, w, k)?;
+    check_tensor(op, "x", x, DType::BF16, &[m, k], Device::Cuda(o))?;
+    adapter_input(o, x, l, (m, k, r))
+}
+
+/// `s·x̃·Aᵀ` for a checked view (x `[M, K]` bf16 on device `o`, rank r).
+fn adapter_input(
+    o: usize,
+    x: &Tensor,
+    l: &LoraView,
+    (m, k, r): (usize, usize, usize),
+) -> Result<Tensor> {
+    let xa = Tensor::uninit(&[m, r], DType::BF16, &x.device())?;
+    let dropped = match l.dropout {
+        Some((p, seed)) => Some(super::dropout::dropout_cuda(x, p, seed)?),
+        None => None,
+    };
+    let x_ad = dropped.as_ref().unwrap_or(x);
+    // SAFETY: x (and its dropout) [M, K] bf16, A a live [r, K] bf16 view (checked by
+    // `check_view`), xa [M, r]; all on device `o`.
+    unsafe {
+        mm(
+            o,
+            Layout::Nt,
+            x_ad.device_ptr(),
+            k,
+            l.a.ptr,
+            k,
+            xa.device_ptr(),
+            r,
+            (m, r, k),
+            false,
+            l.scale,
+            0.0,
+        )?
+    };
+    Ok(xa)
+}
+
 /// [`lora_backward_cuda`] for an adapter given as views: returns dx; dA, dB accumulate (fp32)
 /// at the views' gradient addresses. With dropout, `dx += (s·g·A) ⊙ m` and `dA += s·gᵀ·x̃`.
 pub fn lora_backward_view(
@@ -683,18 +782,61 @@ pub fn lora_backward_view(
     xa: &Tensor,
     dy: &Tensor,
 ) -> Result<Tensor> {
+    lora_backward(LayerInput::Kept(x), w, l, xa, dy)
+}
+
+/// [`lora_backward_view`] for a layer input that nothing needs afterwards: dx (the same shape)
+/// is written over it, so the backward holds one `[M, K]` tensor fewer (the MLP down
+/// projection's input is `[T, F]`, the largest activation of a layer).
+pub fn lora_backward_view_over_x(
+    x: Tensor,
+    w: &Nf4Tensor,
+    l: &LoraView,
+    xa: &Tensor,
+    dy: &Tensor,
+) -> Result<Tensor> {
+    lora_backward(LayerInput::Spent(x), w, l, xa, dy)
+}
+
+/// The layer input of a backward: still needed by the caller, or spent (its buffer takes dx).
+enum LayerInput<'a> {
+    Kept(&'a Tensor),
+    Spent(Tensor),
+}
+
+fn lora_backward(
+    input: LayerInput<'_>,
+    w: &Nf4Tensor,
+    l: &LoraView,
+    xa: &Tensor,
+    dy: &Tensor,
+) -> Result<Tensor> {
     let op = "lora backward (cuda)";
+    let x = match &input {
+        LayerInput::Kept(x) => *x,
+        LayerInput::Spent(x) => x,
+    };
     let o = cuda_ordinal(op, dy)?;
     let (m, n) = dims2(op, "dy", dy)?;
     let (_, k) = dims2(op, "x", x)?;
-    let r = l.a.rows;
+    if w.shape.first() != Some(&n) {
+        return Err(Error::ShapeMismatch {
+            op,
+            expected: format!("dy [{m}, out] for W [out, in] = {}", shape_str(&w.shape)),
+            got: shape_str(dy.shape()),
+        });
+    }
+    let r = check_view(op, l, w, k)?;
+    check_tensor(op, "dy", dy, DType::BF16, &[m, n], Device::Cuda(o))?;
+    check_tensor(op, "x", x, DType::BF16, &[m, k], Device::Cuda(o))?;
     check_tensor(op, "x·Aᵀ", xa, DType::BF16, &[m, r], Device::Cuda(o))?;
-    let g = Tensor::zeros(&[m, r], DType::BF16, &dy.device())?;
-    let mut dx = nf4_dx_cuda(dy, w)?;
+    // The adapter's gradients first, while x is intact; dx after, perhaps over x.
+    let g = Tensor::uninit(&[m, r], DType::BF16, &dy.device())?;
     // SAFETY (every call below): dy [M, N], B view [N, r], g [M, r], A view [r, K], dx and the
     // adapter term [M, K], x and its dropout [M, K], xa [M, r], the gradient views [r, K] and
-    // [N, r] fp32: shapes checked above and by the views' construction; all on device `o`.
+    // [N, r] fp32: shapes checked above and by `check_view`; all on device `o`.
     unsafe {
+        // g = dy·B
         mm(
             o,
             Layout::Nn,
@@ -708,10 +850,53 @@ pub fn lora_backward_view(
             false,
             1.0,
             0.0,
+        )?;
+        // dB += dyᵀ·xa
+        mm(
+            o,
+            Layout::Tn,
+            dy.device_ptr(),
+            n,
+            xa.device_ptr(),
+            r,
+            l.grad_b,
+            r,
+            (n, r, m),
+            true,
+            1.0,
+            1.0,
+        )?;
+    }
+    // dA += s·gᵀ·x̃
+    let x_ad = match l.dropout {
+        Some((p, seed)) => Some(super::dropout::dropout_cuda(x, p, seed)?),
+        None => None,
+    };
+    unsafe {
+        mm(
+            o,
+            Layout::Tn,
+            g.device_ptr(),
+            r,
+            x_ad.as_ref().unwrap_or(x).device_ptr(),
+            k,
+            l.grad_a,
+            k,
+            (r, k, m),
+            true,
+            l.scale,
+            1.0,
         )?
+    };
+    drop(x_ad);
+    // dx = dy·W (+ the adapter's term)
+    let mut dx = match input {
+        LayerInput::Kept(_) => nf4_dx_cuda(dy, w)?,
+        LayerInput::Spent(x) => nf4_dx_into(dy, w, x)?,
     };
     match l.dropout {
         None => unsafe {
+            // dx += s·g·A
             mm(
                 o,
                 Layout::Nn,
@@ -725,24 +910,11 @@ pub fn lora_backward_view(
                 false,
                 l.scale,
                 1.0,
-            )?;
-            mm(
-                o,
-                Layout::Tn,
-                g.device_ptr(),
-                r,
-                x.device_ptr(),
-                k,
-                l.grad_a,
-                k,
-                (r, k, m),
-                true,
-                l.scale,
-                1.0,
-            )?;
+            )?
         },
         Some((p, seed)) => {
-            let ga = Tensor::zeros(&[m, k], DType::BF16, &dy.device())?;
+            // dx += (s·g·A) ⊙ m
+            let ga = Tensor::uninit(&[m, k], DType::BF16, &dy.device())?;
             unsafe {
                 mm(
                     o,
@@ -759,41 +931,8 @@ pub fn lora_backward_view(
                     0.0,
                 )?
             };
-            dx = super::embedding::add_cuda(&dx, &super::embedding::dropout_cuda(&ga, p, seed)?)?;
-            let x_ad = super::embedding::dropout_cuda(x, p, seed)?;
-            unsafe {
-                mm(
-                    o,
-                    Layout::Tn,
-                    g.device_ptr(),
-                    r,
-                    x_ad.device_ptr(),
-                    k,
-                    l.grad_a,
-                    k,
-                    (r, k, m),
-                    true,
-                    l.scale,
-                    1.0,
-                )?
-            };
+            dx = super::embedding::add_cuda(&dx, &super::dropout::dropout_cuda(&ga, p, seed)?)?;
         }
     }
-    unsafe {
-        mm(
-            o,
-            Layout::Tn,
-            dy.device_ptr(),
-            n,
-            xa.device_ptr(),
-            r,
-            l.grad_b,
-            r,
-            (n, r, m),
-            true,
-            1.0,
-            1.0,
-        )?
-    };
     Ok(dx)
 }

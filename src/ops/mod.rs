@@ -10,10 +10,12 @@
 
 pub mod attention;
 pub mod cross_entropy;
+pub mod dropout;
 pub mod embedding;
 pub mod gemm;
 pub mod linear;
 pub mod matmul;
+pub mod random;
 pub mod residual;
 pub mod rmsnorm;
 pub mod rope;

@@ -94,8 +94,8 @@ pub fn forward_cuda(x: &Tensor, w: &Tensor, eps: f64) -> Result<(Tensor, Tensor)
     let (t, d) = rows_cols(op, x)?;
     check_tensor(op, "x", x, DType::BF16, &[t, d], dev)?;
     check_tensor(op, "weight", w, DType::BF16, &[d], dev)?;
-    let mut y = Tensor::zeros(&[t, d], DType::BF16, &dev)?;
-    let mut rstd = Tensor::zeros(&[t], DType::F32, &dev)?;
+    let mut y = Tensor::uninit(&[t, d], DType::BF16, &dev)?;
+    let mut rstd = Tensor::uninit(&[t], DType::F32, &dev)?;
     if t == 0 {
         return Ok((y, rstd));
     }
@@ -130,9 +130,9 @@ pub fn forward_residual_cuda(
     check_tensor(op, "a", a, DType::BF16, &[t, d], dev)?;
     check_tensor(op, "b", b_in, DType::BF16, &[t, d], dev)?;
     check_tensor(op, "weight", w, DType::BF16, &[d], dev)?;
-    let mut h = Tensor::zeros(&[t, d], DType::BF16, &dev)?;
-    let mut y = Tensor::zeros(&[t, d], DType::BF16, &dev)?;
-    let mut rstd = Tensor::zeros(&[t], DType::F32, &dev)?;
+    let mut h = Tensor::uninit(&[t, d], DType::BF16, &dev)?;
+    let mut y = Tensor::uninit(&[t, d], DType::BF16, &dev)?;
+    let mut rstd = Tensor::uninit(&[t], DType::F32, &dev)?;
     if t == 0 {
         return Ok((h, y, rstd));
     }
@@ -174,7 +174,7 @@ pub fn backward_cuda(
     if let Some(r) = dres {
         check_tensor(op, "dres", r, DType::BF16, &[t, d], dev)?;
     }
-    let mut dx = Tensor::zeros(&[t, d], DType::BF16, &dev)?;
+    let mut dx = Tensor::uninit(&[t, d], DType::BF16, &dev)?;
     if t == 0 {
         return Ok(dx);
     }

@@ -55,7 +55,7 @@ pub fn forward_cuda(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     let shape = gate.shape().to_vec();
     check_tensor(op, "gate", gate, DType::BF16, &shape, dev)?;
     check_tensor(op, "up", up, DType::BF16, &shape, dev)?;
-    let mut h = Tensor::zeros(&shape, DType::BF16, &dev)?;
+    let mut h = Tensor::uninit(&shape, DType::BF16, &dev)?;
     let n = gate.elem_count();
     if n == 0 {
         return Ok(h);
@@ -74,33 +74,34 @@ pub fn forward_cuda(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     Ok(h)
 }
 
-/// CUDA: `(dgate, dup)`.
-pub fn backward_cuda(gate: &Tensor, up: &Tensor, dh: &Tensor) -> Result<(Tensor, Tensor)> {
+/// CUDA: `(dgate, dup)`, written in place over `gate` and `up` (which the backward no longer
+/// needs): the MLP backward's peak holds two `[T, F]` tensors fewer.
+pub fn backward_cuda(gate: Tensor, up: Tensor, dh: &Tensor) -> Result<(Tensor, Tensor)> {
     let op = "swiglu backward (cuda)";
-    let o = cuda_ordinal(op, gate)?;
+    let o = cuda_ordinal(op, &gate)?;
     let dev = Device::Cuda(o);
     let shape = gate.shape().to_vec();
-    check_tensor(op, "gate", gate, DType::BF16, &shape, dev)?;
-    check_tensor(op, "up", up, DType::BF16, &shape, dev)?;
+    check_tensor(op, "gate", &gate, DType::BF16, &shape, dev)?;
+    check_tensor(op, "up", &up, DType::BF16, &shape, dev)?;
     check_tensor(op, "dh", dh, DType::BF16, &shape, dev)?;
-    let mut dg = Tensor::zeros(&shape, DType::BF16, &dev)?;
-    let mut du = Tensor::zeros(&shape, DType::BF16, &dev)?;
     let n = gate.elem_count();
     if n == 0 {
-        return Ok((dg, du));
+        return Ok((gate, up));
     }
     let cuda = CudaDevice::get(o)?;
     let name = "swiglu_bwd_bf16";
     let f = cuda.function("swiglu", name)?;
-    let n_i = n as i64;
+    let (n_i, gp, upp) = (n as i64, gate.device_ptr(), up.device_ptr());
     let mut b = cuda.stream().launch_builder(&f);
-    b.arg(gate.cuda_slice::<half::bf16>(op)?)
-        .arg(up.cuda_slice::<half::bf16>(op)?)
+    b.arg(&gp)
+        .arg(&upp)
         .arg(dh.cuda_slice::<half::bf16>(op)?)
-        .arg(dg.cuda_slice_mut::<half::bf16>(op)?)
-        .arg(du.cuda_slice_mut::<half::bf16>(op)?)
+        .arg(&gp)
+        .arg(&upp)
         .arg(&n_i);
-    // SAFETY: swiglu_bwd_bf16(const bf16* ×3, bf16* ×2, long long); all hold n elements.
+    // SAFETY: swiglu_bwd_bf16(const bf16* ×3, bf16* ×2, long long); all hold n elements; the
+    // gradients alias gate and up, which the kernel reads at an index before writing it there
+    // (each element is one thread's alone).
     unsafe { cuda.launch(name, b, grid_1d(n, 256)) }?;
-    Ok((dg, du))
+    Ok((gate, up))
 }

@@ -29,6 +29,7 @@ use crate::io::adapters;
 use crate::model::cuda_llama::{CudaLlama, CudaLora};
 use crate::model::llama::{BaseFormat, Llama};
 use crate::model::lora::LoraParams;
+use crate::ops::dropout;
 use crate::quant::nf4::Nf4Config;
 use crate::tensor::Tensor;
 
@@ -376,8 +377,7 @@ impl Trainer {
             Some((model, lora)) => {
                 lora.zero_grads()?;
                 for (i, b) in batches.iter().enumerate() {
-                    let seed = self.config.seed
-                        ^ (self.state.step << 16 | i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+                    let seed = dropout::batch_seed(self.config.seed, self.state.step, i);
                     lora.set_dropout_seed(Some(seed));
                     let (losses, _) =
                         model.forward_backward(lora, &b.ids, &b.labels, &b.cu_seqlens, scale)?;
@@ -396,8 +396,7 @@ impl Trainer {
             None => {
                 self.grads.fill(0.0);
                 for (i, b) in batches.iter().enumerate() {
-                    let seed = self.config.seed
-                        ^ (self.state.step << 16 | i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+                    let seed = dropout::batch_seed(self.config.seed, self.state.step, i);
                     let l = self.model.forward_backward(
                         &self.lora,
                         &mut self.grads,

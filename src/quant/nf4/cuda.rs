@@ -42,7 +42,7 @@ pub(super) fn quantize_into(w: &Tensor, q: &mut Nf4Tensor, ordinal: usize) -> Re
     )?;
     // With double quantization the f32 absmax is a scratch buffer; otherwise it is the result.
     let mut scratch = match q.absmax {
-        Absmax::Double { .. } => Some(Tensor::zeros(
+        Absmax::Double { .. } => Some(Tensor::uninit(
             &[nblocks],
             DType::F32,
             &Device::Cuda(ordinal),
@@ -133,7 +133,7 @@ fn launch_mean(dev: &CudaDevice, absmax: &Tensor, offset: &mut Tensor) -> Result
 
 pub(super) fn absmax_mean(absmax: &Tensor, ordinal: usize) -> Result<f32> {
     let dev = CudaDevice::get(ordinal)?;
-    let mut offset = Tensor::zeros(&[1], DType::F32, &Device::Cuda(ordinal))?;
+    let mut offset = Tensor::uninit(&[1], DType::F32, &Device::Cuda(ordinal))?;
     launch_mean(&dev, absmax, &mut offset)?;
     Ok(offset.to_vec::<f32>()?[0])
 }

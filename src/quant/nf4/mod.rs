@@ -366,7 +366,7 @@ impl Nf4Tensor {
                 got: dtype.to_string(),
             });
         }
-        let mut out = Tensor::zeros(&self.shape, dtype, &self.device())?;
+        let mut out = Tensor::uninit(&self.shape, dtype, &self.device())?;
         self.dequantize_into(&mut out)?;
         Ok(out)
     }
