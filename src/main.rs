@@ -3,6 +3,8 @@
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use clap::{parser::ValueSource, ArgMatches, CommandFactory, FromArgMatches, Parser, Subcommand};
 use qlora_rs::data::formats::{Format, Message};
@@ -213,6 +215,8 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => e.exit(),
     };
+    // The exit status of a training run that a signal interrupted (128 + signal).
+    let mut interrupted: Option<u8> = None;
     let result = match cli.command {
         Command::Env => env(cli.device),
         Command::Generate {
@@ -290,7 +294,11 @@ fn main() -> ExitCode {
             adapter,
             output,
             onto_original,
-        } => export::merge(&model, &adapter, &output, onto_original).map(|r| {
+        } => {
+            warn_other_base(&model, &adapter);
+            export::merge(&model, &adapter, &output, onto_original)
+        }
+        .map(|r| {
             println!(
                 "merged {} adapted projections; wrote {} tensors ({:.1} MiB) in {} file(s) to {}",
                 r.projections,
@@ -314,7 +322,9 @@ fn main() -> ExitCode {
             let sub = matches
                 .subcommand_matches("train")
                 .expect("train subcommand");
-            merge_config(config, *train, sub).and_then(|cfg| run_train(cli.device, cfg))
+            merge_config(config, *train, sub)
+                .and_then(|cfg| run_train(cli.device, cfg))
+                .map(|status| interrupted = status)
         }
         Command::Eval {
             model,
@@ -346,7 +356,7 @@ fn main() -> ExitCode {
         })(),
     };
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(()) => interrupted.map_or(ExitCode::SUCCESS, ExitCode::from),
         Err(e) => {
             eprintln!("error: {e}");
             ExitCode::FAILURE
@@ -406,20 +416,81 @@ fn compute_device(request: DeviceRequest, cuda_ok: bool) -> qlora_rs::Result<Dev
     }
 }
 
-fn run_train(request: DeviceRequest, cfg: TrainConfig) -> qlora_rs::Result<()> {
+/// SIGINT (Ctrl-C), SIGTERM (docker stop, Slurm, spot reclaim) and SIGHUP (a closed terminal):
+/// the first asks the trainer to stop after the current step and save a checkpoint; a second of
+/// the same kind ends the process at once (exit 128 + signal), for a user who will not wait.
+struct Interrupts {
+    received: Vec<(&'static str, i32, Arc<AtomicBool>)>,
+}
+
+impl Interrupts {
+    fn install(stop: Arc<AtomicBool>) -> qlora_rs::Result<Interrupts> {
+        use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+        let mut received = Vec::new();
+        for (name, sig) in [("SIGINT", SIGINT), ("SIGTERM", SIGTERM), ("SIGHUP", SIGHUP)] {
+            let this = Arc::new(AtomicBool::new(false));
+            let err = |e: std::io::Error| {
+                qlora_rs::Error::InvalidArgument(format!("cannot install the {name} handler: {e}"))
+            };
+            // Order matters: the shutdown checks the flag before this signal sets it, so only a
+            // second signal (the flag already set) ends the process.
+            signal_hook::flag::register_conditional_shutdown(sig, 128 + sig, this.clone())
+                .map_err(err)?;
+            signal_hook::flag::register(sig, this.clone()).map_err(err)?;
+            signal_hook::flag::register(sig, stop.clone()).map_err(err)?;
+            received.push((name, sig, this));
+        }
+        Ok(Interrupts { received })
+    }
+
+    /// The signal that stopped the run and the exit status that reports it (128 + signal).
+    fn received(&self) -> (&'static str, u8) {
+        self.received
+            .iter()
+            .find(|(_, _, f)| f.load(Ordering::SeqCst))
+            .map_or(("a stop request", 130), |(n, s, _)| (*n, (128 + s) as u8))
+    }
+}
+
+/// This run's command line with `--resume` (once), quoted for a POSIX shell.
+fn resume_command() -> String {
+    let quote = |a: String| {
+        if !a.is_empty()
+            && a.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_./=:,@%+".contains(c))
+        {
+            a
+        } else {
+            format!("'{}'", a.replace('\'', r"'\''"))
+        }
+    };
+    let mut args: Vec<String> = std::env::args().map(quote).collect();
+    if !args.iter().any(|a| a == "--resume") {
+        args.push("--resume".into());
+    }
+    args.join(" ")
+}
+
+/// Trains; `Some(status)` when a signal interrupted the run (checkpoint saved), for the exit
+/// status that tells scripts and schedulers so.
+fn run_train(request: DeviceRequest, cfg: TrainConfig) -> qlora_rs::Result<Option<u8>> {
     let device = compute_device(request, true)?;
     let mut trainer = Trainer::new_on(cfg, device)?;
+    for w in &trainer.model.load_warnings {
+        eprintln!("warning: {}: {w}", trainer.config.model.display());
+    }
     let (n_train, n_eval) = trainer.dataset_sizes();
     let s = &trainer.data_stats;
     eprintln!(
-        "data: {} records → {n_train} training sequences{}; {} tokens, {} trained on; {} truncated to {} tokens, {} with nothing to train on",
+        "data: {} records → {n_train} training sequences{}; {} tokens, {} trained on; {} truncated to {} tokens, {} with nothing to train on{}",
         s.records,
         if n_eval > 0 { format!(", {n_eval} for evaluation") } else { String::new() },
         s.tokens,
         s.counted_tokens,
         s.truncated,
         trainer.config.seq_len,
-        s.empty
+        s.empty,
+        if s.blank > 0 { format!(" ({} of them with empty text)", s.blank) } else { String::new() }
     );
     eprintln!(
         "model: {} layers, hidden {}, vocab {}; LoRA rank {} on {:?}: {} trainable parameters",
@@ -437,10 +508,7 @@ fn run_train(request: DeviceRequest, cfg: TrainConfig) -> qlora_rs::Result<()> {
             trainer.total_steps()
         );
     }
-    let stop = trainer.stop_flag();
-    ctrlc::set_handler(move || stop.store(true, std::sync::atomic::Ordering::SeqCst)).map_err(
-        |e| qlora_rs::Error::InvalidArgument(format!("cannot install the Ctrl-C handler: {e}")),
-    )?;
+    let signals = Interrupts::install(trainer.stop_flag())?;
     // A bar (on stderr) for a terminal; plain log lines on stdout when it is not one.
     let tty = std::io::stdout().is_terminal() && std::io::stderr().is_terminal();
     let bar = indicatif::ProgressBar::new(trainer.total_steps());
@@ -481,23 +549,68 @@ fn run_train(request: DeviceRequest, cfg: TrainConfig) -> qlora_rs::Result<()> {
     })?;
     bar.finish_and_clear();
     if summary.interrupted {
+        let (name, code) = signals.received();
         eprintln!(
-            "interrupted at step {}: checkpoint saved; continue with the same command and --resume",
-            summary.steps
-        );
-    } else {
-        println!(
-            "done: {} steps, last loss {:.4}{}; adapter in {}",
+            "interrupted by {name} at step {}: checkpoint saved in {}; continue with:\n  {}",
             summary.steps,
-            summary.last_loss.unwrap_or(f64::NAN),
-            summary
-                .eval_loss
-                .map(|l| format!(", eval loss {l:.4}"))
-                .unwrap_or_default(),
-            summary.output.display()
+            summary.output.display(),
+            resume_command()
+        );
+        return Ok(Some(code));
+    }
+    println!(
+        "done: {} steps, last loss {:.4}{}; adapter in {}",
+        summary.steps,
+        summary.last_loss.unwrap_or(f64::NAN),
+        summary
+            .eval_loss
+            .map(|l| format!(", eval loss {l:.4}"))
+            .unwrap_or_default(),
+        summary.output.display()
+    );
+    Ok(None)
+}
+
+/// Warns when `adapter_config.json` names a base model other than `model` (a hub id whose last
+/// part is not the folder's name, or another local folder): merging onto another base gives a
+/// model that was never trained. Shapes are checked by the merge itself.
+fn warn_other_base(model: &std::path::Path, adapter: &std::path::Path) {
+    let config = adapter.join(adapters::CONFIG_FILE);
+    let Some(named) = std::fs::read_to_string(&config)
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .and_then(|v| v["base_model_name_or_path"].as_str().map(str::to_string))
+    else {
+        return;
+    };
+    let canon = |p: &std::path::Path| std::fs::canonicalize(p).ok();
+    let same_path = canon(std::path::Path::new(&named)).is_some_and(|n| Some(n) == canon(model));
+    let folder = model
+        .canonicalize()
+        .ok()
+        .and_then(|p| p.file_name().map(|f| f.to_string_lossy().to_lowercase()));
+    let tail = named
+        .trim_end_matches('/')
+        .rsplit('/')
+        .next()
+        .unwrap_or_default()
+        .to_lowercase();
+    if !same_path && folder.as_deref() != Some(tail.as_str()) {
+        eprintln!(
+            "warning: {}: the adapter was trained on `{named}`; merging it onto {}",
+            config.display(),
+            model.display()
         );
     }
-    Ok(())
+}
+
+/// Loads a model folder, printing what loading set aside (as named warnings).
+fn load_model(dir: &std::path::Path, format: BaseFormat) -> qlora_rs::Result<Llama> {
+    let model = Llama::load(dir, format)?;
+    for w in &model.load_warnings {
+        eprintln!("warning: {}: {w}", dir.display());
+    }
+    Ok(model)
 }
 
 /// The base weights as training holds them (NF4) when an adapter is applied, else the
@@ -527,6 +640,11 @@ fn run_bench(
     use qlora_rs::train::optimizer::{AdamW, AdamWConfig};
     use rand::{Rng, SeedableRng};
     use std::time::Instant;
+    if steps == 0 {
+        return Err(qlora_rs::Error::InvalidArgument(
+            "bench --steps must be at least 1 (the steps timed after one warm-up step)".into(),
+        ));
+    }
     let device = compute_device(request, true)?;
     let nf4 = BaseFormat::Nf4(Nf4Config::default());
     let started = Instant::now();
@@ -536,10 +654,10 @@ fn run_bench(
             (None, Some(CudaLlama::random(shapes::by_name(s)?, o, 0)?))
         }
         (Device::Cuda(o), None, Some(m)) => {
-            (None, Some(CudaLlama::from_llama(&Llama::load(m, nf4)?, o)?))
+            (None, Some(CudaLlama::from_llama(&load_model(m, nf4)?, o)?))
         }
         (Device::Cpu, Some(s), _) => (Some(Llama::random(shapes::by_name(s)?, nf4, 0)?), None),
-        (Device::Cpu, None, Some(m)) => (Some(Llama::load(m, nf4)?), None),
+        (Device::Cpu, None, Some(m)) => (Some(load_model(m, nf4)?), None),
         (_, None, None) => unreachable!("clap requires --shape or --model"),
     };
     let cfg = match (&cpu_model, &gpu_model) {
@@ -719,7 +837,7 @@ fn run_generate(
 ) -> qlora_rs::Result<()> {
     use std::io::Write;
     let device = compute_device(request, true)?;
-    let model = Llama::load(model_dir, format)?;
+    let model = load_model(model_dir, format)?;
     let tokenizer = TextTokenizer::load(model_dir)?;
     let lora = adapter
         .map(|a| adapters::load(a, &model.config))
@@ -760,16 +878,15 @@ fn run_generate(
         }
         Ok(())
     };
-    match device {
-        Device::Cpu => {
-            model.generate(
-                lora.as_ref(),
-                &ids,
-                tokenizer.eos_id,
-                sampling,
-                &mut on_token,
-            )?;
-        }
+    let context = model.config.max_position_embeddings;
+    let new = match device {
+        Device::Cpu => model.generate(
+            lora.as_ref(),
+            &ids,
+            tokenizer.eos_id,
+            sampling,
+            &mut on_token,
+        )?,
         Device::Cuda(o) => {
             let gpu = CudaLlama::from_llama(&model, o)?;
             let gpu_lora = lora
@@ -781,15 +898,21 @@ fn run_generate(
                 &ids,
                 tokenizer.eos_id,
                 sampling,
+                context,
                 &mut on_token,
                 &mut |new| {
                     seen.extend_from_slice(new);
                     gpu.last_logits(gpu_lora.as_ref(), &seen)
                 },
-            )?;
+            )?
         }
-    }
+    };
     println!();
+    if ids.len() + new.len() >= context && new.last().copied() != tokenizer.eos_id {
+        eprintln!(
+            "(stopped at the model's context length: {context} tokens, max_position_embeddings)"
+        );
+    }
     Ok(())
 }
 
@@ -805,12 +928,12 @@ fn run_eval(
     format: BaseFormat,
 ) -> qlora_rs::Result<()> {
     let device = compute_device(request, true)?;
-    let model = Llama::load(model_dir, format)?;
+    let model = load_model(model_dir, format)?;
     let tokenizer = TextTokenizer::load(model_dir)?;
     let lora = adapter
         .map(|a| adapters::load(a, &model.config))
         .transpose()?;
-    let (loss, tokens) = trainer::evaluate_file(
+    let (loss, tokens, stats) = trainer::evaluate_file(
         &model,
         &tokenizer,
         lora.as_ref(),
@@ -819,10 +942,30 @@ fn run_eval(
         batch_tokens,
         device,
     )?;
+    // As `train` says it: what was cut or dropped before the loss was taken.
+    eprintln!(
+        "data: {} records; {} truncated to {} tokens, {} with nothing to score{}",
+        stats.records,
+        stats.truncated,
+        opts.seq_len,
+        stats.empty,
+        if stats.blank > 0 {
+            format!(" ({} of them with empty text)", stats.blank)
+        } else {
+            String::new()
+        }
+    );
     if json {
         println!(
             "{}",
-            serde_json::json!({"loss": loss, "perplexity": loss.exp(), "tokens": tokens})
+            serde_json::json!({
+                "loss": loss,
+                "perplexity": loss.exp(),
+                "tokens": tokens,
+                "records": stats.records,
+                "truncated": stats.truncated,
+                "dropped": stats.empty,
+            })
         );
     } else {
         println!(

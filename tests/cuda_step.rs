@@ -240,8 +240,8 @@ fn evaluate_file_on_cuda_matches_the_cpu() {
     let mut losses = Vec::new();
     for adapter in [None, Some(&lora)] {
         let run = |d| evaluate_file(&model, &tokenizer, adapter, &data, &opts, 256, d).unwrap();
-        let (cpu, cpu_n) = run(Device::Cpu);
-        let (gpu, gpu_n) = run(dev);
+        let (cpu, cpu_n, _) = run(Device::Cpu);
+        let (gpu, gpu_n, _) = run(dev);
         assert_eq!(cpu_n, gpu_n);
         assert!(cpu_n > 0);
         assert!(
@@ -364,7 +364,7 @@ fn trainer_on_cuda_evaluates_the_current_adapters() {
         seq_len: 128,
         train_on_prompt: false,
     };
-    let (cpu, _) = evaluate_file(
+    let (cpu, _, _) = evaluate_file(
         &model,
         &tokenizer,
         Some(&adapter),

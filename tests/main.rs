@@ -17,5 +17,6 @@ mod llama;
 mod nf4;
 mod ops;
 mod ptxas;
+mod refusals;
 mod train;
 mod trainer;

@@ -120,6 +120,10 @@ fn resume_reproduces_the_uninterrupted_losses_exactly() {
         !part.join("adapter_model.safetensors").exists(),
         "no final adapter when interrupted"
     );
+    // The folder stays locked while its trainer lives.
+    let err = Trainer::new(c.clone()).err().expect("refused").to_string();
+    assert!(err.contains("in use by another qlora-rs run"), "{err}");
+    drop(t);
     // Without --resume the folder is refused; with it the run continues.
     let err = Trainer::new(c.clone()).err().expect("refused").to_string();
     assert!(
@@ -130,6 +134,7 @@ fn resume_reproduces_the_uninterrupted_losses_exactly() {
     let mut t = Trainer::new(c.clone()).unwrap();
     assert_eq!(t.step(), cut);
     t.run().unwrap();
+    drop(t);
     let got = losses(&part);
     assert_eq!(
         got, want,
@@ -292,79 +297,103 @@ fn cli_eval_reports_loss_and_perplexity() {
     assert!(v["tokens"].as_u64().unwrap() > 0);
 }
 
+/// Ctrl-C (SIGINT), SIGTERM (docker stop, Slurm, spot instances) and SIGHUP each stop the run
+/// after the current step with a checkpoint, print the command that resumes it, and exit with
+/// 128 + the signal (130, 143, 129), so scripts and schedulers see the run was interrupted; the
+/// printed command resumes it.
 #[test]
-fn ctrl_c_saves_a_checkpoint_and_resume_continues() {
+fn signals_save_a_checkpoint_exit_nonzero_and_resume_continues() {
     use std::io::{BufRead, BufReader};
-    let out = tmpdir("sigint");
+    use std::os::unix::process::ExitStatusExt;
     let bin = crate::common::qlora_bin();
-    let args = |extra: &[&str]| -> Vec<String> {
-        let mut a: Vec<String> = [
-            "train",
-            "--device",
-            "cpu",
-            "--seq-len",
-            "64",
-            "--batch-tokens",
-            "64",
-            "--rank",
-            "2",
-            "--max-steps",
-            "200000",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        a.extend([
-            "--model".into(),
-            fixtures("llama/tiny-llama").display().to_string(),
-        ]);
-        a.extend([
-            "--data".into(),
-            fixtures("data/text.jsonl").display().to_string(),
-        ]);
-        a.extend(["--output".into(), out.display().to_string()]);
-        a.extend(extra.iter().map(|s| s.to_string()));
-        a
-    };
-    let mut child = Command::new(&bin)
-        .args(args(&[]))
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    // Wait for a few steps, then Ctrl-C.
-    for line in lines.by_ref() {
-        if line.unwrap().starts_with("step 3/") {
-            break;
+    for (signal, status) in [("INT", 130), ("TERM", 143), ("HUP", 129)] {
+        let out = tmpdir(&format!("signal-{signal}"));
+        let args = |extra: &[&str]| -> Vec<String> {
+            let mut a: Vec<String> = [
+                "train",
+                "--device",
+                "cpu",
+                "--seq-len",
+                "64",
+                "--batch-tokens",
+                "64",
+                "--rank",
+                "2",
+                "--max-steps",
+                "200000",
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+            a.extend([
+                "--model".into(),
+                fixtures("llama/tiny-llama").display().to_string(),
+            ]);
+            a.extend([
+                "--data".into(),
+                fixtures("data/text.jsonl").display().to_string(),
+            ]);
+            a.extend(["--output".into(), out.display().to_string()]);
+            a.extend(extra.iter().map(|s| s.to_string()));
+            a
+        };
+        let mut child = Command::new(&bin)
+            .args(args(&[]))
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        // Wait for a few steps, then the signal.
+        for line in lines.by_ref() {
+            if line.unwrap().starts_with("step 3/") {
+                break;
+            }
         }
+        let sent = Command::new("kill")
+            .args([format!("-{signal}"), child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success());
+        for _ in lines.by_ref() {}
+        let result = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&result.stderr);
+        assert_eq!(
+            (result.status.code(), result.status.signal()),
+            (Some(status), None),
+            "SIG{signal}: {stderr}"
+        );
+        assert!(
+            stderr.contains(&format!("interrupted by SIG{signal} at step")),
+            "{stderr}"
+        );
+        let dir = checkpoint::latest(&out)
+            .unwrap()
+            .expect("a checkpoint after the signal");
+        let model = Llama::load(&fixtures("llama/tiny-llama"), BaseFormat::Dense).unwrap();
+        let (_, _, state) = checkpoint::load(&dir, &model.config).unwrap();
+        assert!(state.step >= 3 && state.step < 200_000);
+        // The printed command is this one with --resume; run it for two more steps.
+        let printed = stderr
+            .lines()
+            .skip_while(|l| !l.contains("continue with:"))
+            .nth(1)
+            .unwrap_or_else(|| panic!("no resume command in:\n{stderr}"))
+            .trim()
+            .to_string();
+        let mut want = vec![bin.display().to_string()];
+        want.extend(args(&["--resume"]));
+        assert_eq!(printed, want.join(" "));
+        let mut a = args(&["--resume"]);
+        let i = a.iter().position(|s| s == "200000").unwrap();
+        a[i] = (state.step + 2).to_string();
+        let o = Command::new(&bin).args(&a).output().unwrap();
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            o.status.success() && stderr.contains(&format!("resuming at step {}", state.step)),
+            "{stderr}"
+        );
     }
-    let status = Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    for _ in lines.by_ref() {}
-    let result = child.wait_with_output().unwrap();
-    let stderr = String::from_utf8_lossy(&result.stderr);
-    assert!(result.status.success(), "{stderr}");
-    assert!(stderr.contains("interrupted at step"), "{stderr}");
-    let dir = checkpoint::latest(&out)
-        .unwrap()
-        .expect("a checkpoint after Ctrl-C");
-    let model = Llama::load(&fixtures("llama/tiny-llama"), BaseFormat::Dense).unwrap();
-    let (_, _, state) = checkpoint::load(&dir, &model.config).unwrap();
-    assert!(state.step >= 3 && state.step < 200_000);
-    // --resume picks it up (a short run: a new --max-steps is allowed).
-    let mut a = args(&["--resume"]);
-    let i = a.iter().position(|s| s == "200000").unwrap();
-    a[i] = (state.step + 2).to_string();
-    let o = Command::new(bin).args(&a).output().unwrap();
-    let stderr = String::from_utf8_lossy(&o.stderr);
-    assert!(
-        o.status.success() && stderr.contains(&format!("resuming at step {}", state.step)),
-        "{stderr}"
-    );
 }
 
 #[test]

@@ -123,6 +123,33 @@ fn string<'a>(path: &Path, r: &'a Record, format: Format, key: &str) -> Result<&
     }
 }
 
+/// The roles chat templates know (OpenAI's and Hugging Face's names; `ipython` is Llama 3's
+/// tool-result role).
+const KNOWN_ROLES: [&str; 6] = [
+    "system",
+    "developer",
+    "user",
+    "assistant",
+    "tool",
+    "ipython",
+];
+
+/// Levenshtein distance, for "did you mean" on short names.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut prev = row[0];
+        row[0] = i + 1;
+        for (j, &cb) in b.iter().enumerate() {
+            let cur = row[j + 1];
+            row[j + 1] = (prev + usize::from(ca != cb)).min(row[j] + 1).min(cur + 1);
+            prev = cur;
+        }
+    }
+    row[b.len()]
+}
+
 fn messages(
     path: &Path,
     r: &Record,
@@ -164,7 +191,24 @@ fn messages(
                                 format!("message {i} has `{role_key}: {other}` (expected human, gpt or system)"),
                             ))
                         }
-                        (_, other) => other,
+                        (_, other) if KNOWN_ROLES.contains(&other) => other,
+                        (_, other) => {
+                            let hint = KNOWN_ROLES
+                                .iter()
+                                .find(|k| edit_distance(k, other) <= 2)
+                                .map(|k| format!("; did you mean `{k}`?"))
+                                .unwrap_or_default();
+                            return Err(record_err(
+                                path,
+                                r,
+                                format,
+                                format!(
+                                    "message {i} has the unknown role `{other}` (expected one of \
+                                     {}){hint}",
+                                    KNOWN_ROLES.join(", ")
+                                ),
+                            ));
+                        }
                     };
                     Ok(Message {
                         role: role.to_string(),

@@ -45,6 +45,8 @@ pub struct DataStats {
     pub truncated: usize,
     /// Sequences dropped because no token was left to train on.
     pub empty: usize,
+    /// Records whose text is empty (or only whitespace), dropped (counted in `empty` too).
+    pub blank: usize,
     pub tokens: usize,
     pub counted_tokens: usize,
 }
@@ -65,10 +67,47 @@ pub fn tokenize(
     ex: &Example,
     train_on_prompt: bool,
 ) -> Result<(Vec<u32>, Vec<bool>)> {
+    tokenize_first(tok, ex, train_on_prompt, usize::MAX)
+}
+
+/// The part of `text` that decides its first `keep` tokens, and a margin: `keep` tokens cover at
+/// most `keep · max_token_bytes` bytes, and the tokenizer's pre-splitting (at spaces,
+/// punctuation, digits) stops a token at the cut from reaching back past twice that. A 20 MB
+/// record at `--seq-len 64` is encoded as a few kilobytes, with the same first 64 tokens.
+fn prefix_for(text: &str, keep: usize, max_token_bytes: usize) -> &str {
+    let bound = keep
+        .saturating_add(1)
+        .saturating_mul(max_token_bytes)
+        .saturating_mul(2)
+        .saturating_add(4096);
+    if text.len() <= bound {
+        return text;
+    }
+    let mut cut = bound;
+    while !text.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    &text[..cut]
+}
+
+/// [`tokenize`] where only the first `keep` tokens matter (the rest is truncated away): text
+/// past what decides them is not encoded, so memory stays bounded whatever a record's size. The
+/// result still has more than `keep` tokens when the record does.
+pub fn tokenize_first(
+    tok: &TextTokenizer,
+    ex: &Example,
+    train_on_prompt: bool,
+    keep: usize,
+) -> Result<(Vec<u32>, Vec<bool>)> {
+    let mtb = tok.max_token_bytes;
     match ex {
         Example::Segments(parts) => {
             let (mut ids, mut train) = (Vec::new(), Vec::new());
             for (i, (text, trained)) in parts.iter().enumerate() {
+                if ids.len() > keep {
+                    break; // later pieces start past the kept window
+                }
+                let text = prefix_for(text, keep - ids.len(), mtb);
                 let (seg, _) = tok.encode(text, i == 0)?;
                 train.extend(std::iter::repeat_n(*trained || train_on_prompt, seg.len()));
                 ids.extend(seg);
@@ -89,7 +128,7 @@ pub fn tokenize(
                 )
             })?;
             let (text, spans) = template.render_with_assistant_spans(messages)?;
-            let (ids, offsets) = tok.encode(&text, false)?;
+            let (ids, offsets) = tok.encode(prefix_for(&text, keep, mtb), false)?;
             // A token is trained on when it overlaps an assistant span (transformers'
             // assistant-token mask does the same for tokens straddling a span's start).
             let train = offsets
@@ -134,8 +173,17 @@ pub fn load(
     let mut out = Vec::with_capacity(records.len());
     for r in &records {
         let ex = formats::to_example(path, r, format, chat)?;
-        let (mut ids, mut train) =
-            tokenize(tok, &ex, opts.train_on_prompt).map_err(|e| Error::Format {
+        let text_of_example = match &ex {
+            formats::Example::Segments(pieces) => pieces.iter().all(|(t, _)| t.trim().is_empty()),
+            formats::Example::Chat(m) => m.iter().all(|m| m.content.trim().is_empty()),
+        };
+        if text_of_example {
+            stats.blank += 1;
+            stats.empty += 1;
+            continue;
+        }
+        let (mut ids, mut train) = tokenize_first(tok, &ex, opts.train_on_prompt, opts.seq_len)
+            .map_err(|e| Error::Format {
                 path: path.to_path_buf(),
                 msg: format!("{}: {e}", r.locate()),
             })?;
@@ -157,6 +205,15 @@ pub fn load(
         stats.tokens += seq.ids.len();
         stats.counted_tokens += seq.counted();
         out.push(seq);
+    }
+    if out.is_empty() && stats.blank == stats.records {
+        return Err(Error::Format {
+            path: path.to_path_buf(),
+            msg: format!(
+                "every record's text is empty ({} records): nothing to train on",
+                stats.records
+            ),
+        });
     }
     if out.is_empty() {
         return Err(Error::Format {

@@ -1,5 +1,6 @@
 //! Reading datasets: a JSON array of records, or JSON Lines (one record per line; blank lines
-//! skipped). Errors name the file and the line (or record) and what was wrong.
+//! skipped), in UTF-8 (a byte-order mark is skipped), plain or gzip-compressed. Errors name the
+//! file and the line (or record) and what was wrong.
 
 use std::path::Path;
 
@@ -34,12 +35,75 @@ fn format_err(path: &Path, msg: String) -> Error {
     }
 }
 
-/// Reads every record of `path`.
-pub fn read(path: &Path) -> Result<Vec<Record>> {
-    let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
+/// The file as UTF-8 text: gzip-compressed files are inflated, a UTF-8 byte-order mark is
+/// skipped (as Python's `utf-8-sig` does), other binary formats are named, and invalid UTF-8 is
+/// an error with its line and byte offset.
+fn text_of(path: &Path) -> Result<String> {
+    let io = |source| Error::Io {
         path: path.to_path_buf(),
         source,
-    })?;
+    };
+    let mut bytes = std::fs::read(path).map_err(io)?;
+    if bytes.starts_with(&[0x1f, 0x8b]) {
+        let mut out = Vec::new();
+        std::io::Read::read_to_end(&mut flate2::read::MultiGzDecoder::new(&bytes[..]), &mut out)
+            .map_err(|e| format_err(path, format!("a gzip file that does not inflate: {e}")))?;
+        bytes = out;
+    }
+    let binary = [
+        (&b"PAR1"[..], "a Parquet file"),
+        (b"ARROW1", "an Arrow file"),
+        (&[0x28, 0xb5, 0x2f, 0xfd], "a zstd-compressed file"),
+        (b"BZh", "a bzip2-compressed file"),
+        (&[0xfd, b'7', b'z', b'X', b'Z', 0], "an xz-compressed file"),
+        (b"PK\x03\x04", "a zip archive"),
+        (b"SQLite format 3", "an SQLite database"),
+    ];
+    if let Some((_, what)) = binary.iter().find(|(magic, _)| bytes.starts_with(magic)) {
+        return Err(format_err(
+            path,
+            format!(
+                "this is {what}, not a dataset qlora-rs reads: give JSON Lines or a JSON array of \
+                 records (UTF-8, or gzip-compressed UTF-8)"
+            ),
+        ));
+    }
+    let body = bytes.strip_prefix(b"\xef\xbb\xbf").unwrap_or(&bytes);
+    match std::str::from_utf8(body) {
+        Ok(text) => Ok(text.to_string()),
+        Err(e) => {
+            let at = e.valid_up_to();
+            let line = body[..at].iter().filter(|&&b| b == b'\n').count() + 1;
+            let line_start = body[..at]
+                .iter()
+                .rposition(|&b| b == b'\n')
+                .map_or(0, |p| p + 1);
+            let bad: Vec<String> = body[at..(at + 4).min(body.len())]
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect();
+            let binary = body.iter().take(4096).any(|&b| b == 0);
+            Err(format_err(
+                path,
+                format!(
+                    "line {line}, byte {} of the line (byte {} of the file): {} (bytes {})",
+                    at - line_start + 1,
+                    at + 1,
+                    if binary {
+                        "this looks like a binary file, not JSON text"
+                    } else {
+                        "invalid UTF-8; datasets must be UTF-8 text"
+                    },
+                    bad.join(" ")
+                ),
+            ))
+        }
+    }
+}
+
+/// Reads every record of `path` (JSON Lines or a JSON array; `.gz` files too).
+pub fn read(path: &Path) -> Result<Vec<Record>> {
+    let text = text_of(path)?;
     let object = |value: Value, index: usize, line: Option<usize>| -> Result<Record> {
         match value {
             Value::Object(fields) => Ok(Record {

@@ -17,6 +17,9 @@ pub struct TextTokenizer {
     pub eos_token: Option<String>,
     pub eos_id: Option<u32>,
     pub chat_template: Option<ChatTemplate>,
+    /// The longest token of the vocabulary in UTF-8 bytes: n tokens never cover more than
+    /// n times this many bytes of text (what lets a huge record be cut before it is encoded).
+    pub max_token_bytes: usize,
 }
 
 fn token_string(v: Option<&Value>) -> Option<String> {
@@ -84,12 +87,20 @@ impl TextTokenizer {
                     .map_err(|e| format_err(&cfg_path, format!("chat template: {e}")))
             })
             .transpose()?;
+        let max_token_bytes = inner
+            .get_vocab(true)
+            .keys()
+            .map(String::len)
+            .max()
+            .unwrap_or(1)
+            .max(1);
         Ok(TextTokenizer {
             inner,
             bos_token,
             eos_token,
             eos_id,
             chat_template,
+            max_token_bytes,
         })
     }
 

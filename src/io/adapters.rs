@@ -44,16 +44,38 @@ fn read_config_and_layers(path: &Path) -> Result<(LoraConfig, Option<Vec<usize>>
             ));
         }
     }
+    // A field of the wrong type is an error naming it, never its default: `"r": "4"` or
+    // `"use_rslora": "true"` would otherwise load as another adapter than the one trained.
+    let wrong = |field: &str, want: &str, got: &Value| {
+        format_err(path, format!("field `{field}` must be {want}, got {got}"))
+    };
+    let boolean = |field: &str, default: bool| -> Result<bool> {
+        match v.get(field) {
+            None | Some(Value::Null) => Ok(default),
+            Some(Value::Bool(b)) => Ok(*b),
+            Some(other) => Err(wrong(field, "true or false", other)),
+        }
+    };
+    let number = |field: &str, default: f64| -> Result<f64> {
+        match v.get(field) {
+            None | Some(Value::Null) => Ok(default),
+            Some(x @ Value::Number(n)) => n.as_f64().ok_or_else(|| wrong(field, "a number", x)),
+            Some(other) => Err(wrong(field, "a number", other)),
+        }
+    };
     for flag in ["use_dora", "fan_in_fan_out"] {
-        if v.get(flag).and_then(Value::as_bool) == Some(true) {
+        if boolean(flag, false)? {
             return Err(format_err(path, format!("`{flag}: true` is not supported")));
         }
     }
-    let rank = v
-        .get("r")
-        .and_then(Value::as_u64)
-        .ok_or_else(|| format_err(path, "field `r` (rank) is missing"))? as usize;
-    let alpha = v.get("lora_alpha").and_then(Value::as_f64).unwrap_or(8.0);
+    let rank = match v.get("r") {
+        Some(x) => x
+            .as_u64()
+            .ok_or_else(|| wrong("r", "a whole number (the rank)", x))? as usize,
+        None => return Err(format_err(path, "field `r` (rank) is missing")),
+    };
+    // PEFT's own defaults for the fields it may leave out.
+    let alpha = number("lora_alpha", 8.0)?;
     let targets = match v.get("target_modules") {
         Some(Value::Array(items)) => items
             .iter()
@@ -78,11 +100,8 @@ fn read_config_and_layers(path: &Path) -> Result<(LoraConfig, Option<Vec<usize>>
     let cfg = LoraConfig {
         rank,
         alpha,
-        rslora: v
-            .get("use_rslora")
-            .and_then(Value::as_bool)
-            .unwrap_or(false),
-        dropout: v.get("lora_dropout").and_then(Value::as_f64).unwrap_or(0.0),
+        rslora: boolean("use_rslora", false)?,
+        dropout: number("lora_dropout", 0.0)?,
         targets,
     };
     cfg.validate()
@@ -155,7 +174,26 @@ pub fn write_atomic(file: &Path, bytes: &[u8]) -> Result<()> {
 }
 
 /// Saves an adapter in PEFT's layout (f32 weights, `adapter_config.json`).
+/// An adapter with a NaN or ±Inf weight is refused (it would load and silently give NaN).
 pub fn save(dir: &Path, params: &LoraParams, base_model: Option<&str>) -> Result<()> {
+    let bad = params.values.iter().filter(|v| !v.is_finite()).count();
+    if bad > 0 {
+        let slot = params
+            .slots
+            .iter()
+            .find(|s| {
+                params.values[s.a.start..s.b.end]
+                    .iter()
+                    .any(|v| !v.is_finite())
+            })
+            .map(|s| format!("; the first in layer {} {:?}", s.layer, s.target))
+            .unwrap_or_default();
+        return Err(Error::InvalidArgument(format!(
+            "not writing the adapter to {}: {bad} of its {} weights are not finite{slot}",
+            dir.display(),
+            params.values.len()
+        )));
+    }
     std::fs::create_dir_all(dir).map_err(|source| Error::Io {
         path: dir.to_path_buf(),
         source,

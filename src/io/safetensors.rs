@@ -25,6 +25,8 @@ struct Shard {
 pub struct Checkpoint {
     shards: Vec<Shard>,
     index: HashMap<String, usize>,
+    /// Names read so far ([`Checkpoint::unused`] lists the others).
+    used: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 /// A tensor found in a checkpoint: where it is, its dtype, shape and bytes.
@@ -168,7 +170,11 @@ impl Checkpoint {
             }
             shards.push(shard);
         }
-        Ok(Checkpoint { shards, index })
+        Ok(Checkpoint {
+            shards,
+            index,
+            used: Default::default(),
+        })
     }
 
     /// Whether a tensor of this name exists.
@@ -181,6 +187,16 @@ impl Checkpoint {
         let mut v: Vec<&str> = self.index.keys().map(String::as_str).collect();
         v.sort_unstable();
         v
+    }
+
+    /// The tensors nobody has read, sorted: after a model has loaded, the weights its config
+    /// does not use.
+    pub fn unused(&self) -> Vec<&str> {
+        let used = self.used.lock().unwrap_or_else(|p| p.into_inner());
+        self.names()
+            .into_iter()
+            .filter(|n| !used.contains(*n))
+            .collect()
     }
 
     /// The file a tensor is in (or the first shard, for errors about missing tensors).
@@ -202,6 +218,10 @@ impl Checkpoint {
                 msg: format!("tensor `{name}` not found (looked in {})", files.join(", ")),
             });
         };
+        self.used
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.to_string());
         let shard = &self.shards[i];
         let info = shard.info(name).expect("indexed tensor has metadata");
         let start = 8 + shard.header_len + info.data_offsets.0;
@@ -224,11 +244,28 @@ impl Checkpoint {
         })
     }
 
-    /// A float tensor (F32, BF16 or F16) of exactly `shape`, converted to f32.
+    /// A float tensor (F32, BF16 or F16) of exactly `shape`, converted to f32; any NaN or ±Inf
+    /// in it is an error naming the tensor, the count and the first.
     pub fn f32(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
         let t = self.get(name)?;
         t.expect_shape(shape)?;
-        t.to_f32()
+        let v = t.to_f32()?;
+        // A NaN or ±Inf weight poisons every value downstream (and NF4 quantization would hide
+        // it as a finite code): refused here, for every tensor read as numbers.
+        let bad = v.iter().filter(|x| !x.is_finite()).count();
+        if bad > 0 {
+            let first = v.iter().position(|x| !x.is_finite()).unwrap_or(0);
+            return Err(self.error(
+                name,
+                format!(
+                    "holds {bad} non-finite value(s) (NaN or ±Inf) of {}; the first, {}, at flat \
+                     index {first}",
+                    v.len(),
+                    v[first]
+                ),
+            ));
+        }
+        Ok(v)
     }
 
     /// A U8 tensor of exactly `shape`.

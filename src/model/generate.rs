@@ -21,6 +21,25 @@ pub struct Sampling {
     pub max_new_tokens: usize,
 }
 
+impl Sampling {
+    /// Checks the numbers: a temperature that is finite and not negative, top-p in (0, 1].
+    pub fn validate(&self) -> Result<()> {
+        if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
+            return Err(Error::InvalidArgument(format!(
+                "--temperature must be 0 (greedy) or positive and finite, got {}",
+                self.temperature
+            )));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return Err(Error::InvalidArgument(format!(
+                "--top-p must be in (0, 1], got {}",
+                self.top_p
+            )));
+        }
+        Ok(())
+    }
+}
+
 /// Keys and values of every layer for the tokens seen so far.
 struct KvCache {
     k: Vec<Vec<f32>>,
@@ -127,7 +146,8 @@ impl Llama {
             v: vec![Vec::new(); c.num_layers],
             len: 0,
         };
-        generate_with(prompt, eos, sampling, on_token, &mut |new| {
+        let context = c.max_position_embeddings;
+        generate_with(prompt, eos, sampling, context, on_token, &mut |new| {
             self.decode_step(new, &mut cache, lora)
         })
     }
@@ -135,27 +155,44 @@ impl Llama {
 
 /// The sampling loop over any model: `next_logits` gets the tokens not yet seen (the prompt,
 /// then each new token) and returns the logits of the last position. Used by the CPU model
-/// (with its KV cache) and by the CUDA model (`qlora-rs generate --device cuda`).
+/// (with its KV cache) and by the CUDA model (`qlora-rs generate --device cuda`). Stops at
+/// `eos`, after `max_new_tokens`, or when prompt and output fill the model's `context` (its
+/// `max_position_embeddings`), whichever comes first.
 pub fn generate_with(
     prompt: &[u32],
     eos: Option<u32>,
     sampling: Sampling,
+    context: usize,
     on_token: &mut dyn FnMut(u32) -> Result<()>,
     next_logits: &mut dyn FnMut(&[u32]) -> Result<Vec<f32>>,
 ) -> Result<Vec<u32>> {
+    sampling.validate()?;
     if prompt.is_empty() {
         return Err(Error::InvalidArgument(
             "generate: the prompt has no tokens".into(),
         ));
     }
+    if prompt.len() >= context {
+        return Err(Error::InvalidArgument(format!(
+            "generate: the prompt has {} tokens and the model's context is {context} \
+             (max_position_embeddings): no room for a new one",
+            prompt.len()
+        )));
+    }
+    if sampling.max_new_tokens == 0 {
+        return Ok(Vec::new());
+    }
     let mut rng = rand::rngs::StdRng::seed_from_u64(sampling.seed);
     let mut logits = next_logits(prompt)?;
     let mut out = Vec::new();
-    while out.len() < sampling.max_new_tokens {
+    loop {
         let next = pick(&logits, sampling, &mut rng);
         out.push(next);
         on_token(next)?;
-        if Some(next) == eos {
+        if Some(next) == eos
+            || out.len() >= sampling.max_new_tokens
+            || prompt.len() + out.len() >= context
+        {
             break;
         }
         logits = next_logits(&[next])?;

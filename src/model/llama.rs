@@ -76,6 +76,9 @@ pub struct Llama {
     norm: Vec<f32>,
     lm_head: Option<Vec<f32>>,
     freqs: Vec<f32>,
+    /// What loading left aside and why (checkpoint tensors the config makes redundant), for the
+    /// command line to print as warnings.
+    pub load_warnings: Vec<String>,
 }
 
 /// Loss of one micro-batch.
@@ -96,6 +99,7 @@ impl Llama {
     /// dense); a pre-quantized bitsandbytes checkpoint loads without re-quantizing (and is
     /// dequantized for `BaseFormat::Dense`). The config is validated before any weight is read.
     pub fn load(dir: &Path, format: BaseFormat) -> Result<Llama> {
+        check_model_dir(dir)?;
         let config = LlamaConfig::from_file(&dir.join("config.json"))?;
         let ckpt = Checkpoint::open_dir(dir)?;
         Llama::from_checkpoint(config, &ckpt, format)
@@ -153,6 +157,7 @@ impl Llama {
             layers,
             lm_head,
             freqs,
+            load_warnings: Vec::new(),
         })
     }
 
@@ -213,6 +218,37 @@ impl Llama {
             Some(ckpt.f32("lm_head.weight", &[c.vocab_size, d])?)
         };
         let freqs = rope::inv_freq(c.head_dim, c.rope_theta, c.rope_scaling);
+        // Every tensor of the checkpoint must be one the config uses: a 1-layer config on a
+        // 2-layer checkpoint would otherwise train a truncated model without a word.
+        let mut load_warnings = Vec::new();
+        let mut unused = Vec::new();
+        for name in ckpt.unused() {
+            if name == "lm_head.weight" && c.tie_word_embeddings {
+                load_warnings.push(
+                    "the checkpoint's `lm_head.weight` is not used: config.json has \
+                     tie_word_embeddings: true, so the output layer is the input embedding (as \
+                     transformers loads it)"
+                        .to_string(),
+                );
+            } else if name.ends_with(".rotary_emb.inv_freq") {
+                // Derived data some older checkpoints carry; computed from the config instead.
+            } else {
+                unused.push(name);
+            }
+        }
+        if !unused.is_empty() {
+            let shown: Vec<String> = unused.iter().take(6).map(|n| format!("`{n}`")).collect();
+            return Err(Error::InvalidArgument(format!(
+                "the checkpoint holds {} tensor(s) that config.json does not use \
+                 (num_hidden_layers {}, tie_word_embeddings {}): {}{} — the config and the \
+                 weights disagree",
+                unused.len(),
+                c.num_layers,
+                c.tie_word_embeddings,
+                shown.join(", "),
+                if unused.len() > 6 { ", …" } else { "" }
+            )));
+        }
         Ok(Llama {
             config,
             embed,
@@ -220,6 +256,7 @@ impl Llama {
             norm,
             lm_head,
             freqs,
+            load_warnings,
         })
     }
 
@@ -500,6 +537,23 @@ impl Frozen for Llama {
     fn bias(&self, layer: usize, target: Target) -> Option<&[f32]> {
         self.layers[layer].proj[target as usize].bias.as_deref()
     }
+}
+
+/// `--model` must be a Hugging Face model folder; a file (a GGUF, a single safetensors) gets a
+/// message that says what to give instead.
+pub fn check_model_dir(dir: &Path) -> Result<()> {
+    if dir.is_file() {
+        let hint = match dir.extension().and_then(|e| e.to_str()) {
+            Some("gguf") => "; convert a GGUF file first with `qlora-rs import-gguf`",
+            _ => "",
+        };
+        return Err(Error::InvalidArgument(format!(
+            "--model {} is a file: give the model's folder (config.json, *.safetensors, \
+             tokenizer.json){hint}",
+            dir.display()
+        )));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -136,6 +136,12 @@ impl LoraConfig {
                 "LoRA rank must be at least 1".into(),
             ));
         }
+        if !self.alpha.is_finite() {
+            return Err(Error::InvalidArgument(format!(
+                "LoRA alpha must be finite, got {}",
+                self.alpha
+            )));
+        }
         if !(0.0..1.0).contains(&self.dropout) {
             return Err(Error::InvalidArgument(format!(
                 "LoRA dropout must be in [0, 1), got {}",
@@ -192,6 +198,23 @@ impl LoraParams {
                 model.num_layers
             )));
         }
+        // The binding projection: the adapted one with the smallest min(in, out).
+        if let Some((target, (i, o))) = config
+            .targets
+            .iter()
+            .map(|&t| (t, t.dims(model)))
+            .min_by_key(|(_, (i, o))| (*i).min(*o))
+        {
+            if config.rank > i.min(o) {
+                return Err(Error::InvalidArgument(format!(
+                    "LoRA rank {} is larger than {target:?}'s smaller dimension ({}; the \
+                     projection is {o} × {i}): a rank above min(in, out) adds parameters and \
+                     nothing else",
+                    config.rank,
+                    i.min(o)
+                )));
+            }
+        }
         let mut layers = layers.to_vec();
         layers.sort_unstable();
         layers.dedup();
@@ -213,10 +236,21 @@ impl LoraParams {
                 });
             }
         }
+        // Refused with the size, never an abort in the allocator.
+        let mut values = Vec::new();
+        values.try_reserve_exact(at).map_err(|_| {
+            Error::InvalidArgument(format!(
+                "cannot allocate {:.1} GiB for {at} LoRA parameters (rank {}): lower --rank or \
+                 adapt fewer --targets",
+                (at * 4) as f64 / (1u64 << 30) as f64,
+                config.rank
+            ))
+        })?;
+        values.resize(at, 0.0);
         Ok(LoraParams {
             config,
             slots,
-            values: vec![0.0; at],
+            values,
             model_layers: model.num_layers,
         })
     }

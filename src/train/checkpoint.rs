@@ -31,6 +31,22 @@ pub struct TrainState {
     pub cursor: usize,
     pub tokens_seen: u64,
     pub config: TrainConfig,
+    /// The training data file's fingerprint ([`fingerprint`]), so that a resume on changed data
+    /// is refused (absent in checkpoints written before it was recorded).
+    #[serde(default)]
+    pub data_fingerprint: Option<String>,
+}
+
+/// A file's fingerprint: its length and the FNV-1a 64 hash of its bytes (a stable function,
+/// unlike std's hasher), as `"<bytes> bytes, fnv1a64 <hex>"`.
+pub fn fingerprint(path: &Path) -> Result<String> {
+    let bytes = std::fs::read(path).map_err(io(path))?;
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in &bytes {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    Ok(format!("{} bytes, fnv1a64 {h:016x}", bytes.len()))
 }
 
 const KEEP: usize = 2;

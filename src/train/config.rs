@@ -293,6 +293,36 @@ impl TrainConfig {
         if !(self.lr > 0.0 && self.lr.is_finite()) {
             return bad(format!("--lr must be positive, got {}", self.lr));
         }
+        if !(self.alpha > 0.0 && self.alpha.is_finite()) {
+            return bad(format!(
+                "--alpha must be positive and finite, got {}",
+                self.alpha
+            ));
+        }
+        for (name, v) in [("--beta1", self.beta1), ("--beta2", self.beta2)] {
+            // β = 1 never forgets (m̂ = m/0 at every step): NaN from the first update.
+            if !(0.0..1.0).contains(&v) {
+                return bad(format!("{name} must be in [0, 1), got {v}"));
+            }
+        }
+        if !(self.eps > 0.0 && self.eps.is_finite()) {
+            return bad(format!(
+                "--eps must be positive and finite, got {}",
+                self.eps
+            ));
+        }
+        if !(self.weight_decay >= 0.0 && self.weight_decay.is_finite()) {
+            return bad(format!(
+                "--weight-decay must be 0 or positive and finite, got {}",
+                self.weight_decay
+            ));
+        }
+        if !(self.max_grad_norm >= 0.0 && self.max_grad_norm.is_finite()) {
+            return bad(format!(
+                "--max-grad-norm must be 0 (no clipping) or positive and finite, got {}",
+                self.max_grad_norm
+            ));
+        }
         if !(0.0..1.0).contains(&self.eval_split) {
             return bad(format!(
                 "--eval-split must be in [0, 1), got {}",

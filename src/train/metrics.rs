@@ -40,18 +40,33 @@ impl MetricsLog {
     /// rewrites what came after its checkpoint).
     pub fn open(output: &Path, keep_until_step: Option<u64>) -> Result<MetricsLog> {
         let path = output.join("metrics.jsonl");
-        let kept = match keep_until_step {
-            Some(step) if path.is_file() => read(&path)?
-                .into_iter()
-                .filter(|m| m.step <= step)
-                .map(|m| serde_json::to_string(&m).expect("plain struct") + "\n")
-                .collect::<String>(),
-            _ => String::new(),
-        };
-        std::fs::write(&path, kept).map_err(|source| Error::Io {
+        let io = |source| Error::Io {
             path: path.clone(),
             source,
-        })?;
+        };
+        match keep_until_step {
+            Some(step) if path.is_file() => {
+                // Resuming: the lines up to the checkpoint stay byte for byte; what a stopped run
+                // logged after it (and a line cut short by a kill) is cut off, to be logged again.
+                let text = std::fs::read_to_string(&path).map_err(io)?;
+                let mut keep = 0usize;
+                for line in text.split_inclusive('\n') {
+                    let whole = line.ends_with('\n');
+                    let m = serde_json::from_str::<Metrics>(line.trim_end());
+                    match m {
+                        Ok(m) if whole && m.step <= step => keep += line.len(),
+                        _ if whole && line.trim().is_empty() => keep += line.len(),
+                        _ => break,
+                    }
+                }
+                let f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(&path)
+                    .map_err(io)?;
+                f.set_len(keep as u64).map_err(io)?;
+            }
+            _ => std::fs::write(&path, "").map_err(io)?,
+        }
         Ok(MetricsLog { path })
     }
 

@@ -5,6 +5,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod metrics;
 pub mod optimizer;
+pub mod run_dir;
 pub mod schedule;
 pub mod trainer;
 

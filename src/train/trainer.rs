@@ -20,6 +20,7 @@ use super::checkpoint::{self, TrainState};
 use super::config::TrainConfig;
 use super::metrics::{self, Metrics, MetricsLog};
 use super::optimizer::{clip_grad_norm, AdamW, AdamWConfig};
+use super::run_dir::RunDir;
 use super::schedule::Schedule;
 use crate::data::tokenizer::TextTokenizer;
 use crate::data::{self, DataOptions, DataStats, MicroBatch, Sequence};
@@ -32,6 +33,25 @@ use crate::model::lora::LoraParams;
 use crate::ops::dropout;
 use crate::quant::nf4::Nf4Config;
 use crate::tensor::Tensor;
+
+/// A NaN or infinite loss or gradient norm stops the run: an error naming the step (`exact`:
+/// this very step; else at or before it, the GPU's values being read on logged steps only).
+/// Checkpoints already written stay, and no adapter with non-finite weights is ever written.
+fn non_finite(step: u64, loss: f64, grad_norm: f64, exact: bool) -> Result<()> {
+    if loss.is_finite() && grad_norm.is_finite() {
+        return Ok(());
+    }
+    let when = if exact {
+        format!("at step {step}")
+    } else {
+        format!("at or before step {step} (--logging-steps 1 names the exact step)")
+    };
+    Err(Error::InvalidArgument(format!(
+        "training stopped {when}: the loss is {loss} and the gradient norm {grad_norm}; the \
+         checkpoints written before it are intact (a lower --lr, --max-grad-norm, or the data \
+         of that step may be the cause)"
+    )))
+}
 
 /// What the loop reports after each step (for progress bars and logs).
 #[derive(Clone, Debug)]
@@ -72,6 +92,8 @@ pub struct Trainer {
     cuda: Option<(CudaLlama, CudaLora)>,
     /// What the steps since the last logged one add up to (`logging_steps`).
     pending: PendingLog,
+    /// The output folder, locked while the trainer lives.
+    _run_dir: RunDir,
 }
 
 /// Loss and throughput of the optimizer steps not yet logged.
@@ -88,46 +110,6 @@ struct PendingStep {
     loss_sum: f64,
     device: Vec<Tensor>,
     counted: usize,
-}
-
-/// Files that mark a folder as holding a run.
-const RUN_FILES: [&str; 5] = [
-    "metrics.jsonl",
-    "checkpoints",
-    "adapter_model.safetensors",
-    "adapter_config.json",
-    "loss_curve.svg",
-];
-
-fn prepare_output(cfg: &TrainConfig) -> Result<()> {
-    let out = &cfg.output;
-    let found: Vec<&str> = RUN_FILES
-        .iter()
-        .copied()
-        .filter(|f| out.join(f).exists())
-        .collect();
-    if !found.is_empty() && !cfg.resume && !cfg.overwrite {
-        return Err(Error::InvalidArgument(format!(
-            "{} holds another run ({}): pass --resume to continue it or --overwrite to replace it",
-            out.display(),
-            found.join(", ")
-        )));
-    }
-    if cfg.overwrite {
-        for f in found {
-            let p = out.join(f);
-            let r = if p.is_dir() {
-                std::fs::remove_dir_all(&p)
-            } else {
-                std::fs::remove_file(&p)
-            };
-            r.map_err(|source| Error::Io { path: p, source })?;
-        }
-    }
-    std::fs::create_dir_all(out).map_err(|source| Error::Io {
-        path: out.clone(),
-        source,
-    })
 }
 
 /// The settings a resumed run must share with the run it continues.
@@ -171,7 +153,7 @@ impl Trainer {
     /// unless `resume`/`overwrite`.
     pub fn new_on(config: TrainConfig, device: Device) -> Result<Trainer> {
         config.validate()?;
-        prepare_output(&config)?;
+        let mut run_dir = RunDir::open(&config)?;
         let model = Llama::load(
             &config.model,
             BaseFormat::Nf4(Nf4Config {
@@ -196,6 +178,14 @@ impl Trainer {
         let eval = match (&config.eval_data, config.eval_split) {
             (Some(path), _) => data::load(path, &tokenizer, &opts)?.0,
             (None, f) if f > 0.0 => {
+                if train.len() < 2 {
+                    return Err(Error::InvalidArgument(format!(
+                        "--eval-split {f}: {} holds {} usable record(s); a split needs at least \
+                         one on each side (give --eval-data, or no split)",
+                        config.data.display(),
+                        train.len()
+                    )));
+                }
                 let mut order: Vec<usize> = (0..train.len()).collect();
                 order.shuffle(&mut rand::rngs::StdRng::seed_from_u64(config.seed ^ 0xE7A1));
                 let n_eval = ((train.len() as f64 * f).round() as usize)
@@ -249,9 +239,32 @@ impl Trainer {
                         diff.join("; ")
                     )));
                 }
+                let now = checkpoint::fingerprint(&config.data)?;
+                if let Some(then) = &state.data_fingerprint {
+                    if *then != now {
+                        return Err(Error::InvalidArgument(format!(
+                            "--resume: {} changed since the checkpoint in {} was written (then: \
+                             {then}; now: {now}): resuming would train on other data than the \
+                             run planned; restore the file or start a new run",
+                            config.data.display(),
+                            dir.display()
+                        )));
+                    }
+                }
+                if let Some(max) = config.max_steps {
+                    if max < state.step {
+                        return Err(Error::InvalidArgument(format!(
+                            "--resume --max-steps {max}: the checkpoint in {} is already at step \
+                             {}",
+                            dir.display(),
+                            state.step
+                        )));
+                    }
+                }
                 opt.config = adamw;
                 let state = TrainState {
                     config: config.clone(),
+                    data_fingerprint: Some(now),
                     ..state
                 };
                 (lora, opt, state)
@@ -265,10 +278,30 @@ impl Trainer {
                     cursor: 0,
                     tokens_seen: 0,
                     config: config.clone(),
+                    data_fingerprint: Some(checkpoint::fingerprint(&config.data)?),
                 };
                 (lora, opt, state)
             }
         };
+        if let Device::Cuda(o) = device {
+            // Refused up front, with the plan, rather than out of memory mid-load or mid-step.
+            let plan =
+                crate::model::memory::plan(&model.config, &lora.config, config.batch_tokens)?;
+            let dev = crate::device::cuda::CudaDevice::get(o)?;
+            let free = dev.total_memory()?.saturating_sub(dev.memory_used()?) as u64;
+            if plan.total() > free {
+                let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+                return Err(Error::InvalidArgument(format!(
+                    "this run needs {:.2} GiB on cuda:{o} and {:.2} GiB is free: lower \
+                     --batch-tokens or --rank, or adapt fewer --targets (`qlora-rs plan` shows \
+                     where it goes)",
+                    gib(plan.total()),
+                    gib(free)
+                )));
+            }
+        }
+        // Every input has loaded: now the run this one replaces (--overwrite) may go.
+        run_dir.start()?;
         let mut trainer = Trainer {
             metrics: MetricsLog::open(&config.output, Some(state.step))?,
             grads: vec![0.0; lora.len()],
@@ -283,6 +316,7 @@ impl Trainer {
             stop: Arc::new(AtomicBool::new(false)),
             cuda: None,
             pending: PendingLog::default(),
+            _run_dir: run_dir,
             config,
             model,
             tokenizer,
@@ -409,6 +443,8 @@ impl Trainer {
                     step.loss_sum += l.loss_sum;
                 }
                 let grad_norm = clip_grad_norm(&mut self.grads, self.config.max_grad_norm);
+                // Before the update: the adapters stay as the last good step left them.
+                non_finite(next, step.loss_sum / counted.max(1) as f64, grad_norm, true)?;
                 self.optimizer
                     .step(&mut self.lora.values, &self.grads, lr)?;
                 (Some(grad_norm), resident_memory())
@@ -437,6 +473,15 @@ impl Trainer {
             }
             m.loss = Some(total / p.steps.len().max(1) as f64);
             m.grad_norm = grad_norm;
+            if self.cuda.is_some() {
+                // The GPU's losses and norm reach the host only on logged steps.
+                non_finite(
+                    self.state.step,
+                    total,
+                    grad_norm.unwrap_or(0.0),
+                    self.config.logging_steps == 1,
+                )?;
+            }
             m.tokens = Some(p.tokens as u64);
             m.tokens_per_s = Some(p.tokens as f64 / secs.max(1e-9));
             m.memory_bytes = memory;
@@ -572,8 +617,8 @@ pub fn evaluate_file(
     opts: &DataOptions,
     batch_tokens: usize,
     device: Device,
-) -> Result<(f64, usize)> {
-    let (seqs, _) = data::load(data_path, tokenizer, opts)?;
+) -> Result<(f64, usize, DataStats)> {
+    let (seqs, stats) = data::load(data_path, tokenizer, opts)?;
     let refs: Vec<&Sequence> = seqs.iter().collect();
     let gpu = match device {
         Device::Cuda(o) => {
@@ -590,7 +635,7 @@ pub fn evaluate_file(
         None => LossModel::Cpu(model, lora),
     };
     let (sum, count) = loss_over(on, &refs, batch_tokens.max(opts.seq_len))?;
-    Ok((sum / count.max(1) as f64, count))
+    Ok((sum / count.max(1) as f64, count, stats))
 }
 
 /// The model a loss is computed with: the host model or its copy on a GPU, with adapters.
