@@ -223,3 +223,57 @@ fn cli_plan_matches_the_measured_peak() {
         }
     }
 }
+
+/// On the GPU a run that cannot fit is refused up front with the plan's figure and the free
+/// memory, and a loss that turns NaN stops the run (at the logged step that reads it back)
+/// without writing an adapter.
+#[test]
+fn cli_cuda_refuses_runs_that_cannot_fit_and_stops_on_nan() {
+    let Some(_) = gpu_or_skip("cli_cuda_refuses_runs_that_cannot_fit_and_stops_on_nan") else {
+        return;
+    };
+    let root = std::env::temp_dir().join(format!("qlora-rs-cuda-refuse-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    let model = root.join("model");
+    crate::cuda_step::write_gpu_sized_model(&model);
+    let data = qlora_rs::testing::project_root().join("tests/fixtures/data/alpaca.json");
+    let train = |out: &str, extra: &[&str]| {
+        let out = root.join(out);
+        let mut args = vec![
+            "train",
+            "--device",
+            "cuda",
+            "--model",
+            model.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--output",
+            out.to_str().unwrap(),
+            "--seq-len",
+            "128",
+        ];
+        args.extend_from_slice(extra);
+        let o = qlora(&args);
+        (o, out)
+    };
+    let (o, _) = train(
+        "huge",
+        &["--batch-tokens", "1000000000", "--max-steps", "1"],
+    );
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && stderr.contains("GiB free: lower --batch-tokens or --rank"),
+        "{stderr}"
+    );
+    let (o, out) = train(
+        "nan",
+        &["--batch-tokens", "256", "--max-steps", "6", "--lr", "1e30"],
+    );
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && stderr.contains("training stopped at or before step"),
+        "{stderr}"
+    );
+    assert!(!out.join("adapter_model.safetensors").exists());
+    let _ = std::fs::remove_dir_all(&root);
+}
