@@ -12,9 +12,12 @@ __device__ __forceinline__ double warp_sum_d(double v) {
 }
 
 // norm[0] = sqrt(Σ g²) in f64. partials: [gridDim.x] doubles; counter: one uint, zero on entry
-// (the last block resets it). Launch with blockDim = 256.
+// (the last block resets it). A norm that is not finite (a NaN or Inf gradient) records `step`
+// in first_bad[0] unless an earlier step is there already: the host reads it when it next
+// synchronises and names the step. Launch with blockDim = 256.
 extern "C" __global__ void grad_norm_f32(const float* g, long long n, double* partials,
-                                         unsigned int* counter, double* norm) {
+                                         unsigned int* counter, double* norm,
+                                         unsigned long long step, unsigned long long* first_bad) {
   __shared__ double warp_part[32];
   __shared__ bool last;
   double acc = 0.0;
@@ -40,12 +43,14 @@ extern "C" __global__ void grad_norm_f32(const float* g, long long n, double* pa
     double s = 0.0;
     for (unsigned int b = 0; b < gridDim.x; ++b) s += ((volatile double*)partials)[b];
     norm[0] = sqrt(s);
+    if (!isfinite(s) && first_bad[0] == 0) first_bad[0] = step;
     *counter = 0;
   }
 }
 
 // θ ← θ·(1 − lr·λ); g ← g·c (c = max/(norm + 1e-6) when norm > max > 0, else 1);
-// m ← β1·m + (1 − β1)·g; v ← β2·v + (1 − β2)·g²; θ ← θ − step_size·m / (√v / bc2_sqrt + ε)
+// m ← β1·m + (1 − β1)·g; v ← β2·v + (1 − β2)·g²; θ ← θ − step_size·m / (√v / bc2_sqrt + ε).
+// A norm that is not finite skips the update: θ, m and v stay those of the last good step.
 struct AdamParams {
   float lr, beta1, beta2, eps, decay, step_size, bc2_sqrt, max_norm;
 };
@@ -54,6 +59,7 @@ extern "C" __global__ void adamw_step_f32(float* p, const float* g, float* m, fl
                                           long long n, AdamParams a, const double* norm) {
   const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= n) return;
+  if (norm != nullptr && !isfinite(norm[0])) return;
   float clip = 1.0f;
   if (norm != nullptr && a.max_norm > 0.0f && norm[0] > (double)a.max_norm)
     clip = (float)((double)a.max_norm / (norm[0] + 1e-6));

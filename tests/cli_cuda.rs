@@ -225,8 +225,8 @@ fn cli_plan_matches_the_measured_peak() {
 }
 
 /// On the GPU a run that cannot fit is refused up front with the plan's figure and the free
-/// memory, and a loss that turns NaN stops the run (at the logged step that reads it back)
-/// without writing an adapter.
+/// memory, and gradients that turn NaN stop the run naming their step (the device skips that
+/// update and records the step) without writing an adapter.
 #[test]
 fn cli_cuda_refuses_runs_that_cannot_fit_and_stops_on_nan() {
     let Some(_) = gpu_or_skip("cli_cuda_refuses_runs_that_cannot_fit_and_stops_on_nan") else {
@@ -271,7 +271,7 @@ fn cli_cuda_refuses_runs_that_cannot_fit_and_stops_on_nan() {
     );
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert!(
-        !o.status.success() && stderr.contains("training stopped at or before step"),
+        !o.status.success() && stderr.contains("training stopped: the gradients of step "),
         "{stderr}"
     );
     assert!(!out.join("adapter_model.safetensors").exists());

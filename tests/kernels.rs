@@ -470,3 +470,39 @@ fn kernels_uniform_random_matches_the_cpu_formula() {
         }
     }
 }
+
+/// Gradients with a NaN (or an Inf) make the norm non-finite: the device skips the update
+/// (parameters, m and v stay those of the last good step) and records the first such step for
+/// the host, which names it (the CPU loop stops before the update, to the same effect).
+#[test]
+fn kernels_adamw_skips_and_records_a_non_finite_step() {
+    let Some(Device::Cuda(o)) = gpu_or_skip("kernels_adamw_skips_and_records_a_non_finite_step")
+    else {
+        return;
+    };
+    let dev = Device::Cuda(o);
+    let n = 1031;
+    let cfg = AdamWConfig::default();
+    let mut p = Tensor::from_vec(vec![0.5f32; n], &[n], &dev).unwrap();
+    let mut gpu = AdamWCuda::new(cfg, n, o).unwrap();
+    let good = Tensor::from_vec(vec![0.01f32; n], &[n], &dev).unwrap();
+    gpu.step(&mut p, &good, 1e-3, 1.0).unwrap();
+    assert_eq!(gpu.first_non_finite_step().unwrap(), None);
+    let after_good = p.to_vec::<f32>().unwrap();
+    let moments = gpu.to_host().unwrap();
+    for (bad_value, at) in [(f32::NAN, 7usize), (f32::INFINITY, 1030)] {
+        let mut g = vec![0.01f32; n];
+        g[at] = bad_value;
+        let bad = Tensor::from_vec(g, &[n], &dev).unwrap();
+        gpu.step(&mut p, &bad, 1e-3, 1.0).unwrap();
+        assert_eq!(
+            p.to_vec::<f32>().unwrap(),
+            after_good,
+            "{bad_value} updated θ"
+        );
+        let now = gpu.to_host().unwrap();
+        assert_eq!((now.m, now.v), (moments.m.clone(), moments.v.clone()));
+        // The first bad step stays recorded.
+        assert_eq!(gpu.first_non_finite_step().unwrap(), Some(2));
+    }
+}

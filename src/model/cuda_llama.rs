@@ -749,6 +749,12 @@ impl CudaLora {
         Ok(self.host.repack_from(&self.layout, &self.grads.to_vec()?))
     }
 
+    /// The first optimizer step whose gradients were not finite (its update and later ones
+    /// were skipped on the device), if any. Synchronises.
+    pub fn first_non_finite_step(&self) -> Result<Option<u64>> {
+        self.optimizer.first_non_finite_step()
+    }
+
     /// The global gradient norm of the last optimizer step, before clipping (synchronises: for
     /// logging only).
     pub fn grad_norm(&self) -> Result<f64> {

@@ -137,6 +137,8 @@ pub struct AdamWCuda {
     partials: cudarc::driver::CudaSlice<f64>,
     counter: cudarc::driver::CudaSlice<u32>,
     norm: cudarc::driver::CudaSlice<f64>,
+    /// The first step whose gradient norm was not finite (0: none), written by the norm kernel.
+    first_bad: cudarc::driver::CudaSlice<u64>,
     ordinal: usize,
 }
 
@@ -160,6 +162,9 @@ impl AdamWCuda {
                 .alloc_zeros::<u32>(1)
                 .map_err(Error::cuda("allocating the AdamW workspace"))?,
             norm: s.alloc_zeros::<f64>(1).map_err(err)?,
+            first_bad: s
+                .alloc_zeros::<u64>(1)
+                .map_err(Error::cuda("allocating the AdamW workspace"))?,
             ordinal,
         })
     }
@@ -184,21 +189,37 @@ impl AdamWCuda {
         let f = dev.function("adamw", name)?;
         let n = grads.elem_count() as i64;
         let blocks = (grads.elem_count().div_ceil(256)).clamp(1, NORM_BLOCKS) as u32;
+        // The step this norm belongs to (the update that follows it is step + 1).
+        let step = self.step + 1;
         let mut b = dev.stream().launch_builder(&f);
         b.arg(grads.cuda_slice::<f32>("grad norm")?)
             .arg(&n)
             .arg(&mut self.partials)
             .arg(&mut self.counter)
-            .arg(&mut self.norm);
+            .arg(&mut self.norm)
+            .arg(&step)
+            .arg(&mut self.first_bad);
         let cfg = LaunchConfig {
             grid_dim: (blocks, 1, 1),
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
-        // SAFETY: grad_norm_f32(const float*, long long, double*, unsigned*, double*); the grid
-        // has at most NORM_BLOCKS blocks = partials' length; the counter starts at 0 and the
-        // last block resets it.
+        // SAFETY: grad_norm_f32(const float*, long long, double*, unsigned*, double*, unsigned
+        // long long, unsigned long long*); the grid has at most NORM_BLOCKS blocks = partials'
+        // length; the counter starts at 0 and the last block resets it; first_bad is one u64.
         unsafe { dev.launch(name, b, cfg) }
+    }
+
+    /// The first step whose gradient norm was not finite, if any (synchronises: read when the
+    /// host reads anyway). That step's update and every later one were skipped, so the
+    /// parameters are those of the step before it.
+    pub fn first_non_finite_step(&self) -> Result<Option<u64>> {
+        let dev = crate::device::cuda::CudaDevice::get(self.ordinal)?;
+        let v = dev
+            .stream()
+            .clone_dtoh(&self.first_bad)
+            .map_err(Error::cuda("reading the non-finite step"))?[0];
+        Ok((v != 0).then_some(v))
     }
 
     /// The last computed gradient norm (synchronises: for logging only).

@@ -53,6 +53,17 @@ fn non_finite(step: u64, loss: f64, grad_norm: f64, exact: bool) -> Result<()> {
     )))
 }
 
+/// The GPU skipped the update of step `bad` and every later one (a non-finite gradient norm).
+fn non_finite_on_device(bad: u64) -> Error {
+    Error::InvalidArgument(format!(
+        "training stopped: the gradients of step {bad} were not finite (NaN or Inf), so the GPU \
+         skipped that update and the ones after it; the adapters are those of step {}, and the \
+         checkpoints written before are intact (a lower --lr, --max-grad-norm, or the data of \
+         that step may be the cause)",
+        bad - 1
+    ))
+}
+
 /// What the loop reports after each step (for progress bars and logs).
 #[derive(Clone, Debug)]
 pub struct Progress<'a> {
@@ -421,6 +432,9 @@ impl Trainer {
                 lora.step(lr, self.config.max_grad_norm)?;
                 if log {
                     // The only host synchronisation: the logged step's read-backs.
+                    if let Some(bad) = lora.first_non_finite_step()? {
+                        return Err(non_finite_on_device(bad));
+                    }
                     let dev = crate::device::cuda::CudaDevice::get(model.config_ordinal())?;
                     (Some(lora.grad_norm()?), Some(dev.memory_used()? as u64))
                 } else {
@@ -522,6 +536,10 @@ impl Trainer {
     /// Brings the adapters and optimizer state back from the GPU (when training there).
     fn sync_from_device(&mut self) -> Result<()> {
         if let Some((_, lora)) = &self.cuda {
+            // Never a checkpoint or adapter labelled with a step whose update was skipped.
+            if let Some(bad) = lora.first_non_finite_step()? {
+                return Err(non_finite_on_device(bad));
+            }
             self.lora = lora.to_host()?;
             self.optimizer = lora.optimizer_to_host()?;
         }
