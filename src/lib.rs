@@ -2,8 +2,8 @@
 //!
 //! The frozen base model is stored as 4-bit NF4 (bit-exact with bitsandbytes, [`quant::nf4`]);
 //! small LoRA adapters train on top of it. Every op has a CPU reference (f32) and a CUDA kernel
-//! (`kernels/*.cu`) that is checked against it. See `DESIGN.md` in the project's shared folder
-//! and the README for the layout.
+//! (`kernels/*.cu`) that is checked against it. See `docs/ARCHITECTURE.md` for the design and
+//! the README for the layout.
 
 pub mod autograd;
 pub mod data;
