@@ -526,6 +526,20 @@ fn run_train(request: DeviceRequest, cfg: TrainConfig) -> qlora_rs::Result<Optio
     let mut smoothed: Option<f64> = None;
     let summary = trainer.run_with_progress(&mut |p| {
         let m = p.metrics;
+        if let Some(eval) = m.eval_loss {
+            let line = format!(
+                "eval at step {}/{}: loss {eval:.4} (perplexity {:.3})",
+                m.step,
+                p.total_steps,
+                eval.exp()
+            );
+            if tty {
+                bar.println(line);
+            } else {
+                println!("{line}");
+            }
+            return;
+        }
         // Steps between two logged ones (--logging-steps) only move the bar.
         let Some(loss) = m.loss else {
             bar.set_position(m.step);

@@ -394,11 +394,20 @@ fn a_second_run_on_the_same_output_is_refused_naming_the_first() {
         .status()
         .unwrap();
     for _ in lines.by_ref() {}
-    let status = first.wait().unwrap();
-    assert_eq!(status.code(), Some(130));
+    let first = first.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&first.stderr);
+    assert_eq!(first.status.code(), Some(130), "{stderr}");
+    // Resume for two more steps past where the signal stopped it.
+    let stopped: u64 = stderr
+        .split("interrupted by SIGINT at step ")
+        .nth(1)
+        .and_then(|s| s.split(':').next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no stopping step in:\n{stderr}"));
+    let more = (stopped + 2).to_string();
     let mut resumed = args.to_vec();
     let at = resumed.iter().position(|a| *a == "200000").unwrap();
-    resumed[at] = "4";
+    resumed[at] = &more;
     let resumed = [&resumed[..], &["--resume"]].concat();
     let o = qlora(&resumed);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));

@@ -563,6 +563,22 @@ impl Trainer {
     }
 
     /// [`Trainer::run`], calling `progress` after every step.
+    /// An evaluation's result reaches the progress callback as a metrics line of its own
+    /// (`eval_loss` set, `loss` unset), so logs show it, not only metrics.jsonl.
+    fn report_eval(&self, loss: Option<f64>, progress: &mut dyn FnMut(Progress)) {
+        if let Some(l) = loss {
+            progress(Progress {
+                metrics: &Metrics {
+                    step: self.state.step,
+                    epoch: self.state.epoch,
+                    eval_loss: Some(l),
+                    ..Metrics::default()
+                },
+                total_steps: self.total_steps,
+            });
+        }
+    }
+
     pub fn run_with_progress(&mut self, progress: &mut dyn FnMut(Progress)) -> Result<Summary> {
         let mut last_loss = None;
         let mut eval_loss = None;
@@ -582,6 +598,7 @@ impl Trainer {
             if self.config.eval_every > 0 && s % self.config.eval_every == 0 && s < self.total_steps
             {
                 eval_loss = self.log_eval()?;
+                self.report_eval(eval_loss, progress);
             }
             if self.config.save_every > 0 && s % self.config.save_every == 0 && s < self.total_steps
             {
@@ -589,7 +606,9 @@ impl Trainer {
             }
         }
         if !interrupted {
-            eval_loss = self.log_eval()?.or(eval_loss);
+            let last = self.log_eval()?;
+            self.report_eval(last, progress);
+            eval_loss = last.or(eval_loss);
         }
         self.save_checkpoint()?;
         if !interrupted {
