@@ -23,6 +23,12 @@
 #include <cstring>
 #include <type_traits>
 
+// CUDA's math API puts the classification functions in the global namespace (device code calls
+// `isfinite(x)`); the host's <cmath> has them in std:: only.
+using std::isfinite;
+using std::isinf;
+using std::isnan;
+
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <vector_types.h>
