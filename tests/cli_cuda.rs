@@ -262,7 +262,7 @@ fn cli_cuda_refuses_runs_that_cannot_fit_and_stops_on_nan() {
     );
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert!(
-        !o.status.success() && stderr.contains("GiB free: lower --batch-tokens or --rank"),
+        !o.status.success() && stderr.contains("GiB is free: lower --batch-tokens or --rank"),
         "{stderr}"
     );
     let (o, out) = train(
