@@ -101,6 +101,26 @@ fn cli_train_eval_generate_on_cuda() {
     let _ = std::fs::remove_dir_all(&root);
 }
 
+/// `qlora-rs ARGS` with `QLORA_SIM_MODE=mode`, which must succeed: (stdout, stderr).
+fn sim_bench(args: &[&str], mode: &str) -> (String, String) {
+    let out = std::process::Command::new(crate::common::qlora_bin())
+        .args(args)
+        .env("QLORA_SIM_MODE", mode)
+        .output()
+        .unwrap();
+    let stdout = succeeded(args, &out);
+    (stdout, String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// The number between `before` and `after` in `text` (a byte count `bench` prints).
+fn number(text: &str, before: &str, after: &str) -> u64 {
+    text.split(before)
+        .nth(1)
+        .and_then(|s| s.split(after).next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no `{before}…{after}` in:\n{text}"))
+}
+
 /// The simulated GPU's accounting mode (`QLORA_SIM_MODE=account`: launches checked, not run;
 /// allocations counted, never touched) measures the same peak as running everything: `bench`
 /// allocates exactly the same tensors either way. This is what makes the 8B measurement possible
@@ -134,20 +154,8 @@ fn cli_bench_account_mode_measures_the_peak_of_a_real_run() {
         "8",
     ];
     let peak = |mode: &str| {
-        let out = std::process::Command::new(crate::common::qlora_bin())
-            .args(args)
-            .env("QLORA_SIM_MODE", mode)
-            .output()
-            .unwrap();
-        let stdout = succeeded(&args, &out);
-        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-        let bytes: u64 = stdout
-            .split("GiB allocated (")
-            .nth(1)
-            .and_then(|s| s.split(" bytes)").next())
-            .and_then(|s| s.parse().ok())
-            .unwrap_or_else(|| panic!("no peak in:\n{stdout}"));
-        (bytes, stderr)
+        let (stdout, stderr) = sim_bench(&args, mode);
+        (number(&stdout, "GiB allocated (", " bytes)"), stderr)
     };
     let (checked, check_err) = peak("check");
     let (accounted, account_err) = peak("account");
@@ -173,13 +181,6 @@ fn cli_plan_matches_the_measured_peak() {
         eprintln!("cli_plan_matches_the_measured_peak: SKIPPED (needs the simulated GPU's accounting mode)");
         return;
     }
-    let number = |text: &str, before: &str, after: &str| -> u64 {
-        text.split(before)
-            .nth(1)
-            .and_then(|s| s.split(after).next())
-            .and_then(|s| s.parse().ok())
-            .unwrap_or_else(|| panic!("no `{before}…{after}` in:\n{text}"))
-    };
     for (shape, batch, seq) in [
         ("llama3-8b", "1", "2048"),
         ("llama3-8b", "4", "2048"),
@@ -201,12 +202,7 @@ fn cli_plan_matches_the_measured_peak() {
             "--steps",
             "1",
         ];
-        let out = std::process::Command::new(crate::common::qlora_bin())
-            .args(args)
-            .env("QLORA_SIM_MODE", "account")
-            .output()
-            .unwrap();
-        let stdout = succeeded(&args, &out);
+        let (stdout, _) = sim_bench(&args, "account");
         let measured = number(&stdout, "GiB allocated (", " bytes)");
         let plan = number(&stdout, "GiB (", " bytes) on a CUDA device");
         let off = (plan as f64 - measured as f64) / measured as f64;

@@ -24,7 +24,14 @@ fn train(data: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
 }
 
 fn train_on(model: &Path, data: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
-    let mut args = vec![
+    let args = train_args(model, data, out, extra);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    qlora(&args)
+}
+
+/// `train` on the CPU at --seq-len 64 and 64 tokens a batch, one step unless `extra` says.
+fn train_args(model: &Path, data: &Path, out: &Path, extra: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = [
         "train",
         "--device",
         "cpu",
@@ -38,12 +45,14 @@ fn train_on(model: &Path, data: &Path, out: &Path, extra: &[&str]) -> std::proce
         "64",
         "--batch-tokens",
         "64",
-    ];
+    ]
+    .map(String::from)
+    .to_vec();
     if !extra.iter().any(|a| a.starts_with("--max-steps")) {
-        args.extend(["--max-steps", "1"]);
+        args.extend(["--max-steps".into(), "1".into()]);
     }
-    args.extend_from_slice(extra);
-    qlora(&args)
+    args.extend(extra.iter().map(|a| a.to_string()));
+    args
 }
 
 /// Refused, with `says` on stderr.
@@ -348,25 +357,10 @@ fn a_second_run_on_the_same_output_is_refused_naming_the_first() {
     let out = root.join("out");
     let data = fixture("data/text.jsonl");
     let model = fixture("llama/tiny-llama");
-    let args = [
-        "train",
-        "--device",
-        "cpu",
-        "--model",
-        model.to_str().unwrap(),
-        "--data",
-        data.to_str().unwrap(),
-        "--output",
-        out.to_str().unwrap(),
-        "--seq-len",
-        "64",
-        "--batch-tokens",
-        "64",
-        "--max-steps",
-        "200000",
-    ];
+    let owned = train_args(&model, &data, &out, &["--max-steps", "200000"]);
+    let args: Vec<&str> = owned.iter().map(String::as_str).collect();
     let mut first = std::process::Command::new(crate::common::qlora_bin())
-        .args(args)
+        .args(&args)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -728,23 +722,7 @@ fn huge_records_are_encoded_only_as_far_as_they_are_kept() {
         // A CPU run: without the simulated GPU's stand-in driver, which reserves 2 TiB of
         // address space when loaded and so cannot live under this limit.
         .env_remove("LD_LIBRARY_PATH")
-        .args([
-            "train",
-            "--device",
-            "cpu",
-            "--model",
-            model.to_str().unwrap(),
-            "--data",
-            data.to_str().unwrap(),
-            "--output",
-            out.to_str().unwrap(),
-            "--seq-len",
-            "64",
-            "--batch-tokens",
-            "64",
-            "--max-steps",
-            "1",
-        ])
+        .args(train_args(&model, &data, &out, &[]))
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&o.stderr);

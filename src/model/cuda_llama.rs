@@ -288,6 +288,37 @@ impl CudaLlama {
         }
     }
 
+    fn attention_dims(&self) -> attention::Dims {
+        attention::Dims {
+            heads: self.config.num_heads,
+            kv_heads: self.config.num_kv_heads,
+            head_dim: self.config.head_dim,
+        }
+    }
+
+    /// q, k, v of the normed input `n1` as `[T, heads, head_dim]`, RoPE applied to q and k, and
+    /// their adapters' `s·x̃·Aᵀ` (forward and replay alike).
+    #[allow(clippy::type_complexity)]
+    fn qkv(
+        &self,
+        lora: Option<&CudaLora>,
+        l: usize,
+        n1: &Tensor,
+        b: &StepBatch,
+    ) -> Result<(Tensor, Tensor, Tensor, [Option<Tensor>; 3])> {
+        let c = &self.config;
+        let t = b.tokens;
+        let (mut q, xa_q) = self.linear(lora, l, Target::Q, n1)?;
+        let (mut k, xa_k) = self.linear(lora, l, Target::K, n1)?;
+        let (mut v, xa_v) = self.linear(lora, l, Target::V, n1)?;
+        q.reshape_in_place(&[t, c.num_heads, c.head_dim])?;
+        k.reshape_in_place(&[t, c.num_kv_heads, c.head_dim])?;
+        v.reshape_in_place(&[t, c.num_kv_heads, c.head_dim])?;
+        rope::apply_cuda(&mut q, &b.positions, &self.freqs, false)?;
+        rope::apply_cuda(&mut k, &b.positions, &self.freqs, false)?;
+        Ok((q, k, v, [xa_q, xa_k, xa_v]))
+    }
+
     /// One decoder layer's output, each value dropped after its last use (the forward of the
     /// last layer is one of the step's two memory peaks, with the backward's first replay).
     fn layer(
@@ -301,21 +332,9 @@ impl CudaLlama {
         let t = b.tokens;
         let eps = c.rms_norm_eps;
         let (n1, _) = rmsnorm::forward_cuda(x, &self.norm_in[l], eps)?;
-        let (mut q, _) = self.linear(lora, l, Target::Q, &n1)?;
-        let (mut k, _) = self.linear(lora, l, Target::K, &n1)?;
-        let (mut v, _) = self.linear(lora, l, Target::V, &n1)?;
+        let (q, k, v, _) = self.qkv(lora, l, &n1, b)?;
         drop(n1);
-        q.reshape_in_place(&[t, c.num_heads, c.head_dim])?;
-        k.reshape_in_place(&[t, c.num_kv_heads, c.head_dim])?;
-        v.reshape_in_place(&[t, c.num_kv_heads, c.head_dim])?;
-        rope::apply_cuda(&mut q, &b.positions, &self.freqs, false)?;
-        rope::apply_cuda(&mut k, &b.positions, &self.freqs, false)?;
-        let dims = attention::Dims {
-            heads: c.num_heads,
-            kv_heads: c.num_kv_heads,
-            head_dim: c.head_dim,
-        };
-        let (mut o, _) = attention::forward_cuda(dims, &q, &k, &v, &b.cu_seqlens)?;
+        let (mut o, _) = attention::forward_cuda(self.attention_dims(), &q, &k, &v, &b.cu_seqlens)?;
         drop((q, k, v));
         o.reshape_in_place(&[t, c.q_dim()])?;
         let (a, _) = self.linear(lora, l, Target::O, &o)?;
@@ -359,20 +378,9 @@ impl CudaLlama {
         let t = b.tokens;
         let eps = c.rms_norm_eps;
         let (n1, r1) = rmsnorm::forward_cuda(x, &self.norm_in[l], eps)?;
-        let (mut q, xa_q) = self.linear(lora, l, Target::Q, &n1)?;
-        let (mut k, xa_k) = self.linear(lora, l, Target::K, &n1)?;
-        let (mut v, xa_v) = self.linear(lora, l, Target::V, &n1)?;
-        q.reshape_in_place(&[t, c.num_heads, c.head_dim])?;
-        k.reshape_in_place(&[t, c.num_kv_heads, c.head_dim])?;
-        v.reshape_in_place(&[t, c.num_kv_heads, c.head_dim])?;
-        rope::apply_cuda(&mut q, &b.positions, &self.freqs, false)?;
-        rope::apply_cuda(&mut k, &b.positions, &self.freqs, false)?;
-        let dims = attention::Dims {
-            heads: c.num_heads,
-            kv_heads: c.num_kv_heads,
-            head_dim: c.head_dim,
-        };
-        let (mut o, lse) = attention::forward_cuda(dims, &q, &k, &v, &b.cu_seqlens)?;
+        let (q, k, v, [xa_q, xa_k, xa_v]) = self.qkv(lora, l, &n1, b)?;
+        let (mut o, lse) =
+            attention::forward_cuda(self.attention_dims(), &q, &k, &v, &b.cu_seqlens)?;
         o.reshape_in_place(&[t, c.q_dim()])?;
         let (a, xa_o) = self.linear(lora, l, Target::O, &o)?;
         let (h1, n2, r2) = rmsnorm::forward_residual_cuda(x, &a, &self.norm_post[l], eps)?;
@@ -449,13 +457,16 @@ impl CudaLlama {
         drop(xa_o);
         d_o.reshape_in_place(&[t, c.num_heads, c.head_dim])?;
         o.reshape_in_place(&[t, c.num_heads, c.head_dim])?;
-        let dims = attention::Dims {
-            heads: c.num_heads,
-            kv_heads: c.num_kv_heads,
-            head_dim: c.head_dim,
-        };
-        let (mut dq, mut dk, mut dv) =
-            attention::backward_cuda(dims, &q, &k, &v, &o, &lse, &d_o, &b.cu_seqlens)?;
+        let (mut dq, mut dk, mut dv) = attention::backward_cuda(
+            self.attention_dims(),
+            &q,
+            &k,
+            &v,
+            &o,
+            &lse,
+            &d_o,
+            &b.cu_seqlens,
+        )?;
         drop((q, k, v, o, lse, d_o));
         rope::apply_cuda(&mut dq, &b.positions, &self.freqs, true)?;
         rope::apply_cuda(&mut dk, &b.positions, &self.freqs, true)?;
@@ -714,17 +725,11 @@ impl CudaLora {
     pub fn zero_grads(&mut self) -> Result<()> {
         // In place: a fresh buffer would hold two gradient buffers at once for a moment.
         let op = "zeroing the LoRA gradients";
-        let cuda = crate::device::cuda::CudaDevice::get(self.config_ordinal_of_grads())?;
+        let cuda =
+            crate::device::cuda::CudaDevice::get(crate::ops::cuda_ordinal(op, &self.grads)?)?;
         cuda.stream()
             .memset_zeros(self.grads.cuda_slice_mut::<f32>(op)?)
             .map_err(Error::cuda(op))
-    }
-
-    fn config_ordinal_of_grads(&self) -> usize {
-        match self.grads.device() {
-            Device::Cuda(o) => o,
-            Device::Cpu => unreachable!("CudaLora's buffers live on a GPU"),
-        }
     }
 
     /// Clip and AdamW over the flat buffer, then refresh the bf16 mirror.
