@@ -622,11 +622,14 @@ impl<'a> Tape<'a> {
                 };
                 let (y, xa) = match (&slot, skip_y) {
                     (Some(SlotRef::Cuda(view)), false) => {
-                        let (y, xa) = gemm::lora_forward_view(x, w, view)?;
+                        // SAFETY (both arms): the view comes from the tape's adapters
+                        // (`slot_ref`), whose bf16 mirror and fp32 gradients live on this device
+                        // for as long as the tape borrows them.
+                        let (y, xa) = unsafe { gemm::lora_forward_view(x, w, view)? };
                         (Some(y), Some(xa))
                     }
                     (Some(SlotRef::Cuda(view)), true) => {
-                        (None, Some(gemm::lora_xa_view(x, w, view)?))
+                        (None, Some(unsafe { gemm::lora_xa_view(x, w, view)? }))
                     }
                     (_, false) => (Some(gemm::nf4_forward_cuda(x, w, None)?), None),
                     (_, true) => (None, None),
@@ -1017,9 +1020,8 @@ impl<'a> Tape<'a> {
                     return Ok(());
                 };
                 let at = x.at();
-                if let Some(dx) = self.linear_backward(x, &lin, xa, mask, &dy)? {
-                    accumulate(grads, at, Rc::new(dx))?;
-                }
+                let acc = grads[at.id].take();
+                grads[at.id] = self.linear_backward(x, &lin, xa, mask, &dy, acc)?;
             }
             Op::LinearResidual {
                 x,
@@ -1034,9 +1036,8 @@ impl<'a> Tape<'a> {
                 };
                 accumulate(grads, h, dy.clone())?;
                 let at = x.at();
-                if let Some(dx) = self.linear_backward(x, &lin, xa, mask, &dy)? {
-                    accumulate(grads, at, Rc::new(dx))?;
-                }
+                let acc = grads[at.id].take();
+                grads[at.id] = self.linear_backward(x, &lin, xa, mask, &dy, acc)?;
             }
             Op::Rope {
                 x,
@@ -1162,8 +1163,10 @@ impl<'a> Tape<'a> {
         }
     }
 
-    /// A linear layer's backward: adapter gradients into the adapters' buffer, and dx when `x`
-    /// needs it (on a GPU, written over x when nothing else holds it).
+    /// A linear layer's backward: adapter gradients into the adapters' buffer, and x's gradient
+    /// when it needs one: `acc` (the gradient x already has from other consumers) plus dx. On a
+    /// GPU dx is added into `acc` in the GEMMs' epilogues when nothing else holds `acc`, or
+    /// written over x when nothing else holds x.
     fn linear_backward(
         &self,
         x: Var,
@@ -1171,8 +1174,45 @@ impl<'a> Tape<'a> {
         xa: Option<Tensor>,
         mask: Option<Vec<f32>>,
         dy: &Tensor,
-    ) -> Result<Option<Tensor>> {
+        acc: Option<Rc<Tensor>>,
+    ) -> Result<Option<Rc<Tensor>>> {
+        if !x.rg {
+            // No gradient for x (and none can have been accumulated for it).
+            self.linear_backward_into(x, lin, xa, mask, dy, Acc::None)?;
+            return Ok(acc);
+        }
+        let acc = match acc {
+            None => Acc::None,
+            Some(a) => match Rc::try_unwrap(a) {
+                Ok(t) => Acc::Own(t),
+                Err(shared) => Acc::Shared(shared),
+            },
+        };
+        self.linear_backward_into(x, lin, xa, mask, dy, acc)
+    }
+
+    fn linear_backward_into(
+        &self,
+        x: Var,
+        lin: &Linear<'a>,
+        xa: Option<Tensor>,
+        mask: Option<Vec<f32>>,
+        dy: &Tensor,
+        acc: Acc,
+    ) -> Result<Option<Rc<Tensor>>> {
         let need_dx = x.rg;
+        // The CPU, and a gradient someone else still holds: dx, then the sum.
+        let finish = |dx: Option<Tensor>, acc: Acc| -> Result<Option<Rc<Tensor>>> {
+            Ok(match (dx, acc) {
+                (None, _) => None,
+                (Some(d), Acc::None) => Some(Rc::new(d)),
+                (Some(mut d), Acc::Own(a)) => {
+                    add_into(&mut d, &a)?;
+                    Some(Rc::new(d))
+                }
+                (Some(d), Acc::Shared(a)) => Some(sum(a, Rc::new(d))?),
+            })
+        };
         let slot = match (self.adapters, &xa) {
             (Some(a), Some(_)) => a.slot_ref(lin.layer, lin.target, self.dropout_pair())?,
             _ => None,
@@ -1229,30 +1269,53 @@ impl<'a> Tape<'a> {
                         need_dx,
                     )?,
                 };
-                dx.map(|d| host(d, &[t, i])).transpose()
+                finish(dx.map(|d| host(d, &[t, i])).transpose()?, acc)
             }
             Device::Cuda(_) => {
                 let BaseWeight::Nf4(w) = lin.weight else {
                     unreachable!("the forward refused a dense weight on the GPU")
                 };
-                match (slot, xa) {
+                let x = x.value.expect("a recorded input");
+                match (slot, xa, acc) {
                     // The adapter's gradients need the kernel whether or not dx is wanted.
-                    (Some(SlotRef::Cuda(view)), Some(xa)) => {
-                        let dx = match Rc::try_unwrap(x.value.expect("a recorded input")) {
-                            Ok(x) => gemm::lora_backward_view_over_x(x, w, &view, &xa, dy)?,
-                            Err(x) => gemm::lora_backward_view(&x, w, &view, &xa, dy)?,
+                    (Some(SlotRef::Cuda(view)), Some(xa), Acc::Own(acc)) => {
+                        // SAFETY (here and below): the view comes from the tape's adapters, which
+                        // the tape borrows (see the forward).
+                        let dx =
+                            unsafe { gemm::lora_backward_view_acc(&x, w, &view, &xa, dy, acc)? };
+                        Ok(Some(Rc::new(dx)))
+                    }
+                    (Some(SlotRef::Cuda(view)), Some(xa), acc) => {
+                        let dx = match Rc::try_unwrap(x) {
+                            Ok(x) => unsafe {
+                                gemm::lora_backward_view_over_x(x, w, &view, &xa, dy)?
+                            },
+                            Err(x) => unsafe { gemm::lora_backward_view(&x, w, &view, &xa, dy)? },
                         };
-                        Ok(need_dx.then_some(dx))
+                        finish(need_dx.then_some(dx), acc)
                     }
                     _ if !need_dx => Ok(None),
-                    _ => match Rc::try_unwrap(x.value.expect("a recorded input")) {
-                        Ok(x) => Ok(Some(gemm::nf4_dx_into(dy, w, x)?)),
-                        Err(_) => Ok(Some(gemm::nf4_dx_cuda(dy, w)?)),
-                    },
+                    (_, _, Acc::Own(acc)) => Ok(Some(Rc::new(gemm::nf4_dx_acc(dy, w, acc)?))),
+                    (_, _, acc) => {
+                        let dx = match Rc::try_unwrap(x) {
+                            Ok(x) => gemm::nf4_dx_into(dy, w, x)?,
+                            Err(_) => gemm::nf4_dx_cuda(dy, w)?,
+                        };
+                        finish(Some(dx), acc)
+                    }
                 }
             }
         }
     }
+}
+
+/// The gradient an op's input already has when the op's backward runs.
+enum Acc {
+    None,
+    /// Held by no one else: the backward may add into it.
+    Own(Tensor),
+    /// Shared (e.g. a residual gradient that also flows elsewhere): summed into a new buffer.
+    Shared(Rc<Tensor>),
 }
 
 /// Two disjoint mutable ranges of one buffer (A before B in every slot).

@@ -353,9 +353,9 @@ fn gemm_and_lora_launchers_refuse_what_their_kernels_cannot_take() {
         scale: 1.0,
         dropout: None,
     };
-    let (_, xa) = gemm::lora_forward_view(&x, &q, &view).unwrap();
+    let (_, xa) = unsafe { gemm::lora_forward_view(&x, &q, &view) }.unwrap();
     let dy = Tensor::zeros(&[m, n], DType::BF16, &dev).unwrap();
-    gemm::lora_backward_view(&x, &q, &view, &xa, &dy).unwrap();
+    unsafe { gemm::lora_backward_view(&x, &q, &view, &xa, &dy) }.unwrap();
     let mut misaligned = view;
     misaligned.a.ptr += 8;
     let mut wrong_b = view;
@@ -367,28 +367,28 @@ fn gemm_and_lora_launchers_refuse_what_their_kernels_cannot_take() {
     let fewer = Tensor::zeros(&[m - 1, n], DType::BF16, &dev).unwrap();
     let refusals = [
         (
-            gemm::lora_forward_view(&x, &q, &misaligned).map(|_| ()),
+            unsafe { gemm::lora_forward_view(&x, &q, &misaligned) }.map(|_| ()),
             "A's device address",
         ),
         (
-            gemm::lora_forward_view(&x, &q, &wrong_b).map(|_| ()),
+            unsafe { gemm::lora_forward_view(&x, &q, &wrong_b) }.map(|_| ()),
             "B [32, r]",
         ),
         (
-            gemm::lora_backward_view(&x, &q, &wrong_b, &xa, &dy).map(|_| ()),
+            unsafe { gemm::lora_backward_view(&x, &q, &wrong_b, &xa, &dy) }.map(|_| ()),
             "B [32, r]",
         ),
         (
-            gemm::lora_backward_view(&x, &q, &null_grad, &xa, &dy).map(|_| ()),
+            unsafe { gemm::lora_backward_view(&x, &q, &null_grad, &xa, &dy) }.map(|_| ()),
             "dB view has a null device address",
         ),
         (
-            gemm::lora_backward_view(&x, &q, &odd_grad, &xa, &dy).map(|_| ()),
+            unsafe { gemm::lora_backward_view(&x, &q, &odd_grad, &xa, &dy) }.map(|_| ()),
             "dA's device address",
         ),
         // x has 24 tokens, dy 23.
         (
-            gemm::lora_backward_view(&x, &q, &view, &xa, &fewer).map(|_| ()),
+            unsafe { gemm::lora_backward_view(&x, &q, &view, &xa, &fewer) }.map(|_| ()),
             "x [23, 64]",
         ),
     ];
@@ -508,6 +508,17 @@ fn check_nf4_gemm(
         dx.to_vec::<bf16>().unwrap(),
         want.to_vec::<bf16>().unwrap(),
         "dx {m}x{n}x{k} {cfg:?}"
+    );
+    // Accumulated (β = 1): acc + dy·W in the epilogue, as the plain GEMM does it.
+    let (_, accb) = data(r, m * k, 1.0);
+    let acc = Tensor::from_vec(accb.clone(), &[m, k], dev).unwrap();
+    let summed = gemm::nf4_dx_acc(&dy, &q, acc).unwrap();
+    let mut want = Tensor::from_vec(accb, &[m, k], dev).unwrap();
+    gemm::gemm_cuda_split(Layout::Nn, &dy, &dense, &mut want, 1.0, 1.0, Some(1)).unwrap();
+    assert_eq!(
+        summed.to_vec::<bf16>().unwrap(),
+        want.to_vec::<bf16>().unwrap(),
+        "dx accumulated {m}x{n}x{k} {cfg:?}"
     );
 }
 
@@ -659,8 +670,8 @@ fn lora_view_with_dropout_matches_the_cpu_with_the_same_mask() {
         scale: 2.0,
         dropout: Some((p, seed)),
     };
-    let (y, xa) = gemm::lora_forward_view(&x, &q, &view).unwrap();
-    let dx = gemm::lora_backward_view(&x, &q, &view, &xa, &dy).unwrap();
+    let (y, xa) = unsafe { gemm::lora_forward_view(&x, &q, &view) }.unwrap();
+    let dx = unsafe { gemm::lora_backward_view(&x, &q, &view, &xa, &dy) }.unwrap();
     let f = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<f64>>();
     let d = linear::Dims {
         tokens: t,
@@ -698,6 +709,30 @@ fn lora_view_with_dropout_matches_the_cpu_with_the_same_mask() {
     let g = grads.to_vec::<f32>().unwrap();
     close("dropout lora dA", &g[..rank * i], &ga, 2e-2);
     close("dropout lora dB", &g[rank * i..], &gb, 2e-2);
+    // dx added into a gradient the input already has (β = 1 in the GEMMs), with and without
+    // dropout; the adapter's gradients accumulate once more.
+    let (accf, accb) = data(&mut r, t * i, 1.0);
+    let acc = Tensor::from_vec(accb.clone(), &[t, i], &dev).unwrap();
+    let summed = unsafe { gemm::lora_backward_view_acc(&x, &q, &view, &xa, &dy, acc) }.unwrap();
+    let want: Vec<f64> = dx_ref.iter().zip(&accf).map(|(d, &a)| d + a as f64).collect();
+    close("dropout lora dx accumulated", &to_f32(&summed), &want, 2e-2);
+    let g2 = grads.to_vec::<f32>().unwrap();
+    let twice: Vec<f64> = ga.iter().chain(&gb).map(|v| 2.0 * v).collect();
+    close("dropout lora dA, dB twice", &g2, &twice, 2e-2);
+    let plain = gemm::LoraView {
+        dropout: None,
+        ..view
+    };
+    let acc = Tensor::from_vec(accb, &[t, i], &dev).unwrap();
+    let (_, xa_plain) = unsafe { gemm::lora_forward_view(&x, &q, &plain) }.unwrap();
+    let kept = unsafe { gemm::lora_backward_view(&x, &q, &plain, &xa_plain, &dy) }.unwrap();
+    let summed = unsafe { gemm::lora_backward_view_acc(&x, &q, &plain, &xa_plain, &dy, acc) }.unwrap();
+    let want: Vec<f64> = to_f32(&kept)
+        .iter()
+        .zip(&accf)
+        .map(|(&d, &a)| d as f64 + a as f64)
+        .collect();
+    close("lora dx accumulated", &to_f32(&summed), &want, 2e-2);
 }
 
 /// The device address of element `at` of a CUDA tensor with `width`-byte elements.

@@ -18,5 +18,6 @@ mod nf4;
 mod ops;
 mod ptxas;
 mod refusals;
+mod tape;
 mod train;
 mod trainer;

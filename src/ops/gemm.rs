@@ -495,16 +495,22 @@ fn nf4_forward_launch(o: usize, g: GemmParams, p: Nf4Params, y: Tensor) -> Resul
 
 /// `dx = dy·W`: dy bf16 `[M, N_out]`, W NF4 `[N_out, N_in]`; dx bf16 `[M, N_in]`.
 pub fn nf4_dx_cuda(dy: &Tensor, w: &Nf4Tensor) -> Result<Tensor> {
-    nf4_dx(dy, w, None)
+    nf4_dx(dy, w, None, 0.0)
 }
 
 /// [`nf4_dx_cuda`] written into `out` (bf16 `[M, N_in]`, overwritten whole), e.g. the buffer of
 /// the layer input x once nothing needs x any more: one `[M, N_in]` tensor fewer at that point.
 pub fn nf4_dx_into(dy: &Tensor, w: &Nf4Tensor, out: Tensor) -> Result<Tensor> {
-    nf4_dx(dy, w, Some(out))
+    nf4_dx(dy, w, Some(out), 0.0)
 }
 
-fn nf4_dx(dy: &Tensor, w: &Nf4Tensor, out: Option<Tensor>) -> Result<Tensor> {
+/// `acc + dy·W` into `acc` (bf16 `[M, N_in]`): a gradient that meets others (q, k and v into
+/// their input) summed in the GEMM's epilogue (β = 1), with no temporary and one rounding.
+pub fn nf4_dx_acc(dy: &Tensor, w: &Nf4Tensor, acc: Tensor) -> Result<Tensor> {
+    nf4_dx(dy, w, Some(acc), 1.0)
+}
+
+fn nf4_dx(dy: &Tensor, w: &Nf4Tensor, out: Option<Tensor>, beta: f32) -> Result<Tensor> {
     let op = "nf4 gemm dx (cuda)";
     let o = cuda_ordinal(op, dy)?;
     let dev = Device::Cuda(o);
@@ -541,7 +547,7 @@ fn nf4_dx(dy: &Tensor, w: &Nf4Tensor, out: Option<Tensor>) -> Result<Tensor> {
         k: k as i32,
         k_tiles_per_split: k.div_ceil(BK) as i32,
         alpha: 1.0,
-        beta: 0.0,
+        beta,
         ..GemmParams::default()
     };
     launch_nf4(o, "gemm_nf4_nn_bf16", g, p, m, n)?;
@@ -696,7 +702,13 @@ unsafe fn mm(
 }
 
 /// [`lora_forward_cuda`] for an adapter given as views. Returns `(y, xa = s·x̃·Aᵀ)`.
-pub fn lora_forward_view(x: &Tensor, w: &Nf4Tensor, l: &LoraView) -> Result<(Tensor, Tensor)> {
+///
+/// # Safety
+/// The view's addresses are read and written by kernels as given: `l.a` and `l.b` must point
+/// into live bf16 device memory on x's device holding A `[r, in]` and B `[out, r]`, and
+/// `l.grad_a`/`l.grad_b` into live fp32 memory of the same shapes, until the stream's work is
+/// done (the launcher checks shapes, alignment and null addresses, not what they point to).
+pub unsafe fn lora_forward_view(x: &Tensor, w: &Nf4Tensor, l: &LoraView) -> Result<(Tensor, Tensor)> {
     let op = "lora forward (cuda)";
     let o = cuda_ordinal(op, x)?;
     let (m, k) = dims2(op, "x", x)?;
@@ -730,7 +742,13 @@ pub fn lora_forward_view(x: &Tensor, w: &Nf4Tensor, l: &LoraView) -> Result<(Ten
 
 /// `xa = s·x̃·Aᵀ` alone (`x̃` the dropped-out x): what the backward of the layer needs from its
 /// forward, without the layer's output (the replay of a layer whose output nothing reads).
-pub fn lora_xa_view(x: &Tensor, w: &Nf4Tensor, l: &LoraView) -> Result<Tensor> {
+///
+/// # Safety
+/// The view's addresses are read and written by kernels as given: `l.a` and `l.b` must point
+/// into live bf16 device memory on x's device holding A `[r, in]` and B `[out, r]`, and
+/// `l.grad_a`/`l.grad_b` into live fp32 memory of the same shapes, until the stream's work is
+/// done (the launcher checks shapes, alignment and null addresses, not what they point to).
+pub unsafe fn lora_xa_view(x: &Tensor, w: &Nf4Tensor, l: &LoraView) -> Result<Tensor> {
     let op = "lora x·Aᵀ (cuda)";
     let o = cuda_ordinal(op, x)?;
     let (m, k) = dims2(op, "x", x)?;
@@ -775,36 +793,75 @@ fn adapter_input(
 
 /// [`lora_backward_cuda`] for an adapter given as views: returns dx; dA, dB accumulate (fp32)
 /// at the views' gradient addresses. With dropout, `dx += (s·g·A) ⊙ m` and `dA += s·gᵀ·x̃`.
-pub fn lora_backward_view(
+///
+/// # Safety
+/// The view's addresses are read and written by kernels as given: `l.a` and `l.b` must point
+/// into live bf16 device memory on x's device holding A `[r, in]` and B `[out, r]`, and
+/// `l.grad_a`/`l.grad_b` into live fp32 memory of the same shapes, until the stream's work is
+/// done (the launcher checks shapes, alignment and null addresses, not what they point to).
+pub unsafe fn lora_backward_view(
     x: &Tensor,
     w: &Nf4Tensor,
     l: &LoraView,
     xa: &Tensor,
     dy: &Tensor,
 ) -> Result<Tensor> {
-    lora_backward(LayerInput::Kept(x), w, l, xa, dy)
+    // SAFETY: forwarded from the caller's contract.
+    unsafe { lora_backward(LayerInput::Kept(x), w, l, xa, dy) }
 }
 
 /// [`lora_backward_view`] for a layer input that nothing needs afterwards: dx (the same shape)
 /// is written over it, so the backward holds one `[M, K]` tensor fewer (the MLP down
 /// projection's input is `[T, F]`, the largest activation of a layer).
-pub fn lora_backward_view_over_x(
+///
+/// # Safety
+/// The view's addresses are read and written by kernels as given: `l.a` and `l.b` must point
+/// into live bf16 device memory on x's device holding A `[r, in]` and B `[out, r]`, and
+/// `l.grad_a`/`l.grad_b` into live fp32 memory of the same shapes, until the stream's work is
+/// done (the launcher checks shapes, alignment and null addresses, not what they point to).
+pub unsafe fn lora_backward_view_over_x(
     x: Tensor,
     w: &Nf4Tensor,
     l: &LoraView,
     xa: &Tensor,
     dy: &Tensor,
 ) -> Result<Tensor> {
-    lora_backward(LayerInput::Spent(x), w, l, xa, dy)
+    // SAFETY: forwarded from the caller's contract.
+    unsafe { lora_backward(LayerInput::Spent(x), w, l, xa, dy) }
 }
 
-/// The layer input of a backward: still needed by the caller, or spent (its buffer takes dx).
+/// [`lora_backward_view`] with dx added into `acc` (bf16, x's shape), the gradient the input
+/// already has from other consumers: `acc + dy·W + s·g·A` in the GEMMs' epilogues (β = 1), with
+/// no `[M, K]` temporary (one with dropout, for the masked adapter term).
+///
+/// # Safety
+/// The view's addresses are read and written by kernels as given: `l.a` and `l.b` must point
+/// into live bf16 device memory on x's device holding A `[r, in]` and B `[out, r]`, and
+/// `l.grad_a`/`l.grad_b` into live fp32 memory of the same shapes, until the stream's work is
+/// done (the launcher checks shapes, alignment and null addresses, not what they point to).
+pub unsafe fn lora_backward_view_acc(
+    x: &Tensor,
+    w: &Nf4Tensor,
+    l: &LoraView,
+    xa: &Tensor,
+    dy: &Tensor,
+    acc: Tensor,
+) -> Result<Tensor> {
+    // SAFETY: forwarded from the caller's contract.
+    unsafe { lora_backward(LayerInput::Accumulate(x, acc), w, l, xa, dy) }
+}
+
+/// The layer input of a backward: still needed by the caller, spent (its buffer takes dx), or
+/// kept with a gradient to add dx into.
 enum LayerInput<'a> {
     Kept(&'a Tensor),
     Spent(Tensor),
+    Accumulate(&'a Tensor, Tensor),
 }
 
-fn lora_backward(
+/// # Safety
+/// As [`lora_backward_view`].
+unsafe fn lora_backward(
     input: LayerInput<'_>,
     w: &Nf4Tensor,
     l: &LoraView,
@@ -813,7 +870,7 @@ fn lora_backward(
 ) -> Result<Tensor> {
     let op = "lora backward (cuda)";
     let x = match &input {
-        LayerInput::Kept(x) => *x,
+        LayerInput::Kept(x) | LayerInput::Accumulate(x, _) => *x,
         LayerInput::Spent(x) => x,
     };
     let o = cuda_ordinal(op, dy)?;
@@ -893,6 +950,7 @@ fn lora_backward(
     let mut dx = match input {
         LayerInput::Kept(_) => nf4_dx_cuda(dy, w)?,
         LayerInput::Spent(x) => nf4_dx_into(dy, w, x)?,
+        LayerInput::Accumulate(_, acc) => nf4_dx_acc(dy, w, acc)?,
     };
     match l.dropout {
         None => unsafe {

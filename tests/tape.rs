@@ -1,0 +1,130 @@
+//! The tape's refusals: a tensor of the wrong device, dtype or shape reaching an op is an error
+//! naming the op and both sides; a GPU run of a model the kernels cannot take is refused before
+//! anything loads.
+
+use half::bf16;
+use qlora_rs::autograd::{BaseWeight, Batch, Linear, Tape};
+use qlora_rs::model::adapters::Adapters;
+use qlora_rs::model::llama::{BaseFormat, Llama};
+use qlora_rs::model::lora::{LoraConfig, LoraParams, Target};
+use qlora_rs::quant::nf4::Nf4Config;
+use qlora_rs::testing::gpu_or_skip;
+use qlora_rs::train::optimizer::AdamWConfig;
+use qlora_rs::{Device, Tensor};
+
+fn cpu(v: Vec<f32>, shape: &[usize]) -> Tensor {
+    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+}
+
+#[test]
+fn tape_ops_refuse_the_wrong_dtype_shape_or_device() {
+    let batch = Batch::new(vec![0, 3]).unwrap();
+    let mut tape = Tape::new(Device::Cpu, &batch, None, true, None).unwrap();
+    // A bf16 activation on the CPU tape (whose activations are f32).
+    let half = Tensor::from_vec(vec![bf16::ONE; 3 * 8], &[3, 8], &Device::Cpu).unwrap();
+    let err = tape.input(half, true).unwrap_err().to_string();
+    assert!(err.contains("tape input") && err.contains("bf16") && err.contains("f32"), "{err}");
+    // A weight [4, 6] for an input of 8 features.
+    let x = tape.input(cpu(vec![0.5; 24], &[3, 8]), true).unwrap();
+    let w = BaseWeight::Dense(cpu(vec![0.1; 24], &[4, 6]));
+    let lin = Linear {
+        weight: &w,
+        bias: None,
+        layer: 2,
+        target: Target::Up,
+    };
+    let err = tape.linear(&x, lin).unwrap_err().to_string();
+    assert!(err.contains("linear") && err.contains("layer 2 up_proj"), "{err}");
+    assert!(err.contains("[T, 6]") && err.contains("[3, 8]"), "{err}");
+    // RoPE over heads that do not tile the width.
+    let err = tape
+        .rope(x.clone(), 3, 2, &cpu(vec![1.0], &[1]))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("rope") && err.contains("[3, 8]"), "{err}");
+    // Adapters on another device than the tape's: refused when the tape is made.
+    let cfg = LoraConfig {
+        rank: 2,
+        alpha: 4.0,
+        rslora: false,
+        dropout: 0.0,
+        targets: vec![Target::Q],
+    };
+    let lora = LoraParams::init_for(cfg, &[(0, Target::Q, 16, 16)], 1, 0).unwrap();
+    let a = Adapters::new(&lora, None, AdamWConfig::default(), Device::Cpu).unwrap();
+    let err = Tape::new(Device::Cuda(0), &batch, Some(&a), false, None)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("cuda:0") && err.contains("adapters on cpu"), "{err}");
+    // A replay tape leaves the residual update's output uncomputed: reading it is an error.
+    let w = BaseWeight::Dense(cpu(vec![0.1; 64], &[8, 8]));
+    let mut replay = Tape::replay(Device::Cpu, &batch, None, None).unwrap();
+    let x = replay.input(cpu(vec![0.5; 24], &[3, 8]), true).unwrap();
+    let y = replay
+        .linear_residual(
+            &x,
+            Linear {
+                weight: &w,
+                bias: None,
+                layer: 0,
+                target: Target::Down,
+            },
+            &x,
+        )
+        .unwrap();
+    assert!(y.value().unwrap_err().to_string().contains("not computed"));
+
+    let Some(dev @ Device::Cuda(_)) = gpu_or_skip("tape_ops_refuse_the_wrong_dtype_shape_or_device")
+    else {
+        return;
+    };
+    // A CPU tensor on a GPU tape.
+    let gb = Batch::on(vec![0, 3], dev).unwrap();
+    let mut gpu = Tape::new(dev, &gb, None, false, None).unwrap();
+    let err = gpu.input(cpu(vec![0.5; 24], &[3, 8]), false).unwrap_err().to_string();
+    assert!(err.contains("tape on cuda") && err.contains("a tensor on cpu"), "{err}");
+    // A dense weight on the GPU, whose GEMMs take NF4.
+    let x = gpu
+        .input(
+            Tensor::from_vec(vec![bf16::ONE; 3 * 16], &[3, 16], &dev).unwrap(),
+            false,
+        )
+        .unwrap();
+    let w = BaseWeight::Dense(Tensor::zeros(&[16, 16], qlora_rs::DType::BF16, &dev).unwrap());
+    let err = gpu
+        .linear(
+            &x,
+            Linear {
+                weight: &w,
+                bias: None,
+                layer: 1,
+                target: Target::K,
+            },
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("layer 1 k_proj") && err.contains("NF4"), "{err}");
+}
+
+/// `--device cuda` with a model the kernels cannot take says which and why before any weight is
+/// read (this needs no GPU: the check comes first).
+#[test]
+fn a_gpu_load_of_a_model_the_kernels_cannot_take_is_refused_first() {
+    let tiny = qlora_rs::testing::project_root().join("tests/fixtures/llama/tiny-llama");
+    let nf4 = BaseFormat::Nf4(Nf4Config::default());
+    let err = Llama::load_on(&tiny, nf4, Device::Cuda(0))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("head_dim 64 or 128") && err.contains("this model has 16"),
+        "{err}"
+    );
+    let dir = std::env::temp_dir().join(format!("qlora-rs-tape-{}", std::process::id()));
+    crate::cuda_step::write_gpu_sized_model(&dir);
+    let err = Llama::load_on(&dir, BaseFormat::Dense, Device::Cuda(0))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("NF4") && err.contains("--device cpu"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
