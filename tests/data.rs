@@ -619,3 +619,101 @@ fn bad_chat_records_name_the_file_line_and_message() {
         );
     }
 }
+
+/// A model folder with the tiny tokenizer and one of the real templates (no weights).
+fn model_dir(template: &str) -> PathBuf {
+    let dir =
+        std::env::temp_dir().join(format!("qlora-data-cli-{}-{template}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(
+        fixtures("llama/tiny-llama/tokenizer.json"),
+        dir.join("tokenizer.json"),
+    )
+    .unwrap();
+    let text =
+        std::fs::read_to_string(fixtures(&format!("chat/templates/{template}.jinja"))).unwrap();
+    let cfg = serde_json::json!({
+        "bos_token": "<|im_start|>",
+        "eos_token": "<|im_end|>",
+        "chat_template": text,
+    });
+    std::fs::write(dir.join("tokenizer_config.json"), cfg.to_string()).unwrap();
+    dir
+}
+
+#[test]
+fn cli_data_json_gives_the_ids_and_labels_of_the_references() {
+    let g = chat_golden();
+    let model = model_dir("qwen3");
+    for case in g["cases"].as_array().unwrap() {
+        if case["template"] != "qwen3" {
+            continue;
+        }
+        let file = fixtures(&format!("chat/{}", case["data"].as_str().unwrap()));
+        let mut args = vec![
+            "data".to_string(),
+            "--model".into(),
+            model.display().to_string(),
+            "--data".into(),
+            file.display().to_string(),
+            "--json".into(),
+        ];
+        if !case["chat_template_kwargs"].is_null() {
+            args.push("--chat-template-kwargs".into());
+            args.push(case["chat_template_kwargs"].to_string());
+        }
+        if let Some(t) = case["tools_file"].as_str() {
+            args.push("--tools".into());
+            args.push(fixtures(&format!("chat/{t}")).display().to_string());
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = crate::common::qlora_ok(&args);
+        let got: Vec<Value> = out
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let want = case["records"].as_array().unwrap();
+        assert_eq!(got.len(), want.len(), "{args:?}");
+        for (g, w) in got.iter().zip(want) {
+            assert_eq!(g["record"], w["record"], "{args:?}");
+            assert_eq!(g["ids"], w["ids"], "{args:?}");
+            assert_eq!(g["labels"], w["labels"], "{args:?}");
+        }
+    }
+    // The preview: the summary, then records with the trained text in [[…]] (not a terminal).
+    let file = fixtures("chat/reasoning.jsonl");
+    let out = crate::common::qlora_ok(&[
+        "data",
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        file.to_str().unwrap(),
+        "--show",
+        "4",
+    ]);
+    assert!(out.contains("4 records, format messages"), "{out}");
+    assert!(out.contains("sequences: 4 kept; 0 dropped"), "{out}");
+    assert!(out.contains("lengths (tokens per sequence):"), "{out}");
+    assert!(out.contains("record 3: "), "{out}");
+    assert!(
+        out.contains("[[The sum is 5.<|im_end|>\n]]<|im_start|>user"),
+        "{out}"
+    );
+    std::fs::remove_dir_all(&model).unwrap();
+    // Bad input: the file, the line and the template's own message.
+    let model = model_dir("llama3_1");
+    let out = crate::common::qlora(&[
+        "data",
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        fixtures("chat/two_tool_calls.jsonl").to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("record 1 (line 2)") && stderr.contains("single tool-calls"),
+        "{stderr}"
+    );
+    std::fs::remove_dir_all(&model).unwrap();
+}
