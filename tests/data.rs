@@ -560,27 +560,27 @@ fn bad_chat_records_name_the_file_line_and_message() {
         (
             "image",
             r#"{"messages": [{"role": "user", "content": [{"type": "text", "text": "What is this?"}, {"type": "image_url", "image_url": {"url": "x.png"}}]}, {"role": "assistant", "content": "A cat."}]}"#,
-            "message 0 of `messages` has content part 1 of type `image_url`",
+            "message 0 has content part 1 of type `image_url`",
         ),
         (
             "nullcontent",
             r#"{"messages": [{"role": "user", "content": null}, {"role": "assistant", "content": "Hello."}]}"#,
-            "message 0 of `messages` has no `content` (missing or null, and no `tool_calls`)",
+            "message 0 has no `content` (missing or null, and no `tool_calls`)",
         ),
         (
             "args",
             r#"{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": "{oops"}}]}]}"#,
-            "message 1 of `messages` has tool call 0 whose `arguments` string is not valid JSON",
+            "message 1 has tool call 0 whose `arguments` string is not valid JSON",
         ),
         (
             "usercalls",
             r#"{"messages": [{"role": "user", "content": "Hi", "tool_calls": []}, {"role": "assistant", "content": "Hello."}]}"#,
-            "message 0 of `messages` has `tool_calls` but its role is user",
+            "message 0 has `tool_calls` but its role is user",
         ),
         (
             "weight",
             r#"{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello.", "weight": 2}]}"#,
-            "message 1 of `messages` has `weight: 2` (expected 0 or 1)",
+            "message 1 has `weight: 2` (expected 0 or 1)",
         ),
         (
             "tools",
@@ -595,7 +595,7 @@ fn bad_chat_records_name_the_file_line_and_message() {
         (
             "pcweight",
             r#"{"prompt": [{"role": "user", "content": "Hi"}], "completion": [{"role": "assistant", "content": "Hello.", "weight": 0}]}"#,
-            "message 0 of `completion` has `weight: 0`",
+            "`completion` message 0 has `weight: 0`",
         ),
         (
             "texttools",

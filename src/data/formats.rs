@@ -389,7 +389,11 @@ fn alpaca_prompt(instruction: &str, input: &str) -> String {
 fn msg_err(path: &Path, r: &Record, key: &str, i: usize, what: String) -> Error {
     Error::Format {
         path: path.to_path_buf(),
-        msg: format!("{}: message {i} of `{key}` {what}", r.locate()),
+        msg: if key == "messages" {
+            format!("{}: message {i} {what}", r.locate())
+        } else {
+            format!("{}: `{key}` message {i} {what}", r.locate())
+        },
     }
 }
 
