@@ -668,6 +668,7 @@ fn cli_data_json_gives_the_ids_and_labels_of_the_references() {
         }
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let out = crate::common::qlora_ok(&args);
+        assert!(out.starts_with("{\"record\":0,\"ids\":["), "{out}");
         let got: Vec<Value> = out
             .lines()
             .map(|l| serde_json::from_str(l).unwrap())

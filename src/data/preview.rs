@@ -130,7 +130,12 @@ pub fn run(a: &DataArgs) -> Result<()> {
 
 /// `{"record": i, "ids": […], "labels": […]}`.
 pub fn json_line(record: usize, s: &Sequence) -> String {
-    serde_json::json!({"record": record, "ids": s.ids, "labels": s.labels}).to_string()
+    let list = |v: &[String]| format!("[{}]", v.join(","));
+    format!(
+        "{{\"record\":{record},\"ids\":{},\"labels\":{}}}",
+        list(&s.ids.iter().map(u32::to_string).collect::<Vec<_>>()),
+        list(&s.labels.iter().map(i64::to_string).collect::<Vec<_>>())
+    )
 }
 
 /// The text of a sequence with its trained runs marked: `[[…]]`, or green on a terminal.
