@@ -22,7 +22,8 @@ extern "C" __global__ void cast_bf16_f32(const bf16* x, float* y, long long n) {
   if (i < n) y[i] = __bfloat162float(x[i]);
 }
 
-// out = a + b (bf16, rounded once): the residual adds and gradient sums of the CUDA step.
+// out = a + b (bf16, rounded once): the residual adds and gradient sums of the CUDA step. Each
+// thread reads a[i] and b[i] before it writes out[i], so out may be a (an add in place).
 extern "C" __global__ void add_bf16(const bf16* a, const bf16* b, bf16* out, long long n) {
   const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
   if (i < n) out[i] = __float2bfloat16_rn(__bfloat162float(a[i]) + __bfloat162float(b[i]));

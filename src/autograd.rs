@@ -1,238 +1,656 @@
-//! The tape: coarse [`Op`] records of one decoder layer (or of the final norm), each holding
-//! exactly what its backward needs, walked in reverse by [`Tape::backward`].
+//! The tape: coarse op records over [`Tensor`] values on one device, walked in reverse by
+//! [`Tape::backward`]. Each op's forward and backward run the CPU reference (f32) or the CUDA
+//! kernels (bf16 activations, NF4 weights) by the device of the tape, so a model written once on
+//! the tape trains on both (`model::llama` is one).
 //!
-//! Rules. A value that needs no gradient (the embedding output, anything computed only from
-//! frozen weights and such values) produces no record; frozen weights never get a gradient;
-//! LoRA gradients accumulate (`+=`) into the flat gradient buffer laid out like
-//! [`LoraParams::values`]; activation gradients are written, and summed only where a value
-//! feeds two ops (the residual stream, a norm output feeding q, k and v).
-//!
-//! Checkpointing is the model's business (see `model::llama`): it keeps each layer's input,
-//! then for the backward replays the layer on a fresh tape and walks it.
+//! Rules.
+//! - A [`Var`] holds its value by reference count. The tape keeps no values of its own: a record
+//!   holds exactly the values its backward needs, and a value nothing holds any more (the model
+//!   code dropped its `Var`, no record saved it) is freed at once. So the live set of a backward is
+//!   what the math needs, and a record's values are released as soon as its backward has run.
+//! - A value that needs no gradient (anything computed only from frozen weights and inputs that
+//!   need none) produces no record; frozen weights never get a gradient.
+//! - LoRA gradients accumulate (`+=`, fp32) into the [`Adapters`]' gradient buffer. Activation
+//!   gradients that meet (q/k/v into a norm's output, gate/up, the residual stream) are summed in
+//!   place into one buffer, or fused into the op that produces them (the RMSNorm backward adds
+//!   the residual's gradient as it writes); a gradient that flows to two inputs unchanged (a
+//!   residual add) is shared, not copied.
+//! - Activations are `[tokens, width]` (f32 on the CPU, bf16 on a GPU); attention and RoPE read
+//!   `width` as `heads × head_dim`.
+//! - On a replay tape ([`Tape::replay`], the recomputation of a checkpointed block for its
+//!   backward) the output of [`Tape::linear_residual`] is not computed: only its gradient is ever
+//!   needed. Reading it is an error.
 
 use std::borrow::Cow;
+use std::rc::Rc;
 
+use half::bf16;
+
+use crate::device::Device;
 use crate::error::{Error, Result};
-use crate::model::config::LlamaConfig;
-use crate::model::lora::{LoraParams, Target};
-use crate::ops::{attention, linear, residual, rmsnorm, rope, swiglu};
+use crate::model::adapters::{Adapters, SlotRef};
+use crate::model::lora::Target;
+use crate::ops::{attention, cross_entropy, dropout, embedding, gemm, linear, residual};
+use crate::ops::{rmsnorm, rope, swiglu};
+use crate::quant::nf4::Nf4Tensor;
+use crate::tensor::{DType, Tensor};
 
-/// A value on the tape.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Var(usize);
-
-/// Which frozen RMSNorm weight.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum NormId {
-    Input(usize),
-    PostAttention(usize),
-    Final,
-}
-
-/// The frozen model, as the tape sees it.
-pub trait Frozen {
-    fn config(&self) -> &LlamaConfig;
-    fn norm(&self, id: NormId) -> &[f32];
-    /// The base weight of a projection, `[out, in]` in f32 (dequantized when stored as NF4).
-    fn base_weight(&self, layer: usize, target: Target) -> Result<Cow<'_, [f32]>>;
-    fn bias(&self, layer: usize, target: Target) -> Option<&[f32]>;
-}
-
-/// The packed micro-batch a tape runs over.
-#[derive(Clone, Debug)]
+/// The packed micro-batch a tape runs over: sequence boundaries and each token's position within
+/// its sequence (on the device too, for the GPU's RoPE).
+#[derive(Debug)]
 pub struct Batch {
+    /// Sequence boundaries: sequence i is tokens `cu_seqlens[i]..cu_seqlens[i + 1]`.
     pub cu_seqlens: Vec<usize>,
     /// Position of each token within its sequence.
     pub positions: Vec<u32>,
+    device_positions: Option<Tensor>,
 }
 
 impl Batch {
+    /// A batch for the CPU.
     pub fn new(cu_seqlens: Vec<usize>) -> Result<Batch> {
+        Batch::on(cu_seqlens, Device::Cpu)
+    }
+
+    /// A batch for `device` (positions uploaded once, for every layer).
+    pub fn on(cu_seqlens: Vec<usize>, device: Device) -> Result<Batch> {
         let tokens = cu_seqlens.last().copied().unwrap_or(0);
         crate::ops::check_cu_seqlens("batch", &cu_seqlens, tokens)?;
         let positions = rope::positions_from_cu_seqlens(&cu_seqlens);
+        let device_positions = match device {
+            Device::Cpu => None,
+            Device::Cuda(_) => Some(Tensor::from_vec(
+                positions.iter().map(|&p| p as i32).collect::<Vec<_>>(),
+                &[positions.len()],
+                &device,
+            )?),
+        };
         Ok(Batch {
             cu_seqlens,
             positions,
+            device_positions,
         })
     }
 
+    /// One sequence of `n` tokens at positions `start..start + n` on the CPU (generation with a
+    /// [`KvCache`] holding the `start` before them).
+    pub fn decode(start: usize, n: usize) -> Result<Batch> {
+        let mut b = Batch::new(vec![0, n])?;
+        for p in b.positions.iter_mut() {
+            *p += start as u32;
+        }
+        Ok(b)
+    }
+
+    /// Tokens in the batch.
     pub fn tokens(&self) -> usize {
         self.positions.len()
     }
 }
 
+/// One layer's keys and values (after RoPE) of the tokens generated so far (CPU, f32).
+#[derive(Clone, Debug, Default)]
+pub struct KvCache {
+    k: Vec<f32>,
+    v: Vec<f32>,
+    tokens: usize,
+}
+
+impl KvCache {
+    /// Tokens held.
+    pub fn len(&self) -> usize {
+        self.tokens
+    }
+
+    /// True before the first token.
+    pub fn is_empty(&self) -> bool {
+        self.tokens == 0
+    }
+}
+
 /// Dropout on the adapter inputs: probability and the seed of this micro-batch. Masks are a
-/// function of (seed, layer, target), so the recomputation in the backward draws the same ones.
+/// function of (seed, layer, target, element) on both devices (`ops::dropout`), so the replay in
+/// the backward draws the same ones.
 #[derive(Clone, Copy, Debug)]
 pub struct Dropout {
+    /// Probability that an element of an adapter's input is zeroed (the rest scaled by 1/(1−p)).
     pub p: f64,
+    /// The micro-batch's seed (`ops::dropout::batch_seed`).
     pub seed: u64,
 }
 
-enum Op {
+/// A frozen projection weight `[out, in]`. (Seven per layer: the variants' size difference does
+/// not matter.)
+#[derive(Debug)]
+#[allow(clippy::large_enum_variant)]
+pub enum BaseWeight {
+    /// Full precision, f32 on the CPU (LoRA without quantization, and the reference of QLoRA).
+    /// The CUDA kernels take NF4 only.
+    Dense(Tensor),
+    /// 4-bit NF4: dequantized on use on the CPU, inside the GEMMs on a GPU.
+    Nf4(Nf4Tensor),
+}
+
+impl BaseWeight {
+    /// `[out, in]`.
+    pub fn shape(&self) -> &[usize] {
+        match self {
+            BaseWeight::Dense(t) => t.shape(),
+            BaseWeight::Nf4(q) => &q.shape,
+        }
+    }
+
+    /// The weight in f32 on the host (dequantized when stored as NF4).
+    pub fn to_f32(&self) -> Result<Cow<'_, [f32]>> {
+        match self {
+            BaseWeight::Dense(w) => match w.device() {
+                Device::Cpu => Ok(Cow::Borrowed(w.cpu_slice::<f32>("base weight")?)),
+                Device::Cuda(_) => match w.dtype() {
+                    DType::F32 => Ok(Cow::Owned(w.to_vec::<f32>()?)),
+                    _ => Ok(Cow::Owned(
+                        w.to_vec::<bf16>()?.iter().map(|v| v.to_f32()).collect(),
+                    )),
+                },
+            },
+            BaseWeight::Nf4(q) => {
+                let d = q.dequantize(DType::F32)?;
+                Ok(Cow::Owned(d.to_vec::<f32>()?))
+            }
+        }
+    }
+}
+
+/// A frozen linear layer as an op sees it: `y = x·Wᵀ (+ b)`, plus the adapter of (`layer`,
+/// `target`) when the tape's [`Adapters`] have one.
+#[derive(Clone, Copy, Debug)]
+pub struct Linear<'a> {
+    /// The frozen weight `[out, in]`.
+    pub weight: &'a BaseWeight,
+    /// The frozen bias `[out]`, if any.
+    pub bias: Option<&'a Tensor>,
+    /// Which block the layer is in: with `target`, names its adapter and its dropout masks.
+    pub layer: usize,
+    /// Which projection of the block.
+    pub target: Target,
+}
+
+/// A value on the tape.
+#[derive(Clone, Debug)]
+pub struct Var {
+    id: usize,
+    rg: bool,
+    value: Option<Rc<Tensor>>,
+}
+
+impl Var {
+    /// The value (an error for the output of [`Tape::linear_residual`] on a replay tape).
+    pub fn value(&self) -> Result<&Tensor> {
+        self.value.as_deref().ok_or_else(|| {
+            Error::InvalidArgument(
+                "this value was not computed: a replay tape computes only what its backward reads"
+                    .into(),
+            )
+        })
+    }
+
+    /// Whether a gradient flows to this value.
+    pub fn requires_grad(&self) -> bool {
+        self.rg
+    }
+
+    /// The value, moved out when nothing else holds it (else copied).
+    pub fn into_tensor(self) -> Result<Tensor> {
+        self.value()?;
+        unshare(self.value.expect("checked above"))
+    }
+
+    fn at(&self) -> At {
+        At {
+            id: self.id,
+            rg: self.rg,
+        }
+    }
+}
+
+/// A value's place on the tape, without its value.
+#[derive(Clone, Copy, Debug)]
+struct At {
+    id: usize,
+    rg: bool,
+}
+
+/// The tensor of `rc`, moved out when no one else holds it, else a copy.
+fn unshare(rc: Rc<Tensor>) -> Result<Tensor> {
+    match Rc::try_unwrap(rc) {
+        Ok(t) => Ok(t),
+        Err(shared) => shared.to_device(&shared.device()),
+    }
+}
+
+fn f32s<'t>(t: &'t Tensor, op: &'static str) -> Result<&'t [f32]> {
+    t.cpu_slice::<f32>(op)
+}
+
+fn host(v: Vec<f32>, shape: &[usize]) -> Result<Tensor> {
+    Tensor::from_vec(v, shape, &Device::Cpu)
+}
+
+/// `[tokens, width]` of an activation.
+fn rows_cols(op: &'static str, t: &Tensor) -> Result<(usize, usize)> {
+    match t.shape() {
+        [r, c] => Ok((*r, *c)),
+        other => Err(Error::ShapeMismatch {
+            op,
+            expected: "an activation [tokens, width]".into(),
+            got: format!("{other:?}"),
+        }),
+    }
+}
+
+/// `acc += g` in place on either device.
+fn add_into(acc: &mut Tensor, g: &Tensor) -> Result<()> {
+    match acc.device() {
+        Device::Cpu => {
+            let g = f32s(g, "gradient sum")?;
+            residual::accumulate(acc.cpu_slice_mut::<f32>("gradient sum")?, g)
+        }
+        Device::Cuda(_) => embedding::add_assign_cuda(acc, g),
+    }
+}
+
+/// The sum of two gradients, in place into whichever nobody else holds.
+fn sum(a: Rc<Tensor>, b: Rc<Tensor>) -> Result<Rc<Tensor>> {
+    let (mut own, other) = match Rc::try_unwrap(a) {
+        Ok(t) => (t, b),
+        Err(a) => match Rc::try_unwrap(b) {
+            Ok(t) => (t, a),
+            Err(b) => (unshare(a)?, b),
+        },
+    };
+    add_into(&mut own, &other)?;
+    Ok(Rc::new(own))
+}
+
+enum Op<'a> {
     RmsNorm {
         x: Var,
-        y: Var,
-        norm: NormId,
-        rstd: Vec<f32>,
+        y: At,
+        w: &'a Tensor,
+        rstd: Tensor,
+    },
+    /// `h = a + b; y = rmsnorm(h)`.
+    AddRmsNorm {
+        a: At,
+        b: At,
+        h: Var,
+        y: At,
+        w: &'a Tensor,
+        rstd: Tensor,
     },
     Linear {
         x: Var,
-        y: Var,
-        layer: usize,
-        target: Target,
-        /// `x̃·Aᵀ` (`[T, r]`), empty without an adapter.
-        xa: Vec<f32>,
+        y: At,
+        lin: Linear<'a>,
+        /// `s·x̃·Aᵀ` on a GPU, `x̃·Aᵀ` on the CPU (`[T, r]`); None without an adapter.
+        xa: Option<Tensor>,
+        /// The CPU's dropout mask (the GPU redraws it from the seed).
+        mask: Option<Vec<f32>>,
+    },
+    /// `y = h + linear(x)`.
+    LinearResidual {
+        x: Var,
+        h: At,
+        y: At,
+        lin: Linear<'a>,
+        xa: Option<Tensor>,
         mask: Option<Vec<f32>>,
     },
     Rope {
-        x: Var,
-        y: Var,
+        x: At,
+        y: At,
         heads: usize,
+        head_dim: usize,
+        freqs: &'a Tensor,
     },
     Attention {
         q: Var,
         k: Var,
         v: Var,
         o: Var,
-        lse: Vec<f32>,
+        lse: Tensor,
+        dims: attention::Dims,
     },
     SwiGlu {
         gate: Var,
         up: Var,
-        h: Var,
+        h: At,
     },
     Add {
-        a: Var,
-        b: Var,
-        y: Var,
+        a: At,
+        b: At,
+        y: At,
+    },
+    /// The fused lm_head + cross-entropy: `dx` was computed with the loss.
+    LmHeadCe {
+        x: At,
+        dx: Tensor,
     },
 }
 
-/// One layer's forward values and records.
-pub struct Tape<'a> {
-    frozen: &'a dyn Frozen,
-    lora: Option<&'a LoraParams>,
-    batch: &'a Batch,
-    freqs: &'a [f32],
-    /// Record for a backward (false: nothing is kept beyond the values).
-    train: bool,
-    /// Adapter dropout (training steps only; the caller passes `None` for inference).
-    dropout: Option<Dropout>,
-    values: Vec<Vec<f32>>,
-    requires_grad: Vec<bool>,
-    ops: Vec<Op>,
+/// The loss of [`Tape::lm_head_ce`].
+#[derive(Debug)]
+pub enum Losses {
+    /// The CPU's sum over the counted tokens.
+    Host(f64),
+    /// A GPU's per-token losses (f32 `[T]`, 0 where not counted), read back only when needed.
+    Device(Tensor),
 }
 
-fn dropout_mask(d: Dropout, layer: usize, target: Target, n: usize) -> Vec<f32> {
-    let s = crate::ops::dropout::stream_seed(d.seed, layer, target as u64);
-    crate::ops::dropout::mask(s, d.p as f32, n)
+impl Losses {
+    /// The sum over the counted tokens (synchronises on a GPU).
+    pub fn sum(&self) -> Result<f64> {
+        match self {
+            Losses::Host(s) => Ok(*s),
+            Losses::Device(t) => Ok(t.to_vec::<f32>()?.iter().map(|&v| v as f64).sum()),
+        }
+    }
+}
+
+/// What [`Tape::lm_head_ce`] returns: the loss, the tokens counted, and the loss's place on the
+/// tape (for [`Tape::backward`]) when a gradient was asked for.
+#[derive(Debug)]
+pub struct CeLoss {
+    /// The loss over the counted tokens.
+    pub losses: Losses,
+    /// Tokens counted (targets ≠ −100).
+    pub count: usize,
+    /// The loss on the tape, to start [`Tape::backward`] from (None without a gradient).
+    pub var: Option<Var>,
+}
+
+/// One block's forward values and records, on one device.
+pub struct Tape<'a> {
+    device: Device,
+    batch: &'a Batch,
+    adapters: Option<&'a Adapters>,
+    /// Record for a backward (false: nothing is kept beyond what the caller holds).
+    train: bool,
+    replay: bool,
+    /// Adapter dropout (training only).
+    dropout: Option<Dropout>,
+    next: usize,
+    ops: Vec<Op<'a>>,
 }
 
 impl<'a> Tape<'a> {
+    /// A tape on `device` over `batch`, with `adapters` (which must live on `device`); `train`
+    /// records for a backward, and applies `dropout` to the adapters' inputs.
     pub fn new(
-        frozen: &'a dyn Frozen,
-        lora: Option<&'a LoraParams>,
+        device: Device,
         batch: &'a Batch,
-        freqs: &'a [f32],
+        adapters: Option<&'a Adapters>,
         train: bool,
         dropout: Option<Dropout>,
-    ) -> Tape<'a> {
-        Tape {
-            frozen,
-            lora,
-            batch,
-            freqs,
-            train,
-            dropout: dropout.filter(|d| d.p > 0.0),
-            values: Vec::new(),
-            requires_grad: Vec::new(),
-            ops: Vec::new(),
+    ) -> Result<Tape<'a>> {
+        if let Some(a) = adapters {
+            if a.device() != device {
+                return Err(Error::DeviceMismatch {
+                    op: "tape",
+                    a: device.to_string(),
+                    b: format!("adapters on {}", a.device()),
+                });
+            }
         }
+        if device != Device::Cpu && batch.device_positions.is_none() {
+            return Err(Error::InvalidArgument(format!(
+                "tape on {device}: the batch was made for the CPU (use Batch::on)"
+            )));
+        }
+        Ok(Tape {
+            device,
+            batch,
+            adapters,
+            train,
+            replay: false,
+            dropout: dropout.filter(|d| d.p > 0.0),
+            next: 0,
+            ops: Vec::new(),
+        })
     }
 
-    /// Puts an input on the tape.
-    pub fn leaf(&mut self, value: Vec<f32>, requires_grad: bool) -> Var {
-        self.push(value, requires_grad && self.train)
+    /// A training tape for recomputing a checkpointed block before its backward: as
+    /// [`Tape::new`] with `train`, and [`Tape::linear_residual`]'s output left uncomputed.
+    pub fn replay(
+        device: Device,
+        batch: &'a Batch,
+        adapters: Option<&'a Adapters>,
+        dropout: Option<Dropout>,
+    ) -> Result<Tape<'a>> {
+        let mut t = Tape::new(device, batch, adapters, true, dropout)?;
+        t.replay = true;
+        Ok(t)
     }
 
-    fn push(&mut self, value: Vec<f32>, requires_grad: bool) -> Var {
-        self.values.push(value);
-        self.requires_grad.push(requires_grad);
-        Var(self.values.len() - 1)
+    /// The tape's device.
+    pub fn device(&self) -> Device {
+        self.device
     }
 
-    pub fn value(&self, v: Var) -> &[f32] {
-        &self.values[v.0]
-    }
-
-    /// Takes a value off the tape (for the layer output handed to the next layer).
-    pub fn take(&mut self, v: Var) -> Vec<f32> {
-        std::mem::take(&mut self.values[v.0])
-    }
-
-    fn rg(&self, v: Var) -> bool {
-        self.requires_grad[v.0]
-    }
-
-    /// Number of records (for tests: values that need no gradient make none).
+    /// Number of records (values that need no gradient make none).
     pub fn records(&self) -> usize {
         self.ops.len()
     }
 
-    pub fn rmsnorm(&mut self, x: Var, norm: NormId) -> Result<Var> {
-        let d = self.frozen.config().hidden_size;
-        let eps = self.frozen.config().rms_norm_eps;
-        let (y, rstd) = rmsnorm::forward(self.value(x), self.frozen.norm(norm), d, eps)?;
-        let rg = self.rg(x);
-        let y = self.push(y, rg);
-        if rg {
-            self.ops.push(Op::RmsNorm { x, y, norm, rstd });
+    fn var(&mut self, value: Option<Tensor>, rg: bool) -> Var {
+        self.next += 1;
+        Var {
+            id: self.next - 1,
+            rg,
+            value: value.map(Rc::new),
+        }
+    }
+
+    fn check(&self, op: &'static str, t: &Tensor) -> Result<()> {
+        let want = match self.device {
+            Device::Cpu => DType::F32,
+            Device::Cuda(_) => DType::BF16,
+        };
+        if t.device() != self.device {
+            return Err(Error::DeviceMismatch {
+                op,
+                a: format!("tape on {}", self.device),
+                b: format!("a tensor on {}", t.device()),
+            });
+        }
+        if t.dtype() != want {
+            return Err(Error::DTypeMismatch {
+                op,
+                expected: format!("{want} activations on {}", self.device),
+                got: t.dtype().to_string(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Puts an input on the tape (`[tokens, width]`, f32 on the CPU, bf16 on a GPU).
+    pub fn input(&mut self, value: Tensor, requires_grad: bool) -> Result<Var> {
+        self.check("tape input", &value)?;
+        rows_cols("tape input", &value)?;
+        Ok(self.var(Some(value), requires_grad && self.train))
+    }
+
+    /// `y = rmsnorm(x) ⊙ w` (`ops::rmsnorm`).
+    pub fn rmsnorm(&mut self, x: &Var, w: &'a Tensor, eps: f64) -> Result<Var> {
+        let xv = x.value()?;
+        self.check("rmsnorm", xv)?;
+        let (y, rstd) = match self.device {
+            Device::Cpu => {
+                let (_, d) = rows_cols("rmsnorm", xv)?;
+                let (y, r) = rmsnorm::forward(f32s(xv, "rmsnorm")?, f32s(w, "rmsnorm")?, d, eps)?;
+                let n = r.len();
+                (host(y, xv.shape())?, host(r, &[n])?)
+            }
+            Device::Cuda(_) => rmsnorm::forward_cuda(xv, w, eps)?,
+        };
+        let y = self.var(Some(y), x.rg);
+        if x.rg {
+            self.ops.push(Op::RmsNorm {
+                x: x.clone(),
+                y: y.at(),
+                w,
+                rstd,
+            });
         }
         Ok(y)
     }
 
-    pub fn linear(&mut self, x: Var, layer: usize, target: Target) -> Result<Var> {
-        let cfg = self.frozen.config();
-        let (i, o) = target.dims(cfg);
-        let tokens = self.batch.tokens();
-        let dims = linear::Dims {
-            tokens,
-            in_features: i,
-            out_features: o,
+    /// The residual add fused before a norm: `(h = a + b, y = rmsnorm(h) ⊙ w)`.
+    pub fn add_rmsnorm(&mut self, a: &Var, b: &Var, w: &'a Tensor, eps: f64) -> Result<(Var, Var)> {
+        let (av, bv) = (a.value()?, b.value()?);
+        self.check("add + rmsnorm", av)?;
+        self.check("add + rmsnorm", bv)?;
+        let (h, y, rstd) = match self.device {
+            Device::Cpu => {
+                let (_, d) = rows_cols("add + rmsnorm", av)?;
+                let h = residual::forward(f32s(av, "add")?, f32s(bv, "add")?)?;
+                let (y, r) = rmsnorm::forward(&h, f32s(w, "rmsnorm")?, d, eps)?;
+                let n = r.len();
+                (host(h, av.shape())?, host(y, av.shape())?, host(r, &[n])?)
+            }
+            Device::Cuda(_) => rmsnorm::forward_residual_cuda(av, bv, w, eps)?,
         };
-        let w = self.frozen.base_weight(layer, target)?;
-        let bias = self.frozen.bias(layer, target);
-        let slot = self
-            .lora
-            .and_then(|l| l.slot(layer, target).map(|s| (l, s)));
-        let lora = slot.map(|(l, s)| linear::Lora {
-            a: &l.values[l.slots[s].a.clone()],
-            b: &l.values[l.slots[s].b.clone()],
-            rank: l.config.rank,
-            scale: l.config.scale(),
-        });
-        let mask = match (self.dropout, slot) {
-            (Some(d), Some(_)) => Some(dropout_mask(d, layer, target, tokens * i)),
-            _ => None,
+        let rg = a.rg || b.rg;
+        let h = self.var(Some(h), rg);
+        let y = self.var(Some(y), rg);
+        if rg {
+            self.ops.push(Op::AddRmsNorm {
+                a: a.at(),
+                b: b.at(),
+                h: h.clone(),
+                y: y.at(),
+                w,
+                rstd,
+            });
+        }
+        Ok((h, y))
+    }
+
+    fn dropout_pair(&self) -> Option<(f32, u64)> {
+        self.dropout.map(|d| (d.p as f32, d.seed))
+    }
+
+    /// `x·Wᵀ (+ b) (+ s·(x̃·Aᵀ)·Bᵀ)`: returns `(y, xa, mask)`; `y` is None when `skip_y`.
+    #[allow(clippy::type_complexity)]
+    fn linear_forward(
+        &self,
+        x: &Tensor,
+        lin: &Linear<'a>,
+        skip_y: bool,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Vec<f32>>)> {
+        let op = "linear";
+        self.check(op, x)?;
+        let (t, i) = rows_cols(op, x)?;
+        let (o, wi) = match lin.weight.shape() {
+            [o, i] => (*o, *i),
+            other => {
+                return Err(Error::ShapeMismatch {
+                    op,
+                    expected: "a weight [out, in]".into(),
+                    got: format!("{other:?}"),
+                })
+            }
         };
-        let (y, xa) = linear::forward(
-            dims,
-            self.value(x),
-            &w,
-            bias,
-            lora.as_ref(),
-            mask.as_deref(),
-        )?;
-        let rg = self.train && (self.rg(x) || slot.is_some());
-        let y = self.push(y, rg);
+        if wi != i {
+            return Err(Error::ShapeMismatch {
+                op,
+                expected: format!(
+                    "x [T, {wi}] for layer {} {}",
+                    lin.layer,
+                    lin.target.module()
+                ),
+                got: format!("{:?}", x.shape()),
+            });
+        }
+        let slot = match self.adapters {
+            Some(a) => a.slot_ref(lin.layer, lin.target, self.dropout_pair())?,
+            None => None,
+        };
+        match self.device {
+            Device::Cpu => {
+                let w = lin.weight.to_f32()?;
+                let bias = lin.bias.map(|b| f32s(b, op)).transpose()?;
+                let (lora, mask) = match &slot {
+                    Some(SlotRef::Cpu {
+                        a, b, rank, scale, ..
+                    }) => {
+                        let mask = self.dropout.map(|d| {
+                            let s = dropout::stream_seed(d.seed, lin.layer, lin.target as u64);
+                            dropout::mask(s, d.p as f32, t * i)
+                        });
+                        (
+                            Some(linear::Lora {
+                                a,
+                                b,
+                                rank: *rank,
+                                scale: *scale,
+                            }),
+                            mask,
+                        )
+                    }
+                    _ => (None, None),
+                };
+                let dims = linear::Dims {
+                    tokens: t,
+                    in_features: i,
+                    out_features: o,
+                };
+                let (y, xa) =
+                    linear::forward(dims, f32s(x, op)?, &w, bias, lora.as_ref(), mask.as_deref())?;
+                let xa = match &lora {
+                    Some(l) => Some(host(xa, &[t, l.rank])?),
+                    None => None,
+                };
+                Ok((Some(host(y, &[t, o])?), xa, mask))
+            }
+            Device::Cuda(_) => {
+                let BaseWeight::Nf4(w) = lin.weight else {
+                    return Err(Error::InvalidArgument(format!(
+                        "layer {} {}: the CUDA kernels take NF4 base weights; this one is dense",
+                        lin.layer,
+                        lin.target.module()
+                    )));
+                };
+                let (y, xa) = match (&slot, skip_y) {
+                    (Some(SlotRef::Cuda(view)), false) => {
+                        let (y, xa) = gemm::lora_forward_view(x, w, view)?;
+                        (Some(y), Some(xa))
+                    }
+                    (Some(SlotRef::Cuda(view)), true) => {
+                        (None, Some(gemm::lora_xa_view(x, w, view)?))
+                    }
+                    (_, false) => (Some(gemm::nf4_forward_cuda(x, w, None)?), None),
+                    (_, true) => (None, None),
+                };
+                let mut y = y;
+                if let (Some(y), Some(b)) = (y.as_mut(), lin.bias) {
+                    embedding::bias_add_cuda(y, b)?;
+                }
+                Ok((y, xa, None))
+            }
+        }
+    }
+
+    /// A frozen linear layer with its adapter (if the tape's adapters have one for it):
+    /// `y = x·Wᵀ (+ b) + s·(x̃·Aᵀ)·Bᵀ`, x̃ = x with dropout (training) — `ops::linear`.
+    pub fn linear(&mut self, x: &Var, lin: Linear<'a>) -> Result<Var> {
+        let (y, xa, mask) = self.linear_forward(x.value()?, &lin, false)?;
+        let rg = self.train && (x.rg || xa.is_some());
+        let y = self.var(y, rg);
         if rg {
             self.ops.push(Op::Linear {
-                x,
-                y,
-                layer,
-                target,
+                x: x.clone(),
+                y: y.at(),
+                lin,
                 xa,
                 mask,
             });
@@ -240,222 +658,600 @@ impl<'a> Tape<'a> {
         Ok(y)
     }
 
-    pub fn rope(&mut self, x: Var, heads: usize) -> Result<Var> {
-        let hd = self.frozen.config().head_dim;
-        let mut y = self.value(x).to_vec();
-        rope::forward(&mut y, &self.batch.positions, heads, hd, self.freqs)?;
-        let rg = self.rg(x);
-        let y = self.push(y, rg);
+    /// The residual stream's update by a linear layer: `y = h + linear(x)` (the projection's
+    /// output is the sum's buffer). On a replay tape `y` is not computed (see the module docs).
+    pub fn linear_residual(&mut self, x: &Var, lin: Linear<'a>, h: &Var) -> Result<Var> {
+        let skip = self.replay;
+        let (y, xa, mask) = self.linear_forward(x.value()?, &lin, skip)?;
+        let y = match y {
+            Some(mut y) => {
+                let hv = h.value()?;
+                if hv.shape() != y.shape() {
+                    return Err(Error::ShapeMismatch {
+                        op: "linear + residual",
+                        expected: format!("the residual h {:?}", y.shape()),
+                        got: format!("{:?}", hv.shape()),
+                    });
+                }
+                add_into(&mut y, hv)?;
+                Some(y)
+            }
+            None => None,
+        };
+        let rg = self.train && (x.rg || h.rg || xa.is_some());
+        let y = self.var(y, rg);
         if rg {
-            self.ops.push(Op::Rope { x, y, heads });
+            self.ops.push(Op::LinearResidual {
+                x: x.clone(),
+                h: h.at(),
+                y: y.at(),
+                lin,
+                xa,
+                mask,
+            });
         }
         Ok(y)
     }
 
-    fn attn_dims(&self) -> attention::Dims {
-        let c = self.frozen.config();
-        attention::Dims {
-            heads: c.num_heads,
-            kv_heads: c.num_kv_heads,
-            head_dim: c.head_dim,
+    /// RoPE over `heads` heads of `head_dim` with frequencies `freqs` (`ops::rope`), in place
+    /// when nothing else holds `x`.
+    pub fn rope(
+        &mut self,
+        x: Var,
+        heads: usize,
+        head_dim: usize,
+        freqs: &'a Tensor,
+    ) -> Result<Var> {
+        let op = "rope";
+        self.check(op, x.value()?)?;
+        let at = x.at();
+        let mut v = x.into_tensor()?;
+        let (t, width) = rows_cols(op, &v)?;
+        if width != heads * head_dim {
+            return Err(Error::ShapeMismatch {
+                op,
+                expected: format!("[T, {heads} × {head_dim}]"),
+                got: format!("{:?}", v.shape()),
+            });
+        }
+        self.rotate(&mut v, t, heads, head_dim, freqs, false)?;
+        let y = self.var(Some(v), at.rg);
+        if at.rg {
+            self.ops.push(Op::Rope {
+                x: at,
+                y: y.at(),
+                heads,
+                head_dim,
+                freqs,
+            });
+        }
+        Ok(y)
+    }
+
+    fn rotate(
+        &self,
+        v: &mut Tensor,
+        t: usize,
+        heads: usize,
+        head_dim: usize,
+        freqs: &Tensor,
+        backward: bool,
+    ) -> Result<()> {
+        match self.device {
+            Device::Cpu => {
+                let pos = &self.batch.positions;
+                let f = f32s(freqs, "rope")?;
+                let s = v.cpu_slice_mut::<f32>("rope")?;
+                if backward {
+                    rope::backward(s, pos, heads, head_dim, f)
+                } else {
+                    rope::forward(s, pos, heads, head_dim, f)
+                }
+            }
+            Device::Cuda(_) => {
+                let pos = self
+                    .batch
+                    .device_positions
+                    .as_ref()
+                    .expect("checked in new");
+                v.reshape_in_place(&[t, heads, head_dim])?;
+                rope::apply_cuda(v, pos, freqs, backward)?;
+                v.reshape_in_place(&[t, heads * head_dim])
+            }
         }
     }
 
-    pub fn attention(&mut self, q: Var, k: Var, v: Var) -> Result<Var> {
-        let (o, lse) = attention::forward(
-            self.attn_dims(),
-            self.value(q),
-            self.value(k),
-            self.value(v),
-            &self.batch.cu_seqlens,
-        )?;
-        let rg = self.rg(q) || self.rg(k) || self.rg(v);
-        let o = self.push(o, rg);
+    /// Causal attention within each sequence of the batch (`ops::attention`; flash attention on
+    /// a GPU), grouped-query when `dims.kv_heads < dims.heads`.
+    pub fn attention(&mut self, q: &Var, k: &Var, v: &Var, dims: attention::Dims) -> Result<Var> {
+        let (qv, kv, vv) = (q.value()?, k.value()?, v.value()?);
+        for t in [qv, kv, vv] {
+            self.check("attention", t)?;
+        }
+        let cu = &self.batch.cu_seqlens;
+        let (o, lse) = match self.device {
+            Device::Cpu => {
+                let (o, lse) = attention::forward(
+                    dims,
+                    f32s(qv, "attention")?,
+                    f32s(kv, "attention")?,
+                    f32s(vv, "attention")?,
+                    cu,
+                )?;
+                let n = lse.len();
+                (host(o, qv.shape())?, host(lse, &[n])?)
+            }
+            Device::Cuda(_) => attention::forward_cuda(dims, qv, kv, vv, cu)?,
+        };
+        let rg = q.rg || k.rg || v.rg;
+        let o = self.var(Some(o), rg);
         if rg {
-            self.ops.push(Op::Attention { q, k, v, o, lse });
+            self.ops.push(Op::Attention {
+                q: q.clone(),
+                k: k.clone(),
+                v: v.clone(),
+                o: o.clone(),
+                lse,
+                dims,
+            });
         }
         Ok(o)
     }
 
-    pub fn swiglu(&mut self, gate: Var, up: Var) -> Result<Var> {
-        let h = swiglu::forward(self.value(gate), self.value(up))?;
-        let rg = self.rg(gate) || self.rg(up);
-        let h = self.push(h, rg);
+    /// Attention of new tokens over `cache` and themselves (generation, CPU, no record): k and v
+    /// join the cache, then each query attends to every cached position up to its own.
+    pub fn attention_cached(
+        &mut self,
+        q: &Var,
+        k: &Var,
+        v: &Var,
+        dims: attention::Dims,
+        cache: &mut KvCache,
+    ) -> Result<Var> {
+        let op = "attention with a KV cache";
+        if self.train || self.device != Device::Cpu {
+            return Err(Error::InvalidArgument(format!(
+                "{op}: inference on the CPU only (this tape is on {}{})",
+                self.device,
+                if self.train { ", training" } else { "" }
+            )));
+        }
+        let (qv, kv, vv) = (q.value()?, k.value()?, v.value()?);
+        let (t, _) = rows_cols(op, qv)?;
+        let start = cache.tokens;
+        cache.k.extend_from_slice(f32s(kv, op)?);
+        cache.v.extend_from_slice(f32s(vv, op)?);
+        cache.tokens += t;
+        let o = attention::forward_cached(dims, f32s(qv, op)?, &cache.k, &cache.v, start)?;
+        let o = host(o, qv.shape())?;
+        Ok(self.var(Some(o), false))
+    }
+
+    /// `silu(gate) ⊙ up` (`ops::swiglu`).
+    pub fn swiglu(&mut self, gate: &Var, up: &Var) -> Result<Var> {
+        let (g, u) = (gate.value()?, up.value()?);
+        self.check("swiglu", g)?;
+        self.check("swiglu", u)?;
+        let h = match self.device {
+            Device::Cpu => host(
+                swiglu::forward(f32s(g, "swiglu")?, f32s(u, "swiglu")?)?,
+                g.shape(),
+            )?,
+            Device::Cuda(_) => swiglu::forward_cuda(g, u)?,
+        };
+        let rg = gate.rg || up.rg;
+        let h = self.var(Some(h), rg);
         if rg {
-            self.ops.push(Op::SwiGlu { gate, up, h });
+            self.ops.push(Op::SwiGlu {
+                gate: gate.clone(),
+                up: up.clone(),
+                h: h.at(),
+            });
         }
         Ok(h)
     }
 
-    pub fn add(&mut self, a: Var, b: Var) -> Result<Var> {
-        let y = residual::forward(self.value(a), self.value(b))?;
-        let rg = self.rg(a) || self.rg(b);
-        let y = self.push(y, rg);
+    /// `a + b`.
+    pub fn add(&mut self, a: &Var, b: &Var) -> Result<Var> {
+        let (av, bv) = (a.value()?, b.value()?);
+        self.check("add", av)?;
+        self.check("add", bv)?;
+        let y = match self.device {
+            Device::Cpu => host(
+                residual::forward(f32s(av, "add")?, f32s(bv, "add")?)?,
+                av.shape(),
+            )?,
+            Device::Cuda(_) => embedding::add_cuda(av, bv)?,
+        };
+        let rg = a.rg || b.rg;
+        let y = self.var(Some(y), rg);
         if rg {
-            self.ops.push(Op::Add { a, b, y });
+            self.ops.push(Op::Add {
+                a: a.at(),
+                b: b.at(),
+                y: y.at(),
+            });
         }
         Ok(y)
     }
 
-    /// Backpropagates `dout` (the gradient of `out`) through the records, accumulating LoRA
-    /// gradients into `lora_grads` (laid out like the adapters' values). Returns the gradient of
-    /// `input` when it requires one.
+    /// The fused, chunked lm_head + cross-entropy (`ops::cross_entropy`): the loss of `x·wᵀ`
+    /// against `targets` (already shifted; −100 not counted), never holding more than one chunk
+    /// of logits. With `grad_scale` (and `x` needing a gradient) the gradient of
+    /// `grad_scale · loss_sum` is computed with it and the loss's `var` starts a backward.
+    pub fn lm_head_ce(
+        &mut self,
+        x: &Var,
+        w: &'a Tensor,
+        targets: &[i64],
+        grad_scale: Option<f32>,
+    ) -> Result<CeLoss> {
+        let xv = x.value()?;
+        self.check("lm_head + cross-entropy", xv)?;
+        let grad_scale = grad_scale.filter(|_| x.rg && self.train);
+        let (losses, count, dx) = match self.device {
+            Device::Cpu => {
+                let (_, d) = rows_cols("lm_head + cross-entropy", xv)?;
+                let out = cross_entropy::forward_backward(
+                    f32s(xv, "cross-entropy")?,
+                    f32s(w, "cross-entropy")?,
+                    d,
+                    targets,
+                    grad_scale,
+                    cross_entropy::DEFAULT_CHUNK,
+                )?;
+                let dx = out.dh.map(|g| host(g, xv.shape())).transpose()?;
+                (Losses::Host(out.loss_sum), out.count, dx)
+            }
+            Device::Cuda(_) => {
+                let out = cross_entropy::lm_head_ce_cuda(
+                    xv,
+                    w,
+                    targets,
+                    grad_scale,
+                    cross_entropy::DEFAULT_CHUNK,
+                )?;
+                (Losses::Device(out.loss), out.count, out.dh)
+            }
+        };
+        let var = match dx {
+            Some(dx) => {
+                let v = self.var(None, true);
+                self.ops.push(Op::LmHeadCe { x: x.at(), dx });
+                Some(v)
+            }
+            None => None,
+        };
+        Ok(CeLoss { losses, count, var })
+    }
+
+    /// Backpropagates from `out`: with `dout` its gradient, or `None` when `out` is a loss of
+    /// [`Tape::lm_head_ce`] (whose gradient was computed with it). Adapter gradients accumulate
+    /// into the tape's [`Adapters`]; returns the gradient of `wrt` when it requires one. Each
+    /// record, and the values it held, is released once its backward has run.
     pub fn backward(
         mut self,
-        out: Var,
-        dout: Vec<f32>,
-        input: Var,
-        lora_grads: &mut [f32],
-    ) -> Result<Option<Vec<f32>>> {
+        out: &Var,
+        dout: Option<Tensor>,
+        wrt: &Var,
+    ) -> Result<Option<Tensor>> {
         if !self.train {
             return Err(Error::InvalidArgument(
                 "backward on a tape recorded without training".into(),
             ));
         }
-        if let Some(l) = self.lora {
-            crate::ops::expect_len(
-                "backward",
-                "LoRA gradient buffer",
-                lora_grads.len(),
-                &[l.len()],
-            )?;
-        }
-        let mut grads: Vec<Option<Vec<f32>>> = vec![None; self.values.len()];
-        grads[out.0] = Some(dout);
-        let ops = std::mem::take(&mut self.ops);
-        for op in ops.into_iter().rev() {
-            self.backward_op(op, &mut grads, lora_grads)?;
-        }
-        Ok(grads[input.0].take())
-    }
-
-    fn backward_op(
-        &self,
-        op: Op,
-        grads: &mut [Option<Vec<f32>>],
-        lora_grads: &mut [f32],
-    ) -> Result<()> {
-        let cfg = self.frozen.config();
-        let accumulate = |grads: &mut [Option<Vec<f32>>], v: Var, g: Vec<f32>| -> Result<()> {
-            if !self.rg(v) {
-                return Ok(());
-            }
-            match &mut grads[v.0] {
-                Some(acc) => residual::accumulate(acc, &g),
-                slot @ None => {
-                    *slot = Some(g);
-                    Ok(())
+        let mut grads: Vec<Option<Rc<Tensor>>> = vec![None; self.next];
+        if let Some(d) = dout {
+            if let Ok(v) = out.value() {
+                if v.shape() != d.shape() {
+                    return Err(Error::ShapeMismatch {
+                        op: "backward",
+                        expected: format!("an output gradient {:?}", v.shape()),
+                        got: format!("{:?}", d.shape()),
+                    });
                 }
             }
+            self.check("backward", &d)?;
+            grads[out.id] = Some(Rc::new(d));
+        }
+        while let Some(op) = self.ops.pop() {
+            self.backward_op(op, &mut grads)?;
+        }
+        grads[wrt.id].take().map(unshare).transpose()
+    }
+
+    fn backward_op(&self, op: Op<'a>, grads: &mut [Option<Rc<Tensor>>]) -> Result<()> {
+        let accumulate = |grads: &mut [Option<Rc<Tensor>>], at: At, g: Rc<Tensor>| -> Result<()> {
+            if !at.rg {
+                return Ok(());
+            }
+            grads[at.id] = Some(match grads[at.id].take() {
+                Some(acc) => sum(acc, g)?,
+                None => g,
+            });
+            Ok(())
         };
         match op {
-            Op::RmsNorm { x, y, norm, rstd } => {
-                let Some(dy) = grads[y.0].take() else {
+            Op::RmsNorm { x, y, w, rstd } => {
+                let Some(dy) = grads[y.id].take() else {
                     return Ok(());
                 };
-                let dx = rmsnorm::backward(
-                    self.value(x),
-                    self.frozen.norm(norm),
-                    &rstd,
-                    &dy,
-                    cfg.hidden_size,
-                )?;
-                accumulate(grads, x, dx)?;
+                let plus = grads[x.id].take();
+                let dx = self.rmsnorm_backward(x.value()?, w, &rstd, &dy, plus.as_deref())?;
+                grads[x.id] = Some(Rc::new(dx));
+            }
+            Op::AddRmsNorm {
+                a,
+                b,
+                h,
+                y,
+                w,
+                rstd,
+            } => {
+                let dh_later = grads[h.id].take();
+                let dh = match grads[y.id].take() {
+                    Some(dy) => Rc::new(self.rmsnorm_backward(
+                        h.value()?,
+                        w,
+                        &rstd,
+                        &dy,
+                        dh_later.as_deref(),
+                    )?),
+                    None => match dh_later {
+                        Some(g) => g,
+                        None => return Ok(()),
+                    },
+                };
+                drop(h);
+                accumulate(grads, a, dh.clone())?;
+                accumulate(grads, b, dh)?;
             }
             Op::Linear {
                 x,
                 y,
-                layer,
-                target,
+                lin,
                 xa,
                 mask,
             } => {
-                let Some(dy) = grads[y.0].take() else {
+                let Some(dy) = grads[y.id].take() else {
                     return Ok(());
                 };
-                let (i, o) = target.dims(cfg);
-                let dims = linear::Dims {
-                    tokens: self.batch.tokens(),
-                    in_features: i,
-                    out_features: o,
-                };
-                let w = self.frozen.base_weight(layer, target)?;
-                let lora = match self
-                    .lora
-                    .and_then(|l| l.slot(layer, target).map(|s| (l, s)))
-                {
-                    Some((l, s)) => {
-                        let slot = &l.slots[s];
-                        let (ga, gb) = split_two(lora_grads, slot.a.clone(), slot.b.clone());
-                        Some(linear::LoraGrads {
-                            lora: linear::Lora {
-                                a: &l.values[slot.a.clone()],
-                                b: &l.values[slot.b.clone()],
-                                rank: l.config.rank,
-                                scale: l.config.scale(),
-                            },
-                            xa: &xa,
-                            grad_a: ga,
-                            grad_b: gb,
-                        })
-                    }
-                    None => None,
-                };
-                let need_dx = self.rg(x);
-                if let Some(dx) =
-                    linear::backward(dims, self.value(x), &w, lora, mask.as_deref(), &dy, need_dx)?
-                {
-                    accumulate(grads, x, dx)?;
+                let at = x.at();
+                if let Some(dx) = self.linear_backward(x, &lin, xa, mask, &dy)? {
+                    accumulate(grads, at, Rc::new(dx))?;
                 }
             }
-            Op::Rope { x, y, heads } => {
-                let Some(mut dy) = grads[y.0].take() else {
+            Op::LinearResidual {
+                x,
+                h,
+                y,
+                lin,
+                xa,
+                mask,
+            } => {
+                let Some(dy) = grads[y.id].take() else {
                     return Ok(());
                 };
-                rope::backward(
-                    &mut dy,
-                    &self.batch.positions,
-                    heads,
-                    cfg.head_dim,
-                    self.freqs,
-                )?;
-                accumulate(grads, x, dy)?;
+                accumulate(grads, h, dy.clone())?;
+                let at = x.at();
+                if let Some(dx) = self.linear_backward(x, &lin, xa, mask, &dy)? {
+                    accumulate(grads, at, Rc::new(dx))?;
+                }
             }
-            Op::Attention { q, k, v, o, lse } => {
-                let Some(d_o) = grads[o.0].take() else {
+            Op::Rope {
+                x,
+                y,
+                heads,
+                head_dim,
+                freqs,
+            } => {
+                let Some(dy) = grads[y.id].take() else {
                     return Ok(());
                 };
-                let (dq, dk, dv) = attention::backward(
-                    self.attn_dims(),
-                    self.value(q),
-                    self.value(k),
-                    self.value(v),
-                    self.value(o),
-                    &lse,
-                    &d_o,
-                    &self.batch.cu_seqlens,
-                )?;
-                accumulate(grads, q, dq)?;
-                accumulate(grads, k, dk)?;
-                accumulate(grads, v, dv)?;
+                let mut d = unshare(dy)?;
+                let (t, _) = rows_cols("rope backward", &d)?;
+                self.rotate(&mut d, t, heads, head_dim, freqs, true)?;
+                accumulate(grads, x, Rc::new(d))?;
+            }
+            Op::Attention {
+                q,
+                k,
+                v,
+                o,
+                lse,
+                dims,
+            } => {
+                let Some(d_o) = grads[o.id].take() else {
+                    return Ok(());
+                };
+                let cu = &self.batch.cu_seqlens;
+                let (qv, kv, vv, ov) = (q.value()?, k.value()?, v.value()?, o.value()?);
+                let (dq, dk, dv) = match self.device {
+                    Device::Cpu => {
+                        let (dq, dk, dv) = attention::backward(
+                            dims,
+                            f32s(qv, "attention backward")?,
+                            f32s(kv, "attention backward")?,
+                            f32s(vv, "attention backward")?,
+                            f32s(ov, "attention backward")?,
+                            f32s(&lse, "attention backward")?,
+                            f32s(&d_o, "attention backward")?,
+                            cu,
+                        )?;
+                        (
+                            host(dq, qv.shape())?,
+                            host(dk, kv.shape())?,
+                            host(dv, vv.shape())?,
+                        )
+                    }
+                    Device::Cuda(_) => {
+                        attention::backward_cuda(dims, qv, kv, vv, ov, &lse, &d_o, cu)?
+                    }
+                };
+                let (qa, ka, va) = (q.at(), k.at(), v.at());
+                drop((q, k, v, o, lse, d_o));
+                accumulate(grads, qa, Rc::new(dq))?;
+                accumulate(grads, ka, Rc::new(dk))?;
+                accumulate(grads, va, Rc::new(dv))?;
             }
             Op::SwiGlu { gate, up, h } => {
-                let Some(dh) = grads[h.0].take() else {
+                let Some(dh) = grads[h.id].take() else {
                     return Ok(());
                 };
-                let (dg, du) = swiglu::backward(self.value(gate), self.value(up), &dh)?;
-                accumulate(grads, gate, dg)?;
-                accumulate(grads, up, du)?;
+                let (ga, ua) = (gate.at(), up.at());
+                let (dg, du) = match self.device {
+                    Device::Cpu => {
+                        let (g, u) = (gate.value()?, up.value()?);
+                        let (dg, du) = swiglu::backward(
+                            f32s(g, "swiglu backward")?,
+                            f32s(u, "swiglu backward")?,
+                            f32s(&dh, "swiglu backward")?,
+                        )?;
+                        (host(dg, g.shape())?, host(du, u.shape())?)
+                    }
+                    // Written over gate and up when nothing else holds them.
+                    Device::Cuda(_) => {
+                        swiglu::backward_cuda(gate.into_tensor()?, up.into_tensor()?, &dh)?
+                    }
+                };
+                drop(dh);
+                accumulate(grads, ga, Rc::new(dg))?;
+                accumulate(grads, ua, Rc::new(du))?;
             }
             Op::Add { a, b, y } => {
-                let Some(dy) = grads[y.0].take() else {
+                let Some(dy) = grads[y.id].take() else {
                     return Ok(());
                 };
                 accumulate(grads, a, dy.clone())?;
                 accumulate(grads, b, dy)?;
             }
+            Op::LmHeadCe { x, dx } => {
+                accumulate(grads, x, Rc::new(dx))?;
+            }
         }
         Ok(())
+    }
+
+    /// `dx = rmsnorm_backward(dy) (+ plus)`.
+    fn rmsnorm_backward(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        rstd: &Tensor,
+        dy: &Tensor,
+        plus: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        match self.device {
+            Device::Cpu => {
+                let op = "rmsnorm backward";
+                let (_, d) = rows_cols(op, x)?;
+                let dx = rmsnorm::backward(
+                    f32s(x, op)?,
+                    f32s(w, op)?,
+                    f32s(rstd, op)?,
+                    f32s(dy, op)?,
+                    d,
+                )?;
+                let mut dx = host(dx, x.shape())?;
+                if let Some(p) = plus {
+                    add_into(&mut dx, p)?;
+                }
+                Ok(dx)
+            }
+            Device::Cuda(_) => rmsnorm::backward_cuda(x, w, rstd, dy, plus),
+        }
+    }
+
+    /// A linear layer's backward: adapter gradients into the adapters' buffer, and dx when `x`
+    /// needs it (on a GPU, written over x when nothing else holds it).
+    fn linear_backward(
+        &self,
+        x: Var,
+        lin: &Linear<'a>,
+        xa: Option<Tensor>,
+        mask: Option<Vec<f32>>,
+        dy: &Tensor,
+    ) -> Result<Option<Tensor>> {
+        let need_dx = x.rg;
+        let slot = match (self.adapters, &xa) {
+            (Some(a), Some(_)) => a.slot_ref(lin.layer, lin.target, self.dropout_pair())?,
+            _ => None,
+        };
+        match self.device {
+            Device::Cpu => {
+                let op = "linear backward";
+                let xv = x.value()?;
+                let (t, i) = rows_cols(op, xv)?;
+                let o = lin.weight.shape()[0];
+                let dims = linear::Dims {
+                    tokens: t,
+                    in_features: i,
+                    out_features: o,
+                };
+                let w = lin.weight.to_f32()?;
+                let dx = match (slot, &xa) {
+                    (
+                        Some(SlotRef::Cpu {
+                            slot,
+                            a,
+                            b,
+                            rank,
+                            scale,
+                        }),
+                        Some(xa),
+                    ) => {
+                        let adapters = self.adapters.expect("a slot comes from the adapters");
+                        let mut g = adapters.grads_mut();
+                        let buf = g.cpu_slice_mut::<f32>(op)?;
+                        let (ga, gb) = split_two(buf, slot.a.clone(), slot.b.clone());
+                        linear::backward(
+                            dims,
+                            f32s(xv, op)?,
+                            &w,
+                            Some(linear::LoraGrads {
+                                lora: linear::Lora { a, b, rank, scale },
+                                xa: f32s(xa, op)?,
+                                grad_a: ga,
+                                grad_b: gb,
+                            }),
+                            mask.as_deref(),
+                            f32s(dy, op)?,
+                            need_dx,
+                        )?
+                    }
+                    _ => linear::backward(
+                        dims,
+                        f32s(xv, op)?,
+                        &w,
+                        None,
+                        None,
+                        f32s(dy, op)?,
+                        need_dx,
+                    )?,
+                };
+                dx.map(|d| host(d, &[t, i])).transpose()
+            }
+            Device::Cuda(_) => {
+                let BaseWeight::Nf4(w) = lin.weight else {
+                    unreachable!("the forward refused a dense weight on the GPU")
+                };
+                match (slot, xa) {
+                    // The adapter's gradients need the kernel whether or not dx is wanted.
+                    (Some(SlotRef::Cuda(view)), Some(xa)) => {
+                        let dx = match Rc::try_unwrap(x.value.expect("a recorded input")) {
+                            Ok(x) => gemm::lora_backward_view_over_x(x, w, &view, &xa, dy)?,
+                            Err(x) => gemm::lora_backward_view(&x, w, &view, &xa, dy)?,
+                        };
+                        Ok(need_dx.then_some(dx))
+                    }
+                    _ if !need_dx => Ok(None),
+                    _ => match Rc::try_unwrap(x.value.expect("a recorded input")) {
+                        Ok(x) => Ok(Some(gemm::nf4_dx_into(dy, w, x)?)),
+                        Err(_) => Ok(Some(gemm::nf4_dx_cuda(dy, w)?)),
+                    },
+                }
+            }
+        }
     }
 }
 
@@ -468,4 +1264,16 @@ fn split_two(
     assert!(a.end <= b.start, "slot layout puts A before B");
     let (head, tail) = buf.split_at_mut(b.start);
     (&mut head[a], &mut tail[..b.end - b.start])
+}
+
+/// The input embedding of `ids` (`[T, d]`, f32 on the CPU, bf16 on a GPU): frozen, no record.
+pub fn embed(table: &Tensor, ids: &[u32]) -> Result<Tensor> {
+    match table.device() {
+        Device::Cpu => {
+            let d = table.shape().get(1).copied().unwrap_or(0);
+            let h = embedding::forward(f32s(table, "embedding")?, d, ids)?;
+            host(h, &[ids.len(), d])
+        }
+        Device::Cuda(_) => embedding::forward_cuda(table, ids),
+    }
 }

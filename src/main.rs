@@ -13,13 +13,11 @@ use qlora_rs::data::DataOptions;
 use qlora_rs::device::{self, kernels, Availability, CudaDevice, Device, DeviceRequest};
 use qlora_rs::io::{adapters, export};
 use qlora_rs::model::config::LlamaConfig;
-use qlora_rs::model::cuda_llama::{CudaLlama, CudaLora};
 use qlora_rs::model::generate::Sampling;
 use qlora_rs::model::llama::{BaseFormat, Llama};
 use qlora_rs::model::lora::{LoraConfig, Target};
 use qlora_rs::model::{import_gguf, memory, shapes};
 use qlora_rs::quant::nf4::Nf4Config;
-use qlora_rs::train::optimizer::AdamWConfig;
 use qlora_rs::train::{trainer, TrainConfig, Trainer};
 
 #[derive(Parser)]
@@ -83,7 +81,8 @@ enum Command {
         #[arg(long)]
         json: bool,
         /// How to hold the base weights: nf4 (as training does) or dense (the checkpoint's own
-        /// precision). Default: nf4 with --adapter, dense without (e.g. a merged model).
+        /// precision). Default: nf4 with --adapter or on a GPU (whose kernels take NF4), dense
+        /// otherwise (e.g. a merged model on the CPU).
         #[arg(long, value_parser = ["nf4", "dense"])]
         base: Option<String>,
     },
@@ -114,7 +113,8 @@ enum Command {
         /// Seed of the sampler.
         #[arg(long, default_value_t = 42)]
         seed: u64,
-        /// How to hold the base weights: nf4 or dense. Default: nf4 with --adapter, else dense.
+        /// How to hold the base weights: nf4 or dense. Default: nf4 with --adapter or on a GPU,
+        /// else dense.
         #[arg(long, value_parser = ["nf4", "dense"])]
         base: Option<String>,
     },
@@ -240,7 +240,6 @@ fn main() -> ExitCode {
                 seed,
                 max_new_tokens,
             };
-            let format = base_format(base.as_deref(), adapter.is_some());
             run_generate(
                 cli.device,
                 &model,
@@ -248,7 +247,7 @@ fn main() -> ExitCode {
                 prompt,
                 chat,
                 sampling,
-                format,
+                base.as_deref(),
             )
         }
         Command::Bench {
@@ -346,7 +345,6 @@ fn main() -> ExitCode {
                 seq_len,
                 train_on_prompt,
             };
-            let base = base_format(base.as_deref(), adapter.is_some());
             run_eval(
                 cli.device,
                 &model,
@@ -355,7 +353,7 @@ fn main() -> ExitCode {
                 &opts,
                 batch_tokens,
                 json,
-                base,
+                base.as_deref(),
             )
         })(),
     };
@@ -622,9 +620,13 @@ fn warn_other_base(model: &std::path::Path, adapter: &std::path::Path) {
     }
 }
 
-/// Loads a model folder, printing what loading set aside (as named warnings).
-fn load_model(dir: &std::path::Path, format: BaseFormat) -> qlora_rs::Result<Llama> {
-    let model = Llama::load(dir, format)?;
+/// Loads a model folder onto `device`, printing what loading set aside (as named warnings).
+fn load_model(
+    dir: &std::path::Path,
+    format: BaseFormat,
+    device: Device,
+) -> qlora_rs::Result<Llama> {
+    let model = Llama::load_on(dir, format, device)?;
     for w in &model.load_warnings {
         eprintln!("warning: {}: {w}", dir.display());
     }
@@ -633,11 +635,11 @@ fn load_model(dir: &std::path::Path, format: BaseFormat) -> qlora_rs::Result<Lla
 
 /// The base weights as training holds them (NF4) when an adapter is applied, else the
 /// checkpoint's own precision, unless `--base` says otherwise.
-fn base_format(flag: Option<&str>, with_adapter: bool) -> BaseFormat {
+fn base_format(flag: Option<&str>, with_adapter: bool, device: Device) -> BaseFormat {
     match flag {
         Some("dense") => BaseFormat::Dense,
         Some(_) => BaseFormat::Nf4(Nf4Config::default()),
-        None if with_adapter => BaseFormat::Nf4(Nf4Config::default()),
+        None if with_adapter || device != Device::Cpu => BaseFormat::Nf4(Nf4Config::default()),
         None => BaseFormat::Dense,
     }
 }
@@ -653,9 +655,9 @@ fn run_bench(
     rank: usize,
     targets: &str,
 ) -> qlora_rs::Result<()> {
-    use qlora_rs::model::cuda_llama::{CudaLlama, CudaLora};
+    use qlora_rs::model::adapters::Adapters;
     use qlora_rs::model::lora::LoraParams;
-    use qlora_rs::train::optimizer::{AdamW, AdamWConfig};
+    use qlora_rs::train::optimizer::AdamWConfig;
     use rand::{Rng, SeedableRng};
     use std::time::Instant;
     if steps == 0 {
@@ -666,23 +668,14 @@ fn run_bench(
     let device = compute_device(request, true)?;
     let nf4 = BaseFormat::Nf4(Nf4Config::default());
     let started = Instant::now();
-    // A built-in shape on a GPU is drawn on the GPU: no host copy of the model, whatever its size.
-    let (cpu_model, gpu_model) = match (device, &shape, &model_dir) {
-        (Device::Cuda(o), Some(s), _) => {
-            (None, Some(CudaLlama::random(shapes::by_name(s)?, o, 0)?))
-        }
-        (Device::Cuda(o), None, Some(m)) => {
-            (None, Some(CudaLlama::from_llama(&load_model(m, nf4)?, o)?))
-        }
-        (Device::Cpu, Some(s), _) => (Some(Llama::random(shapes::by_name(s)?, nf4, 0)?), None),
-        (Device::Cpu, None, Some(m)) => (Some(load_model(m, nf4)?), None),
-        (_, None, None) => unreachable!("clap requires --shape or --model"),
+    // A built-in shape is drawn on the device itself: no host copy of the model on a GPU,
+    // whatever its size.
+    let model = match (&shape, &model_dir) {
+        (Some(s), _) => Llama::random_on(shapes::by_name(s)?, nf4, device, 0)?,
+        (None, Some(m)) => load_model(m, nf4, device)?,
+        (None, None) => unreachable!("clap requires --shape or --model"),
     };
-    let cfg = match (&cpu_model, &gpu_model) {
-        (Some(m), _) => m.config.clone(),
-        (None, Some(m)) => m.config.clone(),
-        (None, None) => unreachable!("one of the two was built above"),
-    };
+    let cfg = model.config.clone();
     let lora_cfg = LoraConfig {
         rank,
         alpha: 2.0 * rank as f64,
@@ -690,8 +683,9 @@ fn run_bench(
         dropout: 0.0,
         targets: Target::parse_list(targets)?,
     };
-    let mut lora = LoraParams::init(&cfg, lora_cfg.clone(), 0)?;
-    let mut opt = AdamW::new(AdamWConfig::default(), lora.len());
+    let lora = LoraParams::init(&cfg, lora_cfg.clone(), 0)?;
+    let mut adapters = Adapters::new(&lora, None, AdamWConfig::default(), device)?;
+    drop(lora);
     let tokens = batch * seq_len;
     let mut rng = rand::rngs::StdRng::seed_from_u64(1);
     let ids: Vec<u32> = (0..tokens)
@@ -699,56 +693,38 @@ fn run_bench(
         .collect();
     let labels: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
     let cu: Vec<usize> = (0..=batch).map(|b| b * seq_len).collect();
-    let mut grads = vec![0.0f32; lora.len()];
     eprintln!(
         "model ready in {:.1} s on {device}: {} layers, hidden {}, {:.0}M parameters; LoRA rank {rank}: {} trainable",
         started.elapsed().as_secs_f64(),
         cfg.num_layers,
         cfg.hidden_size,
         cfg.num_parameters() as f64 / 1e6,
-        lora.len()
+        adapters.len()
     );
     let mut times = Vec::with_capacity(steps);
     let counted = (tokens - batch) as f32;
-    let mut device_memory = None;
-    match (&cpu_model, &gpu_model, device) {
-        (Some(model), _, _) => {
-            for step in 0..=steps {
-                let t0 = Instant::now();
-                grads.fill(0.0);
-                model.forward_backward(
-                    &lora,
-                    &mut grads,
-                    &ids,
-                    &labels,
-                    &cu,
-                    1.0 / counted,
-                    step as u64,
-                )?;
-                opt.step(&mut lora.values, &grads, 1e-4)?;
-                if step > 0 {
-                    times.push(t0.elapsed().as_secs_f64());
-                }
-            }
+    let sync = || match device {
+        Device::Cuda(o) => CudaDevice::get(o)?.synchronize(),
+        Device::Cpu => Ok(()),
+    };
+    for step in 0..=steps {
+        sync()?;
+        let t0 = Instant::now();
+        adapters.zero_grads()?;
+        model.train_micro_batch(&adapters, &ids, &labels, &cu, 1.0 / counted, step as u64)?;
+        adapters.step(1e-4, 1.0)?;
+        sync()?;
+        if step > 0 {
+            times.push(t0.elapsed().as_secs_f64());
         }
-        (None, Some(gpu), Device::Cuda(o)) => {
-            let mut gpu_lora = CudaLora::from_params(&lora, None, AdamWConfig::default(), o)?;
-            let dev = CudaDevice::get(o)?;
-            for step in 0..=steps {
-                dev.synchronize()?;
-                let t0 = Instant::now();
-                gpu_lora.zero_grads()?;
-                gpu.forward_backward(&mut gpu_lora, &ids, &labels, &cu, 1.0 / counted)?;
-                gpu_lora.step(1e-4, 1.0)?;
-                dev.synchronize()?;
-                if step > 0 {
-                    times.push(t0.elapsed().as_secs_f64());
-                }
-            }
-            device_memory = Some((dev.memory_used()?, dev.pool_peaks()?));
-        }
-        _ => unreachable!("the model was built for `device` above"),
     }
+    let device_memory = match device {
+        Device::Cuda(o) => {
+            let dev = CudaDevice::get(o)?;
+            Some((dev.memory_used()?, dev.pool_peaks()?))
+        }
+        Device::Cpu => None,
+    };
     let mean = times.iter().sum::<f64>() / times.len().max(1) as f64;
     // Model FLOPs per step: 6·N·T for the parameter products (forward, and the input and
     // adapter gradients of the backward; the recomputed forward is not counted, by convention)
@@ -851,11 +827,12 @@ fn run_generate(
     prompt: Option<String>,
     chat: Option<String>,
     sampling: Sampling,
-    format: BaseFormat,
+    base: Option<&str>,
 ) -> qlora_rs::Result<()> {
     use std::io::Write;
     let device = compute_device(request, true)?;
-    let model = load_model(model_dir, format)?;
+    let format = base_format(base, adapter.is_some(), device);
+    let model = load_model(model_dir, format, device)?;
     let tokenizer = TextTokenizer::load(model_dir)?;
     let lora = adapter
         .map(|a| adapters::load(a, &model.config))
@@ -897,34 +874,13 @@ fn run_generate(
         Ok(())
     };
     let context = model.config.max_position_embeddings;
-    let new = match device {
-        Device::Cpu => model.generate(
-            lora.as_ref(),
-            &ids,
-            tokenizer.eos_id,
-            sampling,
-            &mut on_token,
-        )?,
-        Device::Cuda(o) => {
-            let gpu = CudaLlama::from_llama(&model, o)?;
-            let gpu_lora = lora
-                .as_ref()
-                .map(|p| CudaLora::from_params(p, None, AdamWConfig::default(), o))
-                .transpose()?;
-            let mut seen: Vec<u32> = Vec::new();
-            qlora_rs::model::generate::generate_with(
-                &ids,
-                tokenizer.eos_id,
-                sampling,
-                context,
-                &mut on_token,
-                &mut |new| {
-                    seen.extend_from_slice(new);
-                    gpu.last_logits(gpu_lora.as_ref(), &seen)
-                },
-            )?
-        }
-    };
+    let new = model.generate(
+        lora.as_ref(),
+        &ids,
+        tokenizer.eos_id,
+        sampling,
+        &mut on_token,
+    )?;
     println!();
     if ids.len() + new.len() >= context && new.last().copied() != tokenizer.eos_id {
         eprintln!(
@@ -943,23 +899,17 @@ fn run_eval(
     opts: &DataOptions,
     batch_tokens: usize,
     json: bool,
-    format: BaseFormat,
+    base: Option<&str>,
 ) -> qlora_rs::Result<()> {
     let device = compute_device(request, true)?;
-    let model = load_model(model_dir, format)?;
+    let format = base_format(base, adapter.is_some(), device);
+    let model = load_model(model_dir, format, device)?;
     let tokenizer = TextTokenizer::load(model_dir)?;
     let lora = adapter
         .map(|a| adapters::load(a, &model.config))
         .transpose()?;
-    let (loss, tokens, stats) = trainer::evaluate_file(
-        &model,
-        &tokenizer,
-        lora.as_ref(),
-        data,
-        opts,
-        batch_tokens,
-        device,
-    )?;
+    let (loss, tokens, stats) =
+        trainer::evaluate_file(&model, &tokenizer, lora.as_ref(), data, opts, batch_tokens)?;
     // As `train` says it: what was cut or dropped before the loss was taken.
     eprintln!(
         "data: {} records; {} truncated to {} tokens, {} with nothing to score{}",

@@ -52,6 +52,7 @@ pub trait Element:
     const DTYPE: DType;
     fn into_cpu(data: Vec<Self>) -> CpuStorage;
     fn cpu_slice(s: &CpuStorage) -> Option<&[Self]>;
+    fn cpu_slice_mut(s: &mut CpuStorage) -> Option<&mut [Self]>;
     fn into_cuda(data: cudarc::driver::CudaSlice<Self>) -> CudaStorage;
     fn cuda_slice(s: &CudaStorage) -> Option<&cudarc::driver::CudaSlice<Self>>;
     fn cuda_slice_mut(s: &mut CudaStorage) -> Option<&mut cudarc::driver::CudaSlice<Self>>;
@@ -65,6 +66,12 @@ macro_rules! element {
                 CpuStorage::$variant(data)
             }
             fn cpu_slice(s: &CpuStorage) -> Option<&[Self]> {
+                match s {
+                    CpuStorage::$variant(v) => Some(v),
+                    _ => None,
+                }
+            }
+            fn cpu_slice_mut(s: &mut CpuStorage) -> Option<&mut [Self]> {
                 match s {
                     CpuStorage::$variant(v) => Some(v),
                     _ => None,
@@ -129,7 +136,11 @@ impl Tensor {
             shape: shape.to_vec(),
             device: Device::Cpu,
         };
-        cpu.to_device(device)
+        match device {
+            // The vector becomes the storage: no copy.
+            Device::Cpu => Ok(cpu),
+            Device::Cuda(_) => cpu.to_device(device),
+        }
     }
 
     /// A tensor for a kernel to overwrite whole: on a GPU its memory is not cleared (what it
@@ -268,6 +279,21 @@ impl Tensor {
             Storage::Cuda(_) => Err(Error::InvalidArgument(format!(
                 "{op}: expected a CPU tensor, got one on {}",
                 self.device
+            ))),
+        }
+    }
+
+    /// The mutable host slice of a CPU tensor of dtype `T`.
+    pub fn cpu_slice_mut<T: Element>(&mut self, op: &'static str) -> Result<&mut [T]> {
+        let (dtype, device) = (self.dtype(), self.device);
+        match &mut self.storage {
+            Storage::Cpu(s) => T::cpu_slice_mut(s).ok_or_else(|| Error::DTypeMismatch {
+                op,
+                expected: T::DTYPE.to_string(),
+                got: dtype.to_string(),
+            }),
+            Storage::Cuda(_) => Err(Error::InvalidArgument(format!(
+                "{op}: expected a CPU tensor, got one on {device}"
             ))),
         }
     }

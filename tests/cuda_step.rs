@@ -1,16 +1,17 @@
-//! The whole training step on the GPU against the CPU model, at a rank the kernels take and at
-//! one padded for them: the first ten losses match within bf16 tolerance, a GPU-trained adapter
-//! evaluates the same on the CPU, and `eval` over a data file gives the same loss on both
-//! devices. Without a GPU the tests print `SKIPPED (no CUDA device)` and pass.
+//! The one model on both devices: the same `Llama` code trained on the GPU against the CPU, at a
+//! rank the kernels take and at one padded for them, with and without dropout, Qwen2 biases and
+//! packing: the first ten losses and the adapter after ten steps match within bf16 tolerance, a
+//! GPU-trained adapter evaluates the same on the CPU, and `eval` over a data file gives the same
+//! loss on both devices. Without a GPU the tests print `SKIPPED (no CUDA device)` and pass.
 
+use qlora_rs::model::adapters::Adapters;
 use qlora_rs::model::config::{Arch, LlamaConfig};
-use qlora_rs::model::cuda_llama::{CudaLlama, CudaLora};
 use qlora_rs::model::llama::{BaseFormat, Llama};
 use qlora_rs::model::lora::{LoraConfig, LoraParams, Target};
 use qlora_rs::ops::rope::RopeScaling;
 use qlora_rs::quant::nf4::Nf4Config;
 use qlora_rs::testing::gpu_or_skip;
-use qlora_rs::train::optimizer::{AdamW, AdamWConfig};
+use qlora_rs::train::optimizer::AdamWConfig;
 use qlora_rs::Device;
 
 /// A small model the kernels accept: head_dim 64, dimensions multiples of 16, GQA 2:1.
@@ -42,10 +43,23 @@ fn cuda_step_losses_match_the_cpu_for_ten_steps() {
     let Some(Device::Cuda(o)) = gpu_or_skip("cuda_step_losses_match_the_cpu_for_ten_steps") else {
         return;
     };
-    // Rank 8 as the kernels take it, and rank 4, padded to 8 on the device.
+    // Rank 8 as the kernels take it, and rank 4, padded to 8 on the device; two sequences
+    // packed into one micro-batch, and one alone.
     for rank in [8, 4] {
-        step_parity(o, rank, small_config());
+        step_parity(o, rank, small_config(), 0.0, &[0, 50, 81]);
     }
+    step_parity(o, 8, small_config(), 0.0, &[0, 81]);
+}
+
+/// Ten steps with LoRA dropout: the masks are the same on both devices, so the losses and the
+/// trained adapter are too.
+#[test]
+fn cuda_step_with_dropout_matches_the_cpu_for_ten_steps() {
+    let Some(Device::Cuda(o)) = gpu_or_skip("cuda_step_with_dropout_matches_the_cpu_for_ten_steps")
+    else {
+        return;
+    };
+    step_parity(o, 8, small_config(), 0.1, &[0, 50, 81]);
 }
 
 /// Frozen projection biases (Qwen2's q/k/v, and `attention_bias` on o) on the device.
@@ -60,7 +74,7 @@ fn cuda_step_with_projection_biases_matches_the_cpu() {
         o_bias: true,
         ..small_config()
     };
-    step_parity(o, 8, cfg);
+    step_parity(o, 8, cfg, 0.0, &[0, 50, 81]);
 }
 
 /// LoRA dropout draws the same masks on both devices (one counter-based function of the seed,
@@ -99,12 +113,10 @@ fn cuda_step_dropout_masks_match_the_cpu() {
         g
     };
     let (same, other) = (cpu_grads(seed), cpu_grads(seed + 1));
-    let gpu_model = CudaLlama::from_llama(&model, o).unwrap();
-    let mut gpu_lora = CudaLora::from_params(&lora, None, AdamWConfig::default(), o).unwrap();
-    gpu_lora.zero_grads().unwrap();
-    gpu_lora.set_dropout_seed(Some(seed));
+    let gpu_model = model_on(&cfg, 3, Device::Cuda(o));
+    let gpu_lora = Adapters::new(&lora, None, AdamWConfig::default(), Device::Cuda(o)).unwrap();
     gpu_model
-        .forward_backward(&mut gpu_lora, &ids, &labels, &cu, 0.01)
+        .train_micro_batch(&gpu_lora, &ids, &labels, &cu, 0.01, seed)
         .unwrap();
     let gpu = gpu_lora.grads_to_host().unwrap();
     // Relative distance over the whole gradient vector.
@@ -123,13 +135,37 @@ fn cuda_step_dropout_masks_match_the_cpu() {
     );
 }
 
-fn step_parity(o: usize, rank: usize, cfg: LlamaConfig) {
-    let model = Llama::random(cfg.clone(), BaseFormat::Nf4(Nf4Config::default()), 3).unwrap();
+/// The random model of `cfg` and `seed` (NF4 base) on `device`: the same weights on both.
+fn model_on(cfg: &LlamaConfig, seed: u64, device: Device) -> Llama {
+    Llama::random(cfg.clone(), BaseFormat::Nf4(Nf4Config::default()), seed)
+        .unwrap()
+        .to_device(device)
+        .unwrap()
+}
+
+/// Relative L2 distance of `a` from `b`.
+fn rel_dist(a: &[f32], b: &[f32]) -> f64 {
+    let (mut d, mut n) = (0.0f64, 0.0f64);
+    for (&x, &y) in a.iter().zip(b) {
+        d += (x as f64 - y as f64).powi(2);
+        n += (y as f64).powi(2);
+    }
+    (d / n).sqrt()
+}
+
+/// Ten optimizer steps of one micro-batch (`cu` its packing) through the one model on both
+/// devices. Tolerances (bf16 activations and NF4 GEMMs against the f32 CPU): each step's mean
+/// loss within 2% of the CPU's; the adapter's change over the ten steps (trained − initial)
+/// within 10% of the CPU's in relative L2 distance.
+fn step_parity(o: usize, rank: usize, cfg: LlamaConfig, dropout: f64, cu: &[usize]) {
+    let dev = Device::Cuda(o);
+    let model = model_on(&cfg, 3, Device::Cpu);
+    let gpu_model = model_on(&cfg, 3, dev);
     let lora_cfg = LoraConfig {
         rank,
         alpha: 16.0,
         rslora: false,
-        dropout: 0.0,
+        dropout,
         targets: Target::ALL.to_vec(),
     };
     let mut lora = LoraParams::init(&cfg, lora_cfg, 4).unwrap();
@@ -138,69 +174,69 @@ fn step_parity(o: usize, rank: usize, cfg: LlamaConfig) {
             *v = ((i * 31 % 17) as f32 - 8.0) * 0.002;
         }
     }
+    let initial = lora.values.clone();
     let ids: Vec<u32> = (0..81u32).map(|i| (i * 37 + 11) % 515).collect();
     let labels: Vec<i64> = ids
         .iter()
         .enumerate()
         .map(|(i, &t)| if i % 7 == 0 { -100 } else { t as i64 })
         .collect();
-    let cu = [0usize, 50, 81];
-    let counted = qlora_rs::ops::cross_entropy::shift_labels(&labels, &cu)
+    let counted = qlora_rs::ops::cross_entropy::shift_labels(&labels, cu)
         .iter()
         .filter(|&&t| t >= 0)
         .count();
     let scale = 1.0 / counted as f32;
     let adam = AdamWConfig::default();
+    let what = format!("rank {rank}, dropout {dropout}, cu_seqlens {cu:?}");
 
-    let gpu_model = CudaLlama::from_llama(&model, o).unwrap();
-    let mut gpu_lora = CudaLora::from_params(&lora, None, adam, o).unwrap();
-    let mut cpu_opt = AdamW::new(adam, lora.len());
-    for step in 0..10 {
-        let mut grads = vec![0.0f32; lora.len()];
-        let cpu = model
-            .forward_backward(&lora, &mut grads, &ids, &labels, &cu, scale, 0)
-            .unwrap();
-        qlora_rs::train::optimizer::clip_grad_norm(&mut grads, 1.0);
-        cpu_opt.step(&mut lora.values, &grads, 5e-3).unwrap();
-
-        gpu_lora.zero_grads().unwrap();
-        let (loss, count) = gpu_model
-            .forward_backward(&mut gpu_lora, &ids, &labels, &cu, scale)
-            .unwrap();
-        gpu_lora.step(5e-3, 1.0).unwrap();
-        let gpu_loss: f64 = loss
-            .to_vec::<f32>()
-            .unwrap()
-            .iter()
-            .map(|&v| v as f64)
-            .sum();
-        assert_eq!(count, cpu.count);
-        let (a, b) = (cpu.loss_sum / counted as f64, gpu_loss / counted as f64);
+    let mut cpu = Adapters::new(&lora, None, adam, Device::Cpu).unwrap();
+    let mut gpu = Adapters::new(&lora, None, adam, dev).unwrap();
+    for step in 0..10u64 {
+        let mut losses = Vec::new();
+        for (m, a) in [(&model, &mut cpu), (&gpu_model, &mut gpu)] {
+            a.zero_grads().unwrap();
+            let seed = qlora_rs::ops::dropout::batch_seed(99, step, 0);
+            let (loss, count) = m
+                .train_micro_batch(a, &ids, &labels, cu, scale, seed)
+                .unwrap();
+            a.step(5e-3, 1.0).unwrap();
+            assert_eq!(count, counted);
+            losses.push(loss.sum().unwrap() / counted as f64);
+        }
+        let (a, b) = (losses[0], losses[1]);
         assert!(
             (a - b).abs() <= 2e-2 * a.abs(),
-            "rank {rank}, step {step}: CPU loss {a}, GPU loss {b}"
+            "{what}, step {step}: CPU loss {a}, GPU loss {b}"
         );
     }
-    // The GPU-trained adapter evaluates the same on the CPU.
-    let trained = gpu_lora.to_host().unwrap();
+    // The adapters after ten steps.
+    let (trained_cpu, trained) = (cpu.to_host().unwrap(), gpu.to_host().unwrap());
     assert_eq!(trained.config.rank, rank);
     assert_eq!(trained.len(), lora.len());
-    let moments = gpu_lora.optimizer_to_host().unwrap();
+    let delta = |p: &LoraParams| -> Vec<f32> {
+        p.values.iter().zip(&initial).map(|(a, b)| a - b).collect()
+    };
+    let moved = rel_dist(&delta(&trained), &delta(&trained_cpu));
+    assert!(
+        moved <= 0.10,
+        "{what}: the GPU's adapter update is {moved:.4} (relative L2) from the CPU's"
+    );
+    let moments = gpu.optimizer_to_host().unwrap();
     assert_eq!((moments.m.len(), moments.step), (lora.len(), 10));
+    // The GPU-trained adapter evaluates the same on the CPU.
     let cpu_eval = model
-        .loss(Some(&trained), &ids, &labels, &cu)
+        .loss(Some(&trained), &ids, &labels, cu)
         .unwrap()
         .loss_sum;
-    let (gpu_eval, _) = gpu_model.loss(Some(&gpu_lora), &ids, &labels, &cu).unwrap();
-    let gpu_eval: f64 = gpu_eval
-        .to_vec::<f32>()
+    let gpu_eval = gpu_model
+        .eval_micro_batch(Some(&gpu), &ids, &labels, cu)
         .unwrap()
-        .iter()
-        .map(|&v| v as f64)
-        .sum();
+        .0
+        .sum()
+        .unwrap();
     assert!(
         (cpu_eval - gpu_eval).abs() <= 2e-2 * cpu_eval,
-        "rank {rank}, eval: CPU {cpu_eval}, GPU {gpu_eval}"
+        "{what}, eval: CPU {cpu_eval}, GPU {gpu_eval}"
     );
 }
 
@@ -216,7 +252,7 @@ fn evaluate_file_on_cuda_matches_the_cpu() {
     use qlora_rs::train::trainer::evaluate_file;
     let fixtures = qlora_rs::testing::project_root().join("tests/fixtures");
     let cfg = small_config();
-    let model = Llama::random(cfg.clone(), BaseFormat::Nf4(Nf4Config::default()), 5).unwrap();
+    let (model, gpu_model) = (model_on(&cfg, 5, Device::Cpu), model_on(&cfg, 5, dev));
     let tokenizer = TextTokenizer::load(&fixtures.join("llama/tiny-llama")).unwrap();
     let lora_cfg = LoraConfig {
         rank: 8,
@@ -239,9 +275,9 @@ fn evaluate_file_on_cuda_matches_the_cpu() {
     let data = fixtures.join("data/messages.jsonl");
     let mut losses = Vec::new();
     for adapter in [None, Some(&lora)] {
-        let run = |d| evaluate_file(&model, &tokenizer, adapter, &data, &opts, 256, d).unwrap();
-        let (cpu, cpu_n, _) = run(Device::Cpu);
-        let (gpu, gpu_n, _) = run(dev);
+        let run = |m| evaluate_file(m, &tokenizer, adapter, &data, &opts, 256).unwrap();
+        let (cpu, cpu_n, _) = run(&model);
+        let (gpu, gpu_n, _) = run(&gpu_model);
         assert_eq!(cpu_n, gpu_n);
         assert!(cpu_n > 0);
         assert!(
@@ -371,7 +407,6 @@ fn trainer_on_cuda_evaluates_the_current_adapters() {
         c.eval_data.as_ref().unwrap(),
         &opts,
         256,
-        Device::Cpu,
     )
     .unwrap();
     assert!(
@@ -381,15 +416,15 @@ fn trainer_on_cuda_evaluates_the_current_adapters() {
     let _ = std::fs::remove_dir_all(&root);
 }
 
-/// `generate --device cuda` takes each next token from `CudaLlama::last_logits`: the last row
-/// of the CPU model's logits, within bf16 tolerance, with and without an adapter.
+/// `generate --device cuda` takes each next token from `Llama::last_logits` on the GPU: the last
+/// row of the CPU model's logits, within bf16 tolerance, with and without an adapter.
 #[test]
 fn last_logits_on_cuda_match_the_cpu() {
     let Some(Device::Cuda(o)) = gpu_or_skip("last_logits_on_cuda_match_the_cpu") else {
         return;
     };
     let cfg = small_config();
-    let model = Llama::random(cfg.clone(), BaseFormat::Nf4(Nf4Config::default()), 8).unwrap();
+    let model = model_on(&cfg, 8, Device::Cpu);
     let lora_cfg = LoraConfig {
         rank: 4,
         alpha: 8.0,
@@ -403,8 +438,8 @@ fn last_logits_on_cuda_match_the_cpu() {
             *v = ((i * 7 % 13) as f32 - 6.0) * 0.02;
         }
     }
-    let gpu = CudaLlama::from_llama(&model, o).unwrap();
-    let gpu_lora = CudaLora::from_params(&lora, None, AdamWConfig::default(), o).unwrap();
+    let gpu = model_on(&cfg, 8, Device::Cuda(o));
+    let gpu_lora = Adapters::new(&lora, None, AdamWConfig::default(), Device::Cuda(o)).unwrap();
     let v = cfg.vocab_size;
     for len in [1usize, 37, 130] {
         let ids: Vec<u32> = (0..len as u32).map(|i| (i * 53 + 5) % v as u32).collect();
@@ -426,4 +461,57 @@ fn last_logits_on_cuda_match_the_cpu() {
             );
         }
     }
+}
+
+/// `examples/own_model.rs` (a model of its own built on the tape from the public ops) trains on
+/// the CPU, and on the GPU to the same losses (within bf16 tolerance: 5% of the final loss).
+#[test]
+fn own_model_example_trains_on_both_devices() {
+    let exe = std::env::current_exe().unwrap();
+    let example = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .map(|dir| dir.join("examples/own_model"))
+        .unwrap();
+    assert!(
+        example.exists(),
+        "{} is built by `cargo test` with the tests",
+        example.display()
+    );
+    let losses = |device: &str| -> (f64, f64) {
+        let out = std::process::Command::new(&example)
+            .args(["--device", device])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(
+            out.status.success(),
+            "own_model --device {device}: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let line = text.lines().last().unwrap_or_default();
+        let nums: Vec<f64> = line
+            .split_whitespace()
+            .filter_map(|w| w.parse().ok())
+            .collect();
+        assert!(line.starts_with("loss ") && nums.len() >= 2, "{text}");
+        (nums[0], nums[1])
+    };
+    let (first, last) = losses("cpu");
+    assert!(
+        last < 0.25 * first,
+        "the loss did not fall: {first} → {last}"
+    );
+    let Some(Device::Cuda(o)) = gpu_or_skip("own_model_example_trains_on_both_devices") else {
+        return;
+    };
+    let (gpu_first, gpu_last) = losses(&format!("cuda:{o}"));
+    assert!(
+        (gpu_first - first).abs() <= 0.02 * first,
+        "{gpu_first} vs {first}"
+    );
+    assert!(
+        (gpu_last - last).abs() <= 0.05 * last,
+        "{gpu_last} vs {last}"
+    );
 }

@@ -1,23 +1,28 @@
-//! Text generation with a KV cache (CPU): the prompt is run once (prefill), then one token at a
-//! time, each attending to the cached keys and values of everything before it. Greedy at
+//! Text generation through the one decoder: on the CPU with a KV cache (the prompt is run once,
+//! then one token at a time, each attending to the cached keys and values of everything before
+//! it); on a GPU by running the whole sequence per new token (no KV cache there yet). Greedy at
 //! temperature 0; otherwise softmax(logits / T) restricted to the smallest set of tokens whose
 //! probability reaches `top_p`, sampled from a seeded generator.
 
 use rand::{Rng, SeedableRng};
 
+use super::adapters::Adapters;
 use super::llama::Llama;
-use super::lora::{LoraParams, Target};
-use crate::autograd::{Frozen, NormId};
+use super::lora::LoraParams;
+use crate::autograd::KvCache;
+use crate::device::Device;
 use crate::error::{Error, Result};
-use crate::ops::{attention, cross_entropy, embedding, linear, residual, rmsnorm, rope, swiglu};
 
 /// How to pick tokens.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Sampling {
     /// 0: greedy.
     pub temperature: f64,
+    /// Nucleus sampling: only the most likely tokens whose probabilities add up to this.
     pub top_p: f64,
+    /// Seed of the sampler.
     pub seed: u64,
+    /// Most tokens to generate.
     pub max_new_tokens: usize,
 }
 
@@ -40,98 +45,10 @@ impl Sampling {
     }
 }
 
-/// Keys and values of every layer for the tokens seen so far.
-struct KvCache {
-    k: Vec<Vec<f32>>,
-    v: Vec<Vec<f32>>,
-    len: usize,
-}
-
 impl Llama {
-    fn project(
-        &self,
-        l: usize,
-        t: Target,
-        x: &[f32],
-        tokens: usize,
-        lora: Option<&LoraParams>,
-    ) -> Result<Vec<f32>> {
-        let (i, o) = t.dims(&self.config);
-        let w = self.base_weight(l, t)?;
-        let adapter = lora.and_then(|p| {
-            p.slot(l, t).map(|s| linear::Lora {
-                a: &p.values[p.slots[s].a.clone()],
-                b: &p.values[p.slots[s].b.clone()],
-                rank: p.config.rank,
-                scale: p.config.scale(),
-            })
-        });
-        let dims = linear::Dims {
-            tokens,
-            in_features: i,
-            out_features: o,
-        };
-        Ok(linear::forward(dims, x, &w, self.bias(l, t), adapter.as_ref(), None)?.0)
-    }
-
-    /// Runs `ids` (positions `cache.len..`) through the model, extending the cache; returns the
-    /// logits of the last token.
-    fn decode_step(
-        &self,
-        ids: &[u32],
-        cache: &mut KvCache,
-        lora: Option<&LoraParams>,
-    ) -> Result<Vec<f32>> {
-        let c = &self.config;
-        let (d, n) = (c.hidden_size, ids.len());
-        let start = cache.len;
-        let positions: Vec<u32> = (start..start + n).map(|p| p as u32).collect();
-        let dims = attention::Dims {
-            heads: c.num_heads,
-            kv_heads: c.num_kv_heads,
-            head_dim: c.head_dim,
-        };
-        let mut h = embedding::forward(self.embedding(), d, ids)?;
-        for l in 0..c.num_layers {
-            let (x, _) = rmsnorm::forward(&h, self.norm(NormId::Input(l)), d, c.rms_norm_eps)?;
-            let mut q = self.project(l, Target::Q, &x, n, lora)?;
-            let mut k = self.project(l, Target::K, &x, n, lora)?;
-            let v = self.project(l, Target::V, &x, n, lora)?;
-            rope::forward(
-                &mut q,
-                &positions,
-                c.num_heads,
-                c.head_dim,
-                self.rope_freqs(),
-            )?;
-            rope::forward(
-                &mut k,
-                &positions,
-                c.num_kv_heads,
-                c.head_dim,
-                self.rope_freqs(),
-            )?;
-            cache.k[l].extend_from_slice(&k);
-            cache.v[l].extend_from_slice(&v);
-            let o = attention::forward_cached(dims, &q, &cache.k[l], &cache.v[l], start)?;
-            let a = self.project(l, Target::O, &o, n, lora)?;
-            let h1 = residual::forward(&h, &a)?;
-            let (x, _) =
-                rmsnorm::forward(&h1, self.norm(NormId::PostAttention(l)), d, c.rms_norm_eps)?;
-            let g = self.project(l, Target::Gate, &x, n, lora)?;
-            let u = self.project(l, Target::Up, &x, n, lora)?;
-            let s = swiglu::forward(&g, &u)?;
-            let down = self.project(l, Target::Down, &s, n, lora)?;
-            h = residual::forward(&h1, &down)?;
-        }
-        cache.len += n;
-        let last = &h[(n - 1) * d..];
-        let (x, _) = rmsnorm::forward(last, self.norm(NormId::Final), d, c.rms_norm_eps)?;
-        Ok(cross_entropy::logits(&x, self.output_embedding(), d))
-    }
-
-    /// Generates after `prompt`, calling `on_token` with each new id; stops at `eos` (when given)
-    /// or after `max_new_tokens`. Returns the new ids.
+    /// Generates after `prompt` on the model's device, calling `on_token` with each new id;
+    /// stops at `eos` (when given), after `max_new_tokens`, or at the model's context. Returns the
+    /// new ids.
     pub fn generate(
         &self,
         lora: Option<&LoraParams>,
@@ -140,22 +57,42 @@ impl Llama {
         sampling: Sampling,
         on_token: &mut dyn FnMut(u32) -> Result<()>,
     ) -> Result<Vec<u32>> {
-        let c = &self.config;
-        let mut cache = KvCache {
-            k: vec![Vec::new(); c.num_layers],
-            v: vec![Vec::new(); c.num_layers],
-            len: 0,
-        };
-        let context = c.max_position_embeddings;
-        generate_with(prompt, eos, sampling, context, on_token, &mut |new| {
-            self.decode_step(new, &mut cache, lora)
-        })
+        let adapters = self.adapters_for(lora)?;
+        self.generate_with_adapters(adapters.as_ref(), prompt, eos, sampling, on_token)
+    }
+
+    /// [`Llama::generate`] with adapters already on the model's device. On the CPU the prompt
+    /// runs once and each new token attends to a KV cache; on a GPU (no KV cache yet) each new
+    /// token runs the forward over the whole sequence.
+    pub fn generate_with_adapters(
+        &self,
+        adapters: Option<&Adapters>,
+        prompt: &[u32],
+        eos: Option<u32>,
+        sampling: Sampling,
+        on_token: &mut dyn FnMut(u32) -> Result<()>,
+    ) -> Result<Vec<u32>> {
+        let context = self.config.max_position_embeddings;
+        match self.device() {
+            Device::Cpu => {
+                let mut cache = vec![KvCache::default(); self.config.num_layers];
+                generate_with(prompt, eos, sampling, context, on_token, &mut |new| {
+                    self.decode_step(adapters, new, &mut cache)
+                })
+            }
+            Device::Cuda(_) => {
+                let mut seen: Vec<u32> = Vec::new();
+                generate_with(prompt, eos, sampling, context, on_token, &mut |new| {
+                    seen.extend_from_slice(new);
+                    self.last_logits(adapters, &seen)
+                })
+            }
+        }
     }
 }
 
 /// The sampling loop over any model: `next_logits` gets the tokens not yet seen (the prompt,
-/// then each new token) and returns the logits of the last position. Used by the CPU model
-/// (with its KV cache) and by the CUDA model (`qlora-rs generate --device cuda`). Stops at
+/// then each new token) and returns the logits of the last position. Stops at
 /// `eos`, after `max_new_tokens`, or when prompt and output fill the model's `context` (its
 /// `max_position_embeddings`), whichever comes first.
 pub fn generate_with(

@@ -1,5 +1,6 @@
-//! The Llama decoder (Llama, Mistral, Qwen2) on the CPU backend: loading from a Hugging Face
-//! folder, the forward, and the training forward/backward with per-layer checkpointing.
+//! The Llama decoder (Llama, Mistral, Qwen2), written once on the tape ([`crate::autograd`]) for
+//! both devices: loading from a Hugging Face folder, moving to a GPU, the forward, and the
+//! training forward/backward with per-layer checkpointing.
 //!
 //! ```text
 //! h = E[ids]                                                   [T, d]
@@ -8,74 +9,67 @@
 //!             n = rmsnorm(h);  h = h + (silu(n·Wgᵀ) ⊙ n·Wuᵀ)·Wdᵀ (+ LoRA on each)
 //! logits = rmsnorm(h)·Eᵀ (tied) or ·W_lmᵀ                        [T, V]
 //! ```
+//! On the CPU the weights are f32 (projections f32 or NF4) and so are the activations: the
+//! reference, checked against transformers + PEFT. On a GPU the projections are NF4, the rest of
+//! the frozen weights and the activations bf16, and every op runs on our kernels.
+//!
 //! Training keeps only each layer's input; the backward replays one layer at a time on a fresh
-//! [`Tape`] and walks it, so activation memory is layers × T × d plus one layer's values.
+//! replay [`Tape`] and walks it, so activation memory is layers × T × d plus one layer's values
+//! (`model::memory` counts them).
 
-use std::borrow::Cow;
 use std::path::Path;
 
+use half::bf16;
+
+use super::adapters::Adapters;
 use super::config::LlamaConfig;
 use super::lora::{LoraParams, Target};
-use crate::autograd::{Batch, Dropout, Frozen, NormId, Tape};
+pub use crate::autograd::BaseWeight;
+use crate::autograd::{self, Batch, Dropout, KvCache, Linear, Losses, Tape, Var};
 use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::io::safetensors::Checkpoint;
-use crate::ops::{cross_entropy, embedding, rope};
+use crate::ops::{attention, cross_entropy, gemm, rmsnorm, rope};
 use crate::quant::bnb;
 use crate::quant::nf4::{Nf4Config, Nf4Tensor};
 use crate::tensor::{DType, Tensor};
-
-/// A frozen projection weight `[out, in]`. (Seven per layer: the variants' size difference does
-/// not matter.)
-#[derive(Debug)]
-#[allow(clippy::large_enum_variant)]
-pub enum BaseWeight {
-    /// Full precision (for LoRA without quantization, and as the reference of QLoRA).
-    Dense(Vec<f32>),
-    /// 4-bit NF4, dequantized on use.
-    Nf4(Nf4Tensor),
-}
-
-impl BaseWeight {
-    /// The weight in f32.
-    pub fn to_f32(&self) -> Result<Cow<'_, [f32]>> {
-        match self {
-            BaseWeight::Dense(w) => Ok(Cow::Borrowed(w)),
-            BaseWeight::Nf4(q) => Ok(Cow::Owned(q.dequantize(DType::F32)?.to_vec::<f32>()?)),
-        }
-    }
-}
+use crate::train::optimizer::AdamWConfig;
 
 /// How to hold the projection weights.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BaseFormat {
+    /// The checkpoint's values in f32 (CPU only).
     Dense,
+    /// 4-bit NF4 with this block size and double quantization.
     Nf4(Nf4Config),
 }
 
 #[derive(Debug)]
 struct Projection {
     weight: BaseWeight,
-    bias: Option<Vec<f32>>,
+    bias: Option<Tensor>,
 }
 
 #[derive(Debug)]
 struct DecoderLayer {
-    input_norm: Vec<f32>,
-    post_norm: Vec<f32>,
+    input_norm: Tensor,
+    post_norm: Tensor,
     /// In [`Target::ALL`] order.
     proj: Vec<Projection>,
 }
 
-/// A loaded model.
+/// A loaded model, on one device.
 #[derive(Debug)]
 pub struct Llama {
+    /// The model's configuration (from its config.json).
     pub config: LlamaConfig,
-    embed: Vec<f32>,
+    device: Device,
+    embed: Tensor,
     layers: Vec<DecoderLayer>,
-    norm: Vec<f32>,
-    lm_head: Option<Vec<f32>>,
-    freqs: Vec<f32>,
+    norm: Tensor,
+    lm_head: Option<Tensor>,
+    /// RoPE inverse frequencies, f32 `[head_dim / 2]`.
+    freqs: Tensor,
     /// What loading left aside and why (checkpoint tensors the config makes redundant), for the
     /// command line to print as warnings.
     pub load_warnings: Vec<String>,
@@ -94,10 +88,43 @@ fn layer_key(l: usize, rest: &str) -> String {
     format!("model.layers.{l}.{rest}")
 }
 
+fn hv(v: Vec<f32>, shape: &[usize]) -> Result<Tensor> {
+    Tensor::from_vec(v, shape, &Device::Cpu)
+}
+
+/// A host f32 tensor as bf16 on `dev`.
+fn bf16_on(t: &Tensor, dev: &Device) -> Result<Tensor> {
+    let v: Vec<bf16> = t
+        .cpu_slice::<f32>("moving the model")?
+        .iter()
+        .map(|&x| bf16::from_f32(x))
+        .collect();
+    Tensor::from_vec(v, t.shape(), dev)
+}
+
+/// What the GPU path needs of a model, checked before anything is loaded or moved.
+pub fn check_gpu_support(c: &LlamaConfig, format: BaseFormat) -> Result<()> {
+    if c.head_dim != 64 && c.head_dim != 128 {
+        return Err(Error::InvalidArgument(format!(
+            "the CUDA path needs head_dim 64 or 128 (the flash-attention kernels); this model has \
+             {}: use --device cpu",
+            c.head_dim
+        )));
+    }
+    if format == BaseFormat::Dense {
+        return Err(Error::InvalidArgument(
+            "the CUDA path holds the base in NF4 (its GEMMs dequantize NF4); a dense base runs on \
+             --device cpu"
+                .into(),
+        ));
+    }
+    Ok(())
+}
+
 impl Llama {
-    /// Loads `dir` (config.json + safetensors). Projections become NF4 as they load (or stay
-    /// dense); a pre-quantized bitsandbytes checkpoint loads without re-quantizing (and is
-    /// dequantized for `BaseFormat::Dense`). The config is validated before any weight is read.
+    /// Loads `dir` (config.json + safetensors) on the CPU. Projections become NF4 as they load
+    /// (or stay dense); a pre-quantized bitsandbytes checkpoint loads without re-quantizing (and
+    /// is dequantized for `BaseFormat::Dense`). The config is validated before any weight is read.
     pub fn load(dir: &Path, format: BaseFormat) -> Result<Llama> {
         check_model_dir(dir)?;
         let config = LlamaConfig::from_file(&dir.join("config.json"))?;
@@ -105,8 +132,23 @@ impl Llama {
         Llama::from_checkpoint(config, &ckpt, format)
     }
 
-    /// A model of configuration `config` with random weights (uniform with the spread of
-    /// N(0, 0.02²), norms 1), projections quantized like a loaded model: for benchmarks and
+    /// [`Llama::load`] onto `device` (on a GPU: checked for support first, then moved layer by
+    /// layer, so the host never holds more than the CPU model).
+    pub fn load_on(dir: &Path, format: BaseFormat, device: Device) -> Result<Llama> {
+        if device != Device::Cpu {
+            check_model_dir(dir)?;
+            check_gpu_support(&LlamaConfig::from_file(&dir.join("config.json"))?, format)?;
+        }
+        Llama::load(dir, format)?.to_device(device)
+    }
+
+    /// The device the model lives on.
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    /// A model of configuration `config` with random weights on the CPU (uniform with the spread
+    /// of N(0, 0.02²), norms 1), projections quantized like a loaded model: for benchmarks and
     /// memory plans without a download.
     pub fn random(config: LlamaConfig, format: BaseFormat, seed: u64) -> Result<Llama> {
         use rand::{Rng, SeedableRng};
@@ -117,47 +159,171 @@ impl Llama {
         let mut random =
             |n: usize| -> Vec<f32> { (0..n).map(|_| rng.random_range(-a..a)).collect() };
         let d = c.hidden_size;
-        let embed = random(c.vocab_size * d);
+        let embed = hv(random(c.vocab_size * d), &[c.vocab_size, d])?;
         let mut layers = Vec::with_capacity(c.num_layers);
         for _ in 0..c.num_layers {
             let mut proj = Vec::with_capacity(7);
             for t in Target::ALL {
                 let (i, o) = t.dims(c);
-                let w = random(o * i);
+                let w = hv(random(o * i), &[o, i])?;
                 let weight = match format {
                     BaseFormat::Dense => BaseWeight::Dense(w),
-                    BaseFormat::Nf4(cfg) => {
-                        let t = Tensor::from_vec(w, &[o, i], &Device::Cpu)?;
-                        BaseWeight::Nf4(Nf4Tensor::quantize(&t, cfg)?)
-                    }
+                    BaseFormat::Nf4(cfg) => BaseWeight::Nf4(Nf4Tensor::quantize(&w, cfg)?),
                 };
                 let bias = match t {
-                    Target::Q | Target::K | Target::V if c.qkv_bias => Some(random(o)),
-                    Target::O if c.o_bias => Some(random(o)),
+                    Target::Q | Target::K | Target::V if c.qkv_bias => Some(hv(random(o), &[o])?),
+                    Target::O if c.o_bias => Some(hv(random(o), &[o])?),
                     _ => None,
                 };
                 proj.push(Projection { weight, bias });
             }
             layers.push(DecoderLayer {
-                input_norm: vec![1.0; d],
-                post_norm: vec![1.0; d],
+                input_norm: hv(vec![1.0; d], &[d])?,
+                post_norm: hv(vec![1.0; d], &[d])?,
                 proj,
             });
         }
         let lm_head = if c.tie_word_embeddings {
             None
         } else {
-            Some(random(c.vocab_size * d))
+            Some(hv(random(c.vocab_size * d), &[c.vocab_size, d])?)
         };
-        let freqs = rope::inv_freq(c.head_dim, c.rope_theta, c.rope_scaling);
+        let freqs = hv(
+            rope::inv_freq(c.head_dim, c.rope_theta, c.rope_scaling),
+            &[c.head_dim / 2],
+        )?;
         Ok(Llama {
-            norm: vec![1.0; d],
+            norm: hv(vec![1.0; d], &[d])?,
+            device: Device::Cpu,
             config,
             embed,
             layers,
             lm_head,
             freqs,
             load_warnings: Vec::new(),
+        })
+    }
+
+    /// [`Llama::random`] on `device`. On a GPU the weights are drawn there (the same
+    /// distribution; tensor `k` of the model from stream `seed ⊕ k·φ`, `ops::random`) and each
+    /// projection is quantized to NF4 as it is drawn, so an 8B shape needs no host copy.
+    pub fn random_on(
+        config: LlamaConfig,
+        format: BaseFormat,
+        device: Device,
+        seed: u64,
+    ) -> Result<Llama> {
+        let Device::Cuda(_) = device else {
+            return Llama::random(config, format, seed);
+        };
+        use crate::ops::random::{uniform_cuda, PHI};
+        check_gpu_support(&config, format)?;
+        let nf4 = match format {
+            BaseFormat::Nf4(cfg) => cfg,
+            BaseFormat::Dense => unreachable!("refused by check_gpu_support"),
+        };
+        let c = config;
+        let d = c.hidden_size;
+        let a = 0.02f32 * 3f32.sqrt();
+        let mut k = 0u64;
+        let mut draw = |shape: &[usize]| {
+            k += 1;
+            uniform_cuda(shape, a, seed ^ k.wrapping_mul(PHI), &device)
+        };
+        let embed = draw(&[c.vocab_size, d])?;
+        let lm_head = if c.tie_word_embeddings {
+            None
+        } else {
+            Some(draw(&[c.vocab_size, d])?)
+        };
+        let ones = || Tensor::from_vec(vec![bf16::ONE; d], &[d], &device);
+        let mut layers = Vec::with_capacity(c.num_layers);
+        for _ in 0..c.num_layers {
+            let mut proj = Vec::with_capacity(7);
+            for t in Target::ALL {
+                let (i, o) = t.dims(&c);
+                // One dense projection at a time exists in bf16, then only its NF4 form.
+                let weight = BaseWeight::Nf4(Nf4Tensor::quantize(&draw(&[o, i])?, nf4)?);
+                let has_bias = match t {
+                    Target::Q | Target::K | Target::V => c.qkv_bias,
+                    Target::O => c.o_bias,
+                    _ => false,
+                };
+                let bias = if has_bias { Some(draw(&[o])?) } else { None };
+                proj.push(Projection { weight, bias });
+            }
+            layers.push(DecoderLayer {
+                input_norm: ones()?,
+                post_norm: ones()?,
+                proj,
+            });
+        }
+        let inv_freq = rope::inv_freq(c.head_dim, c.rope_theta, c.rope_scaling);
+        let freqs = Tensor::from_vec(inv_freq, &[c.head_dim / 2], &device)?;
+        Ok(Llama {
+            norm: ones()?,
+            config: c,
+            device,
+            embed,
+            layers,
+            lm_head,
+            freqs,
+            load_warnings: Vec::new(),
+        })
+    }
+
+    /// The model on `device`. CPU → GPU: projections in NF4 (quantized there when held dense),
+    /// the rest bf16; one layer at a time, each host layer dropped once it is on the device.
+    pub fn to_device(self, device: Device) -> Result<Llama> {
+        if device == self.device {
+            return Ok(self);
+        }
+        if self.device != Device::Cpu || device == Device::Cpu {
+            return Err(Error::InvalidArgument(format!(
+                "moving a model from {} to {device}: only CPU → GPU is supported",
+                self.device
+            )));
+        }
+        let nf4 = self
+            .layers
+            .first()
+            .map_or(Nf4Config::default(), |l| match &l.proj[0].weight {
+                BaseWeight::Nf4(q) => Nf4Config {
+                    blocksize: q.blocksize,
+                    double_quant: true,
+                },
+                BaseWeight::Dense(_) => Nf4Config::default(),
+            });
+        check_gpu_support(&self.config, BaseFormat::Nf4(nf4))?;
+        let dev = device;
+        let mut layers = Vec::with_capacity(self.layers.len());
+        for layer in self.layers {
+            let mut proj = Vec::with_capacity(7);
+            for p in layer.proj {
+                let weight = match p.weight {
+                    BaseWeight::Nf4(q) => BaseWeight::Nf4(q.to_device(&dev)?),
+                    BaseWeight::Dense(w) => {
+                        BaseWeight::Nf4(Nf4Tensor::quantize(&bf16_on(&w, &dev)?, nf4)?)
+                    }
+                };
+                let bias = p.bias.map(|b| bf16_on(&b, &dev)).transpose()?;
+                proj.push(Projection { weight, bias });
+            }
+            layers.push(DecoderLayer {
+                input_norm: bf16_on(&layer.input_norm, &dev)?,
+                post_norm: bf16_on(&layer.post_norm, &dev)?,
+                proj,
+            });
+        }
+        Ok(Llama {
+            config: self.config,
+            device: dev,
+            embed: bf16_on(&self.embed, &dev)?,
+            lm_head: self.lm_head.map(|w| bf16_on(&w, &dev)).transpose()?,
+            norm: bf16_on(&self.norm, &dev)?,
+            freqs: self.freqs.to_device(&dev)?,
+            layers,
+            load_warnings: self.load_warnings,
         })
     }
 
@@ -170,7 +336,10 @@ impl Llama {
         let c = &config;
         let d = c.hidden_size;
         let prequantized = bnb::is_bnb_4bit(c.quantization_config.as_ref())?;
-        let embed = ckpt.f32("model.embed_tokens.weight", &[c.vocab_size, d])?;
+        let embed = hv(
+            ckpt.f32("model.embed_tokens.weight", &[c.vocab_size, d])?,
+            &[c.vocab_size, d],
+        )?;
         let mut layers = Vec::with_capacity(c.num_layers);
         for l in 0..c.num_layers {
             let mut proj = Vec::with_capacity(7);
@@ -181,12 +350,12 @@ impl Llama {
                     let q = bnb::load_nf4(ckpt, &prefix, &[o, i])?;
                     match format {
                         BaseFormat::Nf4(_) => BaseWeight::Nf4(q),
-                        BaseFormat::Dense => BaseWeight::Dense(q.dequantize(DType::F32)?.to_vec()?),
+                        BaseFormat::Dense => BaseWeight::Dense(q.dequantize(DType::F32)?),
                     }
                 } else {
                     let w = ckpt.f32(&format!("{prefix}.weight"), &[o, i])?;
                     match format {
-                        BaseFormat::Dense => BaseWeight::Dense(w),
+                        BaseFormat::Dense => BaseWeight::Dense(hv(w, &[o, i])?),
                         BaseFormat::Nf4(cfg) => {
                             let t = Tensor::from_vec(w, &[o, i], &Device::Cpu)?;
                             BaseWeight::Nf4(Nf4Tensor::quantize(&t, cfg)?)
@@ -199,25 +368,37 @@ impl Llama {
                     _ => false,
                 };
                 let bias = if has_bias {
-                    Some(ckpt.f32(&format!("{prefix}.bias"), &[o])?)
+                    Some(hv(ckpt.f32(&format!("{prefix}.bias"), &[o])?, &[o])?)
                 } else {
                     None
                 };
                 proj.push(Projection { weight, bias });
             }
             layers.push(DecoderLayer {
-                input_norm: ckpt.f32(&layer_key(l, "input_layernorm.weight"), &[d])?,
-                post_norm: ckpt.f32(&layer_key(l, "post_attention_layernorm.weight"), &[d])?,
+                input_norm: hv(
+                    ckpt.f32(&layer_key(l, "input_layernorm.weight"), &[d])?,
+                    &[d],
+                )?,
+                post_norm: hv(
+                    ckpt.f32(&layer_key(l, "post_attention_layernorm.weight"), &[d])?,
+                    &[d],
+                )?,
                 proj,
             });
         }
-        let norm = ckpt.f32("model.norm.weight", &[d])?;
+        let norm = hv(ckpt.f32("model.norm.weight", &[d])?, &[d])?;
         let lm_head = if c.tie_word_embeddings {
             None
         } else {
-            Some(ckpt.f32("lm_head.weight", &[c.vocab_size, d])?)
+            Some(hv(
+                ckpt.f32("lm_head.weight", &[c.vocab_size, d])?,
+                &[c.vocab_size, d],
+            )?)
         };
-        let freqs = rope::inv_freq(c.head_dim, c.rope_theta, c.rope_scaling);
+        let freqs = hv(
+            rope::inv_freq(c.head_dim, c.rope_theta, c.rope_scaling),
+            &[c.head_dim / 2],
+        )?;
         // Every tensor of the checkpoint must be one the config uses: a 1-layer config on a
         // 2-layer checkpoint would otherwise train a truncated model without a word.
         let mut load_warnings = Vec::new();
@@ -250,6 +431,7 @@ impl Llama {
             )));
         }
         Ok(Llama {
+            device: Device::Cpu,
             config,
             embed,
             layers,
@@ -260,24 +442,9 @@ impl Llama {
         })
     }
 
-    /// The untied output embedding `[V, d]`, if any.
-    pub(crate) fn lm_head(&self) -> Option<&[f32]> {
-        self.lm_head.as_deref()
-    }
-
-    /// The input embedding `[V, d]`.
-    pub(crate) fn embedding(&self) -> &[f32] {
-        &self.embed
-    }
-
-    /// RoPE frequencies (`head_dim / 2`).
-    pub(crate) fn rope_freqs(&self) -> &[f32] {
-        &self.freqs
-    }
-
     /// The output embedding `[V, d]` (the input embedding when tied).
-    pub fn output_embedding(&self) -> &[f32] {
-        self.lm_head.as_deref().unwrap_or(&self.embed)
+    pub fn output_embedding(&self) -> &Tensor {
+        self.lm_head.as_ref().unwrap_or(&self.embed)
     }
 
     /// A projection's frozen base weight.
@@ -285,67 +452,66 @@ impl Llama {
         &self.layers[layer].proj[target as usize].weight
     }
 
-    fn check_lora(&self, lora: Option<&LoraParams>) -> Result<()> {
-        if let Some(l) = lora {
-            for s in &l.slots {
-                let (i, o) = s.target.dims(&self.config);
-                if s.layer >= self.config.num_layers || s.in_features != i || s.out_features != o {
-                    return Err(Error::InvalidArgument(format!(
-                        "LoRA adapter for layer {} {} is {}→{}, the model has {} layers and {}→{}",
-                        s.layer,
-                        s.target.module(),
-                        s.in_features,
-                        s.out_features,
-                        self.config.num_layers,
-                        i,
-                        o
-                    )));
-                }
-            }
+    fn lin(&self, l: usize, t: Target) -> Linear<'_> {
+        let p = &self.layers[l].proj[t as usize];
+        Linear {
+            weight: &p.weight,
+            bias: p.bias.as_ref(),
+            layer: l,
+            target: t,
         }
-        Ok(())
     }
 
-    /// One decoder layer on `tape`, from `x`.
-    fn layer(
-        &self,
-        tape: &mut Tape,
-        l: usize,
-        x: crate::autograd::Var,
-    ) -> Result<crate::autograd::Var> {
+    fn attention_dims(&self) -> attention::Dims {
         let c = &self.config;
-        let n1 = tape.rmsnorm(x, NormId::Input(l))?;
-        let q = tape.linear(n1, l, Target::Q)?;
-        let k = tape.linear(n1, l, Target::K)?;
-        let v = tape.linear(n1, l, Target::V)?;
-        let q = tape.rope(q, c.num_heads)?;
-        let k = tape.rope(k, c.num_kv_heads)?;
-        let o = tape.attention(q, k, v)?;
-        let a = tape.linear(o, l, Target::O)?;
-        let h1 = tape.add(x, a)?;
-        let n2 = tape.rmsnorm(h1, NormId::PostAttention(l))?;
-        let g = tape.linear(n2, l, Target::Gate)?;
-        let u = tape.linear(n2, l, Target::Up)?;
-        let s = tape.swiglu(g, u)?;
-        let dn = tape.linear(s, l, Target::Down)?;
-        tape.add(h1, dn)
+        attention::Dims {
+            heads: c.num_heads,
+            kv_heads: c.num_kv_heads,
+            head_dim: c.head_dim,
+        }
     }
 
-    /// Runs layer `l` without recording.
-    fn layer_inference(
-        &self,
-        lora: Option<&LoraParams>,
-        batch: &Batch,
+    /// One decoder layer on `tape`, from `x`; with `cache` (generation on the CPU), attention
+    /// also reads the keys and values of the tokens before these, and the cache grows by them.
+    /// Each value is dropped after its last use: with no records (inference) only what the next
+    /// op needs is alive.
+    fn layer<'t>(
+        &'t self,
+        tape: &mut Tape<'t>,
         l: usize,
-        h: Vec<f32>,
-    ) -> Result<Vec<f32>> {
-        let mut tape = Tape::new(self, lora, batch, &self.freqs, false, None);
-        let x = tape.leaf(h, false);
-        let y = self.layer(&mut tape, l, x)?;
-        Ok(tape.take(y))
+        x: &Var,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Var> {
+        let c = &self.config;
+        let (eps, hd) = (c.rms_norm_eps, c.head_dim);
+        let ly = &self.layers[l];
+        let n1 = tape.rmsnorm(x, &ly.input_norm, eps)?;
+        let q = tape.linear(&n1, self.lin(l, Target::Q))?;
+        let k = tape.linear(&n1, self.lin(l, Target::K))?;
+        let v = tape.linear(&n1, self.lin(l, Target::V))?;
+        drop(n1);
+        let q = tape.rope(q, c.num_heads, hd, &self.freqs)?;
+        let k = tape.rope(k, c.num_kv_heads, hd, &self.freqs)?;
+        let o = match cache {
+            None => tape.attention(&q, &k, &v, self.attention_dims())?,
+            Some(cache) => tape.attention_cached(&q, &k, &v, self.attention_dims(), cache)?,
+        };
+        drop((q, k, v));
+        let a = tape.linear(&o, self.lin(l, Target::O))?;
+        drop(o);
+        let (h1, n2) = tape.add_rmsnorm(x, &a, &ly.post_norm, eps)?;
+        drop(a);
+        let g = tape.linear(&n2, self.lin(l, Target::Gate))?;
+        let u = tape.linear(&n2, self.lin(l, Target::Up))?;
+        drop(n2);
+        let s = tape.swiglu(&g, &u)?;
+        drop((g, u));
+        tape.linear_residual(&s, self.lin(l, Target::Down), &h1)
     }
 
-    fn check_batch(&self, ids: &[u32], batch: &Batch) -> Result<()> {
+    /// The batch of `ids` packed as `cu_seqlens`, checked against the model.
+    fn batch(&self, ids: &[u32], cu_seqlens: &[usize]) -> Result<Batch> {
+        let batch = Batch::on(cu_seqlens.to_vec(), self.device)?;
         if ids.len() != batch.tokens() {
             return Err(Error::ShapeMismatch {
                 op: "llama forward",
@@ -366,45 +532,239 @@ impl Llama {
                 )));
             }
         }
+        Ok(batch)
+    }
+
+    fn check_adapters(&self, adapters: Option<&Adapters>) -> Result<()> {
+        if let Some(a) = adapters {
+            a.check_fits(&self.config)?;
+            if a.device() != self.device {
+                return Err(Error::DeviceMismatch {
+                    op: "llama",
+                    a: format!("model on {}", self.device),
+                    b: format!("adapters on {}", a.device()),
+                });
+            }
+        }
         Ok(())
     }
 
-    /// Final hidden states (after the last norm), `[T, d]`.
+    /// The layers' output (before the final norm) without recording; with `inputs`, each
+    /// layer's input is kept there (the checkpoints of a training step).
+    fn layers_forward(
+        &self,
+        batch: &Batch,
+        adapters: Option<&Adapters>,
+        dropout: Option<Dropout>,
+        ids: &[u32],
+        mut inputs: Option<&mut Vec<Tensor>>,
+    ) -> Result<Tensor> {
+        let mut h = autograd::embed(&self.embed, ids)?;
+        for l in 0..self.config.num_layers {
+            let mut tape = Tape::new(self.device, batch, adapters, false, dropout)?;
+            let x = tape.input(h, false)?;
+            let y = self.layer(&mut tape, l, &x, None)?;
+            drop(tape);
+            if let Some(keep) = inputs.as_mut() {
+                keep.push(x.into_tensor()?);
+            }
+            h = y.into_tensor()?;
+        }
+        Ok(h)
+    }
+
+    /// Forward and backward of one packed micro-batch on the model's device: adds
+    /// `grad_scale · d(loss_sum)/d(LoRA)` into the adapters' gradients and returns the loss
+    /// (read back on a GPU only when asked) and the tokens counted. The trainer passes
+    /// `grad_scale = 1 / (counted tokens of the whole optimizer step)`; dropout masks are drawn
+    /// from `dropout_seed`.
+    pub fn train_micro_batch(
+        &self,
+        adapters: &Adapters,
+        ids: &[u32],
+        labels: &[i64],
+        cu_seqlens: &[usize],
+        grad_scale: f32,
+        dropout_seed: u64,
+    ) -> Result<(Losses, usize)> {
+        self.check_adapters(Some(adapters))?;
+        let batch = self.batch(ids, cu_seqlens)?;
+        let targets = self.targets(labels, cu_seqlens)?;
+        let dropout = Some(Dropout {
+            p: adapters.config().dropout,
+            seed: dropout_seed,
+        });
+        let dev = self.device;
+        // Forward, keeping each layer's input (the checkpoints); the replay in the backward
+        // draws the same dropout masks.
+        let mut inputs = Vec::with_capacity(self.config.num_layers);
+        let h = self.layers_forward(&batch, Some(adapters), dropout, ids, Some(&mut inputs))?;
+        // Final norm + fused lm_head/cross-entropy.
+        let mut tape = Tape::new(dev, &batch, Some(adapters), true, None)?;
+        let x = tape.input(h, true)?;
+        let n = tape.rmsnorm(&x, &self.norm, self.config.rms_norm_eps)?;
+        let ce = tape.lm_head_ce(&n, self.output_embedding(), &targets, Some(grad_scale))?;
+        drop(n);
+        let loss = ce.var.expect("the final norm's input requires a gradient");
+        let mut dh = tape
+            .backward(&loss, None, &x)?
+            .expect("the final norm's input requires a gradient");
+        drop(x);
+        // Backward, one replayed layer at a time; each layer's input is released with it.
+        for l in (0..self.config.num_layers).rev() {
+            let input = inputs.pop().expect("one input per layer");
+            let mut tape = Tape::replay(dev, &batch, Some(adapters), dropout)?;
+            let x = tape.input(input, l > 0)?;
+            let y = self.layer(&mut tape, l, &x, None)?;
+            match tape.backward(&y, Some(dh), &x)? {
+                Some(dx) => dh = dx,
+                None => break,
+            }
+        }
+        Ok((ce.losses, ce.count))
+    }
+
+    /// The loss of one packed micro-batch without gradients (evaluation), on the model's device.
+    pub fn eval_micro_batch(
+        &self,
+        adapters: Option<&Adapters>,
+        ids: &[u32],
+        labels: &[i64],
+        cu_seqlens: &[usize],
+    ) -> Result<(Losses, usize)> {
+        self.check_adapters(adapters)?;
+        let batch = self.batch(ids, cu_seqlens)?;
+        let targets = self.targets(labels, cu_seqlens)?;
+        let h = self.layers_forward(&batch, adapters, None, ids, None)?;
+        let mut tape = Tape::new(self.device, &batch, adapters, false, None)?;
+        let x = tape.input(h, false)?;
+        let n = tape.rmsnorm(&x, &self.norm, self.config.rms_norm_eps)?;
+        drop(x);
+        let ce = tape.lm_head_ce(&n, self.output_embedding(), &targets, None)?;
+        Ok((ce.losses, ce.count))
+    }
+
+    /// Final hidden states (after the last norm) `[T, d]` on the model's device.
+    pub fn hidden_on(
+        &self,
+        adapters: Option<&Adapters>,
+        ids: &[u32],
+        cu_seqlens: &[usize],
+    ) -> Result<Tensor> {
+        self.check_adapters(adapters)?;
+        let batch = self.batch(ids, cu_seqlens)?;
+        let h = self.layers_forward(&batch, adapters, None, ids, None)?;
+        self.final_norm(h)
+    }
+
+    fn final_norm(&self, h: Tensor) -> Result<Tensor> {
+        let eps = self.config.rms_norm_eps;
+        match self.device {
+            Device::Cpu => {
+                let d = self.config.hidden_size;
+                let (n, _) = rmsnorm::forward(
+                    h.cpu_slice::<f32>("final norm")?,
+                    self.norm.cpu_slice::<f32>("final norm")?,
+                    d,
+                    eps,
+                )?;
+                hv(n, h.shape())
+            }
+            Device::Cuda(_) => Ok(rmsnorm::forward_cuda(&h, &self.norm, eps)?.0),
+        }
+    }
+
+    /// Logits (f32, on the host) of normed hidden states `n` `[T, d]` on the model's device.
+    fn logits_of(&self, n: &Tensor) -> Result<Vec<f32>> {
+        let d = self.config.hidden_size;
+        match self.device {
+            Device::Cpu => Ok(cross_entropy::logits(
+                n.cpu_slice::<f32>("logits")?,
+                self.output_embedding().cpu_slice::<f32>("logits")?,
+                d,
+            )),
+            Device::Cuda(_) => {
+                let t = n.shape()[0];
+                let mut z = Tensor::uninit(&[t, self.config.vocab_size], DType::F32, &self.device)?;
+                gemm::gemm_cuda(
+                    gemm::Layout::Nt,
+                    n,
+                    self.output_embedding(),
+                    &mut z,
+                    1.0,
+                    0.0,
+                )?;
+                z.to_vec::<f32>()
+            }
+        }
+    }
+
+    /// Logits `[vocab]` of the last position of one sequence `ids` on the model's device, with
+    /// no cache: the whole forward over `ids`, then the final norm and the lm_head of the last
+    /// row only (generation on a GPU, which has no KV cache yet).
+    pub fn last_logits(&self, adapters: Option<&Adapters>, ids: &[u32]) -> Result<Vec<f32>> {
+        let t = ids.len();
+        if t == 0 {
+            return Err(Error::InvalidArgument("last logits: no tokens".into()));
+        }
+        self.check_adapters(adapters)?;
+        let batch = self.batch(ids, &[0, t])?;
+        let h = self.layers_forward(&batch, adapters, None, ids, None)?;
+        let last = last_row(&h)?;
+        self.logits_of(&self.final_norm(last)?)
+    }
+
+    /// Runs `ids` (positions `cache.len()..`) through the model on the CPU, extending the
+    /// cache; returns the logits of the last token.
+    pub(crate) fn decode_step(
+        &self,
+        adapters: Option<&Adapters>,
+        ids: &[u32],
+        cache: &mut [KvCache],
+    ) -> Result<Vec<f32>> {
+        let start = cache.first().map_or(0, |c| c.len());
+        let batch = Batch::decode(start, ids.len())?;
+        let mut h = autograd::embed(&self.embed, ids)?;
+        for (l, layer_cache) in cache.iter_mut().enumerate() {
+            let mut tape = Tape::new(self.device, &batch, adapters, false, None)?;
+            let x = tape.input(h, false)?;
+            let y = self.layer(&mut tape, l, &x, Some(layer_cache))?;
+            drop((tape, x));
+            h = y.into_tensor()?;
+        }
+        self.logits_of(&self.final_norm(last_row(&h)?)?)
+    }
+
+    /// `adapters` (host form) on the model's device, for the host-facing methods below.
+    pub(crate) fn adapters_for(&self, lora: Option<&LoraParams>) -> Result<Option<Adapters>> {
+        lora.map(|p| {
+            super::adapters::check_fits(p, &self.config)?;
+            Adapters::new(p, None, AdamWConfig::default(), self.device)
+        })
+        .transpose()
+    }
+
+    /// Final hidden states (after the last norm), `[T, d]`, on the host in f32.
     pub fn hidden_states(
         &self,
         lora: Option<&LoraParams>,
         ids: &[u32],
         cu_seqlens: &[usize],
     ) -> Result<Vec<f32>> {
-        self.check_lora(lora)?;
-        let batch = Batch::new(cu_seqlens.to_vec())?;
-        self.check_batch(ids, &batch)?;
-        let mut h = embedding::forward(&self.embed, self.config.hidden_size, ids)?;
-        for l in 0..self.config.num_layers {
-            h = self.layer_inference(lora, &batch, l, h)?;
-        }
-        let (n, _) = crate::ops::rmsnorm::forward(
-            &h,
-            &self.norm,
-            self.config.hidden_size,
-            self.config.rms_norm_eps,
-        )?;
-        Ok(n)
+        let a = self.adapters_for(lora)?;
+        host_f32(&self.hidden_on(a.as_ref(), ids, cu_seqlens)?)
     }
 
-    /// Logits `[T, V]` of a packed batch.
+    /// Logits `[T, V]` of a packed batch, on the host in f32.
     pub fn logits(
         &self,
         lora: Option<&LoraParams>,
         ids: &[u32],
         cu_seqlens: &[usize],
     ) -> Result<Vec<f32>> {
-        let h = self.hidden_states(lora, ids, cu_seqlens)?;
-        Ok(cross_entropy::logits(
-            &h,
-            self.output_embedding(),
-            self.config.hidden_size,
-        ))
+        let a = self.adapters_for(lora)?;
+        let n = self.hidden_on(a.as_ref(), ids, cu_seqlens)?;
+        self.logits_of(&n)
     }
 
     /// Loss of a packed batch (labels unshifted, −100 = not counted; shifted per sequence).
@@ -415,19 +775,11 @@ impl Llama {
         labels: &[i64],
         cu_seqlens: &[usize],
     ) -> Result<StepLoss> {
-        let h = self.hidden_states(lora, ids, cu_seqlens)?;
-        let targets = self.targets(labels, cu_seqlens)?;
-        let out = cross_entropy::forward_backward(
-            &h,
-            self.output_embedding(),
-            self.config.hidden_size,
-            &targets,
-            None,
-            cross_entropy::DEFAULT_CHUNK,
-        )?;
+        let a = self.adapters_for(lora)?;
+        let (losses, count) = self.eval_micro_batch(a.as_ref(), ids, labels, cu_seqlens)?;
         Ok(StepLoss {
-            loss_sum: out.loss_sum,
-            count: out.count,
+            loss_sum: losses.sum()?,
+            count,
         })
     }
 
@@ -444,9 +796,9 @@ impl Llama {
         Ok(targets)
     }
 
-    /// Forward and backward of one packed micro-batch: returns the loss and adds
-    /// `grad_scale · d(loss_sum)/d(LoRA)` into `grads` (laid out like `lora.values`). The trainer
-    /// passes `grad_scale = 1 / (counted tokens of the whole optimizer step)`.
+    /// [`Llama::train_micro_batch`] with the adapters in host form: adds
+    /// `grad_scale · d(loss_sum)/d(LoRA)` into `grads` (laid out like `lora.values`). (A copy of
+    /// the adapters is made on the model's device per call; a training loop keeps [`Adapters`].)
     #[allow(clippy::too_many_arguments)]
     pub fn forward_backward(
         &self,
@@ -458,84 +810,48 @@ impl Llama {
         grad_scale: f32,
         dropout_seed: u64,
     ) -> Result<StepLoss> {
-        self.check_lora(Some(lora))?;
         crate::ops::expect_len(
             "forward_backward",
             "gradient buffer",
             grads.len(),
             &[lora.len()],
         )?;
-        let batch = Batch::new(cu_seqlens.to_vec())?;
-        self.check_batch(ids, &batch)?;
-        let targets = self.targets(labels, cu_seqlens)?;
-        let dropout = Some(Dropout {
-            p: lora.config.dropout,
-            seed: dropout_seed,
-        });
-        let d = self.config.hidden_size;
-        // Forward, keeping each layer's input (the checkpoints).
-        let mut inputs = Vec::with_capacity(self.config.num_layers);
-        let mut h = embedding::forward(&self.embed, d, ids)?;
-        for l in 0..self.config.num_layers {
-            inputs.push(h.clone());
-            // Not recorded; the replay in the backward draws the same dropout masks.
-            let mut tape = Tape::new(self, Some(lora), &batch, &self.freqs, false, dropout);
-            let x = tape.leaf(h, false);
-            let y = self.layer(&mut tape, l, x)?;
-            h = tape.take(y);
-        }
-        // Final norm + fused lm_head/cross-entropy.
-        let mut tape = Tape::new(self, Some(lora), &batch, &self.freqs, true, None);
-        let x = tape.leaf(h, true);
-        let n = tape.rmsnorm(x, NormId::Final)?;
-        let ce = cross_entropy::forward_backward(
-            tape.value(n),
-            self.output_embedding(),
-            d,
-            &targets,
-            Some(grad_scale),
-            cross_entropy::DEFAULT_CHUNK,
-        )?;
-        let dn = ce.dh.expect("gradient requested");
-        let mut dh = tape
-            .backward(n, dn, x, grads)?
-            .expect("the final norm input requires a gradient");
-        // Backward, one replayed layer at a time.
-        for l in (0..self.config.num_layers).rev() {
-            let mut tape = Tape::new(self, Some(lora), &batch, &self.freqs, true, dropout);
-            let x = tape.leaf(std::mem::take(&mut inputs[l]), l > 0);
-            let y = self.layer(&mut tape, l, x)?;
-            match tape.backward(y, dh, x, grads)? {
-                Some(dx) => dh = dx,
-                None => break,
-            }
+        let a = self.adapters_for(Some(lora))?.expect("adapters given");
+        let (losses, count) =
+            self.train_micro_batch(&a, ids, labels, cu_seqlens, grad_scale, dropout_seed)?;
+        for (g, d) in grads.iter_mut().zip(a.grads_to_host()?) {
+            *g += d;
         }
         Ok(StepLoss {
-            loss_sum: ce.loss_sum,
-            count: ce.count,
+            loss_sum: losses.sum()?,
+            count,
         })
     }
 }
 
-impl Frozen for Llama {
-    fn config(&self) -> &LlamaConfig {
-        &self.config
-    }
-
-    fn norm(&self, id: NormId) -> &[f32] {
-        match id {
-            NormId::Input(l) => &self.layers[l].input_norm,
-            NormId::PostAttention(l) => &self.layers[l].post_norm,
-            NormId::Final => &self.norm,
+/// The last row of `[T, d]`, as `[1, d]`.
+fn last_row(h: &Tensor) -> Result<Tensor> {
+    let op = "last row";
+    let (t, d) = (h.shape()[0], h.shape()[1]);
+    match h.device() {
+        Device::Cpu => hv(h.cpu_slice::<f32>(op)?[(t - 1) * d..].to_vec(), &[1, d]),
+        Device::Cuda(o) => {
+            let mut last = Tensor::uninit(&[1, d], DType::BF16, &h.device())?;
+            let cuda = crate::device::cuda::CudaDevice::get(o)?;
+            let row = h.cuda_slice::<bf16>(op)?.slice((t - 1) * d..t * d);
+            cuda.stream()
+                .memcpy_dtod(&row, last.cuda_slice_mut::<bf16>(op)?)
+                .map_err(Error::cuda("copying the last hidden row"))?;
+            Ok(last)
         }
     }
+}
 
-    fn base_weight(&self, layer: usize, target: Target) -> Result<Cow<'_, [f32]>> {
-        self.base(layer, target).to_f32()
-    }
-
-    fn bias(&self, layer: usize, target: Target) -> Option<&[f32]> {
-        self.layers[layer].proj[target as usize].bias.as_deref()
+/// A tensor's values on the host in f32 (bf16 widened).
+fn host_f32(t: &Tensor) -> Result<Vec<f32>> {
+    match t.dtype() {
+        DType::BF16 => Ok(t.to_vec::<bf16>()?.iter().map(|v| v.to_f32()).collect()),
+        _ => t.to_vec::<f32>(),
     }
 }
 
@@ -570,11 +886,13 @@ mod tests {
     fn tape_records_only_what_a_gradient_flows_through() {
         let model = tiny();
         let batch = Batch::new(vec![0, 5]).unwrap();
-        let h = embedding::forward(&model.embed, 96, &[1, 2, 3, 4, 5]).unwrap();
+        let h = autograd::embed(&model.embed, &[1, 2, 3, 4, 5]).unwrap();
         // No adapter and an input that needs no gradient: nothing to record.
-        let mut tape = Tape::new(&model, None, &batch, &model.freqs, true, None);
-        let x = tape.leaf(h.clone(), false);
-        model.layer(&mut tape, 0, x).unwrap();
+        let mut tape = Tape::new(Device::Cpu, &batch, None, true, None).unwrap();
+        let x = tape
+            .input(h.to_device(&Device::Cpu).unwrap(), false)
+            .unwrap();
+        model.layer(&mut tape, 0, &x, None).unwrap();
         assert_eq!(tape.records(), 0);
         // An adapter on v only: the first norm and q/k (and their RoPE) stay unrecorded.
         let cfg = LoraConfig {
@@ -585,10 +903,11 @@ mod tests {
             targets: vec![Target::V],
         };
         let lora = LoraParams::init(&model.config, cfg, 1).unwrap();
-        let mut tape = Tape::new(&model, Some(&lora), &batch, &model.freqs, true, None);
-        let x = tape.leaf(h, false);
-        model.layer(&mut tape, 0, x).unwrap();
-        // v, attention, o, add, norm, gate, up, swiglu, down, add
-        assert_eq!(tape.records(), 10);
+        let a = Adapters::new(&lora, None, AdamWConfig::default(), Device::Cpu).unwrap();
+        let mut tape = Tape::new(Device::Cpu, &batch, Some(&a), true, None).unwrap();
+        let x = tape.input(h, false).unwrap();
+        model.layer(&mut tape, 0, &x, None).unwrap();
+        // v, attention, o, add + norm, gate, up, swiglu, down + residual
+        assert_eq!(tape.records(), 8);
     }
 }

@@ -279,6 +279,64 @@ impl LoraParams {
         Ok(p)
     }
 
+    /// PEFT's initialisation for a model of one's own: one adapter per `(layer, target, in,
+    /// out)` (a projection `[out, in]`), laid out in the order given, A then B, of a model with
+    /// `model_layers` blocks. `config.targets` is ignored here; the list is the targets.
+    pub fn init_for(
+        config: LoraConfig,
+        projections: &[(usize, Target, usize, usize)],
+        model_layers: usize,
+        seed: u64,
+    ) -> Result<LoraParams> {
+        config.validate()?;
+        let mut slots = Vec::with_capacity(projections.len());
+        let mut at = 0;
+        for &(layer, target, i, o) in projections {
+            if layer >= model_layers || config.rank > i.min(o) {
+                return Err(Error::InvalidArgument(format!(
+                    "LoRA on layer {layer} {} ({o} × {i}): the model has {model_layers} layers \
+                     and the rank {} must not exceed min(in, out)",
+                    target.module(),
+                    config.rank
+                )));
+            }
+            if slots
+                .iter()
+                .any(|s: &LoraSlot| s.layer == layer && s.target == target)
+            {
+                return Err(Error::InvalidArgument(format!(
+                    "two adapters for layer {layer} {}",
+                    target.module()
+                )));
+            }
+            let a = at..at + config.rank * i;
+            let b = a.end..a.end + o * config.rank;
+            at = b.end;
+            slots.push(LoraSlot {
+                layer,
+                target,
+                in_features: i,
+                out_features: o,
+                a,
+                b,
+            });
+        }
+        let mut values = vec![0.0; at];
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        for s in &slots {
+            let bound = 1.0 / (s.in_features as f32).sqrt();
+            for v in &mut values[s.a.clone()] {
+                *v = rng.random_range(-bound..bound);
+            }
+        }
+        Ok(LoraParams {
+            config,
+            slots,
+            values,
+            model_layers,
+        })
+    }
+
     /// The layers that carry adapters, ascending.
     pub fn layers(&self) -> Vec<usize> {
         let mut l: Vec<usize> = self.slots.iter().map(|s| s.layer).collect();
@@ -358,7 +416,7 @@ impl LoraParams {
 
     /// Length of the flat buffer the slots describe (equal to `len()` unless `values` is empty
     /// because only the layout is kept).
-    fn layout_len(&self) -> usize {
+    pub(crate) fn layout_len(&self) -> usize {
         self.slots.last().map_or(0, |s| s.b.end)
     }
 

@@ -1,5 +1,5 @@
 //! The device-memory plan of a training run, computed before anything is allocated: the same
-//! numbers `qlora-rs plan` prints, from the allocations the CUDA step makes (`model::cuda_llama`),
+//! numbers `qlora-rs plan` prints, from the allocations the training step makes on a GPU (`model::llama` on the tape),
 //! held to the peak the simulated GPU measures (`QLORA_SIM_MODE=account`; a test compares them).
 //!
 //! With T tokens per micro-batch, d hidden, F intermediate, L layers, V vocabulary (Vp rounded up

@@ -1,8 +1,8 @@
 //! The model: configuration, the Llama decoder, LoRA adapters, generation, memory planning,
 //! GGUF import.
 
+pub mod adapters;
 pub mod config;
-pub mod cuda_llama;
 pub mod generate;
 pub mod import_gguf;
 pub mod llama;

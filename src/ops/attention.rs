@@ -323,23 +323,17 @@ fn check_cuda(
     let o = cuda_ordinal(op, q)?;
     let dev = Device::Cuda(o);
     let tokens = q.shape().first().copied().unwrap_or(0);
-    check_tensor(op, "q", q, DType::BF16, &[tokens, d.heads, d.head_dim], dev)?;
-    check_tensor(
-        op,
-        "k",
-        k,
-        DType::BF16,
-        &[tokens, d.kv_heads, d.head_dim],
-        dev,
-    )?;
-    check_tensor(
-        op,
-        "v",
-        v,
-        DType::BF16,
-        &[tokens, d.kv_heads, d.head_dim],
-        dev,
-    )?;
+    // `[T, heads, head_dim]`, or the same memory as `[T, heads·head_dim]` (a projection's output).
+    let heads_shape = |heads: usize, t: &Tensor| {
+        if t.shape().len() == 2 {
+            vec![tokens, heads * d.head_dim]
+        } else {
+            vec![tokens, heads, d.head_dim]
+        }
+    };
+    check_tensor(op, "q", q, DType::BF16, &heads_shape(d.heads, q), dev)?;
+    check_tensor(op, "k", k, DType::BF16, &heads_shape(d.kv_heads, k), dev)?;
+    check_tensor(op, "v", v, DType::BF16, &heads_shape(d.kv_heads, v), dev)?;
     check_cu_seqlens(op, cu, tokens)?;
     let max_len = cu.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0);
     let cu_dev = Tensor::from_vec(
@@ -358,7 +352,8 @@ fn grid(max_len: usize, heads: usize, seqs: usize, threads: u32, smem: usize) ->
     }
 }
 
-/// CUDA flash attention forward: `(o [T, H, D] bf16, lse [T, H] f32)`.
+/// CUDA flash attention forward: `(o [T, H, D] bf16, lse [T, H] f32)`; q, k and v may also be
+/// given as `[T, heads·D]` (the same memory), and o then has q's shape `[T, H·D]`.
 pub fn forward_cuda(
     d: Dims,
     q: &Tensor,
@@ -368,7 +363,7 @@ pub fn forward_cuda(
 ) -> Result<(Tensor, Tensor)> {
     let op = "flash attention (cuda)";
     let (tokens, dev, cu, max_len) = check_cuda(op, d, q, k, v, cu_seqlens)?;
-    let o = Tensor::uninit(&[tokens, d.heads, d.head_dim], DType::BF16, &dev)?;
+    let o = Tensor::uninit(q.shape(), DType::BF16, &dev)?;
     let lse = Tensor::uninit(&[tokens, d.heads], DType::F32, &dev)?;
     if tokens == 0 {
         return Ok((o, lse));

@@ -151,6 +151,38 @@ pub fn add_cuda(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     Ok(out)
 }
 
+/// CUDA: `acc += b` in place for two bf16 tensors of one shape (gradients that meet, the
+/// residual added into a projection's output): the same kernel and rounding as [`add_cuda`],
+/// without a third buffer.
+pub fn add_assign_cuda(acc: &mut Tensor, b: &Tensor) -> Result<()> {
+    let op = "add in place (cuda)";
+    let o = cuda_ordinal(op, acc)?;
+    let dev = Device::Cuda(o);
+    let shape = acc.shape().to_vec();
+    check_tensor(op, "acc", acc, DType::BF16, &shape, dev)?;
+    check_tensor(op, "b", b, DType::BF16, &shape, dev)?;
+    let n = acc.elem_count();
+    if n == 0 {
+        return Ok(());
+    }
+    let cuda = CudaDevice::get(o)?;
+    let name = "add_bf16";
+    let f = cuda.function("embedding", name)?;
+    let n_i = n as i64;
+    // add_bf16 reads a[i] and b[i] and then writes out[i], one element per thread: `a` and
+    // `out` may be the same buffer.
+    let a_ptr = acc.device_ptr();
+    let mut bld = cuda.stream().launch_builder(&f);
+    bld.arg(&a_ptr)
+        .arg(b.cuda_slice::<half::bf16>(op)?)
+        .arg(acc.cuda_slice_mut::<half::bf16>(op)?)
+        .arg(&n_i);
+    // SAFETY: add_bf16(const bf16*, const bf16*, bf16*, long long); acc and b hold n elements
+    // (checked); a and out alias element for element, which the kernel allows (above).
+    unsafe { cuda.launch(name, bld, grid_1d(n, 256)) }?;
+    Ok(())
+}
+
 /// CUDA: `y[t, c] += bias[c]` in place, y bf16 `[.., out]`, bias bf16 `[out]` (rounded once;
 /// reference `linear::add_bias`).
 pub fn bias_add_cuda(y: &mut Tensor, bias: &Tensor) -> Result<()> {

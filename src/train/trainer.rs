@@ -19,20 +19,20 @@ use rand::SeedableRng;
 use super::checkpoint::{self, TrainState};
 use super::config::TrainConfig;
 use super::metrics::{self, Metrics, MetricsLog};
-use super::optimizer::{clip_grad_norm, AdamW, AdamWConfig};
+use super::optimizer::{AdamW, AdamWConfig};
 use super::run_dir::RunDir;
 use super::schedule::Schedule;
+use crate::autograd::Losses;
 use crate::data::tokenizer::TextTokenizer;
 use crate::data::{self, DataOptions, DataStats, MicroBatch, Sequence};
 use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::io::adapters;
-use crate::model::cuda_llama::{CudaLlama, CudaLora};
+use crate::model::adapters::Adapters;
 use crate::model::llama::{BaseFormat, Llama};
 use crate::model::lora::LoraParams;
 use crate::ops::dropout;
 use crate::quant::nf4::Nf4Config;
-use crate::tensor::Tensor;
 
 /// A NaN or infinite loss or gradient norm stops the run: an error naming the step (`exact`:
 /// this very step; else at or before it, the GPU's values being read on logged steps only).
@@ -53,11 +53,12 @@ fn non_finite(step: u64, loss: f64, grad_norm: f64, exact: bool) -> Result<()> {
     )))
 }
 
-/// The GPU skipped the update of step `bad` and every later one (a non-finite gradient norm).
+/// The optimizer skipped the update of step `bad` and every later one (a non-finite gradient
+/// norm, found on a GPU only when its values are read back).
 fn non_finite_on_device(bad: u64) -> Error {
     Error::InvalidArgument(format!(
-        "training stopped: the gradients of step {bad} were not finite (NaN or Inf), so the GPU \
-         skipped that update and the ones after it; the adapters are those of step {}, and the \
+        "training stopped: the gradients of step {bad} were not finite (NaN or Inf), so the \
+         optimizer skipped that update and the ones after it; the adapters are those of step {}, and the \
          checkpoints written before are intact (a lower --lr, --max-grad-norm, or the data of \
          that step may be the cause)",
         bad - 1
@@ -84,10 +85,15 @@ pub struct Summary {
 
 pub struct Trainer {
     pub config: TrainConfig,
+    /// The model, on the device it trains on.
     pub model: Llama,
     pub tokenizer: TextTokenizer,
+    /// The adapters and optimizer state as of the last checkpoint or output (a host copy of
+    /// `adapters`, which live on the model's device).
     pub lora: LoraParams,
     pub optimizer: AdamW,
+    /// The adapters, their gradients and AdamW state, on the model's device.
+    pub adapters: Adapters,
     pub data_stats: DataStats,
     train: Vec<Sequence>,
     eval: Vec<Sequence>,
@@ -95,12 +101,8 @@ pub struct Trainer {
     total_steps: u64,
     schedule: Schedule,
     epoch_batches: Vec<MicroBatch>,
-    grads: Vec<f32>,
     metrics: MetricsLog,
     stop: Arc<AtomicBool>,
-    /// The model and adapters on a GPU, when training there; `lora` and `optimizer` above are
-    /// then refreshed from it for checkpoints and outputs.
-    cuda: Option<(CudaLlama, CudaLora)>,
     /// What the steps since the last logged one add up to (`logging_steps`).
     pending: PendingLog,
     /// The output folder, locked while the trainer lives.
@@ -115,11 +117,10 @@ struct PendingLog {
     started: Option<Instant>,
 }
 
-/// One unlogged step's loss: a sum on the host (CPU training) and per-token losses still on the
-/// GPU (read back only when logged), over `counted` tokens.
+/// One unlogged step's losses (on a GPU still there, read back only when logged), over `counted`
+/// tokens.
 struct PendingStep {
-    loss_sum: f64,
-    device: Vec<Tensor>,
+    losses: Vec<Losses>,
     counted: usize,
 }
 
@@ -165,13 +166,31 @@ impl Trainer {
     pub fn new_on(config: TrainConfig, device: Device) -> Result<Trainer> {
         config.validate()?;
         let mut run_dir = RunDir::open(&config)?;
-        let model = Llama::load(
-            &config.model,
-            BaseFormat::Nf4(Nf4Config {
-                blocksize: config.quant_blocksize,
-                double_quant: true,
-            }),
-        )?;
+        let format = BaseFormat::Nf4(Nf4Config {
+            blocksize: config.quant_blocksize,
+            double_quant: true,
+        });
+        if let Device::Cuda(o) = device {
+            // Refused up front, with the plan, rather than out of memory mid-load or mid-step.
+            crate::model::llama::check_model_dir(&config.model)?;
+            let c =
+                crate::model::config::LlamaConfig::from_file(&config.model.join("config.json"))?;
+            crate::model::llama::check_gpu_support(&c, format)?;
+            let plan = crate::model::memory::plan(&c, &config.lora()?, config.batch_tokens)?;
+            let dev = crate::device::cuda::CudaDevice::get(o)?;
+            let free = dev.total_memory()?.saturating_sub(dev.memory_used()?) as u64;
+            if plan.total() > free {
+                let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+                return Err(Error::InvalidArgument(format!(
+                    "this run needs {:.2} GiB on cuda:{o} and {:.2} GiB is free: lower \
+                     --batch-tokens or --rank, or adapt fewer --targets (`qlora-rs plan` shows \
+                     where it goes)",
+                    gib(plan.total()),
+                    gib(free)
+                )));
+            }
+        }
+        let model = Llama::load_on(&config.model, format, device)?;
         let tokenizer = TextTokenizer::load(&config.model)?;
         if tokenizer.vocab_size() > model.config.vocab_size {
             return Err(Error::InvalidArgument(format!(
@@ -294,28 +313,11 @@ impl Trainer {
                 (lora, opt, state)
             }
         };
-        if let Device::Cuda(o) = device {
-            // Refused up front, with the plan, rather than out of memory mid-load or mid-step.
-            let plan =
-                crate::model::memory::plan(&model.config, &lora.config, config.batch_tokens)?;
-            let dev = crate::device::cuda::CudaDevice::get(o)?;
-            let free = dev.total_memory()?.saturating_sub(dev.memory_used()?) as u64;
-            if plan.total() > free {
-                let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
-                return Err(Error::InvalidArgument(format!(
-                    "this run needs {:.2} GiB on cuda:{o} and {:.2} GiB is free: lower \
-                     --batch-tokens or --rank, or adapt fewer --targets (`qlora-rs plan` shows \
-                     where it goes)",
-                    gib(plan.total()),
-                    gib(free)
-                )));
-            }
-        }
         // Every input has loaded: now the run this one replaces (--overwrite) may go.
         run_dir.start()?;
         let mut trainer = Trainer {
             metrics: MetricsLog::open(&config.output, Some(state.step))?,
-            grads: vec![0.0; lora.len()],
+            adapters: Adapters::new(&lora, Some(&optimizer), adamw, device)?,
             total_steps: 0,
             schedule: Schedule {
                 kind: config.schedule,
@@ -325,7 +327,6 @@ impl Trainer {
             },
             epoch_batches: Vec::new(),
             stop: Arc::new(AtomicBool::new(false)),
-            cuda: None,
             pending: PendingLog::default(),
             _run_dir: run_dir,
             config,
@@ -338,12 +339,6 @@ impl Trainer {
             eval,
             state,
         };
-        if let Device::Cuda(o) = device {
-            let gpu_model = CudaLlama::from_llama(&trainer.model, o)?;
-            let gpu_lora =
-                CudaLora::from_params(&trainer.lora, Some(&trainer.optimizer), adamw, o)?;
-            trainer.cuda = Some((gpu_model, gpu_lora));
-        }
         trainer.total_steps = trainer.count_steps();
         trainer.schedule.total = trainer.total_steps;
         trainer.epoch_batches = trainer.batches_of_epoch(trainer.state.epoch);
@@ -414,55 +409,48 @@ impl Trainer {
         self.pending.started.get_or_insert(started);
         self.pending.tokens += tokens;
         let mut step = PendingStep {
-            loss_sum: 0.0,
-            device: Vec::new(),
+            losses: Vec::with_capacity(batches.len()),
             counted,
         };
-        let (grad_norm, memory) = match self.cuda.as_mut() {
-            Some((model, lora)) => {
-                lora.zero_grads()?;
-                for (i, b) in batches.iter().enumerate() {
-                    let seed = dropout::batch_seed(self.config.seed, self.state.step, i);
-                    lora.set_dropout_seed(Some(seed));
-                    let (losses, _) =
-                        model.forward_backward(lora, &b.ids, &b.labels, &b.cu_seqlens, scale)?;
-                    step.device.push(losses);
+        self.adapters.zero_grads()?;
+        for (i, b) in batches.iter().enumerate() {
+            let seed = dropout::batch_seed(self.config.seed, self.state.step, i);
+            let (losses, _) = self.model.train_micro_batch(
+                &self.adapters,
+                &b.ids,
+                &b.labels,
+                &b.cu_seqlens,
+                scale,
+                seed,
+            )?;
+            step.losses.push(losses);
+        }
+        // A non-finite gradient norm skips the update (the adapters stay as the last good step
+        // left them) and stops the run: at once where the norm is known without a
+        // synchronisation (the CPU), on the next logged step on a GPU.
+        let (grad_norm, memory) = match self.adapters.step(lr, self.config.max_grad_norm)? {
+            Some(norm) => {
+                let mut loss = 0.0;
+                for l in &step.losses {
+                    loss += l.sum()?;
                 }
-                lora.set_dropout_seed(None);
-                lora.step(lr, self.config.max_grad_norm)?;
-                if log {
-                    // The only host synchronisation: the logged step's read-backs.
-                    if let Some(bad) = lora.first_non_finite_step()? {
-                        return Err(non_finite_on_device(bad));
+                non_finite(next, loss / counted.max(1) as f64, norm, true)?;
+                (Some(norm), resident_memory())
+            }
+            None if log => {
+                // The only host synchronisation: the logged step's read-backs.
+                if let Some(bad) = self.adapters.first_non_finite_step()? {
+                    return Err(non_finite_on_device(bad));
+                }
+                let used = match self.model.device() {
+                    Device::Cuda(o) => {
+                        Some(crate::device::cuda::CudaDevice::get(o)?.memory_used()? as u64)
                     }
-                    let dev = crate::device::cuda::CudaDevice::get(model.config_ordinal())?;
-                    (Some(lora.grad_norm()?), Some(dev.memory_used()? as u64))
-                } else {
-                    (None, None)
-                }
+                    Device::Cpu => resident_memory(),
+                };
+                (Some(self.adapters.grad_norm()?), used)
             }
-            None => {
-                self.grads.fill(0.0);
-                for (i, b) in batches.iter().enumerate() {
-                    let seed = dropout::batch_seed(self.config.seed, self.state.step, i);
-                    let l = self.model.forward_backward(
-                        &self.lora,
-                        &mut self.grads,
-                        &b.ids,
-                        &b.labels,
-                        &b.cu_seqlens,
-                        scale,
-                        seed,
-                    )?;
-                    step.loss_sum += l.loss_sum;
-                }
-                let grad_norm = clip_grad_norm(&mut self.grads, self.config.max_grad_norm);
-                // Before the update: the adapters stay as the last good step left them.
-                non_finite(next, step.loss_sum / counted.max(1) as f64, grad_norm, true)?;
-                self.optimizer
-                    .step(&mut self.lora.values, &self.grads, lr)?;
-                (Some(grad_norm), resident_memory())
-            }
+            None => (None, None),
         };
         self.pending.steps.push(step);
         self.state.step += 1;
@@ -479,15 +467,15 @@ impl Trainer {
             // The mean of the steps' per-token mean losses (as transformers logs).
             let mut total = 0.0;
             for st in &p.steps {
-                let mut sum = st.loss_sum;
-                for l in &st.device {
-                    sum += device_sum(l)?;
+                let mut sum = 0.0;
+                for l in &st.losses {
+                    sum += l.sum()?;
                 }
                 total += sum / st.counted.max(1) as f64;
             }
             m.loss = Some(total / p.steps.len().max(1) as f64);
             m.grad_norm = grad_norm;
-            if self.cuda.is_some() {
+            if self.model.device() != Device::Cpu {
                 // The GPU's losses and norm reach the host only on logged steps.
                 non_finite(
                     self.state.step,
@@ -510,13 +498,12 @@ impl Trainer {
             return Ok(None);
         }
         let seqs: Vec<&Sequence> = self.eval.iter().collect();
-        // Training on a GPU, the current adapters live there (the host copy is only synced for
-        // checkpoints), so the evaluation runs there too.
-        let on = match &self.cuda {
-            Some((model, lora)) => LossModel::Cuda(model, Some(lora)),
-            None => LossModel::Cpu(&self.model, Some(&self.lora)),
-        };
-        let (sum, count) = loss_over(on, &seqs, self.config.batch_tokens)?;
+        let (sum, count) = loss_over(
+            &self.model,
+            Some(&self.adapters),
+            &seqs,
+            self.config.batch_tokens,
+        )?;
         Ok(Some(sum / count.max(1) as f64))
     }
 
@@ -533,16 +520,14 @@ impl Trainer {
         Ok(loss)
     }
 
-    /// Brings the adapters and optimizer state back from the GPU (when training there).
+    /// Brings the adapters and optimizer state to the host copies `lora` and `optimizer`.
     fn sync_from_device(&mut self) -> Result<()> {
-        if let Some((_, lora)) = &self.cuda {
-            // Never a checkpoint or adapter labelled with a step whose update was skipped.
-            if let Some(bad) = lora.first_non_finite_step()? {
-                return Err(non_finite_on_device(bad));
-            }
-            self.lora = lora.to_host()?;
-            self.optimizer = lora.optimizer_to_host()?;
+        // Never a checkpoint or adapter labelled with a step whose update was skipped.
+        if let Some(bad) = self.adapters.first_non_finite_step()? {
+            return Err(non_finite_on_device(bad));
         }
+        self.lora = self.adapters.to_host()?;
+        self.optimizer = self.adapters.optimizer_to_host()?;
         Ok(())
     }
 
@@ -645,7 +630,7 @@ impl Trainer {
 }
 
 /// Mean loss and counted tokens of `data` under `model` (+ `lora`), with the training formats
-/// and masking (`qlora-rs eval`), on `device` (the CUDA step's forward on a GPU).
+/// and masking (`qlora-rs eval`), on the model's device.
 pub fn evaluate_file(
     model: &Llama,
     tokenizer: &TextTokenizer,
@@ -653,55 +638,33 @@ pub fn evaluate_file(
     data_path: &Path,
     opts: &DataOptions,
     batch_tokens: usize,
-    device: Device,
 ) -> Result<(f64, usize, DataStats)> {
     let (seqs, stats) = data::load(data_path, tokenizer, opts)?;
     let refs: Vec<&Sequence> = seqs.iter().collect();
-    let gpu = match device {
-        Device::Cuda(o) => {
-            let m = CudaLlama::from_llama(model, o)?;
-            let l = lora
-                .map(|p| CudaLora::from_params(p, None, AdamWConfig::default(), o))
-                .transpose()?;
-            Some((m, l))
-        }
-        Device::Cpu => None,
-    };
-    let on = match &gpu {
-        Some((m, l)) => LossModel::Cuda(m, l.as_ref()),
-        None => LossModel::Cpu(model, lora),
-    };
-    let (sum, count) = loss_over(on, &refs, batch_tokens.max(opts.seq_len))?;
+    let adapters = lora
+        .map(|p| Adapters::new(p, None, AdamWConfig::default(), model.device()))
+        .transpose()?;
+    let (sum, count) = loss_over(
+        model,
+        adapters.as_ref(),
+        &refs,
+        batch_tokens.max(opts.seq_len),
+    )?;
     Ok((sum / count.max(1) as f64, count, stats))
 }
 
-/// The model a loss is computed with: the host model or its copy on a GPU, with adapters.
-enum LossModel<'a> {
-    Cpu(&'a Llama, Option<&'a LoraParams>),
-    Cuda(&'a CudaLlama, Option<&'a CudaLora>),
-}
-
 /// Loss sum and counted tokens of `seqs`, packed into batches of `batch_tokens` (evaluation).
-fn loss_over(on: LossModel, seqs: &[&Sequence], batch_tokens: usize) -> Result<(f64, usize)> {
+fn loss_over(
+    model: &Llama,
+    adapters: Option<&Adapters>,
+    seqs: &[&Sequence],
+    batch_tokens: usize,
+) -> Result<(f64, usize)> {
     let (mut sum, mut count) = (0.0, 0usize);
     for b in data::pack(seqs, batch_tokens) {
-        match on {
-            LossModel::Cuda(m, l) => {
-                let (losses, n) = m.loss(l, &b.ids, &b.labels, &b.cu_seqlens)?;
-                sum += device_sum(&losses)?;
-                count += n;
-            }
-            LossModel::Cpu(m, l) => {
-                let l = m.loss(l, &b.ids, &b.labels, &b.cu_seqlens)?;
-                sum += l.loss_sum;
-                count += l.count;
-            }
-        }
+        let (losses, n) = model.eval_micro_batch(adapters, &b.ids, &b.labels, &b.cu_seqlens)?;
+        sum += losses.sum()?;
+        count += n;
     }
     Ok((sum, count))
-}
-
-/// Sum of a device tensor of per-token f32 losses, read back to the host (synchronises).
-fn device_sum(losses: &Tensor) -> Result<f64> {
-    Ok(losses.to_vec::<f32>()?.iter().map(|&v| v as f64).sum())
 }
