@@ -51,7 +51,7 @@ pub struct DataArgs {
 }
 
 /// The settings `data` runs with: flags over the config file over train's defaults.
-fn settings(a: &DataArgs) -> Result<(PathBuf, PathBuf, DataOptions)> {
+fn settings(a: &DataArgs) -> Result<(PathBuf, PathBuf, DataOptions, ChatOptions)> {
     let cfg = a
         .config
         .as_deref()
@@ -87,14 +87,22 @@ fn settings(a: &DataArgs) -> Result<(PathBuf, PathBuf, DataOptions)> {
         seq_len,
         train_on_prompt: a.train_on_prompt || cfg.as_ref().is_some_and(|c| c.train_on_prompt),
     };
-    Ok((model, data, opts))
+    let tools = a
+        .tools
+        .clone()
+        .or_else(|| cfg.as_ref().and_then(|c| c.tools.clone()));
+    let kwargs = a
+        .chat_template_kwargs
+        .clone()
+        .or_else(|| cfg.as_ref().and_then(|c| c.chat_template_kwargs.clone()));
+    let chat = ChatOptions::parse(tools.as_deref(), kwargs.as_deref())?;
+    Ok((model, data, opts, chat))
 }
 
 /// Runs `qlora-rs data`, writing to stdout (and, with `--json`, the summary to stderr).
 pub fn run(a: &DataArgs) -> Result<()> {
     use std::io::IsTerminal;
-    let (model, data, opts) = settings(a)?;
-    let chat = ChatOptions::parse(a.tools.as_deref(), a.chat_template_kwargs.as_deref())?;
+    let (model, data, opts, chat) = settings(a)?;
     let tok = TextTokenizer::load(&model)?;
     let (seqs, stats) = load_records(&data, &tok, &opts, &chat)?;
     let summary = summary(&data, &opts, &stats, &seqs);
