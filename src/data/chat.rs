@@ -27,14 +27,19 @@ use crate::error::{Error, Result};
 /// A broken-down local time, for `strftime_now`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LocalTime {
+    /// The year, e.g. 2026.
     pub year: i32,
     /// 1–12.
     pub month: u32,
     /// 1–31.
     pub day: u32,
+    /// 0–23.
     pub hour: u32,
+    /// 0–59.
     pub minute: u32,
+    /// 0–59.
     pub second: u32,
+    /// 0–999999.
     pub microsecond: u32,
     /// 0 = Sunday.
     pub weekday: u32,
@@ -213,6 +218,8 @@ impl ChatInput {
     }
 }
 
+/// A model's chat template, compiled once, with the helpers transformers gives templates
+/// (`raise_exception`, `strftime_now`, `tojson` with Python's options).
 pub struct ChatTemplate {
     env: Environment<'static>,
     bos_token: Option<String>,
@@ -392,6 +399,7 @@ impl PyJson {
 const RESERVED: [&str; 4] = ["messages", "tools", "documents", "add_generation_prompt"];
 
 impl ChatTemplate {
+    /// Compiles `template` with the tokenizer's special tokens as template variables.
     pub fn new(
         template: &str,
         bos_token: Option<String>,

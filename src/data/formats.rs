@@ -30,16 +30,23 @@ use super::chat::ChatInput;
 use super::records::Record;
 use crate::error::{Error, Result};
 
+/// The layouts of a training record, told apart by their keys.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Format {
+    /// `{"text": …}`: plain text, every token trained.
     Text,
+    /// `{"prompt": …, "completion": …}`: strings, or lists of messages (TRL's conversational form).
     PromptCompletion,
+    /// `{"messages": [{"role", "content"}, …]}`, rendered with the model's chat template.
     Messages,
+    /// `{"instruction", "input", "output"}`, rendered as a user and an assistant turn.
     Alpaca,
+    /// `{"conversations": [{"from", "value"}, …]}`, mapped to messages.
     ShareGpt,
 }
 
 impl Format {
+    /// The name `--format` takes.
     pub fn name(self) -> &'static str {
         match self {
             Format::Text => "text",
@@ -97,13 +104,16 @@ impl Format {
 /// One chat message.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct Message {
+    /// `system`, `user`, `assistant` or `tool`.
     pub role: String,
+    /// The message's text.
     pub content: String,
 }
 
 /// A conversation for the chat template, and which of its messages carry loss.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Conversation {
+    /// The messages (and tools, template variables) as the template receives them.
     pub input: ChatInput,
     /// Per message: an assistant turn that is trained on (not `weight: 0`).
     pub trained: Vec<bool>,

@@ -5,10 +5,15 @@
 //! Sequences are truncated to `seq_len` (keeping the start) and packed, padding-free, into
 //! micro-batches of at most `batch_tokens` tokens with positions restarting per sequence.
 
+/// Chat templates: the model's Jinja template, rendered as transformers renders it.
 pub mod chat;
+/// Record layouts and how each becomes text with trained spans.
 pub mod formats;
+/// `qlora-rs data`: what training will see, record by record.
 pub mod preview;
+/// Reading JSON and JSON Lines files (plain or gzip) into records.
 pub mod records;
+/// The tokenizer and its special tokens.
 pub mod tokenizer;
 
 use std::path::Path;
@@ -24,7 +29,10 @@ use tokenizer::TextTokenizer;
 /// One tokenized sequence.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Sequence {
+    /// Token ids.
     pub ids: Vec<u32>,
+    /// The id where the token is trained on, −100 where it is not (unshifted: the loss of token
+    /// i + 1 is taken at position i).
     pub labels: Vec<i64>,
 }
 
@@ -42,13 +50,17 @@ impl Sequence {
 /// What happened while building a dataset.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DataStats {
+    /// Records read.
     pub records: usize,
+    /// Sequences cut to `seq_len` tokens (their start kept).
     pub truncated: usize,
     /// Sequences dropped because no token was left to train on.
     pub empty: usize,
     /// Records whose text is empty (or only whitespace), dropped (counted in `empty` too).
     pub blank: usize,
+    /// Tokens in the sequences kept.
     pub tokens: usize,
+    /// Tokens the loss counts.
     pub counted_tokens: usize,
     /// The format the records were read as (named or detected).
     pub format: Option<Format>,
@@ -59,6 +71,7 @@ pub struct DataStats {
 pub struct DataOptions {
     /// `None`: detect from the first record's keys.
     pub format: Option<Format>,
+    /// Longest sequence in tokens; longer ones are cut.
     pub seq_len: usize,
     /// Train on prompts and user turns too.
     pub train_on_prompt: bool,
@@ -264,12 +277,16 @@ pub fn load_records(
 /// A packed micro-batch.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MicroBatch {
+    /// The sequences' ids, one after another.
     pub ids: Vec<u32>,
+    /// Their labels, likewise (−100: not trained).
     pub labels: Vec<i64>,
+    /// Sequence boundaries: sequence i is `cu_seqlens[i]..cu_seqlens[i + 1]`.
     pub cu_seqlens: Vec<usize>,
 }
 
 impl MicroBatch {
+    /// Tokens the loss counts (after the shift within each sequence).
     pub fn counted(&self) -> usize {
         self.cu_seqlens
             .windows(2)

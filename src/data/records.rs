@@ -16,6 +16,7 @@ pub struct Record {
     pub index: usize,
     /// 1-based line in a JSONL file.
     pub line: Option<usize>,
+    /// The record's keys and values.
     pub fields: Map<String, Value>,
     /// The record's JSON text: chat records are read from it again with their keys in the
     /// order the file gives them (Python dicts keep that order, and templates print it).

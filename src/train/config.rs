@@ -245,10 +245,12 @@ impl TrainConfig {
         })
     }
 
+    /// The configuration as TOML (written beside the adapter as training_config.toml).
     pub fn to_toml(&self) -> String {
         toml::to_string(self).expect("config serializes")
     }
 
+    /// The adapters' configuration, validated.
     pub fn lora(&self) -> Result<LoraConfig> {
         let cfg = LoraConfig {
             rank: self.rank,
@@ -269,6 +271,7 @@ impl TrainConfig {
         )
     }
 
+    /// `format` parsed (`None` for auto).
     pub fn data_format(&self) -> Result<Option<Format>> {
         Format::parse(&self.format)
     }
