@@ -50,6 +50,9 @@ enum Command {
         #[command(flatten)]
         train: Box<TrainConfig>,
     },
+    /// What training will see: the data summary, records with the trained tokens highlighted,
+    /// or (--json) each sequence's ids and labels; reads the model's tokenizer, not its weights.
+    Data(Box<qlora_rs::data::preview::DataArgs>),
     /// Mean loss and perplexity of a model (and adapter) on a dataset, with the training
     /// formats and loss masking.
     Eval {
@@ -219,6 +222,7 @@ fn main() -> ExitCode {
     let mut interrupted: Option<u8> = None;
     let result = match cli.command {
         Command::Env => env(cli.device),
+        Command::Data(args) => qlora_rs::data::preview::run(&args),
         Command::Generate {
             model,
             adapter,

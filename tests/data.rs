@@ -4,7 +4,8 @@
 
 use std::path::PathBuf;
 
-use qlora_rs::data::formats::{Example, Format, Message};
+use qlora_rs::data::chat::{ChatTemplate, LocalTime};
+use qlora_rs::data::formats::{ChatOptions, Example, Format, Message};
 use qlora_rs::data::tokenizer::TextTokenizer;
 use qlora_rs::data::{self, DataOptions, Sequence};
 use serde_json::Value;
@@ -117,7 +118,7 @@ fn chat_templates_render_like_transformers_with_assistant_masks() {
                 })
                 .collect();
             assert_eq!(spans, want_spans, "{dir} {name}");
-            let (_, train) = data::tokenize(&t, &Example::Chat(msgs.clone()), false).unwrap();
+            let (_, train) = data::tokenize(&t, &Example::chat(&msgs), false).unwrap();
             let mask: Vec<bool> = case["assistant_mask_overlap"]
                 .as_array()
                 .unwrap()
@@ -292,4 +293,428 @@ fn bad_data_is_reported_with_file_line_and_keys() {
     );
     let err = Format::parse("csv").unwrap_err().to_string();
     assert!(err.contains("unknown format `csv`"), "{err}");
+}
+
+// ---- chat records of every kind, against tests/fixtures/chat/golden.json (made by
+// tests/fixtures/make_chat_fixtures.py with transformers' apply_chat_template and TRL's masks) ----
+
+fn chat_golden() -> Value {
+    serde_json::from_str(&std::fs::read_to_string(fixtures("chat/golden.json")).unwrap()).unwrap()
+}
+
+/// The date make_chat_fixtures.py pins `strftime_now` to: 2025-03-07 14:05:09, a Friday.
+fn fixed_now() -> LocalTime {
+    LocalTime {
+        year: 2025,
+        month: 3,
+        day: 7,
+        hour: 14,
+        minute: 5,
+        second: 9,
+        microsecond: 0,
+        weekday: 5,
+        yearday: 65,
+    }
+}
+
+/// The tiny tokenizer with one of the real templates of tests/fixtures/chat/templates.
+fn chat_tok(template: &str) -> TextTokenizer {
+    let mut t = tok("llama/tiny-llama");
+    let text =
+        std::fs::read_to_string(fixtures(&format!("chat/templates/{template}.jinja"))).unwrap();
+    let ct = ChatTemplate::new(&text, t.bos_token.clone(), t.eos_token.clone()).unwrap();
+    ct.set_time(Some(fixed_now()));
+    t.chat_template = Some(ct);
+    t
+}
+
+fn chat_options(case: &Value) -> ChatOptions {
+    let tools = case["tools_file"]
+        .as_str()
+        .map(|f| fixtures(&format!("chat/{f}")));
+    let kwargs =
+        (!case["chat_template_kwargs"].is_null()).then(|| case["chat_template_kwargs"].to_string());
+    ChatOptions::parse(tools.as_deref(), kwargs.as_deref()).unwrap()
+}
+
+/// Every golden case on `file`: the ids and labels `data::load_records` gives (what training and
+/// `qlora-rs data --json` use) equal transformers' rendering + tokenization and the reference
+/// masks. Returns how many cases ran.
+fn check_chat_cases(file: &str, template: Option<&str>) -> usize {
+    let g = chat_golden();
+    let mut n = 0;
+    for case in g["cases"].as_array().unwrap() {
+        let name = case["template"].as_str().unwrap();
+        if case["data"] != file || template.is_some_and(|t| t != name) {
+            continue;
+        }
+        let what = format!("{name} {file} {}", case["chat_template_kwargs"]);
+        let t = chat_tok(name);
+        let (seqs, stats) = data::load_records(
+            &fixtures(&format!("chat/{file}")),
+            &t,
+            &opts(None, 4096),
+            &chat_options(case),
+        )
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
+        let want = case["records"].as_array().unwrap();
+        assert_eq!(seqs.len(), want.len(), "{what}");
+        assert_eq!(stats.truncated, 0, "{what}");
+        for ((i, s), w) in seqs.iter().zip(want) {
+            let rendered = w["rendered"].as_str().unwrap();
+            assert_eq!(*i as u64, w["record"].as_u64().unwrap(), "{what}");
+            assert_eq!(
+                s.ids,
+                u32s(&w["ids"]),
+                "{what}: record {i} ids; transformers renders\n{rendered}\nwe tokenized\n{}",
+                t.decode(&s.ids, false).unwrap()
+            );
+            let labels: Vec<i64> = w["labels"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_i64().unwrap())
+                .collect();
+            let shown = |l: &[i64]| {
+                let trained: Vec<u32> = s
+                    .ids
+                    .iter()
+                    .zip(l)
+                    .filter(|(_, &l)| l != -100)
+                    .map(|(&i, _)| i)
+                    .collect();
+                t.decode(&trained, false).unwrap()
+            };
+            assert_eq!(
+                s.labels,
+                labels,
+                "{what}: record {i} labels ({}); want trained {:?}, got {:?}",
+                w["mask_rule"],
+                shown(&labels),
+                shown(&s.labels)
+            );
+        }
+        n += 1;
+    }
+    n
+}
+
+#[test]
+fn content_parts_are_joined_like_transformers() {
+    // SmolLM2, Qwen2.5, Qwen3 (also with enable_thinking false) and Llama 3.2.
+    assert_eq!(check_chat_cases("parts.jsonl", None), 5);
+}
+
+#[test]
+fn conversational_prompt_completion_trains_the_completion_like_trl() {
+    assert_eq!(check_chat_cases("pc_chat.jsonl", None), 4);
+}
+
+#[test]
+fn tool_calls_and_tool_results_render_like_transformers() {
+    // Per-record tools (a list, or a JSON string of one), --tools for the record without,
+    // content null beside tool_calls, arguments as an object and as a JSON string; Qwen2.5,
+    // Qwen3, Llama 3.1 and 3.2 (tools in the first user message).
+    assert_eq!(check_chat_cases("tools.jsonl", None), 4);
+}
+
+#[test]
+fn reasoning_renders_like_transformers_and_qwen3_turns_are_located() {
+    // reasoning_content, <think> in content, `reasoning` aliased, multi-turn Qwen3 (earlier
+    // reasoning dropped: the prefix rule fails and each turn is located in the one rendering).
+    assert_eq!(check_chat_cases("reasoning.jsonl", None), 1);
+}
+
+#[test]
+fn weight_zero_turns_are_not_trained() {
+    assert_eq!(check_chat_cases("weight.jsonl", None), 4);
+    // And without the weight, the same turn is trained.
+    let t = chat_tok("smollm2");
+    let dir = std::env::temp_dir().join(format!("qlora-weight-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let text = std::fs::read_to_string(fixtures("chat/weight.jsonl")).unwrap();
+    let f = dir.join("noweight.jsonl");
+    std::fs::write(&f, text.replace(", \"weight\": 0", "")).unwrap();
+    let o = opts(None, 4096);
+    let (with, _) = data::load_records(
+        &fixtures("chat/weight.jsonl"),
+        &t,
+        &o,
+        &ChatOptions::default(),
+    )
+    .unwrap();
+    let (without, _) = data::load_records(&f, &t, &o, &ChatOptions::default()).unwrap();
+    assert_eq!(with[0].1.ids, without[0].1.ids);
+    assert!(with[0].1.counted() < without[0].1.counted());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn chat_template_kwargs_reach_the_template() {
+    // enable_thinking false writes the empty think block into Qwen3's generation prompt.
+    let g = chat_golden();
+    let rendered = |kw: &str| {
+        g["cases"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| {
+                c["template"] == "qwen3"
+                    && c["data"] == "pc_chat.jsonl"
+                    && c["chat_template_kwargs"] == serde_json::from_str::<Value>(kw).unwrap()
+            })
+            .unwrap()["records"][0]["labels"]
+            .clone()
+    };
+    assert_ne!(rendered("null"), rendered(r#"{"enable_thinking":false}"#));
+    assert_eq!(check_chat_cases("pc_chat.jsonl", Some("qwen3")), 2);
+    let err = ChatOptions::parse(None, Some("[1]"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("--chat-template-kwargs must be a JSON object"),
+        "{err}"
+    );
+}
+
+#[test]
+fn strftime_now_writes_the_date_as_transformers_does() {
+    // The golden Llama 3.2 renderings hold "Today Date: 07 Mar 2025" (strftime_now pinned).
+    assert_eq!(check_chat_cases("parts.jsonl", Some("llama3_2")), 1);
+    let g = chat_golden();
+    let case = g["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["template"] == "llama3_2")
+        .unwrap();
+    assert!(case["records"][0]["rendered"]
+        .as_str()
+        .unwrap()
+        .contains("Today Date: 07 Mar 2025\n"));
+    // Unpinned, it is today's date, not the template's fallback.
+    let t = chat_tok("llama3_2");
+    let ct = t.chat_template.as_ref().unwrap();
+    ct.set_time(None);
+    let today = qlora_rs::data::chat::strftime("%d %b %Y", &LocalTime::now()).unwrap();
+    let msgs = [Message {
+        role: "user".into(),
+        content: "Hi".into(),
+    }];
+    let text = ct.render(&msgs, true).unwrap();
+    assert!(text.contains(&format!("Today Date: {today}\n")), "{text}");
+    let t = fixed_now();
+    let s = qlora_rs::data::chat::strftime("%a %A %d %-d %b %B %m %y %Y %H %I %p %M %S %j %%", &t)
+        .unwrap();
+    assert_eq!(
+        s,
+        "Fri Friday 07 7 Mar March 03 25 2025 14 02 PM 05 09 066 %"
+    );
+    assert_eq!(LocalTime::from_unix_utc(1_741_356_309, 0), fixed_now());
+}
+
+#[test]
+fn a_template_that_raises_names_the_record_and_gives_its_message() {
+    let g = chat_golden();
+    let r = &g["raise_exception"];
+    let t = chat_tok(r["template"].as_str().unwrap());
+    let err = data::load_records(
+        &fixtures(&format!("chat/{}", r["data"].as_str().unwrap())),
+        &t,
+        &opts(None, 4096),
+        &ChatOptions::default(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("two_tool_calls.jsonl")
+            && err.contains("record 1 (line 2)")
+            && err.contains(r["message"].as_str().unwrap()),
+        "{err}"
+    );
+}
+
+/// Writes `lines` to a temporary JSONL file and loads it with the ChatML template.
+fn load_lines(
+    name: &str,
+    lines: &[&str],
+) -> qlora_rs::Result<(Vec<(usize, Sequence)>, data::DataStats)> {
+    let dir = std::env::temp_dir().join(format!("qlora-chat-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let f = dir.join(format!("{name}.jsonl"));
+    std::fs::write(&f, lines.join("\n")).unwrap();
+    let r = data::load_records(
+        &f,
+        &chat_tok("qwen3"),
+        &opts(None, 4096),
+        &ChatOptions::default(),
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+    r
+}
+
+#[test]
+fn bad_chat_records_name_the_file_line_and_message() {
+    let ok = r#"{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}"#;
+    for (name, bad, want) in [
+        (
+            "image",
+            r#"{"messages": [{"role": "user", "content": [{"type": "text", "text": "What is this?"}, {"type": "image_url", "image_url": {"url": "x.png"}}]}, {"role": "assistant", "content": "A cat."}]}"#,
+            "message 0 has content part 1 of type `image_url`",
+        ),
+        (
+            "nullcontent",
+            r#"{"messages": [{"role": "user", "content": null}, {"role": "assistant", "content": "Hello."}]}"#,
+            "message 0 has no `content` (missing or null, and no `tool_calls`)",
+        ),
+        (
+            "args",
+            r#"{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": "{oops"}}]}]}"#,
+            "message 1 has tool call 0 whose `arguments` string is not valid JSON",
+        ),
+        (
+            "usercalls",
+            r#"{"messages": [{"role": "user", "content": "Hi", "tool_calls": []}, {"role": "assistant", "content": "Hello."}]}"#,
+            "message 0 has `tool_calls` but its role is user",
+        ),
+        (
+            "weight",
+            r#"{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello.", "weight": 2}]}"#,
+            "message 1 has `weight: 2` (expected 0 or 1)",
+        ),
+        (
+            "tools",
+            r#"{"tools": {"name": "f"}, "messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}"#,
+            "`tools`: tools must be a list of tool definitions",
+        ),
+        (
+            "mixed",
+            r#"{"prompt": [{"role": "user", "content": "Hi"}], "completion": "Hello."}"#,
+            "`completion` is not a list of messages",
+        ),
+        (
+            "pcweight",
+            r#"{"prompt": [{"role": "user", "content": "Hi"}], "completion": [{"role": "assistant", "content": "Hello.", "weight": 0}]}"#,
+            "`completion` message 0 has `weight: 0`",
+        ),
+        (
+            "texttools",
+            r#"{"text": "Hello.", "tools": []}"#,
+            "`tools` is only used with chat records",
+        ),
+    ] {
+        let first = match name {
+            "texttools" => r#"{"text": "Hi."}"#,
+            "mixed" | "pcweight" => {
+                r#"{"prompt": [{"role": "user", "content": "Hi"}], "completion": [{"role": "assistant", "content": "Hello."}]}"#
+            }
+            _ => ok,
+        };
+        let err = load_lines(name, &[first, bad]).unwrap_err().to_string();
+        assert!(
+            err.contains(&format!("{name}.jsonl"))
+                && err.contains("record 1 (line 2)")
+                && err.contains(want),
+            "{name}: {err}"
+        );
+    }
+}
+
+/// A model folder with the tiny tokenizer and one of the real templates (no weights).
+fn model_dir(template: &str) -> PathBuf {
+    let dir =
+        std::env::temp_dir().join(format!("qlora-data-cli-{}-{template}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(
+        fixtures("llama/tiny-llama/tokenizer.json"),
+        dir.join("tokenizer.json"),
+    )
+    .unwrap();
+    let text =
+        std::fs::read_to_string(fixtures(&format!("chat/templates/{template}.jinja"))).unwrap();
+    let cfg = serde_json::json!({
+        "bos_token": "<|im_start|>",
+        "eos_token": "<|im_end|>",
+        "chat_template": text,
+    });
+    std::fs::write(dir.join("tokenizer_config.json"), cfg.to_string()).unwrap();
+    dir
+}
+
+#[test]
+fn cli_data_json_gives_the_ids_and_labels_of_the_references() {
+    let g = chat_golden();
+    let model = model_dir("qwen3");
+    for case in g["cases"].as_array().unwrap() {
+        if case["template"] != "qwen3" {
+            continue;
+        }
+        let file = fixtures(&format!("chat/{}", case["data"].as_str().unwrap()));
+        let mut args = vec![
+            "data".to_string(),
+            "--model".into(),
+            model.display().to_string(),
+            "--data".into(),
+            file.display().to_string(),
+            "--json".into(),
+        ];
+        if !case["chat_template_kwargs"].is_null() {
+            args.push("--chat-template-kwargs".into());
+            args.push(case["chat_template_kwargs"].to_string());
+        }
+        if let Some(t) = case["tools_file"].as_str() {
+            args.push("--tools".into());
+            args.push(fixtures(&format!("chat/{t}")).display().to_string());
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = crate::common::qlora_ok(&args);
+        assert!(out.starts_with("{\"record\":0,\"ids\":["), "{out}");
+        let got: Vec<Value> = out
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let want = case["records"].as_array().unwrap();
+        assert_eq!(got.len(), want.len(), "{args:?}");
+        for (g, w) in got.iter().zip(want) {
+            assert_eq!(g["record"], w["record"], "{args:?}");
+            assert_eq!(g["ids"], w["ids"], "{args:?}");
+            assert_eq!(g["labels"], w["labels"], "{args:?}");
+        }
+    }
+    // The preview: the summary, then records with the trained text in [[…]] (not a terminal).
+    let file = fixtures("chat/reasoning.jsonl");
+    let out = crate::common::qlora_ok(&[
+        "data",
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        file.to_str().unwrap(),
+        "--show",
+        "4",
+    ]);
+    assert!(out.contains("4 records, format messages"), "{out}");
+    assert!(out.contains("sequences: 4 kept; 0 dropped"), "{out}");
+    assert!(out.contains("lengths (tokens per sequence):"), "{out}");
+    assert!(out.contains("record 3: "), "{out}");
+    assert!(
+        out.contains("[[The sum is 5.<|im_end|>\n]]<|im_start|>user"),
+        "{out}"
+    );
+    std::fs::remove_dir_all(&model).unwrap();
+    // Bad input: the file, the line and the template's own message.
+    let model = model_dir("llama3_1");
+    let out = crate::common::qlora(&[
+        "data",
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        fixtures("chat/two_tool_calls.jsonl").to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("record 1 (line 2)") && stderr.contains("single tool-calls"),
+        "{stderr}"
+    );
+    std::fs::remove_dir_all(&model).unwrap();
 }

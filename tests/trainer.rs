@@ -477,3 +477,24 @@ fn logging_steps_log_the_mean_of_their_steps() {
     let err = Trainer::new(c).err().unwrap().to_string();
     assert!(err.contains("--logging-steps"), "{err}");
 }
+
+/// `--tools` and `--chat-template-kwargs` (and their TOML keys) reach training's data as they
+/// reach `qlora-rs data`: a bad value is refused, naming the flag or file, before the model loads.
+#[test]
+fn train_takes_the_chat_options_of_data() {
+    let out = tmpdir("chat-opts");
+    let mut c = config("messages.jsonl", &out);
+    c.chat_template_kwargs = Some("[1, 2]".into());
+    let err = Trainer::new(c.clone()).err().unwrap().to_string();
+    assert!(
+        err.contains("--chat-template-kwargs must be a JSON object"),
+        "{err}"
+    );
+    c.chat_template_kwargs = Some(r#"{"enable_thinking": false}"#.into());
+    c.tools = Some(out.join("missing-tools.json"));
+    let err = Trainer::new(c.clone()).err().unwrap().to_string();
+    assert!(err.contains("missing-tools.json"), "{err}");
+    c.tools = None;
+    Trainer::new(c).unwrap();
+    let _ = std::fs::remove_dir_all(&out);
+}

@@ -1,71 +1,405 @@
 //! Chat templates: the model's Jinja template rendered with minijinja the way transformers'
 //! `apply_chat_template` renders it (`trim_blocks`, `lstrip_blocks`, loop controls, Python
-//! string methods, `raise_exception`, `tojson` without HTML escaping; `{% generation %}` markers
-//! accepted and ignored), with `messages`, `bos_token`, `eos_token` and `add_generation_prompt`.
+//! string methods; the helpers transformers adds: `raise_exception`, `strftime_now` and a
+//! `tojson` without HTML escaping; `{% generation %}` markers accepted and ignored), with
+//! `messages`, `tools`, `documents`, `bos_token`, `eos_token`, `add_generation_prompt` and the
+//! caller's extra keyword arguments (`--chat-template-kwargs`), which override the others.
 //!
-//! Assistant spans for loss masking come from the template itself: for each assistant message
-//! `i`, render `messages[..i]` with the generation prompt (`P`) and `messages[..=i]` without
-//! (`Q`); the assistant's text is `Q[len(P)..]`. This works for any template whose renderings
-//! extend each other, and is checked: a template that rewrites earlier turns is an error.
+//! Assistant spans for loss masking come from the template itself. First the prefix rule: for
+//! each assistant message `i`, render `messages[..i]` with the generation prompt (`P`) and
+//! `messages[..=i]` without (`Q`); the assistant's text is `Q[len(P)..]`. That needs renderings
+//! that extend each other; templates that re-render earlier turns (Qwen3 drops the reasoning of
+//! turns before the last user message, and renders a last assistant turn differently) break it,
+//! so then each turn is located in the one full rendering: a private-use character is put at the
+//! end of every message's text (or its last tool call's name), the conversation is rendered once
+//! with them, and — after checking that taking them out gives the full rendering exactly — a
+//! turn starts where the text after the previous message's mark stops agreeing with `P`, and
+//! ends where the text after its own mark stops agreeing with `Q`. A turn that cannot be located
+//! either way is an error naming the message.
 
-use minijinja::{context, Environment, ErrorKind};
+use std::sync::{Arc, Mutex};
+
+use minijinja::{Environment, ErrorKind, Value};
 
 use super::formats::Message;
 use crate::error::{Error, Result};
 
+/// A broken-down local time, for `strftime_now`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LocalTime {
+    /// The year, e.g. 2026.
+    pub year: i32,
+    /// 1–12.
+    pub month: u32,
+    /// 1–31.
+    pub day: u32,
+    /// 0–23.
+    pub hour: u32,
+    /// 0–59.
+    pub minute: u32,
+    /// 0–59.
+    pub second: u32,
+    /// 0–999999.
+    pub microsecond: u32,
+    /// 0 = Sunday.
+    pub weekday: u32,
+    /// 0-based day of the year.
+    pub yearday: u32,
+}
+
+impl LocalTime {
+    /// Now, in the local time zone (what Python's `datetime.now()` gives).
+    pub fn now() -> LocalTime {
+        let since = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        let t = since.as_secs() as libc::time_t;
+        // SAFETY: localtime_r writes the zeroed `tm` we own; `t` is a plain value.
+        let mut tm: libc::tm = unsafe { std::mem::zeroed() };
+        let ok = unsafe { !libc::localtime_r(&t, &mut tm).is_null() };
+        if !ok {
+            return LocalTime::from_unix_utc(since.as_secs() as i64, since.subsec_micros());
+        }
+        LocalTime {
+            year: tm.tm_year + 1900,
+            month: (tm.tm_mon + 1) as u32,
+            day: tm.tm_mday as u32,
+            hour: tm.tm_hour as u32,
+            minute: tm.tm_min as u32,
+            second: tm.tm_sec as u32,
+            microsecond: since.subsec_micros(),
+            weekday: tm.tm_wday as u32,
+            yearday: tm.tm_yday as u32,
+        }
+    }
+
+    /// A UTC time from seconds since 1970 (civil-from-days, proleptic Gregorian).
+    pub fn from_unix_utc(secs: i64, microsecond: u32) -> LocalTime {
+        let days = secs.div_euclid(86_400);
+        let rem = secs.rem_euclid(86_400);
+        let z = days + 719_468;
+        let era = z.div_euclid(146_097);
+        let doe = z - era * 146_097;
+        let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+        let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+        let mp = (5 * doy + 2) / 153;
+        let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
+        let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+        let year = (yoe + era * 400 + i64::from(month <= 2)) as i32;
+        let leap = (year % 4 == 0 && year % 100 != 0) || year % 400 == 0;
+        const BEFORE: [u32; 12] = [0, 31, 59, 90, 120, 151, 181, 212, 243, 273, 304, 334];
+        let yearday = BEFORE[month as usize - 1] + day - 1 + u32::from(leap && month > 2);
+        LocalTime {
+            year,
+            month,
+            day,
+            hour: (rem / 3600) as u32,
+            minute: (rem / 60 % 60) as u32,
+            second: (rem % 60) as u32,
+            microsecond,
+            weekday: (days + 4).rem_euclid(7) as u32,
+            yearday,
+        }
+    }
+}
+
+const DAYS: [&str; 7] = [
+    "Sunday",
+    "Monday",
+    "Tuesday",
+    "Wednesday",
+    "Thursday",
+    "Friday",
+    "Saturday",
+];
+const MONTHS: [&str; 12] = [
+    "January",
+    "February",
+    "March",
+    "April",
+    "May",
+    "June",
+    "July",
+    "August",
+    "September",
+    "October",
+    "November",
+    "December",
+];
+
+/// Python's `strftime` (the C library's, in the C locale) for the codes templates use.
+pub fn strftime(format: &str, t: &LocalTime) -> std::result::Result<String, String> {
+    let mut out = String::new();
+    let mut chars = format.chars();
+    while let Some(c) = chars.next() {
+        if c != '%' {
+            out.push(c);
+            continue;
+        }
+        // glibc's `%-d`: no padding.
+        let mut code = chars.next();
+        let pad = code != Some('-');
+        if !pad {
+            code = chars.next();
+        }
+        let num = |v: u32, width: usize| {
+            if pad {
+                format!("{v:0width$}")
+            } else {
+                v.to_string()
+            }
+        };
+        let hour12 = if t.hour % 12 == 0 { 12 } else { t.hour % 12 };
+        match code {
+            Some('a') => out.push_str(&DAYS[t.weekday as usize][..3]),
+            Some('A') => out.push_str(DAYS[t.weekday as usize]),
+            Some('w') => out.push_str(&t.weekday.to_string()),
+            Some('d') => out.push_str(&num(t.day, 2)),
+            Some('e') => out.push_str(&format!("{:2}", t.day)),
+            Some('b') | Some('h') => out.push_str(&MONTHS[t.month as usize - 1][..3]),
+            Some('B') => out.push_str(MONTHS[t.month as usize - 1]),
+            Some('m') => out.push_str(&num(t.month, 2)),
+            Some('y') => out.push_str(&num(t.year.rem_euclid(100) as u32, 2)),
+            Some('Y') => out.push_str(&t.year.to_string()),
+            Some('H') => out.push_str(&num(t.hour, 2)),
+            Some('I') => out.push_str(&num(hour12, 2)),
+            Some('p') => out.push_str(if t.hour < 12 { "AM" } else { "PM" }),
+            Some('M') => out.push_str(&num(t.minute, 2)),
+            Some('S') => out.push_str(&num(t.second, 2)),
+            Some('f') => out.push_str(&format!("{:06}", t.microsecond)),
+            Some('j') => out.push_str(&num(t.yearday + 1, 3)),
+            Some('F') => out.push_str(&format!("{}-{:02}-{:02}", t.year, t.month, t.day)),
+            Some('T') => out.push_str(&format!("{:02}:{:02}:{:02}", t.hour, t.minute, t.second)),
+            Some('D') => out.push_str(&format!(
+                "{:02}/{:02}/{:02}",
+                t.month,
+                t.day,
+                t.year.rem_euclid(100)
+            )),
+            Some('%') => out.push('%'),
+            Some(other) => {
+                return Err(format!(
+                    "strftime_now: the format code %{other} is not supported by qlora-rs"
+                ))
+            }
+            None => return Err("strftime_now: the format ends with a lone %".into()),
+        }
+    }
+    Ok(out)
+}
+
+/// What a template renders: the conversation and what `apply_chat_template` passes beside it.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ChatInput {
+    /// The messages as the template sees them (maps, keys in the data's order).
+    pub messages: Vec<Value>,
+    /// `tools=`: a list of tool definitions (JSON schemas).
+    pub tools: Option<Value>,
+    /// Extra template variables (`--chat-template-kwargs`, a record's `chat_template_kwargs`).
+    pub kwargs: Vec<(String, Value)>,
+}
+
+impl ChatInput {
+    /// Plain `{role, content}` messages.
+    pub fn from_messages(messages: &[Message]) -> ChatInput {
+        ChatInput {
+            messages: messages.iter().map(Value::from_serialize).collect(),
+            ..ChatInput::default()
+        }
+    }
+
+    /// The same input with only the first `n` messages.
+    pub fn first(&self, n: usize) -> ChatInput {
+        ChatInput {
+            messages: self.messages[..n].to_vec(),
+            tools: self.tools.clone(),
+            kwargs: self.kwargs.clone(),
+        }
+    }
+}
+
+/// A model's chat template, compiled once, with the helpers transformers gives templates
+/// (`raise_exception`, `strftime_now`, `tojson` with Python's options).
 pub struct ChatTemplate {
     env: Environment<'static>,
     bos_token: Option<String>,
     eos_token: Option<String>,
+    clock: Arc<Mutex<Option<LocalTime>>>,
 }
 
 fn tojson(
-    value: minijinja::Value,
-    indent: Option<usize>,
+    value: Value,
+    kwargs: minijinja::value::Kwargs,
 ) -> std::result::Result<String, minijinja::Error> {
-    let v: serde_json::Value = serde_json::to_value(&value)
-        .map_err(|e| minijinja::Error::new(ErrorKind::InvalidOperation, e.to_string()))?;
-    let out = match indent {
-        Some(n) => {
-            let indent = " ".repeat(n);
-            let mut buf = Vec::new();
-            let fmt = serde_json::ser::PrettyFormatter::with_indent(indent.as_bytes());
-            let mut ser = serde_json::Serializer::with_formatter(&mut buf, fmt);
-            serde::Serialize::serialize(&v, &mut ser)
-                .map_err(|e| minijinja::Error::new(ErrorKind::InvalidOperation, e.to_string()))?;
-            String::from_utf8(buf).expect("serde_json writes UTF-8")
+    let indent: Option<usize> = kwargs.get("indent")?;
+    let sort_keys: Option<bool> = kwargs.get("sort_keys")?;
+    let ensure_ascii: Option<bool> = kwargs.get("ensure_ascii")?;
+    let separators: Option<Value> = kwargs.get("separators")?;
+    kwargs.assert_all_used()?;
+    let (item_sep, key_sep) = match &separators {
+        Some(s) if !s.is_none() => {
+            let parts: Vec<String> = s
+                .try_iter()?
+                .map(|v| v.as_str().map(str::to_string))
+                .collect::<Option<_>>()
+                .ok_or_else(|| {
+                    minijinja::Error::new(
+                        ErrorKind::InvalidOperation,
+                        "tojson: separators must be two strings",
+                    )
+                })?;
+            match parts.as_slice() {
+                [a, b] => (a.clone(), b.clone()),
+                _ => {
+                    return Err(minijinja::Error::new(
+                        ErrorKind::InvalidOperation,
+                        "tojson: separators must be two strings",
+                    ))
+                }
+            }
         }
-        // Python's json.dumps separators: ", " and ": ".
-        None => python_json(&v),
+        // Python's json.dumps: ", " and ": ", or "," at line ends when indenting.
+        _ => (
+            if indent.is_some() { "," } else { ", " }.to_string(),
+            ": ".to_string(),
+        ),
     };
+    let json = PyJson {
+        indent,
+        item_sep,
+        key_sep,
+        sort_keys: sort_keys.unwrap_or(false),
+        ensure_ascii: ensure_ascii.unwrap_or(false),
+    };
+    let mut out = String::new();
+    json.write(&value, 0, &mut out)?;
     Ok(out)
 }
 
-/// `json.dumps(v, ensure_ascii=False)`.
-fn python_json(v: &serde_json::Value) -> String {
-    match v {
-        serde_json::Value::Array(a) => {
-            format!(
-                "[{}]",
-                a.iter().map(python_json).collect::<Vec<_>>().join(", ")
-            )
+/// Python's `json.dumps`, over template values (maps keep their order).
+struct PyJson {
+    indent: Option<usize>,
+    item_sep: String,
+    key_sep: String,
+    sort_keys: bool,
+    ensure_ascii: bool,
+}
+
+impl PyJson {
+    fn string(&self, s: &str, out: &mut String) {
+        out.push('"');
+        for c in s.chars() {
+            match c {
+                '"' => out.push_str("\\\""),
+                '\\' => out.push_str("\\\\"),
+                '\n' => out.push_str("\\n"),
+                '\r' => out.push_str("\\r"),
+                '\t' => out.push_str("\\t"),
+                '\u{8}' => out.push_str("\\b"),
+                '\u{c}' => out.push_str("\\f"),
+                c if (c as u32) < 0x20 || (self.ensure_ascii && (c as u32) > 0x7e) => {
+                    let mut buf = [0u16; 2];
+                    for u in c.encode_utf16(&mut buf) {
+                        out.push_str(&format!("\\u{u:04x}"));
+                    }
+                }
+                c => out.push(c),
+            }
         }
-        serde_json::Value::Object(o) => format!(
-            "{{{}}}",
-            o.iter()
-                .map(|(k, v)| format!(
-                    "{}: {}",
-                    serde_json::Value::String(k.clone()),
-                    python_json(v)
+        out.push('"');
+    }
+
+    fn newline(&self, depth: usize, out: &mut String) {
+        if let Some(n) = self.indent {
+            out.push('\n');
+            out.push_str(&" ".repeat(n * depth));
+        }
+    }
+
+    fn write(
+        &self,
+        v: &Value,
+        depth: usize,
+        out: &mut String,
+    ) -> std::result::Result<(), minijinja::Error> {
+        use minijinja::value::ValueKind;
+        match v.kind() {
+            ValueKind::Undefined | ValueKind::None => out.push_str("null"),
+            ValueKind::Bool => out.push_str(if v.is_true() { "true" } else { "false" }),
+            ValueKind::Number if v.is_integer() => out.push_str(&v.to_string()),
+            ValueKind::Number => {
+                let f = f64::try_from(v.clone())?;
+                if f.is_nan() {
+                    out.push_str("NaN")
+                } else if f.is_infinite() {
+                    out.push_str(if f > 0.0 { "Infinity" } else { "-Infinity" })
+                } else {
+                    // Shortest round-trip digits with ".0" on whole numbers, as Python's repr.
+                    let s = serde_json::to_string(&f).map_err(|e| {
+                        minijinja::Error::new(ErrorKind::InvalidOperation, e.to_string())
+                    })?;
+                    out.push_str(&s)
+                }
+            }
+            ValueKind::String => self.string(v.as_str().unwrap_or_default(), out),
+            ValueKind::Seq | ValueKind::Iterable => {
+                let items: Vec<Value> = v.try_iter()?.collect();
+                out.push('[');
+                if items.is_empty() {
+                    out.push(']');
+                    return Ok(());
+                }
+                for (i, item) in items.iter().enumerate() {
+                    if i > 0 {
+                        out.push_str(&self.item_sep);
+                    }
+                    self.newline(depth + 1, out);
+                    self.write(item, depth + 1, out)?;
+                }
+                self.newline(depth, out);
+                out.push(']');
+            }
+            ValueKind::Map => {
+                let mut keys: Vec<Value> = v.try_iter()?.collect();
+                if self.sort_keys {
+                    keys.sort();
+                }
+                out.push('{');
+                if keys.is_empty() {
+                    out.push('}');
+                    return Ok(());
+                }
+                for (i, k) in keys.iter().enumerate() {
+                    if i > 0 {
+                        out.push_str(&self.item_sep);
+                    }
+                    self.newline(depth + 1, out);
+                    match k.as_str() {
+                        Some(s) => self.string(s, out),
+                        None => self.string(&k.to_string(), out),
+                    }
+                    out.push_str(&self.key_sep);
+                    self.write(&v.get_item(k)?, depth + 1, out)?;
+                }
+                self.newline(depth, out);
+                out.push('}');
+            }
+            _ => {
+                return Err(minijinja::Error::new(
+                    ErrorKind::InvalidOperation,
+                    format!("tojson: cannot write a {} as JSON", v.kind()),
                 ))
-                .collect::<Vec<_>>()
-                .join(", ")
-        ),
-        other => other.to_string(),
+            }
+        }
+        Ok(())
     }
 }
 
+/// Names `apply_chat_template` passes itself: template kwargs cannot replace them.
+const RESERVED: [&str; 4] = ["messages", "tools", "documents", "add_generation_prompt"];
+
 impl ChatTemplate {
+    /// Compiles `template` with the tokenizer's special tokens as template variables.
     pub fn new(
         template: &str,
         bos_token: Option<String>,
@@ -82,6 +416,20 @@ impl ChatTemplate {
                 Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
             },
         );
+        let clock: Arc<Mutex<Option<LocalTime>>> = Arc::default();
+        let fixed = Arc::clone(&clock);
+        env.add_function(
+            "strftime_now",
+            move |format: String| -> std::result::Result<String, minijinja::Error> {
+                let t = fixed
+                    .lock()
+                    .map(|g| *g)
+                    .unwrap_or(None)
+                    .unwrap_or_else(LocalTime::now);
+                strftime(&format, &t)
+                    .map_err(|e| minijinja::Error::new(ErrorKind::InvalidOperation, e))
+            },
+        );
         env.add_filter("tojson", tojson);
         let source = strip_generation_tags(template);
         env.add_template_owned("chat", source)
@@ -90,19 +438,58 @@ impl ChatTemplate {
             env,
             bos_token,
             eos_token,
+            clock,
         })
     }
 
-    /// Renders `messages`.
+    /// Makes `strftime_now` answer `t` instead of the current time (`None`: the clock again),
+    /// for reproducible renderings.
+    pub fn set_time(&self, t: Option<LocalTime>) {
+        if let Ok(mut g) = self.clock.lock() {
+            *g = t;
+        }
+    }
+
+    /// Renders plain `{role, content}` messages.
     pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
+        self.render_input(&ChatInput::from_messages(messages), add_generation_prompt)
+    }
+
+    /// Renders a conversation as `apply_chat_template(messages, tools=…, add_generation_prompt=…,
+    /// **kwargs)` does.
+    pub fn render_input(&self, input: &ChatInput, add_generation_prompt: bool) -> Result<String> {
         let tmpl = self.env.get_template("chat").expect("added in new()");
-        tmpl.render(context! {
-            messages => messages,
-            bos_token => self.bos_token.clone().unwrap_or_default(),
-            eos_token => self.eos_token.clone().unwrap_or_default(),
-            add_generation_prompt => add_generation_prompt,
-        })
-        .map_err(|e| {
+        let mut ctx: Vec<(String, Value)> = vec![
+            (
+                "bos_token".into(),
+                Value::from(self.bos_token.clone().unwrap_or_default()),
+            ),
+            (
+                "eos_token".into(),
+                Value::from(self.eos_token.clone().unwrap_or_default()),
+            ),
+        ];
+        for (k, v) in &input.kwargs {
+            if RESERVED.contains(&k.as_str()) {
+                return Err(Error::InvalidArgument(format!(
+                    "chat template kwargs cannot set `{k}` (apply_chat_template passes it itself)"
+                )));
+            }
+            ctx.retain(|(name, _)| name != k);
+            ctx.push((k.clone(), v.clone()));
+        }
+        ctx.push(("messages".into(), Value::from(input.messages.clone())));
+        ctx.push((
+            "tools".into(),
+            input.tools.clone().unwrap_or(Value::from(())),
+        ));
+        ctx.push(("documents".into(), Value::from(())));
+        ctx.push((
+            "add_generation_prompt".into(),
+            Value::from(add_generation_prompt),
+        ));
+        let ctx: Value = ctx.into_iter().collect();
+        tmpl.render(ctx).map_err(|e| {
             let mut msg = e.to_string();
             if let Some(d) = e.detail() {
                 if !msg.contains(d) {
@@ -118,24 +505,213 @@ impl ChatTemplate {
         &self,
         messages: &[Message],
     ) -> Result<(String, Vec<(usize, usize)>)> {
-        let full = self.render(messages, false)?;
+        let trained: Vec<bool> = messages.iter().map(|m| m.role == "assistant").collect();
+        self.spans(&ChatInput::from_messages(messages), &trained)
+    }
+
+    /// The full rendering of `input` (no generation prompt) and the byte range of every message
+    /// `i` with `trained[i]`, in order: by the prefix rule where the template allows it, else by
+    /// locating each turn in the one rendering (see the module notes).
+    pub fn spans(
+        &self,
+        input: &ChatInput,
+        trained: &[bool],
+    ) -> Result<(String, Vec<(usize, usize)>)> {
+        let full = self.render_input(input, false)?;
+        if let Some(spans) = self.prefix_spans(input, trained, &full)? {
+            return Ok((full, spans));
+        }
+        let spans = self.located_spans(input, trained, &full)?;
+        Ok((full, spans))
+    }
+
+    fn prefix_spans(
+        &self,
+        input: &ChatInput,
+        trained: &[bool],
+        full: &str,
+    ) -> Result<Option<Vec<(usize, usize)>>> {
         let mut spans = Vec::new();
-        for (i, m) in messages.iter().enumerate() {
-            if m.role != "assistant" {
-                continue;
-            }
-            let prefix = self.render(&messages[..i], true)?;
-            let upto = self.render(&messages[..=i], false)?;
+        for i in (0..input.messages.len()).filter(|&i| trained[i]) {
+            let prefix = self.render_input(&input.first(i), true)?;
+            let upto = self.render_input(&input.first(i + 1), false)?;
             if !upto.starts_with(&prefix) || !full.starts_with(&upto) {
-                return Err(Error::InvalidArgument(format!(
-                    "the chat template renders message {i} in a way that changes earlier text, so \
-                     assistant turns cannot be located; use --train-on-prompt to train on everything"
-                )));
+                return Ok(None);
             }
             spans.push((prefix.len(), upto.len()));
         }
-        Ok((full, spans))
+        Ok(Some(spans))
     }
+
+    fn located_spans(
+        &self,
+        input: &ChatInput,
+        trained: &[bool],
+        full: &str,
+    ) -> Result<Vec<(usize, usize)>> {
+        let n = input.messages.len();
+        let fail = |i: usize, why: &str| {
+            Error::InvalidArgument(format!(
+                "the chat template renders earlier turns differently once later ones follow, and \
+                 assistant message {i} cannot be located in the full rendering ({why}); use \
+                 --train-on-prompt to train on everything"
+            ))
+        };
+        if full.chars().any(is_mark) || n >= MARK_COUNT {
+            let first = (0..n).find(|&i| trained[i]).unwrap_or(0);
+            return Err(fail(
+                first,
+                "the text holds private-use characters of the plane qlora-rs marks turns with",
+            ));
+        }
+        let marked_msgs: Vec<Value> = input
+            .messages
+            .iter()
+            .enumerate()
+            .map(|(k, m)| mark_message(m, k).unwrap_or_else(|| m.clone()))
+            .collect();
+        let marked = ChatInput {
+            messages: marked_msgs,
+            tools: input.tools.clone(),
+            kwargs: input.kwargs.clone(),
+        };
+        let (clean, pos) = unmark(&self.render_input(&marked, false)?);
+        if clean != full {
+            let first = (0..n).find(|&i| trained[i]).unwrap_or(0);
+            return Err(fail(
+                first,
+                "the template changes a message's text in a way that the marks disturb",
+            ));
+        }
+        let lcp = |a: &str, b: &str| {
+            let mut l = a.bytes().zip(b.bytes()).take_while(|(x, y)| x == y).count();
+            while !a.is_char_boundary(l) {
+                l -= 1;
+            }
+            l
+        };
+        // The text after mark `k` of a rendering (all of it when k is None), marks taken out.
+        let after = |text: &str, k: Option<usize>| -> Option<String> {
+            match k {
+                None => Some(unmark(text).0),
+                Some(k) => {
+                    let c = mark(k);
+                    let at = text.find(c)?;
+                    Some(unmark(&text[at + c.len_utf8()..]).0)
+                }
+            }
+        };
+        let mut spans = Vec::new();
+        let mut prev_end = 0;
+        for i in (0..n).filter(|&i| trained[i]) {
+            let p = (0..i).rev().find(|&k| pos[k].is_some());
+            let anchor = p.map_or(0, |k| pos[k].expect("found"));
+            let prompt = self.render_input(&marked.first(i), true)?;
+            let tail = after(&prompt, p).ok_or_else(|| fail(i, "its prompt lost a mark"))?;
+            let start = anchor + lcp(&tail, &full[anchor..]);
+            let upto = self.render_input(&marked.first(i + 1), false)?;
+            let (from, tail) = match pos[i] {
+                Some(b) => (b, after(&upto, Some(i))),
+                None => (anchor, after(&upto, p)),
+            };
+            let tail = tail.ok_or_else(|| fail(i, "its rendering lost a mark"))?;
+            let end = from + lcp(&tail, &full[from..]);
+            let next = (i + 1..n).find_map(|k| pos[k]).unwrap_or(full.len());
+            if start < prev_end || end <= start || end > next {
+                return Err(fail(i, "its start and end do not enclose a turn"));
+            }
+            spans.push((start, end));
+            prev_end = end;
+        }
+        Ok(spans)
+    }
+}
+
+/// Marks: one private-use character per message (plane 15), never in real text.
+const MARK_BASE: u32 = 0xF0000;
+const MARK_COUNT: usize = 0xFFFE;
+
+fn mark(k: usize) -> char {
+    char::from_u32(MARK_BASE + k as u32).expect("plane 15 private use")
+}
+
+fn is_mark(c: char) -> bool {
+    (MARK_BASE..MARK_BASE + MARK_COUNT as u32).contains(&(c as u32))
+}
+
+/// `text` without marks, and where each mark stood in it (by message index).
+fn unmark(text: &str) -> (String, Vec<Option<usize>>) {
+    let mut out = String::with_capacity(text.len());
+    let mut pos: Vec<Option<usize>> = Vec::new();
+    for c in text.chars() {
+        if is_mark(c) {
+            let k = (c as u32 - MARK_BASE) as usize;
+            if pos.len() <= k {
+                pos.resize(k + 1, None);
+            }
+            // A mark written twice cannot anchor anything.
+            pos[k] = if pos[k].is_some() {
+                Some(usize::MAX)
+            } else {
+                Some(out.len())
+            };
+        } else {
+            out.push(c);
+        }
+    }
+    let pos = pos
+        .into_iter()
+        .map(|p| p.filter(|&x| x != usize::MAX))
+        .collect::<Vec<_>>();
+    (out, pos)
+}
+
+/// A copy of a map value with `key` replaced by `f(old)`; `None` where `f` gives none.
+fn with_entry(map: &Value, key: &str, f: impl FnOnce(&Value) -> Option<Value>) -> Option<Value> {
+    let old = map.get_attr(key).ok()?;
+    let new = f(&old)?;
+    let mut entries: Vec<(Value, Value)> = Vec::new();
+    for k in map.try_iter().ok()? {
+        let v = if k.as_str() == Some(key) {
+            new.clone()
+        } else {
+            map.get_item(&k).ok()?
+        };
+        entries.push((k, v));
+    }
+    Some(entries.into_iter().collect())
+}
+
+/// Message `k` with its mark at the end of its text (before trailing whitespace, which
+/// templates trim), or else at the end of its last tool call's name.
+fn mark_message(m: &Value, k: usize) -> Option<Value> {
+    let c = mark(k);
+    let content = m.get_attr("content").ok();
+    if let Some(text) = content.as_ref().and_then(|v| v.as_str()) {
+        if !text.trim().is_empty() {
+            let cut = text.trim_end().len();
+            let s = format!("{}{c}{}", &text[..cut], &text[cut..]);
+            return with_entry(m, "content", |_| Some(Value::from(s)));
+        }
+    }
+    with_entry(m, "tool_calls", |calls| {
+        let list: Vec<Value> = calls.try_iter().ok()?.collect();
+        let last = list.last()?;
+        let named = |call: &Value| {
+            with_entry(call, "name", |name| {
+                Some(Value::from(format!("{}{c}", name.as_str()?)))
+            })
+        };
+        let new_last = match last.get_attr("function") {
+            Ok(f) if f.kind() == minijinja::value::ValueKind::Map => {
+                with_entry(last, "function", |f| named(f))?
+            }
+            _ => named(last)?,
+        };
+        let mut list = list.clone();
+        *list.last_mut().expect("non-empty") = new_last;
+        Some(Value::from(list))
+    })
 }
 
 /// Removes transformers' `{% generation %}` / `{% endgeneration %}` markers (they only tag

@@ -3,28 +3,50 @@
 //! | format | keys | trained on (by default) |
 //! |---|---|---|
 //! | `text` | `text` | everything |
-//! | `prompt-completion` | `prompt`, `completion` | the completion |
+//! | `prompt-completion` | `prompt`, `completion` (strings, or lists of messages) | the completion |
 //! | `messages` | `messages`: `[{role, content}]` | assistant turns |
 //! | `alpaca` | `instruction`, `output`, optional `input` | the output |
 //! | `sharegpt` | `conversations`: `[{from, value}]` (`human`/`gpt`/`system`) | assistant turns |
+//!
+//! Messages reach the chat template as `apply_chat_template` passes them: every key kept, keys
+//! whose value is null dropped (so `content: null` beside `tool_calls` is the OpenAI layout, as
+//! transformers normalizes it), `reasoning_content` filled from `thinking` or `reasoning` and
+//! `thinking` from it (transformers' reasoning aliases). Content given as a list of parts is
+//! joined as transformers' OpenAI-compatible server joins it for text models (the `text` of
+//! every `text`, `input_text` or `output_text` part, separated by spaces); any other part
+//! (`image_url`, `input_audio`, …) is refused by name. Assistant `tool_calls` (`{function:
+//! {name, arguments}}` or `{name, arguments}`, arguments an object or a JSON string) and `tool`
+//! messages are passed as they are; a record's `tools` (a list, or a JSON string of one, as TRL
+//! reads it) or else `--tools` is the template's `tools`, and a record's
+//! `chat_template_kwargs` (TRL's per-record key) go over `--chat-template-kwargs`. An assistant
+//! message with OpenAI's `weight: 0` is rendered but not trained on.
 
 use std::path::Path;
 
+use minijinja::value::ValueKind;
 use serde_json::Value;
 
+use super::chat::ChatInput;
 use super::records::Record;
 use crate::error::{Error, Result};
 
+/// The layouts of a training record, told apart by their keys.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Format {
+    /// `{"text": …}`: plain text, every token trained.
     Text,
+    /// `{"prompt": …, "completion": …}`: strings, or lists of messages (TRL's conversational form).
     PromptCompletion,
+    /// `{"messages": [{"role", "content"}, …]}`, rendered with the model's chat template.
     Messages,
+    /// `{"instruction", "input", "output"}`, rendered as a user and an assistant turn.
     Alpaca,
+    /// `{"conversations": [{"from", "value"}, …]}`, mapped to messages.
     ShareGpt,
 }
 
 impl Format {
+    /// The name `--format` takes.
     pub fn name(self) -> &'static str {
         match self {
             Format::Text => "text",
@@ -82,17 +104,149 @@ impl Format {
 /// One chat message.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct Message {
+    /// `system`, `user`, `assistant` or `tool`.
     pub role: String,
+    /// The message's text.
     pub content: String,
 }
 
+/// A conversation for the chat template, and which of its messages carry loss.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Conversation {
+    /// The messages (and tools, template variables) as the template receives them.
+    pub input: ChatInput,
+    /// Per message: an assistant turn that is trained on (not `weight: 0`).
+    pub trained: Vec<bool>,
+    /// Conversational prompt-completion: the first `n` messages are the prompt, and the tokens
+    /// past where the prompt's rendering (with the generation prompt) stops agreeing with the
+    /// whole are trained on (TRL's completion mask).
+    pub prompt_len: Option<usize>,
+}
+
+impl Conversation {
+    /// Plain `{role, content}` messages, assistant turns trained.
+    pub fn from_messages(messages: &[Message]) -> Conversation {
+        Conversation {
+            input: ChatInput::from_messages(messages),
+            trained: messages.iter().map(|m| m.role == "assistant").collect(),
+            prompt_len: None,
+        }
+    }
+
+    /// No message has any text, reasoning or tool call.
+    pub fn is_blank(&self) -> bool {
+        self.input.messages.iter().all(|m| {
+            let text = |k: &str| {
+                m.get_attr(k)
+                    .ok()
+                    .and_then(|v| v.as_str().map(|s| s.trim().is_empty()))
+                    .unwrap_or(true)
+            };
+            text("content")
+                && text("reasoning_content")
+                && m.get_attr("tool_calls")
+                    .map(|v| v.len().unwrap_or(0) == 0)
+                    .unwrap_or(true)
+        })
+    }
+}
+
 /// A record turned into what gets tokenized.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub enum Example {
     /// Plain text pieces; `true` marks the pieces that are trained on.
     Segments(Vec<(String, bool)>),
     /// A conversation for the chat template.
-    Chat(Vec<Message>),
+    Chat(Conversation),
+}
+
+impl Example {
+    /// A chat of plain `{role, content}` messages.
+    pub fn chat(messages: &[Message]) -> Example {
+        Example::Chat(Conversation::from_messages(messages))
+    }
+}
+
+/// What the command line adds to every chat record: `--tools` and `--chat-template-kwargs`.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ChatOptions {
+    /// The tool definitions of records that have no `tools` of their own.
+    pub tools: Option<minijinja::Value>,
+    /// Extra template variables (a record's `chat_template_kwargs` go over these).
+    pub kwargs: Vec<(String, minijinja::Value)>,
+}
+
+impl ChatOptions {
+    /// `--tools FILE` (a JSON list of tool definitions) and `--chat-template-kwargs JSON` (an
+    /// object).
+    pub fn parse(tools: Option<&Path>, kwargs: Option<&str>) -> Result<ChatOptions> {
+        let tools = match tools {
+            None => None,
+            Some(p) => {
+                let text = std::fs::read_to_string(p).map_err(|source| Error::Io {
+                    path: p.to_path_buf(),
+                    source,
+                })?;
+                let v: minijinja::Value =
+                    serde_json::from_str(&text).map_err(|e| Error::Format {
+                        path: p.to_path_buf(),
+                        msg: format!("--tools: not valid JSON: {e}"),
+                    })?;
+                check_tools(&v).map_err(|what| Error::Format {
+                    path: p.to_path_buf(),
+                    msg: format!("--tools: {what}"),
+                })?;
+                Some(v)
+            }
+        };
+        let kwargs = match kwargs {
+            None => Vec::new(),
+            Some(s) => {
+                let v: minijinja::Value = serde_json::from_str(s).map_err(|e| {
+                    Error::InvalidArgument(format!("--chat-template-kwargs: not valid JSON: {e}"))
+                })?;
+                map_entries(&v).ok_or_else(|| {
+                    Error::InvalidArgument(
+                        "--chat-template-kwargs must be a JSON object, e.g. '{\"enable_thinking\": false}'"
+                            .into(),
+                    )
+                })?
+            }
+        };
+        Ok(ChatOptions { tools, kwargs })
+    }
+}
+
+/// Template variables by name, in order.
+type TemplateKwargs = Vec<(String, minijinja::Value)>;
+
+/// The entries of a map value, in order; `None` when it is not a map.
+fn map_entries(v: &minijinja::Value) -> Option<Vec<(String, minijinja::Value)>> {
+    if v.kind() != ValueKind::Map {
+        return None;
+    }
+    v.try_iter()
+        .ok()?
+        .map(|k| {
+            let val = v.get_item(&k).ok()?;
+            Some((k.as_str()?.to_string(), val))
+        })
+        .collect()
+}
+
+fn check_tools(v: &minijinja::Value) -> std::result::Result<(), String> {
+    if v.kind() != ValueKind::Seq {
+        return Err(format!(
+            "tools must be a list of tool definitions, found {}",
+            v.kind()
+        ));
+    }
+    for (j, t) in v.try_iter().map_err(|e| e.to_string())?.enumerate() {
+        if t.kind() != ValueKind::Map {
+            return Err(format!("tool {j} is not an object (found {})", t.kind()));
+        }
+    }
+    Ok(())
 }
 
 fn record_err(path: &Path, r: &Record, format: Format, what: String) -> Error {
@@ -242,22 +396,397 @@ fn alpaca_prompt(instruction: &str, input: &str) -> String {
     }
 }
 
+fn msg_err(path: &Path, r: &Record, key: &str, i: usize, what: String) -> Error {
+    Error::Format {
+        path: path.to_path_buf(),
+        msg: if key == "messages" {
+            format!("{}: message {i} {what}", r.locate())
+        } else {
+            format!("{}: `{key}` message {i} {what}", r.locate())
+        },
+    }
+}
+
+/// Text parts joined as transformers' server joins them for text-only models.
+fn join_parts(list: &minijinja::Value) -> std::result::Result<String, String> {
+    let mut texts = Vec::new();
+    for (j, part) in list.try_iter().map_err(|e| e.to_string())?.enumerate() {
+        let Some(entries) = map_entries(&part) else {
+            return Err(format!(
+                "has content part {j} that is not an object (found {})",
+                part.kind()
+            ));
+        };
+        let get = |k: &str| entries.iter().find(|(n, _)| n == k).map(|(_, v)| v);
+        let kind = get("type").and_then(|t| t.as_str()).ok_or_else(|| {
+            format!("has content part {j} without a string `type` (expected \"text\")")
+        })?;
+        match kind {
+            "text" | "input_text" | "output_text" => match get("text").and_then(|t| t.as_str()) {
+                Some(t) => texts.push(t.to_string()),
+                None => {
+                    return Err(format!(
+                        "has content part {j} of type {kind} without a string `text`"
+                    ))
+                }
+            },
+            other => {
+                return Err(format!(
+                    "has content part {j} of type `{other}`: qlora-rs trains text-only models, so \
+                     only text parts (type text, input_text or output_text) can be used"
+                ))
+            }
+        }
+    }
+    Ok(texts.join(" "))
+}
+
+fn check_tool_call(j: usize, c: &minijinja::Value) -> std::result::Result<(), String> {
+    if c.kind() != ValueKind::Map {
+        return Err(format!(
+            "has tool call {j} that is not an object (found {})",
+            c.kind()
+        ));
+    }
+    let f = match c.get_attr("function") {
+        Ok(f) if f.kind() == ValueKind::Map => f,
+        Ok(f) if !f.is_undefined() && !f.is_none() => {
+            return Err(format!(
+                "has tool call {j} whose `function` is not an object"
+            ))
+        }
+        _ => c.clone(),
+    };
+    if f.get_attr("name")
+        .ok()
+        .and_then(|n| n.as_str().map(str::to_string))
+        .is_none()
+    {
+        return Err(format!("has tool call {j} without a string `name` (expected {{\"function\": {{\"name\": …, \"arguments\": …}}}})"));
+    }
+    let args = f.get_attr("arguments").unwrap_or_default();
+    match args.kind() {
+        ValueKind::Map => Ok(()),
+        ValueKind::String => {
+            let s = args.as_str().unwrap_or_default();
+            serde_json::from_str::<Value>(s).map(|_| ()).map_err(|e| {
+                format!("has tool call {j} whose `arguments` string is not valid JSON ({e})")
+            })
+        }
+        ValueKind::Undefined | ValueKind::None => {
+            Err(format!("has tool call {j} without `arguments`"))
+        }
+        other => Err(format!(
+            "has tool call {j} whose `arguments` is a {other} (expected an object or a JSON string)"
+        )),
+    }
+}
+
+/// One message of a `messages` list as `apply_chat_template` passes it (see the module notes),
+/// and whether it is trained on.
+fn chat_message(m: &minijinja::Value) -> std::result::Result<(minijinja::Value, bool), String> {
+    let Some(entries) = map_entries(m) else {
+        return Err(format!("is not an object (found {})", m.kind()));
+    };
+    // transformers drops the keys whose value is None.
+    let mut entries: Vec<(String, minijinja::Value)> =
+        entries.into_iter().filter(|(_, v)| !v.is_none()).collect();
+    let get = |entries: &[(String, minijinja::Value)], k: &str| {
+        entries.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone())
+    };
+    let role = match get(&entries, "role") {
+        Some(v) => v
+            .as_str()
+            .map(str::to_string)
+            .ok_or_else(|| format!("has a `role` that is not a string (found {})", v.kind()))?,
+        None => return Err("has no `role`".into()),
+    };
+    if !KNOWN_ROLES.contains(&role.as_str()) {
+        let hint = KNOWN_ROLES
+            .iter()
+            .find(|k| edit_distance(k, &role) <= 2)
+            .map(|k| format!("; did you mean `{k}`?"))
+            .unwrap_or_default();
+        return Err(format!(
+            "has the unknown role `{role}` (expected one of {}){hint}",
+            KNOWN_ROLES.join(", ")
+        ));
+    }
+    let assistant = role == "assistant";
+    let tool_calls = get(&entries, "tool_calls");
+    if let Some(calls) = &tool_calls {
+        if !assistant {
+            return Err(format!(
+                "has `tool_calls` but its role is {role} (only assistant messages call tools)"
+            ));
+        }
+        if calls.kind() != ValueKind::Seq {
+            return Err(format!(
+                "has `tool_calls` that is not a list (found {})",
+                calls.kind()
+            ));
+        }
+        for (j, c) in calls.try_iter().map_err(|e| e.to_string())?.enumerate() {
+            check_tool_call(j, &c)?;
+        }
+    }
+    match get(&entries, "content") {
+        None if tool_calls.is_some() => {}
+        None => return Err("has no `content` (missing or null, and no `tool_calls`)".into()),
+        Some(c) if c.kind() == ValueKind::String => {}
+        Some(c) if c.kind() == ValueKind::Seq => {
+            let joined = minijinja::Value::from(join_parts(&c)?);
+            for e in entries.iter_mut().filter(|(k, _)| k == "content") {
+                e.1 = joined.clone();
+            }
+        }
+        Some(c) => {
+            return Err(format!(
+                "has `content` that is a {} (expected a string or a list of text parts)",
+                c.kind()
+            ))
+        }
+    }
+    let mut trained = assistant;
+    if let Some(w) = get(&entries, "weight") {
+        if !assistant {
+            return Err(format!(
+                "has `weight` but its role is {role} (OpenAI's weight is for assistant messages)"
+            ));
+        }
+        match w.as_i64() {
+            Some(0) if w.is_integer() => trained = false,
+            Some(1) if w.is_integer() => {}
+            _ => return Err(format!("has `weight: {w}` (expected 0 or 1)")),
+        }
+    }
+    // transformers' reasoning aliases: `reasoning_content` from `thinking` or `reasoning`, and
+    // `thinking` first (for templates that read that name).
+    let reasoning = ["reasoning_content", "thinking", "reasoning"]
+        .iter()
+        .find_map(|k| get(&entries, k));
+    if let Some(r) = reasoning {
+        let mut out = vec![("thinking".to_string(), r.clone())];
+        for (k, v) in entries {
+            if k == "thinking" {
+                out[0].1 = v;
+            } else {
+                out.push((k, v));
+            }
+        }
+        match out.iter_mut().find(|(k, _)| k == "reasoning_content") {
+            Some(e) => e.1 = r,
+            None => out.push(("reasoning_content".into(), r)),
+        }
+        entries = out;
+    }
+    Ok((entries.into_iter().collect(), trained))
+}
+
+/// A list of messages (a record's `messages`, or its `prompt` or `completion` list).
+fn chat_list(
+    path: &Path,
+    r: &Record,
+    key: &str,
+    list: &minijinja::Value,
+) -> Result<(Vec<minijinja::Value>, Vec<bool>)> {
+    let mut messages = Vec::new();
+    let mut trained = Vec::new();
+    for (i, m) in list
+        .try_iter()
+        .map_err(|e| msg_err(path, r, key, 0, e.to_string()))?
+        .enumerate()
+    {
+        let (m, t) = chat_message(&m).map_err(|what| msg_err(path, r, key, i, what))?;
+        messages.push(m);
+        trained.push(t);
+    }
+    Ok((messages, trained))
+}
+
+/// The record's `tools` (or `--tools`) and template kwargs (`--chat-template-kwargs` with the
+/// record's `chat_template_kwargs` over them).
+fn chat_extras(
+    path: &Path,
+    r: &Record,
+    ordered: &minijinja::Value,
+    opts: &ChatOptions,
+) -> Result<(Option<minijinja::Value>, TemplateKwargs)> {
+    let bad = |what: String| Error::Format {
+        path: path.to_path_buf(),
+        msg: format!("{}: {what}", r.locate()),
+    };
+    let tools = match ordered.get_attr("tools").unwrap_or_default() {
+        t if t.is_undefined() || t.is_none() => opts.tools.clone(),
+        t => {
+            let t = match t.as_str() {
+                Some(s) => serde_json::from_str(s)
+                    .map_err(|e| bad(format!("`tools` is a string that is not valid JSON: {e}")))?,
+                None => t,
+            };
+            check_tools(&t).map_err(|w| bad(format!("`tools`: {w}")))?;
+            Some(t)
+        }
+    };
+    let mut kwargs = opts.kwargs.clone();
+    match ordered.get_attr("chat_template_kwargs").unwrap_or_default() {
+        k if k.is_undefined() || k.is_none() => {}
+        k => {
+            let entries = map_entries(&k)
+                .ok_or_else(|| bad("`chat_template_kwargs` is not an object".into()))?;
+            for (name, v) in entries {
+                kwargs.retain(|(n, _)| *n != name);
+                kwargs.push((name, v));
+            }
+        }
+    }
+    Ok((tools, kwargs))
+}
+
+fn ordered(path: &Path, r: &Record) -> Result<minijinja::Value> {
+    r.ordered().map_err(|e| Error::Format {
+        path: path.to_path_buf(),
+        msg: format!("{}: {e}", r.locate()),
+    })
+}
+
+/// Chat-only keys on a record that is not rendered with the chat template.
+fn no_chat_keys(path: &Path, r: &Record, format: Format) -> Result<()> {
+    for key in ["tools", "chat_template_kwargs"] {
+        if r.fields.contains_key(key) {
+            return Err(record_err(
+                path,
+                r,
+                format,
+                format!("`{key}` is only used with chat records (messages, or prompt and completion as lists of messages)"),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Converts a record. Alpaca records become a two-turn chat when the model has a chat template
 /// (`chat = true`), else the Alpaca prompt text.
-pub fn to_example(path: &Path, r: &Record, format: Format, chat: bool) -> Result<Example> {
+pub fn to_example(
+    path: &Path,
+    r: &Record,
+    format: Format,
+    chat: bool,
+    opts: &ChatOptions,
+) -> Result<Example> {
     Ok(match format {
         Format::Text => {
+            no_chat_keys(path, r, format)?;
             Example::Segments(vec![(string(path, r, format, "text")?.to_string(), true)])
         }
-        Format::PromptCompletion => Example::Segments(vec![
-            (string(path, r, format, "prompt")?.to_string(), false),
-            (string(path, r, format, "completion")?.to_string(), true),
-        ]),
+        Format::PromptCompletion
+            if matches!(r.fields.get("prompt"), Some(Value::Array(_)))
+                || matches!(r.fields.get("completion"), Some(Value::Array(_))) =>
+        {
+            // TRL's conversational prompt-completion.
+            let o = ordered(path, r)?;
+            let mut lists = Vec::new();
+            for key in ["prompt", "completion"] {
+                let list = o.get_attr(key).unwrap_or_default();
+                if list.kind() != ValueKind::Seq {
+                    return Err(record_err(
+                        path,
+                        r,
+                        format,
+                        format!(
+                            "`{key}` is not a list of messages (found {}), and the other one is: \
+                             give both as strings or both as lists",
+                            list.kind()
+                        ),
+                    ));
+                }
+                if list.len() == Some(0) {
+                    return Err(record_err(path, r, format, format!("`{key}` is empty")));
+                }
+                lists.push(chat_list(path, r, key, &list)?);
+            }
+            let (completion, _) = lists.pop().expect("two lists");
+            let (mut messages, _) = lists.pop().expect("two lists");
+            let weightless = o
+                .get_attr("completion")
+                .ok()
+                .and_then(|c| c.try_iter().ok())
+                .and_then(|mut it| {
+                    it.position(|m| m.get_attr("weight").ok().and_then(|w| w.as_i64()) == Some(0))
+                });
+            if let Some(i) = weightless {
+                return Err(msg_err(
+                    path,
+                    r,
+                    "completion",
+                    i,
+                    "has `weight: 0`; with prompt-completion the whole completion is trained on \
+                     (use the messages format to leave turns out)"
+                        .into(),
+                ));
+            }
+            let prompt_len = messages.len();
+            messages.extend(completion);
+            let (tools, kwargs) = chat_extras(path, r, &o, opts)?;
+            Example::Chat(Conversation {
+                trained: vec![false; messages.len()],
+                input: ChatInput {
+                    messages,
+                    tools,
+                    kwargs,
+                },
+                prompt_len: Some(prompt_len),
+            })
+        }
+        Format::PromptCompletion => {
+            no_chat_keys(path, r, format)?;
+            Example::Segments(vec![
+                (string(path, r, format, "prompt")?.to_string(), false),
+                (string(path, r, format, "completion")?.to_string(), true),
+            ])
+        }
         Format::Messages => {
-            Example::Chat(messages(path, r, format, "messages", "role", "content")?)
+            let o = ordered(path, r)?;
+            match o.get_attr("messages").unwrap_or_default() {
+                l if l.kind() == ValueKind::Seq && l.len() != Some(0) => {
+                    let (messages, trained) = chat_list(path, r, "messages", &l)?;
+                    let (tools, kwargs) = chat_extras(path, r, &o, opts)?;
+                    Example::Chat(Conversation {
+                        input: ChatInput {
+                            messages,
+                            tools,
+                            kwargs,
+                        },
+                        trained,
+                        prompt_len: None,
+                    })
+                }
+                l if l.kind() == ValueKind::Seq => {
+                    return Err(record_err(path, r, format, "`messages` is empty".into()))
+                }
+                l if l.is_undefined() => {
+                    return Err(record_err(path, r, format, "`messages` is missing".into()))
+                }
+                _ => {
+                    return Err(record_err(
+                        path,
+                        r,
+                        format,
+                        "`messages` is not a list".into(),
+                    ))
+                }
+            }
         }
         Format::ShareGpt => {
-            Example::Chat(messages(path, r, format, "conversations", "from", "value")?)
+            no_chat_keys(path, r, format)?;
+            Example::chat(&messages(
+                path,
+                r,
+                format,
+                "conversations",
+                "from",
+                "value",
+            )?)
         }
         Format::Alpaca => {
             let instruction = string(path, r, format, "instruction")?;
@@ -274,13 +803,14 @@ pub fn to_example(path: &Path, r: &Record, format: Format, chat: bool) -> Result
                     ))
                 }
             };
+            no_chat_keys(path, r, format)?;
             if chat {
                 let user = if input.is_empty() {
                     instruction.to_string()
                 } else {
                     format!("{instruction}\n\n{input}")
                 };
-                Example::Chat(vec![
+                Example::chat(&[
                     Message {
                         role: "user".into(),
                         content: user,

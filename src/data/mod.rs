@@ -5,9 +5,15 @@
 //! Sequences are truncated to `seq_len` (keeping the start) and packed, padding-free, into
 //! micro-batches of at most `batch_tokens` tokens with positions restarting per sequence.
 
+/// Chat templates: the model's Jinja template, rendered as transformers renders it.
 pub mod chat;
+/// Record layouts and how each becomes text with trained spans.
 pub mod formats;
+/// `qlora-rs data`: what training will see, record by record.
+pub mod preview;
+/// Reading JSON and JSON Lines files (plain or gzip) into records.
 pub mod records;
+/// The tokenizer and its special tokens.
 pub mod tokenizer;
 
 use std::path::Path;
@@ -17,13 +23,16 @@ use rand::SeedableRng;
 
 use crate::error::{Error, Result};
 use crate::ops::cross_entropy::IGNORE_INDEX;
-use formats::{Example, Format};
+use formats::{ChatOptions, Example, Format};
 use tokenizer::TextTokenizer;
 
 /// One tokenized sequence.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Sequence {
+    /// Token ids.
     pub ids: Vec<u32>,
+    /// The id where the token is trained on, −100 where it is not (unshifted: the loss of token
+    /// i + 1 is taken at position i).
     pub labels: Vec<i64>,
 }
 
@@ -41,14 +50,20 @@ impl Sequence {
 /// What happened while building a dataset.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DataStats {
+    /// Records read.
     pub records: usize,
+    /// Sequences cut to `seq_len` tokens (their start kept).
     pub truncated: usize,
     /// Sequences dropped because no token was left to train on.
     pub empty: usize,
     /// Records whose text is empty (or only whitespace), dropped (counted in `empty` too).
     pub blank: usize,
+    /// Tokens in the sequences kept.
     pub tokens: usize,
+    /// Tokens the loss counts.
     pub counted_tokens: usize,
+    /// The format the records were read as (named or detected).
+    pub format: Option<Format>,
 }
 
 /// How records become sequences.
@@ -56,6 +71,7 @@ pub struct DataStats {
 pub struct DataOptions {
     /// `None`: detect from the first record's keys.
     pub format: Option<Format>,
+    /// Longest sequence in tokens; longer ones are cut.
     pub seq_len: usize,
     /// Train on prompts and user turns too.
     pub train_on_prompt: bool,
@@ -121,19 +137,36 @@ pub fn tokenize_first(
             }
             Ok((ids, train))
         }
-        Example::Chat(messages) => {
+        Example::Chat(conv) => {
             let template = tok.chat_template.as_ref().ok_or_else(|| {
                 Error::InvalidArgument(
                     "chat data needs a chat template, and the model's tokenizer_config.json has none".into(),
                 )
             })?;
-            let (text, spans) = template.render_with_assistant_spans(messages)?;
+            if train_on_prompt {
+                let text = template.render_input(&conv.input, false)?;
+                let (ids, _) = tok.encode(prefix_for(&text, keep, mtb), false)?;
+                let train = vec![true; ids.len()];
+                return Ok((ids, train));
+            }
+            if let Some(n) = conv.prompt_len {
+                // TRL's completion mask: the tokens past the common prefix of the prompt's
+                // rendering (with the generation prompt) and the whole conversation's.
+                let full = template.render_input(&conv.input, false)?;
+                let prompt = template.render_input(&conv.input.first(n), true)?;
+                let (ids, _) = tok.encode(prefix_for(&full, keep, mtb), false)?;
+                let (pids, _) = tok.encode(prefix_for(&prompt, keep, mtb), false)?;
+                let common = ids.iter().zip(&pids).take_while(|(a, b)| a == b).count();
+                let train = (0..ids.len()).map(|t| t >= common).collect();
+                return Ok((ids, train));
+            }
+            let (text, spans) = template.spans(&conv.input, &conv.trained)?;
             let (ids, offsets) = tok.encode(prefix_for(&text, keep, mtb), false)?;
             // A token is trained on when it overlaps an assistant span (transformers'
             // assistant-token mask does the same for tokens straddling a span's start).
             let train = offsets
                 .iter()
-                .map(|&(s, e)| train_on_prompt || spans.iter().any(|&(a, b)| s < b && e > a))
+                .map(|&(s, e)| spans.iter().any(|&(a, b)| s < b && e > a))
                 .collect();
             Ok((ids, train))
         }
@@ -146,6 +179,18 @@ pub fn load(
     tok: &TextTokenizer,
     opts: &DataOptions,
 ) -> Result<(Vec<Sequence>, DataStats)> {
+    let (seqs, stats) = load_records(path, tok, opts, &ChatOptions::default())?;
+    Ok((seqs.into_iter().map(|(_, s)| s).collect(), stats))
+}
+
+/// [`load`] with `--tools` and `--chat-template-kwargs`, each sequence with the index of its
+/// record in the file.
+pub fn load_records(
+    path: &Path,
+    tok: &TextTokenizer,
+    opts: &DataOptions,
+    chat_opts: &ChatOptions,
+) -> Result<(Vec<(usize, Sequence)>, DataStats)> {
     let records = records::read(path)?;
     if records.is_empty() {
         return Err(Error::Format {
@@ -168,14 +213,15 @@ pub fn load(
     let chat = tok.chat_template.is_some();
     let mut stats = DataStats {
         records: records.len(),
+        format: Some(format),
         ..DataStats::default()
     };
     let mut out = Vec::with_capacity(records.len());
     for r in &records {
-        let ex = formats::to_example(path, r, format, chat)?;
+        let ex = formats::to_example(path, r, format, chat, chat_opts)?;
         let text_of_example = match &ex {
             formats::Example::Segments(pieces) => pieces.iter().all(|(t, _)| t.trim().is_empty()),
-            formats::Example::Chat(m) => m.iter().all(|m| m.content.trim().is_empty()),
+            formats::Example::Chat(c) => c.is_blank(),
         };
         if text_of_example {
             stats.blank += 1;
@@ -204,7 +250,7 @@ pub fn load(
         }
         stats.tokens += seq.ids.len();
         stats.counted_tokens += seq.counted();
-        out.push(seq);
+        out.push((r.index, seq));
     }
     if out.is_empty() && stats.blank == stats.records {
         return Err(Error::Format {
@@ -231,12 +277,16 @@ pub fn load(
 /// A packed micro-batch.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MicroBatch {
+    /// The sequences' ids, one after another.
     pub ids: Vec<u32>,
+    /// Their labels, likewise (−100: not trained).
     pub labels: Vec<i64>,
+    /// Sequence boundaries: sequence i is `cu_seqlens[i]..cu_seqlens[i + 1]`.
     pub cu_seqlens: Vec<usize>,
 }
 
 impl MicroBatch {
+    /// Tokens the loss counts (after the shift within each sequence).
     pub fn counted(&self) -> usize {
         self.cu_seqlens
             .windows(2)

@@ -4,18 +4,29 @@
 
 use std::path::Path;
 
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 use crate::error::{Error, Result};
 
 /// One record and where it came from.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug)]
 pub struct Record {
     /// 0-based position in the dataset.
     pub index: usize,
     /// 1-based line in a JSONL file.
     pub line: Option<usize>,
+    /// The record's keys and values.
     pub fields: Map<String, Value>,
+    /// The record's JSON text: chat records are read from it again with their keys in the
+    /// order the file gives them (Python dicts keep that order, and templates print it).
+    pub raw: Box<RawValue>,
+}
+
+impl PartialEq for Record {
+    fn eq(&self, other: &Record) -> bool {
+        (self.index, self.line, &self.fields) == (other.index, other.line, &other.fields)
+    }
 }
 
 impl Record {
@@ -25,6 +36,11 @@ impl Record {
             Some(l) => format!("record {} (line {l})", self.index),
             None => format!("record {}", self.index),
         }
+    }
+
+    /// The record as a template value, its maps in the file's key order.
+    pub fn ordered(&self) -> std::result::Result<minijinja::Value, serde_json::Error> {
+        serde_json::from_str(self.raw.get())
     }
 }
 
@@ -104,12 +120,19 @@ fn text_of(path: &Path) -> Result<String> {
 /// Reads every record of `path` (JSON Lines or a JSON array; `.gz` files too).
 pub fn read(path: &Path) -> Result<Vec<Record>> {
     let text = text_of(path)?;
-    let object = |value: Value, index: usize, line: Option<usize>| -> Result<Record> {
+    let object = |raw: Box<RawValue>, index: usize, line: Option<usize>| -> Result<Record> {
+        let value: Value = serde_json::from_str(raw.get()).map_err(|e| {
+            let at = line
+                .map(|l| format!("line {l}"))
+                .unwrap_or(format!("record {index}"));
+            format_err(path, format!("{at}: not valid JSON: {e}"))
+        })?;
         match value {
             Value::Object(fields) => Ok(Record {
                 index,
                 line,
                 fields,
+                raw,
             }),
             other => {
                 let kind = match other {
@@ -130,7 +153,7 @@ pub fn read(path: &Path) -> Result<Vec<Record>> {
         }
     };
     if text.trim_start().starts_with('[') {
-        let values: Vec<Value> = serde_json::from_str(&text).map_err(|e| {
+        let values: Vec<Box<RawValue>> = serde_json::from_str(&text).map_err(|e| {
             format_err(
                 path,
                 format!("line {}: not a valid JSON array: {e}", e.line()),
@@ -147,7 +170,7 @@ pub fn read(path: &Path) -> Result<Vec<Record>> {
         if line.trim().is_empty() {
             continue;
         }
-        let value: Value = serde_json::from_str(line)
+        let value: Box<RawValue> = serde_json::from_str(line)
             .map_err(|e| format_err(path, format!("line {}: not valid JSON: {e}", n + 1)))?;
         records.push(object(value, records.len(), Some(n + 1))?);
     }

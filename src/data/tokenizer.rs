@@ -11,11 +11,17 @@ use crate::error::{Error, Result};
 /// Token ids and the byte range of each in the encoded text.
 pub type Encoded = (Vec<u32>, Vec<(usize, usize)>);
 
+/// A model folder's tokenizer (tokenizer.json) with what tokenizer_config.json adds: the special
+/// tokens and the chat template.
 pub struct TextTokenizer {
     inner: tokenizers::Tokenizer,
+    /// The beginning-of-sequence token's text, as the chat template sees it.
     pub bos_token: Option<String>,
+    /// The end-of-sequence token's text.
     pub eos_token: Option<String>,
+    /// The end-of-sequence token's id: generation stops at it.
     pub eos_id: Option<u32>,
+    /// The model's chat template, if it has one.
     pub chat_template: Option<ChatTemplate>,
     /// The longest token of the vocabulary in UTF-8 bytes: n tokens never cover more than
     /// n times this many bytes of text (what lets a huge record be cut before it is encoded).
@@ -104,6 +110,7 @@ impl TextTokenizer {
         })
     }
 
+    /// Tokens in the vocabulary, added tokens included.
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
     }
@@ -116,12 +123,14 @@ impl TextTokenizer {
         Ok((enc.get_ids().to_vec(), enc.get_offsets().to_vec()))
     }
 
+    /// The text of `ids` (special tokens left out with `skip_special_tokens`).
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
         self.inner
             .decode(ids, skip_special_tokens)
             .map_err(|e| Error::InvalidArgument(format!("tokenizer cannot decode {ids:?}: {e}")))
     }
 
+    /// The id of one token's text, if it is in the vocabulary.
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
         self.inner.token_to_id(token)
     }

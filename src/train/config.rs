@@ -87,6 +87,16 @@ pub struct TrainConfig {
     #[arg(long)]
     #[serde(default)]
     pub train_on_prompt: bool,
+    /// A JSON file with a list of tool definitions, passed to the chat template as `tools` for
+    /// records that have none of their own.
+    #[arg(long, value_parser = any_path())]
+    #[serde(default)]
+    pub tools: Option<PathBuf>,
+    /// Extra chat template variables, a JSON object, e.g. '{"enable_thinking": false}' (a
+    /// record's own `chat_template_kwargs` go over these).
+    #[arg(long)]
+    #[serde(default)]
+    pub chat_template_kwargs: Option<String>,
     /// Longest sequence in tokens; longer records are cut, keeping the start (and counted).
     #[arg(long, default_value_t = 2048)]
     #[serde(default = "d_seq_len")]
@@ -235,10 +245,12 @@ impl TrainConfig {
         })
     }
 
+    /// The configuration as TOML (written beside the adapter as training_config.toml).
     pub fn to_toml(&self) -> String {
         toml::to_string(self).expect("config serializes")
     }
 
+    /// The adapters' configuration, validated.
     pub fn lora(&self) -> Result<LoraConfig> {
         let cfg = LoraConfig {
             rank: self.rank,
@@ -251,6 +263,15 @@ impl TrainConfig {
         Ok(cfg)
     }
 
+    /// What `tools` and `chat_template_kwargs` add to every chat record.
+    pub fn chat_options(&self) -> Result<crate::data::formats::ChatOptions> {
+        crate::data::formats::ChatOptions::parse(
+            self.tools.as_deref(),
+            self.chat_template_kwargs.as_deref(),
+        )
+    }
+
+    /// `format` parsed (`None` for auto).
     pub fn data_format(&self) -> Result<Option<Format>> {
         Format::parse(&self.format)
     }

@@ -165,6 +165,8 @@ impl Trainer {
     /// unless `resume`/`overwrite`.
     pub fn new_on(config: TrainConfig, device: Device) -> Result<Trainer> {
         config.validate()?;
+        // `--tools` and `--chat-template-kwargs` are read before anything else loads.
+        let chat = config.chat_options()?;
         let mut run_dir = RunDir::open(&config)?;
         let format = BaseFormat::Nf4(Nf4Config {
             blocksize: config.quant_blocksize,
@@ -204,9 +206,13 @@ impl Trainer {
             seq_len: config.seq_len,
             train_on_prompt: config.train_on_prompt,
         };
-        let (mut train, data_stats) = data::load(&config.data, &tokenizer, &opts)?;
+        let load = |path: &Path| -> Result<(Vec<Sequence>, DataStats)> {
+            let (seqs, stats) = data::load_records(path, &tokenizer, &opts, &chat)?;
+            Ok((seqs.into_iter().map(|(_, s)| s).collect(), stats))
+        };
+        let (mut train, data_stats) = load(&config.data)?;
         let eval = match (&config.eval_data, config.eval_split) {
-            (Some(path), _) => data::load(path, &tokenizer, &opts)?.0,
+            (Some(path), _) => load(path)?.0,
             (None, f) if f > 0.0 => {
                 if train.len() < 2 {
                     return Err(Error::InvalidArgument(format!(
