@@ -3,8 +3,10 @@
 
 use std::path::PathBuf;
 
+/// `std::result::Result` with this crate's [`Error`].
 pub type Result<T> = std::result::Result<T, Error>;
 
+/// Every error the library returns; its `Display` is the message the binary prints.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// CUDA was asked for but cannot be used here (no kernels in this build, no driver, no GPU).
@@ -14,7 +16,9 @@ pub enum Error {
     /// A CUDA driver call failed; `op` says which step of ours made it.
     #[error("CUDA error in {op}: {source}")]
     Cuda {
+        /// Our step that made the call, plus the suspect kernels after a fault.
         op: String,
+        /// The driver's error.
         #[source]
         source: cudarc::driver::DriverError,
     },
@@ -22,24 +26,33 @@ pub enum Error {
     /// A tensor had the wrong shape for an op.
     #[error("{op}: expected shape {expected}, got {got}")]
     ShapeMismatch {
+        /// The op that checked.
         op: &'static str,
+        /// The shape it needed, or a description of it.
         expected: String,
+        /// The shape (or element count) it was given.
         got: String,
     },
 
     /// A tensor had a dtype the op cannot take.
     #[error("{op}: unsupported dtype {got} (expected {expected})")]
     DTypeMismatch {
+        /// The op that checked.
         op: &'static str,
+        /// What it takes (a dtype, often with the operand's name).
         expected: String,
+        /// The dtype (or conversion) it was given.
         got: String,
     },
 
     /// Two tensors of one op live on different devices.
     #[error("{op}: tensors on different devices ({a} and {b})")]
     DeviceMismatch {
+        /// The op that checked.
         op: &'static str,
+        /// One tensor's device (e.g. `cuda:0`).
         a: String,
+        /// The other tensor's device.
         b: String,
     },
 
@@ -50,14 +63,21 @@ pub enum Error {
     /// A file could not be read or written.
     #[error("{}: {source}", path.display())]
     Io {
+        /// The file.
         path: PathBuf,
+        /// The OS error.
         #[source]
         source: std::io::Error,
     },
 
     /// A file was read but its content is not what was expected.
     #[error("{}: {msg}", path.display())]
-    Format { path: PathBuf, msg: String },
+    Format {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        msg: String,
+    },
 }
 
 impl Error {

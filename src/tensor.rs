@@ -12,14 +12,21 @@ use crate::error::{Error, Result};
 /// Element types.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum DType {
+    /// 32-bit IEEE float: the CPU reference's dtype, and the adapters' master weights and
+    /// gradients on a GPU.
     F32,
+    /// bfloat16: frozen weights and activations on a GPU.
     BF16,
+    /// IEEE half.
     F16,
+    /// Bytes: packed NF4 codes and quantized absmax indices.
     U8,
+    /// 32-bit signed integers: token ids and positions handed to the kernels.
     I32,
 }
 
 impl DType {
+    /// Bytes per element.
     pub fn size_in_bytes(self) -> usize {
         match self {
             DType::F32 | DType::I32 => 4,
@@ -28,6 +35,7 @@ impl DType {
         }
     }
 
+    /// Whether the type is f32, bf16 or f16.
     pub fn is_float(self) -> bool {
         matches!(self, DType::F32 | DType::BF16 | DType::F16)
     }
@@ -49,12 +57,19 @@ impl std::fmt::Display for DType {
 pub trait Element:
     bytemuck::Pod + cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits + Send + Sync
 {
+    /// The [`DType`] this Rust type stores as.
     const DTYPE: DType;
+    /// Wraps a vector as CPU storage, without copying.
     fn into_cpu(data: Vec<Self>) -> CpuStorage;
+    /// The values of CPU storage of this type (`None` for another dtype).
     fn cpu_slice(s: &CpuStorage) -> Option<&[Self]>;
+    /// Mutable [`Element::cpu_slice`].
     fn cpu_slice_mut(s: &mut CpuStorage) -> Option<&mut [Self]>;
+    /// Wraps a device buffer as CUDA storage, without copying.
     fn into_cuda(data: cudarc::driver::CudaSlice<Self>) -> CudaStorage;
+    /// The device buffer of CUDA storage of this type (`None` for another dtype).
     fn cuda_slice(s: &CudaStorage) -> Option<&cudarc::driver::CudaSlice<Self>>;
+    /// Mutable [`Element::cuda_slice`].
     fn cuda_slice_mut(s: &mut CudaStorage) -> Option<&mut cudarc::driver::CudaSlice<Self>>;
 }
 
@@ -104,7 +119,9 @@ element!(i32, I32);
 /// Where a tensor's bytes live.
 #[derive(Debug)]
 pub enum Storage {
+    /// Host memory, a `Vec` per dtype.
     Cpu(CpuStorage),
+    /// Device memory on one GPU.
     Cuda(CudaStorage),
 }
 
@@ -178,14 +195,17 @@ impl Tensor {
         })
     }
 
+    /// Dimensions, outermost first (row-major).
     pub fn shape(&self) -> &[usize] {
         &self.shape
     }
 
+    /// Number of elements (the product of the shape; 1 for a scalar `[]`).
     pub fn elem_count(&self) -> usize {
         self.shape.iter().product()
     }
 
+    /// Element type of the storage.
     pub fn dtype(&self) -> DType {
         match &self.storage {
             Storage::Cpu(s) => s.dtype(),
@@ -193,10 +213,12 @@ impl Tensor {
         }
     }
 
+    /// The device the storage lives on.
     pub fn device(&self) -> Device {
         self.device
     }
 
+    /// The underlying buffer, for ops that dispatch on it.
     pub fn storage(&self) -> &Storage {
         &self.storage
     }

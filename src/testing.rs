@@ -11,11 +11,14 @@ use crate::tensor::DType;
 /// `|got − ref| ≤ abs + rel·|ref|`.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Tolerance {
+    /// Absolute allowance.
     pub abs: f64,
+    /// Allowance relative to `|ref|`.
     pub rel: f64,
 }
 
 impl Tolerance {
+    /// No difference allowed (integer dtypes, bit-exact results).
     pub const EXACT: Tolerance = Tolerance { abs: 0.0, rel: 0.0 };
     /// For f64 results that should agree to rounding.
     pub const EXACT_F64: Tolerance = Tolerance {

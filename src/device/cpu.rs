@@ -4,16 +4,23 @@ use half::{bf16, f16};
 
 use crate::tensor::DType;
 
+/// The values of a CPU tensor, by dtype.
 #[derive(Clone, Debug, PartialEq)]
 pub enum CpuStorage {
+    /// [`DType::F32`] values.
     F32(Vec<f32>),
+    /// [`DType::BF16`] values.
     BF16(Vec<bf16>),
+    /// [`DType::F16`] values.
     F16(Vec<f16>),
+    /// [`DType::U8`] values.
     U8(Vec<u8>),
+    /// [`DType::I32`] values.
     I32(Vec<i32>),
 }
 
 impl CpuStorage {
+    /// `n` zeros of `dtype`.
     pub fn zeros(dtype: DType, n: usize) -> CpuStorage {
         match dtype {
             DType::F32 => CpuStorage::F32(vec![0.0; n]),
@@ -24,6 +31,7 @@ impl CpuStorage {
         }
     }
 
+    /// The element type held.
     pub fn dtype(&self) -> DType {
         match self {
             CpuStorage::F32(_) => DType::F32,
@@ -34,6 +42,7 @@ impl CpuStorage {
         }
     }
 
+    /// Number of elements (not bytes).
     pub fn len(&self) -> usize {
         match self {
             CpuStorage::F32(v) => v.len(),
@@ -44,6 +53,7 @@ impl CpuStorage {
         }
     }
 
+    /// Whether it holds no element.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }

@@ -104,10 +104,15 @@ pub(crate) fn fault_suspects(e: &cudarc::driver::DriverError) -> Option<String> 
 /// Device memory of one dtype.
 #[derive(Debug)]
 pub enum CudaStorage {
+    /// [`DType::F32`] values.
     F32(CudaSlice<f32>),
+    /// [`DType::BF16`] values.
     BF16(CudaSlice<bf16>),
+    /// [`DType::F16`] values.
     F16(CudaSlice<f16>),
+    /// [`DType::U8`] values.
     U8(CudaSlice<u8>),
+    /// [`DType::I32`] values.
     I32(CudaSlice<i32>),
 }
 
@@ -124,6 +129,7 @@ macro_rules! each_storage {
 }
 
 impl CudaStorage {
+    /// The element type held.
     pub fn dtype(&self) -> DType {
         match self {
             CudaStorage::F32(_) => DType::F32,
@@ -134,14 +140,17 @@ impl CudaStorage {
         }
     }
 
+    /// Number of elements (not bytes).
     pub fn len(&self) -> usize {
         each_storage!(self, s => s.len())
     }
 
+    /// Whether it holds no element.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
+    /// CUDA ordinal of the GPU the memory is on.
     pub fn ordinal(&self) -> usize {
         each_storage!(self, s => s.ordinal())
     }
@@ -226,10 +235,12 @@ impl CudaDevice {
         Ok(dev)
     }
 
+    /// CUDA ordinal of this GPU.
     pub fn ordinal(&self) -> usize {
         self.ordinal
     }
 
+    /// The one stream every kernel, copy and allocation of this GPU goes to.
     pub fn stream(&self) -> &Arc<CudaStream> {
         &self.stream
     }

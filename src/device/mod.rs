@@ -20,7 +20,9 @@ use crate::error::{Error, Result};
 /// A device that tensors live on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Device {
+    /// Host memory; ops run the f32 reference.
     Cpu,
+    /// The GPU with this CUDA ordinal; ops run our kernels.
     Cuda(usize),
 }
 
@@ -39,7 +41,9 @@ pub enum DeviceRequest {
     /// CUDA when a driver, a GPU and kernels are present, else CPU.
     #[default]
     Auto,
+    /// `cpu`: always the CPU.
     Cpu,
+    /// `cuda`, `gpu` (ordinal 0) or `cuda:N`: that GPU, or an error when it cannot be used.
     Cuda(usize),
 }
 
@@ -76,7 +80,9 @@ pub struct Availability {
     pub driver_error: Option<String>,
 }
 
+/// Why CUDA is unusable when the build has no compiled kernels.
 pub const NO_KERNELS: &str = "this build has no GPU kernels: install nvcc (see README) and rebuild";
+/// Why CUDA is unusable when `libcuda` cannot be loaded.
 pub const NO_DRIVER: &str =
     "no NVIDIA driver: libcuda could not be loaded (the CUDA device needs the NVIDIA driver)";
 
@@ -129,7 +135,9 @@ impl Availability {
 /// The chosen device and a sentence saying why.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Selection {
+    /// The device to run on.
     pub device: Device,
+    /// How it was chosen, for the log, e.g. `cpu (auto: no NVIDIA driver: …)`.
     pub reason: String,
 }
 

@@ -13,7 +13,9 @@ use crate::error::{Error, Result};
 use crate::model::config::LlamaConfig;
 use crate::model::lora::{LoraConfig, LoraParams, Target};
 
+/// The adapter weights' file name in an adapter folder.
 pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
+/// The adapter config's file name in an adapter folder.
 pub const CONFIG_FILE: &str = "adapter_config.json";
 
 fn format_err(path: &Path, msg: impl Into<String>) -> Error {

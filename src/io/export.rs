@@ -37,8 +37,11 @@ const SIDE_FILES: [&str; 6] = [
 /// What an export wrote.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct ExportReport {
+    /// Tensors written, over all shards.
     pub tensors: usize,
+    /// safetensors files written.
     pub shards: usize,
+    /// Tensor data written, bytes (headers not counted); the index's `total_size` when sharded.
     pub bytes: u64,
     /// Projections changed (merged adapters or quantized weights).
     pub projections: usize,

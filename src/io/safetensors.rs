@@ -31,10 +31,15 @@ pub struct Checkpoint {
 
 /// A tensor found in a checkpoint: where it is, its dtype, shape and bytes.
 pub struct TensorRef<'a> {
+    /// The shard file that holds it.
     pub file: &'a Path,
+    /// Tensor name.
     pub name: &'a str,
+    /// Element type as stored.
     pub dtype: Dtype,
+    /// Row-major shape.
     pub shape: &'a [usize],
+    /// The raw little-endian data, mapped from the file.
     pub bytes: &'a [u8],
 }
 
@@ -285,6 +290,7 @@ impl Checkpoint {
 }
 
 impl TensorRef<'_> {
+    /// Checks that the shape is exactly `shape`; the error names the file and the tensor.
     pub fn expect_shape(&self, shape: &[usize]) -> Result<()> {
         if self.shape == shape {
             Ok(())
@@ -299,6 +305,7 @@ impl TensorRef<'_> {
         }
     }
 
+    /// The format error for a tensor whose dtype is not `expected`, naming the file and the tensor.
     pub fn wrong_dtype(&self, expected: &str) -> Error {
         format_err(
             self.file,

@@ -14,12 +14,16 @@ use crate::error::{Error, Result};
 /// A tensor to write: name, dtype, shape.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Entry {
+    /// Tensor name (key in the header).
     pub name: String,
+    /// Element type as stored.
     pub dtype: Dtype,
+    /// Row-major shape.
     pub shape: Vec<usize>,
 }
 
 impl Entry {
+    /// Size of the tensor's data, bytes.
     pub fn bytes(&self) -> usize {
         self.shape.iter().product::<usize>() * self.dtype.bitsize() / 8
     }

@@ -17,56 +17,94 @@ use crate::ops::rope::RopeScaling;
 /// `config.json` as transformers writes it (the fields this crate reads).
 #[derive(Clone, Debug, Deserialize)]
 pub struct HfConfig {
+    /// `llama`, `mistral` or `qwen2` (anything else is refused).
     pub model_type: Option<String>,
+    /// Model width d.
     pub hidden_size: Option<usize>,
+    /// MLP width f.
     pub intermediate_size: Option<usize>,
+    /// Decoder layers.
     pub num_hidden_layers: Option<usize>,
+    /// Query heads.
     pub num_attention_heads: Option<usize>,
+    /// Key/value heads (grouped-query attention); absent means as many as query heads.
     pub num_key_value_heads: Option<usize>,
+    /// Per-head width; absent means `hidden_size / num_attention_heads`.
     pub head_dim: Option<usize>,
+    /// Vocabulary size V.
     pub vocab_size: Option<usize>,
+    /// RMSNorm epsilon; absent means 1e-6.
     pub rms_norm_eps: Option<f64>,
+    /// RoPE base (transformers 4.x); absent means 10000.
     pub rope_theta: Option<f64>,
+    /// RoPE scaling block (transformers 4.x): `rope_type` or `type`, `factor`, ….
     pub rope_scaling: Option<Value>,
+    /// RoPE block of transformers 5.x: `rope_theta` and the scaling; wins over the 4.x fields.
     pub rope_parameters: Option<Value>,
+    /// Whether the LM head reuses the embedding matrix; absent means false.
     pub tie_word_embeddings: Option<bool>,
+    /// Context length in tokens; absent means 2048.
     pub max_position_embeddings: Option<usize>,
+    /// MLP activation; only `silu` is accepted.
     pub hidden_act: Option<String>,
+    /// Biases on q, k, v and o for Llama (Qwen2 always has q, k, v biases and never o's).
     pub attention_bias: Option<bool>,
+    /// MLP biases; `true` is refused.
     pub mlp_bias: Option<bool>,
+    /// Sliding-window attention span (Mistral, and Qwen2 with `use_sliding_window`).
     pub sliding_window: Option<usize>,
+    /// Whether Qwen2's `sliding_window` applies.
     pub use_sliding_window: Option<bool>,
+    /// Checkpoint dtype (transformers 4.x).
     pub torch_dtype: Option<String>,
+    /// Checkpoint dtype (transformers 5.x); wins over `torch_dtype`.
     pub dtype: Option<String>,
+    /// The quantization block of a pre-quantized checkpoint (only bitsandbytes 4-bit NF4 loads).
     pub quantization_config: Option<Value>,
 }
 
 /// The model families this crate runs (all share Llama's decoder layer).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Arch {
+    /// `model_type` `llama`.
     Llama,
+    /// `model_type` `mistral`.
     Mistral,
     /// Llama with biases on q, k and v.
     Qwen2,
 }
 
+/// The accepted `model_type`s, for messages.
 pub const SUPPORTED_MODEL_TYPES: &str = "llama, mistral, qwen2";
 
 /// A validated configuration.
 #[derive(Clone, Debug, PartialEq)]
 pub struct LlamaConfig {
+    /// Model family, from `model_type`.
     pub arch: Arch,
+    /// Model width d: the residual stream is `[T, d]`.
     pub hidden_size: usize,
+    /// MLP width f: gate and up are `[f, d]`, down is `[d, f]`.
     pub intermediate_size: usize,
+    /// Decoder layers.
     pub num_layers: usize,
+    /// Query heads.
     pub num_heads: usize,
+    /// Key/value heads; divides `num_heads`.
     pub num_kv_heads: usize,
+    /// Per-head width (even, for RoPE).
     pub head_dim: usize,
+    /// Vocabulary size V: the embedding is `[V, d]`, logits `[T, V]`.
     pub vocab_size: usize,
+    /// RMSNorm epsilon (> 0).
     pub rms_norm_eps: f64,
+    /// RoPE base frequency.
     pub rope_theta: f32,
+    /// RoPE frequency scaling (none, linear or llama3).
     pub rope_scaling: RopeScaling,
+    /// The LM head is the embedding matrix (no separate `lm_head.weight`).
     pub tie_word_embeddings: bool,
+    /// Context length in tokens; generation stops there.
     pub max_position_embeddings: usize,
     /// Biases on q, k and v (Qwen2, or Llama with `attention_bias`).
     pub qkv_bias: bool,

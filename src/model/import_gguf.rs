@@ -67,8 +67,9 @@ pub struct ImportReport {
     pub skipped: Vec<String>,
     /// `tokenizer.ggml.pre`, the pre-tokenizer of the tokenizer written.
     pub tokenizer_pre: String,
-    /// Tokens in the tokenizer, and how many of them are special (control) tokens.
+    /// Tokens in the tokenizer.
     pub tokens: usize,
+    /// How many of `tokens` are special (control or unknown) tokens.
     pub special_tokens: usize,
     /// The files written.
     pub files: Vec<PathBuf>,

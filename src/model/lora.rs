@@ -16,16 +16,24 @@ use crate::error::{Error, Result};
 /// The seven projections of a decoder layer that can carry an adapter.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Target {
+    /// Attention query projection `q_proj`, `[heads·head_dim, d]`.
     Q,
+    /// Attention key projection `k_proj`, `[kv_heads·head_dim, d]`.
     K,
+    /// Attention value projection `v_proj`, `[kv_heads·head_dim, d]`.
     V,
+    /// Attention output projection `o_proj`, `[d, heads·head_dim]`.
     O,
+    /// MLP gate projection `gate_proj` (the SiLU branch), `[f, d]`.
     Gate,
+    /// MLP up projection `up_proj`, `[f, d]`.
     Up,
+    /// MLP down projection `down_proj`, `[d, f]`.
     Down,
 }
 
 impl Target {
+    /// Every target, in the order a layer runs them (what `all` selects).
     pub const ALL: [Target; 7] = [
         Target::Q,
         Target::K,
@@ -111,11 +119,15 @@ impl Target {
 /// Adapter hyper-parameters.
 #[derive(Clone, Debug, PartialEq)]
 pub struct LoraConfig {
+    /// LoRA rank r: A is `[r, in]`, B is `[out, r]`.
     pub rank: usize,
+    /// Scale numerator: the adapter output is multiplied by `alpha / r` (or `alpha / √r`).
     pub alpha: f64,
+    /// Rank-stabilised LoRA: scale by `alpha / √r` instead of `alpha / r`.
     pub rslora: bool,
     /// Dropout probability on the adapter input (training only).
     pub dropout: f64,
+    /// Projections that carry an adapter, in every adapted layer.
     pub targets: Vec<Target>,
 }
 
@@ -130,6 +142,7 @@ impl LoraConfig {
         }) as f32
     }
 
+    /// Refuses rank 0, a non-finite alpha, dropout outside `[0, 1)` and an empty target list.
     pub fn validate(&self) -> Result<()> {
         if self.rank == 0 {
             return Err(Error::InvalidArgument(
@@ -158,9 +171,13 @@ impl LoraConfig {
 /// Where one adapted projection's A and B sit in the flat buffer.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LoraSlot {
+    /// Decoder layer index.
     pub layer: usize,
+    /// Which projection of the layer.
     pub target: Target,
+    /// Projection input width (columns of A).
     pub in_features: usize,
+    /// Projection output width (rows of B).
     pub out_features: usize,
     /// `A` `[rank, in]`.
     pub a: Range<usize>,
@@ -171,8 +188,11 @@ pub struct LoraSlot {
 /// Every adapter of a model, in one flat f32 buffer.
 #[derive(Clone, Debug)]
 pub struct LoraParams {
+    /// Hyper-parameters shared by every slot.
     pub config: LoraConfig,
+    /// One per adapted projection, in buffer order.
     pub slots: Vec<LoraSlot>,
+    /// Every A and B, concatenated as the slots' ranges say (row-major within each).
     pub values: Vec<f32>,
     /// Layers of the model the adapters belong to (to tell "every layer" from a subset).
     pub model_layers: usize,
@@ -425,6 +445,7 @@ impl LoraParams {
         self.values.len()
     }
 
+    /// Whether there is no trainable parameter.
     pub fn is_empty(&self) -> bool {
         self.values.is_empty()
     }

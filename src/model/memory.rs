@@ -29,18 +29,23 @@ use crate::ops::cross_entropy::DEFAULT_CHUNK;
 /// One line of the plan.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Item {
+    /// What the memory holds (`base weights`, `adapters`, `checkpoints`, …).
     pub name: &'static str,
+    /// Device memory it takes, bytes.
     pub bytes: u64,
+    /// How the number was reached, for the table.
     pub detail: String,
 }
 
 /// The plan: items and their sum.
 #[derive(Clone, Debug, PartialEq)]
 pub struct MemoryPlan {
+    /// The lines, in the order the table prints them.
     pub items: Vec<Item>,
 }
 
 impl MemoryPlan {
+    /// Sum of the items, bytes: the predicted peak of a training step.
     pub fn total(&self) -> u64 {
         self.items.iter().map(|i| i.bytes).sum()
     }

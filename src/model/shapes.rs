@@ -4,6 +4,7 @@ use super::config::{Arch, LlamaConfig};
 use crate::error::{Error, Result};
 use crate::ops::rope::RopeScaling;
 
+/// The shape names [`by_name`] knows, for messages.
 pub const NAMES: &str = "smollm2-135m, llama3-1b, llama3-8b";
 
 /// The configuration of a named shape.

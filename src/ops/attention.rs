@@ -33,8 +33,11 @@ use crate::tensor::{DType, Tensor};
 /// Head layout.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Dims {
+    /// Query heads H: q and o are `[T, H, D]`.
     pub heads: usize,
+    /// Key/value heads Hkv (divides H): k and v are `[T, Hkv, D]`.
     pub kv_heads: usize,
+    /// Per-head width D.
     pub head_dim: usize,
 }
 

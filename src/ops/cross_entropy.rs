@@ -43,8 +43,11 @@ pub fn shift_labels(labels: &[i64], cu_seqlens: &[usize]) -> Vec<i64> {
 /// Loss sum, counted rows, and (when a gradient scale is given) `dh`.
 #[derive(Debug)]
 pub struct Output<T> {
+    /// Sum of the counted rows' losses, nats (f64 whatever `T` is).
     pub loss_sum: f64,
+    /// Rows whose target is not −100.
     pub count: usize,
+    /// `[T, d]`: gradient of `g · loss_sum` with respect to h; `None` without a gradient scale.
     pub dh: Option<Vec<T>>,
 }
 

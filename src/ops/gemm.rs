@@ -577,8 +577,11 @@ fn launch_nf4(
 /// The adapter of one layer on the device: A `[r, in]` and B `[out, r]` in bf16 (copies of the
 /// fp32 master weights, refreshed after each optimizer step), and its scale.
 pub struct LoraCuda<'a> {
+    /// A, bf16 `[r, in]`.
     pub a: &'a Tensor,
+    /// B, bf16 `[out, r]`.
     pub b: &'a Tensor,
+    /// The adapter scale s ([`crate::model::lora::LoraConfig::scale`]).
     pub scale: f32,
 }
 
@@ -618,8 +621,11 @@ pub fn lora_backward_cuda(
 /// flat bf16 mirror of the LoRA parameters).
 #[derive(Clone, Copy, Debug)]
 pub struct DevMat {
+    /// Device address of element `[0, 0]`; the matrix is contiguous and row-major.
     pub ptr: u64,
+    /// Number of rows.
     pub rows: usize,
+    /// Number of columns (the row stride, in elements).
     pub cols: usize,
 }
 
@@ -628,11 +634,18 @@ pub struct DevMat {
 /// `x̃ = x ⊙ m` (the mask redrawn from the seed in the backward).
 #[derive(Clone, Copy, Debug)]
 pub struct LoraView {
+    /// A, `[r, in]`.
     pub a: DevMat,
+    /// B, `[out, r]`.
     pub b: DevMat,
+    /// Device address of dA, fp32 `[r, in]`, accumulated into (`+=`).
     pub grad_a: u64,
+    /// Device address of dB, fp32 `[out, r]`, accumulated into (`+=`).
     pub grad_b: u64,
+    /// The adapter scale s.
     pub scale: f32,
+    /// Dropout probability p and the projection's mask seed ([`super::dropout::stream_seed`]);
+    /// `None` for no dropout.
     pub dropout: Option<(f32, u64)>,
 }
 

@@ -25,7 +25,9 @@ pub struct Lora<'a, T> {
     pub a: &'a [T],
     /// `[out, rank]`
     pub b: &'a [T],
+    /// LoRA rank r.
     pub rank: usize,
+    /// The adapter scale s (`alpha/r`, or `alpha/√r` with rsLoRA).
     pub scale: T,
 }
 
@@ -33,17 +35,24 @@ pub struct Lora<'a, T> {
 /// `xa = x̃·Aᵀ`, and the gradient buffers (shaped like A and B) to accumulate into.
 #[derive(Debug)]
 pub struct LoraGrads<'a, T> {
+    /// The adapter the forward used.
     pub lora: Lora<'a, T>,
+    /// `[T, r]`: `x̃·Aᵀ` saved by the forward (unscaled).
     pub xa: &'a [T],
+    /// `[r, in]`: dA is accumulated here (`+=`).
     pub grad_a: &'a mut [T],
+    /// `[out, r]`: dB is accumulated here (`+=`).
     pub grad_b: &'a mut [T],
 }
 
 /// Shapes of one linear layer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Dims {
+    /// Rows T of x and y.
     pub tokens: usize,
+    /// Input width: x is `[T, in]`, W is `[out, in]`.
     pub in_features: usize,
+    /// Output width: y is `[T, out]`.
     pub out_features: usize,
 }
 

@@ -10,10 +10,15 @@ use super::Real;
 /// A strided read-only view of a matrix.
 #[derive(Clone, Copy, Debug)]
 pub struct Mat<'a, T> {
+    /// The elements; element `(i, j)` is `data[i·row_stride + j·col_stride]`.
     pub data: &'a [T],
+    /// Number of rows.
     pub rows: usize,
+    /// Number of columns.
     pub cols: usize,
+    /// Elements between the starts of consecutive rows.
     pub row_stride: usize,
+    /// Elements between consecutive entries of a row (1 unless transposed).
     pub col_stride: usize,
 }
 

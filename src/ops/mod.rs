@@ -59,6 +59,7 @@ pub trait Real:
         c: *mut Self,
     );
 
+    /// The constant `v` in this type, for literals in generic code.
     fn of(v: f64) -> Self {
         Self::from_f64(v).expect("finite constant")
     }

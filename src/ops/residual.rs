@@ -4,6 +4,7 @@
 use super::{expect_len, Real};
 use crate::error::Result;
 
+/// `a + b`, element by element (both `[T, d]`, equal lengths).
 pub fn forward<T: Real>(a: &[T], b: &[T]) -> Result<Vec<T>> {
     expect_len("residual add", "second input", b.len(), &[a.len()])?;
     Ok(a.iter().zip(b).map(|(&x, &y)| x + y).collect())

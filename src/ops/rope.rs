@@ -27,14 +27,22 @@ use crate::tensor::{DType, Tensor};
 /// How the frequencies are scaled for long context.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum RopeScaling {
+    /// Unscaled frequencies (`rope_type: "default"`).
     None,
+    /// Every frequency divided by `factor` (`rope_type: "linear"`).
     Linear {
+        /// Divisor of every frequency.
         factor: f32,
     },
+    /// Llama 3's wavelength-dependent scaling (`rope_type: "llama3"`).
     Llama3 {
+        /// Divisor of the low frequencies (long wavelengths).
         factor: f32,
+        /// Frequencies whose wavelength exceeds `L / low_freq_factor` are divided by `factor`.
         low_freq_factor: f32,
+        /// Frequencies whose wavelength is under `L / high_freq_factor` are kept.
         high_freq_factor: f32,
+        /// L: the context length, in tokens, the frequencies were designed for.
         original_max_position_embeddings: usize,
     },
 }

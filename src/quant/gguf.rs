@@ -70,13 +70,21 @@ const MAX_DIMS: usize = 4;
 pub struct GgmlType(pub u32);
 
 impl GgmlType {
+    /// 32-bit float, one value per element.
     pub const F32: GgmlType = GgmlType(0);
+    /// IEEE half, one value per element.
     pub const F16: GgmlType = GgmlType(1);
+    /// 4-bit values with one f16 scale per block of 32.
     pub const Q4_0: GgmlType = GgmlType(2);
+    /// 4-bit values with an f16 scale and an f16 min per block of 32.
     pub const Q4_1: GgmlType = GgmlType(3);
+    /// 8-bit values with one f16 scale per block of 32.
     pub const Q8_0: GgmlType = GgmlType(8);
+    /// 4-bit "k-quant": blocks of 256 in eight sub-blocks with 6-bit scales and mins.
     pub const Q4_K: GgmlType = GgmlType(12);
+    /// 6-bit "k-quant": blocks of 256 in sixteen sub-blocks with int8 scales.
     pub const Q6_K: GgmlType = GgmlType(14);
+    /// bfloat16, one value per element.
     pub const BF16: GgmlType = GgmlType(30);
 
     /// The types [`dequantize`] converts.
@@ -174,18 +182,31 @@ pub fn supported_type_names() -> String {
 /// A metadata value.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Value {
+    /// Value type 0.
     U8(u8),
+    /// Value type 1.
     I8(i8),
+    /// Value type 2.
     U16(u16),
+    /// Value type 3.
     I16(i16),
+    /// Value type 4.
     U32(u32),
+    /// Value type 5.
     I32(i32),
+    /// Value type 6.
     F32(f32),
+    /// Value type 7 (one byte, 0 or 1).
     Bool(bool),
+    /// Value type 8: a length-prefixed UTF-8 string.
     String(String),
+    /// Value type 9: elements of one type.
     Array(Vec<Value>),
+    /// Value type 10.
     U64(u64),
+    /// Value type 11.
     I64(i64),
+    /// Value type 12.
     F64(f64),
 }
 
@@ -244,6 +265,7 @@ impl Value {
         }
     }
 
+    /// A `Bool`'s value; `None` for any other type.
     pub fn as_bool(&self) -> Option<bool> {
         match *self {
             Value::Bool(b) => Some(b),
@@ -251,6 +273,7 @@ impl Value {
         }
     }
 
+    /// A `String`'s text; `None` for any other type.
     pub fn as_str(&self) -> Option<&str> {
         match self {
             Value::String(s) => Some(s),
@@ -258,6 +281,7 @@ impl Value {
         }
     }
 
+    /// An `Array`'s elements; `None` for any other type.
     pub fn as_array(&self) -> Option<&[Value]> {
         match self {
             Value::Array(a) => Some(a),
@@ -269,9 +293,11 @@ impl Value {
 /// One tensor's entry in the file's tensor table.
 #[derive(Clone, Debug, PartialEq)]
 pub struct TensorInfo {
+    /// Tensor name as written in the file (llama.cpp's naming, e.g. `blk.0.attn_q.weight`).
     pub name: String,
     /// ggml's dimensions, innermost (row length) first.
     pub dims: Vec<usize>,
+    /// How the data is stored (plain or quantized).
     pub ggml_type: GgmlType,
     /// Offset of the data from the start of the data section.
     pub offset: u64,
@@ -292,11 +318,14 @@ impl TensorInfo {
 pub struct GgufFile {
     path: PathBuf,
     mmap: Mmap,
+    /// GGUF format version (2 or 3).
     pub version: u32,
     /// Key–value metadata, in file order.
     pub metadata: Vec<(String, Value)>,
     /// Tensor table, in file order.
     pub tensors: Vec<TensorInfo>,
+    /// Alignment of the data section and of every tensor's offset, bytes (`general.alignment`,
+    /// else [`DEFAULT_ALIGNMENT`]).
     pub alignment: u64,
     /// Byte offset of the data section in the file.
     pub data_offset: u64,
@@ -581,6 +610,7 @@ impl GgufFile {
         })
     }
 
+    /// The path the file was opened from.
     pub fn path(&self) -> &Path {
         &self.path
     }

@@ -1,3 +1,6 @@
+//! Quantized weight formats: NF4 (bit-exact with bitsandbytes), pre-quantized bitsandbytes
+//! checkpoints, and GGUF files.
+
 pub mod bnb;
 pub mod gguf;
 pub mod nf4;

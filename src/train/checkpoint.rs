@@ -26,10 +26,13 @@ use crate::model::lora::LoraParams;
 pub struct TrainState {
     /// Optimizer steps taken.
     pub step: u64,
+    /// Current epoch, from 0.
     pub epoch: u64,
     /// Micro-batches of this epoch already consumed.
     pub cursor: usize,
+    /// Tokens of the micro-batches trained on so far (every packed token, counted or not).
     pub tokens_seen: u64,
+    /// The run's configuration, for the compatibility check on resume.
     pub config: TrainConfig,
     /// The training data file's fingerprint ([`fingerprint`]), so that a resume on changed data
     /// is refused (absent in checkpoints written before it was recorded).
@@ -58,6 +61,7 @@ fn io(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
     }
 }
 
+/// The folder of a run's checkpoints: `<output>/checkpoints`.
 pub fn checkpoints_dir(output: &Path) -> PathBuf {
     output.join("checkpoints")
 }

@@ -11,26 +11,34 @@ use crate::error::{Error, Result};
 /// One line of `metrics.jsonl`.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Metrics {
+    /// Optimizer steps completed, this one included.
     pub step: u64,
+    /// Epoch the step's data came from, from 0.
     pub epoch: u64,
+    /// Training loss (nats per counted token): the mean over the steps since the last logged one.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub loss: Option<f64>,
+    /// Learning rate of this step.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub lr: Option<f64>,
+    /// Global L2 norm of the adapter gradients, before clipping.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub grad_norm: Option<f64>,
-    /// Tokens in this step's micro-batches (counted or not).
+    /// Tokens in the micro-batches since the last logged step (counted or not).
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub tokens: Option<u64>,
+    /// `tokens` over the wall-clock seconds since the last logged step.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub tokens_per_s: Option<f64>,
     /// Resident memory of the process (CPU) or device memory in use (CUDA), bytes.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub memory_bytes: Option<u64>,
+    /// Evaluation-set loss, nats per counted token; set only on an evaluation's own line.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub eval_loss: Option<f64>,
 }
 
+/// Writer of a run's `metrics.jsonl`.
 pub struct MetricsLog {
     path: PathBuf,
 }
@@ -70,6 +78,7 @@ impl MetricsLog {
         Ok(MetricsLog { path })
     }
 
+    /// Appends `m` as one JSON line.
     pub fn append(&self, m: &Metrics) -> Result<()> {
         let mut f = std::fs::OpenOptions::new()
             .append(true)
@@ -87,6 +96,7 @@ impl MetricsLog {
         })
     }
 
+    /// The file: `<output>/metrics.jsonl`.
     pub fn path(&self) -> &Path {
         &self.path
     }

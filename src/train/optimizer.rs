@@ -17,9 +17,13 @@ use crate::error::{Error, Result};
 /// AdamW hyper-parameters (the learning rate comes from the schedule at each step).
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct AdamWConfig {
+    /// Decay of the first moment m (0.9 by default).
     pub beta1: f64,
+    /// Decay of the second moment v (0.999 by default).
     pub beta2: f64,
+    /// Added to the bias-corrected `√v` (1e-8 by default).
     pub eps: f64,
+    /// Decoupled weight decay λ: θ shrinks by `lr·λ` each step (0 by default).
     pub weight_decay: f64,
 }
 
@@ -37,14 +41,18 @@ impl Default for AdamWConfig {
 /// Optimizer state, laid out like the parameters.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct AdamW {
+    /// Hyper-parameters.
     pub config: AdamWConfig,
     /// Steps taken so far.
     pub step: u64,
+    /// First moment, one per parameter.
     pub m: Vec<f32>,
+    /// Second moment, one per parameter.
     pub v: Vec<f32>,
 }
 
 impl AdamW {
+    /// Fresh state (step 0, zero moments) for `len` parameters.
     pub fn new(config: AdamWConfig, len: usize) -> AdamW {
         AdamW {
             config,
@@ -130,7 +138,9 @@ const NORM_BLOCKS: usize = 512;
 /// AdamW on the device: parameters, gradients and state stay there; the clipping factor is
 /// computed from the norm in device memory, so a step needs no host synchronisation.
 pub struct AdamWCuda {
+    /// Hyper-parameters.
     pub config: AdamWConfig,
+    /// Steps taken so far (t of the bias correction).
     pub step: u64,
     m: crate::tensor::Tensor,
     v: crate::tensor::Tensor,
@@ -143,6 +153,7 @@ pub struct AdamWCuda {
 }
 
 impl AdamWCuda {
+    /// Fresh state (step 0, zero f32 moments) for `len` parameters on GPU `ordinal`.
     pub fn new(config: AdamWConfig, len: usize, ordinal: usize) -> Result<AdamWCuda> {
         use crate::device::{cuda::CudaDevice, Device};
         use crate::tensor::{DType, Tensor};

@@ -12,11 +12,15 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 
+/// How the rate decays after warmup (`--schedule`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ScheduleKind {
+    /// Half a cosine period, from `lr` to 0 at step N.
     Cosine,
+    /// A straight line, from `lr` to 0 at step N.
     Linear,
+    /// `lr` for every step after warmup.
     Constant,
 }
 
@@ -37,9 +41,13 @@ impl std::str::FromStr for ScheduleKind {
 /// A schedule over `total` optimizer steps.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Schedule {
+    /// Decay after warmup.
     pub kind: ScheduleKind,
+    /// Peak learning rate, reached when warmup ends.
     pub lr: f64,
+    /// Warmup steps W, over which the rate rises linearly from 0.
     pub warmup: u64,
+    /// Total optimizer steps N of the run.
     pub total: u64,
 }
 

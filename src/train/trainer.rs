@@ -68,32 +68,43 @@ fn non_finite_on_device(bad: u64) -> Error {
 /// What the loop reports after each step (for progress bars and logs).
 #[derive(Clone, Debug)]
 pub struct Progress<'a> {
+    /// The step's metrics line (or an evaluation's, with `eval_loss` set).
     pub metrics: &'a Metrics,
+    /// Optimizer steps the run will take in all.
     pub total_steps: u64,
 }
 
 /// How a run ended.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Summary {
+    /// Optimizer steps completed in all (a resumed run counts those before it).
     pub steps: u64,
+    /// Training loss of the last step run (`None` when it was not a logged step).
     pub last_loss: Option<f64>,
+    /// The latest evaluation-set loss (`None` without evaluation data, or when none ran).
     pub eval_loss: Option<f64>,
     /// Stopped by the stop flag (Ctrl-C) before the last step; a checkpoint was written.
     pub interrupted: bool,
+    /// The output folder (adapter, checkpoints, metrics).
     pub output: PathBuf,
 }
 
+/// A training run: the model, its data, the adapters and optimizer, and the loop over them.
 pub struct Trainer {
+    /// The run's configuration.
     pub config: TrainConfig,
     /// The model, on the device it trains on.
     pub model: Llama,
+    /// The tokenizer of the model folder.
     pub tokenizer: TextTokenizer,
     /// The adapters and optimizer state as of the last checkpoint or output (a host copy of
     /// `adapters`, which live on the model's device).
     pub lora: LoraParams,
+    /// AdamW state as of the last checkpoint or output (a host copy, like `lora`).
     pub optimizer: AdamW,
     /// The adapters, their gradients and AdamW state, on the model's device.
     pub adapters: Adapters,
+    /// What loading the training data file found (records, truncations, tokens).
     pub data_stats: DataStats,
     train: Vec<Sequence>,
     eval: Vec<Sequence>,
@@ -553,7 +564,6 @@ impl Trainer {
         self.run_with_progress(&mut |_| {})
     }
 
-    /// [`Trainer::run`], calling `progress` after every step.
     /// An evaluation's result reaches the progress callback as a metrics line of its own
     /// (`eval_loss` set, `loss` unset), so logs show it, not only metrics.jsonl.
     fn report_eval(&self, loss: Option<f64>, progress: &mut dyn FnMut(Progress)) {
@@ -570,6 +580,7 @@ impl Trainer {
         }
     }
 
+    /// [`Trainer::run`], calling `progress` after every step.
     pub fn run_with_progress(&mut self, progress: &mut dyn FnMut(Progress)) -> Result<Summary> {
         let mut last_loss = None;
         let mut eval_loss = None;

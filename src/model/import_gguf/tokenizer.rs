@@ -55,11 +55,15 @@ const USER_DEFINED: i64 = 4;
 
 /// The two tokenizer files and a summary.
 pub struct TokenizerFiles {
+    /// The `tokenizer.json` document (BPE model, pre-tokenizer, added tokens).
     pub tokenizer_json: Json,
+    /// The `tokenizer_config.json` document (BOS/EOS/UNK/PAD tokens, chat template).
     pub tokenizer_config: Json,
     /// `tokenizer.ggml.pre` (`default` when absent).
     pub pre: String,
+    /// Tokens in the vocabulary.
     pub tokens: usize,
+    /// How many of `tokens` are special (control or unknown) added tokens.
     pub special_tokens: usize,
 }
 

@@ -139,6 +139,7 @@ pub struct Nf4Tensor {
     pub absmax: Absmax,
 }
 
+/// Rejects a block size bitsandbytes does not have (an `InvalidArgument` listing [`BLOCKSIZES`]).
 pub fn check_blocksize(blocksize: usize) -> Result<()> {
     if BLOCKSIZES.contains(&blocksize) {
         Ok(())
@@ -286,6 +287,7 @@ impl Nf4Tensor {
         self.elem_count().div_ceil(self.blocksize)
     }
 
+    /// The device the codes and scales live on (that of `packed`).
     pub fn device(&self) -> Device {
         self.packed.device()
     }
