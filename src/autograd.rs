@@ -577,7 +577,6 @@ impl<'a> Tape<'a> {
         };
         match self.device {
             Device::Cpu => {
-                let w = lin.weight.to_f32()?;
                 let bias = lin.bias.map(|b| f32s(b, op)).transpose()?;
                 let (lora, mask) = match &slot {
                     Some(SlotRef::Cpu {
@@ -604,6 +603,17 @@ impl<'a> Tape<'a> {
                     in_features: i,
                     out_features: o,
                 };
+                if skip_y {
+                    let xa = match &lora {
+                        Some(l) => Some(host(
+                            linear::adapter_input(dims, f32s(x, op)?, l, mask.as_deref())?,
+                            &[t, l.rank],
+                        )?),
+                        None => None,
+                    };
+                    return Ok((None, xa, mask));
+                }
+                let w = lin.weight.to_f32()?;
                 let (y, xa) =
                     linear::forward(dims, f32s(x, op)?, &w, bias, lora.as_ref(), mask.as_deref())?;
                 let xa = match &lora {

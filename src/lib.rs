@@ -5,6 +5,8 @@
 //! (`kernels/*.cu`) that is checked against it. See `docs/ARCHITECTURE.md` for the design and
 //! the README for the layout.
 
+#![warn(missing_docs)]
+
 pub mod autograd;
 pub mod data;
 pub mod device;

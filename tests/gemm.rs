@@ -714,7 +714,11 @@ fn lora_view_with_dropout_matches_the_cpu_with_the_same_mask() {
     let (accf, accb) = data(&mut r, t * i, 1.0);
     let acc = Tensor::from_vec(accb.clone(), &[t, i], &dev).unwrap();
     let summed = unsafe { gemm::lora_backward_view_acc(&x, &q, &view, &xa, &dy, acc) }.unwrap();
-    let want: Vec<f64> = dx_ref.iter().zip(&accf).map(|(d, &a)| d + a as f64).collect();
+    let want: Vec<f64> = dx_ref
+        .iter()
+        .zip(&accf)
+        .map(|(d, &a)| d + a as f64)
+        .collect();
     close("dropout lora dx accumulated", &to_f32(&summed), &want, 2e-2);
     let g2 = grads.to_vec::<f32>().unwrap();
     let twice: Vec<f64> = ga.iter().chain(&gb).map(|v| 2.0 * v).collect();
@@ -726,7 +730,8 @@ fn lora_view_with_dropout_matches_the_cpu_with_the_same_mask() {
     let acc = Tensor::from_vec(accb, &[t, i], &dev).unwrap();
     let (_, xa_plain) = unsafe { gemm::lora_forward_view(&x, &q, &plain) }.unwrap();
     let kept = unsafe { gemm::lora_backward_view(&x, &q, &plain, &xa_plain, &dy) }.unwrap();
-    let summed = unsafe { gemm::lora_backward_view_acc(&x, &q, &plain, &xa_plain, &dy, acc) }.unwrap();
+    let summed =
+        unsafe { gemm::lora_backward_view_acc(&x, &q, &plain, &xa_plain, &dy, acc) }.unwrap();
     let want: Vec<f64> = to_f32(&kept)
         .iter()
         .zip(&accf)

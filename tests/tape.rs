@@ -23,7 +23,10 @@ fn tape_ops_refuse_the_wrong_dtype_shape_or_device() {
     // A bf16 activation on the CPU tape (whose activations are f32).
     let half = Tensor::from_vec(vec![bf16::ONE; 3 * 8], &[3, 8], &Device::Cpu).unwrap();
     let err = tape.input(half, true).unwrap_err().to_string();
-    assert!(err.contains("tape input") && err.contains("bf16") && err.contains("f32"), "{err}");
+    assert!(
+        err.contains("tape input") && err.contains("bf16") && err.contains("f32"),
+        "{err}"
+    );
     // A weight [4, 6] for an input of 8 features.
     let x = tape.input(cpu(vec![0.5; 24], &[3, 8]), true).unwrap();
     let w = BaseWeight::Dense(cpu(vec![0.1; 24], &[4, 6]));
@@ -34,7 +37,10 @@ fn tape_ops_refuse_the_wrong_dtype_shape_or_device() {
         target: Target::Up,
     };
     let err = tape.linear(&x, lin).unwrap_err().to_string();
-    assert!(err.contains("linear") && err.contains("layer 2 up_proj"), "{err}");
+    assert!(
+        err.contains("linear") && err.contains("layer 2 up_proj"),
+        "{err}"
+    );
     assert!(err.contains("[T, 6]") && err.contains("[3, 8]"), "{err}");
     // RoPE over heads that do not tile the width.
     let err = tape
@@ -56,7 +62,10 @@ fn tape_ops_refuse_the_wrong_dtype_shape_or_device() {
         .err()
         .unwrap()
         .to_string();
-    assert!(err.contains("cuda:0") && err.contains("adapters on cpu"), "{err}");
+    assert!(
+        err.contains("cuda:0") && err.contains("adapters on cpu"),
+        "{err}"
+    );
     // A replay tape leaves the residual update's output uncomputed: reading it is an error.
     let w = BaseWeight::Dense(cpu(vec![0.1; 64], &[8, 8]));
     let mut replay = Tape::replay(Device::Cpu, &batch, None, None).unwrap();
@@ -75,15 +84,22 @@ fn tape_ops_refuse_the_wrong_dtype_shape_or_device() {
         .unwrap();
     assert!(y.value().unwrap_err().to_string().contains("not computed"));
 
-    let Some(dev @ Device::Cuda(_)) = gpu_or_skip("tape_ops_refuse_the_wrong_dtype_shape_or_device")
+    let Some(dev @ Device::Cuda(_)) =
+        gpu_or_skip("tape_ops_refuse_the_wrong_dtype_shape_or_device")
     else {
         return;
     };
     // A CPU tensor on a GPU tape.
     let gb = Batch::on(vec![0, 3], dev).unwrap();
     let mut gpu = Tape::new(dev, &gb, None, false, None).unwrap();
-    let err = gpu.input(cpu(vec![0.5; 24], &[3, 8]), false).unwrap_err().to_string();
-    assert!(err.contains("tape on cuda") && err.contains("a tensor on cpu"), "{err}");
+    let err = gpu
+        .input(cpu(vec![0.5; 24], &[3, 8]), false)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("tape on cuda") && err.contains("a tensor on cpu"),
+        "{err}"
+    );
     // A dense weight on the GPU, whose GEMMs take NF4.
     let x = gpu
         .input(
@@ -104,7 +120,10 @@ fn tape_ops_refuse_the_wrong_dtype_shape_or_device() {
         )
         .unwrap_err()
         .to_string();
-    assert!(err.contains("layer 1 k_proj") && err.contains("NF4"), "{err}");
+    assert!(
+        err.contains("layer 1 k_proj") && err.contains("NF4"),
+        "{err}"
+    );
 }
 
 /// `--device cuda` with a model the kernels cannot take says which and why before any weight is

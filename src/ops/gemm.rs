@@ -721,7 +721,11 @@ unsafe fn mm(
 /// into live bf16 device memory on x's device holding A `[r, in]` and B `[out, r]`, and
 /// `l.grad_a`/`l.grad_b` into live fp32 memory of the same shapes, until the stream's work is
 /// done (the launcher checks shapes, alignment and null addresses, not what they point to).
-pub unsafe fn lora_forward_view(x: &Tensor, w: &Nf4Tensor, l: &LoraView) -> Result<(Tensor, Tensor)> {
+pub unsafe fn lora_forward_view(
+    x: &Tensor,
+    w: &Nf4Tensor,
+    l: &LoraView,
+) -> Result<(Tensor, Tensor)> {
     let op = "lora forward (cuda)";
     let o = cuda_ordinal(op, x)?;
     let (m, k) = dims2(op, "x", x)?;

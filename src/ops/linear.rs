@@ -87,6 +87,38 @@ fn masked<'a, T: Real>(x: &'a [T], mask: Option<&[T]>) -> std::borrow::Cow<'a, [
     }
 }
 
+/// `xa = x̃·Aᵀ` (`[T, r]`) alone: what the backward needs from a forward whose output nothing
+/// reads (the replay of a checkpointed layer's last projection). CUDA: `gemm::lora_xa_view`.
+pub fn adapter_input<T: Real>(
+    d: Dims,
+    x: &[T],
+    lora: &Lora<T>,
+    mask: Option<&[T]>,
+) -> Result<Vec<T>> {
+    expect_len(
+        "linear adapter input",
+        "input x",
+        x.len(),
+        &[d.tokens, d.in_features],
+    )?;
+    expect_len(
+        "linear adapter input",
+        "lora_A",
+        lora.a.len(),
+        &[lora.rank, d.in_features],
+    )?;
+    let xd = masked(x, mask);
+    let mut xa = vec![T::zero(); d.tokens * lora.rank];
+    gemm(
+        Mat::new(&xd, d.tokens, d.in_features),
+        Mat::new(lora.a, lora.rank, d.in_features).t(),
+        &mut xa,
+        T::one(),
+        T::zero(),
+    );
+    Ok(xa)
+}
+
 /// `y[t, c] += bias[c]` for `y` `[T, out]` row-major (`out = bias.len()`). The bias is frozen:
 /// the backward passes `dy` through unchanged. CUDA: `embedding::bias_add_cuda`.
 pub fn add_bias<T: Real>(y: &mut [T], bias: &[T]) {
