@@ -278,6 +278,15 @@ enum Op<'a> {
         w: &'a Tensor,
         rstd: Tensor,
     },
+    /// RMSNorm over each head; `x` is kept as `[T·heads, head_dim]`.
+    HeadRmsNorm {
+        x: Var,
+        y: At,
+        w: &'a Tensor,
+        rstd: Tensor,
+        /// `[T, heads·head_dim]`, the shape of y and of x's gradient.
+        shape: [usize; 2],
+    },
     /// `h = a + b; y = rmsnorm(h)`.
     AddRmsNorm {
         a: At,
@@ -499,6 +508,56 @@ impl<'a> Tape<'a> {
                 y: y.at(),
                 w,
                 rstd,
+            });
+        }
+        Ok(y)
+    }
+
+    /// RMSNorm over each head of `x` `[T, heads·head_dim]`, one weight `w` `[head_dim]` for all
+    /// heads (Qwen3's `q_norm` and `k_norm`): the rows of the norm are `[T·heads, head_dim]`, the
+    /// same memory. In place when nothing else holds `x`.
+    pub fn head_rmsnorm(
+        &mut self,
+        x: Var,
+        heads: usize,
+        head_dim: usize,
+        w: &'a Tensor,
+        eps: f64,
+    ) -> Result<Var> {
+        let op = "rmsnorm per head";
+        self.check(op, x.value()?)?;
+        let (t, width) = rows_cols(op, x.value()?)?;
+        if width != heads * head_dim || w.shape() != [head_dim] {
+            return Err(Error::ShapeMismatch {
+                op,
+                expected: format!("x [T, {heads} × {head_dim}] and w [{head_dim}]"),
+                got: format!("x {:?}, w {:?}", x.value()?.shape(), w.shape()),
+            });
+        }
+        let at = x.at();
+        let mut xt = x.into_tensor()?;
+        xt.reshape_in_place(&[t * heads, head_dim])?;
+        let (mut y, rstd) = match self.device {
+            Device::Cpu => {
+                let (y, r) = rmsnorm::forward(f32s(&xt, op)?, f32s(w, op)?, head_dim, eps)?;
+                let n = r.len();
+                (host(y, xt.shape())?, host(r, &[n])?)
+            }
+            Device::Cuda(_) => rmsnorm::forward_cuda(&xt, w, eps)?,
+        };
+        y.reshape_in_place(&[t, width])?;
+        let y = self.var(Some(y), at.rg);
+        if at.rg {
+            self.ops.push(Op::HeadRmsNorm {
+                x: Var {
+                    id: at.id,
+                    rg: true,
+                    value: Some(Rc::new(xt)),
+                },
+                y: y.at(),
+                w,
+                rstd,
+                shape: [t, width],
             });
         }
         Ok(y)
@@ -992,6 +1051,25 @@ impl<'a> Tape<'a> {
                 let plus = grads[x.id].take();
                 let dx = self.rmsnorm_backward(x.value()?, w, &rstd, &dy, plus.as_deref())?;
                 grads[x.id] = Some(Rc::new(dx));
+            }
+            Op::HeadRmsNorm {
+                x,
+                y,
+                w,
+                rstd,
+                shape,
+            } => {
+                let Some(dy) = grads[y.id].take() else {
+                    return Ok(());
+                };
+                let xv = x.value()?;
+                let mut dy = unshare(dy)?;
+                dy.reshape_in_place(xv.shape())?;
+                let mut dx = self.rmsnorm_backward(xv, w, &rstd, &dy, None)?;
+                dx.reshape_in_place(&shape)?;
+                let at = x.at();
+                drop((x, dy, rstd));
+                accumulate(grads, at, Rc::new(dx))?;
             }
             Op::AddRmsNorm {
                 a,

@@ -188,6 +188,8 @@ fn cli_plan_matches_the_measured_peak() {
         ("llama3-1b", "4", "2048"),
         ("smollm2-135m", "1", "2048"),
         ("smollm2-135m", "1", "64"),
+        ("qwen3-0.6b", "1", "2048"),
+        ("qwen3-8b", "1", "2048"),
     ] {
         let args = [
             "bench",

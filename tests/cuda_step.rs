@@ -77,6 +77,25 @@ fn cuda_step_with_projection_biases_matches_the_cpu() {
     step_parity(o, 8, cfg, 0.0, &[0, 50, 81]);
 }
 
+/// Qwen3 on both devices: per-head q/k norms, head_dim 64 where hidden / heads is 32 (q is 256
+/// wide on a 128-wide model), biases on q, k, v and o.
+#[test]
+fn cuda_step_qwen3_matches_the_cpu() {
+    let Some(Device::Cuda(o)) = gpu_or_skip("cuda_step_qwen3_matches_the_cpu") else {
+        return;
+    };
+    let cfg = LlamaConfig {
+        arch: Arch::Qwen3,
+        num_heads: 4,
+        num_kv_heads: 2,
+        qkv_bias: true,
+        o_bias: true,
+        ..small_config()
+    };
+    assert_ne!(cfg.q_dim(), cfg.hidden_size);
+    step_parity(o, 8, cfg, 0.0, &[0, 50, 81]);
+}
+
 /// LoRA dropout draws the same masks on both devices (one counter-based function of the seed,
 /// layer, projection and element): one micro-batch's adapter gradients on the GPU equal the
 /// CPU's with the same seed, and differ from the CPU's with another seed by far more than the

@@ -172,6 +172,13 @@ fn qwen2_with_qkv_biases_matches_transformers_peft() {
     golden_case("tiny-qwen2");
 }
 
+/// Qwen3: per-head RMSNorm of q and k before RoPE (random norm weights), head_dim 24 where
+/// hidden / heads is 16, biases on q, k, v and o.
+#[test]
+fn qwen3_with_head_norms_and_biases_matches_transformers_peft() {
+    golden_case("tiny-qwen3");
+}
+
 #[test]
 fn llama_intermediates_match_transformers() {
     let g = Golden::open("tiny-llama");
@@ -472,7 +479,7 @@ fn bad_configs_are_rejected_naming_the_field() {
     let cases: Vec<(Edit, &str)> = vec![
         (
             Box::new(|v| v["model_type"] = "gpt2".into()),
-            "model_type `gpt2` is not supported (supported: llama, mistral, qwen2)",
+            "model_type `gpt2` is not supported (supported: llama, mistral, qwen2, qwen3)",
         ),
         (
             Box::new(|v| {
@@ -502,6 +509,14 @@ fn bad_configs_are_rejected_naming_the_field() {
         (
             Box::new(|v| v["hidden_size"] = "wide".into()),
             "not a valid config.json",
+        ),
+        (
+            Box::new(|v| v["layer_types"] = serde_json::json!(["full_attention", "chunked"])),
+            "`layer_types` has `chunked` for layer 1",
+        ),
+        (
+            Box::new(|v| v["layer_types"] = serde_json::json!(["sliding_attention"])),
+            "lists layer 0 as sliding_attention but `sliding_window` is not set",
         ),
     ];
     for (edit, want) in cases {

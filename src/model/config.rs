@@ -17,7 +17,7 @@ use crate::ops::rope::RopeScaling;
 /// `config.json` as transformers writes it (the fields this crate reads).
 #[derive(Clone, Debug, Deserialize)]
 pub struct HfConfig {
-    /// `llama`, `mistral` or `qwen2` (anything else is refused).
+    /// `llama`, `mistral`, `qwen2` or `qwen3` (anything else is refused).
     pub model_type: Option<String>,
     /// Model width d.
     pub hidden_size: Option<usize>,
@@ -51,10 +51,12 @@ pub struct HfConfig {
     pub attention_bias: Option<bool>,
     /// MLP biases; `true` is refused.
     pub mlp_bias: Option<bool>,
-    /// Sliding-window attention span (Mistral, and Qwen2 with `use_sliding_window`).
+    /// Sliding-window attention span (Mistral, and Qwen2/Qwen3 with `use_sliding_window`).
     pub sliding_window: Option<usize>,
-    /// Whether Qwen2's `sliding_window` applies.
+    /// Whether Qwen2's and Qwen3's `sliding_window` applies.
     pub use_sliding_window: Option<bool>,
+    /// Per layer, `full_attention` or `sliding_attention` (transformers ≥ 4.53 writes it).
+    pub layer_types: Option<Vec<String>>,
     /// Checkpoint dtype (transformers 4.x).
     pub torch_dtype: Option<String>,
     /// Checkpoint dtype (transformers 5.x); wins over `torch_dtype`.
@@ -72,10 +74,14 @@ pub enum Arch {
     Mistral,
     /// Llama with biases on q, k and v.
     Qwen2,
+    /// Llama with an RMSNorm over each head of q and of k before RoPE (`q_norm`, `k_norm`),
+    /// `head_dim` from the config (not `hidden_size / heads`), and `attention_bias` on q, k, v
+    /// and o alike.
+    Qwen3,
 }
 
 /// The accepted `model_type`s, for messages.
-pub const SUPPORTED_MODEL_TYPES: &str = "llama, mistral, qwen2";
+pub const SUPPORTED_MODEL_TYPES: &str = "llama, mistral, qwen2, qwen3";
 
 /// A validated configuration.
 #[derive(Clone, Debug, PartialEq)]
@@ -119,6 +125,11 @@ pub struct LlamaConfig {
 }
 
 impl LlamaConfig {
+    /// Whether q and k pass through an RMSNorm per head before RoPE (Qwen3's `q_norm`/`k_norm`).
+    pub fn qk_norm(&self) -> bool {
+        self.arch == Arch::Qwen3
+    }
+
     /// Reads and validates `config.json`; errors name the file and the field.
     pub fn from_file(path: &Path) -> Result<LlamaConfig> {
         let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
@@ -218,6 +229,7 @@ impl TryFrom<HfConfig> for LlamaConfig {
             "llama" => Arch::Llama,
             "mistral" => Arch::Mistral,
             "qwen2" => Arch::Qwen2,
+            "qwen3" => Arch::Qwen3,
             other => {
                 return Err(Error::InvalidArgument(format!(
                     "model_type `{other}` is not supported (supported: {SUPPORTED_MODEL_TYPES})"
@@ -287,9 +299,31 @@ impl TryFrom<HfConfig> for LlamaConfig {
         let attention_bias = c.attention_bias.unwrap_or(false);
         let sliding_window = match arch {
             Arch::Mistral => c.sliding_window,
-            Arch::Qwen2 if c.use_sliding_window == Some(true) => c.sliding_window,
+            Arch::Qwen2 | Arch::Qwen3 if c.use_sliding_window == Some(true) => c.sliding_window,
             _ => None,
         };
+        // A layer listed as sliding makes the window apply (the attention here is full, so
+        // sequences longer than the window are refused at run time); any other type is refused.
+        let mut sliding_window = sliding_window;
+        for (i, t) in c.layer_types.iter().flatten().enumerate() {
+            match t.as_str() {
+                "full_attention" => {}
+                "sliding_attention" => {
+                    sliding_window = Some(c.sliding_window.ok_or_else(|| {
+                        Error::InvalidArgument(format!(
+                            "config field `layer_types` lists layer {i} as sliding_attention but \
+                             `sliding_window` is not set"
+                        ))
+                    })?);
+                }
+                other => {
+                    return Err(Error::InvalidArgument(format!(
+                        "config field `layer_types` has `{other}` for layer {i}: supported are \
+                         full_attention and sliding_attention"
+                    )))
+                }
+            }
+        }
         let rms_norm_eps = c.rms_norm_eps.unwrap_or(1e-6);
         if rms_norm_eps.is_nan() || rms_norm_eps <= 0.0 {
             return Err(Error::InvalidArgument(format!(

@@ -54,6 +54,8 @@ struct Projection {
 struct DecoderLayer {
     input_norm: Tensor,
     post_norm: Tensor,
+    /// Qwen3's per-head norms of q and k, `[head_dim]` each.
+    qk_norm: Option<(Tensor, Tensor)>,
     /// In [`Target::ALL`] order.
     proj: Vec<Projection>,
 }
@@ -177,9 +179,15 @@ impl Llama {
                 };
                 proj.push(Projection { weight, bias });
             }
+            let hd = c.head_dim;
             layers.push(DecoderLayer {
                 input_norm: hv(vec![1.0; d], &[d])?,
                 post_norm: hv(vec![1.0; d], &[d])?,
+                qk_norm: if c.qk_norm() {
+                    Some((hv(vec![1.0; hd], &[hd])?, hv(vec![1.0; hd], &[hd])?))
+                } else {
+                    None
+                },
                 proj,
             });
         }
@@ -252,9 +260,16 @@ impl Llama {
                 let bias = if has_bias { Some(draw(&[o])?) } else { None };
                 proj.push(Projection { weight, bias });
             }
+            let hd = c.head_dim;
+            let head_ones = || Tensor::from_vec(vec![bf16::ONE; hd], &[hd], &device);
             layers.push(DecoderLayer {
                 input_norm: ones()?,
                 post_norm: ones()?,
+                qk_norm: if c.qk_norm() {
+                    Some((head_ones()?, head_ones()?))
+                } else {
+                    None
+                },
                 proj,
             });
         }
@@ -309,9 +324,14 @@ impl Llama {
                 let bias = p.bias.map(|b| bf16_on(&b, &dev)).transpose()?;
                 proj.push(Projection { weight, bias });
             }
+            let qk_norm = match &layer.qk_norm {
+                Some((q, k)) => Some((bf16_on(q, &dev)?, bf16_on(k, &dev)?)),
+                None => None,
+            };
             layers.push(DecoderLayer {
                 input_norm: bf16_on(&layer.input_norm, &dev)?,
                 post_norm: bf16_on(&layer.post_norm, &dev)?,
+                qk_norm,
                 proj,
             });
         }
@@ -374,7 +394,18 @@ impl Llama {
                 };
                 proj.push(Projection { weight, bias });
             }
+            let hd = c.head_dim;
+            let qk_norm = if c.qk_norm() {
+                let norm = |n: &str| hv(ckpt.f32(&layer_key(l, n), &[hd])?, &[hd]);
+                Some((
+                    norm("self_attn.q_norm.weight")?,
+                    norm("self_attn.k_norm.weight")?,
+                ))
+            } else {
+                None
+            };
             layers.push(DecoderLayer {
+                qk_norm,
                 input_norm: hv(
                     ckpt.f32(&layer_key(l, "input_layernorm.weight"), &[d])?,
                     &[d],
@@ -490,6 +521,13 @@ impl Llama {
         let k = tape.linear(&n1, self.lin(l, Target::K))?;
         let v = tape.linear(&n1, self.lin(l, Target::V))?;
         drop(n1);
+        let (q, k) = match &ly.qk_norm {
+            Some((qn, kn)) => (
+                tape.head_rmsnorm(q, c.num_heads, hd, qn, eps)?,
+                tape.head_rmsnorm(k, c.num_kv_heads, hd, kn, eps)?,
+            ),
+            None => (q, k),
+        };
         let q = tape.rope(q, c.num_heads, hd, &self.freqs)?;
         let k = tape.rope(k, c.num_kv_heads, hd, &self.freqs)?;
         let o = match cache {

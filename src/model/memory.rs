@@ -15,7 +15,9 @@
 //! layer backward the first replayed layer at its down projection's backward: the incoming
 //!                gradient T·d·2, the replay's saved values T·(3d + 2qd + 2kvd + 3F)·2 + T·H·4
 //!                + T·8, the adapters' x·Aᵀ n_a·T·r·2, and g = dy·B T·r·2 (dx is written over
-//!                the down projection's input, which nothing needs after it)
+//!                the down projection's input, which nothing needs after it); with per-head q/k
+//!                norms (Qwen3) also q and k before them T·(qd + kvd)·2 and their rstd
+//!                T·(H + Hkv)·4
 //! lm_head + CE   the last hidden state, its norm and its gradient 3·T·d·2, the targets T·4 and
 //!                one chunk of C tokens' logits, fp32 and bf16: C·Vp·6
 //! ```
@@ -97,7 +99,9 @@ pub fn plan(model: &LlamaConfig, lora: &LoraConfig, tokens: usize) -> Result<Mem
         .sum::<u64>()
         * l;
     let emb = v * d * 2 * if c.tie_word_embeddings { 1 } else { 2 };
-    let norms = (2 * l + 1) * d * 2;
+    let hd = c.head_dim as u64;
+    let qk_norm = c.qk_norm();
+    let norms = (2 * l + 1) * d * 2 + if qk_norm { l * 2 * hd * 2 } else { 0 };
     let biases = l * 2 * (if c.qkv_bias { qd + 2 * kvd } else { 0 } + if c.o_bias { d } else { 0 });
     let rope = (c.head_dim as u64 / 2) * 4;
     // The device holds the adapters at the rank rounded up to 8 (the GEMM tiles' need).
@@ -111,7 +115,15 @@ pub fn plan(model: &LlamaConfig, lora: &LoraConfig, tokens: usize) -> Result<Mem
     let n_a = lora.targets.len() as u64;
     let down_adapted = lora.targets.contains(&super::lora::Target::Down);
     let r = rp as u64;
-    let saved = t * (3 * d + 2 * qd + 2 * kvd + 3 * f) * 2 + t * h * 4 + t * 8 + n_a * t * r * 2;
+    let hkv = c.num_kv_heads as u64;
+    // Qwen3's per-head norms keep q and k before the norm, and their rstd per (token, head).
+    let qk_saved = if qk_norm {
+        t * (qd + kvd) * 2 + t * (h + hkv) * 4
+    } else {
+        0
+    };
+    let saved =
+        t * (3 * d + 2 * qd + 2 * kvd + 3 * f) * 2 + t * h * 4 + t * 8 + n_a * t * r * 2 + qk_saved;
     let backward = t * d * 2 + saved + if down_adapted { t * r * 2 } else { 0 };
     let chunk = (DEFAULT_CHUNK as u64).min(t.max(1));
     let vp = v.next_multiple_of(8);

@@ -5,7 +5,7 @@ use crate::error::{Error, Result};
 use crate::ops::rope::RopeScaling;
 
 /// The shape names [`by_name`] knows, for messages.
-pub const NAMES: &str = "smollm2-135m, llama3-1b, llama3-8b";
+pub const NAMES: &str = "smollm2-135m, llama3-1b, llama3-8b, qwen3-0.6b, qwen3-8b";
 
 /// The configuration of a named shape.
 pub fn by_name(name: &str) -> Result<LlamaConfig> {
@@ -55,8 +55,42 @@ pub fn by_name(name: &str) -> Result<LlamaConfig> {
         "llama3-8b" => Ok(base(
             4096, 14_336, 32, 32, 8, 128_256, false, 500_000.0, llama3, 131_072,
         )),
+        // Qwen3: head_dim 128 whatever the width, per-head q/k norms, no biases.
+        "qwen3-0.6b" => Ok(qwen3(base(
+            1024,
+            3072,
+            28,
+            16,
+            8,
+            151_936,
+            true,
+            1e6,
+            RopeScaling::None,
+            40_960,
+        ))),
+        "qwen3-8b" => Ok(qwen3(base(
+            4096,
+            12_288,
+            36,
+            32,
+            8,
+            151_936,
+            false,
+            1e6,
+            RopeScaling::None,
+            40_960,
+        ))),
         other => Err(Error::InvalidArgument(format!(
             "unknown shape `{other}`: use one of {NAMES}"
         ))),
+    }
+}
+
+fn qwen3(c: LlamaConfig) -> LlamaConfig {
+    LlamaConfig {
+        arch: Arch::Qwen3,
+        head_dim: 128,
+        rms_norm_eps: 1e-6,
+        ..c
     }
 }
