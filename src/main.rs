@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use clap::{parser::ValueSource, ArgMatches, CommandFactory, FromArgMatches, Parser, Subcommand};
 use qlora_rs::data::formats::{Format, Message};
+use qlora_rs::data::preview::summary;
 use qlora_rs::data::tokenizer::TextTokenizer;
 use qlora_rs::data::DataOptions;
 use qlora_rs::device::{self, kernels, Availability, CudaDevice, Device, DeviceRequest};
@@ -74,6 +75,10 @@ enum Command {
         /// Longest sequence in tokens (longer records are cut, keeping the start).
         #[arg(long, default_value_t = 2048)]
         seq_len: usize,
+        /// Leave out the records that cannot be used (listed in the summary) instead of
+        /// refusing the file.
+        #[arg(long)]
+        skip_bad_records: bool,
         /// Tokens per packed batch.
         #[arg(long, default_value_t = 4096)]
         batch_tokens: usize,
@@ -336,6 +341,7 @@ fn main() -> ExitCode {
             format,
             train_on_prompt,
             seq_len,
+            skip_bad_records,
             batch_tokens,
             json,
             base,
@@ -344,6 +350,7 @@ fn main() -> ExitCode {
                 format: Format::parse(&format)?,
                 seq_len,
                 train_on_prompt,
+                skip_bad_records,
             };
             run_eval(
                 cli.device,
@@ -482,17 +489,23 @@ fn run_train(request: DeviceRequest, cfg: TrainConfig) -> qlora_rs::Result<Optio
         eprintln!("warning: {}: {w}", trainer.config.model.display());
     }
     let (n_train, n_eval) = trainer.dataset_sizes();
-    let s = &trainer.data_stats;
+    // The summary `qlora-rs data` prints, for the training file (and the evaluation file).
+    let opts = trainer.config.data_options()?;
+    eprint!(
+        "{}",
+        summary(&trainer.config.data, &opts, &trainer.data_stats)
+    );
+    if let (Some(path), Some(stats)) = (&trainer.config.eval_data, &trainer.eval_data_stats) {
+        eprint!("{}", summary(path, &opts, stats));
+    }
     eprintln!(
-        "data: {} records → {n_train} training sequences{}; {} tokens, {} trained on; {} truncated to {} tokens, {} with nothing to train on{}",
-        s.records,
-        if n_eval > 0 { format!(", {n_eval} for evaluation") } else { String::new() },
-        s.tokens,
-        s.counted_tokens,
-        s.truncated,
-        trainer.config.seq_len,
-        s.empty,
-        if s.blank > 0 { format!(" ({} of them with empty text)", s.blank) } else { String::new() }
+        "training on {n_train} sequence{}{}",
+        if n_train == 1 { "" } else { "s" },
+        if n_eval > 0 {
+            format!(", evaluating on {n_eval}")
+        } else {
+            String::new()
+        }
     );
     eprintln!(
         "model: {} layers, hidden {}, vocab {}; LoRA rank {} on {:?}: {} trainable parameters",
@@ -910,19 +923,8 @@ fn run_eval(
         .transpose()?;
     let (loss, tokens, stats) =
         trainer::evaluate_file(&model, &tokenizer, lora.as_ref(), data, opts, batch_tokens)?;
-    // As `train` says it: what was cut or dropped before the loss was taken.
-    eprintln!(
-        "data: {} records; {} truncated to {} tokens, {} with nothing to score{}",
-        stats.records,
-        stats.truncated,
-        opts.seq_len,
-        stats.empty,
-        if stats.blank > 0 {
-            format!(" ({} of them with empty text)", stats.blank)
-        } else {
-            String::new()
-        }
-    );
+    // As `train` says it: what was cut, dropped or skipped before the loss was taken.
+    eprint!("{}", summary(data, opts, &stats));
     if json {
         println!(
             "{}",
@@ -933,6 +935,7 @@ fn run_eval(
                 "records": stats.records,
                 "truncated": stats.truncated,
                 "dropped": stats.empty,
+                "skipped": stats.skipped.len(),
             })
         );
     } else {

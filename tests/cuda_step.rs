@@ -290,6 +290,7 @@ fn evaluate_file_on_cuda_matches_the_cpu() {
         format: None,
         seq_len: 128,
         train_on_prompt: false,
+        skip_bad_records: false,
     };
     let data = fixtures.join("data/messages.jsonl");
     let mut losses = Vec::new();
@@ -418,6 +419,7 @@ fn trainer_on_cuda_evaluates_the_current_adapters() {
         format: None,
         seq_len: 128,
         train_on_prompt: false,
+        skip_bad_records: false,
     };
     let (cpu, _, _) = evaluate_file(
         &model,

@@ -2,7 +2,7 @@
 //! made by tests/fixtures/make_tokenizer_fixtures.py), formats, masking, truncation, packing and
 //! bad input.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use qlora_rs::data::chat::{ChatTemplate, LocalTime};
 use qlora_rs::data::formats::{ChatOptions, Example, Format, Message};
@@ -143,6 +143,7 @@ fn opts(format: Option<Format>, seq_len: usize) -> DataOptions {
         format,
         seq_len,
         train_on_prompt: false,
+        skip_bad_records: false,
     }
 }
 
@@ -717,4 +718,292 @@ fn cli_data_json_gives_the_ids_and_labels_of_the_references() {
         "{stderr}"
     );
     std::fs::remove_dir_all(&model).unwrap();
+}
+
+// ---- what is not used, bad records, the summary ----
+
+/// Writes `lines` to a fresh JSONL file named `name` (in its own folder) and returns its path.
+fn write_lines(name: &str, lines: &[&str]) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("qlora-data-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let f = dir.join(format!("{name}.jsonl"));
+    std::fs::write(&f, lines.join("\n")).unwrap();
+    f
+}
+
+/// Loads `lines` with `t`, bad records skipped or not.
+fn load_with(
+    t: &TextTokenizer,
+    name: &str,
+    lines: &[&str],
+    skip_bad_records: bool,
+) -> qlora_rs::Result<(Vec<(usize, Sequence)>, data::DataStats)> {
+    let f = write_lines(name, lines);
+    let mut o = opts(None, 4096);
+    o.skip_bad_records = skip_bad_records;
+    let r = data::load_records(&f, t, &o, &ChatOptions::default());
+    std::fs::remove_dir_all(f.parent().unwrap()).unwrap();
+    r
+}
+
+#[test]
+fn unused_keys_are_counted_and_named_in_the_summary() {
+    // Qwen2.5's template reads neither `name` nor `tool_call_id`; the record's `id` and `source`
+    // no format reads.
+    let t = chat_tok("qwen2_5");
+    let lines = [
+        r#"{"id": 1, "messages": [{"role": "user", "content": "Hi", "name": "ann"}, {"role": "assistant", "content": "Hello.", "name": "bot"}]}"#,
+        r#"{"id": 2, "source": "web", "messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo.", "extra": null}]}"#,
+        r#"{"id": 3, "messages": [{"role": "user", "content": "Weather?"}, {"role": "assistant", "tool_calls": [{"function": {"name": "w", "arguments": {}}}]}, {"role": "tool", "tool_call_id": "c1", "content": "sunny"}, {"role": "assistant", "content": "Sunny."}]}"#,
+    ];
+    let (seqs, stats) = load_with(&t, "unused", &lines, false).unwrap();
+    assert_eq!(seqs.len(), 3);
+    let unused: Vec<(&str, usize)> = stats.unused.iter().map(|(k, &n)| (k.as_str(), n)).collect();
+    assert_eq!(
+        unused,
+        [
+            ("messages[].name", 2),
+            ("messages[].tool_call_id", 1),
+            ("record key `id`", 3),
+            ("record key `source`", 1),
+        ],
+        "null values are absent keys, not unused ones"
+    );
+    let s = qlora_rs::data::preview::summary(Path::new("unused.jsonl"), &opts(None, 4096), &stats);
+    assert!(
+        s.contains(
+            "ignored: 3 × record key `id`, 2 × messages[].name, 1 × messages[].tool_call_id, \
+             1 × record key `source`"
+        ),
+        "{s}"
+    );
+
+    // A template that reads `name` gets it (and it is not counted).
+    let mut t = tok("llama/tiny-llama");
+    t.chat_template = Some(
+        ChatTemplate::new(
+            "{% for m in messages %}{{ m.role }}{% if m.name is defined %} ({{ m.name }}){% endif %}: {{ m.content }}\n{% endfor %}",
+            t.bos_token.clone(),
+            t.eos_token.clone(),
+        )
+        .unwrap(),
+    );
+    let (seqs, stats) = load_with(&t, "named", &lines[..2], false).unwrap();
+    let text = t.decode(&seqs[0].1.ids, false).unwrap();
+    assert!(
+        text.contains("user (ann): Hi\nassistant (bot): Hello."),
+        "{text}"
+    );
+    assert!(!stats.unused.contains_key("messages[].name"), "{stats:?}");
+    assert_eq!(stats.unused.get("record key `id`"), Some(&2));
+
+    // A template that prints whole messages reads every key, in the file's order.
+    let mut t = tok("llama/tiny-llama");
+    t.chat_template = Some(
+        ChatTemplate::new(
+            "{% for m in messages %}{{ m | tojson }}\n{% endfor %}",
+            t.bos_token.clone(),
+            t.eos_token.clone(),
+        )
+        .unwrap(),
+    );
+    let (seqs, stats) = load_with(&t, "json", &lines[..1], false).unwrap();
+    let text = t.decode(&seqs[0].1.ids, false).unwrap();
+    assert!(
+        text.contains(r#"{"role": "user", "content": "Hi", "name": "ann"}"#),
+        "{text}"
+    );
+    assert_eq!(stats.unused.keys().collect::<Vec<_>>(), ["record key `id`"]);
+
+    // ShareGPT reads `from` and `value`; anything else is counted.
+    let t = chat_tok("qwen2_5");
+    let (_, stats) = load_with(
+        &t,
+        "sharegpt_unused",
+        &[r#"{"conversations": [{"from": "human", "value": "Hi", "lang": "en"}, {"from": "gpt", "value": "Yo."}], "id": 5}"#],
+        false,
+    )
+    .unwrap();
+    assert_eq!(stats.unused.get("conversations[].lang"), Some(&1));
+    assert_eq!(stats.unused.get("record key `id`"), Some(&1));
+}
+
+#[test]
+fn keys_that_would_change_what_is_trained_are_refused() {
+    let ok = r#"{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}"#;
+    let call = r#"[{"function": {"name": "w", "arguments": {}}}]"#;
+    let cases = [
+        (
+            "qwen2_5",
+            r#"{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello.", "train": false}]}"#.to_string(),
+            "message 1 has `train`, which qlora-rs does not read",
+        ),
+        (
+            "qwen2_5",
+            r#"{"system": "Be terse.", "messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}"#.into(),
+            "has `system`: format messages does not read it",
+        ),
+        (
+            "qwen2_5",
+            r#"{"weight": 0.5, "messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}"#.into(),
+            "has `weight`: qlora-rs does not weight records",
+        ),
+        (
+            "qwen2_5",
+            r#"{"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Yo.", "weight": 0}]}"#.into(),
+            "`conversations` message 1 has `weight`, which format sharegpt does not read",
+        ),
+        // SmolLM2's template prints `content` only: a trained turn's tool calls, reasoning and
+        // the tool definitions would vanish.
+        (
+            "smollm2",
+            format!(r#"{{"messages": [{{"role": "user", "content": "Weather?"}}, {{"role": "assistant", "content": "Let me look.", "tool_calls": {call}}}]}}"#),
+            "message 1 is trained on, but the chat template never reads its `tool_calls`",
+        ),
+        (
+            "smollm2",
+            r#"{"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4", "reasoning_content": "Two and two."}]}"#.into(),
+            "message 1 is trained on, but the chat template never reads its `reasoning_content`",
+        ),
+        (
+            "smollm2",
+            r#"{"tools": [{"type": "function", "function": {"name": "w"}}], "messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}"#.into(),
+            "the chat template never reads `tools`",
+        ),
+    ];
+    for (template, bad, want) in &cases {
+        let first = if bad.contains("conversations") {
+            r#"{"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Yo."}]}"#
+        } else {
+            ok
+        };
+        let err = load_with(&chat_tok(template), "changes", &[first, bad], false)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("changes.jsonl")
+                && err.contains("record 1 (line 2)")
+                && err.contains(want),
+            "{template} {bad}: {err}"
+        );
+    }
+    // What changes nothing is counted instead: an empty `system`, a record weight of 1, and the
+    // tool calls of a turn left out of the loss.
+    let (_, stats) = load_with(
+        &chat_tok("smollm2"),
+        "harmless",
+        &[
+            r#"{"system": "", "weight": 1, "messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}"#,
+            &format!(r#"{{"messages": [{{"role": "user", "content": "Weather?"}}, {{"role": "assistant", "content": "Let me look.", "tool_calls": {call}, "weight": 0}}, {{"role": "user", "content": "And?"}}, {{"role": "assistant", "content": "Sunny."}}]}}"#),
+        ],
+        false,
+    )
+    .unwrap();
+    assert_eq!(stats.unused.get("record key `system`"), Some(&1));
+    assert_eq!(stats.unused.get("record key `weight`"), Some(&1));
+    assert_eq!(stats.unused.get("messages[].tool_calls"), Some(&1));
+}
+
+#[test]
+fn bad_records_are_reported_together_and_skipped_only_when_asked() {
+    let good = r#"{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}"#;
+    let bad = [
+        r#"{"messages": [{"role": "user", "content": "Hi"}, {"role": "asistant", "content": "Yo."}]}"#,
+        r#"{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant"}]}"#,
+        r#"{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo."}"#,
+        r#"["not", "an", "object"]"#,
+        r#"{"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}, {"role": "assistant", "content": "A cat."}]}"#,
+    ];
+    // 30 records: every sixth good, the others bad in turn.
+    let lines: Vec<&str> = (0..30)
+        .map(|i| if i % 6 == 0 { good } else { bad[i % 5] })
+        .collect();
+    let t = chat_tok("qwen3");
+    let err = load_with(&t, "many_bad", &lines, false)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("many_bad.jsonl: 25 of 30 records cannot be used (--skip-bad-records"),
+        "{err}"
+    );
+    for want in [
+        "\n  record 1 (line 2): message 1 has no `content`",
+        "\n  line 3: not valid JSON",
+        "\n  line 4: expected a JSON object, found an array",
+        "\n  record 4 (line 5): message 0 has content part 0 of type `image_url`",
+        "\n  record 5 (line 6): message 1 has the unknown role `asistant`",
+    ] {
+        assert!(err.contains(want), "{want:?} not in\n{err}");
+    }
+    let listed = err.lines().filter(|l| l.starts_with("  ")).count();
+    assert_eq!(listed, 21, "20 records and the rest counted:\n{err}");
+    assert!(err.ends_with("\n  … and 5 more"), "{err}");
+
+    // --skip-bad-records: the good ones, by their index in the file, and the rest listed.
+    let (seqs, stats) = load_with(&t, "many_bad", &lines, true).unwrap();
+    let kept: Vec<usize> = seqs.iter().map(|(i, _)| *i).collect();
+    assert_eq!(kept, [0, 6, 12, 18, 24]);
+    assert_eq!(stats.records, 30);
+    assert_eq!(stats.skipped.len(), 25);
+    assert_eq!(stats.skipped[1].line, Some(3));
+    let s =
+        qlora_rs::data::preview::summary(Path::new("many_bad.jsonl"), &opts(None, 4096), &stats);
+    assert!(
+        s.contains("skipped: 25 bad records (--skip-bad-records):\n  record 1 (line 2): "),
+        "{s}"
+    );
+    assert!(s.contains("\n  … and 5 more\nsequences: 5 kept"), "{s}");
+
+    // Nothing left: refused even with --skip-bad-records.
+    let err = load_with(&t, "all_bad", &bad, true)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("none of the 5 records can be used"), "{err}");
+}
+
+#[test]
+fn the_summary_counts_layouts_drops_and_lengths() {
+    let t = chat_tok("qwen2_5");
+    let (_, stats) = load_with(
+        &t,
+        "mixed",
+        &[
+            r#"{"prompt": "What is 2 + 2?", "completion": " 4"}"#,
+            r#"{"prompt": [{"role": "user", "content": "Hi"}], "completion": [{"role": "assistant", "content": "Hello."}]}"#,
+            r#"{"prompt": "Say nothing.", "completion": "  "}"#,
+            r#"{"prompt": "Count.", "completion": " one two three four five six seven eight nine ten"}"#,
+        ],
+        false,
+    )
+    .unwrap();
+    assert_eq!(
+        stats.kinds,
+        [
+            ("prompt-completion", 3),
+            ("prompt-completion (conversational)", 1)
+        ]
+    );
+    let s = qlora_rs::data::preview::summary(Path::new("mixed.jsonl"), &opts(None, 4096), &stats);
+    assert!(
+        s.starts_with(
+            "data: mixed.jsonl — 4 records, format prompt-completion: 3 prompt-completion, 1 \
+             prompt-completion (conversational)\n"
+        ),
+        "{s}"
+    );
+    assert!(s.contains("lengths (tokens per sequence):\n"), "{s}");
+    let bucketed: usize = s
+        .lines()
+        .skip_while(|l| !l.starts_with("lengths"))
+        .skip(1)
+        .map(|l| {
+            l.split_whitespace()
+                .nth(3)
+                .unwrap()
+                .parse::<usize>()
+                .unwrap()
+        })
+        .sum();
+    assert_eq!(bucketed, stats.lengths.len());
+    assert_eq!(stats.lengths.len() + stats.empty, 4);
 }

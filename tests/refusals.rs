@@ -729,3 +729,113 @@ fn huge_records_are_encoded_only_as_far_as_they_are_kept() {
     assert!(o.status.success(), "{stderr}");
     assert!(stderr.contains("1 truncated to 64 tokens"), "{stderr}");
 }
+
+/// Every bad record is listed at once, by `train`, `eval` and `data` alike; `--skip-bad-records`
+/// (or the TOML key) leaves them out and the summary lists them; `train` prints the summary
+/// that `data` prints, keys nothing reads included.
+#[test]
+fn bad_records_are_listed_together_and_skipped_only_when_asked() {
+    let root = tmpdir("bad-records");
+    let data = root.join("mixed.jsonl");
+    std::fs::write(
+        &data,
+        [
+            r#"{"id": 0, "text": "hello there, general"}"#,
+            r#"{"id": 1, "text": "broken"#,
+            r#"{"id": 2, "text": "the quick brown fox"}"#,
+            r#"{"id": 3, "txt": "a typo in the key"}"#,
+            r#"{"id": 4, "text": "jumps over the lazy dog"}"#,
+        ]
+        .join("\n"),
+    )
+    .unwrap();
+    let listed = [
+        "mixed.jsonl: 2 of 5 records cannot be used (--skip-bad-records leaves them out):",
+        "\n  line 2: not valid JSON",
+        "\n  record 3 (line 4): `text` is missing; format text needs `text` (found keys: id, txt)",
+    ];
+    let o = train(&data, &root.join("out"), &[]);
+    for says in listed {
+        refused("train with bad records", &o, says);
+    }
+    // Before the weights load: a model folder without them refuses the data all the same.
+    let weightless = root.join("weightless");
+    std::fs::create_dir_all(&weightless).unwrap();
+    for f in ["config.json", "tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(fixture("llama/tiny-llama").join(f), weightless.join(f)).unwrap();
+    }
+    let o = train_on(&weightless, &data, &root.join("out"), &[]);
+    refused("train with bad records, no weights", &o, listed[0]);
+    let model = fixture("llama/tiny-llama");
+    let eval = |extra: &[&str]| {
+        let mut args = vec![
+            "eval",
+            "--device",
+            "cpu",
+            "--model",
+            model.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--seq-len",
+            "64",
+        ];
+        args.extend(extra);
+        qlora(&args)
+    };
+    let o = eval(&[]);
+    for says in listed {
+        refused("eval with bad records", &o, says);
+    }
+    let preview = |extra: &[&str]| {
+        let mut args = vec![
+            "data",
+            "--model",
+            model.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--seq-len",
+            "64",
+            "--show",
+            "0",
+        ];
+        args.extend(extra);
+        qlora(&args)
+    };
+    let o = preview(&[]);
+    for says in listed {
+        refused("data with bad records", &o, says);
+    }
+
+    // Skipped: the summary says which and why, and names the key nothing reads.
+    let o = preview(&["--skip-bad-records"]);
+    let summary = crate::common::succeeded(&["data", "--skip-bad-records"], &o);
+    for says in [
+        "5 records, format text\nskipped: 2 bad records (--skip-bad-records):\n  line 2: not valid JSON",
+        "\n  record 3 (line 4): `text` is missing",
+        "sequences: 3 kept; 0 dropped",
+        "ignored: 3 × record key `id` (read by neither qlora-rs nor the chat template)",
+        "lengths (tokens per sequence):",
+    ] {
+        assert!(summary.contains(says), "{says:?} not in\n{summary}");
+    }
+    let o = train(&data, &root.join("out"), &["--skip-bad-records"]);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&summary),
+        "train does not print the summary that `data` prints:\n{summary}\n--- train:\n{stderr}"
+    );
+    assert!(stderr.contains("training on 3 sequences"), "{stderr}");
+    let toml = root.join("run.toml");
+    std::fs::write(&toml, "skip_bad_records = true\n").unwrap();
+    let o = train(
+        &data,
+        &root.join("out-toml"),
+        &["--config", toml.to_str().unwrap()],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = eval(&["--skip-bad-records"]);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{stderr}");
+    assert!(stderr.contains(&summary), "{summary}\n--- eval:\n{stderr}");
+}

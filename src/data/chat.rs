@@ -17,8 +17,10 @@
 //! ends where the text after its own mark stops agreeing with `Q`. A turn that cannot be located
 //! either way is an error naming the message.
 
+use std::collections::{BTreeSet, HashSet};
 use std::sync::{Arc, Mutex};
 
+use minijinja::value::{Enumerator, Object, ObjectRepr};
 use minijinja::{Environment, ErrorKind, Value};
 
 use super::formats::Message;
@@ -188,6 +190,88 @@ pub fn strftime(format: &str, t: &LocalTime) -> std::result::Result<String, Stri
     Ok(out)
 }
 
+/// Which keys of each message the template has read, over every rendering of one conversation
+/// (its prefixes and marked copies included): a key no rendering reads is a key the template does
+/// not use. Clones share the log; two logs always compare equal (it is a record of renderings,
+/// not part of the input).
+#[derive(Clone, Default)]
+pub struct ReadLog(Arc<Mutex<Vec<BTreeSet<String>>>>);
+
+impl std::fmt::Debug for ReadLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ReadLog")
+    }
+}
+
+impl PartialEq for ReadLog {
+    fn eq(&self, _: &ReadLog) -> bool {
+        true
+    }
+}
+
+impl ReadLog {
+    fn note(&self, message: usize, keys: impl IntoIterator<Item = String>) {
+        if let Ok(mut g) = self.0.lock() {
+            if g.len() <= message {
+                g.resize(message + 1, BTreeSet::new());
+            }
+            g[message].extend(keys);
+        }
+    }
+
+    /// The keys of message `i` that some rendering has read (looked up, tested for, or
+    /// iterated over, as `tojson` and `items()` do).
+    pub fn read(&self, i: usize) -> BTreeSet<String> {
+        self.0
+            .lock()
+            .ok()
+            .and_then(|g| g.get(i).cloned())
+            .unwrap_or_default()
+    }
+}
+
+/// A message as the template sees it: a map that notes in its log every key the template looks
+/// up (`message.name`, `message['name']`, `'name' in message`, `message.get('name')`), or all of
+/// them when it iterates the message.
+#[derive(Debug)]
+struct Tracked {
+    inner: Value,
+    keys: Vec<Value>,
+    index: usize,
+    log: ReadLog,
+}
+
+impl Object for Tracked {
+    fn repr(self: &Arc<Self>) -> ObjectRepr {
+        ObjectRepr::Map
+    }
+
+    fn get_value(self: &Arc<Self>, key: &Value) -> Option<Value> {
+        if let Some(k) = key.as_str() {
+            self.log.note(self.index, [k.to_string()]);
+        }
+        self.inner.get_item(key).ok().filter(|v| !v.is_undefined())
+    }
+
+    fn enumerate(self: &Arc<Self>) -> Enumerator {
+        self.log.note(
+            self.index,
+            self.keys
+                .iter()
+                .filter_map(|k| k.as_str().map(str::to_string)),
+        );
+        Enumerator::Values(self.keys.clone())
+    }
+
+    fn enumerator_len(self: &Arc<Self>) -> Option<usize> {
+        Some(self.keys.len())
+    }
+
+    fn is_true(self: &Arc<Self>) -> bool {
+        !self.keys.is_empty()
+    }
+}
+
 /// What a template renders: the conversation and what `apply_chat_template` passes beside it.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct ChatInput {
@@ -197,6 +281,8 @@ pub struct ChatInput {
     pub tools: Option<Value>,
     /// Extra template variables (`--chat-template-kwargs`, a record's `chat_template_kwargs`).
     pub kwargs: Vec<(String, Value)>,
+    /// The message keys the template read while rendering this input.
+    pub reads: ReadLog,
 }
 
 impl ChatInput {
@@ -208,13 +294,34 @@ impl ChatInput {
         }
     }
 
-    /// The same input with only the first `n` messages.
+    /// The same input with only the first `n` messages (sharing the read log).
     pub fn first(&self, n: usize) -> ChatInput {
         ChatInput {
             messages: self.messages[..n].to_vec(),
             tools: self.tools.clone(),
             kwargs: self.kwargs.clone(),
+            reads: self.reads.clone(),
         }
+    }
+
+    /// The messages as the template receives them: maps wrapped so that what it reads is noted.
+    fn tracked_messages(&self) -> Vec<Value> {
+        self.messages
+            .iter()
+            .enumerate()
+            .map(|(index, m)| {
+                if m.kind() != minijinja::value::ValueKind::Map {
+                    return m.clone();
+                }
+                let keys: Vec<Value> = m.try_iter().map(|it| it.collect()).unwrap_or_default();
+                Value::from_object(Tracked {
+                    inner: m.clone(),
+                    keys,
+                    index,
+                    log: self.reads.clone(),
+                })
+            })
+            .collect()
     }
 }
 
@@ -222,6 +329,8 @@ impl ChatInput {
 /// (`raise_exception`, `strftime_now`, `tojson` with Python's options).
 pub struct ChatTemplate {
     env: Environment<'static>,
+    /// The names the template reads from its context (`messages`, `tools`, its own kwargs…).
+    variables: HashSet<String>,
     bos_token: Option<String>,
     eos_token: Option<String>,
     clock: Arc<Mutex<Option<LocalTime>>>,
@@ -434,12 +543,23 @@ impl ChatTemplate {
         let source = strip_generation_tags(template);
         env.add_template_owned("chat", source)
             .map_err(|e| Error::InvalidArgument(format!("cannot parse the chat template: {e}")))?;
+        let variables = env
+            .get_template("chat")
+            .expect("just added")
+            .undeclared_variables(false);
         Ok(ChatTemplate {
             env,
+            variables,
             bos_token,
             eos_token,
             clock,
         })
+    }
+
+    /// Whether the template reads the variable `name` anywhere (e.g. `tools`, or a kwarg such as
+    /// `enable_thinking`).
+    pub fn uses_variable(&self, name: &str) -> bool {
+        self.variables.contains(name)
     }
 
     /// Makes `strftime_now` answer `t` instead of the current time (`None`: the clock again),
@@ -478,7 +598,7 @@ impl ChatTemplate {
             ctx.retain(|(name, _)| name != k);
             ctx.push((k.clone(), v.clone()));
         }
-        ctx.push(("messages".into(), Value::from(input.messages.clone())));
+        ctx.push(("messages".into(), Value::from(input.tracked_messages())));
         ctx.push((
             "tools".into(),
             input.tools.clone().unwrap_or(Value::from(())),
@@ -574,6 +694,7 @@ impl ChatTemplate {
             messages: marked_msgs,
             tools: input.tools.clone(),
             kwargs: input.kwargs.clone(),
+            reads: input.reads.clone(),
         };
         let (clean, pos) = unmark(&self.render_input(&marked, false)?);
         if clean != full {

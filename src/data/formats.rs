@@ -20,13 +20,23 @@
 //! reads it) or else `--tools` is the template's `tools`, and a record's
 //! `chat_template_kwargs` (TRL's per-record key) go over `--chat-template-kwargs`. An assistant
 //! message with OpenAI's `weight: 0` is rendered but not trained on.
+//!
+//! Nothing is dropped without a word: a record key that the format does not read (`id`,
+//! `source`, …), a ShareGPT message key other than `from` and `value`, a message key that the
+//! chat template never reads (`name` or `tool_call_id` for templates that do not print them) and
+//! a record's `chat_template_kwargs` entry the template never reads are counted and named in the
+//! data summary. Where leaving a key out would change what is trained, the record is refused
+//! instead (see [`LOSS_KEYS`] and [`CONTEXT_KEYS`]): keys that ask for a loss mask or weight we
+//! do not apply, record keys that hold prompt text the format does not render (`system`,
+//! `history`), `tools` with a template that never reads them, and text of a trained turn
+//! (`content`, `tool_calls`, reasoning) that the template never reads.
 
 use std::path::Path;
 
 use minijinja::value::ValueKind;
 use serde_json::Value;
 
-use super::chat::ChatInput;
+use super::chat::{ChatInput, ChatTemplate};
 use super::records::Record;
 use crate::error::{Error, Result};
 
@@ -121,6 +131,56 @@ pub struct Conversation {
     /// past where the prompt's rendering (with the generation prompt) stops agreeing with the
     /// whole are trained on (TRL's completion mask).
     pub prompt_len: Option<usize>,
+    /// The keys the record gave, for the account of what the template did not use (empty for
+    /// conversations qlora-rs builds itself, from Alpaca or ShareGPT records).
+    pub given: GivenKeys,
+}
+
+/// The keys a record's messages and `chat_template_kwargs` had, before they reached the template.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct GivenKeys {
+    /// Per message: the list it came from (`messages`, `prompt` or `completion`), its index in
+    /// that list, and its keys with a non-null value, in the file's order.
+    pub messages: Vec<(&'static str, usize, Vec<String>)>,
+    /// The names in the record's own `chat_template_kwargs`.
+    pub kwargs: Vec<String>,
+}
+
+/// Message keys that would ask for a loss mask or weight that qlora-rs does not apply (OpenAI's
+/// `weight` is the one it reads): a record with one is refused rather than trained otherwise
+/// than it says.
+pub const LOSS_KEYS: [&str; 8] = [
+    "train",
+    "training",
+    "trainable",
+    "train_detail",
+    "loss",
+    "loss_weight",
+    "mask",
+    "masked",
+];
+
+/// Record keys whose text would be left out of the prompt (a `system` prompt beside the
+/// messages, LLaMA-Factory's `history` of earlier turns) or whose weighting would not be applied:
+/// a record with one (not null or empty) is refused.
+pub const CONTEXT_KEYS: [&str; 6] = [
+    "system",
+    "system_prompt",
+    "history",
+    "weight",
+    "loss_weight",
+    "sample_weight",
+];
+
+/// The keys of a message that hold text it renders; with the reasoning aliases read as one.
+const REASONING_KEYS: [&str; 3] = ["reasoning_content", "thinking", "reasoning"];
+
+/// A value that carries nothing: null, an empty string, list or object.
+fn is_empty_value(v: &minijinja::Value) -> bool {
+    v.is_undefined()
+        || v.is_none()
+        || v.as_str().is_some_and(|s| s.trim().is_empty())
+        || (matches!(v.kind(), ValueKind::Seq | ValueKind::Map) && v.len() == Some(0))
 }
 
 impl Conversation {
@@ -130,7 +190,65 @@ impl Conversation {
             input: ChatInput::from_messages(messages),
             trained: messages.iter().map(|m| m.role == "assistant").collect(),
             prompt_len: None,
+            given: GivenKeys::default(),
         }
+    }
+
+    /// After rendering: the keys the record gave that neither qlora-rs nor the template used
+    /// (as summary labels such as `messages[].name`), or why the record cannot be trained as
+    /// given (a trained turn's text, or the tools, that the template never reads).
+    pub fn unused_keys(&self, template: &ChatTemplate) -> std::result::Result<Vec<String>, String> {
+        let tools = self.input.tools.as_ref();
+        if tools.is_some_and(|t| !is_empty_value(t)) && !template.uses_variable("tools") {
+            return Err(
+                "has tools, but the chat template never reads `tools`, so the tool \
+                        definitions would be left out of the prompt (use a template with tool \
+                        support, or remove them)"
+                    .into(),
+            );
+        }
+        let mut unused = Vec::new();
+        for (i, (list, index, keys)) in self.given.messages.iter().enumerate() {
+            let read = self.input.reads.read(i);
+            let trained = match self.prompt_len {
+                Some(n) => i >= n,
+                None => self.trained.get(i).copied().unwrap_or(false),
+            };
+            for k in keys {
+                let used = match k.as_str() {
+                    "role" | "weight" => true,
+                    k if REASONING_KEYS.contains(&k) => {
+                        REASONING_KEYS.iter().any(|r| read.contains(*r))
+                    }
+                    k => read.contains(k),
+                };
+                if used {
+                    continue;
+                }
+                let carries = ["content", "tool_calls"].contains(&k.as_str())
+                    || REASONING_KEYS.contains(&k.as_str());
+                let value = self.input.messages[i].get_attr(k).unwrap_or_default();
+                if trained && carries && !is_empty_value(&value) {
+                    let which = if *list == "messages" {
+                        format!("message {index}")
+                    } else {
+                        format!("`{list}` message {index}")
+                    };
+                    return Err(format!(
+                        "{which} is trained on, but the chat template never reads its `{k}`, so \
+                         that text would be left out of what is trained (use a template that \
+                         renders it, or move it into `content`)"
+                    ));
+                }
+                unused.push(format!("{list}[].{k}"));
+            }
+        }
+        for k in &self.given.kwargs {
+            if !template.uses_variable(k) {
+                unused.push(format!("chat_template_kwargs.{k}"));
+            }
+        }
+        Ok(unused)
     }
 
     /// No message has any text, reasoning or tool call.
@@ -304,6 +422,9 @@ fn edit_distance(a: &str, b: &str) -> usize {
     row[b.len()]
 }
 
+/// The messages of a list of `{role_key, content_key}` objects (ShareGPT's `conversations`), and
+/// the other keys they had, as summary labels (an error for the keys that would ask for a loss
+/// mask: [`LOSS_KEYS`] and `weight`).
 fn messages(
     path: &Path,
     r: &Record,
@@ -311,7 +432,7 @@ fn messages(
     key: &str,
     role_key: &str,
     content_key: &str,
-) -> Result<Vec<Message>> {
+) -> Result<(Vec<Message>, Vec<String>)> {
     let list = match r.fields.get(key) {
         Some(Value::Array(a)) => a,
         Some(_) => {
@@ -327,7 +448,8 @@ fn messages(
     if list.is_empty() {
         return Err(record_err(path, r, format, format!("`{key}` is empty")));
     }
-    list.iter()
+    let out = list
+        .iter()
         .enumerate()
         .map(|(i, m)| {
             let get = |k: &str| m.get(k).and_then(Value::as_str);
@@ -377,7 +499,32 @@ fn messages(
                 )),
             }
         })
-        .collect()
+        .collect::<Result<Vec<Message>>>()?;
+    let mut unused = Vec::new();
+    for (i, m) in list.iter().enumerate() {
+        let Some(m) = m.as_object() else { continue };
+        for (k, v) in m {
+            if k == role_key || k == content_key || v.is_null() {
+                continue;
+            }
+            if k == "weight" {
+                return Err(msg_err(
+                    path,
+                    r,
+                    key,
+                    i,
+                    format!(
+                        "has `weight`, which format {} does not read, so the loss would not \
+                         follow it (OpenAI's `weight` is read in the messages format)",
+                        format.name()
+                    ),
+                ));
+            }
+            loss_key(std::iter::once(k.as_str())).map_err(|what| msg_err(path, r, key, i, what))?;
+            unused.push(format!("{key}[].{k}"));
+        }
+    }
+    Ok((out, unused))
 }
 
 /// The classic Stanford Alpaca prompt, for models without a chat template.
@@ -482,15 +629,32 @@ fn check_tool_call(j: usize, c: &minijinja::Value) -> std::result::Result<(), St
     }
 }
 
+/// A message as the template receives it, whether it is trained on, and the keys it was given.
+type ChatMessage = (minijinja::Value, bool, Vec<String>);
+
+/// The message key of [`LOSS_KEYS`] that `keys` holds, refused.
+fn loss_key<'a>(mut keys: impl Iterator<Item = &'a str>) -> std::result::Result<(), String> {
+    match keys.find(|k| LOSS_KEYS.contains(k)) {
+        Some(k) => Err(format!(
+            "has `{k}`, which qlora-rs does not read, so the loss would not follow it (leave an \
+             assistant turn out of the loss with `weight: 0` in the messages format, or remove \
+             the key)"
+        )),
+        None => Ok(()),
+    }
+}
+
 /// One message of a `messages` list as `apply_chat_template` passes it (see the module notes),
-/// and whether it is trained on.
-fn chat_message(m: &minijinja::Value) -> std::result::Result<(minijinja::Value, bool), String> {
+/// whether it is trained on, and its keys.
+fn chat_message(m: &minijinja::Value) -> std::result::Result<ChatMessage, String> {
     let Some(entries) = map_entries(m) else {
         return Err(format!("is not an object (found {})", m.kind()));
     };
     // transformers drops the keys whose value is None.
     let mut entries: Vec<(String, minijinja::Value)> =
         entries.into_iter().filter(|(_, v)| !v.is_none()).collect();
+    let given: Vec<String> = entries.iter().map(|(k, _)| k.clone()).collect();
+    loss_key(given.iter().map(String::as_str))?;
     let get = |entries: &[(String, minijinja::Value)], k: &str| {
         entries.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone())
     };
@@ -580,28 +744,37 @@ fn chat_message(m: &minijinja::Value) -> std::result::Result<(minijinja::Value, 
         }
         entries = out;
     }
-    Ok((entries.into_iter().collect(), trained))
+    Ok((entries.into_iter().collect(), trained, given))
 }
+
+/// The messages of one list, whether each is trained on, and where each came from.
+type ChatList = (
+    Vec<minijinja::Value>,
+    Vec<bool>,
+    Vec<(&'static str, usize, Vec<String>)>,
+);
 
 /// A list of messages (a record's `messages`, or its `prompt` or `completion` list).
 fn chat_list(
     path: &Path,
     r: &Record,
-    key: &str,
+    key: &'static str,
     list: &minijinja::Value,
-) -> Result<(Vec<minijinja::Value>, Vec<bool>)> {
+) -> Result<ChatList> {
     let mut messages = Vec::new();
     let mut trained = Vec::new();
+    let mut given = Vec::new();
     for (i, m) in list
         .try_iter()
         .map_err(|e| msg_err(path, r, key, 0, e.to_string()))?
         .enumerate()
     {
-        let (m, t) = chat_message(&m).map_err(|what| msg_err(path, r, key, i, what))?;
+        let (m, t, keys) = chat_message(&m).map_err(|what| msg_err(path, r, key, i, what))?;
         messages.push(m);
         trained.push(t);
+        given.push((key, i, keys));
     }
-    Ok((messages, trained))
+    Ok((messages, trained, given))
 }
 
 /// The record's `tools` (or `--tools`) and template kwargs (`--chat-template-kwargs` with the
@@ -611,7 +784,7 @@ fn chat_extras(
     r: &Record,
     ordered: &minijinja::Value,
     opts: &ChatOptions,
-) -> Result<(Option<minijinja::Value>, TemplateKwargs)> {
+) -> Result<(Option<minijinja::Value>, TemplateKwargs, Vec<String>)> {
     let bad = |what: String| Error::Format {
         path: path.to_path_buf(),
         msg: format!("{}: {what}", r.locate()),
@@ -629,6 +802,7 @@ fn chat_extras(
         }
     };
     let mut kwargs = opts.kwargs.clone();
+    let mut own = Vec::new();
     match ordered.get_attr("chat_template_kwargs").unwrap_or_default() {
         k if k.is_undefined() || k.is_none() => {}
         k => {
@@ -636,11 +810,12 @@ fn chat_extras(
                 .ok_or_else(|| bad("`chat_template_kwargs` is not an object".into()))?;
             for (name, v) in entries {
                 kwargs.retain(|(n, _)| *n != name);
+                own.push(name.clone());
                 kwargs.push((name, v));
             }
         }
     }
-    Ok((tools, kwargs))
+    Ok((tools, kwargs, own))
 }
 
 fn ordered(path: &Path, r: &Record) -> Result<minijinja::Value> {
@@ -665,6 +840,20 @@ fn no_chat_keys(path: &Path, r: &Record, format: Format) -> Result<()> {
     Ok(())
 }
 
+/// A record converted, with what the conversion did not use.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Converted {
+    /// What gets tokenized.
+    pub example: Example,
+    /// The record's layout: the format's name, or `prompt-completion (conversational)` for
+    /// prompt and completion given as lists of messages.
+    pub kind: &'static str,
+    /// Keys the conversion did not read, as summary labels (`record key `id``,
+    /// `conversations[].name`); a chat template's unread message keys are found when it renders
+    /// ([`Conversation::unused_keys`]).
+    pub unused: Vec<String>,
+}
+
 /// Converts a record. Alpaca records become a two-turn chat when the model has a chat template
 /// (`chat = true`), else the Alpaca prompt text.
 pub fn to_example(
@@ -674,15 +863,90 @@ pub fn to_example(
     chat: bool,
     opts: &ChatOptions,
 ) -> Result<Example> {
-    Ok(match format {
+    convert(path, r, format, chat, opts).map(|c| c.example)
+}
+
+/// The record keys a format reads.
+fn record_keys(format: Format, conversational: bool) -> &'static [&'static str] {
+    match format {
+        Format::Text => &["text"],
+        Format::PromptCompletion if conversational => {
+            &["prompt", "completion", "tools", "chat_template_kwargs"]
+        }
+        Format::PromptCompletion => &["prompt", "completion"],
+        Format::Messages => &["messages", "tools", "chat_template_kwargs"],
+        Format::Alpaca => &["instruction", "input", "output"],
+        Format::ShareGpt => &["conversations"],
+    }
+}
+
+/// The record keys `format` does not read, as summary labels; an error for the keys of
+/// [`CONTEXT_KEYS`] whose leaving out would change what is trained.
+fn unread_record_keys(
+    path: &Path,
+    r: &Record,
+    format: Format,
+    conversational: bool,
+) -> Result<Vec<String>> {
+    let used = record_keys(format, conversational);
+    let mut unused = Vec::new();
+    for (k, v) in &r.fields {
+        if used.contains(&k.as_str()) || v.is_null() {
+            continue;
+        }
+        if CONTEXT_KEYS.contains(&k.as_str()) {
+            let weight = k.contains("weight");
+            let harmless = if weight {
+                v.as_f64() == Some(1.0)
+            } else {
+                is_empty_value(&minijinja::Value::from_serialize(v))
+            };
+            if !harmless {
+                let why = if weight {
+                    "qlora-rs does not weight records, so the loss would not follow it (remove it, \
+                     or leave the record out)"
+                        .to_string()
+                } else {
+                    format!(
+                        "format {} does not read it, so its text would be left out of the prompt \
+                         ({}, or remove it)",
+                        format.name(),
+                        if k == "history" {
+                            "give the earlier turns as `messages`"
+                        } else {
+                            "give it as a first message with role system, in the messages format"
+                        }
+                    )
+                };
+                return Err(Error::Format {
+                    path: path.to_path_buf(),
+                    msg: format!("{}: has `{k}`: {why}", r.locate()),
+                });
+            }
+        }
+        unused.push(format!("record key `{k}`"));
+    }
+    Ok(unused)
+}
+
+/// [`to_example`] with the record's layout and the keys it did not read.
+pub fn convert(
+    path: &Path,
+    r: &Record,
+    format: Format,
+    chat: bool,
+    opts: &ChatOptions,
+) -> Result<Converted> {
+    let conversational = format == Format::PromptCompletion
+        && (matches!(r.fields.get("prompt"), Some(Value::Array(_)))
+            || matches!(r.fields.get("completion"), Some(Value::Array(_))));
+    let mut unused = Vec::new();
+    let example = match format {
         Format::Text => {
             no_chat_keys(path, r, format)?;
             Example::Segments(vec![(string(path, r, format, "text")?.to_string(), true)])
         }
-        Format::PromptCompletion
-            if matches!(r.fields.get("prompt"), Some(Value::Array(_)))
-                || matches!(r.fields.get("completion"), Some(Value::Array(_))) =>
-        {
+        Format::PromptCompletion if conversational => {
             // TRL's conversational prompt-completion.
             let o = ordered(path, r)?;
             let mut lists = Vec::new();
@@ -705,8 +969,9 @@ pub fn to_example(
                 }
                 lists.push(chat_list(path, r, key, &list)?);
             }
-            let (completion, _) = lists.pop().expect("two lists");
-            let (mut messages, _) = lists.pop().expect("two lists");
+            let (completion, _, completion_keys) = lists.pop().expect("two lists");
+            let (mut messages, _, mut message_keys) = lists.pop().expect("two lists");
+            message_keys.extend(completion_keys);
             let weightless = o
                 .get_attr("completion")
                 .ok()
@@ -727,15 +992,21 @@ pub fn to_example(
             }
             let prompt_len = messages.len();
             messages.extend(completion);
-            let (tools, kwargs) = chat_extras(path, r, &o, opts)?;
+            let (tools, kwargs, own) = chat_extras(path, r, &o, opts)?;
+            let given = GivenKeys {
+                messages: message_keys,
+                kwargs: own,
+            };
             Example::Chat(Conversation {
                 trained: vec![false; messages.len()],
                 input: ChatInput {
                     messages,
                     tools,
                     kwargs,
+                    ..ChatInput::default()
                 },
                 prompt_len: Some(prompt_len),
+                given,
             })
         }
         Format::PromptCompletion => {
@@ -749,16 +1020,22 @@ pub fn to_example(
             let o = ordered(path, r)?;
             match o.get_attr("messages").unwrap_or_default() {
                 l if l.kind() == ValueKind::Seq && l.len() != Some(0) => {
-                    let (messages, trained) = chat_list(path, r, "messages", &l)?;
-                    let (tools, kwargs) = chat_extras(path, r, &o, opts)?;
+                    let (messages, trained, message_keys) = chat_list(path, r, "messages", &l)?;
+                    let (tools, kwargs, own) = chat_extras(path, r, &o, opts)?;
+                    let given = GivenKeys {
+                        messages: message_keys,
+                        kwargs: own,
+                    };
                     Example::Chat(Conversation {
                         input: ChatInput {
                             messages,
                             tools,
                             kwargs,
+                            ..ChatInput::default()
                         },
                         trained,
                         prompt_len: None,
+                        given,
                     })
                 }
                 l if l.kind() == ValueKind::Seq => {
@@ -779,14 +1056,9 @@ pub fn to_example(
         }
         Format::ShareGpt => {
             no_chat_keys(path, r, format)?;
-            Example::chat(&messages(
-                path,
-                r,
-                format,
-                "conversations",
-                "from",
-                "value",
-            )?)
+            let (list, unread) = messages(path, r, format, "conversations", "from", "value")?;
+            unused.extend(unread);
+            Example::chat(&list)
         }
         Format::Alpaca => {
             let instruction = string(path, r, format, "instruction")?;
@@ -827,5 +1099,15 @@ pub fn to_example(
                 ])
             }
         }
+    };
+    unused.splice(0..0, unread_record_keys(path, r, format, conversational)?);
+    Ok(Converted {
+        example,
+        kind: if conversational {
+            "prompt-completion (conversational)"
+        } else {
+            format.name()
+        },
+        unused,
     })
 }

@@ -4,6 +4,11 @@
 //! elsewhere; the model scores the logits at t against `labels[t + 1]` within each sequence.
 //! Sequences are truncated to `seq_len` (keeping the start) and packed, padding-free, into
 //! micro-batches of at most `batch_tokens` tokens with positions restarting per sequence.
+//!
+//! Every record that cannot be used is found in one pass and reported together (file, line,
+//! message and what was expected); the file is refused unless `skip_bad_records`, which leaves
+//! them out and lists them in [`DataStats::skipped`]. Keys that nothing reads are counted in
+//! [`DataStats::unused`] (see [`formats`]).
 
 /// Chat templates: the model's Jinja template, rendered as transformers renders it.
 pub mod chat;
@@ -16,6 +21,7 @@ pub mod records;
 /// The tokenizer and its special tokens.
 pub mod tokenizer;
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use rand::seq::SliceRandom;
@@ -24,6 +30,7 @@ use rand::SeedableRng;
 use crate::error::{Error, Result};
 use crate::ops::cross_entropy::IGNORE_INDEX;
 use formats::{ChatOptions, Example, Format};
+use records::{BadRecord, Record};
 use tokenizer::TextTokenizer;
 
 /// One tokenized sequence.
@@ -50,7 +57,7 @@ impl Sequence {
 /// What happened while building a dataset.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DataStats {
-    /// Records read.
+    /// Records in the file (bad ones included).
     pub records: usize,
     /// Sequences cut to `seq_len` tokens (their start kept).
     pub truncated: usize,
@@ -64,6 +71,16 @@ pub struct DataStats {
     pub counted_tokens: usize,
     /// The format the records were read as (named or detected).
     pub format: Option<Format>,
+    /// Records read per layout (`messages`, `prompt-completion (conversational)`, …), in the
+    /// order first seen; bad records not counted.
+    pub kinds: Vec<(&'static str, usize)>,
+    /// Keys that neither qlora-rs nor the chat template used, by label (`record key `id``,
+    /// `messages[].name`), with how often each was met.
+    pub unused: BTreeMap<String, usize>,
+    /// The records left out with `skip_bad_records`, in file order.
+    pub skipped: Vec<BadRecord>,
+    /// The length in tokens of every sequence kept, in file order.
+    pub lengths: Vec<usize>,
 }
 
 /// How records become sequences.
@@ -75,6 +92,9 @@ pub struct DataOptions {
     pub seq_len: usize,
     /// Train on prompts and user turns too.
     pub train_on_prompt: bool,
+    /// Leave out the records that cannot be used (listed in [`DataStats::skipped`]) instead of
+    /// refusing the file.
+    pub skip_bad_records: bool,
 }
 
 /// Tokenizes one example: ids and which tokens are trained on.
@@ -183,91 +203,208 @@ pub fn load(
     Ok((seqs.into_iter().map(|(_, s)| s).collect(), stats))
 }
 
-/// [`load`] with `--tools` and `--chat-template-kwargs`, each sequence with the index of its
-/// record in the file.
-pub fn load_records(
+/// Records listed in an error or a summary; the rest are counted.
+pub const BAD_RECORDS_SHOWN: usize = 20;
+
+/// `bad` as indented lines, at most [`BAD_RECORDS_SHOWN`] of them and a count of the rest.
+pub fn list_bad_records(bad: &[BadRecord]) -> String {
+    let mut s = String::new();
+    for b in bad.iter().take(BAD_RECORDS_SHOWN) {
+        s.push_str(&format!("\n  {b}"));
+    }
+    if bad.len() > BAD_RECORDS_SHOWN {
+        s.push_str(&format!("\n  … and {} more", bad.len() - BAD_RECORDS_SHOWN));
+    }
+    s
+}
+
+/// The message of an error about `r`, starting with where it is.
+fn located(r: &Record, e: Error) -> String {
+    match e {
+        Error::Format { msg, .. } if msg.starts_with("record ") => msg,
+        Error::Format { msg, .. } => format!("{}: {msg}", r.locate()),
+        e => format!("{}: {e}", r.locate()),
+    }
+}
+
+/// What became of one record.
+enum Outcome {
+    /// A sequence to train on.
+    Kept(Sequence),
+    /// No text at all.
+    Blank,
+    /// Nothing left to train on after masking and truncation.
+    Empty,
+}
+
+/// Converts, tokenizes and truncates one record, counting what it did not use into `stats`.
+fn one_record(
     path: &Path,
+    r: &Record,
     tok: &TextTokenizer,
     opts: &DataOptions,
     chat_opts: &ChatOptions,
-) -> Result<(Vec<(usize, Sequence)>, DataStats)> {
-    let records = records::read(path)?;
-    if records.is_empty() {
-        return Err(Error::Format {
-            path: path.to_path_buf(),
-            msg: "the dataset has no records".into(),
-        });
-    }
-    let format = match opts.format {
-        Some(f) => f,
-        None => Format::detect(&records[0]).ok_or_else(|| Error::Format {
-            path: path.to_path_buf(),
-            msg: format!(
-                "{}: cannot tell the format from its keys ({}); expected text, prompt+completion, \
-                 messages, instruction+output (alpaca) or conversations (sharegpt), or pass --format",
-                records[0].locate(),
-                records[0].fields.keys().cloned().collect::<Vec<_>>().join(", ")
-            ),
-        })?,
+    format: Format,
+    stats: &mut DataStats,
+) -> std::result::Result<Outcome, String> {
+    let converted = formats::convert(path, r, format, tok.chat_template.is_some(), chat_opts)
+        .map_err(|e| located(r, e))?;
+    let ex = &converted.example;
+    let blank = match ex {
+        Example::Segments(pieces) => pieces.iter().all(|(t, _)| t.trim().is_empty()),
+        Example::Chat(c) => c.is_blank(),
     };
-    let chat = tok.chat_template.is_some();
-    let mut stats = DataStats {
-        records: records.len(),
-        format: Some(format),
-        ..DataStats::default()
-    };
-    let mut out = Vec::with_capacity(records.len());
-    for r in &records {
-        let ex = formats::to_example(path, r, format, chat, chat_opts)?;
-        let text_of_example = match &ex {
-            formats::Example::Segments(pieces) => pieces.iter().all(|(t, _)| t.trim().is_empty()),
-            formats::Example::Chat(c) => c.is_blank(),
-        };
-        if text_of_example {
-            stats.blank += 1;
-            stats.empty += 1;
-            continue;
+    let mut unused = converted.unused.clone();
+    let outcome = if blank {
+        Outcome::Blank
+    } else {
+        let (mut ids, mut train) = tokenize_first(tok, ex, opts.train_on_prompt, opts.seq_len)
+            .map_err(|e| located(r, e))?;
+        if let (Example::Chat(c), Some(t)) = (ex, tok.chat_template.as_ref()) {
+            let more = c
+                .unused_keys(t)
+                .map_err(|what| format!("{}: {what}", r.locate()))?;
+            unused.extend(more);
         }
-        let (mut ids, mut train) = tokenize_first(tok, &ex, opts.train_on_prompt, opts.seq_len)
-            .map_err(|e| Error::Format {
-                path: path.to_path_buf(),
-                msg: format!("{}: {e}", r.locate()),
-            })?;
-        if ids.len() > opts.seq_len {
-            ids.truncate(opts.seq_len);
-            train.truncate(opts.seq_len);
-            stats.truncated += 1;
-        }
+        let truncated = ids.len() > opts.seq_len;
+        ids.truncate(opts.seq_len);
+        train.truncate(opts.seq_len);
         let labels = ids
             .iter()
             .zip(&train)
             .map(|(&id, &t)| if t { id as i64 } else { IGNORE_INDEX })
             .collect();
         let seq = Sequence { ids, labels };
+        stats.truncated += usize::from(truncated);
         if seq.counted() == 0 {
-            stats.empty += 1;
-            continue;
+            Outcome::Empty
+        } else {
+            Outcome::Kept(seq)
         }
-        stats.tokens += seq.ids.len();
-        stats.counted_tokens += seq.counted();
-        out.push((r.index, seq));
+    };
+    match stats.kinds.iter_mut().find(|(k, _)| *k == converted.kind) {
+        Some((_, n)) => *n += 1,
+        None => stats.kinds.push((converted.kind, 1)),
     }
-    if out.is_empty() && stats.blank == stats.records {
+    for label in unused {
+        *stats.unused.entry(label).or_default() += 1;
+    }
+    Ok(outcome)
+}
+
+/// [`load`] with `--tools` and `--chat-template-kwargs`, each sequence with the index of its
+/// record in the file. Every record that cannot be used is found before any is refused: the
+/// error lists them all (the first [`BAD_RECORDS_SHOWN`], and a count of the rest), unless
+/// `opts.skip_bad_records`, which leaves them out and lists them in [`DataStats::skipped`].
+pub fn load_records(
+    path: &Path,
+    tok: &TextTokenizer,
+    opts: &DataOptions,
+    chat_opts: &ChatOptions,
+) -> Result<(Vec<(usize, Sequence)>, DataStats)> {
+    let (records, mut bad) = records::read_all(path)?;
+    let total = records.len() + bad.len();
+    if total == 0 {
+        return Err(Error::Format {
+            path: path.to_path_buf(),
+            msg: "the dataset has no records".into(),
+        });
+    }
+    // Detected from the first record whose keys tell (the others, if any, are bad records).
+    let format = match opts.format {
+        Some(f) => Some(f),
+        None => match records.iter().find_map(Format::detect) {
+            Some(f) => Some(f),
+            None if records.is_empty() => None,
+            None => {
+                return Err(Error::Format {
+                    path: path.to_path_buf(),
+                    msg: format!(
+                        "{}: cannot tell the format from its keys ({}); expected text, \
+                         prompt+completion, messages, instruction+output (alpaca) or \
+                         conversations (sharegpt), or pass --format",
+                        records[0].locate(),
+                        records[0]
+                            .fields
+                            .keys()
+                            .cloned()
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                })
+            }
+        },
+    };
+    if matches!(format, Some(Format::Messages | Format::ShareGpt)) && tok.chat_template.is_none() {
+        // Said once, not once per record.
         return Err(Error::Format {
             path: path.to_path_buf(),
             msg: format!(
-                "every record's text is empty ({} records): nothing to train on",
-                stats.records
+                "format {} is rendered with the model's chat template, and its \
+                 tokenizer_config.json has none",
+                format.map_or("auto", Format::name)
             ),
+        });
+    }
+    let mut stats = DataStats {
+        records: total,
+        format,
+        ..DataStats::default()
+    };
+    let mut out = Vec::with_capacity(records.len());
+    if let Some(format) = format {
+        for r in &records {
+            match one_record(path, r, tok, opts, chat_opts, format, &mut stats) {
+                Ok(Outcome::Kept(seq)) => {
+                    stats.tokens += seq.ids.len();
+                    stats.counted_tokens += seq.counted();
+                    stats.lengths.push(seq.ids.len());
+                    out.push((r.index, seq));
+                }
+                Ok(Outcome::Blank) => {
+                    stats.blank += 1;
+                    stats.empty += 1;
+                }
+                Ok(Outcome::Empty) => stats.empty += 1,
+                Err(what) => bad.push(BadRecord {
+                    index: r.index,
+                    line: r.line,
+                    what,
+                }),
+            }
+        }
+    }
+    bad.sort_by_key(|b| b.index);
+    if !bad.is_empty() && (!opts.skip_bad_records || bad.len() == total) {
+        let n = bad.len();
+        let what = if n == total {
+            format!("none of the {total} records can be used:")
+        } else {
+            format!(
+                "{n} of {total} records cannot be used (--skip-bad-records leaves {} out):",
+                if n == 1 { "it" } else { "them" }
+            )
+        };
+        return Err(Error::Format {
+            path: path.to_path_buf(),
+            msg: format!("{what}{}", list_bad_records(&bad)),
+        });
+    }
+    stats.skipped = bad;
+    let good = total - stats.skipped.len();
+    if out.is_empty() && stats.blank == good {
+        return Err(Error::Format {
+            path: path.to_path_buf(),
+            msg: format!("every record's text is empty ({good} records): nothing to train on"),
         });
     }
     if out.is_empty() {
         return Err(Error::Format {
             path: path.to_path_buf(),
             msg: format!(
-                "no record has a token left to train on: {} records, {} truncated to {} tokens, {} \
+                "no record has a token left to train on: {good} records, {} truncated to {} tokens, {} \
                  with nothing to train on after masking (try --train-on-prompt or a longer --seq-len)",
-                stats.records, stats.truncated, opts.seq_len, stats.empty
+                stats.truncated, opts.seq_len, stats.empty
             ),
         });
     }

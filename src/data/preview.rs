@@ -8,7 +8,7 @@ use std::path::PathBuf;
 
 use super::formats::{ChatOptions, Format};
 use super::tokenizer::TextTokenizer;
-use super::{load_records, DataOptions, DataStats, Sequence};
+use super::{list_bad_records, load_records, DataOptions, DataStats, Sequence};
 use crate::error::{Error, Result};
 use crate::ops::cross_entropy::IGNORE_INDEX;
 use crate::train::TrainConfig;
@@ -16,8 +16,9 @@ use crate::train::TrainConfig;
 /// The flags of `qlora-rs data` (those of `train` that shape the data).
 #[derive(Clone, Debug, Default, clap::Args)]
 pub struct DataArgs {
-    /// A training config (TOML, the keys of `train`): its model, data, format, seq_len and
-    /// train_on_prompt, under the flags given here.
+    /// A training config (TOML, the keys of `train`): its model, data, format, seq_len,
+    /// train_on_prompt, tools, chat_template_kwargs and skip_bad_records, under the flags given
+    /// here.
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// Hugging Face model folder (tokenizer.json, tokenizer_config.json; weights are not read).
@@ -41,6 +42,10 @@ pub struct DataArgs {
     /// A JSON file with a list of tool definitions, the `tools` of records that have none.
     #[arg(long)]
     pub tools: Option<PathBuf>,
+    /// Leave out the records that cannot be used (listed in the summary) instead of refusing the
+    /// file, as train does with the same flag.
+    #[arg(long)]
+    pub skip_bad_records: bool,
     /// Records to print with their trained tokens highlighted.
     #[arg(long, default_value_t = 3)]
     pub show: usize,
@@ -86,6 +91,7 @@ fn settings(a: &DataArgs) -> Result<(PathBuf, PathBuf, DataOptions, ChatOptions)
         format: Format::parse(&format)?,
         seq_len,
         train_on_prompt: a.train_on_prompt || cfg.as_ref().is_some_and(|c| c.train_on_prompt),
+        skip_bad_records: a.skip_bad_records || cfg.as_ref().is_some_and(|c| c.skip_bad_records),
     };
     let tools = a
         .tools
@@ -105,7 +111,7 @@ pub fn run(a: &DataArgs) -> Result<()> {
     let (model, data, opts, chat) = settings(a)?;
     let tok = TextTokenizer::load(&model)?;
     let (seqs, stats) = load_records(&data, &tok, &opts, &chat)?;
-    let summary = summary(&data, &opts, &stats, &seqs);
+    let summary = summary(&data, &opts, &stats);
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     let io = |e: std::io::Error| Error::InvalidArgument(format!("cannot write the output: {e}"));
@@ -166,24 +172,39 @@ pub fn highlight(tok: &TextTokenizer, s: &Sequence, colour: bool) -> Result<Stri
     Ok(out)
 }
 
-/// The summary `train` would start from: records, format, what was kept and dropped, tokens
-/// and a histogram of sequence lengths.
-pub fn summary(
-    data: &std::path::Path,
-    opts: &DataOptions,
-    stats: &DataStats,
-    seqs: &[(usize, Sequence)],
-) -> String {
+/// The data summary, as `train` prints it before it starts (and `data` and `eval` print it):
+/// records per layout, records skipped (`--skip-bad-records`) and sequences dropped or truncated
+/// and why, tokens and trained tokens, keys nothing used, and a histogram of sequence lengths
+/// (powers of two up to the sequence length).
+pub fn summary(data: &std::path::Path, opts: &DataOptions, stats: &DataStats) -> String {
     let mut s = String::new();
     let format = stats.format.map_or("auto", Format::name);
+    let kinds = if stats.kinds.len() > 1 {
+        let each: Vec<String> = stats
+            .kinds
+            .iter()
+            .map(|(k, n)| format!("{n} {k}"))
+            .collect();
+        format!(": {}", each.join(", "))
+    } else {
+        String::new()
+    };
     s.push_str(&format!(
-        "data: {} — {} records, format {format}\n",
+        "data: {} — {} records, format {format}{kinds}\n",
         data.display(),
         stats.records
     ));
+    if !stats.skipped.is_empty() {
+        s.push_str(&format!(
+            "skipped: {} bad record{} (--skip-bad-records):{}\n",
+            stats.skipped.len(),
+            if stats.skipped.len() == 1 { "" } else { "s" },
+            list_bad_records(&stats.skipped)
+        ));
+    }
     s.push_str(&format!(
         "sequences: {} kept; {} dropped with nothing to train on{}; {} truncated to {} tokens\n",
-        seqs.len(),
+        stats.lengths.len(),
         stats.empty,
         if stats.blank > 0 {
             format!(" ({} of them with empty text)", stats.blank)
@@ -208,7 +229,16 @@ pub fn summary(
             ""
         }
     ));
-    if seqs.is_empty() {
+    if !stats.unused.is_empty() {
+        let mut unused: Vec<(&String, &usize)> = stats.unused.iter().collect();
+        unused.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+        let each: Vec<String> = unused.iter().map(|(k, n)| format!("{n} × {k}")).collect();
+        s.push_str(&format!(
+            "ignored: {} (read by neither qlora-rs nor the chat template)\n",
+            each.join(", ")
+        ));
+    }
+    if stats.lengths.is_empty() {
         return s;
     }
     // Powers of two up to the sequence length.
@@ -220,10 +250,10 @@ pub fn summary(
     }
     edges.push(opts.seq_len);
     let mut counts = vec![0usize; edges.len() - 1];
-    for (_, q) in seqs {
+    for &len in &stats.lengths {
         let b = edges
             .windows(2)
-            .position(|w| q.ids.len() > w[0] && q.ids.len() <= w[1])
+            .position(|w| len > w[0] && len <= w[1])
             .unwrap_or(counts.len() - 1);
         counts[b] += 1;
     }

@@ -1,6 +1,7 @@
 //! Reading datasets: a JSON array of records, or JSON Lines (one record per line; blank lines
 //! skipped), in UTF-8 (a byte-order mark is skipped), plain or gzip-compressed. Errors name the
-//! file and the line (or record) and what was wrong.
+//! file and the line (or record) and what was wrong; a line that is not a JSON object is a bad
+//! record, reported with every other one ([`read_all`]).
 
 use std::path::Path;
 
@@ -41,6 +42,23 @@ impl Record {
     /// The record as a template value, its maps in the file's key order.
     pub fn ordered(&self) -> std::result::Result<minijinja::Value, serde_json::Error> {
         serde_json::from_str(self.raw.get())
+    }
+}
+
+/// A record that cannot be used, and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BadRecord {
+    /// 0-based position in the dataset (bad records counted).
+    pub index: usize,
+    /// 1-based line in a JSONL file.
+    pub line: Option<usize>,
+    /// What is wrong, starting with where: `record 3 (line 4): …` or `line 4: …`.
+    pub what: String,
+}
+
+impl std::fmt::Display for BadRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.what)
     }
 }
 
@@ -117,16 +135,31 @@ fn text_of(path: &Path) -> Result<String> {
     }
 }
 
-/// Reads every record of `path` (JSON Lines or a JSON array; `.gz` files too).
+/// Reads every record of `path` (JSON Lines or a JSON array; `.gz` files too); the first bad
+/// record is an error.
 pub fn read(path: &Path) -> Result<Vec<Record>> {
+    let (records, bad) = read_all(path)?;
+    match bad.into_iter().next() {
+        Some(b) => Err(format_err(path, b.what)),
+        None => Ok(records),
+    }
+}
+
+/// Reads every record of `path` (JSON Lines or a JSON array; `.gz` files too), and every line or
+/// element that is not a JSON object, each a [`BadRecord`]. A file that cannot be read as text,
+/// or a JSON array that does not parse, is an error.
+pub fn read_all(path: &Path) -> Result<(Vec<Record>, Vec<BadRecord>)> {
     let text = text_of(path)?;
-    let object = |raw: Box<RawValue>, index: usize, line: Option<usize>| -> Result<Record> {
-        let value: Value = serde_json::from_str(raw.get()).map_err(|e| {
-            let at = line
-                .map(|l| format!("line {l}"))
-                .unwrap_or(format!("record {index}"));
-            format_err(path, format!("{at}: not valid JSON: {e}"))
-        })?;
+    let object = |raw: Box<RawValue>,
+                  index: usize,
+                  line: Option<usize>|
+     -> std::result::Result<Record, BadRecord> {
+        let at = line
+            .map(|l| format!("line {l}"))
+            .unwrap_or(format!("record {index}"));
+        let bad = |what: String| BadRecord { index, line, what };
+        let value: Value = serde_json::from_str(raw.get())
+            .map_err(|e| bad(format!("{at}: not valid JSON: {e}")))?;
         match value {
             Value::Object(fields) => Ok(Record {
                 index,
@@ -142,16 +175,12 @@ pub fn read(path: &Path) -> Result<Vec<Record>> {
                     Value::Bool(_) => "a boolean",
                     _ => "null",
                 };
-                let at = line
-                    .map(|l| format!("line {l}"))
-                    .unwrap_or(format!("record {index}"));
-                Err(format_err(
-                    path,
-                    format!("{at}: expected a JSON object, found {kind}"),
-                ))
+                Err(bad(format!("{at}: expected a JSON object, found {kind}")))
             }
         }
     };
+    let mut records = Vec::new();
+    let mut bad = Vec::new();
     if text.trim_start().starts_with('[') {
         let values: Vec<Box<RawValue>> = serde_json::from_str(&text).map_err(|e| {
             format_err(
@@ -159,20 +188,30 @@ pub fn read(path: &Path) -> Result<Vec<Record>> {
                 format!("line {}: not a valid JSON array: {e}", e.line()),
             )
         })?;
-        return values
-            .into_iter()
-            .enumerate()
-            .map(|(i, v)| object(v, i, None))
-            .collect();
+        for (i, v) in values.into_iter().enumerate() {
+            match object(v, i, None) {
+                Ok(r) => records.push(r),
+                Err(b) => bad.push(b),
+            }
+        }
+        return Ok((records, bad));
     }
-    let mut records = Vec::new();
     for (n, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
             continue;
         }
-        let value: Box<RawValue> = serde_json::from_str(line)
-            .map_err(|e| format_err(path, format!("line {}: not valid JSON: {e}", n + 1)))?;
-        records.push(object(value, records.len(), Some(n + 1))?);
+        let index = records.len() + bad.len();
+        let parsed = serde_json::from_str::<Box<RawValue>>(line)
+            .map_err(|e| BadRecord {
+                index,
+                line: Some(n + 1),
+                what: format!("line {}: not valid JSON: {e}", n + 1),
+            })
+            .and_then(|v| object(v, index, Some(n + 1)));
+        match parsed {
+            Ok(r) => records.push(r),
+            Err(b) => bad.push(b),
+        }
     }
-    Ok(records)
+    Ok((records, bad))
 }

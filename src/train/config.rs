@@ -97,6 +97,11 @@ pub struct TrainConfig {
     #[arg(long)]
     #[serde(default)]
     pub chat_template_kwargs: Option<String>,
+    /// Leave out the records that cannot be used (each listed in the data summary) instead of
+    /// refusing the file; without it, every bad record is listed and nothing is trained.
+    #[arg(long)]
+    #[serde(default)]
+    pub skip_bad_records: bool,
     /// Longest sequence in tokens; longer records are cut, keeping the start (and counted).
     #[arg(long, default_value_t = 2048)]
     #[serde(default = "d_seq_len")]
@@ -269,6 +274,16 @@ impl TrainConfig {
             self.tools.as_deref(),
             self.chat_template_kwargs.as_deref(),
         )
+    }
+
+    /// How the data files become sequences: format, seq_len, train_on_prompt, skip_bad_records.
+    pub fn data_options(&self) -> Result<crate::data::DataOptions> {
+        Ok(crate::data::DataOptions {
+            format: self.data_format()?,
+            seq_len: self.seq_len,
+            train_on_prompt: self.train_on_prompt,
+            skip_bad_records: self.skip_bad_records,
+        })
     }
 
     /// `format` parsed (`None` for auto).

@@ -106,6 +106,8 @@ pub struct Trainer {
     pub adapters: Adapters,
     /// What loading the training data file found (records, truncations, tokens).
     pub data_stats: DataStats,
+    /// The same for the `eval_data` file, when one is given.
+    pub eval_data_stats: Option<DataStats>,
     train: Vec<Sequence>,
     eval: Vec<Sequence>,
     state: TrainState,
@@ -203,27 +205,32 @@ impl Trainer {
                 )));
             }
         }
-        let model = Llama::load_on(&config.model, format, device)?;
+        // The model's config, tokenizer and data before its weights: a bad record is refused
+        // in seconds, not after the model has loaded.
+        crate::model::llama::check_model_dir(&config.model)?;
+        let model_config =
+            crate::model::config::LlamaConfig::from_file(&config.model.join("config.json"))?;
         let tokenizer = TextTokenizer::load(&config.model)?;
-        if tokenizer.vocab_size() > model.config.vocab_size {
+        if tokenizer.vocab_size() > model_config.vocab_size {
             return Err(Error::InvalidArgument(format!(
                 "the tokenizer has {} tokens but the model's vocabulary is {}",
                 tokenizer.vocab_size(),
-                model.config.vocab_size
+                model_config.vocab_size
             )));
         }
-        let opts = DataOptions {
-            format: config.data_format()?,
-            seq_len: config.seq_len,
-            train_on_prompt: config.train_on_prompt,
-        };
+        let opts = config.data_options()?;
         let load = |path: &Path| -> Result<(Vec<Sequence>, DataStats)> {
             let (seqs, stats) = data::load_records(path, &tokenizer, &opts, &chat)?;
             Ok((seqs.into_iter().map(|(_, s)| s).collect(), stats))
         };
         let (mut train, data_stats) = load(&config.data)?;
+        let mut eval_data_stats = None;
         let eval = match (&config.eval_data, config.eval_split) {
-            (Some(path), _) => load(path)?.0,
+            (Some(path), _) => {
+                let (seqs, stats) = load(path)?;
+                eval_data_stats = Some(stats);
+                seqs
+            }
             (None, f) if f > 0.0 => {
                 if train.len() < 2 {
                     return Err(Error::InvalidArgument(format!(
@@ -258,6 +265,7 @@ impl Trainer {
                 "no training sequences left after the evaluation split".into(),
             ));
         }
+        let model = Llama::load_on(&config.model, format, device)?;
         let latest = if config.resume {
             checkpoint::latest(&config.output)?
         } else {
@@ -352,6 +360,7 @@ impl Trainer {
             lora,
             optimizer,
             data_stats,
+            eval_data_stats,
             train,
             eval,
             state,
@@ -647,7 +656,8 @@ impl Trainer {
 }
 
 /// Mean loss and counted tokens of `data` under `model` (+ `lora`), with the training formats
-/// and masking (`qlora-rs eval`), on the model's device.
+/// and masking (`qlora-rs eval`), on the model's device; bad records are refused, all listed,
+/// unless `opts.skip_bad_records`.
 pub fn evaluate_file(
     model: &Llama,
     tokenizer: &TextTokenizer,
