@@ -140,6 +140,33 @@ impl BaseWeight {
         }
     }
 
+    /// Runs `f` with the weight in f32 on the host: borrowed when dense on the CPU; an NF4
+    /// weight on the CPU is dequantized into a buffer of this thread that is reused from call to
+    /// call (it grows to the largest weight once, then allocates nothing).
+    pub fn with_f32<R>(&self, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+        thread_local! {
+            static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
+        match self {
+            BaseWeight::Nf4(q) if q.device() == Device::Cpu => SCRATCH.with(|cell| {
+                match cell.try_borrow_mut() {
+                    Ok(mut buf) => {
+                        buf.resize(q.elem_count(), 0.0);
+                        q.dequantize_f32_into(&mut buf)?;
+                        f(&buf)
+                    }
+                    // In use further up this thread's stack: a buffer of its own.
+                    Err(_) => {
+                        let mut own = vec![0.0; q.elem_count()];
+                        q.dequantize_f32_into(&mut own)?;
+                        f(&own)
+                    }
+                }
+            }),
+            _ => f(&self.to_f32()?),
+        }
+    }
+
     /// The weight in f32 on the host (dequantized when stored as NF4).
     pub fn to_f32(&self) -> Result<Cow<'_, [f32]>> {
         match self {
@@ -672,9 +699,9 @@ impl<'a> Tape<'a> {
                     };
                     return Ok((None, xa, mask));
                 }
-                let w = lin.weight.to_f32()?;
-                let (y, xa) =
-                    linear::forward(dims, f32s(x, op)?, &w, bias, lora.as_ref(), mask.as_deref())?;
+                let (y, xa) = lin.weight.with_f32(|w| {
+                    linear::forward(dims, f32s(x, op)?, w, bias, lora.as_ref(), mask.as_deref())
+                })?;
                 let xa = match &lora {
                     Some(l) => Some(host(xa, &[t, l.rank])?),
                     None => None,
@@ -1316,8 +1343,7 @@ impl<'a> Tape<'a> {
                     in_features: i,
                     out_features: o,
                 };
-                let w = lin.weight.to_f32()?;
-                let dx = match (slot, &xa) {
+                let dx = lin.weight.with_f32(|w| match (slot, &xa) {
                     (
                         Some(SlotRef::Cpu {
                             slot,
@@ -1335,7 +1361,7 @@ impl<'a> Tape<'a> {
                         linear::backward(
                             dims,
                             f32s(xv, op)?,
-                            &w,
+                            w,
                             Some(linear::LoraGrads {
                                 lora: linear::Lora { a, b, rank, scale },
                                 xa: f32s(xa, op)?,
@@ -1345,18 +1371,12 @@ impl<'a> Tape<'a> {
                             mask.as_deref(),
                             f32s(dy, op)?,
                             need_dx,
-                        )?
+                        )
                     }
-                    _ => linear::backward(
-                        dims,
-                        f32s(xv, op)?,
-                        &w,
-                        None,
-                        None,
-                        f32s(dy, op)?,
-                        need_dx,
-                    )?,
-                };
+                    _ => {
+                        linear::backward(dims, f32s(xv, op)?, w, None, None, f32s(dy, op)?, need_dx)
+                    }
+                })?;
                 finish(dx.map(|d| host(d, &[t, i])).transpose()?, acc)
             }
             Device::Cuda(_) => {

@@ -23,6 +23,8 @@
 
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
+use rayon::prelude::*;
+
 use super::matmul::{gemm, Mat};
 use super::{check_cu_seqlens, check_tensor, cuda_ordinal, expect_len, Real};
 use crate::device::cuda::CudaDevice;
@@ -121,11 +123,10 @@ pub fn forward<T: Real>(
     let (h_n, kv_n, dim) = (d.heads, d.kv_heads, d.head_dim);
     let group = h_n / kv_n;
     let scale = T::one() / T::of(dim as f64).sqrt();
-    let mut o = vec![T::zero(); q.len()];
-    let mut lse = vec![T::zero(); tokens * h_n];
-    for w in cu_seqlens.windows(2) {
-        let (s0, l) = (w[0], w[1] - w[0]);
-        for h in 0..h_n {
+    // Every (sequence, head) on its own, in parallel; gathered in a fixed order.
+    let per_head: Vec<_> = pairs(cu_seqlens, h_n)
+        .into_par_iter()
+        .map(|(s0, l, h)| {
             let g = h / group;
             let qh = Mat::strided(&q[(s0 * h_n + h) * dim..], l, dim, h_n * dim);
             let kg = Mat::strided(&k[(s0 * kv_n + g) * dim..], l, dim, kv_n * dim);
@@ -133,14 +134,27 @@ pub fn forward<T: Real>(
             let (p, row_lse) = probabilities(qh, kg, scale, None);
             let mut oh = vec![T::zero(); l * dim];
             gemm(Mat::new(&p, l, l), vg, &mut oh, T::one(), T::zero());
-            for i in 0..l {
-                let dst = ((s0 + i) * h_n + h) * dim;
-                o[dst..dst + dim].copy_from_slice(&oh[i * dim..(i + 1) * dim]);
-                lse[(s0 + i) * h_n + h] = row_lse[i];
-            }
+            (s0, l, h, oh, row_lse)
+        })
+        .collect();
+    let mut o = vec![T::zero(); q.len()];
+    let mut lse = vec![T::zero(); tokens * h_n];
+    for (s0, l, h, oh, row_lse) in per_head {
+        for i in 0..l {
+            let dst = ((s0 + i) * h_n + h) * dim;
+            o[dst..dst + dim].copy_from_slice(&oh[i * dim..(i + 1) * dim]);
+            lse[(s0 + i) * h_n + h] = row_lse[i];
         }
     }
     Ok((o, lse))
+}
+
+/// `(start, length, head)` of every head of every sequence, in order.
+fn pairs(cu_seqlens: &[usize], heads: usize) -> Vec<(usize, usize, usize)> {
+    cu_seqlens
+        .windows(2)
+        .flat_map(|w| (0..heads).map(move |h| (w[0], w[1] - w[0], h)))
+        .collect()
 }
 
 /// Returns `(dq, dk, dv)`, shaped like q, k, v.
@@ -172,14 +186,11 @@ pub fn backward<T: Real>(
     let (h_n, kv_n, dim) = (d.heads, d.kv_heads, d.head_dim);
     let group = h_n / kv_n;
     let scale = T::one() / T::of(dim as f64).sqrt();
-    let (mut dq, mut dk, mut dv) = (
-        vec![T::zero(); q.len()],
-        vec![T::zero(); k.len()],
-        vec![T::zero(); v.len()],
-    );
-    for w in cu_seqlens.windows(2) {
-        let (s0, l) = (w[0], w[1] - w[0]);
-        for h in 0..h_n {
+    // Every (sequence, head) on its own, in parallel; dk and dv summed over the heads of a
+    // group in a fixed order.
+    let per_head: Vec<_> = pairs(cu_seqlens, h_n)
+        .into_par_iter()
+        .map(|(s0, l, h)| {
             let g = h / group;
             let qh = Mat::strided(&q[(s0 * h_n + h) * dim..], l, dim, h_n * dim);
             let kg = Mat::strided(&k[(s0 * kv_n + g) * dim..], l, dim, kv_n * dim);
@@ -209,14 +220,23 @@ pub fn backward<T: Real>(
             gemm(Mat::new(&ds, l, l), kg, &mut dqh, scale, T::zero());
             let mut dkh = vec![T::zero(); l * dim];
             gemm(Mat::new(&ds, l, l).t(), qh, &mut dkh, scale, T::zero());
-            for i in 0..l {
-                let qa = ((s0 + i) * h_n + h) * dim;
-                let ka = ((s0 + i) * kv_n + g) * dim;
-                dq[qa..qa + dim].copy_from_slice(&dqh[i * dim..(i + 1) * dim]);
-                for c in 0..dim {
-                    dk[ka + c] += dkh[i * dim + c];
-                    dv[ka + c] += dvh[i * dim + c];
-                }
+            (s0, l, h, dqh, dkh, dvh)
+        })
+        .collect();
+    let (mut dq, mut dk, mut dv) = (
+        vec![T::zero(); q.len()],
+        vec![T::zero(); k.len()],
+        vec![T::zero(); v.len()],
+    );
+    for (s0, l, h, dqh, dkh, dvh) in per_head {
+        let g = h / group;
+        for i in 0..l {
+            let qa = ((s0 + i) * h_n + h) * dim;
+            let ka = ((s0 + i) * kv_n + g) * dim;
+            dq[qa..qa + dim].copy_from_slice(&dqh[i * dim..(i + 1) * dim]);
+            for c in 0..dim {
+                dk[ka + c] += dkh[i * dim + c];
+                dv[ka + c] += dvh[i * dim + c];
             }
         }
     }

@@ -15,6 +15,8 @@
 
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
+use rayon::prelude::*;
+
 use super::matmul::{gemm, Mat};
 use super::{check_tensor, cuda_ordinal, expect_len, Real};
 use crate::device::cuda::CudaDevice;
@@ -119,24 +121,32 @@ pub fn forward_backward<T: Real>(
             T::one(),
             T::zero(),
         );
-        for r in 0..rows {
-            let y = targets[c0 + r];
-            let row = &mut zc[r * vocab..(r + 1) * vocab];
-            if y == IGNORE_INDEX {
-                row.fill(T::zero());
-                continue;
-            }
-            let m = row.iter().fold(T::neg_infinity(), |a, &b| a.max(b));
-            let sum: T = row.iter().map(|&s| (s - m).exp()).sum();
-            let lse = m + sum.ln();
-            loss_sum += (lse - row[y as usize]).to_f64().unwrap_or(f64::NAN);
-            count += 1;
-            if let Some(g) = grad_scale {
-                for s in row.iter_mut() {
-                    *s = g * (*s - lse).exp();
+        // Rows in parallel; their losses summed in row order (the same sum on any core count).
+        let row_losses: Vec<Option<f64>> = zc
+            .par_chunks_mut(vocab)
+            .enumerate()
+            .map(|(r, row)| {
+                let y = targets[c0 + r];
+                if y == IGNORE_INDEX {
+                    row.fill(T::zero());
+                    return None;
                 }
-                row[y as usize] -= g;
-            }
+                let m = row.iter().fold(T::neg_infinity(), |a, &b| a.max(b));
+                let sum: T = row.iter().map(|&s| (s - m).exp()).sum();
+                let lse = m + sum.ln();
+                let loss = (lse - row[y as usize]).to_f64().unwrap_or(f64::NAN);
+                if let Some(g) = grad_scale {
+                    for s in row.iter_mut() {
+                        *s = g * (*s - lse).exp();
+                    }
+                    row[y as usize] -= g;
+                }
+                Some(loss)
+            })
+            .collect();
+        for l in row_losses.into_iter().flatten() {
+            loss_sum += l;
+            count += 1;
         }
         if let Some(dh) = dh.as_mut() {
             gemm(

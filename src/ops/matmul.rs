@@ -77,6 +77,11 @@ impl<'a, T> Mat<'a, T> {
 ///
 /// Shapes are the caller's invariant (the ops check user-facing shapes with `Result`s before they
 /// get here); a mismatch here is a bug and panics with the shapes.
+///
+/// Products of at least [`PARALLEL_MIN`] multiply-adds are split over the CPU's cores
+/// ([`cpu_threads`]): into blocks of C's rows, or of its columns when it has too few rows. Every
+/// element of C is one thread's, computed as a single call would compute it, so the result does
+/// not depend on the number of threads.
 pub fn gemm<T: Real>(a: Mat<T>, b: Mat<T>, c: &mut [T], alpha: T, beta: T) {
     assert_eq!(
         a.cols, b.rows,
@@ -86,25 +91,103 @@ pub fn gemm<T: Real>(a: Mat<T>, b: Mat<T>, c: &mut [T], alpha: T, beta: T) {
     assert_eq!(c.len(), a.rows * b.cols, "gemm: output buffer size");
     a.check("A");
     b.check("B");
-    if a.rows == 0 || b.cols == 0 {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    if m == 0 || n == 0 {
         return;
     }
-    // SAFETY: the views were checked to stay within their slices and `c` holds m·n elements.
-    unsafe {
-        T::gemm_raw(
-            a.rows,
-            a.cols,
-            b.cols,
-            alpha,
-            a.data.as_ptr(),
-            a.row_stride as isize,
-            a.col_stride as isize,
-            b.data.as_ptr(),
-            b.row_stride as isize,
-            b.col_stride as isize,
-            beta,
-            c.as_mut_ptr(),
-        )
+    let threads = cpu_threads();
+    let parts = if threads < 2 || m * n * k < PARALLEL_MIN {
+        1
+    } else if m >= 2 * MIN_ROWS {
+        threads.min(m / MIN_ROWS)
+    } else {
+        threads.min(n / MIN_COLS).max(1)
+    };
+    let by_rows = m >= 2 * MIN_ROWS;
+    let c_ptr = SyncPtr(c.as_mut_ptr());
+    let one = |p: usize| {
+        let (len, at) = if by_rows { (m, p) } else { (n, p) };
+        let (start, end) = (at * len / parts, (at + 1) * len / parts);
+        // SAFETY: the views were checked to stay within their slices and `c` holds m·n
+        // elements; part p owns rows (or columns) start..end of C, disjoint from the others.
+        unsafe {
+            if by_rows {
+                T::gemm_raw(
+                    end - start,
+                    k,
+                    n,
+                    alpha,
+                    a.data.as_ptr().add(start * a.row_stride),
+                    a.row_stride as isize,
+                    a.col_stride as isize,
+                    b.data.as_ptr(),
+                    b.row_stride as isize,
+                    b.col_stride as isize,
+                    beta,
+                    c_ptr.get().add(start * n),
+                    n as isize,
+                )
+            } else {
+                T::gemm_raw(
+                    m,
+                    k,
+                    end - start,
+                    alpha,
+                    a.data.as_ptr(),
+                    a.row_stride as isize,
+                    a.col_stride as isize,
+                    b.data.as_ptr().add(start * b.col_stride),
+                    b.row_stride as isize,
+                    b.col_stride as isize,
+                    beta,
+                    c_ptr.get().add(start),
+                    n as isize,
+                )
+            }
+        }
+    };
+    if parts == 1 {
+        one(0);
+    } else {
+        rayon::scope(|s| {
+            for p in 1..parts {
+                s.spawn(move |_| one(p));
+            }
+            one(0);
+        });
+    }
+}
+
+/// Multiply-adds below which a product runs on one thread (splitting costs more than it saves).
+pub const PARALLEL_MIN: usize = 1 << 20;
+const MIN_ROWS: usize = 32;
+const MIN_COLS: usize = 64;
+
+/// Threads the CPU backend splits work over: `QLORA_CPU_THREADS`, else rayon's pool size (the
+/// available cores, or `RAYON_NUM_THREADS`).
+pub fn cpu_threads() -> usize {
+    static THREADS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *THREADS.get_or_init(|| {
+        std::env::var("QLORA_CPU_THREADS")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .filter(|&n| n > 0)
+            .unwrap_or_else(rayon::current_num_threads)
+    })
+}
+
+/// C's base address, shared by the threads that write disjoint parts of it.
+#[derive(Clone, Copy)]
+struct SyncPtr<T>(*mut T);
+// SAFETY: only used by `gemm`, whose threads write disjoint elements and are joined before it
+// returns.
+unsafe impl<T> Send for SyncPtr<T> {}
+// SAFETY: as above.
+unsafe impl<T> Sync for SyncPtr<T> {}
+
+impl<T> SyncPtr<T> {
+    fn get(self) -> *mut T {
+        self.0
     }
 }
 

@@ -38,11 +38,13 @@ pub trait Real:
     + std::fmt::Debug
     + 'static
 {
-    /// `C = alpha·A·B + beta·C` for strided `A` (m×k) and `B` (k×n) and row-major `C` (m×n).
+    /// `C = alpha·A·B + beta·C` for strided `A` (m×k) and `B` (k×n) and `C` (m×n) with rows
+    /// `rsc` apart (columns contiguous); one thread.
     ///
     /// # Safety
-    /// Every index `i·rs + j·cs` of `a` and `b` within their shapes must be in bounds and `c`
-    /// must hold `m·n` elements; [`matmul::gemm`] checks this.
+    /// Every index `i·rs + j·cs` of `a` and `b` within their shapes must be in bounds, and every
+    /// `i·rsc + j` of `c`; no other thread may touch those elements of `c` meanwhile.
+    /// [`matmul::gemm`] checks and splits.
     #[allow(clippy::too_many_arguments)]
     unsafe fn gemm_raw(
         m: usize,
@@ -57,6 +59,7 @@ pub trait Real:
         csb: isize,
         beta: Self,
         c: *mut Self,
+        rsc: isize,
     );
 
     /// The constant `v` in this type, for literals in generic code.
@@ -79,13 +82,10 @@ impl Real for f32 {
         csb: isize,
         beta: f32,
         c: *mut f32,
+        rsc: isize,
     ) {
         // SAFETY: forwarded from the caller's contract.
-        unsafe {
-            matrixmultiply::sgemm(
-                m, k, n, alpha, a, rsa, csa, b, rsb, csb, beta, c, n as isize, 1,
-            )
-        }
+        unsafe { matrixmultiply::sgemm(m, k, n, alpha, a, rsa, csa, b, rsb, csb, beta, c, rsc, 1) }
     }
 }
 
@@ -103,13 +103,10 @@ impl Real for f64 {
         csb: isize,
         beta: f64,
         c: *mut f64,
+        rsc: isize,
     ) {
         // SAFETY: forwarded from the caller's contract.
-        unsafe {
-            matrixmultiply::dgemm(
-                m, k, n, alpha, a, rsa, csa, b, rsb, csb, beta, c, n as isize, 1,
-            )
-        }
+        unsafe { matrixmultiply::dgemm(m, k, n, alpha, a, rsa, csa, b, rsb, csb, beta, c, rsc, 1) }
     }
 }
 

@@ -220,6 +220,30 @@ pub fn dequantize_4bit(
         .collect()
 }
 
+/// [`dequantize_4bit`] into `out` (its length is n), block by block over the CPU's cores.
+pub fn dequantize_4bit_into(
+    packed: &[u8],
+    absmax: &[f32],
+    code: &[f32],
+    blocksize: usize,
+    out: &mut [f32],
+) {
+    use rayon::prelude::*;
+    // Whole blocks (an even blocksize keeps every chunk on byte boundaries), many per task.
+    let per_task = blocksize * 64;
+    out.par_chunks_mut(per_task)
+        .enumerate()
+        .for_each(|(t, chunk)| {
+            let base = t * per_task;
+            for (j, v) in chunk.iter_mut().enumerate() {
+                let i = base + j;
+                let byte = packed[i / 2];
+                let nibble = if i % 2 == 0 { byte >> 4 } else { byte & 0xF };
+                *v = code[nibble as usize] * absmax[i / blocksize];
+            }
+        });
+}
+
 /// Quantizes `w` into `q` (shape and device checked by the caller).
 pub(super) fn quantize_into(w: &Tensor, q: &mut Nf4Tensor) -> Result<()> {
     let x = to_f32(w)?;

@@ -373,6 +373,26 @@ impl Nf4Tensor {
         Ok(out)
     }
 
+    /// Dequantizes a CPU weight into the host slice `out` (f32, this weight's element count),
+    /// over the CPU's cores: no allocation beyond the per-block scales.
+    pub fn dequantize_f32_into(&self, out: &mut [f32]) -> Result<()> {
+        self.validate()?;
+        if self.device() != Device::Cpu || out.len() != self.elem_count() {
+            return Err(Error::InvalidArgument(format!(
+                "nf4 dequantize into a host slice: needs a CPU weight and {} elements, got a \
+                 weight on {} and {} elements",
+                self.elem_count(),
+                self.device(),
+                out.len()
+            )));
+        }
+        let absmax = self.absmax_f32()?;
+        let code = self.code.cpu_slice::<f32>("nf4 dequantize")?;
+        let packed = self.packed.cpu_slice::<u8>("nf4 dequantize")?;
+        cpu::dequantize_4bit_into(packed, &absmax, code, self.blocksize, out);
+        Ok(())
+    }
+
     /// Dequantizes into `out` (this weight's shape and device; f32, bf16 or f16).
     pub fn dequantize_into(&self, out: &mut Tensor) -> Result<()> {
         self.validate()?;
