@@ -541,6 +541,14 @@ fn run_train(request: DeviceRequest, cfg: TrainConfig) -> qlora_rs::Result<Optio
     let mut smoothed: Option<f64> = None;
     let summary = trainer.run_with_progress(&mut |p| {
         let m = p.metrics;
+        // An evaluation in progress: its batches on the bar's message (terminal only; plain logs
+        // get the result line).
+        if let Some((done, total)) = p.evaluating {
+            if tty {
+                bar.set_message(format!("evaluating: batch {done}/{total}"));
+            }
+            return;
+        }
         if let Some(eval) = m.eval_loss {
             let line = format!(
                 "eval at step {}/{}: loss {eval:.4} (perplexity {:.3})",
@@ -921,8 +929,30 @@ fn run_eval(
     let lora = adapter
         .map(|a| adapters::load(a, &model.config))
         .transpose()?;
-    let (loss, tokens, stats) =
-        trainer::evaluate_file(&model, &tokenizer, lora.as_ref(), data, opts, batch_tokens)?;
+    // A bar on a terminal while the batches run; nothing extra in plain logs.
+    let bar = if std::io::stderr().is_terminal() {
+        indicatif::ProgressBar::new(0).with_style(
+            indicatif::ProgressStyle::with_template(
+                "evaluating {bar:30} {pos}/{len} batches [{elapsed_precise}<{eta_precise}]",
+            )
+            .expect("valid template"),
+        )
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    let (loss, tokens, stats) = trainer::evaluate_file_with(
+        &model,
+        &tokenizer,
+        lora.as_ref(),
+        data,
+        opts,
+        batch_tokens,
+        &mut |done, total| {
+            bar.set_length(total as u64);
+            bar.set_position(done as u64);
+        },
+    )?;
+    bar.finish_and_clear();
     // As `train` says it: what was cut, dropped or skipped before the loss was taken.
     eprint!("{}", summary(data, opts, &stats));
     if json {

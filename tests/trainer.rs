@@ -498,3 +498,33 @@ fn train_takes_the_chat_options_of_data() {
     Trainer::new(c).unwrap();
     let _ = std::fs::remove_dir_all(&out);
 }
+
+/// Evaluations report their batches as they run (the command line's progress bar), then their
+/// result: every evaluation counts up to its total, and each ends in a result line.
+#[test]
+fn evaluations_report_progress_then_their_result() {
+    let out = tmpdir("eval-progress");
+    let mut c = config("messages.jsonl", &out);
+    c.eval_split = 0.3;
+    c.batch_tokens = 128;
+    c.max_steps = Some(2);
+    c.eval_every = 1;
+    let mut t = Trainer::new(c).unwrap();
+    let (mut ticks, mut results) = (Vec::new(), 0);
+    t.run_with_progress(&mut |p| {
+        if let Some(done_total) = p.evaluating {
+            ticks.push(done_total);
+        } else if p.metrics.eval_loss.is_some() {
+            results += 1;
+        }
+    })
+    .unwrap();
+    // One periodic evaluation (after step 1) and the final one.
+    assert_eq!(results, 2);
+    let total = ticks.first().expect("progress during evaluation").1;
+    assert!(total >= 1);
+    let ends = ticks.iter().filter(|&&(d, t)| d == t).count();
+    assert_eq!(ends, 2, "{ticks:?}");
+    assert!(ticks.iter().all(|&(d, t)| d >= 1 && d <= t), "{ticks:?}");
+    let _ = std::fs::remove_dir_all(&out);
+}

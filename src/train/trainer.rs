@@ -72,6 +72,9 @@ pub struct Progress<'a> {
     pub metrics: &'a Metrics,
     /// Optimizer steps the run will take in all.
     pub total_steps: u64,
+    /// During an evaluation: micro-batches done and in all (`metrics` then carries only the
+    /// step).
+    pub evaluating: Option<(usize, usize)>,
 }
 
 /// How a run ended.
@@ -520,6 +523,11 @@ impl Trainer {
 
     /// Mean loss per counted token over the evaluation set (None without one).
     pub fn evaluate(&self) -> Result<Option<f64>> {
+        self.evaluate_with(&mut |_, _| {})
+    }
+
+    /// [`Trainer::evaluate`], calling `on_batch(done, total)` after each micro-batch.
+    pub fn evaluate_with(&self, on_batch: &mut dyn FnMut(usize, usize)) -> Result<Option<f64>> {
         if self.eval.is_empty() {
             return Ok(None);
         }
@@ -529,12 +537,24 @@ impl Trainer {
             Some(&self.adapters),
             &seqs,
             self.config.batch_tokens,
+            on_batch,
         )?;
         Ok(Some(sum / count.max(1) as f64))
     }
 
-    fn log_eval(&self) -> Result<Option<f64>> {
-        let loss = self.evaluate()?;
+    fn log_eval(&self, progress: &mut dyn FnMut(Progress)) -> Result<Option<f64>> {
+        let at = Metrics {
+            step: self.state.step,
+            epoch: self.state.epoch,
+            ..Metrics::default()
+        };
+        let loss = self.evaluate_with(&mut |done, total| {
+            progress(Progress {
+                metrics: &at,
+                total_steps: self.total_steps,
+                evaluating: Some((done, total)),
+            })
+        })?;
         if let Some(l) = loss {
             self.metrics.append(&Metrics {
                 step: self.state.step,
@@ -585,6 +605,7 @@ impl Trainer {
                     ..Metrics::default()
                 },
                 total_steps: self.total_steps,
+                evaluating: None,
             });
         }
     }
@@ -604,11 +625,12 @@ impl Trainer {
             progress(Progress {
                 metrics: &m,
                 total_steps: self.total_steps,
+                evaluating: None,
             });
             let s = self.state.step;
             if self.config.eval_every > 0 && s % self.config.eval_every == 0 && s < self.total_steps
             {
-                eval_loss = self.log_eval()?;
+                eval_loss = self.log_eval(progress)?;
                 self.report_eval(eval_loss, progress);
             }
             if self.config.save_every > 0 && s % self.config.save_every == 0 && s < self.total_steps
@@ -617,7 +639,7 @@ impl Trainer {
             }
         }
         if !interrupted {
-            let last = self.log_eval()?;
+            let last = self.log_eval(progress)?;
             self.report_eval(last, progress);
             eval_loss = last.or(eval_loss);
         }
@@ -666,6 +688,27 @@ pub fn evaluate_file(
     opts: &DataOptions,
     batch_tokens: usize,
 ) -> Result<(f64, usize, DataStats)> {
+    evaluate_file_with(
+        model,
+        tokenizer,
+        lora,
+        data_path,
+        opts,
+        batch_tokens,
+        &mut |_, _| {},
+    )
+}
+
+/// [`evaluate_file`], calling `on_batch(done, total)` after each micro-batch (a progress bar).
+pub fn evaluate_file_with(
+    model: &Llama,
+    tokenizer: &TextTokenizer,
+    lora: Option<&LoraParams>,
+    data_path: &Path,
+    opts: &DataOptions,
+    batch_tokens: usize,
+    on_batch: &mut dyn FnMut(usize, usize),
+) -> Result<(f64, usize, DataStats)> {
     let (seqs, stats) = data::load(data_path, tokenizer, opts)?;
     let refs: Vec<&Sequence> = seqs.iter().collect();
     let adapters = lora
@@ -676,6 +719,7 @@ pub fn evaluate_file(
         adapters.as_ref(),
         &refs,
         batch_tokens.max(opts.seq_len),
+        on_batch,
     )?;
     Ok((sum / count.max(1) as f64, count, stats))
 }
@@ -686,12 +730,15 @@ fn loss_over(
     adapters: Option<&Adapters>,
     seqs: &[&Sequence],
     batch_tokens: usize,
+    on_batch: &mut dyn FnMut(usize, usize),
 ) -> Result<(f64, usize)> {
     let (mut sum, mut count) = (0.0, 0usize);
-    for b in data::pack(seqs, batch_tokens) {
+    let batches = data::pack(seqs, batch_tokens);
+    for (i, b) in batches.iter().enumerate() {
         let (losses, n) = model.eval_micro_batch(adapters, &b.ids, &b.labels, &b.cu_seqlens)?;
         sum += losses.sum()?;
         count += n;
+        on_batch(i + 1, batches.len());
     }
     Ok((sum, count))
 }
