@@ -185,6 +185,24 @@ pub struct LoraSlot {
     pub b: Range<usize>,
 }
 
+impl LoraSlot {
+    /// The adapter of a `[o, i]` projection at rank `rank`, laid out from `*at` (A then B);
+    /// moves `at` past it.
+    fn at(layer: usize, target: Target, i: usize, o: usize, rank: usize, at: &mut usize) -> Self {
+        let a = *at..*at + rank * i;
+        let b = a.end..a.end + o * rank;
+        *at = b.end;
+        LoraSlot {
+            layer,
+            target,
+            in_features: i,
+            out_features: o,
+            a,
+            b,
+        }
+    }
+}
+
 /// Every adapter of a model, in one flat f32 buffer.
 #[derive(Clone, Debug)]
 pub struct LoraParams {
@@ -243,17 +261,7 @@ impl LoraParams {
         for layer in layers {
             for &target in &config.targets {
                 let (i, o) = target.dims(model);
-                let a = at..at + config.rank * i;
-                let b = a.end..a.end + o * config.rank;
-                at = b.end;
-                slots.push(LoraSlot {
-                    layer,
-                    target,
-                    in_features: i,
-                    out_features: o,
-                    a,
-                    b,
-                });
+                slots.push(LoraSlot::at(layer, target, i, o, config.rank, &mut at));
             }
         }
         // Refused with the size, never an abort in the allocator.
@@ -289,14 +297,19 @@ impl LoraParams {
         seed: u64,
     ) -> Result<LoraParams> {
         let mut p = LoraParams::zeros_on_layers(model, config, layers)?;
+        p.init_a(seed);
+        Ok(p)
+    }
+
+    /// PEFT's A: U(−1/√in, 1/√in) for every slot, in slot order, from `seed` (B stays as is).
+    fn init_a(&mut self, seed: u64) {
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-        for s in &p.slots {
+        for s in &self.slots {
             let bound = 1.0 / (s.in_features as f32).sqrt();
-            for v in &mut p.values[s.a.clone()] {
+            for v in &mut self.values[s.a.clone()] {
                 *v = rng.random_range(-bound..bound);
             }
         }
-        Ok(p)
     }
 
     /// PEFT's initialisation for a model of one's own: one adapter per `(layer, target, in,
@@ -329,32 +342,16 @@ impl LoraParams {
                     target.module()
                 )));
             }
-            let a = at..at + config.rank * i;
-            let b = a.end..a.end + o * config.rank;
-            at = b.end;
-            slots.push(LoraSlot {
-                layer,
-                target,
-                in_features: i,
-                out_features: o,
-                a,
-                b,
-            });
+            slots.push(LoraSlot::at(layer, target, i, o, config.rank, &mut at));
         }
-        let mut values = vec![0.0; at];
-        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-        for s in &slots {
-            let bound = 1.0 / (s.in_features as f32).sqrt();
-            for v in &mut values[s.a.clone()] {
-                *v = rng.random_range(-bound..bound);
-            }
-        }
-        Ok(LoraParams {
+        let mut p = LoraParams {
             config,
             slots,
-            values,
+            values: vec![0.0; at],
             model_layers,
-        })
+        };
+        p.init_a(seed);
+        Ok(p)
     }
 
     /// The layers that carry adapters, ascending.
@@ -397,10 +394,14 @@ impl LoraParams {
         let mut slots = Vec::with_capacity(self.slots.len());
         let mut at = 0;
         for s in &self.slots {
-            let a = at..at + rank * s.in_features;
-            let b = a.end..a.end + s.out_features * rank;
-            at = b.end;
-            slots.push(LoraSlot { a, b, ..s.clone() });
+            slots.push(LoraSlot::at(
+                s.layer,
+                s.target,
+                s.in_features,
+                s.out_features,
+                rank,
+                &mut at,
+            ));
         }
         let mut padded = LoraParams {
             config,
