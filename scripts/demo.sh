@@ -45,4 +45,4 @@ echo "== fine-tuning ($steps steps)"
   --lr 5e-4 --rank 16 --alpha 32 --warmup-steps 2 --eval-every "$eval_every"
 echo "== after fine-tuning"
 "$bin" generate --device "$device" --model "$model" --adapter "$work/adapter" --chat "$question" --max-new-tokens 80
-echo "loss curve: $work/adapter/loss_curve.svg"
+echo "loss curve: $work/adapter/loss_curve.png (and .svg)"

@@ -43,7 +43,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Fine-tune a LoRA adapter on a 4-bit base model; writes a PEFT adapter, metrics.jsonl,
-    /// loss_curve.svg and checkpoints to --output.
+    /// loss_curve.svg, loss_curve.png and checkpoints to --output.
     Train {
         /// A TOML file with the same keys as the flags (flags given here override it).
         #[arg(long)]

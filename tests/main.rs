@@ -16,6 +16,7 @@ mod kernels;
 mod llama;
 mod nf4;
 mod ops;
+mod plot;
 mod ptxas;
 mod refusals;
 mod tape;

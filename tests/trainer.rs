@@ -75,12 +75,26 @@ fn training_lowers_the_loss_and_writes_a_peft_adapter() {
         "adapter_config.json",
         "metrics.jsonl",
         "loss_curve.svg",
+        "loss_curve.png",
         "training_config.toml",
     ] {
         assert!(out.join(f).is_file(), "{f}");
     }
     let svg = std::fs::read_to_string(out.join("loss_curve.svg")).unwrap();
     assert!(svg.starts_with("<svg") && svg.contains("polyline") && svg.contains("<circle"));
+    for part in [
+        ">eval loss</text>",
+        ">learning rate</text>",
+        "class=\"tick-lr\"",
+    ] {
+        assert!(svg.contains(part), "{part}");
+    }
+    // The PNG beside it decodes to the chart's size.
+    let png = std::fs::read(out.join("loss_curve.png")).unwrap();
+    let reader = png::Decoder::new(std::io::Cursor::new(png))
+        .read_info()
+        .unwrap();
+    assert_eq!((reader.info().width, reader.info().height), (1200, 675));
     // The adapter loads on its own and changes the model's predictions.
     let model = Llama::load(&fixtures("llama/tiny-llama"), BaseFormat::Dense).unwrap();
     let lora = adapters::load(&out, &model.config).unwrap();

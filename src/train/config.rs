@@ -75,7 +75,7 @@ pub struct TrainConfig {
     #[arg(long, default_value_os_t = PathBuf::new(), hide_default_value = true, value_parser = any_path())]
     #[serde(default)]
     pub data: PathBuf,
-    /// Output folder: the adapter, metrics.jsonl, loss_curve.svg and checkpoints.
+    /// Output folder: the adapter, metrics.jsonl, loss_curve.svg/.png and checkpoints.
     #[arg(long, default_value_os_t = PathBuf::new(), hide_default_value = true, value_parser = any_path())]
     #[serde(default)]
     pub output: PathBuf,

@@ -1,5 +1,5 @@
-//! `metrics.jsonl` (one JSON object per optimizer step or evaluation) and the loss-curve
-//! picture drawn from it at the end (`loss_curve.svg`).
+//! `metrics.jsonl`: one JSON object per optimizer step or evaluation (the loss curves drawn
+//! from it at the end are [`super::plot`]'s).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -118,95 +118,4 @@ pub fn read(path: &Path) -> Result<Vec<Metrics>> {
             })
         })
         .collect()
-}
-
-/// An SVG line chart of training loss (and eval loss points) against the step.
-pub fn loss_curve_svg(metrics: &[Metrics]) -> String {
-    let train: Vec<(f64, f64)> = metrics
-        .iter()
-        .filter_map(|m| m.loss.map(|l| (m.step as f64, l)))
-        .collect();
-    let eval: Vec<(f64, f64)> = metrics
-        .iter()
-        .filter_map(|m| m.eval_loss.map(|l| (m.step as f64, l)))
-        .collect();
-    let all: Vec<&(f64, f64)> = train.iter().chain(&eval).collect();
-    let (w, h, pad) = (640.0, 400.0, 64.0);
-    let (x0, x1) = all
-        .iter()
-        .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), p| {
-            (a.min(p.0), b.max(p.0))
-        });
-    let (y0, y1) = all
-        .iter()
-        .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), p| {
-            (a.min(p.1), b.max(p.1))
-        });
-    let (x0, x1) = if x1 > x0 {
-        (x0, x1)
-    } else {
-        (x0 - 1.0, x0 + 1.0)
-    };
-    let (y0, y1) = if y1 > y0 {
-        (y0, y1)
-    } else {
-        (y0 - 1.0, y0 + 1.0)
-    };
-    let px = |x: f64| pad + (x - x0) / (x1 - x0) * (w - 2.0 * pad);
-    let py = |y: f64| h - pad - (y - y0) / (y1 - y0) * (h - 2.0 * pad);
-    let mut svg = format!(
-        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" viewBox=\"0 0 {w} {h}\" font-family=\"sans-serif\" font-size=\"12\">\n\
-         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
-         <line x1=\"{pad}\" y1=\"{b}\" x2=\"{r}\" y2=\"{b}\" stroke=\"black\"/>\n\
-         <line x1=\"{pad}\" y1=\"{pad}\" x2=\"{pad}\" y2=\"{b}\" stroke=\"black\"/>\n\
-         <text x=\"{cx}\" y=\"{ly}\" text-anchor=\"middle\">step</text>\n\
-         <text x=\"14\" y=\"{cy}\" transform=\"rotate(-90 14 {cy})\" text-anchor=\"middle\">loss</text>\n",
-        b = h - pad,
-        r = w - pad,
-        cx = w / 2.0,
-        ly = h - 12.0,
-        cy = h / 2.0,
-    );
-    for i in 0..=4 {
-        let y = y0 + (y1 - y0) * i as f64 / 4.0;
-        svg += &format!(
-            "<text x=\"{}\" y=\"{:.1}\" text-anchor=\"end\">{y:.3}</text>\n",
-            pad - 4.0,
-            py(y) + 4.0
-        );
-        let x = x0 + (x1 - x0) * i as f64 / 4.0;
-        let label = if (x - x.round()).abs() < 1e-9 {
-            format!("{x:.0}")
-        } else {
-            format!("{x:.1}")
-        };
-        svg += &format!(
-            "<text x=\"{:.1}\" y=\"{}\" text-anchor=\"middle\">{label}</text>\n",
-            px(x),
-            h - pad + 16.0
-        );
-    }
-    if !train.is_empty() {
-        let pts: Vec<String> = train
-            .iter()
-            .map(|&(x, y)| format!("{:.1},{:.1}", px(x), py(y)))
-            .collect();
-        svg += &format!(
-            "<polyline fill=\"none\" stroke=\"#1f77b4\" stroke-width=\"1.5\" points=\"{}\"/>\n",
-            pts.join(" ")
-        );
-    }
-    for &(x, y) in &eval {
-        svg += &format!(
-            "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"4\" fill=\"#d62728\"/>\n",
-            px(x),
-            py(y)
-        );
-    }
-    svg += &format!(
-        "<text x=\"{}\" y=\"20\" fill=\"#1f77b4\">train loss</text><text x=\"{}\" y=\"20\" fill=\"#d62728\">eval loss</text>\n</svg>\n",
-        pad,
-        pad + 90.0
-    );
-    svg
 }

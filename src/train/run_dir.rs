@@ -16,12 +16,13 @@ use super::config::TrainConfig;
 use crate::error::{Error, Result};
 
 /// Files that mark a folder as holding a run.
-const RUN_FILES: [&str; 5] = [
+const RUN_FILES: [&str; 6] = [
     "metrics.jsonl",
     "checkpoints",
     "adapter_model.safetensors",
     "adapter_config.json",
     "loss_curve.svg",
+    "loss_curve.png",
 ];
 
 const LOCK_FILE: &str = ".qlora-rs.lock";

@@ -20,6 +20,7 @@ use super::checkpoint::{self, TrainState};
 use super::config::TrainConfig;
 use super::metrics::{self, Metrics, MetricsLog};
 use super::optimizer::{AdamW, AdamWConfig};
+use super::plot;
 use super::run_dir::RunDir;
 use super::schedule::Schedule;
 use crate::autograd::Losses;
@@ -656,7 +657,7 @@ impl Trainer {
         })
     }
 
-    /// The adapter, the loss curve and the configuration, into the output folder.
+    /// The adapter, the loss curves (SVG and PNG) and the configuration, into the output folder.
     fn write_outputs(&mut self) -> Result<()> {
         self.sync_from_device()?;
         let out = &self.config.output;
@@ -666,10 +667,7 @@ impl Trainer {
             Some(&self.config.model.display().to_string()),
         )?;
         let m = metrics::read(self.metrics.path())?;
-        adapters::write_atomic(
-            &out.join("loss_curve.svg"),
-            metrics::loss_curve_svg(&m).as_bytes(),
-        )?;
+        plot::write_loss_curves(out, &m)?;
         adapters::write_atomic(
             &out.join("training_config.toml"),
             self.config.to_toml().as_bytes(),
