@@ -131,16 +131,26 @@ fn gguf_dequantizes_every_type_bit_exact_with_gguf_py() {
         assert!(ours.iter().all(|v| v.is_finite()), "{}", t.name);
         types.insert(t.ggml_type.name());
     }
+    // Q5_0, Q5_1 and Q5_K are checked against ggml on llama.cpp's own bytes in gguf_quants.rs
+    // (quants.gguf's `dequant.*` tensors).
+    let quants = GgufFile::open(&fixture("quants.gguf")).unwrap();
+    for t in quants
+        .tensors
+        .iter()
+        .filter(|t| t.name.starts_with("dequant."))
+    {
+        types.insert(t.name["dequant.".len()..].to_string());
+    }
     let want: std::collections::BTreeSet<String> =
         GgmlType::SUPPORTED.iter().map(|t| t.name()).collect();
-    assert_eq!(types, want, "the fixture must cover every supported type");
+    assert_eq!(types, want, "the fixtures must cover every supported type");
 }
 
 #[test]
 fn gguf_dequantize_rejects_unsupported_types_and_wrong_sizes() {
     let mut out = vec![0.0f32; 256];
-    let e = gguf::dequantize(GgmlType(13), &[0u8; 176], &mut out).unwrap_err();
-    assert!(e.to_string().contains("Q5_K"), "{e}");
+    let e = gguf::dequantize(GgmlType(10), &[0u8; 84], &mut out).unwrap_err();
+    assert!(e.to_string().contains("Q2_K"), "{e}");
     let e = gguf::dequantize(GgmlType(200), &[0u8; 4], &mut out[..1]).unwrap_err();
     assert!(e.to_string().contains("200"), "{e}");
     let e = gguf::dequantize(GgmlType::Q8_0, &[0u8; 33], &mut out[..32]).unwrap_err();
@@ -344,12 +354,12 @@ fn gguf_import_rejects_other_architectures_naming_them() {
 
 #[test]
 fn gguf_import_rejects_unsupported_tensor_types_naming_tensor_and_type() {
-    let out = tmpdir("q5k");
-    let e = import_gguf(&fixture("bad-type-q5k.gguf"), &out)
+    let out = tmpdir("q2k");
+    let e = import_gguf(&fixture("bad-type-q2k.gguf"), &out)
         .unwrap_err()
         .to_string();
-    assert!(e.contains("bad-type-q5k.gguf"), "{e}");
-    assert!(e.contains("`blk.0.ffn_down.weight` has type Q5_K"), "{e}");
+    assert!(e.contains("bad-type-q2k.gguf"), "{e}");
+    assert!(e.contains("`blk.0.ffn_down.weight` has type Q2_K"), "{e}");
     assert!(!out.join("model.safetensors").exists());
 }
 

@@ -11,6 +11,7 @@ mod export;
 mod flash;
 mod gemm;
 mod gguf;
+mod gguf_quants;
 mod harness;
 mod kernels;
 mod llama;

@@ -25,11 +25,15 @@
 //! | Q8_0 | 32 / 34 | `d: f16, q: [i8; 32]` | `q[i]·d` |
 //! | Q4_0 | 32 / 18 | `d: f16, qs: [u8; 16]` | `(n_i − 8)·d` |
 //! | Q4_1 | 32 / 20 | `d: f16, m: f16, qs: [u8; 16]` | `n_i·d + m` |
+//! | Q5_0 | 32 / 22 | `d: f16, qh: [u8; 4], qs: [u8; 16]` | `(n_i − 16)·d` |
+//! | Q5_1 | 32 / 24 | `d: f16, m: f16, qh: [u8; 4], qs: [u8; 16]` | `n_i·d + m` |
 //! | Q4_K | 256 / 144 | `d: f16, dmin: f16, scales: [u8; 12], qs: [u8; 128]` | see below |
+//! | Q5_K | 256 / 176 | `d, dmin: f16, scales: [u8; 12], qh: [u8; 32], qs: [u8; 128]` | see below |
 //! | Q6_K | 256 / 210 | `ql: [u8; 128], qh: [u8; 64], scales: [i8; 16], d: f16` | see below |
 //!
 //! Q4_0 / Q4_1 nibbles: `n_i = qs[i] & 0xF` for `i < 16` (low nibbles hold elements 0..15) and
-//! `n_i = qs[i−16] >> 4` for `16 ≤ i < 32`.
+//! `n_i = qs[i−16] >> 4` for `16 ≤ i < 32`. Q5_0 / Q5_1 add a fifth bit from `qh` read as a
+//! little-endian u32 `h`: `n_i` gains `16·((h >> i) & 1)` (bit `i` belongs to element `i`).
 //!
 //! Q4_K: eight sub-blocks of 32 values, each with a 6-bit scale `sc_j` and a 6-bit min `m_j`
 //! packed in `scales`: for `j < 4`, `sc_j = s[j] & 63`, `m_j = s[j+4] & 63`; for `j ≥ 4`,
@@ -37,6 +41,9 @@
 //! The 256 values are four chunks of 64: chunk `c` reads `qs[32c .. 32c+32]`, its first 32 values
 //! are the low nibbles (sub-block `2c`), the next 32 the high nibbles (sub-block `2c+1`), and
 //! `x = (d·sc_j)·n − dmin·m_j`.
+//!
+//! Q5_K: Q4_K's scales, mins and nibbles plus a fifth bit: value `l` of sub-block `j` (`l < 32`)
+//! adds `16·((qh[l] >> j) & 1)` to its nibble before `x = (d·sc_j)·n − dmin·m_j`.
 //!
 //! Q6_K: sixteen sub-blocks of 16 values with int8 scales; two halves of 128 values, half `h`
 //! reading `ql[64h ..]`, `qh[32h ..]`, `scales[8h ..]`. For `l < 32` in a half, with `is = l/16`:
@@ -78,24 +85,33 @@ impl GgmlType {
     pub const Q4_0: GgmlType = GgmlType(2);
     /// 4-bit values with an f16 scale and an f16 min per block of 32.
     pub const Q4_1: GgmlType = GgmlType(3);
+    /// 5-bit values with one f16 scale per block of 32.
+    pub const Q5_0: GgmlType = GgmlType(6);
+    /// 5-bit values with an f16 scale and an f16 min per block of 32.
+    pub const Q5_1: GgmlType = GgmlType(7);
     /// 8-bit values with one f16 scale per block of 32.
     pub const Q8_0: GgmlType = GgmlType(8);
     /// 4-bit "k-quant": blocks of 256 in eight sub-blocks with 6-bit scales and mins.
     pub const Q4_K: GgmlType = GgmlType(12);
+    /// 5-bit "k-quant": Q4_K's layout plus one high bit per value.
+    pub const Q5_K: GgmlType = GgmlType(13);
     /// 6-bit "k-quant": blocks of 256 in sixteen sub-blocks with int8 scales.
     pub const Q6_K: GgmlType = GgmlType(14);
     /// bfloat16, one value per element.
     pub const BF16: GgmlType = GgmlType(30);
 
     /// The types [`dequantize`] converts.
-    pub const SUPPORTED: [GgmlType; 8] = [
+    pub const SUPPORTED: [GgmlType; 11] = [
         GgmlType::F32,
         GgmlType::F16,
         GgmlType::BF16,
         GgmlType::Q8_0,
         GgmlType::Q4_0,
         GgmlType::Q4_1,
+        GgmlType::Q5_0,
+        GgmlType::Q5_1,
         GgmlType::Q4_K,
+        GgmlType::Q5_K,
         GgmlType::Q6_K,
     ];
 
@@ -679,7 +695,7 @@ fn f16_at(b: &[u8], i: usize) -> f32 {
 }
 
 /// Q4_K's 6-bit scale and min of sub-block `j` (0..8) from the 12 packed bytes.
-fn q4k_scale_min(j: usize, s: &[u8]) -> (u8, u8) {
+pub(crate) fn q4k_scale_min(j: usize, s: &[u8]) -> (u8, u8) {
     if j < 4 {
         (s[j] & 63, s[j + 4] & 63)
     } else {
@@ -713,6 +729,53 @@ fn dequant_q4_1(b: &[u8], y: &mut [f32]) {
     for (j, &q) in b[4..20].iter().enumerate() {
         lo[j] = (q & 0xF) as f32 * d + m;
         hi[j] = (q >> 4) as f32 * d + m;
+    }
+}
+
+fn dequant_q5_0(b: &[u8], y: &mut [f32]) {
+    let d = f16_at(b, 0);
+    let h = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
+    let (lo, hi) = y.split_at_mut(16);
+    for (j, &q) in b[6..22].iter().enumerate() {
+        let n0 = (q & 0xF) as i32 | ((h >> j) << 4 & 0x10) as i32;
+        let n1 = (q >> 4) as i32 | (h >> (j + 12) & 0x10) as i32;
+        lo[j] = (n0 - 16) as f32 * d;
+        hi[j] = (n1 - 16) as f32 * d;
+    }
+}
+
+fn dequant_q5_1(b: &[u8], y: &mut [f32]) {
+    let d = f16_at(b, 0);
+    let m = f16_at(b, 2);
+    let h = u32::from_le_bytes([b[4], b[5], b[6], b[7]]);
+    let (lo, hi) = y.split_at_mut(16);
+    for (j, &q) in b[8..24].iter().enumerate() {
+        let n0 = (q & 0xF) as u32 | ((h >> j) << 4 & 0x10);
+        let n1 = (q >> 4) as u32 | (h >> (j + 12) & 0x10);
+        lo[j] = n0 as f32 * d + m;
+        hi[j] = n1 as f32 * d + m;
+    }
+}
+
+fn dequant_q5_k(b: &[u8], y: &mut [f32]) {
+    let d = f16_at(b, 0);
+    let dmin = f16_at(b, 2);
+    let scales = &b[4..16];
+    let qh = &b[16..48];
+    let qs = &b[48..176];
+    for c in 0..4 {
+        let (sc1, m1) = q4k_scale_min(2 * c, scales);
+        let (sc2, m2) = q4k_scale_min(2 * c + 1, scales);
+        let (d1, min1) = (d * sc1 as f32, dmin * m1 as f32);
+        let (d2, min2) = (d * sc2 as f32, dmin * m2 as f32);
+        let q = &qs[32 * c..32 * c + 32];
+        let out = &mut y[64 * c..64 * c + 64];
+        for l in 0..32 {
+            let h1 = (qh[l] >> (2 * c) & 1) << 4;
+            let h2 = (qh[l] >> (2 * c + 1) & 1) << 4;
+            out[l] = d1 * ((q[l] & 0xF) + h1) as f32 - min1;
+            out[l + 32] = d2 * ((q[l] >> 4) + h2) as f32 - min2;
+        }
     }
 }
 
@@ -791,7 +854,10 @@ pub fn dequantize(ty: GgmlType, bytes: &[u8], out: &mut [f32]) -> Result<()> {
         GgmlType::Q8_0 => blocks.for_each(|(b, y)| dequant_q8_0(b, y)),
         GgmlType::Q4_0 => blocks.for_each(|(b, y)| dequant_q4_0(b, y)),
         GgmlType::Q4_1 => blocks.for_each(|(b, y)| dequant_q4_1(b, y)),
+        GgmlType::Q5_0 => blocks.for_each(|(b, y)| dequant_q5_0(b, y)),
+        GgmlType::Q5_1 => blocks.for_each(|(b, y)| dequant_q5_1(b, y)),
         GgmlType::Q4_K => blocks.for_each(|(b, y)| dequant_q4_k(b, y)),
+        GgmlType::Q5_K => blocks.for_each(|(b, y)| dequant_q5_k(b, y)),
         GgmlType::Q6_K => blocks.for_each(|(b, y)| dequant_q6_k(b, y)),
         _ => unreachable!("is_supported covers every arm"),
     }

@@ -2,5 +2,6 @@
 //! checkpoints, and GGUF files.
 
 pub mod bnb;
+pub mod ggml_quants;
 pub mod gguf;
 pub mod nf4;
