@@ -480,6 +480,64 @@ fn qwen3_turns_are_trained_as_trl_trains_them_whatever_enable_thinking_says() {
 }
 
 #[test]
+fn single_turn_qwen3_trains_the_empty_think_block_with_enable_thinking_false() {
+    // The prefix rule holds for these records (parts.jsonl: single-turn; weight.jsonl: the one
+    // trained turn is the last), but with enable_thinking false Qwen3's generation prompt ends in
+    // the turn's own empty think block; TRL trains it, so the turn starts right after
+    // `<|im_start|>assistant\n` as it does without the kwarg.
+    let g = chat_golden();
+    let case = |file: &str, kw: &str| {
+        g["cases"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| {
+                c["template"] == "qwen3"
+                    && c["data"] == file
+                    && c["chat_template_kwargs"] == serde_json::from_str::<Value>(kw).unwrap()
+            })
+            .unwrap()
+            .clone()
+    };
+    let (off, unset) = (
+        case("parts.jsonl", r#"{"enable_thinking":false}"#),
+        case("parts.jsonl", "null"),
+    );
+    for (a, b) in off["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(unset["records"].as_array().unwrap())
+    {
+        assert_eq!((&a["ids"], &a["labels"]), (&b["ids"], &b["labels"]));
+    }
+    let t = chat_tok("qwen3");
+    for (file, record, want) in [
+        ("parts.jsonl", 0, "The capital of France is Paris."),
+        ("parts.jsonl", 1, "Leaves fall slowly."),
+        ("weight.jsonl", 0, "The capital of France is Paris."),
+    ] {
+        let c = case(file, r#"{"enable_thinking":false}"#);
+        assert_eq!(c["records"][record]["mask_rule"], "generation-tags");
+        let (seqs, _) = data::load_records(
+            &fixtures(&format!("chat/{file}")),
+            &t,
+            &opts(None, 4096),
+            &chat_options(&c),
+        )
+        .unwrap();
+        let s = qlora_rs::data::preview::highlight(&t, &seqs[record].1, false).unwrap();
+        assert!(
+            s.ends_with(&format!(
+                "<|im_start|>assistant\n[[<think>\n\n</think>\n\n{want}<|im_end|>\n]]"
+            )),
+            "{file} record {record}: {s}"
+        );
+    }
+    assert_eq!(check_chat_cases("weight.jsonl", Some("qwen3")), 1);
+}
+
+#[test]
 fn weight_zero_turns_are_not_trained() {
     assert_eq!(check_chat_cases("weight.jsonl", None), 4);
     // And without the weight, the same turn is trained.
@@ -1039,7 +1097,10 @@ fn chat_template_kwargs_the_template_never_reads_are_named_in_a_warning() {
         ]
     );
 
-    // ShareGPT records are rendered with the kwargs too: as the same messages are.
+    // ShareGPT records are rendered with the kwargs too: as the same messages are. (Qwen3's
+    // enable_thinking reaches only the generation prompt, and a turn is trained from its role
+    // header whatever the prompt holds, so a template that prints a kwarg into the
+    // conversation tells.)
     let sharegpt = write_lines(
         "kw_sharegpt",
         &[
@@ -1047,12 +1108,25 @@ fn chat_template_kwargs_the_template_never_reads_are_named_in_a_warning() {
         ],
     );
     let messages = write_lines("kw_messages", &chat);
-    let off = ChatOptions::parse(None, Some(r#"{"enable_thinking": false}"#)).unwrap();
-    let get =
-        |f: &Path, o: &ChatOptions| data::load_records(f, &t, &opts(None, 4096), o).unwrap().0;
-    assert_eq!(get(&sharegpt, &off), get(&messages, &off));
+    let mut noted = tok("llama/tiny-llama");
+    let text = std::fs::read_to_string(fixtures("chat/templates/qwen3.jinja")).unwrap();
+    noted.chat_template = Some(
+        ChatTemplate::new(
+            &format!("{{{{- note | default('') }}}}{text}"),
+            noted.bos_token.clone(),
+            noted.eos_token.clone(),
+        )
+        .unwrap(),
+    );
+    let note = ChatOptions::parse(None, Some(r#"{"note": "Be brief."}"#)).unwrap();
+    let get = |f: &Path, o: &ChatOptions| {
+        data::load_records(f, &noted, &opts(None, 4096), o)
+            .unwrap()
+            .0
+    };
+    assert_eq!(get(&sharegpt, &note), get(&messages, &note));
     assert_ne!(
-        get(&sharegpt, &off),
+        get(&sharegpt, &note),
         get(&sharegpt, &ChatOptions::default())
     );
 

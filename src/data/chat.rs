@@ -14,12 +14,13 @@
 //! end of every message's text (or its last tool call's name), the conversation is rendered once
 //! with them, and — after checking that taking them out gives the full rendering exactly — a
 //! turn starts where the text after the previous message's mark stops agreeing with `P`, and
-//! ends where the text after its own mark stops agreeing with `Q`. Where `P` reaches past the
-//! role header into the turn (Qwen3's generation prompt with `enable_thinking: false` ends in an
-//! empty think block; a turn starting `<tool_call>` shares its `<t` by chance), the turn starts
-//! right after the header, which is found by rendering a plain assistant message in its place:
-//! the think block a turn shows, empty or not, is trained, as TRL's generation markers for Qwen3
-//! train it. A turn that cannot be located either way is an error naming the message.
+//! ends where the text after its own mark stops agreeing with `Q`. On either path, where `P`
+//! reaches past the role header into the turn (Qwen3's generation prompt with `enable_thinking:
+//! false` ends in an empty think block, which a single-turn record's rendering shares; a turn
+//! starting `<tool_call>` shares its `<t` by chance), the turn starts right after the header,
+//! which is found by rendering a plain assistant message in its place: the think block a turn
+//! shows, empty or not, is trained, as TRL's generation markers for Qwen3 train it. A turn that
+//! cannot be located either way is an error naming the message.
 
 use std::collections::{BTreeSet, HashSet};
 use std::sync::{Arc, Mutex};
@@ -701,7 +702,12 @@ impl ChatTemplate {
             if !upto.starts_with(&prefix) || !full.starts_with(&upto) {
                 return Ok(None);
             }
-            spans.push((prefix.len(), upto.len()));
+            // Qwen3's generation prompt with `enable_thinking: false` holds the turn's empty
+            // think block too: the turn starts right after its role header all the same.
+            let start = self
+                .opening(input, i, full, |t| Some(t.to_string()))
+                .map_or(prefix.len(), |o| o.min(prefix.len()));
+            spans.push((start, upto.len()));
         }
         Ok(Some(spans))
     }
@@ -758,7 +764,7 @@ impl ChatTemplate {
             let prompted = common_prefix(&tail, rest);
             let start = anchor
                 + self
-                    .opening(&marked, i, p, rest)
+                    .opening(&marked, i, rest, |t| after(t, p))
                     .map_or(prompted, |o| o.min(prompted));
             let upto = self.render_input(&marked.first(i + 1), false)?;
             let (from, tail) = match pos[i] {
@@ -777,21 +783,31 @@ impl ChatTemplate {
         Ok(spans)
     }
 
-    /// How far into `rest` (the full rendering after mark `p`) the opening of assistant turn `i`
-    /// reaches: the role header that the template writes for a plain assistant message at this
-    /// point (`{role: assistant, content: PLAIN}`, then a user message). `None` where these
-    /// renderings fail or lose the mark, or where that rendering parts from the real one no
-    /// further than the conversation before the turn reaches (the previous message's end).
+    /// How far into `rest` (the full rendering from where the conversation before turn `i` is
+    /// compared: after mark `p` on the located path, from the start on the prefix path) the
+    /// opening of assistant turn `i` reaches: the role header that the template writes for a
+    /// plain assistant message at this point (`{role: assistant, content: PLAIN}`, then a user
+    /// message). `cut` takes a rendering of `input` to the text compared with `rest` (after mark
+    /// `p`, marks taken out; or all of it). `None` where these renderings fail or lose the mark,
+    /// or where that rendering parts from the real one no further than the conversation before
+    /// the turn reaches (the previous message's end).
     ///
     /// The generation prompt alone can reach past the header into the turn: with
     /// `enable_thinking: false`, Qwen3's ends in an empty think block, all of which a last turn
-    /// without reasoning shares (it is rendered with an empty think block of its own), `<think>\n`
-    /// of which a turn with reasoning shares, and `<t` of which a turn that starts `<tool_call>`
-    /// shares by chance. TRL's generation markers for Qwen3 train everything after the header, so
-    /// the turn starts there.
-    fn opening(&self, marked: &ChatInput, i: usize, p: Option<usize>, rest: &str) -> Option<usize> {
-        let before = self.render_input(&marked.first(i), false).ok()?;
-        let floor = common_prefix(&after(&before, p)?, rest);
+    /// without reasoning shares (it is rendered with an empty think block of its own; on the
+    /// prefix path too, e.g. a single-turn record), `<think>\n` of which a turn with reasoning
+    /// shares, and `<t` of which a turn that starts `<tool_call>` shares by chance. TRL's
+    /// generation markers for Qwen3 train everything after the header, so the turn starts there.
+    /// Where the generation prompt is the header (ChatML, Llama 3.x, Qwen2.5), nothing changes.
+    fn opening(
+        &self,
+        input: &ChatInput,
+        i: usize,
+        rest: &str,
+        cut: impl Fn(&str) -> Option<String>,
+    ) -> Option<usize> {
+        let before = self.render_input(&input.first(i), false).ok()?;
+        let floor = common_prefix(&cut(&before)?, rest);
         let message = |role: &str| -> Value {
             [
                 ("role", Value::from(role)),
@@ -800,13 +816,13 @@ impl ChatTemplate {
             .into_iter()
             .collect()
         };
-        let mut probe = marked.first(i);
+        let mut probe = input.first(i);
         // Its own log: the probe's messages are not the record's.
         probe.reads = ReadLog::default();
         probe.messages.push(message("assistant"));
         probe.messages.push(message("user"));
         let text = self.render_input(&probe, false).ok()?;
-        let header = common_prefix(&after(&text, p)?, rest);
+        let header = common_prefix(&cut(&text)?, rest);
         // A probe that parts from the real text before the turn's place tells nothing of it.
         (header > floor).then_some(header)
     }
