@@ -415,15 +415,126 @@ fn conversational_prompt_completion_trains_the_completion_like_trl() {
 fn tool_calls_and_tool_results_render_like_transformers() {
     // Per-record tools (a list, or a JSON string of one), --tools for the record without,
     // content null beside tool_calls, arguments as an object and as a JSON string; Qwen2.5,
-    // Qwen3, Llama 3.1 and 3.2 (tools in the first user message).
-    assert_eq!(check_chat_cases("tools.jsonl", None), 4);
+    // Qwen3 (also with enable_thinking false), Llama 3.1 and 3.2 (tools in the first user
+    // message).
+    assert_eq!(check_chat_cases("tools.jsonl", None), 5);
 }
 
 #[test]
 fn reasoning_renders_like_transformers_and_qwen3_turns_are_located() {
     // reasoning_content, <think> in content, `reasoning` aliased, multi-turn Qwen3 (earlier
-    // reasoning dropped: the prefix rule fails and each turn is located in the one rendering).
-    assert_eq!(check_chat_cases("reasoning.jsonl", None), 1);
+    // reasoning dropped: the prefix rule fails and each turn is located in the one rendering);
+    // enable_thinking unset, false and true.
+    assert_eq!(check_chat_cases("reasoning.jsonl", None), 3);
+}
+
+#[test]
+fn qwen3_turns_are_trained_as_trl_trains_them_whatever_enable_thinking_says() {
+    // Multi-turn Qwen3 (turns.jsonl: no reasoning, reasoning in the last turn only, in an earlier
+    // turn only, a tool call with reasoning and <think> in content), with enable_thinking unset,
+    // false and true. The references are TRL's assistant-only masks (generation markers after
+    // the role header, checked by make_chat_fixtures.py against the training template that
+    // SFTTrainer swaps in): the think block of a turn that shows one is trained, empty or not,
+    // also where enable_thinking false puts `<think>\n\n</think>\n\n` into the generation prompt.
+    assert_eq!(check_chat_cases("turns.jsonl", Some("qwen3")), 3);
+    let g = chat_golden();
+    let case = |kw: &str| {
+        g["cases"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| {
+                c["template"] == "qwen3"
+                    && c["data"] == "turns.jsonl"
+                    && c["chat_template_kwargs"] == serde_json::from_str::<Value>(kw).unwrap()
+            })
+            .unwrap()
+            .clone()
+    };
+    let (off, unset) = (case(r#"{"enable_thinking":false}"#), case("null"));
+    // The same renderings and masks with the kwarg as without (the messages' renderings do not
+    // read it; only the generation prompt does).
+    assert_eq!(off["records"], unset["records"]);
+    // Each turn's trained text starts right after `<|im_start|>assistant\n`.
+    let t = chat_tok("qwen3");
+    let (seqs, _) = data::load_records(
+        &fixtures("chat/turns.jsonl"),
+        &t,
+        &opts(None, 4096),
+        &chat_options(&off),
+    )
+    .unwrap();
+    let s = qlora_rs::data::preview::highlight(&t, &seqs[1].1, false).unwrap();
+    assert!(
+        s.ends_with(
+            "<|im_start|>assistant\n[[<think>\nThree and three make six.\n</think>\n\n6<|im_end|>\n]]"
+        ),
+        "{s}"
+    );
+    let s = qlora_rs::data::preview::highlight(&t, &seqs[0].1, false).unwrap();
+    assert!(
+        s.contains("<|im_start|>assistant\n[[Hello! How can I help?<|im_end|>\n]]")
+            && s.ends_with("<|im_start|>assistant\n[[<think>\n\n</think>\n\n7<|im_end|>\n]]"),
+        "{s}"
+    );
+}
+
+#[test]
+fn single_turn_qwen3_trains_the_empty_think_block_with_enable_thinking_false() {
+    // The prefix rule holds for these records (parts.jsonl: single-turn; weight.jsonl: the one
+    // trained turn is the last), but with enable_thinking false Qwen3's generation prompt ends in
+    // the turn's own empty think block; TRL trains it, so the turn starts right after
+    // `<|im_start|>assistant\n` as it does without the kwarg.
+    let g = chat_golden();
+    let case = |file: &str, kw: &str| {
+        g["cases"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| {
+                c["template"] == "qwen3"
+                    && c["data"] == file
+                    && c["chat_template_kwargs"] == serde_json::from_str::<Value>(kw).unwrap()
+            })
+            .unwrap()
+            .clone()
+    };
+    let (off, unset) = (
+        case("parts.jsonl", r#"{"enable_thinking":false}"#),
+        case("parts.jsonl", "null"),
+    );
+    for (a, b) in off["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(unset["records"].as_array().unwrap())
+    {
+        assert_eq!((&a["ids"], &a["labels"]), (&b["ids"], &b["labels"]));
+    }
+    let t = chat_tok("qwen3");
+    for (file, record, want) in [
+        ("parts.jsonl", 0, "The capital of France is Paris."),
+        ("parts.jsonl", 1, "Leaves fall slowly."),
+        ("weight.jsonl", 0, "The capital of France is Paris."),
+    ] {
+        let c = case(file, r#"{"enable_thinking":false}"#);
+        assert_eq!(c["records"][record]["mask_rule"], "generation-tags");
+        let (seqs, _) = data::load_records(
+            &fixtures(&format!("chat/{file}")),
+            &t,
+            &opts(None, 4096),
+            &chat_options(&c),
+        )
+        .unwrap();
+        let s = qlora_rs::data::preview::highlight(&t, &seqs[record].1, false).unwrap();
+        assert!(
+            s.ends_with(&format!(
+                "<|im_start|>assistant\n[[<think>\n\n</think>\n\n{want}<|im_end|>\n]]"
+            )),
+            "{file} record {record}: {s}"
+        );
+    }
+    assert_eq!(check_chat_cases("weight.jsonl", Some("qwen3")), 1);
 }
 
 #[test]
@@ -623,8 +734,12 @@ fn bad_chat_records_name_the_file_line_and_message() {
 
 /// A model folder with the tiny tokenizer and one of the real templates (no weights).
 fn model_dir(template: &str) -> PathBuf {
-    let dir =
-        std::env::temp_dir().join(format!("qlora-data-cli-{}-{template}", std::process::id()));
+    model_dir_named(template, template)
+}
+
+/// [`model_dir`] in a folder of its own (`name`), for tests that run beside others.
+fn model_dir_named(template: &str, name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("qlora-data-cli-{}-{name}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::copy(
         fixtures("llama/tiny-llama/tokenizer.json"),
@@ -829,6 +944,231 @@ fn unused_keys_are_counted_and_named_in_the_summary() {
 }
 
 #[test]
+fn tool_call_keys_the_template_never_reads_are_counted_and_named() {
+    // Qwen2.5's template reads a call's `function` (or the call itself), its `name` and
+    // `arguments`; not the OpenAI `id` and `type`, nor a stray key beside them.
+    let t = chat_tok("qwen2_5");
+    let tools = r#""tools": [{"type": "function", "function": {"name": "w"}}]"#;
+    let lines = [
+        format!(
+            r#"{{{tools}, "messages": [{{"role": "user", "content": "Weather in Paris and Rome?"}}, {{"role": "assistant", "content": null, "tool_calls": [{{"id": "call_1", "type": "function", "function": {{"name": "w", "arguments": {{"city": "Paris"}}, "strict": true}}}}, {{"id": "call_2", "type": "function", "function": {{"name": "w", "arguments": "{{\"city\": \"Rome\"}}", "description": null}}}}]}}, {{"role": "tool", "content": "sunny"}}, {{"role": "tool", "content": "rainy"}}, {{"role": "assistant", "content": "Sunny, and rainy."}}]}}"#
+        ),
+        // The flat layout, {name, arguments}.
+        format!(
+            r#"{{{tools}, "messages": [{{"role": "user", "content": "Weather?"}}, {{"role": "assistant", "tool_calls": [{{"name": "w", "arguments": {{}}, "index": 0}}]}}, {{"role": "tool", "content": "sunny"}}, {{"role": "assistant", "content": "Sunny."}}]}}"#
+        ),
+    ];
+    let lines: Vec<&str> = lines.iter().map(String::as_str).collect();
+    let (seqs, stats) = load_with(&t, "call_keys", &lines, false).unwrap();
+    assert_eq!(seqs.len(), 2);
+    let unused: Vec<(&str, usize)> = stats.unused.iter().map(|(k, &n)| (k.as_str(), n)).collect();
+    assert_eq!(
+        unused,
+        [
+            ("messages[].tool_calls[].function.strict", 1),
+            ("messages[].tool_calls[].id", 2),
+            ("messages[].tool_calls[].index", 1),
+            ("messages[].tool_calls[].type", 2),
+        ],
+        "one count per tool call; null values are absent keys"
+    );
+    let s =
+        qlora_rs::data::preview::summary(Path::new("call_keys.jsonl"), &opts(None, 4096), &stats);
+    assert!(
+        s.contains(
+            "ignored: 2 × messages[].tool_calls[].id, 2 × messages[].tool_calls[].type, 1 × \
+             messages[].tool_calls[].function.strict, 1 × messages[].tool_calls[].index"
+        ),
+        "{s}"
+    );
+
+    // A template that prints whole calls reads all their keys.
+    let with = |source: &str| {
+        let mut t = tok("llama/tiny-llama");
+        t.chat_template =
+            Some(ChatTemplate::new(source, t.bos_token.clone(), t.eos_token.clone()).unwrap());
+        t
+    };
+    let whole = with(
+        "{{ tools | tojson }}\n{% for m in messages %}{{ m.role }}: {{ m.content }}{% if m.tool_calls %}{{ m.tool_calls | tojson }}{% endif %}\n{% endfor %}",
+    );
+    let (_, stats) = load_with(&whole, "call_keys_json", &lines[..1], false).unwrap();
+    assert!(
+        !stats.unused.keys().any(|k| k.contains("tool_calls")),
+        "{:?}",
+        stats.unused
+    );
+
+    // One that prints a call's name but not its arguments would train the turn without them:
+    // refused for a trained turn, counted for a turn left out of the loss.
+    let names = with(
+        "{% for m in messages %}{{ m.role }}: {{ m.content }}{% for c in m.tool_calls %}{{ c.function.name }}{% endfor %}\n{% endfor %}",
+    );
+    let call = r#"{"role": "assistant", "tool_calls": [{"function": {"name": "w", "arguments": {"city": "Oslo"}}}]"#;
+    let trained = format!(
+        r#"{{"messages": [{{"role": "user", "content": "Weather?"}}, {call}}}, {{"role": "tool", "content": "cold"}}, {{"role": "assistant", "content": "Cold."}}]}}"#
+    );
+    let err = load_with(&names, "call_args", &[&trained], false)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains(
+            "record 0 (line 1): message 1 is trained on, but the chat template never \
+             reads its `tool_calls[].function.arguments`"
+        ),
+        "{err}"
+    );
+    let untrained = trained.replace(
+        r#"]}, {"role": "tool""#,
+        r#"], "weight": 0}, {"role": "tool""#,
+    );
+    assert_ne!(untrained, trained);
+    let (_, stats) = load_with(&names, "call_args", &[&untrained], false).unwrap();
+    assert_eq!(
+        stats
+            .unused
+            .get("messages[].tool_calls[].function.arguments"),
+        Some(&1),
+        "{:?}",
+        stats.unused
+    );
+}
+
+/// `qlora-rs data` on `file` with the model folder `model` and `extra` flags; its output.
+fn cli_data(model: &Path, file: &Path, extra: &[&str]) -> String {
+    let mut args = vec![
+        "data",
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        file.to_str().unwrap(),
+        "--show",
+        "0",
+    ];
+    args.extend_from_slice(extra);
+    crate::common::qlora_ok(&args)
+}
+
+#[test]
+fn chat_template_kwargs_the_template_never_reads_are_named_in_a_warning() {
+    let t = chat_tok("qwen3");
+    let load = |file: &str, lines: &[&str], kwargs: &str| {
+        let f = write_lines(file, lines);
+        let chat = ChatOptions::parse(None, Some(kwargs)).unwrap();
+        let r = data::load_records(&f, &t, &opts(None, 4096), &chat).unwrap();
+        std::fs::remove_dir_all(f.parent().unwrap()).unwrap();
+        r
+    };
+    let chat = [
+        r#"{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}"#,
+    ];
+    let (_, stats) = load(
+        "typo",
+        &chat,
+        r#"{"enable_thinkng": false, "enable_thinking": false}"#,
+    );
+    assert_eq!(
+        stats.warnings,
+        [
+            "chat_template_kwargs.enable_thinkng: the chat template never reads it, so it changes \
+          nothing (did you mean `enable_thinking`?)"
+        ]
+    );
+    let s = qlora_rs::data::preview::summary(Path::new("typo.jsonl"), &opts(None, 4096), &stats);
+    assert!(
+        s.contains(
+            "\nwarning: chat_template_kwargs.enable_thinkng: the chat template never reads it"
+        ),
+        "{s}"
+    );
+    let (_, stats) = load("right", &chat, r#"{"enable_thinking": false}"#);
+    assert!(stats.warnings.is_empty(), "{:?}", stats.warnings);
+    // Kwargs, right or wrong, with records that no template renders.
+    let (_, stats) = load(
+        "text",
+        &[r#"{"text": "Hello."}"#],
+        r#"{"enable_thinking": false}"#,
+    );
+    assert_eq!(
+        stats.warnings,
+        [
+            "chat_template_kwargs: no record is rendered with the chat template, so they change \
+          nothing"
+        ]
+    );
+
+    // ShareGPT records are rendered with the kwargs too: as the same messages are. (Qwen3's
+    // enable_thinking reaches only the generation prompt, and a turn is trained from its role
+    // header whatever the prompt holds, so a template that prints a kwarg into the
+    // conversation tells.)
+    let sharegpt = write_lines(
+        "kw_sharegpt",
+        &[
+            r#"{"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello."}]}"#,
+        ],
+    );
+    let messages = write_lines("kw_messages", &chat);
+    let mut noted = tok("llama/tiny-llama");
+    let text = std::fs::read_to_string(fixtures("chat/templates/qwen3.jinja")).unwrap();
+    noted.chat_template = Some(
+        ChatTemplate::new(
+            &format!("{{{{- note | default('') }}}}{text}"),
+            noted.bos_token.clone(),
+            noted.eos_token.clone(),
+        )
+        .unwrap(),
+    );
+    let note = ChatOptions::parse(None, Some(r#"{"note": "Be brief."}"#)).unwrap();
+    let get = |f: &Path, o: &ChatOptions| {
+        data::load_records(f, &noted, &opts(None, 4096), o)
+            .unwrap()
+            .0
+    };
+    assert_eq!(get(&sharegpt, &note), get(&messages, &note));
+    assert_ne!(
+        get(&sharegpt, &note),
+        get(&sharegpt, &ChatOptions::default())
+    );
+
+    // On the command line, and as the config's key.
+    let model = model_dir_named("qwen3", "kwargs-warning");
+    let out = cli_data(
+        &model,
+        &messages,
+        &["--chat-template-kwargs", r#"{"enable_thinkng": false}"#],
+    );
+    assert!(
+        out.contains(
+            "warning: chat_template_kwargs.enable_thinkng: the chat template never reads \
+             it, so it changes nothing (did you mean `enable_thinking`?)\n"
+        ),
+        "{out}"
+    );
+    let cfg = messages.with_file_name("run.toml");
+    std::fs::write(
+        &cfg,
+        "chat_template_kwargs = '{\"enable_thinkng\": false}'\n",
+    )
+    .unwrap();
+    let out = cli_data(&model, &messages, &["--config", cfg.to_str().unwrap()]);
+    assert!(
+        out.contains(
+            "warning: chat_template_kwargs.enable_thinkng: the chat template never reads it"
+        ),
+        "{out}"
+    );
+    let out = cli_data(
+        &model,
+        &messages,
+        &["--chat-template-kwargs", r#"{"enable_thinking": false}"#],
+    );
+    assert!(!out.contains("warning"), "{out}");
+    for f in [&sharegpt, &messages, &model] {
+        let _ = std::fs::remove_dir_all(if f.is_dir() { f } else { f.parent().unwrap() });
+    }
+}
+
+#[test]
 fn keys_that_would_change_what_is_trained_are_refused() {
     let ok = r#"{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}"#;
     let call = r#"[{"function": {"name": "w", "arguments": {}}}]"#;
@@ -902,6 +1242,12 @@ fn keys_that_would_change_what_is_trained_are_refused() {
     assert_eq!(stats.unused.get("record key `system`"), Some(&1));
     assert_eq!(stats.unused.get("record key `weight`"), Some(&1));
     assert_eq!(stats.unused.get("messages[].tool_calls"), Some(&1));
+    // Said once, for the list: not again for the keys of its calls.
+    assert!(
+        !stats.unused.keys().any(|k| k.contains("tool_calls[]")),
+        "{:?}",
+        stats.unused
+    );
 }
 
 #[test]

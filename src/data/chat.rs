@@ -14,8 +14,13 @@
 //! end of every message's text (or its last tool call's name), the conversation is rendered once
 //! with them, and — after checking that taking them out gives the full rendering exactly — a
 //! turn starts where the text after the previous message's mark stops agreeing with `P`, and
-//! ends where the text after its own mark stops agreeing with `Q`. A turn that cannot be located
-//! either way is an error naming the message.
+//! ends where the text after its own mark stops agreeing with `Q`. On either path, where `P`
+//! reaches past the role header into the turn (Qwen3's generation prompt with `enable_thinking:
+//! false` ends in an empty think block, which a single-turn record's rendering shares; a turn
+//! starting `<tool_call>` shares its `<t` by chance), the turn starts right after the header,
+//! which is found by rendering a plain assistant message in its place: the think block a turn
+//! shows, empty or not, is trained, as TRL's generation markers for Qwen3 train it. A turn that
+//! cannot be located either way is an error naming the message.
 
 use std::collections::{BTreeSet, HashSet};
 use std::sync::{Arc, Mutex};
@@ -220,7 +225,8 @@ impl ReadLog {
     }
 
     /// The keys of message `i` that some rendering has read (looked up, tested for, or
-    /// iterated over, as `tojson` and `items()` do).
+    /// iterated over, as `tojson` and `items()` do); those of its tool calls as
+    /// `tool_calls[].id` and `tool_calls[].function.name`.
     pub fn read(&self, i: usize) -> BTreeSet<String> {
         self.0
             .lock()
@@ -232,13 +238,34 @@ impl ReadLog {
 
 /// A message as the template sees it: a map that notes in its log every key the template looks
 /// up (`message.name`, `message['name']`, `'name' in message`, `message.get('name')`), or all of
-/// them when it iterates the message.
+/// them when it iterates the message. Its tool calls, and their `function`, are tracked the same
+/// way, their keys noted as `tool_calls[].id` and `tool_calls[].function.name`.
 #[derive(Debug)]
 struct Tracked {
     inner: Value,
     keys: Vec<Value>,
     index: usize,
+    /// What the keys are noted under: "" for the message, `tool_calls[].` for a tool call,
+    /// `tool_calls[].function.` for its function.
+    prefix: &'static str,
     log: ReadLog,
+}
+
+impl Tracked {
+    /// `v` tracked under `prefix` when it is a map, else as it is.
+    fn wrap(v: Value, index: usize, prefix: &'static str, log: &ReadLog) -> Value {
+        if v.kind() != minijinja::value::ValueKind::Map {
+            return v;
+        }
+        let keys: Vec<Value> = v.try_iter().map(|it| it.collect()).unwrap_or_default();
+        Value::from_object(Tracked {
+            inner: v,
+            keys,
+            index,
+            prefix,
+            log: log.clone(),
+        })
+    }
 }
 
 impl Object for Tracked {
@@ -247,10 +274,30 @@ impl Object for Tracked {
     }
 
     fn get_value(self: &Arc<Self>, key: &Value) -> Option<Value> {
-        if let Some(k) = key.as_str() {
-            self.log.note(self.index, [k.to_string()]);
+        let k = key.as_str();
+        if let Some(k) = k {
+            self.log.note(self.index, [format!("{}{k}", self.prefix)]);
         }
-        self.inner.get_item(key).ok().filter(|v| !v.is_undefined())
+        let v = self
+            .inner
+            .get_item(key)
+            .ok()
+            .filter(|v| !v.is_undefined())?;
+        let wrap = |v, prefix| Tracked::wrap(v, self.index, prefix, &self.log);
+        Some(match (self.prefix, k) {
+            ("", Some("tool_calls")) if v.kind() == minijinja::value::ValueKind::Seq => {
+                match v.try_iter() {
+                    Ok(calls) => Value::from(
+                        calls
+                            .map(|c| wrap(c, "tool_calls[]."))
+                            .collect::<Vec<Value>>(),
+                    ),
+                    Err(_) => v,
+                }
+            }
+            ("tool_calls[].", Some("function")) => wrap(v, "tool_calls[].function."),
+            _ => v,
+        })
     }
 
     fn enumerate(self: &Arc<Self>) -> Enumerator {
@@ -258,7 +305,7 @@ impl Object for Tracked {
             self.index,
             self.keys
                 .iter()
-                .filter_map(|k| k.as_str().map(str::to_string)),
+                .filter_map(|k| k.as_str().map(|k| format!("{}{k}", self.prefix))),
         );
         Enumerator::Values(self.keys.clone())
     }
@@ -309,18 +356,7 @@ impl ChatInput {
         self.messages
             .iter()
             .enumerate()
-            .map(|(index, m)| {
-                if m.kind() != minijinja::value::ValueKind::Map {
-                    return m.clone();
-                }
-                let keys: Vec<Value> = m.try_iter().map(|it| it.collect()).unwrap_or_default();
-                Value::from_object(Tracked {
-                    inner: m.clone(),
-                    keys,
-                    index,
-                    log: self.reads.clone(),
-                })
-            })
+            .map(|(index, m)| Tracked::wrap(m.clone(), index, "", &self.reads))
             .collect()
     }
 }
@@ -562,6 +598,14 @@ impl ChatTemplate {
         self.variables.contains(name)
     }
 
+    /// The names the template reads from its context, sorted (`messages`, `tools`, its own
+    /// kwargs such as `enable_thinking`, the helpers it calls).
+    pub fn variables(&self) -> impl Iterator<Item = &str> {
+        let mut names: Vec<&str> = self.variables.iter().map(String::as_str).collect();
+        names.sort_unstable();
+        names.into_iter()
+    }
+
     /// Makes `strftime_now` answer `t` instead of the current time (`None`: the clock again),
     /// for reproducible renderings.
     pub fn set_time(&self, t: Option<LocalTime>) {
@@ -658,7 +702,12 @@ impl ChatTemplate {
             if !upto.starts_with(&prefix) || !full.starts_with(&upto) {
                 return Ok(None);
             }
-            spans.push((prefix.len(), upto.len()));
+            // Qwen3's generation prompt with `enable_thinking: false` holds the turn's empty
+            // think block too: the turn starts right after its role header all the same.
+            let start = self
+                .opening(input, i, full, |t| Some(t.to_string()))
+                .map_or(prefix.len(), |o| o.min(prefix.len()));
+            spans.push((start, upto.len()));
         }
         Ok(Some(spans))
     }
@@ -677,11 +726,11 @@ impl ChatTemplate {
                  --train-on-prompt to train on everything"
             ))
         };
-        if full.chars().any(is_mark) || n >= MARK_COUNT {
+        if full.chars().any(|c| is_mark(c) || c == PLAIN) || n >= MARK_COUNT {
             let first = (0..n).find(|&i| trained[i]).unwrap_or(0);
             return Err(fail(
                 first,
-                "the text holds private-use characters of the plane qlora-rs marks turns with",
+                "the text holds private-use characters of the planes qlora-rs marks turns with",
             ));
         }
         let marked_msgs: Vec<Value> = input
@@ -704,39 +753,26 @@ impl ChatTemplate {
                 "the template changes a message's text in a way that the marks disturb",
             ));
         }
-        let lcp = |a: &str, b: &str| {
-            let mut l = a.bytes().zip(b.bytes()).take_while(|(x, y)| x == y).count();
-            while !a.is_char_boundary(l) {
-                l -= 1;
-            }
-            l
-        };
-        // The text after mark `k` of a rendering (all of it when k is None), marks taken out.
-        let after = |text: &str, k: Option<usize>| -> Option<String> {
-            match k {
-                None => Some(unmark(text).0),
-                Some(k) => {
-                    let c = mark(k);
-                    let at = text.find(c)?;
-                    Some(unmark(&text[at + c.len_utf8()..]).0)
-                }
-            }
-        };
         let mut spans = Vec::new();
         let mut prev_end = 0;
         for i in (0..n).filter(|&i| trained[i]) {
             let p = (0..i).rev().find(|&k| pos[k].is_some());
             let anchor = p.map_or(0, |k| pos[k].expect("found"));
+            let rest = &full[anchor..];
             let prompt = self.render_input(&marked.first(i), true)?;
             let tail = after(&prompt, p).ok_or_else(|| fail(i, "its prompt lost a mark"))?;
-            let start = anchor + lcp(&tail, &full[anchor..]);
+            let prompted = common_prefix(&tail, rest);
+            let start = anchor
+                + self
+                    .opening(&marked, i, rest, |t| after(t, p))
+                    .map_or(prompted, |o| o.min(prompted));
             let upto = self.render_input(&marked.first(i + 1), false)?;
             let (from, tail) = match pos[i] {
                 Some(b) => (b, after(&upto, Some(i))),
                 None => (anchor, after(&upto, p)),
             };
             let tail = tail.ok_or_else(|| fail(i, "its rendering lost a mark"))?;
-            let end = from + lcp(&tail, &full[from..]);
+            let end = from + common_prefix(&tail, &full[from..]);
             let next = (i + 1..n).find_map(|k| pos[k]).unwrap_or(full.len());
             if start < prev_end || end <= start || end > next {
                 return Err(fail(i, "its start and end do not enclose a turn"));
@@ -746,7 +782,78 @@ impl ChatTemplate {
         }
         Ok(spans)
     }
+
+    /// How far into `rest` (the full rendering from where the conversation before turn `i` is
+    /// compared: after mark `p` on the located path, from the start on the prefix path) the
+    /// opening of assistant turn `i` reaches: the role header that the template writes for a
+    /// plain assistant message at this point (`{role: assistant, content: PLAIN}`, then a user
+    /// message). `cut` takes a rendering of `input` to the text compared with `rest` (after mark
+    /// `p`, marks taken out; or all of it). `None` where these renderings fail or lose the mark,
+    /// or where that rendering parts from the real one no further than the conversation before
+    /// the turn reaches (the previous message's end).
+    ///
+    /// The generation prompt alone can reach past the header into the turn: with
+    /// `enable_thinking: false`, Qwen3's ends in an empty think block, all of which a last turn
+    /// without reasoning shares (it is rendered with an empty think block of its own; on the
+    /// prefix path too, e.g. a single-turn record), `<think>\n` of which a turn with reasoning
+    /// shares, and `<t` of which a turn that starts `<tool_call>` shares by chance. TRL's
+    /// generation markers for Qwen3 train everything after the header, so the turn starts there.
+    /// Where the generation prompt is the header (ChatML, Llama 3.x, Qwen2.5), nothing changes.
+    fn opening(
+        &self,
+        input: &ChatInput,
+        i: usize,
+        rest: &str,
+        cut: impl Fn(&str) -> Option<String>,
+    ) -> Option<usize> {
+        let before = self.render_input(&input.first(i), false).ok()?;
+        let floor = common_prefix(&cut(&before)?, rest);
+        let message = |role: &str| -> Value {
+            [
+                ("role", Value::from(role)),
+                ("content", Value::from(PLAIN.to_string())),
+            ]
+            .into_iter()
+            .collect()
+        };
+        let mut probe = input.first(i);
+        // Its own log: the probe's messages are not the record's.
+        probe.reads = ReadLog::default();
+        probe.messages.push(message("assistant"));
+        probe.messages.push(message("user"));
+        let text = self.render_input(&probe, false).ok()?;
+        let header = common_prefix(&cut(&text)?, rest);
+        // A probe that parts from the real text before the turn's place tells nothing of it.
+        (header > floor).then_some(header)
+    }
 }
+
+/// The length in bytes of the longest common prefix of `a` and `b`, on a character boundary.
+fn common_prefix(a: &str, b: &str) -> usize {
+    let mut l = a.bytes().zip(b.bytes()).take_while(|(x, y)| x == y).count();
+    while !a.is_char_boundary(l) {
+        l -= 1;
+    }
+    l
+}
+
+/// The text after mark `k` of a rendering (all of it when k is None), marks taken out; `None`
+/// when the mark is not there.
+fn after(text: &str, k: Option<usize>) -> Option<String> {
+    match k {
+        None => Some(unmark(text).0),
+        Some(k) => {
+            let c = mark(k);
+            let at = text.find(c)?;
+            Some(unmark(&text[at + c.len_utf8()..]).0)
+        }
+    }
+}
+
+/// The text of the plain messages that [`ChatTemplate::opening`] renders: a private-use character
+/// of plane 16, never in real text (records holding one are refused where it is used), and no
+/// mark, so it stays in the probe's rendering and ends every agreement with the real text.
+const PLAIN: char = '\u{100000}';
 
 /// Marks: one private-use character per message (plane 15), never in real text.
 const MARK_BASE: u32 = 0xF0000;

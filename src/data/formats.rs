@@ -23,13 +23,16 @@
 //!
 //! Nothing is dropped without a word: a record key that the format does not read (`id`,
 //! `source`, …), a ShareGPT message key other than `from` and `value`, a message key that the
-//! chat template never reads (`name` or `tool_call_id` for templates that do not print them) and
-//! a record's `chat_template_kwargs` entry the template never reads are counted and named in the
-//! data summary. Where leaving a key out would change what is trained, the record is refused
-//! instead (see [`LOSS_KEYS`] and [`CONTEXT_KEYS`]): keys that ask for a loss mask or weight we
-//! do not apply, record keys that hold prompt text the format does not render (`system`,
-//! `history`), `tools` with a template that never reads them, and text of a trained turn
-//! (`content`, `tool_calls`, reasoning) that the template never reads.
+//! chat template never reads (`name` or `tool_call_id` for templates that do not print them), a
+//! tool call's key that it never reads (`messages[].tool_calls[].id`, `…type`, a stray key in
+//! `function`) and a record's `chat_template_kwargs` entry the template never reads are counted
+//! and named in the data summary (and `--chat-template-kwargs` keys it never reads are warned
+//! about there: [`super::option_warnings`]). Where leaving a key out would change what is
+//! trained, the record is refused instead (see [`LOSS_KEYS`] and [`CONTEXT_KEYS`]): keys that ask
+//! for a loss mask or weight we do not apply, record keys that hold prompt text the format does
+//! not render (`system`, `history`), `tools` with a template that never reads them, and text of a
+//! trained turn (`content`, `tool_calls`, a call's `function`, `name` or `arguments`, reasoning)
+//! that the template never reads.
 
 use std::path::Path;
 
@@ -175,6 +178,16 @@ pub const CONTEXT_KEYS: [&str; 6] = [
 /// The keys of a message that hold text it renders; with the reasoning aliases read as one.
 const REASONING_KEYS: [&str; 3] = ["reasoning_content", "thinking", "reasoning"];
 
+/// The keys of a tool call that hold what it calls (as [`GivenKeys`] labels them): a trained
+/// turn's call whose template never reads one of them is refused.
+const TOOL_CALL_TEXT: [&str; 5] = [
+    "tool_calls[].function",
+    "tool_calls[].function.name",
+    "tool_calls[].function.arguments",
+    "tool_calls[].name",
+    "tool_calls[].arguments",
+];
+
 /// A value that carries nothing: null, an empty string, list or object.
 fn is_empty_value(v: &minijinja::Value) -> bool {
     v.is_undefined()
@@ -192,6 +205,15 @@ impl Conversation {
             prompt_len: None,
             given: GivenKeys::default(),
         }
+    }
+
+    /// Plain `{role, content}` messages (ShareGPT, or Alpaca rendered with the chat template),
+    /// assistant turns trained, with `--tools` and `--chat-template-kwargs`.
+    pub fn with_options(messages: &[Message], opts: &ChatOptions) -> Conversation {
+        let mut c = Conversation::from_messages(messages);
+        c.input.tools = opts.tools.clone();
+        c.input.kwargs = opts.kwargs.clone();
+        c
     }
 
     /// After rendering: the keys the record gave that neither qlora-rs nor the template used
@@ -214,6 +236,8 @@ impl Conversation {
                 Some(n) => i >= n,
                 None => self.trained.get(i).copied().unwrap_or(false),
             };
+            // Unread keys, and those under them (said once, by the outermost).
+            let mut unread: Vec<&str> = Vec::new();
             for k in keys {
                 let used = match k.as_str() {
                     "role" | "weight" => true,
@@ -225,19 +249,36 @@ impl Conversation {
                 if used {
                     continue;
                 }
-                let carries = ["content", "tool_calls"].contains(&k.as_str())
-                    || REASONING_KEYS.contains(&k.as_str());
-                let value = self.input.messages[i].get_attr(k).unwrap_or_default();
-                if trained && carries && !is_empty_value(&value) {
+                let parent = k.rsplit_once('.').map(|(p, _)| p.trim_end_matches("[]"));
+                let under_unread = parent.is_some_and(|p| unread.contains(&p));
+                unread.push(k);
+                if under_unread {
+                    continue;
+                }
+                let carries = if k.contains('.') {
+                    // A tool call's function, name and arguments, whatever their value.
+                    TOOL_CALL_TEXT.contains(&k.as_str())
+                } else {
+                    let text = ["content", "tool_calls"].contains(&k.as_str())
+                        || REASONING_KEYS.contains(&k.as_str());
+                    text && !is_empty_value(&self.input.messages[i].get_attr(k).unwrap_or_default())
+                };
+                if trained && carries {
                     let which = if *list == "messages" {
                         format!("message {index}")
                     } else {
                         format!("`{list}` message {index}")
                     };
+                    let fix = if k.contains('.') {
+                        "use a template that renders tool calls laid out so, or give them the \
+                         other way: {\"function\": {\"name\": …, \"arguments\": …}} or \
+                         {\"name\": …, \"arguments\": …}"
+                    } else {
+                        "use a template that renders it, or move it into `content`"
+                    };
                     return Err(format!(
                         "{which} is trained on, but the chat template never reads its `{k}`, so \
-                         that text would be left out of what is trained (use a template that \
-                         renders it, or move it into `content`)"
+                         that text would be left out of what is trained ({fix})"
                     ));
                 }
                 unused.push(format!("{list}[].{k}"));
@@ -407,7 +448,7 @@ const KNOWN_ROLES: [&str; 6] = [
 ];
 
 /// Levenshtein distance, for "did you mean" on short names.
-fn edit_distance(a: &str, b: &str) -> usize {
+pub(crate) fn edit_distance(a: &str, b: &str) -> usize {
     let b: Vec<char> = b.chars().collect();
     let mut row: Vec<usize> = (0..=b.len()).collect();
     for (i, ca) in a.chars().enumerate() {
@@ -629,6 +670,26 @@ fn check_tool_call(j: usize, c: &minijinja::Value) -> std::result::Result<(), St
     }
 }
 
+/// The keys a tool call was given (not null), as labels under its message: `tool_calls[].id`,
+/// `tool_calls[].function`, `tool_calls[].function.name`, ….
+fn tool_call_keys(c: &minijinja::Value) -> Vec<String> {
+    let mut out = Vec::new();
+    for (k, v) in map_entries(c).unwrap_or_default() {
+        if v.is_none() {
+            continue;
+        }
+        out.push(format!("tool_calls[].{k}"));
+        if k == "function" {
+            for (f, v) in map_entries(&v).unwrap_or_default() {
+                if !v.is_none() {
+                    out.push(format!("tool_calls[].function.{f}"));
+                }
+            }
+        }
+    }
+    out
+}
+
 /// A message as the template receives it, whether it is trained on, and the keys it was given.
 type ChatMessage = (minijinja::Value, bool, Vec<String>);
 
@@ -653,7 +714,7 @@ fn chat_message(m: &minijinja::Value) -> std::result::Result<ChatMessage, String
     // transformers drops the keys whose value is None.
     let mut entries: Vec<(String, minijinja::Value)> =
         entries.into_iter().filter(|(_, v)| !v.is_none()).collect();
-    let given: Vec<String> = entries.iter().map(|(k, _)| k.clone()).collect();
+    let mut given: Vec<String> = entries.iter().map(|(k, _)| k.clone()).collect();
     loss_key(given.iter().map(String::as_str))?;
     let get = |entries: &[(String, minijinja::Value)], k: &str| {
         entries.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone())
@@ -692,6 +753,7 @@ fn chat_message(m: &minijinja::Value) -> std::result::Result<ChatMessage, String
         }
         for (j, c) in calls.try_iter().map_err(|e| e.to_string())?.enumerate() {
             check_tool_call(j, &c)?;
+            given.extend(tool_call_keys(&c));
         }
     }
     match get(&entries, "content") {
@@ -1058,7 +1120,7 @@ pub fn convert(
             no_chat_keys(path, r, format)?;
             let (list, unread) = messages(path, r, format, "conversations", "from", "value")?;
             unused.extend(unread);
-            Example::chat(&list)
+            Example::Chat(Conversation::with_options(&list, opts))
         }
         Format::Alpaca => {
             let instruction = string(path, r, format, "instruction")?;
@@ -1082,16 +1144,19 @@ pub fn convert(
                 } else {
                     format!("{instruction}\n\n{input}")
                 };
-                Example::chat(&[
-                    Message {
-                        role: "user".into(),
-                        content: user,
-                    },
-                    Message {
-                        role: "assistant".into(),
-                        content: output.to_string(),
-                    },
-                ])
+                Example::Chat(Conversation::with_options(
+                    &[
+                        Message {
+                            role: "user".into(),
+                            content: user,
+                        },
+                        Message {
+                            role: "assistant".into(),
+                            content: output.to_string(),
+                        },
+                    ],
+                    opts,
+                ))
             } else {
                 Example::Segments(vec![
                     (alpaca_prompt(instruction, input), false),

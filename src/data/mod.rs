@@ -79,6 +79,11 @@ pub struct DataStats {
     pub unused: BTreeMap<String, usize>,
     /// The records left out with `skip_bad_records`, in file order.
     pub skipped: Vec<BadRecord>,
+    /// Records rendered with the chat template.
+    pub chat_records: usize,
+    /// What the options that shape the data change nothing with, one line each (a
+    /// `--chat-template-kwargs` key the chat template never reads, …): see [`option_warnings`].
+    pub warnings: Vec<String>,
     /// The length in tokens of every sequence kept, in file order.
     pub lengths: Vec<usize>,
 }
@@ -282,6 +287,7 @@ fn one_record(
             Outcome::Kept(seq)
         }
     };
+    stats.chat_records += usize::from(matches!(ex, Example::Chat(_)));
     match stats.kinds.iter_mut().find(|(k, _)| *k == converted.kind) {
         Some((_, n)) => *n += 1,
         None => stats.kinds.push((converted.kind, 1)),
@@ -391,6 +397,7 @@ pub fn load_records(
         });
     }
     stats.skipped = bad;
+    stats.warnings = option_warnings(tok, chat_opts, stats.chat_records);
     let good = total - stats.skipped.len();
     if out.is_empty() && stats.blank == good {
         return Err(Error::Format {
@@ -409,6 +416,60 @@ pub fn load_records(
         });
     }
     Ok((out, stats))
+}
+
+/// What `--chat-template-kwargs` and `--tools` (or the config's `chat_template_kwargs` and
+/// `tools`) change nothing with, so that a typo does not pass in silence: a kwarg the chat
+/// template never reads (with the name it reads that is nearest), or either given where the
+/// model has no chat template or no record is rendered with it. (`tools` with a template that
+/// never reads them is an error of every chat record instead; a record's own
+/// `chat_template_kwargs` are counted with the keys nothing read.)
+pub fn option_warnings(
+    tok: &TextTokenizer,
+    chat_opts: &ChatOptions,
+    chat_records: usize,
+) -> Vec<String> {
+    let mut out = Vec::new();
+    let given: Vec<&str> = [
+        (!chat_opts.kwargs.is_empty()).then_some("chat_template_kwargs"),
+        chat_opts.tools.is_some().then_some("tools"),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    let Some(template) = tok.chat_template.as_ref() else {
+        for what in given {
+            out.push(format!(
+                "{what}: the model has no chat template, so they change nothing"
+            ));
+        }
+        return out;
+    };
+    for (k, _) in &chat_opts.kwargs {
+        if template.uses_variable(k) {
+            continue;
+        }
+        let hint = template
+            .variables()
+            .filter(|v| *v != k)
+            .map(|v| (formats::edit_distance(k, v), v))
+            .filter(|&(d, _)| d <= 2)
+            .min()
+            .map(|(_, v)| format!(" (did you mean `{v}`?)"))
+            .unwrap_or_default();
+        out.push(format!(
+            "chat_template_kwargs.{k}: the chat template never reads it, so it changes \
+             nothing{hint}"
+        ));
+    }
+    if chat_records == 0 {
+        for what in given {
+            out.push(format!(
+                "{what}: no record is rendered with the chat template, so they change nothing"
+            ));
+        }
+    }
+    out
 }
 
 /// A packed micro-batch.

@@ -174,8 +174,9 @@ pub fn highlight(tok: &TextTokenizer, s: &Sequence, colour: bool) -> Result<Stri
 
 /// The data summary, as `train` prints it before it starts (and `data` and `eval` print it):
 /// records per layout, records skipped (`--skip-bad-records`) and sequences dropped or truncated
-/// and why, tokens and trained tokens, keys nothing used, and a histogram of sequence lengths
-/// (powers of two up to the sequence length).
+/// and why, tokens and trained tokens, keys nothing used, options that change nothing
+/// (`warning: …`), and a histogram of sequence lengths (powers of two up to the sequence
+/// length).
 pub fn summary(data: &std::path::Path, opts: &DataOptions, stats: &DataStats) -> String {
     let mut s = String::new();
     let format = stats.format.map_or("auto", Format::name);
@@ -237,6 +238,9 @@ pub fn summary(data: &std::path::Path, opts: &DataOptions, stats: &DataStats) ->
             "ignored: {} (read by neither qlora-rs nor the chat template)\n",
             each.join(", ")
         ));
+    }
+    for w in &stats.warnings {
+        s.push_str(&format!("warning: {w}\n"));
     }
     if stats.lengths.is_empty() {
         return s;
