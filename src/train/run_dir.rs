@@ -79,11 +79,30 @@ impl RunDir {
             .truncate(false)
             .open(&path)
             .map_err(io(&path))?;
-        match try_lock(&file) {
+        // A lock "held" by this very process after it released it is a child process that was
+        // being started at that moment (between fork and exec it shares our descriptors, the
+        // lock's included): wait for the exec (a few milliseconds) before calling it a conflict.
+        let own = std::process::id().to_string();
+        let mut tries = 0;
+        let locked = loop {
+            match try_lock(&file) {
+                Ok(false) if tries < 50 => {
+                    let mut holder = String::new();
+                    let _ = file.rewind().and_then(|_| file.read_to_string(&mut holder));
+                    if holder.trim() != own {
+                        break Ok(false);
+                    }
+                    tries += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                other => break other,
+            }
+        };
+        match locked {
             Ok(true) => {}
             Ok(false) => {
                 let mut holder = String::new();
-                let _ = file.read_to_string(&mut holder);
+                let _ = file.rewind().and_then(|_| file.read_to_string(&mut holder));
                 let holder = holder.trim();
                 return Err(Error::InvalidArgument(format!(
                     "{} is in use by another qlora-rs run ({}): wait for it to finish, or stop \
