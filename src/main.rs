@@ -17,7 +17,7 @@ use qlora_rs::model::config::LlamaConfig;
 use qlora_rs::model::generate::Sampling;
 use qlora_rs::model::llama::{BaseFormat, Llama};
 use qlora_rs::model::lora::{LoraConfig, Target};
-use qlora_rs::model::{import_gguf, memory, shapes};
+use qlora_rs::model::{export_gguf, import_gguf, memory, shapes};
 use qlora_rs::quant::nf4::Nf4Config;
 use qlora_rs::train::{trainer, TrainConfig, Trainer};
 
@@ -198,6 +198,33 @@ enum Command {
         #[arg(long)]
         onto_original: bool,
     },
+    /// Write one GGUF file that llama.cpp, Ollama and LM Studio load: the model with the
+    /// adapter folded in (W + s·B·A in f32 over the NF4 weights it was trained on, as `merge`),
+    /// llama.cpp's tensor names and metadata, the tokenizer and chat template, quantized as
+    /// llama-quantize quantizes (same bytes, same per-tensor types).
+    ExportGguf {
+        /// Hugging Face model folder (the adapter's base; plain or bitsandbytes 4-bit).
+        #[arg(long)]
+        model: PathBuf,
+        /// PEFT LoRA adapter folder to fold in (omit to export the model as it is).
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        /// The .gguf file to write (written under a temporary name, renamed when complete).
+        #[arg(long)]
+        output: PathBuf,
+        /// f32, f16, bf16, q8_0, q4_0, q4_k_m (the usual choice), q5_k_m or q6_k.
+        #[arg(long = "type", default_value = "q4_k_m")]
+        ty: String,
+        /// Replace --output if it exists.
+        #[arg(long)]
+        overwrite: bool,
+        /// Add the update to the original (unquantized) weights instead of their NF4 version.
+        #[arg(long)]
+        onto_original: bool,
+        /// Accept an adapter whose config names another base model than --model.
+        #[arg(long)]
+        allow_other_base: bool,
+    },
     /// Write a bitsandbytes 4-bit NF4 checkpoint (double quantization, blocks of 64) that
     /// transformers + bitsandbytes load and `train --model` loads without re-quantizing.
     Quantize {
@@ -316,6 +343,38 @@ fn main() -> ExitCode {
                 output.display()
             )
         }),
+        Command::ExportGguf {
+            model,
+            adapter,
+            output,
+            ty,
+            overwrite,
+            onto_original,
+            allow_other_base,
+        } => (|| {
+            let opts = export_gguf::ExportGguf {
+                model,
+                adapter,
+                output,
+                ty: ty.parse()?,
+                overwrite,
+                onto_original,
+                allow_other_base,
+            };
+            let bar = tensor_bar("export");
+            let report = export_gguf::export_gguf(&opts, |done, total, name| {
+                bar.set_length(total as u64);
+                bar.set_position(done as u64);
+                bar.set_message(name.to_string());
+            });
+            bar.finish_and_clear();
+            let report = report?;
+            for w in &report.warnings {
+                eprintln!("warning: {w}");
+            }
+            println!("{report}");
+            Ok(())
+        })(),
         Command::Quantize { model, output } => export::quantize(&model, &output).map(|r| {
             println!(
                 "quantized {} projections to NF4; wrote {} tensors ({:.1} MiB) in {} file(s) to {}",
@@ -539,8 +598,25 @@ fn run_train(request: DeviceRequest, cfg: TrainConfig) -> qlora_rs::Result<Optio
         bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
     }
     let mut smoothed: Option<f64> = None;
+    // A CPU run that will clearly take hours says so once its first step is measured.
+    let (started, first_step) = (std::time::Instant::now(), trainer.step());
+    let mut estimated = device != Device::Cpu;
     let summary = trainer.run_with_progress(&mut |p| {
         let m = p.metrics;
+        if !estimated && p.evaluating.is_none() && m.eval_loss.is_none() && m.step > first_step {
+            estimated = true;
+            if let Some(line) = cpu_estimate(
+                started.elapsed().as_secs_f64(),
+                m.step - first_step,
+                p.total_steps - m.step,
+            ) {
+                if tty {
+                    bar.println(line);
+                } else {
+                    eprintln!("{line}");
+                }
+            }
+        }
         // An evaluation in progress: its batches on the bar's message (terminal only; plain logs
         // get the result line).
         if let Some((done, total)) = p.evaluating {
@@ -612,30 +688,10 @@ fn run_train(request: DeviceRequest, cfg: TrainConfig) -> qlora_rs::Result<Optio
 /// part is not the folder's name, or another local folder): merging onto another base gives a
 /// model that was never trained. Shapes are checked by the merge itself.
 fn warn_other_base(model: &std::path::Path, adapter: &std::path::Path) {
-    let config = adapter.join(adapters::CONFIG_FILE);
-    let Some(named) = std::fs::read_to_string(&config)
-        .ok()
-        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-        .and_then(|v| v["base_model_name_or_path"].as_str().map(str::to_string))
-    else {
-        return;
-    };
-    let canon = |p: &std::path::Path| std::fs::canonicalize(p).ok();
-    let same_path = canon(std::path::Path::new(&named)).is_some_and(|n| Some(n) == canon(model));
-    let folder = model
-        .canonicalize()
-        .ok()
-        .and_then(|p| p.file_name().map(|f| f.to_string_lossy().to_lowercase()));
-    let tail = named
-        .trim_end_matches('/')
-        .rsplit('/')
-        .next()
-        .unwrap_or_default()
-        .to_lowercase();
-    if !same_path && folder.as_deref() != Some(tail.as_str()) {
+    if let Some(named) = adapters::other_base(model, adapter) {
         eprintln!(
             "warning: {}: the adapter was trained on `{named}`; merging it onto {}",
-            config.display(),
+            adapter.join(adapters::CONFIG_FILE).display(),
             model.display()
         );
     }
@@ -1046,5 +1102,52 @@ fn self_test(device: Device) -> qlora_rs::Result<()> {
             "self-test failed: NF4 kernels on {device} differ from the CPU reference \
              (codes equal: {same_codes}, values equal: {same_values})"
         )))
+    }
+}
+
+/// A bar over tensors on a terminal (`{verb} [bar] done/total tensors name`); hidden in logs.
+fn tensor_bar(verb: &str) -> indicatif::ProgressBar {
+    if std::io::stderr().is_terminal() {
+        indicatif::ProgressBar::new(0).with_style(
+            indicatif::ProgressStyle::with_template(&format!(
+                "{verb} {{bar:30}} {{pos}}/{{len}} tensors [{{elapsed_precise}}<{{eta_precise}}] {{msg}}"
+            ))
+            .expect("valid template"),
+        )
+    } else {
+        indicatif::ProgressBar::hidden()
+    }
+}
+
+/// The warning for a CPU run whose remaining steps, at the pace of the first `done` steps
+/// (`secs` of wall time), will take an hour or more; `None` for a shorter run.
+fn cpu_estimate(secs: f64, done: u64, remaining: u64) -> Option<String> {
+    let per_step = secs / done.max(1) as f64;
+    let total = per_step * remaining as f64;
+    if total < 3600.0 {
+        return None;
+    }
+    let (h, m) = ((total / 3600.0) as u64, ((total % 3600.0) / 60.0) as u64);
+    Some(format!(
+        "warning: on the CPU this run will take about {h} h {m:02} min more ({per_step:.1} s a \
+         step × {remaining} steps, evaluations not counted); the CPU backend is meant for tiny \
+         models, the demo and checks, a run of this size for a GPU. Continuing."
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::cpu_estimate;
+
+    #[test]
+    fn a_cpu_run_of_hours_is_announced_and_a_short_one_is_not() {
+        // 4 s a step, 1000 steps to go: 1 h 06 min.
+        let w = cpu_estimate(8.0, 2, 1000).unwrap();
+        assert!(
+            w.contains("1 h 06 min") && w.contains("4.0 s a step"),
+            "{w}"
+        );
+        assert!(cpu_estimate(8.0, 2, 899).is_none());
+        assert!(cpu_estimate(0.5, 1, 5000).is_none());
     }
 }

@@ -8,6 +8,7 @@ mod data;
 mod device;
 mod e2e;
 mod export;
+mod export_gguf;
 mod flash;
 mod gemm;
 mod gguf;

@@ -161,6 +161,31 @@ pub fn load(dir: &Path, model: &LlamaConfig) -> Result<LoraParams> {
     Ok(params)
 }
 
+/// The model an adapter names as its base (`base_model_name_or_path` in its config) when that
+/// is not `model_dir`: neither the same folder nor a hub id whose last part is the folder's
+/// name (compared without case). `None` when they agree or the adapter names none.
+pub fn other_base(model_dir: &Path, adapter_dir: &Path) -> Option<String> {
+    let config = adapter_dir.join(CONFIG_FILE);
+    let named = std::fs::read_to_string(&config)
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .and_then(|v| v["base_model_name_or_path"].as_str().map(str::to_string))
+        .filter(|n| !n.is_empty())?;
+    let canon = |p: &Path| std::fs::canonicalize(p).ok();
+    let same_path = canon(Path::new(&named)).is_some_and(|n| Some(n) == canon(model_dir));
+    let folder = model_dir
+        .canonicalize()
+        .ok()
+        .and_then(|p| p.file_name().map(|f| f.to_string_lossy().to_lowercase()));
+    let tail = named
+        .trim_end_matches('/')
+        .rsplit('/')
+        .next()
+        .unwrap_or_default()
+        .to_lowercase();
+    (!same_path && folder.as_deref() != Some(tail.as_str())).then_some(named)
+}
+
 /// Writes `file` atomically: a temporary file in the same folder, then a rename.
 pub fn write_atomic(file: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = file.with_extension(format!(

@@ -18,7 +18,7 @@ use super::writer::{self, bf16_bytes, f32_bytes, Entry};
 use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::model::config::LlamaConfig;
-use crate::model::lora::Target;
+use crate::model::lora::{LoraParams, Target};
 use crate::ops::matmul::{gemm, Mat};
 use crate::quant::bnb;
 use crate::quant::nf4::{Absmax, Nf4Config, Nf4Tensor};
@@ -206,71 +206,131 @@ fn base_weight(
         .to_vec()
 }
 
-/// Folds `adapter` into the model of `model_dir`: `W' = W + s·B·A` in f32, written as bf16.
-/// `W` is the NF4-dequantized base the adapter was trained on (bit-for-bit what training used),
-/// or with `onto_original` the unquantized weights of the input.
+/// A model folder with an optional adapter folded in, read one tensor at a time in f32:
+/// `W' = W + s·B·A` for every adapted projection. `W` is the NF4-dequantized base the adapter
+/// was trained on (bit-for-bit what training used), or with `onto_original` (and always without
+/// an adapter) the input's own weights; a bitsandbytes 4-bit input has only its NF4 weights.
+pub(crate) struct MergedModel {
+    /// The model's configuration.
+    pub cfg: LlamaConfig,
+    ckpt: Checkpoint,
+    lora: Option<LoraParams>,
+    prequantized: bool,
+    onto_original: bool,
+    /// `….weight` of every projection → (layer, target).
+    proj: HashMap<String, (usize, Target)>,
+}
+
+impl MergedModel {
+    /// Opens `model_dir` and, when given, the adapter in `adapter_dir` (checked against the
+    /// model's shapes).
+    pub fn open(
+        model_dir: &Path,
+        adapter_dir: Option<&Path>,
+        onto_original: bool,
+    ) -> Result<MergedModel> {
+        let cfg = LlamaConfig::from_file(&model_dir.join("config.json"))?;
+        let ckpt = Checkpoint::open_dir(model_dir)?;
+        let lora = adapter_dir.map(|d| adapters::load(d, &cfg)).transpose()?;
+        let prequantized = bnb::is_bnb_4bit(cfg.quantization_config.as_ref())?;
+        if prequantized && onto_original {
+            return Err(Error::InvalidArgument(
+                "--onto-original needs an unquantized model folder; this one is a bitsandbytes 4-bit checkpoint".into(),
+            ));
+        }
+        let proj = projections(&cfg)
+            .into_iter()
+            .map(|(n, l, t)| (format!("{n}.weight"), (l, t)))
+            .collect();
+        Ok(MergedModel {
+            cfg,
+            ckpt,
+            lora,
+            prequantized,
+            onto_original,
+            proj,
+        })
+    }
+
+    /// Every tensor of the plain model (bitsandbytes' quantization state left out) with its
+    /// row-major shape, in the checkpoint's order.
+    pub fn tensors(&self) -> Result<Vec<(String, Vec<usize>)>> {
+        let mut out = Vec::new();
+        for name in self.ckpt.names() {
+            if self.prequantized && name.contains(".weight.") {
+                continue;
+            }
+            let shape = match self.proj.get(name) {
+                Some(&(_, target)) => {
+                    let (i, o) = target.dims(&self.cfg);
+                    vec![o, i]
+                }
+                None => self.ckpt.get(name)?.shape.to_vec(),
+            };
+            out.push((name.to_string(), shape));
+        }
+        Ok(out)
+    }
+
+    /// The tensor `name` (of [`MergedModel::tensors`]) in f32, and whether an adapter was
+    /// folded into it.
+    pub fn tensor(&self, name: &str, shape: &[usize]) -> Result<(Vec<f32>, bool)> {
+        let Some(&(layer, target)) = self.proj.get(name) else {
+            return Ok((self.ckpt.get(name)?.to_f32()?, false));
+        };
+        let prefix = name.trim_end_matches(".weight");
+        let original = self.onto_original || self.lora.is_none();
+        let mut w = base_weight(
+            &self.ckpt,
+            self.prequantized,
+            prefix,
+            shape,
+            original,
+            Nf4Config::default(),
+        )?;
+        let Some(lora) = &self.lora else {
+            return Ok((w, false));
+        };
+        let Some(s) = lora.slot(layer, target) else {
+            return Ok((w, false));
+        };
+        let slot = &lora.slots[s];
+        let r = lora.config.rank;
+        // W += s · B[out, r] · A[r, in]
+        gemm(
+            Mat::new(&lora.values[slot.b.clone()], slot.out_features, r),
+            Mat::new(&lora.values[slot.a.clone()], r, slot.in_features),
+            &mut w,
+            lora.config.scale(),
+            1.0,
+        );
+        Ok((w, true))
+    }
+}
+
+/// Folds `adapter` into the model of `model_dir` ([`MergedModel`]), written as bf16.
 pub fn merge(
     model_dir: &Path,
     adapter_dir: &Path,
     out: &Path,
     onto_original: bool,
 ) -> Result<ExportReport> {
-    let cfg = LlamaConfig::from_file(&model_dir.join("config.json"))?;
-    let ckpt = Checkpoint::open_dir(model_dir)?;
-    let lora = adapters::load(adapter_dir, &cfg)?;
-    let prequantized = bnb::is_bnb_4bit(cfg.quantization_config.as_ref())?;
-    if prequantized && onto_original {
-        return Err(Error::InvalidArgument(
-            "--onto-original needs an unquantized model folder; this one is a bitsandbytes 4-bit checkpoint".into(),
-        ));
-    }
+    let model = MergedModel::open(model_dir, Some(adapter_dir), onto_original)?;
     prepare_out(out)?;
-    let proj: HashMap<String, (usize, Target)> = projections(&cfg)
+    let entries = model
+        .tensors()?
         .into_iter()
-        .map(|(n, l, t)| (format!("{n}.weight"), (l, t)))
-        .collect();
-    // Every tensor of the input, less bnb's quantization state.
-    let mut entries = Vec::new();
-    for name in ckpt.names() {
-        if prequantized && name.contains(".weight.") {
-            continue;
-        }
-        let t = ckpt.get(name)?;
-        let shape = match proj.get(name) {
-            Some(&(_, target)) => {
-                let (i, o) = target.dims(&cfg);
-                vec![o, i]
-            }
-            None => t.shape.to_vec(),
-        };
-        entries.push(Entry {
-            name: name.to_string(),
+        .map(|(name, shape)| Entry {
+            name,
             dtype: Dtype::BF16,
             shape,
-        });
-    }
+        })
+        .collect();
     let plan = shard_plan(model_dir)?;
-    let nf4 = Nf4Config::default();
     let mut merged = 0;
     let mut report = write_shards(out, entries, plan.as_ref(), |e| {
-        let Some(&(layer, target)) = proj.get(&e.name) else {
-            return Ok(bf16_bytes(&ckpt.get(&e.name)?.to_f32()?));
-        };
-        let prefix = e.name.trim_end_matches(".weight");
-        let mut w = base_weight(&ckpt, prequantized, prefix, &e.shape, onto_original, nf4)?;
-        if let Some(s) = lora.slot(layer, target) {
-            let slot = &lora.slots[s];
-            let r = lora.config.rank;
-            // W += s · B[out, r] · A[r, in]
-            gemm(
-                Mat::new(&lora.values[slot.b.clone()], slot.out_features, r),
-                Mat::new(&lora.values[slot.a.clone()], r, slot.in_features),
-                &mut w,
-                lora.config.scale(),
-                1.0,
-            );
-            merged += 1;
-        }
+        let (w, adapted) = model.tensor(&e.name, &e.shape)?;
+        merged += usize::from(adapted);
         Ok(bf16_bytes(&w))
     })?;
     report.projections = merged;

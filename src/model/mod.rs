@@ -3,6 +3,7 @@
 
 pub mod adapters;
 pub mod config;
+pub mod export_gguf;
 pub mod generate;
 pub mod import_gguf;
 pub mod llama;

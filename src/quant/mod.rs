@@ -4,4 +4,5 @@
 pub mod bnb;
 pub mod ggml_quants;
 pub mod gguf;
+pub mod gguf_write;
 pub mod nf4;

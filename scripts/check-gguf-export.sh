@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# llama.cpp itself checks `qlora-rs export-gguf`: every export type of a model with a trained
+# adapter is loaded by llama.cpp's runtime (llama-cpp-python, built by scripts/llama-cpp-venv.sh),
+# its loss on a few texts is compared with ours on the merged model, its greedy answer to a chat
+# prompt with ours, and llama.cpp's own quantizer, run on our f32 export, must write the same
+# bytes as each of our quantized exports.
+#
+#   scripts/check-gguf-export.sh [MODEL_DIR ADAPTER_DIR]
+#
+# Default: the demo's SmolLM2-135M-Instruct (imported from its GGUF) with the demo's adapter
+# (.demo/adapter; trained here for a few steps on the CPU when absent). Work goes to .gguf-check/.
+# Takes about 5 minutes on two cores once the llama.cpp venv exists (its first build: ~10 min).
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+cargo build --release --quiet
+bin="$root/target/release/qlora-rs"
+model=${1:-$root/.demo/smollm2-135m-instruct}
+adapter=${2:-$root/.demo/adapter}
+if [ ! -f "$model/config.json" ]; then
+  assets_line=$(scripts/fetch-demo-assets.sh | tail -n 1)
+  assets=${assets_line#QLORA_DEMO_ASSETS=}
+  "$bin" import-gguf "$assets/SmolLM2-135M-Instruct.Q4_1.gguf" --output "$model"
+fi
+work="$root/.gguf-check"
+mkdir -p "$work"
+if [ ! -f "$adapter/adapter_config.json" ]; then
+  assets_line=$(scripts/fetch-demo-assets.sh | tail -n 1)
+  assets=${assets_line#QLORA_DEMO_ASSETS=}
+  adapter="$work/adapter"
+  echo "== training a short adapter ($adapter)"
+  "$bin" train --device cpu --model "$model" --data "$assets/alpaca_en_demo.json" --output "$adapter" \
+    --overwrite --max-steps 8 --seq-len 256 --batch-tokens 512 --lr 1e-3 --rank 16 --alpha 32 --warmup-steps 1
+fi
+venv_line=$(scripts/llama-cpp-venv.sh | tail -n 1)
+venv=${venv_line#LLAMA_CPP_VENV=}
+
+echo "== merge (the reference: our CPU evaluation of the merged model)"
+rm -rf "$work/merged"
+"$bin" merge --model "$model" --adapter "$adapter" --output "$work/merged"
+types="f32 f16 bf16 q8_0 q4_0 q4_k_m q5_k_m q6_k"
+for t in $types; do
+  "$bin" export-gguf --model "$model" --adapter "$adapter" --output "$work/model-$t.gguf" --type "$t" --overwrite
+done
+cat > "$work/texts.jsonl" <<'TXT'
+{"text": "The capital of France is Paris. It is known for the Eiffel Tower, its museums and its cafés."}
+{"text": "To make a cup of tea, boil water, pour it over the tea leaves and wait three to five minutes."}
+{"text": "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + fibonacci(n - 2)\n"}
+{"text": "Photosynthesis converts light energy into chemical energy stored in glucose, releasing oxygen."}
+TXT
+question="Give three tips for staying healthy."
+# Our side: token ids and labels, the loss of each text, the greedy answer.
+"$bin" data --model "$work/merged" --data "$work/texts.jsonl" --format text --json 2>/dev/null > "$work/ours-ids.jsonl"
+: > "$work/ours-loss.jsonl"
+i=0
+while IFS= read -r line; do
+  printf '%s\n' "$line" > "$work/text-$i.jsonl"
+  "$bin" eval --device cpu --base dense --model "$work/merged" --data "$work/text-$i.jsonl" --format text --json \
+    2>/dev/null | tail -n 1 >> "$work/ours-loss.jsonl"
+  i=$((i + 1))
+done < "$work/texts.jsonl"
+"$bin" generate --device cpu --base dense --model "$work/merged" --chat "$question" --max-new-tokens 48 \
+  2>/dev/null > "$work/ours-answer.txt"
+"$venv/bin/python" scripts/check_gguf_export.py "$work" "$question" $types

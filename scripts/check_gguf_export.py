@@ -1,0 +1,129 @@
+"""llama.cpp's side of scripts/check-gguf-export.sh (run with the llama.cpp venv's python).
+
+    check_gguf_export.py WORK QUESTION TYPE...
+
+WORK holds model-<TYPE>.gguf for each type, texts.jsonl, and our results: ours-ids.jsonl
+(`qlora-rs data --json`), ours-loss.jsonl (`qlora-rs eval --json`, one line per text) and
+ours-answer.txt (`qlora-rs generate`, greedy). For each type, llama.cpp's runtime loads the file;
+its tokens for each text must equal ours, and its loss on our token ids (from its logits) must be
+within the type's tolerance of ours on the merged model; its greedy answer is compared with ours
+(equal for the f32, f16 and bf16 files). llama.cpp's quantizer (llama_model_quantize, no
+importance matrix) then quantizes model-f32.gguf to each quantized type and every tensor must
+hold the same type and bytes as in our export. Exits 1 on any failure.
+"""
+import ctypes
+import json
+import math
+import os
+import sys
+
+import numpy as np
+import llama_cpp
+from gguf import GGUFReader
+
+# Largest |loss difference| (nats per token, mean over a text) accepted per type: f32 is only
+# llama.cpp's f32 kernels against ours; f16/bf16 add their activations' rounding (llama.cpp's CPU
+# backend converts activations to the weights' type for the dot products); the quantized types
+# add their weight error.
+TOLERANCE = {
+    "f32": 0.002, "f16": 0.01, "bf16": 0.03, "q8_0": 0.03, "q6_k": 0.06,
+    "q5_k_m": 0.1, "q4_k_m": 0.2, "q4_0": 0.3,
+}
+FTYPE = {"q8_0": 7, "q4_0": 2, "q4_k_m": 15, "q5_k_m": 17, "q6_k": 18}
+GREEDY_MUST_MATCH = {"f32", "f16", "bf16"}
+
+
+def nll(scores, ids, labels):
+    total, n = 0.0, 0
+    for t in range(1, len(ids)):
+        if labels[t] == -100:
+            continue
+        row = scores[t - 1].astype(np.float64)
+        m = row.max()
+        lse = m + math.log(np.exp(row - m).sum())
+        total += lse - row[labels[t]]
+        n += 1
+    return total / n
+
+
+def quantize_with_llama_cpp(src, dst, ftype):
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = ftype
+    params.nthread = 2
+    rc = llama_cpp.llama_model_quantize(src.encode(), dst.encode(), ctypes.byref(params))
+    if rc != 0:
+        raise RuntimeError(f"llama_model_quantize returned {rc}")
+
+
+def tensor_bytes(path):
+    r = GGUFReader(path)
+    return {t.name: (t.tensor_type.name, bytes(t.data.tobytes())) for t in r.tensors}
+
+
+def main():
+    work, question, types = sys.argv[1], sys.argv[2], sys.argv[3:]
+    texts = [json.loads(l)["text"] for l in open(os.path.join(work, "texts.jsonl"))]
+    ours_ids = [json.loads(l) for l in open(os.path.join(work, "ours-ids.jsonl")) if l.strip()]
+    ours_loss = [json.loads(l)["loss"] for l in open(os.path.join(work, "ours-loss.jsonl"))]
+    ours_answer = open(os.path.join(work, "ours-answer.txt")).read().rstrip()
+    failures = []
+    print(f"{'type':8} {'MiB':>7} {'max |Δloss|':>12} {'tolerance':>9} {'tokens':>7} greedy answer")
+    for ty in types:
+        path = os.path.join(work, f"model-{ty}.gguf")
+        llm = llama_cpp.Llama(model_path=path, n_ctx=512, n_batch=512, logits_all=True,
+                              n_threads=2, verbose=False)
+        worst, tokens_ok = 0.0, True
+        for text, rec, loss in zip(texts, ours_ids, ours_loss):
+            ids, labels = rec["ids"], rec["labels"]
+            theirs = llm.tokenize(text.encode(), add_bos=True, special=False)
+            eos = llm.token_eos()
+            if theirs != ids[: len(theirs)] or ids[len(theirs):] not in ([], [eos]):
+                tokens_ok = False
+                failures.append(f"{ty}: tokens differ for {text[:30]!r}: {theirs[:12]} vs {ids[:12]}")
+            llm.reset()
+            llm.eval(ids)
+            scores = np.array(llm.scores[: len(ids)])
+            worst = max(worst, abs(nll(scores, ids, labels) - loss))
+        if worst > TOLERANCE[ty]:
+            failures.append(f"{ty}: loss differs by {worst:.4f} > {TOLERANCE[ty]}")
+        llm.reset()
+        out = llm.create_chat_completion(
+            messages=[{"role": "user", "content": question}], temperature=0.0, top_k=1,
+            repeat_penalty=1.0, max_tokens=48)
+        answer = out["choices"][0]["message"]["content"].rstrip()
+        same = answer == ours_answer
+        if ty in GREEDY_MUST_MATCH and not same:
+            failures.append(f"{ty}: greedy answer differs:\n  llama.cpp: {answer!r}\n  ours:      {ours_answer!r}")
+        mib = os.path.getsize(path) / 2**20
+        print(f"{ty:8} {mib:7.1f} {worst:12.5f} {TOLERANCE[ty]:9} {'same' if tokens_ok else 'DIFF':>7} "
+              f"{'same as ours' if same else 'differs: ' + repr(answer[:60])}")
+        del llm
+
+    print("\nllama.cpp's quantizer on our f32 export, against our quantized exports:")
+    for ty in types:
+        if ty not in FTYPE:
+            continue
+        ref = os.path.join(work, f"llama-quantize-{ty}.gguf")
+        quantize_with_llama_cpp(os.path.join(work, "model-f32.gguf"), ref, FTYPE[ty])
+        a, b = tensor_bytes(ref), tensor_bytes(os.path.join(work, f"model-{ty}.gguf"))
+        bad = [n for n in a if n not in b or a[n] != b[n]]
+        extra = [n for n in b if n not in a]
+        kinds = {}
+        for n, (t, _) in b.items():
+            kinds[t] = kinds.get(t, 0) + 1
+        status = "identical" if not bad and not extra else f"{len(bad)} tensors differ"
+        print(f"  {ty:8} {len(b)} tensors {kinds}: {status}")
+        for n in bad[:5]:
+            ta, tb = a[n][0], b.get(n, ("missing", b""))[0]
+            first = next((i for i, (x, y) in enumerate(zip(a[n][1], b.get(n, (0, b""))[1])) if x != y), None)
+            print(f"    {n}: llama.cpp {ta}, ours {tb}, first differing byte {first}")
+        if bad or extra:
+            failures.append(f"{ty}: {len(bad)} tensors differ from llama-quantize's, {len(extra)} extra")
+    if failures:
+        print("\nFAILED:\n" + "\n".join(failures))
+        sys.exit(1)
+    print("\nall checks passed")
+
+
+if __name__ == "__main__":
+    main()
