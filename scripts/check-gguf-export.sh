@@ -51,14 +51,27 @@ TXT
 question="Give three tips for staying healthy."
 # Our side: token ids and labels, the loss of each text, the greedy answer.
 "$bin" data --model "$work/merged" --data "$work/texts.jsonl" --format text --json 2>/dev/null > "$work/ours-ids.jsonl"
-: > "$work/ours-loss.jsonl"
 i=0
 while IFS= read -r line; do
   printf '%s\n' "$line" > "$work/text-$i.jsonl"
-  "$bin" eval --device cpu --base dense --model "$work/merged" --data "$work/text-$i.jsonl" --format text --json \
-    2>/dev/null | tail -n 1 >> "$work/ours-loss.jsonl"
   i=$((i + 1))
 done < "$work/texts.jsonl"
+losses() { # model-folder output-file: our CPU loss of each text, one JSON line each
+  : > "$2"
+  for ((j = 0; j < i; j++)); do
+    "$bin" eval --device cpu --base dense --model "$1" --data "$work/text-$j.jsonl" --format text --json \
+      2>/dev/null | tail -n 1 >> "$2"
+  done
+}
+losses "$work/merged" "$work/ours-loss.jsonl"
+# For each quantized file, our loss on its own weights too (import-gguf dequantizes them), so
+# that llama.cpp's arithmetic is compared with ours on the same weights.
+for t in $types; do
+  case $t in f32 | f16 | bf16) continue ;; esac
+  rm -rf "$work/dequantized-$t"
+  "$bin" import-gguf "$work/model-$t.gguf" --output "$work/dequantized-$t" > /dev/null
+  losses "$work/dequantized-$t" "$work/ours-loss-$t.jsonl"
+done
 "$bin" generate --device cpu --base dense --model "$work/merged" --chat "$question" --max-new-tokens 48 \
   2>/dev/null > "$work/ours-answer.txt"
 "$venv/bin/python" scripts/check_gguf_export.py "$work" "$question" $types
