@@ -33,7 +33,9 @@ from gguf import GGUFReader
 # costs on this small model (and bytes identical to llama-quantize's are checked below).
 TOLERANCE = {
     "f32": 0.002, "f16": 0.01, "bf16": 0.03, "q8_0": 0.1, "q6_k": 0.1,
-    "q5_k_m": 0.1, "q4_k_m": 0.1, "q4_0": 0.1,
+    # Q4_0 costs SmolLM2-135M over a nat per token: llama.cpp's 8-bit activations then move a
+    # near-broken model's loss further.
+    "q5_k_m": 0.1, "q4_k_m": 0.1, "q4_0": 0.2,
 }
 FTYPE = {"q8_0": 7, "q4_0": 2, "q4_k_m": 15, "q5_k_m": 17, "q6_k": 18}
 # The bf16 file holds exactly the f32 file's values (both are the merged weights rounded to
