@@ -388,16 +388,35 @@ fn gguf_export_writes_qwen_architectures_and_llama3_rope_factors() {
         g.tensor("blk.0.attn_q.bias").unwrap().ggml_type,
         GgmlType::F32
     );
-    // Qwen3: per-head q/k norms and an explicit head width.
+    // Qwen3: llama.cpp's qwen3 has no attention-output bias, so tiny-qwen3 (attention_bias:
+    // true) is refused; without its biases it exports, with per-head q/k norms and an explicit
+    // head width.
     let out = dir.join("q3.gguf");
-    let r = export(&opts(
-        &fixture("tiny-qwen3"),
-        Some(&fixture("tiny-qwen3-lora")),
-        &out,
-        GgufType::F16,
-    ))
+    let e = export(&opts(&fixture("tiny-qwen3"), None, &out, GgufType::F16))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("o_proj.bias") && e.contains("qwen3"), "{e}");
+    let q3 = dir.join("tiny-qwen3-no-bias");
+    std::fs::create_dir_all(&q3).unwrap();
+    for f in ["tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(fixture("tiny-qwen3").join(f), q3.join(f)).unwrap();
+    }
+    let mut c: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture("tiny-qwen3").join("config.json")).unwrap(),
+    )
     .unwrap();
-    assert_eq!((r.arch, r.merged > 0), ("qwen3", true));
+    c["attention_bias"] = false.into();
+    std::fs::write(q3.join("config.json"), c.to_string()).unwrap();
+    let bytes = std::fs::read(fixture("tiny-qwen3").join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let kept: Vec<(String, safetensors::tensor::TensorView)> = st
+        .tensors()
+        .into_iter()
+        .filter(|(n, _)| !n.ends_with(".bias"))
+        .collect();
+    safetensors::serialize_to_file(kept, None, &q3.join("model.safetensors")).unwrap();
+    let r = export(&opts(&q3, None, &out, GgufType::F16)).unwrap();
+    assert_eq!(r.arch, "qwen3");
     let g = GgufFile::open(&out).unwrap();
     assert_eq!(
         g.get("qwen3.attention.key_length").and_then(Value::as_u64),

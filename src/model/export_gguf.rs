@@ -288,6 +288,13 @@ fn arch_of(cfg: &LlamaConfig, model: &Path) -> Result<(&'static str, Vec<String>
             ));
         }
     }
+    if cfg.o_bias && arch != "llama" {
+        return Err(Error::InvalidArgument(format!(
+            "{}: llama.cpp's `{arch}` has no bias on the attention output (o_proj.bias, from \
+             attention_bias: true): it would refuse the file",
+            model.join("config.json").display()
+        )));
+    }
     if cfg.arch == Arch::Qwen2 && !cfg.qkv_bias {
         return Err(Error::InvalidArgument(format!(
             "{}: a Qwen2 model without q/k/v biases cannot be written as llama.cpp's `qwen2`, \
