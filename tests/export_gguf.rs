@@ -407,6 +407,16 @@ fn gguf_export_writes_qwen_architectures_and_llama3_rope_factors() {
     .unwrap();
     c["attention_bias"] = false.into();
     std::fs::write(q3.join("config.json"), c.to_string()).unwrap();
+    // The biases still in the checkpoint are refused by name (llama.cpp would not read them).
+    std::fs::copy(
+        fixture("tiny-qwen3").join("model.safetensors"),
+        q3.join("model.safetensors"),
+    )
+    .unwrap();
+    let e = export(&opts(&q3, None, &out, GgufType::F16))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains(".bias") && e.contains("no bias"), "{e}");
     let bytes = std::fs::read(fixture("tiny-qwen3").join("model.safetensors")).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     let kept: Vec<(String, safetensors::tensor::TensorView)> = st

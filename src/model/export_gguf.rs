@@ -340,6 +340,17 @@ fn gguf_name(hf: &str, cfg: &LlamaConfig) -> Result<Option<String>> {
                 "mlp.down_proj" => "ffn_down",
                 _ => return Err(err()),
             };
+            let biased = match g {
+                "attn_q" | "attn_k" | "attn_v" => cfg.qkv_bias,
+                "attn_output" => cfg.o_bias,
+                _ => false,
+            };
+            if kind == "bias" && !biased {
+                return Err(Error::InvalidArgument(format!(
+                    "tensor `{hf}`: config.json says this projection has no bias \
+                     (attention_bias), so llama.cpp would not read it"
+                )));
+            }
             if kind != "weight" && kind != "bias" {
                 return Err(err());
             }
