@@ -171,9 +171,11 @@ enum Command {
         #[arg(long, default_value_t = 24.0)]
         gpu_mem: f64,
     },
-    /// Convert a llama-architecture GGUF (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K,
-    /// Q6_K tensors; byte-level BPE tokenizer) into a Hugging Face folder: config.json, bf16
-    /// safetensors, tokenizer.json and tokenizer_config.json with the chat template.
+    /// Convert a GGUF of llama.cpp's `llama` (Llama, Mistral, SmolLM…), `qwen2` (Qwen2, Qwen2.5) or
+    /// `qwen3` architecture (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K
+    /// tensors; byte-level BPE tokenizer) into a Hugging Face folder: config.json, bf16
+    /// safetensors, tokenizer.json and tokenizer_config.json with the chat template. Anything the
+    /// Hugging Face model cannot hold (yarn rope scaling, unknown tensors) is refused by name.
     ImportGguf {
         /// The .gguf file.
         gguf: PathBuf,

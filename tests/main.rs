@@ -13,6 +13,7 @@ mod flash;
 mod gemm;
 mod gguf;
 mod gguf_quants;
+mod gguf_qwen;
 mod harness;
 mod kernels;
 mod llama;

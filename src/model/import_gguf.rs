@@ -1,6 +1,13 @@
-//! `import-gguf`: a llama-architecture GGUF file (llama.cpp's format) → a Hugging Face model
-//! folder that this crate and transformers load: `config.json`, bf16 `model.safetensors`,
-//! `tokenizer.json`, `tokenizer_config.json` and `generation_config.json`.
+//! `import-gguf`: a GGUF file (llama.cpp's format) of the architecture `llama`, `qwen2` or
+//! `qwen3` → a Hugging Face model folder that this crate and transformers load: `config.json`,
+//! bf16 `model.safetensors`, `tokenizer.json`, `tokenizer_config.json` and
+//! `generation_config.json`.
+//!
+//! | `general.architecture` | Hugging Face | what differs from `llama` |
+//! |---|---|---|
+//! | `llama` | `LlamaForCausalLM` (Llama, Mistral, SmolLM, …) | q/k rows reordered (below); Llama 3 scaling from `rope_freqs` |
+//! | `qwen2` | `Qwen2ForCausalLM` (Qwen2, Qwen2.5) | q/k/v biases (required); rows as stored |
+//! | `qwen3` | `Qwen3ForCausalLM` | per-head q/k norms (required); `head_dim` from `attention.key_length`; biases optional (`attention_bias`) |
 //!
 //! # Weights
 //!
@@ -13,24 +20,37 @@
 //! output                → lm_head (absent: tied)       rope_freqs  → (config: llama3 scaling)
 //! blk.N.attn_norm       → model.layers.N.input_layernorm
 //! blk.N.ffn_norm        → model.layers.N.post_attention_layernorm
-//! blk.N.attn_{q,k,v}    → model.layers.N.self_attn.{q,k,v}_proj
-//! blk.N.attn_output     → model.layers.N.self_attn.o_proj
+//! blk.N.attn_{q,k,v}    → model.layers.N.self_attn.{q,k,v}_proj        (.weight; .bias: qwen2/3)
+//! blk.N.attn_output     → model.layers.N.self_attn.o_proj              (.weight; .bias: qwen3)
+//! blk.N.attn_{q,k}_norm → model.layers.N.self_attn.{q,k}_norm          (qwen3)
 //! blk.N.ffn_{gate,up,down} → model.layers.N.mlp.{gate,up,down}_proj
 //! ```
 //!
-//! llama.cpp's converter reorders the rows of `q_proj` (with `n_head`) and `k_proj` (with
-//! `n_head_kv`) so that each head's rotary pairs are interleaved rather than split in halves:
-//! viewing the rows as `[n, 2, hd/2]` (head, half, index) it stores them as `[n, hd/2, 2]`.
-//! Here the inverse is applied: HF row `h·hd + s·hd/2 + i` = GGUF row `h·hd + 2i + s`.
+//! For `llama`, whose RoPE rotates adjacent pairs, llama.cpp's converter reorders the rows of
+//! `q_proj` (with `n_head`) and `k_proj` (with `n_head_kv`) so that each head's rotary pairs are
+//! interleaved rather than split in halves: viewing the rows as `[n, 2, hd/2]` (head, half,
+//! index) it stores them as `[n, hd/2, 2]`. Here the inverse is applied: HF row
+//! `h·hd + s·hd/2 + i` = GGUF row `h·hd + 2i + s`. `qwen2` and `qwen3` rotate halves in
+//! llama.cpp too (NeoX order): their rows are written as stored.
+//!
+//! A `qwen3` file with q/k/v biases becomes `attention_bias: true`, which in transformers also
+//! gives `o_proj` a bias: llama.cpp's `qwen3` has none, so where `attn_output.bias` is absent it
+//! is written as zeros (the same model; the report lists them). Every tensor of the file must
+//! have a place in the Hugging Face model and every tensor the model needs must be in the file:
+//! anything else is refused by name before anything is written.
 //!
 //! # Config
 //!
-//! From the `llama.*` metadata: `embedding_length`, `feed_forward_length`, `block_count`,
-//! `attention.head_count(_kv)`, `attention.layer_norm_rms_epsilon`, `rope.freq_base`,
-//! `context_length`, `rope.scaling.*` (linear), or a `rope_freqs` tensor, which is accepted when
-//! it equals Llama 3's scaling (factor = its largest entry, low/high frequency factors 1 and 4,
-//! original context 8192 — the values of every Llama 3.x release). The vocabulary size is the
-//! number of rows of `token_embd` (the token list may be shorter, never longer).
+//! From the `<arch>.*` metadata: `embedding_length`, `feed_forward_length`, `block_count`,
+//! `attention.head_count(_kv)`, `attention.key_length` (`head_dim`; `value_length` must equal
+//! it), `attention.layer_norm_rms_epsilon`, `rope.freq_base`, `context_length`,
+//! `rope.scaling.*` (none or linear: yarn and the rest are refused by name), and for `llama` a
+//! `rope_freqs` tensor, which is accepted when it equals Llama 3's scaling (factor = its largest
+//! entry, low/high frequency factors 1 and 4, original context 8192 — the values of every
+//! Llama 3.x release). The vocabulary size is the number of rows of `token_embd` (the token list
+//! may be shorter, never longer); `tie_word_embeddings` is the absence of `output.weight`.
+//! Qwen2/Qwen3 configs get `use_sliding_window: false` (llama.cpp attends to the whole context
+//! for both).
 //!
 //! # Tokenizer
 //!
@@ -52,19 +72,65 @@ use crate::error::{Error, Result};
 use crate::ops::rope::{self, RopeScaling};
 use crate::quant::gguf::{self, GgufFile, TensorInfo};
 
+/// The `general.architecture` values that can be imported, for messages.
+pub const SUPPORTED_ARCHITECTURES: &str = "llama, qwen2, qwen3";
+
+/// A llama.cpp architecture and the Hugging Face family it becomes (its metadata prefix and
+/// `model_type` are the same name).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Family {
+    Llama,
+    Qwen2,
+    Qwen3,
+}
+
+impl Family {
+    fn from_arch(arch: &str) -> Option<Family> {
+        Some(match arch {
+            "llama" => Family::Llama,
+            "qwen2" => Family::Qwen2,
+            "qwen3" => Family::Qwen3,
+            _ => return None,
+        })
+    }
+
+    /// The metadata prefix and `model_type`.
+    fn name(self) -> &'static str {
+        match self {
+            Family::Llama => "llama",
+            Family::Qwen2 => "qwen2",
+            Family::Qwen3 => "qwen3",
+        }
+    }
+
+    /// The transformers class (and the family's name in messages).
+    fn class(self) -> &'static str {
+        match self {
+            Family::Llama => "LlamaForCausalLM",
+            Family::Qwen2 => "Qwen2ForCausalLM",
+            Family::Qwen3 => "Qwen3ForCausalLM",
+        }
+    }
+}
+
 /// What [`import_gguf`] converted.
 #[derive(Clone, Debug)]
 pub struct ImportReport {
+    /// `general.architecture` of the file (`llama`, `qwen2` or `qwen3`).
+    pub architecture: String,
     /// The validated configuration written to `config.json`.
     pub config: LlamaConfig,
     /// GGUF tensors converted, by ggml type name.
     pub tensors_by_type: BTreeMap<String, usize>,
     /// Tensors written to `model.safetensors`.
     pub tensors_written: usize,
-    /// Values written (every tensor, norms included).
+    /// Values written (every tensor, norms and biases included).
     pub parameters: usize,
     /// GGUF tensors not written as weights (`rope_freqs.weight`, folded into the config).
     pub skipped: Vec<String>,
+    /// Tensors the Hugging Face model needs that the file does not hold, written as zeros
+    /// (`o_proj.bias` of a Qwen3 with q/k/v biases: llama.cpp's `qwen3` has no output bias).
+    pub zero_filled: Vec<String>,
     /// `tokenizer.ggml.pre`, the pre-tokenizer of the tokenizer written.
     pub tokenizer_pre: String,
     /// Tokens in the tokenizer.
@@ -78,20 +144,33 @@ pub struct ImportReport {
 impl fmt::Display for ImportReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let c = &self.config;
+        let mut extras = String::new();
+        if c.head_dim * c.num_heads != c.hidden_size {
+            extras += &format!(", head_dim {}", c.head_dim);
+        }
+        if c.qk_norm() {
+            extras += ", q/k norms";
+        }
+        if c.qkv_bias {
+            extras += if c.o_bias {
+                ", q/k/v/o biases"
+            } else {
+                ", q/k/v biases"
+            };
+        }
+        if c.tie_word_embeddings {
+            extras += ", tied embeddings";
+        }
         writeln!(
             f,
-            "llama: {} layers, hidden {}, intermediate {}, {} heads / {} kv heads, vocab {}{}",
+            "{}: {} layers, hidden {}, intermediate {}, {} heads / {} kv heads, vocab {}{extras}",
+            self.architecture,
             c.num_layers,
             c.hidden_size,
             c.intermediate_size,
             c.num_heads,
             c.num_kv_heads,
             c.vocab_size,
-            if c.tie_word_embeddings {
-                ", tied embeddings"
-            } else {
-                ""
-            }
         )?;
         let types: Vec<String> = self
             .tensors_by_type
@@ -108,6 +187,13 @@ impl fmt::Display for ImportReport {
         if !self.skipped.is_empty() {
             writeln!(f, "folded into the config: {}", self.skipped.join(", "))?;
         }
+        if !self.zero_filled.is_empty() {
+            writeln!(
+                f,
+                "written as zeros (not in the file; llama.cpp runs the model without them): {}",
+                self.zero_filled.join(", ")
+            )?;
+        }
         writeln!(
             f,
             "tokenizer: byte-level BPE, pre-tokenizer `{}`, {} tokens ({} special)",
@@ -118,18 +204,20 @@ impl fmt::Display for ImportReport {
     }
 }
 
-/// Converts the llama GGUF file `gguf` into a Hugging Face folder `out` (created if needed;
-/// files of the same names are replaced). Everything is checked before the first file is
-/// written: the architecture, the config, every tensor's name, type and shape, the tokenizer.
+/// Converts the GGUF file `gguf` (architecture `llama`, `qwen2` or `qwen3`) into a Hugging
+/// Face folder `out` (created if needed; files of the same names are replaced). Everything is
+/// checked before the first file is written: the architecture, the config, every tensor's
+/// name, type and shape, the tokenizer.
 pub fn import_gguf(gguf: &Path, out: &Path) -> Result<ImportReport> {
     let g = GgufFile::open(gguf)?;
     let arch = meta_str(&g, "general.architecture")?;
-    if arch != "llama" {
+    let Some(family) = Family::from_arch(arch) else {
         return Err(g.error(format!(
-            "architecture `{arch}` is not supported: only `llama` GGUF files can be imported"
+            "architecture `{arch}` is not supported: the architectures that can be imported \
+             are {SUPPORTED_ARCHITECTURES}"
         )));
-    }
-    let hp = Hyper::read(&g)?;
+    };
+    let hp = Hyper::read(&g, family)?;
     let plan = plan_tensors(&g, &hp)?;
     let tok = tokenizer::build(&g, hp.context_length)?;
     if tok.tokens > hp.vocab_size {
@@ -138,7 +226,7 @@ pub fn import_gguf(gguf: &Path, out: &Path) -> Result<ImportReport> {
             tok.tokens, hp.vocab_size
         )));
     }
-    let config_json = hp.config_json(&g, plan.tied, plan.rope_scaling.as_ref());
+    let config_json = hp.config_json(&g, &plan);
     let hf: HfConfig = serde_json::from_value(config_json.clone())
         .map_err(|e| g.error(format!("cannot build config.json: {e}")))?;
     let config = LlamaConfig::try_from(hf)
@@ -169,17 +257,19 @@ pub fn import_gguf(gguf: &Path, out: &Path) -> Result<ImportReport> {
         files.push(path);
     }
     let mut tensors_by_type = BTreeMap::new();
-    for t in &plan.tensors {
+    for index in plan.tensors.iter().filter_map(|t| t.index) {
         *tensors_by_type
-            .entry(g.tensors[t.index].ggml_type.name())
+            .entry(g.tensors[index].ggml_type.name())
             .or_insert(0) += 1;
     }
     Ok(ImportReport {
+        architecture: family.name().to_string(),
         config,
         tensors_by_type,
         tensors_written: plan.tensors.len(),
         parameters,
         skipped: plan.skipped,
+        zero_filled: plan.zero_filled,
         tokenizer_pre: tok.pre,
         tokens: tok.tokens,
         special_tokens: tok.special_tokens,
@@ -238,8 +328,9 @@ fn decimal(x: f32) -> f64 {
     x.to_string().parse().unwrap_or(x as f64)
 }
 
-/// The `llama.*` hyperparameters.
+/// The `<arch>.*` hyperparameters.
 struct Hyper {
+    family: Family,
     hidden: usize,
     intermediate: usize,
     layers: usize,
@@ -255,39 +346,45 @@ struct Hyper {
 }
 
 impl Hyper {
-    fn read(g: &GgufFile) -> Result<Hyper> {
-        let hidden = req_usize(g, "llama.embedding_length")?;
-        let heads = req_usize(g, "llama.attention.head_count")?;
-        let kv_heads = opt_usize(g, "llama.attention.head_count_kv")?.unwrap_or(heads);
+    fn read(g: &GgufFile, family: Family) -> Result<Hyper> {
+        let a = family.name();
+        let key = |k: &str| format!("{a}.{k}");
+        let hidden = req_usize(g, &key("embedding_length"))?;
+        let heads = req_usize(g, &key("attention.head_count"))?;
+        let kv_heads = opt_usize(g, &key("attention.head_count_kv"))?.unwrap_or(heads);
         if kv_heads == 0 || heads % kv_heads != 0 {
             return Err(g.error(format!(
-                "metadata `llama.attention.head_count_kv` ({kv_heads}) must divide \
-                 `llama.attention.head_count` ({heads})"
+                "metadata `{}` ({kv_heads}) must divide `{}` ({heads})",
+                key("attention.head_count_kv"),
+                key("attention.head_count")
             )));
         }
-        let head_dim = match opt_usize(g, "llama.attention.key_length")? {
+        let head_dim = match opt_usize(g, &key("attention.key_length"))? {
             Some(k) => k,
             None if hidden % heads == 0 => hidden / heads,
             None => {
                 return Err(g.error(format!(
-                    "`llama.attention.head_count` ({heads}) does not divide \
-                     `llama.embedding_length` ({hidden})"
+                    "`{}` ({heads}) does not divide `{}` ({hidden})",
+                    key("attention.head_count"),
+                    key("embedding_length")
                 )))
             }
         };
-        if let Some(v) = opt_usize(g, "llama.attention.value_length")? {
+        if let Some(v) = opt_usize(g, &key("attention.value_length"))? {
             if v != head_dim {
                 return Err(g.error(format!(
-                    "metadata `llama.attention.value_length` ({v}) differs from the key length \
-                     ({head_dim}): not a Llama attention"
+                    "metadata `{}` ({v}) differs from the key length ({head_dim}): keys and \
+                     values of different widths are not supported",
+                    key("attention.value_length")
                 )));
             }
         }
-        if let Some(r) = opt_usize(g, "llama.rope.dimension_count")? {
+        if let Some(r) = opt_usize(g, &key("rope.dimension_count"))? {
             if r != head_dim {
                 return Err(g.error(format!(
-                    "metadata `llama.rope.dimension_count` is {r} but heads have {head_dim} \
-                     dimensions: partial rotary embeddings are not supported"
+                    "metadata `{}` is {r} but heads have {head_dim} dimensions: partial rotary \
+                     embeddings are not supported",
+                    key("rope.dimension_count")
                 )));
             }
         }
@@ -295,31 +392,32 @@ impl Hyper {
             .tensor("token_embd.weight")
             .map(|t| t.shape()[0])
             .ok_or_else(|| g.error("tensor `token_embd.weight` is missing"))?;
-        let rms_eps = opt_f32(g, "llama.attention.layer_norm_rms_epsilon")?.ok_or_else(|| {
-            g.error("metadata `llama.attention.layer_norm_rms_epsilon` is missing")
-        })?;
+        let eps_key = key("attention.layer_norm_rms_epsilon");
+        let rms_eps = opt_f32(g, &eps_key)?
+            .ok_or_else(|| g.error(format!("metadata `{eps_key}` is missing")))?;
         let id = |key: &str| -> Result<Option<u64>> { Ok(opt_usize(g, key)?.map(|x| x as u64)) };
         Ok(Hyper {
+            family,
             hidden,
-            intermediate: req_usize(g, "llama.feed_forward_length")?,
-            layers: req_usize(g, "llama.block_count")?,
+            intermediate: req_usize(g, &key("feed_forward_length"))?,
+            layers: req_usize(g, &key("block_count"))?,
             heads,
             kv_heads,
             head_dim,
             vocab_size,
             rms_eps,
-            rope_theta: opt_f32(g, "llama.rope.freq_base")?.unwrap_or(10_000.0),
-            context_length: opt_usize(g, "llama.context_length")?.unwrap_or(2048),
+            rope_theta: opt_f32(g, &key("rope.freq_base"))?.unwrap_or(10_000.0),
+            context_length: opt_usize(g, &key("context_length"))?.unwrap_or(2048),
             bos_id: id("tokenizer.ggml.bos_token_id")?,
             eos_id: id("tokenizer.ggml.eos_token_id")?,
         })
     }
 
-    fn config_json(&self, g: &GgufFile, tied: bool, rope_scaling: Option<&Json>) -> Json {
+    fn config_json(&self, g: &GgufFile, plan: &Plan) -> Json {
         let name = g.get("general.name").and_then(gguf::Value::as_str);
-        json!({
-            "architectures": ["LlamaForCausalLM"],
-            "model_type": "llama",
+        let mut c = json!({
+            "architectures": [self.family.class()],
+            "model_type": self.family.name(),
             "hidden_size": self.hidden,
             "intermediate_size": self.intermediate,
             "num_hidden_layers": self.layers,
@@ -329,28 +427,40 @@ impl Hyper {
             "vocab_size": self.vocab_size,
             "rms_norm_eps": decimal(self.rms_eps),
             "rope_theta": decimal(self.rope_theta),
-            "rope_scaling": rope_scaling,
+            "rope_scaling": plan.rope_scaling,
             "max_position_embeddings": self.context_length,
-            "tie_word_embeddings": tied,
+            "tie_word_embeddings": plan.tied,
             "hidden_act": "silu",
-            "attention_bias": false,
+            "attention_bias": plan.attention_bias,
             "attention_dropout": 0.0,
-            "mlp_bias": false,
             "initializer_range": 0.02,
-            "pretraining_tp": 1,
             "use_cache": true,
             "bos_token_id": self.bos_id,
             "eos_token_id": self.eos_id,
             "torch_dtype": "bfloat16",
             "_name_or_path": name,
-        })
+        });
+        let extra = match self.family {
+            Family::Llama => json!({"mlp_bias": false, "pretraining_tp": 1}),
+            // llama.cpp's qwen2/qwen3 attend to the whole context.
+            Family::Qwen2 | Family::Qwen3 => json!({
+                "use_sliding_window": false,
+                "sliding_window": null,
+                "max_window_layers": self.layers,
+            }),
+        };
+        let (Json::Object(c_map), Json::Object(extra)) = (&mut c, extra) else {
+            unreachable!("JSON objects")
+        };
+        c_map.extend(extra);
+        c
     }
 }
 
 /// One tensor to write.
 struct Planned {
-    /// Index in the GGUF tensor table.
-    index: usize,
+    /// Index in the GGUF tensor table; `None`: zeros (a bias the file does not hold).
+    index: Option<usize>,
     hf_name: String,
     /// Row-major shape.
     shape: Vec<usize>,
@@ -361,11 +471,15 @@ struct Planned {
 struct Plan {
     tensors: Vec<Planned>,
     tied: bool,
+    /// q/k/v biases (and o's, for Qwen3) in the Hugging Face model.
+    attention_bias: bool,
     rope_scaling: Option<Json>,
     skipped: Vec<String>,
+    zero_filled: Vec<String>,
 }
 
-/// The HF name, expected shape and head count (for q/k) of a GGUF tensor name.
+/// The HF name, expected shape and head count (for q/k rows to un-permute) of a GGUF tensor
+/// name, for the tensors the family has.
 fn map_name(name: &str, hp: &Hyper) -> Option<(String, Vec<usize>, Option<usize>)> {
     let (d, f, v) = (hp.hidden, hp.intermediate, hp.vocab_size);
     let (qd, kvd) = (hp.heads * hp.head_dim, hp.kv_heads * hp.head_dim);
@@ -378,26 +492,45 @@ fn map_name(name: &str, hp: &Hyper) -> Option<(String, Vec<usize>, Option<usize>
     let rest = name.strip_prefix("blk.")?;
     let (layer, part) = rest.split_once('.')?;
     let l: usize = layer.parse().ok().filter(|&l| l < hp.layers)?;
-    let (hf, shape, heads) = match part {
-        "attn_norm.weight" => ("input_layernorm", vec![d], None),
-        "ffn_norm.weight" => ("post_attention_layernorm", vec![d], None),
-        "attn_q.weight" => ("self_attn.q_proj", vec![qd, d], Some(hp.heads)),
-        "attn_k.weight" => ("self_attn.k_proj", vec![kvd, d], Some(hp.kv_heads)),
-        "attn_v.weight" => ("self_attn.v_proj", vec![kvd, d], None),
-        "attn_output.weight" => ("self_attn.o_proj", vec![d, qd], None),
-        "ffn_gate.weight" => ("mlp.gate_proj", vec![f, d], None),
-        "ffn_up.weight" => ("mlp.up_proj", vec![f, d], None),
-        "ffn_down.weight" => ("mlp.down_proj", vec![d, f], None),
+    let llama = hp.family == Family::Llama;
+    let qwen = matches!(hp.family, Family::Qwen2 | Family::Qwen3);
+    let qwen3 = hp.family == Family::Qwen3;
+    let (hf, kind, shape, heads) = match part {
+        "attn_norm.weight" => ("input_layernorm", "weight", vec![d], None),
+        "ffn_norm.weight" => ("post_attention_layernorm", "weight", vec![d], None),
+        "attn_q.weight" => ("self_attn.q_proj", "weight", vec![qd, d], Some(hp.heads)),
+        "attn_k.weight" => (
+            "self_attn.k_proj",
+            "weight",
+            vec![kvd, d],
+            Some(hp.kv_heads),
+        ),
+        "attn_v.weight" => ("self_attn.v_proj", "weight", vec![kvd, d], None),
+        "attn_output.weight" => ("self_attn.o_proj", "weight", vec![d, qd], None),
+        "ffn_gate.weight" => ("mlp.gate_proj", "weight", vec![f, d], None),
+        "ffn_up.weight" => ("mlp.up_proj", "weight", vec![f, d], None),
+        "ffn_down.weight" => ("mlp.down_proj", "weight", vec![d, f], None),
+        "attn_q.bias" if qwen => ("self_attn.q_proj", "bias", vec![qd], None),
+        "attn_k.bias" if qwen => ("self_attn.k_proj", "bias", vec![kvd], None),
+        "attn_v.bias" if qwen => ("self_attn.v_proj", "bias", vec![kvd], None),
+        "attn_output.bias" if qwen3 => ("self_attn.o_proj", "bias", vec![d], None),
+        "attn_q_norm.weight" if qwen3 => ("self_attn.q_norm", "weight", vec![hp.head_dim], None),
+        "attn_k_norm.weight" if qwen3 => ("self_attn.k_norm", "weight", vec![hp.head_dim], None),
         _ => return None,
     };
-    Some((format!("model.layers.{l}.{hf}.weight"), shape, heads))
+    Some((
+        format!("model.layers.{l}.{hf}.{kind}"),
+        shape,
+        heads.filter(|_| llama),
+    ))
 }
 
 /// Maps and checks every tensor (name, type, shape) and that none is missing.
 fn plan_tensors(g: &GgufFile, hp: &Hyper) -> Result<Plan> {
     let mut tensors = Vec::new();
     let mut skipped = Vec::new();
-    let mut rope_scaling = rope_scaling_from_metadata(g)?;
+    let mut rope_scaling = rope_scaling_from_metadata(g, hp.family)?;
+    let class = hp.family.class();
     for (index, t) in g.tensors.iter().enumerate() {
         if !t.ggml_type.is_supported() {
             return Err(g.error(format!(
@@ -407,14 +540,14 @@ fn plan_tensors(g: &GgufFile, hp: &Hyper) -> Result<Plan> {
                 gguf::supported_type_names()
             )));
         }
-        if t.name == "rope_freqs.weight" {
+        if t.name == "rope_freqs.weight" && hp.family == Family::Llama {
             rope_scaling = Some(llama3_scaling_from_rope_freqs(g, t, hp)?);
             skipped.push(t.name.clone());
             continue;
         }
         let Some((hf_name, shape, unpermute_heads)) = map_name(&t.name, hp) else {
             return Err(g.error(format!(
-                "tensor `{}` has no counterpart in a Hugging Face Llama ({} layers)",
+                "tensor `{}` has no counterpart in a Hugging Face {class} ({} layers)",
                 t.name, hp.layers
             )));
         };
@@ -428,69 +561,124 @@ fn plan_tensors(g: &GgufFile, hp: &Hyper) -> Result<Plan> {
             )));
         }
         tensors.push(Planned {
-            index,
+            index: Some(index),
             hf_name,
             shape,
             unpermute_heads,
         });
     }
     let tied = g.tensor("output.weight").is_none();
+    // Qwen2 always has q/k/v biases; Qwen3 has them (and o's) when the file has any.
+    let is_bias = |t: &&TensorInfo| {
+        t.name.starts_with("blk.")
+            && [
+                "attn_q.bias",
+                "attn_k.bias",
+                "attn_v.bias",
+                "attn_output.bias",
+            ]
+            .iter()
+            .any(|b| t.name.ends_with(&format!(".{b}")))
+    };
+    let attention_bias = match hp.family {
+        Family::Llama => false,
+        Family::Qwen2 => true,
+        Family::Qwen3 => g.tensors.iter().any(|t| is_bias(&t)),
+    };
     let mut required = vec![
         "token_embd.weight".to_string(),
         "output_norm.weight".to_string(),
     ];
+    let mut zero_filled = Vec::new();
     for l in 0..hp.layers {
-        for p in [
-            "attn_norm",
-            "ffn_norm",
-            "attn_q",
-            "attn_k",
-            "attn_v",
-            "attn_output",
-            "ffn_gate",
-            "ffn_up",
-            "ffn_down",
-        ] {
-            required.push(format!("blk.{l}.{p}.weight"));
+        let mut parts = vec![
+            "attn_norm.weight",
+            "ffn_norm.weight",
+            "attn_q.weight",
+            "attn_k.weight",
+            "attn_v.weight",
+            "attn_output.weight",
+            "ffn_gate.weight",
+            "ffn_up.weight",
+            "ffn_down.weight",
+        ];
+        if hp.family == Family::Qwen3 {
+            parts.extend(["attn_q_norm.weight", "attn_k_norm.weight"]);
+        }
+        if attention_bias {
+            parts.extend(["attn_q.bias", "attn_k.bias", "attn_v.bias"]);
+        }
+        required.extend(parts.iter().map(|p| format!("blk.{l}.{p}")));
+        if attention_bias && hp.family == Family::Qwen3 {
+            let name = format!("blk.{l}.attn_output.bias");
+            if g.tensor(&name).is_none() {
+                let hf_name = format!("model.layers.{l}.self_attn.o_proj.bias");
+                zero_filled.push(hf_name.clone());
+                tensors.push(Planned {
+                    index: None,
+                    hf_name,
+                    shape: vec![hp.hidden],
+                    unpermute_heads: None,
+                });
+            }
         }
     }
     if let Some(missing) = required.iter().find(|n| g.tensor(n).is_none()) {
-        return Err(g.error(format!("tensor `{missing}` is missing")));
+        let why = if missing.ends_with(".bias") && hp.family == Family::Qwen3 {
+            " (the file has other q/k/v/o biases: a Qwen3 has them on every layer or on none)"
+        } else {
+            ""
+        };
+        return Err(g.error(format!(
+            "tensor `{missing}` is missing: a Hugging Face {class} needs it{why}"
+        )));
     }
     Ok(Plan {
         tensors,
         tied,
+        attention_bias,
         rope_scaling,
         skipped,
+        zero_filled,
     })
 }
 
-/// `llama.rope.scaling.*` → the HF `rope_scaling` object (None when absent or "none").
-fn rope_scaling_from_metadata(g: &GgufFile) -> Result<Option<Json>> {
-    let kind = match g.get("llama.rope.scaling.type") {
-        Some(v) => v.as_str().map(str::to_string).ok_or_else(|| {
-            g.error(format!(
-                "metadata `llama.rope.scaling.type` is {v:?}, expected a string"
-            ))
-        })?,
-        None if g.get("llama.rope.scale_linear").is_some() => "linear".into(),
+/// `<arch>.rope.scaling.*` → the HF `rope_scaling` object (None when absent or "none").
+fn rope_scaling_from_metadata(g: &GgufFile, family: Family) -> Result<Option<Json>> {
+    let a = family.name();
+    let (type_key, factor_key, linear_key) = (
+        format!("{a}.rope.scaling.type"),
+        format!("{a}.rope.scaling.factor"),
+        format!("{a}.rope.scale_linear"),
+    );
+    let kind = match g.get(&type_key) {
+        Some(v) => v
+            .as_str()
+            .map(str::to_string)
+            .ok_or_else(|| g.error(format!("metadata `{type_key}` is {v:?}, expected a string")))?,
+        None if g.get(&linear_key).is_some() => "linear".into(),
         None => return Ok(None),
     };
     match kind.as_str() {
         "none" => Ok(None),
         "linear" => {
-            let factor = match opt_f32(g, "llama.rope.scaling.factor")? {
+            let factor = match opt_f32(g, &factor_key)? {
                 Some(f) => f,
-                None => opt_f32(g, "llama.rope.scale_linear")?
-                    .ok_or_else(|| g.error("metadata `llama.rope.scaling.factor` is missing"))?,
+                None => opt_f32(g, &linear_key)?
+                    .ok_or_else(|| g.error(format!("metadata `{factor_key}` is missing")))?,
             };
             Ok(Some(
                 json!({"rope_type": "linear", "type": "linear", "factor": decimal(factor)}),
             ))
         }
         other => Err(g.error(format!(
-            "metadata `llama.rope.scaling.type` is `{other}`: only none and linear (or Llama 3's \
-             rope_freqs) are supported"
+            "metadata `{type_key}` is `{other}`: that rope scaling is not supported (supported: \
+             none and linear{})",
+            if family == Family::Llama {
+                ", or Llama 3's as a rope_freqs tensor"
+            } else {
+                ""
+            }
         ))),
     }
 }
@@ -600,7 +788,13 @@ fn write_data(g: &GgufFile, plan: &[Planned], header: &str, tmp: &Path) -> Resul
     w.write_all(header.as_bytes()).map_err(io)?;
     let mut values = 0;
     for p in plan {
-        let t = &g.tensors[p.index];
+        let Some(index) = p.index else {
+            let n: usize = p.shape.iter().product();
+            w.write_all(&vec![0u8; 2 * n]).map_err(io)?;
+            values += n;
+            continue;
+        };
+        let t = &g.tensors[index];
         let mut x = g.dequantize(&t.name)?;
         if let Some(heads) = p.unpermute_heads {
             let cols = p.shape[1];

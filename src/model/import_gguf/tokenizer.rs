@@ -14,9 +14,14 @@
 //! | `smollm`, `starcoder` | `\p{N}`, then GPT-2's | Digits(individual) + ByteLevel |
 //! | `llama-bpe`, `llama3`, `llama-v3` | Llama 3's | Split(Llama 3 regex, isolated) + ByteLevel(no regex); merges ignored for whole-word tokens |
 //! | `default` (or absent) | four: punctuation runs, GPT-2's, `\p{N}+`, `[0-9]{3}` | four isolated Splits + ByteLevel(no regex) |
+//! | `qwen2`, `deepseek-r1-qwen` | Qwen2's (Llama 3's with single digits) | NFC normalizer + Split(Qwen2 regex, isolated) + ByteLevel(no regex), ByteLevel decoder and post-processor, all as Qwen2's and Qwen3's own tokenizer.json |
 //!
+//!   (llama.cpp does not normalize: text already in NFC, as nearly all text is, tokenizes the
+//!   same in both; the regex is written as Qwen's tokenizer.json spells it, `(?i:'s|…)`, where
+//!   llama.cpp spells out the cases);
 //! - `tokenizer.ggml.add_bos_token` / `add_eos_token` (llama.cpp's defaults: BOS for the Llama 3
-//!   names, else none) → a ByteLevel + TemplateProcessing post-processor; otherwise none;
+//!   names, else none) → a ByteLevel + TemplateProcessing post-processor; otherwise none
+//!   (Qwen2's: its ByteLevel one, which only sets offsets);
 //! - `tokenizer.ggml.{bos,eos,unknown,padding}_token_id` and `tokenizer.chat_template` →
 //!   `tokenizer_config.json`.
 //!
@@ -35,6 +40,8 @@ use crate::quant::gguf::{GgufFile, Value};
 const GPT2_REGEX: &str = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)";
 /// Llama 3's (llama.cpp's case-insensitive-free spelling of the tiktoken pattern).
 const LLAMA3_REGEX: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+/// Qwen2's (and Qwen3's), as their tokenizer.json writes it: Llama 3's with single digits.
+const QWEN2_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 /// llama.cpp's regexes for `default`, applied in turn.
 const DEFAULT_REGEXES: [&str; 4] = [
     r"[\p{P}\$\+<=>\^~\|]+",
@@ -45,7 +52,7 @@ const DEFAULT_REGEXES: [&str; 4] = [
 
 /// The `tokenizer.ggml.pre` names supported.
 pub const SUPPORTED_PRE: &str =
-    "gpt2, gpt-2, smollm, starcoder, llama-bpe, llama3, llama-v3, default";
+    "gpt2, gpt-2, smollm, starcoder, llama-bpe, llama3, llama-v3, qwen2, deepseek-r1-qwen, default";
 
 /// GGUF token types (llama.cpp's `llama_token_type`).
 const NORMAL: i64 = 1;
@@ -104,16 +111,43 @@ fn byte_level(use_regex: bool) -> Json {
     json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex})
 }
 
+/// Qwen2's ByteLevel (pre-tokenizer after its Split, decoder, post-processor): no prefix space,
+/// no offset trimming, no regex.
+fn qwen_byte_level() -> Json {
+    json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false})
+}
+
 fn split(regex: &str) -> Json {
     json!({"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": false})
 }
 
-/// The pre-tokenizer for a `tokenizer.ggml.pre` name, whether whole-word vocab hits skip the
-/// merges, and whether llama.cpp adds a BOS by default.
-fn pre_tokenizer(pre: &str) -> Option<(Json, bool, bool)> {
+/// How a `tokenizer.ggml.pre` name is written.
+struct Pre {
+    /// The `pre_tokenizer`.
+    pre_tokenizer: Json,
+    /// Whether whole-word vocabulary hits skip the merges (`ignore_merges`).
+    ignore_merges: bool,
+    /// Whether llama.cpp adds a BOS by default.
+    default_bos: bool,
+    /// The `normalizer` (null but for Qwen2's NFC).
+    normalizer: Json,
+    /// Qwen2's ByteLevel as the decoder and (without BOS/EOS to add) as the post-processor, as
+    /// its tokenizer.json has them; otherwise the usual decoder and no post-processor.
+    qwen: bool,
+}
+
+/// The pre-tokenizer for a `tokenizer.ggml.pre` name.
+fn pre_tokenizer(pre: &str) -> Option<Pre> {
+    let plain = |pre_tokenizer: Json, ignore_merges: bool, default_bos: bool| Pre {
+        pre_tokenizer,
+        ignore_merges,
+        default_bos,
+        normalizer: Json::Null,
+        qwen: false,
+    };
     Some(match pre {
-        "gpt2" | "gpt-2" => (byte_level(true), false, false),
-        "smollm" | "starcoder" => (
+        "gpt2" | "gpt-2" => plain(byte_level(true), false, false),
+        "smollm" | "starcoder" => plain(
             json!({"type": "Sequence", "pretokenizers": [
                 {"type": "Digits", "individual_digits": true},
                 byte_level(true),
@@ -121,15 +155,25 @@ fn pre_tokenizer(pre: &str) -> Option<(Json, bool, bool)> {
             false,
             false,
         ),
-        "llama-bpe" | "llama3" | "llama-v3" => (
+        "llama-bpe" | "llama3" | "llama-v3" => plain(
             json!({"type": "Sequence", "pretokenizers": [split(LLAMA3_REGEX), byte_level(false)]}),
             true,
             true,
         ),
+        "qwen2" | "deepseek-r1-qwen" => Pre {
+            pre_tokenizer: json!({"type": "Sequence", "pretokenizers": [
+                split(QWEN2_REGEX),
+                qwen_byte_level(),
+            ]}),
+            ignore_merges: false,
+            default_bos: false,
+            normalizer: json!({"type": "NFC"}),
+            qwen: true,
+        },
         "default" => {
             let mut seq: Vec<Json> = DEFAULT_REGEXES.iter().map(|r| split(r)).collect();
             seq.push(byte_level(false));
-            (
+            plain(
                 json!({"type": "Sequence", "pretokenizers": seq}),
                 false,
                 false,
@@ -201,7 +245,7 @@ pub fn build(g: &GgufFile, model_max_length: usize) -> Result<TokenizerFiles> {
         .and_then(Value::as_str)
         .unwrap_or("default")
         .to_string();
-    let Some((pre_tok, ignore_merges, default_bos)) = pre_tokenizer(&pre) else {
+    let Some(spec) = pre_tokenizer(&pre) else {
         return Err(g.error(format!(
             "tokenizer.ggml.pre is `{pre}`: supported pre-tokenizers are {SUPPORTED_PRE}"
         )));
@@ -245,7 +289,7 @@ pub fn build(g: &GgufFile, model_max_length: usize) -> Result<TokenizerFiles> {
     let eos = name("tokenizer.ggml.eos_token_id")?;
     let unk = name("tokenizer.ggml.unknown_token_id")?;
     let pad = name("tokenizer.ggml.padding_token_id")?;
-    let add_bos = flag(g, "tokenizer.ggml.add_bos_token")?.unwrap_or(default_bos);
+    let add_bos = flag(g, "tokenizer.ggml.add_bos_token")?.unwrap_or(spec.default_bos);
     let add_eos = flag(g, "tokenizer.ggml.add_eos_token")?.unwrap_or(false);
     let missing = |what: &str| {
         g.error(format!(
@@ -262,14 +306,22 @@ pub fn build(g: &GgufFile, model_max_length: usize) -> Result<TokenizerFiles> {
     } else {
         None
     };
-    // Like the original models: no post-processor unless BOS/EOS are added.
+    // Like the original models: no post-processor unless BOS/EOS are added (Qwen2's: a
+    // ByteLevel one, which only sets offsets).
     let post = if bos_added.is_some() || eos_added.is_some() {
         json!({"type": "Sequence", "processors": [
             {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": true},
             template(bos_added, eos_added, &ids),
         ]})
+    } else if spec.qwen {
+        qwen_byte_level()
     } else {
         Json::Null
+    };
+    let decoder = if spec.qwen {
+        qwen_byte_level()
+    } else {
+        json!({"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true})
     };
 
     let tokenizer_json = json!({
@@ -277,10 +329,10 @@ pub fn build(g: &GgufFile, model_max_length: usize) -> Result<TokenizerFiles> {
         "truncation": null,
         "padding": null,
         "added_tokens": added,
-        "normalizer": null,
-        "pre_tokenizer": pre_tok,
+        "normalizer": spec.normalizer,
+        "pre_tokenizer": spec.pre_tokenizer,
         "post_processor": post,
-        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+        "decoder": decoder,
         "model": {
             "type": "BPE",
             "dropout": null,
@@ -290,7 +342,7 @@ pub fn build(g: &GgufFile, model_max_length: usize) -> Result<TokenizerFiles> {
             "end_of_word_suffix": null,
             "fuse_unk": false,
             "byte_fallback": false,
-            "ignore_merges": ignore_merges,
+            "ignore_merges": spec.ignore_merges,
             "vocab": vocab,
             "merges": merge_pairs,
         },
