@@ -54,3 +54,34 @@ pub fn on_simulator() -> bool {
         .and_then(|d| d.name().ok())
         .is_some_and(|name| name.contains("simulated"))
 }
+
+/// A copy of the tiny-qwen3 fixture without its attention biases (`attention_bias: false`):
+/// llama.cpp's `qwen3` has no attention-output bias, so `export-gguf` refuses the fixture as
+/// it is. Real Qwen3 checkpoints have no biases; tiny-qwen3-lora still fits it.
+pub fn tiny_qwen3_without_biases(dir: &std::path::Path) -> PathBuf {
+    let src = qlora_rs::testing::project_root().join("tests/fixtures/llama/tiny-qwen3");
+    let out = dir.join("tiny-qwen3-no-bias");
+    std::fs::create_dir_all(&out).unwrap();
+    for f in [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+    ] {
+        if src.join(f).is_file() {
+            std::fs::copy(src.join(f), out.join(f)).unwrap();
+        }
+    }
+    let mut c: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
+    c["attention_bias"] = false.into();
+    std::fs::write(out.join("config.json"), c.to_string()).unwrap();
+    let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let kept: Vec<(String, safetensors::tensor::TensorView)> = st
+        .tensors()
+        .into_iter()
+        .filter(|(n, _)| !n.ends_with(".bias"))
+        .collect();
+    safetensors::serialize_to_file(kept, None, &out.join("model.safetensors")).unwrap();
+    out
+}

@@ -184,7 +184,12 @@ fn gguf_import_qwen_round_trips_export_gguf_bit_for_bit() {
         ("qwen3", None),
         ("qwen3", Some("tiny-qwen3-lora")),
     ] {
-        let model = llama_fixture(&format!("tiny-{family}"));
+        // Qwen3 without the fixture's biases: llama.cpp's qwen3 has no o_proj bias, so
+        // export-gguf refuses tiny-qwen3 itself (the gguf-py file below keeps the biases).
+        let model = match family {
+            "qwen3" => crate::common::tiny_qwen3_without_biases(&dir),
+            _ => llama_fixture(&format!("tiny-{family}")),
+        };
         let case = format!("{family}{}", if adapter.is_some() { "+lora" } else { "" });
         // What the import must give: merge's output, or the weights rounded to bf16.
         let reference = dir.join(format!("ref-{case}"));
@@ -214,7 +219,7 @@ fn gguf_import_qwen_round_trips_export_gguf_bit_for_bit() {
         };
         assert_eq!(cfg["architectures"], serde_json::json!([class]), "{case}");
         assert_eq!(cfg["model_type"], family);
-        assert_eq!(cfg["attention_bias"], true, "{case}");
+        assert_eq!(cfg["attention_bias"], family == "qwen2", "{case}");
         assert_eq!(cfg["use_sliding_window"], false);
         assert_eq!(cfg["tie_word_embeddings"], false);
         assert_eq!(cfg["torch_dtype"], "bfloat16");
