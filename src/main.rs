@@ -215,7 +215,7 @@ enum Command {
         #[arg(long)]
         output: PathBuf,
         /// f32, f16, bf16, q8_0, q4_0, q4_k_m (the usual choice), q5_k_m or q6_k.
-        #[arg(long = "type", default_value = "q4_k_m")]
+        #[arg(long = "type", value_name = "TYPE", default_value = "q4_k_m")]
         ty: String,
         /// Replace --output if it exists.
         #[arg(long)]
