@@ -235,6 +235,21 @@ pub fn dequantize_4bit_into(
         .enumerate()
         .for_each(|(t, chunk)| {
             let base = t * per_task;
+            if blocksize % 2 == 0 && blocksize > 0 {
+                // Block by block, two values per byte: no division per element.
+                for (b, block) in chunk.chunks_mut(blocksize).enumerate() {
+                    let first = base + b * blocksize;
+                    let scale = absmax[first / blocksize];
+                    let bytes = &packed[first / 2..];
+                    for (pair, &byte) in block.chunks_mut(2).zip(bytes) {
+                        pair[0] = code[(byte >> 4) as usize] * scale;
+                        if let Some(v) = pair.get_mut(1) {
+                            *v = code[(byte & 0xF) as usize] * scale;
+                        }
+                    }
+                }
+                return;
+            }
             for (j, v) in chunk.iter_mut().enumerate() {
                 let i = base + j;
                 let byte = packed[i / 2];
