@@ -668,7 +668,8 @@ impl<'a> Tape<'a> {
                     Some(SlotRef::Cpu {
                         a, b, rank, scale, ..
                     }) => {
-                        let mask = self.dropout.map(|d| {
+                        // p = 0 keeps every element at scale 1: x̃ = x exactly, no mask.
+                        let mask = self.dropout.filter(|d| d.p > 0.0).map(|d| {
                             let s = dropout::stream_seed(d.seed, lin.layer, lin.target as u64);
                             dropout::mask(s, d.p as f32, t * i)
                         });
@@ -997,7 +998,7 @@ impl<'a> Tape<'a> {
                     d,
                     targets,
                     grad_scale,
-                    cross_entropy::DEFAULT_CHUNK,
+                    cross_entropy::cpu_chunk(w.elem_count() / d.max(1)),
                 )?;
                 let dx = out.dh.map(|g| host(g, xv.shape())).transpose()?;
                 (Losses::Host(out.loss_sum), out.count, dx)

@@ -508,3 +508,113 @@ fn dropout_mask_is_the_shared_counter_based_function() {
     );
     assert!(dropout::mask(99, 0.0, 1000).iter().all(|&v| v == 1.0));
 }
+
+#[test]
+fn attention_over_several_causal_blocks_matches_the_definition_and_finite_differences() {
+    // Sequences longer than the CPU's causal block (64 rows), so the blocked products (and the
+    // zeros they skip) are exercised: 140 = 64 + 64 + 12 rows, and a second of 70.
+    let mut r = rng(31);
+    let d = attn_dims(2, 1, 3);
+    let cu = [0usize, 140, 210];
+    let t = 210;
+    let (q, k, v) = (
+        randn(&mut r, t * 6, 0.7),
+        randn(&mut r, t * 3, 0.7),
+        randn(&mut r, t * 3, 1.0),
+    );
+    let (o, lse) = attention::forward(d, &q, &k, &v, &cu).unwrap();
+    assert_close(
+        "attention o (long)",
+        &o,
+        &naive_attention(d, &q, &k, &v, &cu),
+        Tolerance {
+            abs: 1e-12,
+            rel: 1e-10,
+        },
+    );
+    let c = randn(&mut r, t * 6, 1.0);
+    let (dq, dk, dv) = attention::backward(d, &q, &k, &v, &o, &lse, &c, &cu).unwrap();
+    let f =
+        |q: &[f64], k: &[f64], v: &[f64]| dot(&attention::forward(d, q, k, v, &cu).unwrap().0, &c);
+    let tol = Tolerance {
+        abs: 1e-6,
+        rel: 1e-5,
+    };
+    assert_close(
+        "attention dq (long)",
+        &dq,
+        &numeric_grad(&q, |q| f(q, &k, &v)),
+        tol,
+    );
+    assert_close(
+        "attention dk (long)",
+        &dk,
+        &numeric_grad(&k, |k| f(&q, k, &v)),
+        tol,
+    );
+    assert_close(
+        "attention dv (long)",
+        &dv,
+        &numeric_grad(&v, |v| f(&q, &k, v)),
+        tol,
+    );
+}
+
+#[test]
+fn elementwise_ops_on_large_inputs_equal_their_formulas_exactly() {
+    // Large enough to be cut into pieces over the CPU's cores: each element must still be the
+    // one-thread formula's, bit for bit.
+    let mut r = rng(32);
+    let n = 100_003;
+    let g: Vec<f32> = (0..n).map(|_| r.random_range(-4.0f32..4.0)).collect();
+    let u: Vec<f32> = (0..n).map(|_| r.random_range(-2.0f32..2.0)).collect();
+    let dh: Vec<f32> = (0..n).map(|_| r.random_range(-1.0f32..1.0)).collect();
+    let sig = |x: f32| 1.0 / (1.0 + (-x).exp());
+    let h = swiglu::forward(&g, &u).unwrap();
+    let (dg, du) = swiglu::backward(&g, &u, &dh).unwrap();
+    for i in 0..n {
+        let s = sig(g[i]);
+        assert_eq!(h[i], g[i] * s * u[i], "swiglu h[{i}]");
+        assert_eq!(
+            dg[i],
+            dh[i] * u[i] * s * (1.0 + g[i] * (1.0 - s)),
+            "dg[{i}]"
+        );
+        assert_eq!(du[i], dh[i] * g[i] * s, "du[{i}]");
+    }
+    let sum = residual::forward(&g, &u).unwrap();
+    let mut acc = g.clone();
+    residual::accumulate(&mut acc, &u).unwrap();
+    for i in 0..n {
+        assert_eq!(sum[i], g[i] + u[i]);
+        assert_eq!(acc[i], g[i] + u[i]);
+    }
+    let d = 577;
+    let rows = n / d;
+    let x = &g[..rows * d];
+    let w = &u[..d];
+    let (y, rstd) = rmsnorm::forward(x, w, d, 1e-5).unwrap();
+    let dx = rmsnorm::backward(x, w, &rstd, &dh[..rows * d], d).unwrap();
+    for t in 0..rows {
+        let xr = &x[t * d..(t + 1) * d];
+        let ms = xr.iter().map(|&v| v * v).sum::<f32>() / d as f32;
+        let rs = 1.0 / (ms + 1e-5f32).sqrt();
+        assert_eq!(rstd[t], rs, "rstd[{t}]");
+        let dyr = &dh[t * d..(t + 1) * d];
+        let dotp = xr
+            .iter()
+            .zip(dyr)
+            .zip(w)
+            .map(|((&xv, &gv), &wv)| gv * wv * xv * rs)
+            .sum::<f32>()
+            / d as f32;
+        for i in 0..d {
+            assert_eq!(y[t * d + i], (xr[i] * rs) * w[i], "y[{t}, {i}]");
+            assert_eq!(
+                dx[t * d + i],
+                rs * (dyr[i] * w[i] - xr[i] * rs * dotp),
+                "dx[{t}, {i}]"
+            );
+        }
+    }
+}

@@ -25,8 +25,8 @@ use cudarc::driver::{LaunchConfig, PushKernelArg};
 
 use rayon::prelude::*;
 
-use super::matmul::{gemm, Mat};
-use super::{check_cu_seqlens, check_tensor, cuda_ordinal, expect_len, Real};
+use super::matmul::{gemm, gemm_ldc, Mat};
+use super::{check_cu_seqlens, check_tensor, cuda_ordinal, expect_len, zeros, Real};
 use crate::device::cuda::CudaDevice;
 use crate::device::Device;
 use crate::error::{Error, Result};
@@ -90,7 +90,18 @@ fn check<T: Real>(
 fn probabilities<T: Real>(q: Mat<T>, k: Mat<T>, scale: T, lse: Option<&[T]>) -> (Vec<T>, Vec<T>) {
     let l = q.rows;
     let mut p = vec![T::zero(); l * l];
-    gemm(q, k.t(), &mut p, scale, T::zero());
+    // Causal: each block of rows only needs the columns up to its last row (the rest of S is
+    // zeroed below); every element is the same dot product as in the full product.
+    for (r0, r1) in causal_blocks(l) {
+        gemm_ldc(
+            q.block(r0, r1, 0, q.cols),
+            k.block(0, r1, 0, k.cols).t(),
+            &mut p[r0 * l..],
+            l,
+            scale,
+            T::zero(),
+        );
+    }
     let mut out_lse = Vec::with_capacity(l);
     for i in 0..l {
         let row = &mut p[i * l..(i + 1) * l];
@@ -109,6 +120,17 @@ fn probabilities<T: Real>(q: Mat<T>, k: Mat<T>, scale: T, lse: Option<&[T]>) -> 
         out_lse.push(m);
     }
     (p, out_lse)
+}
+
+/// Rows per block of the causal products: a block of rows `r0..r1` of `P` (or `S`, `dS`) is
+/// zero beyond column `r1`, so its products stop there.
+const CAUSAL_BLOCK: usize = 64;
+
+/// The `(r0, r1)` row blocks of an `l`-row causal matrix.
+fn causal_blocks(l: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..l)
+        .step_by(CAUSAL_BLOCK)
+        .map(move |r0| (r0, (r0 + CAUSAL_BLOCK).min(l)))
 }
 
 /// Returns `(o [T, H, D], lse [T, H])`.
@@ -133,11 +155,22 @@ pub fn forward<T: Real>(
             let vg = Mat::strided(&v[(s0 * kv_n + g) * dim..], l, dim, kv_n * dim);
             let (p, row_lse) = probabilities(qh, kg, scale, None);
             let mut oh = vec![T::zero(); l * dim];
-            gemm(Mat::new(&p, l, l), vg, &mut oh, T::one(), T::zero());
+            // o = P·v over the nonzero columns of each block of P's rows (the terms skipped are
+            // the zeros above the diagonal: the sums are those of the full product).
+            let pm = Mat::new(&p, l, l);
+            for (r0, r1) in causal_blocks(l) {
+                gemm(
+                    pm.block(r0, r1, 0, r1),
+                    vg.block(0, r1, 0, dim),
+                    &mut oh[r0 * dim..r1 * dim],
+                    T::one(),
+                    T::zero(),
+                );
+            }
             (s0, l, h, oh, row_lse)
         })
         .collect();
-    let mut o = vec![T::zero(); q.len()];
+    let mut o = zeros(q.len());
     let mut lse = vec![T::zero(); tokens * h_n];
     for (s0, l, h, oh, row_lse) in per_head {
         for i in 0..l {
@@ -205,29 +238,65 @@ pub fn backward<T: Real>(
                     (0..dim).map(|c| d_o[at + c] * o[at + c]).sum()
                 })
                 .collect();
+            // The products below skip the zeros of P and dS above the diagonal: row blocks
+            // r0..r1 of P and dS stop at column r1; rows c0..c1 of Pᵀ and dSᵀ start at c0.
+            let pm = Mat::new(&p, l, l);
             // dv_g += Pᵀ·dO_h
             let mut dvh = vec![T::zero(); l * dim];
-            gemm(Mat::new(&p, l, l).t(), doh, &mut dvh, T::one(), T::zero());
+            for (c0, c1) in causal_blocks(l) {
+                gemm(
+                    pm.t().block(c0, c1, c0, l),
+                    doh.block(c0, l, 0, dim),
+                    &mut dvh[c0 * dim..c1 * dim],
+                    T::one(),
+                    T::zero(),
+                );
+            }
             // dS = P ⊙ (dO·vᵀ − D)
             let mut ds = vec![T::zero(); l * l];
-            gemm(doh, vg.t(), &mut ds, T::one(), T::zero());
-            for ((ds_row, p_row), &d_i) in ds.chunks_mut(l).zip(p.chunks(l)).zip(&di) {
-                for (s, &pv) in ds_row.iter_mut().zip(p_row) {
+            for (r0, r1) in causal_blocks(l) {
+                gemm_ldc(
+                    doh.block(r0, r1, 0, dim),
+                    vg.block(0, r1, 0, dim).t(),
+                    &mut ds[r0 * l..],
+                    l,
+                    T::one(),
+                    T::zero(),
+                );
+            }
+            for (i, ((ds_row, p_row), &d_i)) in
+                ds.chunks_mut(l).zip(p.chunks(l)).zip(&di).enumerate()
+            {
+                for (s, &pv) in ds_row[..=i].iter_mut().zip(p_row) {
                     *s = pv * (*s - d_i);
                 }
+                ds_row[i + 1..].fill(T::zero());
             }
+            let dsm = Mat::new(&ds, l, l);
             let mut dqh = vec![T::zero(); l * dim];
-            gemm(Mat::new(&ds, l, l), kg, &mut dqh, scale, T::zero());
+            for (r0, r1) in causal_blocks(l) {
+                gemm(
+                    dsm.block(r0, r1, 0, r1),
+                    kg.block(0, r1, 0, dim),
+                    &mut dqh[r0 * dim..r1 * dim],
+                    scale,
+                    T::zero(),
+                );
+            }
             let mut dkh = vec![T::zero(); l * dim];
-            gemm(Mat::new(&ds, l, l).t(), qh, &mut dkh, scale, T::zero());
+            for (c0, c1) in causal_blocks(l) {
+                gemm(
+                    dsm.t().block(c0, c1, c0, l),
+                    qh.block(c0, l, 0, dim),
+                    &mut dkh[c0 * dim..c1 * dim],
+                    scale,
+                    T::zero(),
+                );
+            }
             (s0, l, h, dqh, dkh, dvh)
         })
         .collect();
-    let (mut dq, mut dk, mut dv) = (
-        vec![T::zero(); q.len()],
-        vec![T::zero(); k.len()],
-        vec![T::zero(); v.len()],
-    );
+    let (mut dq, mut dk, mut dv) = (zeros(q.len()), zeros(k.len()), zeros(v.len()));
     for (s0, l, h, dqh, dkh, dvh) in per_head {
         let g = h / group;
         for i in 0..l {

@@ -18,7 +18,7 @@ use cudarc::driver::{LaunchConfig, PushKernelArg};
 use rayon::prelude::*;
 
 use super::matmul::{gemm, Mat};
-use super::{check_tensor, cuda_ordinal, expect_len, Real};
+use super::{check_tensor, cuda_ordinal, expect_len, zeros, Real};
 use crate::device::cuda::CudaDevice;
 use crate::device::Device;
 use crate::error::{Error, Result};
@@ -29,6 +29,18 @@ pub const IGNORE_INDEX: i64 = -100;
 
 /// Rows per chunk: the transient logits are `chunk × V` (16 MiB of f32 at V = 128,256).
 pub const DEFAULT_CHUNK: usize = 32;
+
+/// Rows per chunk on the CPU: as many as keep the transient logits within 64 MiB (341 rows at
+/// V = 49,152, 130 at V = 128,256), in multiples of [`DEFAULT_CHUNK`], 512 at most. Each chunk
+/// streams the whole lm_head weight through two GEMMs (the logits and `dh`), which re-pack it:
+/// few large chunks pack it few times. Every row's logits, loss and `dh` are computed alike
+/// whatever the chunk (one GEMM element and one row at a time), and the losses are summed in row
+/// order, so the result does not depend on it.
+pub fn cpu_chunk(vocab: usize) -> usize {
+    const BYTES: usize = 64 << 20;
+    let rows = BYTES / (4 * vocab.max(1));
+    (rows / DEFAULT_CHUNK * DEFAULT_CHUNK).clamp(DEFAULT_CHUNK, 512)
+}
 
 /// `targets[t] = labels[t + 1]` within each sequence of `cu_seqlens`, −100 at each sequence end.
 pub fn shift_labels(labels: &[i64], cu_seqlens: &[usize]) -> Vec<i64> {
@@ -108,9 +120,9 @@ pub fn forward_backward<T: Real>(
     let vocab = w.len() / d;
     check_targets(targets, vocab)?;
     let chunk = chunk.max(1);
-    let mut dh = grad_scale.map(|_| vec![T::zero(); h.len()]);
+    let mut dh = grad_scale.map(|_| zeros(h.len()));
     let (mut loss_sum, mut count) = (0.0f64, 0usize);
-    let mut z = vec![T::zero(); chunk * vocab];
+    let mut z = zeros(chunk * vocab);
     for c0 in (0..tokens).step_by(chunk) {
         let rows = chunk.min(tokens - c0);
         let zc = &mut z[..rows * vocab];

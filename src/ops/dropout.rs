@@ -40,9 +40,18 @@ pub fn keep(s: u64, i: u64, p: f32) -> bool {
 /// The mask of `n` elements for stream seed `s`: `1/(1 − p)` where kept, 0 where dropped.
 pub fn mask(s: u64, p: f32, n: usize) -> Vec<f32> {
     let scale = 1.0 / (1.0 - p);
-    (0..n as u64)
-        .map(|i| if keep(s, i, p) { scale } else { 0.0 })
-        .collect()
+    let mut m = vec![0.0f32; n];
+    // Each element a pure function of its index: drawn in parallel.
+    super::for_chunks(&mut m, super::PAR_CHUNK, |at, ms| {
+        for (j, v) in ms.iter_mut().enumerate() {
+            *v = if keep(s, (at + j) as u64, p) {
+                scale
+            } else {
+                0.0
+            };
+        }
+    });
+    m
 }
 
 /// CUDA: `y = x ⊙ m` with the mask of [`mask`] (`seed` a [`stream_seed`]); `y` is rounded to bf16.

@@ -15,7 +15,7 @@
 //! (Unsloth's `fast_lora.py` derivation, with the dropout mask on the adapter branch.)
 
 use super::matmul::{gemm, Mat};
-use super::{expect_len, Real};
+use super::{expect_len, for_chunks, for_rows, zeros, Real, PAR_CHUNK};
 use crate::error::Result;
 
 /// The adapter of one linear layer.
@@ -82,7 +82,15 @@ fn check<T: Real>(
 
 fn masked<'a, T: Real>(x: &'a [T], mask: Option<&[T]>) -> std::borrow::Cow<'a, [T]> {
     match mask {
-        Some(m) => x.iter().zip(m).map(|(&a, &b)| a * b).collect(),
+        Some(m) => {
+            let mut xd = zeros(x.len());
+            for_chunks(&mut xd, PAR_CHUNK, |at, out| {
+                for ((o, &a), &b) in out.iter_mut().zip(&x[at..]).zip(&m[at..]) {
+                    *o = a * b;
+                }
+            });
+            std::borrow::Cow::Owned(xd)
+        }
         None => std::borrow::Cow::Borrowed(x),
     }
 }
@@ -122,11 +130,13 @@ pub fn adapter_input<T: Real>(
 /// `y[t, c] += bias[c]` for `y` `[T, out]` row-major (`out = bias.len()`). The bias is frozen:
 /// the backward passes `dy` through unchanged. CUDA: `embedding::bias_add_cuda`.
 pub fn add_bias<T: Real>(y: &mut [T], bias: &[T]) {
-    for row in y.chunks_mut(bias.len().max(1)) {
-        for (v, &b) in row.iter_mut().zip(bias) {
-            *v += b;
+    for_rows(y, bias.len(), |_, rows| {
+        for row in rows.chunks_mut(bias.len().max(1)) {
+            for (v, &b) in row.iter_mut().zip(bias) {
+                *v += b;
+            }
         }
-    }
+    });
 }
 
 /// Returns `(y [T, out], xa [T, r])` (`xa` empty without an adapter).
@@ -140,7 +150,7 @@ pub fn forward<T: Real>(
 ) -> Result<(Vec<T>, Vec<T>)> {
     check("linear", d, x, w, bias, lora, mask)?;
     let (t, i, o) = (d.tokens, d.in_features, d.out_features);
-    let mut y = vec![T::zero(); t * o];
+    let mut y = zeros(t * o);
     gemm(
         Mat::new(x, t, i),
         Mat::new(w, o, i).t(),
@@ -195,7 +205,7 @@ pub fn backward<T: Real>(
         lora.as_ref().map(|g| &g.lora),
         mask,
     )?;
-    let mut dx = need_dx.then(|| vec![T::zero(); t * i]);
+    let mut dx = need_dx.then(|| zeros(t * i));
     if let Some(dx) = dx.as_mut() {
         gemm(
             Mat::new(dy, t, o),
@@ -225,7 +235,7 @@ pub fn backward<T: Real>(
             T::zero(),
         );
         if let Some(dx) = dx.as_mut() {
-            let mut ga = vec![T::zero(); t * i];
+            let mut ga = zeros(t * i);
             gemm(
                 Mat::new(&g, t, r),
                 Mat::new(l.a, r, i),
@@ -233,18 +243,19 @@ pub fn backward<T: Real>(
                 T::one(),
                 T::zero(),
             );
-            match mask {
+            let scale = l.scale;
+            for_chunks(dx, PAR_CHUNK, |at, dxs| match mask {
                 Some(m) => {
-                    for ((dv, &gv), &mv) in dx.iter_mut().zip(&ga).zip(m) {
-                        *dv += l.scale * gv * mv;
+                    for ((dv, &gv), &mv) in dxs.iter_mut().zip(&ga[at..]).zip(&m[at..]) {
+                        *dv += scale * gv * mv;
                     }
                 }
                 None => {
-                    for (dv, &gv) in dx.iter_mut().zip(&ga) {
-                        *dv += l.scale * gv;
+                    for (dv, &gv) in dxs.iter_mut().zip(&ga[at..]) {
+                        *dv += scale * gv;
                     }
                 }
-            }
+            });
         }
         let xd = masked(x, mask);
         gemm(

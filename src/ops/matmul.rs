@@ -45,6 +45,23 @@ impl<'a, T> Mat<'a, T> {
         }
     }
 
+    /// Rows `r0..r1` and columns `c0..c1` of this matrix, as a view (`r0 < r1`, `c0 < c1`).
+    pub fn block(self, r0: usize, r1: usize, c0: usize, c1: usize) -> Self {
+        assert!(
+            r0 < r1 && r1 <= self.rows && c0 < c1 && c1 <= self.cols,
+            "gemm: block {r0}..{r1} × {c0}..{c1} of a {}x{} view",
+            self.rows,
+            self.cols
+        );
+        Mat {
+            data: &self.data[r0 * self.row_stride + c0 * self.col_stride..],
+            rows: r1 - r0,
+            cols: c1 - c0,
+            row_stride: self.row_stride,
+            col_stride: self.col_stride,
+        }
+    }
+
     /// The transpose, as a view.
     pub fn t(self) -> Self {
         Mat {
@@ -79,37 +96,52 @@ impl<'a, T> Mat<'a, T> {
 /// get here); a mismatch here is a bug and panics with the shapes.
 ///
 /// Products of at least [`PARALLEL_MIN`] multiply-adds are split over the CPU's cores
-/// ([`cpu_threads`]): into blocks of C's rows, or of its columns when it has too few rows. Every
+/// ([`cpu_threads`]): into blocks of C's rows, or of its columns when it has more columns than
+/// rows (or too few rows). Every
 /// element of C is one thread's, computed as a single call would compute it, so the result does
 /// not depend on the number of threads.
 pub fn gemm<T: Real>(a: Mat<T>, b: Mat<T>, c: &mut [T], alpha: T, beta: T) {
+    assert_eq!(c.len(), a.rows * b.cols, "gemm: output buffer size");
+    gemm_ldc(a, b, c, b.cols, alpha, beta)
+}
+
+/// [`gemm`] into a C whose rows are `ldc ≥ B.cols` elements apart (a block of a larger
+/// row-major matrix); the elements between the rows' ends and the next rows are not touched.
+pub fn gemm_ldc<T: Real>(a: Mat<T>, b: Mat<T>, c: &mut [T], ldc: usize, alpha: T, beta: T) {
     assert_eq!(
         a.cols, b.rows,
         "gemm: inner dimensions {}x{} · {}x{}",
         a.rows, a.cols, b.rows, b.cols
     );
-    assert_eq!(c.len(), a.rows * b.cols, "gemm: output buffer size");
     a.check("A");
     b.check("B");
     let (m, k, n) = (a.rows, a.cols, b.cols);
     if m == 0 || n == 0 {
         return;
     }
+    assert!(
+        ldc >= n && c.len() >= (m - 1) * ldc + n,
+        "gemm: output buffer of {} elements for {m}x{n} rows {ldc} apart",
+        c.len()
+    );
     let threads = cpu_threads();
+    // Each part packs its share of the operand it splits and all of the other: split the larger
+    // side of C, so the operand packed whole by every part is the smaller one.
+    let by_rows = m >= 2 * MIN_ROWS && (m >= n || n < 2 * MIN_COLS);
     let parts = if threads < 2 || m * n * k < PARALLEL_MIN {
         1
-    } else if m >= 2 * MIN_ROWS {
+    } else if by_rows {
         threads.min(m / MIN_ROWS)
     } else {
         threads.min(n / MIN_COLS).max(1)
     };
-    let by_rows = m >= 2 * MIN_ROWS;
     let c_ptr = SyncPtr(c.as_mut_ptr());
     let one = |p: usize| {
         let (len, at) = if by_rows { (m, p) } else { (n, p) };
         let (start, end) = (at * len / parts, (at + 1) * len / parts);
-        // SAFETY: the views were checked to stay within their slices and `c` holds m·n
-        // elements; part p owns rows (or columns) start..end of C, disjoint from the others.
+        // SAFETY: the views were checked to stay within their slices and `c` holds the m rows of
+        // n elements `ldc` apart; part p owns rows (or columns) start..end of C, disjoint from
+        // the others.
         unsafe {
             if by_rows {
                 T::gemm_raw(
@@ -124,8 +156,8 @@ pub fn gemm<T: Real>(a: Mat<T>, b: Mat<T>, c: &mut [T], alpha: T, beta: T) {
                     b.row_stride as isize,
                     b.col_stride as isize,
                     beta,
-                    c_ptr.get().add(start * n),
-                    n as isize,
+                    c_ptr.get().add(start * ldc),
+                    ldc as isize,
                 )
             } else {
                 T::gemm_raw(
@@ -141,7 +173,7 @@ pub fn gemm<T: Real>(a: Mat<T>, b: Mat<T>, c: &mut [T], alpha: T, beta: T) {
                     b.col_stride as isize,
                     beta,
                     c_ptr.get().add(start),
-                    n as isize,
+                    ldc as isize,
                 )
             }
         }

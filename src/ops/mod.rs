@@ -198,3 +198,75 @@ pub(crate) fn row_block(d: usize) -> u32 {
 
 /// A null device pointer, for optional kernel arguments.
 pub(crate) const NULL_PTR: u64 = 0;
+
+/// Elements per task of the CPU reference's elementwise ops when they run in parallel.
+pub(crate) const PAR_CHUNK: usize = 1 << 14;
+
+/// Runs `f(start, chunk)` over `out` cut into pieces of `chunk` elements (the last may be
+/// shorter), `start` the index of the piece's first element: in parallel over the CPU's cores
+/// ([`matmul::cpu_threads`]) when there is more than one piece, else in order on this thread.
+/// `f` must compute each element of a piece from `start` and the element's index alone (as the
+/// elementwise ops do), so the result does not depend on the thread count or the split.
+pub(crate) fn for_chunks<T: Send>(out: &mut [T], chunk: usize, f: impl Fn(usize, &mut [T]) + Sync) {
+    use rayon::prelude::*;
+    let chunk = chunk.max(1);
+    if matmul::cpu_threads() < 2 || out.len() <= chunk {
+        for (c, piece) in out.chunks_mut(chunk).enumerate() {
+            f(c * chunk, piece);
+        }
+    } else {
+        out.par_chunks_mut(chunk)
+            .enumerate()
+            .for_each(|(c, piece)| f(c * chunk, piece));
+    }
+}
+
+/// [`for_chunks`] over whole rows of `row` elements: `f(first_row, rows)`, about
+/// [`PAR_CHUNK`] elements (at least one row) per piece.
+pub(crate) fn for_rows<T: Send>(out: &mut [T], row: usize, f: impl Fn(usize, &mut [T]) + Sync) {
+    let row = row.max(1);
+    let rows = (PAR_CHUNK / row).max(1);
+    for_chunks(out, rows * row, |start, piece| f(start / row, piece));
+}
+
+/// [`for_chunks`] over two outputs of one length, cut alike: `f(start, a_piece, b_piece)`.
+pub(crate) fn for_chunks2<T: Send>(
+    a: &mut [T],
+    b: &mut [T],
+    chunk: usize,
+    f: impl Fn(usize, &mut [T], &mut [T]) + Sync,
+) {
+    use rayon::prelude::*;
+    assert_eq!(a.len(), b.len(), "for_chunks2: outputs of one length");
+    let chunk = chunk.max(1);
+    if matmul::cpu_threads() < 2 || a.len() <= chunk {
+        for (c, (pa, pb)) in a.chunks_mut(chunk).zip(b.chunks_mut(chunk)).enumerate() {
+            f(c * chunk, pa, pb);
+        }
+    } else {
+        a.par_chunks_mut(chunk)
+            .zip(b.par_chunks_mut(chunk))
+            .enumerate()
+            .for_each(|(c, (pa, pb))| f(c * chunk, pa, pb));
+    }
+}
+
+/// `vec![T::zero(); n]`, zeroed over the CPU's cores when large (a fresh buffer's zeroing and
+/// first touch are otherwise one thread's work between the parallel ops).
+pub(crate) fn zeros<T: Real>(n: usize) -> Vec<T> {
+    use rayon::prelude::*;
+    if matmul::cpu_threads() < 2 || n < 4 * PAR_CHUNK {
+        return vec![T::zero(); n];
+    }
+    let mut v = Vec::with_capacity(n);
+    v.spare_capacity_mut()
+        .par_chunks_mut(PAR_CHUNK)
+        .for_each(|c| {
+            for x in c {
+                x.write(T::zero());
+            }
+        });
+    // SAFETY: the capacity is at least n and all of its first n elements were written above.
+    unsafe { v.set_len(n) };
+    v
+}

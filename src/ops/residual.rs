@@ -1,20 +1,28 @@
 //! Residual add `y = a + b` (`[T, d]`). Backward: `da = dy`, `db = dy`; the residual stream is
 //! the one activation gradient that accumulates (`+=`) rather than being written.
 
-use super::{expect_len, Real};
+use super::{expect_len, for_chunks, zeros, Real, PAR_CHUNK};
 use crate::error::Result;
 
 /// `a + b`, element by element (both `[T, d]`, equal lengths).
 pub fn forward<T: Real>(a: &[T], b: &[T]) -> Result<Vec<T>> {
     expect_len("residual add", "second input", b.len(), &[a.len()])?;
-    Ok(a.iter().zip(b).map(|(&x, &y)| x + y).collect())
+    let mut y = zeros(a.len());
+    for_chunks(&mut y, PAR_CHUNK, |at, ys| {
+        for ((o, &x), &v) in ys.iter_mut().zip(&a[at..]).zip(&b[at..]) {
+            *o = x + v;
+        }
+    });
+    Ok(y)
 }
 
 /// `acc += dy` (the residual stream's gradient accumulates).
 pub fn accumulate<T: Real>(acc: &mut [T], dy: &[T]) -> Result<()> {
     expect_len("residual add backward", "gradient", dy.len(), &[acc.len()])?;
-    for (a, &d) in acc.iter_mut().zip(dy) {
-        *a += d;
-    }
+    for_chunks(acc, PAR_CHUNK, |at, accs| {
+        for (a, &d) in accs.iter_mut().zip(&dy[at..]) {
+            *a += d;
+        }
+    });
     Ok(())
 }

@@ -13,7 +13,10 @@
 
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
-use super::{check_tensor, cuda_ordinal, expect_len, row_block, Real, NULL_PTR};
+use super::{
+    check_tensor, cuda_ordinal, expect_len, for_chunks, for_rows, row_block, zeros, Real, NULL_PTR,
+    PAR_CHUNK,
+};
 use crate::device::cuda::CudaDevice;
 use crate::device::Device;
 use crate::error::{Error, Result};
@@ -26,18 +29,27 @@ pub fn forward<T: Real>(x: &[T], w: &[T], d: usize, eps: f64) -> Result<(Vec<T>,
         expect_len("rmsnorm", "input [T, d]", x.len(), &[x.len() / d.max(1), d])?;
     }
     let rows = x.len() / d;
-    let mut y = vec![T::zero(); x.len()];
+    let mut y = zeros(x.len());
     let mut rstd = vec![T::zero(); rows];
     let (eps, dn) = (T::of(eps), T::of(d as f64));
-    for t in 0..rows {
-        let xr = &x[t * d..(t + 1) * d];
-        let ms = xr.iter().map(|&v| v * v).sum::<T>() / dn;
-        let r = T::one() / (ms + eps).sqrt();
-        rstd[t] = r;
-        for ((yo, &xv), &wv) in y[t * d..(t + 1) * d].iter_mut().zip(xr).zip(w) {
-            *yo = (xv * r) * wv;
+    // Rows in parallel; each row computed as one thread computes it.
+    for_chunks(&mut rstd, (PAR_CHUNK / d).max(1), |t0, rs| {
+        for (j, r) in rs.iter_mut().enumerate() {
+            let t = t0 + j;
+            let xr = &x[t * d..(t + 1) * d];
+            let ms = xr.iter().map(|&v| v * v).sum::<T>() / dn;
+            *r = T::one() / (ms + eps).sqrt();
         }
-    }
+    });
+    for_rows(&mut y, d, |t0, ys| {
+        for (j, yr) in ys.chunks_mut(d).enumerate() {
+            let t = t0 + j;
+            let (xr, r) = (&x[t * d..(t + 1) * d], rstd[t]);
+            for ((yo, &xv), &wv) in yr.iter_mut().zip(xr).zip(w) {
+                *yo = (xv * r) * wv;
+            }
+        }
+    });
     Ok((y, rstd))
 }
 
@@ -47,23 +59,26 @@ pub fn backward<T: Real>(x: &[T], w: &[T], rstd: &[T], dy: &[T], d: usize) -> Re
     expect_len("rmsnorm backward", "input", x.len(), &[rows, d])?;
     expect_len("rmsnorm backward", "output gradient", dy.len(), &[rows, d])?;
     expect_len("rmsnorm backward", "weight", w.len(), &[d])?;
-    let mut dx = vec![T::zero(); x.len()];
+    let mut dx = zeros(x.len());
     let dn = T::of(d as f64);
-    for t in 0..rows {
-        let (xr, dyr) = (&x[t * d..(t + 1) * d], &dy[t * d..(t + 1) * d]);
-        let r = rstd[t];
-        let dot = xr
-            .iter()
-            .zip(dyr)
-            .zip(w)
-            .map(|((&xv, &g), &wv)| g * wv * xv * r)
-            .sum::<T>()
-            / dn;
-        for (i, dxo) in dx[t * d..(t + 1) * d].iter_mut().enumerate() {
-            let xhat = xr[i] * r;
-            *dxo = r * (dyr[i] * w[i] - xhat * dot);
+    for_rows(&mut dx, d, |t0, dxs| {
+        for (j, dxr) in dxs.chunks_mut(d).enumerate() {
+            let t = t0 + j;
+            let (xr, dyr) = (&x[t * d..(t + 1) * d], &dy[t * d..(t + 1) * d]);
+            let r = rstd[t];
+            let dot = xr
+                .iter()
+                .zip(dyr)
+                .zip(w)
+                .map(|((&xv, &g), &wv)| g * wv * xv * r)
+                .sum::<T>()
+                / dn;
+            for (i, dxo) in dxr.iter_mut().enumerate() {
+                let xhat = xr[i] * r;
+                *dxo = r * (dyr[i] * w[i] - xhat * dot);
+            }
         }
-    }
+    });
     Ok(dx)
 }
 

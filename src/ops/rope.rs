@@ -18,7 +18,7 @@
 
 use cudarc::driver::PushKernelArg;
 
-use super::{check_tensor, cuda_ordinal, expect_len, Real};
+use super::{check_tensor, cuda_ordinal, expect_len, for_rows, Real};
 use crate::device::cuda::{grid_1d, CudaDevice};
 use crate::device::Device;
 use crate::error::{Error, Result};
@@ -104,23 +104,29 @@ fn rotate<T: Real>(
         &[positions.len(), heads, head_dim],
     )?;
     let half = head_dim / 2;
-    let mut cos = vec![T::zero(); half];
-    let mut sin = vec![T::zero(); half];
-    for (t, &p) in positions.iter().enumerate() {
-        for i in 0..half {
-            let angle = (p as f32 * freqs[i]) as f64;
-            cos[i] = T::of(angle.cos());
-            sin[i] = T::of(direction * angle.sin());
-        }
-        for h in 0..heads {
-            let v = &mut x[(t * heads + h) * head_dim..(t * heads + h + 1) * head_dim];
+    if heads * head_dim == 0 {
+        return Ok(());
+    }
+    // Tokens in parallel, each rotated as one thread rotates it.
+    for_rows(x, heads * head_dim, |t0, xs| {
+        let mut cos = vec![T::zero(); half];
+        let mut sin = vec![T::zero(); half];
+        for (j, row) in xs.chunks_mut(heads * head_dim).enumerate() {
+            let p = positions[t0 + j];
             for i in 0..half {
-                let (a, b) = (v[i], v[i + half]);
-                v[i] = a * cos[i] - b * sin[i];
-                v[i + half] = b * cos[i] + a * sin[i];
+                let angle = (p as f32 * freqs[i]) as f64;
+                cos[i] = T::of(angle.cos());
+                sin[i] = T::of(direction * angle.sin());
+            }
+            for v in row.chunks_mut(head_dim) {
+                for i in 0..half {
+                    let (a, b) = (v[i], v[i + half]);
+                    v[i] = a * cos[i] - b * sin[i];
+                    v[i + half] = b * cos[i] + a * sin[i];
+                }
             }
         }
-    }
+    });
     Ok(())
 }
 

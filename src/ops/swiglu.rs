@@ -8,7 +8,9 @@
 
 use cudarc::driver::PushKernelArg;
 
-use super::{check_tensor, cuda_ordinal, expect_len, Real};
+use super::{
+    check_tensor, cuda_ordinal, expect_len, for_chunks, for_chunks2, zeros, Real, PAR_CHUNK,
+};
 use crate::device::cuda::{grid_1d, CudaDevice};
 use crate::device::Device;
 use crate::error::Result;
@@ -21,11 +23,13 @@ fn sigmoid<T: Real>(g: T) -> T {
 /// `h = silu(gate) ⊙ up`.
 pub fn forward<T: Real>(gate: &[T], up: &[T]) -> Result<Vec<T>> {
     expect_len("swiglu", "up", up.len(), &[gate.len()])?;
-    Ok(gate
-        .iter()
-        .zip(up)
-        .map(|(&g, &u)| g * sigmoid(g) * u)
-        .collect())
+    let mut h = zeros(gate.len());
+    for_chunks(&mut h, PAR_CHUNK, |at, hs| {
+        for ((o, &g), &u) in hs.iter_mut().zip(&gate[at..]).zip(&up[at..]) {
+            *o = g * sigmoid(g) * u;
+        }
+    });
+    Ok(h)
 }
 
 /// `(dgate, dup)`.
@@ -37,13 +41,16 @@ pub fn backward<T: Real>(gate: &[T], up: &[T], dh: &[T]) -> Result<(Vec<T>, Vec<
         dh.len(),
         &[gate.len()],
     )?;
-    let mut dg = Vec::with_capacity(gate.len());
-    let mut du = Vec::with_capacity(gate.len());
-    for ((&g, &u), &d) in gate.iter().zip(up).zip(dh) {
-        let s = sigmoid(g);
-        dg.push(d * u * s * (T::one() + g * (T::one() - s)));
-        du.push(d * g * s);
-    }
+    let mut dg = zeros(gate.len());
+    let mut du = zeros(gate.len());
+    for_chunks2(&mut dg, &mut du, PAR_CHUNK, |at, dgs, dus| {
+        let inputs = gate[at..].iter().zip(&up[at..]).zip(&dh[at..]);
+        for ((og, ou), ((&g, &u), &d)) in dgs.iter_mut().zip(dus.iter_mut()).zip(inputs) {
+            let s = sigmoid(g);
+            *og = d * u * s * (T::one() + g * (T::one() - s));
+            *ou = d * g * s;
+        }
+    });
     Ok((dg, du))
 }
 

@@ -44,29 +44,42 @@ fn nearest(s: f32, mids: &[f32]) -> u8 {
 
 /// Step 1: 4-bit codes (packed, first element high) and the f32 absmax of every block.
 pub fn quantize_4bit(x: &[f32], blocksize: usize) -> (Vec<u8>, Vec<f32>) {
+    use rayon::prelude::*;
     let mids = midpoints(&NF4_CODE);
     let n = x.len();
+    // Blocks are independent: 64 of them per task over the CPU's cores, joined in order (the
+    // same bytes on any number of cores).
+    let one = |xs: &[f32]| {
+        let mut codes = Vec::with_capacity(xs.len());
+        let mut absmax = Vec::with_capacity(xs.len().div_ceil(blocksize));
+        for block in xs.chunks(blocksize) {
+            let amax = block.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            let scale = amax.max(MIN_ABSMAX);
+            if block.len() == blocksize {
+                let inv = 1.0 / scale;
+                codes.extend(
+                    block
+                        .iter()
+                        .map(|v| nearest((v * inv).clamp(-1.0, 1.0), &mids)),
+                );
+                absmax.push(amax);
+            } else {
+                codes.extend(
+                    block
+                        .iter()
+                        .map(|v| nearest((v / scale).clamp(-1.0, 1.0), &mids)),
+                );
+                absmax.push(scale);
+            }
+        }
+        (codes, absmax)
+    };
+    let parts: Vec<(Vec<u8>, Vec<f32>)> = x.par_chunks(blocksize * 64).map(one).collect();
     let mut codes = Vec::with_capacity(n + 1);
     let mut absmax = Vec::with_capacity(n.div_ceil(blocksize));
-    for block in x.chunks(blocksize) {
-        let amax = block.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-        let scale = amax.max(MIN_ABSMAX);
-        if block.len() == blocksize {
-            let inv = 1.0 / scale;
-            codes.extend(
-                block
-                    .iter()
-                    .map(|v| nearest((v * inv).clamp(-1.0, 1.0), &mids)),
-            );
-            absmax.push(amax);
-        } else {
-            codes.extend(
-                block
-                    .iter()
-                    .map(|v| nearest((v / scale).clamp(-1.0, 1.0), &mids)),
-            );
-            absmax.push(scale);
-        }
+    for (c, a) in parts {
+        codes.extend_from_slice(&c);
+        absmax.extend_from_slice(&a);
     }
     if n % 2 == 1 {
         codes.push(nearest(0.0, &mids));
@@ -235,6 +248,21 @@ pub fn dequantize_4bit_into(
         .enumerate()
         .for_each(|(t, chunk)| {
             let base = t * per_task;
+            if blocksize % 2 == 0 && blocksize > 0 {
+                // Block by block, two values per byte: no division per element.
+                for (b, block) in chunk.chunks_mut(blocksize).enumerate() {
+                    let first = base + b * blocksize;
+                    let scale = absmax[first / blocksize];
+                    let bytes = &packed[first / 2..];
+                    for (pair, &byte) in block.chunks_mut(2).zip(bytes) {
+                        pair[0] = code[(byte >> 4) as usize] * scale;
+                        if let Some(v) = pair.get_mut(1) {
+                            *v = code[(byte & 0xF) as usize] * scale;
+                        }
+                    }
+                }
+                return;
+            }
             for (j, v) in chunk.iter_mut().enumerate() {
                 let i = base + j;
                 let byte = packed[i / 2];
