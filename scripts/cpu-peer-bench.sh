@@ -16,8 +16,9 @@ if [ ! -f "$model/config.json" ]; then
   assets_line=$(scripts/fetch-demo-assets.sh | tail -n 1)
   assets=${assets_line#QLORA_DEMO_ASSETS=}
   cargo build --release --quiet
-  target/release/qlora-rs import-gguf "$assets/SmolLM2-135M-Instruct.Q4_1.gguf" --output "$model"
+  "${CARGO_TARGET_DIR:-$root/target}/release/qlora-rs" import-gguf "$assets/SmolLM2-135M-Instruct.Q4_1.gguf" --output "$model"
 fi
+bin=${CARGO_TARGET_DIR:-$root/target}/release/qlora-rs
 venv=${QLORA_PEER_VENV:-$root/.peer-venv}
 if [ ! -x "$venv/bin/python" ]; then
   python3 -m venv "$venv"
@@ -27,7 +28,7 @@ fi
 cargo build --release --quiet
 echo "== qlora-rs (NF4 base, LoRA r 16 on all seven projections, per-layer recomputation, AdamW, f32)"
 /usr/bin/time -f "  cpu/wall    %P (CPU time over wall time, the whole process)" \
-  target/release/qlora-rs bench --device cpu --model "$model" --seq-len "$seq" --steps "$steps" 2>&1 |
+  "$bin" bench --device cpu --model "$model" --seq-len "$seq" --steps "$steps" 2>&1 |
   grep -E "bench:|step time|cpu/wall|peak memory"
 echo "== PyTorch + PEFT + bitsandbytes (the same step)"
 /usr/bin/time -f "  cpu/wall    %P (CPU time over wall time, the whole process)" \

@@ -97,9 +97,8 @@ impl<'a, T> Mat<'a, T> {
 ///
 /// Products of at least [`PARALLEL_MIN`] multiply-adds are split over the CPU's cores
 /// ([`cpu_threads`]): into blocks of C's rows, or of its columns when it has more columns than
-/// rows (or too few rows). Every
-/// element of C is one thread's, computed as a single call would compute it, so the result does
-/// not depend on the number of threads.
+/// rows (or too few rows). Every element of C is one thread's, computed as a single call would
+/// compute it, so the result does not depend on the number of threads.
 pub fn gemm<T: Real>(a: Mat<T>, b: Mat<T>, c: &mut [T], alpha: T, beta: T) {
     assert_eq!(c.len(), a.rows * b.cols, "gemm: output buffer size");
     gemm_ldc(a, b, c, b.cols, alpha, beta)
