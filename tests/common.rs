@@ -85,3 +85,20 @@ pub fn tiny_qwen3_without_biases(dir: &std::path::Path) -> PathBuf {
     safetensors::serialize_to_file(kept, None, &out.join("model.safetensors")).unwrap();
     out
 }
+
+/// Writes `tensors` (name, row-major shape, values) as an f32 safetensors file.
+pub fn write_f32_safetensors(path: &std::path::Path, tensors: &[(String, Vec<usize>, Vec<f32>)]) {
+    let bytes: Vec<Vec<u8>> = tensors
+        .iter()
+        .map(|(_, _, v)| v.iter().flat_map(|x| x.to_le_bytes()).collect())
+        .collect();
+    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
+        .iter()
+        .zip(&bytes)
+        .map(|((n, s, _), b)| {
+            let v = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b);
+            (n.clone(), v.unwrap())
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, path).unwrap();
+}

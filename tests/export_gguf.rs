@@ -97,15 +97,15 @@ fn k_quant_model(dir: &Path) -> (PathBuf, PathBuf) {
             tensors.push((format!("{p}.{n}"), s));
         }
     }
-    let data: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
+    let data: Vec<(String, Vec<usize>, Vec<f32>)> = tensors
         .iter()
         .enumerate()
         .map(|(k, (n, s))| {
             let len: usize = s.iter().product();
             let norm = s.len() == 1;
-            let bytes = (0..len)
-                .flat_map(|i| {
-                    let v = if norm {
+            let values = (0..len)
+                .map(|i| {
+                    if norm {
                         1.0 + 0.1 * noise(k as u64, i)
                     } else {
                         // Heavier tails every 97th value, as real weights have.
@@ -115,24 +115,13 @@ fn k_quant_model(dir: &Path) -> (PathBuf, PathBuf) {
                         } else {
                             x
                         }
-                    };
-                    v.to_le_bytes()
+                    }
                 })
                 .collect();
-            (n.clone(), s.clone(), bytes)
+            (n.clone(), s.clone(), values)
         })
         .collect();
-    let views: Vec<(String, safetensors::tensor::TensorView)> = data
-        .iter()
-        .map(|(n, s, b)| {
-            (
-                n.clone(),
-                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
-                    .unwrap(),
-            )
-        })
-        .collect();
-    safetensors::serialize_to_file(views, None, &model.join("model.safetensors")).unwrap();
+    crate::common::write_f32_safetensors(&model.join("model.safetensors"), &data);
 
     let cfg = LlamaConfig::from_file(&model.join("config.json")).unwrap();
     let lora_cfg = LoraConfig {

@@ -68,28 +68,21 @@ fn bf16_copy(model: &Path, out: &Path) {
         }
     }
     let ck = Checkpoint::open_dir(model).unwrap();
-    let data: Vec<(String, Vec<usize>, Vec<u8>)> = ck
+    let data: Vec<(String, Vec<usize>, Vec<f32>)> = ck
         .names()
         .into_iter()
         .map(|n| {
             let t = ck.get(n).unwrap();
-            let bytes = t
+            let values = t
                 .to_f32()
                 .unwrap()
                 .iter()
-                .flat_map(|&v| bf16::from_f32(v).to_f32().to_le_bytes())
+                .map(|&v| bf16::from_f32(v).to_f32())
                 .collect();
-            (n.to_string(), t.shape.to_vec(), bytes)
+            (n.to_string(), t.shape.to_vec(), values)
         })
         .collect();
-    let views: Vec<(String, safetensors::tensor::TensorView)> = data
-        .iter()
-        .map(|(n, s, b)| {
-            let v = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b);
-            (n.clone(), v.unwrap())
-        })
-        .collect();
-    safetensors::serialize_to_file(views, None, &out.join("model.safetensors")).unwrap();
+    crate::common::write_f32_safetensors(&out.join("model.safetensors"), &data);
 }
 
 /// Every tensor of `got` equals `want`'s bit for bit, and they hold the same names.

@@ -68,6 +68,7 @@ use crate::error::{Error, Result};
 use crate::io::adapters;
 use crate::io::export::MergedModel;
 use crate::model::config::{Arch, LlamaConfig};
+use crate::model::import_gguf::{reorder_rope_rows, RopeRows};
 use crate::ops::rope::{self, RopeScaling};
 use crate::quant::ggml_quants;
 use crate::quant::gguf::{GgmlType, Value};
@@ -438,25 +439,6 @@ fn tensor_type(
     Ok((fallback, Some(format!("{name} {t} → {fallback} ({why})"))))
 }
 
-/// Reorders the rows of q or k (`[heads·hd, cols]`, or a bias with `cols = 1`) into
-/// llama.cpp's pairwise RoPE order: GGUF row `h·hd + 2i + s` = HF row `h·hd + s·hd/2 + i`.
-fn permute_rows(w: &[f32], cols: usize, heads: usize) -> Vec<f32> {
-    let rows = w.len() / cols;
-    let hd = rows / heads;
-    let half = hd / 2;
-    let mut out = vec![0.0f32; w.len()];
-    for h in 0..heads {
-        for s in 0..2 {
-            for i in 0..half {
-                let src = (h * hd + s * half + i) * cols;
-                let dst = (h * hd + 2 * i + s) * cols;
-                out[dst..dst + cols].copy_from_slice(&w[src..src + cols]);
-            }
-        }
-    }
-    out
-}
-
 /// A tensor to write: its source and how to transform it.
 struct Item {
     planned: PlannedTensor,
@@ -511,7 +493,8 @@ pub fn export_gguf(
     let model = MergedModel::open(&opts.model, opts.adapter.as_deref(), opts.onto_original)?;
     let cfg = model.cfg.clone();
     let (arch, warnings) = arch_of(&cfg, &opts.model)?;
-    let vocab = vocab::read(&opts.model, cfg.vocab_size)?;
+    let config_json = vocab::read_json(&opts.model.join("config.json"))?;
+    let vocab = vocab::read(&opts.model, cfg.vocab_size, &config_json)?;
 
     let mut items = Vec::new();
     let mut fallbacks = Vec::new();
@@ -529,17 +512,6 @@ pub fn export_gguf(
             _ => (2, 0),
         }
     });
-    if let RopeScaling::Llama3 { .. } = cfg.rope_scaling {
-        items.push(Item {
-            planned: PlannedTensor {
-                name: "rope_freqs.weight".into(),
-                shape: vec![cfg.head_dim / 2],
-                ty: GgmlType::F32,
-            },
-            source: None,
-            permute_heads: None,
-        });
-    }
     for (hf, shape) in sources {
         let Some(name) = gguf_name(&hf, &cfg)? else {
             continue;
@@ -557,20 +529,24 @@ pub fn export_gguf(
             permute_heads,
         });
     }
-    // token_embd first (as llama.cpp's converter writes it), rope_freqs after it.
-    if let Some(pos) = items
-        .iter()
-        .position(|i| i.planned.name == "token_embd.weight")
-    {
-        let e = items.remove(pos);
-        items.insert(0, e);
+    // rope_freqs right after token_embd, which the sort put first (as llama.cpp's converter).
+    if let RopeScaling::Llama3 { .. } = cfg.rope_scaling {
+        let rope_freqs = Item {
+            planned: PlannedTensor {
+                name: "rope_freqs.weight".into(),
+                shape: vec![cfg.head_dim / 2],
+                ty: GgmlType::F32,
+            },
+            source: None,
+            permute_heads: None,
+        };
+        items.insert(items.len().min(1), rope_freqs);
     }
 
     let mut w = GgufWriter::default();
-    let name = std::fs::read_to_string(opts.model.join("config.json"))
-        .ok()
-        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-        .and_then(|v| v["_name_or_path"].as_str().map(str::to_string))
+    let name = config_json["_name_or_path"]
+        .as_str()
+        .map(str::to_string)
         .filter(|s| !s.is_empty())
         .or_else(|| {
             opts.model
@@ -633,7 +609,7 @@ pub fn export_gguf(
         }
         if let Some(heads) = item.permute_heads {
             let cols = if p.shape.len() == 2 { p.shape[1] } else { 1 };
-            x = permute_rows(&x, cols, heads);
+            x = reorder_rope_rows(&x, cols, heads, RopeRows::ToLlamaCpp);
         }
         let cols = *p.shape.last().expect("a shape");
         let data = ggml_quants::quantize(p.ty, &x, cols)?;
@@ -683,9 +659,11 @@ mod tests {
         // 2 heads of 4 rows, one column: HF [a0 a1 b0 b1] per head → [a0 b0 a1 b1].
         let w: Vec<f32> = (0..8).map(|i| i as f32).collect();
         assert_eq!(
-            permute_rows(&w, 1, 2),
+            reorder_rope_rows(&w, 1, 2, RopeRows::ToLlamaCpp),
             vec![0.0, 2.0, 1.0, 3.0, 4.0, 6.0, 5.0, 7.0]
         );
+        let there = reorder_rope_rows(&w, 1, 2, RopeRows::ToLlamaCpp);
+        assert_eq!(reorder_rope_rows(&there, 1, 2, RopeRows::ToHuggingFace), w);
     }
 
     #[test]

@@ -725,9 +725,19 @@ fn llama3_scaling_from_rope_freqs(g: &GgufFile, t: &TensorInfo, hp: &Hyper) -> R
     }))
 }
 
-/// Undoes llama.cpp's q/k row order: `w` is `[rows, cols]` with `rows = heads · hd`;
-/// HF row `h·hd + s·hd/2 + i` ← GGUF row `h·hd + 2i + s`.
-fn unpermute_rows(w: &[f32], cols: usize, heads: usize) -> Vec<f32> {
+/// Which way [`reorder_rope_rows`] goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum RopeRows {
+    /// Hugging Face's half-split order → llama.cpp's pairwise order (export).
+    ToLlamaCpp,
+    /// llama.cpp's pairwise order → Hugging Face's half-split order (import).
+    ToHuggingFace,
+}
+
+/// llama.cpp's q/k row order for its `llama` architecture, whose RoPE rotates adjacent pairs:
+/// `w` is `[rows, cols]` with `rows = heads · hd` (a bias has `cols = 1`), and GGUF row
+/// `h·hd + 2i + s` holds HF row `h·hd + s·hd/2 + i`. Reorders in the direction given.
+pub(crate) fn reorder_rope_rows(w: &[f32], cols: usize, heads: usize, to: RopeRows) -> Vec<f32> {
     let rows = w.len() / cols;
     let hd = rows / heads;
     let half = hd / 2;
@@ -735,8 +745,12 @@ fn unpermute_rows(w: &[f32], cols: usize, heads: usize) -> Vec<f32> {
     for h in 0..heads {
         for s in 0..2 {
             for i in 0..half {
-                let dst = (h * hd + s * half + i) * cols;
-                let src = (h * hd + 2 * i + s) * cols;
+                let hf = (h * hd + s * half + i) * cols;
+                let gguf = (h * hd + 2 * i + s) * cols;
+                let (src, dst) = match to {
+                    RopeRows::ToLlamaCpp => (hf, gguf),
+                    RopeRows::ToHuggingFace => (gguf, hf),
+                };
                 out[dst..dst + cols].copy_from_slice(&w[src..src + cols]);
             }
         }
@@ -804,7 +818,7 @@ fn write_data(g: &GgufFile, plan: &[Planned], header: &str, tmp: &Path) -> Resul
                     t.name, p.shape[0]
                 )));
             }
-            x = unpermute_rows(&x, cols, heads);
+            x = reorder_rope_rows(&x, cols, heads, RopeRows::ToHuggingFace);
         }
         let bytes: Vec<u8> = x
             .iter()

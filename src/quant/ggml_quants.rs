@@ -106,20 +106,8 @@ use rayon::prelude::*;
 use super::gguf::GgmlType;
 use crate::error::{Error, Result};
 
-/// The types [`quantize`] writes.
-pub const QUANTIZE_TYPES: [GgmlType; 11] = [
-    GgmlType::F32,
-    GgmlType::F16,
-    GgmlType::BF16,
-    GgmlType::Q8_0,
-    GgmlType::Q4_0,
-    GgmlType::Q4_1,
-    GgmlType::Q5_0,
-    GgmlType::Q5_1,
-    GgmlType::Q4_K,
-    GgmlType::Q5_K,
-    GgmlType::Q6_K,
-];
+/// The types [`quantize`] writes: the ones [`GgmlType::SUPPORTED`] reads back.
+pub const QUANTIZE_TYPES: [GgmlType; 11] = GgmlType::SUPPORTED;
 
 /// Values handed to one rayon task: a fixed amount of work (16 K-quant super-blocks), so the
 /// split does not depend on the thread count (nor do the bytes, which never would).

@@ -758,32 +758,19 @@ fn dequant_q5_1(b: &[u8], y: &mut [f32]) {
 }
 
 fn dequant_q5_k(b: &[u8], y: &mut [f32]) {
-    let d = f16_at(b, 0);
-    let dmin = f16_at(b, 2);
-    let scales = &b[4..16];
-    let qh = &b[16..48];
-    let qs = &b[48..176];
-    for c in 0..4 {
-        let (sc1, m1) = q4k_scale_min(2 * c, scales);
-        let (sc2, m2) = q4k_scale_min(2 * c + 1, scales);
-        let (d1, min1) = (d * sc1 as f32, dmin * m1 as f32);
-        let (d2, min2) = (d * sc2 as f32, dmin * m2 as f32);
-        let q = &qs[32 * c..32 * c + 32];
-        let out = &mut y[64 * c..64 * c + 64];
-        for l in 0..32 {
-            let h1 = (qh[l] >> (2 * c) & 1) << 4;
-            let h2 = (qh[l] >> (2 * c + 1) & 1) << 4;
-            out[l] = d1 * ((q[l] & 0xF) + h1) as f32 - min1;
-            out[l + 32] = d2 * ((q[l] >> 4) + h2) as f32 - min2;
-        }
-    }
+    dequant_k_4_5(&b[..16], Some(&b[16..48]), &b[48..176], y);
 }
 
 fn dequant_q4_k(b: &[u8], y: &mut [f32]) {
-    let d = f16_at(b, 0);
-    let dmin = f16_at(b, 2);
-    let scales = &b[4..16];
-    let qs = &b[16..144];
+    dequant_k_4_5(&b[..16], None, &b[16..144], y);
+}
+
+/// Q4_K and Q5_K: `head` is `d, dmin, scales`; Q5_K adds the fifth bit of each value from `qh`
+/// (bit `j` of `qh[l]` for sub-block `j`), Q4_K has none.
+fn dequant_k_4_5(head: &[u8], qh: Option<&[u8]>, qs: &[u8], y: &mut [f32]) {
+    let d = f16_at(head, 0);
+    let dmin = f16_at(head, 2);
+    let scales = &head[4..16];
     for c in 0..4 {
         let (sc1, m1) = q4k_scale_min(2 * c, scales);
         let (sc2, m2) = q4k_scale_min(2 * c + 1, scales);
@@ -792,8 +779,12 @@ fn dequant_q4_k(b: &[u8], y: &mut [f32]) {
         let q = &qs[32 * c..32 * c + 32];
         let out = &mut y[64 * c..64 * c + 64];
         for l in 0..32 {
-            out[l] = d1 * (q[l] & 0xF) as f32 - min1;
-            out[l + 32] = d2 * (q[l] >> 4) as f32 - min2;
+            let (h1, h2) = match qh {
+                Some(qh) => ((qh[l] >> (2 * c) & 1) << 4, (qh[l] >> (2 * c + 1) & 1) << 4),
+                None => (0, 0),
+            };
+            out[l] = d1 * ((q[l] & 0xF) + h1) as f32 - min1;
+            out[l + 32] = d2 * ((q[l] >> 4) + h2) as f32 - min2;
         }
     }
 }

@@ -61,7 +61,8 @@ pub struct Vocab {
     pub chat_template: bool,
 }
 
-fn read_json(path: &Path) -> Result<Json> {
+/// A JSON file, with errors naming it.
+pub(crate) fn read_json(path: &Path) -> Result<Json> {
     let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
         path: path.to_path_buf(),
         source,
@@ -141,8 +142,9 @@ fn template_adds(post: &Json, token: &str, at_start: bool) -> bool {
     piece.is_some_and(|p| p["SpecialToken"]["id"].as_str() == Some(token))
 }
 
-/// Reads the tokenizer of `model_dir` for an embedding of `rows` rows.
-pub fn read(model_dir: &Path, rows: usize) -> Result<Vocab> {
+/// Reads the tokenizer of `model_dir` for an embedding of `rows` rows; `model_cfg` is its
+/// `config.json` (for the special token ids `tokenizer_config.json` does not name).
+pub fn read(model_dir: &Path, rows: usize, model_cfg: &Json) -> Result<Vocab> {
     let tok_path = model_dir.join("tokenizer.json");
     if !tok_path.is_file() {
         return Err(format_err(
@@ -261,7 +263,6 @@ pub fn read(model_dir: &Path, rows: usize) -> Result<Vocab> {
     } else {
         Json::Null
     };
-    let model_cfg = read_json(&model_dir.join("config.json"))?;
     let id_of = |s: &str| -> Option<u64> {
         tok["added_tokens"]
             .as_array()
