@@ -85,13 +85,22 @@ impl Error {
     /// surfaces at whichever call comes next, so its error also names the kernels launched since
     /// the last synchronisation (see `device::cuda`).
     pub fn cuda(op: impl Into<String>) -> impl FnOnce(cudarc::driver::DriverError) -> Error {
-        let op = op.into();
+        // Converted only on an error: a launch or an allocation that succeeds builds no string.
         move |source| {
+            let op = op.into();
             let op = match crate::device::cuda::fault_suspects(&source) {
                 Some(suspects) => format!("{op} ({suspects})"),
                 None => op,
             };
             Error::Cuda { op, source }
         }
+    }
+
+    /// [`Error::cuda`] whose message is formatted only when there is an error (for the calls made
+    /// on every launch or allocation, whose messages name sizes or kernels).
+    pub fn cuda_with(
+        op: impl FnOnce() -> String,
+    ) -> impl FnOnce(cudarc::driver::DriverError) -> Error {
+        move |source| Error::cuda(op())(source)
     }
 }

@@ -786,8 +786,10 @@ fn run_bench(
         Device::Cuda(o) => CudaDevice::get(o)?.synchronize(),
         Device::Cpu => Ok(()),
     };
+    let mut launches = 0u64;
     for step in 0..=steps {
         sync()?;
+        let launched = qlora_rs::device::cuda::launches();
         let t0 = Instant::now();
         adapters.zero_grads()?;
         model.train_micro_batch(&adapters, &ids, &labels, &cu, 1.0 / counted, step as u64)?;
@@ -795,6 +797,7 @@ fn run_bench(
         sync()?;
         if step > 0 {
             times.push(t0.elapsed().as_secs_f64());
+            launches = qlora_rs::device::cuda::launches() - launched;
         }
     }
     let device_memory = match device {
@@ -865,6 +868,13 @@ fn run_bench(
                 ),
                 None => println!("  MFU         n/a (no bf16 peak on file for {name})"),
             }
+            // Launches per step, and the step time per launch: on a GPU the bound under which
+            // the host's issuing would show; in QLORA_SIM_MODE=account (kernels checked, not
+            // run) it is the host's own cost per launch, simulator checks included.
+            println!(
+                "  launches    {launches} per step ({:.1} µs of step time per launch)",
+                mean * 1e6 / launches.max(1) as f64
+            );
             if name.contains("simulated") {
                 println!(
                     "  note        the simulated GPU proves results and measures memory; its \

@@ -11,6 +11,7 @@ mod export;
 mod export_gguf;
 mod flash;
 mod gemm;
+mod gemma;
 mod gguf;
 mod gguf_quants;
 mod gguf_qwen;

@@ -43,6 +43,14 @@ static IN_FLIGHT: Mutex<InFlight> = Mutex::new(InFlight {
     count: 0,
 });
 
+/// Kernels launched by this process, on every device (for `bench`: launches per step).
+static LAUNCHES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// How many kernels this process has launched so far, on every device.
+pub fn launches() -> u64 {
+    LAUNCHES.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 fn in_flight() -> std::sync::MutexGuard<'static, InFlight> {
     IN_FLIGHT.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -336,7 +344,7 @@ impl CudaDevice {
                     let m = self
                         .ctx
                         .load_module(Ptx::from_binary(bytes.to_vec()))
-                        .map_err(Error::cuda(format!("loading kernels/{module}.cu")))?;
+                        .map_err(Error::cuda_with(|| format!("loading kernels/{module}.cu")))?;
                     modules.insert(module, m.clone());
                     m
                 }
@@ -344,7 +352,9 @@ impl CudaDevice {
         };
         let f = module_handle
             .load_function(name)
-            .map_err(Error::cuda(format!("finding kernel {name} in {module}.cu")))?;
+            .map_err(Error::cuda_with(|| {
+                format!("finding kernel {name} in {module}.cu")
+            }))?;
         functions.insert((module, name), f.clone());
         Ok(f)
     }
@@ -383,9 +393,9 @@ impl CudaDevice {
             CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
             bytes as i32,
         )
-        .map_err(Error::cuda(format!(
-            "allowing {bytes} bytes of shared memory for {name}"
-        )))?;
+        .map_err(Error::cuda_with(|| {
+            format!("allowing {bytes} bytes of shared memory for {name}")
+        }))?;
         allowed.insert((module, name), bytes);
         Ok(f)
     }
@@ -404,13 +414,14 @@ impl CudaDevice {
         cfg: LaunchConfig,
     ) -> Result<()> {
         // SAFETY: forwarded from the caller's contract.
-        unsafe { args.launch(cfg) }.map_err(Error::cuda(format!("launching {name}")))?;
+        unsafe { args.launch(cfg) }.map_err(Error::cuda_with(|| format!("launching {name}")))?;
+        LAUNCHES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if !self.sync_each_launch {
             note_launch(name);
         } else {
             self.stream
                 .synchronize()
-                .map_err(Error::cuda(format!("kernel {name} (QLORA_SYNC=1)")))?;
+                .map_err(Error::cuda_with(|| format!("kernel {name} (QLORA_SYNC=1)")))?;
         }
         Ok(())
     }
@@ -419,7 +430,7 @@ impl CudaDevice {
     /// overwrites whole. Every element type we store is valid for any bit pattern.
     pub fn alloc_uninit(&self, dtype: DType, n: usize) -> Result<CudaStorage> {
         let s = &self.stream;
-        let err = Error::cuda(format!("allocating {n} {dtype} elements"));
+        let err = Error::cuda_with(|| format!("allocating {n} {dtype} elements"));
         // SAFETY: `alloc` hands out device memory without initialising it; f32, bf16, f16, u8
         // and i32 have no invalid bit patterns, and the memory is only read through copies and
         // kernels, never as Rust references.
@@ -437,7 +448,7 @@ impl CudaDevice {
     /// A zero-filled buffer of `n` elements.
     pub fn alloc_zeros(&self, dtype: DType, n: usize) -> Result<CudaStorage> {
         let s = &self.stream;
-        let err = Error::cuda(format!("allocating {n} {dtype} elements"));
+        let err = Error::cuda_with(|| format!("allocating {n} {dtype} elements"));
         Ok(match dtype {
             DType::F32 => CudaStorage::F32(s.alloc_zeros(n).map_err(err)?),
             DType::BF16 => CudaStorage::BF16(s.alloc_zeros(n).map_err(err)?),

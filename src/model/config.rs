@@ -17,7 +17,8 @@ use crate::ops::rope::RopeScaling;
 /// `config.json` as transformers writes it (the fields this crate reads).
 #[derive(Clone, Debug, Deserialize)]
 pub struct HfConfig {
-    /// `llama`, `mistral`, `qwen2` or `qwen3` (anything else is refused).
+    /// `llama`, `mistral`, `qwen2`, `qwen3`, `gemma2` or `gemma3_text` (anything else is
+    /// refused).
     pub model_type: Option<String>,
     /// Model width d.
     pub hidden_size: Option<usize>,
@@ -63,6 +64,33 @@ pub struct HfConfig {
     pub dtype: Option<String>,
     /// The quantization block of a pre-quantized checkpoint (only bitsandbytes 4-bit NF4 loads).
     pub quantization_config: Option<Value>,
+    /// Gemma's MLP activation (Gemma reads this, not `hidden_act`).
+    pub hidden_activation: Option<String>,
+    /// Gemma: attention scores are scaled by `query_pre_attn_scalar^-1/2`.
+    pub query_pre_attn_scalar: Option<f64>,
+    /// Gemma 2: `c·tanh(s/c)` on attention scores (absent: 50; null: none).
+    #[serde(default, deserialize_with = "present")]
+    pub attn_logit_softcapping: Option<Option<f64>>,
+    /// Gemma 2: `c·tanh(z/c)` on the final logits (absent: 30; null: none).
+    #[serde(default, deserialize_with = "present")]
+    pub final_logit_softcapping: Option<Option<f64>>,
+    /// Gemma 3 (transformers 4.x): every n-th layer is global, the rest sliding.
+    pub sliding_window_pattern: Option<usize>,
+    /// Gemma 3 (transformers 4.x): the RoPE base of the sliding layers.
+    pub rope_local_base_freq: Option<f64>,
+    /// Qwen2/Qwen3 without `layer_types`: layers from this index on slide.
+    pub max_window_layers: Option<usize>,
+    /// Gemma: attention in both directions within the window (embedding models); refused.
+    pub use_bidirectional_attention: Option<bool>,
+    /// A multimodal checkpoint's language model (`gemma3`); refused with a message.
+    pub text_config: Option<Value>,
+}
+
+/// Tells a field given as `null` (`Some(None)`) from a field left out (`None`).
+fn present<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<Option<Option<f64>>, D::Error> {
+    Option::<f64>::deserialize(d).map(Some)
 }
 
 /// The model families this crate runs (all share Llama's decoder layer).
@@ -78,10 +106,59 @@ pub enum Arch {
     /// `head_dim` from the config (not `hidden_size / heads`), and `attention_bias` on q, k, v
     /// and o alike.
     Qwen3,
+    /// `model_type` `gemma2`: see [`Switches`] (every switch on, no q/k norms).
+    Gemma2,
+    /// `model_type` `gemma3_text`: Gemma 2's layer with q/k norms, no soft-capping by default,
+    /// and a second RoPE base for the sliding layers.
+    Gemma3,
+}
+
+impl Arch {
+    /// Gemma 2 or 3: the `(1 + w)` norms, the scaled embedding, four norms per layer.
+    pub fn is_gemma(self) -> bool {
+        matches!(self, Arch::Gemma2 | Arch::Gemma3)
+    }
 }
 
 /// The accepted `model_type`s, for messages.
-pub const SUPPORTED_MODEL_TYPES: &str = "llama, mistral, qwen2, qwen3";
+pub const SUPPORTED_MODEL_TYPES: &str = "llama, mistral, qwen2, qwen3, gemma2, gemma3_text";
+
+/// The MLP's gate activation.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Activation {
+    /// `silu(g) ⊙ u` (SwiGLU): Llama, Mistral, Qwen.
+    #[default]
+    Silu,
+    /// `gelu_tanh(g) ⊙ u` (GeGLU, transformers' `gelu_pytorch_tanh`): Gemma.
+    GeluTanh,
+}
+
+/// The switches by which one decoder serves every family. `Switches::default()` is Llama's
+/// layer; Gemma turns most of them on.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Switches {
+    /// The MLP's gate activation.
+    pub act: Activation,
+    /// RMSNorm weights are offsets from one: `x·rstd·(1 + w)` (Gemma).
+    pub norm_unit_offset: bool,
+    /// Norms after attention and after the MLP too, on the branch before the residual add:
+    /// `h = h + norm(attn(norm(h)))`, `h = h + norm(mlp(norm(h)))` (Gemma).
+    pub sandwich_norms: bool,
+    /// The embedding rows are multiplied by this (Gemma: `√hidden_size`, rounded to the
+    /// activations' dtype).
+    pub embed_scale: Option<f32>,
+    /// Attention scale; `None` is `1/√head_dim` (Gemma: `query_pre_attn_scalar^-1/2`).
+    pub attn_scale: Option<f32>,
+    /// Attention scores soft-capped as `c·tanh(s/c)` (Gemma 2).
+    pub attn_softcap: Option<f32>,
+    /// Final logits soft-capped as `c·tanh(z/c)` (Gemma 2).
+    pub final_softcap: Option<f32>,
+    /// Which layers use `sliding_window`; empty means every layer does (Mistral).
+    pub sliding_layers: Vec<bool>,
+    /// RoPE base and scaling of the sliding layers where they differ from the global ones
+    /// (Gemma 3).
+    pub rope_local: Option<(f32, RopeScaling)>,
+}
 
 /// A validated configuration.
 #[derive(Clone, Debug, PartialEq)]
@@ -116,18 +193,35 @@ pub struct LlamaConfig {
     pub qkv_bias: bool,
     /// Bias on o (Llama with `attention_bias`).
     pub o_bias: bool,
-    /// Mistral/Qwen2 sliding-window attention span, when enabled.
+    /// Sliding-window attention span of the layers that slide (`switches.sliding_layers`);
+    /// `None` when no layer does. A query at position i sees keys i − w < j ≤ i.
     pub sliding_window: Option<usize>,
     /// The checkpoint's `torch_dtype` / `dtype`, if stated.
     pub dtype: Option<String>,
     /// The `quantization_config` block of a pre-quantized checkpoint.
     pub quantization_config: Option<Value>,
+    /// The family's switches in the one decoder.
+    pub switches: Switches,
 }
 
 impl LlamaConfig {
-    /// Whether q and k pass through an RMSNorm per head before RoPE (Qwen3's `q_norm`/`k_norm`).
+    /// Whether q and k pass through an RMSNorm per head before RoPE (`q_norm`/`k_norm` of
+    /// Qwen3 and Gemma 3).
     pub fn qk_norm(&self) -> bool {
-        self.arch == Arch::Qwen3
+        matches!(self.arch, Arch::Qwen3 | Arch::Gemma3)
+    }
+
+    /// The sliding-window span of layer `l`'s attention (`None`: full causal attention).
+    pub fn window(&self, l: usize) -> Option<usize> {
+        let slides = self.switches.sliding_layers.get(l).copied();
+        self.sliding_window.filter(|_| slides.unwrap_or(true))
+    }
+
+    /// Attention scale of every layer.
+    pub fn attn_scale(&self) -> f32 {
+        self.switches
+            .attn_scale
+            .unwrap_or_else(|| 1.0 / (self.head_dim as f32).sqrt())
     }
 
     /// Reads and validates `config.json`; errors name the file and the field.
@@ -165,7 +259,13 @@ impl LlamaConfig {
     pub fn num_parameters(&self) -> usize {
         let (d, f) = (self.hidden_size, self.intermediate_size);
         let attn = d * self.q_dim() * 2 + d * self.kv_dim() * 2;
-        let layer = attn + 3 * d * f + 2 * d;
+        let norms = if self.switches.sandwich_norms {
+            4 * d
+        } else {
+            2 * d
+        };
+        let qk = if self.qk_norm() { 2 * self.head_dim } else { 0 };
+        let layer = attn + 3 * d * f + norms + qk;
         let emb = self.vocab_size * d;
         self.num_layers * layer + d + emb * if self.tie_word_embeddings { 1 } else { 2 }
     }
@@ -230,18 +330,61 @@ impl TryFrom<HfConfig> for LlamaConfig {
             "mistral" => Arch::Mistral,
             "qwen2" => Arch::Qwen2,
             "qwen3" => Arch::Qwen3,
+            "gemma2" => Arch::Gemma2,
+            "gemma3_text" => Arch::Gemma3,
+            "gemma3" => {
+                let inner = c
+                    .text_config
+                    .as_ref()
+                    .and_then(|t| t.get("model_type"))
+                    .and_then(Value::as_str)
+                    .unwrap_or("gemma3_text");
+                return Err(Error::InvalidArgument(format!(
+                    "model_type `gemma3` is a multimodal checkpoint (vision tower + a `{inner}` \
+                     language model under `text_config`, its tensors under \
+                     `language_model.`/`model.language_model.`); only the text-only form loads: use \
+                     a `gemma3_text` checkpoint (e.g. gemma-3-1b) or save the language model alone \
+                     with transformers (`Gemma3ForCausalLM`)"
+                )));
+            }
             other => {
                 return Err(Error::InvalidArgument(format!(
                     "model_type `{other}` is not supported (supported: {SUPPORTED_MODEL_TYPES})"
                 )))
             }
         };
-        if let Some(act) = c.hidden_act.as_deref() {
-            if act != "silu" {
-                return Err(Error::InvalidArgument(format!(
-                    "config field `hidden_act` is `{act}`: only silu (SwiGLU) is supported"
-                )));
+        let act = if arch.is_gemma() {
+            // Gemma's MLP reads `hidden_activation` (transformers' default gelu_pytorch_tanh);
+            // a `hidden_act` beside it is not read by transformers either.
+            match c
+                .hidden_activation
+                .as_deref()
+                .unwrap_or("gelu_pytorch_tanh")
+            {
+                "gelu_pytorch_tanh" => Activation::GeluTanh,
+                other => {
+                    return Err(Error::InvalidArgument(format!(
+                        "config field `hidden_activation` is `{other}`: only gelu_pytorch_tanh \
+                         (GeGLU with the tanh GELU) is supported for {model_type}"
+                    )))
+                }
             }
+        } else {
+            if let Some(act) = c.hidden_act.as_deref() {
+                if act != "silu" {
+                    return Err(Error::InvalidArgument(format!(
+                        "config field `hidden_act` is `{act}`: only silu (SwiGLU) is supported"
+                    )));
+                }
+            }
+            Activation::Silu
+        };
+        if c.use_bidirectional_attention == Some(true) {
+            return Err(Error::InvalidArgument(
+                "config field `use_bidirectional_attention` is true (an embedding model's \
+                 attention): only causal attention is supported"
+                    .into(),
+            ));
         }
         if c.mlp_bias == Some(true) {
             return Err(Error::InvalidArgument(
@@ -280,50 +423,182 @@ impl TryFrom<HfConfig> for LlamaConfig {
                 "config: head_dim ({head_dim}) must be even for rotary embeddings"
             )));
         }
-        // transformers 5: rope_parameters {rope_theta, rope_type, ...}; 4.x: rope_theta + rope_scaling.
-        let defaults_theta = 10_000.0;
-        let (rope_theta, rope_scaling) = match (&c.rope_parameters, &c.rope_scaling) {
-            (Some(p), _) => (
-                p.get("rope_theta")
-                    .and_then(Value::as_f64)
-                    .or(c.rope_theta)
-                    .unwrap_or(defaults_theta),
-                parse_rope_scaling(p, "rope_parameters")?,
-            ),
-            (None, Some(s)) if !s.is_null() => (
-                c.rope_theta.unwrap_or(defaults_theta),
-                parse_rope_scaling(s, "rope_scaling")?,
-            ),
-            _ => (c.rope_theta.unwrap_or(defaults_theta), RopeScaling::None),
+        // Which layers slide: `layer_types` where given, else the family's rule (transformers'
+        // defaults: Gemma 2 every other layer from the first, Gemma 3 all but every
+        // `sliding_window_pattern`-th, Qwen from `max_window_layers` on, Mistral every layer).
+        let sliding_layers: Vec<bool> = match &c.layer_types {
+            Some(types) => {
+                if types.len() != num_layers {
+                    return Err(Error::InvalidArgument(format!(
+                        "config field `layer_types` lists {} layers but num_hidden_layers is \
+                         {num_layers}",
+                        types.len()
+                    )));
+                }
+                types
+                    .iter()
+                    .enumerate()
+                    .map(|(i, t)| match t.as_str() {
+                        "full_attention" => Ok(false),
+                        "sliding_attention" => Ok(true),
+                        other => Err(Error::InvalidArgument(format!(
+                            "config field `layer_types` has `{other}` for layer {i}: supported \
+                             are full_attention and sliding_attention"
+                        ))),
+                    })
+                    .collect::<Result<_>>()?
+            }
+            None => (0..num_layers)
+                .map(|i| match arch {
+                    Arch::Gemma2 => i % 2 == 0,
+                    Arch::Gemma3 => (i + 1) % c.sliding_window_pattern.unwrap_or(6).max(1) != 0,
+                    Arch::Qwen2 | Arch::Qwen3 => i >= c.max_window_layers.unwrap_or(28),
+                    Arch::Llama | Arch::Mistral => true,
+                })
+                .collect(),
+        };
+        let span = match arch {
+            Arch::Gemma2 | Arch::Gemma3 => Some(c.sliding_window.unwrap_or(4096)),
+            Arch::Qwen2 | Arch::Qwen3 if c.use_sliding_window != Some(true) => None,
+            Arch::Llama if c.layer_types.is_none() => None,
+            _ => c.sliding_window,
+        };
+        let listed_sliding = c.layer_types.is_some() && sliding_layers.iter().any(|&s| s);
+        if span.is_none() && listed_sliding && matches!(arch, Arch::Llama | Arch::Mistral) {
+            return Err(Error::InvalidArgument(
+                "config field `layer_types` lists sliding_attention layers but `sliding_window` \
+                 is not set"
+                    .into(),
+            ));
+        }
+        if span == Some(0) {
+            return Err(Error::InvalidArgument(
+                "config field `sliding_window` is 0".into(),
+            ));
+        }
+        let sliding_window = span.filter(|_| sliding_layers.iter().any(|&s| s));
+
+        // RoPE. transformers 5: `rope_parameters` {rope_theta, rope_type, …} (Gemma 3: one such
+        // block per layer type); 4.x: `rope_theta` + `rope_scaling` (Gemma 3 adds
+        // `rope_local_base_freq` for the sliding layers).
+        let defaults_theta = match arch {
+            Arch::Gemma3 => 1_000_000.0,
+            _ => 10_000.0,
+        };
+        let rope_of = |p: &Value, field: &str, default_theta: f64| -> Result<(f32, RopeScaling)> {
+            let theta = p
+                .get("rope_theta")
+                .and_then(Value::as_f64)
+                .or(c.rope_theta)
+                .unwrap_or(default_theta);
+            Ok((theta as f32, parse_rope_scaling(p, field)?))
+        };
+        let per_type = c
+            .rope_parameters
+            .as_ref()
+            .filter(|p| p.get("full_attention").is_some() || p.get("sliding_attention").is_some());
+        let ((rope_theta, rope_scaling), rope_local) = if let Some(p) = per_type {
+            if arch != Arch::Gemma3 {
+                return Err(Error::InvalidArgument(format!(
+                    "config field `rope_parameters` is given per layer type, which only \
+                     gemma3_text reads; this config is {model_type}"
+                )));
+            }
+            let global = match p.get("full_attention") {
+                Some(g) => rope_of(g, "rope_parameters.full_attention", defaults_theta)?,
+                None => (defaults_theta as f32, RopeScaling::None),
+            };
+            let local = match p.get("sliding_attention") {
+                Some(l) => {
+                    let theta = l
+                        .get("rope_theta")
+                        .and_then(Value::as_f64)
+                        .unwrap_or(10_000.0);
+                    (
+                        theta as f32,
+                        parse_rope_scaling(l, "rope_parameters.sliding_attention")?,
+                    )
+                }
+                None => (10_000.0, RopeScaling::None),
+            };
+            (global, Some(local))
+        } else {
+            let global = match (&c.rope_parameters, &c.rope_scaling) {
+                (Some(p), _) => rope_of(p, "rope_parameters", defaults_theta)?,
+                (None, Some(s)) if !s.is_null() => (
+                    c.rope_theta.unwrap_or(defaults_theta) as f32,
+                    parse_rope_scaling(s, "rope_scaling")?,
+                ),
+                _ => (
+                    c.rope_theta.unwrap_or(defaults_theta) as f32,
+                    RopeScaling::None,
+                ),
+            };
+            let local = (arch == Arch::Gemma3).then(|| {
+                (
+                    c.rope_local_base_freq.unwrap_or(10_000.0) as f32,
+                    RopeScaling::None,
+                )
+            });
+            (global, local)
         };
         let attention_bias = c.attention_bias.unwrap_or(false);
-        let sliding_window = match arch {
-            Arch::Mistral => c.sliding_window,
-            Arch::Qwen2 | Arch::Qwen3 if c.use_sliding_window == Some(true) => c.sliding_window,
-            _ => None,
+
+        let positive = |field: &str, v: f64| -> Result<f32> {
+            if v.is_finite() && v > 0.0 {
+                Ok(v as f32)
+            } else {
+                Err(Error::InvalidArgument(format!(
+                    "config field `{field}` must be a positive number, got {v}"
+                )))
+            }
         };
-        // A layer listed as sliding makes the window apply (the attention here is full, so
-        // sequences longer than the window are refused at run time); any other type is refused.
-        let mut sliding_window = sliding_window;
-        for (i, t) in c.layer_types.iter().flatten().enumerate() {
-            match t.as_str() {
-                "full_attention" => {}
-                "sliding_attention" => {
-                    sliding_window = Some(c.sliding_window.ok_or_else(|| {
-                        Error::InvalidArgument(format!(
-                            "config field `layer_types` lists layer {i} as sliding_attention but \
-                             `sliding_window` is not set"
-                        ))
-                    })?);
-                }
-                other => {
+        // Gemma 2's class defaults are 50 and 30 where the field is absent; null turns it off.
+        let softcap = |field: &str, v: Option<Option<f64>>, default: Option<f64>| {
+            v.unwrap_or(default).map(|x| positive(field, x)).transpose()
+        };
+        let switches = if arch.is_gemma() {
+            let gemma2 = arch == Arch::Gemma2;
+            let scalar = c.query_pre_attn_scalar.unwrap_or(256.0);
+            positive("query_pre_attn_scalar", scalar)?;
+            Switches {
+                act,
+                norm_unit_offset: true,
+                sandwich_norms: true,
+                // transformers: `hidden_size ** 0.5` as an f32 tensor, cast to the weights' dtype.
+                embed_scale: Some((hidden_size as f64).sqrt() as f32),
+                attn_scale: Some(scalar.powf(-0.5) as f32),
+                attn_softcap: softcap(
+                    "attn_logit_softcapping",
+                    c.attn_logit_softcapping,
+                    gemma2.then_some(50.0),
+                )?,
+                final_softcap: softcap(
+                    "final_logit_softcapping",
+                    c.final_logit_softcapping,
+                    gemma2.then_some(30.0),
+                )?,
+                sliding_layers,
+                rope_local: rope_local.filter(|_| arch == Arch::Gemma3),
+            }
+        } else {
+            for (field, v) in [
+                ("attn_logit_softcapping", c.attn_logit_softcapping),
+                ("final_logit_softcapping", c.final_logit_softcapping),
+            ] {
+                if let Some(Some(x)) = v {
                     return Err(Error::InvalidArgument(format!(
-                        "config field `layer_types` has `{other}` for layer {i}: supported are \
-                         full_attention and sliding_attention"
-                    )))
+                        "config field `{field}` is {x}: soft-capping is read for gemma2 and \
+                         gemma3_text only, not {model_type}"
+                    )));
                 }
             }
-        }
+            Switches {
+                act,
+                sliding_layers,
+                ..Switches::default()
+            }
+        };
         let rms_norm_eps = c.rms_norm_eps.unwrap_or(1e-6);
         if rms_norm_eps.is_nan() || rms_norm_eps <= 0.0 {
             return Err(Error::InvalidArgument(format!(
@@ -340,15 +615,21 @@ impl TryFrom<HfConfig> for LlamaConfig {
             head_dim,
             vocab_size,
             rms_norm_eps,
-            rope_theta: rope_theta as f32,
+            rope_theta,
             rope_scaling,
-            tie_word_embeddings: c.tie_word_embeddings.unwrap_or(false),
-            max_position_embeddings: c.max_position_embeddings.unwrap_or(2048),
+            // Gemma's classes default to tied embeddings.
+            tie_word_embeddings: c.tie_word_embeddings.unwrap_or(arch.is_gemma()),
+            max_position_embeddings: c.max_position_embeddings.unwrap_or(match arch {
+                Arch::Gemma2 => 8192,
+                Arch::Gemma3 => 131_072,
+                _ => 2048,
+            }),
             qkv_bias: arch == Arch::Qwen2 || attention_bias,
             o_bias: arch != Arch::Qwen2 && attention_bias,
             sliding_window,
             dtype: c.dtype.or(c.torch_dtype),
             quantization_config: c.quantization_config.filter(|v| !v.is_null()),
+            switches,
         })
     }
 }

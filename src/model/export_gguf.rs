@@ -279,6 +279,16 @@ fn arch_of(cfg: &LlamaConfig, model: &Path) -> Result<(&'static str, Vec<String>
         Arch::Llama | Arch::Mistral => "llama",
         Arch::Qwen2 => "qwen2",
         Arch::Qwen3 => "qwen3",
+        Arch::Gemma2 | Arch::Gemma3 => {
+            return Err(Error::InvalidArgument(format!(
+                "{}: export-gguf writes llama.cpp's llama, qwen2 and qwen3 architectures; \
+                 {:?} (llama.cpp's gemma2/gemma3) is not written yet: merge the adapter \
+                 (`qlora-rs merge`) and convert the merged folder with llama.cpp's \
+                 convert_hf_to_gguf.py",
+                model.join("config.json").display(),
+                cfg.arch
+            )))
+        }
     };
     if let Some(w) = cfg.sliding_window {
         if w < cfg.max_position_embeddings {

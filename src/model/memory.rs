@@ -17,7 +17,8 @@
 //!                + T·8, the adapters' x·Aᵀ n_a·T·r·2, and g = dy·B T·r·2 (dx is written over
 //!                the down projection's input, which nothing needs after it); with per-head q/k
 //!                norms (Qwen3) also q and k before them T·(qd + kvd)·2 and their rstd
-//!                T·(H + Hkv)·4
+//!                T·(H + Hkv)·4; with Gemma's norms on the attention and MLP outputs also
+//!                those outputs before them and their rstd 2·T·d·2 + 2·T·4
 //! lm_head + CE   the last hidden state, its norm and its gradient 3·T·d·2, the targets T·4 and
 //!                one chunk of C tokens' logits, fp32 and bf16: C·Vp·6
 //! ```
@@ -101,9 +102,15 @@ pub fn plan(model: &LlamaConfig, lora: &LoraConfig, tokens: usize) -> Result<Mem
     let emb = v * d * 2 * if c.tie_word_embeddings { 1 } else { 2 };
     let hd = c.head_dim as u64;
     let qk_norm = c.qk_norm();
-    let norms = (2 * l + 1) * d * 2 + if qk_norm { l * 2 * hd * 2 } else { 0 };
+    let per_layer_norms = if c.switches.sandwich_norms { 4 } else { 2 };
+    let norms = (per_layer_norms * l + 1) * d * 2 + if qk_norm { l * 2 * hd * 2 } else { 0 };
     let biases = l * 2 * (if c.qkv_bias { qd + 2 * kvd } else { 0 } + if c.o_bias { d } else { 0 });
-    let rope = (c.head_dim as u64 / 2) * 4;
+    let rope_tables = if c.switches.rope_local.is_some() {
+        2
+    } else {
+        1
+    };
+    let rope = rope_tables * (c.head_dim as u64 / 2) * 4;
     // The device holds the adapters at the rank rounded up to 8 (the GEMM tiles' need).
     let rp = lora.rank.div_ceil(8) * 8;
     let device_lora = LoraConfig {
@@ -122,8 +129,18 @@ pub fn plan(model: &LlamaConfig, lora: &LoraConfig, tokens: usize) -> Result<Mem
     } else {
         0
     };
-    let saved =
-        t * (3 * d + 2 * qd + 2 * kvd + 3 * f) * 2 + t * h * 4 + t * 8 + n_a * t * r * 2 + qk_saved;
+    // Gemma's norms of the attention and MLP outputs keep those outputs and their rstd.
+    let sandwich_saved = if c.switches.sandwich_norms {
+        2 * t * d * 2 + 2 * t * 4
+    } else {
+        0
+    };
+    let saved = t * (3 * d + 2 * qd + 2 * kvd + 3 * f) * 2
+        + t * h * 4
+        + t * 8
+        + n_a * t * r * 2
+        + qk_saved
+        + sandwich_saved;
     let backward = t * d * 2 + saved + if down_adapted { t * r * 2 } else { 0 };
     let chunk = (DEFAULT_CHUNK as u64).min(t.max(1));
     let vp = v.next_multiple_of(8);

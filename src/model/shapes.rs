@@ -35,6 +35,7 @@ pub fn by_name(name: &str) -> Result<LlamaConfig> {
             sliding_window: None,
             dtype: Some("bfloat16".into()),
             quantization_config: None,
+            switches: Default::default(),
         };
     match name.to_ascii_lowercase().as_str() {
         "smollm2-135m" => Ok(base(
