@@ -539,7 +539,8 @@ fn single_turn_qwen3_trains_the_empty_think_block_with_enable_thinking_false() {
 
 #[test]
 fn weight_zero_turns_are_not_trained() {
-    assert_eq!(check_chat_cases("weight.jsonl", None), 4);
+    // SmolLM2, Qwen2.5, Llama 3.1 and Gemma 2.
+    assert_eq!(check_chat_cases("weight.jsonl", None), 5);
     // And without the weight, the same turn is trained.
     let t = chat_tok("smollm2");
     let dir = std::env::temp_dir().join(format!("qlora-weight-{}", std::process::id()));
