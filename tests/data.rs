@@ -539,7 +539,8 @@ fn single_turn_qwen3_trains_the_empty_think_block_with_enable_thinking_false() {
 
 #[test]
 fn weight_zero_turns_are_not_trained() {
-    assert_eq!(check_chat_cases("weight.jsonl", None), 4);
+    // SmolLM2, Qwen2.5, Llama 3.1 and Gemma 2.
+    assert_eq!(check_chat_cases("weight.jsonl", None), 5);
     // And without the weight, the same turn is trained.
     let t = chat_tok("smollm2");
     let dir = std::env::temp_dir().join(format!("qlora-weight-{}", std::process::id()));
@@ -644,6 +645,196 @@ fn a_template_that_raises_names_the_record_and_gives_its_message() {
             && err.contains(r["message"].as_str().unwrap()),
         "{err}"
     );
+}
+
+#[test]
+fn gemma2_model_turns_render_and_train_like_transformers_and_trl() {
+    // Gemma 2's template: bos_token printed by the template, `model` for the assistant role,
+    // every message trimmed (Python's whitespace: U+3000 and U+001F too), content parts, one to
+    // three turns; the trained text of each turn is its trimmed content, <end_of_turn> and the
+    // newline, exactly TRL's {% generation %} blocks in gemma_training.jinja (checked by
+    // make_chat_fixtures.py). Conversational prompt-completion by TRL's completion mask, and
+    // `weight: 0` (in weight_zero_turns_are_not_trained).
+    assert_eq!(check_chat_cases("alternating.jsonl", Some("gemma2")), 1);
+    assert_eq!(check_chat_cases("pc_alternating.jsonl", Some("gemma2")), 1);
+    let g = chat_golden();
+    let case = g["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["template"] == "gemma2" && c["data"] == "alternating.jsonl")
+        .unwrap();
+    let third = case["records"][2]["rendered"].as_str().unwrap();
+    assert!(
+        third.starts_with("<|im_start|><start_of_turn>user\nTell me a short poem.<end_of_turn>\n")
+            && third
+                .ends_with("<start_of_turn>model\nLeaves fall slowly,\nrivers run.<end_of_turn>\n"),
+        "{third}"
+    );
+}
+
+/// The lines of `err` that list the records of gemma2_refusals.jsonl.
+fn gemma2_refusal_lines(err: &str) -> Vec<&str> {
+    err.lines()
+        .map(str::trim)
+        .filter(|l| l.starts_with("record "))
+        .collect()
+}
+
+/// What Gemma 2's refusals of gemma2_refusals.jsonl say: where, the template's own message as
+/// transformers raises it, and what to do.
+fn check_gemma2_refusals(err: &str) {
+    let g = chat_golden();
+    let r = &g["gemma2_refusals"];
+    assert!(
+        err.contains("gemma2_refusals.jsonl: 3 of 5 records cannot be used (--skip-bad-records leaves them out):"),
+        "{err}"
+    );
+    let lines = gemma2_refusal_lines(err);
+    let want = r["records"].as_array().unwrap();
+    assert_eq!(lines.len(), want.len(), "{err}");
+    for (line, w) in lines.iter().zip(want) {
+        let head = format!(
+            "record {} (line {}): the chat template refuses the conversation (\"{}\"). ",
+            w["record"],
+            w["line"],
+            w["message"].as_str().unwrap()
+        );
+        assert!(line.starts_with(&head), "{line}\nshould start with\n{head}");
+    }
+    assert_eq!(
+        lines[0],
+        "record 1 (line 2): the chat template refuses the conversation (\"System role not \
+         supported\"). The template takes no system message: put the system prompt at \
+         the start of the first user message (then a blank line), or use a model whose chat \
+         template accepts a system role"
+    );
+    assert!(
+        lines[1].ends_with(
+            "The template wants user and assistant messages to alternate: merge \
+             consecutive messages of one role into one (messages 0 and 1 are both user)"
+        ),
+        "{}",
+        lines[1]
+    );
+    assert!(
+        lines[2].ends_with(
+            "The template wants the conversation to start with a user message \
+             (message 0 is assistant)"
+        ),
+        "{}",
+        lines[2]
+    );
+}
+
+#[test]
+fn gemma2_refuses_a_system_role_naming_the_record_its_message_and_what_to_do() {
+    let g = chat_golden();
+    let r = &g["gemma2_refusals"];
+    let file = fixtures(&format!("chat/{}", r["data"].as_str().unwrap()));
+    let t = chat_tok(r["template"].as_str().unwrap());
+    let err = data::load_records(&file, &t, &opts(None, 4096), &ChatOptions::default())
+        .unwrap_err()
+        .to_string();
+    check_gemma2_refusals(&err);
+    // The same with --train-on-prompt (another rendering path).
+    let mut o = opts(None, 4096);
+    o.train_on_prompt = true;
+    let err = data::load_records(&file, &t, &o, &ChatOptions::default())
+        .unwrap_err()
+        .to_string();
+    check_gemma2_refusals(&err);
+    // --skip-bad-records keeps records 0 and 4 and lists the others.
+    let mut o = opts(None, 4096);
+    o.skip_bad_records = true;
+    let (seqs, stats) = data::load_records(&file, &t, &o, &ChatOptions::default()).unwrap();
+    assert_eq!(seqs.iter().map(|s| s.0).collect::<Vec<_>>(), [0, 4]);
+    assert_eq!(
+        stats.skipped.iter().map(|b| b.index).collect::<Vec<_>>(),
+        [1, 2, 3]
+    );
+    // A system message and two user messages in a row: both changes are named; a template
+    // that raises for another reason (Llama 3.1's one tool call per turn) gets no advice.
+    let both = write_lines(
+        "gemma2-both",
+        &[
+            r#"{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}, {"role": "user", "content": "Hello?"}, {"role": "assistant", "content": "Hi."}]}"#,
+        ],
+    );
+    let err = data::load_records(&both, &t, &opts(None, 4096), &ChatOptions::default())
+        .unwrap_err()
+        .to_string();
+    std::fs::remove_dir_all(both.parent().unwrap()).unwrap();
+    assert!(
+        err.contains(
+            "(\"System role not supported\"). The template wants user and assistant \
+             messages to alternate: merge consecutive messages of one role into one (messages 1 \
+             and 2 are both user). The template takes no system message: put the \
+             system prompt at the start of the first user message"
+        ) && !err.contains("start with a user message"),
+        "{err}"
+    );
+    let err = data::load_records(
+        &fixtures("chat/two_tool_calls.jsonl"),
+        &chat_tok("llama3_1"),
+        &opts(None, 4096),
+        &ChatOptions::default(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("the chat template refuses the conversation (\"This model only supports single tool-calls \
+             at once!\")")
+            && !err.contains("The template"),
+        "{err}"
+    );
+}
+
+#[test]
+fn cli_train_and_data_give_gemma2_refusals_before_reading_weights() {
+    let g = chat_golden();
+    let file = fixtures(&format!(
+        "chat/{}",
+        g["gemma2_refusals"]["data"].as_str().unwrap()
+    ));
+    // The tiny Llama with Gemma 2's template: its weights are never read.
+    let model = model_dir_named("gemma2", "gemma2-train");
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(fixtures(&format!("llama/tiny-llama/{f}")), model.join(f)).unwrap();
+    }
+    let out_dir = model.join("out");
+    for args in [
+        vec![
+            "data",
+            "--model",
+            model.to_str().unwrap(),
+            "--data",
+            file.to_str().unwrap(),
+        ],
+        vec![
+            "train",
+            "--device",
+            "cpu",
+            "--model",
+            model.to_str().unwrap(),
+            "--data",
+            file.to_str().unwrap(),
+            "--output",
+            out_dir.to_str().unwrap(),
+            "--max-steps",
+            "1",
+        ],
+    ] {
+        let out = crate::common::qlora(&args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && !stderr.contains("panicked"),
+            "{args:?}: {stderr}"
+        );
+        check_gemma2_refusals(&stderr);
+    }
+    assert!(!out_dir.join("adapter_model.safetensors").exists());
+    std::fs::remove_dir_all(&model).unwrap();
 }
 
 /// Writes `lines` to a temporary JSONL file and loads it with the ChatML template.

@@ -1,9 +1,10 @@
 //! Chat templates: the model's Jinja template rendered with minijinja the way transformers'
 //! `apply_chat_template` renders it (`trim_blocks`, `lstrip_blocks`, loop controls, Python
-//! string methods; the helpers transformers adds: `raise_exception`, `strftime_now` and a
-//! `tojson` without HTML escaping; `{% generation %}` markers accepted and ignored), with
-//! `messages`, `tools`, `documents`, `bos_token`, `eos_token`, `add_generation_prompt` and the
-//! caller's extra keyword arguments (`--chat-template-kwargs`), which override the others.
+//! string methods; jinja2's `trim`, with Python's whitespace; the helpers transformers adds:
+//! `raise_exception`, `strftime_now` and a `tojson` without HTML escaping; `{% generation %}`
+//! markers accepted and ignored), with `messages`, `tools`, `documents`, `bos_token`,
+//! `eos_token`, `add_generation_prompt` and the caller's extra keyword arguments
+//! (`--chat-template-kwargs`), which override the others.
 //!
 //! Assistant spans for loss masking come from the template itself. First the prefix rule: for
 //! each assistant message `i`, render `messages[..i]` with the generation prompt (`P`) and
@@ -558,9 +559,14 @@ impl ChatTemplate {
         env.add_function(
             "raise_exception",
             |msg: String| -> std::result::Result<String, minijinja::Error> {
-                Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
+                Err(
+                    minijinja::Error::new(ErrorKind::InvalidOperation, msg.clone())
+                        .with_source(Raised(msg)),
+                )
             },
         );
+        // jinja2's `trim` is Python's str.strip(): U+001C..U+001F are whitespace there too.
+        env.add_filter("trim", py_trim);
         let clock: Arc<Mutex<Option<LocalTime>>> = Arc::default();
         let fixed = Arc::clone(&clock);
         env.add_function(
@@ -620,8 +626,91 @@ impl ChatTemplate {
     }
 
     /// Renders a conversation as `apply_chat_template(messages, tools=…, add_generation_prompt=…,
-    /// **kwargs)` does.
+    /// **kwargs)` does. Where the template refuses the conversation with its own
+    /// `raise_exception` (Gemma's "System role not supported"), the error says so and gives the
+    /// template's message; see [`ChatTemplate::explain`] for what to do about it.
     pub fn render_input(&self, input: &ChatInput, add_generation_prompt: bool) -> Result<String> {
+        self.render_raw(input, add_generation_prompt)?.map_err(|e| {
+            if let Some(msg) = raised(&e) {
+                return Error::InvalidArgument(format!(
+                    "the chat template refuses the conversation (\"{msg}\")"
+                ));
+            }
+            let mut msg = e.to_string();
+            if let Some(d) = e.detail() {
+                if !msg.contains(d) {
+                    msg = format!("{msg}: {d}");
+                }
+            }
+            Error::InvalidArgument(format!("chat template: {msg}"))
+        })
+    }
+
+    /// `e`, from rendering `input` for training, with what to do where the template refuses the
+    /// whole conversation with its own `raise_exception` and a change that qlora-rs can name
+    /// makes it render: a first system message merged into the first user message (Gemma 2
+    /// takes no system role), consecutive messages of one role merged (Gemma 2 wants user and
+    /// assistant to alternate), or the conversation started with a user message (in the order
+    /// they are tried: a user message first, runs merged, the system message merged). Each change
+    /// named is one the template needs: the conversation renders with all of them, and not
+    /// without any one. Other errors come back as they are.
+    pub fn explain(&self, input: &ChatInput, e: Error) -> Error {
+        let Ok(Err(raw)) = self.render_raw(input, false) else {
+            return e;
+        };
+        let Some(msg) = raised(&raw) else {
+            return e;
+        };
+        let mut text = format!("the chat template refuses the conversation (\"{msg}\")");
+        let renders = |fixes: &[&Fix]| {
+            let mut messages = input.messages.clone();
+            for f in fixes {
+                messages = (f.apply)(&messages).unwrap_or(messages);
+            }
+            let probe = ChatInput {
+                messages,
+                tools: input.tools.clone(),
+                kwargs: input.kwargs.clone(),
+                // Its own log: these are not the record's messages.
+                reads: ReadLog::default(),
+            };
+            matches!(self.render_raw(&probe, false), Ok(Ok(_)))
+        };
+        // The changes this conversation admits, each after the ones before; then the fewest of
+        // them that still render.
+        let mut needed: Vec<&Fix> = Vec::new();
+        let mut messages = input.messages.clone();
+        for f in &FIXES {
+            if let Some(changed) = (f.apply)(&messages) {
+                messages = changed;
+                needed.push(f);
+            }
+        }
+        if !needed.is_empty() && renders(&needed) {
+            let mut k = 0;
+            while k < needed.len() {
+                let mut without = needed.clone();
+                without.remove(k);
+                if !without.is_empty() && renders(&without) {
+                    needed = without;
+                } else {
+                    k += 1;
+                }
+            }
+            for f in needed {
+                text.push_str(". ");
+                text.push_str(&(f.advice)(&input.messages));
+            }
+        }
+        Error::InvalidArgument(text)
+    }
+
+    /// The rendering, or the template's own error (the outer error: kwargs that cannot be set).
+    fn render_raw(
+        &self,
+        input: &ChatInput,
+        add_generation_prompt: bool,
+    ) -> Result<std::result::Result<String, minijinja::Error>> {
         let tmpl = self.env.get_template("chat").expect("added in new()");
         let mut ctx: Vec<(String, Value)> = vec![
             (
@@ -653,15 +742,7 @@ impl ChatTemplate {
             Value::from(add_generation_prompt),
         ));
         let ctx: Value = ctx.into_iter().collect();
-        tmpl.render(ctx).map_err(|e| {
-            let mut msg = e.to_string();
-            if let Some(d) = e.detail() {
-                if !msg.contains(d) {
-                    msg = format!("{msg}: {d}");
-                }
-            }
-            Error::InvalidArgument(format!("chat template: {msg}"))
-        })
+        Ok(tmpl.render(ctx))
     }
 
     /// The rendering of `messages` and the byte ranges of every assistant turn in it.
@@ -826,6 +907,152 @@ impl ChatTemplate {
         // A probe that parts from the real text before the turn's place tells nothing of it.
         (header > floor).then_some(header)
     }
+}
+
+/// What a template's `raise_exception` was called with (the source of the render error).
+#[derive(Debug)]
+struct Raised(String);
+
+impl std::fmt::Display for Raised {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Raised {}
+
+/// The message of the `raise_exception` that ended a rendering, if one did.
+fn raised(e: &minijinja::Error) -> Option<&str> {
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(r) = s.downcast_ref::<Raised>() {
+            return Some(&r.0);
+        }
+        source = s.source();
+    }
+    None
+}
+
+/// jinja2's `trim(value, chars=None)`: Python's `str.strip`, whose whitespace is Rust's plus
+/// U+001C..U+001F.
+fn py_trim(value: &str, chars: Option<String>) -> String {
+    match chars {
+        Some(chars) => value.trim_matches(|c| chars.contains(c)).to_string(),
+        None => value
+            .trim_matches(|c: char| c.is_whitespace() || ('\u{1c}'..='\u{1f}').contains(&c))
+            .to_string(),
+    }
+}
+
+/// A change to a conversation that a template refusing it may need, and what to tell the user.
+struct Fix {
+    /// The changed messages; `None` where the change does not apply to them.
+    apply: fn(&[Value]) -> Option<Vec<Value>>,
+    /// What to do, for the messages as they were.
+    advice: fn(&[Value]) -> String,
+}
+
+const FIXES: [Fix; 3] = [
+    Fix {
+        apply: user_first,
+        advice: |m| {
+            let k = usize::from(role_of(&m[0]) == "system");
+            format!(
+                "The template wants the conversation to start with a user message (message \
+                 {k} is {})",
+                role_of(&m[k])
+            )
+        },
+    },
+    Fix {
+        apply: merge_runs,
+        advice: |m| {
+            let roles: Vec<String> = m.iter().map(role_of).collect();
+            let i = (1..roles.len())
+                .find(|&i| roles[i] == roles[i - 1])
+                .unwrap_or(1);
+            format!(
+                "The template wants user and assistant messages to alternate: merge \
+                 consecutive messages of one role into one (messages {} and {i} are both {})",
+                i - 1,
+                roles.get(i).map_or("", String::as_str)
+            )
+        },
+    },
+    Fix {
+        apply: fold_system,
+        advice: |_| {
+            "The template takes no system message: put the system prompt at the start of \
+             the first user message (then a blank line), or use a model whose chat template \
+             accepts a system role"
+                .into()
+        },
+    },
+];
+
+fn role_of(m: &Value) -> String {
+    m.get_attr("role")
+        .ok()
+        .and_then(|r| r.as_str().map(str::to_string))
+        .unwrap_or_default()
+}
+
+/// The text of a message with string content and no tool calls (what can be merged).
+fn plain_text(m: &Value) -> Option<String> {
+    let calls = m.get_attr("tool_calls").ok();
+    if calls.is_some_and(|c| !c.is_undefined() && !c.is_none()) {
+        return None;
+    }
+    m.get_attr("content")
+        .ok()
+        .and_then(|c| c.as_str().map(str::to_string))
+}
+
+/// A first system message put at the start of the first user message, a blank line between.
+fn fold_system(m: &[Value]) -> Option<Vec<Value>> {
+    if m.len() < 2 || role_of(&m[0]) != "system" || role_of(&m[1]) != "user" {
+        return None;
+    }
+    let (system, user) = (plain_text(&m[0])?, plain_text(&m[1])?);
+    let first = with_entry(&m[1], "content", |_| {
+        Some(Value::from(format!("{system}\n\n{user}")))
+    })?;
+    Some(
+        std::iter::once(first)
+            .chain(m[2..].iter().cloned())
+            .collect(),
+    )
+}
+
+/// Consecutive user (or assistant) messages merged into one, blank lines between.
+fn merge_runs(m: &[Value]) -> Option<Vec<Value>> {
+    let mut out: Vec<Value> = Vec::with_capacity(m.len());
+    let mut merged = false;
+    for msg in m {
+        let role = role_of(msg);
+        if let Some(last) = out.last_mut() {
+            if role == role_of(last) && (role == "user" || role == "assistant") {
+                let (a, b) = (plain_text(last)?, plain_text(msg)?);
+                *last = with_entry(last, "content", |_| {
+                    Some(Value::from(format!("{a}\n\n{b}")))
+                })?;
+                merged = true;
+                continue;
+            }
+        }
+        out.push(msg.clone());
+    }
+    merged.then_some(out)
+}
+
+/// The assistant messages before the first user message left out (after a system message).
+fn user_first(m: &[Value]) -> Option<Vec<Value>> {
+    let k = usize::from(m.first().is_some_and(|x| role_of(x) == "system"));
+    let first_user = m.iter().skip(k).position(|x| role_of(x) == "user")?;
+    if first_user == 0 || role_of(&m[k]) != "assistant" {
+        return None;
+    }
+    Some(m[..k].iter().chain(&m[k + first_user..]).cloned().collect())
 }
 
 /// The length in bytes of the longest common prefix of `a` and `b`, on a character boundary.

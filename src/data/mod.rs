@@ -168,34 +168,47 @@ pub fn tokenize_first(
                     "chat data needs a chat template, and the model's tokenizer_config.json has none".into(),
                 )
             })?;
-            if train_on_prompt {
-                let text = template.render_input(&conv.input, false)?;
-                let (ids, _) = tok.encode(prefix_for(&text, keep, mtb), false)?;
-                let train = vec![true; ids.len()];
-                return Ok((ids, train));
-            }
-            if let Some(n) = conv.prompt_len {
-                // TRL's completion mask: the tokens past the common prefix of the prompt's
-                // rendering (with the generation prompt) and the whole conversation's.
-                let full = template.render_input(&conv.input, false)?;
-                let prompt = template.render_input(&conv.input.first(n), true)?;
-                let (ids, _) = tok.encode(prefix_for(&full, keep, mtb), false)?;
-                let (pids, _) = tok.encode(prefix_for(&prompt, keep, mtb), false)?;
-                let common = ids.iter().zip(&pids).take_while(|(a, b)| a == b).count();
-                let train = (0..ids.len()).map(|t| t >= common).collect();
-                return Ok((ids, train));
-            }
-            let (text, spans) = template.spans(&conv.input, &conv.trained)?;
-            let (ids, offsets) = tok.encode(prefix_for(&text, keep, mtb), false)?;
-            // A token is trained on when it overlaps an assistant span (transformers'
-            // assistant-token mask does the same for tokens straddling a span's start).
-            let train = offsets
-                .iter()
-                .map(|&(s, e)| spans.iter().any(|&(a, b)| s < b && e > a))
-                .collect();
-            Ok((ids, train))
+            chat_tokens(tok, template, conv, train_on_prompt, keep)
+                .map_err(|e| template.explain(&conv.input, e))
         }
     }
+}
+
+/// [`tokenize_first`] for a conversation rendered with `template`.
+fn chat_tokens(
+    tok: &TextTokenizer,
+    template: &chat::ChatTemplate,
+    conv: &formats::Conversation,
+    train_on_prompt: bool,
+    keep: usize,
+) -> Result<(Vec<u32>, Vec<bool>)> {
+    let mtb = tok.max_token_bytes;
+    if train_on_prompt {
+        let text = template.render_input(&conv.input, false)?;
+        let (ids, _) = tok.encode(prefix_for(&text, keep, mtb), false)?;
+        let train = vec![true; ids.len()];
+        return Ok((ids, train));
+    }
+    if let Some(n) = conv.prompt_len {
+        // TRL's completion mask: the tokens past the common prefix of the prompt's
+        // rendering (with the generation prompt) and the whole conversation's.
+        let full = template.render_input(&conv.input, false)?;
+        let prompt = template.render_input(&conv.input.first(n), true)?;
+        let (ids, _) = tok.encode(prefix_for(&full, keep, mtb), false)?;
+        let (pids, _) = tok.encode(prefix_for(&prompt, keep, mtb), false)?;
+        let common = ids.iter().zip(&pids).take_while(|(a, b)| a == b).count();
+        let train = (0..ids.len()).map(|t| t >= common).collect();
+        return Ok((ids, train));
+    }
+    let (text, spans) = template.spans(&conv.input, &conv.trained)?;
+    let (ids, offsets) = tok.encode(prefix_for(&text, keep, mtb), false)?;
+    // A token is trained on when it overlaps an assistant span (transformers'
+    // assistant-token mask does the same for tokens straddling a span's start).
+    let train = offsets
+        .iter()
+        .map(|&(s, e)| spans.iter().any(|&(a, b)| s < b && e > a))
+        .collect();
+    Ok((ids, train))
 }
 
 /// Reads, converts, tokenizes and truncates a dataset file.
