@@ -14,6 +14,7 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use half::bf16;
 use qlora_rs::device::{CudaDevice, Device};
 use qlora_rs::ops::gemm::{self, Layout, LoraCuda};
+use qlora_rs::ops::rmsnorm::Norm;
 use qlora_rs::ops::{attention, cross_entropy, dropout, embedding, rmsnorm, rope, swiglu};
 use qlora_rs::quant::nf4::{Nf4Config, Nf4Tensor};
 use qlora_rs::testing::gpu_or_skip;
@@ -119,20 +120,44 @@ fn step_kernels(c: &mut Criterion) {
     g.bench_function(BenchmarkId::new("fwd_bf16", format!("{t}x{d}")), |b| {
         b.iter_custom(|iters| {
             timed(&dev, iters, || {
-                drop(rmsnorm::forward_cuda(&x, &w, 1e-5).unwrap())
+                drop(rmsnorm::forward_cuda(&x, &w, Norm::plain(1e-5)).unwrap())
             })
         })
     });
-    let (_, rstd) = rmsnorm::forward_cuda(&x, &w, 1e-5).unwrap();
+    let (_, rstd) = rmsnorm::forward_cuda(&x, &w, Norm::plain(1e-5)).unwrap();
     let dy = bf16_tensor(&device, &[t, d], 4);
     g.throughput(Throughput::Bytes((3 * t * d * 2 + d * 2 + t * 4) as u64));
     g.bench_function(BenchmarkId::new("bwd_bf16", format!("{t}x{d}")), |b| {
         b.iter_custom(|iters| {
             timed(&dev, iters, || {
-                drop(rmsnorm::backward_cuda(&x, &w, &rstd, &dy, None).unwrap())
+                drop(rmsnorm::backward_cuda(&x, &w, &rstd, &dy, None, Norm::plain(1e-5)).unwrap())
             })
         })
     });
+    // Gemma's norm: the effective weight 1 + w, added in f32 inside the same kernels.
+    let gemma = Norm::unit_offset(1e-6);
+    g.throughput(Throughput::Bytes((2 * t * d * 2 + d * 2 + t * 4) as u64));
+    g.bench_function(
+        BenchmarkId::new("fwd_unit_offset_bf16", format!("{t}x{d}")),
+        |b| {
+            b.iter_custom(|iters| {
+                timed(&dev, iters, || {
+                    drop(rmsnorm::forward_cuda(&x, &w, gemma).unwrap())
+                })
+            })
+        },
+    );
+    g.throughput(Throughput::Bytes((3 * t * d * 2 + d * 2 + t * 4) as u64));
+    g.bench_function(
+        BenchmarkId::new("bwd_unit_offset_bf16", format!("{t}x{d}")),
+        |b| {
+            b.iter_custom(|iters| {
+                timed(&dev, iters, || {
+                    drop(rmsnorm::backward_cuda(&x, &w, &rstd, &dy, None, gemma).unwrap())
+                })
+            })
+        },
+    );
     g.finish();
 
     let mut g = c.benchmark_group("rope");

@@ -30,6 +30,7 @@ use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::model::adapters::{Adapters, SlotRef};
 use crate::model::lora::Target;
+use crate::ops::rmsnorm::Norm;
 use crate::ops::{attention, cross_entropy, dropout, embedding, gemm, linear, residual};
 use crate::ops::{rmsnorm, rope, swiglu};
 use crate::quant::nf4::Nf4Tensor;
@@ -304,6 +305,7 @@ enum Op<'a> {
         y: At,
         w: &'a Tensor,
         rstd: Tensor,
+        norm: Norm,
     },
     /// RMSNorm over each head; `x` is kept as `[T·heads, head_dim]`.
     HeadRmsNorm {
@@ -311,6 +313,7 @@ enum Op<'a> {
         y: At,
         w: &'a Tensor,
         rstd: Tensor,
+        norm: Norm,
         /// `[T, heads·head_dim]`, the shape of y and of x's gradient.
         shape: [usize; 2],
     },
@@ -322,6 +325,7 @@ enum Op<'a> {
         y: At,
         w: &'a Tensor,
         rstd: Tensor,
+        norm: Norm,
     },
     Linear {
         x: Var,
@@ -515,18 +519,18 @@ impl<'a> Tape<'a> {
         Ok(self.var(Some(value), requires_grad && self.train))
     }
 
-    /// `y = rmsnorm(x) ⊙ w` (`ops::rmsnorm`).
-    pub fn rmsnorm(&mut self, x: &Var, w: &'a Tensor, eps: f64) -> Result<Var> {
+    /// `y = rmsnorm(x) ⊙ w̃` (`ops::rmsnorm`; `w̃` is `w`, or `1 + w` with `norm.unit_offset`).
+    pub fn rmsnorm(&mut self, x: &Var, w: &'a Tensor, norm: Norm) -> Result<Var> {
         let xv = x.value()?;
         self.check("rmsnorm", xv)?;
         let (y, rstd) = match self.device {
             Device::Cpu => {
                 let (_, d) = rows_cols("rmsnorm", xv)?;
-                let (y, r) = rmsnorm::forward(f32s(xv, "rmsnorm")?, f32s(w, "rmsnorm")?, d, eps)?;
+                let (y, r) = rmsnorm::forward(f32s(xv, "rmsnorm")?, f32s(w, "rmsnorm")?, d, norm)?;
                 let n = r.len();
                 (host(y, xv.shape())?, host(r, &[n])?)
             }
-            Device::Cuda(_) => rmsnorm::forward_cuda(xv, w, eps)?,
+            Device::Cuda(_) => rmsnorm::forward_cuda(xv, w, norm)?,
         };
         let y = self.var(Some(y), x.rg);
         if x.rg {
@@ -535,6 +539,7 @@ impl<'a> Tape<'a> {
                 y: y.at(),
                 w,
                 rstd,
+                norm,
             });
         }
         Ok(y)
@@ -549,7 +554,7 @@ impl<'a> Tape<'a> {
         heads: usize,
         head_dim: usize,
         w: &'a Tensor,
-        eps: f64,
+        norm: Norm,
     ) -> Result<Var> {
         let op = "rmsnorm per head";
         self.check(op, x.value()?)?;
@@ -566,11 +571,11 @@ impl<'a> Tape<'a> {
         xt.reshape_in_place(&[t * heads, head_dim])?;
         let (mut y, rstd) = match self.device {
             Device::Cpu => {
-                let (y, r) = rmsnorm::forward(f32s(&xt, op)?, f32s(w, op)?, head_dim, eps)?;
+                let (y, r) = rmsnorm::forward(f32s(&xt, op)?, f32s(w, op)?, head_dim, norm)?;
                 let n = r.len();
                 (host(y, xt.shape())?, host(r, &[n])?)
             }
-            Device::Cuda(_) => rmsnorm::forward_cuda(&xt, w, eps)?,
+            Device::Cuda(_) => rmsnorm::forward_cuda(&xt, w, norm)?,
         };
         y.reshape_in_place(&[t, width])?;
         let y = self.var(Some(y), at.rg);
@@ -584,14 +589,21 @@ impl<'a> Tape<'a> {
                 y: y.at(),
                 w,
                 rstd,
+                norm,
                 shape: [t, width],
             });
         }
         Ok(y)
     }
 
-    /// The residual add fused before a norm: `(h = a + b, y = rmsnorm(h) ⊙ w)`.
-    pub fn add_rmsnorm(&mut self, a: &Var, b: &Var, w: &'a Tensor, eps: f64) -> Result<(Var, Var)> {
+    /// The residual add fused before a norm: `(h = a + b, y = rmsnorm(h) ⊙ w̃)`.
+    pub fn add_rmsnorm(
+        &mut self,
+        a: &Var,
+        b: &Var,
+        w: &'a Tensor,
+        norm: Norm,
+    ) -> Result<(Var, Var)> {
         let (av, bv) = (a.value()?, b.value()?);
         self.check("add + rmsnorm", av)?;
         self.check("add + rmsnorm", bv)?;
@@ -599,11 +611,11 @@ impl<'a> Tape<'a> {
             Device::Cpu => {
                 let (_, d) = rows_cols("add + rmsnorm", av)?;
                 let h = residual::forward(f32s(av, "add")?, f32s(bv, "add")?)?;
-                let (y, r) = rmsnorm::forward(&h, f32s(w, "rmsnorm")?, d, eps)?;
+                let (y, r) = rmsnorm::forward(&h, f32s(w, "rmsnorm")?, d, norm)?;
                 let n = r.len();
                 (host(h, av.shape())?, host(y, av.shape())?, host(r, &[n])?)
             }
-            Device::Cuda(_) => rmsnorm::forward_residual_cuda(av, bv, w, eps)?,
+            Device::Cuda(_) => rmsnorm::forward_residual_cuda(av, bv, w, norm)?,
         };
         let rg = a.rg || b.rg;
         let h = self.var(Some(h), rg);
@@ -616,6 +628,7 @@ impl<'a> Tape<'a> {
                 y: y.at(),
                 w,
                 rstd,
+                norm,
             });
         }
         Ok((h, y))
@@ -1072,12 +1085,18 @@ impl<'a> Tape<'a> {
             Ok(())
         };
         match op {
-            Op::RmsNorm { x, y, w, rstd } => {
+            Op::RmsNorm {
+                x,
+                y,
+                w,
+                rstd,
+                norm,
+            } => {
                 let Some(dy) = grads[y.id].take() else {
                     return Ok(());
                 };
                 let plus = grads[x.id].take();
-                let dx = self.rmsnorm_backward(x.value()?, w, &rstd, &dy, plus.as_deref())?;
+                let dx = self.rmsnorm_backward(x.value()?, w, &rstd, &dy, plus.as_deref(), norm)?;
                 grads[x.id] = Some(Rc::new(dx));
             }
             Op::HeadRmsNorm {
@@ -1085,6 +1104,7 @@ impl<'a> Tape<'a> {
                 y,
                 w,
                 rstd,
+                norm,
                 shape,
             } => {
                 let Some(dy) = grads[y.id].take() else {
@@ -1093,7 +1113,7 @@ impl<'a> Tape<'a> {
                 let xv = x.value()?;
                 let mut dy = unshare(dy)?;
                 dy.reshape_in_place(xv.shape())?;
-                let mut dx = self.rmsnorm_backward(xv, w, &rstd, &dy, None)?;
+                let mut dx = self.rmsnorm_backward(xv, w, &rstd, &dy, None, norm)?;
                 dx.reshape_in_place(&shape)?;
                 let at = x.at();
                 drop((x, dy, rstd));
@@ -1106,6 +1126,7 @@ impl<'a> Tape<'a> {
                 y,
                 w,
                 rstd,
+                norm,
             } => {
                 let dh_later = grads[h.id].take();
                 let dh = match grads[y.id].take() {
@@ -1115,6 +1136,7 @@ impl<'a> Tape<'a> {
                         &rstd,
                         &dy,
                         dh_later.as_deref(),
+                        norm,
                     )?),
                     None => match dh_later {
                         Some(g) => g,
@@ -1257,6 +1279,7 @@ impl<'a> Tape<'a> {
         rstd: &Tensor,
         dy: &Tensor,
         plus: Option<&Tensor>,
+        norm: Norm,
     ) -> Result<Tensor> {
         match self.device {
             Device::Cpu => {
@@ -1268,6 +1291,7 @@ impl<'a> Tape<'a> {
                     f32s(rstd, op)?,
                     f32s(dy, op)?,
                     d,
+                    norm,
                 )?;
                 let mut dx = host(dx, x.shape())?;
                 if let Some(p) = plus {
@@ -1275,7 +1299,7 @@ impl<'a> Tape<'a> {
                 }
                 Ok(dx)
             }
-            Device::Cuda(_) => rmsnorm::backward_cuda(x, w, rstd, dy, plus),
+            Device::Cuda(_) => rmsnorm::backward_cuda(x, w, rstd, dy, plus, norm),
         }
     }
 

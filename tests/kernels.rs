@@ -4,6 +4,7 @@
 //! prints `SKIPPED (no CUDA device)` and passes, unless QLORA_REQUIRE_GPU=1.
 
 use half::bf16;
+use qlora_rs::ops::rmsnorm::Norm;
 use qlora_rs::ops::{cross_entropy, embedding, rmsnorm, rope, swiglu};
 use qlora_rs::testing::{check_close, gpu_or_skip, Tolerance};
 use qlora_rs::train::optimizer::{clip_grad_norm, AdamW, AdamWConfig, AdamWCuda};
@@ -55,55 +56,116 @@ fn kernels_rmsnorm_match_cpu() {
         return;
     };
     let mut r = rng(1);
-    for (t, d) in [(1usize, 96usize), (7, 576), (97, 4097), (33, 4096)] {
+    for (t, d) in [
+        (1usize, 96usize),
+        (7, 576),
+        (97, 4097),
+        (33, 4096),
+        (13, 1037),
+    ] {
         let (x, xb) = bf16_data(&mut r, t * d, 3.0);
         let (w, wb) = bf16_data(&mut r, d, 1.5);
         let (dy, dyb) = bf16_data(&mut r, t * d, 1.0);
         let (res, resb) = bf16_data(&mut r, t * d, 1.0);
-        let (y_ref, rstd_ref) = rmsnorm::forward(&x, &w, d, 1e-5).unwrap();
         let (xg, wg) = (up(&dev, xb.clone(), &[t, d]), up(&dev, wb, &[d]));
-        let (y, rstd) = rmsnorm::forward_cuda(&xg, &wg, 1e-5).unwrap();
-        check(
-            &format!("rmsnorm y {t}x{d}"),
-            &f64s_bf16(&y),
-            &f64s(&y_ref),
-            BF16,
-        );
-        check(
-            "rmsnorm rstd",
-            &f64s(&rstd.to_vec::<f32>().unwrap()),
-            &f64s(&rstd_ref),
-            Tolerance::for_dtype(DType::F32),
-        );
-        let dx_ref = rmsnorm::backward(&x, &w, &rstd_ref, &dy, d).unwrap();
         let dyg = up(&dev, dyb, &[t, d]);
-        let dx = rmsnorm::backward_cuda(&xg, &wg, &rstd, &dyg, None).unwrap();
-        check("rmsnorm dx", &f64s_bf16(&dx), &f64s(&dx_ref), BF16);
         let resg = up(&dev, resb, &[t, d]);
-        let dx2 = rmsnorm::backward_cuda(&xg, &wg, &rstd, &dyg, Some(&resg)).unwrap();
-        let want: Vec<f64> = dx_ref
-            .iter()
-            .zip(&res)
-            .map(|(a, b)| (*a + *b) as f64)
-            .collect();
-        check("rmsnorm dx + residual", &f64s_bf16(&dx2), &want, BF16);
-        // Fused residual: h = bf16(x + res), then the norm of h.
-        let (h, y2, _) = rmsnorm::forward_residual_cuda(&xg, &resg, &wg, 1e-5).unwrap();
-        let h_ref: Vec<f32> = x
-            .iter()
-            .zip(&res)
-            .map(|(a, b)| bf16::from_f32(a + b).to_f32())
-            .collect();
-        assert_eq!(f64s_bf16(&h), f64s(&h_ref));
-        let (y2_ref, _) = rmsnorm::forward(&h_ref, &w, d, 1e-5).unwrap();
-        check("rmsnorm+residual y", &f64s_bf16(&y2), &f64s(&y2_ref), BF16);
+        // Llama's norm, and Gemma's with the effective weight 1 + w.
+        for norm in [Norm::plain(1e-5), Norm::unit_offset(1e-6)] {
+            let (y_ref, rstd_ref) = rmsnorm::forward(&x, &w, d, norm).unwrap();
+            let (y, rstd) = rmsnorm::forward_cuda(&xg, &wg, norm).unwrap();
+            check(
+                &format!("rmsnorm y {t}x{d} {norm:?}"),
+                &f64s_bf16(&y),
+                &f64s(&y_ref),
+                BF16,
+            );
+            check(
+                "rmsnorm rstd",
+                &f64s(&rstd.to_vec::<f32>().unwrap()),
+                &f64s(&rstd_ref),
+                Tolerance::for_dtype(DType::F32),
+            );
+            let dx_ref = rmsnorm::backward(&x, &w, &rstd_ref, &dy, d, norm).unwrap();
+            let dx = rmsnorm::backward_cuda(&xg, &wg, &rstd, &dyg, None, norm).unwrap();
+            check(
+                &format!("rmsnorm dx {norm:?}"),
+                &f64s_bf16(&dx),
+                &f64s(&dx_ref),
+                BF16,
+            );
+            let dx2 = rmsnorm::backward_cuda(&xg, &wg, &rstd, &dyg, Some(&resg), norm).unwrap();
+            let want: Vec<f64> = dx_ref
+                .iter()
+                .zip(&res)
+                .map(|(a, b)| (*a + *b) as f64)
+                .collect();
+            check("rmsnorm dx + residual", &f64s_bf16(&dx2), &want, BF16);
+            // Fused residual: h = bf16(x + res), then the norm of h.
+            let (h, y2, _) = rmsnorm::forward_residual_cuda(&xg, &resg, &wg, norm).unwrap();
+            let h_ref: Vec<f32> = x
+                .iter()
+                .zip(&res)
+                .map(|(a, b)| bf16::from_f32(a + b).to_f32())
+                .collect();
+            assert_eq!(f64s_bf16(&h), f64s(&h_ref));
+            let (y2_ref, _) = rmsnorm::forward(&h_ref, &w, d, norm).unwrap();
+            check("rmsnorm+residual y", &f64s_bf16(&y2), &f64s(&y2_ref), BF16);
+        }
     }
     let bad = Tensor::zeros(&[3, 4], DType::F32, &dev).unwrap();
     let w = Tensor::zeros(&[4], DType::BF16, &dev).unwrap();
-    let err = rmsnorm::forward_cuda(&bad, &w, 1e-5)
+    let err = rmsnorm::forward_cuda(&bad, &w, Norm::plain(1e-5))
         .unwrap_err()
         .to_string();
     assert!(err.contains("rmsnorm") && err.contains("f32"), "{err}");
+}
+
+/// Gemma's norm on the GPU is transformers' `Gemma2RMSNorm`: `(x·r)·(1 + w)` in f32, rounded
+/// once to bf16. Against that formula (in f64, then rounded) nearly every element is equal; a
+/// kernel that rounded `1 + w` to bf16 first (small weights: bf16's step near 1 is 2⁻⁷) would
+/// miss most of them, which the test shows it can tell.
+#[test]
+fn kernels_rmsnorm_unit_offset_rounds_once_like_gemma() {
+    let Some(dev) = gpu_or_skip("kernels_rmsnorm_unit_offset_rounds_once_like_gemma") else {
+        return;
+    };
+    let mut r = rng(11);
+    let (t, d, eps) = (13usize, 1037usize, 1e-6);
+    let (x, xb) = bf16_data(&mut r, t * d, 3.0);
+    let (w, wb) = bf16_data(&mut r, d, 0.03);
+    let (y, _) = rmsnorm::forward_cuda(
+        &up(&dev, xb, &[t, d]),
+        &up(&dev, wb, &[d]),
+        Norm::unit_offset(eps),
+    )
+    .unwrap();
+    let y = y.to_vec::<bf16>().unwrap();
+    let (mut same, mut same_if_bf16_offset) = (0usize, 0usize);
+    for row in 0..t {
+        let xr = &x[row * d..(row + 1) * d];
+        let ms = xr.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / d as f64;
+        let rs = 1.0 / (ms + eps).sqrt();
+        for i in 0..d {
+            let xhat = xr[i] as f64 * rs;
+            let want = bf16::from_f64(xhat * (1.0 + w[i] as f64));
+            let got = y[row * d + i];
+            let ulp = (got.to_f64() - want.to_f64()).abs() / want.to_f64().abs().max(1e-30);
+            assert!(ulp <= 1.0 / 128.0, "y[{row}, {i}] = {got} vs {want}");
+            same += usize::from(got == want);
+            let w_bf16 = bf16::from_f32(1.0 + w[i]).to_f64();
+            same_if_bf16_offset += usize::from(bf16::from_f64(xhat * w_bf16) == want);
+        }
+    }
+    let n = t * d;
+    assert!(
+        same * 100 >= n * 99,
+        "{same} of {n} equal to bf16((x·r)·(1 + w))"
+    );
+    assert!(
+        same_if_bf16_offset * 100 < n * 80,
+        "the test cannot tell a bf16 1 + w apart: {same_if_bf16_offset} of {n}"
+    );
 }
 
 #[test]

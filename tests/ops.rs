@@ -1,6 +1,7 @@
 //! The CPU reference ops: finite-difference checks of every backward (f64, tiny awkward shapes),
 //! forward checks against naive formulas, and bad input rejected by name.
 
+use qlora_rs::ops::rmsnorm::Norm;
 use qlora_rs::ops::{attention, cross_entropy, linear, residual, rmsnorm, rope, swiglu};
 use qlora_rs::testing::{assert_close, Tolerance};
 use rand::{Rng, SeedableRng};
@@ -46,16 +47,18 @@ fn rmsnorm_backward_matches_finite_differences() {
     let x = randn(&mut r, t * d, 2.0);
     let w = randn(&mut r, d, 1.5);
     let c = randn(&mut r, t * d, 1.0);
-    let (_, rstd) = rmsnorm::forward(&x, &w, d, eps).unwrap();
-    let dx = rmsnorm::backward(&x, &w, &rstd, &c, d).unwrap();
-    let num = numeric_grad(&x, |x| dot(&rmsnorm::forward(x, &w, d, eps).unwrap().0, &c));
+    let (_, rstd) = rmsnorm::forward(&x, &w, d, Norm::plain(eps)).unwrap();
+    let dx = rmsnorm::backward(&x, &w, &rstd, &c, d, Norm::plain(eps)).unwrap();
+    let num = numeric_grad(&x, |x| {
+        dot(&rmsnorm::forward(x, &w, d, Norm::plain(eps)).unwrap().0, &c)
+    });
     assert_close("rmsnorm dx", &dx, &num, FD_TOL);
 }
 
 #[test]
 fn rmsnorm_forward_is_x_over_rms_times_weight() {
     let x = [3.0f64, 4.0];
-    let (y, rstd) = rmsnorm::forward(&x, &[1.0, 2.0], 2, 0.0).unwrap();
+    let (y, rstd) = rmsnorm::forward(&x, &[1.0, 2.0], 2, Norm::plain(0.0)).unwrap();
     let rms = (12.5f64).sqrt();
     assert_close(
         "rmsnorm y",
@@ -64,7 +67,108 @@ fn rmsnorm_forward_is_x_over_rms_times_weight() {
         Tolerance::EXACT_F64,
     );
     assert_close("rstd", &rstd, &[1.0 / rms], Tolerance::EXACT_F64);
-    assert!(rmsnorm::forward(&x, &[1.0, 2.0, 3.0], 2, 0.0).is_err());
+    assert!(rmsnorm::forward(&x, &[1.0, 2.0, 3.0], 2, Norm::plain(0.0)).is_err());
+}
+
+/// Gemma's norm written out, in f64: `y = x·r·(1 + w)` per row of `d`.
+fn naive_unit_offset_norm(x: &[f64], w: &[f64], d: usize, eps: f64) -> Vec<f64> {
+    x.chunks(d)
+        .flat_map(|row| {
+            let r = 1.0 / (row.iter().map(|v| v * v).sum::<f64>() / d as f64 + eps).sqrt();
+            row.iter().zip(w).map(move |(v, wv)| v * r * (1.0 + wv))
+        })
+        .collect()
+}
+
+#[test]
+fn rmsnorm_unit_offset_is_one_plus_w_and_its_backward_matches_finite_differences() {
+    let mut r = rng(21);
+    let (t, d, eps) = (5, 7, 1e-6);
+    let x = randn(&mut r, t * d, 2.0);
+    let w = randn(&mut r, d, 0.5);
+    let c = randn(&mut r, t * d, 1.0);
+    let norm = Norm::unit_offset(eps);
+    let (y, rstd) = rmsnorm::forward(&x, &w, d, norm).unwrap();
+    assert_close(
+        "unit-offset rmsnorm y",
+        &y,
+        &naive_unit_offset_norm(&x, &w, d, eps),
+        Tolerance {
+            abs: 1e-15,
+            rel: 1e-14,
+        },
+    );
+    // The plain norm with the weight 1 + w is the same function.
+    let w1: Vec<f64> = w.iter().map(|v| 1.0 + v).collect();
+    let (y_plain, _) = rmsnorm::forward(&x, &w1, d, Norm::plain(eps)).unwrap();
+    assert_close("x·r·(1 + w)", &y, &y_plain, Tolerance::EXACT_F64);
+    let dx = rmsnorm::backward(&x, &w, &rstd, &c, d, norm).unwrap();
+    let num = numeric_grad(&x, |x| dot(&naive_unit_offset_norm(x, &w, d, eps), &c));
+    assert_close("unit-offset rmsnorm dx", &dx, &num, FD_TOL);
+}
+
+fn cpu_f32(v: &[f64], shape: &[usize]) -> qlora_rs::Tensor {
+    let v: Vec<f32> = v.iter().map(|&x| x as f32).collect();
+    qlora_rs::Tensor::from_vec(v, shape, &qlora_rs::Device::Cpu).unwrap()
+}
+
+fn f64s_of(t: &qlora_rs::Tensor) -> Vec<f64> {
+    t.to_vec::<f32>()
+        .unwrap()
+        .iter()
+        .map(|&v| v as f64)
+        .collect()
+}
+
+/// The tape's three norms (`rmsnorm`, `head_rmsnorm`, `add_rmsnorm`) with a unit offset: the
+/// recorded backward (f32) against finite differences (f64) of `x·r·(1 + w)` written out.
+#[test]
+fn tape_unit_offset_norms_match_finite_differences() {
+    use qlora_rs::autograd::{Batch, Tape};
+    let mut r = rng(22);
+    let (t, heads, hd, eps) = (3usize, 2usize, 5usize, 1e-6);
+    let d = heads * hd;
+    // Values exact in f32, so the f64 objective sees the tape's inputs.
+    let f32_exact = |v: Vec<f64>| v.iter().map(|&x| x as f32 as f64).collect::<Vec<f64>>();
+    let x = f32_exact(randn(&mut r, t * d, 2.0));
+    let b = f32_exact(randn(&mut r, t * d, 1.0));
+    let w = f32_exact(randn(&mut r, d, 0.5));
+    let wh = f32_exact(randn(&mut r, hd, 0.5));
+    let c = f32_exact(randn(&mut r, t * d, 1.0));
+    let norm = Norm::unit_offset(eps);
+    let tol = Tolerance {
+        abs: 2e-5,
+        rel: 2e-4,
+    };
+    let batch = Batch::new(vec![0, t]).unwrap();
+    let (wt, wht) = (cpu_f32(&w, &[d]), cpu_f32(&wh, &[hd]));
+
+    let mut tape = Tape::new(qlora_rs::Device::Cpu, &batch, None, true, None).unwrap();
+    let xv = tape.input(cpu_f32(&x, &[t, d]), true).unwrap();
+    let y = tape.rmsnorm(&xv, &wt, norm).unwrap();
+    let dx = tape.backward(&y, Some(cpu_f32(&c, &[t, d])), &xv).unwrap();
+    let num = numeric_grad(&x, |x| dot(&naive_unit_offset_norm(x, &w, d, eps), &c));
+    assert_close("tape rmsnorm dx", &f64s_of(&dx.unwrap()), &num, tol);
+
+    let mut tape = Tape::new(qlora_rs::Device::Cpu, &batch, None, true, None).unwrap();
+    let xv = tape.input(cpu_f32(&x, &[t, d]), true).unwrap();
+    let y = tape
+        .head_rmsnorm(xv.clone(), heads, hd, &wht, norm)
+        .unwrap();
+    let dx = tape.backward(&y, Some(cpu_f32(&c, &[t, d])), &xv).unwrap();
+    let num = numeric_grad(&x, |x| dot(&naive_unit_offset_norm(x, &wh, hd, eps), &c));
+    assert_close("tape head rmsnorm dx", &f64s_of(&dx.unwrap()), &num, tol);
+
+    let mut tape = Tape::new(qlora_rs::Device::Cpu, &batch, None, true, None).unwrap();
+    let av = tape.input(cpu_f32(&x, &[t, d]), true).unwrap();
+    let bv = tape.input(cpu_f32(&b, &[t, d]), true).unwrap();
+    let (_, y) = tape.add_rmsnorm(&av, &bv, &wt, norm).unwrap();
+    let da = tape.backward(&y, Some(cpu_f32(&c, &[t, d])), &av).unwrap();
+    let num = numeric_grad(&x, |a| {
+        let h: Vec<f64> = a.iter().zip(&b).map(|(p, q)| p + q).collect();
+        dot(&naive_unit_offset_norm(&h, &w, d, eps), &c)
+    });
+    assert_close("tape add + rmsnorm da", &f64s_of(&da.unwrap()), &num, tol);
 }
 
 #[test]
@@ -593,8 +697,8 @@ fn elementwise_ops_on_large_inputs_equal_their_formulas_exactly() {
     let rows = n / d;
     let x = &g[..rows * d];
     let w = &u[..d];
-    let (y, rstd) = rmsnorm::forward(x, w, d, 1e-5).unwrap();
-    let dx = rmsnorm::backward(x, w, &rstd, &dh[..rows * d], d).unwrap();
+    let (y, rstd) = rmsnorm::forward(x, w, d, Norm::plain(1e-5)).unwrap();
+    let dx = rmsnorm::backward(x, w, &rstd, &dh[..rows * d], d, Norm::plain(1e-5)).unwrap();
     for t in 0..rows {
         let xr = &x[t * d..(t + 1) * d];
         let ms = xr.iter().map(|&v| v * v).sum::<f32>() / d as f32;
