@@ -249,7 +249,18 @@ fn step_kernels(c: &mut Criterion) {
         |b| {
             b.iter_custom(|iters| {
                 timed(&dev, iters, || {
-                    drop(cross_entropy::chunk_cuda(&mut logits, &targets, 1.0).unwrap())
+                    drop(cross_entropy::chunk_cuda(&mut logits, &targets, 1.0, None).unwrap())
+                })
+            })
+        },
+    );
+    // Gemma 2's final-logit soft-cap (c = 30): one tanh per logit more.
+    g.bench_function(
+        BenchmarkId::new("chunk_f32_softcap", format!("{rows}x{vocab}")),
+        |b| {
+            b.iter_custom(|iters| {
+                timed(&dev, iters, || {
+                    drop(cross_entropy::chunk_cuda(&mut logits, &targets, 1.0, Some(30.0)).unwrap())
                 })
             })
         },
@@ -267,9 +278,27 @@ fn step_kernels(c: &mut Criterion) {
             b.iter_custom(|iters| {
                 timed(&dev, iters, || {
                     drop(
-                        cross_entropy::lm_head_ce_cuda(&hh, &ww, &tg, Some(1.0 / tt as f32), 256)
-                            .unwrap(),
+                        cross_entropy::lm_head_ce_cuda(
+                            &hh,
+                            &ww,
+                            &tg,
+                            Some(1.0 / tt as f32),
+                            256,
+                            None,
+                        )
+                        .unwrap(),
                     )
+                })
+            })
+        });
+    });
+    g_flops(c, "lm_head_ce", (2 * tt * vv * d) as u64, |name, bench| {
+        let id = BenchmarkId::new(format!("{name}_softcap"), format!("{tt}x{vv}x{d}"));
+        bench.bench_function(id, |b| {
+            b.iter_custom(|iters| {
+                timed(&dev, iters, || {
+                    let g = Some(1.0 / tt as f32);
+                    drop(cross_entropy::lm_head_ce_cuda(&hh, &ww, &tg, g, 256, Some(30.0)).unwrap())
                 })
             })
         });

@@ -192,7 +192,7 @@ fn main() -> Result<()> {
             h = model.block(&mut tape, l, &h)?;
         }
         let n = tape.rmsnorm(&h, &model.norm, Norm::plain(EPS))?;
-        let ce = tape.lm_head_ce(&n, &model.head, &targets, Some(1.0 / counted as f32))?;
+        let ce = tape.lm_head_ce(&n, &model.head, &targets, Some(1.0 / counted as f32), None)?;
         let loss = ce.losses.sum()? / ce.count as f64;
         let var = ce.var.expect("the adapters make the loss trainable");
         tape.backward(&var, None, &x)?;

@@ -991,13 +991,16 @@ impl<'a> Tape<'a> {
     /// The fused, chunked lm_head + cross-entropy (`ops::cross_entropy`): the loss of `x·wᵀ`
     /// against `targets` (already shifted; −100 not counted), never holding more than one chunk
     /// of logits. With `grad_scale` (and `x` needing a gradient) the gradient of
-    /// `grad_scale · loss_sum` is computed with it and the loss's `var` starts a backward.
+    /// `grad_scale · loss_sum` is computed with it and the loss's `var` starts a backward. With
+    /// `softcap = Some(c)` the logits are capped to `c·tanh(z/c)` before the softmax (Gemma 2's
+    /// `final_logit_softcapping`; the gradient goes through the cap).
     pub fn lm_head_ce(
         &mut self,
         x: &Var,
         w: &'a Tensor,
         targets: &[i64],
         grad_scale: Option<f32>,
+        softcap: Option<f32>,
     ) -> Result<CeLoss> {
         let xv = x.value()?;
         self.check("lm_head + cross-entropy", xv)?;
@@ -1012,6 +1015,7 @@ impl<'a> Tape<'a> {
                     targets,
                     grad_scale,
                     cross_entropy::cpu_chunk(w.elem_count() / d.max(1)),
+                    softcap,
                 )?;
                 let dx = out.dh.map(|g| host(g, xv.shape())).transpose()?;
                 (Losses::Host(out.loss_sum), out.count, dx)
@@ -1023,6 +1027,7 @@ impl<'a> Tape<'a> {
                     targets,
                     grad_scale,
                     cross_entropy::DEFAULT_CHUNK,
+                    softcap,
                 )?;
                 (Losses::Device(out.loss), out.count, out.dh)
             }

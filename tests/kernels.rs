@@ -313,7 +313,14 @@ fn kernels_cross_entropy_chunk_matches_cpu() {
         return;
     };
     let mut r = rng(5);
-    for (rows, vocab) in [(1usize, 211usize), (7, 4097), (32, 49_152)] {
+    // Without a cap, and with Gemma 2's soft-cap (c = 3 against logits up to ±8: hard capping).
+    for (rows, vocab, softcap) in [
+        (1usize, 211usize, None),
+        (7, 4097, None),
+        (32, 49_152, None),
+        (5, 1037, Some(3.0f32)),
+        (9, 4097, Some(3.0)),
+    ] {
         let z: Vec<f32> = (0..rows * vocab)
             .map(|_| r.random_range(-8.0f32..8.0))
             .collect();
@@ -328,16 +335,17 @@ fn kernels_cross_entropy_chunk_matches_cpu() {
             .collect();
         let g = 0.37f32;
         let mut zg = Tensor::from_vec(z.clone(), &[rows, vocab], &dev).unwrap();
-        let loss = cross_entropy::chunk_cuda(&mut zg, &targets, g)
+        let loss = cross_entropy::chunk_cuda(&mut zg, &targets, g, softcap)
             .unwrap()
             .to_vec::<f32>()
             .unwrap();
         let dz = zg.to_vec::<f32>().unwrap();
         for (i, &y) in targets.iter().enumerate() {
-            let row: Vec<f64> = z[i * vocab..(i + 1) * vocab]
-                .iter()
-                .map(|&v| v as f64)
-                .collect();
+            // z' = c·tanh(z/c) with its derivative 1 − tanh²(z/c), written out in f64.
+            let cap = |v: f64| softcap.map_or(v, |c| c as f64 * (v / c as f64).tanh());
+            let dcap = |v: f64| softcap.map_or(1.0, |c| 1.0 - (v / c as f64).tanh().powi(2));
+            let raw = &z[i * vocab..(i + 1) * vocab];
+            let row: Vec<f64> = raw.iter().map(|&v| cap(v as f64)).collect();
             let m = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
             let lse = m + row.iter().map(|v| (v - m).exp()).sum::<f64>().ln();
             let (want_loss, want_dz): (f64, Vec<f64>) = if y < 0 {
@@ -347,7 +355,9 @@ fn kernels_cross_entropy_chunk_matches_cpu() {
                     .iter()
                     .enumerate()
                     .map(|(j, v)| {
-                        g as f64 * ((v - lse).exp() - if j as i64 == y { 1.0 } else { 0.0 })
+                        g as f64
+                            * ((v - lse).exp() - if j as i64 == y { 1.0 } else { 0.0 })
+                            * dcap(raw[j] as f64)
                     })
                     .collect();
                 (lse - row[y as usize], dz)
@@ -373,10 +383,16 @@ fn kernels_cross_entropy_chunk_matches_cpu() {
         }
     }
     let mut zg = Tensor::zeros(&[2, 5], DType::F32, &dev).unwrap();
-    let err = cross_entropy::chunk_cuda(&mut zg, &[1, 5], 1.0)
+    let err = cross_entropy::chunk_cuda(&mut zg, &[1, 5], 1.0, None)
         .unwrap_err()
         .to_string();
     assert!(err.contains("label 5 at position 1"), "{err}");
+    for bad in [0.0f32, -30.0, f32::NAN, f32::INFINITY] {
+        let err = cross_entropy::chunk_cuda(&mut zg, &[1, 0], 1.0, Some(bad))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("soft-cap"), "{err}");
+    }
 }
 
 #[test]
@@ -449,10 +465,13 @@ fn kernels_fused_lm_head_cross_entropy_matches_cpu() {
         return;
     };
     let mut r = rng(7);
-    for (t, d, vocab, chunk) in [
-        (7usize, 64usize, 211usize, 4usize),
-        (97, 576, 4104, 32),
-        (300, 256, 32_000, 64),
+    // Gemma 2's soft-capped logits on odd vocabularies: c = 2 caps these logits hard.
+    for (t, d, vocab, chunk, softcap) in [
+        (7usize, 64usize, 211usize, 4usize, None),
+        (97, 576, 4104, 32, None),
+        (300, 256, 32_000, 64, None),
+        (7, 64, 1037, 4, Some(2.0f32)),
+        (45, 192, 2053, 32, Some(2.0)),
     ] {
         let (h, hb) = bf16_data(&mut r, t * d, 1.0);
         let (w, wb) = bf16_data(&mut r, vocab * d, 0.5);
@@ -467,12 +486,15 @@ fn kernels_fused_lm_head_cross_entropy_matches_cpu() {
             .collect();
         let count = targets.iter().filter(|&&y| y >= 0).count();
         let g = 1.0 / count as f32;
-        let want = cross_entropy::forward_backward(&h, &w, d, &targets, Some(g), 32).unwrap();
+        let want =
+            cross_entropy::forward_backward(&h, &w, d, &targets, Some(g), 32, softcap).unwrap();
         let (h_dev, w_dev) = (up(&dev, hb, &[t, d]), up(&dev, wb, &[vocab, d]));
-        let out = cross_entropy::lm_head_ce_cuda(&h_dev, &w_dev, &targets, Some(g), chunk).unwrap();
+        let out = cross_entropy::lm_head_ce_cuda(&h_dev, &w_dev, &targets, Some(g), chunk, softcap)
+            .unwrap();
         assert_eq!(out.count, want.count);
         // The loss alone (evaluation): no gradient, the same losses bit for bit.
-        let eval = cross_entropy::lm_head_ce_cuda(&h_dev, &w_dev, &targets, None, chunk).unwrap();
+        let eval =
+            cross_entropy::lm_head_ce_cuda(&h_dev, &w_dev, &targets, None, chunk, softcap).unwrap();
         assert!(eval.dh.is_none());
         assert_eq!(eval.count, want.count);
         assert_eq!(

@@ -529,10 +529,10 @@ fn cross_entropy_backward_matches_finite_differences_and_chunking() {
     let w = randn(&mut r, vocab * d, 1.0);
     let targets = [3i64, -100, 0, 8, -100, 5];
     let g = 0.7;
-    let out = cross_entropy::forward_backward(&h, &w, d, &targets, Some(g), 4).unwrap();
+    let out = cross_entropy::forward_backward(&h, &w, d, &targets, Some(g), 4, None).unwrap();
     assert_eq!(out.count, 4);
     let num = numeric_grad(&h, |h| {
-        g * cross_entropy::forward_backward(h, &w, d, &targets, None, 4)
+        g * cross_entropy::forward_backward(h, &w, d, &targets, None, 4, None)
             .unwrap()
             .loss_sum
     });
@@ -549,7 +549,7 @@ fn cross_entropy_backward_matches_finite_differences_and_chunking() {
         })
         .sum();
     for chunk in [1, 4, 6, 100] {
-        let o = cross_entropy::forward_backward(&h, &w, d, &targets, Some(g), chunk).unwrap();
+        let o = cross_entropy::forward_backward(&h, &w, d, &targets, Some(g), chunk, None).unwrap();
         assert!((o.loss_sum - want).abs() < 1e-12, "chunk {chunk}");
         assert_close(
             "dh across chunk sizes",
@@ -563,18 +563,85 @@ fn cross_entropy_backward_matches_finite_differences_and_chunking() {
     }
 }
 
+/// Gemma 2's final-logit soft-capping: the loss of `c·tanh(z/c)` written out on the full logits,
+/// the same for any chunk, its gradient against finite differences, and the host helper.
+#[test]
+fn cross_entropy_softcap_matches_the_formula_and_finite_differences() {
+    let mut r = rng(23);
+    let (t, d, vocab, c) = (6, 5, 9, 1.5);
+    let h = randn(&mut r, t * d, 1.5);
+    let w = randn(&mut r, vocab * d, 1.0);
+    let targets = [3i64, -100, 0, 8, -100, 5];
+    let g = 0.7;
+    let z = cross_entropy::logits(&h, &w, d);
+    assert!(z.iter().any(|v| v.abs() > c), "the cap must bite somewhere");
+    let loss_of = |z: &[f64]| -> f64 {
+        targets
+            .iter()
+            .enumerate()
+            .filter(|(_, &y)| y >= 0)
+            .map(|(i, &y)| {
+                let row: Vec<f64> = z[i * vocab..(i + 1) * vocab]
+                    .iter()
+                    .map(|v| c * (v / c).tanh())
+                    .collect();
+                row.iter().map(|v| v.exp()).sum::<f64>().ln() - row[y as usize]
+            })
+            .sum()
+    };
+    let want = loss_of(&z);
+    let plain = cross_entropy::forward_backward(&h, &w, d, &targets, None, 4, None).unwrap();
+    assert!(
+        (plain.loss_sum - want).abs() > 1e-3,
+        "capping changes the loss"
+    );
+    let out = cross_entropy::forward_backward(&h, &w, d, &targets, Some(g), 4, Some(c)).unwrap();
+    assert_eq!(out.count, 4);
+    assert!((out.loss_sum - want).abs() < 1e-12);
+    let num = numeric_grad(&h, |h| g * loss_of(&cross_entropy::logits(h, &w, d)));
+    assert_close("soft-capped CE dh", out.dh.as_ref().unwrap(), &num, FD_TOL);
+    for chunk in [1, 6, 100] {
+        let o =
+            cross_entropy::forward_backward(&h, &w, d, &targets, Some(g), chunk, Some(c)).unwrap();
+        assert!((o.loss_sum - want).abs() < 1e-12, "chunk {chunk}");
+        assert_close(
+            "soft-capped dh across chunk sizes",
+            o.dh.as_ref().unwrap(),
+            out.dh.as_ref().unwrap(),
+            Tolerance {
+                abs: 1e-14,
+                rel: 1e-12,
+            },
+        );
+    }
+    for bad in [0.0, -2.0, f64::NAN, f64::INFINITY] {
+        let err = cross_entropy::forward_backward(&h, &w, d, &targets, None, 4, Some(bad))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("soft-cap"), "{err}");
+    }
+    // The generation path's helper: the same cap on f32 logits, bounded by c.
+    let mut zs: Vec<f32> = vec![-1000.0, -30.0, -0.5, 0.0, 0.25, 29.0, 1e6];
+    let orig = zs.clone();
+    cross_entropy::softcap_logits(&mut zs, 30.0);
+    for (got, v) in zs.iter().zip(&orig) {
+        assert_eq!(*got, 30.0 * (v / 30.0).tanh());
+        assert!(got.abs() <= 30.0);
+    }
+}
+
 #[test]
 fn cross_entropy_rejects_labels_outside_the_vocabulary() {
     let h = vec![0.1f64; 3 * 2];
     let w = vec![0.1f64; 4 * 2];
-    let err = cross_entropy::forward_backward(&h, &w, 2, &[1, 4, -100], None, 8)
+    let err = cross_entropy::forward_backward(&h, &w, 2, &[1, 4, -100], None, 8, None)
         .unwrap_err()
         .to_string();
     assert!(
         err.contains("label 4 at position 1") && err.contains("size 4"),
         "{err}"
     );
-    let err = cross_entropy::forward_backward(&h, &w, 2, &[1, -3, 0], None, 8)
+    let err = cross_entropy::forward_backward(&h, &w, 2, &[1, -3, 0], None, 8, None)
         .unwrap_err()
         .to_string();
     assert!(err.contains("label -3 at position 1"), "{err}");

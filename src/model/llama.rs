@@ -642,7 +642,13 @@ impl Llama {
         let mut tape = Tape::new(dev, &batch, Some(adapters), true, None)?;
         let x = tape.input(h, true)?;
         let n = tape.rmsnorm(&x, &self.norm, Norm::plain(self.config.rms_norm_eps))?;
-        let ce = tape.lm_head_ce(&n, self.output_embedding(), &targets, Some(grad_scale))?;
+        let ce = tape.lm_head_ce(
+            &n,
+            self.output_embedding(),
+            &targets,
+            Some(grad_scale),
+            None,
+        )?;
         drop(n);
         let loss = ce.var.expect("the final norm's input requires a gradient");
         let mut dh = tape
@@ -679,7 +685,7 @@ impl Llama {
         let x = tape.input(h, false)?;
         let n = tape.rmsnorm(&x, &self.norm, Norm::plain(self.config.rms_norm_eps))?;
         drop(x);
-        let ce = tape.lm_head_ce(&n, self.output_embedding(), &targets, None)?;
+        let ce = tape.lm_head_ce(&n, self.output_embedding(), &targets, None, None)?;
         Ok((ce.losses, ce.count))
     }
 
