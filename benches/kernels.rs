@@ -191,10 +191,22 @@ fn step_kernels(c: &mut Criterion) {
     g.bench_function(BenchmarkId::new("gather_bf16", format!("{t}x{d}")), |b| {
         b.iter_custom(|iters| {
             timed(&dev, iters, || {
-                drop(embedding::forward_cuda(&table, &ids).unwrap())
+                drop(embedding::forward_cuda(&table, &ids, None).unwrap())
             })
         })
     });
+    // Gemma's scaled embedding (√d, rounded to bf16 on the host).
+    let scale = Some((d as f32).sqrt());
+    g.bench_function(
+        BenchmarkId::new("gather_scaled_bf16", format!("{t}x{d}")),
+        |b| {
+            b.iter_custom(|iters| {
+                timed(&dev, iters, || {
+                    drop(embedding::forward_cuda(&table, &ids, scale).unwrap())
+                })
+            })
+        },
+    );
     let (ea, eb) = (
         bf16_tensor(&device, &[t, d], 21),
         bf16_tensor(&device, &[t, d], 22),

@@ -186,7 +186,7 @@ fn main() -> Result<()> {
     for step in 0..=60 {
         adapters.zero_grads()?;
         let mut tape = Tape::new(device, &batch, Some(&adapters), true, None)?;
-        let x = tape.input(embed(&model.embed, &ids)?, false)?;
+        let x = tape.input(embed(&model.embed, &ids, None)?, false)?;
         let mut h = x.clone();
         for l in 0..BLOCKS {
             h = model.block(&mut tape, l, &h)?;

@@ -1468,13 +1468,16 @@ fn split_two(
 }
 
 /// The input embedding of `ids` (`[T, d]`, f32 on the CPU, bf16 on a GPU): frozen, no record.
-pub fn embed(table: &Tensor, ids: &[u32]) -> Result<Tensor> {
+/// With `scale` (Gemma's `√hidden_size`) each row is multiplied by it in the table's dtype: an
+/// f32 multiply on the CPU; on a GPU `bf16(float(e) · float(bf16(scale)))`, as transformers
+/// computes it (`ops::embedding`).
+pub fn embed(table: &Tensor, ids: &[u32], scale: Option<f32>) -> Result<Tensor> {
     match table.device() {
         Device::Cpu => {
             let d = table.shape().get(1).copied().unwrap_or(0);
-            let h = embedding::forward(f32s(table, "embedding")?, d, ids)?;
+            let h = embedding::forward(f32s(table, "embedding")?, d, ids, scale)?;
             host(h, &[ids.len(), d])
         }
-        Device::Cuda(_) => embedding::forward_cuda(table, ids),
+        Device::Cuda(_) => embedding::forward_cuda(table, ids, scale),
     }
 }

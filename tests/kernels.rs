@@ -258,13 +258,39 @@ fn kernels_embedding_and_casts_are_exact() {
     let (v, d) = (211usize, 97usize);
     let (table, tb) = bf16_data(&mut r, v * d, 1.0);
     let ids: Vec<u32> = (0..37).map(|_| r.random_range(0..v as u32)).collect();
-    let got = embedding::forward_cuda(&up(&dev, tb, &[v, d]), &ids).unwrap();
+    let tg = up(&dev, tb.clone(), &[v, d]);
+    let got = embedding::forward_cuda(&tg, &ids, None).unwrap();
     assert_eq!(
         f64s_bf16(&got),
-        f64s(&embedding::forward(&table, d, &ids).unwrap())
+        f64s(&embedding::forward(&table, d, &ids, None).unwrap())
     );
+    // Gemma's scaled embedding, as transformers computes it on a bf16 table: the scale rounded
+    // to bf16 (√3072 = 55.4256… → 55.5), the product rounded once. Written out here; an f32
+    // scale would give other values, which the test shows it can tell.
+    let scale = (3072f32).sqrt();
+    let s_bf16 = bf16::from_f32(scale);
+    assert_eq!(s_bf16.to_f32(), 55.5);
+    let got = embedding::forward_cuda(&tg, &ids, Some(scale))
+        .unwrap()
+        .to_vec::<bf16>()
+        .unwrap();
+    let (mut want, mut with_f32_scale) = (Vec::new(), Vec::new());
+    for &id in &ids {
+        for e in &tb[id as usize * d..(id as usize + 1) * d] {
+            want.push(bf16::from_f32(e.to_f32() * s_bf16.to_f32()));
+            with_f32_scale.push(bf16::from_f32(e.to_f32() * scale));
+        }
+    }
+    assert_eq!(got, want);
+    assert_ne!(got, with_f32_scale);
+    for bad in [f32::NAN, f32::INFINITY] {
+        let err = embedding::forward_cuda(&tg, &ids, Some(bad))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("scale"), "{err}");
+    }
     let tg = Tensor::zeros(&[v, d], DType::BF16, &dev).unwrap();
-    let err = embedding::forward_cuda(&tg, &[3, 211])
+    let err = embedding::forward_cuda(&tg, &[3, 211], None)
         .unwrap_err()
         .to_string();
     assert!(err.contains("token id 211 at position 1"), "{err}");

@@ -195,6 +195,32 @@ fn swiglu_backward_matches_finite_differences() {
     );
 }
 
+/// Gemma's scaled embedding on the CPU (an f32 table): each row times the scale, one f32
+/// multiply; without a scale the rows themselves.
+#[test]
+fn embedding_scale_multiplies_each_row_in_f32() {
+    use qlora_rs::autograd::embed;
+    let mut r = rng(24);
+    let (v, d) = (13usize, 7usize);
+    let table: Vec<f32> = (0..v * d).map(|_| r.random_range(-1.0f32..1.0)).collect();
+    let t = qlora_rs::Tensor::from_vec(table.clone(), &[v, d], &qlora_rs::Device::Cpu).unwrap();
+    let ids = [4u32, 0, 12, 4];
+    let scale = (3072f32).sqrt();
+    let got = embed(&t, &ids, Some(scale)).unwrap();
+    assert_eq!(got.shape(), &[4, d]);
+    let plain = embed(&t, &ids, None).unwrap().to_vec::<f32>().unwrap();
+    let got = got.to_vec::<f32>().unwrap();
+    for (k, &id) in ids.iter().enumerate() {
+        for j in 0..d {
+            let e = table[id as usize * d + j];
+            assert_eq!(plain[k * d + j], e);
+            assert_eq!(got[k * d + j], e * scale, "row {k}, column {j}");
+        }
+    }
+    let err = embed(&t, &ids, Some(f32::NAN)).unwrap_err().to_string();
+    assert!(err.contains("embedding") && err.contains("scale"), "{err}");
+}
+
 #[test]
 fn residual_backward_accumulates() {
     let y = residual::forward(&[1.0f64, 2.0], &[0.5, -1.0]).unwrap();

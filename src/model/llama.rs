@@ -598,7 +598,7 @@ impl Llama {
         ids: &[u32],
         mut inputs: Option<&mut Vec<Tensor>>,
     ) -> Result<Tensor> {
-        let mut h = autograd::embed(&self.embed, ids)?;
+        let mut h = autograd::embed(&self.embed, ids, None)?;
         for l in 0..self.config.num_layers {
             let mut tape = Tape::new(self.device, batch, adapters, false, dropout)?;
             let x = tape.input(h, false)?;
@@ -769,7 +769,7 @@ impl Llama {
     ) -> Result<Vec<f32>> {
         let start = cache.first().map_or(0, |c| c.len());
         let batch = Batch::decode(start, ids.len())?;
-        let mut h = autograd::embed(&self.embed, ids)?;
+        let mut h = autograd::embed(&self.embed, ids, None)?;
         for (l, layer_cache) in cache.iter_mut().enumerate() {
             let mut tape = Tape::new(self.device, &batch, adapters, false, None)?;
             let x = tape.input(h, false)?;
@@ -931,7 +931,7 @@ mod tests {
     fn tape_records_only_what_a_gradient_flows_through() {
         let model = tiny();
         let batch = Batch::new(vec![0, 5]).unwrap();
-        let h = autograd::embed(&model.embed, &[1, 2, 3, 4, 5]).unwrap();
+        let h = autograd::embed(&model.embed, &[1, 2, 3, 4, 5], None).unwrap();
         // No adapter and an input that needs no gradient: nothing to record.
         let mut tape = Tape::new(Device::Cpu, &batch, None, true, None).unwrap();
         let x = tape
