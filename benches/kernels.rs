@@ -242,10 +242,39 @@ fn step_kernels(c: &mut Criterion) {
     g.bench_function(BenchmarkId::new("fwd_bf16", format!("{t}x{f}")), |b| {
         b.iter_custom(|iters| {
             timed(&dev, iters, || {
-                drop(swiglu::forward_cuda(&gate, &upt).unwrap())
+                drop(swiglu::forward_cuda(&gate, &upt, swiglu::Act::Silu).unwrap())
             })
         })
     });
+    // GeGLU (Gemma): gelu_tanh in place of silu, same traffic.
+    g.bench_function(
+        BenchmarkId::new("geglu_fwd_bf16", format!("{t}x{f}")),
+        |b| {
+            b.iter_custom(|iters| {
+                timed(&dev, iters, || {
+                    drop(swiglu::forward_cuda(&gate, &upt, swiglu::Act::GeluTanh).unwrap())
+                })
+            })
+        },
+    );
+    // Backwards: read gate, up, dh; write dgate, dup over gate and up (the pair is threaded
+    // through the iterations, as the step hands its buffers on).
+    let dhg = bf16_tensor(&device, &[t, f], 10);
+    let mut pair = Some((gate, upt));
+    g.throughput(Throughput::Bytes((5 * t * f * 2) as u64));
+    for (name, act) in [
+        ("bwd_bf16", swiglu::Act::Silu),
+        ("geglu_bwd_bf16", swiglu::Act::GeluTanh),
+    ] {
+        g.bench_function(BenchmarkId::new(name, format!("{t}x{f}")), |b| {
+            b.iter_custom(|iters| {
+                timed(&dev, iters, || {
+                    let (gt, ut) = pair.take().unwrap();
+                    pair = Some(swiglu::backward_cuda(gt, ut, &dhg, act).unwrap());
+                })
+            })
+        });
+    }
     g.finish();
 
     let mut g = c.benchmark_group("cross_entropy");

@@ -360,10 +360,12 @@ enum Op<'a> {
         lse: Tensor,
         dims: attention::Dims,
     },
-    SwiGlu {
+    /// `h = act(gate) ⊙ up` (SwiGLU, GeGLU).
+    Glu {
         gate: Var,
         up: Var,
         h: At,
+        act: swiglu::Act,
     },
     Add {
         a: At,
@@ -940,25 +942,31 @@ impl<'a> Tape<'a> {
         Ok(self.var(Some(o), false))
     }
 
-    /// `silu(gate) ⊙ up` (`ops::swiglu`).
+    /// `silu(gate) ⊙ up` (SwiGLU): [`Tape::glu`] with [`swiglu::Act::Silu`].
     pub fn swiglu(&mut self, gate: &Var, up: &Var) -> Result<Var> {
+        self.glu(gate, up, swiglu::Act::Silu)
+    }
+
+    /// `act(gate) ⊙ up` (`ops::swiglu`): SwiGLU with `Act::Silu`, GeGLU with `Act::GeluTanh`.
+    pub fn glu(&mut self, gate: &Var, up: &Var, act: swiglu::Act) -> Result<Var> {
         let (g, u) = (gate.value()?, up.value()?);
-        self.check("swiglu", g)?;
-        self.check("swiglu", u)?;
+        self.check("glu", g)?;
+        self.check("glu", u)?;
         let h = match self.device {
             Device::Cpu => host(
-                swiglu::forward(f32s(g, "swiglu")?, f32s(u, "swiglu")?)?,
+                swiglu::forward(f32s(g, "glu")?, f32s(u, "glu")?, act)?,
                 g.shape(),
             )?,
-            Device::Cuda(_) => swiglu::forward_cuda(g, u)?,
+            Device::Cuda(_) => swiglu::forward_cuda(g, u, act)?,
         };
         let rg = gate.rg || up.rg;
         let h = self.var(Some(h), rg);
         if rg {
-            self.ops.push(Op::SwiGlu {
+            self.ops.push(Op::Glu {
                 gate: gate.clone(),
                 up: up.clone(),
                 h: h.at(),
+                act,
             });
         }
         Ok(h)
@@ -1238,7 +1246,7 @@ impl<'a> Tape<'a> {
                 accumulate(grads, ka, Rc::new(dk))?;
                 accumulate(grads, va, Rc::new(dv))?;
             }
-            Op::SwiGlu { gate, up, h } => {
+            Op::Glu { gate, up, h, act } => {
                 let Some(dh) = grads[h.id].take() else {
                     return Ok(());
                 };
@@ -1247,15 +1255,16 @@ impl<'a> Tape<'a> {
                     Device::Cpu => {
                         let (g, u) = (gate.value()?, up.value()?);
                         let (dg, du) = swiglu::backward(
-                            f32s(g, "swiglu backward")?,
-                            f32s(u, "swiglu backward")?,
-                            f32s(&dh, "swiglu backward")?,
+                            f32s(g, "glu backward")?,
+                            f32s(u, "glu backward")?,
+                            f32s(&dh, "glu backward")?,
+                            act,
                         )?;
                         (host(dg, g.shape())?, host(du, u.shape())?)
                     }
                     // Written over gate and up when nothing else holds them.
                     Device::Cuda(_) => {
-                        swiglu::backward_cuda(gate.into_tensor()?, up.into_tensor()?, &dh)?
+                        swiglu::backward_cuda(gate.into_tensor()?, up.into_tensor()?, &dh, act)?
                     }
                 };
                 drop(dh);

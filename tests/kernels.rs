@@ -5,6 +5,7 @@
 
 use half::bf16;
 use qlora_rs::ops::rmsnorm::Norm;
+use qlora_rs::ops::swiglu::Act;
 use qlora_rs::ops::{cross_entropy, embedding, rmsnorm, rope, swiglu};
 use qlora_rs::testing::{check_close, gpu_or_skip, Tolerance};
 use qlora_rs::train::optimizer::{clip_grad_norm, AdamW, AdamWConfig, AdamWCuda};
@@ -225,28 +226,65 @@ fn kernels_swiglu_match_cpu() {
         return;
     };
     let mut r = rng(3);
-    for n in [1usize, 7 * 97, 1536 * 33 + 5] {
+    for n in [1usize, 7 * 97, 1536 * 33 + 5, 13 * 1037] {
         let (g, gb) = bf16_data(&mut r, n, 6.0);
         let (u, ub) = bf16_data(&mut r, n, 2.0);
         let (dh, dhb) = bf16_data(&mut r, n, 1.0);
-        let (gb_copy, ub_copy) = (gb.clone(), ub.clone());
-        let (gg, ug, dhg) = (up(&dev, gb, &[n]), up(&dev, ub, &[n]), up(&dev, dhb, &[n]));
-        check(
-            "swiglu h",
-            &f64s_bf16(&swiglu::forward_cuda(&gg, &ug).unwrap()),
-            &f64s(&swiglu::forward(&g, &u).unwrap()),
-            BF16,
+        let (gg, ug, dhg) = (
+            up(&dev, gb.clone(), &[n]),
+            up(&dev, ub.clone(), &[n]),
+            up(&dev, dhb, &[n]),
         );
-        let (dg_ref, du_ref) = swiglu::backward(&g, &u, &dh).unwrap();
-        // In place over copies of gate and up (the originals are read again above).
-        let (gc, uc) = (
-            up(&dev, gb_copy.clone(), &[n]),
-            up(&dev, ub_copy.clone(), &[n]),
-        );
-        let (dg, du) = swiglu::backward_cuda(gc, uc, &dhg).unwrap();
-        check("swiglu dgate", &f64s_bf16(&dg), &f64s(&dg_ref), BF16);
-        check("swiglu dup", &f64s_bf16(&du), &f64s(&du_ref), BF16);
+        // SwiGLU (Llama, Qwen) and GeGLU (Gemma).
+        for act in [Act::Silu, Act::GeluTanh] {
+            check(
+                &format!("glu h {act:?} n = {n}"),
+                &f64s_bf16(&swiglu::forward_cuda(&gg, &ug, act).unwrap()),
+                &f64s(&swiglu::forward(&g, &u, act).unwrap()),
+                BF16,
+            );
+            let (dg_ref, du_ref) = swiglu::backward(&g, &u, &dh, act).unwrap();
+            // In place over copies of gate and up (the originals are read again).
+            let (gc, uc) = (up(&dev, gb.clone(), &[n]), up(&dev, ub.clone(), &[n]));
+            let (dg, du) = swiglu::backward_cuda(gc, uc, &dhg, act).unwrap();
+            check(
+                &format!("glu dgate {act:?}"),
+                &f64s_bf16(&dg),
+                &f64s(&dg_ref),
+                BF16,
+            );
+            check(
+                &format!("glu dup {act:?}"),
+                &f64s_bf16(&du),
+                &f64s(&du_ref),
+                BF16,
+            );
+        }
     }
+}
+
+/// GeGLU on the GPU against transformers' `gelu_pytorch_tanh` written out (f64), times up, for
+/// gates across the activation's whole shape (deep negative to large positive).
+#[test]
+fn kernels_geglu_is_gelu_tanh_times_up() {
+    let Some(dev) = gpu_or_skip("kernels_geglu_is_gelu_tanh_times_up") else {
+        return;
+    };
+    let mut r = rng(12);
+    let n = 5 * 1037;
+    let (g, gb) = bf16_data(&mut r, n, 8.0);
+    let (u, ub) = bf16_data(&mut r, n, 2.0);
+    let h = swiglu::forward_cuda(&up(&dev, gb, &[n]), &up(&dev, ub, &[n]), Act::GeluTanh).unwrap();
+    let k = (2.0 / std::f64::consts::PI).sqrt();
+    let want: Vec<f64> = g
+        .iter()
+        .zip(&u)
+        .map(|(&x, &y)| {
+            let x = x as f64;
+            0.5 * x * (1.0 + (k * (x + 0.044715 * x * x * x)).tanh()) * y as f64
+        })
+        .collect();
+    check("geglu h", &f64s_bf16(&h), &want, BF16);
 }
 
 #[test]

@@ -2,6 +2,7 @@
 //! forward checks against naive formulas, and bad input rejected by name.
 
 use qlora_rs::ops::rmsnorm::Norm;
+use qlora_rs::ops::swiglu::Act;
 use qlora_rs::ops::{attention, cross_entropy, linear, residual, rmsnorm, rope, swiglu};
 use qlora_rs::testing::{assert_close, Tolerance};
 use rand::{Rng, SeedableRng};
@@ -180,17 +181,17 @@ fn swiglu_backward_matches_finite_differences() {
         randn(&mut r, n, 2.0),
         randn(&mut r, n, 1.0),
     );
-    let (dg, du) = swiglu::backward(&g, &u, &c).unwrap();
+    let (dg, du) = swiglu::backward(&g, &u, &c, Act::Silu).unwrap();
     assert_close(
         "swiglu dgate",
         &dg,
-        &numeric_grad(&g, |g| dot(&swiglu::forward(g, &u).unwrap(), &c)),
+        &numeric_grad(&g, |g| dot(&swiglu::forward(g, &u, Act::Silu).unwrap(), &c)),
         FD_TOL,
     );
     assert_close(
         "swiglu dup",
         &du,
-        &numeric_grad(&u, |u| dot(&swiglu::forward(&g, u).unwrap(), &c)),
+        &numeric_grad(&u, |u| dot(&swiglu::forward(&g, u, Act::Silu).unwrap(), &c)),
         FD_TOL,
     );
 }
@@ -219,6 +220,88 @@ fn embedding_scale_multiplies_each_row_in_f32() {
     }
     let err = embed(&t, &ids, Some(f32::NAN)).unwrap_err().to_string();
     assert!(err.contains("embedding") && err.contains("scale"), "{err}");
+}
+
+/// GeGLU's activation written out (f64): transformers' `gelu_pytorch_tanh`.
+fn naive_gelu_tanh(x: f64) -> f64 {
+    0.5 * x * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x.powi(3))).tanh())
+}
+
+#[test]
+fn geglu_is_gelu_tanh_times_up_and_its_backward_matches_finite_differences() {
+    let mut r = rng(25);
+    let n = 3 * 11;
+    let (g, u, c) = (
+        randn(&mut r, n, 4.0),
+        randn(&mut r, n, 2.0),
+        randn(&mut r, n, 1.0),
+    );
+    let h = swiglu::forward(&g, &u, Act::GeluTanh).unwrap();
+    let want: Vec<f64> = g
+        .iter()
+        .zip(&u)
+        .map(|(&x, &y)| naive_gelu_tanh(x) * y)
+        .collect();
+    assert_close(
+        "geglu h",
+        &h,
+        &want,
+        Tolerance {
+            abs: 1e-15,
+            rel: 1e-14,
+        },
+    );
+    // Not SwiGLU: the two activations differ.
+    let silu = swiglu::forward(&g, &u, Act::Silu).unwrap();
+    assert!(h.iter().zip(&silu).any(|(a, b)| (a - b).abs() > 1e-3));
+    let (dg, du) = swiglu::backward(&g, &u, &c, Act::GeluTanh).unwrap();
+    let naive = |g: &[f64], u: &[f64]| -> Vec<f64> {
+        g.iter()
+            .zip(u)
+            .map(|(&x, &y)| naive_gelu_tanh(x) * y)
+            .collect()
+    };
+    assert_close(
+        "geglu dgate",
+        &dg,
+        &numeric_grad(&g, |g| dot(&naive(g, &u), &c)),
+        FD_TOL,
+    );
+    assert_close(
+        "geglu dup",
+        &du,
+        &numeric_grad(&u, |u| dot(&naive(&g, u), &c)),
+        FD_TOL,
+    );
+    // Through the tape (f32): Tape::glu records the activation for its backward.
+    use qlora_rs::autograd::{Batch, Tape};
+    let f32_exact = |v: &[f64]| v.iter().map(|&x| x as f32 as f64).collect::<Vec<f64>>();
+    let (g, u, c) = (f32_exact(&g), f32_exact(&u), f32_exact(&c));
+    let (t, f) = (3usize, 11usize);
+    let batch = Batch::new(vec![0, t]).unwrap();
+    let mut tape = Tape::new(qlora_rs::Device::Cpu, &batch, None, true, None).unwrap();
+    let gv = tape.input(cpu_f32(&g, &[t, f]), true).unwrap();
+    let uv = tape.input(cpu_f32(&u, &[t, f]), true).unwrap();
+    let hv = tape.glu(&gv, &uv, Act::GeluTanh).unwrap();
+    assert_close(
+        "tape glu h",
+        &f64s_of(hv.value().unwrap()),
+        &naive(&g, &u),
+        Tolerance {
+            abs: 1e-6,
+            rel: 1e-5,
+        },
+    );
+    let dg = tape.backward(&hv, Some(cpu_f32(&c, &[t, f])), &gv).unwrap();
+    assert_close(
+        "tape glu dgate",
+        &f64s_of(&dg.unwrap()),
+        &numeric_grad(&g, |g| dot(&naive(g, &u), &c)),
+        Tolerance {
+            abs: 2e-5,
+            rel: 2e-4,
+        },
+    );
 }
 
 #[test]
@@ -767,8 +850,8 @@ fn elementwise_ops_on_large_inputs_equal_their_formulas_exactly() {
     let u: Vec<f32> = (0..n).map(|_| r.random_range(-2.0f32..2.0)).collect();
     let dh: Vec<f32> = (0..n).map(|_| r.random_range(-1.0f32..1.0)).collect();
     let sig = |x: f32| 1.0 / (1.0 + (-x).exp());
-    let h = swiglu::forward(&g, &u).unwrap();
-    let (dg, du) = swiglu::backward(&g, &u, &dh).unwrap();
+    let h = swiglu::forward(&g, &u, Act::Silu).unwrap();
+    let (dg, du) = swiglu::backward(&g, &u, &dh, Act::Silu).unwrap();
     for i in 0..n {
         let s = sig(g[i]);
         assert_eq!(h[i], g[i] * s * u[i], "swiglu h[{i}]");
@@ -778,6 +861,18 @@ fn elementwise_ops_on_large_inputs_equal_their_formulas_exactly() {
             "dg[{i}]"
         );
         assert_eq!(du[i], dh[i] * g[i] * s, "du[{i}]");
+    }
+    let h = swiglu::forward(&g, &u, Act::GeluTanh).unwrap();
+    let (dg, du) = swiglu::backward(&g, &u, &dh, Act::GeluTanh).unwrap();
+    let (k, a) = ((2.0f64 / std::f64::consts::PI).sqrt() as f32, 0.044715f32);
+    for i in 0..n {
+        let x = g[i];
+        let t = (k * (x + a * (x * x * x))).tanh();
+        let value = 0.5 * x * (1.0 + t);
+        let slope = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * k * (1.0 + 3.0 * a * (x * x));
+        assert_eq!(h[i], value * u[i], "geglu h[{i}]");
+        assert_eq!(dg[i], dh[i] * u[i] * slope, "geglu dg[{i}]");
+        assert_eq!(du[i], dh[i] * value, "geglu du[{i}]");
     }
     let sum = residual::forward(&g, &u).unwrap();
     let mut acc = g.clone();
