@@ -14,6 +14,7 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use half::bf16;
 use qlora_rs::device::{CudaDevice, Device};
 use qlora_rs::ops::gemm::{self, Layout, LoraCuda};
+use qlora_rs::ops::rmsnorm::Norm;
 use qlora_rs::ops::{attention, cross_entropy, dropout, embedding, rmsnorm, rope, swiglu};
 use qlora_rs::quant::nf4::{Nf4Config, Nf4Tensor};
 use qlora_rs::testing::gpu_or_skip;
@@ -119,20 +120,44 @@ fn step_kernels(c: &mut Criterion) {
     g.bench_function(BenchmarkId::new("fwd_bf16", format!("{t}x{d}")), |b| {
         b.iter_custom(|iters| {
             timed(&dev, iters, || {
-                drop(rmsnorm::forward_cuda(&x, &w, 1e-5).unwrap())
+                drop(rmsnorm::forward_cuda(&x, &w, Norm::plain(1e-5)).unwrap())
             })
         })
     });
-    let (_, rstd) = rmsnorm::forward_cuda(&x, &w, 1e-5).unwrap();
+    let (_, rstd) = rmsnorm::forward_cuda(&x, &w, Norm::plain(1e-5)).unwrap();
     let dy = bf16_tensor(&device, &[t, d], 4);
     g.throughput(Throughput::Bytes((3 * t * d * 2 + d * 2 + t * 4) as u64));
     g.bench_function(BenchmarkId::new("bwd_bf16", format!("{t}x{d}")), |b| {
         b.iter_custom(|iters| {
             timed(&dev, iters, || {
-                drop(rmsnorm::backward_cuda(&x, &w, &rstd, &dy, None).unwrap())
+                drop(rmsnorm::backward_cuda(&x, &w, &rstd, &dy, None, Norm::plain(1e-5)).unwrap())
             })
         })
     });
+    // Gemma's norm: the effective weight 1 + w, added in f32 inside the same kernels.
+    let gemma = Norm::unit_offset(1e-6);
+    g.throughput(Throughput::Bytes((2 * t * d * 2 + d * 2 + t * 4) as u64));
+    g.bench_function(
+        BenchmarkId::new("fwd_unit_offset_bf16", format!("{t}x{d}")),
+        |b| {
+            b.iter_custom(|iters| {
+                timed(&dev, iters, || {
+                    drop(rmsnorm::forward_cuda(&x, &w, gemma).unwrap())
+                })
+            })
+        },
+    );
+    g.throughput(Throughput::Bytes((3 * t * d * 2 + d * 2 + t * 4) as u64));
+    g.bench_function(
+        BenchmarkId::new("bwd_unit_offset_bf16", format!("{t}x{d}")),
+        |b| {
+            b.iter_custom(|iters| {
+                timed(&dev, iters, || {
+                    drop(rmsnorm::backward_cuda(&x, &w, &rstd, &dy, None, gemma).unwrap())
+                })
+            })
+        },
+    );
     g.finish();
 
     let mut g = c.benchmark_group("rope");
@@ -166,10 +191,22 @@ fn step_kernels(c: &mut Criterion) {
     g.bench_function(BenchmarkId::new("gather_bf16", format!("{t}x{d}")), |b| {
         b.iter_custom(|iters| {
             timed(&dev, iters, || {
-                drop(embedding::forward_cuda(&table, &ids).unwrap())
+                drop(embedding::forward_cuda(&table, &ids, None).unwrap())
             })
         })
     });
+    // Gemma's scaled embedding (√d, rounded to bf16 on the host).
+    let scale = Some((d as f32).sqrt());
+    g.bench_function(
+        BenchmarkId::new("gather_scaled_bf16", format!("{t}x{d}")),
+        |b| {
+            b.iter_custom(|iters| {
+                timed(&dev, iters, || {
+                    drop(embedding::forward_cuda(&table, &ids, scale).unwrap())
+                })
+            })
+        },
+    );
     let (ea, eb) = (
         bf16_tensor(&device, &[t, d], 21),
         bf16_tensor(&device, &[t, d], 22),
@@ -205,10 +242,39 @@ fn step_kernels(c: &mut Criterion) {
     g.bench_function(BenchmarkId::new("fwd_bf16", format!("{t}x{f}")), |b| {
         b.iter_custom(|iters| {
             timed(&dev, iters, || {
-                drop(swiglu::forward_cuda(&gate, &upt).unwrap())
+                drop(swiglu::forward_cuda(&gate, &upt, swiglu::Act::Silu).unwrap())
             })
         })
     });
+    // GeGLU (Gemma): gelu_tanh in place of silu, same traffic.
+    g.bench_function(
+        BenchmarkId::new("geglu_fwd_bf16", format!("{t}x{f}")),
+        |b| {
+            b.iter_custom(|iters| {
+                timed(&dev, iters, || {
+                    drop(swiglu::forward_cuda(&gate, &upt, swiglu::Act::GeluTanh).unwrap())
+                })
+            })
+        },
+    );
+    // Backwards: read gate, up, dh; write dgate, dup over gate and up (the pair is threaded
+    // through the iterations, as the step hands its buffers on).
+    let dhg = bf16_tensor(&device, &[t, f], 10);
+    let mut pair = Some((gate, upt));
+    g.throughput(Throughput::Bytes((5 * t * f * 2) as u64));
+    for (name, act) in [
+        ("bwd_bf16", swiglu::Act::Silu),
+        ("geglu_bwd_bf16", swiglu::Act::GeluTanh),
+    ] {
+        g.bench_function(BenchmarkId::new(name, format!("{t}x{f}")), |b| {
+            b.iter_custom(|iters| {
+                timed(&dev, iters, || {
+                    let (gt, ut) = pair.take().unwrap();
+                    pair = Some(swiglu::backward_cuda(gt, ut, &dhg, act).unwrap());
+                })
+            })
+        });
+    }
     g.finish();
 
     let mut g = c.benchmark_group("cross_entropy");
@@ -224,7 +290,18 @@ fn step_kernels(c: &mut Criterion) {
         |b| {
             b.iter_custom(|iters| {
                 timed(&dev, iters, || {
-                    drop(cross_entropy::chunk_cuda(&mut logits, &targets, 1.0).unwrap())
+                    drop(cross_entropy::chunk_cuda(&mut logits, &targets, 1.0, None).unwrap())
+                })
+            })
+        },
+    );
+    // Gemma 2's final-logit soft-cap (c = 30): one tanh per logit more.
+    g.bench_function(
+        BenchmarkId::new("chunk_f32_softcap", format!("{rows}x{vocab}")),
+        |b| {
+            b.iter_custom(|iters| {
+                timed(&dev, iters, || {
+                    drop(cross_entropy::chunk_cuda(&mut logits, &targets, 1.0, Some(30.0)).unwrap())
                 })
             })
         },
@@ -242,9 +319,27 @@ fn step_kernels(c: &mut Criterion) {
             b.iter_custom(|iters| {
                 timed(&dev, iters, || {
                     drop(
-                        cross_entropy::lm_head_ce_cuda(&hh, &ww, &tg, Some(1.0 / tt as f32), 256)
-                            .unwrap(),
+                        cross_entropy::lm_head_ce_cuda(
+                            &hh,
+                            &ww,
+                            &tg,
+                            Some(1.0 / tt as f32),
+                            256,
+                            None,
+                        )
+                        .unwrap(),
                     )
+                })
+            })
+        });
+    });
+    g_flops(c, "lm_head_ce", (2 * tt * vv * d) as u64, |name, bench| {
+        let id = BenchmarkId::new(format!("{name}_softcap"), format!("{tt}x{vv}x{d}"));
+        bench.bench_function(id, |b| {
+            b.iter_custom(|iters| {
+                timed(&dev, iters, || {
+                    let g = Some(1.0 / tt as f32);
+                    drop(cross_entropy::lm_head_ce_cuda(&hh, &ww, &tg, g, 256, Some(30.0)).unwrap())
                 })
             })
         });

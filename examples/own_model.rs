@@ -17,6 +17,7 @@ use qlora_rs::device::{self, Availability};
 use qlora_rs::model::adapters::Adapters;
 use qlora_rs::model::lora::{LoraConfig, LoraParams, Target};
 use qlora_rs::ops::attention::Dims;
+use qlora_rs::ops::rmsnorm::Norm;
 use qlora_rs::ops::rope::{self, RopeScaling};
 use qlora_rs::quant::nf4::{Nf4Config, Nf4Tensor};
 use qlora_rs::train::optimizer::AdamWConfig;
@@ -112,7 +113,7 @@ impl OwnModel {
     /// One block: `h + attn(norm(h))`, then `+ mlp(norm(·))`.
     fn block<'a>(&'a self, tape: &mut Tape<'a>, l: usize, h: &Var) -> Result<Var> {
         let b = &self.blocks[l];
-        let n = tape.rmsnorm(h, &b.norm1, EPS)?;
+        let n = tape.rmsnorm(h, &b.norm1, Norm::plain(EPS))?;
         let q = tape.linear(&n, self.lin(l, Target::Q))?;
         let k = tape.linear(&n, self.lin(l, Target::K))?;
         let v = tape.linear(&n, self.lin(l, Target::V))?;
@@ -125,7 +126,7 @@ impl OwnModel {
         };
         let a = tape.attention(&q, &k, &v, dims)?;
         let h1 = tape.linear_residual(&a, self.lin(l, Target::O), h)?;
-        let n2 = tape.rmsnorm(&h1, &b.norm2, EPS)?;
+        let n2 = tape.rmsnorm(&h1, &b.norm2, Norm::plain(EPS))?;
         let g = tape.linear(&n2, self.lin(l, Target::Gate))?;
         let u = tape.linear(&n2, self.lin(l, Target::Up))?;
         let s = tape.swiglu(&g, &u)?;
@@ -185,13 +186,13 @@ fn main() -> Result<()> {
     for step in 0..=60 {
         adapters.zero_grads()?;
         let mut tape = Tape::new(device, &batch, Some(&adapters), true, None)?;
-        let x = tape.input(embed(&model.embed, &ids)?, false)?;
+        let x = tape.input(embed(&model.embed, &ids, None)?, false)?;
         let mut h = x.clone();
         for l in 0..BLOCKS {
             h = model.block(&mut tape, l, &h)?;
         }
-        let n = tape.rmsnorm(&h, &model.norm, EPS)?;
-        let ce = tape.lm_head_ce(&n, &model.head, &targets, Some(1.0 / counted as f32))?;
+        let n = tape.rmsnorm(&h, &model.norm, Norm::plain(EPS))?;
+        let ce = tape.lm_head_ce(&n, &model.head, &targets, Some(1.0 / counted as f32), None)?;
         let loss = ce.losses.sum()? / ce.count as f64;
         let var = ce.var.expect("the adapters make the loss trainable");
         tape.backward(&var, None, &x)?;

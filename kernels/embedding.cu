@@ -4,12 +4,20 @@
 
 #include "common.cuh"
 
-// out[t] = table[ids[t]]: one block per token, [V, d] -> [T, d] bf16.
-extern "C" __global__ void embedding_fwd_bf16(const bf16* table, const int* ids, bf16* out, int d) {
+// out[t] = table[ids[t]]: one block per token, [V, d] -> [T, d] bf16. With `scaled` non-zero,
+// out[t] = bf16(float(table[ids[t]]) · scale) (Gemma's scaled embedding; the launcher has
+// rounded the scale to bf16, as transformers does); otherwise the row is copied bit for bit.
+extern "C" __global__ void embedding_fwd_bf16(const bf16* table, const int* ids, bf16* out, int d,
+                                              float scale, int scaled) {
   const long long t = blockIdx.x;
   const bf16* src = table + (long long)ids[t] * d;
   bf16* dst = out + t * d;
-  for (int i = threadIdx.x; i < d; i += blockDim.x) dst[i] = src[i];
+  if (scaled) {
+    for (int i = threadIdx.x; i < d; i += blockDim.x)
+      dst[i] = __float2bfloat16_rn(__bfloat162float(src[i]) * scale);
+  } else {
+    for (int i = threadIdx.x; i < d; i += blockDim.x) dst[i] = src[i];
+  }
 }
 
 extern "C" __global__ void cast_f32_bf16(const float* x, bf16* y, long long n) {

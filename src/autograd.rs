@@ -30,6 +30,7 @@ use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::model::adapters::{Adapters, SlotRef};
 use crate::model::lora::Target;
+use crate::ops::rmsnorm::Norm;
 use crate::ops::{attention, cross_entropy, dropout, embedding, gemm, linear, residual};
 use crate::ops::{rmsnorm, rope, swiglu};
 use crate::quant::nf4::Nf4Tensor;
@@ -304,6 +305,7 @@ enum Op<'a> {
         y: At,
         w: &'a Tensor,
         rstd: Tensor,
+        norm: Norm,
     },
     /// RMSNorm over each head; `x` is kept as `[T·heads, head_dim]`.
     HeadRmsNorm {
@@ -311,6 +313,7 @@ enum Op<'a> {
         y: At,
         w: &'a Tensor,
         rstd: Tensor,
+        norm: Norm,
         /// `[T, heads·head_dim]`, the shape of y and of x's gradient.
         shape: [usize; 2],
     },
@@ -322,6 +325,7 @@ enum Op<'a> {
         y: At,
         w: &'a Tensor,
         rstd: Tensor,
+        norm: Norm,
     },
     Linear {
         x: Var,
@@ -356,10 +360,12 @@ enum Op<'a> {
         lse: Tensor,
         dims: attention::Dims,
     },
-    SwiGlu {
+    /// `h = act(gate) ⊙ up` (SwiGLU, GeGLU).
+    Glu {
         gate: Var,
         up: Var,
         h: At,
+        act: swiglu::Act,
     },
     Add {
         a: At,
@@ -515,18 +521,18 @@ impl<'a> Tape<'a> {
         Ok(self.var(Some(value), requires_grad && self.train))
     }
 
-    /// `y = rmsnorm(x) ⊙ w` (`ops::rmsnorm`).
-    pub fn rmsnorm(&mut self, x: &Var, w: &'a Tensor, eps: f64) -> Result<Var> {
+    /// `y = rmsnorm(x) ⊙ w̃` (`ops::rmsnorm`; `w̃` is `w`, or `1 + w` with `norm.unit_offset`).
+    pub fn rmsnorm(&mut self, x: &Var, w: &'a Tensor, norm: Norm) -> Result<Var> {
         let xv = x.value()?;
         self.check("rmsnorm", xv)?;
         let (y, rstd) = match self.device {
             Device::Cpu => {
                 let (_, d) = rows_cols("rmsnorm", xv)?;
-                let (y, r) = rmsnorm::forward(f32s(xv, "rmsnorm")?, f32s(w, "rmsnorm")?, d, eps)?;
+                let (y, r) = rmsnorm::forward(f32s(xv, "rmsnorm")?, f32s(w, "rmsnorm")?, d, norm)?;
                 let n = r.len();
                 (host(y, xv.shape())?, host(r, &[n])?)
             }
-            Device::Cuda(_) => rmsnorm::forward_cuda(xv, w, eps)?,
+            Device::Cuda(_) => rmsnorm::forward_cuda(xv, w, norm)?,
         };
         let y = self.var(Some(y), x.rg);
         if x.rg {
@@ -535,6 +541,7 @@ impl<'a> Tape<'a> {
                 y: y.at(),
                 w,
                 rstd,
+                norm,
             });
         }
         Ok(y)
@@ -549,7 +556,7 @@ impl<'a> Tape<'a> {
         heads: usize,
         head_dim: usize,
         w: &'a Tensor,
-        eps: f64,
+        norm: Norm,
     ) -> Result<Var> {
         let op = "rmsnorm per head";
         self.check(op, x.value()?)?;
@@ -566,11 +573,11 @@ impl<'a> Tape<'a> {
         xt.reshape_in_place(&[t * heads, head_dim])?;
         let (mut y, rstd) = match self.device {
             Device::Cpu => {
-                let (y, r) = rmsnorm::forward(f32s(&xt, op)?, f32s(w, op)?, head_dim, eps)?;
+                let (y, r) = rmsnorm::forward(f32s(&xt, op)?, f32s(w, op)?, head_dim, norm)?;
                 let n = r.len();
                 (host(y, xt.shape())?, host(r, &[n])?)
             }
-            Device::Cuda(_) => rmsnorm::forward_cuda(&xt, w, eps)?,
+            Device::Cuda(_) => rmsnorm::forward_cuda(&xt, w, norm)?,
         };
         y.reshape_in_place(&[t, width])?;
         let y = self.var(Some(y), at.rg);
@@ -584,14 +591,21 @@ impl<'a> Tape<'a> {
                 y: y.at(),
                 w,
                 rstd,
+                norm,
                 shape: [t, width],
             });
         }
         Ok(y)
     }
 
-    /// The residual add fused before a norm: `(h = a + b, y = rmsnorm(h) ⊙ w)`.
-    pub fn add_rmsnorm(&mut self, a: &Var, b: &Var, w: &'a Tensor, eps: f64) -> Result<(Var, Var)> {
+    /// The residual add fused before a norm: `(h = a + b, y = rmsnorm(h) ⊙ w̃)`.
+    pub fn add_rmsnorm(
+        &mut self,
+        a: &Var,
+        b: &Var,
+        w: &'a Tensor,
+        norm: Norm,
+    ) -> Result<(Var, Var)> {
         let (av, bv) = (a.value()?, b.value()?);
         self.check("add + rmsnorm", av)?;
         self.check("add + rmsnorm", bv)?;
@@ -599,11 +613,11 @@ impl<'a> Tape<'a> {
             Device::Cpu => {
                 let (_, d) = rows_cols("add + rmsnorm", av)?;
                 let h = residual::forward(f32s(av, "add")?, f32s(bv, "add")?)?;
-                let (y, r) = rmsnorm::forward(&h, f32s(w, "rmsnorm")?, d, eps)?;
+                let (y, r) = rmsnorm::forward(&h, f32s(w, "rmsnorm")?, d, norm)?;
                 let n = r.len();
                 (host(h, av.shape())?, host(y, av.shape())?, host(r, &[n])?)
             }
-            Device::Cuda(_) => rmsnorm::forward_residual_cuda(av, bv, w, eps)?,
+            Device::Cuda(_) => rmsnorm::forward_residual_cuda(av, bv, w, norm)?,
         };
         let rg = a.rg || b.rg;
         let h = self.var(Some(h), rg);
@@ -616,6 +630,7 @@ impl<'a> Tape<'a> {
                 y: y.at(),
                 w,
                 rstd,
+                norm,
             });
         }
         Ok((h, y))
@@ -927,25 +942,31 @@ impl<'a> Tape<'a> {
         Ok(self.var(Some(o), false))
     }
 
-    /// `silu(gate) ⊙ up` (`ops::swiglu`).
+    /// `silu(gate) ⊙ up` (SwiGLU): [`Tape::glu`] with [`swiglu::Act::Silu`].
     pub fn swiglu(&mut self, gate: &Var, up: &Var) -> Result<Var> {
+        self.glu(gate, up, swiglu::Act::Silu)
+    }
+
+    /// `act(gate) ⊙ up` (`ops::swiglu`): SwiGLU with `Act::Silu`, GeGLU with `Act::GeluTanh`.
+    pub fn glu(&mut self, gate: &Var, up: &Var, act: swiglu::Act) -> Result<Var> {
         let (g, u) = (gate.value()?, up.value()?);
-        self.check("swiglu", g)?;
-        self.check("swiglu", u)?;
+        self.check("glu", g)?;
+        self.check("glu", u)?;
         let h = match self.device {
             Device::Cpu => host(
-                swiglu::forward(f32s(g, "swiglu")?, f32s(u, "swiglu")?)?,
+                swiglu::forward(f32s(g, "glu")?, f32s(u, "glu")?, act)?,
                 g.shape(),
             )?,
-            Device::Cuda(_) => swiglu::forward_cuda(g, u)?,
+            Device::Cuda(_) => swiglu::forward_cuda(g, u, act)?,
         };
         let rg = gate.rg || up.rg;
         let h = self.var(Some(h), rg);
         if rg {
-            self.ops.push(Op::SwiGlu {
+            self.ops.push(Op::Glu {
                 gate: gate.clone(),
                 up: up.clone(),
                 h: h.at(),
+                act,
             });
         }
         Ok(h)
@@ -978,13 +999,16 @@ impl<'a> Tape<'a> {
     /// The fused, chunked lm_head + cross-entropy (`ops::cross_entropy`): the loss of `x·wᵀ`
     /// against `targets` (already shifted; −100 not counted), never holding more than one chunk
     /// of logits. With `grad_scale` (and `x` needing a gradient) the gradient of
-    /// `grad_scale · loss_sum` is computed with it and the loss's `var` starts a backward.
+    /// `grad_scale · loss_sum` is computed with it and the loss's `var` starts a backward. With
+    /// `softcap = Some(c)` the logits are capped to `c·tanh(z/c)` before the softmax (Gemma 2's
+    /// `final_logit_softcapping`; the gradient goes through the cap).
     pub fn lm_head_ce(
         &mut self,
         x: &Var,
         w: &'a Tensor,
         targets: &[i64],
         grad_scale: Option<f32>,
+        softcap: Option<f32>,
     ) -> Result<CeLoss> {
         let xv = x.value()?;
         self.check("lm_head + cross-entropy", xv)?;
@@ -999,6 +1023,7 @@ impl<'a> Tape<'a> {
                     targets,
                     grad_scale,
                     cross_entropy::cpu_chunk(w.elem_count() / d.max(1)),
+                    softcap,
                 )?;
                 let dx = out.dh.map(|g| host(g, xv.shape())).transpose()?;
                 (Losses::Host(out.loss_sum), out.count, dx)
@@ -1010,6 +1035,7 @@ impl<'a> Tape<'a> {
                     targets,
                     grad_scale,
                     cross_entropy::DEFAULT_CHUNK,
+                    softcap,
                 )?;
                 (Losses::Device(out.loss), out.count, out.dh)
             }
@@ -1072,12 +1098,18 @@ impl<'a> Tape<'a> {
             Ok(())
         };
         match op {
-            Op::RmsNorm { x, y, w, rstd } => {
+            Op::RmsNorm {
+                x,
+                y,
+                w,
+                rstd,
+                norm,
+            } => {
                 let Some(dy) = grads[y.id].take() else {
                     return Ok(());
                 };
                 let plus = grads[x.id].take();
-                let dx = self.rmsnorm_backward(x.value()?, w, &rstd, &dy, plus.as_deref())?;
+                let dx = self.rmsnorm_backward(x.value()?, w, &rstd, &dy, plus.as_deref(), norm)?;
                 grads[x.id] = Some(Rc::new(dx));
             }
             Op::HeadRmsNorm {
@@ -1085,6 +1117,7 @@ impl<'a> Tape<'a> {
                 y,
                 w,
                 rstd,
+                norm,
                 shape,
             } => {
                 let Some(dy) = grads[y.id].take() else {
@@ -1093,7 +1126,7 @@ impl<'a> Tape<'a> {
                 let xv = x.value()?;
                 let mut dy = unshare(dy)?;
                 dy.reshape_in_place(xv.shape())?;
-                let mut dx = self.rmsnorm_backward(xv, w, &rstd, &dy, None)?;
+                let mut dx = self.rmsnorm_backward(xv, w, &rstd, &dy, None, norm)?;
                 dx.reshape_in_place(&shape)?;
                 let at = x.at();
                 drop((x, dy, rstd));
@@ -1106,6 +1139,7 @@ impl<'a> Tape<'a> {
                 y,
                 w,
                 rstd,
+                norm,
             } => {
                 let dh_later = grads[h.id].take();
                 let dh = match grads[y.id].take() {
@@ -1115,6 +1149,7 @@ impl<'a> Tape<'a> {
                         &rstd,
                         &dy,
                         dh_later.as_deref(),
+                        norm,
                     )?),
                     None => match dh_later {
                         Some(g) => g,
@@ -1211,7 +1246,7 @@ impl<'a> Tape<'a> {
                 accumulate(grads, ka, Rc::new(dk))?;
                 accumulate(grads, va, Rc::new(dv))?;
             }
-            Op::SwiGlu { gate, up, h } => {
+            Op::Glu { gate, up, h, act } => {
                 let Some(dh) = grads[h.id].take() else {
                     return Ok(());
                 };
@@ -1220,15 +1255,16 @@ impl<'a> Tape<'a> {
                     Device::Cpu => {
                         let (g, u) = (gate.value()?, up.value()?);
                         let (dg, du) = swiglu::backward(
-                            f32s(g, "swiglu backward")?,
-                            f32s(u, "swiglu backward")?,
-                            f32s(&dh, "swiglu backward")?,
+                            f32s(g, "glu backward")?,
+                            f32s(u, "glu backward")?,
+                            f32s(&dh, "glu backward")?,
+                            act,
                         )?;
                         (host(dg, g.shape())?, host(du, u.shape())?)
                     }
                     // Written over gate and up when nothing else holds them.
                     Device::Cuda(_) => {
-                        swiglu::backward_cuda(gate.into_tensor()?, up.into_tensor()?, &dh)?
+                        swiglu::backward_cuda(gate.into_tensor()?, up.into_tensor()?, &dh, act)?
                     }
                 };
                 drop(dh);
@@ -1257,6 +1293,7 @@ impl<'a> Tape<'a> {
         rstd: &Tensor,
         dy: &Tensor,
         plus: Option<&Tensor>,
+        norm: Norm,
     ) -> Result<Tensor> {
         match self.device {
             Device::Cpu => {
@@ -1268,6 +1305,7 @@ impl<'a> Tape<'a> {
                     f32s(rstd, op)?,
                     f32s(dy, op)?,
                     d,
+                    norm,
                 )?;
                 let mut dx = host(dx, x.shape())?;
                 if let Some(p) = plus {
@@ -1275,7 +1313,7 @@ impl<'a> Tape<'a> {
                 }
                 Ok(dx)
             }
-            Device::Cuda(_) => rmsnorm::backward_cuda(x, w, rstd, dy, plus),
+            Device::Cuda(_) => rmsnorm::backward_cuda(x, w, rstd, dy, plus, norm),
         }
     }
 
@@ -1439,13 +1477,16 @@ fn split_two(
 }
 
 /// The input embedding of `ids` (`[T, d]`, f32 on the CPU, bf16 on a GPU): frozen, no record.
-pub fn embed(table: &Tensor, ids: &[u32]) -> Result<Tensor> {
+/// With `scale` (Gemma's `√hidden_size`) each row is multiplied by it in the table's dtype: an
+/// f32 multiply on the CPU; on a GPU `bf16(float(e) · float(bf16(scale)))`, as transformers
+/// computes it (`ops::embedding`).
+pub fn embed(table: &Tensor, ids: &[u32], scale: Option<f32>) -> Result<Tensor> {
     match table.device() {
         Device::Cpu => {
             let d = table.shape().get(1).copied().unwrap_or(0);
-            let h = embedding::forward(f32s(table, "embedding")?, d, ids)?;
+            let h = embedding::forward(f32s(table, "embedding")?, d, ids, scale)?;
             host(h, &[ids.len(), d])
         }
-        Device::Cuda(_) => embedding::forward_cuda(table, ids),
+        Device::Cuda(_) => embedding::forward_cuda(table, ids, scale),
     }
 }

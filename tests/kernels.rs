@@ -4,6 +4,8 @@
 //! prints `SKIPPED (no CUDA device)` and passes, unless QLORA_REQUIRE_GPU=1.
 
 use half::bf16;
+use qlora_rs::ops::rmsnorm::Norm;
+use qlora_rs::ops::swiglu::Act;
 use qlora_rs::ops::{cross_entropy, embedding, rmsnorm, rope, swiglu};
 use qlora_rs::testing::{check_close, gpu_or_skip, Tolerance};
 use qlora_rs::train::optimizer::{clip_grad_norm, AdamW, AdamWConfig, AdamWCuda};
@@ -55,55 +57,116 @@ fn kernels_rmsnorm_match_cpu() {
         return;
     };
     let mut r = rng(1);
-    for (t, d) in [(1usize, 96usize), (7, 576), (97, 4097), (33, 4096)] {
+    for (t, d) in [
+        (1usize, 96usize),
+        (7, 576),
+        (97, 4097),
+        (33, 4096),
+        (13, 1037),
+    ] {
         let (x, xb) = bf16_data(&mut r, t * d, 3.0);
         let (w, wb) = bf16_data(&mut r, d, 1.5);
         let (dy, dyb) = bf16_data(&mut r, t * d, 1.0);
         let (res, resb) = bf16_data(&mut r, t * d, 1.0);
-        let (y_ref, rstd_ref) = rmsnorm::forward(&x, &w, d, 1e-5).unwrap();
         let (xg, wg) = (up(&dev, xb.clone(), &[t, d]), up(&dev, wb, &[d]));
-        let (y, rstd) = rmsnorm::forward_cuda(&xg, &wg, 1e-5).unwrap();
-        check(
-            &format!("rmsnorm y {t}x{d}"),
-            &f64s_bf16(&y),
-            &f64s(&y_ref),
-            BF16,
-        );
-        check(
-            "rmsnorm rstd",
-            &f64s(&rstd.to_vec::<f32>().unwrap()),
-            &f64s(&rstd_ref),
-            Tolerance::for_dtype(DType::F32),
-        );
-        let dx_ref = rmsnorm::backward(&x, &w, &rstd_ref, &dy, d).unwrap();
         let dyg = up(&dev, dyb, &[t, d]);
-        let dx = rmsnorm::backward_cuda(&xg, &wg, &rstd, &dyg, None).unwrap();
-        check("rmsnorm dx", &f64s_bf16(&dx), &f64s(&dx_ref), BF16);
         let resg = up(&dev, resb, &[t, d]);
-        let dx2 = rmsnorm::backward_cuda(&xg, &wg, &rstd, &dyg, Some(&resg)).unwrap();
-        let want: Vec<f64> = dx_ref
-            .iter()
-            .zip(&res)
-            .map(|(a, b)| (*a + *b) as f64)
-            .collect();
-        check("rmsnorm dx + residual", &f64s_bf16(&dx2), &want, BF16);
-        // Fused residual: h = bf16(x + res), then the norm of h.
-        let (h, y2, _) = rmsnorm::forward_residual_cuda(&xg, &resg, &wg, 1e-5).unwrap();
-        let h_ref: Vec<f32> = x
-            .iter()
-            .zip(&res)
-            .map(|(a, b)| bf16::from_f32(a + b).to_f32())
-            .collect();
-        assert_eq!(f64s_bf16(&h), f64s(&h_ref));
-        let (y2_ref, _) = rmsnorm::forward(&h_ref, &w, d, 1e-5).unwrap();
-        check("rmsnorm+residual y", &f64s_bf16(&y2), &f64s(&y2_ref), BF16);
+        // Llama's norm, and Gemma's with the effective weight 1 + w.
+        for norm in [Norm::plain(1e-5), Norm::unit_offset(1e-6)] {
+            let (y_ref, rstd_ref) = rmsnorm::forward(&x, &w, d, norm).unwrap();
+            let (y, rstd) = rmsnorm::forward_cuda(&xg, &wg, norm).unwrap();
+            check(
+                &format!("rmsnorm y {t}x{d} {norm:?}"),
+                &f64s_bf16(&y),
+                &f64s(&y_ref),
+                BF16,
+            );
+            check(
+                "rmsnorm rstd",
+                &f64s(&rstd.to_vec::<f32>().unwrap()),
+                &f64s(&rstd_ref),
+                Tolerance::for_dtype(DType::F32),
+            );
+            let dx_ref = rmsnorm::backward(&x, &w, &rstd_ref, &dy, d, norm).unwrap();
+            let dx = rmsnorm::backward_cuda(&xg, &wg, &rstd, &dyg, None, norm).unwrap();
+            check(
+                &format!("rmsnorm dx {norm:?}"),
+                &f64s_bf16(&dx),
+                &f64s(&dx_ref),
+                BF16,
+            );
+            let dx2 = rmsnorm::backward_cuda(&xg, &wg, &rstd, &dyg, Some(&resg), norm).unwrap();
+            let want: Vec<f64> = dx_ref
+                .iter()
+                .zip(&res)
+                .map(|(a, b)| (*a + *b) as f64)
+                .collect();
+            check("rmsnorm dx + residual", &f64s_bf16(&dx2), &want, BF16);
+            // Fused residual: h = bf16(x + res), then the norm of h.
+            let (h, y2, _) = rmsnorm::forward_residual_cuda(&xg, &resg, &wg, norm).unwrap();
+            let h_ref: Vec<f32> = x
+                .iter()
+                .zip(&res)
+                .map(|(a, b)| bf16::from_f32(a + b).to_f32())
+                .collect();
+            assert_eq!(f64s_bf16(&h), f64s(&h_ref));
+            let (y2_ref, _) = rmsnorm::forward(&h_ref, &w, d, norm).unwrap();
+            check("rmsnorm+residual y", &f64s_bf16(&y2), &f64s(&y2_ref), BF16);
+        }
     }
     let bad = Tensor::zeros(&[3, 4], DType::F32, &dev).unwrap();
     let w = Tensor::zeros(&[4], DType::BF16, &dev).unwrap();
-    let err = rmsnorm::forward_cuda(&bad, &w, 1e-5)
+    let err = rmsnorm::forward_cuda(&bad, &w, Norm::plain(1e-5))
         .unwrap_err()
         .to_string();
     assert!(err.contains("rmsnorm") && err.contains("f32"), "{err}");
+}
+
+/// Gemma's norm on the GPU is transformers' `Gemma2RMSNorm`: `(x·r)·(1 + w)` in f32, rounded
+/// once to bf16. Against that formula (in f64, then rounded) nearly every element is equal; a
+/// kernel that rounded `1 + w` to bf16 first (small weights: bf16's step near 1 is 2⁻⁷) would
+/// miss most of them, which the test shows it can tell.
+#[test]
+fn kernels_rmsnorm_unit_offset_rounds_once_like_gemma() {
+    let Some(dev) = gpu_or_skip("kernels_rmsnorm_unit_offset_rounds_once_like_gemma") else {
+        return;
+    };
+    let mut r = rng(11);
+    let (t, d, eps) = (13usize, 1037usize, 1e-6);
+    let (x, xb) = bf16_data(&mut r, t * d, 3.0);
+    let (w, wb) = bf16_data(&mut r, d, 0.03);
+    let (y, _) = rmsnorm::forward_cuda(
+        &up(&dev, xb, &[t, d]),
+        &up(&dev, wb, &[d]),
+        Norm::unit_offset(eps),
+    )
+    .unwrap();
+    let y = y.to_vec::<bf16>().unwrap();
+    let (mut same, mut same_if_bf16_offset) = (0usize, 0usize);
+    for row in 0..t {
+        let xr = &x[row * d..(row + 1) * d];
+        let ms = xr.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / d as f64;
+        let rs = 1.0 / (ms + eps).sqrt();
+        for i in 0..d {
+            let xhat = xr[i] as f64 * rs;
+            let want = bf16::from_f64(xhat * (1.0 + w[i] as f64));
+            let got = y[row * d + i];
+            let ulp = (got.to_f64() - want.to_f64()).abs() / want.to_f64().abs().max(1e-30);
+            assert!(ulp <= 1.0 / 128.0, "y[{row}, {i}] = {got} vs {want}");
+            same += usize::from(got == want);
+            let w_bf16 = bf16::from_f32(1.0 + w[i]).to_f64();
+            same_if_bf16_offset += usize::from(bf16::from_f64(xhat * w_bf16) == want);
+        }
+    }
+    let n = t * d;
+    assert!(
+        same * 100 >= n * 99,
+        "{same} of {n} equal to bf16((x·r)·(1 + w))"
+    );
+    assert!(
+        same_if_bf16_offset * 100 < n * 80,
+        "the test cannot tell a bf16 1 + w apart: {same_if_bf16_offset} of {n}"
+    );
 }
 
 #[test]
@@ -163,28 +226,65 @@ fn kernels_swiglu_match_cpu() {
         return;
     };
     let mut r = rng(3);
-    for n in [1usize, 7 * 97, 1536 * 33 + 5] {
+    for n in [1usize, 7 * 97, 1536 * 33 + 5, 13 * 1037] {
         let (g, gb) = bf16_data(&mut r, n, 6.0);
         let (u, ub) = bf16_data(&mut r, n, 2.0);
         let (dh, dhb) = bf16_data(&mut r, n, 1.0);
-        let (gb_copy, ub_copy) = (gb.clone(), ub.clone());
-        let (gg, ug, dhg) = (up(&dev, gb, &[n]), up(&dev, ub, &[n]), up(&dev, dhb, &[n]));
-        check(
-            "swiglu h",
-            &f64s_bf16(&swiglu::forward_cuda(&gg, &ug).unwrap()),
-            &f64s(&swiglu::forward(&g, &u).unwrap()),
-            BF16,
+        let (gg, ug, dhg) = (
+            up(&dev, gb.clone(), &[n]),
+            up(&dev, ub.clone(), &[n]),
+            up(&dev, dhb, &[n]),
         );
-        let (dg_ref, du_ref) = swiglu::backward(&g, &u, &dh).unwrap();
-        // In place over copies of gate and up (the originals are read again above).
-        let (gc, uc) = (
-            up(&dev, gb_copy.clone(), &[n]),
-            up(&dev, ub_copy.clone(), &[n]),
-        );
-        let (dg, du) = swiglu::backward_cuda(gc, uc, &dhg).unwrap();
-        check("swiglu dgate", &f64s_bf16(&dg), &f64s(&dg_ref), BF16);
-        check("swiglu dup", &f64s_bf16(&du), &f64s(&du_ref), BF16);
+        // SwiGLU (Llama, Qwen) and GeGLU (Gemma).
+        for act in [Act::Silu, Act::GeluTanh] {
+            check(
+                &format!("glu h {act:?} n = {n}"),
+                &f64s_bf16(&swiglu::forward_cuda(&gg, &ug, act).unwrap()),
+                &f64s(&swiglu::forward(&g, &u, act).unwrap()),
+                BF16,
+            );
+            let (dg_ref, du_ref) = swiglu::backward(&g, &u, &dh, act).unwrap();
+            // In place over copies of gate and up (the originals are read again).
+            let (gc, uc) = (up(&dev, gb.clone(), &[n]), up(&dev, ub.clone(), &[n]));
+            let (dg, du) = swiglu::backward_cuda(gc, uc, &dhg, act).unwrap();
+            check(
+                &format!("glu dgate {act:?}"),
+                &f64s_bf16(&dg),
+                &f64s(&dg_ref),
+                BF16,
+            );
+            check(
+                &format!("glu dup {act:?}"),
+                &f64s_bf16(&du),
+                &f64s(&du_ref),
+                BF16,
+            );
+        }
     }
+}
+
+/// GeGLU on the GPU against transformers' `gelu_pytorch_tanh` written out (f64), times up, for
+/// gates across the activation's whole shape (deep negative to large positive).
+#[test]
+fn kernels_geglu_is_gelu_tanh_times_up() {
+    let Some(dev) = gpu_or_skip("kernels_geglu_is_gelu_tanh_times_up") else {
+        return;
+    };
+    let mut r = rng(12);
+    let n = 5 * 1037;
+    let (g, gb) = bf16_data(&mut r, n, 8.0);
+    let (u, ub) = bf16_data(&mut r, n, 2.0);
+    let h = swiglu::forward_cuda(&up(&dev, gb, &[n]), &up(&dev, ub, &[n]), Act::GeluTanh).unwrap();
+    let k = (2.0 / std::f64::consts::PI).sqrt();
+    let want: Vec<f64> = g
+        .iter()
+        .zip(&u)
+        .map(|(&x, &y)| {
+            let x = x as f64;
+            0.5 * x * (1.0 + (k * (x + 0.044715 * x * x * x)).tanh()) * y as f64
+        })
+        .collect();
+    check("geglu h", &f64s_bf16(&h), &want, BF16);
 }
 
 #[test]
@@ -196,13 +296,39 @@ fn kernels_embedding_and_casts_are_exact() {
     let (v, d) = (211usize, 97usize);
     let (table, tb) = bf16_data(&mut r, v * d, 1.0);
     let ids: Vec<u32> = (0..37).map(|_| r.random_range(0..v as u32)).collect();
-    let got = embedding::forward_cuda(&up(&dev, tb, &[v, d]), &ids).unwrap();
+    let tg = up(&dev, tb.clone(), &[v, d]);
+    let got = embedding::forward_cuda(&tg, &ids, None).unwrap();
     assert_eq!(
         f64s_bf16(&got),
-        f64s(&embedding::forward(&table, d, &ids).unwrap())
+        f64s(&embedding::forward(&table, d, &ids, None).unwrap())
     );
+    // Gemma's scaled embedding, as transformers computes it on a bf16 table: the scale rounded
+    // to bf16 (√3072 = 55.4256… → 55.5), the product rounded once. Written out here; an f32
+    // scale would give other values, which the test shows it can tell.
+    let scale = (3072f32).sqrt();
+    let s_bf16 = bf16::from_f32(scale);
+    assert_eq!(s_bf16.to_f32(), 55.5);
+    let got = embedding::forward_cuda(&tg, &ids, Some(scale))
+        .unwrap()
+        .to_vec::<bf16>()
+        .unwrap();
+    let (mut want, mut with_f32_scale) = (Vec::new(), Vec::new());
+    for &id in &ids {
+        for e in &tb[id as usize * d..(id as usize + 1) * d] {
+            want.push(bf16::from_f32(e.to_f32() * s_bf16.to_f32()));
+            with_f32_scale.push(bf16::from_f32(e.to_f32() * scale));
+        }
+    }
+    assert_eq!(got, want);
+    assert_ne!(got, with_f32_scale);
+    for bad in [f32::NAN, f32::INFINITY] {
+        let err = embedding::forward_cuda(&tg, &ids, Some(bad))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("scale"), "{err}");
+    }
     let tg = Tensor::zeros(&[v, d], DType::BF16, &dev).unwrap();
-    let err = embedding::forward_cuda(&tg, &[3, 211])
+    let err = embedding::forward_cuda(&tg, &[3, 211], None)
         .unwrap_err()
         .to_string();
     assert!(err.contains("token id 211 at position 1"), "{err}");
@@ -251,7 +377,14 @@ fn kernels_cross_entropy_chunk_matches_cpu() {
         return;
     };
     let mut r = rng(5);
-    for (rows, vocab) in [(1usize, 211usize), (7, 4097), (32, 49_152)] {
+    // Without a cap, and with Gemma 2's soft-cap (c = 3 against logits up to ±8: hard capping).
+    for (rows, vocab, softcap) in [
+        (1usize, 211usize, None),
+        (7, 4097, None),
+        (32, 49_152, None),
+        (5, 1037, Some(3.0f32)),
+        (9, 4097, Some(3.0)),
+    ] {
         let z: Vec<f32> = (0..rows * vocab)
             .map(|_| r.random_range(-8.0f32..8.0))
             .collect();
@@ -266,16 +399,17 @@ fn kernels_cross_entropy_chunk_matches_cpu() {
             .collect();
         let g = 0.37f32;
         let mut zg = Tensor::from_vec(z.clone(), &[rows, vocab], &dev).unwrap();
-        let loss = cross_entropy::chunk_cuda(&mut zg, &targets, g)
+        let loss = cross_entropy::chunk_cuda(&mut zg, &targets, g, softcap)
             .unwrap()
             .to_vec::<f32>()
             .unwrap();
         let dz = zg.to_vec::<f32>().unwrap();
         for (i, &y) in targets.iter().enumerate() {
-            let row: Vec<f64> = z[i * vocab..(i + 1) * vocab]
-                .iter()
-                .map(|&v| v as f64)
-                .collect();
+            // z' = c·tanh(z/c) with its derivative 1 − tanh²(z/c), written out in f64.
+            let cap = |v: f64| softcap.map_or(v, |c| c as f64 * (v / c as f64).tanh());
+            let dcap = |v: f64| softcap.map_or(1.0, |c| 1.0 - (v / c as f64).tanh().powi(2));
+            let raw = &z[i * vocab..(i + 1) * vocab];
+            let row: Vec<f64> = raw.iter().map(|&v| cap(v as f64)).collect();
             let m = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
             let lse = m + row.iter().map(|v| (v - m).exp()).sum::<f64>().ln();
             let (want_loss, want_dz): (f64, Vec<f64>) = if y < 0 {
@@ -285,7 +419,9 @@ fn kernels_cross_entropy_chunk_matches_cpu() {
                     .iter()
                     .enumerate()
                     .map(|(j, v)| {
-                        g as f64 * ((v - lse).exp() - if j as i64 == y { 1.0 } else { 0.0 })
+                        g as f64
+                            * ((v - lse).exp() - if j as i64 == y { 1.0 } else { 0.0 })
+                            * dcap(raw[j] as f64)
                     })
                     .collect();
                 (lse - row[y as usize], dz)
@@ -311,10 +447,16 @@ fn kernels_cross_entropy_chunk_matches_cpu() {
         }
     }
     let mut zg = Tensor::zeros(&[2, 5], DType::F32, &dev).unwrap();
-    let err = cross_entropy::chunk_cuda(&mut zg, &[1, 5], 1.0)
+    let err = cross_entropy::chunk_cuda(&mut zg, &[1, 5], 1.0, None)
         .unwrap_err()
         .to_string();
     assert!(err.contains("label 5 at position 1"), "{err}");
+    for bad in [0.0f32, -30.0, f32::NAN, f32::INFINITY] {
+        let err = cross_entropy::chunk_cuda(&mut zg, &[1, 0], 1.0, Some(bad))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("soft-cap"), "{err}");
+    }
 }
 
 #[test]
@@ -387,10 +529,13 @@ fn kernels_fused_lm_head_cross_entropy_matches_cpu() {
         return;
     };
     let mut r = rng(7);
-    for (t, d, vocab, chunk) in [
-        (7usize, 64usize, 211usize, 4usize),
-        (97, 576, 4104, 32),
-        (300, 256, 32_000, 64),
+    // Gemma 2's soft-capped logits on odd vocabularies: c = 2 caps these logits hard.
+    for (t, d, vocab, chunk, softcap) in [
+        (7usize, 64usize, 211usize, 4usize, None),
+        (97, 576, 4104, 32, None),
+        (300, 256, 32_000, 64, None),
+        (7, 64, 1037, 4, Some(2.0f32)),
+        (45, 192, 2053, 32, Some(2.0)),
     ] {
         let (h, hb) = bf16_data(&mut r, t * d, 1.0);
         let (w, wb) = bf16_data(&mut r, vocab * d, 0.5);
@@ -405,12 +550,15 @@ fn kernels_fused_lm_head_cross_entropy_matches_cpu() {
             .collect();
         let count = targets.iter().filter(|&&y| y >= 0).count();
         let g = 1.0 / count as f32;
-        let want = cross_entropy::forward_backward(&h, &w, d, &targets, Some(g), 32).unwrap();
+        let want =
+            cross_entropy::forward_backward(&h, &w, d, &targets, Some(g), 32, softcap).unwrap();
         let (h_dev, w_dev) = (up(&dev, hb, &[t, d]), up(&dev, wb, &[vocab, d]));
-        let out = cross_entropy::lm_head_ce_cuda(&h_dev, &w_dev, &targets, Some(g), chunk).unwrap();
+        let out = cross_entropy::lm_head_ce_cuda(&h_dev, &w_dev, &targets, Some(g), chunk, softcap)
+            .unwrap();
         assert_eq!(out.count, want.count);
         // The loss alone (evaluation): no gradient, the same losses bit for bit.
-        let eval = cross_entropy::lm_head_ce_cuda(&h_dev, &w_dev, &targets, None, chunk).unwrap();
+        let eval =
+            cross_entropy::lm_head_ce_cuda(&h_dev, &w_dev, &targets, None, chunk, softcap).unwrap();
         assert!(eval.dh.is_none());
         assert_eq!(eval.count, want.count);
         assert_eq!(

@@ -1,6 +1,8 @@
 //! The CPU reference ops: finite-difference checks of every backward (f64, tiny awkward shapes),
 //! forward checks against naive formulas, and bad input rejected by name.
 
+use qlora_rs::ops::rmsnorm::Norm;
+use qlora_rs::ops::swiglu::Act;
 use qlora_rs::ops::{attention, cross_entropy, linear, residual, rmsnorm, rope, swiglu};
 use qlora_rs::testing::{assert_close, Tolerance};
 use rand::{Rng, SeedableRng};
@@ -46,16 +48,18 @@ fn rmsnorm_backward_matches_finite_differences() {
     let x = randn(&mut r, t * d, 2.0);
     let w = randn(&mut r, d, 1.5);
     let c = randn(&mut r, t * d, 1.0);
-    let (_, rstd) = rmsnorm::forward(&x, &w, d, eps).unwrap();
-    let dx = rmsnorm::backward(&x, &w, &rstd, &c, d).unwrap();
-    let num = numeric_grad(&x, |x| dot(&rmsnorm::forward(x, &w, d, eps).unwrap().0, &c));
+    let (_, rstd) = rmsnorm::forward(&x, &w, d, Norm::plain(eps)).unwrap();
+    let dx = rmsnorm::backward(&x, &w, &rstd, &c, d, Norm::plain(eps)).unwrap();
+    let num = numeric_grad(&x, |x| {
+        dot(&rmsnorm::forward(x, &w, d, Norm::plain(eps)).unwrap().0, &c)
+    });
     assert_close("rmsnorm dx", &dx, &num, FD_TOL);
 }
 
 #[test]
 fn rmsnorm_forward_is_x_over_rms_times_weight() {
     let x = [3.0f64, 4.0];
-    let (y, rstd) = rmsnorm::forward(&x, &[1.0, 2.0], 2, 0.0).unwrap();
+    let (y, rstd) = rmsnorm::forward(&x, &[1.0, 2.0], 2, Norm::plain(0.0)).unwrap();
     let rms = (12.5f64).sqrt();
     assert_close(
         "rmsnorm y",
@@ -64,7 +68,108 @@ fn rmsnorm_forward_is_x_over_rms_times_weight() {
         Tolerance::EXACT_F64,
     );
     assert_close("rstd", &rstd, &[1.0 / rms], Tolerance::EXACT_F64);
-    assert!(rmsnorm::forward(&x, &[1.0, 2.0, 3.0], 2, 0.0).is_err());
+    assert!(rmsnorm::forward(&x, &[1.0, 2.0, 3.0], 2, Norm::plain(0.0)).is_err());
+}
+
+/// Gemma's norm written out, in f64: `y = x·r·(1 + w)` per row of `d`.
+fn naive_unit_offset_norm(x: &[f64], w: &[f64], d: usize, eps: f64) -> Vec<f64> {
+    x.chunks(d)
+        .flat_map(|row| {
+            let r = 1.0 / (row.iter().map(|v| v * v).sum::<f64>() / d as f64 + eps).sqrt();
+            row.iter().zip(w).map(move |(v, wv)| v * r * (1.0 + wv))
+        })
+        .collect()
+}
+
+#[test]
+fn rmsnorm_unit_offset_is_one_plus_w_and_its_backward_matches_finite_differences() {
+    let mut r = rng(21);
+    let (t, d, eps) = (5, 7, 1e-6);
+    let x = randn(&mut r, t * d, 2.0);
+    let w = randn(&mut r, d, 0.5);
+    let c = randn(&mut r, t * d, 1.0);
+    let norm = Norm::unit_offset(eps);
+    let (y, rstd) = rmsnorm::forward(&x, &w, d, norm).unwrap();
+    assert_close(
+        "unit-offset rmsnorm y",
+        &y,
+        &naive_unit_offset_norm(&x, &w, d, eps),
+        Tolerance {
+            abs: 1e-15,
+            rel: 1e-14,
+        },
+    );
+    // The plain norm with the weight 1 + w is the same function.
+    let w1: Vec<f64> = w.iter().map(|v| 1.0 + v).collect();
+    let (y_plain, _) = rmsnorm::forward(&x, &w1, d, Norm::plain(eps)).unwrap();
+    assert_close("x·r·(1 + w)", &y, &y_plain, Tolerance::EXACT_F64);
+    let dx = rmsnorm::backward(&x, &w, &rstd, &c, d, norm).unwrap();
+    let num = numeric_grad(&x, |x| dot(&naive_unit_offset_norm(x, &w, d, eps), &c));
+    assert_close("unit-offset rmsnorm dx", &dx, &num, FD_TOL);
+}
+
+fn cpu_f32(v: &[f64], shape: &[usize]) -> qlora_rs::Tensor {
+    let v: Vec<f32> = v.iter().map(|&x| x as f32).collect();
+    qlora_rs::Tensor::from_vec(v, shape, &qlora_rs::Device::Cpu).unwrap()
+}
+
+fn f64s_of(t: &qlora_rs::Tensor) -> Vec<f64> {
+    t.to_vec::<f32>()
+        .unwrap()
+        .iter()
+        .map(|&v| v as f64)
+        .collect()
+}
+
+/// The tape's three norms (`rmsnorm`, `head_rmsnorm`, `add_rmsnorm`) with a unit offset: the
+/// recorded backward (f32) against finite differences (f64) of `x·r·(1 + w)` written out.
+#[test]
+fn tape_unit_offset_norms_match_finite_differences() {
+    use qlora_rs::autograd::{Batch, Tape};
+    let mut r = rng(22);
+    let (t, heads, hd, eps) = (3usize, 2usize, 5usize, 1e-6);
+    let d = heads * hd;
+    // Values exact in f32, so the f64 objective sees the tape's inputs.
+    let f32_exact = |v: Vec<f64>| v.iter().map(|&x| x as f32 as f64).collect::<Vec<f64>>();
+    let x = f32_exact(randn(&mut r, t * d, 2.0));
+    let b = f32_exact(randn(&mut r, t * d, 1.0));
+    let w = f32_exact(randn(&mut r, d, 0.5));
+    let wh = f32_exact(randn(&mut r, hd, 0.5));
+    let c = f32_exact(randn(&mut r, t * d, 1.0));
+    let norm = Norm::unit_offset(eps);
+    let tol = Tolerance {
+        abs: 2e-5,
+        rel: 2e-4,
+    };
+    let batch = Batch::new(vec![0, t]).unwrap();
+    let (wt, wht) = (cpu_f32(&w, &[d]), cpu_f32(&wh, &[hd]));
+
+    let mut tape = Tape::new(qlora_rs::Device::Cpu, &batch, None, true, None).unwrap();
+    let xv = tape.input(cpu_f32(&x, &[t, d]), true).unwrap();
+    let y = tape.rmsnorm(&xv, &wt, norm).unwrap();
+    let dx = tape.backward(&y, Some(cpu_f32(&c, &[t, d])), &xv).unwrap();
+    let num = numeric_grad(&x, |x| dot(&naive_unit_offset_norm(x, &w, d, eps), &c));
+    assert_close("tape rmsnorm dx", &f64s_of(&dx.unwrap()), &num, tol);
+
+    let mut tape = Tape::new(qlora_rs::Device::Cpu, &batch, None, true, None).unwrap();
+    let xv = tape.input(cpu_f32(&x, &[t, d]), true).unwrap();
+    let y = tape
+        .head_rmsnorm(xv.clone(), heads, hd, &wht, norm)
+        .unwrap();
+    let dx = tape.backward(&y, Some(cpu_f32(&c, &[t, d])), &xv).unwrap();
+    let num = numeric_grad(&x, |x| dot(&naive_unit_offset_norm(x, &wh, hd, eps), &c));
+    assert_close("tape head rmsnorm dx", &f64s_of(&dx.unwrap()), &num, tol);
+
+    let mut tape = Tape::new(qlora_rs::Device::Cpu, &batch, None, true, None).unwrap();
+    let av = tape.input(cpu_f32(&x, &[t, d]), true).unwrap();
+    let bv = tape.input(cpu_f32(&b, &[t, d]), true).unwrap();
+    let (_, y) = tape.add_rmsnorm(&av, &bv, &wt, norm).unwrap();
+    let da = tape.backward(&y, Some(cpu_f32(&c, &[t, d])), &av).unwrap();
+    let num = numeric_grad(&x, |a| {
+        let h: Vec<f64> = a.iter().zip(&b).map(|(p, q)| p + q).collect();
+        dot(&naive_unit_offset_norm(&h, &w, d, eps), &c)
+    });
+    assert_close("tape add + rmsnorm da", &f64s_of(&da.unwrap()), &num, tol);
 }
 
 #[test]
@@ -76,18 +181,126 @@ fn swiglu_backward_matches_finite_differences() {
         randn(&mut r, n, 2.0),
         randn(&mut r, n, 1.0),
     );
-    let (dg, du) = swiglu::backward(&g, &u, &c).unwrap();
+    let (dg, du) = swiglu::backward(&g, &u, &c, Act::Silu).unwrap();
     assert_close(
         "swiglu dgate",
         &dg,
-        &numeric_grad(&g, |g| dot(&swiglu::forward(g, &u).unwrap(), &c)),
+        &numeric_grad(&g, |g| dot(&swiglu::forward(g, &u, Act::Silu).unwrap(), &c)),
         FD_TOL,
     );
     assert_close(
         "swiglu dup",
         &du,
-        &numeric_grad(&u, |u| dot(&swiglu::forward(&g, u).unwrap(), &c)),
+        &numeric_grad(&u, |u| dot(&swiglu::forward(&g, u, Act::Silu).unwrap(), &c)),
         FD_TOL,
+    );
+}
+
+/// Gemma's scaled embedding on the CPU (an f32 table): each row times the scale, one f32
+/// multiply; without a scale the rows themselves.
+#[test]
+fn embedding_scale_multiplies_each_row_in_f32() {
+    use qlora_rs::autograd::embed;
+    let mut r = rng(24);
+    let (v, d) = (13usize, 7usize);
+    let table: Vec<f32> = (0..v * d).map(|_| r.random_range(-1.0f32..1.0)).collect();
+    let t = qlora_rs::Tensor::from_vec(table.clone(), &[v, d], &qlora_rs::Device::Cpu).unwrap();
+    let ids = [4u32, 0, 12, 4];
+    let scale = (3072f32).sqrt();
+    let got = embed(&t, &ids, Some(scale)).unwrap();
+    assert_eq!(got.shape(), &[4, d]);
+    let plain = embed(&t, &ids, None).unwrap().to_vec::<f32>().unwrap();
+    let got = got.to_vec::<f32>().unwrap();
+    for (k, &id) in ids.iter().enumerate() {
+        for j in 0..d {
+            let e = table[id as usize * d + j];
+            assert_eq!(plain[k * d + j], e);
+            assert_eq!(got[k * d + j], e * scale, "row {k}, column {j}");
+        }
+    }
+    let err = embed(&t, &ids, Some(f32::NAN)).unwrap_err().to_string();
+    assert!(err.contains("embedding") && err.contains("scale"), "{err}");
+}
+
+/// GeGLU's activation written out (f64): transformers' `gelu_pytorch_tanh`.
+fn naive_gelu_tanh(x: f64) -> f64 {
+    0.5 * x * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x.powi(3))).tanh())
+}
+
+#[test]
+fn geglu_is_gelu_tanh_times_up_and_its_backward_matches_finite_differences() {
+    let mut r = rng(25);
+    let n = 3 * 11;
+    let (g, u, c) = (
+        randn(&mut r, n, 4.0),
+        randn(&mut r, n, 2.0),
+        randn(&mut r, n, 1.0),
+    );
+    let h = swiglu::forward(&g, &u, Act::GeluTanh).unwrap();
+    let want: Vec<f64> = g
+        .iter()
+        .zip(&u)
+        .map(|(&x, &y)| naive_gelu_tanh(x) * y)
+        .collect();
+    assert_close(
+        "geglu h",
+        &h,
+        &want,
+        Tolerance {
+            abs: 1e-15,
+            rel: 1e-14,
+        },
+    );
+    // Not SwiGLU: the two activations differ.
+    let silu = swiglu::forward(&g, &u, Act::Silu).unwrap();
+    assert!(h.iter().zip(&silu).any(|(a, b)| (a - b).abs() > 1e-3));
+    let (dg, du) = swiglu::backward(&g, &u, &c, Act::GeluTanh).unwrap();
+    let naive = |g: &[f64], u: &[f64]| -> Vec<f64> {
+        g.iter()
+            .zip(u)
+            .map(|(&x, &y)| naive_gelu_tanh(x) * y)
+            .collect()
+    };
+    assert_close(
+        "geglu dgate",
+        &dg,
+        &numeric_grad(&g, |g| dot(&naive(g, &u), &c)),
+        FD_TOL,
+    );
+    assert_close(
+        "geglu dup",
+        &du,
+        &numeric_grad(&u, |u| dot(&naive(&g, u), &c)),
+        FD_TOL,
+    );
+    // Through the tape (f32): Tape::glu records the activation for its backward.
+    use qlora_rs::autograd::{Batch, Tape};
+    let f32_exact = |v: &[f64]| v.iter().map(|&x| x as f32 as f64).collect::<Vec<f64>>();
+    let (g, u, c) = (f32_exact(&g), f32_exact(&u), f32_exact(&c));
+    let (t, f) = (3usize, 11usize);
+    let batch = Batch::new(vec![0, t]).unwrap();
+    let mut tape = Tape::new(qlora_rs::Device::Cpu, &batch, None, true, None).unwrap();
+    let gv = tape.input(cpu_f32(&g, &[t, f]), true).unwrap();
+    let uv = tape.input(cpu_f32(&u, &[t, f]), true).unwrap();
+    let hv = tape.glu(&gv, &uv, Act::GeluTanh).unwrap();
+    assert_close(
+        "tape glu h",
+        &f64s_of(hv.value().unwrap()),
+        &naive(&g, &u),
+        Tolerance {
+            abs: 1e-6,
+            rel: 1e-5,
+        },
+    );
+    let dg = tape.backward(&hv, Some(cpu_f32(&c, &[t, f])), &gv).unwrap();
+    assert_close(
+        "tape glu dgate",
+        &f64s_of(&dg.unwrap()),
+        &numeric_grad(&g, |g| dot(&naive(g, &u), &c)),
+        Tolerance {
+            abs: 2e-5,
+            rel: 2e-4,
+        },
     );
 }
 
@@ -425,10 +638,10 @@ fn cross_entropy_backward_matches_finite_differences_and_chunking() {
     let w = randn(&mut r, vocab * d, 1.0);
     let targets = [3i64, -100, 0, 8, -100, 5];
     let g = 0.7;
-    let out = cross_entropy::forward_backward(&h, &w, d, &targets, Some(g), 4).unwrap();
+    let out = cross_entropy::forward_backward(&h, &w, d, &targets, Some(g), 4, None).unwrap();
     assert_eq!(out.count, 4);
     let num = numeric_grad(&h, |h| {
-        g * cross_entropy::forward_backward(h, &w, d, &targets, None, 4)
+        g * cross_entropy::forward_backward(h, &w, d, &targets, None, 4, None)
             .unwrap()
             .loss_sum
     });
@@ -445,7 +658,7 @@ fn cross_entropy_backward_matches_finite_differences_and_chunking() {
         })
         .sum();
     for chunk in [1, 4, 6, 100] {
-        let o = cross_entropy::forward_backward(&h, &w, d, &targets, Some(g), chunk).unwrap();
+        let o = cross_entropy::forward_backward(&h, &w, d, &targets, Some(g), chunk, None).unwrap();
         assert!((o.loss_sum - want).abs() < 1e-12, "chunk {chunk}");
         assert_close(
             "dh across chunk sizes",
@@ -459,18 +672,85 @@ fn cross_entropy_backward_matches_finite_differences_and_chunking() {
     }
 }
 
+/// Gemma 2's final-logit soft-capping: the loss of `c·tanh(z/c)` written out on the full logits,
+/// the same for any chunk, its gradient against finite differences, and the host helper.
+#[test]
+fn cross_entropy_softcap_matches_the_formula_and_finite_differences() {
+    let mut r = rng(23);
+    let (t, d, vocab, c) = (6, 5, 9, 1.5);
+    let h = randn(&mut r, t * d, 1.5);
+    let w = randn(&mut r, vocab * d, 1.0);
+    let targets = [3i64, -100, 0, 8, -100, 5];
+    let g = 0.7;
+    let z = cross_entropy::logits(&h, &w, d);
+    assert!(z.iter().any(|v| v.abs() > c), "the cap must bite somewhere");
+    let loss_of = |z: &[f64]| -> f64 {
+        targets
+            .iter()
+            .enumerate()
+            .filter(|(_, &y)| y >= 0)
+            .map(|(i, &y)| {
+                let row: Vec<f64> = z[i * vocab..(i + 1) * vocab]
+                    .iter()
+                    .map(|v| c * (v / c).tanh())
+                    .collect();
+                row.iter().map(|v| v.exp()).sum::<f64>().ln() - row[y as usize]
+            })
+            .sum()
+    };
+    let want = loss_of(&z);
+    let plain = cross_entropy::forward_backward(&h, &w, d, &targets, None, 4, None).unwrap();
+    assert!(
+        (plain.loss_sum - want).abs() > 1e-3,
+        "capping changes the loss"
+    );
+    let out = cross_entropy::forward_backward(&h, &w, d, &targets, Some(g), 4, Some(c)).unwrap();
+    assert_eq!(out.count, 4);
+    assert!((out.loss_sum - want).abs() < 1e-12);
+    let num = numeric_grad(&h, |h| g * loss_of(&cross_entropy::logits(h, &w, d)));
+    assert_close("soft-capped CE dh", out.dh.as_ref().unwrap(), &num, FD_TOL);
+    for chunk in [1, 6, 100] {
+        let o =
+            cross_entropy::forward_backward(&h, &w, d, &targets, Some(g), chunk, Some(c)).unwrap();
+        assert!((o.loss_sum - want).abs() < 1e-12, "chunk {chunk}");
+        assert_close(
+            "soft-capped dh across chunk sizes",
+            o.dh.as_ref().unwrap(),
+            out.dh.as_ref().unwrap(),
+            Tolerance {
+                abs: 1e-14,
+                rel: 1e-12,
+            },
+        );
+    }
+    for bad in [0.0, -2.0, f64::NAN, f64::INFINITY] {
+        let err = cross_entropy::forward_backward(&h, &w, d, &targets, None, 4, Some(bad))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("soft-cap"), "{err}");
+    }
+    // The generation path's helper: the same cap on f32 logits, bounded by c.
+    let mut zs: Vec<f32> = vec![-1000.0, -30.0, -0.5, 0.0, 0.25, 29.0, 1e6];
+    let orig = zs.clone();
+    cross_entropy::softcap_logits(&mut zs, 30.0);
+    for (got, v) in zs.iter().zip(&orig) {
+        assert_eq!(*got, 30.0 * (v / 30.0).tanh());
+        assert!(got.abs() <= 30.0);
+    }
+}
+
 #[test]
 fn cross_entropy_rejects_labels_outside_the_vocabulary() {
     let h = vec![0.1f64; 3 * 2];
     let w = vec![0.1f64; 4 * 2];
-    let err = cross_entropy::forward_backward(&h, &w, 2, &[1, 4, -100], None, 8)
+    let err = cross_entropy::forward_backward(&h, &w, 2, &[1, 4, -100], None, 8, None)
         .unwrap_err()
         .to_string();
     assert!(
         err.contains("label 4 at position 1") && err.contains("size 4"),
         "{err}"
     );
-    let err = cross_entropy::forward_backward(&h, &w, 2, &[1, -3, 0], None, 8)
+    let err = cross_entropy::forward_backward(&h, &w, 2, &[1, -3, 0], None, 8, None)
         .unwrap_err()
         .to_string();
     assert!(err.contains("label -3 at position 1"), "{err}");
@@ -570,8 +850,8 @@ fn elementwise_ops_on_large_inputs_equal_their_formulas_exactly() {
     let u: Vec<f32> = (0..n).map(|_| r.random_range(-2.0f32..2.0)).collect();
     let dh: Vec<f32> = (0..n).map(|_| r.random_range(-1.0f32..1.0)).collect();
     let sig = |x: f32| 1.0 / (1.0 + (-x).exp());
-    let h = swiglu::forward(&g, &u).unwrap();
-    let (dg, du) = swiglu::backward(&g, &u, &dh).unwrap();
+    let h = swiglu::forward(&g, &u, Act::Silu).unwrap();
+    let (dg, du) = swiglu::backward(&g, &u, &dh, Act::Silu).unwrap();
     for i in 0..n {
         let s = sig(g[i]);
         assert_eq!(h[i], g[i] * s * u[i], "swiglu h[{i}]");
@@ -581,6 +861,18 @@ fn elementwise_ops_on_large_inputs_equal_their_formulas_exactly() {
             "dg[{i}]"
         );
         assert_eq!(du[i], dh[i] * g[i] * s, "du[{i}]");
+    }
+    let h = swiglu::forward(&g, &u, Act::GeluTanh).unwrap();
+    let (dg, du) = swiglu::backward(&g, &u, &dh, Act::GeluTanh).unwrap();
+    let (k, a) = ((2.0f64 / std::f64::consts::PI).sqrt() as f32, 0.044715f32);
+    for i in 0..n {
+        let x = g[i];
+        let t = (k * (x + a * (x * x * x))).tanh();
+        let value = 0.5 * x * (1.0 + t);
+        let slope = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * k * (1.0 + 3.0 * a * (x * x));
+        assert_eq!(h[i], value * u[i], "geglu h[{i}]");
+        assert_eq!(dg[i], dh[i] * u[i] * slope, "geglu dg[{i}]");
+        assert_eq!(du[i], dh[i] * value, "geglu du[{i}]");
     }
     let sum = residual::forward(&g, &u).unwrap();
     let mut acc = g.clone();
@@ -593,8 +885,8 @@ fn elementwise_ops_on_large_inputs_equal_their_formulas_exactly() {
     let rows = n / d;
     let x = &g[..rows * d];
     let w = &u[..d];
-    let (y, rstd) = rmsnorm::forward(x, w, d, 1e-5).unwrap();
-    let dx = rmsnorm::backward(x, w, &rstd, &dh[..rows * d], d).unwrap();
+    let (y, rstd) = rmsnorm::forward(x, w, d, Norm::plain(1e-5)).unwrap();
+    let dx = rmsnorm::backward(x, w, &rstd, &dh[..rows * d], d, Norm::plain(1e-5)).unwrap();
     for t in 0..rows {
         let xr = &x[t * d..(t + 1) * d];
         let ms = xr.iter().map(|&v| v * v).sum::<f32>() / d as f32;

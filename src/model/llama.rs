@@ -29,6 +29,7 @@ use crate::autograd::{self, Batch, Dropout, KvCache, Linear, Losses, Tape, Var};
 use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::io::safetensors::Checkpoint;
+use crate::ops::rmsnorm::Norm;
 use crate::ops::{attention, cross_entropy, gemm, rmsnorm, rope};
 use crate::quant::bnb;
 use crate::quant::nf4::{Nf4Config, Nf4Tensor};
@@ -514,17 +515,17 @@ impl Llama {
         cache: Option<&mut KvCache>,
     ) -> Result<Var> {
         let c = &self.config;
-        let (eps, hd) = (c.rms_norm_eps, c.head_dim);
+        let (norm, hd) = (Norm::plain(c.rms_norm_eps), c.head_dim);
         let ly = &self.layers[l];
-        let n1 = tape.rmsnorm(x, &ly.input_norm, eps)?;
+        let n1 = tape.rmsnorm(x, &ly.input_norm, norm)?;
         let q = tape.linear(&n1, self.lin(l, Target::Q))?;
         let k = tape.linear(&n1, self.lin(l, Target::K))?;
         let v = tape.linear(&n1, self.lin(l, Target::V))?;
         drop(n1);
         let (q, k) = match &ly.qk_norm {
             Some((qn, kn)) => (
-                tape.head_rmsnorm(q, c.num_heads, hd, qn, eps)?,
-                tape.head_rmsnorm(k, c.num_kv_heads, hd, kn, eps)?,
+                tape.head_rmsnorm(q, c.num_heads, hd, qn, norm)?,
+                tape.head_rmsnorm(k, c.num_kv_heads, hd, kn, norm)?,
             ),
             None => (q, k),
         };
@@ -537,7 +538,7 @@ impl Llama {
         drop((q, k, v));
         let a = tape.linear(&o, self.lin(l, Target::O))?;
         drop(o);
-        let (h1, n2) = tape.add_rmsnorm(x, &a, &ly.post_norm, eps)?;
+        let (h1, n2) = tape.add_rmsnorm(x, &a, &ly.post_norm, norm)?;
         drop(a);
         let g = tape.linear(&n2, self.lin(l, Target::Gate))?;
         let u = tape.linear(&n2, self.lin(l, Target::Up))?;
@@ -597,7 +598,7 @@ impl Llama {
         ids: &[u32],
         mut inputs: Option<&mut Vec<Tensor>>,
     ) -> Result<Tensor> {
-        let mut h = autograd::embed(&self.embed, ids)?;
+        let mut h = autograd::embed(&self.embed, ids, None)?;
         for l in 0..self.config.num_layers {
             let mut tape = Tape::new(self.device, batch, adapters, false, dropout)?;
             let x = tape.input(h, false)?;
@@ -640,8 +641,14 @@ impl Llama {
         // Final norm + fused lm_head/cross-entropy.
         let mut tape = Tape::new(dev, &batch, Some(adapters), true, None)?;
         let x = tape.input(h, true)?;
-        let n = tape.rmsnorm(&x, &self.norm, self.config.rms_norm_eps)?;
-        let ce = tape.lm_head_ce(&n, self.output_embedding(), &targets, Some(grad_scale))?;
+        let n = tape.rmsnorm(&x, &self.norm, Norm::plain(self.config.rms_norm_eps))?;
+        let ce = tape.lm_head_ce(
+            &n,
+            self.output_embedding(),
+            &targets,
+            Some(grad_scale),
+            None,
+        )?;
         drop(n);
         let loss = ce.var.expect("the final norm's input requires a gradient");
         let mut dh = tape
@@ -676,9 +683,9 @@ impl Llama {
         let h = self.layers_forward(&batch, adapters, None, ids, None)?;
         let mut tape = Tape::new(self.device, &batch, adapters, false, None)?;
         let x = tape.input(h, false)?;
-        let n = tape.rmsnorm(&x, &self.norm, self.config.rms_norm_eps)?;
+        let n = tape.rmsnorm(&x, &self.norm, Norm::plain(self.config.rms_norm_eps))?;
         drop(x);
-        let ce = tape.lm_head_ce(&n, self.output_embedding(), &targets, None)?;
+        let ce = tape.lm_head_ce(&n, self.output_embedding(), &targets, None, None)?;
         Ok((ce.losses, ce.count))
     }
 
@@ -696,7 +703,7 @@ impl Llama {
     }
 
     fn final_norm(&self, h: Tensor) -> Result<Tensor> {
-        let eps = self.config.rms_norm_eps;
+        let norm = Norm::plain(self.config.rms_norm_eps);
         match self.device {
             Device::Cpu => {
                 let d = self.config.hidden_size;
@@ -704,11 +711,11 @@ impl Llama {
                     h.cpu_slice::<f32>("final norm")?,
                     self.norm.cpu_slice::<f32>("final norm")?,
                     d,
-                    eps,
+                    norm,
                 )?;
                 hv(n, h.shape())
             }
-            Device::Cuda(_) => Ok(rmsnorm::forward_cuda(&h, &self.norm, eps)?.0),
+            Device::Cuda(_) => Ok(rmsnorm::forward_cuda(&h, &self.norm, norm)?.0),
         }
     }
 
@@ -762,7 +769,7 @@ impl Llama {
     ) -> Result<Vec<f32>> {
         let start = cache.first().map_or(0, |c| c.len());
         let batch = Batch::decode(start, ids.len())?;
-        let mut h = autograd::embed(&self.embed, ids)?;
+        let mut h = autograd::embed(&self.embed, ids, None)?;
         for (l, layer_cache) in cache.iter_mut().enumerate() {
             let mut tape = Tape::new(self.device, &batch, adapters, false, None)?;
             let x = tape.input(h, false)?;
@@ -924,7 +931,7 @@ mod tests {
     fn tape_records_only_what_a_gradient_flows_through() {
         let model = tiny();
         let batch = Batch::new(vec![0, 5]).unwrap();
-        let h = autograd::embed(&model.embed, &[1, 2, 3, 4, 5]).unwrap();
+        let h = autograd::embed(&model.embed, &[1, 2, 3, 4, 5], None).unwrap();
         // No adapter and an input that needs no gradient: nothing to record.
         let mut tape = Tape::new(Device::Cpu, &batch, None, true, None).unwrap();
         let x = tape

@@ -12,6 +12,17 @@
 //! Targets are the labels shifted by one within each packed sequence ([`shift_labels`]): the
 //! logits at position t predict token t + 1, and the last position of a sequence predicts
 //! nothing — transformers' causal-LM loss, computed per sequence.
+//!
+//! Final-logit soft-capping (Gemma 2's `final_logit_softcapping` c, `softcap: Some(c)`): the
+//! softmax and the loss see the capped logits z' instead of z, and the chain rule brings the
+//! derivative of the cap into the gradient:
+//! ```text
+//! z'_tv  = c · tanh(z_tv / c)                      (−c, c); ≈ z where |z| ≪ c
+//! lse_t  = log Σ_v exp(z'_tv)      loss = Σ (lse_t − z'_{t,y_t})
+//! dz_t   = g · (softmax(z'_t) − onehot(y_t)) ⊙ (1 − tanh²(z_t / c))   with tanh(z/c) = z'/c
+//! ```
+//! The logits are capped in f32, as transformers caps the f32 logits (`logits / c`, `tanh`,
+//! `· c`). With `softcap: None` every value is the uncapped math, bit for bit.
 
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
@@ -80,6 +91,25 @@ pub fn check_targets(targets: &[i64], vocab: usize) -> Result<()> {
     }
 }
 
+/// `z ← c·tanh(z/c)` for every logit: Gemma 2's final-logit soft-capping, for the logits the
+/// generation path computes itself (the fused op caps its own, see the module docs). `c` is the
+/// model's `final_logit_softcapping`, positive and finite ([`check_softcap`] says so by name).
+pub fn softcap_logits(logits: &mut [f32], c: f32) {
+    for z in logits.iter_mut() {
+        *z = c * (*z / c).tanh();
+    }
+}
+
+/// A soft-cap must be positive and finite: `c·tanh(z/c)` is meaningless otherwise.
+pub fn check_softcap(softcap: Option<f64>) -> Result<()> {
+    match softcap {
+        Some(c) if !(c.is_finite() && c > 0.0) => Err(Error::InvalidArgument(format!(
+            "cross-entropy: the logit soft-cap must be positive and finite, got {c}"
+        ))),
+        _ => Ok(()),
+    }
+}
+
 /// Logits `h·Wᵀ` (`[T, V]`), for evaluation and tests; training uses [`forward_backward`].
 pub fn logits<T: Real>(h: &[T], w: &[T], d: usize) -> Vec<T> {
     let (t, v) = (h.len() / d, w.len() / d);
@@ -94,7 +124,8 @@ pub fn logits<T: Real>(h: &[T], w: &[T], d: usize) -> Vec<T> {
     z
 }
 
-/// The fused op. `grad_scale = Some(g)` also returns `dh` for `g · loss_sum`.
+/// The fused op. `grad_scale = Some(g)` also returns `dh` for `g · loss_sum`; `softcap = Some(c)`
+/// caps the logits at ±c first (module docs).
 pub fn forward_backward<T: Real>(
     h: &[T],
     w: &[T],
@@ -102,7 +133,9 @@ pub fn forward_backward<T: Real>(
     targets: &[i64],
     grad_scale: Option<T>,
     chunk: usize,
+    softcap: Option<T>,
 ) -> Result<Output<T>> {
+    check_softcap(softcap.map(|c| c.to_f64().unwrap_or(f64::NAN)))?;
     let tokens = targets.len();
     expect_len(
         "cross-entropy",
@@ -143,15 +176,31 @@ pub fn forward_backward<T: Real>(
                     row.fill(T::zero());
                     return None;
                 }
+                if let Some(c) = softcap {
+                    for s in row.iter_mut() {
+                        *s = c * (*s / c).tanh();
+                    }
+                }
                 let m = row.iter().fold(T::neg_infinity(), |a, &b| a.max(b));
                 let sum: T = row.iter().map(|&s| (s - m).exp()).sum();
                 let lse = m + sum.ln();
                 let loss = (lse - row[y as usize]).to_f64().unwrap_or(f64::NAN);
-                if let Some(g) = grad_scale {
-                    for s in row.iter_mut() {
-                        *s = g * (*s - lse).exp();
+                match (grad_scale, softcap) {
+                    (Some(g), None) => {
+                        for s in row.iter_mut() {
+                            *s = g * (*s - lse).exp();
+                        }
+                        row[y as usize] -= g;
                     }
-                    row[y as usize] -= g;
+                    // The row holds z' = c·tanh(z/c): tanh(z/c) = z'/c.
+                    (Some(g), Some(c)) => {
+                        for (v, s) in row.iter_mut().enumerate() {
+                            let onehot = if v == y as usize { T::one() } else { T::zero() };
+                            let t = *s / c;
+                            *s = g * ((*s - lse).exp() - onehot) * (T::one() - t * t);
+                        }
+                    }
+                    (None, _) => {}
                 }
                 Some(loss)
             })
@@ -178,10 +227,17 @@ pub fn forward_backward<T: Real>(
 }
 
 /// CUDA: over one chunk of fp32 logits `[rows, V]`, overwrites them with
-/// `grad_scale·(softmax − onehot)` and returns each row's loss (f32 `[rows]`, 0 for −100). Targets
-/// are checked on the host before the launch.
-pub fn chunk_cuda(logits: &mut Tensor, targets: &[i64], grad_scale: f32) -> Result<Tensor> {
+/// `grad_scale·(softmax − onehot)` (times `1 − tanh²(z/c)` with `softcap = Some(c)`, the
+/// softmax then of the capped logits) and returns each row's loss (f32 `[rows]`, 0 for −100).
+/// Targets are checked on the host before the launch.
+pub fn chunk_cuda(
+    logits: &mut Tensor,
+    targets: &[i64],
+    grad_scale: f32,
+    softcap: Option<f32>,
+) -> Result<Tensor> {
     let op = "cross-entropy (cuda)";
+    check_softcap(softcap.map(f64::from))?;
     let o = cuda_ordinal(op, logits)?;
     let dev = Device::Cuda(o);
     let (rows, vocab) = match logits.shape() {
@@ -209,7 +265,7 @@ pub fn chunk_cuda(logits: &mut Tensor, targets: &[i64], grad_scale: f32) -> Resu
     let cuda = CudaDevice::get(o)?;
     let name = "ce_fwd_bwd_f32";
     let f = cuda.function("cross_entropy", name)?;
-    let (v_i, ld) = (vocab as i32, vocab as i64);
+    let (v_i, ld, cap) = (vocab as i32, vocab as i64, kernel_softcap(softcap));
     let mut b = cuda.stream().launch_builder(&f);
     b.arg(logits.cuda_slice_mut::<f32>(op)?)
         .arg(t.cuda_slice::<i32>(op)?)
@@ -217,17 +273,23 @@ pub fn chunk_cuda(logits: &mut Tensor, targets: &[i64], grad_scale: f32) -> Resu
         .arg(&v_i)
         .arg(&ld)
         .arg(&grad_scale)
-        .arg(&super::NULL_PTR);
+        .arg(&super::NULL_PTR)
+        .arg(&cap);
     let cfg = LaunchConfig {
         grid_dim: (rows as u32, 1, 1),
         block_dim: (256, 1, 1),
         shared_mem_bytes: 0,
     };
-    // SAFETY: ce_fwd_bwd_f32(float*, const int*, float*, int, long long, float, bf16* (null));
-    // logits
-    // rows·V, targets and loss rows; every target is −1 or < V (checked); one block per row.
+    // SAFETY: ce_fwd_bwd_f32(float*, const int*, float*, int, long long, float, bf16* (null),
+    // float); logits rows·V, targets and loss rows; every target is −1 or < V (checked); one
+    // block per row.
     unsafe { cuda.launch(name, b, cfg) }?;
     Ok(loss)
+}
+
+/// The kernels' soft-cap argument: `c`, or 0 for none (they test `softcap > 0`).
+fn kernel_softcap(softcap: Option<f32>) -> f32 {
+    softcap.unwrap_or(0.0)
 }
 
 /// Result of the fused lm_head + cross-entropy on CUDA.
@@ -245,16 +307,19 @@ pub struct CudaCeOutput {
 /// With `grad_scale` `None` (evaluation) only the loss is computed: the logits GEMM and a
 /// read-only loss kernel per chunk, no gradient and no `dh` GEMM. Only one chunk of logits exists
 /// at a time: `chunk · Vp · 6` bytes of workspace with the gradient, `chunk · Vp · 4` without
-/// (Vp: V rounded up to a multiple of 8, the row alignment the GEMM operands need).
+/// (Vp: V rounded up to a multiple of 8, the row alignment the GEMM operands need). With
+/// `softcap = Some(c)` the CE kernel caps each chunk's logits at ±c first (module docs).
 pub fn lm_head_ce_cuda(
     h: &Tensor,
     w: &Tensor,
     targets: &[i64],
     grad_scale: Option<f32>,
     chunk: usize,
+    softcap: Option<f32>,
 ) -> Result<CudaCeOutput> {
     use super::gemm::{gemm_ptrs, Layout};
     let op = "lm_head + cross-entropy (cuda)";
+    check_softcap(softcap.map(f64::from))?;
     let o = cuda_ordinal(op, h)?;
     let dev = Device::Cuda(o);
     let (t, d) = match h.shape() {
@@ -328,7 +393,7 @@ pub fn lm_head_ce_cuda(
                 0.0,
             )?;
         }
-        let (v_i, ld) = (vocab as i32, vp as i64);
+        let (v_i, ld, cap) = (vocab as i32, vp as i64, kernel_softcap(softcap));
         let (tc, lc) = (tp + (c0 * 4) as u64, lp + (c0 * 4) as u64);
         let mut b = cuda.stream().launch_builder(&ce);
         b.arg(&zp).arg(&tc).arg(&lc).arg(&v_i).arg(&ld);
@@ -339,13 +404,15 @@ pub fn lm_head_ce_cuda(
         if let Some(zbp) = &zbp {
             b.arg(&scale).arg(zbp);
         }
+        b.arg(&cap);
         let cfg = LaunchConfig {
             grid_dim: (rows as u32, 1, 1),
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
-        // SAFETY: ce_fwd_bwd_f32(float*, const int*, float*, int, long long, float, bf16*) or
-        // ce_loss_f32(const float*, const int*, float*, int, long long), as pushed above, over
+        // SAFETY: ce_fwd_bwd_f32(float*, const int*, float*, int, long long, float, bf16*,
+        // float) or ce_loss_f32(const float*, const int*, float*, int, long long, float), as
+        // pushed above, over
         // `rows` rows of the chunk buffers; targets and losses offset to the chunk; targets
         // checked against V.
         unsafe { cuda.launch(ce_name, b, cfg) }?;

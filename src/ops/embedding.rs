@@ -1,5 +1,15 @@
 //! Embedding gather: `h[t] = E[ids[t]]` (`E` `[V, d]` frozen, so there is no backward: nothing
-//! upstream of the embedding trains).
+//! upstream of the embedding trains), optionally scaled: `h[t] = E[ids[t]] · s` (Gemma's
+//! `Gemma2TextScaledWordEmbedding`, `s = √hidden_size`).
+//!
+//! The scale is applied as transformers applies it, in the table's dtype:
+//! ```text
+//! f32 table (the CPU):   h = E[id] · s                       one f32 multiply
+//! bf16 table (a GPU):    h = bf16(float(E[id]) · float(bf16(s)))
+//! ```
+//! (`embed_scale.to(weight.dtype)`: at hidden size 3072, √3072 = 55.4256… becomes 55.5; the
+//! product of two bf16 values is exact in f32, so it is rounded once.) Without a scale the rows
+//! are copied, bit for bit.
 
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
@@ -9,9 +19,20 @@ use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::tensor::{DType, Tensor};
 
-/// Rows of `table` (`[vocab, d]`) for each id; an id outside the vocabulary is an error naming
-/// its position.
-pub fn forward<T: Real>(table: &[T], d: usize, ids: &[u32]) -> Result<Vec<T>> {
+/// A scale must be finite (a NaN or infinite one would poison every activation silently).
+pub fn check_scale(scale: Option<f64>) -> Result<()> {
+    match scale {
+        Some(s) if !s.is_finite() => Err(Error::InvalidArgument(format!(
+            "embedding: the scale must be finite, got {s}"
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// Rows of `table` (`[vocab, d]`) for each id, times `scale` when given (module docs); an id
+/// outside the vocabulary is an error naming its position.
+pub fn forward<T: Real>(table: &[T], d: usize, ids: &[u32], scale: Option<T>) -> Result<Vec<T>> {
+    check_scale(scale.map(|s| s.to_f64().unwrap_or(f64::NAN)))?;
     let vocab = table.len() / d.max(1);
     let mut h = Vec::with_capacity(ids.len() * d);
     for (pos, &id) in ids.iter().enumerate() {
@@ -21,7 +42,11 @@ pub fn forward<T: Real>(table: &[T], d: usize, ids: &[u32]) -> Result<Vec<T>> {
                 "embedding: token id {id} at position {pos} is outside the vocabulary (size {vocab})"
             )));
         }
-        h.extend_from_slice(&table[id * d..(id + 1) * d]);
+        let row = &table[id * d..(id + 1) * d];
+        match scale {
+            None => h.extend_from_slice(row),
+            Some(s) => h.extend(row.iter().map(|&v| v * s)),
+        }
     }
     Ok(h)
 }
@@ -42,9 +67,12 @@ pub fn checked_ids(ids: &[u32], vocab: usize) -> Result<Vec<i32>> {
         .collect()
 }
 
-/// CUDA: rows of `table` (bf16 `[V, d]`) for `ids` (checked on the host before the launch).
-pub fn forward_cuda(table: &Tensor, ids: &[u32]) -> Result<Tensor> {
+/// CUDA: rows of `table` (bf16 `[V, d]`) for `ids` (checked on the host before the launch),
+/// times `scale` when given: `bf16(float(e) · float(bf16(scale)))`, the scale rounded to bf16
+/// here (module docs).
+pub fn forward_cuda(table: &Tensor, ids: &[u32], scale: Option<f32>) -> Result<Tensor> {
     let op = "embedding (cuda)";
+    check_scale(scale.map(f64::from))?;
     let o = cuda_ordinal(op, table)?;
     let dev = Device::Cuda(o);
     let (v, d) = match table.shape() {
@@ -67,18 +95,25 @@ pub fn forward_cuda(table: &Tensor, ids: &[u32]) -> Result<Tensor> {
     let name = "embedding_fwd_bf16";
     let f = cuda.function("embedding", name)?;
     let d_i = d as i32;
+    // transformers multiplies by `embed_scale.to(bf16)`: the scale rounded to nearest-even bf16.
+    let (scale_f, scaled) = match scale {
+        Some(s) => (half::bf16::from_f32(s).to_f32(), 1i32),
+        None => (1.0f32, 0i32),
+    };
     let mut b = cuda.stream().launch_builder(&f);
     b.arg(table.cuda_slice::<half::bf16>(op)?)
         .arg(ids.cuda_slice::<i32>(op)?)
         .arg(out.cuda_slice_mut::<half::bf16>(op)?)
-        .arg(&d_i);
+        .arg(&d_i)
+        .arg(&scale_f)
+        .arg(&scaled);
     let cfg = LaunchConfig {
         grid_dim: (ids.elem_count() as u32, 1, 1),
         block_dim: (row_block(d), 1, 1),
         shared_mem_bytes: 0,
     };
-    // SAFETY: embedding_fwd_bf16(const bf16*, const int*, bf16*, int); every id < V (checked),
-    // table V·d, out T·d; one block per token.
+    // SAFETY: embedding_fwd_bf16(const bf16*, const int*, bf16*, int, float, int); every id < V
+    // (checked), table V·d, out T·d; one block per token.
     unsafe { cuda.launch(name, b, cfg) }?;
     Ok(out)
 }
