@@ -477,11 +477,7 @@ fn attention(c: &mut Criterion) {
     ] {
         let kv = if h == 9 { 3 } else { 8 };
         let t = b * s;
-        let dims = attention::Dims {
-            heads: h,
-            kv_heads: kv,
-            head_dim: d,
-        };
+        let dims = attention::Dims::new(h, kv, d);
         let cu: Vec<usize> = (0..=b).map(|i| i * s).collect();
         let q = bf16_tensor(&device, &[t, h, d], 21);
         let k = bf16_tensor(&device, &[t, kv, d], 22);

@@ -129,11 +129,7 @@ fn run_case(dev: &Device, d: Dims, cu: &[usize], seed: u64, check_grads: bool) {
 }
 
 fn dims(heads: usize, kv_heads: usize, head_dim: usize) -> Dims {
-    Dims {
-        heads,
-        kv_heads,
-        head_dim,
-    }
+    Dims::new(heads, kv_heads, head_dim)
 }
 
 #[test]
