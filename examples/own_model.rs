@@ -119,11 +119,7 @@ impl OwnModel {
         let v = tape.linear(&n, self.lin(l, Target::V))?;
         let q = tape.rope(q, HEADS, HEAD_DIM, &self.freqs)?;
         let k = tape.rope(k, HEADS, HEAD_DIM, &self.freqs)?;
-        let dims = Dims {
-            heads: HEADS,
-            kv_heads: HEADS,
-            head_dim: HEAD_DIM,
-        };
+        let dims = Dims::new(HEADS, HEADS, HEAD_DIM);
         let a = tape.attention(&q, &k, &v, dims)?;
         let h1 = tape.linear_residual(&a, self.lin(l, Target::O), h)?;
         let n2 = tape.rmsnorm(&h1, &b.norm2, Norm::plain(EPS))?;

@@ -1,6 +1,10 @@
 // Flash attention (FlashAttention-2 scheme) on tensor cores: causal, grouped-query, packed
 // variable-length sequences (cu_seqlens), head dim 64 or 128, bf16 in and out, fp32 online
 // softmax; the forward saves the row log-sum-exp. The T×T scores never exist in memory.
+// Options (Gemma 2/3): the score scale, a tanh soft cap c (S = c·tanh(σ q·k / c), 0 = none) and
+// a sliding window w (query i sees keys i − w < j ≤ i, 0 = none). With a window each kernel
+// visits only the tiles that some pair of its tile can see; the forward and dQ mask element by
+// element only the tiles on the diagonal, the window's edge or the sequence's end.
 // Math and the CPU reference: src/ops/attention.rs.
 //
 // Forward: one block per (query tile of 64, head, sequence), 4 warps × 16 query rows; key/value
@@ -8,9 +12,10 @@
 // Backward (deterministic, no atomics):
 //   flash_bwd_dsum:  D_i = dO_i · O_i
 //   flash_bwd_dkdv:  one block per (key tile, kv head, sequence); loops over the query heads of
-//                    its group and the query tiles at or after the keys: dV += Pᵀ·dO,
-//                    dK += scale·dSᵀ·Q with dS = P ⊙ (dO·Vᵀ − D)
-//   flash_bwd_dq:    one block per (query tile, head, sequence): dQ = scale·Σ_j dS_j·K_j
+//                    its group and the query tiles at or after the keys (and within the window):
+//                    dV += Pᵀ·dO, dK += scale·dRᵀ·Q with dS = P ⊙ (dO·Vᵀ − D) and
+//                    dR = dS ⊙ (1 − tanh²) through a soft cap (dR = dS without one)
+//   flash_bwd_dq:    one block per (query tile, head, sequence): dQ = scale·Σ_j dR_j·K_j
 // Layouts: q, o, dout, dq [T, H, D]; k, v, dk, dv [T, Hkv, D]; lse, dsum [T, H] fp32.
 
 #include "common.cuh"
@@ -37,7 +42,31 @@ struct AttnParams {
   const int* cu_seqlens;
   int heads, kv_heads;
   float scale;
+  float softcap;  // 0: none
+  int window;     // 0: none
 };
+
+// The first key tile a query tile starting at q0 sees (0 without a window).
+__device__ __forceinline__ int att_first_key_tile(int q0, int window) {
+  return window > 0 ? max(0, q0 - window + 1) / ATT_BN * ATT_BN : 0;
+}
+
+// One past the last query a key tile starting at k0 is seen by (len without a window).
+__device__ __forceinline__ int att_query_end(int k0, int len, int window) {
+  return window > 0 ? min(len, k0 + ATT_BN - 1 + window) : len;
+}
+
+// Whether every pair of the query tile at q0 and the key tile at k0 is visible: all keys before
+// every query, every query inside the sequence (so every key is too) and within the window.
+// Such a tile needs no element mask.
+__device__ __forceinline__ bool att_interior(int q0, int k0, int len, int window) {
+  return k0 + ATT_BN <= q0 && q0 + ATT_BM <= len && (window == 0 || q0 + ATT_BM - 1 - k0 < window);
+}
+
+// Whether query `query` sees key `key` of a sequence of `len`.
+__device__ __forceinline__ bool att_visible(int query, int key, int len, int window) {
+  return query < len && key < len && key <= query && (window == 0 || query - key < window);
+}
 
 __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
   __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
@@ -125,7 +154,7 @@ __device__ __forceinline__ float quad_sum(float v) {
 }
 
 // ---- forward ----
-template <int D>
+template <int D, bool OPT>
 __device__ void flash_fwd(const AttnParams& p) {
   __shared__ __align__(16) bf16 sq[64 * D];
   __shared__ __align__(16) bf16 sk[64 * D];
@@ -152,7 +181,10 @@ __device__ void flash_fwd(const AttnParams& p) {
   const int qrow[2] = {q0 + warp * 16 + (lane >> 2), q0 + warp * 16 + (lane >> 2) + 8};
 
   const int last_key = min(len, q0 + ATT_BM);  // causal: keys < last query + 1
-  for (int k0 = 0; k0 < last_key; k0 += ATT_BN) {
+  const bool cap = OPT && p.softcap > 0.0f;
+  const int window = OPT ? p.window : 0;
+  const float inv_cap = cap ? 1.0f / p.softcap : 0.0f;
+  for (int k0 = att_first_key_tile(q0, window); k0 < last_key; k0 += ATT_BN) {
     __syncthreads();  // the previous tile is no longer read
     att_load<D>(sk, p.k, start + k0, end, p.kv_heads, g);
     att_load<D>(sv, p.v, start + k0, end, p.kv_heads, g);
@@ -164,14 +196,18 @@ __device__ void flash_fwd(const AttnParams& p) {
     for (int i = 0; i < 8; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.0f;
     att_mma_rows<D>(s, qa, sk);
     float tmax[2] = {-INFINITY, -INFINITY};
+    const bool interior = OPT && att_interior(q0, k0, len, window);
 #pragma unroll
     for (int nt = 0; nt < 8; ++nt)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int key = k0 + nt * 8 + (lane & 3) * 2 + (e & 1);
         const int hr = e >> 1;
-        const bool ok = key < len && key <= qrow[hr];
-        s[nt][e] = ok ? s[nt][e] * p.scale : -INFINITY;
+        const int q = qrow[hr];
+        const bool ok = interior || (key < len && key <= q && (window == 0 || q - key < window));
+        float x = s[nt][e] * p.scale;
+        if (cap) x = p.softcap * tanhf(x * inv_cap);
+        s[nt][e] = ok ? x : -INFINITY;
         tmax[hr] = fmaxf(tmax[hr], s[nt][e]);
       }
     float corr[2];
@@ -220,8 +256,12 @@ __device__ void flash_fwd(const AttnParams& p) {
   }
 }
 
-extern "C" __global__ void __launch_bounds__(ATT_THREADS) flash_fwd_d64(AttnParams p) { flash_fwd<64>(p); }
-extern "C" __global__ void __launch_bounds__(ATT_THREADS) flash_fwd_d128(AttnParams p) { flash_fwd<128>(p); }
+// The plain kernels (OPT false: the scale only, what Llama and Qwen need) are compiled without
+// the options' code, which costs registers; the _opt kernels read the soft cap and the window.
+extern "C" __global__ void __launch_bounds__(ATT_THREADS) flash_fwd_d64(AttnParams p) { flash_fwd<64, false>(p); }
+extern "C" __global__ void __launch_bounds__(ATT_THREADS) flash_fwd_d128(AttnParams p) { flash_fwd<128, false>(p); }
+extern "C" __global__ void __launch_bounds__(ATT_THREADS) flash_fwd_opt_d64(AttnParams p) { flash_fwd<64, true>(p); }
+extern "C" __global__ void __launch_bounds__(ATT_THREADS) flash_fwd_opt_d128(AttnParams p) { flash_fwd<128, true>(p); }
 
 // ---- backward ----
 
@@ -241,12 +281,11 @@ __device__ void flash_dsum(const AttnParams& p, int tokens) {
 extern "C" __global__ void flash_bwd_dsum_d64(AttnParams p, int tokens) { flash_dsum<64>(p, tokens); }
 extern "C" __global__ void flash_bwd_dsum_d128(AttnParams p, int tokens) { flash_dsum<128>(p, tokens); }
 
-// P = exp(S·scale − lse) with the causal/length mask, for a 16-row × 64-col block whose rows are
-// `rows` and columns `cols` (row index ≥ col index required). `rows_are_queries` tells which
-// of the two is the query.
-__device__ __forceinline__ float att_prob(float s, float scale, float lse, int query, int key, int len) {
-  if (query >= len || key >= len || key > query) return 0.0f;
-  return expf(s * scale - lse);
+// The backward's view of one score: with a soft cap, t = tanh(σ·acc / c) (the score is c·t and
+// dR = dS·(1 − t²)); without one, the score σ·acc itself.
+__device__ __forceinline__ float att_bwd_score(float acc, const AttnParams& p, bool cap, float inv_cap) {
+  const float x = acc * p.scale;
+  return cap ? tanhf(x * inv_cap) : x;
 }
 
 // dK, dV for 64 keys of kv head g: warps own 16 keys each.
@@ -254,7 +293,7 @@ __device__ __forceinline__ float att_prob(float s, float scale, float lse, int q
 // in above the 48 KiB default). 4·SPLIT warps: warp w owns keys 16·(w % 4).. and the output
 // columns [(w / 4)·D/SPLIT, ...) of dK and dV (SPLIT = 2 at D = 128 keeps the fp32 accumulators
 // in registers); each warp recomputes the scores it needs over the full head dimension.
-template <int D, int SPLIT>
+template <int D, int SPLIT, bool OPT>
 __device__ void flash_dkdv(const AttnParams& p) {
   constexpr int DC = D / SPLIT;
   bf16* sk = (bf16*)qlora_dynamic_smem();
@@ -270,6 +309,10 @@ __device__ void flash_dkdv(const AttnParams& p) {
   const int col0 = (threadIdx.x >> 7) * DC;
   const int end = start + len;
   const int group = p.heads / p.kv_heads;
+  const bool cap = OPT && p.softcap > 0.0f;
+  const int window = OPT ? p.window : 0;
+  const float inv_cap = cap ? 1.0f / p.softcap : 0.0f;
+  const int query_end = att_query_end(k0, len, window);
   att_load<D>(sk, p.k, start + k0, end, p.kv_heads, g);
   att_load<D>(sv, p.v, start + k0, end, p.kv_heads, g);
   cp_async_commit();
@@ -283,7 +326,7 @@ __device__ void flash_dkdv(const AttnParams& p) {
   const int key[2] = {k0 + warp * 16 + (lane >> 2), k0 + warp * 16 + (lane >> 2) + 8};
 
   for (int hq = g * group; hq < (g + 1) * group; ++hq) {
-    for (int q0 = (k0 / ATT_BM) * ATT_BM; q0 < len; q0 += ATT_BM) {
+    for (int q0 = (k0 / ATT_BM) * ATT_BM; q0 < query_end; q0 += ATT_BM) {
       __syncthreads();
       att_load<D>(sq, p.q, start + q0, end, p.heads, hq);
       att_load<D>(sdo, p.dout, start + q0, end, p.heads, hq);
@@ -304,16 +347,34 @@ __device__ void flash_dkdv(const AttnParams& p) {
       for (int i = 0; i < 8; ++i) st[i][0] = st[i][1] = st[i][2] = st[i][3] = 0.0f;
       att_frag_a<D>(frag, sk, warp * 16);
       att_mma_rows<D>(st, frag, sq);
+      // Without a soft cap st becomes Pᵀ; with one, t = tanh (−∞ where masked), from which P
+      // (twice) and 1 − t² are recomputed, so that no second 16 × 64 block stays live. Every
+      // tile is masked here: skipping the mask on interior tiles (as the forward and dQ do)
+      // made ptxas spill at head dim 64.
 #pragma unroll
       for (int nt = 0; nt < 8; ++nt)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int qi = nt * 8 + (lane & 3) * 2 + (e & 1);
-          st[nt][e] = att_prob(st[nt][e], p.scale, slse[qi], q0 + qi, key[e >> 1], len);
+          const bool ok = att_visible(q0 + qi, key[e >> 1], len, window);
+          const float x = att_bwd_score(st[nt][e], p, cap, inv_cap);
+          st[nt][e] = cap ? (ok ? x : -INFINITY) : (ok ? expf(x - slse[qi]) : 0.0f);
         }
       {
         uint32_t pa[4][4];
-        att_c_to_a(pa, st);
+        if (cap) {
+          float pr[8][4];
+#pragma unroll
+          for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              const int qi = nt * 8 + (lane & 3) * 2 + (e & 1);
+              pr[nt][e] = expf(p.softcap * st[nt][e] - slse[qi]);
+            }
+          att_c_to_a(pa, pr);
+        } else {
+          att_c_to_a(pa, st);
+        }
         att_mma_cols<D, DC>(dv, pa, sdo, col0);  // dV += Pᵀ·dO
       }
       float dpt[8][4];
@@ -326,7 +387,14 @@ __device__ void flash_dkdv(const AttnParams& p) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int qi = nt * 8 + (lane & 3) * 2 + (e & 1);
-          dpt[nt][e] = st[nt][e] * (dpt[nt][e] - sdsum[qi]);
+          if (cap) {
+            // Masked: t = −∞ gives P = 0 and a factor max(0, 1 − ∞) = 0.
+            const float t = st[nt][e];
+            const float pv = expf(p.softcap * t - slse[qi]);
+            dpt[nt][e] = pv * (dpt[nt][e] - sdsum[qi]) * fmaxf(0.0f, 1.0f - t * t);
+          } else {
+            dpt[nt][e] = st[nt][e] * (dpt[nt][e] - sdsum[qi]);
+          }
         }
       uint32_t dsa[4][4];
       att_c_to_a(dsa, dpt);
@@ -348,12 +416,14 @@ __device__ void flash_dkdv(const AttnParams& p) {
     }
   }
 }
-extern "C" __global__ void __launch_bounds__(ATT_THREADS) flash_bwd_dkdv_d64(AttnParams p) { flash_dkdv<64, 1>(p); }
-extern "C" __global__ void __launch_bounds__(2 * ATT_THREADS) flash_bwd_dkdv_d128(AttnParams p) { flash_dkdv<128, 2>(p); }
+extern "C" __global__ void __launch_bounds__(ATT_THREADS) flash_bwd_dkdv_d64(AttnParams p) { flash_dkdv<64, 1, false>(p); }
+extern "C" __global__ void __launch_bounds__(2 * ATT_THREADS) flash_bwd_dkdv_d128(AttnParams p) { flash_dkdv<128, 2, false>(p); }
+extern "C" __global__ void __launch_bounds__(ATT_THREADS) flash_bwd_dkdv_opt_d64(AttnParams p) { flash_dkdv<64, 1, true>(p); }
+extern "C" __global__ void __launch_bounds__(2 * ATT_THREADS) flash_bwd_dkdv_opt_d128(AttnParams p) { flash_dkdv<128, 2, true>(p); }
 
 // dQ for 64 queries of head h: warps own 16 queries each.
 // Two 64 × D tiles: Q and dO while their fragments are built, then K and V.
-template <int D>
+template <int D, bool OPT>
 __device__ void flash_dq(const AttnParams& p) {
   __shared__ __align__(16) bf16 sa[64 * D];
   __shared__ __align__(16) bf16 sb[64 * D];
@@ -389,7 +459,10 @@ __device__ void flash_dq(const AttnParams& p) {
 #pragma unroll
   for (int i = 0; i < D / 8; ++i) dq[i][0] = dq[i][1] = dq[i][2] = dq[i][3] = 0.0f;
   const int last_key = min(len, q0 + ATT_BM);
-  for (int k0 = 0; k0 < last_key; k0 += ATT_BN) {
+  const bool cap = OPT && p.softcap > 0.0f;
+  const int window = OPT ? p.window : 0;
+  const float inv_cap = cap ? 1.0f / p.softcap : 0.0f;
+  for (int k0 = att_first_key_tile(q0, window); k0 < last_key; k0 += ATT_BN) {
     __syncthreads();
     att_load<D>(sk, p.k, start + k0, end, p.kv_heads, g);
     att_load<D>(sv, p.v, start + k0, end, p.kv_heads, g);
@@ -403,14 +476,18 @@ __device__ void flash_dq(const AttnParams& p) {
       for (int e = 0; e < 4; ++e) s[i][e] = dp[i][e] = 0.0f;
     att_mma_rows<D>(s, qa, sk);
     att_mma_rows<D>(dp, doa, sv);
+    const bool interior = OPT && att_interior(q0, k0, len, window);
 #pragma unroll
     for (int nt = 0; nt < 8; ++nt)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int hr = e >> 1;
         const int key = k0 + nt * 8 + (lane & 3) * 2 + (e & 1);
-        const float pv = att_prob(s[nt][e], p.scale, lse[hr], qrow[hr], key, len);
-        s[nt][e] = pv * (dp[nt][e] - ds_[hr]);  // dS
+        const bool ok = interior || att_visible(qrow[hr], key, len, window);
+        const float x = att_bwd_score(s[nt][e], p, cap, inv_cap);
+        const float pv = ok ? expf((cap ? p.softcap * x : x) - lse[hr]) : 0.0f;
+        const float ds = pv * (dp[nt][e] - ds_[hr]);
+        s[nt][e] = cap ? ds * (1.0f - x * x) : ds;  // dR
       }
     uint32_t dsa[4][4];
     att_c_to_a(dsa, s);
@@ -428,5 +505,7 @@ __device__ void flash_dq(const AttnParams& p) {
     }
   }
 }
-extern "C" __global__ void __launch_bounds__(ATT_THREADS) flash_bwd_dq_d64(AttnParams p) { flash_dq<64>(p); }
-extern "C" __global__ void __launch_bounds__(ATT_THREADS) flash_bwd_dq_d128(AttnParams p) { flash_dq<128>(p); }
+extern "C" __global__ void __launch_bounds__(ATT_THREADS) flash_bwd_dq_d64(AttnParams p) { flash_dq<64, false>(p); }
+extern "C" __global__ void __launch_bounds__(ATT_THREADS) flash_bwd_dq_d128(AttnParams p) { flash_dq<128, false>(p); }
+extern "C" __global__ void __launch_bounds__(ATT_THREADS) flash_bwd_dq_opt_d64(AttnParams p) { flash_dq<64, true>(p); }
+extern "C" __global__ void __launch_bounds__(ATT_THREADS) flash_bwd_dq_opt_d128(AttnParams p) { flash_dq<128, true>(p); }

@@ -877,7 +877,8 @@ impl<'a> Tape<'a> {
     }
 
     /// Causal attention within each sequence of the batch (`ops::attention`; flash attention on
-    /// a GPU), grouped-query when `dims.kv_heads < dims.heads`.
+    /// a GPU), grouped-query when `dims.kv_heads < dims.heads`, with the scale, soft cap and
+    /// sliding window of `dims`.
     pub fn attention(&mut self, q: &Var, k: &Var, v: &Var, dims: attention::Dims) -> Result<Var> {
         let (qv, kv, vv) = (q.value()?, k.value()?, v.value()?);
         for t in [qv, kv, vv] {
@@ -914,7 +915,8 @@ impl<'a> Tape<'a> {
     }
 
     /// Attention of new tokens over `cache` and themselves (generation, CPU, no record): k and v
-    /// join the cache, then each query attends to every cached position up to its own.
+    /// join the cache, then each query attends to every cached position up to its own (only the
+    /// last `dims.window` of them with a window, counted in absolute positions).
     pub fn attention_cached(
         &mut self,
         q: &Var,

@@ -1,8 +1,8 @@
 //! Flash attention on CUDA against an f64 reference: the forward's error at most twice that of a
 //! naive bf16 attention (flash-attention's rule), gradients within bf16 tolerance, packed batches
 //! identical to each sequence alone, GQA ratios 1, 3 and 4, head dims 64 and 128, lengths 1 to
-//! 4096 (1537 on the simulated GPU). Without a GPU each test prints `SKIPPED (no CUDA device)` and
-//! passes.
+//! 4096 (1537 on the simulated GPU), and Gemma 2's options (scale, soft cap, sliding window).
+//! Without a GPU each test prints `SKIPPED (no CUDA device)` and passes.
 
 use half::bf16;
 use qlora_rs::ops::attention::{self, Dims};
@@ -23,23 +23,29 @@ fn round_bf16(v: f64) -> f64 {
     bf16::from_f32(v as f32).to_f32() as f64
 }
 
-/// Attention the naive way in bf16: scores, probabilities and output each rounded to bf16.
+/// Attention the naive way in bf16: scores (scaled and soft-capped), probabilities and output each
+/// rounded to bf16; with a window, row i over keys `i − w < j ≤ i` only.
 fn naive_bf16(d: Dims, q: &[f64], k: &[f64], v: &[f64], cu: &[usize]) -> Vec<f64> {
     let (h_n, kv_n, dim) = (d.heads, d.kv_heads, d.head_dim);
     let mut o = vec![0.0; q.len()];
-    let scale = 1.0 / (dim as f64).sqrt();
+    let scale = d.scale as f64;
     for w in cu.windows(2) {
         for i in w[0]..w[1] {
+            let first = d
+                .window
+                .map_or(w[0], |win| (i + 1).saturating_sub(win).max(w[0]));
             for h in 0..h_n {
                 let g = h / (h_n / kv_n);
-                let s: Vec<f64> = (w[0]..=i)
+                let s: Vec<f64> = (first..=i)
                     .map(|j| {
-                        round_bf16(
-                            (0..dim)
-                                .map(|c| q[(i * h_n + h) * dim + c] * k[(j * kv_n + g) * dim + c])
-                                .sum::<f64>()
-                                * scale,
-                        )
+                        let x = (0..dim)
+                            .map(|c| q[(i * h_n + h) * dim + c] * k[(j * kv_n + g) * dim + c])
+                            .sum::<f64>()
+                            * scale;
+                        round_bf16(match d.softcap {
+                            Some(c) => c as f64 * (x / c as f64).tanh(),
+                            None => x,
+                        })
                     })
                     .collect();
                 let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
@@ -48,7 +54,7 @@ fn naive_bf16(d: Dims, q: &[f64], k: &[f64], v: &[f64], cu: &[usize]) -> Vec<f64
                 // Each probability once (rounded to bf16), not once per output column.
                 let p: Vec<f64> = e.iter().map(|x| round_bf16(x / z)).collect();
                 for c in 0..dim {
-                    let acc: f64 = (w[0]..=i)
+                    let acc: f64 = (first..=i)
                         .zip(&p)
                         .map(|(j, pj)| pj * v[(j * kv_n + g) * dim + c])
                         .sum();
@@ -87,10 +93,13 @@ fn run_case(dev: &Device, d: Dims, cu: &[usize], seed: u64, check_grads: bool) {
     let (o, lse) = attention::forward_cuda(d, &q, &k, &v, cu).unwrap();
     let (o_ref, lse_ref) = attention::forward(d, &qf, &kf, &vf, cu).unwrap();
     let label = format!(
-        "H={} Hkv={} D={} cu={:?}",
+        "H={} Hkv={} D={} scale={} softcap={:?} window={:?} cu={:?}",
         d.heads,
         d.kv_heads,
         d.head_dim,
+        d.scale,
+        d.softcap,
+        d.window,
         &cu[..cu.len().min(6)]
     );
     let err = max_err(&bf16_f64(&o), &o_ref);
@@ -129,11 +138,7 @@ fn run_case(dev: &Device, d: Dims, cu: &[usize], seed: u64, check_grads: bool) {
 }
 
 fn dims(heads: usize, kv_heads: usize, head_dim: usize) -> Dims {
-    Dims {
-        heads,
-        kv_heads,
-        head_dim,
-    }
+    Dims::new(heads, kv_heads, head_dim)
 }
 
 #[test]
@@ -249,4 +254,102 @@ fn flash_attention_rejects_bad_input() {
     )
     .unwrap_err();
     assert!(err.to_string().contains("ends at 2"), "{err}");
+    for (bad, want) in [
+        (dims(2, 2, 64).with_softcap(Some(0.0)), "softcap 0"),
+        (dims(2, 2, 64).with_window(Some(0)), "window 0"),
+        (dims(2, 2, 64).with_scale(f32::INFINITY), "scale inf"),
+    ] {
+        let err = attention::forward_cuda(bad, &z(3, 2, 64), &z(3, 2, 64), &z(3, 2, 64), &[0, 3])
+            .unwrap_err();
+        assert!(err.to_string().contains(want), "{err}");
+    }
+}
+
+/// Gemma 2's options on both head dims, forward and backward against the f64 reference: a scale
+/// other than 1/√D, a soft cap of 2 that saturates the largest scores (about ±5 here), windows of
+/// 1, 5, 37 and 200 (shorter than the sequences: the kernels skip the key tiles before a query
+/// tile's window, and at 200 on 330 tokens some tiles are inside every window and unmasked while
+/// others straddle its edge), lengths off the 64-row tiles, packed sequences and GQA.
+#[test]
+fn flash_attention_with_scale_softcap_and_window_matches_f64() {
+    let Some(dev) = gpu_or_skip("flash_attention_with_scale_softcap_and_window_matches_f64") else {
+        return;
+    };
+    let gemma = |d: Dims, w: usize| {
+        d.with_scale(0.5)
+            .with_softcap(Some(2.0))
+            .with_window(Some(w))
+    };
+    run_case(&dev, gemma(dims(9, 3, 64), 5), &[0, 1, 70, 200], 60, true);
+    run_case(
+        &dev,
+        gemma(dims(8, 2, 128), 37),
+        &[0, 97, 130, 231],
+        61,
+        true,
+    );
+    run_case(
+        &dev,
+        dims(4, 2, 64).with_window(Some(37)),
+        &[0, 200],
+        62,
+        true,
+    );
+    run_case(
+        &dev,
+        dims(4, 4, 64).with_softcap(Some(2.0)),
+        &[0, 150],
+        63,
+        true,
+    );
+    run_case(&dev, dims(2, 1, 128).with_scale(0.2), &[0, 77], 64, true);
+    run_case(
+        &dev,
+        dims(2, 1, 64).with_window(Some(200)).with_scale(0.3),
+        &[0, 330],
+        65,
+        true,
+    );
+    run_case(&dev, gemma(dims(2, 2, 128), 1), &[0, 67, 68], 66, true);
+}
+
+/// With the options too, a packed batch gives each sequence exactly what it gets alone (the
+/// window counts positions within each sequence), and a window at least as long as every
+/// sequence is no window, bit for bit.
+#[test]
+fn flash_attention_options_packed_equal_alone_and_long_window_is_none() {
+    let Some(dev) =
+        gpu_or_skip("flash_attention_options_packed_equal_alone_and_long_window_is_none")
+    else {
+        return;
+    };
+    let d = dims(6, 2, 64)
+        .with_scale(0.4)
+        .with_softcap(Some(2.0))
+        .with_window(Some(37));
+    packed_equals_alone(&dev, d, &[1, 100, 37, 65], 70);
+    let d = dims(4, 2, 64).with_softcap(Some(2.0));
+    let cu = [0usize, 70, 130];
+    let t = 130;
+    let mut r = rand::rngs::StdRng::seed_from_u64(71);
+    let up = |n: usize, h: usize, r: &mut rand::rngs::StdRng| {
+        Tensor::from_vec(data(r, n * h * 64).1, &[n, h, 64], &dev).unwrap()
+    };
+    let (q, k, v, dout) = (
+        up(t, 4, &mut r),
+        up(t, 2, &mut r),
+        up(t, 2, &mut r),
+        up(t, 4, &mut r),
+    );
+    let run = |d: Dims| {
+        let (o, lse) = attention::forward_cuda(d, &q, &k, &v, &cu).unwrap();
+        let (dq, dk, dv) = attention::backward_cuda(d, &q, &k, &v, &o, &lse, &dout, &cu).unwrap();
+        let b = |t: &Tensor| t.to_vec::<bf16>().unwrap();
+        (b(&o), lse.to_vec::<f32>().unwrap(), b(&dq), b(&dk), b(&dv))
+    };
+    let none = run(d);
+    for w in [70, 71, usize::MAX] {
+        assert!(run(d.with_window(Some(w))) == none, "window {w}");
+    }
+    assert!(run(d.with_window(Some(69))).0 != none.0);
 }

@@ -474,28 +474,41 @@ fn linear_with_zero_b_equals_the_base_layer() {
 }
 
 fn attn_dims(heads: usize, kv_heads: usize, head_dim: usize) -> attention::Dims {
-    attention::Dims {
-        heads,
-        kv_heads,
-        head_dim,
-    }
+    attention::Dims::new(heads, kv_heads, head_dim)
 }
 
-/// Attention computed element by element, straight from the definition.
+/// Attention computed element by element, straight from the definition: a full score matrix per
+/// row, masked to `−∞` outside causal window (transformers' eager attention with its mask),
+/// soft-capped as `c·tanh(S/c)`; the default scale as `1/√D` in f64.
 fn naive_attention(d: attention::Dims, q: &[f64], k: &[f64], v: &[f64], cu: &[usize]) -> Vec<f64> {
     let (h_n, kv_n, dim) = (d.heads, d.kv_heads, d.head_dim);
+    let scale = if d.scale == attn_dims(h_n, kv_n, dim).scale {
+        1.0 / (dim as f64).sqrt()
+    } else {
+        d.scale as f64
+    };
     let mut o = vec![0.0; q.len()];
     for w in cu.windows(2) {
         for i in w[0]..w[1] {
             for h in 0..h_n {
                 let g = h / (h_n / kv_n);
                 let qi = &q[(i * h_n + h) * dim..][..dim];
-                let s: Vec<f64> = (w[0]..=i)
-                    .map(|j| dot(qi, &k[(j * kv_n + g) * dim..][..dim]) / (dim as f64).sqrt())
+                let s: Vec<f64> = (w[0]..w[1])
+                    .map(|j| {
+                        let visible = j <= i && d.window.is_none_or(|win| i - j < win);
+                        if !visible {
+                            return f64::NEG_INFINITY;
+                        }
+                        let s = dot(qi, &k[(j * kv_n + g) * dim..][..dim]) * scale;
+                        match d.softcap {
+                            Some(c) => c as f64 * (s / c as f64).tanh(),
+                            None => s,
+                        }
+                    })
                     .collect();
                 let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
                 let z: f64 = s.iter().map(|x| (x - m).exp()).sum();
-                for (jj, j) in (w[0]..=i).enumerate() {
+                for (jj, j) in (w[0]..w[1]).enumerate() {
                     let p = (s[jj] - m).exp() / z;
                     for c in 0..dim {
                         o[(i * h_n + h) * dim + c] += p * v[(j * kv_n + g) * dim + c];
@@ -908,5 +921,234 @@ fn elementwise_ops_on_large_inputs_equal_their_formulas_exactly() {
                 "dx[{t}, {i}]"
             );
         }
+    }
+}
+
+/// Gemma 2's options, each alone and together: a scale other than `1/√D`, a soft cap small
+/// enough that tanh saturates (scores up to about ±6 against a cap of 2), windows of 1, 2, 5 and
+/// 37 against sequences longer and shorter than them, GQA, packing; and sequences longer than
+/// the CPU's causal block of 64 rows, so the windowed products start past column 0.
+#[test]
+fn attention_with_scale_softcap_and_window_matches_the_masked_definition() {
+    let mut r = rng(33);
+    let exact = Tolerance {
+        abs: 1e-12,
+        rel: 1e-10,
+    };
+    for (h, kv, dim, cu, scale, softcap, window) in [
+        (6, 2, 4, vec![0usize, 4, 11], None, None, Some(2)),
+        (6, 2, 4, vec![0usize, 4, 11], Some(0.3f32), None, None),
+        (6, 2, 4, vec![0usize, 4, 11], None, Some(2.0f32), None),
+        (9, 3, 8, vec![0, 1, 2, 19], Some(0.7), Some(2.0), Some(5)),
+        (4, 4, 5, vec![0, 13], Some(1.1), Some(2.0), Some(1)),
+        (2, 1, 3, vec![0, 140, 210], Some(0.9), Some(2.0), Some(37)),
+        (2, 1, 3, vec![0, 140, 150], None, None, Some(5)),
+        (2, 2, 3, vec![0, 70, 200], Some(0.5), Some(3.0), Some(64)),
+    ] {
+        let mut d = attn_dims(h, kv, dim)
+            .with_softcap(softcap)
+            .with_window(window);
+        if let Some(s) = scale {
+            d = d.with_scale(s);
+        }
+        let t = *cu.last().unwrap();
+        let (q, k, v) = (
+            randn(&mut r, t * h * dim, 2.0),
+            randn(&mut r, t * kv * dim, 2.0),
+            randn(&mut r, t * kv * dim, 1.0),
+        );
+        let (o, lse) = attention::forward(d, &q, &k, &v, &cu).unwrap();
+        assert_close(
+            &format!("attention o {d:?} cu {cu:?}"),
+            &o,
+            &naive_attention(d, &q, &k, &v, &cu),
+            exact,
+        );
+        assert_eq!(lse.len(), t * h);
+        // The options change the result (the test above could not pass without them).
+        let (plain, _) = attention::forward(attn_dims(h, kv, dim), &q, &k, &v, &cu).unwrap();
+        let diff = o
+            .iter()
+            .zip(&plain)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f64::max);
+        assert!(diff > 1e-3, "{d:?}: options made no difference ({diff:e})");
+    }
+}
+
+#[test]
+fn attention_backward_with_scale_softcap_and_window_matches_finite_differences() {
+    let mut r = rng(34);
+    for (h, kv, dim, cu, window, tol) in [
+        (6, 2, 4, vec![0usize, 4, 13], 3, FD_TOL),
+        (
+            2,
+            1,
+            3,
+            vec![0, 140, 181],
+            37,
+            Tolerance {
+                abs: 1e-6,
+                rel: 1e-5,
+            },
+        ),
+    ] {
+        let d = attn_dims(h, kv, dim)
+            .with_scale(0.8)
+            .with_softcap(Some(2.0))
+            .with_window(Some(window));
+        let t = *cu.last().unwrap();
+        // Inputs large enough that some scores reach tanh's flat part (1 − tanh² well below 1).
+        let (q, k, v) = (
+            randn(&mut r, t * h * dim, 1.5),
+            randn(&mut r, t * kv * dim, 1.5),
+            randn(&mut r, t * kv * dim, 1.0),
+        );
+        let c = randn(&mut r, t * h * dim, 1.0);
+        let (o, lse) = attention::forward(d, &q, &k, &v, &cu).unwrap();
+        let (dq, dk, dv) = attention::backward(d, &q, &k, &v, &o, &lse, &c, &cu).unwrap();
+        let f = |q: &[f64], k: &[f64], v: &[f64]| {
+            dot(&attention::forward(d, q, k, v, &cu).unwrap().0, &c)
+        };
+        assert_close(
+            "attention dq (softcap, window)",
+            &dq,
+            &numeric_grad(&q, |q| f(q, &k, &v)),
+            tol,
+        );
+        assert_close(
+            "attention dk (softcap, window)",
+            &dk,
+            &numeric_grad(&k, |k| f(&q, k, &v)),
+            tol,
+        );
+        assert_close(
+            "attention dv (softcap, window)",
+            &dv,
+            &numeric_grad(&v, |v| f(&q, &k, v)),
+            tol,
+        );
+    }
+}
+
+/// A window at least as long as every sequence is no window, bit for bit (forward and
+/// backward); the defaults are `1/√D`, no cap and no window, and give today's result.
+#[test]
+fn attention_window_covering_every_sequence_equals_no_window_and_defaults_are_unchanged() {
+    let d = attn_dims(6, 2, 4);
+    assert_eq!(d.scale, 0.5);
+    assert_eq!((d.softcap, d.window), (None, None));
+    assert_eq!(d.with_scale(0.5).with_softcap(None).with_window(None), d);
+    let mut r = rng(35);
+    let cu = [0usize, 70, 75, 150];
+    let t = 150;
+    let (q, k, v) = (
+        randn(&mut r, t * 24, 1.0),
+        randn(&mut r, t * 8, 1.0),
+        randn(&mut r, t * 8, 1.0),
+    );
+    let c = randn(&mut r, t * 24, 1.0);
+    let run = |d: attention::Dims| {
+        let (o, lse) = attention::forward(d, &q, &k, &v, &cu).unwrap();
+        let g = attention::backward(d, &q, &k, &v, &o, &lse, &c, &cu).unwrap();
+        (o, lse, g)
+    };
+    let plain = run(d);
+    for w in [75, 76, 1000, usize::MAX] {
+        assert!(run(d.with_window(Some(w))) == plain, "window {w}");
+    }
+    assert!(run(d.with_window(Some(74))).0 != plain.0);
+    // f32: the default scale is the f32 1/√D that the kernels take, and the result is the same.
+    let (qf, kf, vf): (Vec<f32>, Vec<f32>, Vec<f32>) = (
+        q.iter().map(|&x| x as f32).collect(),
+        k.iter().map(|&x| x as f32).collect(),
+        v.iter().map(|&x| x as f32).collect(),
+    );
+    let d5 = attn_dims(3, 1, 8);
+    assert_eq!(d5.scale, 1.0 / 8f32.sqrt());
+    assert!(
+        attention::forward(d5, &qf, &kf, &vf, &cu).unwrap()
+            == attention::forward(d5.with_scale(1.0 / 8f32.sqrt()), &qf, &kf, &vf, &cu).unwrap()
+    );
+}
+
+/// Generation with a KV cache: queries fed in pieces (a prompt, then one token at a time, then a
+/// few) give the rows of the full forward, with the window counted in absolute positions.
+#[test]
+fn attention_cached_pieces_equal_the_full_forward_with_options() {
+    let mut r = rng(36);
+    let (h, kv, dim, l) = (4, 2, 5, 90);
+    for d in [
+        attn_dims(h, kv, dim),
+        attn_dims(h, kv, dim)
+            .with_scale(0.9)
+            .with_softcap(Some(2.0))
+            .with_window(Some(5)),
+        attn_dims(h, kv, dim).with_window(Some(37)),
+    ] {
+        let (q, k, v) = (
+            randn(&mut r, l * h * dim, 2.0),
+            randn(&mut r, l * kv * dim, 2.0),
+            randn(&mut r, l * kv * dim, 1.0),
+        );
+        let (full, _) = attention::forward(d, &q, &k, &v, &[0, l]).unwrap();
+        let (qw, kw) = (h * dim, kv * dim);
+        let mut start = 0;
+        for n in [7usize, 1, 1, 40, 1, 3, 37] {
+            let o = attention::forward_cached(
+                d,
+                &q[start * qw..(start + n) * qw],
+                &k[..(start + n) * kw],
+                &v[..(start + n) * kw],
+                start,
+            )
+            .unwrap();
+            assert_close(
+                &format!("cached rows {start}..{} {d:?}", start + n),
+                &o,
+                &full[start * qw..(start + n) * qw],
+                Tolerance {
+                    abs: 1e-12,
+                    rel: 1e-10,
+                },
+            );
+            start += n;
+        }
+        assert_eq!(start, l);
+    }
+}
+
+#[test]
+fn attention_rejects_bad_scale_softcap_and_window() {
+    let q = vec![0.0f64; 3 * 2 * 4];
+    let kv = vec![0.0f64; 3 * 2 * 4];
+    let d = attn_dims(2, 2, 4);
+    let cases = [
+        (
+            d.with_scale(0.0),
+            "scale 0 must be finite and greater than 0",
+        ),
+        (d.with_scale(-1.0), "scale -1 must be finite"),
+        (d.with_scale(f32::NAN), "scale NaN must be finite"),
+        (
+            d.with_softcap(Some(0.0)),
+            "softcap 0 must be finite and greater than 0",
+        ),
+        (d.with_softcap(Some(f32::INFINITY)), "softcap inf must be"),
+        (d.with_window(Some(0)), "window 0 must be at least 1"),
+    ];
+    for (bad, want) in cases {
+        let err = attention::forward(bad, &q, &kv, &kv, &[0, 3])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(want), "{bad:?}: {err}");
+        let err = attention::forward_cached(bad, &q, &kv, &kv, 0)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(want), "{bad:?}: {err}");
+        let err = attention::backward(bad, &q, &kv, &kv, &q, &[0.0; 6], &q, &[0, 3])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(want), "{bad:?}: {err}");
     }
 }

@@ -147,3 +147,104 @@ fn a_gpu_load_of_a_model_the_kernels_cannot_take_is_refused_first() {
     assert!(err.contains("NF4") && err.contains("--device cpu"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The tape hands attention's options (scale, soft cap, window) to the op on both devices: its
+/// output and gradients are the op's own, bit for bit, and generation through a KV cache (CPU)
+/// gives the full forward's rows with the window in absolute positions.
+#[test]
+fn tape_attention_honours_scale_softcap_and_window() {
+    use qlora_rs::autograd::KvCache;
+    use qlora_rs::ops::attention::{self, Dims};
+    use rand::{Rng, SeedableRng};
+    let (h, kv, d, cu) = (4usize, 2usize, 64usize, vec![0usize, 50, 90]);
+    let t = 90;
+    let dims = Dims::new(h, kv, d)
+        .with_scale(0.3)
+        .with_softcap(Some(2.0))
+        .with_window(Some(7));
+    let mut r = rand::rngs::StdRng::seed_from_u64(5);
+    let mut draw = |n: usize| -> Vec<f32> {
+        (0..n)
+            .map(|_| bf16::from_f32(r.random_range(-1.0f32..1.0)).to_f32())
+            .collect()
+    };
+    let (q, k, v, dout) = (
+        draw(t * h * d),
+        draw(t * kv * d),
+        draw(t * kv * d),
+        draw(t * h * d),
+    );
+    // CPU: the tape against the op.
+    let batch = Batch::new(cu.clone()).unwrap();
+    let mut tape = Tape::new(Device::Cpu, &batch, None, true, None).unwrap();
+    let qv = tape.input(cpu(q.clone(), &[t, h * d]), true).unwrap();
+    let kvar = tape.input(cpu(k.clone(), &[t, kv * d]), false).unwrap();
+    let vvar = tape.input(cpu(v.clone(), &[t, kv * d]), false).unwrap();
+    let o = tape.attention(&qv, &kvar, &vvar, dims).unwrap();
+    let (o_ref, lse) = attention::forward(dims, &q, &k, &v, &cu).unwrap();
+    assert!(o.value().unwrap().to_vec::<f32>().unwrap() == o_ref);
+    let dq = tape
+        .backward(&o, Some(cpu(dout.clone(), &[t, h * d])), &qv)
+        .unwrap()
+        .unwrap();
+    let (dq_ref, _, _) = attention::backward(dims, &q, &k, &v, &o_ref, &lse, &dout, &cu).unwrap();
+    assert!(dq.to_vec::<f32>().unwrap() == dq_ref);
+    // Generation: the second sequence fed as 30 tokens, then one at a time.
+    let (qs, ks, vs) = (&q[50 * h * d..], &k[50 * kv * d..], &v[50 * kv * d..]);
+    let (full, _) = attention::forward(dims, qs, ks, vs, &[0, 40]).unwrap();
+    let mut cache = KvCache::default();
+    let mut start = 0;
+    for n in [30usize, 1, 1, 8] {
+        let b = Batch::decode(start, n).unwrap();
+        let mut tape = Tape::new(Device::Cpu, &b, None, false, None).unwrap();
+        let piece = |x: &[f32], w: usize| cpu(x[start * w..(start + n) * w].to_vec(), &[n, w]);
+        let qv = tape.input(piece(qs, h * d), false).unwrap();
+        let kvar = tape.input(piece(ks, kv * d), false).unwrap();
+        let vvar = tape.input(piece(vs, kv * d), false).unwrap();
+        let o = tape
+            .attention_cached(&qv, &kvar, &vvar, dims, &mut cache)
+            .unwrap();
+        let got = o.value().unwrap().to_vec::<f32>().unwrap();
+        for (i, (a, b)) in got.iter().zip(&full[start * h * d..]).enumerate() {
+            assert!(
+                (a - b).abs() < 1e-5,
+                "cached row {start}+, element {i}: {a} vs {b}"
+            );
+        }
+        start += n;
+    }
+    // GPU: the tape against the kernels.
+    let Some(dev) = gpu_or_skip("tape_attention_honours_scale_softcap_and_window") else {
+        return;
+    };
+    let up = |x: &[f32], w: usize| {
+        Tensor::from_vec(
+            x.iter().map(|&f| bf16::from_f32(f)).collect::<Vec<_>>(),
+            &[t, w],
+            &dev,
+        )
+        .unwrap()
+    };
+    let batch = Batch::on(cu.clone(), dev).unwrap();
+    let mut tape = Tape::new(dev, &batch, None, true, None).unwrap();
+    let (qg, kg, vg, dg) = (
+        up(&q, h * d),
+        up(&k, kv * d),
+        up(&v, kv * d),
+        up(&dout, h * d),
+    );
+    let qv = tape.input(up(&q, h * d), true).unwrap();
+    let kvar = tape.input(up(&k, kv * d), false).unwrap();
+    let vvar = tape.input(up(&v, kv * d), false).unwrap();
+    let o = tape.attention(&qv, &kvar, &vvar, dims).unwrap();
+    let (o_ref, lse) = attention::forward_cuda(dims, &qg, &kg, &vg, &cu).unwrap();
+    let bits = |x: &Tensor| x.to_vec::<bf16>().unwrap();
+    assert_eq!(bits(o.value().unwrap()), bits(&o_ref));
+    let dq = tape
+        .backward(&o, Some(up(&dout, h * d)), &qv)
+        .unwrap()
+        .unwrap();
+    let (dq_ref, _, _) =
+        attention::backward_cuda(dims, &qg, &kg, &vg, &o_ref, &lse, &dg, &cu).unwrap();
+    assert_eq!(bits(&dq), bits(&dq_ref));
+}

@@ -496,11 +496,7 @@ impl Llama {
 
     fn attention_dims(&self) -> attention::Dims {
         let c = &self.config;
-        attention::Dims {
-            heads: c.num_heads,
-            kv_heads: c.num_kv_heads,
-            head_dim: c.head_dim,
-        }
+        attention::Dims::new(c.num_heads, c.num_kv_heads, c.head_dim)
     }
 
     /// One decoder layer on `tape`, from `x`; with `cache` (generation on the CPU), attention

@@ -1,12 +1,18 @@
-//! Causal grouped-query attention over packed variable-length sequences.
+//! Causal grouped-query attention over packed variable-length sequences, with the options of
+//! Gemma 2 / Gemma 3: a score scale other than `1/√D`, tanh soft-capping of the scores, and a
+//! sliding window.
 //!
 //! q `[T, H, D]`, k and v `[T, Hkv, D]`, `cu_seqlens` `[B + 1]`; query head `h` reads key/value
-//! head `h / (H / Hkv)` (transformers' `repeat_kv`). Within each sequence, for query row i and
-//! key rows j ≤ i (never across sequences):
+//! head `h / (H / Hkv)` (transformers' `repeat_kv`). Within each sequence (never across
+//! sequences), positions counted from the sequence's start, query row i sees key row j iff
+//! `j ≤ i` and, with a window w, `i − j < w` (transformers' `sliding_window_overlay`:
+//! `kv_idx > q_idx − w`); V(i) is that set. With the scale σ (`Dims::scale`, default `1/√D`) and
+//! the soft cap c (`Dims::softcap`, default none):
 //! ```text
-//! S_ij = (q_i · k_j) / √D
-//! lse_i = log Σ_{j≤i} exp(S_ij)                saved: lse [T, H]
-//! P_ij = exp(S_ij − lse_i)
+//! R_ij = σ (q_i · k_j)
+//! S_ij = c · tanh(R_ij / c)                    with a soft cap; else S_ij = R_ij
+//! lse_i = log Σ_{j∈V(i)} exp(S_ij)             saved: lse [T, H]
+//! P_ij = exp(S_ij − lse_i)                      (0 for j ∉ V(i))
 //! o_i  = Σ_j P_ij v_j
 //! ```
 //! Backward (the flash-attention-2 recurrences; P is recomputed from q, k and lse):
@@ -15,11 +21,20 @@
 //! dv_j += Σ_i P_ij dO_i                        summed over the H/Hkv query heads sharing j's head
 //! dP_ij = dO_i · v_j
 //! dS_ij = P_ij (dP_ij − D_i)
-//! dq_i  = Σ_j dS_ij k_j / √D
-//! dk_j += Σ_i dS_ij q_i / √D
+//! dR_ij = dS_ij · (1 − tanh²(R_ij / c))        = dS_ij (1 − (S_ij / c)²); dR = dS without a cap
+//! dq_i  = σ Σ_j dR_ij k_j
+//! dk_j += σ Σ_i dR_ij q_i
 //! ```
+//! The default scale is taken in the reference's own precision (`1/√D` exactly in f64, so an f64
+//! finite-difference check sees the exact default); a scale set with [`Dims::with_scale`] is used
+//! as given (an f32). Generation with a KV cache ([`forward_cached`]) counts positions from the
+//! sequence's start too, so the window there covers the absolute positions `p − w < j ≤ p`.
+//!
 //! The CPU reference forms one sequence's `L × L` scores per head at a time (memory is
-//! `L²` for the largest sequence, not `T²`); the CUDA kernel never forms them.
+//! `L²` for the largest sequence, not `T²`), and with a window its products start at each block
+//! of rows' first visible column; the CUDA kernels never form the scores, and with a window they
+//! visit only the key tiles that a query tile can see, masking only the tiles on the window's or
+//! the diagonal's edge.
 
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
@@ -32,8 +47,8 @@ use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::tensor::{DType, Tensor};
 
-/// Head layout.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Head layout and the score options (scale, soft cap, sliding window).
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Dims {
     /// Query heads H: q and o are `[T, H, D]`.
     pub heads: usize,
@@ -41,9 +56,45 @@ pub struct Dims {
     pub kv_heads: usize,
     /// Per-head width D.
     pub head_dim: usize,
+    /// The factor σ of the scores `σ (q · k)`: `1/√D` unless set (Gemma 2:
+    /// `query_pre_attn_scalar^-½`).
+    pub scale: f32,
+    /// Soft cap c of the scores, `c · tanh(S / c)` (Gemma 2's `attn_logit_softcapping`); none
+    /// when `None`.
+    pub softcap: Option<f32>,
+    /// Sliding window w: query i sees keys `i − w < j ≤ i`; all earlier keys when `None`.
+    pub window: Option<usize>,
 }
 
 impl Dims {
+    /// `heads` query heads over `kv_heads` key/value heads of width `head_dim`, with the scale
+    /// `1/√head_dim`, no soft cap and no window (Llama, Qwen).
+    pub fn new(heads: usize, kv_heads: usize, head_dim: usize) -> Dims {
+        Dims {
+            heads,
+            kv_heads,
+            head_dim,
+            scale: default_scale(head_dim),
+            softcap: None,
+            window: None,
+        }
+    }
+
+    /// The same with the score factor `scale` (finite, > 0).
+    pub fn with_scale(self, scale: f32) -> Dims {
+        Dims { scale, ..self }
+    }
+
+    /// The same with the soft cap `softcap` (finite, > 0), or none.
+    pub fn with_softcap(self, softcap: Option<f32>) -> Dims {
+        Dims { softcap, ..self }
+    }
+
+    /// The same with the sliding window `window` (≥ 1), or none.
+    pub fn with_window(self, window: Option<usize>) -> Dims {
+        Dims { window, ..self }
+    }
+
     fn check(&self) -> Result<()> {
         if self.kv_heads == 0 || self.heads % self.kv_heads != 0 {
             return Err(Error::InvalidArgument(format!(
@@ -54,7 +105,65 @@ impl Dims {
         if self.head_dim == 0 {
             return Err(Error::InvalidArgument("attention: head_dim is 0".into()));
         }
+        if !(self.scale.is_finite() && self.scale > 0.0) {
+            return Err(Error::InvalidArgument(format!(
+                "attention: scale {} must be finite and greater than 0",
+                self.scale
+            )));
+        }
+        if let Some(c) = self.softcap {
+            if !(c.is_finite() && c > 0.0) {
+                return Err(Error::InvalidArgument(format!(
+                    "attention: softcap {c} must be finite and greater than 0 (or none)"
+                )));
+            }
+        }
+        if self.window == Some(0) {
+            return Err(Error::InvalidArgument(
+                "attention: window 0 must be at least 1 (or none)".into(),
+            ));
+        }
         Ok(())
+    }
+
+    /// σ, c and w in the reference's precision: the default scale as `1/√D` computed in `T`
+    /// (today's math exactly, also in f64), any other scale as given.
+    fn options<T: Real>(&self) -> Options<T> {
+        let scale = if self.scale == default_scale(self.head_dim) {
+            T::one() / T::of(self.head_dim as f64).sqrt()
+        } else {
+            T::of(self.scale as f64)
+        };
+        Options {
+            scale,
+            softcap: self.softcap.map(|c| T::of(c as f64)),
+            window: self.window,
+        }
+    }
+}
+
+/// `1/√D` in f32, as the kernels have always taken it.
+fn default_scale(head_dim: usize) -> f32 {
+    1.0 / (head_dim as f32).sqrt()
+}
+
+/// The score options of the CPU reference, in its precision.
+#[derive(Clone, Copy)]
+struct Options<T> {
+    scale: T,
+    softcap: Option<T>,
+    window: Option<usize>,
+}
+
+impl<T: Real> Options<T> {
+    /// The first key row that query row `i` sees (positions within one sequence).
+    fn first_key(&self, i: usize) -> usize {
+        self.window.map_or(0, |w| (i + 1).saturating_sub(w))
+    }
+
+    /// One past the last query row (of `l`) that sees key row `j`.
+    fn query_end(&self, j: usize, l: usize) -> usize {
+        self.window.map_or(l, |w| j.saturating_add(w).min(l))
     }
 }
 
@@ -85,45 +194,71 @@ fn check<T: Real>(
     Ok(tokens)
 }
 
-/// One sequence's probabilities `P` (`L × L`, zero above the diagonal) for head `h`, from
-/// `S = q·kᵀ/√D`; returns the row log-sum-exps when `lse` is `None`, else uses the given ones.
-fn probabilities<T: Real>(q: Mat<T>, k: Mat<T>, scale: T, lse: Option<&[T]>) -> (Vec<T>, Vec<T>) {
+/// One sequence's probabilities `P` (`L × L`, zero outside each row's visible keys) for one
+/// head, from `S` (scaled, soft-capped); returns the row log-sum-exps when `lse` is `None`, else
+/// uses the given ones. With `want_cap_grad` and a soft cap, also returns `1 − tanh²(R/c)` at
+/// the visible entries (zero elsewhere), the factor of the backward through the cap.
+fn probabilities<T: Real>(
+    q: Mat<T>,
+    k: Mat<T>,
+    opt: Options<T>,
+    lse: Option<&[T]>,
+    want_cap_grad: bool,
+) -> (Vec<T>, Vec<T>, Option<Vec<T>>) {
     let l = q.rows;
     let mut p = vec![T::zero(); l * l];
-    // Causal: each block of rows only needs the columns up to its last row (the rest of S is
-    // zeroed below); every element is the same dot product as in the full product.
+    // Causal: each block of rows only needs the columns up to its last row, and with a window
+    // from its first row's first visible column (the rest of S is zeroed below); every element
+    // is the same dot product as in the full product.
     for (r0, r1) in causal_blocks(l) {
+        let c0 = opt.first_key(r0);
         gemm_ldc(
             q.block(r0, r1, 0, q.cols),
-            k.block(0, r1, 0, k.cols).t(),
-            &mut p[r0 * l..],
+            k.block(c0, r1, 0, k.cols).t(),
+            &mut p[r0 * l + c0..],
             l,
-            scale,
+            opt.scale,
             T::zero(),
         );
     }
+    let mut cap_grad = match (opt.softcap, want_cap_grad) {
+        (Some(_), true) => Some(vec![T::zero(); l * l]),
+        _ => None,
+    };
     let mut out_lse = Vec::with_capacity(l);
     for i in 0..l {
+        let lo = opt.first_key(i);
         let row = &mut p[i * l..(i + 1) * l];
+        if let Some(c) = opt.softcap {
+            for (j, s) in row.iter_mut().enumerate().take(i + 1).skip(lo) {
+                let t = (*s / c).tanh();
+                *s = c * t;
+                if let Some(g) = cap_grad.as_mut() {
+                    g[i * l + j] = T::one() - t * t;
+                }
+            }
+        }
         let m = match lse {
             Some(saved) => saved[i],
             None => {
-                let mx = row[..=i].iter().fold(T::neg_infinity(), |a, &b| a.max(b));
-                let sum: T = row[..=i].iter().map(|&s| (s - mx).exp()).sum();
+                let mx = row[lo..=i].iter().fold(T::neg_infinity(), |a, &b| a.max(b));
+                let sum: T = row[lo..=i].iter().map(|&s| (s - mx).exp()).sum();
                 mx + sum.ln()
             }
         };
-        for s in row[..=i].iter_mut() {
+        for s in row[lo..=i].iter_mut() {
             *s = (*s - m).exp();
         }
+        row[..lo].fill(T::zero());
         row[i + 1..].fill(T::zero());
         out_lse.push(m);
     }
-    (p, out_lse)
+    (p, out_lse, cap_grad)
 }
 
 /// Rows per block of the causal products: a block of rows `r0..r1` of `P` (or `S`, `dS`) is
-/// zero beyond column `r1`, so its products stop there.
+/// zero beyond column `r1` (and, with a window, before its first row's first visible column),
+/// so its products stop (and start) there.
 const CAUSAL_BLOCK: usize = 64;
 
 /// The `(r0, r1)` row blocks of an `l`-row causal matrix.
@@ -144,7 +279,7 @@ pub fn forward<T: Real>(
     let tokens = check("attention", d, q, k, v, cu_seqlens)?;
     let (h_n, kv_n, dim) = (d.heads, d.kv_heads, d.head_dim);
     let group = h_n / kv_n;
-    let scale = T::one() / T::of(dim as f64).sqrt();
+    let opt = d.options::<T>();
     // Every (sequence, head) on its own, in parallel; gathered in a fixed order.
     let per_head: Vec<_> = pairs(cu_seqlens, h_n)
         .into_par_iter()
@@ -153,15 +288,16 @@ pub fn forward<T: Real>(
             let qh = Mat::strided(&q[(s0 * h_n + h) * dim..], l, dim, h_n * dim);
             let kg = Mat::strided(&k[(s0 * kv_n + g) * dim..], l, dim, kv_n * dim);
             let vg = Mat::strided(&v[(s0 * kv_n + g) * dim..], l, dim, kv_n * dim);
-            let (p, row_lse) = probabilities(qh, kg, scale, None);
+            let (p, row_lse, _) = probabilities(qh, kg, opt, None, false);
             let mut oh = vec![T::zero(); l * dim];
             // o = P·v over the nonzero columns of each block of P's rows (the terms skipped are
-            // the zeros above the diagonal: the sums are those of the full product).
+            // the zeros outside the causal window: the sums are those of the full product).
             let pm = Mat::new(&p, l, l);
             for (r0, r1) in causal_blocks(l) {
+                let c0 = opt.first_key(r0);
                 gemm(
-                    pm.block(r0, r1, 0, r1),
-                    vg.block(0, r1, 0, dim),
+                    pm.block(r0, r1, c0, r1),
+                    vg.block(c0, r1, 0, dim),
                     &mut oh[r0 * dim..r1 * dim],
                     T::one(),
                     T::zero(),
@@ -218,7 +354,7 @@ pub fn backward<T: Real>(
     )?;
     let (h_n, kv_n, dim) = (d.heads, d.kv_heads, d.head_dim);
     let group = h_n / kv_n;
-    let scale = T::one() / T::of(dim as f64).sqrt();
+    let opt = d.options::<T>();
     // Every (sequence, head) on its own, in parallel; dk and dv summed over the heads of a
     // group in a fixed order.
     let per_head: Vec<_> = pairs(cu_seqlens, h_n)
@@ -230,7 +366,7 @@ pub fn backward<T: Real>(
             let vg = Mat::strided(&v[(s0 * kv_n + g) * dim..], l, dim, kv_n * dim);
             let doh = Mat::strided(&d_o[(s0 * h_n + h) * dim..], l, dim, h_n * dim);
             let row_lse: Vec<T> = (0..l).map(|i| lse[(s0 + i) * h_n + h]).collect();
-            let (p, _) = probabilities(qh, kg, scale, Some(&row_lse));
+            let (p, _, cap_grad) = probabilities(qh, kg, opt, Some(&row_lse), true);
             // D_i = dO_i · o_i
             let di: Vec<T> = (0..l)
                 .map(|i| {
@@ -238,27 +374,30 @@ pub fn backward<T: Real>(
                     (0..dim).map(|c| d_o[at + c] * o[at + c]).sum()
                 })
                 .collect();
-            // The products below skip the zeros of P and dS above the diagonal: row blocks
-            // r0..r1 of P and dS stop at column r1; rows c0..c1 of Pᵀ and dSᵀ start at c0.
+            // The products below skip the zeros of P and dS outside the causal window: row
+            // blocks r0..r1 of P and dS span columns first_key(r0)..r1; rows c0..c1 of Pᵀ and dSᵀ
+            // span columns c0..query_end(c1 − 1).
             let pm = Mat::new(&p, l, l);
             // dv_g += Pᵀ·dO_h
             let mut dvh = vec![T::zero(); l * dim];
             for (c0, c1) in causal_blocks(l) {
+                let r1 = opt.query_end(c1 - 1, l);
                 gemm(
-                    pm.t().block(c0, c1, c0, l),
-                    doh.block(c0, l, 0, dim),
+                    pm.t().block(c0, c1, c0, r1),
+                    doh.block(c0, r1, 0, dim),
                     &mut dvh[c0 * dim..c1 * dim],
                     T::one(),
                     T::zero(),
                 );
             }
-            // dS = P ⊙ (dO·vᵀ − D)
+            // dS = P ⊙ (dO·vᵀ − D), times 1 − tanh² through a soft cap.
             let mut ds = vec![T::zero(); l * l];
             for (r0, r1) in causal_blocks(l) {
+                let c0 = opt.first_key(r0);
                 gemm_ldc(
                     doh.block(r0, r1, 0, dim),
-                    vg.block(0, r1, 0, dim).t(),
-                    &mut ds[r0 * l..],
+                    vg.block(c0, r1, 0, dim).t(),
+                    &mut ds[r0 * l + c0..],
                     l,
                     T::one(),
                     T::zero(),
@@ -267,29 +406,38 @@ pub fn backward<T: Real>(
             for (i, ((ds_row, p_row), &d_i)) in
                 ds.chunks_mut(l).zip(p.chunks(l)).zip(&di).enumerate()
             {
-                for (s, &pv) in ds_row[..=i].iter_mut().zip(p_row) {
+                let lo = opt.first_key(i);
+                for (s, &pv) in ds_row[lo..=i].iter_mut().zip(&p_row[lo..]) {
                     *s = pv * (*s - d_i);
                 }
+                if let Some(cg) = &cap_grad {
+                    for (s, &f) in ds_row[lo..=i].iter_mut().zip(&cg[i * l + lo..]) {
+                        *s *= f;
+                    }
+                }
+                ds_row[..lo].fill(T::zero());
                 ds_row[i + 1..].fill(T::zero());
             }
             let dsm = Mat::new(&ds, l, l);
             let mut dqh = vec![T::zero(); l * dim];
             for (r0, r1) in causal_blocks(l) {
+                let c0 = opt.first_key(r0);
                 gemm(
-                    dsm.block(r0, r1, 0, r1),
-                    kg.block(0, r1, 0, dim),
+                    dsm.block(r0, r1, c0, r1),
+                    kg.block(c0, r1, 0, dim),
                     &mut dqh[r0 * dim..r1 * dim],
-                    scale,
+                    opt.scale,
                     T::zero(),
                 );
             }
             let mut dkh = vec![T::zero(); l * dim];
             for (c0, c1) in causal_blocks(l) {
+                let r1 = opt.query_end(c1 - 1, l);
                 gemm(
-                    dsm.t().block(c0, c1, c0, l),
-                    qh.block(c0, l, 0, dim),
+                    dsm.t().block(c0, c1, c0, r1),
+                    qh.block(c0, r1, 0, dim),
                     &mut dkh[c0 * dim..c1 * dim],
-                    scale,
+                    opt.scale,
                     T::zero(),
                 );
             }
@@ -314,7 +462,8 @@ pub fn backward<T: Real>(
 
 /// Decoding with a KV cache: `n` new query rows at absolute positions `start..start + n` (one
 /// sequence) attend to the cached keys/values `0..start + n` (the new ones already appended),
-/// causally. q `[n, H, D]`, k and v `[start + n, Hkv, D]`; returns o `[n, H, D]`.
+/// causally, and with a window w only to positions `p − w < j ≤ p` for the query at `p`. q
+/// `[n, H, D]`, k and v `[start + n, Hkv, D]`; returns o `[n, H, D]`.
 pub fn forward_cached<T: Real>(d: Dims, q: &[T], k: &[T], v: &[T], start: usize) -> Result<Vec<T>> {
     d.check()?;
     let n = q.len() / (d.heads * d.head_dim);
@@ -337,34 +486,48 @@ pub fn forward_cached<T: Real>(d: Dims, q: &[T], k: &[T], v: &[T], start: usize)
         v.len(),
         &[total, d.kv_heads, d.head_dim],
     )?;
+    if n == 0 {
+        return Ok(Vec::new());
+    }
     let (h_n, kv_n, dim) = (d.heads, d.kv_heads, d.head_dim);
     let group = h_n / kv_n;
-    let scale = T::one() / T::of(dim as f64).sqrt();
+    let opt = d.options::<T>();
+    // Keys before the first query's window are seen by no query: the products start there.
+    let c0 = opt.first_key(start);
+    let cols = total - c0;
     let mut o = vec![T::zero(); q.len()];
     for h in 0..h_n {
         let g = h / group;
         let qh = Mat::strided(&q[h * dim..], n, dim, h_n * dim);
-        let kg = Mat::strided(&k[g * dim..], total, dim, kv_n * dim);
-        let vg = Mat::strided(&v[g * dim..], total, dim, kv_n * dim);
-        let mut s = vec![T::zero(); n * total];
-        gemm(qh, kg.t(), &mut s, scale, T::zero());
-        for (i, row) in s.chunks_mut(total).enumerate() {
-            let visible = start + i + 1;
-            let m = row[..visible]
+        let kg = Mat::strided(&k[(c0 * kv_n + g) * dim..], cols, dim, kv_n * dim);
+        let vg = Mat::strided(&v[(c0 * kv_n + g) * dim..], cols, dim, kv_n * dim);
+        // Row i holds the scores of keys c0..total.
+        let mut s = vec![T::zero(); n * cols];
+        gemm(qh, kg.t(), &mut s, opt.scale, T::zero());
+        for (i, row) in s.chunks_mut(cols).enumerate() {
+            let lo = opt.first_key(start + i) - c0;
+            let visible = start + i + 1 - c0;
+            if let Some(c) = opt.softcap {
+                for x in row[lo..visible].iter_mut() {
+                    *x = c * (*x / c).tanh();
+                }
+            }
+            let m = row[lo..visible]
                 .iter()
                 .fold(T::neg_infinity(), |a, &b| a.max(b));
             let mut z = T::zero();
-            for x in row[..visible].iter_mut() {
+            for x in row[lo..visible].iter_mut() {
                 *x = (*x - m).exp();
                 z += *x;
             }
-            for x in row[..visible].iter_mut() {
+            for x in row[lo..visible].iter_mut() {
                 *x /= z;
             }
+            row[..lo].fill(T::zero());
             row[visible..].fill(T::zero());
         }
         let mut oh = vec![T::zero(); n * dim];
-        gemm(Mat::new(&s, n, total), vg, &mut oh, T::one(), T::zero());
+        gemm(Mat::new(&s, n, cols), vg, &mut oh, T::one(), T::zero());
         for i in 0..n {
             o[(i * h_n + h) * dim..(i * h_n + h + 1) * dim]
                 .copy_from_slice(&oh[i * dim..(i + 1) * dim]);
@@ -390,11 +553,54 @@ struct AttnParams {
     heads: i32,
     kv_heads: i32,
     scale: f32,
+    /// The soft cap c, 0 for none.
+    softcap: f32,
+    /// The window w, 0 for none.
+    window: i32,
 }
 // SAFETY: #[repr(C)] plain data laid out like the kernel's `AttnParams`.
 unsafe impl cudarc::driver::DeviceRepr for AttnParams {}
 
 const TILE: usize = 64;
+
+impl AttnParams {
+    /// The options as the kernels take them: the scale as given, 0 for no soft cap, and 0 for no
+    /// window or one that no sequence of the batch outgrows (`max_len` its longest), which is the
+    /// same attention and lets the kernels skip the window's masks.
+    fn options(d: Dims, max_len: usize) -> AttnParams {
+        AttnParams {
+            scale: d.scale,
+            softcap: d.softcap.unwrap_or(0.0),
+            window: match d.window {
+                Some(w) if w < max_len => w as i32,
+                _ => 0,
+            },
+            ..AttnParams::default()
+        }
+    }
+
+    /// The kernel of `base` (`fwd`, `dkdv` or `dq`) for these options and head dim (64 or
+    /// 128, checked): the `_opt` kernels read the soft cap and the window; the plain ones (the
+    /// scale only) are compiled without that code, which costs registers.
+    fn kernel(&self, base: &str, head_dim: usize) -> &'static str {
+        let opt = self.softcap > 0.0 || self.window > 0;
+        match (base, opt, head_dim == 64) {
+            ("fwd", false, true) => "flash_fwd_d64",
+            ("fwd", false, false) => "flash_fwd_d128",
+            ("fwd", true, true) => "flash_fwd_opt_d64",
+            ("fwd", true, false) => "flash_fwd_opt_d128",
+            ("dkdv", false, true) => "flash_bwd_dkdv_d64",
+            ("dkdv", false, false) => "flash_bwd_dkdv_d128",
+            ("dkdv", true, true) => "flash_bwd_dkdv_opt_d64",
+            ("dkdv", true, false) => "flash_bwd_dkdv_opt_d128",
+            ("dq", false, true) => "flash_bwd_dq_d64",
+            ("dq", false, false) => "flash_bwd_dq_d128",
+            ("dq", true, true) => "flash_bwd_dq_opt_d64",
+            ("dq", true, false) => "flash_bwd_dq_opt_d128",
+            _ => unreachable!("attention kernel {base}: fwd, dkdv or dq"),
+        }
+    }
+}
 
 /// Checks the CUDA inputs; returns (tokens, device, cu_seqlens on the device, longest sequence).
 fn check_cuda(
@@ -469,24 +675,20 @@ pub fn forward_cuda(
         cu_seqlens: cu.device_ptr(),
         heads: d.heads as i32,
         kv_heads: d.kv_heads as i32,
-        scale: 1.0 / (d.head_dim as f32).sqrt(),
-        ..AttnParams::default()
+        ..AttnParams::options(d, max_len)
     };
     let Device::Cuda(ord) = dev else {
         unreachable!("checked")
     };
     let cuda = CudaDevice::get(ord)?;
-    let name = if d.head_dim == 64 {
-        "flash_fwd_d64"
-    } else {
-        "flash_fwd_d128"
-    };
+    let name = p.kernel("fwd", d.head_dim);
     let f = cuda.function("attention", name)?;
     let mut b = cuda.stream().launch_builder(&f);
     b.arg(&p);
-    // SAFETY: flash_fwd_d*(AttnParams): q/k/v/o/lse checked above ([T, H|Hkv, D] bf16, lse
-    // [T, H] f32), cu_seqlens validated (0 .. T, increasing) and on the device; the grid covers
-    // the longest sequence; 128 threads as the kernel assumes; all buffers outlive the launch.
+    // SAFETY: flash_fwd[_opt]_d*(AttnParams): q/k/v/o/lse checked above ([T, H|Hkv, D] bf16,
+    // lse [T, H] f32), cu_seqlens validated (0 .. T, increasing) and on the device; the grid
+    // covers the longest sequence; 128 threads as the kernel assumes; all buffers outlive the
+    // launch; scale and soft cap finite (checked), window ≥ 0.
     unsafe {
         cuda.launch(
             name,
@@ -535,7 +737,7 @@ pub fn backward_cuda(
         cu_seqlens: cu.device_ptr(),
         heads: d.heads as i32,
         kv_heads: d.kv_heads as i32,
-        scale: 1.0 / (d.head_dim as f32).sqrt(),
+        ..AttnParams::options(d, max_len)
     };
     let Device::Cuda(ord) = dev else {
         unreachable!("checked")
@@ -563,29 +765,22 @@ pub fn backward_cuda(
     // warp per (token, head), bounds-checked in the kernel.
     unsafe { cuda.launch(name, b, cfg) }?;
     // dK, dV over key tiles (4 tiles of 64 × D in dynamic shared memory).
-    let (name, threads): (&'static str, u32) = if suffix == "d64" {
-        ("flash_bwd_dkdv_d64", 128)
-    } else {
-        ("flash_bwd_dkdv_d128", 256)
-    };
+    let name = p.kernel("dkdv", d.head_dim);
+    let threads: u32 = if d.head_dim == 64 { 128 } else { 256 };
     let smem = 4 * TILE * d.head_dim * 2;
     let f = cuda.function_with_shared("attention", name, smem)?;
     let mut b = cuda.stream().launch_builder(&f);
     b.arg(&p);
-    // SAFETY: flash_bwd_dkdv_*(AttnParams): every buffer checked above; dsum written by the
+    // SAFETY: flash_bwd_dkdv[_opt]_*(AttnParams): every buffer checked above; dsum written by the
     // previous launch on the same stream; `smem` bytes of dynamic shared memory (opted in above)
     // and the thread count the kernel's warp/column split assumes.
     unsafe { cuda.launch(name, b, grid(max_len, d.kv_heads, seqs, threads, smem)) }?;
     // dQ over query tiles.
-    let name: &'static str = if suffix == "d64" {
-        "flash_bwd_dq_d64"
-    } else {
-        "flash_bwd_dq_d128"
-    };
+    let name = p.kernel("dq", d.head_dim);
     let f = cuda.function("attention", name)?;
     let mut b = cuda.stream().launch_builder(&f);
     b.arg(&p);
-    // SAFETY: flash_bwd_dq_*(AttnParams): as above; 128 threads.
+    // SAFETY: flash_bwd_dq[_opt]_*(AttnParams): as above; 128 threads.
     unsafe { cuda.launch(name, b, grid(max_len, d.heads, seqs, 128, 0)) }?;
     Ok((dq, dk, dv))
 }
