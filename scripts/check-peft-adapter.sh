@@ -7,16 +7,21 @@
 #
 #   scripts/check-peft-adapter.sh [FAMILY...]     (default: every tiny-* model with a golden)
 #
-# Makes .peft-venv/ (torch CPU, transformers 5.24.0, peft 0.21.2) on first use.
+# Makes .peft-venv/ (torch CPU, transformers 5.24.0, peft 0.21.2) on first use, unless
+# PEFT_PYTHON names a Python that has them.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
-venv="$root/.peft-venv"
-if [ ! -x "$venv/bin/python" ]; then
-  python3 -m venv "$venv"
-  "$venv/bin/pip" install -q --index-url https://download.pytorch.org/whl/cpu torch 2>/dev/null \
-    || "$venv/bin/pip" install -q torch
-  "$venv/bin/pip" install -q transformers==5.24.0 peft==0.21.2 safetensors
+python=${PEFT_PYTHON:-}
+if [ -z "$python" ]; then
+  venv="$root/.peft-venv"
+  if [ ! -x "$venv/bin/python" ]; then
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install -q --index-url https://download.pytorch.org/whl/cpu torch 2>/dev/null \
+      || "$venv/bin/pip" install -q torch
+    "$venv/bin/pip" install -q transformers==5.24.0 peft==0.21.2 safetensors
+  fi
+  python="$venv/bin/python"
 fi
 bin="${CARGO_TARGET_DIR:-$root/target}/release/qlora-rs"
 [ -x "$bin" ] || cargo build --release --quiet
@@ -39,7 +44,7 @@ for f in "${families[@]}"; do
     || { echo "$f: training failed:"; tail -5 "$work/$f.log"; status=1; continue; }
   ours=$("$bin" eval --device cpu --model "$model" --adapter "$out" --data "$data" \
     --format text --base dense --seq-len 64 --json)
-  peft=$("$venv/bin/python" scripts/check_peft_adapter.py "$model" "$out" "$data")
+  peft=$("$python" scripts/check_peft_adapter.py "$model" "$out" "$data")
   python3 - "$f" "$ours" "$peft" <<'EOF' || status=1
 import json, sys
 name, ours, peft = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])

@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
 """Loads an adapter qlora-rs wrote into transformers + PEFT and prints the mean token loss of a
 text data file, as `qlora-rs eval --base dense --format text` computes it: each record encoded
-by the model's tokenizer with its special tokens, EOS appended when missing, every next token
-counted, the sum over all records divided by the tokens counted.
+by the folder's tokenizer.json (the tokenizers library, special tokens added by its
+post-processor; not AutoTokenizer, whose model-specific classes may rebuild the pre-tokenizer),
+EOS appended when missing, every next token counted, the sum over all records divided by the
+tokens counted.
 
     python scripts/check_peft_adapter.py MODEL_DIR ADAPTER_DIR DATA.jsonl
 
@@ -15,13 +17,17 @@ import sys
 
 import torch
 from peft import PeftModel
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from tokenizers import Tokenizer
+from transformers import AutoModelForCausalLM
 
 
 def main():
     model_dir, adapter_dir, data = sys.argv[1:4]
     torch.set_num_threads(2)
-    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok = Tokenizer.from_file(f"{model_dir}/tokenizer.json")
+    with open(f"{model_dir}/tokenizer_config.json") as f:
+        eos = json.load(f).get("eos_token")
+    eos_id = tok.token_to_id(eos if isinstance(eos, str) else eos["content"]) if eos else None
     base = AutoModelForCausalLM.from_pretrained(
         model_dir, dtype=torch.float32, attn_implementation="eager"
     )
@@ -31,9 +37,9 @@ def main():
         for line in f:
             if not line.strip():
                 continue
-            ids = tok(json.loads(line)["text"])["input_ids"]
-            if tok.eos_token_id is not None and ids[-1] != tok.eos_token_id:
-                ids.append(tok.eos_token_id)
+            ids = tok.encode(json.loads(line)["text"]).ids
+            if eos_id is not None and ids[-1] != eos_id:
+                ids.append(eos_id)
             x = torch.tensor([ids])
             with torch.no_grad():
                 logits = model(input_ids=x).logits[0].float()

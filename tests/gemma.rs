@@ -40,7 +40,10 @@ fn gemma2_config_turns_on_every_switch() {
     assert_eq!((s.attn_softcap, s.final_softcap), (Some(3.0), Some(4.0)));
     assert_eq!(s.sliding_layers, vec![true, false, true]);
     assert_eq!(s.rope_local, None);
-    assert_eq!((c.window(0), c.window(1), c.window(2)), (Some(7), None, Some(7)));
+    assert_eq!(
+        (c.window(0), c.window(1), c.window(2)),
+        (Some(7), None, Some(7))
+    );
     assert!(c.tie_word_embeddings && !c.qk_norm());
     assert_eq!(c.head_dim, 24);
 }
@@ -50,7 +53,10 @@ fn gemma3_config_has_local_rope_and_head_norms() {
     let c = LlamaConfig::from_file(&fixture("tiny-gemma3/config.json")).unwrap();
     assert_eq!(c.arch, Arch::Gemma3);
     assert!(c.qk_norm());
-    assert_eq!((c.switches.attn_softcap, c.switches.final_softcap), (None, None));
+    assert_eq!(
+        (c.switches.attn_softcap, c.switches.final_softcap),
+        (None, None)
+    );
     assert_eq!(c.rope_theta, 1e6);
     assert_eq!(c.rope_scaling, RopeScaling::Linear { factor: 4.0 });
     assert_eq!(c.switches.rope_local, Some((1e4, RopeScaling::None)));
@@ -70,7 +76,10 @@ fn transformers_4_dialect_reads_as_the_5_dialect() {
     o.remove("_sliding_window_pattern");
     o.insert("rope_theta".into(), json!(1e6));
     o.insert("rope_local_base_freq".into(), json!(1e4));
-    o.insert("rope_scaling".into(), json!({"rope_type": "linear", "factor": 4.0}));
+    o.insert(
+        "rope_scaling".into(),
+        json!({"rope_type": "linear", "factor": 4.0}),
+    );
     o.insert("sliding_window_pattern".into(), json!(2));
     let old = parse("g3-4x", &v).unwrap();
     let new = LlamaConfig::from_file(&fixture("tiny-gemma3/config.json")).unwrap();

@@ -479,7 +479,7 @@ fn bad_configs_are_rejected_naming_the_field() {
     let cases: Vec<(Edit, &str)> = vec![
         (
             Box::new(|v| v["model_type"] = "gpt2".into()),
-            "model_type `gpt2` is not supported (supported: llama, mistral, qwen2, qwen3)",
+            "model_type `gpt2` is not supported (supported: llama, mistral, qwen2, qwen3, gemma2, gemma3_text)",
         ),
         (
             Box::new(|v| {
@@ -515,8 +515,14 @@ fn bad_configs_are_rejected_naming_the_field() {
             "`layer_types` has `chunked` for layer 1",
         ),
         (
-            Box::new(|v| v["layer_types"] = serde_json::json!(["sliding_attention"])),
-            "lists layer 0 as sliding_attention but `sliding_window` is not set",
+            Box::new(|v| {
+                v["layer_types"] = serde_json::json!(["sliding_attention", "full_attention"])
+            }),
+            "lists sliding_attention layers but `sliding_window` is not set",
+        ),
+        (
+            Box::new(|v| v["layer_types"] = serde_json::json!(["full_attention"])),
+            "`layer_types` lists 1 layers but num_hidden_layers is 2",
         ),
     ];
     for (edit, want) in cases {
@@ -908,4 +914,55 @@ fn rank_padding_is_exact_in_loss_and_gradients() {
     let lora = adapter(&model, "tiny-llama-lora");
     let err = lora.padded_to_rank(2).unwrap_err().to_string();
     assert!(err.contains("cannot pad LoRA rank 4 down to 2"), "{err}");
+}
+
+/// Gemma 2 with every quirk on: `(1 + w)` norms, four per layer, the √d-scaled tied embedding,
+/// GeGLU, attention soft-capping at 3 and final soft-capping at 4, the attention scale from
+/// query_pre_attn_scalar 20, a sliding window of 7 on layers 0 and 2 (shorter than both test
+/// sequences), head_dim 24 where hidden / heads is 16.
+#[test]
+fn gemma2_with_every_quirk_matches_transformers_peft() {
+    golden_case("tiny-gemma2");
+}
+
+/// Gemma 3: Gemma 2's layer with per-head q/k norms and no soft-capping; the sliding layers
+/// rotate with their own base (1e4), the global ones with 1e6 and linear scaling 4.
+#[test]
+fn gemma3_with_local_rope_and_head_norms_matches_transformers_peft() {
+    golden_case("tiny-gemma3");
+}
+
+/// Gemma's generation with a KV cache (sliding layers windowed over the cache, soft-capped
+/// logits) picks the tokens full forwards over the growing sequence pick, past the window of 7.
+#[test]
+fn gemma_generation_with_a_kv_cache_equals_recomputing_everything() {
+    use qlora_rs::model::generate::Sampling;
+    for name in ["tiny-gemma2", "tiny-gemma3"] {
+        let model = load(name, BaseFormat::Dense);
+        let lora = adapter(&model, &format!("{name}-lora"));
+        let prompt: Vec<u32> = vec![1, 88, 86, 136, 108, 58, 188, 17, 40];
+        let greedy = Sampling {
+            temperature: 0.0,
+            top_p: 1.0,
+            seed: 0,
+            max_new_tokens: 14,
+        };
+        let out = model
+            .generate(Some(&lora), &prompt, None, greedy, &mut |_| Ok(()))
+            .unwrap();
+        assert_eq!(out.len(), 14);
+        let mut seq = prompt.clone();
+        let v = model.config.vocab_size;
+        for &t in &out {
+            let logits = model.logits(Some(&lora), &seq, &[0, seq.len()]).unwrap();
+            let last = &logits[(seq.len() - 1) * v..];
+            let best = last
+                .iter()
+                .enumerate()
+                .fold((0, f32::MIN), |b, (i, &x)| if x > b.1 { (i, x) } else { b })
+                .0;
+            assert_eq!(best as u32, t, "{name} after {} tokens", seq.len());
+            seq.push(t);
+        }
+    }
 }

@@ -1,14 +1,20 @@
-//! The Llama decoder (Llama, Mistral, Qwen2), written once on the tape ([`crate::autograd`]) for
-//! both devices: loading from a Hugging Face folder, moving to a GPU, the forward, and the
-//! training forward/backward with per-layer checkpointing.
+//! The one decoder (Llama, Mistral, Qwen2, Qwen3, Gemma 2, Gemma 3), written once on the tape
+//! ([`crate::autograd`]) for both devices: loading from a Hugging Face folder, moving to a GPU,
+//! the forward, and the training forward/backward with per-layer checkpointing.
 //!
 //! ```text
-//! h = E[ids]                                                   [T, d]
-//! per layer:  n = rmsnorm(h);  q, k, v = n·W{q,k,v}ᵀ (+ b) + LoRA;  q, k = rope(q), rope(k)
-//!             h = h + attention(q, k, v)·Woᵀ + LoRA
-//!             n = rmsnorm(h);  h = h + (silu(n·Wgᵀ) ⊙ n·Wuᵀ)·Wdᵀ (+ LoRA on each)
-//! logits = rmsnorm(h)·Eᵀ (tied) or ·W_lmᵀ                        [T, V]
+//! h = E[ids] (· √d for Gemma)                                  [T, d]
+//! per layer:  n = rmsnorm(h);  q, k, v = n·W{q,k,v}ᵀ (+ b) + LoRA
+//!             q, k = headnorm(q), headnorm(k)                 (Qwen3, Gemma 3)
+//!             q, k = rope(q), rope(k)                         (Gemma 3: local base on sliding layers)
+//!             a = attention(q, k, v)·Woᵀ + LoRA               (scale, soft-cap, window per layer)
+//!             h = h + a               or  h = h + rmsnorm(a)  (Gemma's post-attention norm)
+//!             n = rmsnorm(h);  m = (act(n·Wgᵀ) ⊙ n·Wuᵀ)·Wdᵀ   (+ LoRA on each; silu or tanh-GELU)
+//!             h = h + m               or  h = h + rmsnorm(m)  (Gemma's post-feedforward norm)
+//! logits = rmsnorm(h)·Eᵀ (tied) or ·W_lmᵀ, then c·tanh(z/c) for Gemma 2          [T, V]
 //! ```
+//! Gemma's norms compute `x·rstd·(1 + w)` ([`rmsnorm::Norm`]); which switch each family turns on
+//! is [`super::config::Switches`].
 //! On the CPU the weights are f32 (projections f32 or NF4) and so are the activations: the
 //! reference, checked against transformers + PEFT. On a GPU the projections are NF4, the rest of
 //! the frozen weights and the activations bf16, and every op runs on our kernels.
@@ -22,15 +28,14 @@ use std::path::Path;
 use half::bf16;
 
 use super::adapters::Adapters;
-use super::config::LlamaConfig;
+use super::config::{Activation, LlamaConfig};
 use super::lora::{LoraParams, Target};
 pub use crate::autograd::BaseWeight;
 use crate::autograd::{self, Batch, Dropout, KvCache, Linear, Losses, Tape, Var};
 use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::io::safetensors::Checkpoint;
-use crate::ops::rmsnorm::Norm;
-use crate::ops::{attention, cross_entropy, gemm, rmsnorm, rope};
+use crate::ops::{attention, cross_entropy, gemm, rmsnorm, rope, swiglu};
 use crate::quant::bnb;
 use crate::quant::nf4::{Nf4Config, Nf4Tensor};
 use crate::tensor::{DType, Tensor};
@@ -54,7 +59,11 @@ struct Projection {
 #[derive(Debug)]
 struct DecoderLayer {
     input_norm: Tensor,
+    /// The norm before the MLP (`post_attention_layernorm`; Gemma: `pre_feedforward_layernorm`).
     post_norm: Tensor,
+    /// Gemma's norms of the attention and MLP outputs before their residual adds
+    /// (`post_attention_layernorm`, `post_feedforward_layernorm`).
+    branch_norms: Option<(Tensor, Tensor)>,
     /// Qwen3's per-head norms of q and k, `[head_dim]` each.
     qk_norm: Option<(Tensor, Tensor)>,
     /// In [`Target::ALL`] order.
@@ -73,6 +82,8 @@ pub struct Llama {
     lm_head: Option<Tensor>,
     /// RoPE inverse frequencies, f32 `[head_dim / 2]`.
     freqs: Tensor,
+    /// Those of the sliding layers where they differ (Gemma 3's `rope_local_base_freq`).
+    freqs_local: Option<Tensor>,
     /// What loading left aside and why (checkpoint tensors the config makes redundant), for the
     /// command line to print as warnings.
     pub load_warnings: Vec<String>,
@@ -93,6 +104,30 @@ fn layer_key(l: usize, rest: &str) -> String {
 
 fn hv(v: Vec<f32>, shape: &[usize]) -> Result<Tensor> {
     Tensor::from_vec(v, shape, &Device::Cpu)
+}
+
+/// The norm weight that leaves its input unscaled: 1, or 0 where norms compute `(1 + w)`.
+fn norm_identity(c: &LlamaConfig) -> f32 {
+    if c.switches.norm_unit_offset {
+        0.0
+    } else {
+        1.0
+    }
+}
+
+/// The RoPE inverse frequencies f32 `[head_dim / 2]` on `dev`, and the sliding layers' own
+/// where the config gives them.
+fn rope_tables(c: &LlamaConfig, dev: &Device) -> Result<(Tensor, Option<Tensor>)> {
+    let half = [c.head_dim / 2];
+    let global = rope::inv_freq(c.head_dim, c.rope_theta, c.rope_scaling);
+    let local = c
+        .switches
+        .rope_local
+        .map(|(theta, scaling)| rope::inv_freq(c.head_dim, theta, scaling));
+    Ok((
+        Tensor::from_vec(global, &half, dev)?,
+        local.map(|f| Tensor::from_vec(f, &half, dev)).transpose()?,
+    ))
 }
 
 /// A host f32 tensor as bf16 on `dev`.
@@ -181,11 +216,17 @@ impl Llama {
                 proj.push(Projection { weight, bias });
             }
             let hd = c.head_dim;
+            let unit = norm_identity(c);
             layers.push(DecoderLayer {
-                input_norm: hv(vec![1.0; d], &[d])?,
-                post_norm: hv(vec![1.0; d], &[d])?,
+                input_norm: hv(vec![unit; d], &[d])?,
+                post_norm: hv(vec![unit; d], &[d])?,
+                branch_norms: if c.switches.sandwich_norms {
+                    Some((hv(vec![unit; d], &[d])?, hv(vec![unit; d], &[d])?))
+                } else {
+                    None
+                },
                 qk_norm: if c.qk_norm() {
-                    Some((hv(vec![1.0; hd], &[hd])?, hv(vec![1.0; hd], &[hd])?))
+                    Some((hv(vec![unit; hd], &[hd])?, hv(vec![unit; hd], &[hd])?))
                 } else {
                     None
                 },
@@ -197,18 +238,16 @@ impl Llama {
         } else {
             Some(hv(random(c.vocab_size * d), &[c.vocab_size, d])?)
         };
-        let freqs = hv(
-            rope::inv_freq(c.head_dim, c.rope_theta, c.rope_scaling),
-            &[c.head_dim / 2],
-        )?;
+        let (freqs, freqs_local) = rope_tables(c, &Device::Cpu)?;
         Ok(Llama {
-            norm: hv(vec![1.0; d], &[d])?,
+            norm: hv(vec![norm_identity(c); d], &[d])?,
             device: Device::Cpu,
             config,
             embed,
             layers,
             lm_head,
             freqs,
+            freqs_local,
             load_warnings: Vec::new(),
         })
     }
@@ -245,7 +284,8 @@ impl Llama {
         } else {
             Some(draw(&[c.vocab_size, d])?)
         };
-        let ones = || Tensor::from_vec(vec![bf16::ONE; d], &[d], &device);
+        let unit = bf16::from_f32(norm_identity(&c));
+        let ones = || Tensor::from_vec(vec![unit; d], &[d], &device);
         let mut layers = Vec::with_capacity(c.num_layers);
         for _ in 0..c.num_layers {
             let mut proj = Vec::with_capacity(7);
@@ -262,10 +302,15 @@ impl Llama {
                 proj.push(Projection { weight, bias });
             }
             let hd = c.head_dim;
-            let head_ones = || Tensor::from_vec(vec![bf16::ONE; hd], &[hd], &device);
+            let head_ones = || Tensor::from_vec(vec![unit; hd], &[hd], &device);
             layers.push(DecoderLayer {
                 input_norm: ones()?,
                 post_norm: ones()?,
+                branch_norms: if c.switches.sandwich_norms {
+                    Some((ones()?, ones()?))
+                } else {
+                    None
+                },
                 qk_norm: if c.qk_norm() {
                     Some((head_ones()?, head_ones()?))
                 } else {
@@ -274,8 +319,7 @@ impl Llama {
                 proj,
             });
         }
-        let inv_freq = rope::inv_freq(c.head_dim, c.rope_theta, c.rope_scaling);
-        let freqs = Tensor::from_vec(inv_freq, &[c.head_dim / 2], &device)?;
+        let (freqs, freqs_local) = rope_tables(&c, &device)?;
         Ok(Llama {
             norm: ones()?,
             config: c,
@@ -284,6 +328,7 @@ impl Llama {
             layers,
             lm_head,
             freqs,
+            freqs_local,
             load_warnings: Vec::new(),
         })
     }
@@ -329,9 +374,14 @@ impl Llama {
                 Some((q, k)) => Some((bf16_on(q, &dev)?, bf16_on(k, &dev)?)),
                 None => None,
             };
+            let branch_norms = match &layer.branch_norms {
+                Some((a, m)) => Some((bf16_on(a, &dev)?, bf16_on(m, &dev)?)),
+                None => None,
+            };
             layers.push(DecoderLayer {
                 input_norm: bf16_on(&layer.input_norm, &dev)?,
                 post_norm: bf16_on(&layer.post_norm, &dev)?,
+                branch_norms,
                 qk_norm,
                 proj,
             });
@@ -343,6 +393,7 @@ impl Llama {
             lm_head: self.lm_head.map(|w| bf16_on(&w, &dev)).transpose()?,
             norm: bf16_on(&self.norm, &dev)?,
             freqs: self.freqs.to_device(&dev)?,
+            freqs_local: self.freqs_local.map(|f| f.to_device(&dev)).transpose()?,
             layers,
             load_warnings: self.load_warnings,
         })
@@ -405,16 +456,23 @@ impl Llama {
             } else {
                 None
             };
+            let norm = |n: &str| hv(ckpt.f32(&layer_key(l, n), &[d])?, &[d]);
+            let (post_norm, branch_norms) = if c.switches.sandwich_norms {
+                (
+                    norm("pre_feedforward_layernorm.weight")?,
+                    Some((
+                        norm("post_attention_layernorm.weight")?,
+                        norm("post_feedforward_layernorm.weight")?,
+                    )),
+                )
+            } else {
+                (norm("post_attention_layernorm.weight")?, None)
+            };
             layers.push(DecoderLayer {
                 qk_norm,
-                input_norm: hv(
-                    ckpt.f32(&layer_key(l, "input_layernorm.weight"), &[d])?,
-                    &[d],
-                )?,
-                post_norm: hv(
-                    ckpt.f32(&layer_key(l, "post_attention_layernorm.weight"), &[d])?,
-                    &[d],
-                )?,
+                input_norm: norm("input_layernorm.weight")?,
+                post_norm,
+                branch_norms,
                 proj,
             });
         }
@@ -427,10 +485,7 @@ impl Llama {
                 &[c.vocab_size, d],
             )?)
         };
-        let freqs = hv(
-            rope::inv_freq(c.head_dim, c.rope_theta, c.rope_scaling),
-            &[c.head_dim / 2],
-        )?;
+        let (freqs, freqs_local) = rope_tables(c, &Device::Cpu)?;
         // Every tensor of the checkpoint must be one the config uses: a 1-layer config on a
         // 2-layer checkpoint would otherwise train a truncated model without a word.
         let mut load_warnings = Vec::new();
@@ -470,6 +525,7 @@ impl Llama {
             norm,
             lm_head,
             freqs,
+            freqs_local,
             load_warnings,
         })
     }
@@ -494,9 +550,31 @@ impl Llama {
         }
     }
 
-    fn attention_dims(&self) -> attention::Dims {
+    /// Layer `l`'s attention: its heads, scale, soft-cap and window.
+    fn attention_dims(&self, l: usize) -> attention::Dims {
         let c = &self.config;
         attention::Dims::new(c.num_heads, c.num_kv_heads, c.head_dim)
+            .with_scale(c.attn_scale())
+            .with_softcap(c.switches.attn_softcap)
+            .with_window(c.window(l))
+    }
+
+    /// Layer `l`'s RoPE table (Gemma 3's sliding layers have their own).
+    fn freqs_of(&self, l: usize) -> &Tensor {
+        match (&self.freqs_local, self.config.window(l)) {
+            (Some(local), Some(_)) => local,
+            _ => &self.freqs,
+        }
+    }
+
+    /// The RMSNorm settings of every norm of the model.
+    fn norm(&self) -> rmsnorm::Norm {
+        let c = &self.config;
+        if c.switches.norm_unit_offset {
+            rmsnorm::Norm::unit_offset(c.rms_norm_eps)
+        } else {
+            rmsnorm::Norm::plain(c.rms_norm_eps)
+        }
     }
 
     /// One decoder layer on `tape`, from `x`; with `cache` (generation on the CPU), attention
@@ -511,7 +589,7 @@ impl Llama {
         cache: Option<&mut KvCache>,
     ) -> Result<Var> {
         let c = &self.config;
-        let (norm, hd) = (Norm::plain(c.rms_norm_eps), c.head_dim);
+        let (norm, hd) = (self.norm(), c.head_dim);
         let ly = &self.layers[l];
         let n1 = tape.rmsnorm(x, &ly.input_norm, norm)?;
         let q = tape.linear(&n1, self.lin(l, Target::Q))?;
@@ -525,23 +603,40 @@ impl Llama {
             ),
             None => (q, k),
         };
-        let q = tape.rope(q, c.num_heads, hd, &self.freqs)?;
-        let k = tape.rope(k, c.num_kv_heads, hd, &self.freqs)?;
+        let freqs = self.freqs_of(l);
+        let q = tape.rope(q, c.num_heads, hd, freqs)?;
+        let k = tape.rope(k, c.num_kv_heads, hd, freqs)?;
+        let dims = self.attention_dims(l);
         let o = match cache {
-            None => tape.attention(&q, &k, &v, self.attention_dims())?,
-            Some(cache) => tape.attention_cached(&q, &k, &v, self.attention_dims(), cache)?,
+            None => tape.attention(&q, &k, &v, dims)?,
+            Some(cache) => tape.attention_cached(&q, &k, &v, dims, cache)?,
         };
         drop((q, k, v));
-        let a = tape.linear(&o, self.lin(l, Target::O))?;
+        let mut a = tape.linear(&o, self.lin(l, Target::O))?;
         drop(o);
+        if let Some((attn_out_norm, _)) = &ly.branch_norms {
+            a = tape.rmsnorm(&a, attn_out_norm, norm)?;
+        }
         let (h1, n2) = tape.add_rmsnorm(x, &a, &ly.post_norm, norm)?;
         drop(a);
         let g = tape.linear(&n2, self.lin(l, Target::Gate))?;
         let u = tape.linear(&n2, self.lin(l, Target::Up))?;
         drop(n2);
-        let s = tape.swiglu(&g, &u)?;
+        let act = match c.switches.act {
+            Activation::Silu => swiglu::Act::Silu,
+            Activation::GeluTanh => swiglu::Act::GeluTanh,
+        };
+        let s = tape.glu(&g, &u, act)?;
         drop((g, u));
-        tape.linear_residual(&s, self.lin(l, Target::Down), &h1)
+        match &ly.branch_norms {
+            None => tape.linear_residual(&s, self.lin(l, Target::Down), &h1),
+            Some((_, mlp_out_norm)) => {
+                let m = tape.linear(&s, self.lin(l, Target::Down))?;
+                drop(s);
+                let m = tape.rmsnorm(&m, mlp_out_norm, norm)?;
+                tape.add(&h1, &m)
+            }
+        }
     }
 
     /// The batch of `ids` packed as `cu_seqlens`, checked against the model.
@@ -553,19 +648,6 @@ impl Llama {
                 expected: format!("{} token ids (cu_seqlens ends there)", batch.tokens()),
                 got: format!("{} ids", ids.len()),
             });
-        }
-        if let Some(w) = self.config.sliding_window {
-            if let Some(long) = batch
-                .cu_seqlens
-                .windows(2)
-                .map(|p| p[1] - p[0])
-                .find(|&len| len > w)
-            {
-                return Err(Error::InvalidArgument(format!(
-                    "a sequence of {long} tokens is longer than the model's sliding window ({w}), \
-                     which this attention does not implement: use --seq-len {w} or less"
-                )));
-            }
         }
         Ok(batch)
     }
@@ -594,7 +676,7 @@ impl Llama {
         ids: &[u32],
         mut inputs: Option<&mut Vec<Tensor>>,
     ) -> Result<Tensor> {
-        let mut h = autograd::embed(&self.embed, ids, None)?;
+        let mut h = autograd::embed(&self.embed, ids, self.config.switches.embed_scale)?;
         for l in 0..self.config.num_layers {
             let mut tape = Tape::new(self.device, batch, adapters, false, dropout)?;
             let x = tape.input(h, false)?;
@@ -637,13 +719,14 @@ impl Llama {
         // Final norm + fused lm_head/cross-entropy.
         let mut tape = Tape::new(dev, &batch, Some(adapters), true, None)?;
         let x = tape.input(h, true)?;
-        let n = tape.rmsnorm(&x, &self.norm, Norm::plain(self.config.rms_norm_eps))?;
+        let n = tape.rmsnorm(&x, &self.norm, self.norm())?;
+        let softcap = self.config.switches.final_softcap;
         let ce = tape.lm_head_ce(
             &n,
             self.output_embedding(),
             &targets,
             Some(grad_scale),
-            None,
+            softcap,
         )?;
         drop(n);
         let loss = ce.var.expect("the final norm's input requires a gradient");
@@ -679,9 +762,10 @@ impl Llama {
         let h = self.layers_forward(&batch, adapters, None, ids, None)?;
         let mut tape = Tape::new(self.device, &batch, adapters, false, None)?;
         let x = tape.input(h, false)?;
-        let n = tape.rmsnorm(&x, &self.norm, Norm::plain(self.config.rms_norm_eps))?;
+        let n = tape.rmsnorm(&x, &self.norm, self.norm())?;
         drop(x);
-        let ce = tape.lm_head_ce(&n, self.output_embedding(), &targets, None, None)?;
+        let softcap = self.config.switches.final_softcap;
+        let ce = tape.lm_head_ce(&n, self.output_embedding(), &targets, None, softcap)?;
         Ok((ce.losses, ce.count))
     }
 
@@ -699,7 +783,7 @@ impl Llama {
     }
 
     fn final_norm(&self, h: Tensor) -> Result<Tensor> {
-        let norm = Norm::plain(self.config.rms_norm_eps);
+        let norm = self.norm();
         match self.device {
             Device::Cpu => {
                 let d = self.config.hidden_size;
@@ -717,6 +801,15 @@ impl Llama {
 
     /// Logits (f32, on the host) of normed hidden states `n` `[T, d]` on the model's device.
     fn logits_of(&self, n: &Tensor) -> Result<Vec<f32>> {
+        let mut z = self.raw_logits_of(n)?;
+        if let Some(c) = self.config.switches.final_softcap {
+            cross_entropy::softcap_logits(&mut z, c);
+        }
+        Ok(z)
+    }
+
+    /// [`Llama::logits_of`] before the final soft-cap.
+    fn raw_logits_of(&self, n: &Tensor) -> Result<Vec<f32>> {
         let d = self.config.hidden_size;
         match self.device {
             Device::Cpu => Ok(cross_entropy::logits(
@@ -765,7 +858,7 @@ impl Llama {
     ) -> Result<Vec<f32>> {
         let start = cache.first().map_or(0, |c| c.len());
         let batch = Batch::decode(start, ids.len())?;
-        let mut h = autograd::embed(&self.embed, ids, None)?;
+        let mut h = autograd::embed(&self.embed, ids, self.config.switches.embed_scale)?;
         for (l, layer_cache) in cache.iter_mut().enumerate() {
             let mut tape = Tape::new(self.device, &batch, adapters, false, None)?;
             let x = tape.input(h, false)?;

@@ -1,11 +1,12 @@
 //! Built-in model shapes (published configurations), for `plan` and `bench` without a download.
 
-use super::config::{Arch, LlamaConfig};
+use super::config::{Activation, Arch, LlamaConfig, Switches};
 use crate::error::{Error, Result};
 use crate::ops::rope::RopeScaling;
 
 /// The shape names [`by_name`] knows, for messages.
-pub const NAMES: &str = "smollm2-135m, llama3-1b, llama3-8b, qwen3-0.6b, qwen3-8b";
+pub const NAMES: &str =
+    "smollm2-135m, llama3-1b, llama3-8b, qwen3-0.6b, qwen3-8b, gemma2-2b, gemma3-1b";
 
 /// The configuration of a named shape.
 pub fn by_name(name: &str) -> Result<LlamaConfig> {
@@ -81,6 +82,42 @@ pub fn by_name(name: &str) -> Result<LlamaConfig> {
             RopeScaling::None,
             40_960,
         ))),
+        // Gemma 2 2B: head_dim 256, soft-caps 50 and 30, a 4096-token window on even layers.
+        "gemma2-2b" => Ok(gemma(
+            Arch::Gemma2,
+            base(
+                2304,
+                9216,
+                26,
+                8,
+                4,
+                256_000,
+                true,
+                10_000.0,
+                RopeScaling::None,
+                8192,
+            ),
+            4096,
+            (0..26).map(|i| i % 2 == 0).collect(),
+        )),
+        // Gemma 3 1B: one global layer in six, a 512-token window, local RoPE base 1e4.
+        "gemma3-1b" => Ok(gemma(
+            Arch::Gemma3,
+            base(
+                1152,
+                6912,
+                26,
+                4,
+                1,
+                262_144,
+                true,
+                1e6,
+                RopeScaling::None,
+                32_768,
+            ),
+            512,
+            (0..26).map(|i| (i + 1) % 6 != 0).collect(),
+        )),
         other => Err(Error::InvalidArgument(format!(
             "unknown shape `{other}`: use one of {NAMES}"
         ))),
@@ -92,6 +129,29 @@ fn qwen3(c: LlamaConfig) -> LlamaConfig {
         arch: Arch::Qwen3,
         head_dim: 128,
         rms_norm_eps: 1e-6,
+        ..c
+    }
+}
+
+/// A Gemma shape: head_dim 256, query_pre_attn_scalar 256, the family's switches.
+fn gemma(arch: Arch, c: LlamaConfig, window: usize, sliding_layers: Vec<bool>) -> LlamaConfig {
+    let gemma2 = arch == Arch::Gemma2;
+    LlamaConfig {
+        arch,
+        head_dim: 256,
+        rms_norm_eps: 1e-6,
+        sliding_window: Some(window),
+        switches: Switches {
+            act: Activation::GeluTanh,
+            norm_unit_offset: true,
+            sandwich_norms: true,
+            embed_scale: Some((c.hidden_size as f64).sqrt() as f32),
+            attn_scale: Some(1.0 / 16.0),
+            attn_softcap: gemma2.then_some(50.0),
+            final_softcap: gemma2.then_some(30.0),
+            sliding_layers,
+            rope_local: (!gemma2).then_some((10_000.0, RopeScaling::None)),
+        },
         ..c
     }
 }
