@@ -48,6 +48,11 @@ PY
         "$bin" import-gguf "$d/$case-$t.gguf" --output "$d/$case-$t-back" > /dev/null
       done
     done
+    # The adapter onto the original f32 weights (not the NF4 base it was trained on): what
+    # transformers + PEFT compute on the fixture.
+    "$bin" export-gguf --model "$d/model" --adapter "$d/adapter" --allow-other-base --onto-original \
+      --output "$d/orig-f32.gguf" --type f32 > /dev/null
+    "$bin" import-gguf "$d/orig-f32.gguf" --output "$d/orig-f32-back" > /dev/null
   done
   "${QLORA_TRANSFORMERS_PYTHON:-python3}" scripts/check_gguf_export.py gemma-reference "$work"
   "$venv/bin/python" scripts/check_gguf_export.py gemma "$work"

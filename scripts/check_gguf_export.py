@@ -153,12 +153,14 @@ def main():
 
 # The gemma check (scripts/check-gguf-export.sh --gemma). WORK/<family>/ holds `model` (the
 # tiny fixture with query_pre_attn_scalar = head_dim, the scale llama.cpp hard-codes), and for
-# each case (`base`, and `lora` with the fixture's adapter folded in) and type: <case>-<type>.gguf
+# each case (`base`; `lora`, the fixture's adapter folded into the NF4 base it was trained on;
+# `orig`, folded into the original f32 weights, f32 only) and type: <case>-<type>.gguf
 # (our export) and <case>-<type>-back/ (import-gguf of it: the file's weights, dequantized, as a
 # Hugging Face folder). transformers gives the reference: its loss on the same token ids (a) on
 # <case>-<type>-back, the file's own weights (which also checks that transformers reads the
 # imported config as the model it was), within TOLERANCE of llama.cpp's, and (b) on the original
-# f32 fixture (+ the adapter through PEFT), reported beside it.
+# f32 fixture (+ the adapter through PEFT), reported beside it: for `lora` that difference is
+# the NF4 rounding of the base under the adapter, for `orig` only bf16's.
 GEMMA_FAMILIES = ["gemma2", "gemma3"]
 GEMMA_TYPES = ["f32", "f16", "bf16", "q6_k", "q5_k_m", "q4_k_m"]
 GEMMA_TEXT = ("The quick brown fox jumps over the lazy dog. She said: it is 2024, and the "
@@ -167,7 +169,7 @@ GEMMA_TEXT = ("The quick brown fox jumps over the lazy dog. She said: it is 2024
 
 def gemma_cases(work, family):
     fam = os.path.join(work, family)
-    return [(case, os.path.join(fam, case)) for case in ("base", "lora")
+    return [(case, os.path.join(fam, case)) for case in ("base", "lora", "orig")
             if os.path.exists(os.path.join(fam, f"{case}-f32.gguf"))]
 
 
@@ -194,7 +196,7 @@ def gemma_reference(work):
         out = {"ids": ids, "cases": {}}
         for case, prefix in gemma_cases(work, family):
             original = load(model_dir)
-            if case == "lora":
+            if case != "base":
                 from peft import PeftModel
                 adapter = os.path.join(fam, "adapter")
                 original = PeftModel.from_pretrained(original, adapter).merge_and_unload()
@@ -224,6 +226,8 @@ def gemma_main(work):
             res = ref["cases"][case]
             for ty in GEMMA_TYPES:
                 path = f"{prefix}-{ty}.gguf"
+                if not os.path.exists(path):
+                    continue
                 if ty not in res["types"]:
                     failures.append(f"{family} {case} {ty}: no transformers reference")
                     continue
@@ -245,6 +249,23 @@ def gemma_main(work):
                 print(f"{family + ' ' + case:14} {ty:7} {got:10.5f} {same:12.5f} {delta:14.6f} "
                       f"{TOLERANCE[ty]:9} {abs(got - original):14.6f} {'same' if tokens_ok else 'DIFF'}")
                 del llm
+    print("\nllama.cpp's quantizer on our f32 exports, against our quantized exports:")
+    for family in GEMMA_FAMILIES:
+        for case, prefix in gemma_cases(work, family):
+            for ty in GEMMA_TYPES:
+                if ty not in FTYPE or not os.path.exists(f"{prefix}-{ty}.gguf"):
+                    continue
+                ref = f"{prefix}-llama-quantize-{ty}.gguf"
+                quantize_with_llama_cpp(f"{prefix}-f32.gguf", ref, FTYPE[ty])
+                a, b = tensor_bytes(ref), tensor_bytes(f"{prefix}-{ty}.gguf")
+                bad = sorted(n for n in set(a) | set(b) if a.get(n) != b.get(n))
+                kinds = {}
+                for n, (t, _) in b.items():
+                    kinds[t] = kinds.get(t, 0) + 1
+                status = "identical" if not bad else f"{len(bad)} tensors differ: {bad[:3]}"
+                print(f"  {family + ' ' + case:14} {ty:7} {len(b)} tensors {kinds}: {status}")
+                if bad:
+                    failures.append(f"{family} {case} {ty}: {len(bad)} tensors differ from llama-quantize's")
     if failures:
         print("\nFAILED:\n" + "\n".join(failures))
         sys.exit(1)

@@ -4,7 +4,11 @@
 //! `Gemma3Model` over `TextModel.set_gguf_parameters`; names from gguf-py's
 //! `tensor_mapping.py`), with `1 + w` in every norm; `import-gguf` reads them back into the
 //! same weights and an equal config; what llama.cpp's `gemma2`/`gemma3` would run differently
-//! (`llama_model_gemma2/3::load_arch_hparams`) is refused by name.
+//! (`llama_model_gemma2/3::load_arch_hparams`) is refused by name. A bf16 export equals what
+//! llama.cpp's own convert_hf_to_gguf.py writes from the same weights — every `<arch>.*` key
+//! and every tensor's bytes (tests/fixtures/gguf/gemma-converter.json, made by
+//! tests/fixtures/make_gemma_gguf_reference.py) — but for the sliding pattern that tiny-gemma3
+//! needs and the converter leaves out.
 //!
 //! The fixtures set `query_pre_attn_scalar` 20 against a head width of 24 (to test our
 //! decoder), which llama.cpp cannot represent (it hard-codes `1/√head_dim`): those are
@@ -492,5 +496,95 @@ fn gguf_gemma_import_reads_llama_cpps_defaults() {
         e.contains("output.weight") && e.contains("Gemma2ForCausalLM"),
         "{e}"
     );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// FNV-1a, 64 bits (as tests/fixtures/make_gemma_gguf_reference.py hashes tensor bytes).
+fn fnv1a64(data: &[u8]) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in data {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x100_0000_01b3);
+    }
+    format!("{h:016x}")
+}
+
+/// A metadata value equals its JSON form (gguf-py's `contents()`; f32 compared as f32).
+fn same_value(v: &Value, j: &Json) -> bool {
+    match v {
+        Value::F32(x) => j.as_f64().is_some_and(|y| y as f32 == *x),
+        Value::String(s) => j.as_str() == Some(s.as_str()),
+        Value::Bool(b) => j.as_bool() == Some(*b),
+        Value::Array(items) => j.as_array().is_some_and(|a| {
+            a.len() == items.len() && items.iter().zip(a).all(|(v, j)| same_value(v, j))
+        }),
+        v => v.as_u64().is_some_and(|x| j.as_u64() == Some(x)),
+    }
+}
+
+#[test]
+fn gguf_gemma_export_equals_llama_cpps_converter() {
+    // tests/fixtures/gguf/gemma-converter.json: llama.cpp's convert_hf_to_gguf.py (0.3.36's
+    // vendored llama.cpp) on the same fixtures (query_pre_attn_scalar 24, weights rounded to
+    // bf16), --outtype bf16, vocabulary aside (make_gemma_gguf_reference.py).
+    let reference = json_file(
+        &qlora_rs::testing::project_root().join("tests/fixtures/gguf/gemma-converter.json"),
+    );
+    let dir = tmpdir("converter");
+    for family in ["gemma2", "gemma3"] {
+        let want = &reference[family];
+        let model = llama_cpp_ready(&dir, family);
+        let out = dir.join(format!("{family}.gguf"));
+        export(&opts(&model, None, &out, GgufType::Bf16)).unwrap();
+        let g = GgufFile::open(&out).unwrap();
+        let keys = want["keys"].as_object().unwrap();
+        for (k, j) in keys {
+            let v = g
+                .get(k)
+                .unwrap_or_else(|| panic!("{family}: the converter writes `{k}`, we do not"));
+            assert!(
+                same_value(v, j),
+                "{family}: `{k}`: ours {v:?}, converter {j}"
+            );
+        }
+        // Ours beyond the converter's: only the sliding pattern tiny-gemma3 needs (the
+        // converter leaves it out, and llama.cpp would slide all four layers; see
+        // gguf_gemma_export_writes_llama_cpps_keys_and_names_and_round_trips).
+        let extra: Vec<&str> = g
+            .metadata
+            .iter()
+            .map(|(k, _)| k.as_str())
+            .filter(|k| k.starts_with(&format!("{family}.")) && !keys.contains_key(*k))
+            .collect();
+        let expected_extra: Vec<&str> = if family == "gemma3" {
+            vec!["gemma3.attention.sliding_window_pattern"]
+        } else {
+            vec![]
+        };
+        assert_eq!(extra, expected_extra, "{family}");
+        // The same tensors: names, dims, types and bytes.
+        let tensors = want["tensors"].as_array().unwrap();
+        assert_eq!(g.tensors.len(), tensors.len(), "{family}");
+        for t in tensors {
+            let name = t["name"].as_str().unwrap();
+            let ours = g
+                .tensor(name)
+                .unwrap_or_else(|| panic!("{family}: no `{name}`"));
+            let dims = ours.dims.clone();
+            let want_dims: Vec<usize> = t["dims"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|d| d.as_u64().unwrap() as usize)
+                .collect();
+            assert_eq!(dims, want_dims, "{family}: {name}");
+            assert_eq!(ours.ggml_type.name(), t["type"].as_str().unwrap(), "{name}");
+            assert_eq!(
+                fnv1a64(g.tensor_bytes(ours)),
+                t["fnv1a64"].as_str().unwrap(),
+                "{family}: `{name}` holds other bytes than the converter's"
+            );
+        }
+    }
     std::fs::remove_dir_all(&dir).unwrap();
 }
