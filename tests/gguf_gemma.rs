@@ -378,7 +378,7 @@ fn gguf_gemma_export_refuses_what_llama_cpp_would_run_differently() {
     for family in ["gemma2", "gemma3"] {
         refused(
             &fixture(&format!("tiny-{family}")),
-            &["config.json", "query_pre_attn_scalar 20", "head_dim = 24"],
+            &["config.json", "query_pre_attn_scalar 20:", "head_dim = 24"],
         );
     }
     let m = variant(&dir, "gemma2", "untied", |c| {

@@ -387,7 +387,8 @@ fn check_gemma(cfg: &LlamaConfig, path: &Path) -> Result<()> {
     );
     let scale = 1.0 / (assumed as f32).sqrt();
     if (cfg.attn_scale() - scale).abs() > 1e-6 * scale {
-        let scalar = 1.0 / (cfg.attn_scale() as f64).powi(2);
+        // The config's value back from the f32 scale (to 4 decimals: 20, not 20.0000005).
+        let scalar = (1e4 / (cfg.attn_scale() as f64).powi(2)).round() / 1e4;
         let why = if cfg.num_layers == gemma_27b_layers(cfg.arch) {
             format!(
                 "hidden_size / num_attention_heads = {assumed} for its {} layers (its 27B)",
