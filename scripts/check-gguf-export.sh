@@ -6,6 +6,15 @@
 # bytes as each of our quantized exports.
 #
 #   scripts/check-gguf-export.sh [MODEL_DIR ADAPTER_DIR]
+#   scripts/check-gguf-export.sh --gemma
+#
+# --gemma: llama.cpp's gemma2 and gemma3 on our exports of the tiny Gemma 2 / Gemma 3 fixtures
+# (tests/fixtures/llama/tiny-gemma{2,3}, base and with their adapters, every type whose blocks
+# tile the fixtures' rows), its loss on a token sequence against transformers' on the same
+# weights (the file imported back by import-gguf) and on the original f32 model. transformers
+# (torch, transformers >= 5, peft) comes from QLORA_TRANSFORMERS_PYTHON (default python3). The
+# fixtures set query_pre_attn_scalar 20 against head_dim 24, which llama.cpp cannot represent
+# (export-gguf refuses it): the check uses a copy with 24. Work goes to .gguf-check/gemma/.
 #
 # Default: the demo's SmolLM2-135M-Instruct (imported from its GGUF) with the demo's adapter
 # (.demo/adapter; trained here for a few steps on the CPU when absent). Work goes to .gguf-check/.
@@ -14,7 +23,41 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 cargo build --release --quiet
-bin="$root/target/release/qlora-rs"
+bin="${CARGO_TARGET_DIR:-$root/target}/release/qlora-rs"
+if [ "${1:-}" = "--gemma" ]; then
+  venv_line=$(scripts/llama-cpp-venv.sh | tail -n 1)
+  venv=${venv_line#LLAMA_CPP_VENV=}
+  work="$root/.gguf-check/gemma"
+  rm -rf "$work"
+  for family in gemma2 gemma3; do
+    d="$work/$family"
+    mkdir -p "$d/model"
+    cp "$root/tests/fixtures/llama/tiny-$family"/* "$d/model/"
+    cp -r "$root/tests/fixtures/llama/tiny-$family-lora" "$d/adapter"
+    python3 - "$d/model/config.json" <<'PY'
+import json, sys
+c = json.load(open(sys.argv[1]))
+c["query_pre_attn_scalar"] = c["head_dim"]
+json.dump(c, open(sys.argv[1], "w"), indent=2)
+PY
+    for t in f32 f16 bf16 q6_k q5_k_m q4_k_m; do
+      "$bin" export-gguf --model "$d/model" --output "$d/base-$t.gguf" --type "$t" > /dev/null
+      "$bin" export-gguf --model "$d/model" --adapter "$d/adapter" --allow-other-base \
+        --output "$d/lora-$t.gguf" --type "$t" > /dev/null
+      for case in base lora; do
+        "$bin" import-gguf "$d/$case-$t.gguf" --output "$d/$case-$t-back" > /dev/null
+      done
+    done
+    # The adapter onto the original f32 weights (not the NF4 base it was trained on): what
+    # transformers + PEFT compute on the fixture.
+    "$bin" export-gguf --model "$d/model" --adapter "$d/adapter" --allow-other-base --onto-original \
+      --output "$d/orig-f32.gguf" --type f32 > /dev/null
+    "$bin" import-gguf "$d/orig-f32.gguf" --output "$d/orig-f32-back" > /dev/null
+  done
+  "${QLORA_TRANSFORMERS_PYTHON:-python3}" scripts/check_gguf_export.py gemma-reference "$work"
+  "$venv/bin/python" scripts/check_gguf_export.py gemma "$work"
+  exit 0
+fi
 model=${1:-$root/.demo/smollm2-135m-instruct}
 adapter=${2:-$root/.demo/adapter}
 if [ ! -f "$model/config.json" ]; then

@@ -1,6 +1,11 @@
 """llama.cpp's side of scripts/check-gguf-export.sh (run with the llama.cpp venv's python).
 
     check_gguf_export.py WORK QUESTION TYPE...
+    check_gguf_export.py gemma-reference WORK    (a python with torch + transformers + peft)
+    check_gguf_export.py gemma WORK              (the llama.cpp venv's python)
+
+The gemma modes check our gemma2/gemma3 exports of the tiny Gemma 2 / Gemma 3 fixtures (see
+gemma_main below) against transformers rather than against our own evaluation.
 
 WORK holds model-<TYPE>.gguf for each type, texts.jsonl, and our results: ours-ids.jsonl
 (`qlora-rs data --json`), ours-loss.jsonl (`qlora-rs eval --json`, one line per text) and
@@ -19,8 +24,13 @@ import os
 import sys
 
 import numpy as np
-import llama_cpp
-from gguf import GGUFReader
+
+# llama_cpp and gguf live in the llama.cpp venv only; the gemma-reference mode runs elsewhere.
+try:
+    import llama_cpp
+    from gguf import GGUFReader
+except ImportError:
+    llama_cpp = GGUFReader = None
 
 # Largest |loss difference| (nats per token, mean over a text) accepted between llama.cpp on a
 # file and our CPU evaluation of the same weights (the merged model for f32/f16/bf16, whose
@@ -141,5 +151,131 @@ def main():
     print("\nall checks passed")
 
 
+# The gemma check (scripts/check-gguf-export.sh --gemma). WORK/<family>/ holds `model` (the
+# tiny fixture with query_pre_attn_scalar = head_dim, the scale llama.cpp hard-codes), and for
+# each case (`base`; `lora`, the fixture's adapter folded into the NF4 base it was trained on;
+# `orig`, folded into the original f32 weights, f32 only) and type: <case>-<type>.gguf
+# (our export) and <case>-<type>-back/ (import-gguf of it: the file's weights, dequantized, as a
+# Hugging Face folder). transformers gives the reference: its loss on the same token ids (a) on
+# <case>-<type>-back, the file's own weights (which also checks that transformers reads the
+# imported config as the model it was), within TOLERANCE of llama.cpp's, and (b) on the original
+# f32 fixture (+ the adapter through PEFT), reported beside it: for `lora` that difference is
+# the NF4 rounding of the base under the adapter, for `orig` only bf16's.
+GEMMA_FAMILIES = ["gemma2", "gemma3"]
+GEMMA_TYPES = ["f32", "f16", "bf16", "q6_k", "q5_k_m", "q4_k_m"]
+GEMMA_TEXT = ("The quick brown fox jumps over the lazy dog. She said: it is 2024, and the "
+              "weather is fine; we will walk to the park and back again before noon.")
+
+
+def gemma_cases(work, family):
+    fam = os.path.join(work, family)
+    return [(case, os.path.join(fam, case)) for case in ("base", "lora", "orig")
+            if os.path.exists(os.path.join(fam, f"{case}-f32.gguf"))]
+
+
+def gemma_reference(work):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+
+    def load(path):
+        return AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch.float32, attn_implementation="eager").eval()
+
+    def loss(model, ids):
+        with torch.no_grad():
+            logits = model(torch.tensor([ids])).logits[0].double()
+        lp = torch.log_softmax(logits[:-1], -1)
+        return float(-lp[torch.arange(len(ids) - 1), torch.tensor(ids[1:])].mean())
+
+    for family in GEMMA_FAMILIES:
+        fam = os.path.join(work, family)
+        model_dir = os.path.join(fam, "model")
+        ids = AutoTokenizer.from_pretrained(model_dir)(GEMMA_TEXT, add_special_tokens=False)["input_ids"]
+        out = {"ids": ids, "cases": {}}
+        for case, prefix in gemma_cases(work, family):
+            original = load(model_dir)
+            if case != "base":
+                from peft import PeftModel
+                adapter = os.path.join(fam, "adapter")
+                original = PeftModel.from_pretrained(original, adapter).merge_and_unload()
+            res = {"original": loss(original, ids), "types": {}}
+            for ty in GEMMA_TYPES:
+                back = f"{prefix}-{ty}-back"
+                if os.path.exists(back):
+                    res["types"][ty] = loss(load(back), ids)
+            out["cases"][case] = res
+        with open(os.path.join(fam, "transformers.json"), "w") as f:
+            json.dump(out, f)
+        print(f"{family}: transformers losses written ({len(ids)} tokens)")
+
+
+def gemma_main(work):
+    # llama.cpp's notes on the tiny context (n_ctx_seq > n_ctx_train, full-size SWA cache) aside.
+    quiet = llama_cpp.llama_log_callback(lambda level, text, user: None)
+    llama_cpp.llama_log_set(quiet, ctypes.c_void_p())
+    failures = []
+    print(f"{'model':14} {'type':7} {'llama.cpp':>10} {'transformers':>12} {'Δ same weights':>14} "
+          f"{'tolerance':>9} {'Δ original f32':>14} tokens")
+    for family in GEMMA_FAMILIES:
+        fam = os.path.join(work, family)
+        ref = json.load(open(os.path.join(fam, "transformers.json")))
+        ids = ref["ids"]
+        for case, prefix in gemma_cases(work, family):
+            res = ref["cases"][case]
+            for ty in GEMMA_TYPES:
+                path = f"{prefix}-{ty}.gguf"
+                if not os.path.exists(path):
+                    continue
+                if ty not in res["types"]:
+                    failures.append(f"{family} {case} {ty}: no transformers reference")
+                    continue
+                llm = llama_cpp.Llama(model_path=path, n_ctx=128, n_batch=128, logits_all=True,
+                                      n_threads=2, verbose=False)
+                theirs_ids = llm.tokenize(GEMMA_TEXT.encode(), add_bos=False, special=False)
+                tokens_ok = theirs_ids == ids
+                if not tokens_ok:
+                    failures.append(f"{family} {case} {ty}: tokens differ: {theirs_ids[:12]} vs {ids[:12]}")
+                llm.reset()
+                llm.eval(ids)
+                scores = np.array(llm.scores[: len(ids)])
+                got = nll(scores, ids, ids)
+                same, original = res["types"][ty], res["original"]
+                delta = abs(got - same)
+                if delta > TOLERANCE[ty]:
+                    failures.append(f"{family} {case} {ty}: loss {got:.5f} vs transformers "
+                                    f"{same:.5f} (Δ {delta:.5f} > {TOLERANCE[ty]})")
+                print(f"{family + ' ' + case:14} {ty:7} {got:10.5f} {same:12.5f} {delta:14.6f} "
+                      f"{TOLERANCE[ty]:9} {abs(got - original):14.6f} {'same' if tokens_ok else 'DIFF'}")
+                del llm
+    print("\nllama.cpp's quantizer on our f32 exports, against our quantized exports:")
+    for family in GEMMA_FAMILIES:
+        for case, prefix in gemma_cases(work, family):
+            for ty in GEMMA_TYPES:
+                if ty not in FTYPE or not os.path.exists(f"{prefix}-{ty}.gguf"):
+                    continue
+                ref = f"{prefix}-llama-quantize-{ty}.gguf"
+                quantize_with_llama_cpp(f"{prefix}-f32.gguf", ref, FTYPE[ty])
+                a, b = tensor_bytes(ref), tensor_bytes(f"{prefix}-{ty}.gguf")
+                bad = sorted(n for n in set(a) | set(b) if a.get(n) != b.get(n))
+                kinds = {}
+                for n, (t, _) in b.items():
+                    kinds[t] = kinds.get(t, 0) + 1
+                status = "identical" if not bad else f"{len(bad)} tensors differ: {bad[:3]}"
+                print(f"  {family + ' ' + case:14} {ty:7} {len(b)} tensors {kinds}: {status}")
+                if bad:
+                    failures.append(f"{family} {case} {ty}: {len(bad)} tensors differ from llama-quantize's")
+    if failures:
+        print("\nFAILED:\n" + "\n".join(failures))
+        sys.exit(1)
+    print("\nall gemma checks passed")
+
+
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["gemma-reference"]:
+        gemma_reference(sys.argv[2])
+    elif sys.argv[1:2] == ["gemma"]:
+        gemma_main(sys.argv[2])
+    else:
+        main()

@@ -349,12 +349,26 @@ fn gguf_tokenizers_encode_like_hugging_face_for_each_pre_tokenizer() {
 #[test]
 fn gguf_import_rejects_other_architectures_naming_them() {
     let out = tmpdir("arch");
+    // bad-arch-gemma2.gguf relabelled `gemma` (Gemma 1, which is not read).
+    let file = tmpdir("arch-file").join("bad-arch-gemma.gguf");
+    crate::gguf_qwen::rewrite(&fixture("bad-arch-gemma2.gguf"), &file, |meta, _| {
+        for (k, v) in meta.iter_mut() {
+            if k == "general.architecture" {
+                *v = Value::String("gemma".into());
+            }
+        }
+    });
+    let e = import_gguf(&file, &out).unwrap_err().to_string();
+    assert!(e.contains("bad-arch-gemma.gguf"), "{e}");
+    assert!(e.contains("architecture `gemma` is not supported"), "{e}");
+    assert!(e.contains("llama, qwen2, qwen3, gemma2, gemma3"), "{e}");
+    assert!(!out.join("config.json").exists());
+    // gemma2 is read; this file has none of its hyperparameters.
     let e = import_gguf(&fixture("bad-arch-gemma2.gguf"), &out)
         .unwrap_err()
         .to_string();
     assert!(e.contains("bad-arch-gemma2.gguf"), "{e}");
-    assert!(e.contains("architecture `gemma2` is not supported"), "{e}");
-    assert!(e.contains("llama, qwen2, qwen3"), "{e}");
+    assert!(e.contains("`gemma2.embedding_length` is missing"), "{e}");
     assert!(!out.join("config.json").exists());
 }
 

@@ -335,7 +335,7 @@ fn gguf_import_qwen2_pre_tokenizer_round_trips_as_qwens_tokenizer_json() {
 }
 
 /// `src` rewritten to `dst` with `edit` applied to its metadata and tensors (raw bytes).
-fn rewrite(
+pub(crate) fn rewrite(
     src: &Path,
     dst: &Path,
     edit: impl FnOnce(&mut Vec<(String, Value)>, &mut Vec<(PlannedTensor, Vec<u8>)>),
@@ -496,11 +496,15 @@ fn gguf_import_qwen_refuses_what_it_cannot_represent_by_name() {
     });
     refused(&p, &["`qwen35`", "qwen2"]);
     // Another architecture.
+    let p = case("phi3");
+    rewrite(&qwen3, &p, |m, _| {
+        set(m, "general.architecture", Value::String("phi3".into()))
+    });
     refused(
-        &gguf_fixture("bad-arch-gemma2.gguf"),
+        &p,
         &[
-            "architecture `gemma2` is not supported",
-            "llama, qwen2, qwen3",
+            "architecture `phi3` is not supported",
+            "llama, qwen2, qwen3, gemma2, gemma3",
         ],
     );
     std::fs::remove_dir_all(&dir).unwrap();

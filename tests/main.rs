@@ -13,6 +13,7 @@ mod flash;
 mod gemm;
 mod gemma;
 mod gguf;
+mod gguf_gemma;
 mod gguf_quants;
 mod gguf_qwen;
 mod harness;

@@ -17,7 +17,16 @@
 //! self_attn.{q,k}_norm → blk.N.attn_{q,k}_norm  mlp.{gate,up,down}_proj → blk.N.ffn_{gate,up,down}
 //! ```
 //!
-//! Architectures: Llama and Mistral as llama.cpp's `llama`, Qwen2 as `qwen2`, Qwen3 as `qwen3`.
+//! Gemma 2 and Gemma 3 (`gemma2`, `gemma3`) have four norms per layer and store each norm as
+//! `1 + w`, as llama.cpp's converter does (`Gemma2Model`/`Gemma3Model.modify_tensors`):
+//!
+//! ```text
+//! input_layernorm → blk.N.attn_norm            post_attention_layernorm → blk.N.post_attention_norm
+//! pre_feedforward_layernorm → blk.N.ffn_norm   post_feedforward_layernorm → blk.N.post_ffw_norm
+//! ```
+//!
+//! Architectures: Llama and Mistral as llama.cpp's `llama`, Qwen2 as `qwen2`, Qwen3 as `qwen3`,
+//! Gemma 2 as `gemma2`, Gemma 3 (`gemma3_text`) as `gemma3`.
 //! For `llama`, whose RoPE rotates adjacent pairs, the rows of q (with `heads`) and k (with
 //! `kv_heads`) — and their biases — are reordered as llama.cpp's converter does: viewing them
 //! as `[n, 2, hd/2]` they are stored as `[n, hd/2, 2]`, i.e. GGUF row `h·hd + 2i + s` = HF row
@@ -54,6 +63,19 @@
 //! feed_forward_length, attention.head_count(_kv), attention.key_length/value_length when
 //! head_dim is not hidden/heads, attention.layer_norm_rms_epsilon, rope.freq_base,
 //! rope.dimension_count, rope.scaling.*, vocab_size) and the tokenizer ([`vocab`]).
+//!
+//! For `gemma2`/`gemma3`, the keys of llama.cpp's converter (`gemma_metadata`): no
+//! rope.dimension_count or vocab_size; the soft-caps (`attn_logit_softcapping` for gemma2,
+//! `final_logit_softcapping`), `attention.sliding_window`, and for gemma3 `rope.freq_base_swa`
+//! (the sliding layers' base) with `rope.scaling.*` of the global layers. Where the layers that
+//! slide differ from llama.cpp's default (gemma2: every other from the first; gemma3: five of
+//! every six), `attention.sliding_window_pattern` lists them (one bool per layer, which
+//! llama.cpp reads). What llama.cpp's gemma2/gemma3 would run differently is refused by the
+//! config field (`check_gemma`): it reads no attention scale but uses `1/√head_dim` (or
+//! `1/√(hidden/heads)` at the 27B's layer count), so `query_pre_attn_scalar` must be that
+//! value; gemma2 always ties the output to the embedding and always soft-caps both; gemma3
+//! has no attention soft-cap and runs the sliding layers' RoPE unscaled. The tokenizer must be
+//! byte-level BPE: a SentencePiece tokenizer (real Gemma's) is refused by [`vocab`].
 
 pub mod vocab;
 
@@ -279,18 +301,12 @@ fn arch_of(cfg: &LlamaConfig, model: &Path) -> Result<(&'static str, Vec<String>
         Arch::Llama | Arch::Mistral => "llama",
         Arch::Qwen2 => "qwen2",
         Arch::Qwen3 => "qwen3",
-        Arch::Gemma2 | Arch::Gemma3 => {
-            return Err(Error::InvalidArgument(format!(
-                "{}: export-gguf writes llama.cpp's llama, qwen2 and qwen3 architectures; \
-                 {:?} (llama.cpp's gemma2/gemma3) is not written yet: merge the adapter \
-                 (`qlora-rs merge`) and convert the merged folder with llama.cpp's \
-                 convert_hf_to_gguf.py",
-                model.join("config.json").display(),
-                cfg.arch
-            )))
-        }
+        Arch::Gemma2 => "gemma2",
+        Arch::Gemma3 => "gemma3",
     };
-    if let Some(w) = cfg.sliding_window {
+    if cfg.arch.is_gemma() {
+        check_gemma(cfg, &model.join("config.json"))?;
+    } else if let Some(w) = cfg.sliding_window {
         if w < cfg.max_position_embeddings {
             warnings.push(format!(
                 "{}: sliding_window {w}: llama.cpp's `{arch}` attends to the whole context \
@@ -316,6 +332,121 @@ fn arch_of(cfg: &LlamaConfig, model: &Path) -> Result<(&'static str, Vec<String>
     Ok((arch, warnings))
 }
 
+/// The layer count llama.cpp takes for the 27B model of `gemma2`/`gemma3`, whose attention
+/// scale it computes from `n_embd / n_head` instead of the head width
+/// (`llama_model_gemma2/3::load_arch_hparams`).
+pub(crate) fn gemma_27b_layers(arch: Arch) -> usize {
+    if arch == Arch::Gemma2 {
+        46
+    } else {
+        62
+    }
+}
+
+/// The attention scale llama.cpp's `gemma2`/`gemma3` use: it reads none from the file but
+/// hard-codes `1/√head_dim`, or `1/√(hidden/heads)` for the 27B layer count — i.e. the
+/// `query_pre_attn_scalar` it assumes.
+pub(crate) fn gemma_query_pre_attn_scalar(
+    arch: Arch,
+    layers: usize,
+    hidden: usize,
+    heads: usize,
+    head_dim: usize,
+) -> usize {
+    if layers == gemma_27b_layers(arch) {
+        hidden / heads
+    } else {
+        head_dim
+    }
+}
+
+/// llama.cpp's sliding-window layers when the file names no pattern: `gemma2` every other
+/// layer from the first (pattern 2), `gemma3` five of every six (pattern 6) — the layers
+/// `i mod n < n − 1` (`llama_hparams::set_swa_pattern`).
+pub(crate) fn gemma_default_sliding(arch: Arch, layers: usize) -> Vec<bool> {
+    let n = if arch == Arch::Gemma2 { 2 } else { 6 };
+    (0..layers).map(|i| i % n < n - 1).collect()
+}
+
+/// Refuses, by the config field, what llama.cpp's `gemma2`/`gemma3` cannot run as the
+/// Hugging Face model does.
+fn check_gemma(cfg: &LlamaConfig, path: &Path) -> Result<()> {
+    let refuse = |msg: String| Err(Error::InvalidArgument(format!("{}: {msg}", path.display())));
+    let arch = if cfg.arch == Arch::Gemma2 {
+        "gemma2"
+    } else {
+        "gemma3"
+    };
+    let sw = &cfg.switches;
+    let assumed = gemma_query_pre_attn_scalar(
+        cfg.arch,
+        cfg.num_layers,
+        cfg.hidden_size,
+        cfg.num_heads,
+        cfg.head_dim,
+    );
+    let scale = 1.0 / (assumed as f32).sqrt();
+    if (cfg.attn_scale() - scale).abs() > 1e-6 * scale {
+        // The config's value back from the f32 scale (to 4 decimals: 20, not 20.0000005).
+        let scalar = (1e4 / (cfg.attn_scale() as f64).powi(2)).round() / 1e4;
+        let why = if cfg.num_layers == gemma_27b_layers(cfg.arch) {
+            format!(
+                "hidden_size / num_attention_heads = {assumed} for its {} layers (its 27B)",
+                cfg.num_layers
+            )
+        } else {
+            format!("head_dim = {assumed}")
+        };
+        return refuse(format!(
+            "query_pre_attn_scalar {scalar}: llama.cpp's `{arch}` reads no attention scale \
+             from the file and scales by 1/√({why}), so the model would run with another \
+             attention scale"
+        ));
+    }
+    if cfg.arch == Arch::Gemma2 {
+        if !cfg.tie_word_embeddings {
+            return refuse(
+                "tie_word_embeddings is false: llama.cpp's `gemma2` always uses the embedding \
+                 matrix as the output matrix (it has no output.weight)"
+                    .into(),
+            );
+        }
+        for (field, v, default) in [
+            ("attn_logit_softcapping", sw.attn_softcap, 50),
+            ("final_logit_softcapping", sw.final_softcap, 30),
+        ] {
+            if v.is_none() {
+                return refuse(format!(
+                    "{field} is null: llama.cpp's `gemma2` always soft-caps (with {default} \
+                     where the file gives no value)"
+                ));
+            }
+        }
+    } else if let Some(c) = sw.attn_softcap {
+        return refuse(format!(
+            "attn_logit_softcapping {c}: llama.cpp's `gemma3` has no soft-capping of attention \
+             scores (its converter asserts it is null)"
+        ));
+    }
+    match cfg.rope_scaling {
+        RopeScaling::None | RopeScaling::Linear { .. } => {}
+        RopeScaling::Llama3 { .. } => {
+            return refuse(format!(
+                "rope scaling llama3: llama.cpp's `{arch}` reads no rope_freqs tensor"
+            ))
+        }
+    }
+    if let Some((_, scaling)) = sw.rope_local {
+        if scaling != RopeScaling::None {
+            return refuse(format!(
+                "the sliding layers' rope scaling ({scaling:?}): llama.cpp's `{arch}` scales \
+                 only the global layers' RoPE (rope.scaling.*); the sliding ones run unscaled"
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// The GGUF name of a Hugging Face tensor name (`None`: not written; error: unknown).
 fn gguf_name(hf: &str, cfg: &LlamaConfig) -> Result<Option<String>> {
     Ok(Some(match hf {
@@ -337,9 +468,16 @@ fn gguf_name(hf: &str, cfg: &LlamaConfig) -> Result<Option<String>> {
                 return Ok(None);
             }
             let (module, kind) = part.rsplit_once('.').ok_or_else(err)?;
+            let gemma = cfg.arch.is_gemma();
             let g = match module {
                 "input_layernorm" => "attn_norm",
+                // Gemma's four norms (llama.cpp's tensor_mapping: ATTN_POST_NORM,
+                // FFN_PRE_NORM, FFN_POST_NORM).
+                "post_attention_layernorm" if gemma => "post_attention_norm",
+                "pre_feedforward_layernorm" if gemma => "ffn_norm",
+                "post_feedforward_layernorm" if gemma => "post_ffw_norm",
                 "post_attention_layernorm" => "ffn_norm",
+                "self_attn.q_norm" | "self_attn.k_norm" if !cfg.qk_norm() => return Err(err()),
                 "self_attn.q_proj" => "attn_q",
                 "self_attn.k_proj" => "attn_k",
                 "self_attn.v_proj" => "attn_v",
@@ -415,7 +553,10 @@ fn tensor_type(
         if k_m && use_more_bits(i, n) {
             t = GgmlType::Q6_K;
         }
-        let seventy_b = n == 80 && (cfg.arch != Arch::Llama || cfg.num_kv_heads != cfg.num_heads);
+        // llama.cpp's LLM_TYPE_70B (its gemma2/gemma3 have no such type).
+        let seventy_b = n == 80
+            && !cfg.arch.is_gemma()
+            && (cfg.arch != Arch::Llama || cfg.num_kv_heads != cfg.num_heads);
         if seventy_b && t == GgmlType::Q4_K {
             t = GgmlType::Q5_K;
         }
@@ -456,6 +597,8 @@ struct Item {
     source: Option<String>,
     /// Reorder rows for llama.cpp's RoPE with this many heads.
     permute_heads: Option<usize>,
+    /// A Gemma norm: llama.cpp stores `1 + w` (its converter's `+ 1` on every `norm.weight`).
+    unit_offset: bool,
 }
 
 /// Refuses, before any work, an output that exists (without `overwrite`) or a folder that
@@ -533,10 +676,12 @@ pub fn export_gguf(
             ("llama", Some("attn_k")) => Some(cfg.num_kv_heads),
             _ => None,
         };
+        let unit_offset = cfg.switches.norm_unit_offset && hf.ends_with("norm.weight");
         items.push(Item {
             planned: PlannedTensor { name, shape, ty },
             source: Some(hf),
             permute_heads,
+            unit_offset,
         });
     }
     // rope_freqs right after token_embd, which the sort put first (as llama.cpp's converter).
@@ -549,6 +694,7 @@ pub fn export_gguf(
             },
             source: None,
             permute_heads: None,
+            unit_offset: false,
         };
         items.insert(items.len().min(1), rope_freqs);
     }
@@ -571,27 +717,31 @@ pub fn export_gguf(
     w.set("general.name", Value::String(name));
     let key = |k: &str| format!("{arch}.{k}");
     let u32v = |x: usize| Value::U32(x as u32);
-    w.set(&key("block_count"), u32v(cfg.num_layers));
-    w.set(&key("context_length"), u32v(cfg.max_position_embeddings));
-    w.set(&key("embedding_length"), u32v(cfg.hidden_size));
-    w.set(&key("feed_forward_length"), u32v(cfg.intermediate_size));
-    w.set(&key("attention.head_count"), u32v(cfg.num_heads));
-    w.set(&key("attention.head_count_kv"), u32v(cfg.num_kv_heads));
-    w.set(&key("rope.freq_base"), Value::F32(cfg.rope_theta));
-    w.set(
-        &key("attention.layer_norm_rms_epsilon"),
-        Value::F32(cfg.rms_norm_eps as f32),
-    );
-    if cfg.head_dim * cfg.num_heads != cfg.hidden_size || cfg.arch == Arch::Qwen3 {
-        w.set(&key("attention.key_length"), u32v(cfg.head_dim));
-        w.set(&key("attention.value_length"), u32v(cfg.head_dim));
-    }
-    w.set("general.file_type", Value::U32(opts.ty.file_type()));
-    w.set(&key("vocab_size"), u32v(cfg.vocab_size));
-    w.set(&key("rope.dimension_count"), u32v(cfg.head_dim));
-    if let RopeScaling::Linear { factor } = cfg.rope_scaling {
-        w.set(&key("rope.scaling.type"), Value::String("linear".into()));
-        w.set(&key("rope.scaling.factor"), Value::F32(factor));
+    if cfg.arch.is_gemma() {
+        gemma_metadata(&mut w, &cfg, arch, opts.ty);
+    } else {
+        w.set(&key("block_count"), u32v(cfg.num_layers));
+        w.set(&key("context_length"), u32v(cfg.max_position_embeddings));
+        w.set(&key("embedding_length"), u32v(cfg.hidden_size));
+        w.set(&key("feed_forward_length"), u32v(cfg.intermediate_size));
+        w.set(&key("attention.head_count"), u32v(cfg.num_heads));
+        w.set(&key("attention.head_count_kv"), u32v(cfg.num_kv_heads));
+        w.set(&key("rope.freq_base"), Value::F32(cfg.rope_theta));
+        w.set(
+            &key("attention.layer_norm_rms_epsilon"),
+            Value::F32(cfg.rms_norm_eps as f32),
+        );
+        if cfg.head_dim * cfg.num_heads != cfg.hidden_size || cfg.arch == Arch::Qwen3 {
+            w.set(&key("attention.key_length"), u32v(cfg.head_dim));
+            w.set(&key("attention.value_length"), u32v(cfg.head_dim));
+        }
+        w.set("general.file_type", Value::U32(opts.ty.file_type()));
+        w.set(&key("vocab_size"), u32v(cfg.vocab_size));
+        w.set(&key("rope.dimension_count"), u32v(cfg.head_dim));
+        if let RopeScaling::Linear { factor } = cfg.rope_scaling {
+            w.set(&key("rope.scaling.type"), Value::String("linear".into()));
+            w.set(&key("rope.scaling.factor"), Value::F32(factor));
+        }
     }
     for (k, v) in &vocab.metadata {
         w.set(k, v.clone());
@@ -617,6 +767,14 @@ pub fn export_gguf(
         for v in x.iter_mut() {
             *v = bf16::from_f32(*v).to_f32();
         }
+        // Gemma's `(1 + w)` norms as llama.cpp stores them. Added in f32 to the bf16 value
+        // (exact for |w| ≥ 2^-16; llama.cpp's converter, run on a bf16 folder, adds in bf16
+        // and rounds 1 + w to 2^-7).
+        if item.unit_offset {
+            for v in x.iter_mut() {
+                *v += 1.0;
+            }
+        }
         if let Some(heads) = item.permute_heads {
             let cols = if p.shape.len() == 2 { p.shape[1] } else { 1 };
             x = reorder_rope_rows(&x, cols, heads, RopeRows::ToLlamaCpp);
@@ -641,6 +799,81 @@ pub fn export_gguf(
         warnings,
         path: opts.output.clone(),
     })
+}
+
+/// The `gemma2.*` / `gemma3.*` hyperparameters as llama.cpp's converter writes them
+/// (`Gemma2Model.set_gguf_parameters`; `Gemma3Model.set_gguf_parameters` over
+/// `TextModel.set_gguf_parameters`), plus what llama.cpp reads but that converter leaves out
+/// where the model needs it: `rope.freq_base` and `rope.scaling.*` of a Gemma 2 off the
+/// defaults, and `attention.sliding_window_pattern` (one bool per layer, as the converters of
+/// other architectures write it) where the layers that slide are not llama.cpp's default.
+fn gemma_metadata(w: &mut GgufWriter, cfg: &LlamaConfig, arch: &str, ty: GgufType) {
+    let key = |k: &str| format!("{arch}.{k}");
+    let u32v = |x: usize| Value::U32(x as u32);
+    let sw = &cfg.switches;
+    let gemma2 = cfg.arch == Arch::Gemma2;
+    if !gemma2 {
+        w.set(&key("block_count"), u32v(cfg.num_layers));
+    }
+    w.set(&key("context_length"), u32v(cfg.max_position_embeddings));
+    w.set(&key("embedding_length"), u32v(cfg.hidden_size));
+    if gemma2 {
+        w.set(&key("block_count"), u32v(cfg.num_layers));
+    }
+    w.set(&key("feed_forward_length"), u32v(cfg.intermediate_size));
+    w.set(&key("attention.head_count"), u32v(cfg.num_heads));
+    w.set(&key("attention.head_count_kv"), u32v(cfg.num_kv_heads));
+    let scaled = |w: &mut GgufWriter| {
+        if let RopeScaling::Linear { factor } = cfg.rope_scaling {
+            w.set(&key("rope.scaling.type"), Value::String("linear".into()));
+            w.set(&key("rope.scaling.factor"), Value::F32(factor));
+        }
+    };
+    if gemma2 {
+        if cfg.rope_theta != 10_000.0 {
+            w.set(&key("rope.freq_base"), Value::F32(cfg.rope_theta));
+        }
+        scaled(w);
+    } else {
+        scaled(w);
+        w.set(&key("rope.freq_base"), Value::F32(cfg.rope_theta));
+        if let Some((theta, _)) = sw.rope_local {
+            w.set(&key("rope.freq_base_swa"), Value::F32(theta));
+        }
+    }
+    w.set(
+        &key("attention.layer_norm_rms_epsilon"),
+        Value::F32(cfg.rms_norm_eps as f32),
+    );
+    w.set(&key("attention.key_length"), u32v(cfg.head_dim));
+    w.set(&key("attention.value_length"), u32v(cfg.head_dim));
+    w.set("general.file_type", Value::U32(ty.file_type()));
+    if let Some(c) = sw.attn_softcap {
+        w.set(&key("attn_logit_softcapping"), Value::F32(c));
+    }
+    if let Some(c) = sw.final_softcap {
+        w.set(&key("final_logit_softcapping"), Value::F32(c));
+    }
+    // Which layers slide, as llama.cpp will take them.
+    let sliding: Vec<bool> = (0..cfg.num_layers)
+        .map(|l| cfg.window(l).is_some())
+        .collect();
+    if let Some(window) = cfg.sliding_window {
+        w.set(&key("attention.sliding_window"), u32v(window));
+    }
+    // Without a window gemma3 attends to the whole context in every layer; gemma2 still
+    // slides its default layers (over 4096 tokens), so it needs the all-false pattern.
+    let needs_pattern = if cfg.sliding_window.is_none() {
+        gemma2
+    } else {
+        sliding != gemma_default_sliding(cfg.arch, cfg.num_layers)
+    };
+    if needs_pattern {
+        w.set(
+            &key("attention.sliding_window_pattern"),
+            Value::Array(sliding.into_iter().map(Value::Bool).collect()),
+        );
+    }
 }
 
 /// Llama 3 scaling as llama.cpp applies it: each frequency's divisor (`rope_freqs.weight`).

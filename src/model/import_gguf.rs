@@ -1,5 +1,5 @@
-//! `import-gguf`: a GGUF file (llama.cpp's format) of the architecture `llama`, `qwen2` or
-//! `qwen3` → a Hugging Face model folder that this crate and transformers load: `config.json`,
+//! `import-gguf`: a GGUF file (llama.cpp's format) of the architecture `llama`, `qwen2`,
+//! `qwen3`, `gemma2` or `gemma3` → a Hugging Face model folder that this crate and transformers load: `config.json`,
 //! bf16 `model.safetensors`, `tokenizer.json`, `tokenizer_config.json` and
 //! `generation_config.json`.
 //!
@@ -8,6 +8,8 @@
 //! | `llama` | `LlamaForCausalLM` (Llama, Mistral, SmolLM, …) | q/k rows reordered (below); Llama 3 scaling from `rope_freqs` |
 //! | `qwen2` | `Qwen2ForCausalLM` (Qwen2, Qwen2.5) | q/k/v biases (required); rows as stored |
 //! | `qwen3` | `Qwen3ForCausalLM` | per-head q/k norms (required); `head_dim` from `attention.key_length`; biases optional (`attention_bias`) |
+//! | `gemma2` | `Gemma2ForCausalLM` | four norms per layer, stored as `1 + w` (the 1 is subtracted); tied output; soft-caps, window and sliding layers as llama.cpp reads them |
+//! | `gemma3` | `Gemma3ForCausalLM` (`gemma3_text`) | Gemma 2's layer with q/k norms; `rope.freq_base_swa` → `rope_local_base_freq`; no attention soft-cap |
 //!
 //! # Weights
 //!
@@ -52,6 +54,14 @@
 //! Qwen2/Qwen3 configs get `use_sliding_window: false` (llama.cpp attends to the whole context
 //! for both).
 //!
+//! Gemma: the config holds what llama.cpp runs, its defaults where a key is absent
+//! (`llama_model_gemma2/3::load_arch_hparams`): `query_pre_attn_scalar` = the head width (the
+//! 27B's layer count: hidden/heads), since llama.cpp scales attention by its inverse root;
+//! gemma2's soft-caps 50 and 30 and window 4096; gemma3's final soft-cap where given (none
+//! otherwise) and a window only when `attention.sliding_window` is set; `layer_types` from
+//! `attention.sliding_window_pattern` (per-layer array or period) or the default pattern
+//! (gemma2 2, gemma3 6: layers `i mod n < n − 1` slide).
+//!
 //! # Tokenizer
 //!
 //! See [`tokenizer`]: byte-level BPE (`tokenizer.ggml.model == "gpt2"`) only.
@@ -67,21 +77,24 @@ use std::path::{Path, PathBuf};
 use half::bf16;
 use serde_json::{json, Value as Json};
 
-use super::config::{HfConfig, LlamaConfig};
+use super::config::{Arch, HfConfig, LlamaConfig};
+use super::export_gguf::{gemma_default_sliding, gemma_query_pre_attn_scalar};
 use crate::error::{Error, Result};
 use crate::ops::rope::{self, RopeScaling};
 use crate::quant::gguf::{self, GgufFile, TensorInfo};
 
 /// The `general.architecture` values that can be imported, for messages.
-pub const SUPPORTED_ARCHITECTURES: &str = "llama, qwen2, qwen3";
+pub const SUPPORTED_ARCHITECTURES: &str = "llama, qwen2, qwen3, gemma2, gemma3";
 
-/// A llama.cpp architecture and the Hugging Face family it becomes (its metadata prefix and
-/// `model_type` are the same name).
+/// A llama.cpp architecture and the Hugging Face family it becomes (its metadata prefix, and
+/// the `model_type` but for `gemma3`, whose text model is `gemma3_text`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Family {
     Llama,
     Qwen2,
     Qwen3,
+    Gemma2,
+    Gemma3,
 }
 
 impl Family {
@@ -90,16 +103,43 @@ impl Family {
             "llama" => Family::Llama,
             "qwen2" => Family::Qwen2,
             "qwen3" => Family::Qwen3,
+            "gemma2" => Family::Gemma2,
+            "gemma3" => Family::Gemma3,
             _ => return None,
         })
     }
 
-    /// The metadata prefix and `model_type`.
+    /// The metadata prefix (`general.architecture`).
     fn name(self) -> &'static str {
         match self {
             Family::Llama => "llama",
             Family::Qwen2 => "qwen2",
             Family::Qwen3 => "qwen3",
+            Family::Gemma2 => "gemma2",
+            Family::Gemma3 => "gemma3",
+        }
+    }
+
+    /// `model_type` in config.json.
+    fn model_type(self) -> &'static str {
+        match self {
+            Family::Gemma3 => "gemma3_text",
+            f => f.name(),
+        }
+    }
+
+    fn is_gemma(self) -> bool {
+        matches!(self, Family::Gemma2 | Family::Gemma3)
+    }
+
+    /// The crate's [`Arch`] of a Gemma family.
+    fn arch(self) -> Arch {
+        match self {
+            Family::Llama => Arch::Llama,
+            Family::Qwen2 => Arch::Qwen2,
+            Family::Qwen3 => Arch::Qwen3,
+            Family::Gemma2 => Arch::Gemma2,
+            Family::Gemma3 => Arch::Gemma3,
         }
     }
 
@@ -109,6 +149,8 @@ impl Family {
             Family::Llama => "LlamaForCausalLM",
             Family::Qwen2 => "Qwen2ForCausalLM",
             Family::Qwen3 => "Qwen3ForCausalLM",
+            Family::Gemma2 => "Gemma2ForCausalLM",
+            Family::Gemma3 => "Gemma3ForCausalLM",
         }
     }
 }
@@ -343,6 +385,23 @@ struct Hyper {
     context_length: usize,
     bos_id: Option<u64>,
     eos_id: Option<u64>,
+    /// Gemma's settings as llama.cpp runs them.
+    gemma: Option<GemmaHyper>,
+}
+
+/// What llama.cpp's `gemma2`/`gemma3` read or assume beyond the common keys
+/// (`llama_model_gemma2/3::load_arch_hparams`).
+struct GemmaHyper {
+    /// The `query_pre_attn_scalar` llama.cpp's attention scale amounts to.
+    query_pre_attn_scalar: usize,
+    attn_softcap: Option<f32>,
+    final_softcap: Option<f32>,
+    /// The sliding window span (`None`: no layer slides).
+    sliding_window: Option<usize>,
+    /// Per layer, whether it slides.
+    sliding: Vec<bool>,
+    /// Gemma 3's RoPE base of the sliding layers.
+    rope_theta_local: f32,
 }
 
 impl Hyper {
@@ -396,7 +455,7 @@ impl Hyper {
         let rms_eps = opt_f32(g, &eps_key)?
             .ok_or_else(|| g.error(format!("metadata `{eps_key}` is missing")))?;
         let id = |key: &str| -> Result<Option<u64>> { Ok(opt_usize(g, key)?.map(|x| x as u64)) };
-        Ok(Hyper {
+        Hyper {
             family,
             hidden,
             intermediate: req_usize(g, &key("feed_forward_length"))?,
@@ -410,14 +469,129 @@ impl Hyper {
             context_length: opt_usize(g, &key("context_length"))?.unwrap_or(2048),
             bos_id: id("tokenizer.ggml.bos_token_id")?,
             eos_id: id("tokenizer.ggml.eos_token_id")?,
-        })
+            gemma: None,
+        }
+        .with_gemma(g)
+    }
+
+    /// Fills [`Hyper::gemma`] for `gemma2`/`gemma3` files with llama.cpp's defaults where a
+    /// key is absent.
+    fn with_gemma(mut self, g: &GgufFile) -> Result<Hyper> {
+        if !self.family.is_gemma() {
+            return Ok(self);
+        }
+        let a = self.family.name();
+        let key = |k: &str| format!("{a}.{k}");
+        let gemma2 = self.family == Family::Gemma2;
+        let positive = |k: &str| -> Result<Option<f32>> {
+            match opt_f32(g, &key(k))? {
+                Some(x) if x.is_nan() || x < 0.0 => Err(g.error(format!(
+                    "metadata `{}` is {x}, expected a positive number",
+                    key(k)
+                ))),
+                x => Ok(x.filter(|&x| x > 0.0)),
+            }
+        };
+        let (attn_softcap, final_softcap) = if gemma2 {
+            // llama.cpp's gemma2 always soft-caps, with 50 and 30 by default.
+            let attn = positive("attn_logit_softcapping")?.or(Some(50.0));
+            let fin = match opt_f32(g, &key("final_logit_softcapping"))? {
+                Some(x) if x.is_nan() || x <= 0.0 => {
+                    return Err(g.error(format!(
+                        "metadata `{}` is {x}: llama.cpp's gemma2 divides by it",
+                        key("final_logit_softcapping")
+                    )))
+                }
+                x => x.or(Some(30.0)),
+            };
+            (attn, fin)
+        } else {
+            // llama.cpp's gemma3 has no attention soft-capping (a key would be ignored).
+            (None, positive("final_logit_softcapping")?)
+        };
+        let window = opt_usize(g, &key("attention.sliding_window"))?;
+        let sliding_window = if gemma2 {
+            Some(window.filter(|&w| w > 0).unwrap_or(4096))
+        } else {
+            window.filter(|&w| w > 0)
+        };
+        let sliding = match sliding_window {
+            None => vec![false; self.layers],
+            Some(_) => self.sliding_pattern(g, &key("attention.sliding_window_pattern"))?,
+        };
+        let sliding_window = sliding_window.filter(|_| sliding.iter().any(|&s| s));
+        let swa_key = key("rope.freq_base_swa");
+        let rope_theta_local = match opt_f32(g, &swa_key)? {
+            Some(t) if gemma2 && t != self.rope_theta => {
+                return Err(g.error(format!(
+                    "metadata `{swa_key}` is {t} but `{}` is {}: a Hugging Face Gemma2 has one \
+                     RoPE base for every layer",
+                    key("rope.freq_base"),
+                    self.rope_theta
+                )))
+            }
+            Some(t) => t,
+            None if gemma2 => self.rope_theta,
+            None => 10_000.0,
+        };
+        self.gemma = Some(GemmaHyper {
+            query_pre_attn_scalar: gemma_query_pre_attn_scalar(
+                self.family.arch(),
+                self.layers,
+                self.hidden,
+                self.heads,
+                self.head_dim,
+            ),
+            attn_softcap,
+            final_softcap,
+            sliding_window,
+            sliding,
+            rope_theta_local,
+        });
+        Ok(self)
+    }
+
+    /// The sliding layers as llama.cpp's `load_swa_pattern` reads them: a per-layer array, a
+    /// period `n` (layers `i mod n < n − 1` slide; 0: all), or the family's default.
+    fn sliding_pattern(&self, g: &GgufFile, k: &str) -> Result<Vec<bool>> {
+        match g.get(k) {
+            None => Ok(gemma_default_sliding(self.family.arch(), self.layers)),
+            Some(gguf::Value::Array(items)) => {
+                if items.len() != self.layers {
+                    return Err(g.error(format!(
+                        "metadata `{k}` has {} entries for {} layers",
+                        items.len(),
+                        self.layers
+                    )));
+                }
+                items
+                    .iter()
+                    .map(|v| match v {
+                        gguf::Value::Bool(b) => Ok(*b),
+                        v => v.as_u64().map(|x| x != 0).ok_or_else(|| {
+                            g.error(format!(
+                                "metadata `{k}` holds {v:?}, expected booleans or integers"
+                            ))
+                        }),
+                    })
+                    .collect()
+            }
+            Some(v) => {
+                let n = v.as_u64().ok_or_else(|| {
+                    g.error(format!(
+                        "metadata `{k}` is {v:?}, expected a layer period or a per-layer array"
+                    ))
+                })? as usize;
+                Ok((0..self.layers).map(|i| n == 0 || i % n < n - 1).collect())
+            }
+        }
     }
 
     fn config_json(&self, g: &GgufFile, plan: &Plan) -> Json {
         let name = g.get("general.name").and_then(gguf::Value::as_str);
         let mut c = json!({
             "architectures": [self.family.class()],
-            "model_type": self.family.name(),
+            "model_type": self.family.model_type(),
             "hidden_size": self.hidden,
             "intermediate_size": self.intermediate,
             "num_hidden_layers": self.layers,
@@ -430,7 +604,6 @@ impl Hyper {
             "rope_scaling": plan.rope_scaling,
             "max_position_embeddings": self.context_length,
             "tie_word_embeddings": plan.tied,
-            "hidden_act": "silu",
             "attention_bias": plan.attention_bias,
             "attention_dropout": 0.0,
             "initializer_range": 0.02,
@@ -441,9 +614,39 @@ impl Hyper {
             "_name_or_path": name,
         });
         let extra = match self.family {
-            Family::Llama => json!({"mlp_bias": false, "pretraining_tp": 1}),
+            Family::Llama => json!({"hidden_act": "silu", "mlp_bias": false, "pretraining_tp": 1}),
+            Family::Gemma2 | Family::Gemma3 => {
+                let gm = self.gemma.as_ref().expect("read for gemma2/gemma3");
+                let types: Vec<&str> = gm
+                    .sliding
+                    .iter()
+                    .map(|&s| {
+                        if s {
+                            "sliding_attention"
+                        } else {
+                            "full_attention"
+                        }
+                    })
+                    .collect();
+                let mut e = json!({
+                    "hidden_activation": "gelu_pytorch_tanh",
+                    "query_pre_attn_scalar": gm.query_pre_attn_scalar,
+                    "attn_logit_softcapping": gm.attn_softcap.map(decimal),
+                    "final_logit_softcapping": gm.final_softcap.map(decimal),
+                    "sliding_window": gm.sliding_window,
+                    "layer_types": types,
+                    "use_bidirectional_attention": false,
+                });
+                if self.family == Family::Gemma3 {
+                    // transformers 4.x: `rope_scaling` is the global layers', the sliding
+                    // layers run at `rope_local_base_freq` unscaled — as in llama.cpp.
+                    e["rope_local_base_freq"] = json!(decimal(gm.rope_theta_local));
+                }
+                e
+            }
             // llama.cpp's qwen2/qwen3 attend to the whole context.
             Family::Qwen2 | Family::Qwen3 => json!({
+                "hidden_act": "silu",
                 "use_sliding_window": false,
                 "sliding_window": null,
                 "max_window_layers": self.layers,
@@ -466,6 +669,8 @@ struct Planned {
     shape: Vec<usize>,
     /// Undo llama.cpp's rotary row order with this many heads.
     unpermute_heads: Option<usize>,
+    /// A Gemma norm, stored by llama.cpp as `1 + w`: subtract the 1.
+    unit_offset: bool,
 }
 
 struct Plan {
@@ -486,7 +691,10 @@ fn map_name(name: &str, hp: &Hyper) -> Option<(String, Vec<usize>, Option<usize>
     match name {
         "token_embd.weight" => return Some(("model.embed_tokens.weight".into(), vec![v, d], None)),
         "output_norm.weight" => return Some(("model.norm.weight".into(), vec![d], None)),
-        "output.weight" => return Some(("lm_head.weight".into(), vec![v, d], None)),
+        // llama.cpp's gemma2 always ties the output matrix to the embedding.
+        "output.weight" if hp.family != Family::Gemma2 => {
+            return Some(("lm_head.weight".into(), vec![v, d], None))
+        }
         _ => {}
     }
     let rest = name.strip_prefix("blk.")?;
@@ -495,8 +703,15 @@ fn map_name(name: &str, hp: &Hyper) -> Option<(String, Vec<usize>, Option<usize>
     let llama = hp.family == Family::Llama;
     let qwen = matches!(hp.family, Family::Qwen2 | Family::Qwen3);
     let qwen3 = hp.family == Family::Qwen3;
+    let gemma = hp.family.is_gemma();
+    let qk_norm = matches!(hp.family, Family::Qwen3 | Family::Gemma3);
     let (hf, kind, shape, heads) = match part {
         "attn_norm.weight" => ("input_layernorm", "weight", vec![d], None),
+        "post_attention_norm.weight" if gemma => {
+            ("post_attention_layernorm", "weight", vec![d], None)
+        }
+        "ffn_norm.weight" if gemma => ("pre_feedforward_layernorm", "weight", vec![d], None),
+        "post_ffw_norm.weight" if gemma => ("post_feedforward_layernorm", "weight", vec![d], None),
         "ffn_norm.weight" => ("post_attention_layernorm", "weight", vec![d], None),
         "attn_q.weight" => ("self_attn.q_proj", "weight", vec![qd, d], Some(hp.heads)),
         "attn_k.weight" => (
@@ -514,8 +729,8 @@ fn map_name(name: &str, hp: &Hyper) -> Option<(String, Vec<usize>, Option<usize>
         "attn_k.bias" if qwen => ("self_attn.k_proj", "bias", vec![kvd], None),
         "attn_v.bias" if qwen => ("self_attn.v_proj", "bias", vec![kvd], None),
         "attn_output.bias" if qwen3 => ("self_attn.o_proj", "bias", vec![d], None),
-        "attn_q_norm.weight" if qwen3 => ("self_attn.q_norm", "weight", vec![hp.head_dim], None),
-        "attn_k_norm.weight" if qwen3 => ("self_attn.k_norm", "weight", vec![hp.head_dim], None),
+        "attn_q_norm.weight" if qk_norm => ("self_attn.q_norm", "weight", vec![hp.head_dim], None),
+        "attn_k_norm.weight" if qk_norm => ("self_attn.k_norm", "weight", vec![hp.head_dim], None),
         _ => return None,
     };
     Some((
@@ -560,11 +775,13 @@ fn plan_tensors(g: &GgufFile, hp: &Hyper) -> Result<Plan> {
                 shape
             )));
         }
+        let unit_offset = hp.family.is_gemma() && hf_name.ends_with("norm.weight");
         tensors.push(Planned {
             index: Some(index),
             hf_name,
             shape,
             unpermute_heads,
+            unit_offset,
         });
     }
     let tied = g.tensor("output.weight").is_none();
@@ -584,6 +801,7 @@ fn plan_tensors(g: &GgufFile, hp: &Hyper) -> Result<Plan> {
         Family::Llama => false,
         Family::Qwen2 => true,
         Family::Qwen3 => g.tensors.iter().any(|t| is_bias(&t)),
+        Family::Gemma2 | Family::Gemma3 => false,
     };
     let mut required = vec![
         "token_embd.weight".to_string(),
@@ -602,7 +820,10 @@ fn plan_tensors(g: &GgufFile, hp: &Hyper) -> Result<Plan> {
             "ffn_up.weight",
             "ffn_down.weight",
         ];
-        if hp.family == Family::Qwen3 {
+        if hp.family.is_gemma() {
+            parts.extend(["post_attention_norm.weight", "post_ffw_norm.weight"]);
+        }
+        if matches!(hp.family, Family::Qwen3 | Family::Gemma3) {
             parts.extend(["attn_q_norm.weight", "attn_k_norm.weight"]);
         }
         if attention_bias {
@@ -619,6 +840,7 @@ fn plan_tensors(g: &GgufFile, hp: &Hyper) -> Result<Plan> {
                     hf_name,
                     shape: vec![hp.hidden],
                     unpermute_heads: None,
+                    unit_offset: false,
                 });
             }
         }
@@ -810,6 +1032,11 @@ fn write_data(g: &GgufFile, plan: &[Planned], header: &str, tmp: &Path) -> Resul
         };
         let t = &g.tensors[index];
         let mut x = g.dequantize(&t.name)?;
+        if p.unit_offset {
+            for v in x.iter_mut() {
+                *v -= 1.0;
+            }
+        }
         if let Some(heads) = p.unpermute_heads {
             let cols = p.shape[1];
             if p.shape[0] % heads != 0 || (p.shape[0] / heads) % 2 != 0 {

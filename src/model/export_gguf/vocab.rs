@@ -116,6 +116,28 @@ fn pre_name(pre: &Json) -> Option<&'static str> {
     }
 }
 
+/// Whether `tokenizer.json` is a SentencePiece model (Unigram, or BPE with byte fallback or
+/// the `▁` space marker), which llama.cpp keeps as its `llama` tokenizer with scores.
+fn is_sentencepiece(tok: &Json) -> bool {
+    let model = &tok["model"];
+    let metaspace = |v: &Json| {
+        v["type"] == "Metaspace"
+            || v["type"] == "Replace" && v["content"] == "\u{2581}"
+            || v["pretokenizers"]
+                .as_array()
+                .or_else(|| v["normalizers"].as_array())
+                .is_some_and(|parts| {
+                    parts
+                        .iter()
+                        .any(|p| p["type"] == "Metaspace" || p["content"] == "\u{2581}")
+                })
+    };
+    model["type"] == "Unigram"
+        || model["byte_fallback"].as_bool() == Some(true)
+        || metaspace(&tok["pre_tokenizer"])
+        || metaspace(&tok["normalizer"])
+}
+
 /// A special token named in `tokenizer_config.json` (a string or `{"content": …}`).
 fn token_string(v: &Json) -> Option<&str> {
     v.as_str().or_else(|| v["content"].as_str())
@@ -155,6 +177,16 @@ pub fn read(model_dir: &Path, rows: usize, model_cfg: &Json) -> Result<Vocab> {
     }
     let tok = read_json(&tok_path)?;
     let model = &tok["model"];
+    if is_sentencepiece(&tok) {
+        return Err(format_err(
+            &tok_path,
+            "a SentencePiece tokenizer (byte fallback / `▁` for spaces, as Gemma's and Llama \
+             2's): llama.cpp's converter writes it from tokenizer.model as \
+             tokenizer.ggml.model = \"llama\" with each piece's score, which export-gguf does \
+             not write; only byte-level BPE tokenizers are exported (convert the merged folder \
+             with llama.cpp's convert_hf_to_gguf.py instead)",
+        ));
+    }
     if model["type"].as_str() != Some("BPE") {
         return Err(format_err(
             &tok_path,
