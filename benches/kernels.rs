@@ -175,7 +175,28 @@ fn step_kernels(c: &mut Criterion) {
         |b| {
             b.iter_custom(|iters| {
                 timed(&dev, iters, || {
-                    rope::apply_cuda(&mut q, &pos, &freqs, false).unwrap()
+                    rope::apply_cuda(&mut q, &pos, &freqs, 1.0, false).unwrap()
+                })
+            })
+        },
+    );
+    // Phi-4-mini: 24 heads of 128, the first 96 dims rotated (partial_rotary_factor 0.75),
+    // longrope's attention factor; the pass-through dims are neither read nor written.
+    let (ph, rot) = (24usize, 96usize);
+    let mut pq = bf16_tensor(&device, &[t, ph, hd], 11);
+    let pfreqs = Tensor::from_vec(
+        rope::inv_freq(rot, 10_000.0, rope::RopeScaling::None),
+        &[rot / 2],
+        &device,
+    )
+    .unwrap();
+    g.throughput(Throughput::Bytes((2 * t * ph * rot * 2) as u64));
+    g.bench_function(
+        BenchmarkId::new("fwd_partial_bf16", format!("{t}x{ph}x{hd}_rot{rot}")),
+        |b| {
+            b.iter_custom(|iters| {
+                timed(&dev, iters, || {
+                    rope::apply_cuda(&mut pq, &pos, &pfreqs, 1.19, false).unwrap()
                 })
             })
         },

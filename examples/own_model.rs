@@ -117,8 +117,8 @@ impl OwnModel {
         let q = tape.linear(&n, self.lin(l, Target::Q))?;
         let k = tape.linear(&n, self.lin(l, Target::K))?;
         let v = tape.linear(&n, self.lin(l, Target::V))?;
-        let q = tape.rope(q, HEADS, HEAD_DIM, &self.freqs)?;
-        let k = tape.rope(k, HEADS, HEAD_DIM, &self.freqs)?;
+        let q = tape.rope(q, HEADS, HEAD_DIM, &self.freqs, 1.0)?;
+        let k = tape.rope(k, HEADS, HEAD_DIM, &self.freqs, 1.0)?;
         let dims = Dims::new(HEADS, HEADS, HEAD_DIM);
         let a = tape.attention(&q, &k, &v, dims)?;
         let h1 = tape.linear_residual(&a, self.lin(l, Target::O), h)?;

@@ -1,13 +1,15 @@
 // Rotary embedding in place on q or k ([T, heads, head_dim] bf16), rotate_half layout, positions
-// per token (restarting per packed sequence), frequencies precomputed on the host (llama3 or
-// linear scaling applied there). `sign` = -1 gives the backward (rotation by -θ).
-// Math and CPU reference: src/ops/rope.rs. One thread per (token, head, pair).
+// per token (restarting per packed sequence), frequencies precomputed on the host (llama3, linear
+// or longrope scaling applied there). Partial rotary: only the first 2·half dims of each head are
+// rotated (pairs (i, i + half), i < half); the rest are neither read nor written. `mag` (longrope's
+// attention factor, 1 otherwise) scales cos and sin. `sign` = -1 gives the backward (rotation by
+// -θ, scaled by mag). Math and CPU reference: src/ops/rope.rs. One thread per (token, head, pair).
 
 #include "common.cuh"
 
 extern "C" __global__ void rope_fwd_bf16(bf16* x, const int* positions, const float* freqs,
-                                         int tokens, int heads, int head_dim, float sign) {
-  const int half = head_dim / 2;
+                                         int tokens, int heads, int head_dim, int half, float sign,
+                                         float mag) {
   const long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
   const long long total = (long long)tokens * heads * half;
   if (idx >= total) return;
@@ -23,6 +25,9 @@ extern "C" __global__ void rope_fwd_bf16(bf16* x, const int* positions, const fl
   float s, c;
   __sincosf(r, &s, &c);
   s *= sign;
+  // m·cos, m·sin as f32 products (exact for m = 1), as transformers scales its tables.
+  c *= mag;
+  s *= mag;
   bf16* v = x + th * head_dim;
   const float a = __bfloat162float(v[i]), b = __bfloat162float(v[i + half]);
   v[i] = __float2bfloat16_rn(a * c - b * s);

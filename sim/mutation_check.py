@@ -59,6 +59,14 @@ MUTATIONS = [
      "  v = warp_sum(v);\n  __syncthreads();\n  if (lane == 0) partial[warp] = v;\n  __syncthreads();\n",
      "  v = warp_sum(v);\n  __syncthreads();\n  if (lane == 0) partial[warp] = v;\n",
      ["kernels::kernels_rmsnorm_match_cpu"]),
+    ("rope pairs (i, i + head_dim/2) under partial rotary", "rope.cu",
+     "  bf16* v = x + th * head_dim;\n",
+     "  half = head_dim / 2;\n  bf16* v = x + th * head_dim;\n",
+     ["kernels::kernels_rope_partial_rotary_and_magnitude_match_cpu"]),
+    ("rope's attention factor missing from sin", "rope.cu",
+     "  s *= mag;\n",
+     "",
+     ["kernels::kernels_rope_partial_rotary_and_magnitude_match_cpu"]),
 ]
 
 

@@ -351,6 +351,7 @@ enum Op<'a> {
         heads: usize,
         head_dim: usize,
         freqs: &'a Tensor,
+        mag: f32,
     },
     Attention {
         q: Var,
@@ -809,13 +810,15 @@ impl<'a> Tape<'a> {
     }
 
     /// RoPE over `heads` heads of `head_dim` with frequencies `freqs` (`ops::rope`), in place
-    /// when nothing else holds `x`.
+    /// when nothing else holds `x`: the first `2·freqs.len()` dims of each head are rotated and
+    /// scaled by `mag` (longrope's attention factor; 1 for plain RoPE), the rest pass through.
     pub fn rope(
         &mut self,
         x: Var,
         heads: usize,
         head_dim: usize,
         freqs: &'a Tensor,
+        mag: f32,
     ) -> Result<Var> {
         let op = "rope";
         self.check(op, x.value()?)?;
@@ -829,7 +832,7 @@ impl<'a> Tape<'a> {
                 got: format!("{:?}", v.shape()),
             });
         }
-        self.rotate(&mut v, t, heads, head_dim, freqs, false)?;
+        self.rotate(&mut v, t, heads, head_dim, freqs, mag, false)?;
         let y = self.var(Some(v), at.rg);
         if at.rg {
             self.ops.push(Op::Rope {
@@ -838,11 +841,13 @@ impl<'a> Tape<'a> {
                 heads,
                 head_dim,
                 freqs,
+                mag,
             });
         }
         Ok(y)
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn rotate(
         &self,
         v: &mut Tensor,
@@ -850,6 +855,7 @@ impl<'a> Tape<'a> {
         heads: usize,
         head_dim: usize,
         freqs: &Tensor,
+        mag: f32,
         backward: bool,
     ) -> Result<()> {
         match self.device {
@@ -858,9 +864,9 @@ impl<'a> Tape<'a> {
                 let f = f32s(freqs, "rope")?;
                 let s = v.cpu_slice_mut::<f32>("rope")?;
                 if backward {
-                    rope::backward(s, pos, heads, head_dim, f)
+                    rope::backward(s, pos, heads, head_dim, f, mag)
                 } else {
-                    rope::forward(s, pos, heads, head_dim, f)
+                    rope::forward(s, pos, heads, head_dim, f, mag)
                 }
             }
             Device::Cuda(_) => {
@@ -870,7 +876,7 @@ impl<'a> Tape<'a> {
                     .as_ref()
                     .expect("checked in new");
                 v.reshape_in_place(&[t, heads, head_dim])?;
-                rope::apply_cuda(v, pos, freqs, backward)?;
+                rope::apply_cuda(v, pos, freqs, mag, backward)?;
                 v.reshape_in_place(&[t, heads * head_dim])
             }
         }
@@ -1198,13 +1204,14 @@ impl<'a> Tape<'a> {
                 heads,
                 head_dim,
                 freqs,
+                mag,
             } => {
                 let Some(dy) = grads[y.id].take() else {
                     return Ok(());
                 };
                 let mut d = unshare(dy)?;
                 let (t, _) = rows_cols("rope backward", &d)?;
-                self.rotate(&mut d, t, heads, head_dim, freqs, true)?;
+                self.rotate(&mut d, t, heads, head_dim, freqs, mag, true)?;
                 accumulate(grads, x, Rc::new(d))?;
             }
             Op::Attention {

@@ -191,7 +191,7 @@ fn kernels_rope_match_cpu_with_restarting_positions() {
         let freqs = rope::inv_freq(hd, 500_000.0, scaling);
         let (x, xb) = bf16_data(&mut r, t * heads * hd, 2.0);
         let mut want = x.clone();
-        rope::forward(&mut want, &pos, heads, hd, &freqs).unwrap();
+        rope::forward(&mut want, &pos, heads, hd, &freqs, 1.0).unwrap();
         let mut xg = up(&dev, xb, &[t, heads, hd]);
         let pg = Tensor::from_vec(
             pos.iter().map(|&p| p as i32).collect::<Vec<_>>(),
@@ -200,14 +200,14 @@ fn kernels_rope_match_cpu_with_restarting_positions() {
         )
         .unwrap();
         let fg = Tensor::from_vec(freqs.clone(), &[hd / 2], &dev).unwrap();
-        rope::apply_cuda(&mut xg, &pg, &fg, false).unwrap();
+        rope::apply_cuda(&mut xg, &pg, &fg, 1.0, false).unwrap();
         check(
             &format!("rope {heads}x{hd} T={t}"),
             &f64s_bf16(&xg),
             &f64s(&want),
             BF16,
         );
-        rope::apply_cuda(&mut xg, &pg, &fg, true).unwrap();
+        rope::apply_cuda(&mut xg, &pg, &fg, 1.0, true).unwrap();
         check(
             "rope then its backward",
             &f64s_bf16(&xg),
@@ -218,6 +218,83 @@ fn kernels_rope_match_cpu_with_restarting_positions() {
             },
         );
     }
+}
+
+/// Partial rotary (only the first `rot` dims of each head) and the attention factor `m`: the
+/// kernel against the CPU, the pass-through dims untouched bit for bit, and the backward after the
+/// forward giving back `m²·x` on the rotated dims.
+#[test]
+fn kernels_rope_partial_rotary_and_magnitude_match_cpu() {
+    let Some(dev) = gpu_or_skip("kernels_rope_partial_rotary_and_magnitude_match_cpu") else {
+        return;
+    };
+    let mut r = rng(13);
+    // (heads, head_dim, rot, cu_seqlens, m)
+    for (heads, hd, rot, cu, m) in [
+        (3usize, 24usize, 18usize, vec![0usize, 7, 67], 1.1902381f32),
+        (5, 128, 96, vec![0, 1, 33], 1.0),
+        (3, 24, 24, vec![0, 7], 0.83),
+        (2, 64, 64, vec![0, 1], 1.25),
+        (7, 26, 2, vec![0, 5, 6, 13], 1.3),
+        (1, 7, 6, vec![0, 3, 300], 0.9),
+    ] {
+        let pos = rope::positions_from_cu_seqlens(&cu);
+        let t = pos.len();
+        let freqs = rope::inv_freq(rot, 10_000.0, rope::RopeScaling::None);
+        let (x, xb) = bf16_data(&mut r, t * heads * hd, 2.0);
+        let mut want = x.clone();
+        rope::forward(&mut want, &pos, heads, hd, &freqs, m).unwrap();
+        let mut xg = up(&dev, xb.clone(), &[t, heads, hd]);
+        let pg = Tensor::from_vec(
+            pos.iter().map(|&p| p as i32).collect::<Vec<_>>(),
+            &[t],
+            &dev,
+        )
+        .unwrap();
+        let fg = Tensor::from_vec(freqs.clone(), &[rot / 2], &dev).unwrap();
+        rope::apply_cuda(&mut xg, &pg, &fg, m, false).unwrap();
+        let what = format!("rope {heads}x{hd} rot {rot} m {m} T={t}");
+        let got = xg.to_vec::<bf16>().unwrap();
+        for (j, (g, x)) in got.iter().zip(&xb).enumerate() {
+            if j % hd >= rot {
+                assert_eq!(g.to_bits(), x.to_bits(), "{what}: pass-through element {j}");
+            }
+        }
+        check(&what, &f64s_bf16(&xg), &f64s(&want), BF16);
+        rope::apply_cuda(&mut xg, &pg, &fg, m, true).unwrap();
+        let m2 = (m as f64) * (m as f64);
+        let back: Vec<f64> = x
+            .iter()
+            .enumerate()
+            .map(|(j, &v)| {
+                if j % hd < rot {
+                    v as f64 * m2
+                } else {
+                    v as f64
+                }
+            })
+            .collect();
+        check(
+            &format!("{what}: then its backward"),
+            &f64s_bf16(&xg),
+            &back,
+            Tolerance {
+                abs: 3e-2,
+                rel: 3e-2,
+            },
+        );
+    }
+    // freqs wider than the head: refused before launch.
+    let mut xg = up(&dev, vec![bf16::ONE; 2 * 8], &[1, 2, 8]);
+    let pg = Tensor::from_vec(vec![0i32], &[1], &dev).unwrap();
+    let fg = Tensor::from_vec(vec![1.0f32; 5], &[5], &dev).unwrap();
+    let err = rope::apply_cuda(&mut xg, &pg, &fg, 1.0, false)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("rope (cuda)") && err.contains("head_dim 8"),
+        "{err}"
+    );
 }
 
 #[test]

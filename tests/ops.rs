@@ -337,10 +337,10 @@ fn rope_backward_matches_finite_differences() {
     let x = randn(&mut r, t * heads * hd, 1.0);
     let c = randn(&mut r, x.len(), 1.0);
     let mut dx = c.clone();
-    rope::backward(&mut dx, &positions, heads, hd, &freqs).unwrap();
+    rope::backward(&mut dx, &positions, heads, hd, &freqs, 1.0).unwrap();
     let num = numeric_grad(&x, |x| {
         let mut y = x.to_vec();
-        rope::forward(&mut y, &positions, heads, hd, &freqs).unwrap();
+        rope::forward(&mut y, &positions, heads, hd, &freqs, 1.0).unwrap();
         dot(&y, &c)
     });
     assert_close("rope dx", &dx, &num, FD_TOL);
@@ -368,6 +368,193 @@ fn rope_llama3_scaling_keeps_high_and_divides_low_frequencies() {
         rope::positions_from_cu_seqlens(&[0, 3, 5]),
         vec![0, 1, 2, 0, 1]
     );
+}
+
+/// transformers' `apply_rotary_pos_emb` with partial rotary, written out in f64: `rotate_half`
+/// over `q[..., :rot]` with cos and sin times `m`, the other dims concatenated unchanged.
+fn rope_naive(
+    x: &[f64],
+    positions: &[u32],
+    heads: usize,
+    head_dim: usize,
+    freqs: &[f32],
+    m: f64,
+) -> Vec<f64> {
+    let h = freqs.len();
+    let mut y = x.to_vec();
+    for (t, &p) in positions.iter().enumerate() {
+        for head in 0..heads {
+            let v = &x[(t * heads + head) * head_dim..][..head_dim];
+            let out = &mut y[(t * heads + head) * head_dim..][..head_dim];
+            for i in 0..h {
+                let angle = (p as f32 * freqs[i]) as f64;
+                let (c, s) = (m * angle.cos(), m * angle.sin());
+                out[i] = v[i] * c - v[i + h] * s;
+                out[i + h] = v[i + h] * c + v[i] * s;
+            }
+        }
+    }
+    y
+}
+
+/// Partial rotary and the attention factor against the naive formula (f64), and in f32 against
+/// the same formula in transformers' arithmetic (f32 `cos·m` and `sin·m`, then the products):
+/// bit for bit. Pass-through dims are untouched, `m = 1` is today's rotation bit for bit.
+#[test]
+fn rope_partial_rotary_and_magnitude_match_the_formula() {
+    let mut r = rng(31);
+    // (heads, head_dim, rot, positions, m)
+    let cases: [(usize, usize, usize, Vec<u32>, f32); 5] = [
+        (3, 24, 18, vec![0, 1, 2, 0, 1, 5, 9], 1.1902381),
+        (3, 24, 24, vec![4, 0, 17], 0.83),
+        (2, 128, 96, (0..67).collect(), 1.0),
+        (5, 10, 2, vec![3], 2.5),
+        (1, 7, 6, vec![0, 100, 1001, 65_000, 2, 3, 8, 13, 21], 1.25),
+    ];
+    for (heads, hd, rot, positions, m) in cases {
+        let t = positions.len();
+        let freqs = rope::inv_freq(rot, 10_000.0, rope::RopeScaling::None);
+        let what = format!("rope {heads}x{hd} rot {rot} T={t} m={m}");
+        // f64: the naive definition.
+        let x = randn(&mut r, t * heads * hd, 2.0);
+        let mut y = x.clone();
+        rope::forward(&mut y, &positions, heads, hd, &freqs, m).unwrap();
+        let want = rope_naive(&x, &positions, heads, hd, &freqs, m as f64);
+        assert_close(&what, &y, &want, FD_TOL);
+        for (j, (a, b)) in y.iter().zip(&x).enumerate() {
+            if j % hd >= rot {
+                assert_eq!(a.to_bits(), b.to_bits(), "{what}: pass-through element {j}");
+            }
+        }
+        // f32: transformers' arithmetic, exactly.
+        let x32: Vec<f32> = x.iter().map(|&v| v as f32).collect();
+        let mut y32 = x32.clone();
+        rope::forward(&mut y32, &positions, heads, hd, &freqs, m).unwrap();
+        let h = rot / 2;
+        let mut want32 = x32.clone();
+        for (row, &p) in want32.chunks_mut(heads * hd).zip(&positions) {
+            for v in row.chunks_mut(hd) {
+                for i in 0..h {
+                    let angle = (p as f32 * freqs[i]) as f64;
+                    let (c, s) = (angle.cos() as f32 * m, angle.sin() as f32 * m);
+                    let (a, b) = (v[i], v[i + h]);
+                    v[i] = a * c - b * s;
+                    v[i + h] = b * c + a * s;
+                }
+            }
+        }
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&y32), bits(&want32), "{what} (f32)");
+        // m = 1: the plain rotation of the code before the magnitude existed, bit for bit.
+        if m == 1.0 {
+            let mut plain = x32.clone();
+            for (row, &p) in plain.chunks_mut(heads * hd).zip(&positions) {
+                for v in row.chunks_mut(hd) {
+                    for i in 0..h {
+                        let angle = (p as f32 * freqs[i]) as f64;
+                        let (c, s) = (angle.cos() as f32, angle.sin() as f32);
+                        let (a, b) = (v[i], v[i + h]);
+                        v[i] = a * c - b * s;
+                        v[i + h] = b * c + a * s;
+                    }
+                }
+            }
+            assert_eq!(bits(&y32), bits(&plain), "{what}: m = 1");
+        }
+        // The backward after the forward: m² x on the rotated dims, x on the others.
+        rope::backward(&mut y, &positions, heads, hd, &freqs, m).unwrap();
+        let back: Vec<f64> = x
+            .iter()
+            .enumerate()
+            .map(|(j, &v)| {
+                if j % hd < rot {
+                    v * (m as f64) * (m as f64)
+                } else {
+                    v
+                }
+            })
+            .collect();
+        assert_close(&format!("{what}: backward of forward"), &y, &back, FD_TOL);
+    }
+}
+
+#[test]
+fn rope_backward_with_partial_rotary_and_magnitude_matches_finite_differences() {
+    let mut r = rng(32);
+    for (heads, hd, rot, m) in [
+        (3usize, 24usize, 18usize, 1.19f32),
+        (2, 10, 4, 0.7),
+        (3, 8, 8, 1.3),
+    ] {
+        let positions = [0u32, 1, 2, 0, 1, 5, 9];
+        let t = positions.len();
+        let freqs = llama3_freqs(rot);
+        let x = randn(&mut r, t * heads * hd, 1.0);
+        let c = randn(&mut r, x.len(), 1.0);
+        let mut dx = c.clone();
+        rope::backward(&mut dx, &positions, heads, hd, &freqs, m).unwrap();
+        let num = numeric_grad(&x, |x| {
+            let mut y = x.to_vec();
+            rope::forward(&mut y, &positions, heads, hd, &freqs, m).unwrap();
+            dot(&y, &c)
+        });
+        assert_close(
+            &format!("rope dx {heads}x{hd} rot {rot} m {m}"),
+            &dx,
+            &num,
+            FD_TOL,
+        );
+    }
+}
+
+#[test]
+fn rope_rejects_a_rotary_width_outside_the_head_and_a_bad_magnitude() {
+    let pos = [0u32, 1];
+    let mut x = vec![0.5f32; 2 * 3 * 8];
+    let err = |r: qlora_rs::Result<()>| r.unwrap_err().to_string();
+    // 5 frequencies rotate 10 dims of a head of 8.
+    let e = err(rope::forward(&mut x, &pos, 3, 8, &[1.0; 5], 1.0));
+    assert!(
+        e.contains("rope") && e.contains("10 dims") && e.contains("head_dim 8"),
+        "{e}"
+    );
+    let e = err(rope::backward(&mut x, &pos, 3, 8, &[], 1.0));
+    assert!(e.contains("0 frequencies"), "{e}");
+    let e = err(rope::forward(&mut x, &pos, 3, 8, &[1.0; 3], f32::NAN));
+    assert!(e.contains("magnitude") && e.contains("NaN"), "{e}");
+    // A buffer that is not [T, heads, head_dim].
+    let e = err(rope::forward(&mut x, &pos, 3, 7, &[1.0; 3], 1.0));
+    assert!(e.contains("[2, 3, 7]"), "{e}");
+}
+
+/// Longrope's frequencies: each base frequency over its own factor, in f32 with the product
+/// first (`1 / (e_i · theta^(2i/dim))`); factors of 1 give [`rope::inv_freq`].
+#[test]
+fn rope_inv_freq_with_factors_divides_each_frequency_by_its_factor() {
+    let (dim, theta) = (96usize, 10_000.0f32);
+    let factors: Vec<f32> = (0..dim / 2).map(|i| 1.0 + 0.37 * i as f32).collect();
+    let f = rope::inv_freq_with_factors(dim, theta, &factors).unwrap();
+    for (i, (&got, &e)) in f.iter().zip(&factors).enumerate() {
+        let want = 1.0f32 / (e * theta.powf((2 * i) as f32 / dim as f32));
+        assert_eq!(got.to_bits(), want.to_bits(), "frequency {i}");
+    }
+    let ones = rope::inv_freq_with_factors(dim, theta, &vec![1.0; dim / 2]).unwrap();
+    assert_eq!(ones, rope::inv_freq(dim, theta, rope::RopeScaling::None));
+    let e = rope::inv_freq_with_factors(dim, theta, &factors[1..])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("47 factors") && e.contains("96") && e.contains("48"),
+        "{e}"
+    );
+    let e = rope::inv_freq_with_factors(7, theta, &[1.0; 3])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("(7)") && e.contains("even"), "{e}");
+    let e = rope::inv_freq_with_factors(4, theta, &[1.0, 0.0])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("factor 1 is 0"), "{e}");
 }
 
 #[test]

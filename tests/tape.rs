@@ -44,7 +44,7 @@ fn tape_ops_refuse_the_wrong_dtype_shape_or_device() {
     assert!(err.contains("[T, 6]") && err.contains("[3, 8]"), "{err}");
     // RoPE over heads that do not tile the width.
     let err = tape
-        .rope(x.clone(), 3, 2, &cpu(vec![1.0], &[1]))
+        .rope(x.clone(), 3, 2, &cpu(vec![1.0], &[1]), 1.0)
         .unwrap_err()
         .to_string();
     assert!(err.contains("rope") && err.contains("[3, 8]"), "{err}");
@@ -247,4 +247,82 @@ fn tape_attention_honours_scale_softcap_and_window() {
     let (dq_ref, _, _) =
         attention::backward_cuda(dims, &qg, &kg, &vg, &o_ref, &lse, &dg, &cu).unwrap();
     assert_eq!(bits(&dq), bits(&dq_ref));
+}
+
+/// Values already rounded to bf16 (so both devices hold them exactly), and a tape tensor of them:
+/// f32 on the CPU, bf16 on a GPU.
+fn bf16_values(r: &mut impl rand::Rng, n: usize, scale: f32) -> Vec<f32> {
+    (0..n)
+        .map(|_| bf16::from_f32(r.random_range(-1.0f32..1.0) * scale).to_f32())
+        .collect()
+}
+
+fn on(dev: Device, v: &[f32], shape: &[usize]) -> Tensor {
+    match dev {
+        Device::Cpu => cpu(v.to_vec(), shape),
+        Device::Cuda(_) => Tensor::from_vec(
+            v.iter().map(|&x| bf16::from_f32(x)).collect::<Vec<_>>(),
+            shape,
+            &dev,
+        )
+        .unwrap(),
+    }
+}
+
+/// The tape hands RoPE's partial rotary and magnitude to the op on both devices, forward and
+/// backward, bit for bit.
+#[test]
+fn tape_rope_honours_partial_rotary_and_magnitude() {
+    use qlora_rs::ops::rope;
+    use rand::SeedableRng;
+    let mut r = rand::rngs::StdRng::seed_from_u64(43);
+    let (heads, hd, rot, m) = (3usize, 24usize, 18usize, 1.19f32);
+    let cu = vec![0usize, 5, 12];
+    let t = 12;
+    let x = bf16_values(&mut r, t * heads * hd, 2.0);
+    let dout = bf16_values(&mut r, t * heads * hd, 1.0);
+    let freqs = rope::inv_freq(rot, 10_000.0, rope::RopeScaling::None);
+    let pos = rope::positions_from_cu_seqlens(&cu);
+    // CPU: the tape against the op.
+    let batch = Batch::new(cu.clone()).unwrap();
+    let ft = cpu(freqs.clone(), &[rot / 2]);
+    let mut tape = Tape::new(Device::Cpu, &batch, None, true, None).unwrap();
+    let xv = tape.input(cpu(x.clone(), &[t, heads * hd]), true).unwrap();
+    let y = tape.rope(xv.clone(), heads, hd, &ft, m).unwrap();
+    let mut want = x.clone();
+    rope::forward(&mut want, &pos, heads, hd, &freqs, m).unwrap();
+    assert!(y.value().unwrap().to_vec::<f32>().unwrap() == want);
+    let dx = tape
+        .backward(&y, Some(cpu(dout.clone(), &[t, heads * hd])), &xv)
+        .unwrap()
+        .unwrap();
+    let mut want = dout.clone();
+    rope::backward(&mut want, &pos, heads, hd, &freqs, m).unwrap();
+    assert!(dx.to_vec::<f32>().unwrap() == want);
+    // GPU: the tape against the kernel.
+    let Some(dev) = gpu_or_skip("tape_rope_honours_partial_rotary_and_magnitude") else {
+        return;
+    };
+    let batch = Batch::on(cu.clone(), dev).unwrap();
+    let ft = Tensor::from_vec(freqs.clone(), &[rot / 2], &dev).unwrap();
+    let pg = Tensor::from_vec(
+        pos.iter().map(|&p| p as i32).collect::<Vec<_>>(),
+        &[t],
+        &dev,
+    )
+    .unwrap();
+    let mut tape = Tape::new(dev, &batch, None, true, None).unwrap();
+    let xv = tape.input(on(dev, &x, &[t, heads * hd]), true).unwrap();
+    let y = tape.rope(xv.clone(), heads, hd, &ft, m).unwrap();
+    let mut want = on(dev, &x, &[t, heads, hd]);
+    rope::apply_cuda(&mut want, &pg, &ft, m, false).unwrap();
+    let bits = |x: &Tensor| x.to_vec::<bf16>().unwrap();
+    assert_eq!(bits(y.value().unwrap()), bits(&want));
+    let dx = tape
+        .backward(&y, Some(on(dev, &dout, &[t, heads * hd])), &xv)
+        .unwrap()
+        .unwrap();
+    let mut want = on(dev, &dout, &[t, heads, hd]);
+    rope::apply_cuda(&mut want, &pg, &ft, m, true).unwrap();
+    assert_eq!(bits(&dx), bits(&want));
 }

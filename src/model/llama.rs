@@ -604,8 +604,8 @@ impl Llama {
             None => (q, k),
         };
         let freqs = self.freqs_of(l);
-        let q = tape.rope(q, c.num_heads, hd, freqs)?;
-        let k = tape.rope(k, c.num_kv_heads, hd, freqs)?;
+        let q = tape.rope(q, c.num_heads, hd, freqs, 1.0)?;
+        let k = tape.rope(k, c.num_kv_heads, hd, freqs, 1.0)?;
         let dims = self.attention_dims(l);
         let o = match cache {
             None => tape.attention(&q, &k, &v, dims)?,

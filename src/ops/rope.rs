@@ -1,20 +1,29 @@
 //! Rotary position embedding (Hugging Face's `rotate_half` layout), with Llama-3 and linear
-//! frequency scaling. Positions restart at 0 for every packed sequence.
+//! frequency scaling, partial rotary (Phi-3 / Phi-4-mini's `partial_rotary_factor`) and a
+//! magnitude on the rotation (longrope's `attention_factor`). Positions restart at 0 for every
+//! packed sequence.
 //!
-//! For head dimension D and `i < D/2`, the pair `(x_i, x_{i+D/2})` of each head is rotated by
-//! `θ = p · f_i`:
+//! With `R = freqs.len()` frequencies, only the first `rot = 2R ≤ D` dims of each head (D =
+//! head dim) are rotated; dims `rot..D` pass through unchanged (transformers applies
+//! `rotate_half` to `q[..., :rot]` and concatenates the rest). For `i < R` the pair
+//! `(x_i, x_{i+R})` of each head is rotated by `θ = p · f_i` and scaled by the magnitude `m`:
 //! ```text
-//! y_i       = x_i · cos θ − x_{i+D/2} · sin θ
-//! y_{i+D/2} = x_{i+D/2} · cos θ + x_i · sin θ
-//! f_i       = 1 / theta^(2i/D)                     (f32, as transformers computes it)
+//! y_i       = x_i · (m cos θ) − x_{i+R} · (m sin θ)
+//! y_{i+R}   = x_{i+R} · (m cos θ) + x_i · (m sin θ)
+//! y_j       = x_j                                  (rot ≤ j < D: not scaled by m)
+//! f_i       = 1 / theta^(2i/rot)                   (f32, as transformers computes it)
 //! ```
-//! The backward is the rotation by −θ (the rotation matrix is orthogonal):
-//! `dx_i = dy_i cos θ + dy_{i+D/2} sin θ`, `dx_{i+D/2} = dy_{i+D/2} cos θ − dy_i sin θ`.
+//! `m cos θ` and `m sin θ` are f32 products (transformers' `cos * attention_scaling`); `m = 1`
+//! changes nothing (the products are exact) and full rotary is `rot = D`. The backward is
+//! `m` times the rotation by −θ on the rotated dims (the rotation matrix is orthogonal), the
+//! identity on the others: `dx_i = dy_i (m cos θ) + dy_{i+R} (m sin θ)`,
+//! `dx_{i+R} = dy_{i+R} (m cos θ) − dy_i (m sin θ)`, `dx_j = dy_j`.
 //!
 //! Llama-3 scaling (`rope_type: "llama3"`), with wavelength `λ_i = 2π / f_i`, old context `L`:
 //! `λ_i < L/high` keeps `f_i`; `λ_i > L/low` uses `f_i / factor`; between them
 //! `(1 − s)·f_i/factor + s·f_i` with `s = (L/λ_i − low) / (high − low)`. Linear scaling divides
-//! every `f_i` by `factor`.
+//! every `f_i` by `factor`. Longrope (Phi-3) divides each frequency by its own factor
+//! ([`inv_freq_with_factors`]).
 
 use cudarc::driver::PushKernelArg;
 
@@ -47,10 +56,11 @@ pub enum RopeScaling {
     },
 }
 
-/// The `D/2` rotation frequencies.
-pub fn inv_freq(head_dim: usize, theta: f32, scaling: RopeScaling) -> Vec<f32> {
-    let base: Vec<f32> = (0..head_dim / 2)
-        .map(|i| 1.0 / theta.powf((2 * i) as f32 / head_dim as f32))
+/// The `dim/2` rotation frequencies of `dim` rotated dims: the head dim, or `rot` with partial
+/// rotary (transformers builds the table over `int(head_dim · partial_rotary_factor)`).
+pub fn inv_freq(dim: usize, theta: f32, scaling: RopeScaling) -> Vec<f32> {
+    let base: Vec<f32> = (0..dim / 2)
+        .map(|i| 1.0 / theta.powf((2 * i) as f32 / dim as f32))
         .collect();
     match scaling {
         RopeScaling::None => base,
@@ -82,31 +92,74 @@ pub fn inv_freq(head_dim: usize, theta: f32, scaling: RopeScaling) -> Vec<f32> {
     }
 }
 
+/// The `dim/2` frequencies of `dim` rotated dims, each divided by its own factor (longrope's
+/// `short_factor` or `long_factor`): `f_i = 1 / (factors[i] · theta^(2i/dim))`, in f32 with the
+/// product first, as transformers' `1.0 / (ext_factors * base**(arange(0, dim, 2) / dim))`.
+pub fn inv_freq_with_factors(dim: usize, theta: f32, factors: &[f32]) -> Result<Vec<f32>> {
+    if dim == 0 || dim % 2 != 0 {
+        return Err(Error::InvalidArgument(format!(
+            "rope frequencies with factors: the rotated dims ({dim}) must be even and non-zero"
+        )));
+    }
+    if factors.len() != dim / 2 {
+        return Err(Error::InvalidArgument(format!(
+            "rope frequencies with factors: {} factors for {dim} rotated dims, which need {}",
+            factors.len(),
+            dim / 2
+        )));
+    }
+    if let Some(i) = factors.iter().position(|f| !(f.is_finite() && *f > 0.0)) {
+        return Err(Error::InvalidArgument(format!(
+            "rope frequencies with factors: factor {i} is {}, not a positive number",
+            factors[i]
+        )));
+    }
+    Ok(factors
+        .iter()
+        .enumerate()
+        .map(|(i, &e)| 1.0 / (e * theta.powf((2 * i) as f32 / dim as f32)))
+        .collect())
+}
+
+/// Checks the rotary part of a head: `pairs` frequencies rotate `2·pairs` of the `head_dim`
+/// dims (at least one pair, at most all of the head), with a finite magnitude.
+fn check_rotary(op: &str, head_dim: usize, pairs: usize, mag: f32) -> Result<()> {
+    if pairs == 0 || 2 * pairs > head_dim {
+        return Err(Error::InvalidArgument(format!(
+            "{op}: {pairs} frequencies rotate {} dims of each head; that must be at least 2 and \
+             at most head_dim {head_dim}",
+            2 * pairs
+        )));
+    }
+    if !mag.is_finite() {
+        return Err(Error::InvalidArgument(format!(
+            "{op}: the magnitude (attention factor) {mag} is not finite"
+        )));
+    }
+    Ok(())
+}
+
 fn rotate<T: Real>(
     x: &mut [T],
     positions: &[u32],
     heads: usize,
     head_dim: usize,
     freqs: &[f32],
+    mag: f32,
     direction: f64,
 ) -> Result<()> {
-    if head_dim % 2 != 0 || freqs.len() != head_dim / 2 {
-        return Err(Error::InvalidArgument(format!(
-            "rope: head_dim {head_dim} must be even with {} frequencies, got {}",
-            head_dim / 2,
-            freqs.len()
-        )));
-    }
+    check_rotary("rope", head_dim, freqs.len(), mag)?;
     expect_len(
         "rope",
         "q or k [T, heads, head_dim]",
         x.len(),
         &[positions.len(), heads, head_dim],
     )?;
-    let half = head_dim / 2;
+    let half = freqs.len();
     if heads * head_dim == 0 {
         return Ok(());
     }
+    let m = T::of(mag as f64);
     // Tokens in parallel, each rotated as one thread rotates it.
     for_rows(x, heads * head_dim, |t0, xs| {
         let mut cos = vec![T::zero(); half];
@@ -115,8 +168,9 @@ fn rotate<T: Real>(
             let p = positions[t0 + j];
             for i in 0..half {
                 let angle = (p as f32 * freqs[i]) as f64;
-                cos[i] = T::of(angle.cos());
-                sin[i] = T::of(direction * angle.sin());
+                // × m is exact for m = 1: the plain rotation's values, bit for bit.
+                cos[i] = T::of(angle.cos()) * m;
+                sin[i] = T::of(direction * angle.sin()) * m;
             }
             for v in row.chunks_mut(head_dim) {
                 for i in 0..half {
@@ -130,26 +184,31 @@ fn rotate<T: Real>(
     Ok(())
 }
 
-/// Rotates `x` (`[T, heads, head_dim]`) in place for token positions `positions` (`[T]`).
+/// Rotates the first `2·freqs.len()` dims of each head of `x` (`[T, heads, head_dim]`) in place
+/// for token positions `positions` (`[T]`), scaled by `mag` (1 for plain RoPE); the other dims
+/// are left as they are.
 pub fn forward<T: Real>(
     x: &mut [T],
     positions: &[u32],
     heads: usize,
     head_dim: usize,
     freqs: &[f32],
+    mag: f32,
 ) -> Result<()> {
-    rotate(x, positions, heads, head_dim, freqs, 1.0)
+    rotate(x, positions, heads, head_dim, freqs, mag, 1.0)
 }
 
-/// The gradient through the rotation, in place: rotates `dy` by −θ.
+/// The gradient through [`forward`], in place: the rotated dims of `dy` rotated by −θ and
+/// scaled by `mag`, the others unchanged.
 pub fn backward<T: Real>(
     dy: &mut [T],
     positions: &[u32],
     heads: usize,
     head_dim: usize,
     freqs: &[f32],
+    mag: f32,
 ) -> Result<()> {
-    rotate(dy, positions, heads, head_dim, freqs, -1.0)
+    rotate(dy, positions, heads, head_dim, freqs, mag, -1.0)
 }
 
 /// Positions `0..len` for every sequence of `cu_seqlens`.
@@ -160,12 +219,15 @@ pub fn positions_from_cu_seqlens(cu_seqlens: &[usize]) -> Vec<u32> {
         .collect()
 }
 
-/// CUDA: rotates `x` (bf16 `[T, heads, head_dim]`) in place; `positions` i32 `[T]`, `freqs`
-/// f32 `[head_dim / 2]` (from [`inv_freq`]); `backward` rotates by −θ.
+/// CUDA: rotates the first `rot` dims of each head of `x` (bf16 `[T, heads, head_dim]`) in place
+/// and scales them by `mag`; `positions` i32 `[T]`, `freqs` f32 `[rot / 2]` (from [`inv_freq`]
+/// or [`inv_freq_with_factors`]), `rot ≤ head_dim`; dims `rot..head_dim` are not touched.
+/// `backward` rotates by −θ (the gradient: `mag` times the inverse rotation).
 pub fn apply_cuda(
     x: &mut Tensor,
     positions: &Tensor,
     freqs: &Tensor,
+    mag: f32,
     backward: bool,
 ) -> Result<()> {
     let op = "rope (cuda)";
@@ -181,24 +243,31 @@ pub fn apply_cuda(
             })
         }
     };
-    if hd % 2 != 0 {
-        return Err(Error::InvalidArgument(format!(
-            "{op}: head_dim {hd} must be even"
-        )));
-    }
+    let half_rot = match freqs.shape() {
+        [r] => *r,
+        other => {
+            return Err(Error::ShapeMismatch {
+                op,
+                expected: "freqs [rot / 2]".into(),
+                got: format!("{other:?}"),
+            })
+        }
+    };
+    check_rotary(op, hd, half_rot, mag)?;
     check_tensor(op, "positions", positions, DType::I32, &[t], dev)?;
-    check_tensor(op, "freqs", freqs, DType::F32, &[hd / 2], dev)?;
-    let pairs = t * heads * hd / 2;
+    check_tensor(op, "freqs", freqs, DType::F32, &[half_rot], dev)?;
+    let pairs = t * heads * half_rot;
     if pairs == 0 {
         return Ok(());
     }
     let cuda = CudaDevice::get(o)?;
     let name = "rope_fwd_bf16";
     let f = cuda.function("rope", name)?;
-    let (t_i, h_i, d_i, sign) = (
+    let (t_i, h_i, d_i, r_i, sign) = (
         t as i32,
         heads as i32,
         hd as i32,
+        half_rot as i32,
         if backward { -1.0f32 } else { 1.0 },
     );
     let mut b = cuda.stream().launch_builder(&f);
@@ -208,8 +277,11 @@ pub fn apply_cuda(
         .arg(&t_i)
         .arg(&h_i)
         .arg(&d_i)
-        .arg(&sign);
-    // SAFETY: rope_fwd_bf16(bf16*, const int*, const float*, int, int, int, float); x holds
-    // T·heads·head_dim, positions T, freqs head_dim/2; one thread per pair, bounds-checked.
+        .arg(&r_i)
+        .arg(&sign)
+        .arg(&mag);
+    // SAFETY: rope_fwd_bf16(bf16*, const int*, const float*, int, int, int, int, float, float);
+    // x holds T·heads·head_dim, positions T, freqs `half_rot` (2·half_rot ≤ head_dim, checked); one
+    // thread per rotated pair, bounds-checked.
     unsafe { cuda.launch(name, b, grid_1d(pairs, 256)) }
 }
