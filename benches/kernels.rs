@@ -15,7 +15,7 @@ use half::bf16;
 use qlora_rs::device::{CudaDevice, Device};
 use qlora_rs::ops::gemm::{self, Layout, LoraCuda};
 use qlora_rs::ops::rmsnorm::Norm;
-use qlora_rs::ops::{attention, cross_entropy, dropout, embedding, rmsnorm, rope, swiglu};
+use qlora_rs::ops::{attention, cross_entropy, dropout, embedding, rmsnorm, rope, split, swiglu};
 use qlora_rs::quant::nf4::{Nf4Config, Nf4Tensor};
 use qlora_rs::testing::gpu_or_skip;
 use qlora_rs::train::optimizer::{AdamWConfig, AdamWCuda};
@@ -108,7 +108,8 @@ fn bf16_tensor(device: &Device, shape: &[usize], seed: u64) -> Tensor {
 /// Memory-bound kernels of the step at Llama-3-8B sizes (4096 tokens): GB/s of bytes read and
 /// written, to compare with the `copy` group.
 fn step_kernels(c: &mut Criterion) {
-    let Some((device, dev)) = cuda("rmsnorm/rope/embedding/swiglu/adamw/cross_entropy") else {
+    let Some((device, dev)) = cuda("rmsnorm/rope/embedding/swiglu/split/adamw/cross_entropy")
+    else {
         return;
     };
     let (t, d, f, heads, hd) = (4096usize, 4096usize, 14336usize, 32usize, 128usize);
@@ -201,6 +202,40 @@ fn step_kernels(c: &mut Criterion) {
             })
         },
     );
+    g.finish();
+
+    // kernels/split.cu: Phi-3's fused projections split into their parts (Phi-4-mini's qkv
+    // [T, 3072 + 1024 + 1024], Phi-3-mini's gate_up [T, 2 × 8192]) and the concat of the
+    // backward; bytes read + written.
+    let mut g = c.benchmark_group("split");
+    for (name, widths) in [
+        ("qkv", vec![3072usize, 1024, 1024]),
+        ("gate_up", vec![8192, 8192]),
+    ] {
+        let w: usize = widths.iter().sum();
+        let x = bf16_tensor(&device, &[t, w], 12);
+        g.throughput(Throughput::Bytes((2 * t * w * 2) as u64));
+        g.bench_function(
+            BenchmarkId::new(format!("split_{name}_bf16"), format!("{t}x{w}")),
+            |b| {
+                b.iter_custom(|iters| {
+                    timed(&dev, iters, || {
+                        drop(split::split_cols(&x, &widths).unwrap())
+                    })
+                })
+            },
+        );
+        let parts = split::split_cols(&x, &widths).unwrap();
+        let refs: Vec<&Tensor> = parts.iter().collect();
+        g.bench_function(
+            BenchmarkId::new(format!("concat_{name}_bf16"), format!("{t}x{w}")),
+            |b| {
+                b.iter_custom(|iters| {
+                    timed(&dev, iters, || drop(split::concat_cols(&refs).unwrap()))
+                })
+            },
+        );
+    }
     g.finish();
 
     // kernels/embedding.cu: the gather and the elementwise kernels of the step.

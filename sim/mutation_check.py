@@ -67,6 +67,10 @@ MUTATIONS = [
      "  s *= mag;\n",
      "",
      ["kernels::kernels_rope_partial_rotary_and_magnitude_match_cpu"]),
+    ("column copy's bound off by one", "split.cu",
+     "if (idx >= rows * cols) return;",
+     "if (idx > rows * cols) return;",
+     ["kernels::kernels_split_cols_and_concat_are_exact"]),
 ]
 
 

@@ -32,7 +32,7 @@ use crate::model::adapters::{Adapters, SlotRef};
 use crate::model::lora::Target;
 use crate::ops::rmsnorm::Norm;
 use crate::ops::{attention, cross_entropy, dropout, embedding, gemm, linear, residual};
-use crate::ops::{rmsnorm, rope, swiglu};
+use crate::ops::{rmsnorm, rope, split, swiglu};
 use crate::quant::nf4::Nf4Tensor;
 use crate::tensor::{DType, Tensor};
 
@@ -352,6 +352,12 @@ enum Op<'a> {
         head_dim: usize,
         freqs: &'a Tensor,
         mag: f32,
+    },
+    /// `x` split into column blocks: its gradient is the parts' side by side.
+    SplitCols {
+        x: At,
+        parts: Vec<At>,
+        widths: Vec<usize>,
     },
     Attention {
         q: Var,
@@ -882,6 +888,28 @@ impl<'a> Tape<'a> {
         }
     }
 
+    /// `x` (`[T, Σ widths]`) split into column blocks `[T, widths[k]]` (`ops::split`): Phi-3's
+    /// fused `qkv_proj` output into q, k and v, its `gate_up_proj` output into gate and up. The
+    /// parts are copies; x's gradient is the parts' gradients side by side (zeros for a part
+    /// that gets none), added to any other gradient x has.
+    pub fn split_cols(&mut self, x: &Var, widths: &[usize]) -> Result<Vec<Var>> {
+        let op = "split_cols";
+        let xv = x.value()?;
+        self.check(op, xv)?;
+        let parts: Vec<Var> = split::split_cols(xv, widths)?
+            .into_iter()
+            .map(|p| self.var(Some(p), x.rg))
+            .collect();
+        if x.rg {
+            self.ops.push(Op::SplitCols {
+                x: x.at(),
+                parts: parts.iter().map(Var::at).collect(),
+                widths: widths.to_vec(),
+            });
+        }
+        Ok(parts)
+    }
+
     /// Causal attention within each sequence of the batch (`ops::attention`; flash attention on
     /// a GPU), grouped-query when `dims.kv_heads < dims.heads`, with the scale, soft cap and
     /// sliding window of `dims`.
@@ -1213,6 +1241,17 @@ impl<'a> Tape<'a> {
                 let (t, _) = rows_cols("rope backward", &d)?;
                 self.rotate(&mut d, t, heads, head_dim, freqs, mag, true)?;
                 accumulate(grads, x, Rc::new(d))?;
+            }
+            Op::SplitCols { x, parts, widths } => {
+                let dparts: Vec<Option<Rc<Tensor>>> =
+                    parts.iter().map(|p| grads[p.id].take()).collect();
+                if dparts.iter().all(Option::is_none) {
+                    return Ok(());
+                }
+                let refs: Vec<Option<&Tensor>> = dparts.iter().map(Option::as_deref).collect();
+                let dx = split::concat_cols_or_zeros(&refs, &widths)?;
+                drop(dparts);
+                accumulate(grads, x, Rc::new(dx))?;
             }
             Op::Attention {
                 q,

@@ -1,12 +1,12 @@
-//! CUDA kernels of the step (RMSNorm, RoPE, SwiGLU, embedding, casts and bias add,
-//! cross-entropy, AdamW)
+//! CUDA kernels of the step (RMSNorm, RoPE, SwiGLU, embedding, casts and bias add, column
+//! split and concat, cross-entropy, AdamW)
 //! against their CPU references, on fresh random data of awkward sizes. Without a GPU each test
 //! prints `SKIPPED (no CUDA device)` and passes, unless QLORA_REQUIRE_GPU=1.
 
 use half::bf16;
 use qlora_rs::ops::rmsnorm::Norm;
 use qlora_rs::ops::swiglu::Act;
-use qlora_rs::ops::{cross_entropy, embedding, rmsnorm, rope, swiglu};
+use qlora_rs::ops::{cross_entropy, embedding, rmsnorm, rope, split, swiglu};
 use qlora_rs::testing::{check_close, gpu_or_skip, Tolerance};
 use qlora_rs::train::optimizer::{clip_grad_norm, AdamW, AdamWConfig, AdamWCuda};
 use qlora_rs::{DType, Device, Tensor};
@@ -295,6 +295,72 @@ fn kernels_rope_partial_rotary_and_magnitude_match_cpu() {
         err.contains("rope (cuda)") && err.contains("head_dim 8"),
         "{err}"
     );
+}
+
+/// The column split and its concat on the GPU: bit for bit the CPU's, for odd widths (2 bytes
+/// per thread) and widths that are multiples of 8 (16 bytes per thread), a missing part
+/// concatenated as zeros.
+#[test]
+fn kernels_split_cols_and_concat_are_exact() {
+    let Some(dev) = gpu_or_skip("kernels_split_cols_and_concat_are_exact") else {
+        return;
+    };
+    let mut r = rng(14);
+    let bits = |v: &[bf16]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    for t in [1usize, 7, 67] {
+        for widths in [
+            vec![24usize, 12, 12],
+            vec![5],
+            vec![37, 37],
+            vec![64, 16, 16],
+            vec![8, 3, 8],
+        ] {
+            let w: usize = widths.iter().sum();
+            let (x, xb) = bf16_data(&mut r, t * w, 3.0);
+            let want = split::split(&x, t, &widths).unwrap();
+            let xg = up(&dev, xb.clone(), &[t, w]);
+            let parts = split::split_cols(&xg, &widths).unwrap();
+            let what = format!("split T={t} widths {widths:?}");
+            for (k, (p, want)) in parts.iter().zip(&want).enumerate() {
+                assert_eq!(p.shape(), [t, widths[k]], "{what}");
+                let got: Vec<f32> = p
+                    .to_vec::<bf16>()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.to_f32())
+                    .collect();
+                assert_eq!(&got, want, "{what}: part {k}");
+            }
+            let back = split::concat_cols(&parts.iter().collect::<Vec<_>>()).unwrap();
+            assert_eq!(
+                bits(&back.to_vec::<bf16>().unwrap()),
+                bits(&xb),
+                "{what}: concat"
+            );
+            // The last part missing: zeros in its columns.
+            if widths.len() == 1 {
+                continue;
+            }
+            let mut opt: Vec<Option<&Tensor>> = parts.iter().map(Some).collect();
+            *opt.last_mut().unwrap() = None;
+            let y = split::concat_cols_or_zeros(&opt, &widths).unwrap();
+            let last = w - widths.last().unwrap();
+            let want: Vec<u16> = xb
+                .iter()
+                .enumerate()
+                .map(|(j, v)| if j % w >= last { 0 } else { v.to_bits() })
+                .collect();
+            assert_eq!(
+                bits(&y.to_vec::<bf16>().unwrap()),
+                want,
+                "{what}: a part missing"
+            );
+        }
+    }
+    // f32 on the GPU is not an activation: refused by name.
+    let xf = Tensor::from_vec(vec![1.0f32; 6], &[2, 3], &dev).unwrap();
+    let err = split::split_cols(&xf, &[1, 2]).unwrap_err().to_string();
+    assert!(err.contains("split_cols") && err.contains("bf16"), "{err}");
 }
 
 #[test]

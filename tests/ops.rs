@@ -3,7 +3,7 @@
 
 use qlora_rs::ops::rmsnorm::Norm;
 use qlora_rs::ops::swiglu::Act;
-use qlora_rs::ops::{attention, cross_entropy, linear, residual, rmsnorm, rope, swiglu};
+use qlora_rs::ops::{attention, cross_entropy, linear, residual, rmsnorm, rope, split, swiglu};
 use qlora_rs::testing::{assert_close, Tolerance};
 use rand::{Rng, SeedableRng};
 
@@ -555,6 +555,101 @@ fn rope_inv_freq_with_factors_divides_each_frequency_by_its_factor() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("factor 1 is 0"), "{e}");
+}
+
+/// The column split and its concat: exact copies on f64 and f32, each the other's inverse, a
+/// missing part concatenated as zeros, and bad widths refused by name.
+#[test]
+fn split_cols_and_concat_are_exact_inverses() {
+    let mut r = rng(33);
+    for (t, widths) in [
+        (1usize, vec![24usize, 12, 12]),
+        (7, vec![5]),
+        (67, vec![37, 37]),
+        (3, vec![1, 2, 3, 4]),
+    ] {
+        let w: usize = widths.iter().sum();
+        let x = randn(&mut r, t * w, 3.0);
+        let parts = split::split(&x, t, &widths).unwrap();
+        let mut o = 0;
+        for (k, (p, &wk)) in parts.iter().zip(&widths).enumerate() {
+            assert_eq!(p.len(), t * wk, "part {k}");
+            for row in 0..t {
+                assert_eq!(
+                    p[row * wk..][..wk],
+                    x[row * w + o..][..wk],
+                    "part {k} row {row}"
+                );
+            }
+            o += wk;
+        }
+        let refs: Vec<&[f64]> = parts.iter().map(|p| p.as_slice()).collect();
+        assert_eq!(split::concat(&refs, t, &widths).unwrap(), x);
+        // f32, through tensors (the CPU tape's path).
+        let x32: Vec<f32> = x.iter().map(|&v| v as f32).collect();
+        let xt = qlora_rs::Tensor::from_vec(x32.clone(), &[t, w], &qlora_rs::Device::Cpu).unwrap();
+        let pt = split::split_cols(&xt, &widths).unwrap();
+        for (p, &wk) in pt.iter().zip(&widths) {
+            assert_eq!(p.shape(), [t, wk]);
+        }
+        let back = split::concat_cols(&pt.iter().collect::<Vec<_>>()).unwrap();
+        assert_eq!(back.to_vec::<f32>().unwrap(), x32);
+        // The first part missing: zeros in its columns.
+        let mut opt: Vec<Option<&[f64]>> = refs.iter().map(|&p| Some(p)).collect();
+        opt[0] = None;
+        let y = split::concat_or_zeros(&opt, t, &widths).unwrap();
+        for (j, (&a, &b)) in y.iter().zip(&x).enumerate() {
+            assert_eq!(a, if j % w < widths[0] { 0.0 } else { b }, "element {j}");
+        }
+    }
+    let x =
+        qlora_rs::Tensor::from_vec(vec![0.0f32; 3 * 10], &[3, 10], &qlora_rs::Device::Cpu).unwrap();
+    let e = split::split_cols(&x, &[4, 4]).unwrap_err().to_string();
+    assert!(
+        e.contains("split_cols")
+            && e.contains("[4, 4]")
+            && e.contains("sum 8")
+            && e.contains("[T, 10]"),
+        "{e}"
+    );
+    let e = split::split_cols(&x, &[10, 0]).unwrap_err().to_string();
+    assert!(e.contains("split_cols") && e.contains("at least 1"), "{e}");
+    let e = split::split_cols(&x, &[]).unwrap_err().to_string();
+    assert!(e.contains("split_cols"), "{e}");
+    let a =
+        qlora_rs::Tensor::from_vec(vec![0.0f32; 3 * 2], &[3, 2], &qlora_rs::Device::Cpu).unwrap();
+    let b =
+        qlora_rs::Tensor::from_vec(vec![0.0f32; 4 * 2], &[4, 2], &qlora_rs::Device::Cpu).unwrap();
+    let e = split::concat_cols(&[&a, &b]).unwrap_err().to_string();
+    assert!(
+        e.contains("concat_cols") && e.contains("part 1 [3, 2]") && e.contains("[4, 2]"),
+        "{e}"
+    );
+    let e = split::concat_cols_or_zeros(&[None, None], &[2, 2])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("concat_cols") && e.contains("no part"), "{e}");
+}
+
+/// The split's backward (the concat of the parts' gradients) against finite differences of a
+/// weighted sum of the parts, one part left without a gradient.
+#[test]
+fn split_cols_backward_matches_finite_differences() {
+    let mut r = rng(34);
+    let (t, widths) = (7usize, [24usize, 12, 12]);
+    let w: usize = widths.iter().sum();
+    let x = randn(&mut r, t * w, 1.0);
+    let c: Vec<Vec<f64>> = widths
+        .iter()
+        .map(|&wk| randn(&mut r, t * wk, 1.0))
+        .collect();
+    // The loss reads parts 0 and 2 (part 1 is unused: its gradient is missing).
+    let loss = |x: &[f64]| {
+        let p = split::split(x, t, &widths).unwrap();
+        dot(&p[0], &c[0]) + dot(&p[2], &c[2])
+    };
+    let dx = split::concat_or_zeros(&[Some(&c[0][..]), None, Some(&c[2][..])], t, &widths).unwrap();
+    assert_close("split dx", &dx, &numeric_grad(&x, loss), FD_TOL);
 }
 
 #[test]

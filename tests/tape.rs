@@ -269,6 +269,136 @@ fn on(dev: Device, v: &[f32], shape: &[usize]) -> Tensor {
     }
 }
 
+fn host_f32(t: &Tensor) -> Vec<f32> {
+    match t.dtype() {
+        qlora_rs::DType::F32 => t.to_vec::<f32>().unwrap(),
+        _ => t
+            .to_vec::<bf16>()
+            .unwrap()
+            .iter()
+            .map(|v| v.to_f32())
+            .collect(),
+    }
+}
+
+/// The tape's column split on both devices: the parts are x's columns; x's gradient is the
+/// parts' gradients side by side, zeros for a part nobody used, summed with the gradient x gets
+/// from a second split of it (bit for bit: the sums are doublings and additions of zero); an
+/// input that needs no gradient records nothing.
+#[test]
+fn tape_split_cols_gradient_is_the_concat_of_the_parts_gradients() {
+    use rand::SeedableRng;
+    let mut r = rand::rngs::StdRng::seed_from_u64(41);
+    let (t, widths) = (67usize, [12usize, 24, 12]);
+    let w: usize = widths.iter().sum();
+    let x = bf16_values(&mut r, t * w, 2.0);
+    let dout = bf16_values(&mut r, t * 12, 1.0);
+    // out = (a + c) + x[:, :12]: dx = [2·dout, 0, dout].
+    let mut want = vec![0.0f32; t * w];
+    for row in 0..t {
+        for j in 0..12 {
+            want[row * w + j] = 2.0 * dout[row * 12 + j];
+            want[row * w + 36 + j] = dout[row * 12 + j];
+        }
+    }
+    let mut devices = vec![Device::Cpu];
+    if let Some(dev) = gpu_or_skip("tape_split_cols_gradient_is_the_concat_of_the_parts_gradients")
+    {
+        devices.push(dev);
+    }
+    for dev in devices {
+        let batch = Batch::on(vec![0, 30, t], dev).unwrap();
+        let mut tape = Tape::new(dev, &batch, None, true, None).unwrap();
+        let xv = tape.input(on(dev, &x, &[t, w]), true).unwrap();
+        let parts = tape.split_cols(&xv, &widths).unwrap();
+        let mut o = 0;
+        for (p, &wk) in parts.iter().zip(&widths) {
+            let got = host_f32(p.value().unwrap());
+            assert_eq!(p.value().unwrap().shape(), [t, wk]);
+            for row in 0..t {
+                assert_eq!(got[row * wk..][..wk], x[row * w + o..][..wk], "{dev}");
+            }
+            o += wk;
+        }
+        let again = tape.split_cols(&xv, &[12, 36]).unwrap();
+        let s = tape.add(&parts[0], &parts[2]).unwrap();
+        let out = tape.add(&s, &again[0]).unwrap();
+        drop((parts, again, s));
+        let dx = tape
+            .backward(&out, Some(on(dev, &dout, &[t, 12])), &xv)
+            .unwrap()
+            .unwrap();
+        assert_eq!(dx.shape(), [t, w]);
+        assert_eq!(host_f32(&dx), want, "dx on {dev}");
+
+        // No gradient wanted: no record, parts that need none.
+        let mut tape = Tape::new(dev, &batch, None, true, None).unwrap();
+        let xv = tape.input(on(dev, &x, &[t, w]), false).unwrap();
+        let parts = tape.split_cols(&xv, &widths).unwrap();
+        assert!(parts.iter().all(|p| !p.requires_grad()));
+        assert_eq!(tape.records(), 0);
+        // Bad widths name the op and both shapes.
+        let err = tape.split_cols(&xv, &[12, 12]).unwrap_err().to_string();
+        assert!(
+            err.contains("split_cols") && err.contains("[12, 12]") && err.contains("[T, 48]"),
+            "{err}"
+        );
+    }
+}
+
+/// A split followed by a loss on one part (the fused lm_head + cross-entropy on the CPU): x's
+/// gradient is that part's gradient in its columns and zeros in the others.
+#[test]
+fn tape_split_cols_then_a_loss_on_one_part() {
+    use qlora_rs::ops::cross_entropy;
+    use rand::SeedableRng;
+    let mut r = rand::rngs::StdRng::seed_from_u64(42);
+    let (t, widths, vocab) = (7usize, [24usize, 12, 12], 19usize);
+    let w: usize = widths.iter().sum();
+    let x = bf16_values(&mut r, t * w, 1.0);
+    let head = bf16_values(&mut r, vocab * 12, 0.5);
+    let targets: Vec<i64> = (0..t as i64).map(|i| (i * 5) % vocab as i64).collect();
+    let batch = Batch::new(vec![0, t]).unwrap();
+    let mut tape = Tape::new(Device::Cpu, &batch, None, true, None).unwrap();
+    let xv = tape.input(cpu(x.clone(), &[t, w]), true).unwrap();
+    let parts = tape.split_cols(&xv, &widths).unwrap();
+    let lm = cpu(head.clone(), &[vocab, 12]);
+    let loss = tape
+        .lm_head_ce(&parts[1], &lm, &targets, Some(0.5), None)
+        .unwrap();
+    let part1: Vec<f32> = (0..t)
+        .flat_map(|row| x[row * w + 24..][..12].to_vec())
+        .collect();
+    let want = cross_entropy::forward_backward(
+        &part1,
+        &head,
+        12,
+        &targets,
+        Some(0.5),
+        cross_entropy::cpu_chunk(vocab),
+        None,
+    )
+    .unwrap();
+    assert_eq!(loss.losses.sum().unwrap(), want.loss_sum);
+    let dx = tape
+        .backward(&loss.var.unwrap(), None, &xv)
+        .unwrap()
+        .unwrap()
+        .to_vec::<f32>()
+        .unwrap();
+    let dh = want.dh.unwrap();
+    for row in 0..t {
+        for j in 0..w {
+            let want = if (24..36).contains(&j) {
+                dh[row * 12 + j - 24]
+            } else {
+                0.0
+            };
+            assert_eq!(dx[row * w + j], want, "row {row} column {j}");
+        }
+    }
+}
+
 /// The tape hands RoPE's partial rotary and magnitude to the op on both devices, forward and
 /// backward, bit for bit.
 #[test]

@@ -19,6 +19,7 @@ pub mod random;
 pub mod residual;
 pub mod rmsnorm;
 pub mod rope;
+pub mod split;
 pub mod swiglu;
 
 use crate::device::Device;
