@@ -65,6 +65,9 @@ fn dims(t: Target) -> (usize, usize) {
         Target::Q | Target::K | Target::V | Target::O => (D, D),
         Target::Gate | Target::Up => (FF, D),
         Target::Down => (D, FF),
+        // The fused forms (Phi-3's layout); this model uses the seven of `Target::ALL`.
+        Target::Qkv => (3 * D, D),
+        Target::GateUp => (2 * FF, D),
     }
 }
 

@@ -352,6 +352,7 @@ enum Op<'a> {
         head_dim: usize,
         freqs: &'a Tensor,
         mag: f32,
+        long: Option<(&'a Tensor, usize)>,
     },
     /// `x` split into column blocks: its gradient is the parts' side by side.
     SplitCols {
@@ -826,6 +827,33 @@ impl<'a> Tape<'a> {
         freqs: &'a Tensor,
         mag: f32,
     ) -> Result<Var> {
+        self.rope_with(x, heads, head_dim, freqs, mag, None)
+    }
+
+    /// [`Tape::rope`] with longrope's two tables: each sequence of the batch longer than
+    /// `original` tokens rotates with `long`, the others with `freqs` — each sequence as
+    /// transformers rotates it alone, so packing never changes a result.
+    pub fn rope_longrope(
+        &mut self,
+        x: Var,
+        heads: usize,
+        head_dim: usize,
+        (freqs, long): (&'a Tensor, &'a Tensor),
+        original: usize,
+        mag: f32,
+    ) -> Result<Var> {
+        self.rope_with(x, heads, head_dim, freqs, mag, Some((long, original)))
+    }
+
+    fn rope_with(
+        &mut self,
+        x: Var,
+        heads: usize,
+        head_dim: usize,
+        freqs: &'a Tensor,
+        mag: f32,
+        long: Option<(&'a Tensor, usize)>,
+    ) -> Result<Var> {
         let op = "rope";
         self.check(op, x.value()?)?;
         let at = x.at();
@@ -838,7 +866,7 @@ impl<'a> Tape<'a> {
                 got: format!("{:?}", v.shape()),
             });
         }
-        self.rotate(&mut v, t, heads, head_dim, freqs, mag, false)?;
+        self.rotate(&mut v, t, heads, head_dim, (freqs, long), mag, false)?;
         let y = self.var(Some(v), at.rg);
         if at.rg {
             self.ops.push(Op::Rope {
@@ -848,9 +876,36 @@ impl<'a> Tape<'a> {
                 head_dim,
                 freqs,
                 mag,
+                long,
             });
         }
         Ok(y)
+    }
+
+    /// The token ranges of the batch and the table each rotates with: one range with `freqs`,
+    /// or with longrope, runs of consecutive sequences on the same side of `original` tokens.
+    fn rope_runs<'t>(
+        &self,
+        t: usize,
+        (freqs, long): (&'t Tensor, Option<(&'t Tensor, usize)>),
+    ) -> Vec<(std::ops::Range<usize>, &'t Tensor)> {
+        let Some((long, original)) = long else {
+            return vec![(0..t, freqs)];
+        };
+        let mut runs: Vec<(std::ops::Range<usize>, &'t Tensor)> = Vec::new();
+        for w in self.batch.cu_seqlens.windows(2) {
+            // A decode batch continues a cached sequence: its length is its last position + 1.
+            let len = self.batch.positions[w[0]..w[1]]
+                .iter()
+                .max()
+                .map_or(0, |&p| p as usize + 1);
+            let table = if len > original { long } else { freqs };
+            match runs.last_mut() {
+                Some((r, f)) if std::ptr::eq(*f, table) && r.end == w[0] => r.end = w[1],
+                _ => runs.push((w[0]..w[1], table)),
+            }
+        }
+        runs
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -860,20 +915,26 @@ impl<'a> Tape<'a> {
         t: usize,
         heads: usize,
         head_dim: usize,
-        freqs: &Tensor,
+        tables: (&Tensor, Option<(&Tensor, usize)>),
         mag: f32,
         backward: bool,
     ) -> Result<()> {
+        let runs = self.rope_runs(t, tables);
         match self.device {
             Device::Cpu => {
-                let pos = &self.batch.positions;
-                let f = f32s(freqs, "rope")?;
+                let w = heads * head_dim;
                 let s = v.cpu_slice_mut::<f32>("rope")?;
-                if backward {
-                    rope::backward(s, pos, heads, head_dim, f, mag)
-                } else {
-                    rope::forward(s, pos, heads, head_dim, f, mag)
+                for (r, freqs) in runs {
+                    let pos = &self.batch.positions[r.clone()];
+                    let f = f32s(freqs, "rope")?;
+                    let s = &mut s[r.start * w..r.end * w];
+                    if backward {
+                        rope::backward(s, pos, heads, head_dim, f, mag)?;
+                    } else {
+                        rope::forward(s, pos, heads, head_dim, f, mag)?;
+                    }
                 }
+                Ok(())
             }
             Device::Cuda(_) => {
                 let pos = self
@@ -882,7 +943,9 @@ impl<'a> Tape<'a> {
                     .as_ref()
                     .expect("checked in new");
                 v.reshape_in_place(&[t, heads, head_dim])?;
-                rope::apply_cuda(v, pos, freqs, mag, backward)?;
+                for (r, freqs) in runs {
+                    rope::apply_cuda_rows(v, pos, freqs, mag, backward, r)?;
+                }
                 v.reshape_in_place(&[t, heads * head_dim])
             }
         }
@@ -1233,13 +1296,14 @@ impl<'a> Tape<'a> {
                 head_dim,
                 freqs,
                 mag,
+                long,
             } => {
                 let Some(dy) = grads[y.id].take() else {
                     return Ok(());
                 };
                 let mut d = unshare(dy)?;
                 let (t, _) = rows_cols("rope backward", &d)?;
-                self.rotate(&mut d, t, heads, head_dim, freqs, mag, true)?;
+                self.rotate(&mut d, t, heads, head_dim, (freqs, long), mag, true)?;
                 accumulate(grads, x, Rc::new(d))?;
             }
             Op::SplitCols { x, parts, widths } => {

@@ -479,7 +479,7 @@ fn bad_configs_are_rejected_naming_the_field() {
     let cases: Vec<(Edit, &str)> = vec![
         (
             Box::new(|v| v["model_type"] = "gpt2".into()),
-            "model_type `gpt2` is not supported (supported: llama, mistral, qwen2, qwen3, gemma2, gemma3_text)",
+            "model_type `gpt2` is not supported (supported: llama, mistral, qwen2, qwen3, gemma2, gemma3_text, phi3)",
         ),
         (
             Box::new(|v| {
@@ -930,6 +930,58 @@ fn gemma2_with_every_quirk_matches_transformers_peft() {
 #[test]
 fn gemma3_with_local_rope_and_head_norms_matches_transformers_peft() {
     golden_case("tiny-gemma3");
+}
+
+/// Phi-3 (Phi-3.5 / Phi-4-mini's layer): q/k/v and gate/up stored fused and adapted whole,
+/// RoPE on 18 of 24 dims, longrope (case A, 37 tokens, beyond the original context of 32: the
+/// long factors; the packed case, 23 + 14: the short ones; both with the attention factor), a
+/// sliding window of 11 shorter than every sequence.
+#[test]
+fn phi3_with_fused_projections_and_longrope_matches_transformers_peft() {
+    golden_case("tiny-phi3");
+    let g = Golden::open("tiny-phi3");
+    let model = load("tiny-phi3", BaseFormat::Dense);
+    let c = &model.config;
+    let lr = c.switches.longrope.as_ref().unwrap();
+    // After case A transformers holds the long table.
+    let long =
+        qlora_rs::ops::rope::inv_freq_with_factors(c.rotary_dim(), c.rope_theta, &lr.long_factor)
+            .unwrap();
+    assert_rel("longrope inv_freq", &long, &g.f32("debug.inv_freq"), 1e-6);
+}
+
+/// Longrope picks its table per sequence: a packed batch of a sequence past the original
+/// context (37 tokens: long factors) and one within it (14: short) gives each the logits it
+/// has alone, and the short one's differ from those of the long table (so the test can tell).
+#[test]
+fn phi3_packed_sequences_each_use_their_own_longrope_table() {
+    let model = load("tiny-phi3", BaseFormat::Dense);
+    let lora = adapter(&model, "tiny-phi3-lora");
+    let v = model.config.vocab_size;
+    let long: Vec<u32> = (0..37u32).map(|i| (i * 29 + 3) % 211).collect();
+    let short: Vec<u32> = (0..14u32).map(|i| (i * 17 + 5) % 211).collect();
+    let alone_long = model.logits(Some(&lora), &long, &[0, 37]).unwrap();
+    let alone_short = model.logits(Some(&lora), &short, &[0, 14]).unwrap();
+    let ids: Vec<u32> = long.iter().chain(&short).copied().collect();
+    let packed = model.logits(Some(&lora), &ids, &[0, 37, 51]).unwrap();
+    assert_rel("long, packed", &packed[..37 * v], &alone_long, 1e-5);
+    assert_rel("short, packed", &packed[37 * v..], &alone_short, 1e-5);
+    // The short sequence with the long table: what a batch-wide choice would give.
+    let padded: Vec<u32> = short
+        .iter()
+        .copied()
+        .chain(long[14..].iter().copied())
+        .collect();
+    let with_long = model.logits(Some(&lora), &padded, &[0, 37]).unwrap();
+    let d = with_long[..14 * v]
+        .iter()
+        .zip(&alone_short)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(
+        d > 1e-2,
+        "the long table changes the short sequence by only {d}"
+    );
 }
 
 /// Gemma's generation with a KV cache (sliding layers windowed over the cache, soft-capped

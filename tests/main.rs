@@ -21,6 +21,7 @@ mod kernels;
 mod llama;
 mod nf4;
 mod ops;
+mod phi3;
 mod plot;
 mod ptxas;
 mod refusals;

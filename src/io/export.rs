@@ -58,9 +58,9 @@ fn io(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
 fn projections(cfg: &LlamaConfig) -> Vec<(String, usize, Target)> {
     (0..cfg.num_layers)
         .flat_map(|l| {
-            Target::ALL
-                .into_iter()
-                .map(move |t| (format!("model.layers.{l}.{}", t.hf_path()), l, t))
+            cfg.targets()
+                .iter()
+                .map(move |&t| (format!("model.layers.{l}.{}", t.hf_path()), l, t))
         })
         .collect()
 }

@@ -328,6 +328,20 @@ impl Adapters {
 /// Checks that every adapter of `l` fits a model of configuration `c` (layer and dimensions).
 pub(crate) fn check_fits(l: &LoraParams, c: &super::config::LlamaConfig) -> Result<()> {
     for s in &l.slots {
+        if !c.targets().contains(&s.target) {
+            return Err(Error::InvalidArgument(format!(
+                "LoRA adapter for layer {} {}: the model ({:?}) has no such projection (its \
+                 projections: {})",
+                s.layer,
+                s.target.module(),
+                c.arch,
+                c.targets()
+                    .iter()
+                    .map(|t| t.module())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
         let (i, o) = s.target.dims(c);
         if s.layer >= c.num_layers || s.in_features != i || s.out_features != o {
             return Err(Error::InvalidArgument(format!(

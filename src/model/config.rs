@@ -11,13 +11,14 @@ use std::path::Path;
 use serde::Deserialize;
 use serde_json::Value;
 
+use super::lora::Target;
 use crate::error::{Error, Result};
 use crate::ops::rope::RopeScaling;
 
 /// `config.json` as transformers writes it (the fields this crate reads).
 #[derive(Clone, Debug, Deserialize)]
 pub struct HfConfig {
-    /// `llama`, `mistral`, `qwen2`, `qwen3`, `gemma2` or `gemma3_text` (anything else is
+    /// `llama`, `mistral`, `qwen2`, `qwen3`, `gemma2`, `gemma3_text` or `phi3` (anything else is
     /// refused).
     pub model_type: Option<String>,
     /// Model width d.
@@ -84,6 +85,17 @@ pub struct HfConfig {
     pub use_bidirectional_attention: Option<bool>,
     /// A multimodal checkpoint's language model (`gemma3`); refused with a message.
     pub text_config: Option<Value>,
+    /// Phi-3 (transformers 4.x): the share of each head that RoPE rotates (Phi-4-mini: 0.75);
+    /// 5.x writes it inside `rope_parameters`.
+    pub partial_rotary_factor: Option<f64>,
+    /// Phi-3: the context length of pre-training, beyond which longrope uses its long factors.
+    pub original_max_position_embeddings: Option<usize>,
+    /// Dropout on attention probabilities; only 0 is supported.
+    pub attention_dropout: Option<f64>,
+    /// Phi-3's dropout on each branch before its residual add; only 0 is supported.
+    pub resid_pdrop: Option<f64>,
+    /// Phi-3's dropout on the embeddings; only 0 is supported.
+    pub embd_pdrop: Option<f64>,
 }
 
 /// Tells a field given as `null` (`Some(None)`) from a field left out (`None`).
@@ -111,6 +123,9 @@ pub enum Arch {
     /// `model_type` `gemma3_text`: Gemma 2's layer with q/k norms, no soft-capping by default,
     /// and a second RoPE base for the sliding layers.
     Gemma3,
+    /// `model_type` `phi3` (Phi-3, Phi-3.5, Phi-4-mini): q/k/v stored as one `qkv_proj` and
+    /// gate/up as one `gate_up_proj`, RoPE on a share of each head, `longrope` scaling.
+    Phi3,
 }
 
 impl Arch {
@@ -121,7 +136,7 @@ impl Arch {
 }
 
 /// The accepted `model_type`s, for messages.
-pub const SUPPORTED_MODEL_TYPES: &str = "llama, mistral, qwen2, qwen3, gemma2, gemma3_text";
+pub const SUPPORTED_MODEL_TYPES: &str = "llama, mistral, qwen2, qwen3, gemma2, gemma3_text, phi3";
 
 /// The MLP's gate activation.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -158,6 +173,31 @@ pub struct Switches {
     /// RoPE base and scaling of the sliding layers where they differ from the global ones
     /// (Gemma 3).
     pub rope_local: Option<(f32, RopeScaling)>,
+    /// RoPE rotates only the first this-many dims of each head (`partial_rotary_factor`, Phi);
+    /// `None` rotates all of `head_dim`.
+    pub rotary_dim: Option<usize>,
+    /// Phi-3's `longrope` scaling (the global `rope_scaling` is then `None`).
+    pub longrope: Option<LongRope>,
+    /// q/k/v are one projection `qkv_proj` `[q + 2·kv, d]` and gate/up one `gate_up_proj`
+    /// `[2f, d]` (gate first), as Phi-3 stores them; LoRA adapts each fused projection whole.
+    pub fused_proj: bool,
+}
+
+/// Phi-3's `longrope`: frequencies divided per dimension by `short_factor`, or by
+/// `long_factor` when the longest sequence of a forward is longer than
+/// `original_max_position_embeddings` (transformers picks the set per forward from the largest
+/// position id), and cos/sin multiplied by `attention_factor`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LongRope {
+    /// Per-frequency divisors for sequences within the pre-training length.
+    pub short_factor: Vec<f32>,
+    /// Per-frequency divisors for longer sequences.
+    pub long_factor: Vec<f32>,
+    /// The pre-training context length.
+    pub original_max_position_embeddings: usize,
+    /// Multiplier of cos and sin: given, or `√(1 + ln s / ln L)` with
+    /// `s = max_position_embeddings / L` (1 where s ≤ 1).
+    pub attention_factor: f32,
 }
 
 /// A validated configuration.
@@ -205,6 +245,21 @@ pub struct LlamaConfig {
 }
 
 impl LlamaConfig {
+    /// How many dims of each head RoPE rotates (even; `head_dim` unless partial).
+    pub fn rotary_dim(&self) -> usize {
+        self.switches.rotary_dim.unwrap_or(self.head_dim)
+    }
+
+    /// The LoRA-adaptable projections of each layer, in the order a layer runs them:
+    /// [`Target::ALL`], or Phi-3's fused four.
+    pub fn targets(&self) -> &'static [Target] {
+        if self.switches.fused_proj {
+            &Target::FUSED
+        } else {
+            &Target::ALL
+        }
+    }
+
     /// Whether q and k pass through an RMSNorm per head before RoPE (`q_norm`/`k_norm` of
     /// Qwen3 and Gemma 3).
     pub fn qk_norm(&self) -> bool {
@@ -293,13 +348,9 @@ fn num(v: &Value, key: &str, field: &str) -> Result<f64> {
 
 /// The scaling from `rope_parameters` / `rope_scaling` (`field` names which one, for errors).
 fn parse_rope_scaling(v: &Value, field: &str) -> Result<RopeScaling> {
-    let kind = v
-        .get("rope_type")
-        .or_else(|| v.get("type"))
-        .and_then(Value::as_str)
-        .unwrap_or("default");
-    match kind {
-        "default" => Ok(RopeScaling::None),
+    match rope_type(v) {
+        // Read by `phi_rope` (for phi3 only; refused there for the rest).
+        "default" | "longrope" | "su" => Ok(RopeScaling::None),
         "linear" => Ok(RopeScaling::Linear {
             factor: num(v, "factor", field)? as f32,
         }),
@@ -311,9 +362,127 @@ fn parse_rope_scaling(v: &Value, field: &str) -> Result<RopeScaling> {
                 as usize,
         }),
         other => Err(Error::InvalidArgument(format!(
-            "config field `{field}` has rope_type `{other}`: supported are default, linear and llama3"
+            "config field `{field}` has rope_type `{other}`: supported are default, linear and \
+             llama3 (and longrope for phi3)"
         ))),
     }
+}
+
+/// `rope_type` (or the legacy `type`) of a RoPE block.
+fn rope_type(v: &Value) -> &str {
+    v.get("rope_type")
+        .or_else(|| v.get("type"))
+        .and_then(Value::as_str)
+        .unwrap_or("default")
+}
+
+/// The rotated width of each head and Phi-3's longrope, as transformers' Phi3Config and
+/// `_compute_longrope_parameters` read them; both refused for the other families.
+fn phi_rope(
+    c: &HfConfig,
+    arch: Arch,
+    head_dim: usize,
+    block: Option<&Value>,
+) -> Result<(Option<usize>, Option<LongRope>)> {
+    let field = if c.rope_parameters.is_some() {
+        "rope_parameters"
+    } else {
+        "rope_scaling"
+    };
+    let factor = block
+        .and_then(|b| b.get("partial_rotary_factor"))
+        .and_then(Value::as_f64)
+        .or(c.partial_rotary_factor)
+        .unwrap_or(1.0);
+    let kind = block.map_or("default", rope_type);
+    let phi = arch == Arch::Phi3;
+    let long = matches!(kind, "longrope" | "su") || (phi && kind == "yarn");
+    if !phi && long {
+        return Err(Error::InvalidArgument(format!(
+            "config field `{field}` has rope_type `{kind}`, which is read for phi3 only"
+        )));
+    }
+    if !phi && factor != 1.0 {
+        return Err(Error::InvalidArgument(format!(
+            "config field `partial_rotary_factor` is {factor}: partial rotary embeddings are read \
+             for phi3 only"
+        )));
+    }
+    if !(factor > 0.0 && factor <= 1.0) {
+        return Err(Error::InvalidArgument(format!(
+            "config field `partial_rotary_factor` must be in (0, 1], got {factor}"
+        )));
+    }
+    // transformers: `int(head_dim * partial_rotary_factor)`.
+    let rot = (head_dim as f64 * factor) as usize;
+    if rot < 2 || rot % 2 != 0 {
+        return Err(Error::InvalidArgument(format!(
+            "config: head_dim {head_dim} × partial_rotary_factor {factor} gives {rot} rotary \
+             dims; an even number ≥ 2 is needed"
+        )));
+    }
+    let rotary_dim = (rot != head_dim).then_some(rot);
+    if !long {
+        return Ok((rotary_dim, None));
+    }
+    let b = block.expect("a longrope type comes from a block");
+    let factors = |key: &str| -> Result<Vec<f32>> {
+        let v = b.get(key).and_then(Value::as_array).ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "config field `{field}.{key}` is missing or not a list (longrope needs \
+                 short_factor and long_factor)"
+            ))
+        })?;
+        let f: Vec<f32> = v
+            .iter()
+            .map(|x| {
+                x.as_f64()
+                    .filter(|x| x.is_finite() && *x > 0.0)
+                    .map(|x| x as f32)
+            })
+            .collect::<Option<_>>()
+            .ok_or_else(|| {
+                Error::InvalidArgument(format!(
+                    "config field `{field}.{key}` must hold positive numbers"
+                ))
+            })?;
+        if f.len() != rot / 2 {
+            return Err(Error::InvalidArgument(format!(
+                "config field `{field}.{key}` has {} values; {} are needed (one per rotated pair: \
+                 head_dim {head_dim} × partial_rotary_factor {factor} / 2)",
+                f.len(),
+                rot / 2
+            )));
+        }
+        Ok(f)
+    };
+    // Phi3Config always has `original_max_position_embeddings` (default 4096), and transformers
+    // prefers it to the block's own.
+    let original = c.original_max_position_embeddings.unwrap_or(4096);
+    if original < 2 {
+        return Err(Error::InvalidArgument(format!(
+            "config field `original_max_position_embeddings` is {original}; longrope needs ≥ 2"
+        )));
+    }
+    let max_pos = c.max_position_embeddings.unwrap_or(4096);
+    let scale = match b.get("factor").and_then(Value::as_f64) {
+        Some(f) => f,
+        None => max_pos as f64 / original as f64,
+    };
+    let attention_factor = match b.get("attention_factor").and_then(Value::as_f64) {
+        Some(a) => a,
+        None if scale <= 1.0 => 1.0,
+        None => (1.0 + scale.ln() / (original as f64).ln()).sqrt(),
+    };
+    Ok((
+        rotary_dim,
+        Some(LongRope {
+            short_factor: factors("short_factor")?,
+            long_factor: factors("long_factor")?,
+            original_max_position_embeddings: original,
+            attention_factor: attention_factor as f32,
+        }),
+    ))
 }
 
 impl TryFrom<HfConfig> for LlamaConfig {
@@ -332,6 +501,7 @@ impl TryFrom<HfConfig> for LlamaConfig {
             "qwen3" => Arch::Qwen3,
             "gemma2" => Arch::Gemma2,
             "gemma3_text" => Arch::Gemma3,
+            "phi3" => Arch::Phi3,
             "gemma3" => {
                 let inner = c
                     .text_config
@@ -385,6 +555,18 @@ impl TryFrom<HfConfig> for LlamaConfig {
                  attention): only causal attention is supported"
                     .into(),
             ));
+        }
+        for (field, v) in [
+            ("attention_dropout", c.attention_dropout),
+            ("resid_pdrop", c.resid_pdrop),
+            ("embd_pdrop", c.embd_pdrop),
+        ] {
+            if let Some(p) = v.filter(|&p| p != 0.0) {
+                return Err(Error::InvalidArgument(format!(
+                    "config field `{field}` is {p}: only 0 is supported (LoRA dropout is set with \
+                     --lora-dropout)"
+                )));
+            }
         }
         if c.mlp_bias == Some(true) {
             return Err(Error::InvalidArgument(
@@ -453,7 +635,7 @@ impl TryFrom<HfConfig> for LlamaConfig {
                     Arch::Gemma2 => i % 2 == 0,
                     Arch::Gemma3 => (i + 1) % c.sliding_window_pattern.unwrap_or(6).max(1) != 0,
                     Arch::Qwen2 | Arch::Qwen3 => i >= c.max_window_layers.unwrap_or(28),
-                    Arch::Llama | Arch::Mistral => true,
+                    Arch::Llama | Arch::Mistral | Arch::Phi3 => true,
                 })
                 .collect(),
         };
@@ -542,7 +724,28 @@ impl TryFrom<HfConfig> for LlamaConfig {
             });
             (global, local)
         };
+        // Phi-3: RoPE over a share of each head, and longrope (`su`, and `yarn` which Phi3Config
+        // renames to longrope). The block holding them is `rope_parameters` (5.x) or
+        // `rope_scaling` (4.x).
+        let rope_block = c
+            .rope_parameters
+            .as_ref()
+            .or(c.rope_scaling.as_ref())
+            .filter(|v| !v.is_null() && per_type.is_none());
+        let (rotary_dim, longrope) = phi_rope(&c, arch, head_dim, rope_block)?;
+        let rope_scaling = if longrope.is_some() {
+            RopeScaling::None
+        } else {
+            rope_scaling
+        };
         let attention_bias = c.attention_bias.unwrap_or(false);
+        if arch == Arch::Phi3 && attention_bias {
+            return Err(Error::InvalidArgument(
+                "config field `attention_bias` is true, but phi3's qkv_proj and o_proj have no \
+                 biases (transformers does not read the field for phi3)"
+                    .into(),
+            ));
+        }
 
         let positive = |field: &str, v: f64| -> Result<f32> {
             if v.is_finite() && v > 0.0 {
@@ -580,6 +783,7 @@ impl TryFrom<HfConfig> for LlamaConfig {
                 )?,
                 sliding_layers,
                 rope_local: rope_local.filter(|_| arch == Arch::Gemma3),
+                ..Switches::default()
             }
         } else {
             for (field, v) in [
@@ -596,10 +800,19 @@ impl TryFrom<HfConfig> for LlamaConfig {
             Switches {
                 act,
                 sliding_layers,
+                fused_proj: arch == Arch::Phi3,
                 ..Switches::default()
             }
         };
-        let rms_norm_eps = c.rms_norm_eps.unwrap_or(1e-6);
+        let switches = Switches {
+            rotary_dim,
+            longrope,
+            ..switches
+        };
+        // Phi3Config's default is 1e-5; the others' 1e-6.
+        let rms_norm_eps = c
+            .rms_norm_eps
+            .unwrap_or(if arch == Arch::Phi3 { 1e-5 } else { 1e-6 });
         if rms_norm_eps.is_nan() || rms_norm_eps <= 0.0 {
             return Err(Error::InvalidArgument(format!(
                 "config field `rms_norm_eps` must be positive, got {rms_norm_eps}"
@@ -622,6 +835,7 @@ impl TryFrom<HfConfig> for LlamaConfig {
             max_position_embeddings: c.max_position_embeddings.unwrap_or(match arch {
                 Arch::Gemma2 => 8192,
                 Arch::Gemma3 => 131_072,
+                Arch::Phi3 => 4096,
                 _ => 2048,
             }),
             qkv_bias: arch == Arch::Qwen2 || attention_bias,

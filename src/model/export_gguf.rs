@@ -303,6 +303,14 @@ fn arch_of(cfg: &LlamaConfig, model: &Path) -> Result<(&'static str, Vec<String>
         Arch::Qwen3 => "qwen3",
         Arch::Gemma2 => "gemma2",
         Arch::Gemma3 => "gemma3",
+        Arch::Phi3 => {
+            return Err(Error::InvalidArgument(format!(
+                "{}: export-gguf does not write llama.cpp's `phi3` yet (fused qkv/gate_up, \
+                 longrope factor tensors); merge the adapter (qlora-rs merge) and convert the \
+                 merged folder with llama.cpp's convert_hf_to_gguf.py",
+                model.join("config.json").display()
+            )))
+        }
     };
     if cfg.arch.is_gemma() {
         check_gemma(cfg, &model.join("config.json"))?;

@@ -1,15 +1,18 @@
-//! The one decoder (Llama, Mistral, Qwen2, Qwen3, Gemma 2, Gemma 3), written once on the tape
+//! The one decoder (Llama, Mistral, Qwen2, Qwen3, Gemma 2, Gemma 3, Phi-3), written once on the tape
 //! ([`crate::autograd`]) for both devices: loading from a Hugging Face folder, moving to a GPU,
 //! the forward, and the training forward/backward with per-layer checkpointing.
 //!
 //! ```text
 //! h = E[ids] (· √d for Gemma)                                  [T, d]
 //! per layer:  n = rmsnorm(h);  q, k, v = n·W{q,k,v}ᵀ (+ b) + LoRA
+//!                 (Phi-3: [q | k | v] = n·W_qkvᵀ + LoRA, one GEMM, split by columns)
 //!             q, k = headnorm(q), headnorm(k)                 (Qwen3, Gemma 3)
-//!             q, k = rope(q), rope(k)                         (Gemma 3: local base on sliding layers)
+//!             q, k = rope(q), rope(k)                         (Gemma 3: local base on sliding layers;
+//!                                                              Phi-3: first rotary_dim dims, longrope)
 //!             a = attention(q, k, v)·Woᵀ + LoRA               (scale, soft-cap, window per layer)
 //!             h = h + a               or  h = h + rmsnorm(a)  (Gemma's post-attention norm)
-//!             n = rmsnorm(h);  m = (act(n·Wgᵀ) ⊙ n·Wuᵀ)·Wdᵀ   (+ LoRA on each; silu or tanh-GELU)
+//!             n = rmsnorm(h);  m = (act(n·Wgᵀ) ⊙ n·Wuᵀ)·Wdᵀ   (+ LoRA on each; silu or tanh-GELU;
+//!                                                              Phi-3: [g | u] = n·W_guᵀ, split)
 //!             h = h + m               or  h = h + rmsnorm(m)  (Gemma's post-feedforward norm)
 //! logits = rmsnorm(h)·Eᵀ (tied) or ·W_lmᵀ, then c·tanh(z/c) for Gemma 2          [T, V]
 //! ```
@@ -66,7 +69,7 @@ struct DecoderLayer {
     branch_norms: Option<(Tensor, Tensor)>,
     /// Qwen3's per-head norms of q and k, `[head_dim]` each.
     qk_norm: Option<(Tensor, Tensor)>,
-    /// In [`Target::ALL`] order.
+    /// In the order of [`LlamaConfig::targets`].
     proj: Vec<Projection>,
 }
 
@@ -80,10 +83,13 @@ pub struct Llama {
     layers: Vec<DecoderLayer>,
     norm: Tensor,
     lm_head: Option<Tensor>,
-    /// RoPE inverse frequencies, f32 `[head_dim / 2]`.
+    /// RoPE inverse frequencies, f32 `[rotary_dim / 2]` (longrope: with the short factors).
     freqs: Tensor,
     /// Those of the sliding layers where they differ (Gemma 3's `rope_local_base_freq`).
     freqs_local: Option<Tensor>,
+    /// Longrope's frequencies with the long factors, for forwards whose longest sequence is
+    /// beyond the pre-training length.
+    freqs_long: Option<Tensor>,
     /// What loading left aside and why (checkpoint tensors the config makes redundant), for the
     /// command line to print as warnings.
     pub load_warnings: Vec<String>,
@@ -115,19 +121,39 @@ fn norm_identity(c: &LlamaConfig) -> f32 {
     }
 }
 
-/// The RoPE inverse frequencies f32 `[head_dim / 2]` on `dev`, and the sliding layers' own
-/// where the config gives them.
-fn rope_tables(c: &LlamaConfig, dev: &Device) -> Result<(Tensor, Option<Tensor>)> {
-    let half = [c.head_dim / 2];
-    let global = rope::inv_freq(c.head_dim, c.rope_theta, c.rope_scaling);
+/// The RoPE tables of a model.
+struct RopeTables {
+    global: Tensor,
+    local: Option<Tensor>,
+    long: Option<Tensor>,
+}
+
+/// The RoPE inverse frequencies f32 `[rotary_dim / 2]` on `dev`; the sliding layers' own where
+/// the config gives them; longrope's short (as the global table) and long factors.
+fn rope_tables(c: &LlamaConfig, dev: &Device) -> Result<RopeTables> {
+    let rot = c.rotary_dim();
+    let half = [rot / 2];
+    let on = |f: Vec<f32>| Tensor::from_vec(f, &half, dev);
+    let (global, long) = match &c.switches.longrope {
+        Some(lr) => (
+            rope::inv_freq_with_factors(rot, c.rope_theta, &lr.short_factor)?,
+            Some(on(rope::inv_freq_with_factors(
+                rot,
+                c.rope_theta,
+                &lr.long_factor,
+            )?)?),
+        ),
+        None => (rope::inv_freq(rot, c.rope_theta, c.rope_scaling), None),
+    };
     let local = c
         .switches
         .rope_local
-        .map(|(theta, scaling)| rope::inv_freq(c.head_dim, theta, scaling));
-    Ok((
-        Tensor::from_vec(global, &half, dev)?,
-        local.map(|f| Tensor::from_vec(f, &half, dev)).transpose()?,
-    ))
+        .map(|(theta, scaling)| rope::inv_freq(rot, theta, scaling));
+    Ok(RopeTables {
+        global: on(global)?,
+        local: local.map(on).transpose()?,
+        long,
+    })
 }
 
 /// A host f32 tensor as bf16 on `dev`.
@@ -201,7 +227,7 @@ impl Llama {
         let mut layers = Vec::with_capacity(c.num_layers);
         for _ in 0..c.num_layers {
             let mut proj = Vec::with_capacity(7);
-            for t in Target::ALL {
+            for &t in c.targets() {
                 let (i, o) = t.dims(c);
                 let w = hv(random(o * i), &[o, i])?;
                 let weight = match format {
@@ -238,7 +264,7 @@ impl Llama {
         } else {
             Some(hv(random(c.vocab_size * d), &[c.vocab_size, d])?)
         };
-        let (freqs, freqs_local) = rope_tables(c, &Device::Cpu)?;
+        let rt = rope_tables(c, &Device::Cpu)?;
         Ok(Llama {
             norm: hv(vec![norm_identity(c); d], &[d])?,
             device: Device::Cpu,
@@ -246,8 +272,9 @@ impl Llama {
             embed,
             layers,
             lm_head,
-            freqs,
-            freqs_local,
+            freqs: rt.global,
+            freqs_local: rt.local,
+            freqs_long: rt.long,
             load_warnings: Vec::new(),
         })
     }
@@ -289,7 +316,7 @@ impl Llama {
         let mut layers = Vec::with_capacity(c.num_layers);
         for _ in 0..c.num_layers {
             let mut proj = Vec::with_capacity(7);
-            for t in Target::ALL {
+            for &t in c.targets() {
                 let (i, o) = t.dims(&c);
                 // One dense projection at a time exists in bf16, then only its NF4 form.
                 let weight = BaseWeight::Nf4(Nf4Tensor::quantize(&draw(&[o, i])?, nf4)?);
@@ -319,7 +346,7 @@ impl Llama {
                 proj,
             });
         }
-        let (freqs, freqs_local) = rope_tables(&c, &device)?;
+        let rt = rope_tables(&c, &device)?;
         Ok(Llama {
             norm: ones()?,
             config: c,
@@ -327,8 +354,9 @@ impl Llama {
             embed,
             layers,
             lm_head,
-            freqs,
-            freqs_local,
+            freqs: rt.global,
+            freqs_local: rt.local,
+            freqs_long: rt.long,
             load_warnings: Vec::new(),
         })
     }
@@ -394,6 +422,7 @@ impl Llama {
             norm: bf16_on(&self.norm, &dev)?,
             freqs: self.freqs.to_device(&dev)?,
             freqs_local: self.freqs_local.map(|f| f.to_device(&dev)).transpose()?,
+            freqs_long: self.freqs_long.map(|f| f.to_device(&dev)).transpose()?,
             layers,
             load_warnings: self.load_warnings,
         })
@@ -415,7 +444,7 @@ impl Llama {
         let mut layers = Vec::with_capacity(c.num_layers);
         for l in 0..c.num_layers {
             let mut proj = Vec::with_capacity(7);
-            for t in Target::ALL {
+            for &t in c.targets() {
                 let (i, o) = t.dims(c);
                 let prefix = layer_key(l, t.hf_path());
                 let weight = if prequantized {
@@ -485,7 +514,7 @@ impl Llama {
                 &[c.vocab_size, d],
             )?)
         };
-        let (freqs, freqs_local) = rope_tables(c, &Device::Cpu)?;
+        let rt = rope_tables(c, &Device::Cpu)?;
         // Every tensor of the checkpoint must be one the config uses: a 1-layer config on a
         // 2-layer checkpoint would otherwise train a truncated model without a word.
         let mut load_warnings = Vec::new();
@@ -524,8 +553,9 @@ impl Llama {
             layers,
             norm,
             lm_head,
-            freqs,
-            freqs_local,
+            freqs: rt.global,
+            freqs_local: rt.local,
+            freqs_long: rt.long,
             load_warnings,
         })
     }
@@ -537,11 +567,21 @@ impl Llama {
 
     /// A projection's frozen base weight.
     pub fn base(&self, layer: usize, target: Target) -> &BaseWeight {
-        &self.layers[layer].proj[target as usize].weight
+        &self.layers[layer].proj[self.slot(target)].weight
+    }
+
+    /// Where projection `t` sits in a layer's list (panics for a target the model lacks: the
+    /// adapters were checked against the model's targets when they met it).
+    fn slot(&self, t: Target) -> usize {
+        self.config
+            .targets()
+            .iter()
+            .position(|&x| x == t)
+            .unwrap_or_else(|| panic!("{t:?} is not a projection of this {:?}", self.config.arch))
     }
 
     fn lin(&self, l: usize, t: Target) -> Linear<'_> {
-        let p = &self.layers[l].proj[t as usize];
+        let p = &self.layers[l].proj[self.slot(t)];
         Linear {
             weight: &p.weight,
             bias: p.bias.as_ref(),
@@ -564,6 +604,24 @@ impl Llama {
         match (&self.freqs_local, self.config.window(l)) {
             (Some(local), Some(_)) => local,
             _ => &self.freqs,
+        }
+    }
+
+    /// RoPE on q or k (`heads` heads): longrope's short or long table for each sequence
+    /// (the long one beyond the pre-training length, as transformers picks for a sequence run
+    /// alone) with its attention factor, else layer `l`'s table.
+    fn rope<'t>(&'t self, tape: &mut Tape<'t>, l: usize, x: Var, heads: usize) -> Result<Var> {
+        let hd = self.config.head_dim;
+        match (&self.config.switches.longrope, &self.freqs_long) {
+            (Some(lr), Some(long)) => tape.rope_longrope(
+                x,
+                heads,
+                hd,
+                (&self.freqs, long),
+                lr.original_max_position_embeddings,
+                lr.attention_factor,
+            ),
+            _ => tape.rope(x, heads, hd, self.freqs_of(l), 1.0),
         }
     }
 
@@ -592,10 +650,21 @@ impl Llama {
         let (norm, hd) = (self.norm(), c.head_dim);
         let ly = &self.layers[l];
         let n1 = tape.rmsnorm(x, &ly.input_norm, norm)?;
-        let q = tape.linear(&n1, self.lin(l, Target::Q))?;
-        let k = tape.linear(&n1, self.lin(l, Target::K))?;
-        let v = tape.linear(&n1, self.lin(l, Target::V))?;
-        drop(n1);
+        let (q, k, v) = if c.switches.fused_proj {
+            let qkv = tape.linear(&n1, self.lin(l, Target::Qkv))?;
+            drop(n1);
+            let mut parts = tape.split_cols(&qkv, &[c.q_dim(), c.kv_dim(), c.kv_dim()])?;
+            drop(qkv);
+            let v = parts.pop().expect("three parts");
+            let k = parts.pop().expect("three parts");
+            (parts.pop().expect("three parts"), k, v)
+        } else {
+            let q = tape.linear(&n1, self.lin(l, Target::Q))?;
+            let k = tape.linear(&n1, self.lin(l, Target::K))?;
+            let v = tape.linear(&n1, self.lin(l, Target::V))?;
+            drop(n1);
+            (q, k, v)
+        };
         let (q, k) = match &ly.qk_norm {
             Some((qn, kn)) => (
                 tape.head_rmsnorm(q, c.num_heads, hd, qn, norm)?,
@@ -603,9 +672,8 @@ impl Llama {
             ),
             None => (q, k),
         };
-        let freqs = self.freqs_of(l);
-        let q = tape.rope(q, c.num_heads, hd, freqs, 1.0)?;
-        let k = tape.rope(k, c.num_kv_heads, hd, freqs, 1.0)?;
+        let q = self.rope(tape, l, q, c.num_heads)?;
+        let k = self.rope(tape, l, k, c.num_kv_heads)?;
         let dims = self.attention_dims(l);
         let o = match cache {
             None => tape.attention(&q, &k, &v, dims)?,
@@ -619,9 +687,20 @@ impl Llama {
         }
         let (h1, n2) = tape.add_rmsnorm(x, &a, &ly.post_norm, norm)?;
         drop(a);
-        let g = tape.linear(&n2, self.lin(l, Target::Gate))?;
-        let u = tape.linear(&n2, self.lin(l, Target::Up))?;
-        drop(n2);
+        let (g, u) = if c.switches.fused_proj {
+            let gu = tape.linear(&n2, self.lin(l, Target::GateUp))?;
+            drop(n2);
+            let f = c.intermediate_size;
+            let mut parts = tape.split_cols(&gu, &[f, f])?;
+            drop(gu);
+            let u = parts.pop().expect("two parts");
+            (parts.pop().expect("two parts"), u)
+        } else {
+            let g = tape.linear(&n2, self.lin(l, Target::Gate))?;
+            let u = tape.linear(&n2, self.lin(l, Target::Up))?;
+            drop(n2);
+            (g, u)
+        };
         let act = match c.switches.act {
             Activation::Silu => swiglu::Act::Silu,
             Activation::GeluTanh => swiglu::Act::GeluTanh,

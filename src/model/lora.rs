@@ -30,6 +30,10 @@ pub enum Target {
     Up,
     /// MLP down projection `down_proj`, `[d, f]`.
     Down,
+    /// Phi-3's fused attention input projection `qkv_proj`, `[q + 2·kv, d]` (q, then k, then v).
+    Qkv,
+    /// Phi-3's fused MLP input projection `gate_up_proj`, `[2f, d]` (gate, then up).
+    GateUp,
 }
 
 impl Target {
@@ -44,6 +48,10 @@ impl Target {
         Target::Down,
     ];
 
+    /// The projections of a model that stores q/k/v and gate/up fused (Phi-3), in the order a
+    /// layer runs them.
+    pub const FUSED: [Target; 4] = [Target::Qkv, Target::O, Target::GateUp, Target::Down];
+
     /// The module name (`q_proj`, …, `down_proj`).
     pub fn module(self) -> &'static str {
         match self {
@@ -54,6 +62,8 @@ impl Target {
             Target::Gate => "gate_proj",
             Target::Up => "up_proj",
             Target::Down => "down_proj",
+            Target::Qkv => "qkv_proj",
+            Target::GateUp => "gate_up_proj",
         }
     }
 
@@ -67,6 +77,8 @@ impl Target {
             Target::Gate => "mlp.gate_proj",
             Target::Up => "mlp.up_proj",
             Target::Down => "mlp.down_proj",
+            Target::Qkv => "self_attn.qkv_proj",
+            Target::GateUp => "mlp.gate_up_proj",
         }
     }
 
@@ -79,6 +91,8 @@ impl Target {
             Target::O => (c.q_dim(), d),
             Target::Gate | Target::Up => (d, f),
             Target::Down => (f, d),
+            Target::Qkv => (d, c.q_dim() + 2 * c.kv_dim()),
+            Target::GateUp => (d, 2 * f),
         }
     }
 
@@ -88,12 +102,65 @@ impl Target {
         let base = s.strip_suffix("_proj").unwrap_or(&s);
         Target::ALL
             .into_iter()
+            .chain([Target::Qkv, Target::GateUp])
             .find(|t| t.module().strip_suffix("_proj") == Some(base))
             .ok_or_else(|| {
                 Error::InvalidArgument(format!(
-                    "unknown LoRA target `{s}`: use any of q, k, v, o, gate, up, down, or all"
+                    "unknown LoRA target `{s}`: use any of q, k, v, o, gate, up, down (qkv, \
+                     gate_up for Phi-3), or all"
                 ))
             })
+    }
+
+    /// `targets` as the projections of a model of configuration `c`: on a fused model (Phi-3)
+    /// q+k+v become `qkv_proj` and gate+up `gate_up_proj` (so `all` adapts its four
+    /// projections); a part of a fused projection, or a fused name on a model that stores them
+    /// apart, is refused. In the order a layer runs them.
+    pub fn resolve(targets: &[Target], c: &LlamaConfig) -> Result<Vec<Target>> {
+        let has = |t: Target| targets.contains(&t);
+        let mut out = Vec::new();
+        for &t in targets {
+            let mapped = match (c.switches.fused_proj, t) {
+                (true, Target::Q | Target::K | Target::V) => {
+                    if !(has(Target::Q) && has(Target::K) && has(Target::V)) && !has(Target::Qkv) {
+                        return Err(Error::InvalidArgument(format!(
+                            "LoRA target `{}`: this model ({:?}) stores q, k and v as one \
+                             projection, qkv_proj; target qkv (or q, k and v together, or all)",
+                            t.module(),
+                            c.arch
+                        )));
+                    }
+                    Target::Qkv
+                }
+                (true, Target::Gate | Target::Up) => {
+                    if !(has(Target::Gate) && has(Target::Up)) && !has(Target::GateUp) {
+                        return Err(Error::InvalidArgument(format!(
+                            "LoRA target `{}`: this model ({:?}) stores gate and up as one \
+                             projection, gate_up_proj; target gate_up (or gate and up together, \
+                             or all)",
+                            t.module(),
+                            c.arch
+                        )));
+                    }
+                    Target::GateUp
+                }
+                (false, Target::Qkv | Target::GateUp) => {
+                    return Err(Error::InvalidArgument(format!(
+                        "LoRA target `{}`: this model ({:?}) has no fused projections; target \
+                         q, k, v, o, gate, up, down (or all)",
+                        t.module(),
+                        c.arch
+                    )))
+                }
+                _ => t,
+            };
+            if !out.contains(&mapped) {
+                out.push(mapped);
+            }
+        }
+        let order = c.targets();
+        out.sort_by_key(|t| order.iter().position(|o| o == t));
+        Ok(out)
     }
 
     /// A comma-separated list, or `all` / `all-linear`.
@@ -230,6 +297,10 @@ impl LoraParams {
         layers: &[usize],
     ) -> Result<LoraParams> {
         config.validate()?;
+        let config = LoraConfig {
+            targets: Target::resolve(&config.targets, model)?,
+            ..config
+        };
         if let Some(&bad) = layers.iter().find(|&&l| l >= model.num_layers) {
             return Err(Error::InvalidArgument(format!(
                 "LoRA layer {bad} does not exist: the model has {} layers",

@@ -91,7 +91,8 @@ pub fn plan(model: &LlamaConfig, lora: &LoraConfig, tokens: usize) -> Result<Mem
         c.vocab_size as u64,
     );
     let (qd, kvd, h) = (c.q_dim() as u64, c.kv_dim() as u64, c.num_heads as u64);
-    let proj: u64 = super::lora::Target::ALL
+    let proj: u64 = c
+        .targets()
         .iter()
         .map(|tg| {
             let (i, o) = tg.dims(c);
@@ -105,12 +106,12 @@ pub fn plan(model: &LlamaConfig, lora: &LoraConfig, tokens: usize) -> Result<Mem
     let per_layer_norms = if c.switches.sandwich_norms { 4 } else { 2 };
     let norms = (per_layer_norms * l + 1) * d * 2 + if qk_norm { l * 2 * hd * 2 } else { 0 };
     let biases = l * 2 * (if c.qkv_bias { qd + 2 * kvd } else { 0 } + if c.o_bias { d } else { 0 });
-    let rope_tables = if c.switches.rope_local.is_some() {
+    let rope_tables = if c.switches.rope_local.is_some() || c.switches.longrope.is_some() {
         2
     } else {
         1
     };
-    let rope = rope_tables * (c.head_dim as u64 / 2) * 4;
+    let rope = rope_tables * (c.rotary_dim() as u64 / 2) * 4;
     // The device holds the adapters at the rank rounded up to 8 (the GEMM tiles' need).
     let rp = lora.rank.div_ceil(8) * 8;
     let device_lora = LoraConfig {
@@ -141,7 +142,14 @@ pub fn plan(model: &LlamaConfig, lora: &LoraConfig, tokens: usize) -> Result<Mem
         + n_a * t * r * 2
         + qk_saved
         + sandwich_saved;
-    let backward = t * d * 2 + saved + if down_adapted { t * r * 2 } else { 0 };
+    // Phi-3's fused gate_up output `[T, 2f]` (and in the backward its gradient, concatenated
+    // from gate's and up's) exists beside its two halves while they are split or joined.
+    let fused_transient = if c.switches.fused_proj {
+        t * 2 * f * 2
+    } else {
+        0
+    };
+    let backward = t * d * 2 + saved + fused_transient + if down_adapted { t * r * 2 } else { 0 };
     let chunk = (DEFAULT_CHUNK as u64).min(t.max(1));
     let vp = v.next_multiple_of(8);
     let ce = 3 * t * d * 2 + t * 4 + chunk * vp * 6;
@@ -174,7 +182,7 @@ pub fn plan(model: &LlamaConfig, lora: &LoraConfig, tokens: usize) -> Result<Mem
             bytes: proj + emb + norms + biases + rope,
             detail: format!(
                 "{} projections in NF4 ({:.2} GiB), embedding{} bf16 ({:.2} GiB)",
-                7 * l,
+                c.targets().len() as u64 * l,
                 gib(proj),
                 if c.tie_word_embeddings {
                     ""

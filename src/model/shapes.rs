@@ -1,12 +1,12 @@
 //! Built-in model shapes (published configurations), for `plan` and `bench` without a download.
 
-use super::config::{Activation, Arch, LlamaConfig, Switches};
+use super::config::{Activation, Arch, LlamaConfig, LongRope, Switches};
 use crate::error::{Error, Result};
 use crate::ops::rope::RopeScaling;
 
 /// The shape names [`by_name`] knows, for messages.
-pub const NAMES: &str =
-    "smollm2-135m, llama3-1b, llama3-8b, qwen3-0.6b, qwen3-8b, gemma2-2b, gemma3-1b";
+pub const NAMES: &str = "smollm2-135m, llama3-1b, llama3-8b, qwen3-0.6b, qwen3-8b, gemma2-2b, \
+                         gemma3-1b, phi-3.5-mini, phi-4-mini";
 
 /// The configuration of a named shape.
 pub fn by_name(name: &str) -> Result<LlamaConfig> {
@@ -118,6 +118,38 @@ pub fn by_name(name: &str) -> Result<LlamaConfig> {
             512,
             (0..26).map(|i| (i + 1) % 6 != 0).collect(),
         )),
+        // Phi-3.5-mini: 32 heads of 96, full rotary, longrope to 128k.
+        "phi-3.5-mini" => Ok(phi3(
+            base(
+                3072,
+                8192,
+                32,
+                32,
+                32,
+                32_064,
+                false,
+                10_000.0,
+                RopeScaling::None,
+                131_072,
+            ),
+            96,
+        )),
+        // Phi-4-mini: 24 heads of 128 (8 kv), RoPE on 96 of them, tied embeddings.
+        "phi-4-mini" => Ok(phi3(
+            base(
+                3072,
+                8192,
+                32,
+                24,
+                8,
+                200_064,
+                true,
+                10_000.0,
+                RopeScaling::None,
+                131_072,
+            ),
+            96,
+        )),
         other => Err(Error::InvalidArgument(format!(
             "unknown shape `{other}`: use one of {NAMES}"
         ))),
@@ -151,6 +183,28 @@ fn gemma(arch: Arch, c: LlamaConfig, window: usize, sliding_layers: Vec<bool>) -
             final_softcap: gemma2.then_some(30.0),
             sliding_layers,
             rope_local: (!gemma2).then_some((10_000.0, RopeScaling::None)),
+            ..Switches::default()
+        },
+        ..c
+    }
+}
+
+/// A Phi-3 shape rotating `rot` dims of each head, with longrope from 4096 tokens to the
+/// shape's context (the factors' values are placeholders: a shape needs only their count).
+fn phi3(c: LlamaConfig, rot: usize) -> LlamaConfig {
+    let scale = c.max_position_embeddings as f64 / 4096.0;
+    LlamaConfig {
+        arch: Arch::Phi3,
+        switches: Switches {
+            fused_proj: true,
+            rotary_dim: (rot != c.head_dim).then_some(rot),
+            longrope: Some(LongRope {
+                short_factor: vec![1.0; rot / 2],
+                long_factor: vec![1.0; rot / 2],
+                original_max_position_embeddings: 4096,
+                attention_factor: (1.0 + scale.ln() / 4096f64.ln()).sqrt() as f32,
+            }),
+            ..Switches::default()
         },
         ..c
     }

@@ -230,6 +230,21 @@ pub fn apply_cuda(
     mag: f32,
     backward: bool,
 ) -> Result<()> {
+    let t = x.shape().first().copied().unwrap_or(0);
+    apply_cuda_rows(x, positions, freqs, mag, backward, 0..t)
+}
+
+/// [`apply_cuda`] on the tokens `rows` of `x` only (the others untouched): a packed batch whose
+/// sequences use different tables (longrope's short and long factors) is rotated a run of
+/// sequences at a time.
+pub fn apply_cuda_rows(
+    x: &mut Tensor,
+    positions: &Tensor,
+    freqs: &Tensor,
+    mag: f32,
+    backward: bool,
+    rows: std::ops::Range<usize>,
+) -> Result<()> {
     let op = "rope (cuda)";
     let o = cuda_ordinal(op, x)?;
     let dev = Device::Cuda(o);
@@ -256,6 +271,12 @@ pub fn apply_cuda(
     check_rotary(op, hd, half_rot, mag)?;
     check_tensor(op, "positions", positions, DType::I32, &[t], dev)?;
     check_tensor(op, "freqs", freqs, DType::F32, &[half_rot], dev)?;
+    if rows.start > rows.end || rows.end > t {
+        return Err(Error::InvalidArgument(format!(
+            "{op}: rows {rows:?} of {t} tokens"
+        )));
+    }
+    let (row0, t) = (rows.start, rows.end - rows.start);
     let pairs = t * heads * half_rot;
     if pairs == 0 {
         return Ok(());
@@ -270,9 +291,13 @@ pub fn apply_cuda(
         half_rot as i32,
         if backward { -1.0f32 } else { 1.0 },
     );
+    let width = heads * hd;
+    let xs = x.cuda_slice_mut::<half::bf16>(op)?;
+    let mut xv = xs.slice_mut(row0 * width..(row0 + t) * width);
+    let pv = positions.cuda_slice::<i32>(op)?.slice(row0..row0 + t);
     let mut b = cuda.stream().launch_builder(&f);
-    b.arg(x.cuda_slice_mut::<half::bf16>(op)?)
-        .arg(positions.cuda_slice::<i32>(op)?)
+    b.arg(&mut xv)
+        .arg(&pv)
         .arg(freqs.cuda_slice::<f32>(op)?)
         .arg(&t_i)
         .arg(&h_i)
@@ -281,7 +306,7 @@ pub fn apply_cuda(
         .arg(&sign)
         .arg(&mag);
     // SAFETY: rope_fwd_bf16(bf16*, const int*, const float*, int, int, int, int, float, float);
-    // x holds T·heads·head_dim, positions T, freqs `half_rot` (2·half_rot ≤ head_dim, checked); one
+    // the views of x and positions hold the rows' T·heads·head_dim and T (checked in range), freqs `half_rot` (2·half_rot ≤ head_dim, checked); one
     // thread per rotated pair, bounds-checked.
     unsafe { cuda.launch(name, b, grid_1d(pairs, 256)) }
 }
