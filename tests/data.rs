@@ -402,13 +402,14 @@ fn check_chat_cases(file: &str, template: Option<&str>) -> usize {
 
 #[test]
 fn content_parts_are_joined_like_transformers() {
-    // SmolLM2, Qwen2.5, Qwen3 (also with enable_thinking false) and Llama 3.2.
-    assert_eq!(check_chat_cases("parts.jsonl", None), 5);
+    // SmolLM2, Qwen2.5, Qwen3 (also with enable_thinking false), Llama 3.2, Phi-3.5 and Phi-3.
+    assert_eq!(check_chat_cases("parts.jsonl", None), 7);
 }
 
 #[test]
 fn conversational_prompt_completion_trains_the_completion_like_trl() {
-    assert_eq!(check_chat_cases("pc_chat.jsonl", None), 4);
+    // SmolLM2, Qwen2.5, Qwen3 (also with enable_thinking false), Phi-3.5 and Phi-3.
+    assert_eq!(check_chat_cases("pc_chat.jsonl", None), 6);
 }
 
 #[test]
@@ -539,8 +540,8 @@ fn single_turn_qwen3_trains_the_empty_think_block_with_enable_thinking_false() {
 
 #[test]
 fn weight_zero_turns_are_not_trained() {
-    // SmolLM2, Qwen2.5, Llama 3.1 and Gemma 2.
-    assert_eq!(check_chat_cases("weight.jsonl", None), 5);
+    // SmolLM2, Qwen2.5, Llama 3.1, Gemma 2, Phi-3.5 and Phi-3.
+    assert_eq!(check_chat_cases("weight.jsonl", None), 7);
     // And without the weight, the same turn is trained.
     let t = chat_tok("smollm2");
     let dir = std::env::temp_dir().join(format!("qlora-weight-{}", std::process::id()));
@@ -670,6 +671,119 @@ fn gemma2_model_turns_render_and_train_like_transformers_and_trl() {
             && third
                 .ends_with("<start_of_turn>model\nLeaves fall slowly,\nrivers run.<end_of_turn>\n"),
         "{third}"
+    );
+}
+
+#[test]
+fn phi3_turns_render_and_train_like_transformers_and_trl() {
+    // Phi-3.5-mini-instruct's template (llama.cpp's vendored copy, the same as TRL's
+    // phi3_5.jinja) and Phi-3's (TRL's phi3.jinja): a system message (left out by Phi-3.5 where
+    // it is empty), content parts, one to three turns, untrimmed content. Without a generation
+    // prompt they write eos_token after the last message, so the prefix rule holds for a last
+    // turn only: an earlier turn's trained text is its content and `<|end|>\n`, the last one's
+    // eos_token too, exactly TRL's {% generation %} blocks in phi3_training.jinja /
+    // phi3_5_training.jinja (checked by make_chat_fixtures.py). Conversational prompt-completion
+    // by TRL's completion mask, and `weight: 0`.
+    for t in ["phi3_5", "phi3"] {
+        for file in [
+            "parts.jsonl",
+            "weight.jsonl",
+            "alternating.jsonl",
+            "system.jsonl",
+            "pc_chat.jsonl",
+            "pc_alternating.jsonl",
+        ] {
+            assert_eq!(check_chat_cases(file, Some(t)), 1, "{t} {file}");
+        }
+    }
+    let g = chat_golden();
+    let case = |t: &str| {
+        g["cases"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["template"] == t && c["data"] == "system.jsonl")
+            .unwrap()
+            .clone()
+    };
+    // The empty system message: left out by Phi-3.5, rendered by Phi-3.
+    let empty = |t: &str| {
+        case(t)["records"][1]["rendered"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    assert!(
+        empty("phi3_5").starts_with("<|user|>\n"),
+        "{}",
+        empty("phi3_5")
+    );
+    assert!(
+        empty("phi3").starts_with("<|system|>\n<|end|>\n<|user|>\n"),
+        "{}",
+        empty("phi3")
+    );
+    // An earlier turn stops at its `<|end|>\n` (eos_token and the next role header share `<|`,
+    // which must not be trained); the last one takes eos_token.
+    for t in ["phi3_5", "phi3"] {
+        let tk = chat_tok(t);
+        let (seqs, _) = data::load_records(
+            &fixtures("chat/system.jsonl"),
+            &tk,
+            &opts(None, 4096),
+            &chat_options(&case(t)),
+        )
+        .unwrap();
+        let s = qlora_rs::data::preview::highlight(&tk, &seqs[0].1, false).unwrap();
+        assert!(
+            s.contains("<|assistant|>\n[[Hello! How can I help?<|end|>\n]]<|user|>\n")
+                && s.ends_with("<|assistant|>\n[[7<|end|>\n<|im_end|>]]"),
+            "{t}: {s}"
+        );
+    }
+}
+
+#[test]
+fn a_closing_eos_token_is_trained_after_the_last_turn_only() {
+    // Phi-3.5's template with Phi's own eos_token, `<|endoftext|>`, which shares `<|` with the
+    // next role header: each earlier turn ends at its `<|end|>\n`, the last takes eos_token.
+    let text = std::fs::read_to_string(fixtures("chat/templates/phi3_5.jinja")).unwrap();
+    let msg = |role: &str, content: &str| Message {
+        role: role.into(),
+        content: content.into(),
+    };
+    let msgs = [
+        msg("user", "Hi!"),
+        msg("assistant", "Hello."),
+        msg("user", "Bye."),
+        msg("assistant", "Goodbye."),
+    ];
+    let phi = ChatTemplate::new(&text, None, Some("<|endoftext|>".into())).unwrap();
+    let (full, spans) = phi.render_with_assistant_spans(&msgs).unwrap();
+    let trained: Vec<&str> = spans.iter().map(|&(a, b)| &full[a..b]).collect();
+    assert_eq!(
+        full,
+        "<|user|>\nHi!<|end|>\n<|assistant|>\nHello.<|end|>\n<|user|>\nBye.<|end|>\n\
+         <|assistant|>\nGoodbye.<|end|>\n<|endoftext|>"
+    );
+    assert_eq!(
+        trained,
+        ["Hello.<|end|>\n", "Goodbye.<|end|>\n<|endoftext|>"]
+    );
+    // The same where the turns are located in the one rendering (this template writes a last
+    // assistant turn differently, so the prefix rule fails).
+    let last = text.replace(
+        "{{'<|assistant|>\n' + message['content']",
+        "{{'<|assistant|>\n' + ('(last) ' if loop.last else '') + message['content']",
+    );
+    assert_ne!(last, text);
+    let located = ChatTemplate::new(&last, None, Some("<|endoftext|>".into())).unwrap();
+    let (full, spans) = located.render_with_assistant_spans(&msgs).unwrap();
+    let trained: Vec<&str> = spans.iter().map(|&(a, b)| &full[a..b]).collect();
+    assert!(full.contains("<|assistant|>\nHello.<|end|>\n"), "{full}");
+    assert_eq!(
+        trained,
+        ["Hello.<|end|>\n", "(last) Goodbye.<|end|>\n<|endoftext|>"]
     );
 }
 

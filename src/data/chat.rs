@@ -20,8 +20,13 @@
 //! false` ends in an empty think block, which a single-turn record's rendering shares; a turn
 //! starting `<tool_call>` shares its `<t` by chance), the turn starts right after the header,
 //! which is found by rendering a plain assistant message in its place: the think block a turn
-//! shows, empty or not, is trained, as TRL's generation markers for Qwen3 train it. A turn that
-//! cannot be located either way is an error naming the message.
+//! shows, empty or not, is trained, as TRL's generation markers for Qwen3 train it. A template
+//! that closes the conversation with `eos_token` where there is no generation prompt (Phi-3's
+//! and Phi-3.5's, after the last message) ends every `Q` with it: on either path, where the full
+//! rendering does not go on with all of `Q` (a turn before the last) the turn ends before that
+//! eos_token (after its `<|end|>\n`, not in the `<|` that eos_token `<|endoftext|>` and the next
+//! role header `<|user|>` share), and the last turn takes it, as TRL's generation markers for
+//! Phi-3 train them. A turn that cannot be located either way is an error naming the message.
 
 use std::collections::{BTreeSet, HashSet};
 use std::sync::{Arc, Mutex};
@@ -780,7 +785,8 @@ impl ChatTemplate {
         for i in (0..input.messages.len()).filter(|&i| trained[i]) {
             let prefix = self.render_input(&input.first(i), true)?;
             let upto = self.render_input(&input.first(i + 1), false)?;
-            if !upto.starts_with(&prefix) || !full.starts_with(&upto) {
+            let upto = self.unclosed(&upto, full);
+            if !upto.starts_with(&prefix) || !full.starts_with(upto) {
                 return Ok(None);
             }
             // Qwen3's generation prompt with `enable_thinking: false` holds the turn's empty
@@ -853,7 +859,7 @@ impl ChatTemplate {
                 None => (anchor, after(&upto, p)),
             };
             let tail = tail.ok_or_else(|| fail(i, "its rendering lost a mark"))?;
-            let end = from + common_prefix(&tail, &full[from..]);
+            let end = from + common_prefix(self.unclosed(&tail, &full[from..]), &full[from..]);
             let next = (i + 1..n).find_map(|k| pos[k]).unwrap_or(full.len());
             if start < prev_end || end <= start || end > next {
                 return Err(fail(i, "its start and end do not enclose a turn"));
@@ -862,6 +868,17 @@ impl ChatTemplate {
             prev_end = end;
         }
         Ok(spans)
+    }
+
+    /// `upto` (a rendering without the generation prompt, or its end) less the `eos_token` it ends
+    /// with where `full` (the full rendering, from the same place) does not go on with all of it:
+    /// a template that closes the conversation with eos_token (Phi-3's) writes it after a turn
+    /// only where that turn is the last. Else `upto` as it is.
+    fn unclosed<'a>(&self, upto: &'a str, full: &str) -> &'a str {
+        match self.eos_token.as_deref().filter(|e| !e.is_empty()) {
+            Some(eos) if !full.starts_with(upto) => upto.strip_suffix(eos).unwrap_or(upto),
+            _ => upto,
+        }
     }
 
     /// How far into `rest` (the full rendering from where the conversation before turn `i` is
