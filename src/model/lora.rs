@@ -122,7 +122,8 @@ impl Target {
         for &t in targets {
             let mapped = match (c.switches.fused_proj, t) {
                 (true, Target::Q | Target::K | Target::V) => {
-                    if !(has(Target::Q) && has(Target::K) && has(Target::V)) && !has(Target::Qkv) {
+                    let whole = has(Target::Q) && has(Target::K) && has(Target::V);
+                    if !(whole || has(Target::Qkv)) {
                         return Err(Error::InvalidArgument(format!(
                             "LoRA target `{}`: this model ({:?}) stores q, k and v as one \
                              projection, qkv_proj; target qkv (or q, k and v together, or all)",
@@ -133,7 +134,8 @@ impl Target {
                     Target::Qkv
                 }
                 (true, Target::Gate | Target::Up) => {
-                    if !(has(Target::Gate) && has(Target::Up)) && !has(Target::GateUp) {
+                    let whole = has(Target::Gate) && has(Target::Up);
+                    if !(whole || has(Target::GateUp)) {
                         return Err(Error::InvalidArgument(format!(
                             "LoRA target `{}`: this model ({:?}) stores gate and up as one \
                              projection, gate_up_proj; target gate_up (or gate and up together, \
