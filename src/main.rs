@@ -127,7 +127,8 @@ enum Command {
     /// tokens/s, step time, achieved FLOP/s (the FLOP count is printed), peak memory, and the
     /// memory plan beside it.
     Bench {
-        /// A built-in shape: smollm2-135m, llama3-1b, llama3-8b (random weights).
+        /// A built-in shape (random weights): smollm2-135m, llama3-1b, llama3-8b, qwen3-0.6b,
+        /// qwen3-8b, gemma2-2b, gemma3-1b, phi-3.5-mini, phi-4-mini.
         #[arg(long, conflicts_with = "model", required_unless_present = "model")]
         shape: Option<String>,
         /// A Hugging Face model folder instead (its real weights).
@@ -145,7 +146,7 @@ enum Command {
         /// LoRA rank.
         #[arg(long, default_value_t = 16)]
         rank: usize,
-        /// Projections to adapt: any of q,k,v,o,gate,up,down, or all.
+        /// Projections to adapt: any of q,k,v,o,gate,up,down (Phi-3: qkv,o,gate_up,down), or all.
         #[arg(long, default_value = "all")]
         targets: String,
     },
@@ -155,7 +156,8 @@ enum Command {
         /// Hugging Face model folder (only config.json is read).
         #[arg(long, conflicts_with = "shape", required_unless_present = "shape")]
         model: Option<PathBuf>,
-        /// A built-in shape: smollm2-135m, llama3-1b, llama3-8b.
+        /// A built-in shape: smollm2-135m, llama3-1b, llama3-8b, qwen3-0.6b, qwen3-8b, gemma2-2b,
+        /// gemma3-1b, phi-3.5-mini, phi-4-mini.
         #[arg(long)]
         shape: Option<String>,
         /// Tokens per micro-batch (batch × sequence length).
@@ -164,7 +166,7 @@ enum Command {
         /// LoRA rank.
         #[arg(long, default_value_t = 16)]
         rank: usize,
-        /// Projections to adapt: any of q,k,v,o,gate,up,down, or all.
+        /// Projections to adapt: any of q,k,v,o,gate,up,down (Phi-3: qkv,o,gate_up,down), or all.
         #[arg(long, default_value = "all")]
         targets: String,
         /// Device memory to check against, GiB.

@@ -190,6 +190,7 @@ fn cli_plan_matches_the_measured_peak() {
         ("smollm2-135m", "1", "64"),
         ("qwen3-0.6b", "1", "2048"),
         ("qwen3-8b", "1", "2048"),
+        ("phi-4-mini", "1", "2048"),
     ] {
         let args = [
             "bench",

@@ -170,7 +170,7 @@ pub struct TrainConfig {
     #[arg(long, default_value_t = 0.05)]
     #[serde(default = "d_dropout")]
     pub dropout: f64,
-    /// Projections to adapt: any of q,k,v,o,gate,up,down, or all.
+    /// Projections to adapt: any of q,k,v,o,gate,up,down (Phi-3: qkv,o,gate_up,down), or all.
     #[arg(long, default_value = "all")]
     #[serde(default = "d_targets")]
     pub targets: String,
