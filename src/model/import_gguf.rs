@@ -472,14 +472,14 @@ impl Hyper {
             }
         }
         let rotary_dim = opt_usize(g, &key("rope.dimension_count"))?.unwrap_or(head_dim);
-        if let Some(r) = Some(rotary_dim).filter(|_| family != Family::Phi3) {
-            if r != head_dim {
-                return Err(g.error(format!(
-                    "metadata `{}` is {r} but heads have {head_dim} dimensions: partial rotary \
-                     embeddings are not supported",
-                    key("rope.dimension_count")
-                )));
-            }
+        // Partial rotary embeddings: Phi-3 only (checked in `with_phi3`).
+        if family != Family::Phi3 && rotary_dim != head_dim {
+            return Err(g.error(format!(
+                "metadata `{}` is {rotary_dim} but heads have {head_dim} dimensions: partial \
+                 rotary embeddings are not supported for {}",
+                key("rope.dimension_count"),
+                family.name()
+            )));
         }
         let vocab_size = g
             .tensor("token_embd.weight")
