@@ -7,6 +7,7 @@
 #
 #   scripts/check-gguf-export.sh [MODEL_DIR ADAPTER_DIR]
 #   scripts/check-gguf-export.sh --gemma
+#   scripts/check-gguf-export.sh --phi3
 #
 # --gemma: llama.cpp's gemma2 and gemma3 on our exports of the tiny Gemma 2 / Gemma 3 fixtures
 # (tests/fixtures/llama/tiny-gemma{2,3}, base and with their adapters, every type whose blocks
@@ -16,6 +17,12 @@
 # fixtures set query_pre_attn_scalar 20 against head_dim 24, which llama.cpp cannot represent
 # (export-gguf refuses it): the check uses a copy with 24. Work goes to .gguf-check/gemma/.
 #
+# --phi3: the same check for llama.cpp's phi3 on tiny-phi3 (tests/fixtures/llama/tiny-phi3, fused
+# qkv/gate_up, 18 of 24 dims rotated, longrope; base and with its adapter), in .gguf-check/phi3/.
+# The copy checked has no sliding window (llama.cpp's phi3 attends to the whole context; the
+# fixture's window of 11 is shorter than the text). The text is longer than the original context
+# (32) and llama.cpp runs with a context of 128, so both sides use the long factors.
+#
 # Default: the demo's SmolLM2-135M-Instruct (imported from its GGUF) with the demo's adapter
 # (.demo/adapter; trained here for a few steps on the CPU when absent). Work goes to .gguf-check/.
 # Takes about 5 minutes on two cores once the llama.cpp venv exists (its first build: ~10 min).
@@ -24,12 +31,18 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 cargo build --release --quiet
 bin="${CARGO_TARGET_DIR:-$root/target}/release/qlora-rs"
-if [ "${1:-}" = "--gemma" ]; then
+if [ "${1:-}" = "--gemma" ] || [ "${1:-}" = "--phi3" ]; then
   venv_line=$(scripts/llama-cpp-venv.sh | tail -n 1)
   venv=${venv_line#LLAMA_CPP_VENV=}
-  work="$root/.gguf-check/gemma"
+  if [ "$1" = "--phi3" ]; then
+    work="$root/.gguf-check/phi3"
+    families="phi3"
+  else
+    work="$root/.gguf-check/gemma"
+    families="gemma2 gemma3"
+  fi
   rm -rf "$work"
-  for family in gemma2 gemma3; do
+  for family in $families; do
     d="$work/$family"
     mkdir -p "$d/model"
     cp "$root/tests/fixtures/llama/tiny-$family"/* "$d/model/"
@@ -37,7 +50,10 @@ if [ "${1:-}" = "--gemma" ]; then
     python3 - "$d/model/config.json" <<'PY'
 import json, sys
 c = json.load(open(sys.argv[1]))
-c["query_pre_attn_scalar"] = c["head_dim"]
+if c["model_type"] == "phi3":
+    c["sliding_window"] = None
+else:
+    c["query_pre_attn_scalar"] = c["head_dim"]
 json.dump(c, open(sys.argv[1], "w"), indent=2)
 PY
     for t in f32 f16 bf16 q6_k q5_k_m q4_k_m; do
@@ -54,8 +70,10 @@ PY
       --output "$d/orig-f32.gguf" --type f32 > /dev/null
     "$bin" import-gguf "$d/orig-f32.gguf" --output "$d/orig-f32-back" > /dev/null
   done
-  "${QLORA_TRANSFORMERS_PYTHON:-python3}" scripts/check_gguf_export.py gemma-reference "$work"
-  "$venv/bin/python" scripts/check_gguf_export.py gemma "$work"
+  # shellcheck disable=SC2086
+  "${QLORA_TRANSFORMERS_PYTHON:-python3}" scripts/check_gguf_export.py gemma-reference "$work" $families
+  # shellcheck disable=SC2086
+  "$venv/bin/python" scripts/check_gguf_export.py gemma "$work" $families
   exit 0
 fi
 model=${1:-$root/.demo/smollm2-135m-instruct}

@@ -1,11 +1,12 @@
 """llama.cpp's side of scripts/check-gguf-export.sh (run with the llama.cpp venv's python).
 
     check_gguf_export.py WORK QUESTION TYPE...
-    check_gguf_export.py gemma-reference WORK    (a python with torch + transformers + peft)
-    check_gguf_export.py gemma WORK              (the llama.cpp venv's python)
+    check_gguf_export.py gemma-reference WORK [FAMILY...]   (a python with torch + transformers + peft)
+    check_gguf_export.py gemma WORK [FAMILY...]             (the llama.cpp venv's python)
 
 The gemma modes check our gemma2/gemma3 exports of the tiny Gemma 2 / Gemma 3 fixtures (see
-gemma_main below) against transformers rather than against our own evaluation.
+gemma_main below) against transformers rather than against our own evaluation; FAMILY (default
+gemma2 gemma3) names the fixtures under WORK, `phi3` for scripts/check-gguf-export.sh --phi3.
 
 WORK holds model-<TYPE>.gguf for each type, texts.jsonl, and our results: ours-ids.jsonl
 (`qlora-rs data --json`), ours-loss.jsonl (`qlora-rs eval --json`, one line per text) and
@@ -173,7 +174,7 @@ def gemma_cases(work, family):
             if os.path.exists(os.path.join(fam, f"{case}-f32.gguf"))]
 
 
-def gemma_reference(work):
+def gemma_reference(work, families):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -189,7 +190,7 @@ def gemma_reference(work):
         lp = torch.log_softmax(logits[:-1], -1)
         return float(-lp[torch.arange(len(ids) - 1), torch.tensor(ids[1:])].mean())
 
-    for family in GEMMA_FAMILIES:
+    for family in families:
         fam = os.path.join(work, family)
         model_dir = os.path.join(fam, "model")
         ids = AutoTokenizer.from_pretrained(model_dir)(GEMMA_TEXT, add_special_tokens=False)["input_ids"]
@@ -211,14 +212,14 @@ def gemma_reference(work):
         print(f"{family}: transformers losses written ({len(ids)} tokens)")
 
 
-def gemma_main(work):
+def gemma_main(work, families):
     # llama.cpp's notes on the tiny context (n_ctx_seq > n_ctx_train, full-size SWA cache) aside.
     quiet = llama_cpp.llama_log_callback(lambda level, text, user: None)
     llama_cpp.llama_log_set(quiet, ctypes.c_void_p())
     failures = []
     print(f"{'model':14} {'type':7} {'llama.cpp':>10} {'transformers':>12} {'Δ same weights':>14} "
           f"{'tolerance':>9} {'Δ original f32':>14} tokens")
-    for family in GEMMA_FAMILIES:
+    for family in families:
         fam = os.path.join(work, family)
         ref = json.load(open(os.path.join(fam, "transformers.json")))
         ids = ref["ids"]
@@ -250,7 +251,7 @@ def gemma_main(work):
                       f"{TOLERANCE[ty]:9} {abs(got - original):14.6f} {'same' if tokens_ok else 'DIFF'}")
                 del llm
     print("\nllama.cpp's quantizer on our f32 exports, against our quantized exports:")
-    for family in GEMMA_FAMILIES:
+    for family in families:
         for case, prefix in gemma_cases(work, family):
             for ty in GEMMA_TYPES:
                 if ty not in FTYPE or not os.path.exists(f"{prefix}-{ty}.gguf"):
@@ -269,13 +270,13 @@ def gemma_main(work):
     if failures:
         print("\nFAILED:\n" + "\n".join(failures))
         sys.exit(1)
-    print("\nall gemma checks passed")
+    print(f"\nall {'/'.join(families)} checks passed")
 
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["gemma-reference"]:
-        gemma_reference(sys.argv[2])
+        gemma_reference(sys.argv[2], sys.argv[3:] or GEMMA_FAMILIES)
     elif sys.argv[1:2] == ["gemma"]:
-        gemma_main(sys.argv[2])
+        gemma_main(sys.argv[2], sys.argv[3:] or GEMMA_FAMILIES)
     else:
         main()

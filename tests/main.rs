@@ -14,6 +14,7 @@ mod gemm;
 mod gemma;
 mod gguf;
 mod gguf_gemma;
+mod gguf_phi3;
 mod gguf_quants;
 mod gguf_qwen;
 mod harness;

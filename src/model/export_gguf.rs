@@ -25,12 +25,19 @@
 //! pre_feedforward_layernorm → blk.N.ffn_norm   post_feedforward_layernorm → blk.N.post_ffw_norm
 //! ```
 //!
+//! Phi-3 (`phi3`) keeps its fused projections fused, as llama.cpp's converter
+//! (`Phi3MiniModel`) does: `self_attn.qkv_proj → blk.N.attn_qkv`, `mlp.gate_up_proj →
+//! blk.N.ffn_up` (`[gate; up]`, 2·intermediate rows, which llama.cpp's SwiGLU splits gate first),
+//! and longrope's factors as the f32 tensors `rope_factors_long.weight` and
+//! `rope_factors_short.weight` (rotary_dim/2 values each, written first, not rounded).
+//!
 //! Architectures: Llama and Mistral as llama.cpp's `llama`, Qwen2 as `qwen2`, Qwen3 as `qwen3`,
-//! Gemma 2 as `gemma2`, Gemma 3 (`gemma3_text`) as `gemma3`.
+//! Gemma 2 as `gemma2`, Gemma 3 (`gemma3_text`) as `gemma3`, Phi-3/3.5 and Phi-4-mini as `phi3`.
 //! For `llama`, whose RoPE rotates adjacent pairs, the rows of q (with `heads`) and k (with
 //! `kv_heads`) — and their biases — are reordered as llama.cpp's converter does: viewing them
 //! as `[n, 2, hd/2]` they are stored as `[n, hd/2, 2]`, i.e. GGUF row `h·hd + 2i + s` = HF row
-//! `h·hd + s·hd/2 + i`. Qwen2/3 rotate halves in llama.cpp too (NeoX order): no reordering.
+//! `h·hd + s·hd/2 + i`. Qwen2/3 and Phi-3 rotate halves in llama.cpp too (NeoX order): no
+//! reordering.
 //! Llama 3 RoPE scaling becomes the `rope_freqs.weight` tensor (the divisor of each frequency),
 //! linear scaling the `rope.scaling.*` keys.
 //!
@@ -50,7 +57,8 @@
 //!
 //! where the output matrix is `output.weight`, or `token_embd.weight` when the embeddings are
 //! tied; `use_more_bits(i, n)` = `i < n/8 ∨ i ≥ 7n/8 ∨ (i − n/8) mod 3 = 2`; a 70B-class model
-//! (80 layers with grouped-query attention) gets Q5_K for a Q4_K `attn_v`. A matrix whose rows
+//! (80 layers with grouped-query attention) gets Q5_K for a Q4_K `attn_v`. A fused `attn_qkv`
+//! (Phi-3) is counted as an `attn_v`, as llama-quantize's `category_is_attn_v` does. A matrix whose rows
 //! are not a whole number of the type's blocks falls back as llama.cpp's does: Q4_K → Q5_0,
 //! Q5_K → Q5_1, Q6_K → Q8_0 (and F16 when rows are not a multiple of 32 either); for Q8_0 and
 //! Q4_0 themselves, such a matrix is an error, as it is in llama.cpp. The encodings are
@@ -74,7 +82,14 @@
 //! config field (`check_gemma`): it reads no attention scale but uses `1/√head_dim` (or
 //! `1/√(hidden/heads)` at the 27B's layer count), so `query_pre_attn_scalar` must be that
 //! value; gemma2 always ties the output to the embedding and always soft-caps both; gemma3
-//! has no attention soft-cap and runs the sliding layers' RoPE unscaled. The tokenizer must be
+//! has no attention soft-cap and runs the sliding layers' RoPE unscaled.
+//!
+//! For `phi3`, the keys of `Phi3MiniModel.set_gguf_parameters` (no vocab_size or key_length):
+//! `rope.dimension_count` the rotated width (`partial_rotary_factor`),
+//! `rope.scaling.original_context_length`, `attention.sliding_window` (0 for none; llama.cpp's
+//! `phi3` currently attends to the whole context, which the report warns of), and with longrope
+//! `rope.scaling.attn_factor` (the model's attention factor). heads × head_dim must be the
+//! hidden size (llama.cpp's `attn_output` is square). The tokenizer must be
 //! byte-level BPE: a SentencePiece tokenizer (real Gemma's) is refused by [`vocab`].
 
 pub mod vocab;
@@ -304,12 +319,8 @@ fn arch_of(cfg: &LlamaConfig, model: &Path) -> Result<(&'static str, Vec<String>
         Arch::Gemma2 => "gemma2",
         Arch::Gemma3 => "gemma3",
         Arch::Phi3 => {
-            return Err(Error::InvalidArgument(format!(
-                "{}: export-gguf does not write llama.cpp's `phi3` yet (fused qkv/gate_up, \
-                 longrope factor tensors); merge the adapter (qlora-rs merge) and convert the \
-                 merged folder with llama.cpp's convert_hf_to_gguf.py",
-                model.join("config.json").display()
-            )))
+            check_phi3(cfg, &model.join("config.json"))?;
+            "phi3"
         }
     };
     if cfg.arch.is_gemma() {
@@ -338,6 +349,30 @@ fn arch_of(cfg: &LlamaConfig, model: &Path) -> Result<(&'static str, Vec<String>
         )));
     }
     Ok((arch, warnings))
+}
+
+/// Refuses what llama.cpp's `phi3` cannot hold: its attention output is `[hidden, hidden]`
+/// (`llama_model_phi3::load_arch_tensors`), so heads × head_dim must be the hidden size, and
+/// its only rope scaling is longrope's factor tensors.
+fn check_phi3(cfg: &LlamaConfig, path: &Path) -> Result<()> {
+    let refuse = |msg: String| Err(Error::InvalidArgument(format!("{}: {msg}", path.display())));
+    if cfg.num_heads * cfg.head_dim != cfg.hidden_size {
+        return refuse(format!(
+            "head_dim {} × num_attention_heads {} is not hidden_size {}: llama.cpp's `phi3` \
+             takes the attention width to be the hidden size",
+            cfg.head_dim, cfg.num_heads, cfg.hidden_size
+        ));
+    }
+    if cfg.rope_scaling != RopeScaling::None {
+        return refuse(format!(
+            "rope scaling {:?}: llama.cpp's `phi3` reads longrope's factor tensors only",
+            cfg.rope_scaling
+        ));
+    }
+    if cfg.qkv_bias || cfg.o_bias {
+        return refuse("attention biases: llama.cpp's `phi3` has none".into());
+    }
+    Ok(())
 }
 
 /// The layer count llama.cpp takes for the 27B model of `gemma2`/`gemma3`, whose attention
@@ -486,6 +521,10 @@ fn gguf_name(hf: &str, cfg: &LlamaConfig) -> Result<Option<String>> {
                 "post_feedforward_layernorm" if gemma => "post_ffw_norm",
                 "post_attention_layernorm" => "ffn_norm",
                 "self_attn.q_norm" | "self_attn.k_norm" if !cfg.qk_norm() => return Err(err()),
+                // Phi-3's fused projections, kept fused (llama.cpp's `phi3` reads ffn_up as
+                // [gate; up], 2·intermediate rows, gate first).
+                "self_attn.qkv_proj" if cfg.switches.fused_proj => "attn_qkv",
+                "mlp.gate_up_proj" if cfg.switches.fused_proj => "ffn_up",
                 "self_attn.q_proj" => "attn_q",
                 "self_attn.k_proj" => "attn_k",
                 "self_attn.v_proj" => "attn_v",
@@ -556,7 +595,8 @@ fn tensor_type(
         } else {
             GgmlType::Q8_0
         };
-    } else if name.ends_with("attn_v.weight") {
+    } else if name.ends_with("attn_v.weight") || name.ends_with("attn_qkv.weight") {
+        // llama-quant.cpp counts a fused attn_qkv as an attn_v (`category_is_attn_v`).
         let i = layer_of(name).unwrap_or(0);
         if k_m && use_more_bits(i, n) {
             t = GgmlType::Q6_K;
@@ -564,6 +604,7 @@ fn tensor_type(
         // llama.cpp's LLM_TYPE_70B (its gemma2/gemma3 have no such type).
         let seventy_b = n == 80
             && !cfg.arch.is_gemma()
+            && cfg.arch != Arch::Phi3
             && (cfg.arch != Arch::Llama || cfg.num_kv_heads != cfg.num_heads);
         if seventy_b && t == GgmlType::Q4_K {
             t = GgmlType::Q5_K;
@@ -601,8 +642,11 @@ fn tensor_type(
 /// A tensor to write: its source and how to transform it.
 struct Item {
     planned: PlannedTensor,
-    /// The Hugging Face tensor, or `None` for `rope_freqs.weight`.
+    /// The Hugging Face tensor, or `None` for `rope_freqs.weight` and Phi-3's longrope factors.
     source: Option<String>,
+    /// Values computed here (`rope_factors_{long,short}.weight`), written as they are (f32,
+    /// not rounded to bf16, as llama.cpp's converter writes them).
+    values: Option<Vec<f32>>,
     /// Reorder rows for llama.cpp's RoPE with this many heads.
     permute_heads: Option<usize>,
     /// A Gemma norm: llama.cpp stores `1 + w` (its converter's `+ 1` on every `norm.weight`).
@@ -688,6 +732,7 @@ pub fn export_gguf(
         items.push(Item {
             planned: PlannedTensor { name, shape, ty },
             source: Some(hf),
+            values: None,
             permute_heads,
             unit_offset,
         });
@@ -701,10 +746,35 @@ pub fn export_gguf(
                 ty: GgmlType::F32,
             },
             source: None,
+            values: None,
             permute_heads: None,
             unit_offset: false,
         };
         items.insert(items.len().min(1), rope_freqs);
+    }
+    // Phi-3's longrope factors, first (as llama.cpp's converter, which yields them before the
+    // model's tensors).
+    if let Some(lr) = &cfg.switches.longrope {
+        for (i, (name, f)) in [
+            ("rope_factors_long.weight", &lr.long_factor),
+            ("rope_factors_short.weight", &lr.short_factor),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let item = Item {
+                planned: PlannedTensor {
+                    name: name.into(),
+                    shape: vec![f.len()],
+                    ty: GgmlType::F32,
+                },
+                source: None,
+                values: Some(f.clone()),
+                permute_heads: None,
+                unit_offset: false,
+            };
+            items.insert(i, item);
+        }
     }
 
     let mut w = GgufWriter::default();
@@ -727,6 +797,8 @@ pub fn export_gguf(
     let u32v = |x: usize| Value::U32(x as u32);
     if cfg.arch.is_gemma() {
         gemma_metadata(&mut w, &cfg, arch, opts.ty);
+    } else if cfg.arch == Arch::Phi3 {
+        phi3_metadata(&mut w, &cfg, opts.ty);
     } else {
         w.set(&key("block_count"), u32v(cfg.num_layers));
         w.set(&key("context_length"), u32v(cfg.max_position_embeddings));
@@ -762,6 +834,10 @@ pub fn export_gguf(
     let bytes = w.write(&opts.output, |i| {
         let item = &items[i];
         let p = &item.planned;
+        if let Some(values) = &item.values {
+            progress(i + 1, total, &p.name);
+            return ggml_quants::quantize(p.ty, values, values.len());
+        }
         let mut x = match &item.source {
             Some(hf) => {
                 let (x, adapted) = model.tensor(hf, &p.shape)?;
@@ -880,6 +956,45 @@ fn gemma_metadata(w: &mut GgufWriter, cfg: &LlamaConfig, arch: &str, ty: GgufTyp
         w.set(
             &key("attention.sliding_window_pattern"),
             Value::Array(sliding.into_iter().map(Value::Bool).collect()),
+        );
+    }
+}
+
+/// The `phi3.*` hyperparameters as llama.cpp's converter writes them
+/// (`Phi3MiniModel.set_gguf_parameters` and, for longrope, `generate_extra_tensors`'s
+/// `rope.scaling.attn_factor`). `attention.sliding_window` is written as the converter does (0
+/// for none), though llama.cpp's `phi3` does not slide (it attends to the whole context).
+/// The attention factor is the one the model runs with (the config's, or transformers' default
+/// `√(1 + ln s / ln L)`, which is what the converter computes).
+fn phi3_metadata(w: &mut GgufWriter, cfg: &LlamaConfig, ty: GgufType) {
+    let key = |k: &str| format!("phi3.{k}");
+    let u32v = |x: usize| Value::U32(x as u32);
+    let lr = cfg.switches.longrope.as_ref();
+    w.set(&key("context_length"), u32v(cfg.max_position_embeddings));
+    let original = lr.map_or(cfg.max_position_embeddings, |l| {
+        l.original_max_position_embeddings
+    });
+    w.set(&key("rope.scaling.original_context_length"), u32v(original));
+    w.set(&key("embedding_length"), u32v(cfg.hidden_size));
+    w.set(&key("feed_forward_length"), u32v(cfg.intermediate_size));
+    w.set(&key("block_count"), u32v(cfg.num_layers));
+    w.set(&key("attention.head_count"), u32v(cfg.num_heads));
+    w.set(&key("attention.head_count_kv"), u32v(cfg.num_kv_heads));
+    w.set(
+        &key("attention.layer_norm_rms_epsilon"),
+        Value::F32(cfg.rms_norm_eps as f32),
+    );
+    w.set(&key("rope.dimension_count"), u32v(cfg.rotary_dim()));
+    w.set(&key("rope.freq_base"), Value::F32(cfg.rope_theta));
+    w.set("general.file_type", Value::U32(ty.file_type()));
+    w.set(
+        &key("attention.sliding_window"),
+        u32v(cfg.sliding_window.unwrap_or(0)),
+    );
+    if let Some(lr) = lr {
+        w.set(
+            &key("rope.scaling.attn_factor"),
+            Value::F32(lr.attention_factor),
         );
     }
 }

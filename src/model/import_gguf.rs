@@ -1,5 +1,5 @@
 //! `import-gguf`: a GGUF file (llama.cpp's format) of the architecture `llama`, `qwen2`,
-//! `qwen3`, `gemma2` or `gemma3` → a Hugging Face model folder that this crate and transformers load: `config.json`,
+//! `qwen3`, `gemma2`, `gemma3` or `phi3` → a Hugging Face model folder that this crate and transformers load: `config.json`,
 //! bf16 `model.safetensors`, `tokenizer.json`, `tokenizer_config.json` and
 //! `generation_config.json`.
 //!
@@ -10,6 +10,7 @@
 //! | `qwen3` | `Qwen3ForCausalLM` | per-head q/k norms (required); `head_dim` from `attention.key_length`; biases optional (`attention_bias`) |
 //! | `gemma2` | `Gemma2ForCausalLM` | four norms per layer, stored as `1 + w` (the 1 is subtracted); tied output; soft-caps, window and sliding layers as llama.cpp reads them |
 //! | `gemma3` | `Gemma3ForCausalLM` (`gemma3_text`) | Gemma 2's layer with q/k norms; `rope.freq_base_swa` → `rope_local_base_freq`; no attention soft-cap |
+//! | `phi3` | `Phi3ForCausalLM` (Phi-3, Phi-3.5, Phi-4-mini) | `attn_qkv` → `qkv_proj`, `ffn_up` ([gate; up]) → `gate_up_proj`, rows as stored; longrope from `rope_factors_{long,short}`; partial rotary; sliding window |
 //!
 //! # Weights
 //!
@@ -54,6 +55,16 @@
 //! Qwen2/Qwen3 configs get `use_sliding_window: false` (llama.cpp attends to the whole context
 //! for both).
 //!
+//! Phi-3: `rope.dimension_count` / head width → `partial_rotary_factor`;
+//! `rope.scaling.original_context_length` → `original_max_position_embeddings`;
+//! `rope_factors_long.weight` / `rope_factors_short.weight` → `rope_scaling` {type longrope,
+//! long_factor, short_factor} (both or neither); `rope.scaling.attn_factor` must be the factor
+//! transformers derives, `√(1 + ln s / ln L)` with `s` = context / original context (1 without
+//! longrope), since Phi3Config cannot state another; `attention.sliding_window` (0: none) →
+//! `sliding_window` — the model as its converter read it (llama.cpp's `phi3` currently attends
+//! to the whole context). heads × head width must be the hidden size; separate `attn_q/k/v`
+//! or an `ffn_gate` are refused (a Hugging Face Phi-3 has them fused).
+//!
 //! Gemma: the config holds what llama.cpp runs, its defaults where a key is absent
 //! (`llama_model_gemma2/3::load_arch_hparams`): `query_pre_attn_scalar` = the head width (the
 //! 27B's layer count: hidden/heads), since llama.cpp scales attention by its inverse root;
@@ -84,7 +95,7 @@ use crate::ops::rope::{self, RopeScaling};
 use crate::quant::gguf::{self, GgufFile, TensorInfo};
 
 /// The `general.architecture` values that can be imported, for messages.
-pub const SUPPORTED_ARCHITECTURES: &str = "llama, qwen2, qwen3, gemma2, gemma3";
+pub const SUPPORTED_ARCHITECTURES: &str = "llama, qwen2, qwen3, gemma2, gemma3, phi3";
 
 /// A llama.cpp architecture and the Hugging Face family it becomes (its metadata prefix, and
 /// the `model_type` but for `gemma3`, whose text model is `gemma3_text`).
@@ -95,6 +106,7 @@ enum Family {
     Qwen3,
     Gemma2,
     Gemma3,
+    Phi3,
 }
 
 impl Family {
@@ -105,6 +117,7 @@ impl Family {
             "qwen3" => Family::Qwen3,
             "gemma2" => Family::Gemma2,
             "gemma3" => Family::Gemma3,
+            "phi3" => Family::Phi3,
             _ => return None,
         })
     }
@@ -117,6 +130,7 @@ impl Family {
             Family::Qwen3 => "qwen3",
             Family::Gemma2 => "gemma2",
             Family::Gemma3 => "gemma3",
+            Family::Phi3 => "phi3",
         }
     }
 
@@ -140,6 +154,7 @@ impl Family {
             Family::Qwen3 => Arch::Qwen3,
             Family::Gemma2 => Arch::Gemma2,
             Family::Gemma3 => Arch::Gemma3,
+            Family::Phi3 => Arch::Phi3,
         }
     }
 
@@ -151,6 +166,7 @@ impl Family {
             Family::Qwen3 => "Qwen3ForCausalLM",
             Family::Gemma2 => "Gemma2ForCausalLM",
             Family::Gemma3 => "Gemma3ForCausalLM",
+            Family::Phi3 => "Phi3ForCausalLM",
         }
     }
 }
@@ -387,6 +403,23 @@ struct Hyper {
     eos_id: Option<u64>,
     /// Gemma's settings as llama.cpp runs them.
     gemma: Option<GemmaHyper>,
+    /// Dimensions of each head that RoPE rotates (`rope.dimension_count`; Phi-3 may rotate a
+    /// share of the head, the other families the whole head).
+    rotary_dim: usize,
+    /// Phi-3's settings.
+    phi3: Option<Phi3Hyper>,
+}
+
+/// What llama.cpp's `phi3` reads beyond the common keys (`llama_model_phi3::load_arch_hparams`,
+/// `Phi3MiniModel.set_gguf_parameters` of its converter).
+struct Phi3Hyper {
+    /// `rope.scaling.original_context_length` (the pre-training length; longrope switches to
+    /// its long factors beyond it).
+    original_context: usize,
+    /// `rope.scaling.attn_factor` (1 when absent, as llama.cpp takes it).
+    attn_factor: f32,
+    /// `attention.sliding_window` (0 or absent: none).
+    sliding_window: Option<usize>,
 }
 
 /// What llama.cpp's `gemma2`/`gemma3` read or assume beyond the common keys
@@ -438,14 +471,15 @@ impl Hyper {
                 )));
             }
         }
-        if let Some(r) = opt_usize(g, &key("rope.dimension_count"))? {
-            if r != head_dim {
-                return Err(g.error(format!(
-                    "metadata `{}` is {r} but heads have {head_dim} dimensions: partial rotary \
-                     embeddings are not supported",
-                    key("rope.dimension_count")
-                )));
-            }
+        let rotary_dim = opt_usize(g, &key("rope.dimension_count"))?.unwrap_or(head_dim);
+        // Partial rotary embeddings: Phi-3 only (checked in `with_phi3`).
+        if family != Family::Phi3 && rotary_dim != head_dim {
+            return Err(g.error(format!(
+                "metadata `{}` is {rotary_dim} but heads have {head_dim} dimensions: partial \
+                 rotary embeddings are not supported for {}",
+                key("rope.dimension_count"),
+                family.name()
+            )));
         }
         let vocab_size = g
             .tensor("token_embd.weight")
@@ -470,8 +504,58 @@ impl Hyper {
             bos_id: id("tokenizer.ggml.bos_token_id")?,
             eos_id: id("tokenizer.ggml.eos_token_id")?,
             gemma: None,
+            rotary_dim,
+            phi3: None,
         }
-        .with_gemma(g)
+        .with_gemma(g)?
+        .with_phi3(g)
+    }
+
+    /// Fills [`Hyper::phi3`] for `phi3` files, refusing by key what a Hugging Face Phi-3 cannot
+    /// hold.
+    fn with_phi3(mut self, g: &GgufFile) -> Result<Hyper> {
+        if self.family != Family::Phi3 {
+            return Ok(self);
+        }
+        let key = |k: &str| format!("phi3.{k}");
+        if self.heads * self.head_dim != self.hidden {
+            return Err(g.error(format!(
+                "`{}` ({}) × head width {} is not `{}` ({}): llama.cpp's phi3 and a Hugging \
+                 Face Phi-3 take the attention width to be the hidden size",
+                key("attention.head_count"),
+                self.heads,
+                self.head_dim,
+                key("embedding_length"),
+                self.hidden
+            )));
+        }
+        let rot = self.rotary_dim;
+        if rot == 0 || rot > self.head_dim || rot % 2 != 0 {
+            return Err(g.error(format!(
+                "metadata `{}` is {rot}: an even number of at most the head width {} is needed",
+                key("rope.dimension_count"),
+                self.head_dim
+            )));
+        }
+        if (self.head_dim as f64 * (rot as f64 / self.head_dim as f64)) as usize != rot {
+            return Err(g.error(format!(
+                "metadata `{}` is {rot}, which no partial_rotary_factor gives for a head width \
+                 of {} (transformers rotates int(head_dim × factor) dimensions)",
+                key("rope.dimension_count"),
+                self.head_dim
+            )));
+        }
+        let original_context = opt_usize(g, &key("rope.scaling.original_context_length"))?
+            .filter(|&n| n > 0)
+            .unwrap_or(self.context_length);
+        let attn_factor = opt_f32(g, &key("rope.scaling.attn_factor"))?.unwrap_or(1.0);
+        let sliding_window = opt_usize(g, &key("attention.sliding_window"))?.filter(|&w| w > 0);
+        self.phi3 = Some(Phi3Hyper {
+            original_context,
+            attn_factor,
+            sliding_window,
+        });
+        Ok(self)
     }
 
     /// Fills [`Hyper::gemma`] for `gemma2`/`gemma3` files with llama.cpp's defaults where a
@@ -644,6 +728,18 @@ impl Hyper {
                 }
                 e
             }
+            Family::Phi3 => {
+                let p = self.phi3.as_ref().expect("read for phi3");
+                json!({
+                    "hidden_act": "silu",
+                    "original_max_position_embeddings": p.original_context,
+                    "partial_rotary_factor": self.rotary_dim as f64 / self.head_dim as f64,
+                    "sliding_window": p.sliding_window,
+                    "pad_token_id": null,
+                    "resid_pdrop": 0.0,
+                    "embd_pdrop": 0.0,
+                })
+            }
             // llama.cpp's qwen2/qwen3 attend to the whole context.
             Family::Qwen2 | Family::Qwen3 => json!({
                 "hidden_act": "silu",
@@ -705,7 +801,15 @@ fn map_name(name: &str, hp: &Hyper) -> Option<(String, Vec<usize>, Option<usize>
     let qwen3 = hp.family == Family::Qwen3;
     let gemma = hp.family.is_gemma();
     let qk_norm = matches!(hp.family, Family::Qwen3 | Family::Gemma3);
+    let phi3 = hp.family == Family::Phi3;
     let (hf, kind, shape, heads) = match part {
+        // Phi-3: q/k/v and gate/up fused, as in the Hugging Face model (ffn_up holds
+        // [gate; up], gate first); separate attn_q/k/v or an ffn_gate have no place in it.
+        "attn_qkv.weight" if phi3 => ("self_attn.qkv_proj", "weight", vec![qd + 2 * kvd, d], None),
+        "ffn_up.weight" if phi3 => ("mlp.gate_up_proj", "weight", vec![2 * f, d], None),
+        "attn_q.weight" | "attn_k.weight" | "attn_v.weight" | "ffn_gate.weight" if phi3 => {
+            return None
+        }
         "attn_norm.weight" => ("input_layernorm", "weight", vec![d], None),
         "post_attention_norm.weight" if gemma => {
             ("post_attention_layernorm", "weight", vec![d], None)
@@ -746,6 +850,7 @@ fn plan_tensors(g: &GgufFile, hp: &Hyper) -> Result<Plan> {
     let mut skipped = Vec::new();
     let mut rope_scaling = rope_scaling_from_metadata(g, hp.family)?;
     let class = hp.family.class();
+    let (mut long_factor, mut short_factor) = (None, None);
     for (index, t) in g.tensors.iter().enumerate() {
         if !t.ggml_type.is_supported() {
             return Err(g.error(format!(
@@ -754,6 +859,27 @@ fn plan_tensors(g: &GgufFile, hp: &Hyper) -> Result<Plan> {
                 t.ggml_type,
                 gguf::supported_type_names()
             )));
+        }
+        if hp.family == Family::Phi3
+            && (t.name == "rope_factors_long.weight" || t.name == "rope_factors_short.weight")
+        {
+            let f = g.dequantize(&t.name)?;
+            if f.len() != hp.rotary_dim / 2 || f.iter().any(|x| !(x.is_finite() && *x > 0.0)) {
+                return Err(g.error(format!(
+                    "tensor `{}` has {} values; longrope needs {} positive ones (rope \
+                     dimension count / 2)",
+                    t.name,
+                    f.len(),
+                    hp.rotary_dim / 2
+                )));
+            }
+            if t.name.contains("long") {
+                long_factor = Some(f);
+            } else {
+                short_factor = Some(f);
+            }
+            skipped.push(t.name.clone());
+            continue;
         }
         if t.name == "rope_freqs.weight" && hp.family == Family::Llama {
             rope_scaling = Some(llama3_scaling_from_rope_freqs(g, t, hp)?);
@@ -784,6 +910,9 @@ fn plan_tensors(g: &GgufFile, hp: &Hyper) -> Result<Plan> {
             unit_offset,
         });
     }
+    if let Some(p) = &hp.phi3 {
+        rope_scaling = phi3_longrope(g, hp, p, rope_scaling, long_factor, short_factor)?;
+    }
     let tied = g.tensor("output.weight").is_none();
     // Qwen2 always has q/k/v biases; Qwen3 has them (and o's) when the file has any.
     let is_bias = |t: &&TensorInfo| {
@@ -801,7 +930,7 @@ fn plan_tensors(g: &GgufFile, hp: &Hyper) -> Result<Plan> {
         Family::Llama => false,
         Family::Qwen2 => true,
         Family::Qwen3 => g.tensors.iter().any(|t| is_bias(&t)),
-        Family::Gemma2 | Family::Gemma3 => false,
+        Family::Gemma2 | Family::Gemma3 | Family::Phi3 => false,
     };
     let mut required = vec![
         "token_embd.weight".to_string(),
@@ -809,17 +938,28 @@ fn plan_tensors(g: &GgufFile, hp: &Hyper) -> Result<Plan> {
     ];
     let mut zero_filled = Vec::new();
     for l in 0..hp.layers {
-        let mut parts = vec![
-            "attn_norm.weight",
-            "ffn_norm.weight",
-            "attn_q.weight",
-            "attn_k.weight",
-            "attn_v.weight",
-            "attn_output.weight",
-            "ffn_gate.weight",
-            "ffn_up.weight",
-            "ffn_down.weight",
-        ];
+        let mut parts = if hp.family == Family::Phi3 {
+            vec![
+                "attn_norm.weight",
+                "ffn_norm.weight",
+                "attn_qkv.weight",
+                "attn_output.weight",
+                "ffn_up.weight",
+                "ffn_down.weight",
+            ]
+        } else {
+            vec![
+                "attn_norm.weight",
+                "ffn_norm.weight",
+                "attn_q.weight",
+                "attn_k.weight",
+                "attn_v.weight",
+                "attn_output.weight",
+                "ffn_gate.weight",
+                "ffn_up.weight",
+                "ffn_down.weight",
+            ]
+        };
         if hp.family.is_gemma() {
             parts.extend(["post_attention_norm.weight", "post_ffw_norm.weight"]);
         }
@@ -903,6 +1043,72 @@ fn rope_scaling_from_metadata(g: &GgufFile, family: Family) -> Result<Option<Jso
             }
         ))),
     }
+}
+
+/// Phi-3's longrope from `rope_factors_{long,short}.weight` and the `phi3.rope.scaling.*` keys,
+/// as the `rope_scaling` transformers' Phi3Config reads (type, short_factor, long_factor — the
+/// three keys its 4.x validation allows; `original_max_position_embeddings` and the attention
+/// factor go elsewhere). The attention factor llama.cpp applies (`attn_factor`) must be the one
+/// transformers derives from the context lengths, since that config cannot state another.
+fn phi3_longrope(
+    g: &GgufFile,
+    hp: &Hyper,
+    p: &Phi3Hyper,
+    scaling: Option<Json>,
+    long: Option<Vec<f32>>,
+    short: Option<Vec<f32>>,
+) -> Result<Option<Json>> {
+    if let Some(s) = scaling {
+        return Err(g.error(format!(
+            "metadata `phi3.rope.scaling.type` gives {s}: llama.cpp's phi3 scales RoPE by \
+             longrope's factor tensors only"
+        )));
+    }
+    let key = "phi3.rope.scaling.attn_factor";
+    let (long, short) = match (long, short) {
+        (Some(l), Some(s)) => (l, s),
+        (None, None) => {
+            if (p.attn_factor - 1.0).abs() > 1e-6 {
+                return Err(g.error(format!(
+                    "metadata `{key}` is {} without longrope factor tensors: a Hugging Face \
+                     Phi-3 without longrope scales cos/sin by 1",
+                    p.attn_factor
+                )));
+            }
+            return Ok(None);
+        }
+        (l, _) => {
+            return Err(g.error(format!(
+                "tensor `{}` is missing: longrope needs both rope_factors_long.weight and \
+                 rope_factors_short.weight",
+                if l.is_some() {
+                    "rope_factors_short.weight"
+                } else {
+                    "rope_factors_long.weight"
+                }
+            )))
+        }
+    };
+    let scale = hp.context_length as f64 / p.original_context as f64;
+    let derived = if scale <= 1.0 {
+        1.0
+    } else {
+        (1.0 + scale.ln() / (p.original_context as f64).ln()).sqrt()
+    };
+    if (p.attn_factor as f64 - derived).abs() > 1e-6 * derived {
+        return Err(g.error(format!(
+            "metadata `{key}` is {}, but a Hugging Face Phi-3 with context {} and original \
+             context {} scales cos/sin by {derived:.7} (its config cannot state another \
+             attention factor)",
+            p.attn_factor, hp.context_length, p.original_context
+        )));
+    }
+    let list = |f: &[f32]| -> Vec<f64> { f.iter().map(|&x| decimal(x)).collect() };
+    Ok(Some(json!({
+        "type": "longrope",
+        "short_factor": list(&short),
+        "long_factor": list(&long),
+    })))
 }
 
 /// Llama 3 rope scaling recovered from `rope_freqs.weight` (llama.cpp's per-frequency divisors).
