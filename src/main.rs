@@ -325,6 +325,14 @@ fn main() -> ExitCode {
                 cfg.num_layers, cfg.hidden_size, cfg.vocab_size
             );
             print!("{}", p.table(Some((gpu_mem * (1u64 << 30) as f64) as u64)));
+            if let Err(e) = qlora_rs::model::llama::check_gpu_support(
+                &cfg,
+                BaseFormat::Nf4(Nf4Config::default()),
+            ) {
+                eprintln!(
+                    "warning: this plan is for a CUDA device, which cannot run this model: {e}"
+                );
+            }
             Ok(())
         })(),
         Command::ImportGguf { gguf, output } => {

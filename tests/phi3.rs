@@ -203,3 +203,22 @@ fn phi3_lora_targets_are_the_fused_projections() {
     assert!(e.contains("no fused projections"), "{e}");
     assert_eq!(Target::resolve(&all, &llama).unwrap(), Target::ALL.to_vec());
 }
+
+/// `plan` for a shape the CUDA path cannot run (Phi-3.5-mini's head_dim 96) still plans, and
+/// says so; Phi-4-mini (head_dim 128) plans without the warning.
+#[test]
+fn plan_warns_where_the_cuda_path_cannot_run_the_model() {
+    for (shape, warned) in [("phi-3.5-mini", true), ("phi-4-mini", false)] {
+        let out = crate::common::qlora(&["plan", "--shape", shape, "--batch-tokens", "2048"]);
+        assert!(out.status.success(), "{shape}: {out:?}");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stdout.contains("total"), "{stdout}");
+        assert_eq!(
+            stderr.contains("warning: this plan is for a CUDA device, which cannot run this model")
+                && stderr.contains("head_dim 64 or 128"),
+            warned,
+            "{shape}: {stderr}"
+        );
+    }
+}
