@@ -222,3 +222,103 @@ fn plan_warns_where_the_cuda_path_cannot_run_the_model() {
         );
     }
 }
+
+/// The user's path on a Phi-3 folder: `train` with the default targets writes a PEFT adapter on
+/// the four fused-model projections (PEFT's names), which `eval` and `generate` then load; a
+/// target that is part of a fused projection is refused before any work.
+#[test]
+fn cli_trains_evaluates_and_generates_with_a_phi3_adapter() {
+    let model = fixture("tiny-phi3");
+    let model = model.to_str().unwrap();
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/data/text.jsonl");
+    let data = data.to_str().unwrap();
+    let out = std::env::temp_dir().join(format!("qlora-rs-phi3-train-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    let o = out.to_str().unwrap();
+    let train = crate::common::qlora(&[
+        "train",
+        "--device",
+        "cpu",
+        "--model",
+        model,
+        "--data",
+        data,
+        "--output",
+        o,
+        "--max-steps",
+        "2",
+        "--rank",
+        "4",
+        "--alpha",
+        "8",
+        "--seq-len",
+        "64",
+        "--eval-split",
+        "0",
+    ]);
+    assert!(train.status.success(), "{train:?}");
+    let cfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap())
+            .unwrap();
+    let mut names: Vec<&str> = cfg["target_modules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["down_proj", "gate_up_proj", "o_proj", "qkv_proj"]);
+    let eval = crate::common::qlora(&[
+        "eval",
+        "--device",
+        "cpu",
+        "--model",
+        model,
+        "--adapter",
+        o,
+        "--data",
+        data,
+        "--format",
+        "text",
+        "--seq-len",
+        "64",
+        "--json",
+    ]);
+    assert!(eval.status.success(), "{eval:?}");
+    let loss: Value = serde_json::from_slice(&eval.stdout).unwrap();
+    assert!(loss["loss"].as_f64().unwrap().is_finite());
+    let gen = crate::common::qlora(&[
+        "generate",
+        "--device",
+        "cpu",
+        "--model",
+        model,
+        "--adapter",
+        o,
+        "--prompt",
+        "hello",
+        "--max-new-tokens",
+        "5",
+    ]);
+    assert!(gen.status.success(), "{gen:?}");
+    let fresh = out.join("other");
+    let bad = crate::common::qlora(&[
+        "train",
+        "--device",
+        "cpu",
+        "--model",
+        model,
+        "--data",
+        data,
+        "--output",
+        fresh.to_str().unwrap(),
+        "--targets",
+        "q,v",
+        "--max-steps",
+        "1",
+    ]);
+    assert!(!bad.status.success());
+    let e = String::from_utf8_lossy(&bad.stderr);
+    assert!(e.contains("qkv_proj"), "{e}");
+    let _ = std::fs::remove_dir_all(&out);
+}
