@@ -102,3 +102,32 @@ pub fn write_f32_safetensors(path: &std::path::Path, tensors: &[(String, Vec<usi
         .collect();
     safetensors::serialize_to_file(views, None, path).unwrap();
 }
+
+/// The JSON file `p` under tests/fixtures/llama/.
+pub fn llama_fixture_json(p: &str) -> serde_json::Value {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/llama")
+        .join(p);
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+/// `v` written as a config.json (in a folder of its own) and read back as transformers'
+/// config would be; `name` tells the folders apart in messages.
+pub fn parse_config(
+    name: &str,
+    v: &serde_json::Value,
+) -> qlora_rs::Result<qlora_rs::model::config::LlamaConfig> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "qlora-rs-config-{}-{}-{name}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = dir.join("config.json");
+    std::fs::write(&p, serde_json::to_string(v).unwrap()).unwrap();
+    let r = qlora_rs::model::config::LlamaConfig::from_file(&p);
+    let _ = std::fs::remove_dir_all(&dir);
+    r
+}

@@ -8,24 +8,12 @@ use qlora_rs::model::config::{Activation, Arch, LlamaConfig};
 use qlora_rs::ops::rope::RopeScaling;
 use serde_json::{json, Value};
 
+use crate::common::{llama_fixture_json, parse_config};
+
 fn fixture(p: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures/llama")
         .join(p)
-}
-
-fn read(p: &str) -> Value {
-    serde_json::from_str(&std::fs::read_to_string(fixture(p)).unwrap()).unwrap()
-}
-
-fn parse(name: &str, v: &Value) -> qlora_rs::Result<LlamaConfig> {
-    let dir = std::env::temp_dir().join(format!("qlora-rs-gemma-{}-{name}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let p = dir.join("config.json");
-    std::fs::write(&p, serde_json::to_string(v).unwrap()).unwrap();
-    let r = LlamaConfig::from_file(&p);
-    let _ = std::fs::remove_dir_all(&dir);
-    r
 }
 
 #[test]
@@ -69,7 +57,7 @@ fn gemma3_config_has_local_rope_and_head_norms() {
 /// `hidden_activation`.
 #[test]
 fn transformers_4_dialect_reads_as_the_5_dialect() {
-    let mut v = read("tiny-gemma3/config.json");
+    let mut v = llama_fixture_json("tiny-gemma3/config.json");
     let o = v.as_object_mut().unwrap();
     o.remove("rope_parameters");
     o.remove("layer_types");
@@ -81,11 +69,11 @@ fn transformers_4_dialect_reads_as_the_5_dialect() {
         json!({"rope_type": "linear", "factor": 4.0}),
     );
     o.insert("sliding_window_pattern".into(), json!(2));
-    let old = parse("g3-4x", &v).unwrap();
+    let old = parse_config("g3-4x", &v).unwrap();
     let new = LlamaConfig::from_file(&fixture("tiny-gemma3/config.json")).unwrap();
     assert_eq!(old, new);
 
-    let mut v = read("tiny-gemma2/config.json");
+    let mut v = llama_fixture_json("tiny-gemma2/config.json");
     let o = v.as_object_mut().unwrap();
     let theta = o["rope_parameters"]["rope_theta"].clone();
     o.remove("rope_parameters");
@@ -94,7 +82,7 @@ fn transformers_4_dialect_reads_as_the_5_dialect() {
     o.insert("hidden_act".into(), json!("gelu_pytorch_tanh"));
     o.insert("torch_dtype".into(), o["dtype"].clone());
     o.remove("dtype");
-    let old = parse("g2-4x", &v).unwrap();
+    let old = parse_config("g2-4x", &v).unwrap();
     let new = LlamaConfig::from_file(&fixture("tiny-gemma2/config.json")).unwrap();
     assert_eq!(old, new);
 }
@@ -104,7 +92,7 @@ fn transformers_4_dialect_reads_as_the_5_dialect() {
 /// an explicit null turns a soft-cap off.
 #[test]
 fn absent_gemma_fields_take_transformers_defaults() {
-    let mut v = read("tiny-gemma2/config.json");
+    let mut v = llama_fixture_json("tiny-gemma2/config.json");
     let o = v.as_object_mut().unwrap();
     for k in [
         "attn_logit_softcapping",
@@ -117,7 +105,7 @@ fn absent_gemma_fields_take_transformers_defaults() {
     ] {
         o.remove(k);
     }
-    let c = parse("g2-defaults", &v).unwrap();
+    let c = parse_config("g2-defaults", &v).unwrap();
     assert_eq!(c.switches.attn_softcap, Some(50.0));
     assert_eq!(c.switches.final_softcap, Some(30.0));
     assert_eq!(c.switches.attn_scale, Some(1.0 / 16.0));
@@ -127,18 +115,18 @@ fn absent_gemma_fields_take_transformers_defaults() {
     assert_eq!(c.switches.act, Activation::GeluTanh);
 
     v["final_logit_softcapping"] = Value::Null;
-    let c = parse("g2-null", &v).unwrap();
+    let c = parse_config("g2-null", &v).unwrap();
     assert_eq!(c.switches.final_softcap, None);
     assert_eq!(c.switches.attn_softcap, Some(50.0));
 
     // Gemma 3: every sixth layer global; bases 1e6 and 1e4.
-    let mut v = read("tiny-gemma3/config.json");
+    let mut v = llama_fixture_json("tiny-gemma3/config.json");
     let o = v.as_object_mut().unwrap();
     for k in ["layer_types", "rope_parameters", "_sliding_window_pattern"] {
         o.remove(k);
     }
     o.insert("num_hidden_layers".into(), json!(7));
-    let c = parse("g3-defaults", &v).unwrap();
+    let c = parse_config("g3-defaults", &v).unwrap();
     assert_eq!(
         c.switches.sliding_layers,
         vec![true, true, true, true, true, false, true]
@@ -192,9 +180,9 @@ fn gemma_options_we_do_not_implement_are_refused_by_name() {
         ),
     ];
     for (model, edit, want) in cases {
-        let mut v = read(&format!("{model}/config.json"));
+        let mut v = llama_fixture_json(&format!("{model}/config.json"));
         edit(&mut v);
-        let err = parse("refuse", &v).unwrap_err().to_string();
+        let err = parse_config("refuse", &v).unwrap_err().to_string();
         assert!(err.contains(want), "{err}\nshould contain: {want}");
         assert!(err.contains("config.json"), "{err} should name the file");
     }

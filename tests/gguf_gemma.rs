@@ -16,11 +16,13 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::gguf_common::{
+    assert_same_weights, bf16_copy, config, export, fnv1a64, opts, same_value,
+};
 use half::bf16;
 use qlora_rs::io::export;
 use qlora_rs::io::safetensors::Checkpoint;
-use qlora_rs::model::config::LlamaConfig;
-use qlora_rs::model::export_gguf::{export_gguf, ExportGguf, GgufReport, GgufType};
+use qlora_rs::model::export_gguf::GgufType;
 use qlora_rs::model::import_gguf::import_gguf;
 use qlora_rs::quant::gguf::{GgmlType, GgufFile, Value};
 use serde_json::{json, Value as Json};
@@ -62,67 +64,6 @@ fn llama_cpp_ready(dir: &Path, family: &str) -> PathBuf {
     variant(dir, family, "scalar24", |c| {
         c["query_pre_attn_scalar"] = json!(24)
     })
-}
-
-fn opts(model: &Path, adapter: Option<&Path>, output: &Path, ty: GgufType) -> ExportGguf {
-    ExportGguf {
-        model: model.to_path_buf(),
-        adapter: adapter.map(Path::to_path_buf),
-        output: output.to_path_buf(),
-        ty,
-        overwrite: true,
-        onto_original: false,
-        allow_other_base: true,
-    }
-}
-
-fn export(o: &ExportGguf) -> qlora_rs::Result<GgufReport> {
-    export_gguf(o, |_, _, _| {})
-}
-
-/// The config of a folder, with the checkpoint dtype (f32 originals, bf16 imports) set aside.
-fn config(dir: &Path) -> LlamaConfig {
-    let mut c = LlamaConfig::from_file(&dir.join("config.json")).unwrap();
-    c.dtype = None;
-    c
-}
-
-/// The fixture's weights rounded to bf16 (kept in f32): what `merge` of a model without an
-/// adapter would write, and so what an export holds.
-fn bf16_copy(model: &Path, out: &Path) {
-    std::fs::create_dir_all(out).unwrap();
-    let ck = Checkpoint::open_dir(model).unwrap();
-    let data: Vec<(String, Vec<usize>, Vec<f32>)> = ck
-        .names()
-        .into_iter()
-        .map(|n| {
-            let t = ck.get(n).unwrap();
-            let v = t.to_f32().unwrap();
-            let v = v.iter().map(|&x| bf16::from_f32(x).to_f32()).collect();
-            (n.to_string(), t.shape.to_vec(), v)
-        })
-        .collect();
-    crate::common::write_f32_safetensors(&out.join("model.safetensors"), &data);
-}
-
-/// Every tensor of `got` equals `want`'s bit for bit, and they hold the same names.
-fn assert_same_weights(got: &Path, want: &Path, what: &str) {
-    let (a, b) = (
-        Checkpoint::open_dir(got).unwrap(),
-        Checkpoint::open_dir(want).unwrap(),
-    );
-    let (mut na, mut nb) = (a.names(), b.names());
-    na.sort();
-    nb.sort();
-    assert_eq!(na, nb, "{what}: tensor names");
-    for n in na {
-        let (x, y) = (a.get(n).unwrap(), b.get(n).unwrap());
-        assert_eq!(x.shape, y.shape, "{what}: {n}");
-        let (x, y) = (x.to_f32().unwrap(), y.to_f32().unwrap());
-        for (i, (p, q)) in x.iter().zip(&y).enumerate() {
-            assert_eq!(p.to_bits(), q.to_bits(), "{what}: {n}[{i}]: {p} vs {q}");
-        }
-    }
 }
 
 /// The `<arch>.*` keys of the file with their values, sorted.
@@ -497,29 +438,6 @@ fn gguf_gemma_import_reads_llama_cpps_defaults() {
         "{e}"
     );
     std::fs::remove_dir_all(&dir).unwrap();
-}
-
-/// FNV-1a, 64 bits (as tests/fixtures/make_gemma_gguf_reference.py hashes tensor bytes).
-fn fnv1a64(data: &[u8]) -> String {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for &b in data {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x100_0000_01b3);
-    }
-    format!("{h:016x}")
-}
-
-/// A metadata value equals its JSON form (gguf-py's `contents()`; f32 compared as f32).
-fn same_value(v: &Value, j: &Json) -> bool {
-    match v {
-        Value::F32(x) => j.as_f64().is_some_and(|y| y as f32 == *x),
-        Value::String(s) => j.as_str() == Some(s.as_str()),
-        Value::Bool(b) => j.as_bool() == Some(*b),
-        Value::Array(items) => j.as_array().is_some_and(|a| {
-            a.len() == items.len() && items.iter().zip(a).all(|(v, j)| same_value(v, j))
-        }),
-        v => v.as_u64().is_some_and(|x| j.as_u64() == Some(x)),
-    }
 }
 
 #[test]

@@ -11,11 +11,11 @@
 
 use std::path::{Path, PathBuf};
 
-use half::bf16;
+use crate::gguf_common::{
+    assert_same_weights, bf16_copy, config, export, fnv1a64, import_refused, opts, same_value, set,
+};
 use qlora_rs::io::export;
-use qlora_rs::io::safetensors::Checkpoint;
-use qlora_rs::model::config::LlamaConfig;
-use qlora_rs::model::export_gguf::{export_gguf, ExportGguf, GgufReport, GgufType};
+use qlora_rs::model::export_gguf::GgufType;
 use qlora_rs::model::import_gguf::import_gguf;
 use qlora_rs::model::llama::{BaseFormat, Llama};
 use qlora_rs::quant::gguf::{GgmlType, GgufFile, Value};
@@ -38,73 +38,6 @@ fn tmpdir(name: &str) -> PathBuf {
 
 fn json_file(p: &Path) -> Json {
     serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
-}
-
-fn opts(model: &Path, adapter: Option<&Path>, output: &Path, ty: GgufType) -> ExportGguf {
-    ExportGguf {
-        model: model.to_path_buf(),
-        adapter: adapter.map(Path::to_path_buf),
-        output: output.to_path_buf(),
-        ty,
-        overwrite: true,
-        onto_original: false,
-        allow_other_base: true,
-    }
-}
-
-fn export(o: &ExportGguf) -> qlora_rs::Result<GgufReport> {
-    export_gguf(o, |_, _, _| {})
-}
-
-/// The config of a folder, with the checkpoint dtype (f32 originals, bf16 imports) set aside.
-fn config(dir: &Path) -> LlamaConfig {
-    let mut c = LlamaConfig::from_file(&dir.join("config.json")).unwrap();
-    c.dtype = None;
-    c
-}
-
-/// A copy of the model folder with every weight rounded to bf16 (kept in f32): what an export
-/// of it holds.
-fn bf16_copy(model: &Path, out: &Path) {
-    std::fs::create_dir_all(out).unwrap();
-    for f in std::fs::read_dir(model).unwrap() {
-        let f = f.unwrap();
-        if f.file_name() != "model.safetensors" {
-            std::fs::copy(f.path(), out.join(f.file_name())).unwrap();
-        }
-    }
-    let ck = Checkpoint::open_dir(model).unwrap();
-    let data: Vec<(String, Vec<usize>, Vec<f32>)> = ck
-        .names()
-        .into_iter()
-        .map(|n| {
-            let t = ck.get(n).unwrap();
-            let v = t.to_f32().unwrap();
-            let v = v.iter().map(|&x| bf16::from_f32(x).to_f32()).collect();
-            (n.to_string(), t.shape.to_vec(), v)
-        })
-        .collect();
-    crate::common::write_f32_safetensors(&out.join("model.safetensors"), &data);
-}
-
-/// Every tensor of `got` equals `want`'s bit for bit, and they hold the same names.
-fn assert_same_weights(got: &Path, want: &Path, what: &str) {
-    let (a, b) = (
-        Checkpoint::open_dir(got).unwrap(),
-        Checkpoint::open_dir(want).unwrap(),
-    );
-    let (mut na, mut nb) = (a.names(), b.names());
-    na.sort();
-    nb.sort();
-    assert_eq!(na, nb, "{what}: tensor names");
-    for n in na {
-        let (x, y) = (a.get(n).unwrap(), b.get(n).unwrap());
-        assert_eq!(x.shape, y.shape, "{what}: {n}");
-        let (x, y) = (x.to_f32().unwrap(), y.to_f32().unwrap());
-        for (i, (p, q)) in x.iter().zip(&y).enumerate() {
-            assert_eq!(p.to_bits(), q.to_bits(), "{what}: {n}[{i}]: {p} vs {q}");
-        }
-    }
 }
 
 /// Two packed sequences: 20 tokens (within the original context of 32: short factors) and 60
@@ -315,26 +248,6 @@ fn gguf_phi3_quantized_round_trip_within_the_types_error() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-/// FNV-1a, 64 bits (as tests/fixtures/make_phi3_gguf_reference.py hashes tensor bytes).
-fn fnv1a64(data: &[u8]) -> String {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for &b in data {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x100_0000_01b3);
-    }
-    format!("{h:016x}")
-}
-
-/// A metadata value equals its JSON form (gguf-py's `contents()`; f32 compared as f32).
-fn same_value(v: &Value, j: &Json) -> bool {
-    match v {
-        Value::F32(x) => j.as_f64().is_some_and(|y| y as f32 == *x),
-        Value::String(s) => j.as_str() == Some(s.as_str()),
-        Value::Bool(b) => j.as_bool() == Some(*b),
-        v => v.as_u64().is_some_and(|x| j.as_u64() == Some(x)),
-    }
-}
-
 #[test]
 fn gguf_phi3_export_equals_llama_cpps_converter() {
     // tests/fixtures/gguf/phi3-converter.json: llama.cpp's convert_hf_to_gguf.py (0.3.36's
@@ -386,23 +299,6 @@ fn gguf_phi3_export_equals_llama_cpps_converter() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-/// Imports `file`, expecting an error that names the file and holds every one of `parts`.
-fn refused(file: &Path, parts: &[&str]) {
-    let out =
-        std::env::temp_dir().join(format!("qlora-rs-gguf-phi3-{}-refused", std::process::id()));
-    let e = import_gguf(file, &out).unwrap_err().to_string();
-    assert!(e.contains(&file.display().to_string()), "{e}");
-    for p in parts {
-        assert!(e.contains(p), "`{p}` not in: {e}");
-    }
-    assert!(!out.join("config.json").exists() && !out.join("model.safetensors").exists());
-}
-
-fn set(meta: &mut Vec<(String, Value)>, key: &str, value: Value) {
-    meta.retain(|(k, _)| k != key);
-    meta.push((key.into(), value));
-}
-
 #[test]
 fn gguf_phi3_import_refuses_what_it_cannot_represent_by_name() {
     let dir = tmpdir("refusals");
@@ -415,19 +311,19 @@ fn gguf_phi3_import_refuses_what_it_cannot_represent_by_name() {
     rewrite(&src, &p, |m, _| {
         set(m, "phi3.rope.scaling.attn_factor", Value::F32(1.5))
     });
-    refused(&p, &["`phi3.rope.scaling.attn_factor` is 1.5", "1.1832"]);
+    import_refused(&p, &["`phi3.rope.scaling.attn_factor` is 1.5", "1.1832"]);
     // One longrope factor tensor without the other.
     let p = case("no-short");
     rewrite(&src, &p, |_, t| {
         t.retain(|(x, _)| x.name != "rope_factors_short.weight")
     });
-    refused(&p, &["tensor `rope_factors_short.weight` is missing"]);
+    import_refused(&p, &["tensor `rope_factors_short.weight` is missing"]);
     // Factors of the wrong length for the rotated width.
     let p = case("dims");
     rewrite(&src, &p, |m, _| {
         set(m, "phi3.rope.dimension_count", Value::U32(16))
     });
-    refused(
+    import_refused(
         &p,
         &[
             "tensor `rope_factors_long.weight` has 9 values",
@@ -440,7 +336,7 @@ fn gguf_phi3_import_refuses_what_it_cannot_represent_by_name() {
         set(m, "phi3.rope.scaling.type", Value::String("linear".into()));
         set(m, "phi3.rope.scaling.factor", Value::F32(2.0));
     });
-    refused(&p, &["phi3.rope.scaling.type", "longrope"]);
+    import_refused(&p, &["phi3.rope.scaling.type", "longrope"]);
     // Separate q/k/v (llama.cpp's loader would take them; a Hugging Face Phi-3 has qkv_proj).
     let p = case("split-q");
     rewrite(&src, &p, |_, t| {
@@ -450,7 +346,7 @@ fn gguf_phi3_import_refuses_what_it_cannot_represent_by_name() {
             .unwrap();
         t[i].0.name = "blk.0.attn_q.weight".into();
     });
-    refused(
+    import_refused(
         &p,
         &[
             "tensor `blk.0.attn_q.weight` has no counterpart",
@@ -467,7 +363,7 @@ fn gguf_phi3_import_refuses_what_it_cannot_represent_by_name() {
         t[i].0.shape = vec![172, 96];
         t[i].1.truncate(172 * 96 * 2);
     });
-    refused(
+    import_refused(
         &p,
         &[
             "tensor `blk.1.ffn_up.weight` has shape [172, 96]",

@@ -7,11 +7,10 @@
 
 use std::path::{Path, PathBuf};
 
-use half::bf16;
+use crate::gguf_common::{assert_same_weights, bf16_copy, config, import_refused, set};
 use qlora_rs::data::tokenizer::TextTokenizer;
 use qlora_rs::io::export;
 use qlora_rs::io::safetensors::Checkpoint;
-use qlora_rs::model::config::LlamaConfig;
 use qlora_rs::model::export_gguf::{export_gguf, ExportGguf, GgufType};
 use qlora_rs::model::import_gguf::{import_gguf, ImportReport};
 use qlora_rs::model::llama::{BaseFormat, Llama};
@@ -55,61 +54,6 @@ fn export_bf16(model: &Path, adapter: Option<&Path>, out: &Path) {
         allow_other_base: true,
     };
     export_gguf(&o, |_, _, _| {}).unwrap();
-}
-
-/// A copy of the model folder `model` with every weight rounded to bf16 (kept in f32): what a
-/// bf16 GGUF of it holds.
-fn bf16_copy(model: &Path, out: &Path) {
-    std::fs::create_dir_all(out).unwrap();
-    for f in std::fs::read_dir(model).unwrap() {
-        let f = f.unwrap();
-        if f.file_name() != "model.safetensors" {
-            std::fs::copy(f.path(), out.join(f.file_name())).unwrap();
-        }
-    }
-    let ck = Checkpoint::open_dir(model).unwrap();
-    let data: Vec<(String, Vec<usize>, Vec<f32>)> = ck
-        .names()
-        .into_iter()
-        .map(|n| {
-            let t = ck.get(n).unwrap();
-            let values = t
-                .to_f32()
-                .unwrap()
-                .iter()
-                .map(|&v| bf16::from_f32(v).to_f32())
-                .collect();
-            (n.to_string(), t.shape.to_vec(), values)
-        })
-        .collect();
-    crate::common::write_f32_safetensors(&out.join("model.safetensors"), &data);
-}
-
-/// Every tensor of `got` equals `want`'s bit for bit, and they hold the same names.
-fn assert_same_weights(got: &Path, want: &Path, what: &str) {
-    let (a, b) = (
-        Checkpoint::open_dir(got).unwrap(),
-        Checkpoint::open_dir(want).unwrap(),
-    );
-    let (mut na, mut nb) = (a.names(), b.names());
-    na.sort();
-    nb.sort();
-    assert_eq!(na, nb, "{what}: tensor names");
-    for n in na {
-        let (x, y) = (a.get(n).unwrap(), b.get(n).unwrap());
-        assert_eq!(x.shape, y.shape, "{what}: {n}");
-        let (x, y) = (x.to_f32().unwrap(), y.to_f32().unwrap());
-        for (i, (p, q)) in x.iter().zip(&y).enumerate() {
-            assert_eq!(p.to_bits(), q.to_bits(), "{what}: {n}[{i}]: {p} vs {q}");
-        }
-    }
-}
-
-/// The config of a folder, with the checkpoint dtype (f32 originals, bf16 imports) set aside.
-fn config(dir: &Path) -> LlamaConfig {
-    let mut c = LlamaConfig::from_file(&dir.join("config.json")).unwrap();
-    c.dtype = None;
-    c
 }
 
 const TEXT: &str = "The quick brown fox jumps over the lazy dog. She said: \"It's 2024!\"";
@@ -371,24 +315,6 @@ fn f32_tensor(name: &str, values: &[f32]) -> (PlannedTensor, Vec<u8>) {
     (p, values.iter().flat_map(|v| v.to_le_bytes()).collect())
 }
 
-fn set(meta: &mut Vec<(String, Value)>, key: &str, value: Value) {
-    meta.retain(|(k, _)| k != key);
-    meta.push((key.into(), value));
-}
-
-/// Imports `file`, expecting an error that names the file and holds every one of `parts`, and
-/// nothing written.
-fn refused(file: &Path, parts: &[&str]) {
-    let out =
-        std::env::temp_dir().join(format!("qlora-rs-gguf-qwen-{}-refused", std::process::id()));
-    let e = import_gguf(file, &out).unwrap_err().to_string();
-    assert!(e.contains(&file.display().to_string()), "{e}");
-    for p in parts {
-        assert!(e.contains(p), "`{p}` not in: {e}");
-    }
-    assert!(!out.join("config.json").exists() && !out.join("model.safetensors").exists());
-}
-
 #[test]
 fn gguf_import_qwen_refuses_what_it_cannot_represent_by_name() {
     let dir = tmpdir("refusals");
@@ -413,7 +339,7 @@ fn gguf_import_qwen_refuses_what_it_cannot_represent_by_name() {
                 Value::U32(32768),
             );
         });
-        refused(
+        import_refused(
             &p,
             &[
                 &format!("`{arch}.rope.scaling.type` is `yarn`"),
@@ -426,7 +352,7 @@ fn gguf_import_qwen_refuses_what_it_cannot_represent_by_name() {
     rewrite(&qwen2, &p, |_, t| {
         t.retain(|(x, _)| x.name != "blk.1.attn_v.bias")
     });
-    refused(
+    import_refused(
         &p,
         &["tensor `blk.1.attn_v.bias` is missing", "Qwen2ForCausalLM"],
     );
@@ -434,13 +360,13 @@ fn gguf_import_qwen_refuses_what_it_cannot_represent_by_name() {
     rewrite(&qwen3, &p, |_, t| {
         t.retain(|(x, _)| x.name != "blk.0.attn_k_norm.weight")
     });
-    refused(&p, &["tensor `blk.0.attn_k_norm.weight` is missing"]);
+    import_refused(&p, &["tensor `blk.0.attn_k_norm.weight` is missing"]);
     // Qwen3 biases on some layers only.
     let p = case("qwen3-half-biases");
     rewrite(&qwen3, &p, |_, t| {
         t.retain(|(x, _)| x.name != "blk.1.attn_k.bias")
     });
-    refused(
+    import_refused(
         &p,
         &[
             "tensor `blk.1.attn_k.bias` is missing",
@@ -456,7 +382,7 @@ fn gguf_import_qwen_refuses_what_it_cannot_represent_by_name() {
     ] {
         let p = case(&format!("qwen2-extra-{name}"));
         rewrite(&qwen2, &p, |_, t| t.push(f32_tensor(name, &values)));
-        refused(
+        import_refused(
             &p,
             &[
                 &format!("tensor `{name}` has no counterpart"),
@@ -473,13 +399,13 @@ fn gguf_import_qwen_refuses_what_it_cannot_represent_by_name() {
             .unwrap();
         t[i] = f32_tensor("blk.0.attn_q_norm.weight", &[1.0; 16]);
     });
-    refused(&p, &["`blk.0.attn_q_norm.weight` has shape [16]", "[24]"]);
+    import_refused(&p, &["`blk.0.attn_q_norm.weight` has shape [16]", "[24]"]);
     // Partial rotary embeddings.
     let p = case("qwen3-partial-rope");
     rewrite(&qwen3, &p, |m, _| {
         set(m, "qwen3.rope.dimension_count", Value::U32(12))
     });
-    refused(
+    import_refused(
         &p,
         &["`qwen3.rope.dimension_count` is 12", "partial rotary"],
     );
@@ -488,19 +414,19 @@ fn gguf_import_qwen_refuses_what_it_cannot_represent_by_name() {
     rewrite(&qwen3, &p, |m, _| {
         set(m, "qwen3.attention.value_length", Value::U32(16))
     });
-    refused(&p, &["`qwen3.attention.value_length` (16)"]);
+    import_refused(&p, &["`qwen3.attention.value_length` (16)"]);
     // A pre-tokenizer llama.cpp knows but we do not write.
     let p = case("qwen3-pre");
     rewrite(&qwen3, &p, |m, _| {
         set(m, "tokenizer.ggml.pre", Value::String("qwen35".into()))
     });
-    refused(&p, &["`qwen35`", "qwen2"]);
+    import_refused(&p, &["`qwen35`", "qwen2"]);
     // Another architecture.
     let p = case("phi2");
     rewrite(&qwen3, &p, |m, _| {
         set(m, "general.architecture", Value::String("phi2".into()))
     });
-    refused(
+    import_refused(
         &p,
         &[
             "architecture `phi2` is not supported",

@@ -13,6 +13,7 @@ mod flash;
 mod gemm;
 mod gemma;
 mod gguf;
+mod gguf_common;
 mod gguf_gemma;
 mod gguf_phi3;
 mod gguf_quants;

@@ -11,28 +11,16 @@ use qlora_rs::model::lora::Target;
 use qlora_rs::ops::rope::RopeScaling;
 use serde_json::{json, Value};
 
+use crate::common::{llama_fixture_json, parse_config};
+
 fn fixture(p: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures/llama")
         .join(p)
 }
 
-fn read(p: &str) -> Value {
-    serde_json::from_str(&std::fs::read_to_string(fixture(p)).unwrap()).unwrap()
-}
-
-fn parse(name: &str, v: &Value) -> qlora_rs::Result<LlamaConfig> {
-    let dir = std::env::temp_dir().join(format!("qlora-rs-phi3-{}-{name}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let p = dir.join("config.json");
-    std::fs::write(&p, serde_json::to_string(v).unwrap()).unwrap();
-    let r = LlamaConfig::from_file(&p);
-    let _ = std::fs::remove_dir_all(&dir);
-    r
-}
-
 fn err(name: &str, v: &Value) -> String {
-    parse(name, v).unwrap_err().to_string()
+    parse_config(name, v).unwrap_err().to_string()
 }
 
 /// The tiny fixture's config as transformers 4.x would have written it.
@@ -75,12 +63,12 @@ fn phi3_config_reads_fused_projections_partial_rotary_and_longrope() {
     assert_eq!(c.rms_norm_eps, 1e-5);
     assert!(!c.qkv_bias && !c.o_bias && !c.tie_word_embeddings);
     // The 4.x dialect of the same model reads the same.
-    let old = parse("4x", &as_4x(read("tiny-phi3/config.json"))).unwrap();
+    let old = parse_config("4x", &as_4x(llama_fixture_json("tiny-phi3/config.json"))).unwrap();
     assert_eq!(old, c);
     // `su` is longrope's old name.
-    let mut su = as_4x(read("tiny-phi3/config.json"));
+    let mut su = as_4x(llama_fixture_json("tiny-phi3/config.json"));
     su["rope_scaling"]["type"] = json!("su");
-    assert_eq!(parse("su", &su).unwrap(), c);
+    assert_eq!(parse_config("su", &su).unwrap(), c);
 }
 
 #[test]
@@ -92,7 +80,7 @@ fn phi3_defaults_are_phi3configs() {
         "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 211,
         "rope_scaling": null, "sliding_window": 2047
     });
-    let c = parse("mini4k", &v).unwrap();
+    let c = parse_config("mini4k", &v).unwrap();
     assert_eq!(c.rms_norm_eps, 1e-5);
     assert_eq!(c.max_position_embeddings, 4096);
     assert_eq!(c.num_kv_heads, 4);
@@ -101,20 +89,20 @@ fn phi3_defaults_are_phi3configs() {
     assert_eq!(c.sliding_window, Some(2047));
     // An explicit attention_factor wins over the derived one; the 4.x `factor` is not read
     // for the ratio when original_max_position_embeddings is given (transformers prefers it).
-    let mut v = as_4x(read("tiny-phi3/config.json"));
+    let mut v = as_4x(llama_fixture_json("tiny-phi3/config.json"));
     v["rope_scaling"]["attention_factor"] = json!(1.5);
-    let c = parse("factor", &v).unwrap();
+    let c = parse_config("factor", &v).unwrap();
     assert_eq!(c.switches.longrope.unwrap().attention_factor, 1.5);
     // Within the pre-training length (max_position_embeddings ≤ original) the factor is 1.
-    let mut v = read("tiny-phi3/config.json");
+    let mut v = llama_fixture_json("tiny-phi3/config.json");
     v["max_position_embeddings"] = json!(32);
-    let c = parse("nolong", &v).unwrap();
+    let c = parse_config("nolong", &v).unwrap();
     assert_eq!(c.switches.longrope.unwrap().attention_factor, 1.0);
 }
 
 #[test]
 fn phi3_options_we_do_not_implement_are_refused_by_name() {
-    let base = read("tiny-phi3/config.json");
+    let base = llama_fixture_json("tiny-phi3/config.json");
     let with = |f: &dyn Fn(&mut Value)| {
         let mut v = base.clone();
         f(&mut v);
@@ -166,7 +154,7 @@ fn phi3_options_we_do_not_implement_are_refused_by_name() {
     );
     assert!(e.contains("dynamic"), "{e}");
     // Longrope and partial rotary are Phi-3's: a Llama config with them is refused.
-    let mut llama = read("tiny-phi3/config.json");
+    let mut llama = llama_fixture_json("tiny-phi3/config.json");
     llama["model_type"] = json!("llama");
     let e = err("llama-longrope", &llama);
     assert!(e.contains("longrope") && e.contains("phi3 only"), "{e}");
