@@ -142,34 +142,8 @@ fn cuda_step_gemma_matches_the_cpu() {
         let cu = [0usize, 50, 81];
         let model = model_on(&cfg, 5, Device::Cpu);
         let gpu_model = model_on(&cfg, 5, Device::Cuda(o));
-        let ids: Vec<u32> = (0..81u32).map(|i| (i * 37 + 11) % 515).collect();
-        let labels: Vec<i64> = ids.iter().map(|&t| t as i64).collect();
-        let lora_cfg = LoraConfig {
-            rank: 8,
-            alpha: 16.0,
-            rslora: false,
-            dropout: 0.0,
-            targets: Target::ALL.to_vec(),
-        };
-        let mut lora = LoraParams::init(&cfg, lora_cfg, 6).unwrap();
-        for s in lora.slots.clone() {
-            for (i, v) in lora.values[s.b.clone()].iter_mut().enumerate() {
-                *v = ((i * 13 % 11) as f32 - 5.0) * 0.01;
-            }
-        }
-        let cpu = model
-            .loss(Some(&lora), &ids, &labels, &cu)
-            .unwrap()
-            .loss_sum;
-        let gpu = gpu_model
-            .loss(Some(&lora), &ids, &labels, &cu)
-            .unwrap()
-            .loss_sum;
-        assert!(
-            (cpu - gpu).abs() <= 2e-3 * cpu,
-            "{:?}: loss on the CPU {cpu}, on the GPU {gpu}",
-            cfg.arch
-        );
+        let lora = nonzero_adapter(&cfg, 8, 0.0, 6, |i| ((i * 13 % 11) as f32 - 5.0) * 0.01);
+        assert_loss_on_both(&model, &gpu_model, &lora, &cu, &format!("{:?}", cfg.arch));
         step_parity(o, 8, cfg, 0.0, &cu);
     }
 }
@@ -204,37 +178,11 @@ fn cuda_step_phi3_matches_the_cpu() {
     };
     let model = model_on(&cfg, 5, Device::Cpu);
     let gpu_model = model_on(&cfg, 5, Device::Cuda(o));
-    let lora_cfg = LoraConfig {
-        rank: 8,
-        alpha: 16.0,
-        rslora: false,
-        dropout: 0.0,
-        targets: Target::ALL.to_vec(),
-    };
-    let mut lora = LoraParams::init(&cfg, lora_cfg, 6).unwrap();
+    let lora = nonzero_adapter(&cfg, 8, 0.0, 6, |i| ((i * 13 % 11) as f32 - 5.0) * 0.01);
     assert_eq!(lora.config.targets, Target::FUSED.to_vec());
-    for s in lora.slots.clone() {
-        for (i, v) in lora.values[s.b.clone()].iter_mut().enumerate() {
-            *v = ((i * 13 % 11) as f32 - 5.0) * 0.01;
-        }
-    }
     // Within the original context (30 + 31 tokens: short factors), then beyond it (50: long).
     for cu in [[0usize, 30, 61], [0, 50, 81]] {
-        let n = cu[2];
-        let ids: Vec<u32> = (0..n as u32).map(|i| (i * 37 + 11) % 515).collect();
-        let labels: Vec<i64> = ids.iter().map(|&t| t as i64).collect();
-        let cpu = model
-            .loss(Some(&lora), &ids, &labels, &cu)
-            .unwrap()
-            .loss_sum;
-        let gpu = gpu_model
-            .loss(Some(&lora), &ids, &labels, &cu)
-            .unwrap()
-            .loss_sum;
-        assert!(
-            (cpu - gpu).abs() <= 2e-3 * cpu,
-            "phi3 {cu:?}: loss on the CPU {cpu}, on the GPU {gpu}"
-        );
+        assert_loss_on_both(&model, &gpu_model, &lora, &cu, &format!("phi3 {cu:?}"));
     }
     step_parity(o, 8, cfg, 0.0, &[0, 50, 81]);
 }
@@ -250,19 +198,7 @@ fn cuda_step_dropout_masks_match_the_cpu() {
     };
     let cfg = small_config();
     let model = Llama::random(cfg.clone(), BaseFormat::Nf4(Nf4Config::default()), 3).unwrap();
-    let lora_cfg = LoraConfig {
-        rank: 8,
-        alpha: 16.0,
-        rslora: false,
-        dropout: 0.3,
-        targets: Target::ALL.to_vec(),
-    };
-    let mut lora = LoraParams::init(&cfg, lora_cfg, 4).unwrap();
-    for s in lora.slots.clone() {
-        for (i, v) in lora.values[s.b.clone()].iter_mut().enumerate() {
-            *v = ((i * 31 % 17) as f32 - 8.0) * 0.01;
-        }
-    }
+    let lora = nonzero_adapter(&cfg, 8, 0.3, 4, |i| ((i * 31 % 17) as f32 - 8.0) * 0.01);
     let ids: Vec<u32> = (0..81u32).map(|i| (i * 37 + 11) % 515).collect();
     let labels: Vec<i64> = ids.iter().map(|&t| t as i64).collect();
     let cu = [0usize, 50, 81];
@@ -315,6 +251,54 @@ fn rel_dist(a: &[f32], b: &[f32]) -> f64 {
     (d / n).sqrt()
 }
 
+/// Rank-`rank` adapters on every projection of `cfg` (PEFT's A from `seed`), B set to `b(i)`
+/// (not zero, so the adapters change the outputs).
+fn nonzero_adapter(
+    cfg: &LlamaConfig,
+    rank: usize,
+    dropout: f64,
+    seed: u64,
+    b: impl Fn(usize) -> f32,
+) -> LoraParams {
+    let lora_cfg = LoraConfig {
+        rank,
+        alpha: 16.0,
+        rslora: false,
+        dropout,
+        targets: Target::ALL.to_vec(),
+    };
+    let mut lora = LoraParams::init(cfg, lora_cfg, seed).unwrap();
+    for s in lora.slots.clone() {
+        for (i, v) in lora.values[s.b.clone()].iter_mut().enumerate() {
+            *v = b(i);
+        }
+    }
+    lora
+}
+
+/// The loss of the token sequence `(i·37 + 11) mod 515` packed as `cu` with `lora`: the GPU
+/// model's within 2e-3 relative of the CPU model's.
+fn assert_loss_on_both(
+    model: &Llama,
+    gpu_model: &Llama,
+    lora: &LoraParams,
+    cu: &[usize],
+    what: &str,
+) {
+    let n = *cu.last().unwrap() as u32;
+    let ids: Vec<u32> = (0..n).map(|i| (i * 37 + 11) % 515).collect();
+    let labels: Vec<i64> = ids.iter().map(|&t| t as i64).collect();
+    let cpu = model.loss(Some(lora), &ids, &labels, cu).unwrap().loss_sum;
+    let gpu = gpu_model
+        .loss(Some(lora), &ids, &labels, cu)
+        .unwrap()
+        .loss_sum;
+    assert!(
+        (cpu - gpu).abs() <= 2e-3 * cpu,
+        "{what}: loss on the CPU {cpu}, on the GPU {gpu}"
+    );
+}
+
 /// Ten optimizer steps of one micro-batch (`cu` its packing) through the one model on both
 /// devices. Tolerances (bf16 activations and NF4 GEMMs against the f32 CPU): each step's mean
 /// loss within 2% of the CPU's; the adapter's change over the ten steps (trained − initial)
@@ -323,19 +307,9 @@ fn step_parity(o: usize, rank: usize, cfg: LlamaConfig, dropout: f64, cu: &[usiz
     let dev = Device::Cuda(o);
     let model = model_on(&cfg, 3, Device::Cpu);
     let gpu_model = model_on(&cfg, 3, dev);
-    let lora_cfg = LoraConfig {
-        rank,
-        alpha: 16.0,
-        rslora: false,
-        dropout,
-        targets: Target::ALL.to_vec(),
-    };
-    let mut lora = LoraParams::init(&cfg, lora_cfg, 4).unwrap();
-    for s in lora.slots.clone() {
-        for (i, v) in lora.values[s.b.clone()].iter_mut().enumerate() {
-            *v = ((i * 31 % 17) as f32 - 8.0) * 0.002;
-        }
-    }
+    let lora = nonzero_adapter(&cfg, rank, dropout, 4, |i| {
+        ((i * 31 % 17) as f32 - 8.0) * 0.002
+    });
     let initial = lora.values.clone();
     let ids: Vec<u32> = (0..81u32).map(|i| (i * 37 + 11) % 515).collect();
     let labels: Vec<i64> = ids
@@ -416,19 +390,7 @@ fn evaluate_file_on_cuda_matches_the_cpu() {
     let cfg = small_config();
     let (model, gpu_model) = (model_on(&cfg, 5, Device::Cpu), model_on(&cfg, 5, dev));
     let tokenizer = TextTokenizer::load(&fixtures.join("llama/tiny-llama")).unwrap();
-    let lora_cfg = LoraConfig {
-        rank: 8,
-        alpha: 16.0,
-        rslora: false,
-        dropout: 0.0,
-        targets: Target::ALL.to_vec(),
-    };
-    let mut lora = LoraParams::init(&cfg, lora_cfg, 6).unwrap();
-    for s in lora.slots.clone() {
-        for (i, v) in lora.values[s.b.clone()].iter_mut().enumerate() {
-            *v = ((i * 13 % 11) as f32 - 5.0) * 0.3;
-        }
-    }
+    let lora = nonzero_adapter(&cfg, 8, 0.0, 6, |i| ((i * 13 % 11) as f32 - 5.0) * 0.3);
     let opts = DataOptions {
         format: None,
         seq_len: 128,
