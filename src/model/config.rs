@@ -260,6 +260,16 @@ impl LlamaConfig {
         }
     }
 
+    /// Whether projection `t` has a bias (q, k, v with `qkv_bias`; o with `o_bias`; the fused
+    /// projections never).
+    pub fn has_bias(&self, t: Target) -> bool {
+        match t {
+            Target::Q | Target::K | Target::V => self.qkv_bias,
+            Target::O => self.o_bias,
+            _ => false,
+        }
+    }
+
     /// Whether q and k pass through an RMSNorm per head before RoPE (`q_norm`/`k_norm` of
     /// Qwen3 and Gemma 3).
     pub fn qk_norm(&self) -> bool {

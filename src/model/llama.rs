@@ -87,8 +87,8 @@ pub struct Llama {
     freqs: Tensor,
     /// Those of the sliding layers where they differ (Gemma 3's `rope_local_base_freq`).
     freqs_local: Option<Tensor>,
-    /// Longrope's frequencies with the long factors, for forwards whose longest sequence is
-    /// beyond the pre-training length.
+    /// Longrope's frequencies with the long factors, for the sequences longer than the
+    /// pre-training length.
     freqs_long: Option<Tensor>,
     /// What loading left aside and why (checkpoint tensors the config makes redundant), for the
     /// command line to print as warnings.
@@ -234,10 +234,10 @@ impl Llama {
                     BaseFormat::Dense => BaseWeight::Dense(w),
                     BaseFormat::Nf4(cfg) => BaseWeight::Nf4(Nf4Tensor::quantize(&w, cfg)?),
                 };
-                let bias = match t {
-                    Target::Q | Target::K | Target::V if c.qkv_bias => Some(hv(random(o), &[o])?),
-                    Target::O if c.o_bias => Some(hv(random(o), &[o])?),
-                    _ => None,
+                let bias = if c.has_bias(t) {
+                    Some(hv(random(o), &[o])?)
+                } else {
+                    None
                 };
                 proj.push(Projection { weight, bias });
             }
@@ -320,12 +320,11 @@ impl Llama {
                 let (i, o) = t.dims(&c);
                 // One dense projection at a time exists in bf16, then only its NF4 form.
                 let weight = BaseWeight::Nf4(Nf4Tensor::quantize(&draw(&[o, i])?, nf4)?);
-                let has_bias = match t {
-                    Target::Q | Target::K | Target::V => c.qkv_bias,
-                    Target::O => c.o_bias,
-                    _ => false,
+                let bias = if c.has_bias(t) {
+                    Some(draw(&[o])?)
+                } else {
+                    None
                 };
-                let bias = if has_bias { Some(draw(&[o])?) } else { None };
                 proj.push(Projection { weight, bias });
             }
             let hd = c.head_dim;
@@ -463,12 +462,7 @@ impl Llama {
                         }
                     }
                 };
-                let has_bias = match t {
-                    Target::Q | Target::K | Target::V => c.qkv_bias,
-                    Target::O => c.o_bias,
-                    _ => false,
-                };
-                let bias = if has_bias {
+                let bias = if c.has_bias(t) {
                     Some(hv(ckpt.f32(&format!("{prefix}.bias"), &[o])?, &[o])?)
                 } else {
                     None
