@@ -27,10 +27,10 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 cargo build --release --quiet
 echo "== qlora-rs (NF4 base, LoRA r 16 on all seven projections, per-layer recomputation, AdamW, f32)"
-/usr/bin/time -f "  cpu/wall    %P (CPU time over wall time, the whole process)" \
+/usr/bin/time -f "  process     %P CPU time over wall time (the whole process, loading included)" \
   "$bin" bench --device cpu --model "$model" --seq-len "$seq" --steps "$steps" 2>&1 |
-  grep -E "bench:|step time|cpu/wall|peak memory"
+  grep -E "bench:|step time|cpu/wall|peak memory|process"
 echo "== PyTorch + PEFT + bitsandbytes (the same step)"
-/usr/bin/time -f "  cpu/wall    %P (CPU time over wall time, the whole process)" \
+/usr/bin/time -f "  process     %P CPU time over wall time (the whole process, loading included)" \
   "$venv/bin/python" scripts/cpu_peer_bench.py "$model" "$seq" "$steps" 2>&1 |
-  grep -E "peer:|step time|cpu/wall"
+  grep -E "peer:|step time|cpu/wall|process"

@@ -36,8 +36,9 @@ def main():
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     gen = torch.Generator().manual_seed(1)
     ids = torch.randint(0, model.config.vocab_size, (1, seq_len), generator=gen)
-    times = []
+    times, cpu = [], 0.0
     for step in range(steps + 1):
+        c0 = time.process_time()
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         loss = model(input_ids=ids, labels=ids).loss
@@ -45,9 +46,12 @@ def main():
         opt.step()
         if step > 0:
             times.append(time.perf_counter() - t0)
+            cpu += time.process_time() - c0
     mean = sum(times) / len(times)
     print(f"peer: torch {torch.__version__}, {threads} threads, {seq_len} tokens, {steps} timed steps")
     print(f"  step time   {mean:.3f} s ({seq_len / mean:.0f} tokens/s)")
+    print(f"  cpu/wall    {cpu / sum(times):.2f} over the timed steps ({cpu:.1f} s of CPU time in "
+          f"{sum(times):.1f} s, {threads} threads)")
 
 
 if __name__ == "__main__":

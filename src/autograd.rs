@@ -152,9 +152,14 @@ impl BaseWeight {
             BaseWeight::Nf4(q) if q.device() == Device::Cpu => SCRATCH.with(|cell| {
                 match cell.try_borrow_mut() {
                     Ok(mut buf) => {
-                        buf.resize(q.elem_count(), 0.0);
-                        q.dequantize_f32_into(&mut buf)?;
-                        f(&buf)
+                        // Grown, never shrunk: a resize down and up again would zero the
+                        // regrown tail on every call.
+                        let n = q.elem_count();
+                        if buf.len() < n {
+                            buf.resize(n, 0.0);
+                        }
+                        q.dequantize_f32_into(&mut buf[..n])?;
+                        f(&buf[..n])
                     }
                     // In use further up this thread's stack: a buffer of its own.
                     Err(_) => {

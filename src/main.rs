@@ -799,9 +799,11 @@ fn run_bench(
         Device::Cpu => Ok(()),
     };
     let mut launches = 0u64;
+    let mut cpu_secs = 0.0;
     for step in 0..=steps {
         sync()?;
         let launched = qlora_rs::device::cuda::launches();
+        let cpu0 = process_cpu_secs();
         let t0 = Instant::now();
         adapters.zero_grads()?;
         model.train_micro_batch(&adapters, &ids, &labels, &cu, 1.0 / counted, step as u64)?;
@@ -809,6 +811,7 @@ fn run_bench(
         sync()?;
         if step > 0 {
             times.push(t0.elapsed().as_secs_f64());
+            cpu_secs += process_cpu_secs() - cpu0;
             launches = qlora_rs::device::cuda::launches() - launched;
         }
     }
@@ -855,6 +858,14 @@ fn run_bench(
     match device {
         Device::Cpu => {
             println!("  MFU         n/a on the CPU backend (no peak rate to compare with)");
+            // How busy the cores were during the timed steps (the model load not counted).
+            println!(
+                "  cpu/wall    {:.2} over the timed steps ({:.1} s of CPU time in {:.1} s, {} threads)",
+                cpu_secs / times.iter().sum::<f64>().max(1e-9),
+                cpu_secs,
+                times.iter().sum::<f64>(),
+                qlora_rs::ops::matmul::cpu_threads()
+            );
             if let Some(gib) = peak {
                 println!("  peak memory {gib:.2} GiB resident (host: the CPU backend)");
             }
@@ -1157,6 +1168,17 @@ fn cpu_estimate(secs: f64, done: u64, remaining: u64) -> Option<String> {
          step × {remaining} steps, evaluations not counted); the CPU backend is meant for tiny \
          models, the demo and checks, a run of this size for a GPU. Continuing."
     ))
+}
+
+/// User + system CPU time of this process so far, in seconds (every thread).
+fn process_cpu_secs() -> f64 {
+    // SAFETY: getrusage writes the struct it is given and nothing else.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) } != 0 {
+        return f64::NAN;
+    }
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 * 1e-6;
+    secs(ru.ru_utime) + secs(ru.ru_stime)
 }
 
 #[cfg(test)]

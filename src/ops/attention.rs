@@ -238,17 +238,19 @@ fn probabilities<T: Real>(
                 }
             }
         }
+        // P = e^(S − lse) with the saved lse; else e^(S − max) / Σ, lse = max + ln Σ.
         let m = match lse {
-            Some(saved) => saved[i],
+            Some(saved) => {
+                T::exp_shifted(&mut row[lo..=i], saved[i], T::one());
+                saved[i]
+            }
             None => {
-                let mx = row[lo..=i].iter().fold(T::neg_infinity(), |a, &b| a.max(b));
-                let sum: T = row[lo..=i].iter().map(|&s| (s - mx).exp()).sum();
+                let mx = T::max_of(&row[lo..=i]);
+                let sum = T::exp_shifted_sum(&mut row[lo..=i], mx);
+                T::scale_slice(&mut row[lo..=i], T::one() / sum);
                 mx + sum.ln()
             }
         };
-        for s in row[lo..=i].iter_mut() {
-            *s = (*s - m).exp();
-        }
         row[..lo].fill(T::zero());
         row[i + 1..].fill(T::zero());
         out_lse.push(m);
@@ -512,17 +514,9 @@ pub fn forward_cached<T: Real>(d: Dims, q: &[T], k: &[T], v: &[T], start: usize)
                     *x = c * (*x / c).tanh();
                 }
             }
-            let m = row[lo..visible]
-                .iter()
-                .fold(T::neg_infinity(), |a, &b| a.max(b));
-            let mut z = T::zero();
-            for x in row[lo..visible].iter_mut() {
-                *x = (*x - m).exp();
-                z += *x;
-            }
-            for x in row[lo..visible].iter_mut() {
-                *x /= z;
-            }
+            let m = T::max_of(&row[lo..visible]);
+            let z = T::exp_shifted_sum(&mut row[lo..visible], m);
+            T::scale_slice(&mut row[lo..visible], T::one() / z);
             row[..lo].fill(T::zero());
             row[visible..].fill(T::zero());
         }

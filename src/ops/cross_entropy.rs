@@ -181,26 +181,29 @@ pub fn forward_backward<T: Real>(
                         *s = c * (*s / c).tanh();
                     }
                 }
-                let m = row.iter().fold(T::neg_infinity(), |a, &b| a.max(b));
-                let sum: T = row.iter().map(|&s| (s - m).exp()).sum();
-                let lse = m + sum.ln();
-                let loss = (lse - row[y as usize]).to_f64().unwrap_or(f64::NAN);
-                match (grad_scale, softcap) {
-                    (Some(g), None) => {
-                        for s in row.iter_mut() {
-                            *s = g * (*s - lse).exp();
-                        }
+                let m = T::max_of(row);
+                let zy = row[y as usize];
+                let Some(c) = softcap else {
+                    // The row becomes e^(z − m) in place: the loss needs only Σ and z_y, and
+                    // the gradient g·softmax is that row times g/Σ.
+                    let sum = T::exp_shifted_sum(row, m);
+                    let lse = m + sum.ln();
+                    if let Some(g) = grad_scale {
+                        T::scale_slice(row, g / sum);
                         row[y as usize] -= g;
                     }
-                    // The row holds z' = c·tanh(z/c): tanh(z/c) = z'/c.
-                    (Some(g), Some(c)) => {
-                        for (v, s) in row.iter_mut().enumerate() {
-                            let onehot = if v == y as usize { T::one() } else { T::zero() };
-                            let t = *s / c;
-                            *s = g * ((*s - lse).exp() - onehot) * (T::one() - t * t);
-                        }
+                    return Some((lse - zy).to_f64().unwrap_or(f64::NAN));
+                };
+                let sum: T = row.iter().map(|&s| (s - m).fast_exp()).sum();
+                let lse = m + sum.ln();
+                let loss = (lse - zy).to_f64().unwrap_or(f64::NAN);
+                // The row holds z' = c·tanh(z/c): tanh(z/c) = z'/c.
+                if let Some(g) = grad_scale {
+                    for (v, s) in row.iter_mut().enumerate() {
+                        let onehot = if v == y as usize { T::one() } else { T::zero() };
+                        let t = *s / c;
+                        *s = g * ((*s - lse).fast_exp() - onehot) * (T::one() - t * t);
                     }
-                    (None, _) => {}
                 }
                 Some(loss)
             })

@@ -21,6 +21,7 @@ pub mod rmsnorm;
 pub mod rope;
 pub mod split;
 pub mod swiglu;
+pub mod vexp;
 
 use crate::device::Device;
 use crate::error::{Error, Result};
@@ -67,6 +68,41 @@ pub trait Real:
     fn of(v: f64) -> Self {
         Self::from_f64(v).expect("finite constant")
     }
+
+    /// e^x; in f32 the polynomial of [`vexp::exp`] (within 2 ulp), which vectorizes.
+    fn fast_exp(self) -> Self {
+        self.exp()
+    }
+
+    /// `xs[i] ← e^(xs[i] − shift)`, returning their sum (in f32 through [`vexp`]: SIMD, the
+    /// sum in a fixed order).
+    fn exp_shifted_sum(xs: &mut [Self], shift: Self) -> Self {
+        let mut sum = Self::zero();
+        for x in xs.iter_mut() {
+            *x = (*x - shift).exp();
+            sum += *x;
+        }
+        sum
+    }
+
+    /// `xs[i] ← scale · e^(xs[i] − shift)`.
+    fn exp_shifted(xs: &mut [Self], shift: Self, scale: Self) {
+        for x in xs.iter_mut() {
+            *x = scale * (*x - shift).exp();
+        }
+    }
+
+    /// `xs[i] ← xs[i] · s`.
+    fn scale_slice(xs: &mut [Self], s: Self) {
+        for x in xs.iter_mut() {
+            *x *= s;
+        }
+    }
+
+    /// The largest element (−inf when empty; NaN elements skipped, as `max` skips them).
+    fn max_of(xs: &[Self]) -> Self {
+        xs.iter().fold(Self::neg_infinity(), |a, &b| a.max(b))
+    }
 }
 
 impl Real for f32 {
@@ -87,6 +123,27 @@ impl Real for f32 {
     ) {
         // SAFETY: forwarded from the caller's contract.
         unsafe { matrixmultiply::sgemm(m, k, n, alpha, a, rsa, csa, b, rsb, csb, beta, c, rsc, 1) }
+    }
+
+    #[inline(always)]
+    fn fast_exp(self) -> f32 {
+        vexp::exp(self)
+    }
+
+    fn exp_shifted_sum(xs: &mut [f32], shift: f32) -> f32 {
+        vexp::exp_shifted_sum(xs, shift)
+    }
+
+    fn exp_shifted(xs: &mut [f32], shift: f32, scale: f32) {
+        vexp::exp_shifted(xs, shift, scale)
+    }
+
+    fn scale_slice(xs: &mut [f32], s: f32) {
+        vexp::scale(xs, s)
+    }
+
+    fn max_of(xs: &[f32]) -> f32 {
+        vexp::max(xs)
     }
 }
 

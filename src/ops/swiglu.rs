@@ -49,7 +49,7 @@ impl Act {
 }
 
 fn sigmoid<T: Real>(g: T) -> T {
-    T::one() / (T::one() + (-g).exp())
+    T::one() / (T::one() + (-g).fast_exp())
 }
 
 /// `(gelu_tanh(g), gelu_tanh'(g))`, in the order of operations the GeGLU kernels use.
