@@ -380,7 +380,7 @@ fn step_kernels(c: &mut Criterion) {
                             &ww,
                             &tg,
                             Some(1.0 / tt as f32),
-                            256,
+                            cross_entropy::DEFAULT_CHUNK,
                             None,
                         )
                         .unwrap(),
@@ -395,7 +395,11 @@ fn step_kernels(c: &mut Criterion) {
             b.iter_custom(|iters| {
                 timed(&dev, iters, || {
                     let g = Some(1.0 / tt as f32);
-                    drop(cross_entropy::lm_head_ce_cuda(&hh, &ww, &tg, g, 256, Some(30.0)).unwrap())
+                    let chunk = cross_entropy::DEFAULT_CHUNK;
+                    drop(
+                        cross_entropy::lm_head_ce_cuda(&hh, &ww, &tg, g, chunk, Some(30.0))
+                            .unwrap(),
+                    )
                 })
             })
         });

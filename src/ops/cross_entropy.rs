@@ -38,11 +38,17 @@ use crate::tensor::{DType, Tensor};
 /// The label value that is not counted.
 pub const IGNORE_INDEX: i64 = -100;
 
-/// Rows per chunk: the transient logits are `chunk × V` (16 MiB of f32 at V = 128,256).
-pub const DEFAULT_CHUNK: usize = 32;
+/// Rows per chunk on CUDA: the transient logits are `chunk × V` (63 MiB of f32 at V = 128,256,
+/// 94 MiB of workspace with the gradient). 128 is the row tile of the tensor-core GEMMs that
+/// compute the chunk's logits and `dh`: a smaller chunk leaves most of each tile's rows empty
+/// while the whole lm_head weight is still read once per chunk.
+pub const DEFAULT_CHUNK: usize = 128;
 
-/// Rows per chunk on the CPU: as many as keep the transient logits within 64 MiB (341 rows at
-/// V = 49,152, 130 at V = 128,256), in multiples of [`DEFAULT_CHUNK`], 512 at most. Each chunk
+/// Multiple of the CPU's chunk rows.
+const CPU_CHUNK_STEP: usize = 32;
+
+/// Rows per chunk on the CPU: as many as keep the transient logits within 64 MiB, in multiples
+/// of 32 (320 rows at V = 49,152, 128 at V = 128,256), 512 at most. Each chunk
 /// streams the whole lm_head weight through two GEMMs (the logits and `dh`), which re-pack it:
 /// few large chunks pack it few times. Every row's logits, loss and `dh` are computed alike
 /// whatever the chunk (one GEMM element and one row at a time), and the losses are summed in row
@@ -50,7 +56,7 @@ pub const DEFAULT_CHUNK: usize = 32;
 pub fn cpu_chunk(vocab: usize) -> usize {
     const BYTES: usize = 64 << 20;
     let rows = BYTES / (4 * vocab.max(1));
-    (rows / DEFAULT_CHUNK * DEFAULT_CHUNK).clamp(DEFAULT_CHUNK, 512)
+    (rows / CPU_CHUNK_STEP * CPU_CHUNK_STEP).clamp(CPU_CHUNK_STEP, 512)
 }
 
 /// `targets[t] = labels[t + 1]` within each sequence of `cu_seqlens`, −100 at each sequence end.
