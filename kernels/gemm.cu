@@ -42,7 +42,7 @@ struct GemmParams {
   float alpha, beta;
 };
 
-// NF4 weight W [rows, cols] (row-major flattened, blocks of `blocksize`).
+// NF4 weight W [rows, cols] (row-major flattened, blocks of a power-of-two size).
 struct Nf4Params {
   const uint8_t* packed;
   const float* absmax;      // plain scales (null with double quantization)
@@ -52,7 +52,7 @@ struct Nf4Params {
   const float* code2;
   const float* code;  // [16]
   long long rows, cols;
-  int blocksize;
+  int blocksize_log2;  // blocks of 2^blocksize_log2 elements: the block of element i is i >> it
 };
 
 // ---- swizzled shared-memory addressing (element offsets) ----
@@ -308,7 +308,7 @@ __device__ __forceinline__ void fetch_nf4(const Nf4Params& w, int n0, int nmax, 
   if (st.ok) {
     const long long flat = wrow * w.cols + wcol;
     st.bits = __ldg(reinterpret_cast<const uint2*>(w.packed + flat / 2));
-    st.scale = nf4_scale(w, flat / w.blocksize);
+    st.scale = nf4_scale(w, flat >> w.blocksize_log2);
   }
 }
 
@@ -472,7 +472,7 @@ extern "C" __global__ void __launch_bounds__(256, 2) gemm_nf4_small_m_bf16(GemmP
         if (k >= p.k) continue;
         const long long flat = n * w.cols + k;
         const uint32_t bits = __ldg(reinterpret_cast<const uint32_t*>(w.packed + flat / 2));
-        const float scale = nf4_scale(w, flat / w.blocksize);
+        const float scale = nf4_scale(w, flat >> w.blocksize_log2);
         float wv[8];
 #pragma unroll
         for (int b = 0; b < 4; ++b) {

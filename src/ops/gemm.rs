@@ -79,7 +79,9 @@ struct Nf4Params {
     code: u64,
     rows: i64,
     cols: i64,
-    blocksize: i32,
+    /// log2 of the blocksize (a power of two: `nf4::check_blocksize`), so the kernels find an
+    /// element's block with a shift.
+    blocksize_log2: i32,
 }
 // SAFETY: #[repr(C)] plain data laid out like the kernel's `Nf4Params`.
 unsafe impl cudarc::driver::DeviceRepr for Nf4Params {}
@@ -395,7 +397,7 @@ fn nf4_params(w: &Nf4Tensor) -> Result<Nf4Params> {
         code: w.code.device_ptr(),
         rows: rows as i64,
         cols: cols as i64,
-        blocksize: w.blocksize as i32,
+        blocksize_log2: w.blocksize.trailing_zeros() as i32,
         ..Nf4Params::default()
     };
     match &w.absmax {
