@@ -503,13 +503,14 @@ extern "C" __global__ void __launch_bounds__(256, 2) gemm_nf4_small_m_bf16(GemmP
     for (int m = 0; m < 16; ++m) {
       if (m >= m_rows) break;
       const float s = warp_sum(acc[r][m]);
-      if (lane == 0 && n < p.n) {
-        float out = s;
-        if (p.a2 != nullptr)
-          for (int j = 0; j < p.k2; ++j)
-            out += __bfloat162float(p.a2[(long long)m * p.lda2 + j]) * __bfloat162float(p.b2[n * p.ldb2 + j]);
-        y[(long long)m * p.ldc + n] = __float2bfloat16_rn(out);
-      }
+      // The LoRA term A2[m]·B2[n] (r ≤ a few dozen) over the lanes, then one more warp sum
+      // (n and p.a2 are the same for the whole warp, so every lane reaches both shuffles).
+      float lora = 0.0f;
+      if (p.a2 != nullptr && n < p.n)
+        for (int j = lane; j < p.k2; j += 32)
+          lora += __bfloat162float(p.a2[(long long)m * p.lda2 + j]) * __bfloat162float(p.b2[n * p.ldb2 + j]);
+      lora = warp_sum(lora);
+      if (lane == 0 && n < p.n) y[(long long)m * p.ldc + n] = __float2bfloat16_rn(s + lora);
     }
   }
 }

@@ -535,6 +535,8 @@ fn lora_layer_on_cuda_matches_the_cpu_reference() {
     };
     for (t, i, o, rank) in [
         (7usize, 96usize, 200usize, 8usize),
+        // Small M with a rank above the warp's 32 lanes (the LoRA term strides over them).
+        (5, 64, 72, 40),
         (97, 576, 1536, 16),
         big,
     ] {
