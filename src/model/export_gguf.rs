@@ -89,9 +89,12 @@
 //! `rope.scaling.original_context_length`, `attention.sliding_window` (0 for none; llama.cpp's
 //! `phi3` currently attends to the whole context, which the report warns of), and with longrope
 //! `rope.scaling.attn_factor` (the model's attention factor). heads × head_dim must be the
-//! hidden size (llama.cpp's `attn_output` is square). The tokenizer must be
-//! byte-level BPE: a SentencePiece tokenizer (real Gemma's) is refused by [`vocab`].
+//! hidden size (llama.cpp's `attn_output` is square). The tokenizer is byte-level BPE
+//! ([`vocab`]) or SentencePiece ([`spm_vocab`], read from `tokenizer.model`).
 
+pub mod sentencepiece;
+pub mod special_vocab;
+pub mod spm_vocab;
 pub mod vocab;
 
 use std::collections::BTreeMap;
@@ -699,7 +702,7 @@ pub fn export_gguf(
     let cfg = model.cfg.clone();
     let (arch, warnings) = arch_of(&cfg, &opts.model)?;
     let config_json = vocab::read_json(&opts.model.join("config.json"))?;
-    let vocab = vocab::read(&opts.model, cfg.vocab_size, &config_json)?;
+    let vocab = vocab::read(&opts.model, cfg.vocab_size, &config_json, arch)?;
 
     let mut items = Vec::new();
     let mut fallbacks = Vec::new();

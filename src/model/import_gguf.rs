@@ -77,6 +77,7 @@
 //!
 //! See [`tokenizer`]: byte-level BPE (`tokenizer.ggml.model == "gpt2"`) only.
 
+pub mod spm_tokenizer;
 pub mod tokenizer;
 
 use std::collections::BTreeMap;

@@ -1,6 +1,13 @@
 //! The tokenizer of a Hugging Face model folder as GGUF metadata (the `tokenizer.*` keys
-//! llama.cpp reads), for byte-level BPE tokenizers — the inverse of
-//! [`crate::model::import_gguf::tokenizer`], written as llama.cpp's own converter writes it:
+//! llama.cpp reads) — the inverse of [`crate::model::import_gguf::tokenizer`], written as
+//! llama.cpp's own converter writes it. Two kinds:
+//!
+//! | tokenizer.json | needs | `tokenizer.ggml.model` | written by |
+//! |---|---|---|---|
+//! | SentencePiece: byte fallback, or `▁` for spaces (Metaspace / Replace), or Unigram (Gemma 2/3, Phi-3, Llama 2) | `tokenizer.model` | `llama` (pieces, scores, types) | [`super::spm_vocab`] |
+//! | byte-level BPE (Llama 3, Qwen, SmolLM, Phi-4-mini) | — | `gpt2` (tokens, merges) | this module |
+//!
+//! For byte-level BPE:
 //!
 //! - `tokenizer.ggml.model = "gpt2"`; `tokenizer.ggml.pre` named from the `tokenizer.json`
 //!   pre-tokenizer (llama.cpp picks its splitting regexes by that name):
@@ -164,9 +171,11 @@ fn template_adds(post: &Json, token: &str, at_start: bool) -> bool {
     piece.is_some_and(|p| p["SpecialToken"]["id"].as_str() == Some(token))
 }
 
-/// Reads the tokenizer of `model_dir` for an embedding of `rows` rows; `model_cfg` is its
-/// `config.json` (for the special token ids `tokenizer_config.json` does not name).
-pub fn read(model_dir: &Path, rows: usize, model_cfg: &Json) -> Result<Vocab> {
+/// Reads the tokenizer of `model_dir` for an embedding of `rows` rows and the GGUF
+/// architecture `arch`; `model_cfg` is its `config.json` (for the special token ids
+/// `tokenizer_config.json` does not name). A SentencePiece tokenizer goes to
+/// [`super::spm_vocab`].
+pub fn read(model_dir: &Path, rows: usize, model_cfg: &Json, arch: &str) -> Result<Vocab> {
     let tok_path = model_dir.join("tokenizer.json");
     if !tok_path.is_file() {
         return Err(format_err(
@@ -178,14 +187,7 @@ pub fn read(model_dir: &Path, rows: usize, model_cfg: &Json) -> Result<Vocab> {
     let tok = read_json(&tok_path)?;
     let model = &tok["model"];
     if is_sentencepiece(&tok) {
-        return Err(format_err(
-            &tok_path,
-            "a SentencePiece tokenizer (byte fallback / `▁` for spaces, as Gemma's and Llama \
-             2's): llama.cpp's converter writes it from tokenizer.model as \
-             tokenizer.ggml.model = \"llama\" with each piece's score, which export-gguf does \
-             not write; only byte-level BPE tokenizers are exported (convert the merged folder \
-             with llama.cpp's convert_hf_to_gguf.py instead)",
-        ));
+        return super::spm_vocab::read(model_dir, &tok, rows, arch);
     }
     if model["type"].as_str() != Some("BPE") {
         return Err(format_err(

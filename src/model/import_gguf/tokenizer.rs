@@ -1,5 +1,12 @@
 //! A Hugging Face `tokenizer.json` (the `tokenizers` crate's format) and `tokenizer_config.json`
-//! from a GGUF file's tokenizer metadata, for byte-level BPE (`tokenizer.ggml.model == "gpt2"`):
+//! from a GGUF file's tokenizer metadata:
+//!
+//! | `tokenizer.ggml.model` | tokenizer.json | written by |
+//! |---|---|---|
+//! | `gpt2` (byte-level BPE: Llama 3, Qwen, SmolLM, Phi-4-mini) | BPE + the pre-tokenizer of `tokenizer.ggml.pre` | this module |
+//! | `llama` (SentencePiece: Gemma, Phi-3, Llama 2) | BPE with byte fallback, merges from the scores, `▁` normalizer | [`super::spm_tokenizer`] (tokenizer.json only: the GGUF holds no `tokenizer.model`) |
+//!
+//! anything else is refused by name. For `gpt2`:
 //!
 //! - `tokenizer.ggml.tokens` (strings, by id; byte-level form, `Ġ` for a space) and
 //!   `tokenizer.ggml.merges` (`"left right"`, by rank) → the BPE model's vocab and merges;
@@ -55,10 +62,10 @@ pub const SUPPORTED_PRE: &str =
     "gpt2, gpt-2, smollm, starcoder, llama-bpe, llama3, llama-v3, qwen2, deepseek-r1-qwen, default";
 
 /// GGUF token types (llama.cpp's `llama_token_type`).
-const NORMAL: i64 = 1;
-const UNKNOWN: i64 = 2;
-const CONTROL: i64 = 3;
-const USER_DEFINED: i64 = 4;
+pub(super) const NORMAL: i64 = 1;
+pub(super) const UNKNOWN: i64 = 2;
+pub(super) const CONTROL: i64 = 3;
+pub(super) const USER_DEFINED: i64 = 4;
 
 /// The two tokenizer files and a summary.
 pub struct TokenizerFiles {
@@ -74,7 +81,7 @@ pub struct TokenizerFiles {
     pub special_tokens: usize,
 }
 
-fn strings<'a>(g: &'a GgufFile, key: &str) -> Result<Option<Vec<&'a str>>> {
+pub(super) fn strings<'a>(g: &'a GgufFile, key: &str) -> Result<Option<Vec<&'a str>>> {
     let Some(v) = g.get(key) else {
         return Ok(None);
     };
@@ -87,7 +94,7 @@ fn strings<'a>(g: &'a GgufFile, key: &str) -> Result<Option<Vec<&'a str>>> {
         .map(Some)
 }
 
-fn token_id(g: &GgufFile, key: &str, n_tokens: usize) -> Result<Option<usize>> {
+pub(super) fn token_id(g: &GgufFile, key: &str, n_tokens: usize) -> Result<Option<usize>> {
     let Some(v) = g.get(key) else {
         return Ok(None);
     };
@@ -99,7 +106,7 @@ fn token_id(g: &GgufFile, key: &str, n_tokens: usize) -> Result<Option<usize>> {
     }
 }
 
-fn flag(g: &GgufFile, key: &str) -> Result<Option<bool>> {
+pub(super) fn flag(g: &GgufFile, key: &str) -> Result<Option<bool>> {
     match g.get(key) {
         None => Ok(None),
         Some(Value::Bool(b)) => Ok(Some(*b)),
@@ -184,7 +191,7 @@ fn pre_tokenizer(pre: &str) -> Option<Pre> {
 }
 
 /// A TemplateProcessing that puts `bos` before and `eos` after each sequence (either optional).
-fn template(bos: Option<&str>, eos: Option<&str>, ids: &HashMap<&str, usize>) -> Json {
+pub(super) fn template(bos: Option<&str>, eos: Option<&str>, ids: &HashMap<&str, usize>) -> Json {
     let special = |t: &str| json!({"SpecialToken": {"id": t, "type_id": 0}});
     let wrap = |part: &str, type_id: u32| {
         let mut v: Vec<Json> = bos.iter().map(|b| special(b)).collect();
@@ -205,6 +212,70 @@ fn template(bos: Option<&str>, eos: Option<&str>, ids: &HashMap<&str, usize>) ->
     json!({"type": "TemplateProcessing", "single": single, "pair": pair, "special_tokens": specials})
 }
 
+/// `tokenizer.ggml.token_type` (all normal when absent), one per token.
+pub(super) fn token_types(g: &GgufFile, n: usize) -> Result<Vec<i64>> {
+    let Some(v) = g.get("tokenizer.ggml.token_type") else {
+        return Ok(vec![NORMAL; n]);
+    };
+    let bad = || {
+        g.error(format!(
+            "metadata `tokenizer.ggml.token_type` must be {n} integers, one per token"
+        ))
+    };
+    let a = v.as_array().ok_or_else(bad)?;
+    if a.len() != n {
+        return Err(bad());
+    }
+    a.iter().map(|x| x.as_i64().ok_or_else(bad)).collect()
+}
+
+/// The added tokens (control and unknown tokens special, user-defined ones not) and how many
+/// are special.
+pub(super) fn added_tokens(tokens: &[&str], types: &[i64]) -> (Vec<Json>, usize) {
+    let mut added = Vec::new();
+    let mut special_tokens = 0;
+    for (id, (t, &ty)) in tokens.iter().zip(types).enumerate() {
+        let special = matches!(ty, CONTROL | UNKNOWN);
+        if special || ty == USER_DEFINED {
+            special_tokens += special as usize;
+            added.push(json!({
+                "id": id, "content": t, "single_word": false, "lstrip": false,
+                "rstrip": false, "normalized": false, "special": special,
+            }));
+        }
+    }
+    (added, special_tokens)
+}
+
+/// `tokenizer_config.json`: the BOS/EOS/UNK/PAD token strings, whether BOS/EOS are added, the
+/// context length and the chat template.
+pub(super) fn config_json(
+    g: &GgufFile,
+    [bos, eos, unk, pad]: [Option<&str>; 4],
+    add_bos: bool,
+    add_eos: bool,
+    model_max_length: usize,
+) -> Result<Json> {
+    let mut config = json!({
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "add_bos_token": add_bos,
+        "add_eos_token": add_eos,
+        "bos_token": bos,
+        "eos_token": eos,
+        "unk_token": unk,
+        "pad_token": pad,
+        "clean_up_tokenization_spaces": false,
+        "model_max_length": model_max_length,
+    });
+    if let Some(t) = g.get("tokenizer.chat_template") {
+        let t = t
+            .as_str()
+            .ok_or_else(|| g.error("metadata `tokenizer.chat_template` is not a string"))?;
+        config["chat_template"] = json!(t);
+    }
+    Ok(config)
+}
+
 /// Builds both files from `g`'s metadata; `model_max_length` goes into the config. Errors name
 /// the file and the key.
 pub fn build(g: &GgufFile, model_max_length: usize) -> Result<TokenizerFiles> {
@@ -212,34 +283,22 @@ pub fn build(g: &GgufFile, model_max_length: usize) -> Result<TokenizerFiles> {
         .get("tokenizer.ggml.model")
         .and_then(Value::as_str)
         .ok_or_else(|| g.error("metadata `tokenizer.ggml.model` is missing (no tokenizer)"))?;
-    if model != "gpt2" {
-        return Err(g.error(format!(
-            "tokenizer.ggml.model is `{model}`: only `gpt2` (byte-level BPE) tokenizers can be \
-             converted"
-        )));
+    match model {
+        "gpt2" => {}
+        "llama" => return super::spm_tokenizer::build(g, model_max_length),
+        _ => {
+            return Err(g.error(format!(
+                "tokenizer.ggml.model is `{model}`: only `gpt2` (byte-level BPE) and `llama` \
+                 (SentencePiece) tokenizers can be converted"
+            )))
+        }
     }
     let tokens = strings(g, "tokenizer.ggml.tokens")?
         .ok_or_else(|| g.error("metadata `tokenizer.ggml.tokens` is missing"))?;
     let merges = strings(g, "tokenizer.ggml.merges")?
         .ok_or_else(|| g.error("metadata `tokenizer.ggml.merges` is missing"))?;
     let n = tokens.len();
-    let types: Vec<i64> = match g.get("tokenizer.ggml.token_type") {
-        None => vec![NORMAL; n],
-        Some(v) => {
-            let bad = || {
-                g.error(format!(
-                    "metadata `tokenizer.ggml.token_type` must be {n} integers, one per token"
-                ))
-            };
-            let a = v.as_array().ok_or_else(bad)?;
-            if a.len() != n {
-                return Err(bad());
-            }
-            a.iter()
-                .map(|x| x.as_i64().ok_or_else(bad))
-                .collect::<Result<_>>()?
-        }
-    };
+    let types = token_types(g, n)?;
     let pre = g
         .get("tokenizer.ggml.pre")
         .and_then(Value::as_str)
@@ -270,18 +329,7 @@ pub fn build(g: &GgufFile, model_max_length: usize) -> Result<TokenizerFiles> {
         };
         merge_pairs.push(json!([a, b]));
     }
-    let mut added = Vec::new();
-    let mut special_tokens = 0;
-    for (id, (t, &ty)) in tokens.iter().zip(&types).enumerate() {
-        let special = matches!(ty, CONTROL | UNKNOWN);
-        if special || ty == USER_DEFINED {
-            special_tokens += special as usize;
-            added.push(json!({
-                "id": id, "content": t, "single_word": false, "lstrip": false,
-                "rstrip": false, "normalized": false, "special": special,
-            }));
-        }
-    }
+    let (added, special_tokens) = added_tokens(&tokens, &types);
 
     let name =
         |key: &str| -> Result<Option<&str>> { Ok(token_id(g, key, n)?.map(|id| tokens[id])) };
@@ -354,23 +402,7 @@ pub fn build(g: &GgufFile, model_max_length: usize) -> Result<TokenizerFiles> {
         ))
     })?;
 
-    let mut config = json!({
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "add_bos_token": add_bos,
-        "add_eos_token": add_eos,
-        "bos_token": bos,
-        "eos_token": eos,
-        "unk_token": unk,
-        "pad_token": pad,
-        "clean_up_tokenization_spaces": false,
-        "model_max_length": model_max_length,
-    });
-    if let Some(t) = g.get("tokenizer.chat_template") {
-        let t = t
-            .as_str()
-            .ok_or_else(|| g.error("metadata `tokenizer.chat_template` is not a string"))?;
-        config["chat_template"] = json!(t);
-    }
+    let config = config_json(g, [bos, eos, unk, pad], add_bos, add_eos, model_max_length)?;
     Ok(TokenizerFiles {
         tokenizer_json,
         tokenizer_config: config,
