@@ -1,16 +1,18 @@
 //! SentencePiece tokenizers in GGUF (`tokenizer.ggml.model = "llama"`: Gemma 2/3, Phi-3,
-//! Llama 2), both ways, against llama.cpp itself (tests/fixtures/make_spm_fixtures.py made the
-//! fixtures with the `sentencepiece` package, transformers, convert_hf_to_gguf.py and
+//! Llama 2) and Phi-4-mini's byte-level BPE with GPT-4o's pre-tokenizer (`gpt-4o`), both ways,
+//! against llama.cpp itself (tests/fixtures/make_spm_fixtures.py made the fixtures with the
+//! `sentencepiece` and `tokenizers` packages, transformers, convert_hf_to_gguf.py and
 //! llama-cpp-python):
 //!
 //! - export: the `tokenizer.*` keys written for the fixture folders (tests/fixtures/spm/gemma
-//!   as `gemma2`, tests/fixtures/spm/llama as `phi3`) equal, in order and value, what the
-//!   converter wrote (tests/fixtures/gguf/spm-converter.json), also through a whole
-//!   `export-gguf` of a tiny Gemma 2 with that tokenizer;
+//!   as `gemma2`, tests/fixtures/spm/llama and tests/fixtures/spm/gpt4o as `phi3`) equal, in
+//!   order and value, what the converter wrote (tests/fixtures/gguf/spm-converter.json), also
+//!   through a whole `export-gguf` of a tiny Gemma 2 with its tokenizer;
 //! - import: the tokenizer.json built from the converter's GGUF files
 //!   (tests/fixtures/gguf/tok-spm-*.gguf) tokenizes awkward strings (spaces, newlines, digits,
 //!   accents, emoji and scripts the vocabulary lacks (byte fallback), special tokens) to
-//!   llama.cpp's ids, with and without BOS, and decodes them back;
+//!   llama.cpp's ids, with and without BOS, and decodes them back (the Phi-3 file's special
+//!   tokens strip the whitespace after them, as llama.cpp does for a model named Phi-3);
 //! - refusals: a SentencePiece tokenizer.json without its tokenizer.model, a damaged
 //!   tokenizer.model, a GGUF `llama` tokenizer without scores.
 
@@ -115,7 +117,8 @@ fn gguf_spm_export_writes_the_converters_tokenizer_keys() {
         let cfg = read_json(&m.join("config.json"));
         let v = vocab::read(&m, rows, &cfg, arch).unwrap();
         assert_converter_keys(&v.metadata, &r["keys"], name);
-        assert_eq!((v.pre.as_str(), v.tokens), ("default", rows));
+        let pre = if name == "gpt4o" { "gpt-4o" } else { "default" };
+        assert_eq!((v.pre.as_str(), v.tokens), (pre, rows));
         assert!(v.chat_template);
     }
     std::fs::remove_dir_all(&dir).unwrap();
@@ -187,10 +190,12 @@ fn gguf_spm_import_tokenizes_as_llama_cpp() {
         let files = tokenizer::build(&g, 4096).unwrap();
         let text = serde_json::to_string(&files.tokenizer_json).unwrap();
         let tok = tokenizers::Tokenizer::from_str(&text).unwrap();
-        let prefix = !matches!(
-            g.get("tokenizer.ggml.add_space_prefix"),
-            Some(Value::Bool(false))
-        );
+        let spm = g.get("tokenizer.ggml.model").and_then(Value::as_str) == Some("llama");
+        let prefix = spm
+            && !matches!(
+                g.get("tokenizer.ggml.add_space_prefix"),
+                Some(Value::Bool(false))
+            );
         assert_golden(&tok, &r["golden"], prefix, name);
         assert_eq!(files.tokens, r["vocab_size"].as_u64().unwrap() as usize);
         let cfg = &files.tokenizer_config;
@@ -201,7 +206,9 @@ fn gguf_spm_import_tokenizes_as_llama_cpp() {
             .find(|kv| kv[0] == "tokenizer.chat_template")
             .unwrap();
         assert_eq!(cfg["chat_template"], template[1], "{name}");
-        assert_eq!(cfg["add_prefix_space"], json!(prefix), "{name}");
+        if spm {
+            assert_eq!(cfg["add_prefix_space"], json!(prefix), "{name}");
+        }
     }
 }
 
@@ -219,9 +226,9 @@ fn gguf_spm_refusals() {
     for p in ["tokenizer.model", "missing", "SentencePiece", "score"] {
         assert!(e.contains(p), "`{p}` not in: {e}");
     }
-    // A damaged one.
+    // A damaged one (cut inside its last field).
     let good = std::fs::read(root().join("spm/gemma/tokenizer.model")).unwrap();
-    std::fs::write(m.join("tokenizer.model"), &good[..good.len() / 2]).unwrap();
+    std::fs::write(m.join("tokenizer.model"), &good[..good.len() - 3]).unwrap();
     let e = vocab::read(&m, 400, &cfg, "gemma2")
         .err()
         .unwrap()

@@ -18,6 +18,7 @@
 //! | Digits(individual) + ByteLevel | `smollm` |
 //! | Split(Llama 3's regex) + ByteLevel(no regex) | `llama-bpe` |
 //! | Split(Qwen2's regex) + ByteLevel(no regex) | `qwen2` |
+//! | Split(GPT-4o's regex, as Phi-4-mini's) + ByteLevel(no regex) | `gpt-4o` |
 //!
 //!   anything else is refused by name (llama.cpp would split the text differently);
 //! - `tokenizer.ggml.tokens`: every id from 0 to the embedding's row count, the BPE vocabulary's
@@ -51,6 +52,8 @@ const LLAMA3_REGEXES: [&str; 2] = [
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
     r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
 ];
+/// GPT-4o's, as Phi-4-mini's tokenizer.json spells it.
+const GPT4O_REGEX: &str = crate::model::import_gguf::tokenizer::GPT4O_REGEX;
 /// Qwen2's (and Qwen3's): Llama 3's with single digits.
 const QWEN2_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
@@ -115,6 +118,8 @@ fn pre_name(pre: &Json) -> Option<&'static str> {
                 Some("llama-bpe")
             } else if regex == QWEN2_REGEX {
                 Some("qwen2")
+            } else if regex == GPT4O_REGEX {
+                Some("gpt-4o")
             } else {
                 None
             }
@@ -204,7 +209,8 @@ pub fn read(model_dir: &Path, rows: usize, model_cfg: &Json, arch: &str) -> Resu
             &tok_path,
             format!(
                 "pre_tokenizer {} has no llama.cpp counterpart here (supported: ByteLevel; \
-                 Digits + ByteLevel (smollm); Split with Llama 3's or Qwen2's regex + ByteLevel)",
+                 Digits + ByteLevel (smollm); Split with Llama 3's, Qwen2's or GPT-4o's regex + \
+                 ByteLevel)",
                 tok["pre_tokenizer"]
             ),
         )

@@ -14,7 +14,8 @@
 //! - what no token covers falls back to the `<0xXX>` byte tokens → `byte_fallback`, with
 //!   the unknown token (`tokenizer.ggml.unknown_token_id`) as `unk_token`;
 //! - control and unknown tokens (types 3, 2) → special added tokens, user-defined ones (4) →
-//!   non-special added tokens (matched in the raw text, as llama.cpp's special-token pass);
+//!   non-special added tokens (matched in the raw text, as llama.cpp's special-token pass;
+//!   stripping the whitespace after them for Phi-3, as in [`super::tokenizer`]);
 //!   normal (1), unused (5) and byte (6) tokens → the vocabulary only;
 //! - decoder `Replace("▁", " ")`, `ByteFallback`, `Fuse`, and `Strip` of the prefix space when
 //!   one is added;
@@ -136,7 +137,7 @@ pub fn build(g: &GgufFile, model_max_length: usize) -> Result<TokenizerFiles> {
     } else {
         None
     };
-    let (added, special_tokens) = added_tokens(&tokens, &types);
+    let (added, special_tokens) = added_tokens(g, &tokens, &types);
     let merge_list = merges(&tokens, &types, &scores, &ids);
 
     let replace = json!({"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"});

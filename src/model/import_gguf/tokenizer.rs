@@ -21,6 +21,7 @@
 //! | `smollm`, `starcoder` | `\p{N}`, then GPT-2's | Digits(individual) + ByteLevel |
 //! | `llama-bpe`, `llama3`, `llama-v3` | Llama 3's | Split(Llama 3 regex, isolated) + ByteLevel(no regex); merges ignored for whole-word tokens |
 //! | `default` (or absent) | four: punctuation runs, GPT-2's, `\p{N}+`, `[0-9]{3}` | four isolated Splits + ByteLevel(no regex) |
+//! | `gpt-4o` (Phi-4-mini) | GPT-4o's (cased words with their contractions, `\p{N}{1,3}`, punctuation with trailing `/`) | Split(GPT-4o regex as Phi-4-mini's tokenizer.json spells it, isolated) + ByteLevel(no regex) |
 //! | `qwen2`, `deepseek-r1-qwen` | Qwen2's (Llama 3's with single digits) | NFC normalizer + Split(Qwen2 regex, isolated) + ByteLevel(no regex), ByteLevel decoder and post-processor, all as Qwen2's and Qwen3's own tokenizer.json |
 //!
 //!   (llama.cpp does not normalize: text already in NFC, as nearly all text is, tokenizes the
@@ -30,7 +31,10 @@
 //!   names, else none) → a ByteLevel + TemplateProcessing post-processor; otherwise none
 //!   (Qwen2's: its ByteLevel one, which only sets offsets);
 //! - `tokenizer.ggml.{bos,eos,unknown,padding}_token_id` and `tokenizer.chat_template` →
-//!   `tokenizer_config.json`.
+//!   `tokenizer_config.json`;
+//! - a `general.name` naming Phi-3 (llama.cpp's rule) → added tokens that strip the whitespace
+//!   after them (`rstrip`), but for `<unk>`, `<s>` and `<|endoftext|>`, as llama.cpp does
+//!   (and Phi-3's own tokenizer.json).
 //!
 //! The result is loaded once with the `tokenizers` crate before it is returned, so a file that
 //! is written is a file that loads.
@@ -47,6 +51,9 @@ use crate::quant::gguf::{GgufFile, Value};
 const GPT2_REGEX: &str = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)";
 /// Llama 3's (llama.cpp's case-insensitive-free spelling of the tiktoken pattern).
 const LLAMA3_REGEX: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+/// GPT-4o's (o200k), as Phi-4-mini's tokenizer.json writes it (llama.cpp spells the
+/// case-insensitive contractions and the letter classes out).
+pub(crate) const GPT4O_REGEX: &str = r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 /// Qwen2's (and Qwen3's), as their tokenizer.json writes it: Llama 3's with single digits.
 const QWEN2_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 /// llama.cpp's regexes for `default`, applied in turn.
@@ -58,8 +65,8 @@ const DEFAULT_REGEXES: [&str; 4] = [
 ];
 
 /// The `tokenizer.ggml.pre` names supported.
-pub const SUPPORTED_PRE: &str =
-    "gpt2, gpt-2, smollm, starcoder, llama-bpe, llama3, llama-v3, qwen2, deepseek-r1-qwen, default";
+pub const SUPPORTED_PRE: &str = "gpt2, gpt-2, smollm, starcoder, llama-bpe, llama3, llama-v3, \
+     qwen2, deepseek-r1-qwen, gpt-4o, default";
 
 /// GGUF token types (llama.cpp's `llama_token_type`).
 pub(super) const NORMAL: i64 = 1;
@@ -177,6 +184,11 @@ fn pre_tokenizer(pre: &str) -> Option<Pre> {
             normalizer: json!({"type": "NFC"}),
             qwen: true,
         },
+        "gpt-4o" => plain(
+            json!({"type": "Sequence", "pretokenizers": [split(GPT4O_REGEX), byte_level(false)]}),
+            false,
+            false,
+        ),
         "default" => {
             let mut seq: Vec<Json> = DEFAULT_REGEXES.iter().map(|r| split(r)).collect();
             seq.push(byte_level(false));
@@ -229,9 +241,23 @@ pub(super) fn token_types(g: &GgufFile, n: usize) -> Result<Vec<i64>> {
     a.iter().map(|x| x.as_i64().ok_or_else(bad)).collect()
 }
 
-/// The added tokens (control and unknown tokens special, user-defined ones not) and how many
-/// are special.
-pub(super) fn added_tokens(tokens: &[&str], types: &[i64]) -> (Vec<Json>, usize) {
+/// Whether llama.cpp makes the added tokens of `g` strip the whitespace after them: it does
+/// for a model whose `general.name` names Phi-3 (`phi-3`, `phi3`, any case), for every added
+/// token but `<unk>`, `<s>` and `<|endoftext|>` (llama-vocab.cpp's token attributes).
+fn strips_right(g: &GgufFile) -> impl Fn(&str) -> bool {
+    let name = g
+        .get("general.name")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_lowercase();
+    let phi3 = name.contains("phi-3") || name.contains("phi3");
+    move |t: &str| phi3 && !matches!(t, "<unk>" | "<s>" | "<|endoftext|>")
+}
+
+/// The added tokens of `g` (control and unknown tokens special, user-defined ones not) and how
+/// many are special.
+pub(super) fn added_tokens(g: &GgufFile, tokens: &[&str], types: &[i64]) -> (Vec<Json>, usize) {
+    let rstrip = strips_right(g);
     let mut added = Vec::new();
     let mut special_tokens = 0;
     for (id, (t, &ty)) in tokens.iter().zip(types).enumerate() {
@@ -240,7 +266,7 @@ pub(super) fn added_tokens(tokens: &[&str], types: &[i64]) -> (Vec<Json>, usize)
             special_tokens += special as usize;
             added.push(json!({
                 "id": id, "content": t, "single_word": false, "lstrip": false,
-                "rstrip": false, "normalized": false, "special": special,
+                "rstrip": rstrip(t), "normalized": false, "special": special,
             }));
         }
     }
@@ -329,7 +355,7 @@ pub fn build(g: &GgufFile, model_max_length: usize) -> Result<TokenizerFiles> {
         };
         merge_pairs.push(json!([a, b]));
     }
-    let (added, special_tokens) = added_tokens(&tokens, &types);
+    let (added, special_tokens) = added_tokens(g, &tokens, &types);
 
     let name =
         |key: &str| -> Result<Option<&str>> { Ok(token_id(g, key, n)?.map(|id| tokens[id])) };
