@@ -132,7 +132,12 @@ fn gguf_spm_export_and_import_a_gemma2_model() {
     let r = &reference()["gemma"];
     let m = model_dir(&dir, "gemma", "gemma2", 400, true);
     let out = dir.join("g.gguf");
-    export(&opts(&m, None, &out, GgufType::F32)).unwrap();
+    let report = export(&opts(&m, None, &out, GgufType::F32)).unwrap();
+    assert_eq!(report.tokenizer_model, "llama");
+    assert!(
+        report.to_string().contains("tokenizer: SentencePiece"),
+        "{report}"
+    );
     let g = GgufFile::open(&out).unwrap();
     let keys: Vec<(String, Value)> = g
         .metadata
@@ -142,7 +147,13 @@ fn gguf_spm_export_and_import_a_gemma2_model() {
         .collect();
     assert_converter_keys(&keys, &r["keys"], "export-gguf");
     let back = dir.join("back");
-    import_gguf(&out, &back).unwrap();
+    let report = import_gguf(&out, &back).unwrap();
+    assert_eq!(
+        (report.tokenizer_model.as_str(), report.tokens),
+        ("llama", 400)
+    );
+    assert!(report.to_string().contains("SentencePiece"), "{report}");
+    assert!(!back.join("tokenizer.model").exists());
     let tok = tokenizers::Tokenizer::from_file(back.join("tokenizer.json")).unwrap();
     assert_golden(&tok, &r["golden"], false, "gemma round trip");
     std::fs::remove_dir_all(&dir).unwrap();

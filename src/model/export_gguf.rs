@@ -251,6 +251,8 @@ pub struct GgufReport {
     pub merged: usize,
     /// File size in bytes.
     pub bytes: u64,
+    /// `tokenizer.ggml.model`: `gpt2` (byte-level BPE) or `llama` (SentencePiece).
+    pub tokenizer_model: String,
     /// `tokenizer.ggml.pre`, tokens, control tokens, whether a chat template was written.
     pub tokenizer: (String, usize, usize, bool),
     /// Named warnings (settings llama.cpp will not apply).
@@ -284,9 +286,14 @@ impl fmt::Display for GgufReport {
             )?;
         }
         let (pre, tokens, control, template) = &self.tokenizer;
+        let kind = if self.tokenizer_model == "llama" {
+            "SentencePiece (with scores)".to_string()
+        } else {
+            format!("byte-level BPE `{pre}`")
+        };
         writeln!(
             f,
-            "tokenizer: byte-level BPE `{pre}`, {tokens} tokens ({control} control){}",
+            "tokenizer: {kind}, {tokens} tokens ({control} control){}",
             if *template { ", chat template" } else { "" }
         )?;
         write!(
@@ -882,6 +889,7 @@ pub fn export_gguf(
         fallbacks,
         merged,
         bytes,
+        tokenizer_model: vocab.model.into(),
         tokenizer: (vocab.pre, vocab.tokens, vocab.control, vocab.chat_template),
         warnings,
         path: opts.output.clone(),

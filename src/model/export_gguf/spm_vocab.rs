@@ -264,6 +264,7 @@ pub fn read(model_dir: &Path, tok: &Json, rows: usize, arch: &str) -> Result<Voc
         metadata.push(("tokenizer.ggml.add_space_prefix".into(), Value::Bool(false)));
     }
     Ok(Vocab {
+        model: "llama",
         metadata,
         pre: "default".into(),
         tokens: rows,

@@ -59,6 +59,8 @@ const QWEN2_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}
 
 /// The tokenizer metadata and a summary.
 pub struct Vocab {
+    /// `tokenizer.ggml.model`: `gpt2` or `llama`.
+    pub model: &'static str,
     /// The `tokenizer.*` entries, in the order llama.cpp's converter writes them.
     pub metadata: Vec<(String, Value)>,
     /// `tokenizer.ggml.pre`.
@@ -393,6 +395,7 @@ pub fn read(model_dir: &Path, rows: usize, model_cfg: &Json, arch: &str) -> Resu
         metadata.push(("tokenizer.chat_template".into(), Value::String(t)));
     }
     Ok(Vocab {
+        model: "gpt2",
         metadata,
         pre: pre.into(),
         tokens: rows,

@@ -22,6 +22,11 @@
 //! - `tokenizer.ggml.add_bos_token` / `add_eos_token` (llama.cpp's defaults: BOS, no EOS) → a
 //!   TemplateProcessing post-processor.
 //!
+//! One difference remains, between tokens of equal score: llama.cpp then merges the leftmost
+//! pair, the BPE model the pair of the lower-ranked merge. SentencePiece gives each merged
+//! piece its own score (minus its rank), so only pieces of equal score can differ (user-defined
+//! pieces, score 0, as Gemma's runs of spaces, when two of them compete in one word).
+//!
 //! `tokenizer.ggml.pre` is not used by llama.cpp's SPM tokenizer and is not read. The
 //! SentencePiece model itself (`tokenizer.model`) is not in a GGUF file, so none is written:
 //! Hugging Face's fast tokenizer (and this crate) need only `tokenizer.json`.
@@ -193,6 +198,7 @@ pub fn build(g: &GgufFile, model_max_length: usize) -> Result<TokenizerFiles> {
     let mut config = config_json(g, [bos, eos, unk, pad], add_bos, add_eos, model_max_length)?;
     config["add_prefix_space"] = json!(prefix);
     Ok(TokenizerFiles {
+        model: "llama",
         tokenizer_json,
         tokenizer_config: config,
         pre: "default".into(),

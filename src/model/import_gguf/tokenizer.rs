@@ -76,6 +76,8 @@ pub(super) const USER_DEFINED: i64 = 4;
 
 /// The two tokenizer files and a summary.
 pub struct TokenizerFiles {
+    /// `tokenizer.ggml.model`: `gpt2` or `llama`.
+    pub model: &'static str,
     /// The `tokenizer.json` document (BPE model, pre-tokenizer, added tokens).
     pub tokenizer_json: Json,
     /// The `tokenizer_config.json` document (BOS/EOS/UNK/PAD tokens, chat template).
@@ -430,6 +432,7 @@ pub fn build(g: &GgufFile, model_max_length: usize) -> Result<TokenizerFiles> {
 
     let config = config_json(g, [bos, eos, unk, pad], add_bos, add_eos, model_max_length)?;
     Ok(TokenizerFiles {
+        model: "gpt2",
         tokenizer_json,
         tokenizer_config: config,
         pre,
