@@ -14,7 +14,7 @@
 //!   llama.cpp's ids, with and without BOS, and decodes them back (the Phi-3 file's special
 //!   tokens strip the whitespace after them, as llama.cpp does for a model named Phi-3);
 //! - refusals: a SentencePiece tokenizer.json without its tokenizer.model, a damaged
-//!   tokenizer.model, a GGUF `llama` tokenizer without scores.
+//!   tokenizer.model, a GGUF `llama` tokenizer without scores, a GGUF tokenizer of another kind.
 
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -218,7 +218,9 @@ fn gguf_spm_import_tokenizes_as_llama_cpp() {
             .unwrap();
         assert_eq!(cfg["chat_template"], template[1], "{name}");
         if spm {
-            assert_eq!(cfg["add_prefix_space"], json!(prefix), "{name}");
+            // The prefix space is the normalizer's Prepend.
+            let norm = files.tokenizer_json["normalizer"].to_string();
+            assert_eq!(norm.contains("Prepend"), prefix, "{name}: {norm}");
         }
     }
 }
@@ -278,5 +280,23 @@ fn gguf_spm_refusals() {
         e.contains("noscores.gguf") && e.contains("tokenizer.ggml.scores"),
         "{e}"
     );
+    // A tokenizer kind neither `gpt2` nor `llama` (T5's Unigram, `t5`) is refused by name.
+    let mut meta = src.metadata.clone();
+    for (k, v) in meta.iter_mut() {
+        if k == "tokenizer.ggml.model" {
+            *v = Value::String("t5".into());
+        }
+    }
+    let path = dir.join("t5.gguf");
+    let w = GgufWriter {
+        metadata: meta,
+        tensors: Vec::new(),
+    };
+    w.write(&path, |_| unreachable!("no tensors")).unwrap();
+    let g = GgufFile::open(&path).unwrap();
+    let e = tokenizer::build(&g, 4096).err().unwrap().to_string();
+    for p in ["t5.gguf", "`t5`", "`gpt2`", "`llama`"] {
+        assert!(e.contains(p), "`{p}` not in: {e}");
+    }
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -195,8 +195,9 @@ pub fn build(g: &GgufFile, model_max_length: usize) -> Result<TokenizerFiles> {
             "the tokenizer built from the GGUF metadata does not load: {e}"
         ))
     })?;
-    let mut config = config_json(g, [bos, eos, unk, pad], add_bos, add_eos, model_max_length)?;
-    config["add_prefix_space"] = json!(prefix);
+    // No `add_prefix_space` in the config: the normalizer holds it, and some transformers
+    // versions would rebuild the tokenizer from a tokenizer.model the folder lacks.
+    let config = config_json(g, [bos, eos, unk, pad], add_bos, add_eos, model_max_length)?;
     Ok(TokenizerFiles {
         model: "llama",
         tokenizer_json,
