@@ -13,7 +13,8 @@
 //!   accents, emoji and scripts the vocabulary lacks (byte fallback), special tokens) to
 //!   llama.cpp's ids, with and without BOS, and decodes them back (the Phi-3 file's special
 //!   tokens strip the whitespace after them, as llama.cpp does for a model named Phi-3);
-//! - refusals: a SentencePiece tokenizer.json without its tokenizer.model, a damaged
+//! - refusals (and a warning for an added token past the embedding, left out as the converter
+//!   leaves it out): a SentencePiece tokenizer.json without its tokenizer.model, a damaged
 //!   tokenizer.model, a GGUF `llama` tokenizer without scores, a GGUF tokenizer of another kind.
 
 use std::path::{Path, PathBuf};
@@ -120,6 +121,7 @@ fn gguf_spm_export_writes_the_converters_tokenizer_keys() {
         let pre = if name == "gpt4o" { "gpt-4o" } else { "default" };
         assert_eq!((v.pre.as_str(), v.tokens), (pre, rows));
         assert!(v.chat_template);
+        assert!(v.warnings.is_empty(), "{:?}", v.warnings);
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
@@ -263,6 +265,19 @@ fn gguf_spm_refusals() {
         .unwrap()
         .to_string();
     assert!(e.contains("`qwen2`") && e.contains("gemma2"), "{e}");
+
+    // An added token past the embedding is left out, as the converter leaves it out, and named.
+    let mut tcfg = read_json(&m.join("tokenizer_config.json"));
+    tcfg["added_tokens_decoder"]["450"] = json!({"content": "<extra>", "special": true});
+    std::fs::write(m.join("tokenizer_config.json"), tcfg.to_string()).unwrap();
+    let v = vocab::read(&m, 400, &cfg, "gemma2").unwrap();
+    assert_eq!(v.warnings.len(), 1, "{:?}", v.warnings);
+    assert!(
+        v.warnings[0].contains("tokenizer_config.json")
+            && v.warnings[0].contains("\"<extra>\" (id 450)"),
+        "{:?}",
+        v.warnings
+    );
 
     // A GGUF `llama` tokenizer without scores.
     let src = GgufFile::open(&root().join("gguf/tok-spm-gemma.gguf")).unwrap();

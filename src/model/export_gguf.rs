@@ -707,9 +707,10 @@ pub fn export_gguf(
     }
     let model = MergedModel::open(&opts.model, opts.adapter.as_deref(), opts.onto_original)?;
     let cfg = model.cfg.clone();
-    let (arch, warnings) = arch_of(&cfg, &opts.model)?;
+    let (arch, mut warnings) = arch_of(&cfg, &opts.model)?;
     let config_json = vocab::read_json(&opts.model.join("config.json"))?;
     let vocab = vocab::read(&opts.model, cfg.vocab_size, &config_json, arch)?;
+    warnings.extend(vocab.warnings.iter().cloned());
 
     let mut items = Vec::new();
     let mut fallbacks = Vec::new();

@@ -10,9 +10,9 @@
 //!   `tokenizer_config.json`'s `added_tokens_decoder` (3 control when `special` or spelled as
 //!   a control token (`<|…|>`, `<unused…>`, `<pad>`, `<mask>` …), else 4 with `▁` written as a
 //!   space); for `phi3`, `added_tokens_decoder` (3 when `special`, else 4, spelled as is) and then
-//!   `tokenizer.json`'s `added_tokens` the same way. Added tokens past `vocab_size` are skipped
-//!   as the converter skips them (`phi3`'s `added_tokens_decoder` would fail in the converter:
-//!   refused here);
+//!   `tokenizer.json`'s `added_tokens` the same way. Added tokens past `vocab_size` are left out
+//!   as the converter leaves them out, each named in a warning (`phi3`'s would fail in the
+//!   converter: refused here);
 //! - `tokenizer.ggml.pre = "default"`, then the special-token keys
 //!   ([`super::special_vocab`]);
 //! - `tokenizer.ggml.add_space_prefix`: false after them for `gemma2`/`gemma3`; for `llama`,
@@ -153,6 +153,14 @@ pub fn read(model_dir: &Path, tok: &Json, rows: usize, arch: &str) -> Result<Voc
         t.scores[id] = p.score;
     }
 
+    let mut warnings = Vec::new();
+    let mut skipped = |path: &Path, token: &str, id: usize| {
+        warnings.push(format!(
+            "{}: added token {token:?} (id {id}) is beyond the embedding's {rows} rows: left \
+             out, as llama.cpp's converter leaves it out",
+            path.display()
+        ))
+    };
     let added_path = model_dir.join("added_tokens.json");
     if added_path.is_file() {
         let added = read_json(&added_path)?;
@@ -165,6 +173,8 @@ pub fn read(model_dir: &Path, tok: &Json, rows: usize, arch: &str) -> Result<Voc
             })? as usize;
             if id < rows {
                 t.set(id, token.clone(), USER_DEFINED);
+            } else {
+                skipped(&added_path, token, id);
             }
         }
     }
@@ -183,12 +193,12 @@ pub fn read(model_dir: &Path, tok: &Json, rows: usize, arch: &str) -> Result<Voc
                 ));
             }
             t.set(id, content, if special { CONTROL } else { USER_DEFINED });
-        } else if id < rows {
-            if special || looks_special(&content) {
-                t.set(id, content, CONTROL);
-            } else {
-                t.set(id, content.replace('\u{2581}', " "), USER_DEFINED);
-            }
+        } else if id >= rows {
+            skipped(&cfg_path, &content, id);
+        } else if special || looks_special(&content) {
+            t.set(id, content, CONTROL);
+        } else {
+            t.set(id, content.replace('\u{2581}', " "), USER_DEFINED);
         }
     }
     if arch == "phi3" {
@@ -265,6 +275,7 @@ pub fn read(model_dir: &Path, tok: &Json, rows: usize, arch: &str) -> Result<Voc
     }
     Ok(Vocab {
         model: "llama",
+        warnings,
         metadata,
         pre: "default".into(),
         tokens: rows,

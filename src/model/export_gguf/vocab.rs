@@ -71,6 +71,9 @@ pub struct Vocab {
     pub control: usize,
     /// Whether a chat template was written.
     pub chat_template: bool,
+    /// What was left out, as llama.cpp's converter leaves it out (added tokens past the
+    /// embedding).
+    pub warnings: Vec<String>,
 }
 
 /// A JSON file, with errors naming it.
@@ -396,6 +399,7 @@ pub fn read(model_dir: &Path, rows: usize, model_cfg: &Json, arch: &str) -> Resu
     }
     Ok(Vocab {
         model: "gpt2",
+        warnings: Vec::new(),
         metadata,
         pre: pre.into(),
         tokens: rows,
