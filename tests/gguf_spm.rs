@@ -5,8 +5,8 @@
 //! llama-cpp-python):
 //!
 //! - export: the `tokenizer.*` keys written for the fixture folders (tests/fixtures/spm/gemma
-//!   as `gemma2`, tests/fixtures/spm/llama and tests/fixtures/spm/gpt4o as `phi3`) equal, in
-//!   order and value, what the converter wrote (tests/fixtures/gguf/spm-converter.json), also
+//!   as `gemma2`, tests/fixtures/spm/llama and tests/fixtures/spm/gpt4o as `phi3`,
+//!   tests/fixtures/spm/llama2 as `llama`) equal, in order and value, what the converter wrote (tests/fixtures/gguf/spm-converter.json), also
 //!   through a whole `export-gguf` of a tiny Gemma 2 with its tokenizer;
 //! - import: the tokenizer.json built from the converter's GGUF files
 //!   (tests/fixtures/gguf/tok-spm-*.gguf) tokenizes awkward strings (spaces, newlines, digits,
@@ -52,6 +52,7 @@ fn family(arch: &str) -> &'static str {
     match arch {
         "gemma2" => "gemma2",
         "phi3" => "phi3",
+        "llama" => "llama",
         a => panic!("no fixture model for {a}"),
     }
 }
