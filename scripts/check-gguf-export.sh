@@ -8,6 +8,7 @@
 #   scripts/check-gguf-export.sh [MODEL_DIR ADAPTER_DIR]
 #   scripts/check-gguf-export.sh --gemma
 #   scripts/check-gguf-export.sh --phi3
+#   scripts/check-gguf-export.sh --spm
 #
 # --gemma: llama.cpp's gemma2 and gemma3 on our exports of the tiny Gemma 2 / Gemma 3 fixtures
 # (tests/fixtures/llama/tiny-gemma{2,3}, base and with their adapters, every type whose blocks
@@ -23,6 +24,11 @@
 # fixture's window of 11 is shorter than the text). The text is longer than the original context
 # (32) and llama.cpp runs with a context of 128, so both sides use the long factors.
 #
+# --spm: llama.cpp's runtime on our exports (f32, bf16) of tiny Gemma 2 / Phi-3 models carrying
+# the SentencePiece fixtures (tests/fixtures/spm): the tokenizer keys and the golden strings'
+# tokens must equal those of llama.cpp's converter's files (tests/fixtures/gguf/spm-converter.json)
+# and the model must run. Work goes to .gguf-check/spm/.
+#
 # Default: the demo's SmolLM2-135M-Instruct (imported from its GGUF) with the demo's adapter
 # (.demo/adapter; trained here for a few steps on the CPU when absent). Work goes to .gguf-check/.
 # Takes about 5 minutes on two cores once the llama.cpp venv exists (its first build: ~10 min).
@@ -31,6 +37,21 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 cargo build --release --quiet
 bin="${CARGO_TARGET_DIR:-$root/target}/release/qlora-rs"
+if [ "${1:-}" = "--spm" ]; then
+  venv_line=$(scripts/llama-cpp-venv.sh | tail -n 1)
+  venv=${venv_line#LLAMA_CPP_VENV=}
+  work="$root/.gguf-check/spm"
+  rm -rf "$work"
+  mkdir -p "$work"
+  "$venv/bin/python" scripts/check_gguf_export.py spm-models "$work" "$root"
+  for folder in tiny-gemma-2 tiny-phi-3-mini; do
+    for t in f32 bf16; do
+      "$bin" export-gguf --model "$work/$folder" --output "$work/$folder-$t.gguf" --type "$t" > /dev/null
+    done
+  done
+  "$venv/bin/python" scripts/check_gguf_export.py spm "$work" "$root"
+  exit 0
+fi
 if [ "${1:-}" = "--gemma" ] || [ "${1:-}" = "--phi3" ]; then
   venv_line=$(scripts/llama-cpp-venv.sh | tail -n 1)
   venv=${venv_line#LLAMA_CPP_VENV=}

@@ -3,6 +3,7 @@
     check_gguf_export.py WORK QUESTION TYPE...
     check_gguf_export.py gemma-reference WORK [FAMILY...]   (a python with torch + transformers + peft)
     check_gguf_export.py gemma WORK [FAMILY...]             (the llama.cpp venv's python)
+    check_gguf_export.py spm-models WORK ROOT; spm WORK ROOT (the llama.cpp venv's python)
 
 The gemma modes check our gemma2/gemma3 exports of the tiny Gemma 2 / Gemma 3 fixtures (see
 gemma_main below) against transformers rather than against our own evaluation; FAMILY (default
@@ -273,8 +274,105 @@ def gemma_main(work, families):
     print(f"\nall {'/'.join(families)} checks passed")
 
 
+# --spm: the SentencePiece fixtures (tests/fixtures/spm, made with llama.cpp's converter by
+# tests/fixtures/make_spm_fixtures.py) in tiny models: folder name (our export's general.name;
+# llama.cpp's Phi-3 token attributes go by it), fixture, tiny model, embedding rows.
+SPM_MODELS = [
+    ("tiny-gemma-2", "gemma", "gemma2", 400),
+    ("tiny-phi-3-mini", "llama", "phi3", 416),
+]
+
+
+def read_f32_safetensors(path):
+    raw = open(path, "rb").read()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    header.pop("__metadata__", None)
+    out = {}
+    for name, h in header.items():
+        assert h["dtype"] == "F32", f"{path}: {name} is {h['dtype']}"
+        a, b = h["data_offsets"]
+        out[name] = np.frombuffer(raw[8 + n + a:8 + n + b], dtype="<f4").reshape(h["shape"])
+    return out
+
+
+def write_f32_safetensors(path, tensors):
+    header, offset = {}, 0
+    for name, t in tensors.items():
+        header[name] = {"dtype": "F32", "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    head = json.dumps(header).encode()
+    head += b" " * (-len(head) % 8)
+    with open(path, "wb") as f:
+        f.write(len(head).to_bytes(8, "little") + head)
+        for t in tensors.values():
+            f.write(np.ascontiguousarray(t, dtype="<f4").tobytes())
+
+
+def spm_models(work, root):
+    """The model folders: the tiny fixture's config and weights (embedding and lm_head resized,
+    random), the SentencePiece fixture's tokenizer files."""
+    rng = np.random.default_rng(0)
+    for folder, fixture, family, rows in SPM_MODELS:
+        src = os.path.join(root, "tests/fixtures/llama", f"tiny-{family}")
+        dst = os.path.join(work, folder)
+        os.makedirs(dst)
+        cfg = json.load(open(os.path.join(src, "config.json")))
+        old, cfg["vocab_size"] = cfg["vocab_size"], rows
+        if family == "phi3":
+            cfg["sliding_window"] = None
+        else:
+            cfg["query_pre_attn_scalar"] = cfg["head_dim"]
+        json.dump(cfg, open(os.path.join(dst, "config.json"), "w"), indent=2)
+        tensors = read_f32_safetensors(os.path.join(src, "model.safetensors"))
+        for name, t in tensors.items():
+            if t.shape[0] == old:
+                tensors[name] = (rng.standard_normal((rows,) + t.shape[1:]) * 0.02).astype("<f4")
+        write_f32_safetensors(os.path.join(dst, "model.safetensors"), tensors)
+        spm = os.path.join(root, "tests/fixtures/spm", fixture)
+        for f in os.listdir(spm):
+            with open(os.path.join(spm, f), "rb") as a, open(os.path.join(dst, f), "wb") as b:
+                b.write(a.read())
+
+
+def spm_main(work, root):
+    """llama.cpp loads each of our SentencePiece exports (WORK/<folder>-<type>.gguf): its
+    tokenizer keys equal the converter's, its tokens for the golden strings equal those of the
+    converter's file (with and without BOS), and it runs the model (finite logits)."""
+    ref = json.load(open(os.path.join(root, "tests/fixtures/gguf/spm-converter.json")))
+    failures = []
+    for folder, fixture, _, _ in SPM_MODELS:
+        want = ref[fixture]
+        for ty in ("f32", "bf16"):
+            path = os.path.join(work, f"{folder}-{ty}.gguf")
+            r = GGUFReader(path)
+            keys = [[k, f.contents()] for k, f in r.fields.items() if k.startswith("tokenizer.")]
+            same_keys = keys == want["keys"]
+            llm = llama_cpp.Llama(model_path=path, n_ctx=128, logits_all=True, verbose=False)
+            bad = [g["text"] for g in want["golden"]
+                   if llm.tokenize(g["text"].encode(), add_bos=False, special=True) != g["ids"]
+                   or llm.tokenize(g["text"].encode(), add_bos=True, special=True) != g["ids_special"]]
+            ids = llm.tokenize("The quick brown fox jumps over the lazy dog.".encode(), add_bos=True)
+            llm.reset()
+            llm.eval(ids)
+            finite = bool(np.isfinite(np.array(llm.scores[:len(ids)])).all())
+            print(f"  {folder:16} {ty:5} tokenizer keys = converter's: {same_keys}; "
+                  f"{len(want['golden']) - len(bad)}/{len(want['golden'])} strings tokenized as the "
+                  f"converter's file; {len(ids)} tokens run, logits finite: {finite}")
+            if not same_keys or bad or not finite:
+                failures.append(f"{folder} {ty}: keys {same_keys}, strings {bad}, finite {finite}")
+    if failures:
+        print("\nFAILED:\n" + "\n".join(failures))
+        sys.exit(1)
+    print("\nall SentencePiece checks passed")
+
+
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["gemma-reference"]:
+    if sys.argv[1:2] == ["spm-models"]:
+        spm_models(sys.argv[2], sys.argv[3])
+    elif sys.argv[1:2] == ["spm"]:
+        spm_main(sys.argv[2], sys.argv[3])
+    elif sys.argv[1:2] == ["gemma-reference"]:
         gemma_reference(sys.argv[2], sys.argv[3:] or GEMMA_FAMILIES)
     elif sys.argv[1:2] == ["gemma"]:
         gemma_main(sys.argv[2], sys.argv[3:] or GEMMA_FAMILIES)

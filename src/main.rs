@@ -176,8 +176,8 @@ enum Command {
     /// Convert a GGUF of llama.cpp's `llama` (Llama, Mistral, SmolLM…), `qwen2` (Qwen2, Qwen2.5),
     /// `qwen3`, `gemma2`, `gemma3` (Gemma 3 text) or `phi3` (Phi-3, Phi-4-mini) architecture (F32, F16, BF16, Q8_0, Q4_0, Q4_1,
     /// Q5_0, Q5_1, Q4_K, Q5_K, Q6_K
-    /// tensors; byte-level BPE tokenizer) into a Hugging Face folder: config.json, bf16
-    /// safetensors, tokenizer.json and tokenizer_config.json with the chat template. Anything the
+    /// tensors; byte-level BPE or SentencePiece tokenizer) into a Hugging Face folder:
+    /// config.json, bf16 safetensors, tokenizer.json and tokenizer_config.json with the chat template. Anything the
     /// Hugging Face model cannot hold (yarn rope scaling, unknown tensors) is refused by name.
     ImportGguf {
         /// The .gguf file.
@@ -206,8 +206,8 @@ enum Command {
     /// Write one GGUF file that llama.cpp, Ollama and LM Studio load: the model with the
     /// adapter folded in (W + s·B·A in f32 over the NF4 weights it was trained on, as `merge`),
     /// llama.cpp's tensor names and metadata (architectures llama, qwen2, qwen3, gemma2,
-    /// gemma3, phi3), the tokenizer (byte-level BPE) and chat template, quantized as llama-quantize
-    /// quantizes (same bytes, same per-tensor types).
+    /// gemma3, phi3), the tokenizer (byte-level BPE, or SentencePiece from tokenizer.model) and
+    /// chat template, quantized as llama-quantize quantizes (same bytes, same per-tensor types).
     ExportGguf {
         /// Hugging Face model folder (the adapter's base; plain or bitsandbytes 4-bit).
         #[arg(long)]

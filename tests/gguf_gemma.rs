@@ -343,14 +343,20 @@ fn gguf_gemma_export_refuses_what_llama_cpp_would_run_differently() {
             json!({"rope_theta": 10000.0, "rope_type": "linear", "factor": 2.0});
     });
     refused(&m, &["sliding layers' rope scaling", "gemma3"]);
-    // A SentencePiece tokenizer (Gemma's own) is not written as byte-level BPE.
+    // A SentencePiece tokenizer (Gemma's own) needs its tokenizer.model (tests/gguf_spm.rs
+    // exports one).
     let m = llama_cpp_ready(&dir, "gemma3");
     let mut tok = json_file(&m.join("tokenizer.json"));
     tok["model"]["byte_fallback"] = json!(true);
     std::fs::write(m.join("tokenizer.json"), tok.to_string()).unwrap();
     refused(
         &m,
-        &["tokenizer.json", "SentencePiece", "tokenizer.ggml.model"],
+        &[
+            "tokenizer.model",
+            "missing",
+            "SentencePiece",
+            "tokenizer.ggml.model",
+        ],
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -18,6 +18,7 @@ mod gguf_gemma;
 mod gguf_phi3;
 mod gguf_quants;
 mod gguf_qwen;
+mod gguf_spm;
 mod harness;
 mod kernels;
 mod llama;

@@ -89,9 +89,12 @@
 //! `rope.scaling.original_context_length`, `attention.sliding_window` (0 for none; llama.cpp's
 //! `phi3` currently attends to the whole context, which the report warns of), and with longrope
 //! `rope.scaling.attn_factor` (the model's attention factor). heads × head_dim must be the
-//! hidden size (llama.cpp's `attn_output` is square). The tokenizer must be
-//! byte-level BPE: a SentencePiece tokenizer (real Gemma's) is refused by [`vocab`].
+//! hidden size (llama.cpp's `attn_output` is square). The tokenizer is byte-level BPE
+//! ([`vocab`]) or SentencePiece ([`spm_vocab`], read from `tokenizer.model`).
 
+pub mod sentencepiece;
+pub mod special_vocab;
+pub mod spm_vocab;
 pub mod vocab;
 
 use std::collections::BTreeMap;
@@ -248,6 +251,8 @@ pub struct GgufReport {
     pub merged: usize,
     /// File size in bytes.
     pub bytes: u64,
+    /// `tokenizer.ggml.model`: `gpt2` (byte-level BPE) or `llama` (SentencePiece).
+    pub tokenizer_model: String,
     /// `tokenizer.ggml.pre`, tokens, control tokens, whether a chat template was written.
     pub tokenizer: (String, usize, usize, bool),
     /// Named warnings (settings llama.cpp will not apply).
@@ -281,9 +286,14 @@ impl fmt::Display for GgufReport {
             )?;
         }
         let (pre, tokens, control, template) = &self.tokenizer;
+        let kind = if self.tokenizer_model == "llama" {
+            "SentencePiece (with scores)".to_string()
+        } else {
+            format!("byte-level BPE `{pre}`")
+        };
         writeln!(
             f,
-            "tokenizer: byte-level BPE `{pre}`, {tokens} tokens ({control} control){}",
+            "tokenizer: {kind}, {tokens} tokens ({control} control){}",
             if *template { ", chat template" } else { "" }
         )?;
         write!(
@@ -697,9 +707,10 @@ pub fn export_gguf(
     }
     let model = MergedModel::open(&opts.model, opts.adapter.as_deref(), opts.onto_original)?;
     let cfg = model.cfg.clone();
-    let (arch, warnings) = arch_of(&cfg, &opts.model)?;
+    let (arch, mut warnings) = arch_of(&cfg, &opts.model)?;
     let config_json = vocab::read_json(&opts.model.join("config.json"))?;
-    let vocab = vocab::read(&opts.model, cfg.vocab_size, &config_json)?;
+    let vocab = vocab::read(&opts.model, cfg.vocab_size, &config_json, arch)?;
+    warnings.extend(vocab.warnings.iter().cloned());
 
     let mut items = Vec::new();
     let mut fallbacks = Vec::new();
@@ -879,6 +890,7 @@ pub fn export_gguf(
         fallbacks,
         merged,
         bytes,
+        tokenizer_model: vocab.model.into(),
         tokenizer: (vocab.pre, vocab.tokens, vocab.control, vocab.chat_template),
         warnings,
         path: opts.output.clone(),

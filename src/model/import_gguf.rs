@@ -75,8 +75,10 @@
 //!
 //! # Tokenizer
 //!
-//! See [`tokenizer`]: byte-level BPE (`tokenizer.ggml.model == "gpt2"`) only.
+//! See [`tokenizer`]: byte-level BPE (`tokenizer.ggml.model == "gpt2"`) and SentencePiece
+//! (`llama`, [`spm_tokenizer`]: tokenizer.json only, the GGUF holds no tokenizer.model).
 
+pub mod spm_tokenizer;
 pub mod tokenizer;
 
 use std::collections::BTreeMap;
@@ -189,6 +191,8 @@ pub struct ImportReport {
     /// Tensors the Hugging Face model needs that the file does not hold, written as zeros
     /// (`o_proj.bias` of a Qwen3 with q/k/v biases: llama.cpp's `qwen3` has no output bias).
     pub zero_filled: Vec<String>,
+    /// `tokenizer.ggml.model`: `gpt2` (byte-level BPE) or `llama` (SentencePiece).
+    pub tokenizer_model: String,
     /// `tokenizer.ggml.pre`, the pre-tokenizer of the tokenizer written.
     pub tokenizer_pre: String,
     /// Tokens in the tokenizer.
@@ -252,11 +256,20 @@ impl fmt::Display for ImportReport {
                 self.zero_filled.join(", ")
             )?;
         }
-        writeln!(
-            f,
-            "tokenizer: byte-level BPE, pre-tokenizer `{}`, {} tokens ({} special)",
-            self.tokenizer_pre, self.tokens, self.special_tokens
-        )?;
+        if self.tokenizer_model == "llama" {
+            writeln!(
+                f,
+                "tokenizer: SentencePiece as byte-fallback BPE (tokenizer.json only), {} tokens \
+                 ({} special)",
+                self.tokens, self.special_tokens
+            )?;
+        } else {
+            writeln!(
+                f,
+                "tokenizer: byte-level BPE, pre-tokenizer `{}`, {} tokens ({} special)",
+                self.tokenizer_pre, self.tokens, self.special_tokens
+            )?;
+        }
         let files: Vec<String> = self.files.iter().map(|p| p.display().to_string()).collect();
         write!(f, "wrote {}", files.join(", "))
     }
@@ -328,6 +341,7 @@ pub fn import_gguf(gguf: &Path, out: &Path) -> Result<ImportReport> {
         parameters,
         skipped: plan.skipped,
         zero_filled: plan.zero_filled,
+        tokenizer_model: tok.model.into(),
         tokenizer_pre: tok.pre,
         tokens: tok.tokens,
         special_tokens: tok.special_tokens,

@@ -1,6 +1,13 @@
 //! The tokenizer of a Hugging Face model folder as GGUF metadata (the `tokenizer.*` keys
-//! llama.cpp reads), for byte-level BPE tokenizers — the inverse of
-//! [`crate::model::import_gguf::tokenizer`], written as llama.cpp's own converter writes it:
+//! llama.cpp reads) — the inverse of [`crate::model::import_gguf::tokenizer`], written as
+//! llama.cpp's own converter writes it. Two kinds:
+//!
+//! | tokenizer.json | needs | `tokenizer.ggml.model` | written by |
+//! |---|---|---|---|
+//! | SentencePiece: byte fallback, or `▁` for spaces (Metaspace / Replace), or Unigram (Gemma 2/3, Phi-3, Llama 2) | `tokenizer.model` | `llama` (pieces, scores, types) | [`super::spm_vocab`] |
+//! | byte-level BPE (Llama 3, Qwen, SmolLM, Phi-4-mini) | — | `gpt2` (tokens, merges) | this module |
+//!
+//! For byte-level BPE:
 //!
 //! - `tokenizer.ggml.model = "gpt2"`; `tokenizer.ggml.pre` named from the `tokenizer.json`
 //!   pre-tokenizer (llama.cpp picks its splitting regexes by that name):
@@ -11,6 +18,7 @@
 //! | Digits(individual) + ByteLevel | `smollm` |
 //! | Split(Llama 3's regex) + ByteLevel(no regex) | `llama-bpe` |
 //! | Split(Qwen2's regex) + ByteLevel(no regex) | `qwen2` |
+//! | Split(GPT-4o's regex, as Phi-4-mini's) + ByteLevel(no regex) | `gpt-4o` |
 //!
 //!   anything else is refused by name (llama.cpp would split the text differently);
 //! - `tokenizer.ggml.tokens`: every id from 0 to the embedding's row count, the BPE vocabulary's
@@ -44,11 +52,15 @@ const LLAMA3_REGEXES: [&str; 2] = [
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
     r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
 ];
+/// GPT-4o's, as Phi-4-mini's tokenizer.json spells it.
+const GPT4O_REGEX: &str = crate::model::import_gguf::tokenizer::GPT4O_REGEX;
 /// Qwen2's (and Qwen3's): Llama 3's with single digits.
 const QWEN2_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 /// The tokenizer metadata and a summary.
 pub struct Vocab {
+    /// `tokenizer.ggml.model`: `gpt2` or `llama`.
+    pub model: &'static str,
     /// The `tokenizer.*` entries, in the order llama.cpp's converter writes them.
     pub metadata: Vec<(String, Value)>,
     /// `tokenizer.ggml.pre`.
@@ -59,6 +71,9 @@ pub struct Vocab {
     pub control: usize,
     /// Whether a chat template was written.
     pub chat_template: bool,
+    /// What was left out, as llama.cpp's converter leaves it out (added tokens past the
+    /// embedding).
+    pub warnings: Vec<String>,
 }
 
 /// A JSON file, with errors naming it.
@@ -108,6 +123,8 @@ fn pre_name(pre: &Json) -> Option<&'static str> {
                 Some("llama-bpe")
             } else if regex == QWEN2_REGEX {
                 Some("qwen2")
+            } else if regex == GPT4O_REGEX {
+                Some("gpt-4o")
             } else {
                 None
             }
@@ -164,9 +181,11 @@ fn template_adds(post: &Json, token: &str, at_start: bool) -> bool {
     piece.is_some_and(|p| p["SpecialToken"]["id"].as_str() == Some(token))
 }
 
-/// Reads the tokenizer of `model_dir` for an embedding of `rows` rows; `model_cfg` is its
-/// `config.json` (for the special token ids `tokenizer_config.json` does not name).
-pub fn read(model_dir: &Path, rows: usize, model_cfg: &Json) -> Result<Vocab> {
+/// Reads the tokenizer of `model_dir` for an embedding of `rows` rows and the GGUF
+/// architecture `arch`; `model_cfg` is its `config.json` (for the special token ids
+/// `tokenizer_config.json` does not name). A SentencePiece tokenizer goes to
+/// [`super::spm_vocab`].
+pub fn read(model_dir: &Path, rows: usize, model_cfg: &Json, arch: &str) -> Result<Vocab> {
     let tok_path = model_dir.join("tokenizer.json");
     if !tok_path.is_file() {
         return Err(format_err(
@@ -178,14 +197,7 @@ pub fn read(model_dir: &Path, rows: usize, model_cfg: &Json) -> Result<Vocab> {
     let tok = read_json(&tok_path)?;
     let model = &tok["model"];
     if is_sentencepiece(&tok) {
-        return Err(format_err(
-            &tok_path,
-            "a SentencePiece tokenizer (byte fallback / `▁` for spaces, as Gemma's and Llama \
-             2's): llama.cpp's converter writes it from tokenizer.model as \
-             tokenizer.ggml.model = \"llama\" with each piece's score, which export-gguf does \
-             not write; only byte-level BPE tokenizers are exported (convert the merged folder \
-             with llama.cpp's convert_hf_to_gguf.py instead)",
-        ));
+        return super::spm_vocab::read(model_dir, &tok, rows, arch);
     }
     if model["type"].as_str() != Some("BPE") {
         return Err(format_err(
@@ -202,7 +214,8 @@ pub fn read(model_dir: &Path, rows: usize, model_cfg: &Json) -> Result<Vocab> {
             &tok_path,
             format!(
                 "pre_tokenizer {} has no llama.cpp counterpart here (supported: ByteLevel; \
-                 Digits + ByteLevel (smollm); Split with Llama 3's or Qwen2's regex + ByteLevel)",
+                 Digits + ByteLevel (smollm); Split with Llama 3's, Qwen2's or GPT-4o's regex + \
+                 ByteLevel)",
                 tok["pre_tokenizer"]
             ),
         )
@@ -385,6 +398,8 @@ pub fn read(model_dir: &Path, rows: usize, model_cfg: &Json) -> Result<Vocab> {
         metadata.push(("tokenizer.chat_template".into(), Value::String(t)));
     }
     Ok(Vocab {
+        model: "gpt2",
+        warnings: Vec::new(),
         metadata,
         pre: pre.into(),
         tokens: rows,

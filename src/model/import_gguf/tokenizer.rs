@@ -1,5 +1,12 @@
 //! A Hugging Face `tokenizer.json` (the `tokenizers` crate's format) and `tokenizer_config.json`
-//! from a GGUF file's tokenizer metadata, for byte-level BPE (`tokenizer.ggml.model == "gpt2"`):
+//! from a GGUF file's tokenizer metadata:
+//!
+//! | `tokenizer.ggml.model` | tokenizer.json | written by |
+//! |---|---|---|
+//! | `gpt2` (byte-level BPE: Llama 3, Qwen, SmolLM, Phi-4-mini) | BPE + the pre-tokenizer of `tokenizer.ggml.pre` | this module |
+//! | `llama` (SentencePiece: Gemma, Phi-3, Llama 2) | BPE with byte fallback, merges from the scores, `▁` normalizer | [`super::spm_tokenizer`] (tokenizer.json only: the GGUF holds no `tokenizer.model`) |
+//!
+//! anything else is refused by name. For `gpt2`:
 //!
 //! - `tokenizer.ggml.tokens` (strings, by id; byte-level form, `Ġ` for a space) and
 //!   `tokenizer.ggml.merges` (`"left right"`, by rank) → the BPE model's vocab and merges;
@@ -14,6 +21,7 @@
 //! | `smollm`, `starcoder` | `\p{N}`, then GPT-2's | Digits(individual) + ByteLevel |
 //! | `llama-bpe`, `llama3`, `llama-v3` | Llama 3's | Split(Llama 3 regex, isolated) + ByteLevel(no regex); merges ignored for whole-word tokens |
 //! | `default` (or absent) | four: punctuation runs, GPT-2's, `\p{N}+`, `[0-9]{3}` | four isolated Splits + ByteLevel(no regex) |
+//! | `gpt-4o` (Phi-4-mini) | GPT-4o's (cased words with their contractions, `\p{N}{1,3}`, punctuation with trailing `/`) | Split(GPT-4o regex as Phi-4-mini's tokenizer.json spells it, isolated) + ByteLevel(no regex) |
 //! | `qwen2`, `deepseek-r1-qwen` | Qwen2's (Llama 3's with single digits) | NFC normalizer + Split(Qwen2 regex, isolated) + ByteLevel(no regex), ByteLevel decoder and post-processor, all as Qwen2's and Qwen3's own tokenizer.json |
 //!
 //!   (llama.cpp does not normalize: text already in NFC, as nearly all text is, tokenizes the
@@ -23,7 +31,10 @@
 //!   names, else none) → a ByteLevel + TemplateProcessing post-processor; otherwise none
 //!   (Qwen2's: its ByteLevel one, which only sets offsets);
 //! - `tokenizer.ggml.{bos,eos,unknown,padding}_token_id` and `tokenizer.chat_template` →
-//!   `tokenizer_config.json`.
+//!   `tokenizer_config.json`;
+//! - a `general.name` naming Phi-3 (llama.cpp's rule) → added tokens that strip the whitespace
+//!   after them (`rstrip`), but for `<unk>`, `<s>` and `<|endoftext|>`, as llama.cpp does
+//!   (and Phi-3's own tokenizer.json).
 //!
 //! The result is loaded once with the `tokenizers` crate before it is returned, so a file that
 //! is written is a file that loads.
@@ -40,6 +51,9 @@ use crate::quant::gguf::{GgufFile, Value};
 const GPT2_REGEX: &str = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)";
 /// Llama 3's (llama.cpp's case-insensitive-free spelling of the tiktoken pattern).
 const LLAMA3_REGEX: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+/// GPT-4o's (o200k), as Phi-4-mini's tokenizer.json writes it (llama.cpp spells the
+/// case-insensitive contractions and the letter classes out).
+pub(crate) const GPT4O_REGEX: &str = r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 /// Qwen2's (and Qwen3's), as their tokenizer.json writes it: Llama 3's with single digits.
 const QWEN2_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 /// llama.cpp's regexes for `default`, applied in turn.
@@ -51,17 +65,19 @@ const DEFAULT_REGEXES: [&str; 4] = [
 ];
 
 /// The `tokenizer.ggml.pre` names supported.
-pub const SUPPORTED_PRE: &str =
-    "gpt2, gpt-2, smollm, starcoder, llama-bpe, llama3, llama-v3, qwen2, deepseek-r1-qwen, default";
+pub const SUPPORTED_PRE: &str = "gpt2, gpt-2, smollm, starcoder, llama-bpe, llama3, llama-v3, \
+     qwen2, deepseek-r1-qwen, gpt-4o, default";
 
 /// GGUF token types (llama.cpp's `llama_token_type`).
-const NORMAL: i64 = 1;
-const UNKNOWN: i64 = 2;
-const CONTROL: i64 = 3;
-const USER_DEFINED: i64 = 4;
+pub(super) const NORMAL: i64 = 1;
+pub(super) const UNKNOWN: i64 = 2;
+pub(super) const CONTROL: i64 = 3;
+pub(super) const USER_DEFINED: i64 = 4;
 
 /// The two tokenizer files and a summary.
 pub struct TokenizerFiles {
+    /// `tokenizer.ggml.model`: `gpt2` or `llama`.
+    pub model: &'static str,
     /// The `tokenizer.json` document (BPE model, pre-tokenizer, added tokens).
     pub tokenizer_json: Json,
     /// The `tokenizer_config.json` document (BOS/EOS/UNK/PAD tokens, chat template).
@@ -74,7 +90,7 @@ pub struct TokenizerFiles {
     pub special_tokens: usize,
 }
 
-fn strings<'a>(g: &'a GgufFile, key: &str) -> Result<Option<Vec<&'a str>>> {
+pub(super) fn strings<'a>(g: &'a GgufFile, key: &str) -> Result<Option<Vec<&'a str>>> {
     let Some(v) = g.get(key) else {
         return Ok(None);
     };
@@ -87,7 +103,7 @@ fn strings<'a>(g: &'a GgufFile, key: &str) -> Result<Option<Vec<&'a str>>> {
         .map(Some)
 }
 
-fn token_id(g: &GgufFile, key: &str, n_tokens: usize) -> Result<Option<usize>> {
+pub(super) fn token_id(g: &GgufFile, key: &str, n_tokens: usize) -> Result<Option<usize>> {
     let Some(v) = g.get(key) else {
         return Ok(None);
     };
@@ -99,7 +115,7 @@ fn token_id(g: &GgufFile, key: &str, n_tokens: usize) -> Result<Option<usize>> {
     }
 }
 
-fn flag(g: &GgufFile, key: &str) -> Result<Option<bool>> {
+pub(super) fn flag(g: &GgufFile, key: &str) -> Result<Option<bool>> {
     match g.get(key) {
         None => Ok(None),
         Some(Value::Bool(b)) => Ok(Some(*b)),
@@ -170,6 +186,11 @@ fn pre_tokenizer(pre: &str) -> Option<Pre> {
             normalizer: json!({"type": "NFC"}),
             qwen: true,
         },
+        "gpt-4o" => plain(
+            json!({"type": "Sequence", "pretokenizers": [split(GPT4O_REGEX), byte_level(false)]}),
+            false,
+            false,
+        ),
         "default" => {
             let mut seq: Vec<Json> = DEFAULT_REGEXES.iter().map(|r| split(r)).collect();
             seq.push(byte_level(false));
@@ -184,7 +205,7 @@ fn pre_tokenizer(pre: &str) -> Option<Pre> {
 }
 
 /// A TemplateProcessing that puts `bos` before and `eos` after each sequence (either optional).
-fn template(bos: Option<&str>, eos: Option<&str>, ids: &HashMap<&str, usize>) -> Json {
+pub(super) fn template(bos: Option<&str>, eos: Option<&str>, ids: &HashMap<&str, usize>) -> Json {
     let special = |t: &str| json!({"SpecialToken": {"id": t, "type_id": 0}});
     let wrap = |part: &str, type_id: u32| {
         let mut v: Vec<Json> = bos.iter().map(|b| special(b)).collect();
@@ -205,6 +226,84 @@ fn template(bos: Option<&str>, eos: Option<&str>, ids: &HashMap<&str, usize>) ->
     json!({"type": "TemplateProcessing", "single": single, "pair": pair, "special_tokens": specials})
 }
 
+/// `tokenizer.ggml.token_type` (all normal when absent), one per token.
+pub(super) fn token_types(g: &GgufFile, n: usize) -> Result<Vec<i64>> {
+    let Some(v) = g.get("tokenizer.ggml.token_type") else {
+        return Ok(vec![NORMAL; n]);
+    };
+    let bad = || {
+        g.error(format!(
+            "metadata `tokenizer.ggml.token_type` must be {n} integers, one per token"
+        ))
+    };
+    let a = v.as_array().ok_or_else(bad)?;
+    if a.len() != n {
+        return Err(bad());
+    }
+    a.iter().map(|x| x.as_i64().ok_or_else(bad)).collect()
+}
+
+/// Whether llama.cpp makes the added tokens of `g` strip the whitespace after them: it does
+/// for a model whose `general.name` names Phi-3 (`phi-3`, `phi3`, any case), for every added
+/// token but `<unk>`, `<s>` and `<|endoftext|>` (llama-vocab.cpp's token attributes).
+fn strips_right(g: &GgufFile) -> impl Fn(&str) -> bool {
+    let name = g
+        .get("general.name")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_lowercase();
+    let phi3 = name.contains("phi-3") || name.contains("phi3");
+    move |t: &str| phi3 && !matches!(t, "<unk>" | "<s>" | "<|endoftext|>")
+}
+
+/// The added tokens of `g` (control and unknown tokens special, user-defined ones not) and how
+/// many are special.
+pub(super) fn added_tokens(g: &GgufFile, tokens: &[&str], types: &[i64]) -> (Vec<Json>, usize) {
+    let rstrip = strips_right(g);
+    let mut added = Vec::new();
+    let mut special_tokens = 0;
+    for (id, (t, &ty)) in tokens.iter().zip(types).enumerate() {
+        let special = matches!(ty, CONTROL | UNKNOWN);
+        if special || ty == USER_DEFINED {
+            special_tokens += special as usize;
+            added.push(json!({
+                "id": id, "content": t, "single_word": false, "lstrip": false,
+                "rstrip": rstrip(t), "normalized": false, "special": special,
+            }));
+        }
+    }
+    (added, special_tokens)
+}
+
+/// `tokenizer_config.json`: the BOS/EOS/UNK/PAD token strings, whether BOS/EOS are added, the
+/// context length and the chat template.
+pub(super) fn config_json(
+    g: &GgufFile,
+    [bos, eos, unk, pad]: [Option<&str>; 4],
+    add_bos: bool,
+    add_eos: bool,
+    model_max_length: usize,
+) -> Result<Json> {
+    let mut config = json!({
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "add_bos_token": add_bos,
+        "add_eos_token": add_eos,
+        "bos_token": bos,
+        "eos_token": eos,
+        "unk_token": unk,
+        "pad_token": pad,
+        "clean_up_tokenization_spaces": false,
+        "model_max_length": model_max_length,
+    });
+    if let Some(t) = g.get("tokenizer.chat_template") {
+        let t = t
+            .as_str()
+            .ok_or_else(|| g.error("metadata `tokenizer.chat_template` is not a string"))?;
+        config["chat_template"] = json!(t);
+    }
+    Ok(config)
+}
+
 /// Builds both files from `g`'s metadata; `model_max_length` goes into the config. Errors name
 /// the file and the key.
 pub fn build(g: &GgufFile, model_max_length: usize) -> Result<TokenizerFiles> {
@@ -212,34 +311,22 @@ pub fn build(g: &GgufFile, model_max_length: usize) -> Result<TokenizerFiles> {
         .get("tokenizer.ggml.model")
         .and_then(Value::as_str)
         .ok_or_else(|| g.error("metadata `tokenizer.ggml.model` is missing (no tokenizer)"))?;
-    if model != "gpt2" {
-        return Err(g.error(format!(
-            "tokenizer.ggml.model is `{model}`: only `gpt2` (byte-level BPE) tokenizers can be \
-             converted"
-        )));
+    match model {
+        "gpt2" => {}
+        "llama" => return super::spm_tokenizer::build(g, model_max_length),
+        _ => {
+            return Err(g.error(format!(
+                "tokenizer.ggml.model is `{model}`: only `gpt2` (byte-level BPE) and `llama` \
+                 (SentencePiece) tokenizers can be converted"
+            )))
+        }
     }
     let tokens = strings(g, "tokenizer.ggml.tokens")?
         .ok_or_else(|| g.error("metadata `tokenizer.ggml.tokens` is missing"))?;
     let merges = strings(g, "tokenizer.ggml.merges")?
         .ok_or_else(|| g.error("metadata `tokenizer.ggml.merges` is missing"))?;
     let n = tokens.len();
-    let types: Vec<i64> = match g.get("tokenizer.ggml.token_type") {
-        None => vec![NORMAL; n],
-        Some(v) => {
-            let bad = || {
-                g.error(format!(
-                    "metadata `tokenizer.ggml.token_type` must be {n} integers, one per token"
-                ))
-            };
-            let a = v.as_array().ok_or_else(bad)?;
-            if a.len() != n {
-                return Err(bad());
-            }
-            a.iter()
-                .map(|x| x.as_i64().ok_or_else(bad))
-                .collect::<Result<_>>()?
-        }
-    };
+    let types = token_types(g, n)?;
     let pre = g
         .get("tokenizer.ggml.pre")
         .and_then(Value::as_str)
@@ -270,18 +357,7 @@ pub fn build(g: &GgufFile, model_max_length: usize) -> Result<TokenizerFiles> {
         };
         merge_pairs.push(json!([a, b]));
     }
-    let mut added = Vec::new();
-    let mut special_tokens = 0;
-    for (id, (t, &ty)) in tokens.iter().zip(&types).enumerate() {
-        let special = matches!(ty, CONTROL | UNKNOWN);
-        if special || ty == USER_DEFINED {
-            special_tokens += special as usize;
-            added.push(json!({
-                "id": id, "content": t, "single_word": false, "lstrip": false,
-                "rstrip": false, "normalized": false, "special": special,
-            }));
-        }
-    }
+    let (added, special_tokens) = added_tokens(g, &tokens, &types);
 
     let name =
         |key: &str| -> Result<Option<&str>> { Ok(token_id(g, key, n)?.map(|id| tokens[id])) };
@@ -354,24 +430,9 @@ pub fn build(g: &GgufFile, model_max_length: usize) -> Result<TokenizerFiles> {
         ))
     })?;
 
-    let mut config = json!({
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "add_bos_token": add_bos,
-        "add_eos_token": add_eos,
-        "bos_token": bos,
-        "eos_token": eos,
-        "unk_token": unk,
-        "pad_token": pad,
-        "clean_up_tokenization_spaces": false,
-        "model_max_length": model_max_length,
-    });
-    if let Some(t) = g.get("tokenizer.chat_template") {
-        let t = t
-            .as_str()
-            .ok_or_else(|| g.error("metadata `tokenizer.chat_template` is not a string"))?;
-        config["chat_template"] = json!(t);
-    }
+    let config = config_json(g, [bos, eos, unk, pad], add_bos, add_eos, model_max_length)?;
     Ok(TokenizerFiles {
+        model: "gpt2",
         tokenizer_json,
         tokenizer_config: config,
         pre,
