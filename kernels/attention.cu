@@ -1,5 +1,5 @@
 // Flash attention (FlashAttention-2 scheme) on tensor cores: causal, grouped-query, packed
-// variable-length sequences (cu_seqlens), head dim 64 or 128, bf16 in and out, fp32 online
+// variable-length sequences (cu_seqlens), head dim 64, 96, 128 or 256, bf16 in and out, fp32 online
 // softmax; the forward saves the row log-sum-exp. The T×T scores never exist in memory.
 // Options (Gemma 2/3): the score scale, a tanh soft cap c (S = c·tanh(σ q·k / c), 0 = none) and
 // a sliding window w (query i sees keys i − w < j ≤ i, 0 = none). With a window each kernel
@@ -17,6 +17,32 @@
 //                    dR = dS ⊙ (1 − tanh²) through a soft cap (dR = dS without one)
 //   flash_bwd_dq:    one block per (query tile, head, sequence): dQ = scale·Σ_j dR_j·K_j
 // Layouts: q, o, dout, dq [T, H, D]; k, v, dk, dv [T, Hkv, D]; lse, dsum [T, H] fp32.
+//
+// Tiling per head dim D (a tile: 64 rows × D bf16 = 128·D bytes; "A regs": the 16 × D A operand
+// of a warp — Q, dO; K, V in dK/dV — held as D/16 × 4 registers for the whole block, else read
+// from shared memory at each of the D/16 k16 steps; accumulators per thread: D/2 fp32 for a
+// 16 × D block over a warp, D/(2·SPLIT) where SPLIT warps share its columns):
+//   D    fwd (128 thr)              dK/dV                                dQ
+//   64   3 tiles, 24 KiB static,    64 keys, 128 thr, 4 tiles 32 KiB dyn, 128 thr, 2 tiles 16 KiB
+//        A regs, O 32 fp32          A regs, dK+dV 64 fp32                static, A regs, 32 fp32
+//   96   3 tiles, 36 KiB static,    64 keys, 128 thr, 4 tiles 48 KiB dyn, 128 thr, 2 tiles 24 KiB
+//        A regs, O 48 fp32          A regs, dK+dV 96 fp32                static, A regs, 48 fp32
+//   128  3 tiles, 48 KiB static,    64 keys, 256 thr (SPLIT 2), 64 KiB   128 thr, 2 tiles 32 KiB
+//        A regs, O 64 fp32          dyn, A regs, dK+dV 64 fp32           static, A regs, 64 fp32
+//   256  3 tiles, 96 KiB dynamic,   32 keys, 256 thr (2 warps on keys ×  256 thr (SPLIT 2), 3 tiles
+//        A from smem, O 128 fp32    SPLIT 4 on columns): K, V 16 KiB     (Q, dO, one for V then K)
+//                                   each + Q, dO 32 KiB each = 96 KiB    96 KiB dyn, A from smem,
+//                                   dyn, A from smem, dK+dV 64 fp32      dQ 64 fp32
+// D = 96 is 6 k16 steps and 12 n8 pairs per row, none of which needs a power of two; only the
+// swizzle does (att_off). At 256 every kernel fits the 99 KiB (101376 bytes) a block may opt
+// into on sm_86/sm_89 (and sm_80's 163, sm_90's 227 KiB): 96 KiB at most; 64 keys per dK/dV block
+// would need four 32 KiB tiles (128 KiB), and Q's fragments in registers 64 more per thread
+// beside 128 of accumulators. The price at 256: each dK/dV warp recomputes its 16 × 64 scores and
+// dP over the full D for its quarter of the columns (FlashAttention-2 runs 256 with 64 × 64
+// blocks where 144 KiB or more is allowed, and smaller ones on sm_86/89, as here). ptxas
+// (nvcc 13.0, sm_90 / sm_89 registers, no spills on either): fwd 254 / 255, fwd_opt 251 / 254,
+// dkdv 210 / 212, dkdv_opt 238 / 223, dq 213 / 211, dq_opt 217 / 205 at 256; fwd 167 / 186,
+// fwd_opt 167 / 178, dkdv 229 / 225, dkdv_opt 242 / 241, dq 219 / 219, dq_opt 225 / 232 at 96.
 
 #include "common.cuh"
 

@@ -188,16 +188,16 @@ fn cuda_step_phi3_matches_the_cpu() {
 }
 
 /// Real Gemma's head_dim 256 on both devices (the flash-attention kernels' dynamic shared memory
-/// tiles): a Gemma 2 layout with two query heads of 256 on one key/value head (q is 512 wide on a
-/// hidden size of 128), the attention scale 256^-½, soft-capping and a window of 13 on the first
-/// of two layers. The loss before training equals the CPU's within 2e-3 relative; ten steps as
-/// for Llama.
+/// tiles): Gemma 2 and Gemma 3 layouts with two query heads of 256 on one key/value head (q is 512
+/// wide on a hidden size of 128), the attention scale 256^-½, a window of 13 on the first of two
+/// layers, soft-capping (Gemma 2) or q/k norms over the 256 and a local RoPE base (Gemma 3). The
+/// loss before training equals the CPU's within 2e-3 relative; ten steps as for Llama.
 #[test]
 fn cuda_step_gemma_head_dim_256_matches_the_cpu() {
     let Some(Device::Cuda(o)) = gpu_or_skip("cuda_step_gemma_head_dim_256_matches_the_cpu") else {
         return;
     };
-    let cfg = LlamaConfig {
+    let gemma2 = LlamaConfig {
         arch: Arch::Gemma2,
         head_dim: 256,
         sliding_window: Some(13),
@@ -214,12 +214,26 @@ fn cuda_step_gemma_head_dim_256_matches_the_cpu() {
         },
         ..small_config()
     };
-    let cu = [0usize, 50, 81];
-    let model = model_on(&cfg, 5, Device::Cpu);
-    let gpu_model = model_on(&cfg, 5, Device::Cuda(o));
-    let lora = nonzero_adapter(&cfg, 8, 0.0, 6, |i| ((i * 13 % 11) as f32 - 5.0) * 0.01);
-    assert_loss_on_both(&model, &gpu_model, &lora, &cu, "gemma2, head_dim 256");
-    step_parity(o, 8, cfg, 0.0, &cu);
+    let gemma3 = LlamaConfig {
+        arch: Arch::Gemma3,
+        rope_theta: 1e6,
+        switches: Switches {
+            attn_softcap: None,
+            final_softcap: None,
+            rope_local: Some((1e4, RopeScaling::None)),
+            ..gemma2.switches.clone()
+        },
+        ..gemma2.clone()
+    };
+    for cfg in [gemma2, gemma3] {
+        let cu = [0usize, 50, 81];
+        let model = model_on(&cfg, 5, Device::Cpu);
+        let gpu_model = model_on(&cfg, 5, Device::Cuda(o));
+        let lora = nonzero_adapter(&cfg, 8, 0.0, 6, |i| ((i * 13 % 11) as f32 - 5.0) * 0.01);
+        let what = format!("{:?}, head_dim 256", cfg.arch);
+        assert_loss_on_both(&model, &gpu_model, &lora, &cu, &what);
+        step_parity(o, 8, cfg, 0.0, &cu);
+    }
 }
 
 /// Phi-3.5-mini's head_dim 96 on both devices (12 chunks of 16 bytes per shared-memory row, not a
