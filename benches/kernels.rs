@@ -621,20 +621,23 @@ fn preload_pip_cublas() {
 /// at (1,32,2048,128); FlashAttention-2 published fwd+bwd 265 at 2k, 308 at 8k.
 /// One Gemma 2 case (soft cap 50, window 1024 of 8192 tokens) is counted with the same causal
 /// FLOPs, so its figure shows what the skipped tiles save (it needs about a quarter of the
-/// causal products).
+/// causal products). Head dims 96 (Phi-3.5-mini: 32 heads, no GQA) and 256 (Gemma 2 2B: 8 heads
+/// on 4, plain and with its soft cap 50 and window 4096 on 8192 tokens) beside 64 and 128.
 fn attention(c: &mut Criterion) {
     let Some((device, dev)) = cuda("attention") else {
         return;
     };
     let mut g = c.benchmark_group("attention");
-    for (b, h, s, d, window) in [
-        (1usize, 32usize, 2048usize, 128usize, None),
-        (1, 32, 8192, 128, None),
-        (4, 32, 2048, 128, None),
-        (1, 9, 2048, 64, None),
-        (1, 32, 8192, 128, Some(1024usize)),
+    for (b, h, kv, s, d, window) in [
+        (1usize, 32usize, 8usize, 2048usize, 128usize, None),
+        (1, 32, 8, 8192, 128, None),
+        (4, 32, 8, 2048, 128, None),
+        (1, 9, 3, 2048, 64, None),
+        (1, 32, 8, 8192, 128, Some(1024usize)),
+        (1, 32, 32, 2048, 96, None),
+        (1, 8, 4, 2048, 256, None),
+        (1, 8, 4, 8192, 256, Some(4096)),
     ] {
-        let kv = if h == 9 { 3 } else { 8 };
         let t = b * s;
         let mut dims = attention::Dims::new(h, kv, d);
         if window.is_some() {

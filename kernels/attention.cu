@@ -1,5 +1,5 @@
 // Flash attention (FlashAttention-2 scheme) on tensor cores: causal, grouped-query, packed
-// variable-length sequences (cu_seqlens), head dim 64 or 128, bf16 in and out, fp32 online
+// variable-length sequences (cu_seqlens), head dim 64, 96, 128 or 256, bf16 in and out, fp32 online
 // softmax; the forward saves the row log-sum-exp. The T×T scores never exist in memory.
 // Options (Gemma 2/3): the score scale, a tanh soft cap c (S = c·tanh(σ q·k / c), 0 = none) and
 // a sliding window w (query i sees keys i − w < j ≤ i, 0 = none). With a window each kernel
@@ -17,6 +17,32 @@
 //                    dR = dS ⊙ (1 − tanh²) through a soft cap (dR = dS without one)
 //   flash_bwd_dq:    one block per (query tile, head, sequence): dQ = scale·Σ_j dR_j·K_j
 // Layouts: q, o, dout, dq [T, H, D]; k, v, dk, dv [T, Hkv, D]; lse, dsum [T, H] fp32.
+//
+// Tiling per head dim D (a tile: 64 rows × D bf16 = 128·D bytes; "A regs": the 16 × D A operand
+// of a warp — Q, dO; K, V in dK/dV — held as D/16 × 4 registers for the whole block, else read
+// from shared memory at each of the D/16 k16 steps; accumulators per thread: D/2 fp32 for a
+// 16 × D block over a warp, D/(2·SPLIT) where SPLIT warps share its columns):
+//   D    fwd (128 thr)              dK/dV                                dQ
+//   64   3 tiles, 24 KiB static,    64 keys, 128 thr, 4 tiles 32 KiB dyn, 128 thr, 2 tiles 16 KiB
+//        A regs, O 32 fp32          A regs, dK+dV 64 fp32                static, A regs, 32 fp32
+//   96   3 tiles, 36 KiB static,    64 keys, 128 thr, 4 tiles 48 KiB dyn, 128 thr, 2 tiles 24 KiB
+//        A regs, O 48 fp32          A regs, dK+dV 96 fp32                static, A regs, 48 fp32
+//   128  3 tiles, 48 KiB static,    64 keys, 256 thr (SPLIT 2), 64 KiB   128 thr, 2 tiles 32 KiB
+//        A regs, O 64 fp32          dyn, A regs, dK+dV 64 fp32           static, A regs, 64 fp32
+//   256  3 tiles, 96 KiB dynamic,   32 keys, 256 thr (2 warps on keys ×  256 thr (SPLIT 2), 3 tiles
+//        A from smem, O 128 fp32    SPLIT 4 on columns): K, V 16 KiB     (Q, dO, one for V then K)
+//                                   each + Q, dO 32 KiB each = 96 KiB    96 KiB dyn, A from smem,
+//                                   dyn, A from smem, dK+dV 64 fp32      dQ 64 fp32
+// D = 96 is 6 k16 steps and 12 n8 pairs per row, none of which needs a power of two; only the
+// swizzle does (att_off). At 256 every kernel fits the 99 KiB (101376 bytes) a block may opt
+// into on sm_86/sm_89 (and sm_80's 163, sm_90's 227 KiB): 96 KiB at most; 64 keys per dK/dV block
+// would need four 32 KiB tiles (128 KiB), and Q's fragments in registers 64 more per thread
+// beside 128 of accumulators. The price at 256: each dK/dV warp recomputes its 16 × 64 scores and
+// dP over the full D for its quarter of the columns (FlashAttention-2 runs 256 with 64 × 64
+// blocks where 144 KiB or more is allowed, and smaller ones on sm_86/89, as here). ptxas
+// (nvcc 13.0, sm_90 / sm_89 registers, no spills on either): fwd 254 / 255, fwd_opt 251 / 254,
+// dkdv 210 / 212, dkdv_opt 238 / 223, dq 213 / 211, dq_opt 217 / 205 at 256; fwd 167 / 186,
+// fwd_opt 167 / 178, dkdv 229 / 225, dkdv_opt 242 / 241, dq 219 / 219, dq_opt 225 / 232 at 96.
 
 #include "common.cuh"
 
@@ -51,9 +77,10 @@ __device__ __forceinline__ int att_first_key_tile(int q0, int window) {
   return window > 0 ? max(0, q0 - window + 1) / ATT_BN * ATT_BN : 0;
 }
 
-// One past the last query a key tile starting at k0 is seen by (len without a window).
-__device__ __forceinline__ int att_query_end(int k0, int len, int window) {
-  return window > 0 ? min(len, k0 + ATT_BN - 1 + window) : len;
+// One past the last query a key tile of `rows` keys starting at k0 is seen by (len without a
+// window).
+__device__ __forceinline__ int att_query_end(int k0, int rows, int len, int window) {
+  return window > 0 ? min(len, k0 + rows - 1 + window) : len;
 }
 
 // Whether every pair of the query tile at q0 and the key tile at k0 is visible: all keys before
@@ -73,18 +100,27 @@ __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
   return *reinterpret_cast<uint32_t*>(&v);
 }
 
-// Tile [64 rows][D] bf16 in shared memory, 16-byte chunks swizzled by row: conflict-free
-// ldmatrix (8 consecutive rows at one chunk), with or without .trans.
+// Tile [rows][D] bf16 in shared memory, 16-byte chunks swizzled by row: conflict-free
+// ldmatrix (8 consecutive rows, the first a multiple of 8, at one logical chunk), with or without
+// .trans. Shared memory has 8 banks of 16 bytes per 128-byte line; a row is D/8 chunks.
+//   D = 64, 128, 256 (D/8 a multiple of 8): a row starts on bank 0, so chunk c of row r goes to
+//     c ^ (r & 7): eight rows, eight banks, and the XOR stays inside the row's aligned group of 8.
+//   D = 96 (12 chunks; 12 ≡ 4 mod 8): row r starts on bank 4·(r & 1), so chunk c goes to
+//     c ^ ((r >> 1) & 3): the XOR picks bits 0-1 of the bank (4 row pairs) and the row's parity bit
+//     2, eight rows again on eight banks; XOR with at most 3 keeps c inside its aligned group of 4,
+//     so inside the 12 chunks of the row (c ^ (r & 7) would reach chunk 15).
 template <int D>
 __device__ __forceinline__ int att_off(int row, int chunk) {
-  return row * D + ((chunk ^ (row & 7)) << 3);
+  static_assert(D % 64 == 0 || D == 96, "head dim 64, 96, 128 or 256");
+  if constexpr ((D / 8) % 8 == 0) return row * D + ((chunk ^ (row & 7)) << 3);
+  else return row * D + ((chunk ^ ((row >> 1) & 3)) << 3);
 }
 
-// Loads rows [r0, r0 + 64) of a [T, heads, D] tensor (head h) into a tile; rows ≥ rend are 0.
-template <int D>
+// Loads rows [r0, r0 + ROWS) of a [T, heads, D] tensor (head h) into a tile; rows ≥ rend are 0.
+template <int D, int ROWS = 64>
 __device__ __forceinline__ void att_load(bf16* s, const bf16* g, int r0, int rend, int nheads, int h) {
   constexpr int CH = D / 8;
-  for (int q = threadIdx.x; q < 64 * CH; q += blockDim.x) {
+  for (int q = threadIdx.x; q < ROWS * CH; q += blockDim.x) {
     const int row = q / CH, ch = q % CH;
     const int t = r0 + row;
     const bool ok = t < rend;
@@ -101,6 +137,26 @@ __device__ __forceinline__ void att_frag_a(uint32_t (*a)[4], const bf16* s, int 
   for (int kk = 0; kk < D / 16; ++kk) ldmatrix_x4(a[kk], s + att_off<D>(row0 + (j & 1) * 8 + r, kk * 2 + (j >> 1)));
 }
 
+// Whether a kernel keeps its 16 × D A operands (Q, dO; K, V in dK/dV) as fragments in registers
+// for the whole block (D ≤ 128: 4·D/16 registers each) or reloads them from shared memory at each
+// k16 step (D = 256, where Q's fragments alone would be 64 registers beside 128 of accumulators).
+template <int D>
+struct AttAInRegs {
+  static constexpr bool value = D <= 128;
+};
+
+// A tiles of N × 64 × D bf16: static shared memory where they fit the 48 KiB static limit, else
+// the launch's dynamic shared memory (the launcher opts in; see the kernels' tiling notes).
+template <int D, int N>
+__device__ __forceinline__ bf16* att_tiles() {
+  if constexpr (N * 64 * D * 2 <= 48 * 1024) {
+    __shared__ __align__(16) bf16 tiles[N * 64 * D];
+    return tiles;
+  } else {
+    return (bf16*)qlora_dynamic_smem();
+  }
+}
+
 // acc[16 × 64] += A(16 × D) · B where B(k=d, n=key) = tile[key][d] (keys are tile rows):
 // S = Q·Kᵀ style. acc[nt][4] for 8 n8 tiles.
 template <int D>
@@ -115,6 +171,25 @@ __device__ __forceinline__ void att_mma_rows(float (*acc)[4], const uint32_t (*a
       mma_m16n8k16_bf16(acc[2 * np], a[kk], t[0], t[1]);
       mma_m16n8k16_bf16(acc[2 * np + 1], a[kk], t[2], t[3]);
     }
+}
+
+// att_mma_rows with the A operand read from rows [row0, row0 + 16) of tile sa one k16 step at a
+// time (D = 256: no A fragments held across the loop).
+template <int D>
+__device__ __forceinline__ void att_mma_rows_s(float (*acc)[4], const bf16* sa, int row0, const bf16* s) {
+  const int lane = threadIdx.x & 31, j = lane >> 3, r = lane & 7;
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    uint32_t a[4];
+    ldmatrix_x4(a, sa + att_off<D>(row0 + (j & 1) * 8 + r, kk * 2 + (j >> 1)));
+#pragma unroll
+    for (int np = 0; np < 4; ++np) {
+      uint32_t t[4];
+      ldmatrix_x4(t, s + att_off<D>(np * 16 + (j >> 1) * 8 + r, kk * 2 + (j & 1)));
+      mma_m16n8k16_bf16(acc[2 * np], a, t[0], t[1]);
+      mma_m16n8k16_bf16(acc[2 * np + 1], a, t[2], t[3]);
+    }
+  }
 }
 
 // acc[16 × DC] += P(16 × 64, as A fragments from probabilities) · tile(64 × D)[:, col0 .. col0+DC)
@@ -156,9 +231,10 @@ __device__ __forceinline__ float quad_sum(float v) {
 // ---- forward ----
 template <int D, bool OPT>
 __device__ void flash_fwd(const AttnParams& p) {
-  __shared__ __align__(16) bf16 sq[64 * D];
-  __shared__ __align__(16) bf16 sk[64 * D];
-  __shared__ __align__(16) bf16 sv[64 * D];
+  constexpr bool AREG = AttAInRegs<D>::value;
+  bf16* sq = att_tiles<D, 3>();
+  bf16* sk = sq + 64 * D;
+  bf16* sv = sk + 64 * D;
   const int seq = blockIdx.z, h = blockIdx.y;
   const int start = p.cu_seqlens[seq], len = p.cu_seqlens[seq + 1] - start;
   const int q0 = blockIdx.x * ATT_BM;
@@ -171,8 +247,8 @@ __device__ void flash_fwd(const AttnParams& p) {
   cp_async_commit();
   cp_async_wait<0>();
   __syncthreads();
-  uint32_t qa[D / 16][4];
-  att_frag_a<D>(qa, sq, warp * 16);
+  uint32_t qa[AREG ? D / 16 : 1][4];
+  if constexpr (AREG) att_frag_a<D>(qa, sq, warp * 16);
 
   float o[D / 8][4];
 #pragma unroll
@@ -194,7 +270,8 @@ __device__ void flash_fwd(const AttnParams& p) {
     float s[8][4];
 #pragma unroll
     for (int i = 0; i < 8; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.0f;
-    att_mma_rows<D>(s, qa, sk);
+    if constexpr (AREG) att_mma_rows<D>(s, qa, sk);
+    else att_mma_rows_s<D>(s, sq, warp * 16, sk);
     float tmax[2] = {-INFINITY, -INFINITY};
     const bool interior = OPT && att_interior(q0, k0, len, window);
 #pragma unroll
@@ -259,9 +336,13 @@ __device__ void flash_fwd(const AttnParams& p) {
 // The plain kernels (OPT false: the scale only, what Llama and Qwen need) are compiled without
 // the options' code, which costs registers; the _opt kernels read the soft cap and the window.
 extern "C" __global__ void __launch_bounds__(ATT_THREADS) flash_fwd_d64(AttnParams p) { flash_fwd<64, false>(p); }
+extern "C" __global__ void __launch_bounds__(ATT_THREADS) flash_fwd_d96(AttnParams p) { flash_fwd<96, false>(p); }
 extern "C" __global__ void __launch_bounds__(ATT_THREADS) flash_fwd_d128(AttnParams p) { flash_fwd<128, false>(p); }
+extern "C" __global__ void __launch_bounds__(ATT_THREADS) flash_fwd_d256(AttnParams p) { flash_fwd<256, false>(p); }
 extern "C" __global__ void __launch_bounds__(ATT_THREADS) flash_fwd_opt_d64(AttnParams p) { flash_fwd<64, true>(p); }
+extern "C" __global__ void __launch_bounds__(ATT_THREADS) flash_fwd_opt_d96(AttnParams p) { flash_fwd<96, true>(p); }
 extern "C" __global__ void __launch_bounds__(ATT_THREADS) flash_fwd_opt_d128(AttnParams p) { flash_fwd<128, true>(p); }
+extern "C" __global__ void __launch_bounds__(ATT_THREADS) flash_fwd_opt_d256(AttnParams p) { flash_fwd<256, true>(p); }
 
 // ---- backward ----
 
@@ -279,7 +360,9 @@ __device__ void flash_dsum(const AttnParams& p, int tokens) {
   if (lane == 0) p.dsum[w] = s;
 }
 extern "C" __global__ void flash_bwd_dsum_d64(AttnParams p, int tokens) { flash_dsum<64>(p, tokens); }
+extern "C" __global__ void flash_bwd_dsum_d96(AttnParams p, int tokens) { flash_dsum<96>(p, tokens); }
 extern "C" __global__ void flash_bwd_dsum_d128(AttnParams p, int tokens) { flash_dsum<128>(p, tokens); }
+extern "C" __global__ void flash_bwd_dsum_d256(AttnParams p, int tokens) { flash_dsum<256>(p, tokens); }
 
 // The backward's view of one score: with a soft cap, t = tanh(σ·acc / c) (the score is c·t and
 // dR = dS·(1 − t²)); without one, the score σ·acc itself.
@@ -293,28 +376,30 @@ __device__ __forceinline__ float att_bwd_score(float acc, const AttnParams& p, b
 // in above the 48 KiB default). 4·SPLIT warps: warp w owns keys 16·(w % 4).. and the output
 // columns [(w / 4)·D/SPLIT, ...) of dK and dV (SPLIT = 2 at D = 128 keeps the fp32 accumulators
 // in registers); each warp recomputes the scores it needs over the full head dimension.
-template <int D, int SPLIT, bool OPT>
+template <int D, int SPLIT, bool OPT, int KROWS = 64>
 __device__ void flash_dkdv(const AttnParams& p) {
   constexpr int DC = D / SPLIT;
+  constexpr int WR = KROWS / 16;  // warps along the keys
+  constexpr bool AREG = AttAInRegs<D>::value;
   bf16* sk = (bf16*)qlora_dynamic_smem();
-  bf16* sv = sk + 64 * D;
-  bf16* sq = sv + 64 * D;
+  bf16* sv = sk + KROWS * D;
+  bf16* sq = sv + KROWS * D;
   bf16* sdo = sq + 64 * D;
   __shared__ float slse[64], sdsum[64];
   const int seq = blockIdx.z, g = blockIdx.y;
   const int start = p.cu_seqlens[seq], len = p.cu_seqlens[seq + 1] - start;
-  const int k0 = blockIdx.x * ATT_BN;
+  const int k0 = blockIdx.x * KROWS;
   if (k0 >= len) return;
-  const int warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
-  const int col0 = (threadIdx.x >> 7) * DC;
+  const int warp = (threadIdx.x >> 5) % WR, lane = threadIdx.x & 31;
+  const int col0 = ((threadIdx.x >> 5) / WR) * DC;
   const int end = start + len;
   const int group = p.heads / p.kv_heads;
   const bool cap = OPT && p.softcap > 0.0f;
   const int window = OPT ? p.window : 0;
   const float inv_cap = cap ? 1.0f / p.softcap : 0.0f;
-  const int query_end = att_query_end(k0, len, window);
-  att_load<D>(sk, p.k, start + k0, end, p.kv_heads, g);
-  att_load<D>(sv, p.v, start + k0, end, p.kv_heads, g);
+  const int query_end = att_query_end(k0, KROWS, len, window);
+  att_load<D, KROWS>(sk, p.k, start + k0, end, p.kv_heads, g);
+  att_load<D, KROWS>(sv, p.v, start + k0, end, p.kv_heads, g);
   cp_async_commit();
   cp_async_wait<0>();
   __syncthreads();
@@ -341,12 +426,16 @@ __device__ void flash_dkdv(const AttnParams& p) {
       __syncthreads();
       // Sᵀ = K·Qᵀ (16 keys × 64 queries) → Pᵀ, dV += Pᵀ·dO; then dPᵀ = V·dOᵀ → dSᵀ; in this
       // order so that fewer fragments are live at once.
-      uint32_t frag[D / 16][4];
+      uint32_t frag[AREG ? D / 16 : 1][4];
       float st[8][4];
 #pragma unroll
       for (int i = 0; i < 8; ++i) st[i][0] = st[i][1] = st[i][2] = st[i][3] = 0.0f;
-      att_frag_a<D>(frag, sk, warp * 16);
-      att_mma_rows<D>(st, frag, sq);
+      if constexpr (AREG) {
+        att_frag_a<D>(frag, sk, warp * 16);
+        att_mma_rows<D>(st, frag, sq);
+      } else {
+        att_mma_rows_s<D>(st, sk, warp * 16, sq);
+      }
       // Without a soft cap st becomes Pᵀ; with one, t = tanh (−∞ where masked), from which P
       // (twice) and 1 − t² are recomputed, so that no second 16 × 64 block stays live. Every
       // tile is masked here: skipping the mask on interior tiles (as the forward and dQ do)
@@ -380,8 +469,12 @@ __device__ void flash_dkdv(const AttnParams& p) {
       float dpt[8][4];
 #pragma unroll
       for (int i = 0; i < 8; ++i) dpt[i][0] = dpt[i][1] = dpt[i][2] = dpt[i][3] = 0.0f;
-      att_frag_a<D>(frag, sv, warp * 16);
-      att_mma_rows<D>(dpt, frag, sdo);
+      if constexpr (AREG) {
+        att_frag_a<D>(frag, sv, warp * 16);
+        att_mma_rows<D>(dpt, frag, sdo);
+      } else {
+        att_mma_rows_s<D>(dpt, sv, warp * 16, sdo);
+      }
 #pragma unroll
       for (int nt = 0; nt < 8; ++nt)
 #pragma unroll
@@ -416,36 +509,47 @@ __device__ void flash_dkdv(const AttnParams& p) {
     }
   }
 }
+#define DKDV96_SPLIT 1
+#define DKDV256_SPLIT 4
 extern "C" __global__ void __launch_bounds__(ATT_THREADS) flash_bwd_dkdv_d64(AttnParams p) { flash_dkdv<64, 1, false>(p); }
+extern "C" __global__ void __launch_bounds__(DKDV96_SPLIT * ATT_THREADS) flash_bwd_dkdv_d96(AttnParams p) { flash_dkdv<96, DKDV96_SPLIT, false>(p); }
 extern "C" __global__ void __launch_bounds__(2 * ATT_THREADS) flash_bwd_dkdv_d128(AttnParams p) { flash_dkdv<128, 2, false>(p); }
+extern "C" __global__ void __launch_bounds__(DKDV256_SPLIT * ATT_THREADS / 2) flash_bwd_dkdv_d256(AttnParams p) { flash_dkdv<256, DKDV256_SPLIT, false, 32>(p); }
 extern "C" __global__ void __launch_bounds__(ATT_THREADS) flash_bwd_dkdv_opt_d64(AttnParams p) { flash_dkdv<64, 1, true>(p); }
+extern "C" __global__ void __launch_bounds__(DKDV96_SPLIT * ATT_THREADS) flash_bwd_dkdv_opt_d96(AttnParams p) { flash_dkdv<96, DKDV96_SPLIT, true>(p); }
 extern "C" __global__ void __launch_bounds__(2 * ATT_THREADS) flash_bwd_dkdv_opt_d128(AttnParams p) { flash_dkdv<128, 2, true>(p); }
+extern "C" __global__ void __launch_bounds__(DKDV256_SPLIT * ATT_THREADS / 2) flash_bwd_dkdv_opt_d256(AttnParams p) { flash_dkdv<256, DKDV256_SPLIT, true, 32>(p); }
 
 // dQ for 64 queries of head h: warps own 16 queries each.
 // Two 64 × D tiles: Q and dO while their fragments are built, then K and V.
-template <int D, bool OPT>
+template <int D, int SPLIT, bool OPT>
 __device__ void flash_dq(const AttnParams& p) {
-  __shared__ __align__(16) bf16 sa[64 * D];
-  __shared__ __align__(16) bf16 sb[64 * D];
+  constexpr bool AREG = AttAInRegs<D>::value;
+  constexpr int DC = D / SPLIT;
+  bf16* sa = att_tiles<D, AREG ? 2 : 3>();
+  bf16* sb = sa + 64 * D;
   bf16* sq = sa;
   bf16* sdo = sb;
-  bf16* sk = sa;
-  bf16* sv = sb;
+  bf16* sk = AREG ? sa : sb + 64 * D;
+  bf16* sv = AREG ? sb : sb + 64 * D;
   const int seq = blockIdx.z, h = blockIdx.y;
   const int start = p.cu_seqlens[seq], len = p.cu_seqlens[seq + 1] - start;
   const int q0 = blockIdx.x * ATT_BM;
   if (q0 >= len) return;
   const int g = h / (p.heads / p.kv_heads);
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
+  const int col0 = (threadIdx.x >> 7) * DC;
   const int end = start + len;
   att_load<D>(sq, p.q, start + q0, end, p.heads, h);
   att_load<D>(sdo, p.dout, start + q0, end, p.heads, h);
   cp_async_commit();
   cp_async_wait<0>();
   __syncthreads();
-  uint32_t qa[D / 16][4], doa[D / 16][4];
-  att_frag_a<D>(qa, sq, warp * 16);
-  att_frag_a<D>(doa, sdo, warp * 16);
+  uint32_t qa[AREG ? D / 16 : 1][4], doa[AREG ? D / 16 : 1][4];
+  if constexpr (AREG) {
+    att_frag_a<D>(qa, sq, warp * 16);
+    att_frag_a<D>(doa, sdo, warp * 16);
+  }
   const int qrow[2] = {q0 + warp * 16 + (lane >> 2), q0 + warp * 16 + (lane >> 2) + 8};
   float lse[2], ds_[2];
 #pragma unroll
@@ -455,27 +559,42 @@ __device__ void flash_dq(const AttnParams& p) {
     lse[hr] = ok ? p.lse[at] : 0.0f;
     ds_[hr] = ok ? p.dsum[at] : 0.0f;
   }
-  float dq[D / 8][4];
+  float dq[DC / 8][4];
 #pragma unroll
-  for (int i = 0; i < D / 8; ++i) dq[i][0] = dq[i][1] = dq[i][2] = dq[i][3] = 0.0f;
+  for (int i = 0; i < DC / 8; ++i) dq[i][0] = dq[i][1] = dq[i][2] = dq[i][3] = 0.0f;
   const int last_key = min(len, q0 + ATT_BM);
   const bool cap = OPT && p.softcap > 0.0f;
   const int window = OPT ? p.window : 0;
   const float inv_cap = cap ? 1.0f / p.softcap : 0.0f;
   for (int k0 = att_first_key_tile(q0, window); k0 < last_key; k0 += ATT_BN) {
-    __syncthreads();
-    att_load<D>(sk, p.k, start + k0, end, p.kv_heads, g);
-    att_load<D>(sv, p.v, start + k0, end, p.kv_heads, g);
-    cp_async_commit();
-    cp_async_wait<0>();
-    __syncthreads();
     float s[8][4], dp[8][4];
 #pragma unroll
     for (int i = 0; i < 8; ++i)
 #pragma unroll
       for (int e = 0; e < 4; ++e) s[i][e] = dp[i][e] = 0.0f;
-    att_mma_rows<D>(s, qa, sk);
-    att_mma_rows<D>(dp, doa, sv);
+    __syncthreads();
+    if constexpr (AREG) {
+      att_load<D>(sk, p.k, start + k0, end, p.kv_heads, g);
+      att_load<D>(sv, p.v, start + k0, end, p.kv_heads, g);
+      cp_async_commit();
+      cp_async_wait<0>();
+      __syncthreads();
+      att_mma_rows<D>(s, qa, sk);
+      att_mma_rows<D>(dp, doa, sv);
+    } else {
+      // One tile for V, then K (kept for dQ += dS·K below).
+      att_load<D>(sv, p.v, start + k0, end, p.kv_heads, g);
+      cp_async_commit();
+      cp_async_wait<0>();
+      __syncthreads();
+      att_mma_rows_s<D>(dp, sdo, warp * 16, sv);
+      __syncthreads();  // V is no longer read
+      att_load<D>(sk, p.k, start + k0, end, p.kv_heads, g);
+      cp_async_commit();
+      cp_async_wait<0>();
+      __syncthreads();
+      att_mma_rows_s<D>(s, sq, warp * 16, sk);
+    }
     const bool interior = OPT && att_interior(q0, k0, len, window);
 #pragma unroll
     for (int nt = 0; nt < 8; ++nt)
@@ -491,21 +610,26 @@ __device__ void flash_dq(const AttnParams& p) {
       }
     uint32_t dsa[4][4];
     att_c_to_a(dsa, s);
-    att_mma_cols<D>(dq, dsa, sk);  // dQ += dS·K
+    att_mma_cols<D, DC>(dq, dsa, sk, col0);  // dQ += dS·K
   }
 #pragma unroll
   for (int hr = 0; hr < 2; ++hr) {
     if (qrow[hr] >= len) continue;
     bf16* row = p.dq + ((long long)(start + qrow[hr]) * p.heads + h) * D;
 #pragma unroll
-    for (int i = 0; i < D / 8; ++i) {
-      const int col = i * 8 + (lane & 3) * 2;
+    for (int i = 0; i < DC / 8; ++i) {
+      const int col = col0 + i * 8 + (lane & 3) * 2;
       row[col] = __float2bfloat16_rn(dq[i][hr * 2] * p.scale);
       row[col + 1] = __float2bfloat16_rn(dq[i][hr * 2 + 1] * p.scale);
     }
   }
 }
-extern "C" __global__ void __launch_bounds__(ATT_THREADS) flash_bwd_dq_d64(AttnParams p) { flash_dq<64, false>(p); }
-extern "C" __global__ void __launch_bounds__(ATT_THREADS) flash_bwd_dq_d128(AttnParams p) { flash_dq<128, false>(p); }
-extern "C" __global__ void __launch_bounds__(ATT_THREADS) flash_bwd_dq_opt_d64(AttnParams p) { flash_dq<64, true>(p); }
-extern "C" __global__ void __launch_bounds__(ATT_THREADS) flash_bwd_dq_opt_d128(AttnParams p) { flash_dq<128, true>(p); }
+#define DQ256_SPLIT 2
+extern "C" __global__ void __launch_bounds__(ATT_THREADS) flash_bwd_dq_d64(AttnParams p) { flash_dq<64, 1, false>(p); }
+extern "C" __global__ void __launch_bounds__(ATT_THREADS) flash_bwd_dq_d96(AttnParams p) { flash_dq<96, 1, false>(p); }
+extern "C" __global__ void __launch_bounds__(ATT_THREADS) flash_bwd_dq_d128(AttnParams p) { flash_dq<128, 1, false>(p); }
+extern "C" __global__ void __launch_bounds__(DQ256_SPLIT * ATT_THREADS) flash_bwd_dq_d256(AttnParams p) { flash_dq<256, DQ256_SPLIT, false>(p); }
+extern "C" __global__ void __launch_bounds__(ATT_THREADS) flash_bwd_dq_opt_d64(AttnParams p) { flash_dq<64, 1, true>(p); }
+extern "C" __global__ void __launch_bounds__(ATT_THREADS) flash_bwd_dq_opt_d96(AttnParams p) { flash_dq<96, 1, true>(p); }
+extern "C" __global__ void __launch_bounds__(ATT_THREADS) flash_bwd_dq_opt_d128(AttnParams p) { flash_dq<128, 1, true>(p); }
+extern "C" __global__ void __launch_bounds__(DQ256_SPLIT * ATT_THREADS) flash_bwd_dq_opt_d256(AttnParams p) { flash_dq<256, DQ256_SPLIT, true>(p); }

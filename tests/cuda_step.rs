@@ -187,6 +187,92 @@ fn cuda_step_phi3_matches_the_cpu() {
     step_parity(o, 8, cfg, 0.0, &[0, 50, 81]);
 }
 
+/// Real Gemma's head_dim 256 on both devices (the flash-attention kernels' dynamic shared memory
+/// tiles): Gemma 2 and Gemma 3 layouts with two query heads of 256 on one key/value head (q is 512
+/// wide on a hidden size of 128), the attention scale 256^-½, a window of 13 on the first of two
+/// layers, soft-capping (Gemma 2) or q/k norms over the 256 and a local RoPE base (Gemma 3). The
+/// loss before training equals the CPU's within 2e-3 relative; ten steps as for Llama.
+#[test]
+fn cuda_step_gemma_head_dim_256_matches_the_cpu() {
+    let Some(Device::Cuda(o)) = gpu_or_skip("cuda_step_gemma_head_dim_256_matches_the_cpu") else {
+        return;
+    };
+    let gemma2 = LlamaConfig {
+        arch: Arch::Gemma2,
+        head_dim: 256,
+        sliding_window: Some(13),
+        switches: Switches {
+            act: Activation::GeluTanh,
+            norm_unit_offset: true,
+            sandwich_norms: true,
+            embed_scale: Some(128f32.sqrt()),
+            attn_scale: Some(0.0625),
+            attn_softcap: Some(2.0),
+            final_softcap: Some(3.0),
+            sliding_layers: vec![true, false],
+            ..Switches::default()
+        },
+        ..small_config()
+    };
+    let gemma3 = LlamaConfig {
+        arch: Arch::Gemma3,
+        rope_theta: 1e6,
+        switches: Switches {
+            attn_softcap: None,
+            final_softcap: None,
+            rope_local: Some((1e4, RopeScaling::None)),
+            ..gemma2.switches.clone()
+        },
+        ..gemma2.clone()
+    };
+    for cfg in [gemma2, gemma3] {
+        let cu = [0usize, 50, 81];
+        let model = model_on(&cfg, 5, Device::Cpu);
+        let gpu_model = model_on(&cfg, 5, Device::Cuda(o));
+        let lora = nonzero_adapter(&cfg, 8, 0.0, 6, |i| ((i * 13 % 11) as f32 - 5.0) * 0.01);
+        let what = format!("{:?}, head_dim 256", cfg.arch);
+        assert_loss_on_both(&model, &gpu_model, &lora, &cu, &what);
+        step_parity(o, 8, cfg, 0.0, &cu);
+    }
+}
+
+/// Phi-3.5-mini's head_dim 96 on both devices (12 chunks of 16 bytes per shared-memory row, not a
+/// power of two): two query heads of 96 on one key/value head (hidden 192), fused q/k/v and
+/// gate/up, RoPE on all 96 dims with longrope (short and long factors) and a window of 13. Losses
+/// before training equal the CPU's within 2e-3 relative for both tables; ten steps as for Llama.
+#[test]
+fn cuda_step_phi3_head_dim_96_matches_the_cpu() {
+    let Some(Device::Cuda(o)) = gpu_or_skip("cuda_step_phi3_head_dim_96_matches_the_cpu") else {
+        return;
+    };
+    let half = 48;
+    let cfg = LlamaConfig {
+        arch: Arch::Phi3,
+        hidden_size: 192,
+        head_dim: 96,
+        sliding_window: Some(13),
+        tie_word_embeddings: false,
+        switches: Switches {
+            fused_proj: true,
+            longrope: Some(LongRope {
+                short_factor: (0..half).map(|i| 1.0 + 0.05 * i as f32).collect(),
+                long_factor: (0..half).map(|i| 1.0 + 0.3 * i as f32).collect(),
+                original_max_position_embeddings: 40,
+                attention_factor: 1.19,
+            }),
+            ..Switches::default()
+        },
+        ..small_config()
+    };
+    let model = model_on(&cfg, 5, Device::Cpu);
+    let gpu_model = model_on(&cfg, 5, Device::Cuda(o));
+    let lora = nonzero_adapter(&cfg, 8, 0.0, 6, |i| ((i * 13 % 11) as f32 - 5.0) * 0.01);
+    for cu in [[0usize, 30, 61], [0, 50, 81]] {
+        assert_loss_on_both(&model, &gpu_model, &lora, &cu, &format!("phi3 96 {cu:?}"));
+    }
+    step_parity(o, 8, cfg, 0.0, &[0, 50, 81]);
+}
+
 /// LoRA dropout draws the same masks on both devices (one counter-based function of the seed,
 /// layer, projection and element): one micro-batch's adapter gradients on the GPU equal the
 /// CPU's with the same seed, and differ from the CPU's with another seed by far more than the

@@ -1,7 +1,8 @@
 //! Flash attention on CUDA against an f64 reference: the forward's error at most twice that of a
 //! naive bf16 attention (flash-attention's rule), gradients within bf16 tolerance, packed batches
-//! identical to each sequence alone, GQA ratios 1, 3 and 4, head dims 64 and 128, lengths 1 to
-//! 4096 (1537 on the simulated GPU), and Gemma 2's options (scale, soft cap, sliding window).
+//! identical to each sequence alone, GQA ratios 1, 3 and 4, head dims 64, 96 (Phi-3), 128 and
+//! 256 (Gemma), lengths 1 to 4096 (1537 on the simulated GPU), and Gemma 2's options (scale, soft
+//! cap, sliding window).
 //! Without a GPU each test prints `SKIPPED (no CUDA device)` and passes.
 
 use half::bf16;
@@ -237,14 +238,17 @@ fn flash_attention_rejects_bad_input() {
         "{err}"
     );
     let err = attention::forward_cuda(
-        dims(2, 2, 96),
-        &z(3, 2, 96),
-        &z(3, 2, 96),
-        &z(3, 2, 96),
+        dims(2, 2, 80),
+        &z(3, 2, 80),
+        &z(3, 2, 80),
+        &z(3, 2, 80),
         &[0, 3],
     )
     .unwrap_err();
-    assert!(err.to_string().contains("head_dim 96"), "{err}");
+    assert!(
+        err.to_string().contains("head_dim 80") && err.to_string().contains("64, 96, 128 or 256"),
+        "{err}"
+    );
     let err = attention::forward_cuda(
         dims(2, 2, 64),
         &z(3, 2, 64),
@@ -352,4 +356,67 @@ fn flash_attention_options_packed_equal_alone_and_long_window_is_none() {
         assert!(run(d.with_window(Some(w))) == none, "window {w}");
     }
     assert!(run(d.with_window(Some(69))).0 != none.0);
+}
+
+/// Head dims 96 (Phi-3, Phi-3.5-mini: 12 chunks of 16 bytes per row, not a power of two) and 256
+/// (Gemma 2/3: dynamic shared memory, A operands read from shared memory at each k16 step, dK/dV
+/// blocks of 32 keys), forward and backward against the f64 reference: lengths on and off the
+/// 64-row tiles (and the 32-key dK/dV blocks at 256), GQA, packed sequences, the plain and the
+/// options kernels (scale, soft cap, windows short and long).
+#[test]
+fn flash_attention_head_dims_96_and_256_match_f64() {
+    let Some(dev) = gpu_or_skip("flash_attention_head_dims_96_and_256_match_f64") else {
+        return;
+    };
+    for (i, len) in [1usize, 33, 64, 97, 200].into_iter().enumerate() {
+        run_case(&dev, dims(6, 2, 96), &[0, len], 80 + i as u64, true);
+        run_case(&dev, dims(4, 1, 256), &[0, len], 90 + i as u64, true);
+    }
+    let gemma = |d: Dims, w: usize| {
+        d.with_scale(0.5)
+            .with_softcap(Some(2.0))
+            .with_window(Some(w))
+    };
+    run_case(&dev, gemma(dims(6, 3, 96), 37), &[0, 1, 70, 171], 100, true);
+    run_case(
+        &dev,
+        gemma(dims(4, 2, 256), 37),
+        &[0, 97, 130, 231],
+        101,
+        true,
+    );
+    run_case(
+        &dev,
+        dims(2, 1, 96).with_window(Some(5)),
+        &[0, 150],
+        102,
+        true,
+    );
+    run_case(
+        &dev,
+        dims(2, 2, 256).with_softcap(Some(2.0)),
+        &[0, 77],
+        103,
+        true,
+    );
+    run_case(&dev, gemma(dims(2, 1, 256), 1), &[0, 67, 68], 104, true);
+}
+
+/// Packed batches at head dims 96 and 256 give each sequence exactly what it gets alone, with
+/// and without the options.
+#[test]
+fn flash_attention_head_dims_96_and_256_packed_equal_alone() {
+    let Some(dev) = gpu_or_skip("flash_attention_head_dims_96_and_256_packed_equal_alone") else {
+        return;
+    };
+    packed_equals_alone(&dev, dims(6, 2, 96), &[1, 63, 97, 130], 110);
+    packed_equals_alone(&dev, dims(4, 2, 256), &[64, 1, 33, 97], 111);
+    let d = |hd| {
+        dims(4, 2, hd)
+            .with_scale(0.4)
+            .with_softcap(Some(2.0))
+            .with_window(Some(37))
+    };
+    packed_equals_alone(&dev, d(96), &[1, 100, 37, 65], 112);
+    packed_equals_alone(&dev, d(256), &[1, 100, 37, 65], 113);
 }

@@ -192,19 +192,28 @@ fn phi3_lora_targets_are_the_fused_projections() {
     assert_eq!(Target::resolve(&all, &llama).unwrap(), Target::ALL.to_vec());
 }
 
-/// `plan` for a shape the CUDA path cannot run (Phi-3.5-mini's head_dim 96) still plans, and
-/// says so; Phi-4-mini (head_dim 128) plans without the warning.
+/// `plan` for a model the CUDA path cannot run (the tiny Llama fixture's head_dim 16) still
+/// plans, and says so; Phi-3.5-mini (head_dim 96), Gemma 2 (256) and Phi-4-mini (128) plan
+/// without the warning.
 #[test]
 fn plan_warns_where_the_cuda_path_cannot_run_the_model() {
-    for (shape, warned) in [("phi-3.5-mini", true), ("phi-4-mini", false)] {
-        let out = crate::common::qlora(&["plan", "--shape", shape, "--batch-tokens", "2048"]);
+    let tiny = qlora_rs::testing::project_root().join("tests/fixtures/llama/tiny-llama");
+    let tiny = tiny.to_str().unwrap();
+    for (how, what, warned) in [
+        ("--model", tiny, true),
+        ("--shape", "phi-3.5-mini", false),
+        ("--shape", "gemma2-2b", false),
+        ("--shape", "phi-4-mini", false),
+    ] {
+        let shape = what;
+        let out = crate::common::qlora(&["plan", how, what, "--batch-tokens", "2048"]);
         assert!(out.status.success(), "{shape}: {out:?}");
         let stdout = String::from_utf8_lossy(&out.stdout);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(stdout.contains("total"), "{stdout}");
         assert_eq!(
             stderr.contains("warning: this plan is for a CUDA device, which cannot run this model")
-                && stderr.contains("head_dim 64 or 128"),
+                && stderr.contains("head_dim 64, 96, 128 or 256"),
             warned,
             "{shape}: {stderr}"
         );

@@ -136,7 +136,7 @@ fn a_gpu_load_of_a_model_the_kernels_cannot_take_is_refused_first() {
         .unwrap_err()
         .to_string();
     assert!(
-        err.contains("head_dim 64 or 128") && err.contains("this model has 16"),
+        err.contains("head_dim 64, 96, 128 or 256") && err.contains("this model has 16"),
         "{err}"
     );
     let dir = std::env::temp_dir().join(format!("qlora-rs-tape-{}", std::process::id()));

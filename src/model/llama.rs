@@ -168,10 +168,10 @@ fn bf16_on(t: &Tensor, dev: &Device) -> Result<Tensor> {
 
 /// What the GPU path needs of a model, checked before anything is loaded or moved.
 pub fn check_gpu_support(c: &LlamaConfig, format: BaseFormat) -> Result<()> {
-    if c.head_dim != 64 && c.head_dim != 128 {
+    if !crate::ops::attention::CUDA_HEAD_DIMS.contains(&c.head_dim) {
         return Err(Error::InvalidArgument(format!(
-            "the CUDA path needs head_dim 64 or 128 (the flash-attention kernels); this model has \
-             {}: use --device cpu",
+            "the CUDA path needs head_dim 64, 96, 128 or 256 (the flash-attention kernels); this \
+             model has {}: use --device cpu",
             c.head_dim
         )));
     }

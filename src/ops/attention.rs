@@ -557,6 +557,83 @@ unsafe impl cudarc::driver::DeviceRepr for AttnParams {}
 
 const TILE: usize = 64;
 
+/// The head dims the flash-attention kernels are compiled for (kernels/attention.cu).
+pub const CUDA_HEAD_DIMS: [usize; 4] = [64, 96, 128, 256];
+
+/// One head dim's kernels and how each is launched (the tiling notes in kernels/attention.cu).
+struct Tiling {
+    /// fwd, fwd_opt, dkdv, dkdv_opt, dq, dq_opt, dsum.
+    names: [&'static str; 7],
+    /// Dynamic shared memory of the forward (0: its tiles are static).
+    fwd_smem: usize,
+    /// Keys per dK/dV block and its threads.
+    dkdv_rows: usize,
+    dkdv_threads: u32,
+    /// Threads and dynamic shared memory of dQ.
+    dq_threads: u32,
+    dq_smem: usize,
+}
+
+macro_rules! flash_names {
+    ($d:literal) => {
+        [
+            concat!("flash_fwd_d", $d),
+            concat!("flash_fwd_opt_d", $d),
+            concat!("flash_bwd_dkdv_d", $d),
+            concat!("flash_bwd_dkdv_opt_d", $d),
+            concat!("flash_bwd_dq_d", $d),
+            concat!("flash_bwd_dq_opt_d", $d),
+            concat!("flash_bwd_dsum_d", $d),
+        ]
+    };
+}
+
+/// The kernels of a head dim in [`CUDA_HEAD_DIMS`]. Shared memory: the forward holds Q, K and V
+/// tiles of 64 × D bf16, dQ two (three at 256: Q, dO and one for V then K), dK/dV K and V of
+/// `dkdv_rows` keys plus Q and dO of 64 queries; static up to 48 KiB, dynamic (opted in) above.
+fn tiling(head_dim: usize) -> Tiling {
+    let tile = TILE * head_dim * 2;
+    let (names, fwd_smem, dkdv_rows, dkdv_threads, dq_threads, dq_smem) = match head_dim {
+        64 => (flash_names!(64), 0, 64, 128, 128, 0),
+        96 => (flash_names!(96), 0, 64, 128, 128, 0),
+        128 => (flash_names!(128), 0, 64, 256, 128, 0),
+        // 96 KiB per block, within the 99 KiB of sm_86/sm_89 (and sm_80's 163, sm_90's 227).
+        256 => (flash_names!(256), 3 * tile, 32, 256, 256, 3 * tile),
+        _ => unreachable!("head_dim {head_dim} checked against CUDA_HEAD_DIMS"),
+    };
+    Tiling {
+        names,
+        fwd_smem,
+        dkdv_rows,
+        dkdv_threads,
+        dq_threads,
+        dq_smem,
+    }
+}
+
+impl Tiling {
+    /// Dynamic shared memory of dK/dV: K and V of `dkdv_rows` keys, Q and dO of 64 queries.
+    fn dkdv_smem(&self, head_dim: usize) -> usize {
+        (2 * self.dkdv_rows + 2 * TILE) * head_dim * 2
+    }
+
+    /// The most shared memory any of this head dim's kernels takes per block, in bytes.
+    fn max_smem(&self, head_dim: usize) -> usize {
+        let static_fwd = 3 * TILE * head_dim * 2;
+        self.dkdv_smem(head_dim)
+            .max(self.fwd_smem.max(static_fwd))
+            .max(self.dq_smem)
+    }
+}
+
+/// The most shared memory per block the flash-attention kernels need at `head_dim` (one of
+/// [`CUDA_HEAD_DIMS`]): 48 KiB at 64 and 96, 64 KiB at 128, 96 KiB at 256.
+pub fn cuda_shared_memory(head_dim: usize) -> Option<usize> {
+    CUDA_HEAD_DIMS
+        .contains(&head_dim)
+        .then(|| tiling(head_dim).max_smem(head_dim))
+}
+
 impl AttnParams {
     /// The options as the kernels take them: the scale as given, 0 for no soft cap, and 0 for no
     /// window or one that no sequence of the batch outgrows (`max_len` its longest), which is the
@@ -573,24 +650,16 @@ impl AttnParams {
         }
     }
 
-    /// The kernel of `base` (`fwd`, `dkdv` or `dq`) for these options and head dim (64 or
-    /// 128, checked): the `_opt` kernels read the soft cap and the window; the plain ones (the
-    /// scale only) are compiled without that code, which costs registers.
+    /// The kernel of `base` (`fwd`, `dkdv` or `dq`) for these options and head dim (one of
+    /// [`CUDA_HEAD_DIMS`], checked): the `_opt` kernels read the soft cap and the window; the
+    /// plain ones (the scale only) are compiled without that code, which costs registers.
     fn kernel(&self, base: &str, head_dim: usize) -> &'static str {
-        let opt = self.softcap > 0.0 || self.window > 0;
-        match (base, opt, head_dim == 64) {
-            ("fwd", false, true) => "flash_fwd_d64",
-            ("fwd", false, false) => "flash_fwd_d128",
-            ("fwd", true, true) => "flash_fwd_opt_d64",
-            ("fwd", true, false) => "flash_fwd_opt_d128",
-            ("dkdv", false, true) => "flash_bwd_dkdv_d64",
-            ("dkdv", false, false) => "flash_bwd_dkdv_d128",
-            ("dkdv", true, true) => "flash_bwd_dkdv_opt_d64",
-            ("dkdv", true, false) => "flash_bwd_dkdv_opt_d128",
-            ("dq", false, true) => "flash_bwd_dq_d64",
-            ("dq", false, false) => "flash_bwd_dq_d128",
-            ("dq", true, true) => "flash_bwd_dq_opt_d64",
-            ("dq", true, false) => "flash_bwd_dq_opt_d128",
+        let opt = usize::from(self.softcap > 0.0 || self.window > 0);
+        let names = tiling(head_dim).names;
+        match base {
+            "fwd" => names[opt],
+            "dkdv" => names[2 + opt],
+            "dq" => names[4 + opt],
             _ => unreachable!("attention kernel {base}: fwd, dkdv or dq"),
         }
     }
@@ -606,9 +675,10 @@ fn check_cuda(
     cu: &[usize],
 ) -> Result<(usize, Device, Tensor, usize)> {
     d.check()?;
-    if d.head_dim != 64 && d.head_dim != 128 {
+    if !CUDA_HEAD_DIMS.contains(&d.head_dim) {
         return Err(Error::InvalidArgument(format!(
-            "{op}: head_dim {} is not supported by the flash-attention kernels (64 or 128)",
+            "{op}: head_dim {} is not supported by the flash-attention kernels (64, 96, 128 or \
+             256)",
             d.head_dim
         )));
     }
@@ -637,8 +707,20 @@ fn check_cuda(
 }
 
 fn grid(max_len: usize, heads: usize, seqs: usize, threads: u32, smem: usize) -> LaunchConfig {
+    grid_rows(max_len, TILE, heads, seqs, threads, smem)
+}
+
+/// One block per `rows` rows of the longest sequence, per head, per sequence.
+fn grid_rows(
+    max_len: usize,
+    rows: usize,
+    heads: usize,
+    seqs: usize,
+    threads: u32,
+    smem: usize,
+) -> LaunchConfig {
     LaunchConfig {
-        grid_dim: (max_len.div_ceil(TILE) as u32, heads as u32, seqs as u32),
+        grid_dim: (max_len.div_ceil(rows) as u32, heads as u32, seqs as u32),
         block_dim: (threads, 1, 1),
         shared_mem_bytes: smem as u32,
     }
@@ -676,18 +758,24 @@ pub fn forward_cuda(
     };
     let cuda = CudaDevice::get(ord)?;
     let name = p.kernel("fwd", d.head_dim);
-    let f = cuda.function("attention", name)?;
+    let smem = tiling(d.head_dim).fwd_smem;
+    let f = if smem > 0 {
+        cuda.function_with_shared("attention", name, smem)?
+    } else {
+        cuda.function("attention", name)?
+    };
     let mut b = cuda.stream().launch_builder(&f);
     b.arg(&p);
     // SAFETY: flash_fwd[_opt]_d*(AttnParams): q/k/v/o/lse checked above ([T, H|Hkv, D] bf16,
     // lse [T, H] f32), cu_seqlens validated (0 .. T, increasing) and on the device; the grid
-    // covers the longest sequence; 128 threads as the kernel assumes; all buffers outlive the
-    // launch; scale and soft cap finite (checked), window ≥ 0.
+    // covers the longest sequence; 128 threads as the kernel assumes; `smem` bytes of dynamic
+    // shared memory where the kernel's tiles are dynamic (opted in above); all buffers outlive
+    // the launch; scale and soft cap finite (checked), window ≥ 0.
     unsafe {
         cuda.launch(
             name,
             b,
-            grid(max_len, d.heads, cu_seqlens.len() - 1, 128, 0),
+            grid(max_len, d.heads, cu_seqlens.len() - 1, 128, smem),
         )
     }?;
     Ok((o, lse))
@@ -737,14 +825,10 @@ pub fn backward_cuda(
         unreachable!("checked")
     };
     let cuda = CudaDevice::get(ord)?;
-    let suffix = if d.head_dim == 64 { "d64" } else { "d128" };
+    let tl = tiling(d.head_dim);
     let seqs = cu_seqlens.len() - 1;
     // D_i = dO_i · O_i: one warp per (token, head).
-    let name: &'static str = if suffix == "d64" {
-        "flash_bwd_dsum_d64"
-    } else {
-        "flash_bwd_dsum_d128"
-    };
+    let name = tl.names[6];
     let f = cuda.function("attention", name)?;
     let tokens_i = tokens as i32;
     let mut b = cuda.stream().launch_builder(&f);
@@ -758,23 +842,36 @@ pub fn backward_cuda(
     // SAFETY: flash_bwd_dsum_*(AttnParams, int): dout, o [T, H, D] and dsum [T, H] checked; one
     // warp per (token, head), bounds-checked in the kernel.
     unsafe { cuda.launch(name, b, cfg) }?;
-    // dK, dV over key tiles (4 tiles of 64 × D in dynamic shared memory).
+    // dK, dV over key tiles (K, V, Q and dO tiles in dynamic shared memory).
     let name = p.kernel("dkdv", d.head_dim);
-    let threads: u32 = if d.head_dim == 64 { 128 } else { 256 };
-    let smem = 4 * TILE * d.head_dim * 2;
+    let smem = tl.dkdv_smem(d.head_dim);
     let f = cuda.function_with_shared("attention", name, smem)?;
     let mut b = cuda.stream().launch_builder(&f);
     b.arg(&p);
+    let cfg = grid_rows(
+        max_len,
+        tl.dkdv_rows,
+        d.kv_heads,
+        seqs,
+        tl.dkdv_threads,
+        smem,
+    );
     // SAFETY: flash_bwd_dkdv[_opt]_*(AttnParams): every buffer checked above; dsum written by the
-    // previous launch on the same stream; `smem` bytes of dynamic shared memory (opted in above)
-    // and the thread count the kernel's warp/column split assumes.
-    unsafe { cuda.launch(name, b, grid(max_len, d.kv_heads, seqs, threads, smem)) }?;
+    // previous launch on the same stream; `smem` bytes of dynamic shared memory (opted in above),
+    // one block per `dkdv_rows` keys and the thread count the kernel's warp/column split assumes.
+    unsafe { cuda.launch(name, b, cfg) }?;
     // dQ over query tiles.
     let name = p.kernel("dq", d.head_dim);
-    let f = cuda.function("attention", name)?;
+    let f = if tl.dq_smem > 0 {
+        cuda.function_with_shared("attention", name, tl.dq_smem)?
+    } else {
+        cuda.function("attention", name)?
+    };
     let mut b = cuda.stream().launch_builder(&f);
     b.arg(&p);
-    // SAFETY: flash_bwd_dq[_opt]_*(AttnParams): as above; 128 threads.
-    unsafe { cuda.launch(name, b, grid(max_len, d.heads, seqs, 128, 0)) }?;
+    let cfg = grid(max_len, d.heads, seqs, tl.dq_threads, tl.dq_smem);
+    // SAFETY: flash_bwd_dq[_opt]_*(AttnParams): as above; the thread count the kernel's column
+    // split assumes and its dynamic shared memory (opted in above) where it has any.
+    unsafe { cuda.launch(name, b, cfg) }?;
     Ok((dq, dk, dv))
 }
