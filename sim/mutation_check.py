@@ -79,11 +79,14 @@ MUTATIONS = [
 
 
 def test_binary():
-    """The newest release build of the integration tests."""
-    found = [p for p in glob.glob(os.path.join(ROOT, "target/release/deps/integration-*"))
+    """The newest release build of the integration tests (under $CARGO_TARGET_DIR when set, as
+    cargo puts it, else the repository's target/)."""
+    target = os.path.abspath(os.environ.get("CARGO_TARGET_DIR") or os.path.join(ROOT, "target"))
+    found = [p for p in glob.glob(os.path.join(target, "release/deps/integration-*"))
              if os.access(p, os.X_OK) and not p.endswith(".d")]
     if not found:
-        sys.exit("mutation check: no target/release/deps/integration-* (run cargo test --release --no-run)")
+        sys.exit(f"mutation check: no {target}/release/deps/integration-* "
+                 "(run cargo test --release --no-run)")
     return max(found, key=os.path.getmtime)
 
 
