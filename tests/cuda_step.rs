@@ -139,12 +139,8 @@ fn cuda_step_gemma_matches_the_cpu() {
         ..gemma2.clone()
     };
     for cfg in [gemma2, gemma3] {
-        let cu = [0usize, 50, 81];
-        let model = model_on(&cfg, 5, Device::Cpu);
-        let gpu_model = model_on(&cfg, 5, Device::Cuda(o));
-        let lora = nonzero_adapter(&cfg, 8, 0.0, 6, |i| ((i * 13 % 11) as f32 - 5.0) * 0.01);
-        assert_loss_on_both(&model, &gpu_model, &lora, &cu, &format!("{:?}", cfg.arch));
-        step_parity(o, 8, cfg, 0.0, &cu);
+        let what = format!("{:?}", cfg.arch);
+        family_parity(o, cfg, &[&[0, 50, 81]], &what);
     }
 }
 
@@ -176,15 +172,9 @@ fn cuda_step_phi3_matches_the_cpu() {
         },
         ..small_config()
     };
-    let model = model_on(&cfg, 5, Device::Cpu);
-    let gpu_model = model_on(&cfg, 5, Device::Cuda(o));
-    let lora = nonzero_adapter(&cfg, 8, 0.0, 6, |i| ((i * 13 % 11) as f32 - 5.0) * 0.01);
-    assert_eq!(lora.config.targets, Target::FUSED.to_vec());
     // Within the original context (30 + 31 tokens: short factors), then beyond it (50: long).
-    for cu in [[0usize, 30, 61], [0, 50, 81]] {
-        assert_loss_on_both(&model, &gpu_model, &lora, &cu, &format!("phi3 {cu:?}"));
-    }
-    step_parity(o, 8, cfg, 0.0, &[0, 50, 81]);
+    let lora = family_parity(o, cfg, &[&[0, 30, 61], &[0, 50, 81]], "phi3");
+    assert_eq!(lora.config.targets, Target::FUSED.to_vec());
 }
 
 /// Real Gemma's head_dim 256 on both devices (the flash-attention kernels' dynamic shared memory
@@ -226,13 +216,8 @@ fn cuda_step_gemma_head_dim_256_matches_the_cpu() {
         ..gemma2.clone()
     };
     for cfg in [gemma2, gemma3] {
-        let cu = [0usize, 50, 81];
-        let model = model_on(&cfg, 5, Device::Cpu);
-        let gpu_model = model_on(&cfg, 5, Device::Cuda(o));
-        let lora = nonzero_adapter(&cfg, 8, 0.0, 6, |i| ((i * 13 % 11) as f32 - 5.0) * 0.01);
         let what = format!("{:?}, head_dim 256", cfg.arch);
-        assert_loss_on_both(&model, &gpu_model, &lora, &cu, &what);
-        step_parity(o, 8, cfg, 0.0, &cu);
+        family_parity(o, cfg, &[&[0, 50, 81]], &what);
     }
 }
 
@@ -264,13 +249,7 @@ fn cuda_step_phi3_head_dim_96_matches_the_cpu() {
         },
         ..small_config()
     };
-    let model = model_on(&cfg, 5, Device::Cpu);
-    let gpu_model = model_on(&cfg, 5, Device::Cuda(o));
-    let lora = nonzero_adapter(&cfg, 8, 0.0, 6, |i| ((i * 13 % 11) as f32 - 5.0) * 0.01);
-    for cu in [[0usize, 30, 61], [0, 50, 81]] {
-        assert_loss_on_both(&model, &gpu_model, &lora, &cu, &format!("phi3 96 {cu:?}"));
-    }
-    step_parity(o, 8, cfg, 0.0, &[0, 50, 81]);
+    family_parity(o, cfg, &[&[0, 30, 61], &[0, 50, 81]], "phi3 96");
 }
 
 /// LoRA dropout draws the same masks on both devices (one counter-based function of the seed,
@@ -364,6 +343,21 @@ fn nonzero_adapter(
 
 /// The loss of the token sequence `(i·37 + 11) mod 515` packed as `cu` with `lora`: the GPU
 /// model's within 2e-3 relative of the CPU model's.
+/// A family's parity on both devices: the loss before training (a non-zero rank-8 adapter)
+/// equals the CPU's on each batch of `batches`, then ten steps as for Llama on the last batch.
+/// Returns the adapter checked.
+fn family_parity(o: usize, cfg: LlamaConfig, batches: &[&[usize]], what: &str) -> LoraParams {
+    let model = model_on(&cfg, 5, Device::Cpu);
+    let gpu_model = model_on(&cfg, 5, Device::Cuda(o));
+    let lora = nonzero_adapter(&cfg, 8, 0.0, 6, |i| ((i * 13 % 11) as f32 - 5.0) * 0.01);
+    for cu in batches {
+        assert_loss_on_both(&model, &gpu_model, &lora, cu, &format!("{what} {cu:?}"));
+    }
+    let last = batches.last().expect("at least one batch");
+    step_parity(o, 8, cfg, 0.0, last);
+    lora
+}
+
 fn assert_loss_on_both(
     model: &Llama,
     gpu_model: &Llama,
