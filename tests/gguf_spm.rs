@@ -99,6 +99,18 @@ fn model_dir(dir: &Path, name: &str, arch: &str, rows: usize, weights: bool) -> 
 }
 
 /// `got` equals the converter's `tokenizer.*` keys: same names in the same order, same values.
+/// The error `import-gguf`'s tokenizer step gives for a GGUF of `metadata` alone, written to
+/// `path`.
+fn tokenizer_refusal(metadata: Vec<(String, Value)>, path: &Path) -> String {
+    let w = GgufWriter {
+        metadata,
+        tensors: Vec::new(),
+    };
+    w.write(path, |_| unreachable!("no tensors")).unwrap();
+    let g = GgufFile::open(path).unwrap();
+    tokenizer::build(&g, 4096).err().unwrap().to_string()
+}
+
 fn assert_converter_keys(got: &[(String, Value)], want: &Json, what: &str) {
     let want = want.as_array().unwrap();
     let names: Vec<&str> = got.iter().map(|(k, _)| k.as_str()).collect();
@@ -284,14 +296,7 @@ fn gguf_spm_refusals() {
     let src = GgufFile::open(&root().join("gguf/tok-spm-gemma.gguf")).unwrap();
     let mut meta = src.metadata.clone();
     meta.retain(|(k, _)| k != "tokenizer.ggml.scores");
-    let path = dir.join("noscores.gguf");
-    let w = GgufWriter {
-        metadata: meta,
-        tensors: Vec::new(),
-    };
-    w.write(&path, |_| unreachable!("no tensors")).unwrap();
-    let g = GgufFile::open(&path).unwrap();
-    let e = tokenizer::build(&g, 4096).err().unwrap().to_string();
+    let e = tokenizer_refusal(meta, &dir.join("noscores.gguf"));
     assert!(
         e.contains("noscores.gguf") && e.contains("tokenizer.ggml.scores"),
         "{e}"
@@ -303,14 +308,7 @@ fn gguf_spm_refusals() {
             *v = Value::String("t5".into());
         }
     }
-    let path = dir.join("t5.gguf");
-    let w = GgufWriter {
-        metadata: meta,
-        tensors: Vec::new(),
-    };
-    w.write(&path, |_| unreachable!("no tensors")).unwrap();
-    let g = GgufFile::open(&path).unwrap();
-    let e = tokenizer::build(&g, 4096).err().unwrap().to_string();
+    let e = tokenizer_refusal(meta, &dir.join("t5.gguf"));
     for p in ["t5.gguf", "`t5`", "`gpt2`", "`llama`"] {
         assert!(e.contains(p), "`{p}` not in: {e}");
     }

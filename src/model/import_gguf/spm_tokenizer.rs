@@ -32,13 +32,12 @@
 //! Hugging Face's fast tokenizer (and this crate) need only `tokenizer.json`.
 
 use std::collections::HashMap;
-use std::str::FromStr;
 
 use serde_json::{json, Map, Value as Json};
 
 use super::tokenizer::{
-    added_tokens, config_json, flag, strings, template, token_id, token_types, TokenizerFiles,
-    NORMAL,
+    added_tokens, check_loads, config_json, flag, strings, template, token_id, token_types,
+    TokenizerFiles, NORMAL,
 };
 use crate::error::Result;
 use crate::quant::gguf::GgufFile;
@@ -189,12 +188,7 @@ pub fn build(g: &GgufFile, model_max_length: usize) -> Result<TokenizerFiles> {
             "merges": merge_list,
         },
     });
-    let text = serde_json::to_string(&tokenizer_json).expect("JSON of plain values");
-    tokenizers::Tokenizer::from_str(&text).map_err(|e| {
-        g.error(format!(
-            "the tokenizer built from the GGUF metadata does not load: {e}"
-        ))
-    })?;
+    check_loads(g, &tokenizer_json)?;
     // No `add_prefix_space` in the config: the normalizer holds it, and some transformers
     // versions would rebuild the tokenizer from a tokenizer.model the folder lacks.
     let config = config_json(g, [bos, eos, unk, pad], add_bos, add_eos, model_max_length)?;

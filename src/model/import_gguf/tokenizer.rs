@@ -277,6 +277,18 @@ pub(super) fn added_tokens(g: &GgufFile, tokens: &[&str], types: &[i64]) -> (Vec
 
 /// `tokenizer_config.json`: the BOS/EOS/UNK/PAD token strings, whether BOS/EOS are added, the
 /// context length and the chat template.
+/// Loads `tokenizer_json` once with the `tokenizers` crate: a file that is written is a file that
+/// loads.
+pub(super) fn check_loads(g: &GgufFile, tokenizer_json: &Json) -> Result<()> {
+    let text = serde_json::to_string(tokenizer_json).expect("JSON of plain values");
+    tokenizers::Tokenizer::from_str(&text).map_err(|e| {
+        g.error(format!(
+            "the tokenizer built from the GGUF metadata does not load: {e}"
+        ))
+    })?;
+    Ok(())
+}
+
 pub(super) fn config_json(
     g: &GgufFile,
     [bos, eos, unk, pad]: [Option<&str>; 4],
@@ -423,12 +435,7 @@ pub fn build(g: &GgufFile, model_max_length: usize) -> Result<TokenizerFiles> {
             "merges": merge_pairs,
         },
     });
-    let text = serde_json::to_string(&tokenizer_json).expect("JSON of plain values");
-    tokenizers::Tokenizer::from_str(&text).map_err(|e| {
-        g.error(format!(
-            "the tokenizer built from the GGUF metadata does not load: {e}"
-        ))
-    })?;
+    check_loads(g, &tokenizer_json)?;
 
     let config = config_json(g, [bos, eos, unk, pad], add_bos, add_eos, model_max_length)?;
     Ok(TokenizerFiles {
