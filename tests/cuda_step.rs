@@ -36,6 +36,7 @@ fn small_config() -> LlamaConfig {
         dtype: None,
         quantization_config: None,
         switches: Default::default(),
+        multimodal: false,
     }
 }
 

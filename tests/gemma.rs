@@ -169,15 +169,6 @@ fn gemma_options_we_do_not_implement_are_refused_by_name() {
             Box::new(|v| v["final_logit_softcapping"] = json!(30.0)),
             "soft-capping is read for gemma2 and gemma3_text only, not qwen3",
         ),
-        (
-            "tiny-gemma3",
-            Box::new(|v| {
-                let text = v.clone();
-                *v = json!({"model_type": "gemma3", "text_config": text,
-                            "vision_config": {"model_type": "siglip_vision_model"}});
-            }),
-            "model_type `gemma3` is a multimodal checkpoint",
-        ),
     ];
     for (model, edit, want) in cases {
         let mut v = llama_fixture_json(&format!("{model}/config.json"));

@@ -80,11 +80,17 @@ fn adapter(model: &Llama, name: &str) -> LoraParams {
     adapters::load(&fixture(name), &model.config).unwrap()
 }
 
-/// Checks every LoRA gradient against the golden `prefix<peft key>` tensors.
+/// Checks every LoRA gradient against the golden `prefix<peft key>` tensors (the goldens name
+/// the text model's layers, `model.layers`).
 fn check_grads(g: &Golden, lora: &LoraParams, grads: &[f32], prefix: &str) {
+    let text = LoraParams {
+        layers_module: "model.layers",
+        values: Vec::new(),
+        ..lora.clone()
+    };
     for slot in &lora.slots {
         for (which, range) in [('A', slot.a.clone()), ('B', slot.b.clone())] {
-            let key = LoraParams::peft_key(slot, which);
+            let key = text.peft_key(slot, which);
             assert_rel(
                 &format!("{prefix}{key}"),
                 &grads[range],
@@ -96,7 +102,13 @@ fn check_grads(g: &Golden, lora: &LoraParams, grads: &[f32], prefix: &str) {
 }
 
 fn golden_case(model_dir: &str) {
-    let g = Golden::open(model_dir);
+    golden_case_of(model_dir, model_dir)
+}
+
+/// [`golden_case`] for the model in `model_dir` (and its `-lora` adapter) against the goldens
+/// of `golden` (a model with the same weights).
+fn golden_case_of(model_dir: &str, golden: &str) {
+    let g = Golden::open(golden);
     let model = load(model_dir, BaseFormat::Dense);
     let lora = adapter(&model, &format!("{model_dir}-lora"));
     let ids = g.ids("input_ids");
@@ -479,7 +491,7 @@ fn bad_configs_are_rejected_naming_the_field() {
     let cases: Vec<(Edit, &str)> = vec![
         (
             Box::new(|v| v["model_type"] = "gpt2".into()),
-            "model_type `gpt2` is not supported (supported: llama, mistral, qwen2, qwen3, gemma2, gemma3_text, phi3)",
+            "model_type `gpt2` is not supported (supported: llama, mistral, qwen2, qwen3, gemma2, gemma3_text, gemma3 (its language model), phi3)",
         ),
         (
             Box::new(|v| {
@@ -930,6 +942,16 @@ fn gemma2_with_every_quirk_matches_transformers_peft() {
 #[test]
 fn gemma3_with_local_rope_and_head_norms_matches_transformers_peft() {
     golden_case("tiny-gemma3");
+}
+
+/// Gemma 3's multimodal checkpoint (Gemma3ForConditionalGeneration, stored as the hub's are)
+/// with tiny-gemma3 as its language model, and PEFT's adapter on it (tiny-gemma3-lora's
+/// weights under `model.language_model.layers`, targets a regex that spares the vision
+/// tower): tiny-gemma3's goldens — the fixture script checked that transformers and PEFT give
+/// the same logits for both.
+#[test]
+fn gemma3_multimodal_checkpoint_matches_transformers_peft() {
+    golden_case_of("tiny-gemma3-mm", "tiny-gemma3");
 }
 
 /// Phi-3 (Phi-3.5 / Phi-4-mini's layer): q/k/v and gate/up stored fused and adapted whole,

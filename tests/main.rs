@@ -12,6 +12,7 @@ mod export_gguf;
 mod flash;
 mod gemm;
 mod gemma;
+mod gemma3_multimodal;
 mod gguf;
 mod gguf_common;
 mod gguf_gemma;

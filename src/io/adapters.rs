@@ -1,6 +1,14 @@
 //! PEFT LoRA adapters: `adapter_model.safetensors` (keys
 //! `base_model.model.model.layers.<i>.<self_attn|mlp>.<proj>.lora_<A|B>.weight`, f32) and
 //! `adapter_config.json`, the files PEFT, vLLM and llama.cpp's converter read.
+//!
+//! On a multimodal checkpoint's language model (Gemma 3) the keys are PEFT's on
+//! Gemma3ForConditionalGeneration, `base_model.model.model.language_model.layers.<i>…`, and
+//! `target_modules` is a regex that PEFT matches against whole module names, so that the vision
+//! tower's own `q_proj`/`k_proj`/… stay unadapted. Reading, the keys of transformers 4.x's
+//! module layout (`base_model.model.language_model.model.layers.<i>…`) are accepted too; an
+//! adapter whose `target_modules` is a regex (ours or anyone's) is read by the modules its
+//! weights name.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -25,13 +33,16 @@ fn format_err(path: &Path, msg: impl Into<String>) -> Error {
     }
 }
 
-/// Reads the LoRA hyper-parameters of `adapter_config.json`.
+/// Reads the LoRA hyper-parameters of `adapter_config.json`. A regex `target_modules` reads
+/// as every projection here ([`load`] takes the adapted ones from the weights).
 pub fn read_config(path: &Path) -> Result<LoraConfig> {
-    read_config_and_layers(path).map(|(c, _)| c)
+    read_config_and_layers(path).map(|(c, _, _)| c)
 }
 
-/// The hyper-parameters and `layers_to_transform` (None: every layer).
-fn read_config_and_layers(path: &Path) -> Result<(LoraConfig, Option<Vec<usize>>)> {
+/// The hyper-parameters, `layers_to_transform` (None: every layer), and whether
+/// `target_modules` is a regex (the targets are then every projection, to be narrowed by the
+/// weights present).
+fn read_config_and_layers(path: &Path) -> Result<(LoraConfig, Option<Vec<usize>>, bool)> {
     let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
         path: path.to_path_buf(),
         source,
@@ -78,6 +89,7 @@ fn read_config_and_layers(path: &Path) -> Result<(LoraConfig, Option<Vec<usize>>
     };
     // PEFT's own defaults for the fields it may leave out.
     let alpha = number("lora_alpha", 8.0)?;
+    let regex = matches!(v.get("target_modules"), Some(Value::String(s)) if s != "all-linear");
     let targets = match v.get("target_modules") {
         Some(Value::Array(items)) => items
             .iter()
@@ -88,10 +100,15 @@ fn read_config_and_layers(path: &Path) -> Result<(LoraConfig, Option<Vec<usize>>
             })
             .collect::<Result<Vec<_>>>()?,
         Some(Value::String(s)) if s == "all-linear" => Target::ALL.to_vec(),
+        // A regex over module names: the weights say which modules it matched.
+        Some(Value::String(_)) => Target::ALL.to_vec(),
         Some(other) => {
             return Err(format_err(
                 path,
-                format!("target_modules {other} is not supported: give a list of projection names"),
+                format!(
+                    "target_modules {other} is not supported: give a list of projection names \
+                     or a regex"
+                ),
             ))
         }
         None => return Err(format_err(path, "field `target_modules` is missing")),
@@ -127,33 +144,101 @@ fn read_config_and_layers(path: &Path) -> Result<(LoraConfig, Option<Vec<usize>>
             ))
         }
     };
-    Ok((cfg, layers))
+    Ok((cfg, layers, regex))
+}
+
+/// The `(layer, projection)` pairs that `names` (an adapter's tensor names) hold LoRA weights
+/// for, under `base_model.model.<layers_module>.<i>.<path>.lora_A.weight`; names outside that
+/// pattern are left for [`load`] to refuse.
+fn adapted_by_weights(
+    names: &[&str],
+    layers_module: &str,
+    model: &LlamaConfig,
+) -> Vec<(usize, Target)> {
+    let prefix = format!("base_model.model.{layers_module}.");
+    let mut found = Vec::new();
+    for n in names {
+        let Some(rest) = n.strip_prefix(&prefix) else {
+            continue;
+        };
+        let Some((layer, path)) = rest.split_once('.') else {
+            continue;
+        };
+        let (Ok(layer), Some(path)) = (layer.parse::<usize>(), path.strip_suffix(".lora_A.weight"))
+        else {
+            continue;
+        };
+        if let Some(&t) = model.targets().iter().find(|t| t.hf_path() == path) {
+            found.push((layer, t));
+        }
+    }
+    found.sort();
+    found.dedup();
+    found
 }
 
 /// Loads a PEFT adapter folder for a model of configuration `model`.
 pub fn load(dir: &Path, model: &LlamaConfig) -> Result<LoraParams> {
-    let (cfg, layers) = read_config_and_layers(&dir.join(CONFIG_FILE))?;
-    let ckpt = Checkpoint::open_files(&[dir.join(WEIGHTS_FILE)])?;
+    let config_path = dir.join(CONFIG_FILE);
+    let weights = dir.join(WEIGHTS_FILE);
+    let (mut cfg, mut layers, regex) = read_config_and_layers(&config_path)?;
+    let ckpt = Checkpoint::open_files(std::slice::from_ref(&weights))?;
+    let names = ckpt.names();
+    // A multimodal model's adapters: PEFT's names on transformers 5's modules, or on 4.x's.
+    let layers_module = if model.multimodal
+        && names
+            .iter()
+            .any(|n| n.starts_with("base_model.model.language_model.model.layers."))
+    {
+        "language_model.model.layers"
+    } else {
+        model.layers_module()
+    };
+    if regex {
+        let adapted = adapted_by_weights(&names, layers_module, model);
+        let mut targets: Vec<Target> = adapted.iter().map(|&(_, t)| t).collect();
+        targets.sort();
+        targets.dedup();
+        let mut on: Vec<usize> = adapted.iter().map(|&(l, _)| l).collect();
+        on.dedup();
+        if adapted.len() != targets.len() * on.len() || adapted.is_empty() {
+            return Err(format_err(
+                &config_path,
+                format!(
+                    "target_modules is a regex, and the weights in {WEIGHTS_FILE} adapt {} \
+                     module(s) that are not the same projections on every adapted layer; only \
+                     such adapters load",
+                    adapted.len()
+                ),
+            ));
+        }
+        cfg.targets = targets;
+        layers = Some(on);
+    }
     let all: Vec<usize> = (0..model.num_layers).collect();
     let mut params = LoraParams::zeros_on_layers(model, cfg, layers.as_deref().unwrap_or(&all))
-        .map_err(|e| format_err(&dir.join(CONFIG_FILE), e.to_string()))?;
+        .map_err(|e| format_err(&config_path, e.to_string()))?;
+    let ours = params.layers_module;
+    params.layers_module = layers_module;
     let mut expected = std::collections::HashSet::new();
     for slot in params.slots.clone() {
         for (which, range, shape) in [
             ('A', slot.a.clone(), [params.config.rank, slot.in_features]),
             ('B', slot.b.clone(), [slot.out_features, params.config.rank]),
         ] {
-            let key = LoraParams::peft_key(&slot, which);
+            let key = params.peft_key(&slot, which);
             let values = ckpt.f32(&key, &shape)?;
             params.values[range].copy_from_slice(&values);
             expected.insert(key);
         }
     }
-    if let Some(extra) = ckpt.names().into_iter().find(|n| !expected.contains(*n)) {
+    params.layers_module = ours;
+    if let Some(extra) = names.into_iter().find(|n| !expected.contains(*n)) {
         return Err(format_err(
-            &dir.join(WEIGHTS_FILE),
+            &weights,
             format!(
-                "tensor `{extra}` is not a LoRA weight of this model's layers ({} layers, targets {:?})",
+                "tensor `{extra}` is not a LoRA weight of this model's layers ({} layers under \
+                 `{layers_module}`, targets {:?})",
                 model.num_layers, params.config.targets
             ),
         ));
@@ -228,12 +313,12 @@ pub fn save(dir: &Path, params: &LoraParams, base_model: Option<&str>) -> Result
     let mut tensors: Vec<(String, Vec<usize>, &[f32])> = Vec::new();
     for slot in &params.slots {
         tensors.push((
-            LoraParams::peft_key(slot, 'A'),
+            params.peft_key(slot, 'A'),
             vec![params.config.rank, slot.in_features],
             &params.values[slot.a.clone()],
         ));
         tensors.push((
-            LoraParams::peft_key(slot, 'B'),
+            params.peft_key(slot, 'B'),
             vec![slot.out_features, params.config.rank],
             &params.values[slot.b.clone()],
         ));
@@ -256,7 +341,26 @@ pub fn save(dir: &Path, params: &LoraParams, base_model: Option<&str>) -> Result
     // Adapters on every layer are PEFT's default; a subset is listed.
     let layers = params.layers();
     let every = layers.len() == params.model_layers;
-    let layers_to_transform = if every { Value::Null } else { json!(layers) };
+    let mut layers_to_transform = if every { Value::Null } else { json!(layers) };
+    let target_modules = if params.layers_module == "model.layers" {
+        json!(modules)
+    } else {
+        // A multimodal model: a list would adapt the vision tower's like-named modules too, so
+        // a regex over the language model's module names (which PEFT matches whole, and which
+        // then ignores layers_to_transform: the layers go into the regex).
+        let layers = if every {
+            r"\d+".to_string()
+        } else {
+            let l: Vec<String> = layers.iter().map(usize::to_string).collect();
+            format!("({})", l.join("|"))
+        };
+        layers_to_transform = Value::Null;
+        let module = params.layers_module.replace('.', r"\.");
+        json!(format!(
+            r"{module}\.{layers}\.(self_attn|mlp)\.({})",
+            modules.join("|")
+        ))
+    };
     let config = json!({
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -265,7 +369,7 @@ pub fn save(dir: &Path, params: &LoraParams, base_model: Option<&str>) -> Result
         "lora_alpha": c.alpha,
         "lora_dropout": c.dropout,
         "use_rslora": c.rslora,
-        "target_modules": modules,
+        "target_modules": target_modules,
         "bias": "none",
         "fan_in_fan_out": false,
         "inference_mode": true,

@@ -181,6 +181,18 @@ fn write_config(
     adapters::write_atomic(&out.join("config.json"), text.as_bytes())
 }
 
+/// A multimodal config's `text_config` states the dtype the output is written in (bf16) where
+/// it states one.
+fn text_config_dtype(c: &mut serde_json::Map<String, Value>) {
+    if let Some(t) = c.get_mut("text_config").and_then(Value::as_object_mut) {
+        for key in ["dtype", "torch_dtype"] {
+            if let Some(v) = t.get_mut(key) {
+                *v = json!("bfloat16");
+            }
+        }
+    }
+}
+
 /// The base weight of a projection in f32, as trained on: NF4 round trip of the original
 /// (unless `onto_original`), or the pre-quantized checkpoint's NF4 dequantized.
 fn base_weight(
@@ -230,7 +242,7 @@ impl MergedModel {
         onto_original: bool,
     ) -> Result<MergedModel> {
         let cfg = LlamaConfig::from_file(&model_dir.join("config.json"))?;
-        let ckpt = Checkpoint::open_dir(model_dir)?;
+        let ckpt = Checkpoint::open_model(model_dir, cfg.multimodal)?;
         let lora = adapter_dir.map(|d| adapters::load(d, &cfg)).transpose()?;
         let prequantized = bnb::is_bnb_4bit(cfg.quantization_config.as_ref())?;
         if prequantized && onto_original {
@@ -252,8 +264,21 @@ impl MergedModel {
         })
     }
 
+    /// The name `name` (of [`MergedModel::tensors`]) has in the input's files (a multimodal
+    /// checkpoint's language model stores its tensors under another prefix).
+    pub fn stored_name(&self, name: &str) -> String {
+        self.ckpt.stored_name(name).to_string()
+    }
+
+    /// Whether `name` is outside the language model of a multimodal checkpoint (its vision
+    /// tower or projector).
+    pub fn outside_text_model(&self, name: &str) -> bool {
+        self.ckpt.outside_text_model(name)
+    }
+
     /// Every tensor of the plain model (bitsandbytes' quantization state left out) with its
-    /// row-major shape, in the checkpoint's order.
+    /// row-major shape, in the checkpoint's order; a multimodal checkpoint's language model
+    /// under the names it is read by (`model.…`), the rest under their own.
     pub fn tensors(&self) -> Result<Vec<(String, Vec<usize>)>> {
         let mut out = Vec::new();
         for name in self.ckpt.names() {
@@ -317,19 +342,25 @@ pub fn merge(
 ) -> Result<ExportReport> {
     let model = MergedModel::open(model_dir, Some(adapter_dir), onto_original)?;
     prepare_out(out)?;
+    // Written under the input's own names (a multimodal checkpoint keeps its layout).
+    let mut read_as = HashMap::new();
     let entries = model
         .tensors()?
         .into_iter()
-        .map(|(name, shape)| Entry {
-            name,
-            dtype: Dtype::BF16,
-            shape,
+        .map(|(name, shape)| {
+            let stored = model.stored_name(&name);
+            read_as.insert(stored.clone(), name);
+            Entry {
+                name: stored,
+                dtype: Dtype::BF16,
+                shape,
+            }
         })
         .collect();
     let plan = shard_plan(model_dir)?;
     let mut merged = 0;
     let mut report = write_shards(out, entries, plan.as_ref(), |e| {
-        let (w, adapted) = model.tensor(&e.name, &e.shape)?;
+        let (w, adapted) = model.tensor(&read_as[&e.name], &e.shape)?;
         merged += usize::from(adapted);
         Ok(bf16_bytes(&w))
     })?;
@@ -338,6 +369,7 @@ pub fn merge(
         c.remove("quantization_config");
         c.remove("dtype");
         c.insert("torch_dtype".into(), json!("bfloat16"));
+        text_config_dtype(c);
     })?;
     copy_side_files(model_dir, out)?;
     Ok(report)
@@ -400,7 +432,7 @@ pub fn quantize(model_dir: &Path, out: &Path) -> Result<ExportReport> {
             model_dir.display()
         )));
     }
-    let ckpt = Checkpoint::open_dir(model_dir)?;
+    let ckpt = Checkpoint::open_model(model_dir, cfg.multimodal)?;
     prepare_out(out)?;
     let proj: HashMap<String, (usize, Target)> = projections(&cfg)
         .into_iter()
@@ -412,9 +444,14 @@ pub fn quantize(model_dir: &Path, out: &Path) -> Result<ExportReport> {
         _ => DType::BF16,
     };
     let mut entries = Vec::new();
+    // Keyed by the names in the output's files (the input's own names; a multimodal
+    // checkpoint's language model is read under `model.…`): what each is read as.
     let mut quantized: HashMap<String, Nf4Tensor> = HashMap::new();
+    let mut read_as: HashMap<String, String> = HashMap::new();
     let nf4 = Nf4Config::default();
     for name in ckpt.names() {
+        let stored = ckpt.stored_name(name);
+        read_as.insert(stored.to_string(), name.to_string());
         let prefix = name.trim_end_matches(".weight");
         match proj.get(prefix) {
             Some(&(_, target)) if name.ends_with(".weight") => {
@@ -442,24 +479,28 @@ pub fn quantize(model_dir: &Path, out: &Path) -> Result<ExportReport> {
                     _ => w,
                 };
                 let q = Nf4Tensor::quantize(&w, nf4)?;
-                entries.extend(bnb_entries(prefix, &q));
-                quantized.insert(prefix.to_string(), q);
+                let stored_prefix = stored.trim_end_matches(".weight");
+                entries.extend(bnb_entries(stored_prefix, &q));
+                quantized.insert(stored_prefix.to_string(), q);
             }
             _ => entries.push(Entry {
-                name: name.to_string(),
+                name: stored.to_string(),
                 dtype: Dtype::BF16,
                 shape: ckpt.get(name)?.shape.to_vec(),
             }),
         }
     }
     let plan = shard_plan(model_dir)?;
+    let plain = |stored: &str| -> Result<Vec<u8>> {
+        Ok(bf16_bytes(&ckpt.get(&read_as[stored])?.to_f32()?))
+    };
     let mut report = write_shards(out, entries, plan.as_ref(), |e| {
         let Some(idx) = e.name.find(".weight") else {
-            return Ok(bf16_bytes(&ckpt.get(&e.name)?.to_f32()?));
+            return plain(&e.name);
         };
         let (prefix, suffix) = (&e.name[..idx], &e.name[idx + ".weight".len()..]);
         let Some(q) = quantized.get(prefix) else {
-            return Ok(bf16_bytes(&ckpt.get(&e.name)?.to_f32()?));
+            return plain(&e.name);
         };
         let Absmax::Double {
             q: qa,
@@ -477,13 +518,28 @@ pub fn quantize(model_dir: &Path, out: &Path) -> Result<ExportReport> {
             ".nested_absmax" => f32_bytes(&absmax2.to_vec::<f32>()?),
             ".nested_quant_map" => f32_bytes(&code2.to_vec::<f32>()?),
             ".quant_state.bitsandbytes__nf4" => quant_state_json(q),
-            _ => bf16_bytes(&ckpt.get(&e.name)?.to_f32()?),
+            _ => plain(&e.name)?,
         })
     })?;
     report.projections = quantized.len();
+    // transformers would turn every Linear into a 4-bit one on loading, the vision tower's too
+    // (which stays bf16 here): those are named as not converted, by the module paths of
+    // transformers 5 (matched from the start) and of 4.x (matched as substrings).
+    let skip = if cfg.multimodal {
+        json!([
+            "lm_head",
+            "model.vision_tower",
+            "model.multi_modal_projector",
+            "vision_tower",
+            "multi_modal_projector"
+        ])
+    } else {
+        Value::Null
+    };
     write_config(model_dir, out, |c| {
         c.remove("torch_dtype");
         c.insert("dtype".into(), json!("bfloat16"));
+        text_config_dtype(c);
         c.insert(
             "quantization_config".into(),
             json!({
@@ -495,7 +551,7 @@ pub fn quantize(model_dir: &Path, out: &Path) -> Result<ExportReport> {
                 "bnb_4bit_use_double_quant": true,
                 "llm_int8_enable_fp32_cpu_offload": false,
                 "llm_int8_has_fp16_weight": false,
-                "llm_int8_skip_modules": null,
+                "llm_int8_skip_modules": skip,
                 "llm_int8_threshold": 6.0,
                 "load_in_4bit": true,
                 "load_in_8bit": false,

@@ -24,7 +24,11 @@ struct Shard {
 /// One checkpoint: its shards and which shard holds each tensor.
 pub struct Checkpoint {
     shards: Vec<Shard>,
+    /// Tensor name (as the model reads it) → the shard that holds it.
     index: HashMap<String, usize>,
+    /// Names read under another name than the stored one ([`Checkpoint::text_model`]): the
+    /// name the model reads → the name in the file.
+    stored: HashMap<String, String>,
     /// Names read so far ([`Checkpoint::unused`] lists the others).
     used: std::sync::Mutex<std::collections::HashSet<String>>,
 }
@@ -110,6 +114,17 @@ impl Checkpoint {
         ))
     }
 
+    /// Opens a model folder's weights as [`Checkpoint::open_dir`], the language model alone
+    /// ([`Checkpoint::text_model`]) when its config says `multimodal`.
+    pub fn open_model(dir: &Path, multimodal: bool) -> Result<Checkpoint> {
+        let ckpt = Checkpoint::open_dir(dir)?;
+        if multimodal {
+            ckpt.text_model()
+        } else {
+            Ok(ckpt)
+        }
+    }
+
     /// Opens shards named by a `model.safetensors.index.json` (`weight_map`: tensor → file).
     pub fn open_sharded(index_path: &Path) -> Result<Checkpoint> {
         let text = std::fs::read_to_string(index_path).map_err(io_err(index_path))?;
@@ -178,8 +193,70 @@ impl Checkpoint {
         Ok(Checkpoint {
             shards,
             index,
+            stored: HashMap::new(),
             used: Default::default(),
         })
+    }
+
+    /// A multimodal checkpoint's language model read as a plain one: its tensors, stored under
+    /// `language_model.model.` (transformers 4.x and the hub; the output layer as
+    /// `language_model.lm_head.`) or transformers 5's module path `model.language_model.` (the
+    /// output layer as `lm_head.`), answer to `model.…` and `lm_head.…`; the vision tower and the
+    /// projector keep their names ([`Checkpoint::outside_text_model`] tells them).
+    pub fn text_model(mut self) -> Result<Checkpoint> {
+        let layouts: [&[(&str, &str)]; 2] = [
+            &[
+                ("language_model.model.", "model."),
+                ("language_model.lm_head.", "lm_head."),
+            ],
+            &[("model.language_model.", "model.")],
+        ];
+        let Some(renames) = layouts.into_iter().find(|l| {
+            self.index
+                .keys()
+                .any(|n| n.starts_with(l[0].0) && n.contains(".layers."))
+        }) else {
+            return Err(format_err(
+                &self.shards[0].path,
+                "config.json says model_type gemma3 (a multimodal checkpoint) but no decoder \
+                 layer is stored under `language_model.model.` (transformers 4.x, the hub) or \
+                 `model.language_model.` (transformers 5's module names)",
+            ));
+        };
+        let mut index: HashMap<String, usize> = HashMap::with_capacity(self.index.len());
+        for (name, shard) in std::mem::take(&mut self.index) {
+            let read = renames
+                .iter()
+                .find_map(|(from, to)| name.strip_prefix(from).map(|rest| format!("{to}{rest}")));
+            let key = read.clone().unwrap_or_else(|| name.clone());
+            if let Some(&other) = index.get(&key) {
+                return Err(format_err(
+                    &self.shards[shard].path,
+                    format!(
+                        "tensor `{name}` and a tensor in {} are both the language model's `{key}`",
+                        self.shards[other].path.display()
+                    ),
+                ));
+            }
+            index.insert(key.clone(), shard);
+            if read.is_some() {
+                self.stored.insert(key, name);
+            }
+        }
+        self.index = index;
+        Ok(self)
+    }
+
+    /// The name a tensor has in the file (differs from `name` in a multimodal checkpoint's
+    /// language model).
+    pub fn stored_name<'a>(&'a self, name: &'a str) -> &'a str {
+        self.stored.get(name).map(String::as_str).unwrap_or(name)
+    }
+
+    /// Whether `name` is a tensor of a multimodal checkpoint outside its language model (the
+    /// vision tower, the projector), after [`Checkpoint::text_model`].
+    pub fn outside_text_model(&self, name: &str) -> bool {
+        !self.stored.is_empty() && !self.stored.contains_key(name) && name != "lm_head.weight"
     }
 
     /// Whether a tensor of this name exists.
@@ -228,6 +305,7 @@ impl Checkpoint {
             .unwrap_or_else(|p| p.into_inner())
             .insert(name.to_string());
         let shard = &self.shards[i];
+        let name = self.stored_name(name);
         let info = shard.info(name).expect("indexed tensor has metadata");
         let start = 8 + shard.header_len + info.data_offsets.0;
         let end = 8 + shard.header_len + info.data_offsets.1;

@@ -83,7 +83,7 @@ pub struct HfConfig {
     pub max_window_layers: Option<usize>,
     /// Gemma: attention in both directions within the window (embedding models); refused.
     pub use_bidirectional_attention: Option<bool>,
-    /// A multimodal checkpoint's language model (`gemma3`); refused with a message.
+    /// A multimodal checkpoint's language model (`gemma3`): its config, read as the model's.
     pub text_config: Option<Value>,
     /// Phi-3 (transformers 4.x): the share of each head that RoPE rotates (Phi-4-mini: 0.75);
     /// 5.x writes it inside `rope_parameters`.
@@ -136,7 +136,8 @@ impl Arch {
 }
 
 /// The accepted `model_type`s, for messages.
-pub const SUPPORTED_MODEL_TYPES: &str = "llama, mistral, qwen2, qwen3, gemma2, gemma3_text, phi3";
+pub const SUPPORTED_MODEL_TYPES: &str =
+    "llama, mistral, qwen2, qwen3, gemma2, gemma3_text, gemma3 (its language model), phi3";
 
 /// The MLP's gate activation.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -242,6 +243,12 @@ pub struct LlamaConfig {
     pub quantization_config: Option<Value>,
     /// The family's switches in the one decoder.
     pub switches: Switches,
+    /// The language model of a multimodal checkpoint (`model_type` `gemma3`,
+    /// Gemma3ForConditionalGeneration): its tensors are stored under `language_model.model.`
+    /// (or transformers 5's module path `model.language_model.`), the vision tower and projector
+    /// beside them are left as they are, and adapters name the modules
+    /// `model.language_model.layers.*` as PEFT does on that model.
+    pub multimodal: bool,
 }
 
 impl LlamaConfig {
@@ -303,6 +310,16 @@ impl LlamaConfig {
             path: path.to_path_buf(),
             msg: e.to_string(),
         })
+    }
+
+    /// Where a multimodal checkpoint's language model keeps its layers' modules, as PEFT names
+    /// them (`model.language_model.layers`), else `model.layers`.
+    pub fn layers_module(&self) -> &'static str {
+        if self.multimodal {
+            "model.language_model.layers"
+        } else {
+            "model.layers"
+        }
     }
 
     /// Query heads sharing one key/value head.
@@ -499,11 +516,12 @@ impl TryFrom<HfConfig> for LlamaConfig {
     type Error = Error;
 
     fn try_from(c: HfConfig) -> Result<LlamaConfig> {
-        let model_type = c.model_type.as_deref().ok_or_else(|| {
+        let model_type = c.model_type.clone().ok_or_else(|| {
             Error::InvalidArgument(format!(
                 "config field `model_type` is missing (supported: {SUPPORTED_MODEL_TYPES})"
             ))
         })?;
+        let model_type = model_type.as_str();
         let arch = match model_type {
             "llama" => Arch::Llama,
             "mistral" => Arch::Mistral,
@@ -512,21 +530,7 @@ impl TryFrom<HfConfig> for LlamaConfig {
             "gemma2" => Arch::Gemma2,
             "gemma3_text" => Arch::Gemma3,
             "phi3" => Arch::Phi3,
-            "gemma3" => {
-                let inner = c
-                    .text_config
-                    .as_ref()
-                    .and_then(|t| t.get("model_type"))
-                    .and_then(Value::as_str)
-                    .unwrap_or("gemma3_text");
-                return Err(Error::InvalidArgument(format!(
-                    "model_type `gemma3` is a multimodal checkpoint (vision tower + a `{inner}` \
-                     language model under `text_config`, its tensors under \
-                     `language_model.`/`model.language_model.`); only the text-only form loads: use \
-                     a `gemma3_text` checkpoint (e.g. gemma-3-1b) or save the language model alone \
-                     with transformers (`Gemma3ForCausalLM`)"
-                )));
-            }
+            "gemma3" => return multimodal_text_config(c),
             other => {
                 return Err(Error::InvalidArgument(format!(
                     "model_type `{other}` is not supported (supported: {SUPPORTED_MODEL_TYPES})"
@@ -583,6 +587,28 @@ impl TryFrom<HfConfig> for LlamaConfig {
                 "config field `mlp_bias` is true: MLP biases are not supported".into(),
             ));
         }
+        // Gemma's config classes fill what a config.json leaves out (the hub's multimodal Gemma 3
+        // configs list only a few fields of `text_config`): their defaults, as transformers reads
+        // the file. Note head_dim is 256 there, not hidden_size / heads.
+        let c = if arch.is_gemma() {
+            let vocab = if arch == Arch::Gemma2 {
+                256_000
+            } else {
+                262_208
+            };
+            HfConfig {
+                vocab_size: c.vocab_size.or(Some(vocab)),
+                hidden_size: c.hidden_size.or(Some(2304)),
+                intermediate_size: c.intermediate_size.or(Some(9216)),
+                num_hidden_layers: c.num_hidden_layers.or(Some(26)),
+                num_attention_heads: c.num_attention_heads.or(Some(8)),
+                num_key_value_heads: c.num_key_value_heads.or(Some(4)),
+                head_dim: c.head_dim.or(Some(256)),
+                ..c
+            }
+        } else {
+            c
+        };
         let hidden_size = required("hidden_size", c.hidden_size)?;
         let intermediate_size = required("intermediate_size", c.intermediate_size)?;
         let num_layers = required("num_hidden_layers", c.num_hidden_layers)?;
@@ -854,6 +880,65 @@ impl TryFrom<HfConfig> for LlamaConfig {
             dtype: c.dtype.or(c.torch_dtype),
             quantization_config: c.quantization_config.filter(|v| !v.is_null()),
             switches,
+            multimodal: false,
         })
     }
+}
+
+/// A multimodal `gemma3` config (Gemma3ForConditionalGeneration): the language model's config
+/// is `text_config` (a `gemma3_text` config; transformers' defaults where it is short), the
+/// checkpoint's dtype and quantization block sit at the top, and tying is the top level's
+/// `tie_word_embeddings` (transformers 5 reads that one; 4.x read the text config's: two that
+/// disagree are refused). Errors name the field as `text_config.<field>`.
+fn multimodal_text_config(c: HfConfig) -> Result<LlamaConfig> {
+    let Some(text) = c.text_config.clone().filter(Value::is_object) else {
+        return Err(Error::InvalidArgument(
+            "model_type `gemma3` (multimodal) needs the language model's config in \
+             `text_config`, and there is none"
+                .into(),
+        ));
+    };
+    let mut text = text;
+    let inner = text
+        .get("model_type")
+        .and_then(Value::as_str)
+        .unwrap_or("gemma3_text")
+        .to_string();
+    if inner != "gemma3_text" {
+        return Err(Error::InvalidArgument(format!(
+            "config field `text_config.model_type` is `{inner}`: a gemma3 checkpoint's language \
+             model must be gemma3_text"
+        )));
+    }
+    text["model_type"] = Value::from("gemma3_text");
+    let mut t: HfConfig = serde_json::from_value(text).map_err(|e| {
+        Error::InvalidArgument(format!(
+            "config field `text_config` is not a valid config: {e}"
+        ))
+    })?;
+    t.dtype = t.dtype.or(c.dtype).or(c.torch_dtype.clone());
+    t.torch_dtype = t.torch_dtype.or(c.torch_dtype);
+    if t.quantization_config.is_none() {
+        t.quantization_config = c.quantization_config;
+    }
+    match (c.tie_word_embeddings, t.tie_word_embeddings) {
+        (Some(top), Some(inner)) if top != inner => {
+            return Err(Error::InvalidArgument(format!(
+                "config fields `tie_word_embeddings` ({top}) and \
+                 `text_config.tie_word_embeddings` ({inner}) disagree: transformers 5 ties by \
+                 the first and 4.x by the second"
+            )))
+        }
+        (top, inner) => t.tie_word_embeddings = top.or(inner),
+    }
+    let cfg = LlamaConfig::try_from(t).map_err(|e| match e {
+        Error::InvalidArgument(m) => {
+            Error::InvalidArgument(m.replace("config field `", "config field `text_config."))
+        }
+        other => other,
+    })?;
+    Ok(LlamaConfig {
+        multimodal: true,
+        ..cfg
+    })
 }

@@ -728,6 +728,21 @@ pub fn export_gguf(
             _ => (2, 0),
         }
     });
+    // A multimodal checkpoint: the GGUF holds its language model, as llama.cpp's converter
+    // writes it (the vision tower and projector go to a separate mmproj file, which this
+    // command does not write).
+    let outside = sources
+        .iter()
+        .filter(|(n, _)| model.outside_text_model(n))
+        .count();
+    if outside > 0 {
+        warnings.push(format!(
+            "the vision tower and projector ({outside} tensors) are not exported: the GGUF holds \
+             the language model, for text; llama.cpp keeps a vision tower in a separate mmproj \
+             file (its converter's --mmproj), which this command does not write"
+        ));
+    }
+    sources.retain(|(n, _)| !model.outside_text_model(n));
     for (hf, shape) in sources {
         let Some(name) = gguf_name(&hf, &cfg)? else {
             continue;

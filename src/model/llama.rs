@@ -192,7 +192,7 @@ impl Llama {
     pub fn load(dir: &Path, format: BaseFormat) -> Result<Llama> {
         check_model_dir(dir)?;
         let config = LlamaConfig::from_file(&dir.join("config.json"))?;
-        let ckpt = Checkpoint::open_dir(dir)?;
+        let ckpt = Checkpoint::open_model(dir, config.multimodal)?;
         Llama::from_checkpoint(config, &ckpt, format)
     }
 
@@ -513,7 +513,20 @@ impl Llama {
         // 2-layer checkpoint would otherwise train a truncated model without a word.
         let mut load_warnings = Vec::new();
         let mut unused = Vec::new();
-        for name in ckpt.unused() {
+        let (outside, rest): (Vec<&str>, Vec<&str>) = ckpt
+            .unused()
+            .into_iter()
+            .partition(|n| ckpt.outside_text_model(n));
+        if !outside.is_empty() {
+            load_warnings.push(format!(
+                "the checkpoint's vision tower and projector ({} tensors, e.g. `{}`) are not \
+                 loaded: qlora-rs trains and runs the language model of a multimodal checkpoint \
+                 on text; `merge` copies them unchanged",
+                outside.len(),
+                outside[0]
+            ));
+        }
+        for name in rest {
             if name == "lm_head.weight" && c.tie_word_embeddings {
                 load_warnings.push(
                     "the checkpoint's `lm_head.weight` is not used: config.json has \

@@ -283,6 +283,10 @@ pub struct LoraParams {
     pub values: Vec<f32>,
     /// Layers of the model the adapters belong to (to tell "every layer" from a subset).
     pub model_layers: usize,
+    /// The module path of the model's layers in PEFT's keys: `model.layers`, or
+    /// `model.language_model.layers` for a multimodal checkpoint's language model
+    /// ([`LlamaConfig::layers_module`]).
+    pub layers_module: &'static str,
 }
 
 impl LoraParams {
@@ -353,6 +357,7 @@ impl LoraParams {
             slots,
             values,
             model_layers: model.num_layers,
+            layers_module: model.layers_module(),
         })
     }
 
@@ -422,6 +427,7 @@ impl LoraParams {
             slots,
             values: vec![0.0; at],
             model_layers,
+            layers_module: "model.layers",
         };
         p.init_a(seed);
         Ok(p)
@@ -481,6 +487,7 @@ impl LoraParams {
             slots,
             values: vec![0.0; at],
             model_layers: self.model_layers,
+            layers_module: self.layers_module,
         };
         padded.values = padded.repack_from(self, &self.values);
         Ok(padded)
@@ -524,10 +531,12 @@ impl LoraParams {
         self.values.is_empty()
     }
 
-    /// The PEFT key of a slot's A or B (`base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight`).
-    pub fn peft_key(slot: &LoraSlot, which: char) -> String {
+    /// The PEFT key of a slot's A or B (`base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight`;
+    /// `…model.language_model.layers.3…` on a multimodal checkpoint's language model).
+    pub fn peft_key(&self, slot: &LoraSlot, which: char) -> String {
         format!(
-            "base_model.model.model.layers.{}.{}.lora_{which}.weight",
+            "base_model.model.{}.{}.{}.lora_{which}.weight",
+            self.layers_module,
             slot.layer,
             slot.target.hf_path()
         )

@@ -37,6 +37,7 @@ pub fn by_name(name: &str) -> Result<LlamaConfig> {
             dtype: Some("bfloat16".into()),
             quantization_config: None,
             switches: Default::default(),
+            multimodal: false,
         };
     match name.to_ascii_lowercase().as_str() {
         "smollm2-135m" => Ok(base(
