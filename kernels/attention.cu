@@ -8,7 +8,10 @@
 // Math and the CPU reference: src/ops/attention.rs.
 //
 // Forward: one block per (query tile of 64, head, sequence), 4 warps × 16 query rows; key/value
-// tiles of 64 stream through shared memory; S = Q·Kᵀ and O += P·V with mma.sync m16n8k16.
+// tiles of 64 stream through shared memory, each fetched while the previous one is used (the
+// next K during the softmax and P·V, the next V during the next S); S = Q·Kᵀ and O += P·V with
+// mma.sync m16n8k16; the softmax runs in base 2 (log2 e folded into the scale, exp2); query
+// tiles are handed out last first (the heaviest under the causal mask; dQ too).
 // Backward (deterministic, no atomics):
 //   flash_bwd_dsum:  D_i = dO_i · O_i
 //   flash_bwd_dkdv:  one block per (key tile, kv head, sequence); loops over the query heads of
@@ -49,6 +52,8 @@
 #define ATT_BM 64
 #define ATT_BN 64
 #define ATT_THREADS 128
+#define ATT_LOG2E 1.4426950408889634f
+#define ATT_LN2 0.6931471805599453f
 // Occupancy is left to the registers ptxas chooses (no minimum-blocks bound): nvcc 13.0 gives
 // head dim 64 forward 127 registers on sm_80 (4 blocks of 128 threads per SM) but 141 on sm_90
 // (3), and holding every arch to 4 spills on sm_120. Whether a bound of 3 (which lets sm_80 use
@@ -88,6 +93,13 @@ __device__ __forceinline__ int att_query_end(int k0, int rows, int len, int wind
 // Such a tile needs no element mask.
 __device__ __forceinline__ bool att_interior(int q0, int k0, int len, int window) {
   return k0 + ATT_BN <= q0 && q0 + ATT_BM <= len && (window == 0 || q0 + ATT_BM - 1 - k0 < window);
+}
+
+// The query tile of this block, heaviest first: under a causal mask the last query tiles see
+// the most keys, so blocks are handed the tiles from the end (x counts down), and the long
+// blocks start first instead of last, when the GPU would otherwise idle on a tail.
+__device__ __forceinline__ int att_heavy_first_tile() {
+  return (gridDim.x - 1 - blockIdx.x) * ATT_BM;
 }
 
 // Whether query `query` sees key `key` of a sequence of `len`.
@@ -237,15 +249,24 @@ __device__ void flash_fwd(const AttnParams& p) {
   bf16* sv = sk + 64 * D;
   const int seq = blockIdx.z, h = blockIdx.y;
   const int start = p.cu_seqlens[seq], len = p.cu_seqlens[seq + 1] - start;
-  const int q0 = blockIdx.x * ATT_BM;
+  const int q0 = att_heavy_first_tile();
   if (q0 >= len) return;
   const int g = h / (p.heads / p.kv_heads);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int end = start + len;
+  const int window = OPT ? p.window : 0;
+  const int first_key = att_first_key_tile(q0, window);
+  const int last_key = min(len, q0 + ATT_BM);  // causal: keys < last query + 1
 
+  // Copies in flight, in order: Q with the first K (one group), then the first V. Each later K
+  // tile is fetched as soon as S of the current one is computed (while the softmax and P·V run),
+  // each later V as soon as P·V of the current one is done (while the next S runs).
   att_load<D>(sq, p.q, start + q0, end, p.heads, h);
+  att_load<D>(sk, p.k, start + first_key, end, p.kv_heads, g);
   cp_async_commit();
-  cp_async_wait<0>();
+  att_load<D>(sv, p.v, start + first_key, end, p.kv_heads, g);
+  cp_async_commit();
+  cp_async_wait<1>();  // Q and K
   __syncthreads();
   uint32_t qa[AREG ? D / 16 : 1][4];
   if constexpr (AREG) att_frag_a<D>(qa, sq, warp * 16);
@@ -253,53 +274,65 @@ __device__ void flash_fwd(const AttnParams& p) {
   float o[D / 8][4];
 #pragma unroll
   for (int i = 0; i < D / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
+  // The running max m is in log2 units (scores × log2 e), so the exponentials are exp2.
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
   const int qrow[2] = {q0 + warp * 16 + (lane >> 2), q0 + warp * 16 + (lane >> 2) + 8};
 
-  const int last_key = min(len, q0 + ATT_BM);  // causal: keys < last query + 1
   const bool cap = OPT && p.softcap > 0.0f;
-  const int window = OPT ? p.window : 0;
   const float inv_cap = cap ? 1.0f / p.softcap : 0.0f;
-  for (int k0 = att_first_key_tile(q0, window); k0 < last_key; k0 += ATT_BN) {
-    __syncthreads();  // the previous tile is no longer read
-    att_load<D>(sk, p.k, start + k0, end, p.kv_heads, g);
-    att_load<D>(sv, p.v, start + k0, end, p.kv_heads, g);
-    cp_async_commit();
-    cp_async_wait<0>();
-    __syncthreads();
+  // log2 e folded into the scale (no cap) or into the cap's factor: x₂ = x · log2 e.
+  const float scale2 = p.scale * ATT_LOG2E, cap2 = p.softcap * ATT_LOG2E;
+  for (int k0 = first_key; k0 < last_key; k0 += ATT_BN) {
+    const bool more = k0 + ATT_BN < last_key;
+    if (k0 != first_key) {
+      cp_async_wait<1>();  // this K (this V may still be in flight)
+      __syncthreads();
+    }
     float s[8][4];
 #pragma unroll
     for (int i = 0; i < 8; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.0f;
     if constexpr (AREG) att_mma_rows<D>(s, qa, sk);
     else att_mma_rows_s<D>(s, sq, warp * 16, sk);
+    __syncthreads();  // every warp is done with this K
+    if (more) att_load<D>(sk, p.k, start + k0 + ATT_BN, end, p.kv_heads, g);
+    cp_async_commit();  // (an empty group on the last tile keeps the wait counts uniform)
     float tmax[2] = {-INFINITY, -INFINITY};
-    const bool interior = OPT && att_interior(q0, k0, len, window);
+    // Element masks only on the tiles that need them: the diagonal, the sequence's end, the
+    // window's edge.
+    if (att_interior(q0, k0, len, window)) {
 #pragma unroll
-    for (int nt = 0; nt < 8; ++nt)
+      for (int nt = 0; nt < 8; ++nt)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int key = k0 + nt * 8 + (lane & 3) * 2 + (e & 1);
-        const int hr = e >> 1;
-        const int q = qrow[hr];
-        const bool ok = interior || (key < len && key <= q && (window == 0 || q - key < window));
-        float x = s[nt][e] * p.scale;
-        if (cap) x = p.softcap * tanhf(x * inv_cap);
-        s[nt][e] = ok ? x : -INFINITY;
-        tmax[hr] = fmaxf(tmax[hr], s[nt][e]);
-      }
+        for (int e = 0; e < 4; ++e) {
+          const float x = cap ? cap2 * tanhf(s[nt][e] * p.scale * inv_cap) : s[nt][e] * scale2;
+          s[nt][e] = x;
+          tmax[e >> 1] = fmaxf(tmax[e >> 1], x);
+        }
+    } else {
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int key = k0 + nt * 8 + (lane & 3) * 2 + (e & 1);
+          const int hr = e >> 1;
+          const float x = cap ? cap2 * tanhf(s[nt][e] * p.scale * inv_cap) : s[nt][e] * scale2;
+          s[nt][e] = att_visible(qrow[hr], key, len, window) ? x : -INFINITY;
+          tmax[hr] = fmaxf(tmax[hr], s[nt][e]);
+        }
+    }
     float corr[2];
 #pragma unroll
     for (int hr = 0; hr < 2; ++hr) {
       const float mn = fmaxf(m[hr], quad_max(tmax[hr]));
       const float use = mn == -INFINITY ? 0.0f : mn;
-      corr[hr] = expf(m[hr] - use);
+      corr[hr] = exp2f(m[hr] - use);
       m[hr] = mn;
       float sum = 0.0f;
 #pragma unroll
       for (int nt = 0; nt < 8; ++nt)
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
-          const float pv = expf(s[nt][hr * 2 + e] - use);
+          const float pv = exp2f(s[nt][hr * 2 + e] - use);
           s[nt][hr * 2 + e] = pv;
           sum += pv;
         }
@@ -314,7 +347,12 @@ __device__ void flash_fwd(const AttnParams& p) {
     }
     uint32_t pa[4][4];
     att_c_to_a(pa, s);
+    cp_async_wait<1>();  // this V (the next K may still be in flight)
+    __syncthreads();
     att_mma_cols<D>(o, pa, sv);
+    __syncthreads();  // every warp is done with this V
+    if (more) att_load<D>(sv, p.v, start + k0 + ATT_BN, end, p.kv_heads, g);
+    cp_async_commit();
   }
   // O /= l; write O and lse.
 #pragma unroll
@@ -329,7 +367,8 @@ __device__ void flash_fwd(const AttnParams& p) {
       orow[col] = __float2bfloat16_rn(o[i][hr * 2] * inv);
       orow[col + 1] = __float2bfloat16_rn(o[i][hr * 2 + 1] * inv);
     }
-    if ((lane & 3) == 0) p.lse[(long long)(start + q) * p.heads + h] = m[hr] + logf(l[hr]);
+    // lse in natural units for the backward: m·ln 2 + ln l.
+    if ((lane & 3) == 0) p.lse[(long long)(start + q) * p.heads + h] = m[hr] * ATT_LN2 + logf(l[hr]);
   }
 }
 
@@ -534,7 +573,7 @@ __device__ void flash_dq(const AttnParams& p) {
   bf16* sv = AREG ? sb : sb + 64 * D;
   const int seq = blockIdx.z, h = blockIdx.y;
   const int start = p.cu_seqlens[seq], len = p.cu_seqlens[seq + 1] - start;
-  const int q0 = blockIdx.x * ATT_BM;
+  const int q0 = att_heavy_first_tile();
   if (q0 >= len) return;
   const int g = h / (p.heads / p.kv_heads);
   const int warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;

@@ -7,8 +7,11 @@
 // a block barrier; a warp-collective operation (shuffles, votes, __syncwarp, ldmatrix, mma.sync)
 // is a warp barrier at which the lanes deposit their operands and each takes its result. The order
 // in which runnable threads resume after each synchronisation point — and the order of the
-// blocks — is the launch's schedule: forward, reverse or a seeded random permutation. A schedule
-// that changes a result exposes a missing barrier even where the race checker cannot see it.
+// blocks — is the launch's schedule: forward, reverse or a seeded random permutation; forward and
+// random interleave the warps at every collective, reverse runs one warp at a time (the last
+// first) until all its lanes wait at a block barrier, so that one warp gets ahead of the others.
+// A schedule that changes a result exposes a missing barrier even where the race checker cannot
+// see it.
 //
 // Misuse is a finding, reported like a compute-sanitizer error (kernel, block, thread): a barrier
 // some threads never reach (an early return before __syncthreads), a collective whose mask names
@@ -373,14 +376,37 @@ void run_block() {
   }
   while (L.exited < n) {
     bool ran = false;
-    for (unsigned i : order(n)) {
-      Thread& t = L.threads[i];
-      if (t.state != Thread::State::Runnable) continue;
-      set_current(t);
-      qsim_switch(&L.scheduler_sp, t.sp);
-      g_current = nullptr;
-      ran = true;
-      if (L.faulted) return;
+    if (L.schedule == Schedule::Reverse) {
+      // One warp at a time, the last first, each run on until every lane waits at a block
+      // barrier (or has exited): a warp gets ahead of the others across its collectives, as on
+      // a GPU where the warps are not in step. (Forward and random interleave the warps at every
+      // collective.) A copy into shared memory that another warp still reads, with no barrier
+      // between, is then issued before that read and reported.
+      for (size_t w = L.warps.size(); w-- > 0;) {
+        const size_t lo = w * 32, hi = std::min(n, lo + 32);
+        for (bool any = true; any;) {
+          any = false;
+          for (size_t i = hi; i-- > lo;) {
+            Thread& t = L.threads[i];
+            if (t.state != Thread::State::Runnable) continue;
+            set_current(t);
+            qsim_switch(&L.scheduler_sp, t.sp);
+            g_current = nullptr;
+            ran = any = true;
+            if (L.faulted) return;
+          }
+        }
+      }
+    } else {
+      for (unsigned i : order(n)) {
+        Thread& t = L.threads[i];
+        if (t.state != Thread::State::Runnable) continue;
+        set_current(t);
+        qsim_switch(&L.scheduler_sp, t.sp);
+        g_current = nullptr;
+        ran = true;
+        if (L.faulted) return;
+      }
     }
     if (!ran) {
       L.faulted = true;
