@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use clap::{parser::ValueSource, ArgMatches, CommandFactory, FromArgMatches, Parser, Subcommand};
-use qlora_rs::data::formats::{Format, Message};
+use qlora_rs::data::formats::Format;
 use qlora_rs::data::preview::summary;
 use qlora_rs::data::tokenizer::TextTokenizer;
 use qlora_rs::data::DataOptions;
@@ -951,21 +951,7 @@ fn run_generate(
         .transpose()?;
     let ids = match (prompt, chat) {
         (Some(p), _) => tokenizer.encode(&p, true)?.0,
-        (None, Some(c)) => {
-            let template = tokenizer.chat_template.as_ref().ok_or_else(|| {
-                qlora_rs::Error::InvalidArgument(
-                    "--chat needs a chat template, and the model's tokenizer_config.json has none; use --prompt".into(),
-                )
-            })?;
-            let text = template.render(
-                &[Message {
-                    role: "user".into(),
-                    content: c,
-                }],
-                true,
-            )?;
-            tokenizer.encode(&text, false)?.0
-        }
+        (None, Some(c)) => tokenizer.chat_prompt(&c)?,
         (None, None) => unreachable!("clap requires --prompt or --chat"),
     };
     let mut out = std::io::stdout();

@@ -299,6 +299,8 @@ fn bad_data_is_reported_with_file_line_and_keys() {
 // ---- chat records of every kind, against tests/fixtures/chat/golden.json (made by
 // tests/fixtures/make_chat_fixtures.py with transformers' apply_chat_template and TRL's masks) ----
 
+mod gemma3_phi4;
+
 fn chat_golden() -> Value {
     serde_json::from_str(&std::fs::read_to_string(fixtures("chat/golden.json")).unwrap()).unwrap()
 }
@@ -402,14 +404,16 @@ fn check_chat_cases(file: &str, template: Option<&str>) -> usize {
 
 #[test]
 fn content_parts_are_joined_like_transformers() {
-    // SmolLM2, Qwen2.5, Qwen3 (also with enable_thinking false), Llama 3.2, Phi-3.5 and Phi-3.
-    assert_eq!(check_chat_cases("parts.jsonl", None), 7);
+    // SmolLM2, Qwen2.5, Qwen3 (also with enable_thinking false), Llama 3.2, Phi-3.5, Phi-3,
+    // Gemma 3 (TRL's template, which takes a system message as a string) and Phi-4-mini.
+    assert_eq!(check_chat_cases("parts.jsonl", None), 9);
 }
 
 #[test]
 fn conversational_prompt_completion_trains_the_completion_like_trl() {
-    // SmolLM2, Qwen2.5, Qwen3 (also with enable_thinking false), Phi-3.5 and Phi-3.
-    assert_eq!(check_chat_cases("pc_chat.jsonl", None), 6);
+    // SmolLM2, Qwen2.5, Qwen3 (also with enable_thinking false), Phi-3.5, Phi-3, Gemma 3 (TRL's
+    // template) and Phi-4-mini.
+    assert_eq!(check_chat_cases("pc_chat.jsonl", None), 8);
 }
 
 #[test]
@@ -540,8 +544,9 @@ fn single_turn_qwen3_trains_the_empty_think_block_with_enable_thinking_false() {
 
 #[test]
 fn weight_zero_turns_are_not_trained() {
-    // SmolLM2, Qwen2.5, Llama 3.1, Gemma 2, Phi-3.5 and Phi-3.
-    assert_eq!(check_chat_cases("weight.jsonl", None), 7);
+    // SmolLM2, Qwen2.5, Llama 3.1, Gemma 2, Phi-3.5, Phi-3, Gemma 3 (both templates) and
+    // Phi-4-mini.
+    assert_eq!(check_chat_cases("weight.jsonl", None), 10);
     // And without the weight, the same turn is trained.
     let t = chat_tok("smollm2");
     let dir = std::env::temp_dir().join(format!("qlora-weight-{}", std::process::id()));

@@ -134,6 +134,24 @@ impl TextTokenizer {
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
         self.inner.token_to_id(token)
     }
+
+    /// What `qlora-rs generate --chat` gives the model: `user` as the one user message, rendered
+    /// by the chat template with the generation prompt and tokenized without adding special
+    /// tokens, as `apply_chat_template([{"role": "user", "content": user}],
+    /// add_generation_prompt=True)` does. An error where the tokenizer has no chat template.
+    pub fn chat_prompt(&self, user: &str) -> Result<Vec<u32>> {
+        let template = self.chat_template.as_ref().ok_or_else(|| {
+            Error::InvalidArgument(
+                "--chat needs a chat template, and the model's tokenizer_config.json has none; use --prompt".into(),
+            )
+        })?;
+        let message = super::formats::Message {
+            role: "user".into(),
+            content: user.into(),
+        };
+        let text = template.render(&[message], true)?;
+        Ok(self.encode(&text, false)?.0)
+    }
 }
 
 fn preview(text: &str) -> String {
