@@ -43,9 +43,10 @@
 // beside 128 of accumulators. The price at 256: each dK/dV warp recomputes its 16 × 64 scores and
 // dP over the full D for its quarter of the columns (FlashAttention-2 runs 256 with 64 × 64
 // blocks where 144 KiB or more is allowed, and smaller ones on sm_86/89, as here). ptxas
-// (nvcc 13.0, sm_90 / sm_89 registers, no spills on either): fwd 254 / 255, fwd_opt 251 / 254,
-// dkdv 210 / 212, dkdv_opt 238 / 223, dq 213 / 211, dq_opt 217 / 205 at 256; fwd 167 / 186,
-// fwd_opt 167 / 178, dkdv 229 / 225, dkdv_opt 242 / 241, dq 219 / 219, dq_opt 225 / 232 at 96.
+// (nvcc 13.0, sm_90 / sm_89 registers, no spills on either): fwd 240 / 243, fwd_opt 248 / 248,
+// dkdv 210 / 212, dkdv_opt 238 / 223, dq 213 / 211, dq_opt 217 / 205 at 256; fwd 138 / 170,
+// fwd_opt 171 / 208, dkdv 229 / 225, dkdv_opt 242 / 241, dq 219 / 219, dq_opt 225 / 232 at 96;
+// fwd 124 / 128 and 167 / 202 at 64 and 128.
 
 #include "common.cuh"
 
@@ -55,9 +56,9 @@
 #define ATT_LOG2E 1.4426950408889634f
 #define ATT_LN2 0.6931471805599453f
 // Occupancy is left to the registers ptxas chooses (no minimum-blocks bound): nvcc 13.0 gives
-// head dim 64 forward 127 registers on sm_80 (4 blocks of 128 threads per SM) but 141 on sm_90
-// (3), and holding every arch to 4 spills on sm_120. Whether a bound of 3 (which lets sm_80 use
-// more registers and lose its fourth block) is faster is a measurement for a GPU.
+// head dim 64 forward 123 registers on sm_80 and 124 on sm_90 (4 blocks of 128 threads per SM)
+// but 168 on sm_120 (3); held to 128 there it does not spill. Whether such a bound (4 blocks, or
+// 3 on sm_80, which would let it use more registers) is faster is a measurement for a GPU.
 
 struct AttnParams {
   const bf16* q;
