@@ -18,7 +18,11 @@
 //                    its group and the query tiles at or after the keys (and within the window):
 //                    dV += Pᵀ·dO, dK += scale·dRᵀ·Q with dS = P ⊙ (dO·Vᵀ − D) and
 //                    dR = dS ⊙ (1 − tanh²) through a soft cap (dR = dS without one)
-//   flash_bwd_dq:    one block per (query tile, head, sequence): dQ = scale·Σ_j dR_j·K_j
+//   flash_bwd_dq:    one block per (query tile, head, sequence): dQ = scale·Σ_j dR_j·K_j;
+//                    at D ≤ 128 each key tile's V and K are fetched while the previous tile
+//                    is used (the next V during S, dS and dQ; the next K during the next dP)
+//   Both recompute P in base 2 as the forward does: exp2(score·log2 e − lse·log2 e), log2 e
+//   folded into the scale or the cap's factor, lse·log2 e once per query row.
 // Layouts: q, o, dout, dq [T, H, D]; k, v, dk, dv [T, Hkv, D]; lse, dsum [T, H] fp32.
 //
 // Tiling per head dim D (a tile: 64 rows × D bf16 = 128·D bytes; "A regs": the 16 × D A operand
@@ -42,11 +46,17 @@
 // would need four 32 KiB tiles (128 KiB), and Q's fragments in registers 64 more per thread
 // beside 128 of accumulators. The price at 256: each dK/dV warp recomputes its 16 × 64 scores and
 // dP over the full D for its quarter of the columns (FlashAttention-2 runs 256 with 64 × 64
-// blocks where 144 KiB or more is allowed, and smaller ones on sm_86/89, as here). ptxas
-// (nvcc 13.0, sm_90 / sm_89 registers, no spills on either): fwd 240 / 243, fwd_opt 248 / 248,
-// dkdv 210 / 212, dkdv_opt 238 / 223, dq 213 / 211, dq_opt 217 / 205 at 256; fwd 138 / 170,
-// fwd_opt 171 / 208, dkdv 229 / 225, dkdv_opt 242 / 241, dq 219 / 219, dq_opt 225 / 232 at 96;
-// fwd 124 / 128 and 167 / 202 at 64 and 128.
+// blocks where 144 KiB or more is allowed, and smaller ones on sm_86/89, as here).
+// ptxas (nvcc 13.0) registers, sm_90 / sm_89 / sm_80, no spills on any (nor on sm_86, sm_120):
+//              D = 64         96             128            256
+//   fwd        124/128/123    138/170/135    167/202/168    240/243/243
+//   fwd_opt    128/128/128    171/208/171    167/223/168    248/248/252
+//   dkdv       168/171/171    238/231/231    178/175/183    210/217/217
+//   dkdv_opt   174/173/173    254/246/254    225/178/178    233/233/252
+//   dq         166/165/165    218/220/220    247/245/245    230/226/226
+//   dq_opt     168/168/167    242/246/250    254/252/253    228/228/222
+// By registers alone a block of 128 threads fits 4 times per SM at 128 or fewer, 3 times at 168
+// or fewer (dq at 64; dkdv at 64 on sm_90), twice at 255 (shared memory may allow fewer).
 
 #include "common.cuh"
 
@@ -404,11 +414,11 @@ extern "C" __global__ void flash_bwd_dsum_d96(AttnParams p, int tokens) { flash_
 extern "C" __global__ void flash_bwd_dsum_d128(AttnParams p, int tokens) { flash_dsum<128>(p, tokens); }
 extern "C" __global__ void flash_bwd_dsum_d256(AttnParams p, int tokens) { flash_dsum<256>(p, tokens); }
 
-// The backward's view of one score: with a soft cap, t = tanh(σ·acc / c) (the score is c·t and
-// dR = dS·(1 − t²)); without one, the score σ·acc itself.
-__device__ __forceinline__ float att_bwd_score(float acc, const AttnParams& p, bool cap, float inv_cap) {
-  const float x = acc * p.scale;
-  return cap ? tanhf(x * inv_cap) : x;
+// The backward's view of one score: with a soft cap, t = tanh(σ·acc / c) (the score is c·t, so
+// c·log2 e·t in log2 units, and dR = dS·(1 − t²)); without one, the score in log2 units,
+// acc·σ·log2 e (scale2). P = exp2(score₂ − lse·log2 e) as in the forward's base-2 softmax.
+__device__ __forceinline__ float att_bwd_score(float acc, const AttnParams& p, float scale2, bool cap, float inv_cap) {
+  return cap ? tanhf(acc * p.scale * inv_cap) : acc * scale2;
 }
 
 // dK, dV for 64 keys of kv head g: warps own 16 keys each.
@@ -437,6 +447,8 @@ __device__ void flash_dkdv(const AttnParams& p) {
   const bool cap = OPT && p.softcap > 0.0f;
   const int window = OPT ? p.window : 0;
   const float inv_cap = cap ? 1.0f / p.softcap : 0.0f;
+  // log2 e folded into the scale and the cap's factor; slse holds lse·log2 e.
+  const float scale2 = p.scale * ATT_LOG2E, cap2 = p.softcap * ATT_LOG2E;
   const int query_end = att_query_end(k0, KROWS, len, window);
   att_load<D, KROWS>(sk, p.k, start + k0, end, p.kv_heads, g);
   att_load<D, KROWS>(sv, p.v, start + k0, end, p.kv_heads, g);
@@ -458,7 +470,7 @@ __device__ void flash_dkdv(const AttnParams& p) {
       if (threadIdx.x < 64) {
         const int t = q0 + threadIdx.x;
         const long long at = (long long)(start + t) * p.heads + hq;
-        slse[threadIdx.x] = t < len ? p.lse[at] : 0.0f;
+        slse[threadIdx.x] = t < len ? p.lse[at] * ATT_LOG2E : 0.0f;
         sdsum[threadIdx.x] = t < len ? p.dsum[at] : 0.0f;
       }
       cp_async_commit();
@@ -476,18 +488,21 @@ __device__ void flash_dkdv(const AttnParams& p) {
       } else {
         att_mma_rows_s<D>(st, sk, warp * 16, sq);
       }
-      // Without a soft cap st becomes Pᵀ; with one, t = tanh (−∞ where masked), from which P
-      // (twice) and 1 − t² are recomputed, so that no second 16 × 64 block stays live. Every
-      // tile is masked here: skipping the mask on interior tiles (as the forward and dQ do)
-      // made ptxas spill at head dim 64.
+      // Without a soft cap st becomes Pᵀ = exp2(score₂ − lse₂); with one, t = tanh (−∞ where
+      // masked), from which P = exp2(c·log2 e·t − lse₂) (twice) and 1 − t² are recomputed, so
+      // that no second 16 × 64 block stays live. Masked: −∞ in either case (exp2 gives 0); of the
+      // forms tried, this one (mask, then exp2) is the one with which neither kernel at head
+      // dim 64 spills on sm_80 and sm_89. Every tile is masked here: skipping the mask on interior
+      // tiles (as the forward and dQ do) made ptxas spill at head dim 64.
 #pragma unroll
       for (int nt = 0; nt < 8; ++nt)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int qi = nt * 8 + (lane & 3) * 2 + (e & 1);
           const bool ok = att_visible(q0 + qi, key[e >> 1], len, window);
-          const float x = att_bwd_score(st[nt][e], p, cap, inv_cap);
-          st[nt][e] = cap ? (ok ? x : -INFINITY) : (ok ? expf(x - slse[qi]) : 0.0f);
+          const float x = att_bwd_score(st[nt][e], p, scale2, cap, inv_cap);
+          const float y = ok ? x : -INFINITY;
+          st[nt][e] = cap ? y : exp2f(y - slse[qi]);
         }
       {
         uint32_t pa[4][4];
@@ -498,7 +513,7 @@ __device__ void flash_dkdv(const AttnParams& p) {
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
               const int qi = nt * 8 + (lane & 3) * 2 + (e & 1);
-              pr[nt][e] = expf(p.softcap * st[nt][e] - slse[qi]);
+              pr[nt][e] = exp2f(cap2 * st[nt][e] - slse[qi]);
             }
           att_c_to_a(pa, pr);
         } else {
@@ -523,7 +538,7 @@ __device__ void flash_dkdv(const AttnParams& p) {
           if (cap) {
             // Masked: t = −∞ gives P = 0 and a factor max(0, 1 − ∞) = 0.
             const float t = st[nt][e];
-            const float pv = expf(p.softcap * t - slse[qi]);
+            const float pv = exp2f(cap2 * t - slse[qi]);
             dpt[nt][e] = pv * (dpt[nt][e] - sdsum[qi]) * fmaxf(0.0f, 1.0f - t * t);
           } else {
             dpt[nt][e] = st[nt][e] * (dpt[nt][e] - sdsum[qi]);
@@ -561,7 +576,9 @@ extern "C" __global__ void __launch_bounds__(2 * ATT_THREADS) flash_bwd_dkdv_opt
 extern "C" __global__ void __launch_bounds__(DKDV256_SPLIT * ATT_THREADS / 2) flash_bwd_dkdv_opt_d256(AttnParams p) { flash_dkdv<256, DKDV256_SPLIT, true, 32>(p); }
 
 // dQ for 64 queries of head h: warps own 16 queries each.
-// Two 64 × D tiles: Q and dO while their fragments are built, then K and V.
+// Two 64 × D tiles (D ≤ 128): Q and dO while their fragments are built, then K and V, each key
+// tile's K and V fetched while the previous one is used (below). D = 256: Q, dO and one tile for
+// V, then K.
 template <int D, int SPLIT, bool OPT>
 __device__ void flash_dq(const AttnParams& p) {
   constexpr bool AREG = AttAInRegs<D>::value;
@@ -580,6 +597,10 @@ __device__ void flash_dq(const AttnParams& p) {
   const int warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
   const int col0 = (threadIdx.x >> 7) * DC;
   const int end = start + len;
+  const bool cap = OPT && p.softcap > 0.0f;
+  const int window = OPT ? p.window : 0;
+  const int first_key = att_first_key_tile(q0, window);
+  const int last_key = min(len, q0 + ATT_BM);
   att_load<D>(sq, p.q, start + q0, end, p.heads, h);
   att_load<D>(sdo, p.dout, start + q0, end, p.heads, h);
   cp_async_commit();
@@ -589,40 +610,55 @@ __device__ void flash_dq(const AttnParams& p) {
   if constexpr (AREG) {
     att_frag_a<D>(qa, sq, warp * 16);
     att_frag_a<D>(doa, sdo, warp * 16);
+    // Copies in flight, in the order of their use: the first V, then the first K (the tiles of
+    // dO and Q, once every warp holds its fragments). Each iteration uses V (dP = dO·Vᵀ) before
+    // K (S = Q·Kᵀ, then dQ += dS·K); the next V is fetched as soon as every warp has its dP
+    // (while S, dS and dQ run), the next K as soon as dQ is done (while the next dP runs). So at
+    // the top of an iteration the groups in flight are at most [V, K] (this tile's, in that
+    // order; empty after the last tile): wait<1> is exactly this V. After dP only this K is in
+    // flight (the next V is issued after the wait): wait<0> is exactly this K, and the barrier
+    // after it both publishes K and ends every warp's reads of V, so one barrier serves both.
+    __syncthreads();  // every warp holds its Q and dO fragments
+    att_load<D>(sv, p.v, start + first_key, end, p.kv_heads, g);
+    cp_async_commit();
+    att_load<D>(sk, p.k, start + first_key, end, p.kv_heads, g);
+    cp_async_commit();
   }
   const int qrow[2] = {q0 + warp * 16 + (lane >> 2), q0 + warp * 16 + (lane >> 2) + 8};
-  float lse[2], ds_[2];
+  // lse in log2 units (lse·log2 e), once per row: P = exp2(score₂ − lse₂).
+  float lse2[2], ds_[2];
 #pragma unroll
   for (int hr = 0; hr < 2; ++hr) {
     const bool ok = qrow[hr] < len;
     const long long at = (long long)(start + qrow[hr]) * p.heads + h;
-    lse[hr] = ok ? p.lse[at] : 0.0f;
+    lse2[hr] = ok ? p.lse[at] * ATT_LOG2E : 0.0f;
     ds_[hr] = ok ? p.dsum[at] : 0.0f;
   }
   float dq[DC / 8][4];
 #pragma unroll
   for (int i = 0; i < DC / 8; ++i) dq[i][0] = dq[i][1] = dq[i][2] = dq[i][3] = 0.0f;
-  const int last_key = min(len, q0 + ATT_BM);
-  const bool cap = OPT && p.softcap > 0.0f;
-  const int window = OPT ? p.window : 0;
   const float inv_cap = cap ? 1.0f / p.softcap : 0.0f;
-  for (int k0 = att_first_key_tile(q0, window); k0 < last_key; k0 += ATT_BN) {
+  // log2 e folded into the scale (no cap) or into the cap's factor.
+  const float scale2 = p.scale * ATT_LOG2E, cap2 = p.softcap * ATT_LOG2E;
+  for (int k0 = first_key; k0 < last_key; k0 += ATT_BN) {
+    const bool more = k0 + ATT_BN < last_key;
     float s[8][4], dp[8][4];
 #pragma unroll
     for (int i = 0; i < 8; ++i)
 #pragma unroll
       for (int e = 0; e < 4; ++e) s[i][e] = dp[i][e] = 0.0f;
-    __syncthreads();
     if constexpr (AREG) {
-      att_load<D>(sk, p.k, start + k0, end, p.kv_heads, g);
-      att_load<D>(sv, p.v, start + k0, end, p.kv_heads, g);
-      cp_async_commit();
-      cp_async_wait<0>();
+      cp_async_wait<1>();  // this V (this K may still be in flight)
       __syncthreads();
-      att_mma_rows<D>(s, qa, sk);
       att_mma_rows<D>(dp, doa, sv);
+      cp_async_wait<0>();  // this K (nothing else is in flight)
+      __syncthreads();     // this K has landed, and every warp is done with this V
+      if (more) att_load<D>(sv, p.v, start + k0 + ATT_BN, end, p.kv_heads, g);
+      cp_async_commit();  // (an empty group on the last tile keeps the wait counts uniform)
+      att_mma_rows<D>(s, qa, sk);
     } else {
-      // One tile for V, then K (kept for dQ += dS·K below).
+      // One tile for V, then K (kept for dQ += dS·K below); no room to fetch ahead.
+      __syncthreads();  // every warp is done with the last K
       att_load<D>(sv, p.v, start + k0, end, p.kv_heads, g);
       cp_async_commit();
       cp_async_wait<0>();
@@ -635,22 +671,43 @@ __device__ void flash_dq(const AttnParams& p) {
       __syncthreads();
       att_mma_rows_s<D>(s, sq, warp * 16, sk);
     }
+    // dS = P ⊙ (dP − D) with P = exp2(score₂ − lse₂) (0 where masked); dR = dS ⊙ (1 − t²)
+    // through a soft cap, dS without one. The cap is uniform over the block: one loop per case,
+    // each with only its own values live (with both in one loop, ptxas spilled at head dim 64).
     const bool interior = OPT && att_interior(q0, k0, len, window);
+    if (cap) {
 #pragma unroll
-    for (int nt = 0; nt < 8; ++nt)
+      for (int nt = 0; nt < 8; ++nt)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int hr = e >> 1;
-        const int key = k0 + nt * 8 + (lane & 3) * 2 + (e & 1);
-        const bool ok = interior || att_visible(qrow[hr], key, len, window);
-        const float x = att_bwd_score(s[nt][e], p, cap, inv_cap);
-        const float pv = ok ? expf((cap ? p.softcap * x : x) - lse[hr]) : 0.0f;
-        const float ds = pv * (dp[nt][e] - ds_[hr]);
-        s[nt][e] = cap ? ds * (1.0f - x * x) : ds;  // dR
-      }
+        for (int e = 0; e < 4; ++e) {
+          const int hr = e >> 1;
+          const int key = k0 + nt * 8 + (lane & 3) * 2 + (e & 1);
+          const bool ok = interior || att_visible(qrow[hr], key, len, window);
+          const float t = att_bwd_score(s[nt][e], p, scale2, true, inv_cap);
+          const float pv = exp2f(ok ? cap2 * t - lse2[hr] : -INFINITY);
+          s[nt][e] = pv * (dp[nt][e] - ds_[hr]) * (1.0f - t * t);
+        }
+    } else {
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int hr = e >> 1;
+          const int key = k0 + nt * 8 + (lane & 3) * 2 + (e & 1);
+          const bool ok = interior || att_visible(qrow[hr], key, len, window);
+          const float x = att_bwd_score(s[nt][e], p, scale2, false, inv_cap);
+          const float pv = exp2f(ok ? x - lse2[hr] : -INFINITY);
+          s[nt][e] = pv * (dp[nt][e] - ds_[hr]);
+        }
+    }
     uint32_t dsa[4][4];
     att_c_to_a(dsa, s);
     att_mma_cols<D, DC>(dq, dsa, sk, col0);  // dQ += dS·K
+    if constexpr (AREG) {
+      __syncthreads();  // every warp has done its dQ += dS·K with this K
+      if (more) att_load<D>(sk, p.k, start + k0 + ATT_BN, end, p.kv_heads, g);
+      cp_async_commit();
+    }
   }
 #pragma unroll
   for (int hr = 0; hr < 2; ++hr) {
