@@ -218,21 +218,19 @@ pub fn load(dir: &Path, model: &LlamaConfig) -> Result<LoraParams> {
     let all: Vec<usize> = (0..model.num_layers).collect();
     let mut params = LoraParams::zeros_on_layers(model, cfg, layers.as_deref().unwrap_or(&all))
         .map_err(|e| format_err(&config_path, e.to_string()))?;
-    let ours = params.layers_module;
-    params.layers_module = layers_module;
     let mut expected = std::collections::HashSet::new();
     for slot in params.slots.clone() {
         for (which, range, shape) in [
             ('A', slot.a.clone(), [params.config.rank, slot.in_features]),
             ('B', slot.b.clone(), [slot.out_features, params.config.rank]),
         ] {
-            let key = params.peft_key(&slot, which);
+            // Keyed as the file has them (transformers 4.x's modules, maybe), not as we write.
+            let key = slot.peft_key(layers_module, which);
             let values = ckpt.f32(&key, &shape)?;
             params.values[range].copy_from_slice(&values);
             expected.insert(key);
         }
     }
-    params.layers_module = ours;
     if let Some(extra) = names.into_iter().find(|n| !expected.contains(*n)) {
         return Err(format_err(
             &weights,

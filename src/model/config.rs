@@ -891,14 +891,13 @@ impl TryFrom<HfConfig> for LlamaConfig {
 /// `tie_word_embeddings` (transformers 5 reads that one; 4.x read the text config's: two that
 /// disagree are refused). Errors name the field as `text_config.<field>`.
 fn multimodal_text_config(c: HfConfig) -> Result<LlamaConfig> {
-    let Some(text) = c.text_config.clone().filter(Value::is_object) else {
+    let Some(mut text) = c.text_config.clone().filter(Value::is_object) else {
         return Err(Error::InvalidArgument(
             "model_type `gemma3` (multimodal) needs the language model's config in \
              `text_config`, and there is none"
                 .into(),
         ));
     };
-    let mut text = text;
     let inner = text
         .get("model_type")
         .and_then(Value::as_str)

@@ -731,18 +731,17 @@ pub fn export_gguf(
     // A multimodal checkpoint: the GGUF holds its language model, as llama.cpp's converter
     // writes it (the vision tower and projector go to a separate mmproj file, which this
     // command does not write).
-    let outside = sources
-        .iter()
-        .filter(|(n, _)| model.outside_text_model(n))
-        .count();
-    if outside > 0 {
+    let (outside, sources): (Vec<_>, Vec<_>) = sources
+        .into_iter()
+        .partition(|(n, _)| model.outside_text_model(n));
+    if !outside.is_empty() {
         warnings.push(format!(
-            "the vision tower and projector ({outside} tensors) are not exported: the GGUF holds \
-             the language model, for text; llama.cpp keeps a vision tower in a separate mmproj \
-             file (its converter's --mmproj), which this command does not write"
+            "the vision tower and projector ({} tensors) are not exported: the GGUF holds the \
+             language model, for text; llama.cpp keeps a vision tower in a separate mmproj file \
+             (its converter's --mmproj), which this command does not write",
+            outside.len()
         ));
     }
-    sources.retain(|(n, _)| !model.outside_text_model(n));
     for (hf, shape) in sources {
         let Some(name) = gguf_name(&hf, &cfg)? else {
             continue;

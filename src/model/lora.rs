@@ -255,6 +255,16 @@ pub struct LoraSlot {
 }
 
 impl LoraSlot {
+    /// Its A's or B's key in PEFT's files, with the model's layers under `layers_module`
+    /// (`base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight` for `model.layers`).
+    pub fn peft_key(&self, layers_module: &str, which: char) -> String {
+        format!(
+            "base_model.model.{layers_module}.{}.{}.lora_{which}.weight",
+            self.layer,
+            self.target.hf_path()
+        )
+    }
+
     /// The adapter of a `[o, i]` projection at rank `rank`, laid out from `*at` (A then B);
     /// moves `at` past it.
     fn at(layer: usize, target: Target, i: usize, o: usize, rank: usize, at: &mut usize) -> Self {
@@ -534,11 +544,6 @@ impl LoraParams {
     /// The PEFT key of a slot's A or B (`base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight`;
     /// `…model.language_model.layers.3…` on a multimodal checkpoint's language model).
     pub fn peft_key(&self, slot: &LoraSlot, which: char) -> String {
-        format!(
-            "base_model.model.{}.{}.{}.lora_{which}.weight",
-            self.layers_module,
-            slot.layer,
-            slot.target.hf_path()
-        )
+        slot.peft_key(self.layers_module, which)
     }
 }
