@@ -301,8 +301,27 @@ fn bad_data_is_reported_with_file_line_and_keys() {
 
 mod gemma3_phi4;
 
-fn chat_golden() -> Value {
-    serde_json::from_str(&std::fs::read_to_string(fixtures("chat/golden.json")).unwrap()).unwrap()
+/// tests/fixtures/chat/golden.json, parsed once for every test that reads it.
+fn chat_golden() -> &'static Value {
+    static GOLDEN: std::sync::OnceLock<Value> = std::sync::OnceLock::new();
+    GOLDEN.get_or_init(|| {
+        serde_json::from_str(&std::fs::read_to_string(fixtures("chat/golden.json")).unwrap())
+            .unwrap()
+    })
+}
+
+/// The golden case of `template` on `file` whose `chat_template_kwargs` are `kwargs` (JSON;
+/// "null" for none).
+fn golden_case(template: &str, file: &str, kwargs: &str) -> &'static Value {
+    let kwargs: Value = serde_json::from_str(kwargs).unwrap();
+    chat_golden()["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| {
+            c["template"] == template && c["data"] == file && c["chat_template_kwargs"] == kwargs
+        })
+        .unwrap_or_else(|| panic!("no golden case for {template} {file} {kwargs}"))
 }
 
 /// The date make_chat_fixtures.py pins `strftime_now` to: 2025-03-07 14:05:09, a Friday.
@@ -442,20 +461,7 @@ fn qwen3_turns_are_trained_as_trl_trains_them_whatever_enable_thinking_says() {
     // SFTTrainer swaps in): the think block of a turn that shows one is trained, empty or not,
     // also where enable_thinking false puts `<think>\n\n</think>\n\n` into the generation prompt.
     assert_eq!(check_chat_cases("turns.jsonl", Some("qwen3")), 3);
-    let g = chat_golden();
-    let case = |kw: &str| {
-        g["cases"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|c| {
-                c["template"] == "qwen3"
-                    && c["data"] == "turns.jsonl"
-                    && c["chat_template_kwargs"] == serde_json::from_str::<Value>(kw).unwrap()
-            })
-            .unwrap()
-            .clone()
-    };
+    let case = |kw: &str| golden_case("qwen3", "turns.jsonl", kw);
     let (off, unset) = (case(r#"{"enable_thinking":false}"#), case("null"));
     // The same renderings and masks with the kwarg as without (the messages' renderings do not
     // read it; only the generation prompt does).
@@ -466,7 +472,7 @@ fn qwen3_turns_are_trained_as_trl_trains_them_whatever_enable_thinking_says() {
         &fixtures("chat/turns.jsonl"),
         &t,
         &opts(None, 4096),
-        &chat_options(&off),
+        &chat_options(off),
     )
     .unwrap();
     let s = qlora_rs::data::preview::highlight(&t, &seqs[1].1, false).unwrap();
@@ -490,20 +496,7 @@ fn single_turn_qwen3_trains_the_empty_think_block_with_enable_thinking_false() {
     // trained turn is the last), but with enable_thinking false Qwen3's generation prompt ends in
     // the turn's own empty think block; TRL trains it, so the turn starts right after
     // `<|im_start|>assistant\n` as it does without the kwarg.
-    let g = chat_golden();
-    let case = |file: &str, kw: &str| {
-        g["cases"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|c| {
-                c["template"] == "qwen3"
-                    && c["data"] == file
-                    && c["chat_template_kwargs"] == serde_json::from_str::<Value>(kw).unwrap()
-            })
-            .unwrap()
-            .clone()
-    };
+    let case = |file: &str, kw: &str| golden_case("qwen3", file, kw);
     let (off, unset) = (
         case("parts.jsonl", r#"{"enable_thinking":false}"#),
         case("parts.jsonl", "null"),
@@ -528,7 +521,7 @@ fn single_turn_qwen3_trains_the_empty_think_block_with_enable_thinking_false() {
             &fixtures(&format!("chat/{file}")),
             &t,
             &opts(None, 4096),
-            &chat_options(&c),
+            &chat_options(c),
         )
         .unwrap();
         let s = qlora_rs::data::preview::highlight(&t, &seqs[record].1, false).unwrap();
@@ -571,20 +564,7 @@ fn weight_zero_turns_are_not_trained() {
 #[test]
 fn chat_template_kwargs_reach_the_template() {
     // enable_thinking false writes the empty think block into Qwen3's generation prompt.
-    let g = chat_golden();
-    let rendered = |kw: &str| {
-        g["cases"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|c| {
-                c["template"] == "qwen3"
-                    && c["data"] == "pc_chat.jsonl"
-                    && c["chat_template_kwargs"] == serde_json::from_str::<Value>(kw).unwrap()
-            })
-            .unwrap()["records"][0]["labels"]
-            .clone()
-    };
+    let rendered = |kw: &str| &golden_case("qwen3", "pc_chat.jsonl", kw)["records"][0]["labels"];
     assert_ne!(rendered("null"), rendered(r#"{"enable_thinking":false}"#));
     assert_eq!(check_chat_cases("pc_chat.jsonl", Some("qwen3")), 2);
     let err = ChatOptions::parse(None, Some("[1]"))
@@ -600,13 +580,7 @@ fn chat_template_kwargs_reach_the_template() {
 fn strftime_now_writes_the_date_as_transformers_does() {
     // The golden Llama 3.2 renderings hold "Today Date: 07 Mar 2025" (strftime_now pinned).
     assert_eq!(check_chat_cases("parts.jsonl", Some("llama3_2")), 1);
-    let g = chat_golden();
-    let case = g["cases"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["template"] == "llama3_2")
-        .unwrap();
+    let case = golden_case("llama3_2", "tools.jsonl", "null");
     assert!(case["records"][0]["rendered"]
         .as_str()
         .unwrap()
@@ -663,13 +637,7 @@ fn gemma2_model_turns_render_and_train_like_transformers_and_trl() {
     // `weight: 0` (in weight_zero_turns_are_not_trained).
     assert_eq!(check_chat_cases("alternating.jsonl", Some("gemma2")), 1);
     assert_eq!(check_chat_cases("pc_alternating.jsonl", Some("gemma2")), 1);
-    let g = chat_golden();
-    let case = g["cases"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["template"] == "gemma2" && c["data"] == "alternating.jsonl")
-        .unwrap();
+    let case = golden_case("gemma2", "alternating.jsonl", "null");
     let third = case["records"][2]["rendered"].as_str().unwrap();
     assert!(
         third.starts_with("<|im_start|><start_of_turn>user\nTell me a short poem.<end_of_turn>\n")
@@ -701,16 +669,7 @@ fn phi3_turns_render_and_train_like_transformers_and_trl() {
             assert_eq!(check_chat_cases(file, Some(t)), 1, "{t} {file}");
         }
     }
-    let g = chat_golden();
-    let case = |t: &str| {
-        g["cases"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|c| c["template"] == t && c["data"] == "system.jsonl")
-            .unwrap()
-            .clone()
-    };
+    let case = |t: &str| golden_case(t, "system.jsonl", "null");
     // The empty system message: left out by Phi-3.5, rendered by Phi-3.
     let empty = |t: &str| {
         case(t)["records"][1]["rendered"]
@@ -736,7 +695,7 @@ fn phi3_turns_render_and_train_like_transformers_and_trl() {
             &fixtures("chat/system.jsonl"),
             &tk,
             &opts(None, 4096),
-            &chat_options(&case(t)),
+            &chat_options(case(t)),
         )
         .unwrap();
         let s = qlora_rs::data::preview::highlight(&tk, &seqs[0].1, false).unwrap();

@@ -9,18 +9,13 @@ use qlora_rs::data::preview::highlight;
 use serde_json::Value;
 
 use super::{
-    chat_golden, chat_options, chat_tok, check_chat_cases, fixtures, messages, opts, u32s,
+    chat_golden, chat_options, chat_tok, check_chat_cases, fixtures, golden_case, messages, opts,
+    u32s,
 };
 
 /// The golden case of `template` on `file` (no kwargs).
-fn case(template: &str, file: &str) -> Value {
-    chat_golden()["cases"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["template"] == template && c["data"] == file)
-        .unwrap_or_else(|| panic!("no golden case for {template} {file}"))
-        .clone()
+fn case(template: &str, file: &str) -> &'static Value {
+    golden_case(template, file, "null")
 }
 
 /// Record `record` of `file` loaded with `template` as training sees it, trained text in [[ ]].
@@ -30,7 +25,7 @@ fn highlighted(template: &str, file: &str, record: usize) -> String {
         &fixtures(&format!("chat/{file}")),
         &t,
         &opts(None, 4096),
-        &chat_options(&case(template, file)),
+        &chat_options(case(template, file)),
     )
     .unwrap();
     highlight(&t, &seqs[record].1, false).unwrap()
