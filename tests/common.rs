@@ -103,12 +103,25 @@ pub fn write_f32_safetensors(path: &std::path::Path, tensors: &[(String, Vec<usi
     safetensors::serialize_to_file(views, None, path).unwrap();
 }
 
+/// `p` under tests/fixtures/llama/ (the tiny models, their adapters and goldens).
+pub fn llama_fixture(p: &str) -> PathBuf {
+    qlora_rs::testing::project_root()
+        .join("tests/fixtures/llama")
+        .join(p)
+}
+
 /// The JSON file `p` under tests/fixtures/llama/.
 pub fn llama_fixture_json(p: &str) -> serde_json::Value {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/llama")
-        .join(p);
-    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+    serde_json::from_str(&std::fs::read_to_string(llama_fixture(p)).unwrap()).unwrap()
+}
+
+/// An empty folder of its own for a test: `qlora-rs-<group>-<pid>-<name>` in the temp dir,
+/// emptied first if an earlier run left it.
+pub fn fresh_dir(group: &str, name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("qlora-rs-{group}-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
 }
 
 /// `v` written as a config.json (in a folder of its own) and read back as transformers'

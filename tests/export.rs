@@ -9,11 +9,7 @@ use qlora_rs::io::{adapters, export};
 use qlora_rs::model::llama::{BaseFormat, Llama};
 use qlora_rs::quant::nf4::Nf4Config;
 
-fn fixture(p: &str) -> PathBuf {
-    qlora_rs::testing::project_root()
-        .join("tests/fixtures/llama")
-        .join(p)
-}
+use crate::common::llama_fixture as fixture;
 
 fn tmpdir(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("qlora-rs-export-{}-{name}", std::process::id()));

@@ -14,22 +14,10 @@ use qlora_rs::model::import_gguf::import_gguf;
 use qlora_rs::model::lora::{LoraConfig, LoraParams, Target};
 use qlora_rs::quant::gguf::{GgmlType, GgufFile, Value};
 
-use crate::common::qlora;
-
-fn fixture(p: &str) -> PathBuf {
-    qlora_rs::testing::project_root()
-        .join("tests/fixtures/llama")
-        .join(p)
-}
+use crate::common::{llama_fixture as fixture, qlora};
 
 fn tmpdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!(
-        "qlora-rs-gguf-export-{}-{name}",
-        std::process::id()
-    ));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+    crate::common::fresh_dir("gguf-export", name)
 }
 
 fn opts(model: &Path, adapter: Option<&Path>, output: &Path, ty: GgufType) -> ExportGguf {

@@ -2,19 +2,11 @@
 //! defaults applied where a field is absent, every option we do not implement refused by name.
 //! (The models themselves are checked against transformers + PEFT in tests/llama.rs.)
 
-use std::path::{Path, PathBuf};
-
 use qlora_rs::model::config::{Activation, Arch, LlamaConfig};
 use qlora_rs::ops::rope::RopeScaling;
 use serde_json::{json, Value};
 
-use crate::common::{llama_fixture_json, parse_config};
-
-fn fixture(p: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/llama")
-        .join(p)
-}
+use crate::common::{llama_fixture as fixture, llama_fixture_json, parse_config};
 
 #[test]
 fn gemma2_config_turns_on_every_switch() {

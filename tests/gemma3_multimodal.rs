@@ -17,22 +17,13 @@ use qlora_rs::ops::rope::RopeScaling;
 use qlora_rs::quant::nf4::Nf4Config;
 use serde_json::{json, Value};
 
-use crate::common::{llama_fixture_json, parse_config};
+use crate::common::{llama_fixture as fixture, llama_fixture_json, parse_config};
 use crate::gguf_common::{export as export_gguf, opts};
 use qlora_rs::model::export_gguf::GgufType;
 use qlora_rs::quant::gguf::GgufFile;
 
-fn fixture(p: &str) -> PathBuf {
-    qlora_rs::testing::project_root()
-        .join("tests/fixtures/llama")
-        .join(p)
-}
-
 fn tmpdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("qlora-rs-gemma3-mm-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+    crate::common::fresh_dir("gemma3-mm", name)
 }
 
 /// A copy of `src` whose safetensors tensors are renamed by `rename` and whose config.json is

@@ -24,10 +24,7 @@ fn fixture(name: &str) -> PathBuf {
 }
 
 fn tmpdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("qlora-rs-gguf-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+    crate::common::fresh_dir("gguf", name)
 }
 
 fn import(name: &str, dir: &str) -> (PathBuf, ImportReport) {

@@ -16,6 +16,7 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::common::llama_fixture as fixture;
 use crate::gguf_common::{
     assert_same_weights, bf16_copy, config, export, fnv1a64, opts, same_value,
 };
@@ -27,17 +28,8 @@ use qlora_rs::model::import_gguf::import_gguf;
 use qlora_rs::quant::gguf::{GgmlType, GgufFile, Value};
 use serde_json::{json, Value as Json};
 
-fn fixture(p: &str) -> PathBuf {
-    qlora_rs::testing::project_root()
-        .join("tests/fixtures/llama")
-        .join(p)
-}
-
 fn tmpdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("qlora-rs-gguf-gemma-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+    crate::common::fresh_dir("gguf-gemma", name)
 }
 
 fn json_file(p: &Path) -> Json {

@@ -11,6 +11,7 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::common::llama_fixture as fixture;
 use crate::gguf_common::{
     assert_same_weights, bf16_copy, config, export, fnv1a64, import_refused, opts, same_value, set,
 };
@@ -23,17 +24,8 @@ use serde_json::{json, Value as Json};
 
 use crate::gguf_qwen::rewrite;
 
-fn fixture(p: &str) -> PathBuf {
-    qlora_rs::testing::project_root()
-        .join("tests/fixtures/llama")
-        .join(p)
-}
-
 fn tmpdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("qlora-rs-gguf-phi3-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+    crate::common::fresh_dir("gguf-phi3", name)
 }
 
 fn json_file(p: &Path) -> Json {

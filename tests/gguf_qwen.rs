@@ -32,10 +32,7 @@ fn gguf_fixture(p: &str) -> PathBuf {
 }
 
 fn tmpdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("qlora-rs-gguf-qwen-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+    crate::common::fresh_dir("gguf-qwen", name)
 }
 
 fn json_file(p: &Path) -> Json {

@@ -42,10 +42,7 @@ fn reference() -> Json {
 }
 
 fn tmpdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("qlora-rs-gguf-spm-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+    crate::common::fresh_dir("gguf-spm", name)
 }
 
 fn family(arch: &str) -> &'static str {

@@ -12,11 +12,7 @@ use qlora_rs::model::lora::{LoraConfig, LoraParams, Target};
 use qlora_rs::ops::rope::RopeScaling;
 use qlora_rs::quant::nf4::Nf4Config;
 
-fn fixture(p: &str) -> PathBuf {
-    qlora_rs::testing::project_root()
-        .join("tests/fixtures/llama")
-        .join(p)
-}
+use crate::common::llama_fixture as fixture;
 
 struct Golden(Checkpoint);
 
@@ -473,10 +469,7 @@ fn write_config(dir: &Path, edit: impl FnOnce(&mut serde_json::Value)) -> PathBu
 }
 
 fn tmpdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("qlora-rs-test-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+    crate::common::fresh_dir("test", name)
 }
 
 #[test]

@@ -4,20 +4,14 @@
 //! attention factor as transformers derives it, and every option we do not implement refused by
 //! name. (The model itself is checked against transformers + PEFT in tests/llama.rs.)
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use qlora_rs::model::config::{Arch, LlamaConfig};
 use qlora_rs::model::lora::Target;
 use qlora_rs::ops::rope::RopeScaling;
 use serde_json::{json, Value};
 
-use crate::common::{llama_fixture_json, parse_config};
-
-fn fixture(p: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/llama")
-        .join(p)
-}
+use crate::common::{llama_fixture as fixture, llama_fixture_json, parse_config};
 
 fn err(name: &str, v: &Value) -> String {
     parse_config(name, v).unwrap_err().to_string()

@@ -13,10 +13,7 @@ fn fixture(p: &str) -> PathBuf {
 }
 
 fn tmpdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("qlora-rs-refusals-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+    crate::common::fresh_dir("refusals", name)
 }
 
 fn train(data: &Path, out: &Path, extra: &[&str]) -> std::process::Output {

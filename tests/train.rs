@@ -1,18 +1,12 @@
 //! Training pieces: AdamW against PyTorch (the golden `next_losses`), clipping, schedules.
 
-use std::path::PathBuf;
-
 use qlora_rs::io::adapters;
 use qlora_rs::io::safetensors::Checkpoint;
 use qlora_rs::model::llama::{BaseFormat, Llama};
 use qlora_rs::train::optimizer::{clip_grad_norm, grad_norm, AdamW, AdamWConfig};
 use qlora_rs::train::schedule::{Schedule, ScheduleKind};
 
-fn fixture(p: &str) -> PathBuf {
-    qlora_rs::testing::project_root()
-        .join("tests/fixtures/llama")
-        .join(p)
-}
+use crate::common::llama_fixture as fixture;
 
 fn ints(c: &Checkpoint, name: &str) -> Vec<i64> {
     c.get(name)
