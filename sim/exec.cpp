@@ -374,6 +374,13 @@ void run_block() {
     w.forming.clear();
     w.exited = 0;
   }
+  // Resumes `t` until it waits or exits; false once the block has faulted.
+  auto resume = [&](Thread& t) {
+    set_current(t);
+    qsim_switch(&L.scheduler_sp, t.sp);
+    g_current = nullptr;
+    return !L.faulted;
+  };
   while (L.exited < n) {
     bool ran = false;
     if (L.schedule == Schedule::Reverse) {
@@ -387,25 +394,17 @@ void run_block() {
         for (bool any = true; any;) {
           any = false;
           for (size_t i = hi; i-- > lo;) {
-            Thread& t = L.threads[i];
-            if (t.state != Thread::State::Runnable) continue;
-            set_current(t);
-            qsim_switch(&L.scheduler_sp, t.sp);
-            g_current = nullptr;
+            if (L.threads[i].state != Thread::State::Runnable) continue;
             ran = any = true;
-            if (L.faulted) return;
+            if (!resume(L.threads[i])) return;
           }
         }
       }
     } else {
       for (unsigned i : order(n)) {
-        Thread& t = L.threads[i];
-        if (t.state != Thread::State::Runnable) continue;
-        set_current(t);
-        qsim_switch(&L.scheduler_sp, t.sp);
-        g_current = nullptr;
+        if (L.threads[i].state != Thread::State::Runnable) continue;
         ran = true;
-        if (L.faulted) return;
+        if (!resume(L.threads[i])) return;
       }
     }
     if (!ran) {
