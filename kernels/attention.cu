@@ -375,8 +375,7 @@ __device__ void flash_fwd(const AttnParams& p) {
 #pragma unroll
     for (int i = 0; i < D / 8; ++i) {
       const int col = i * 8 + (lane & 3) * 2;
-      orow[col] = __float2bfloat16_rn(o[i][hr * 2] * inv);
-      orow[col + 1] = __float2bfloat16_rn(o[i][hr * 2 + 1] * inv);
+      st_bf16x2(orow + col, o[i][hr * 2] * inv, o[i][hr * 2 + 1] * inv);
     }
     // lse in natural units for the backward: m·ln 2 + ln l.
     if ((lane & 3) == 0) p.lse[(long long)(start + q) * p.heads + h] = m[hr] * ATT_LN2 + logf(l[hr]);
@@ -557,10 +556,8 @@ __device__ void flash_dkdv(const AttnParams& p) {
 #pragma unroll
     for (int i = 0; i < DC / 8; ++i) {
       const int col = col0 + i * 8 + (lane & 3) * 2;
-      p.dk[at + col] = __float2bfloat16_rn(dk[i][hr * 2] * p.scale);
-      p.dk[at + col + 1] = __float2bfloat16_rn(dk[i][hr * 2 + 1] * p.scale);
-      p.dv[at + col] = __float2bfloat16_rn(dv[i][hr * 2]);
-      p.dv[at + col + 1] = __float2bfloat16_rn(dv[i][hr * 2 + 1]);
+      st_bf16x2(p.dk + at + col, dk[i][hr * 2] * p.scale, dk[i][hr * 2 + 1] * p.scale);
+      st_bf16x2(p.dv + at + col, dv[i][hr * 2], dv[i][hr * 2 + 1]);
     }
   }
 }
@@ -716,8 +713,7 @@ __device__ void flash_dq(const AttnParams& p) {
 #pragma unroll
     for (int i = 0; i < DC / 8; ++i) {
       const int col = col0 + i * 8 + (lane & 3) * 2;
-      row[col] = __float2bfloat16_rn(dq[i][hr * 2] * p.scale);
-      row[col + 1] = __float2bfloat16_rn(dq[i][hr * 2 + 1] * p.scale);
+      st_bf16x2(row + col, dq[i][hr * 2] * p.scale, dq[i][hr * 2 + 1] * p.scale);
     }
   }
 }

@@ -20,6 +20,32 @@ __device__ __forceinline__ unsigned char* qlora_dynamic_smem() {
 #endif
 }
 
+// ---- vector loads and stores ----
+// One 8- or 16-byte access (LDG/STG/LDS/STS.64 or .128 on a card; the address must be aligned to
+// its size). Plain `*p` on a card; in the simulated GPU they reach the checker and the profile as
+// the one access they are, where the host compiler would split the copy into 4-byte pieces.
+template <class V>
+__device__ __forceinline__ V ld_vec(const V* p) {
+  static_assert(sizeof(V) == 8 || sizeof(V) == 16, "ld_vec: an 8- or 16-byte vector type");
+#ifdef QLORA_SIM
+  V v;
+  ::qsim::vector_load(&v, p, sizeof(V));
+  return v;
+#else
+  return *p;
+#endif
+}
+
+template <class V>
+__device__ __forceinline__ void st_vec(V* p, const V& v) {
+  static_assert(sizeof(V) == 8 || sizeof(V) == 16, "st_vec: an 8- or 16-byte vector type");
+#ifdef QLORA_SIM
+  ::qsim::vector_store(p, &v, sizeof(V));
+#else
+  *p = v;
+#endif
+}
+
 // ---- dtype conversions (round to nearest even, as the CPU reference does) ----
 __device__ __forceinline__ float to_f32(float v) { return v; }
 __device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
@@ -83,6 +109,15 @@ __device__ __forceinline__ float block_sum(float v) {
 }
 
 typedef __nv_bfloat16 bf16;
+
+// Two bf16 (each rounded to nearest even) at p, 4-byte aligned, in one 32-bit store: a warp's
+// C-fragment row (4 lanes × 2 columns) becomes one 16-byte run per row instead of two strided
+// 2-byte stores.
+__device__ __forceinline__ void st_bf16x2(bf16* p, float a, float b) {
+  const uint32_t lo = __bfloat16_as_ushort(__float2bfloat16_rn(a));
+  const uint32_t hi = __bfloat16_as_ushort(__float2bfloat16_rn(b));
+  *reinterpret_cast<uint32_t*>(p) = lo | hi << 16;
+}
 
 // Max over a block, for any sign of the values (block_max above assumes non-negative ones).
 __device__ __forceinline__ float block_max_any(float v) {

@@ -1,7 +1,7 @@
 // Tensor-core GEMMs (mma.sync m16n8k16 bf16, fp32 accumulation, cp.async 3-stage pipeline) for
 // the three products of a linear layer, with an fp32 or bf16 output, C = alpha·A·B + beta·C,
-// split-K for skinny shapes, and an optional second phase that adds A2·B2 (the fused LoRA term
-// s·(X·Aᵀ)·Bᵀ) before the epilogue. The NF4 variants take B as packed NF4 + (double-quantized)
+// split-K for skinny shapes, and an optional second phase that adds A2·B2 before the epilogue
+// (the fused LoRA terms: s·(X·Aᵀ)·Bᵀ in the forward, (s·dY·B)·A in the NF4 dX). The NF4 variants take B as packed NF4 + (double-quantized)
 // scales and dequantize each tile into shared memory, so W never exists in bf16 in device memory.
 // Math, shapes and the CPU references: src/ops/gemm.rs.
 //
@@ -34,7 +34,9 @@ struct GemmParams {
   const bf16* b;
   void* c;
   float* partial;  // split-K workspace [gridDim.z, m, n] (fp32) when gridDim.z > 1
-  const bf16* a2;  // second phase: A2 [m, k2] (KC), B2 [n, k2] (KC); null when absent
+  // Second phase: A2 [m, k2] (KC) and B2: [n, k2] (KC) in the forward, [k2, n] (MC) in the NF4
+  // dX (the LoRA input gradient); null when absent.
+  const bf16* a2;
   const bf16* b2;
   long long lda, ldb, ldc, lda2, ldb2;
   int m, n, k, k2;
@@ -134,6 +136,24 @@ template <>
 __device__ __forceinline__ void store_out<float>(float* c, long long i, float v) { c[i] = v; }
 template <>
 __device__ __forceinline__ void store_out<bf16>(bf16* c, long long i, float v) { c[i] = __float2bfloat16_rn(v); }
+// Elements i and i + 1 (when `both`; else i alone): one store where the pair is aligned to its
+// size, two otherwise. The output's N (e.g. an odd vocabulary) and row stride need not be even.
+__device__ __forceinline__ void store_pair(float* c, long long i, float v0, float v1, bool both) {
+  if (both && (reinterpret_cast<uintptr_t>(c + i) & 7) == 0) {
+    st_vec(reinterpret_cast<float2*>(c + i), make_float2(v0, v1));
+    return;
+  }
+  c[i] = v0;
+  if (both) c[i + 1] = v1;
+}
+__device__ __forceinline__ void store_pair(bf16* c, long long i, float v0, float v1, bool both) {
+  if (both && (reinterpret_cast<uintptr_t>(c + i) & 3) == 0) {
+    st_bf16x2(c + i, v0, v1);
+    return;
+  }
+  c[i] = __float2bfloat16_rn(v0);
+  if (both) c[i + 1] = __float2bfloat16_rn(v1);
+}
 __device__ __forceinline__ float load_out(const float* c, long long i) { return c[i]; }
 __device__ __forceinline__ float load_out(const bf16* c, long long i) { return __bfloat162float(c[i]); }
 
@@ -151,20 +171,21 @@ __device__ __forceinline__ void epilogue(const GemmParams& p, float (*acc)[4][4]
       for (int h = 0; h < 2; ++h) {
         const int row = m0 + wm * 64 + mi * 16 + (lane >> 2) + h * 8;
         const int col = n0 + wn * 32 + ni * 8 + (lane & 3) * 2;
-        if (row >= p.m) continue;
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          if (col + e >= p.n) continue;
-          const float v = acc[mi][ni][h * 2 + e];
-          if (split) {
-            p.partial[((long long)blockIdx.z * p.m + row) * p.n + col + e] = v;
-          } else {
-            OutT* c = (OutT*)p.c;
-            const long long at = (long long)row * p.ldc + col + e;
-            float out = p.alpha * v;
-            if (p.beta != 0.0f) out += p.beta * load_out(c, at);
-            store_out<OutT>(c, at, out);
+        if (row >= p.m || col >= p.n) continue;
+        // The lane's two columns, stored together where they can be.
+        const bool both = col + 1 < p.n;
+        const float v0 = acc[mi][ni][h * 2], v1 = acc[mi][ni][h * 2 + 1];
+        if (split) {
+          store_pair(p.partial + ((long long)blockIdx.z * p.m + row) * p.n, col, v0, v1, both);
+        } else {
+          OutT* c = (OutT*)p.c;
+          const long long at = (long long)row * p.ldc + col;
+          float out0 = p.alpha * v0, out1 = p.alpha * v1;
+          if (p.beta != 0.0f) {
+            out0 += p.beta * load_out(c, at);
+            if (both) out1 += p.beta * load_out(c, at + 1);
           }
+          store_pair(c, at, out0, out1, both);
         }
       }
 }
@@ -312,18 +333,22 @@ __device__ __forceinline__ void fetch_nf4(const Nf4Params& w, int n0, int nmax, 
   }
 }
 
-// Phase 2: B2 [n, k2] bf16 (KC only).
+// Phase 2: the adapter's bf16 B2 in the tile's layout. KC (forward): B(k, n) = B2[n][k], B2
+// [n, k2]: the LoRA B. MC (dX): B(k, n) = B2[k][n], B2 [k2, n]: the LoRA A.
+template <bool B_KC>
 __device__ __forceinline__ void fetch_bf16(const bf16* b2, long long ldb2, int n0, int nmax, int k0, int kmax,
                                            BStage& st) {
   int srow, scol;
-  b_slot<true>(srow, scol);
-  const long long n = n0 + srow, k = k0 + scol;
-  // k2 is a multiple of 8: a 16-element run may be half inside.
+  b_slot<B_KC>(srow, scol);
+  const long long n = B_KC ? n0 + srow : n0 + scol, k = B_KC ? k0 + scol : k0 + srow;
+  // The contiguous dimension (k2 for KC, n for MC) is a multiple of 8: a 16-element run may be
+  // half inside.
   st.ok = n < nmax && k < kmax;
   if (st.ok) {
-    const uint4* src = reinterpret_cast<const uint4*>(b2 + n * ldb2 + k);
+    const uint4* src = reinterpret_cast<const uint4*>(B_KC ? b2 + n * ldb2 + k : b2 + k * ldb2 + n);
+    const bool second = B_KC ? k + 8 < kmax : n + 8 < nmax;
     st.raw[0] = __ldg(src);
-    st.raw[1] = (k + 8 < kmax) ? __ldg(src + 1) : make_uint4(0, 0, 0, 0);
+    st.raw[1] = second ? __ldg(src + 1) : make_uint4(0, 0, 0, 0);
   }
 }
 
@@ -350,10 +375,17 @@ __device__ __forceinline__ void store_b(bf16* sb, const BStage& st, bool nf4, co
     out[1] = v.u[1];
   }
   const int c0 = scol >> 3;
+  // In the MC tile the 8 lanes of a store phase write one 256-byte row, chunks 2l and 2l + 1:
+  // storing chunk 2l + h everywhere would put the phase on 4 of the 8 bank groups (a 2-way
+  // conflict the simulator's profile counts). Lanes 4-7 store their two chunks in the other
+  // order, so each store covers all 8 groups (the row's swizzle is one XOR for the whole row).
+  const int flip = B_KC ? 0 : (threadIdx.x >> 2) & 1;
 #pragma unroll
-  for (int h = 0; h < 2; ++h) {
+  for (int i = 0; i < 2; ++i) {
+    const int h = i ^ flip;
     const int off = B_KC ? off_kc(srow, c0 + h) : off_mc(srow, c0 + h);
-    *reinterpret_cast<uint4*>(sb + off) = out[h];
+    // A select, not out[h]: a register array indexed at run time would live in local memory.
+    st_vec(reinterpret_cast<uint4*>(sb + off), h ? out[1] : out[0]);
   }
 }
 
@@ -365,7 +397,7 @@ __device__ void gemm_nf4_body(const GemmParams& p, const Nf4Params& w) {
   if (threadIdx.x < 16) code[threadIdx.x] = w.code[threadIdx.x];
   const int m0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
   const int n1 = (p.k + BK - 1) / BK;
-  const int n2 = (B_KC && p.a2 != nullptr) ? (p.k2 + BK - 1) / BK : 0;
+  const int n2 = p.a2 != nullptr ? (p.k2 + BK - 1) / BK : 0;
   const int ntiles = n1 + n2;
 
   float acc[4][4][4];
@@ -382,7 +414,7 @@ __device__ void gemm_nf4_body(const GemmParams& p, const Nf4Params& w) {
   };
   auto fetch_b = [&](int t, BStage& st) {
     if (t < n1) fetch_nf4<B_KC>(w, n0, p.n, t * BK, p.k, st);
-    else fetch_bf16(p.b2, p.ldb2, n0, p.n, (t - n1) * BK, p.k2, st);
+    else fetch_bf16<B_KC>(p.b2, p.ldb2, n0, p.n, (t - n1) * BK, p.k2, st);
   };
 
 #pragma unroll
@@ -406,13 +438,8 @@ __device__ void gemm_nf4_body(const GemmParams& p, const Nf4Params& w) {
     if (more) fetch_b(t + 1, st);
     const bf16* ta = sa + (t % STAGES) * TILE_ELEMS;
     const bf16* tb = sb + (t % 2) * TILE_ELEMS;
-    if (t < n1) {
-      compute_tile<true, B_KC>(ta, tb, acc, 0);
-      compute_tile<true, B_KC>(ta, tb, acc, 1);
-    } else {
-      compute_tile<true, true>(ta, tb, acc, 0);
-      compute_tile<true, true>(ta, tb, acc, 1);
-    }
+    compute_tile<true, B_KC>(ta, tb, acc, 0);
+    compute_tile<true, B_KC>(ta, tb, acc, 1);
     if (more) store_b<B_KC>(sb + ((t + 1) % 2) * TILE_ELEMS, st, t + 1 < n1, code);
   }
   cp_async_wait<0>();
@@ -423,7 +450,8 @@ __device__ void gemm_nf4_body(const GemmParams& p, const Nf4Params& w) {
 extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) gemm_nf4_nt_bf16(GemmParams p, Nf4Params w) {
   gemm_nf4_body<true>(p, w);
 }
-// dX = dY·W: dY [M, K=N_out] bf16, W NF4 [N_out, N_in]; dX [M, N_in] bf16.
+// dX = dY·W (+ A2·B2): dY [M, K=N_out] bf16, W NF4 [N_out, N_in]; dX [M, N_in] bf16; the
+// adapter's input gradient as a second phase of K: A2 = s·dY·B_lora [M, r], B2 = A_lora [r, N_in].
 extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) gemm_nf4_nn_bf16(GemmParams p, Nf4Params w) {
   gemm_nf4_body<false>(p, w);
 }
@@ -457,8 +485,8 @@ extern "C" __global__ void __launch_bounds__(256, 2) gemm_nf4_small_m_bf16(GemmP
       const int m = q / (SM_CHUNK / 8), c = q % (SM_CHUNK / 8);
       const int k = k0 + c * 8;
       uint4 v = make_uint4(0, 0, 0, 0);
-      if (k < p.k) v = *reinterpret_cast<const uint4*>(p.a + (long long)m * p.lda + k);
-      *reinterpret_cast<uint4*>(sx + m * SM_CHUNK + c * 8) = v;
+      if (k < p.k) v = ld_vec(reinterpret_cast<const uint4*>(p.a + (long long)m * p.lda + k));
+      st_vec(reinterpret_cast<uint4*>(sx + m * SM_CHUNK + c * 8), v);
     }
     __syncthreads();
 #pragma unroll
@@ -486,7 +514,7 @@ extern "C" __global__ void __launch_bounds__(256, 2) gemm_nf4_small_m_bf16(GemmP
         for (int m = 0; m < 16; ++m) {
           if (m >= m_rows) break;
           union { uint4 u; bf16 h[8]; } xv;
-          xv.u = *reinterpret_cast<const uint4*>(sx + m * SM_CHUNK + kk);
+          xv.u = ld_vec(reinterpret_cast<const uint4*>(sx + m * SM_CHUNK + kk));
           float s = 0.0f;
 #pragma unroll
           for (int e = 0; e < 8; ++e) s += __bfloat162float(xv.h[e]) * wv[e];

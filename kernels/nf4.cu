@@ -176,8 +176,8 @@ extern "C" __global__ void nf4_quantize_absmax(const float* __restrict__ absmax,
 template <typename T> struct Vec8;
 template <> struct Vec8<float> {
   static __device__ __forceinline__ void store(float* out, const float* v) {
-    reinterpret_cast<float4*>(out)[0] = make_float4(v[0], v[1], v[2], v[3]);
-    reinterpret_cast<float4*>(out)[1] = make_float4(v[4], v[5], v[6], v[7]);
+    st_vec(reinterpret_cast<float4*>(out), make_float4(v[0], v[1], v[2], v[3]));
+    st_vec(reinterpret_cast<float4*>(out) + 1, make_float4(v[4], v[5], v[6], v[7]));
   }
 };
 template <typename H> struct Vec8Half {
@@ -185,7 +185,7 @@ template <typename H> struct Vec8Half {
     union { uint4 u; H h[8]; } pack;
 #pragma unroll
     for (int k = 0; k < 8; ++k) pack.h[k] = from_f32<H>(v[k]);
-    *reinterpret_cast<uint4*>(out) = pack.u;
+    st_vec(reinterpret_cast<uint4*>(out), pack.u);
   }
 };
 template <> struct Vec8<__nv_bfloat16> : Vec8Half<__nv_bfloat16> {};

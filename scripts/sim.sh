@@ -18,6 +18,9 @@
 #   QLORA_SIM_PEAK_DUMP=1  at exit, the live buffers at the peak (sizes and counts)
 #   QLORA_SIM_DYNAMIC_SMEM_DEFAULT  dynamic shared memory a kernel may use without opting in
 #                       (bytes; default 48 KiB as on every card; 0 proves every launcher opts in)
+#   QLORA_SIM_PROFILE=FILE  count per kernel MMAs, ldmatrix, shared-memory bank conflicts, global
+#                       sectors and compulsory bytes; appended to FILE at exit (docs/simulator.md;
+#                       scripts/kernel-report.sh makes docs/kernel-report.md from it)
 set -euo pipefail
 if [ $# -eq 0 ]; then
   sed -n '2,/^set /p' "$0" | sed '$d; s/^# \{0,1\}//'

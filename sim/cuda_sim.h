@@ -97,8 +97,17 @@ inline unsigned long long atomicAdd(unsigned long long* p, unsigned long long v)
 inline float atomicAdd(float* p, float v) { return ::qsim::atomic_add_f32(p, v); }
 inline double atomicAdd(double* p, double v) { return ::qsim::atomic_add_f64(p, v); }
 
+// A vector type (uint2, uint4, float4: 8 or 16 bytes) is one load, as on a card.
 template <class T>
-inline T __ldg(const T* p) { return *p; }
+__attribute__((always_inline)) inline T __ldg(const T* p) {
+  if constexpr (std::is_class_v<T> && (sizeof(T) == 8 || sizeof(T) == 16)) {
+    T v;
+    ::qsim::vector_load(&v, p, sizeof(T));
+    return v;
+  } else {
+    return *p;
+  }
+}
 
 // ---- math intrinsics: IEEE round-to-nearest host arithmetic (built with -ffp-contract=off) ----
 inline float __fadd_rn(float a, float b) { return a + b; }

@@ -241,6 +241,8 @@ Collective* join(const char* site, unsigned mask, const void* in, size_t size) {
       if ((mask >> l & 1) && l != t.lane) o.state = Thread::State::Runnable;
     }
     if (site == kSyncwarp) L.warp_epoch[t.warp] = ++g_wepoch_counter;
+    const unsigned live = (w.size == 32 ? 0xffffffffu : (1u << w.size) - 1) & ~w.exited;
+    if (g_profiling && (mask & live) == live) profile_converged(t.warp);
   } else {
     t.state = Thread::State::AtCollective;
     t.coll_site = site;
@@ -332,6 +334,7 @@ void block_barrier_complete() {
   }
   L.at_barrier = 0;
   L.view.epoch = ++g_epoch_counter;
+  if (g_profiling) profile_block_converged();
 }
 
 void set_current(Thread& t) {
@@ -564,8 +567,10 @@ bool launch(KernelInfo* k, Dim grid, Dim block, size_t dynamic_shared, void** pa
   undo_begin();
   std::vector<std::vector<uint8_t>> first;
   bool ok = true;
+  const bool profiling = g_profiling;
   for (Schedule s : {Schedule::Forward, Schedule::Reverse, Schedule::Random}) {
     if (s != Schedule::Forward) undo_restore();
+    g_profiling = profiling && s == Schedule::Forward;  // the profile counts a launch once
     ok = launch_once(k, grid, block, dynamic_shared, params, id, s, error);
     if (!ok) break;
     if (s == Schedule::Forward) {
@@ -580,6 +585,7 @@ bool launch(KernelInfo* k, Dim grid, Dim block, size_t dynamic_shared, void** pa
     }
   }
   undo_end();
+  g_profiling = profiling;
   return ok;
 }
 
@@ -619,6 +625,7 @@ bool launch_once(KernelInfo* k, Dim grid, Dim block, size_t dynamic_shared, void
   g_block = &L.view;
 
   const uint64_t nblocks = uint64_t(grid.x) * grid.y * grid.z;
+  if (g_profiling) profile_launch_begin(k, nblocks, nthreads, dynamic_shared);
   std::vector<uint64_t> blocks;
   if (L.schedule == Schedule::Random && nblocks <= (uint64_t(1) << 24)) {
     blocks.resize(nblocks);
@@ -633,6 +640,7 @@ bool launch_once(KernelInfo* k, Dim grid, Dim block, size_t dynamic_shared, void
     qsim_blockIdx = uint3{L.view.bx, L.view.by, L.view.bz};
     shared_begin_block(dynamic_shared);
     run_block();
+    if (g_profiling) profile_block_converged();
     if (i == 0 && !L.faulted) {
       std::string names;
       const size_t st = static_shared_footprint(&names);
@@ -646,6 +654,7 @@ bool launch_once(KernelInfo* k, Dim grid, Dim block, size_t dynamic_shared, void
       }
     }
   }
+  if (g_profiling) profile_launch_end();
   g_block = nullptr;
   g_launch = nullptr;
   g_current = nullptr;
@@ -739,6 +748,7 @@ double atomic_add_f64(double* p, double v) { return atomic_add(p, v); }
 // The products of two bf16 are exact in f32; the sum is accumulated in f32 in k order
 // (the hardware's internal order is unspecified).
 void mma_m16n8k16_bf16(float* d, const uint32_t* a, const uint32_t* b) {
+  if (g_profiling) profile_mma();
   uint32_t in[6] = {a[0], a[1], a[2], a[3], b[0], b[1]};
   Collective* c = join("mma.sync.aligned.m16n8k16", 0xffffffffu, in, sizeof in);
   if (!c->decoded) {
@@ -786,6 +796,10 @@ void ldmatrix_x4(uint32_t* r, const void* row, bool trans) {
   }
   if (a % 16) fault(where() + ": " + site + " row address " + describe(a) + " is not 16-byte aligned");
   check_access(a, 16, Access::Load);  // each lane reads the row it names
+  if (g_profiling) {
+    profile_access(reinterpret_cast<uintptr_t>(__builtin_return_address(0)), a, 16, ProfileKind::Ldmatrix);
+    profile_ldmatrix();
+  }
   unsigned char mine[16];
   memcpy(mine, row, 16);
   Collective* c = join(site, 0xffffffffu, mine, 16);
@@ -822,6 +836,11 @@ void cp_async_16(void* dst, const void* src, int src_bytes) {
     if (!device_range_ok(s, size_t(src_bytes), "cp.async source", &why)) fault(where() + ": " + why);
   }
   shared_mark_pending(d, 16);
+  if (g_profiling) {
+    const auto pc = reinterpret_cast<uintptr_t>(__builtin_return_address(0));
+    profile_access(pc, d, 16, ProfileKind::CpAsyncShared);
+    if (src_bytes > 0) profile_access(pc, s, unsigned(src_bytes), ProfileKind::GlobalLoad);
+  }
   Thread& t = *g_current;
   t.copies.push_back({d, s, uint32_t(src_bytes), t.groups_committed});
 }

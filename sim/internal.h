@@ -72,4 +72,37 @@ void undo_end();
 // Describes an address for a message: "device buffer #3 (4096 bytes), offset 4100" etc.
 std::string describe(uintptr_t addr);
 
+
+// ---- the profile (profile.cpp; QLORA_SIM_PROFILE=FILE) ----
+enum class ProfileKind : uint8_t { SharedLoad, SharedStore, Ldmatrix, CpAsyncShared, GlobalLoad, GlobalStore };
+// One kernel's totals over its launches (the line profile.cpp writes; docs/simulator.md).
+struct ProfileCounts {
+  uint64_t launches = 0, blocks = 0, threads = 0, dynamic_smem = 0;
+  uint64_t mma = 0, ldmatrix = 0;  // warp-level instructions
+  uint64_t lds_req = 0, lds_wave = 0, lds_ideal = 0, sts_req = 0, sts_wave = 0, sts_ideal = 0;
+  uint64_t ldsm_req = 0, ldsm_wave = 0, ldsm_ideal = 0, cpa_req = 0, cpa_wave = 0, cpa_ideal = 0;
+  uint64_t ldg_req = 0, ldg_sectors = 0, ldg_ideal = 0, stg_req = 0, stg_sectors = 0, stg_ideal = 0;
+  uint64_t ldg_bytes = 0, stg_bytes = 0, unique_bytes = 0;
+};
+// On when QLORA_SIM_PROFILE names a file (or after profile_enable()); every hook below is called
+// only while it is on and a launch runs.
+extern bool g_profiling;
+void profile_enable();
+const ProfileCounts* profile_of(const KernelInfo* k);  // null: never launched while profiling
+void profile_launch_begin(const KernelInfo* k, uint64_t blocks, unsigned threads, size_t dynamic_shared);
+void profile_launch_end();
+// One lane's access (`pc`: the instruction's address; for shared kinds, `addr` is the address).
+void profile_access(uintptr_t pc, uintptr_t addr, unsigned bytes, ProfileKind kind);
+void profile_ldmatrix();  // one ldmatrix.x4 (called by every lane; counted once per warp)
+void profile_mma();       // one mma.sync (the same)
+void profile_converged(unsigned warp);  // every live lane of the warp is at the same point
+void profile_block_converged();         // every thread of the block is (a barrier, the end)
+// The offset of a shared-memory address within its region (static variables or the dynamic
+// arena), which decides its bank.
+uintptr_t shared_offset(uintptr_t addr);
+bool is_device(uintptr_t addr);
+// A kernel's plain load or store (the sanitizer callbacks): profiled as shared or global by where
+// it lands; other addresses (the fiber's stack) are not memory of the device.
+void profile_memory(const void* pc, const void* p, unsigned bytes, bool store);
+
 }  // namespace qsim

@@ -527,6 +527,39 @@ void check_access(uintptr_t a, size_t n, Access kind) {
   if (is_shared(a, n)) return shared_access(a, n, kind);
 }
 
+bool is_device(uintptr_t a) { return a - g_heap_base < kHeapReserve; }
+
+uintptr_t shared_offset(uintptr_t a) {
+  return a >= g_static_lo && a < g_static_lo + g_static_bytes ? a - g_static_lo : a - g_dyn_lo;
+}
+
+void profile_memory(const void* pc, const void* p, unsigned bytes, bool store) {
+  const auto a = reinterpret_cast<uintptr_t>(p);
+  const auto site = reinterpret_cast<uintptr_t>(pc);
+  if (is_device(a)) {
+    profile_access(site, a, bytes, store ? ProfileKind::GlobalStore : ProfileKind::GlobalLoad);
+  } else if (is_shared(a, bytes)) {
+    profile_access(site, a, bytes, store ? ProfileKind::SharedStore : ProfileKind::SharedLoad);
+  }
+}
+
+// Called from kernel code (through ld_vec/st_vec and __ldg): the return address is the site.
+void vector_load(void* out, const void* p, size_t bytes) {
+  if (g_block) {
+    check_access(reinterpret_cast<uintptr_t>(p), bytes, Access::Load);
+    if (g_profiling) profile_memory(__builtin_return_address(0), p, unsigned(bytes), false);
+  }
+  memcpy(out, p, bytes);
+}
+
+void vector_store(void* p, const void* in, size_t bytes) {
+  if (g_block) {
+    check_access(reinterpret_cast<uintptr_t>(p), bytes, Access::Store);
+    if (g_profiling) profile_memory(__builtin_return_address(0), p, unsigned(bytes), true);
+  }
+  memcpy(p, in, bytes);
+}
+
 bool is_shared(uintptr_t a, size_t n) {
   return (a + n > g_static_lo && a < g_static_lo + g_static_bytes) ||
          (a + n > g_dyn_lo && a < g_dyn_lo + g_dyn_cap);
@@ -628,12 +661,17 @@ std::string describe(uintptr_t a) {
 
 // ---- the instrumentation callbacks (clang -fsanitize-coverage=trace-loads,trace-stores) ----
 
+// The instruction's own address (the callback's return address) names it in the profile.
 #define QSIM_CALLBACKS(N, T)                                                                    \
   extern "C" void __sanitizer_cov_load##N(T* p) {                                               \
-    if (qsim::g_block) qsim::check_access(reinterpret_cast<uintptr_t>(p), N, qsim::Access::Load); \
+    if (!qsim::g_block) return;                                                                 \
+    qsim::check_access(reinterpret_cast<uintptr_t>(p), N, qsim::Access::Load);                 \
+    if (qsim::g_profiling) qsim::profile_memory(__builtin_return_address(0), p, N, false);     \
   }                                                                                             \
   extern "C" void __sanitizer_cov_store##N(T* p) {                                              \
-    if (qsim::g_block) qsim::check_access(reinterpret_cast<uintptr_t>(p), N, qsim::Access::Store); \
+    if (!qsim::g_block) return;                                                                 \
+    qsim::check_access(reinterpret_cast<uintptr_t>(p), N, qsim::Access::Store);                \
+    if (qsim::g_profiling) qsim::profile_memory(__builtin_return_address(0), p, N, true);      \
   }
 QSIM_CALLBACKS(1, uint8_t)
 QSIM_CALLBACKS(2, uint16_t)

@@ -103,6 +103,11 @@ unsigned long long atomic_add_u64(unsigned long long* p, unsigned long long v);
 float atomic_add_f32(float* p, float v);
 double atomic_add_f64(double* p, double v);
 unsigned char* dynamic_shared_base();
+// A vector load or store of `bytes` (8 or 16) as the one access it is on a card (LDG.128,
+// STS.64, ...): checked (bounds, written, natural alignment) and profiled as one access, then
+// copied. The host compiler would split a plain vector copy into 4-byte pieces.
+void vector_load(void* out, const void* p, size_t bytes);
+void vector_store(void* p, const void* in, size_t bytes);
 // PTX instructions (kernels/ptx.cuh)
 void mma_m16n8k16_bf16(float* d, const uint32_t* a, const uint32_t* b);
 void ldmatrix_x4(uint32_t* r, const void* row, bool trans);

@@ -111,6 +111,10 @@ fn gemm_all_layouts_match_f64() {
         (7, 200, 104),
         (16, 136, 264),
         (97, 1032, 520),
+        // An odd N (the NT product only: N is no operand's contiguous dimension there), as for
+        // logits over an odd vocabulary: odd row strides, a last column alone; and with split-K.
+        (9, 515, 72),
+        (16, 203, 2056),
         big,
         skinny,
     ] {

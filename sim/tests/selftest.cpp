@@ -11,6 +11,7 @@
 
 #include <cuda_bf16.h>
 
+#include "../internal.h"
 #include "../runtime.h"
 
 using namespace qsim;
@@ -221,6 +222,67 @@ int main() {
   {
     KernelInfo* k = find_kernel("st_bounded");
     check(k && k->max_threads == 64, "__launch_bounds__(64, 2) registers a 64-thread limit");
+  }
+  // Vector accesses are one access: a float4 load needs 16-byte alignment.
+  {
+    float* x = upload(std::vector<float>(16, 1.0f));
+    float* out = fresh<float>(1);
+    int off = 4;
+    run("st_vector_at", {1, 1, 1}, {1, 1, 1}, 0, {&x, &off, &out}, "", "an aligned 16-byte vector load");
+    off = 2;
+    run("st_vector_at", {1, 1, 1}, {1, 1, 1}, 0, {&x, &off, &out}, "misaligned 16-byte read",
+        "a 16-byte vector load at an 8-byte boundary is reported as misaligned");
+  }
+  // The profile's model: bank conflicts, ldmatrix phases, global sectors, compulsory bytes.
+  {
+    profile_enable();
+    KernelInfo* k = find_kernel("st_banks");
+    float* out = fresh<float>(32 * 8);
+    struct Case { int stride, vstride, pitch, ostride; uint64_t st, ld, ldsm, sectors; const char* what; };
+    // Stores: one request of 32 lanes (stride 2: two words per bank, 32: all in bank 0, 33: one
+    // each). Loads: that request plus the float4 one (4 phases of 8 lanes; vstride 8: all 8 lanes
+    // of a phase on the same 4 banks). ldmatrix: pitch 128 puts a phase's 8 rows on 4 banks,
+    // 144 (padded) spreads them. Sectors: out[lane] fills 4, out[lane·8] touches 32.
+    const Case cases[] = {
+        {1, 1, 144, 1, 1, 1 + 4, 4, 4, "conflict-free: stride 1, float4 stride 1, pitch 144"},
+        {2, 1, 144, 1, 2, 2 + 4, 4, 4, "stride 2: 2 wavefronts"},
+        {32, 8, 128, 8, 32, 32 + 32, 32, 32, "stride 32, float4 stride 8, pitch 128, out stride 8"},
+        {33, 2, 160, 1, 1, 1 + 8, 8, 4, "stride 33 (padded) is conflict-free; float4 stride 2 and pitch 160 are 2-way"},
+        {0, 0, 0, 1, 1, 1 + 4, 4, 4, "a broadcast (every lane the same word) is one wavefront"},
+    };
+    for (const Case& c : cases) {
+      const ProfileCounts before = profile_of(k) ? *profile_of(k) : ProfileCounts{};
+      int a = c.stride, b = c.vstride, p = c.pitch, o = c.ostride;
+      if (!run("st_banks", {1, 1, 1}, {32, 1, 1}, 0, {&out, &a, &b, &p, &o}, "", c.what)) continue;
+      const ProfileCounts& x = *profile_of(k);
+      // The two fill loops are 34 + 160 conflict-free store requests and the two loads one each.
+      const uint64_t st = x.sts_wave - before.sts_wave - (34 + 160);
+      const uint64_t ld = x.lds_wave - before.lds_wave;
+      const uint64_t ldsm = x.ldsm_wave - before.ldsm_wave;
+      const uint64_t sectors = x.stg_sectors - before.stg_sectors;
+      const bool ok = st == c.st && ld == c.ld && ldsm == c.ldsm && sectors == c.sectors &&
+                      x.ldsm_ideal - before.ldsm_ideal == 4 && x.stg_ideal - before.stg_ideal == 4 &&
+                      x.ldmatrix - before.ldmatrix == 1 && x.ldsm_req - before.ldsm_req == 1;
+      if (!ok) {
+        printf("       counted: stores %llu, loads %llu, ldmatrix %llu, sectors %llu\n",
+               (unsigned long long)st, (unsigned long long)ld, (unsigned long long)ldsm,
+               (unsigned long long)sectors);
+      }
+      check(ok, "  … and the profile counts its wavefronts and sectors");
+    }
+    // mma and ldmatrix per warp, and compulsory bytes, from st_mma (A 512 B + B^T 256 B read,
+    // C 512 B written: 40 sectors).
+    std::vector<__nv_bfloat16> ha(256, __float2bfloat16(1.0f)), hb(128, __float2bfloat16(1.0f));
+    __nv_bfloat16* da = upload(ha);
+    __nv_bfloat16* db = upload(hb);
+    float* c = fresh<float>(128);
+    int wait = 1;
+    if (run("st_mma", {1, 1, 1}, {32, 1, 1}, 0, {&da, &db, &c, &wait}, "", "profiled st_mma")) {
+      const ProfileCounts& x = *profile_of(find_kernel("st_mma"));
+      check(x.mma == 1 && x.ldmatrix == 2 && x.unique_bytes == 1280 && x.cpa_req == 1 &&
+                x.cpa_wave == 4,
+            "  … one mma, two ldmatrix, one cp.async request, 1280 compulsory bytes");
+    }
   }
   printf("%d passed, %d failed\n", passes, failures);
   return failures;

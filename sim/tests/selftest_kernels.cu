@@ -114,3 +114,31 @@ extern "C" __global__ void st_write_through(float* p) { p[threadIdx.x] = 1.0f; }
 
 // __launch_bounds__ with a minimum block count: the first argument alone is the thread limit.
 extern "C" __global__ void __launch_bounds__(64, 2) st_bounded(float* p) { p[threadIdx.x] = 1.0f; }
+
+// The profile's bank and sector model (one warp): each lane stores and loads shared word
+// lane·stride (4-byte floats; `stride` 0: every lane loads the same word, a broadcast, and
+// stores with stride 1), loads the
+// 16-byte vector at lane·vstride, names the row lane·pitch bytes into a bf16 tile for an
+// ldmatrix.x4, and writes out[lane·ostride].
+extern "C" __global__ void st_banks(float* out, int stride, int vstride, int pitch, int ostride) {
+  __shared__ __align__(16) float words[32 * 33 + 4];
+  __shared__ __align__(16) unsigned char tile[32 * 160];
+  const int lane = threadIdx.x;
+  for (int i = lane; i < 32 * 33 + 4; i += 32) words[i] = float(i);
+  for (int i = lane; i < 32 * 160; i += 32) tile[i] = (unsigned char)i;
+  __syncwarp();
+  words[lane * (stride ? stride : 1)] = float(lane);
+  __syncwarp();
+  float v = words[lane * stride];
+  const float4 q = ld_vec(reinterpret_cast<const float4*>(words) + lane * vstride);
+  uint32_t r[4];
+  ldmatrix_x4(r, tile + lane * pitch);
+  out[lane * ostride] = v + q.x + q.y + q.z + q.w + float(r[0] & 1);
+}
+
+// A 16-byte vector load (ld_vec) from x + off floats: misaligned unless off % 4 == 0 (a card
+// faults on it; the host compiler alone would split it into aligned 4-byte loads).
+extern "C" __global__ void st_vector_at(const float* x, int off, float* out) {
+  const float4 v = ld_vec(reinterpret_cast<const float4*>(x + off));
+  out[0] = v.x + v.y + v.z + v.w;
+}

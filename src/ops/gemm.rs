@@ -5,11 +5,13 @@
 //! ```text
 //! forward   xa = s·x·Aᵀ                  gemm NT  [T, r]      (kept for the backward)
 //!           y  = x·Wᵀ + xa·Bᵀ            NF4 GEMM NT with the adapter as a second k-phase
-//! backward  g  = dy·B                    gemm NN  [T, r]
-//!           dx = dy·W + s·g·A            NF4 GEMM NN, then gemm NN accumulating (beta = 1)
-//!           dA += s·gᵀ·x                 gemm TN  [r, in]  fp32, split-K over T
+//! backward  g  = s·dy·B                  gemm NN  [T, r]
+//!           dx = dy·W + g·A              NF4 GEMM NN with the adapter as a second k-phase
+//!           dA += gᵀ·x                   gemm TN  [r, in]  fp32, split-K over T
 //!           dB += dyᵀ·xa                 gemm TN  [out, r] fp32, split-K over T
 //! ```
+//! With LoRA dropout (x̃ = x ⊙ m feeds the adapter) `dA += gᵀ·x̃`, and the adapter's part of dx
+//! is masked, `(g·A) ⊙ m`, so it is a separate gemm NN added after the NF4 GEMM.
 //! Every GEMM accumulates in fp32; `C = alpha·A·B + beta·C`. The CPU reference of all of it is
 //! `ops::linear` (and `ops::matmul` for the plain products). Requirements, checked here: bf16
 //! operands, contiguous dimensions multiples of 8 (16 for NF4 weights), rank a multiple of 8 for
@@ -497,22 +499,44 @@ fn nf4_forward_launch(o: usize, g: GemmParams, p: Nf4Params, y: Tensor) -> Resul
 
 /// `dx = dy·W`: dy bf16 `[M, N_out]`, W NF4 `[N_out, N_in]`; dx bf16 `[M, N_in]`.
 pub fn nf4_dx_cuda(dy: &Tensor, w: &Nf4Tensor) -> Result<Tensor> {
-    nf4_dx(dy, w, None, 0.0)
+    // SAFETY: no adapter term, so the kernel reads only the checked tensors.
+    unsafe { nf4_dx(dy, w, None, 0.0, None) }
 }
 
 /// [`nf4_dx_cuda`] written into `out` (bf16 `[M, N_in]`, overwritten whole), e.g. the buffer of
 /// the layer input x once nothing needs x any more: one `[M, N_in]` tensor fewer at that point.
 pub fn nf4_dx_into(dy: &Tensor, w: &Nf4Tensor, out: Tensor) -> Result<Tensor> {
-    nf4_dx(dy, w, Some(out), 0.0)
+    // SAFETY: as in nf4_dx_cuda.
+    unsafe { nf4_dx(dy, w, Some(out), 0.0, None) }
 }
 
 /// `acc + dy·W` into `acc` (bf16 `[M, N_in]`): a gradient that meets others (q, k and v into
 /// their input) summed in the GEMM's epilogue (β = 1), with no temporary and one rounding.
 pub fn nf4_dx_acc(dy: &Tensor, w: &Nf4Tensor, acc: Tensor) -> Result<Tensor> {
-    nf4_dx(dy, w, Some(acc), 1.0)
+    // SAFETY: as in nf4_dx_cuda.
+    unsafe { nf4_dx(dy, w, Some(acc), 1.0, None) }
 }
 
-fn nf4_dx(dy: &Tensor, w: &Nf4Tensor, out: Option<Tensor>, beta: f32) -> Result<Tensor> {
+/// The adapter's input gradient `g·A` as the NF4 dX kernel's second phase of K, so that
+/// `dx = dy·W + g·A` is one GEMM: `g = s·dy·B` bf16 `[M, r]` and the LoRA A bf16 `[r, N_in]`
+/// (device addresses, contiguous rows, r a multiple of 8).
+#[derive(Clone, Copy)]
+struct DxAdapter {
+    g: u64,
+    a: u64,
+    r: usize,
+}
+
+/// # Safety
+/// With `adapter`, its addresses must hold live bf16 `[M, r]` and `[r, N_in]` matrices on dy's
+/// device until the stream's work is done (shapes are the caller's to check).
+unsafe fn nf4_dx(
+    dy: &Tensor,
+    w: &Nf4Tensor,
+    out: Option<Tensor>,
+    beta: f32,
+    adapter: Option<DxAdapter>,
+) -> Result<Tensor> {
     let op = "nf4 gemm dx (cuda)";
     let o = cuda_ordinal(op, dy)?;
     let dev = Device::Cuda(o);
@@ -539,7 +563,7 @@ fn nf4_dx(dy: &Tensor, w: &Nf4Tensor, out: Option<Tensor>, beta: f32) -> Result<
     if m == 0 || n == 0 {
         return Ok(dx);
     }
-    let g = GemmParams {
+    let mut g = GemmParams {
         a: dy.device_ptr(),
         c: dx.device_ptr(),
         lda: k as i64,
@@ -552,6 +576,14 @@ fn nf4_dx(dy: &Tensor, w: &Nf4Tensor, out: Option<Tensor>, beta: f32) -> Result<
         beta,
         ..GemmParams::default()
     };
+    if let Some(ad) = adapter {
+        multiple_of(op, "LoRA rank", ad.r, 8)?;
+        g.a2 = ad.g;
+        g.lda2 = ad.r as i64;
+        g.b2 = ad.a;
+        g.ldb2 = n as i64;
+        g.k2 = ad.r as i32;
+    }
     launch_nf4(o, "gemm_nf4_nn_bf16", g, p, m, n)?;
     Ok(dx)
 }
@@ -611,10 +643,23 @@ pub fn lora_backward_cuda(
     let (m, _) = dims2("lora backward (cuda)", "dy", dy)?;
     let r = lora.a.shape().first().copied().unwrap_or(0);
     let mut g = Tensor::uninit(&[m, r], DType::BF16, &dy.device())?;
-    gemm_cuda(Layout::Nn, dy, lora.b, &mut g, 1.0, 0.0)?; // g = dy·B
-    let mut dx = nf4_dx_cuda(dy, w)?; // dy·W
-    gemm_cuda(Layout::Nn, &g, lora.a, &mut dx, lora.scale, 1.0)?; // += s·g·A
-    gemm_cuda(Layout::Tn, &g, x, grad_a, lora.scale, 1.0)?; // dA += s·gᵀ·x
+    gemm_cuda(Layout::Nn, dy, lora.b, &mut g, lora.scale, 0.0)?; // g = s·dy·B
+    check_tensor(
+        "lora backward (cuda)",
+        "lora_A",
+        lora.a,
+        DType::BF16,
+        &[r, w.shape.get(1).copied().unwrap_or(0)],
+        dy.device(),
+    )?;
+    let adapter = DxAdapter {
+        g: g.device_ptr(),
+        a: lora.a.device_ptr(),
+        r,
+    };
+    // SAFETY: g [M, r] and A [r, N_in] are live bf16 tensors on dy's device (checked above).
+    let dx = unsafe { nf4_dx(dy, w, None, 0.0, Some(adapter))? }; // dy·W + g·A
+    gemm_cuda(Layout::Tn, &g, x, grad_a, 1.0, 1.0)?; // dA += gᵀ·x = s·(dy·B)ᵀ·x
     gemm_cuda(Layout::Tn, dy, xa, grad_b, 1.0, 1.0)?; // dB += dyᵀ·xa
     Ok(dx)
 }
@@ -850,7 +895,7 @@ pub unsafe fn lora_backward_view_over_x(
 }
 
 /// [`lora_backward_view`] with dx added into `acc` (bf16, x's shape), the gradient the input
-/// already has from other consumers: `acc + dy·W + s·g·A` in the GEMMs' epilogues (β = 1), with
+/// already has from other consumers: `acc + dy·W + s·g·A` in the NF4 GEMM's epilogue (β = 1), with
 /// no `[M, K]` temporary (one with dropout, for the masked adapter term).
 ///
 /// # Safety
@@ -912,7 +957,7 @@ unsafe fn lora_backward(
     // adapter term [M, K], x and its dropout [M, K], xa [M, r], the gradient views [r, K] and
     // [N, r] fp32: shapes checked above and by `check_view`; all on device `o`.
     unsafe {
-        // g = dy·B
+        // g = s·dy·B
         mm(
             o,
             Layout::Nn,
@@ -924,7 +969,7 @@ unsafe fn lora_backward(
             r,
             (m, r, n),
             false,
-            1.0,
+            l.scale,
             0.0,
         )?;
         // dB += dyᵀ·xa
@@ -943,7 +988,7 @@ unsafe fn lora_backward(
             1.0,
         )?;
     }
-    // dA += s·gᵀ·x̃
+    // dA += gᵀ·x̃ = s·(dy·B)ᵀ·x̃
     let x_ad = match l.dropout {
         Some((p, seed)) => Some(super::dropout::dropout_cuda(x, p, seed)?),
         None => None,
@@ -960,37 +1005,33 @@ unsafe fn lora_backward(
             k,
             (r, k, m),
             true,
-            l.scale,
+            1.0,
             1.0,
         )?
     };
     drop(x_ad);
-    // dx = dy·W (+ the adapter's term)
-    let mut dx = match input {
-        LayerInput::Kept(_) => nf4_dx_cuda(dy, w)?,
-        LayerInput::Spent(x) => nf4_dx_into(dy, w, x)?,
-        LayerInput::Accumulate(_, acc) => nf4_dx_acc(dy, w, acc)?,
+    // dx = dy·W + g·A: without dropout the adapter's term is the NF4 GEMM's second phase of K;
+    // with it, dy·W first and the masked term added after.
+    let adapter = match l.dropout {
+        None => Some(DxAdapter {
+            g: g.device_ptr(),
+            a: l.a.ptr,
+            r,
+        }),
+        Some(_) => None,
+    };
+    // SAFETY: g [M, r] (above) and the A view [r, K] (checked by `check_view`) on device `o`.
+    let dx = unsafe {
+        match input {
+            LayerInput::Kept(_) => nf4_dx(dy, w, None, 0.0, adapter)?,
+            LayerInput::Spent(x) => nf4_dx(dy, w, Some(x), 0.0, adapter)?,
+            LayerInput::Accumulate(_, acc) => nf4_dx(dy, w, Some(acc), 1.0, adapter)?,
+        }
     };
     match l.dropout {
-        None => unsafe {
-            // dx += s·g·A
-            mm(
-                o,
-                Layout::Nn,
-                g.device_ptr(),
-                r,
-                l.a.ptr,
-                k,
-                dx.device_ptr(),
-                k,
-                (m, k, r),
-                false,
-                l.scale,
-                1.0,
-            )?
-        },
+        None => Ok(dx),
         Some((p, seed)) => {
-            // dx += (s·g·A) ⊙ m
+            // dx += (g·A) ⊙ m
             let ga = Tensor::uninit(&[m, k], DType::BF16, &dy.device())?;
             unsafe {
                 mm(
@@ -1004,12 +1045,11 @@ unsafe fn lora_backward(
                     k,
                     (m, k, r),
                     false,
-                    l.scale,
+                    1.0,
                     0.0,
                 )?
             };
-            dx = super::embedding::add_cuda(&dx, &super::dropout::dropout_cuda(&ga, p, seed)?)?;
+            super::embedding::add_cuda(&dx, &super::dropout::dropout_cuda(&ga, p, seed)?)
         }
     }
-    Ok(dx)
 }
