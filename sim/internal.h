@@ -74,15 +74,20 @@ std::string describe(uintptr_t addr);
 
 
 // ---- the profile (profile.cpp; QLORA_SIM_PROFILE=FILE) ----
+// In the order of the profile line's fields (lds, sts, ldsm, cpa, ldg, stg).
 enum class ProfileKind : uint8_t { SharedLoad, SharedStore, Ldmatrix, CpAsyncShared, GlobalLoad, GlobalStore };
 // One kernel's totals over its launches (the line profile.cpp writes; docs/simulator.md).
 struct ProfileCounts {
   uint64_t launches = 0, blocks = 0, threads = 0, dynamic_smem = 0;
   uint64_t mma = 0, ldmatrix = 0;  // warp-level instructions
-  uint64_t lds_req = 0, lds_wave = 0, lds_ideal = 0, sts_req = 0, sts_wave = 0, sts_ideal = 0;
-  uint64_t ldsm_req = 0, ldsm_wave = 0, ldsm_ideal = 0, cpa_req = 0, cpa_wave = 0, cpa_ideal = 0;
-  uint64_t ldg_req = 0, ldg_sectors = 0, ldg_ideal = 0, stg_req = 0, stg_sectors = 0, stg_ideal = 0;
+  // Per kind of access: warp requests, their cost (shared: wavefronts; global: 32-byte sectors)
+  // and the ideal cost.
+  struct Traffic {
+    uint64_t requests = 0, cost = 0, ideal = 0;
+  };
+  Traffic traffic[6];  // indexed by ProfileKind
   uint64_t ldg_bytes = 0, stg_bytes = 0, unique_bytes = 0;
+  const Traffic& of(ProfileKind k) const { return traffic[int(k)]; }
 };
 // On when QLORA_SIM_PROFILE names a file (or after profile_enable()); every hook below is called
 // only while it is on and a launch runs.

@@ -523,7 +523,7 @@ void undo_end() {
 // ---- checks (internal.h) ----
 
 void check_access(uintptr_t a, size_t n, Access kind) {
-  if (a - g_heap_base < kHeapReserve) return global_access(a, n, kind);
+  if (is_device(a)) return global_access(a, n, kind);
   if (is_shared(a, n)) return shared_access(a, n, kind);
 }
 

@@ -129,32 +129,12 @@ void cost_global(const Request& r, uint64_t* sectors, uint64_t* ideal) {
 }
 
 void cost(const Site& site, const Request& r) {
-  ProfileCounts& c = *state().current;
-  switch (site.kind) {
-    case ProfileKind::SharedLoad:
-      ++c.lds_req;
-      cost_shared(r, false, &c.lds_wave, &c.lds_ideal);
-      break;
-    case ProfileKind::SharedStore:
-      ++c.sts_req;
-      cost_shared(r, false, &c.sts_wave, &c.sts_ideal);
-      break;
-    case ProfileKind::Ldmatrix:
-      ++c.ldsm_req;
-      cost_shared(r, true, &c.ldsm_wave, &c.ldsm_ideal);
-      break;
-    case ProfileKind::CpAsyncShared:
-      ++c.cpa_req;
-      cost_shared(r, false, &c.cpa_wave, &c.cpa_ideal);
-      break;
-    case ProfileKind::GlobalLoad:
-      ++c.ldg_req;
-      cost_global(r, &c.ldg_sectors, &c.ldg_ideal);
-      break;
-    case ProfileKind::GlobalStore:
-      ++c.stg_req;
-      cost_global(r, &c.stg_sectors, &c.stg_ideal);
-      break;
+  ProfileCounts::Traffic& t = state().current->traffic[int(site.kind)];
+  ++t.requests;
+  if (site.kind == ProfileKind::GlobalLoad || site.kind == ProfileKind::GlobalStore) {
+    cost_global(r, &t.cost, &t.ideal);
+  } else {
+    cost_shared(r, site.kind == ProfileKind::Ldmatrix, &t.cost, &t.ideal);
   }
 }
 
@@ -162,28 +142,19 @@ void write_file() {
   State& s = state();
   if (!s.path) return;
   std::string out;
-  char line[1024];
   for (const auto& [k, c] : s.counts) {
     if (c.launches == 0) continue;
-    snprintf(line, sizeof line,
-             "qsim-profile-v1\t%s\t%s\t%llu\t%llu\t%llu\t%llu\t%llu\t%llu\t%llu"
-             "\t%llu\t%llu\t%llu\t%llu\t%llu\t%llu\t%llu\t%llu\t%llu\t%llu\t%llu\t%llu\t%llu"
-             "\t%llu\t%llu\t%llu\t%llu\t%llu\t%llu\t%llu\t%llu\n",
-             k->name, k->module, (unsigned long long)c.launches, (unsigned long long)c.blocks,
-             (unsigned long long)c.threads, (unsigned long long)c.dynamic_smem,
-             (unsigned long long)k->static_shared_seen, (unsigned long long)c.mma,
-             (unsigned long long)c.ldmatrix, (unsigned long long)c.lds_req,
-             (unsigned long long)c.lds_wave, (unsigned long long)c.lds_ideal,
-             (unsigned long long)c.sts_req, (unsigned long long)c.sts_wave,
-             (unsigned long long)c.sts_ideal, (unsigned long long)c.ldsm_req,
-             (unsigned long long)c.ldsm_wave, (unsigned long long)c.ldsm_ideal,
-             (unsigned long long)c.cpa_req, (unsigned long long)c.cpa_wave,
-             (unsigned long long)c.cpa_ideal, (unsigned long long)c.ldg_req,
-             (unsigned long long)c.ldg_sectors, (unsigned long long)c.ldg_ideal,
-             (unsigned long long)c.stg_req, (unsigned long long)c.stg_sectors,
-             (unsigned long long)c.stg_ideal, (unsigned long long)c.ldg_bytes,
-             (unsigned long long)c.stg_bytes, (unsigned long long)c.unique_bytes);
-    out += line;
+    std::string line = std::string("qsim-profile-v1\t") + k->name + "\t" + k->module;
+    auto field = [&](uint64_t v) { line += "\t" + std::to_string(v); };
+    for (uint64_t v : {c.launches, c.blocks, c.threads, c.dynamic_smem,
+                       uint64_t(k->static_shared_seen), c.mma, c.ldmatrix}) {
+      field(v);
+    }
+    for (const ProfileCounts::Traffic& t : c.traffic) {  // lds, sts, ldsm, cpa, ldg, stg
+      field(t.requests), field(t.cost), field(t.ideal);
+    }
+    for (uint64_t v : {c.ldg_bytes, c.stg_bytes, c.unique_bytes}) field(v);
+    out += line + "\n";
   }
   if (out.empty()) return;
   // One write with O_APPEND: lines from processes sharing the file do not interleave.

@@ -255,17 +255,22 @@ int main() {
       int a = c.stride, b = c.vstride, p = c.pitch, o = c.ostride;
       if (!run("st_banks", {1, 1, 1}, {32, 1, 1}, 0, {&out, &a, &b, &p, &o}, "", c.what)) continue;
       const ProfileCounts& x = *profile_of(k);
+      auto added = [&](ProfileKind kind) {  // this launch's requests, cost and ideal
+        const auto &now = x.of(kind), &was = before.of(kind);
+        return ProfileCounts::Traffic{now.requests - was.requests, now.cost - was.cost,
+                                      now.ideal - was.ideal};
+      };
       // The two fill loops are 34 + 160 conflict-free store requests and the two loads one each.
-      const uint64_t st = x.sts_wave - before.sts_wave - (34 + 160);
-      const uint64_t ld = x.lds_wave - before.lds_wave;
-      const uint64_t ldsm = x.ldsm_wave - before.ldsm_wave;
-      const uint64_t sectors = x.stg_sectors - before.stg_sectors;
-      const bool ok = st == c.st && ld == c.ld && ldsm == c.ldsm && sectors == c.sectors &&
-                      x.ldsm_ideal - before.ldsm_ideal == 4 && x.stg_ideal - before.stg_ideal == 4 &&
-                      x.ldmatrix - before.ldmatrix == 1 && x.ldsm_req - before.ldsm_req == 1;
+      const uint64_t st = added(ProfileKind::SharedStore).cost - (34 + 160);
+      const uint64_t ld = added(ProfileKind::SharedLoad).cost;
+      const auto ldsm = added(ProfileKind::Ldmatrix), stg = added(ProfileKind::GlobalStore);
+      const uint64_t sectors = stg.cost;
+      const bool ok = st == c.st && ld == c.ld && ldsm.cost == c.ldsm && sectors == c.sectors &&
+                      ldsm.ideal == 4 && stg.ideal == 4 && x.ldmatrix - before.ldmatrix == 1 &&
+                      ldsm.requests == 1;
       if (!ok) {
         printf("       counted: stores %llu, loads %llu, ldmatrix %llu, sectors %llu\n",
-               (unsigned long long)st, (unsigned long long)ld, (unsigned long long)ldsm,
+               (unsigned long long)st, (unsigned long long)ld, (unsigned long long)ldsm.cost,
                (unsigned long long)sectors);
       }
       check(ok, "  … and the profile counts its wavefronts and sectors");
@@ -279,8 +284,9 @@ int main() {
     int wait = 1;
     if (run("st_mma", {1, 1, 1}, {32, 1, 1}, 0, {&da, &db, &c, &wait}, "", "profiled st_mma")) {
       const ProfileCounts& x = *profile_of(find_kernel("st_mma"));
-      check(x.mma == 1 && x.ldmatrix == 2 && x.unique_bytes == 1280 && x.cpa_req == 1 &&
-                x.cpa_wave == 4,
+      const auto& cpa = x.of(ProfileKind::CpAsyncShared);
+      check(x.mma == 1 && x.ldmatrix == 2 && x.unique_bytes == 1280 && cpa.requests == 1 &&
+                cpa.cost == 4,
             "  … one mma, two ldmatrix, one cp.async request, 1280 compulsory bytes");
     }
   }
