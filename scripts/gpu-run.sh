@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # On a GPU host, from the project root with the bundle of scripts/gpu-bundle.sh in .gpu/: every
 # bundled test with QLORA_REQUIRE_GPU=1 (a GPU test may not skip), then the criterion benches.
-# Logs (the card, tests.log, benches.log) go to $OUT, or .gpu/out/. Exit status: non-zero when a
-# test failed.
+# Logs (the card, tests.log, benches.log) go to $OUT, or .gpu/out/, with docs/kernel-report.md
+# (each kernel's ceilings on H100/H200/RTX 4090 from ptxas and the simulator's counts, made
+# without a GPU by scripts/kernel-report.sh) to read the timings against. Exit status: non-zero
+# when a test failed.
 #
 #   bash .gpu/run.sh [tests|benches|all] [filter]
 set -uo pipefail
@@ -31,5 +33,6 @@ if [ "$what" = benches ] || [ "$what" = all ]; then
       grep -vE "^\s*$|Warming|Collecting|Analyzing|Benchmarking|Gnuplot|outliers|^\s+[0-9]+ \(" || true
   done
 fi
+if [ -f docs/kernel-report.md ]; then cp docs/kernel-report.md "$out/"; fi
 if [ "$failed" = 0 ]; then echo "GPU run: the tests passed"; else echo "GPU run: SOME TESTS FAILED"; fi
 exit $failed
