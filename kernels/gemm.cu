@@ -1,8 +1,9 @@
 // Tensor-core GEMMs (mma.sync m16n8k16 bf16, fp32 accumulation, cp.async 3-stage pipeline) for
 // the three products of a linear layer, with an fp32 or bf16 output, C = alpha·A·B + beta·C,
 // split-K for skinny shapes, and an optional second phase that adds A2·B2 before the epilogue
-// (the fused LoRA terms: s·(X·Aᵀ)·Bᵀ in the forward, (s·dY·B)·A in the NF4 dX). The NF4 variants take B as packed NF4 + (double-quantized)
-// scales and dequantize each tile into shared memory, so W never exists in bf16 in device memory.
+// (the fused LoRA terms: s·(X·Aᵀ)·Bᵀ in the forward, (s·dY·B)·A in the NF4 dX). The NF4 variants
+// take B as packed NF4 + (double-quantized) scales and dequantize each tile into shared memory,
+// so W never exists in bf16 in device memory.
 // Math, shapes and the CPU references: src/ops/gemm.rs.
 //
 // Operand layouts (KC: contiguous along k; MC: contiguous along m or n):
