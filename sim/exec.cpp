@@ -241,7 +241,7 @@ Collective* join(const char* site, unsigned mask, const void* in, size_t size) {
       if ((mask >> l & 1) && l != t.lane) o.state = Thread::State::Runnable;
     }
     if (site == kSyncwarp) L.warp_epoch[t.warp] = ++g_wepoch_counter;
-    const unsigned live = (w.size == 32 ? 0xffffffffu : (1u << w.size) - 1) & ~w.exited;
+    const unsigned live = exist & ~w.exited;
     if (g_profiling && (mask & live) == live) profile_converged(t.warp);
   } else {
     t.state = Thread::State::AtCollective;

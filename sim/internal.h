@@ -72,7 +72,6 @@ void undo_end();
 // Describes an address for a message: "device buffer #3 (4096 bytes), offset 4100" etc.
 std::string describe(uintptr_t addr);
 
-
 // ---- the profile (profile.cpp; QLORA_SIM_PROFILE=FILE) ----
 // In the order of the profile line's fields (lds, sts, ldsm, cpa, ldg, stg).
 enum class ProfileKind : uint8_t { SharedLoad, SharedStore, Ldmatrix, CpAsyncShared, GlobalLoad, GlobalStore };

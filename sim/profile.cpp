@@ -39,6 +39,8 @@ namespace qsim {
 
 namespace {
 
+bool is_global(ProfileKind k) { return k == ProfileKind::GlobalLoad || k == ProfileKind::GlobalStore; }
+
 struct Site {
   uintptr_t pc;
   uint32_t nth;
@@ -131,7 +133,7 @@ void cost_global(const Request& r, uint64_t* sectors, uint64_t* ideal) {
 void cost(const Site& site, const Request& r) {
   ProfileCounts::Traffic& t = state().current->traffic[int(site.kind)];
   ++t.requests;
-  if (site.kind == ProfileKind::GlobalLoad || site.kind == ProfileKind::GlobalStore) {
+  if (is_global(site.kind)) {
     cost_global(r, &t.cost, &t.ideal);
   } else {
     cost_shared(r, site.kind == ProfileKind::Ldmatrix, &t.cost, &t.ideal);
@@ -207,7 +209,7 @@ void profile_launch_end() {
 void profile_access(uintptr_t pc, uintptr_t addr, unsigned bytes, ProfileKind kind) {
   State& s = state();
   const Thread& t = *g_current;
-  const bool global = kind == ProfileKind::GlobalLoad || kind == ProfileKind::GlobalStore;
+  const bool global = is_global(kind);
   if (global) {
     (kind == ProfileKind::GlobalLoad ? s.current->ldg_bytes : s.current->stg_bytes) += bytes;
     for (uintptr_t sec = addr / 32; sec <= (addr + bytes - 1) / 32; ++sec) s.sectors.insert(sec);
