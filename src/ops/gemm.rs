@@ -640,12 +640,13 @@ pub fn lora_backward_cuda(
     grad_a: &mut Tensor,
     grad_b: &mut Tensor,
 ) -> Result<Tensor> {
-    let (m, _) = dims2("lora backward (cuda)", "dy", dy)?;
+    let op = "lora backward (cuda)";
+    let (m, _) = dims2(op, "dy", dy)?;
     let r = lora.a.shape().first().copied().unwrap_or(0);
     let mut g = Tensor::uninit(&[m, r], DType::BF16, &dy.device())?;
     gemm_cuda(Layout::Nn, dy, lora.b, &mut g, lora.scale, 0.0)?; // g = s·dy·B
     check_tensor(
-        "lora backward (cuda)",
+        op,
         "lora_A",
         lora.a,
         DType::BF16,
@@ -856,7 +857,8 @@ fn adapter_input(
 }
 
 /// [`lora_backward_cuda`] for an adapter given as views: returns dx; dA, dB accumulate (fp32)
-/// at the views' gradient addresses. With dropout, `dx += (s·g·A) ⊙ m` and `dA += s·gᵀ·x̃`.
+/// at the views' gradient addresses. With dropout, `dx += (s·(dy·B)·A) ⊙ m` and
+/// `dA += s·(dy·B)ᵀ·x̃`.
 ///
 /// # Safety
 /// The view's addresses are read and written by kernels as given: `l.a` and `l.b` must point
@@ -895,8 +897,8 @@ pub unsafe fn lora_backward_view_over_x(
 }
 
 /// [`lora_backward_view`] with dx added into `acc` (bf16, x's shape), the gradient the input
-/// already has from other consumers: `acc + dy·W + s·g·A` in the NF4 GEMM's epilogue (β = 1), with
-/// no `[M, K]` temporary (one with dropout, for the masked adapter term).
+/// already has from other consumers: `acc + dy·W + s·(dy·B)·A` in the NF4 GEMM's epilogue
+/// (β = 1), with no `[M, K]` temporary (one with dropout, for the masked adapter term).
 ///
 /// # Safety
 /// The view's addresses are read and written by kernels as given: `l.a` and `l.b` must point
