@@ -194,6 +194,17 @@ def peak(card):
     return card["sms"] * card["flop_clk_sm"] * card["clock"]
 
 
+def waves_per_mma(p):
+    """Shared-memory wavefronts (loads, stores, ldmatrix, cp.async) per MMA of a profiled kernel."""
+    return sum(p[f"{s}_wave"] for s in ("lds", "sts", "ldsm", "cpa")) / p["mma"]
+
+
+def smem_bound(waves, card):
+    """Share of the card's tensor peak that shared memory can feed at `waves` per MMA."""
+    feed = WAVES_PER_CLK * MMA_FLOP / waves if waves else math.inf  # FLOP/clk/SM
+    return min(1.0, feed / card["flop_clk_sm"])
+
+
 def table(header, rows):
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
@@ -306,13 +317,12 @@ def section_bounds(profile):
     for name, p in sorted(profile.items(), key=lambda kv: natural(kv[0])):
         if p["mma"]:
             flop = MMA_FLOP * p["mma"]
-            waves = sum(p[f"{s}_wave"] for s in ("lds", "sts", "ldsm", "cpa")) / p["mma"]
+            waves = waves_per_mma(p)
             intensity = ratio(flop, p["unique_bytes"])
             row = [f"`{name}`", si(flop), f"{waves:.2f}", f"{intensity:.1f}" if intensity else "—"]
             for key in ROOFLINE_CARDS:
                 card = CARDS[key]
-                feed = WAVES_PER_CLK * MMA_FLOP / waves if waves else math.inf  # FLOP/clk/SM
-                smem = min(1.0, feed / card["flop_clk_sm"])
+                smem = smem_bound(waves, card)
                 dram = min(1.0, intensity * card["bw"] / peak(card)) if intensity else 1.0
                 row.append(f"{smem:.0%} / {dram:.0%} → **{min(smem, dram):.0%}**")
             mma_rows.append(row)
@@ -372,12 +382,12 @@ def section_bench_shapes(profile):
         p = profile.get(kernel)
         if not p or not p["mma"]:
             continue
-        waves = sum(p[f"{s}_wave"] for s in ("lds", "sts", "ldsm", "cpa")) / p["mma"]
+        waves = waves_per_mma(p)
         row = [label, f"`{kernel}`", si(flop, "FLOP"), size(nbytes), f"{flop / nbytes:.0f}",
                f"{waves:.2f}"]
         for key in ROOFLINE_CARDS:
             card = CARDS[key]
-            smem = min(1.0, WAVES_PER_CLK * MMA_FLOP / waves / card["flop_clk_sm"])
+            smem = smem_bound(waves, card)
             dram = min(1.0, flop / nbytes * card["bw"] / peak(card))
             bound = min(smem, dram)
             row.append(f"{smem:.0%} / {dram:.0%} → **{bound:.0%}** "
