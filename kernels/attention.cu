@@ -7,11 +7,13 @@
 // element only the tiles on the diagonal, the window's edge or the sequence's end.
 // Math and the CPU reference: src/ops/attention.rs.
 //
-// Forward: one block per (query tile of 64, head, sequence), 4 warps × 16 query rows; key/value
-// tiles of 64 stream through shared memory, each fetched while the previous one is used (the
-// next K during the softmax and P·V, the next V during the next S); S = Q·Kᵀ and O += P·V with
-// mma.sync m16n8k16; the softmax runs in base 2 (log2 e folded into the scale, exp2); query
-// tiles are handed out last first (the heaviest under the causal mask; dQ too).
+// Forward: one block per (query tile, head, sequence), 4 warps; a warp owns 32 query rows (a
+// query tile of 128) at D ≤ 128, 16 (a tile of 64) at D = 256, so that each K and V fragment it
+// loads from shared memory feeds four MMAs (two at 256); key/value tiles of 64 stream through
+// shared memory, each fetched while the previous one is used (the next K during P·V, the next V
+// during the next S and softmax); S = Q·Kᵀ and O += P·V with mma.sync m16n8k16; the softmax
+// runs in base 2 (log2 e folded into the scale, exp2); query tiles are handed out last first
+// (the heaviest under the causal mask; dQ too).
 // Backward (deterministic, no atomics):
 //   flash_bwd_dsum:  D_i = dO_i · O_i
 //   flash_bwd_dkdv:  one block per (key tile, kv head, sequence); loops over the query heads of
@@ -30,15 +32,18 @@
 // from shared memory at each of the D/16 k16 steps; accumulators per thread: D/2 fp32 for a
 // 16 × D block over a warp, D/(2·SPLIT) where SPLIT warps share its columns):
 //   D    fwd (128 thr)              dK/dV                                dQ
-//   64   3 tiles, 24 KiB static,    64 keys, 128 thr, 4 tiles 32 KiB dyn, 128 thr, 2 tiles 16 KiB
-//        A regs, O 32 fp32          A regs, dK+dV 64 fp32                static, A regs, 32 fp32
-//   96   3 tiles, 36 KiB static,    64 keys, 128 thr, 4 tiles 48 KiB dyn, 128 thr, 2 tiles 24 KiB
-//        A regs, O 48 fp32          A regs, dK+dV 96 fp32                static, A regs, 48 fp32
-//   128  3 tiles, 48 KiB static,    64 keys, 256 thr (SPLIT 2), 64 KiB   128 thr, 2 tiles 32 KiB
-//        A regs, O 64 fp32          dyn, A regs, dK+dV 64 fp32           static, A regs, 64 fp32
+//   64   Q 128 rows + K, V: 32 KiB  64 keys, 128 thr, 4 tiles 32 KiB dyn, 128 thr, 2 tiles 16 KiB
+//        static, A regs, O 2 × 32   A regs, dK+dV 64 fp32                static, A regs, 32 fp32
+//        fp32 (32 rows a warp)
+//   96   Q 128 rows + K, V: 48 KiB  64 keys, 128 thr, 4 tiles 48 KiB dyn, 128 thr, 2 tiles 24 KiB
+//        static, A from smem, O     A regs, dK+dV 96 fp32                static, A regs, 48 fp32
+//        2 × 48 fp32
+//   128  Q 128 rows + K, V: 64 KiB  64 keys, 256 thr (SPLIT 2), 64 KiB   128 thr, 2 tiles 32 KiB
+//        dyn, A from smem, O 2 × 64 dyn, A regs, dK+dV 64 fp32           static, A regs, 64 fp32
+//        fp32
 //   256  3 tiles, 96 KiB dynamic,   32 keys, 256 thr (2 warps on keys ×  256 thr (SPLIT 2), 3 tiles
 //        A from smem, O 128 fp32    SPLIT 4 on columns): K, V 16 KiB     (Q, dO, one for V then K)
-//                                   each + Q, dO 32 KiB each = 96 KiB    96 KiB dyn, A from smem,
+//        (16 rows a warp)           each + Q, dO 32 KiB each = 96 KiB    96 KiB dyn, A from smem,
 //                                   dyn, A from smem, dK+dV 64 fp32      dQ 64 fp32
 // D = 96 is 6 k16 steps and 12 n8 pairs per row, none of which needs a power of two; only the
 // swizzle does (att_off). At 256 every kernel fits the 99 KiB (101376 bytes) a block may opt
@@ -49,26 +54,29 @@
 // blocks where 144 KiB or more is allowed, and smaller ones on sm_86/89, as here).
 // ptxas (nvcc 13.0) registers, sm_90 / sm_89 / sm_80, no spills on any (nor on sm_86, sm_120):
 //              D = 64         96             128            256
-//   fwd        124/128/123    138/170/135    167/202/168    240/243/243
-//   fwd_opt    128/128/128    171/208/171    167/223/168    248/248/252
+//   fwd        216/222/222    241/237/237    255/253/253    235/230/230
+//   fwd_opt    254/254/254    250/255/255    255/255/255    250/254/254
 //   dkdv       168/171/171    238/231/231    178/175/183    210/217/217
 //   dkdv_opt   174/173/173    254/246/254    225/178/178    233/233/252
 //   dq         166/165/165    218/220/220    247/245/245    230/226/226
-//   dq_opt     168/168/167    242/246/250    254/252/253    228/228/222
+//   dq_opt     167/168/168    242/244/251    250/255/250    222/224/222
+// The forward's 32 rows a warp take all 255 registers ptxas may give a 128-thread block: two
+// blocks (8 warps) per SM, as FlashAttention-2's forward at 128 × 64 tiles; each warp has twice
+// the independent MMAs to hide latency with.
 // By registers alone a block of 128 threads fits 4 times per SM at 128 or fewer, 3 times at 168
 // or fewer (dq at 64; dkdv at 64 on sm_90), twice at 255 (shared memory may allow fewer).
 
 #include "common.cuh"
 
-#define ATT_BM 64
+#define ATT_BM 64  // query rows per block of the backward (the forward's: AttFwdRows)
 #define ATT_BN 64
 #define ATT_THREADS 128
 #define ATT_LOG2E 1.4426950408889634f
 #define ATT_LN2 0.6931471805599453f
 // Occupancy is left to the registers ptxas chooses (no minimum-blocks bound): nvcc 13.0 gives
-// head dim 64 forward 123 registers on sm_80 and 124 on sm_90 (4 blocks of 128 threads per SM)
-// but 168 on sm_120 (3); held to 128 there it does not spill. Whether such a bound (4 blocks, or
-// 3 on sm_80, which would let it use more registers) is faster is a measurement for a GPU.
+// the head dim 64 forward 216–254 registers (two blocks of 128 threads per SM) where its Q
+// fragments and accumulators need about 160; whether a bound of three blocks (168 registers)
+// is faster is a measurement for a GPU.
 
 struct AttnParams {
   const bf16* q;
@@ -101,16 +109,16 @@ __device__ __forceinline__ int att_query_end(int k0, int rows, int len, int wind
 
 // Whether every pair of the query tile at q0 and the key tile at k0 is visible: all keys before
 // every query, every query inside the sequence (so every key is too) and within the window.
-// Such a tile needs no element mask.
-__device__ __forceinline__ bool att_interior(int q0, int k0, int len, int window) {
-  return k0 + ATT_BN <= q0 && q0 + ATT_BM <= len && (window == 0 || q0 + ATT_BM - 1 - k0 < window);
+// Such a tile needs no element mask. `bm` is the query tile's rows (the forward's may be 128).
+__device__ __forceinline__ bool att_interior(int q0, int k0, int len, int window, int bm = ATT_BM) {
+  return k0 + ATT_BN <= q0 && q0 + bm <= len && (window == 0 || q0 + bm - 1 - k0 < window);
 }
 
 // The query tile of this block, heaviest first: under a causal mask the last query tiles see
 // the most keys, so blocks are handed the tiles from the end (x counts down), and the long
 // blocks start first instead of last, when the GPU would otherwise idle on a tail.
-__device__ __forceinline__ int att_heavy_first_tile() {
-  return (gridDim.x - 1 - blockIdx.x) * ATT_BM;
+__device__ __forceinline__ int att_heavy_first_tile(int bm = ATT_BM) {
+  return (gridDim.x - 1 - blockIdx.x) * bm;
 }
 
 // Whether query `query` sees key `key` of a sequence of `len`.
@@ -252,42 +260,122 @@ __device__ __forceinline__ float quad_sum(float v) {
 }
 
 // ---- forward ----
+
+// Query rows per forward warp, in m16 tiles (MI): two (32 rows, a query tile of 128 over the 4
+// warps) where the accumulators fit the registers, so that every K and V fragment loaded from
+// shared memory feeds 2·MI MMAs (4) instead of 2; one at D = 256, where a warp's 16 × 256 output
+// alone is 128 fp32 registers.
+template <int D>
+struct AttFwdRows {
+  static constexpr int MI = D <= 128 ? 2 : 1;
+  static constexpr int BM = 64 * MI;  // query rows per block
+  // Q's fragments stay in registers for the whole block where they are few (4·MI·D/16 registers:
+  // 32 at D = 64); else they are read from shared memory at each k16 step (two ldmatrix beside
+  // the four of K at MI = 2), which leaves the registers to the MI × D/2 fp32 of O.
+  static constexpr bool AREG = MI * D <= 128;
+};
+
+// acc[mi] (16 × 64 each) += Q rows [row0 + 16·mi, +16) · Kᵀ for the MI row tiles of a warp; each
+// K fragment (one ldmatrix.x4: 2 n8 tiles × k16) feeds 2·MI MMAs. Q from registers (qa[mi][kk])
+// when AREG, else from tile sq one k16 step at a time.
+template <int D, int MI, bool AREG>
+__device__ __forceinline__ void att_fwd_scores(float (*acc)[8][4], const uint32_t (*qa)[AREG ? D / 16 : 1][4],
+                                               const bf16* sq, int row0, const bf16* sk) {
+  const int lane = threadIdx.x & 31, j = lane >> 3, r = lane & 7;
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    uint32_t a[MI][4];
+#pragma unroll
+    for (int mi = 0; mi < MI; ++mi) {
+      if constexpr (AREG) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) a[mi][e] = qa[mi][kk][e];
+      } else {
+        ldmatrix_x4(a[mi], sq + att_off<D>(row0 + mi * 16 + (j & 1) * 8 + r, kk * 2 + (j >> 1)));
+      }
+    }
+#pragma unroll
+    for (int np = 0; np < 4; ++np) {
+      uint32_t t[4];
+      ldmatrix_x4(t, sk + att_off<D>(np * 16 + (j >> 1) * 8 + r, kk * 2 + (j & 1)));
+#pragma unroll
+      for (int mi = 0; mi < MI; ++mi) {
+        mma_m16n8k16_bf16(acc[mi][2 * np], a[mi], t[0], t[1]);
+        mma_m16n8k16_bf16(acc[mi][2 * np + 1], a[mi], t[2], t[3]);
+      }
+    }
+  }
+}
+
+// o[mi] (16 × D each) += P[mi] (16 × 64, A fragments) · V (64 × D); each V fragment feeds 2·MI
+// MMAs.
+template <int D, int MI>
+__device__ __forceinline__ void att_fwd_pv(float (*o)[D / 8][4], const uint32_t (*pa)[4][4], const bf16* sv) {
+  const int lane = threadIdx.x & 31, j = lane >> 3, r = lane & 7;
+#pragma unroll
+  for (int kk = 0; kk < 4; ++kk)  // 64 keys = 4 k16 steps
+#pragma unroll
+    for (int np = 0; np < D / 16; ++np) {
+      uint32_t t[4];
+      ldmatrix_x4_trans(t, sv + att_off<D>(kk * 16 + (j & 1) * 8 + r, np * 2 + (j >> 1)));
+#pragma unroll
+      for (int mi = 0; mi < MI; ++mi) {
+        mma_m16n8k16_bf16(o[mi][2 * np], pa[mi][kk], t[0], t[1]);
+        mma_m16n8k16_bf16(o[mi][2 * np + 1], pa[mi][kk], t[2], t[3]);
+      }
+    }
+}
+
 template <int D, bool OPT>
 __device__ void flash_fwd(const AttnParams& p) {
-  constexpr bool AREG = AttAInRegs<D>::value;
-  bf16* sq = att_tiles<D, 3>();
-  bf16* sk = sq + 64 * D;
+  constexpr int MI = AttFwdRows<D>::MI, BM = AttFwdRows<D>::BM;
+  constexpr bool AREG = AttFwdRows<D>::AREG;
+  bf16* sq = att_tiles<D, MI + 2>();  // Q (BM rows), K, V (64 rows each)
+  bf16* sk = sq + BM * D;
   bf16* sv = sk + 64 * D;
   const int seq = blockIdx.z, h = blockIdx.y;
   const int start = p.cu_seqlens[seq], len = p.cu_seqlens[seq + 1] - start;
-  const int q0 = att_heavy_first_tile();
+  const int q0 = att_heavy_first_tile(BM);
   if (q0 >= len) return;
   const int g = h / (p.heads / p.kv_heads);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int row0 = warp * 16 * MI;  // the warp's first row in the query tile
   const int end = start + len;
   const int window = OPT ? p.window : 0;
   const int first_key = att_first_key_tile(q0, window);
-  const int last_key = min(len, q0 + ATT_BM);  // causal: keys < last query + 1
+  const int last_key = min(len, q0 + BM);  // causal: keys < last query + 1
 
   // Copies in flight, in order: Q with the first K (one group), then the first V. Each later K
-  // tile is fetched as soon as S of the current one is computed (while the softmax and P·V run),
-  // each later V as soon as P·V of the current one is done (while the next S runs).
-  att_load<D>(sq, p.q, start + q0, end, p.heads, h);
+  // tile is fetched once every warp has its scores and this V has landed (while P·V runs; issued
+  // before the softmax, its address registers would spill the 32-row accumulators at D = 128),
+  // each later V as soon as P·V of the current one is done (while the next S and softmax run).
+  att_load<D, BM>(sq, p.q, start + q0, end, p.heads, h);
   att_load<D>(sk, p.k, start + first_key, end, p.kv_heads, g);
   cp_async_commit();
   att_load<D>(sv, p.v, start + first_key, end, p.kv_heads, g);
   cp_async_commit();
   cp_async_wait<1>();  // Q and K
   __syncthreads();
-  uint32_t qa[AREG ? D / 16 : 1][4];
-  if constexpr (AREG) att_frag_a<D>(qa, sq, warp * 16);
-
-  float o[D / 8][4];
+  uint32_t qa[MI][AREG ? D / 16 : 1][4];
+  if constexpr (AREG)
 #pragma unroll
-  for (int i = 0; i < D / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
-  // The running max m is in log2 units (scores × log2 e), so the exponentials are exp2.
-  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
-  const int qrow[2] = {q0 + warp * 16 + (lane >> 2), q0 + warp * 16 + (lane >> 2) + 8};
+    for (int mi = 0; mi < MI; ++mi) att_frag_a<D>(qa[mi], sq, row0 + mi * 16);
+
+  float o[MI][D / 8][4];
+#pragma unroll
+  for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i) o[mi][i][0] = o[mi][i][1] = o[mi][i][2] = o[mi][i][3] = 0.0f;
+  // Per thread 2·MI rows: row 2·mi + hr is query q0 + row0 + 16·mi + 8·hr + lane/4. The running
+  // max m is in log2 units (scores × log2 e), so the exponentials are exp2.
+  float m[2 * MI], l[2 * MI];
+#pragma unroll
+  for (int i = 0; i < 2 * MI; ++i) {
+    m[i] = -INFINITY;
+    l[i] = 0.0f;
+  }
+  // (computed where used, not held: at D = 128 every register counts)
+  const auto qrow = [&](int row) { return q0 + row0 + (row >> 1) * 16 + (row & 1) * 8 + (lane >> 2); };
 
   const bool cap = OPT && p.softcap > 0.0f;
   const float inv_cap = cap ? 1.0f / p.softcap : 0.0f;
@@ -299,86 +387,97 @@ __device__ void flash_fwd(const AttnParams& p) {
       cp_async_wait<1>();  // this K (this V may still be in flight)
       __syncthreads();
     }
-    float s[8][4];
+    float s[MI][8][4];
 #pragma unroll
-    for (int i = 0; i < 8; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.0f;
-    if constexpr (AREG) att_mma_rows<D>(s, qa, sk);
-    else att_mma_rows_s<D>(s, sq, warp * 16, sk);
-    __syncthreads();  // every warp is done with this K
-    if (more) att_load<D>(sk, p.k, start + k0 + ATT_BN, end, p.kv_heads, g);
-    cp_async_commit();  // (an empty group on the last tile keeps the wait counts uniform)
-    float tmax[2] = {-INFINITY, -INFINITY};
+    for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+      for (int i = 0; i < 8; ++i) s[mi][i][0] = s[mi][i][1] = s[mi][i][2] = s[mi][i][3] = 0.0f;
+    att_fwd_scores<D, MI, AREG>(s, qa, sq, row0, sk);
+    float tmax[2 * MI];
+#pragma unroll
+    for (int i = 0; i < 2 * MI; ++i) tmax[i] = -INFINITY;
     // Element masks only on the tiles that need them: the diagonal, the sequence's end, the
     // window's edge.
-    if (att_interior(q0, k0, len, window)) {
+    if (att_interior(q0, k0, len, window, BM)) {
 #pragma unroll
-      for (int nt = 0; nt < 8; ++nt)
+      for (int mi = 0; mi < MI; ++mi)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const float x = cap ? cap2 * tanhf(s[nt][e] * p.scale * inv_cap) : s[nt][e] * scale2;
-          s[nt][e] = x;
-          tmax[e >> 1] = fmaxf(tmax[e >> 1], x);
-        }
+        for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const float x = cap ? cap2 * tanhf(s[mi][nt][e] * p.scale * inv_cap) : s[mi][nt][e] * scale2;
+            s[mi][nt][e] = x;
+            tmax[2 * mi + (e >> 1)] = fmaxf(tmax[2 * mi + (e >> 1)], x);
+          }
     } else {
 #pragma unroll
-      for (int nt = 0; nt < 8; ++nt)
+      for (int mi = 0; mi < MI; ++mi)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int key = k0 + nt * 8 + (lane & 3) * 2 + (e & 1);
-          const int hr = e >> 1;
-          const float x = cap ? cap2 * tanhf(s[nt][e] * p.scale * inv_cap) : s[nt][e] * scale2;
-          s[nt][e] = att_visible(qrow[hr], key, len, window) ? x : -INFINITY;
-          tmax[hr] = fmaxf(tmax[hr], s[nt][e]);
-        }
+        for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int key = k0 + nt * 8 + (lane & 3) * 2 + (e & 1);
+            const int row = 2 * mi + (e >> 1);
+            const float x = cap ? cap2 * tanhf(s[mi][nt][e] * p.scale * inv_cap) : s[mi][nt][e] * scale2;
+            s[mi][nt][e] = att_visible(qrow(row), key, len, window) ? x : -INFINITY;
+            tmax[row] = fmaxf(tmax[row], s[mi][nt][e]);
+          }
     }
-    float corr[2];
+    uint32_t pa[MI][4][4];
 #pragma unroll
-    for (int hr = 0; hr < 2; ++hr) {
-      const float mn = fmaxf(m[hr], quad_max(tmax[hr]));
-      const float use = mn == -INFINITY ? 0.0f : mn;
-      corr[hr] = exp2f(m[hr] - use);
-      m[hr] = mn;
-      float sum = 0.0f;
+    for (int mi = 0; mi < MI; ++mi) {
+      float corr[2];
 #pragma unroll
-      for (int nt = 0; nt < 8; ++nt)
+      for (int hr = 0; hr < 2; ++hr) {
+        const int row = 2 * mi + hr;
+        const float mn = fmaxf(m[row], quad_max(tmax[row]));
+        const float use = mn == -INFINITY ? 0.0f : mn;
+        corr[hr] = exp2f(m[row] - use);
+        m[row] = mn;
+        float sum = 0.0f;
 #pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const float pv = exp2f(s[nt][hr * 2 + e] - use);
-          s[nt][hr * 2 + e] = pv;
-          sum += pv;
-        }
-      l[hr] = l[hr] * corr[hr] + quad_sum(sum);
+        for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const float pv = exp2f(s[mi][nt][hr * 2 + e] - use);
+            s[mi][nt][hr * 2 + e] = pv;
+            sum += pv;
+          }
+        l[row] = l[row] * corr[hr] + quad_sum(sum);
+      }
+#pragma unroll
+      for (int i = 0; i < D / 8; ++i) {
+        o[mi][i][0] *= corr[0];
+        o[mi][i][1] *= corr[0];
+        o[mi][i][2] *= corr[1];
+        o[mi][i][3] *= corr[1];
+      }
+      att_c_to_a(pa[mi], s[mi]);
     }
-#pragma unroll
-    for (int i = 0; i < D / 8; ++i) {
-      o[i][0] *= corr[0];
-      o[i][1] *= corr[0];
-      o[i][2] *= corr[1];
-      o[i][3] *= corr[1];
-    }
-    uint32_t pa[4][4];
-    att_c_to_a(pa, s);
-    cp_async_wait<1>();  // this V (the next K may still be in flight)
-    __syncthreads();
-    att_mma_cols<D>(o, pa, sv);
+    cp_async_wait<0>();  // this V
+    __syncthreads();     // V visible to every warp, and every warp is done with this K
+    if (more) att_load<D>(sk, p.k, start + k0 + ATT_BN, end, p.kv_heads, g);
+    cp_async_commit();  // (an empty group on the last tile keeps the wait counts uniform)
+    att_fwd_pv<D, MI>(o, pa, sv);
     __syncthreads();  // every warp is done with this V
     if (more) att_load<D>(sv, p.v, start + k0 + ATT_BN, end, p.kv_heads, g);
     cp_async_commit();
   }
   // O /= l; write O and lse.
 #pragma unroll
-  for (int hr = 0; hr < 2; ++hr) {
-    const int q = qrow[hr];
+  for (int row = 0; row < 2 * MI; ++row) {
+    const int q = qrow(row);
     if (q >= len) continue;
-    const float inv = l[hr] > 0.0f ? 1.0f / l[hr] : 0.0f;
+    const int mi = row >> 1, hr = row & 1;
+    const float inv = l[row] > 0.0f ? 1.0f / l[row] : 0.0f;
     bf16* orow = p.o + ((long long)(start + q) * p.heads + h) * D;
 #pragma unroll
     for (int i = 0; i < D / 8; ++i) {
       const int col = i * 8 + (lane & 3) * 2;
-      st_bf16x2(orow + col, o[i][hr * 2] * inv, o[i][hr * 2 + 1] * inv);
+      st_bf16x2(orow + col, o[mi][i][hr * 2] * inv, o[mi][i][hr * 2 + 1] * inv);
     }
     // lse in natural units for the backward: m·ln 2 + ln l.
-    if ((lane & 3) == 0) p.lse[(long long)(start + q) * p.heads + h] = m[hr] * ATT_LN2 + logf(l[hr]);
+    if ((lane & 3) == 0) p.lse[(long long)(start + q) * p.heads + h] = m[row] * ATT_LN2 + logf(l[row]);
   }
 }
 

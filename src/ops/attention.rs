@@ -564,6 +564,9 @@ pub const CUDA_HEAD_DIMS: [usize; 4] = [64, 96, 128, 256];
 struct Tiling {
     /// fwd, fwd_opt, dkdv, dkdv_opt, dq, dq_opt, dsum.
     names: [&'static str; 7],
+    /// Query rows per forward block (`AttFwdRows::BM`: 32 per warp where the accumulators fit
+    /// the registers, else 16) and its shared memory: Q of that many rows, K and V of 64.
+    fwd_rows: usize,
     /// Dynamic shared memory of the forward (0: its tiles are static).
     fwd_smem: usize,
     /// Keys per dK/dV block and its threads.
@@ -588,22 +591,33 @@ macro_rules! flash_names {
     };
 }
 
-/// The kernels of a head dim in [`CUDA_HEAD_DIMS`]. Shared memory: the forward holds Q, K and V
-/// tiles of 64 × D bf16, dQ two (three at 256: Q, dO and one for V then K), dK/dV K and V of
-/// `dkdv_rows` keys plus Q and dO of 64 queries; static up to 48 KiB, dynamic (opted in) above.
+/// Shared memory a kernel declares statically, at most (above it, tiles are dynamic and the
+/// launcher opts in).
+const STATIC_SMEM: usize = 48 * 1024;
+
+/// The kernels of a head dim in [`CUDA_HEAD_DIMS`]. Shared memory: the forward holds Q of
+/// `fwd_rows` rows and K and V tiles of 64 × D bf16, dQ two 64-row tiles (three at 256: Q, dO
+/// and one for V then K), dK/dV K and V of `dkdv_rows` keys plus Q and dO of 64 queries; static
+/// up to 48 KiB, dynamic (opted in) above.
 fn tiling(head_dim: usize) -> Tiling {
     let tile = TILE * head_dim * 2;
-    let (names, fwd_smem, dkdv_rows, dkdv_threads, dq_threads, dq_smem) = match head_dim {
-        64 => (flash_names!(64), 0, 64, 128, 128, 0),
-        96 => (flash_names!(96), 0, 64, 128, 128, 0),
-        128 => (flash_names!(128), 0, 64, 256, 128, 0),
+    let (names, fwd_rows, dkdv_rows, dkdv_threads, dq_threads, dq_smem) = match head_dim {
+        64 => (flash_names!(64), 128, 64, 128, 128, 0),
+        96 => (flash_names!(96), 128, 64, 128, 128, 0),
+        128 => (flash_names!(128), 128, 64, 256, 128, 0),
         // 96 KiB per block, within the 99 KiB of sm_86/sm_89 (and sm_80's 163, sm_90's 227).
-        256 => (flash_names!(256), 3 * tile, 32, 256, 256, 3 * tile),
+        256 => (flash_names!(256), 64, 32, 256, 256, 3 * tile),
         _ => unreachable!("head_dim {head_dim} checked against CUDA_HEAD_DIMS"),
     };
+    let fwd_bytes = (fwd_rows + 2 * TILE) * head_dim * 2;
     Tiling {
         names,
-        fwd_smem,
+        fwd_rows,
+        fwd_smem: if fwd_bytes > STATIC_SMEM {
+            fwd_bytes
+        } else {
+            0
+        },
         dkdv_rows,
         dkdv_threads,
         dq_threads,
@@ -619,15 +633,13 @@ impl Tiling {
 
     /// The most shared memory any of this head dim's kernels takes per block, in bytes.
     fn max_smem(&self, head_dim: usize) -> usize {
-        let static_fwd = 3 * TILE * head_dim * 2;
-        self.dkdv_smem(head_dim)
-            .max(self.fwd_smem.max(static_fwd))
-            .max(self.dq_smem)
+        let fwd = (self.fwd_rows + 2 * TILE) * head_dim * 2;
+        self.dkdv_smem(head_dim).max(fwd).max(self.dq_smem)
     }
 }
 
 /// The most shared memory per block the flash-attention kernels need at `head_dim` (one of
-/// [`CUDA_HEAD_DIMS`]): 48 KiB at 64 and 96, 64 KiB at 128, 96 KiB at 256.
+/// [`CUDA_HEAD_DIMS`]): 32 KiB at 64, 48 KiB at 96, 64 KiB at 128, 96 KiB at 256.
 pub fn cuda_shared_memory(head_dim: usize) -> Option<usize> {
     CUDA_HEAD_DIMS
         .contains(&head_dim)
@@ -758,7 +770,8 @@ pub fn forward_cuda(
     };
     let cuda = CudaDevice::get(ord)?;
     let name = p.kernel("fwd", d.head_dim);
-    let smem = tiling(d.head_dim).fwd_smem;
+    let tiling = tiling(d.head_dim);
+    let smem = tiling.fwd_smem;
     let f = if smem > 0 {
         cuda.function_with_shared("attention", name, smem)?
     } else {
@@ -768,14 +781,21 @@ pub fn forward_cuda(
     b.arg(&p);
     // SAFETY: flash_fwd[_opt]_d*(AttnParams): q/k/v/o/lse checked above ([T, H|Hkv, D] bf16,
     // lse [T, H] f32), cu_seqlens validated (0 .. T, increasing) and on the device; the grid
-    // covers the longest sequence; 128 threads as the kernel assumes; `smem` bytes of dynamic
+    // covers the longest sequence in blocks of `fwd_rows` queries (the kernel's BM); 128 threads as the kernel assumes; `smem` bytes of dynamic
     // shared memory where the kernel's tiles are dynamic (opted in above); all buffers outlive
     // the launch; scale and soft cap finite (checked), window ≥ 0.
     unsafe {
         cuda.launch(
             name,
             b,
-            grid(max_len, d.heads, cu_seqlens.len() - 1, 128, smem),
+            grid_rows(
+                max_len,
+                tiling.fwd_rows,
+                d.heads,
+                cu_seqlens.len() - 1,
+                128,
+                smem,
+            ),
         )
     }?;
     Ok((o, lse))
