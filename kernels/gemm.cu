@@ -15,6 +15,10 @@
 //
 // Block tile 128×128×32, 8 warps as 2 (m) × 4 (n), warp tile 64×32 = 4×4 mma tiles. Shared
 // memory rows are XOR-swizzled by 16-byte chunk so ldmatrix reads are bank-conflict free.
+// Blocks take their output tiles in groups of GROUP_M tile rows, down each column of a group
+// before the next column (gemm_tile), so that the blocks resident at once share B panels as well
+// as A panels in L2: an LM head's weight slice is read from DRAM about once per group instead of
+// once per tile row.
 
 #include "common.cuh"
 
@@ -29,6 +33,7 @@
 // exceed it; build.rs reports any spill), and shared memory at 2 × 48 KiB (plain) or
 // 2 × 40 KiB (NF4), which every sm_80+ SM holds (sm_86/89/120: 100 KiB).
 #define MIN_BLOCKS 2
+#define GROUP_M 8
 
 struct GemmParams {
   const bf16* a;
@@ -191,11 +196,28 @@ __device__ __forceinline__ void epilogue(const GemmParams& p, float (*acc)[4][4]
       }
 }
 
+// The output tile (first row m0, first column n0) of this block. The grid is (N tiles, M tiles)
+// and blocks start in the order of their linear index x + y·X; that index is mapped to tiles in
+// groups of GROUP_M tile rows (the last group may be smaller), column by column inside a group:
+// index i → group i / (GROUP_M·X), then within it row i % rows, column i / rows. A bijection on
+// the X × Y tiles, so every tile is computed once.
+__device__ __forceinline__ void gemm_tile(int& m0, int& n0) {
+  const int tiles_n = gridDim.x, tiles_m = gridDim.y;
+  const int i = blockIdx.y * tiles_n + blockIdx.x;
+  const int per_group = GROUP_M * tiles_n;
+  const int first = i / per_group * GROUP_M;
+  const int rows = min(GROUP_M, tiles_m - first);
+  const int in = i - first * tiles_n;  // index inside the group
+  m0 = (first + in % rows) * BM;
+  n0 = in / rows * BN;
+}
+
 template <bool A_KC, bool B_KC, typename OutT>
 __device__ void gemm_body(const GemmParams& p) {
   bf16* sa = (bf16*)qlora_dynamic_smem();
   bf16* sb = sa + STAGES * TILE_ELEMS;
-  const int m0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
+  int m0, n0;
+  gemm_tile(m0, n0);
   const int tiles1 = (p.k + BK - 1) / BK;
   const int t_begin = blockIdx.z * p.k_tiles_per_split;
   const int t_end1 = min(tiles1, t_begin + p.k_tiles_per_split);
@@ -396,7 +418,8 @@ __device__ void gemm_nf4_body(const GemmParams& p, const Nf4Params& w) {
   bf16* sb = sa + STAGES * TILE_ELEMS;  // two B buffers
   __shared__ float code[16];
   if (threadIdx.x < 16) code[threadIdx.x] = w.code[threadIdx.x];
-  const int m0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
+  int m0, n0;
+  gemm_tile(m0, n0);
   const int n1 = (p.k + BK - 1) / BK;
   const int n2 = p.a2 != nullptr ? (p.k2 + BK - 1) / BK : 0;
   const int ntiles = n1 + n2;

@@ -115,6 +115,8 @@ fn gemm_all_layouts_match_f64() {
         // logits over an odd vocabulary: odd row strides, a last column alone; and with split-K.
         (9, 515, 72),
         (16, 203, 2056),
+        // Nine tile rows: a full group of eight in the blocks' tile order and one left over.
+        (1096, 136, 24),
         big,
         skinny,
     ] {
@@ -437,6 +439,8 @@ fn nf4_gemm_equals_dequantize_then_gemm() {
         (7, 136, 4096),
         (16, 4104, 1040),
         (97, 1032, 576),
+        // Nine tile rows: a full group of eight in the blocks' tile order and one left over.
+        (1096, 136, 96),
         big,
     ] {
         check_nf4_gemm(&dev, &mut r, (m, n, k), Nf4Config::default());
