@@ -19,7 +19,9 @@
 //   flash_bwd_dkdv:  one block per (key tile, kv head, sequence); loops over the query heads of
 //                    its group and the query tiles at or after the keys (and within the window):
 //                    dV += Pᵀ·dO, dK += scale·dRᵀ·Q with dS = P ⊙ (dO·Vᵀ − D) and
-//                    dR = dS ⊙ (1 − tanh²) through a soft cap (dR = dS without one)
+//                    dR = dS ⊙ (1 − tanh²) through a soft cap (dR = dS without one);
+//                    at D = 64 and 128 the next pair's Q, dO, lse and D are fetched while
+//                    this pair is used (two buffers)
 //   flash_bwd_dq:    one block per (query tile, head, sequence): dQ = scale·Σ_j dR_j·K_j;
 //                    at D ≤ 128 each key tile's V and K are fetched while the previous tile
 //                    is used (the next V during S, dS and dQ; the next K during the next dP)
@@ -32,15 +34,15 @@
 // from shared memory at each of the D/16 k16 steps; accumulators per thread: D/2 fp32 for a
 // 16 × D block over a warp, D/(2·SPLIT) where SPLIT warps share its columns):
 //   D    fwd (128 thr)              dK/dV                                dQ
-//   64   Q 128 rows + K, V: 32 KiB  64 keys, 128 thr, 4 tiles 32 KiB dyn, 128 thr, 2 tiles 16 KiB
-//        static, A regs, O 2 × 32   A regs, dK+dV 64 fp32                static, A regs, 32 fp32
-//        fp32 (32 rows a warp)
+//   64   Q 128 rows + K, V: 32 KiB  64 keys, 128 thr, 6 tiles (Q, dO     128 thr, 2 tiles 16 KiB
+//        static, A regs, O 2 × 32   twice) 48 KiB dyn, A regs, dK+dV 64  static, A regs, 32 fp32
+//        fp32 (32 rows a warp)      fp32
 //   96   Q 128 rows + K, V: 48 KiB  64 keys, 128 thr, 4 tiles 48 KiB dyn, 128 thr, 2 tiles 24 KiB
 //        static, A from smem, O     A regs, dK+dV 96 fp32                static, A regs, 48 fp32
 //        2 × 48 fp32
-//   128  Q 128 rows + K, V: 64 KiB  64 keys, 256 thr (SPLIT 2), 64 KiB   128 thr, 2 tiles 32 KiB
-//        dyn, A from smem, O 2 × 64 dyn, A regs, dK+dV 64 fp32           static, A regs, 64 fp32
-//        fp32
+//   128  Q 128 rows + K, V: 64 KiB  64 keys, 256 thr (SPLIT 2), 6 tiles   128 thr, 2 tiles 32 KiB
+//        dyn, A from smem, O 2 × 64 (Q, dO twice) 96 KiB dyn, A regs,    static, A regs, 64 fp32
+//        fp32                       dK+dV 64 fp32
 //   256  3 tiles, 96 KiB dynamic,   32 keys, 256 thr (2 warps on keys ×  256 thr (SPLIT 2), 3 tiles
 //        A from smem, O 128 fp32    SPLIT 4 on columns): K, V 16 KiB     (Q, dO, one for V then K)
 //        (16 rows a warp)           each + Q, dO 32 KiB each = 96 KiB    96 KiB dyn, A from smem,
@@ -56,15 +58,15 @@
 //              D = 64         96             128            256
 //   fwd        216/222/222    241/237/237    255/253/253    235/230/230
 //   fwd_opt    254/254/254    250/255/255    255/255/255    250/254/254
-//   dkdv       168/171/171    238/231/231    178/175/183    210/217/217
-//   dkdv_opt   174/173/173    254/246/254    225/178/178    233/233/252
+//   dkdv       173/171/171    238/231/231    204/217/217    210/217/217
+//   dkdv_opt   172/172/172    254/246/254    239/233/242    233/233/252
 //   dq         166/165/165    218/220/220    247/245/245    230/226/226
 //   dq_opt     167/168/168    242/244/251    250/255/250    222/224/222
 // The forward's 32 rows a warp take all 255 registers ptxas may give a 128-thread block: two
 // blocks (8 warps) per SM, as FlashAttention-2's forward at 128 × 64 tiles; each warp has twice
 // the independent MMAs to hide latency with.
 // By registers alone a block of 128 threads fits 4 times per SM at 128 or fewer, 3 times at 168
-// or fewer (dq at 64; dkdv at 64 on sm_90), twice at 255 (shared memory may allow fewer).
+// or fewer (dq at 64), twice at 255 (shared memory may allow fewer).
 
 #include "common.cuh"
 
@@ -520,20 +522,29 @@ __device__ __forceinline__ float att_bwd_score(float acc, const AttnParams& p, f
 }
 
 // dK, dV for 64 keys of kv head g: warps own 16 keys each.
-// Dynamic shared memory: four 64 × D tiles (K, V, Q, dO), 64 KiB at D = 128 (the launcher opts
-// in above the 48 KiB default). 4·SPLIT warps: warp w owns keys 16·(w % 4).. and the output
-// columns [(w / 4)·D/SPLIT, ...) of dK and dV (SPLIT = 2 at D = 128 keeps the fp32 accumulators
-// in registers); each warp recomputes the scores it needs over the full head dimension.
+// Dynamic shared memory: K and V of KROWS keys, then Q and dO tiles of 64 queries, twice at
+// D = 64 and 128 (48 and 96 KiB; the launcher opts in above the 48 KiB default), so that the next
+// (query head, query tile)'s Q, dO, lse and D are fetched while this one's are used; once at
+// D = 96 (48 KiB: twice, 72 KiB, would leave sm_86/sm_89 one block per SM where they hold two)
+// and D = 256 (96 KiB: twice would pass the 99 KiB of sm_86/sm_89). 4·SPLIT warps: warp w owns keys
+// 16·(w % 4).. and the output columns [(w / 4)·D/SPLIT, ...) of dK and dV (SPLIT = 2 at D = 128
+// keeps the fp32 accumulators in registers); each warp recomputes the scores it needs over the
+// full head dimension.
+template <int D>
+struct AttDkdvBuffers {
+  static constexpr int N = D == 64 || D == 128 ? 2 : 1;
+};
+
 template <int D, int SPLIT, bool OPT, int KROWS = 64>
 __device__ void flash_dkdv(const AttnParams& p) {
   constexpr int DC = D / SPLIT;
   constexpr int WR = KROWS / 16;  // warps along the keys
   constexpr bool AREG = AttAInRegs<D>::value;
+  constexpr int NBUF = AttDkdvBuffers<D>::N;
   bf16* sk = (bf16*)qlora_dynamic_smem();
   bf16* sv = sk + KROWS * D;
-  bf16* sq = sv + KROWS * D;
-  bf16* sdo = sq + 64 * D;
-  __shared__ float slse[64], sdsum[64];
+  bf16* sqdo = sv + KROWS * D;  // buffer b: Q at sqdo + 2·b·64·D, dO 64·D after it
+  __shared__ float slse[NBUF][64], sdsum[NBUF][64];
   const int seq = blockIdx.z, g = blockIdx.y;
   const int start = p.cu_seqlens[seq], len = p.cu_seqlens[seq + 1] - start;
   const int k0 = blockIdx.x * KROWS;
@@ -548,11 +559,26 @@ __device__ void flash_dkdv(const AttnParams& p) {
   // log2 e folded into the scale and the cap's factor; slse holds lse·log2 e.
   const float scale2 = p.scale * ATT_LOG2E, cap2 = p.softcap * ATT_LOG2E;
   const int query_end = att_query_end(k0, KROWS, len, window);
+  const int q_first = (k0 / ATT_BM) * ATT_BM;
+  // Q and dO of (query head hq, query tile q0) into buffer b (copies in the open group).
+  const auto fetch_tiles = [&](int hq, int q0, int b) {
+    att_load<D>(sqdo + 2 * b * 64 * D, p.q, start + q0, end, p.heads, hq);
+    att_load<D>(sqdo + (2 * b + 1) * 64 * D, p.dout, start + q0, end, p.heads, hq);
+  };
+  // lse·log2 e and D of query q0 + threadIdx.x (0 past the sequence), for threads < 64.
+  const auto row_stats = [&](int hq, int q0, float& lse2, float& dsum) {
+    const int t = q0 + threadIdx.x;
+    const long long at = (long long)(start + t) * p.heads + hq;
+    lse2 = t < len ? p.lse[at] * ATT_LOG2E : 0.0f;
+    dsum = t < len ? p.dsum[at] : 0.0f;
+  };
   att_load<D, KROWS>(sk, p.k, start + k0, end, p.kv_heads, g);
   att_load<D, KROWS>(sv, p.v, start + k0, end, p.kv_heads, g);
+  if constexpr (NBUF == 2) {
+    fetch_tiles(g * group, q_first, 0);
+    if (threadIdx.x < 64) row_stats(g * group, q_first, slse[0][threadIdx.x], sdsum[0][threadIdx.x]);
+  }
   cp_async_commit();
-  cp_async_wait<0>();
-  __syncthreads();
   float dk[DC / 8][4], dv[DC / 8][4];
 #pragma unroll
   for (int i = 0; i < DC / 8; ++i)
@@ -560,20 +586,36 @@ __device__ void flash_dkdv(const AttnParams& p) {
     for (int e = 0; e < 4; ++e) dk[i][e] = dv[i][e] = 0.0f;
   const int key[2] = {k0 + warp * 16 + (lane >> 2), k0 + warp * 16 + (lane >> 2) + 8};
 
+  // The (query head, query tile) pairs in order, hq outer; pair i uses buffer i % NBUF.
+  int b = 0;
   for (int hq = g * group; hq < (g + 1) * group; ++hq) {
-    for (int q0 = (k0 / ATT_BM) * ATT_BM; q0 < query_end; q0 += ATT_BM) {
-      __syncthreads();
-      att_load<D>(sq, p.q, start + q0, end, p.heads, hq);
-      att_load<D>(sdo, p.dout, start + q0, end, p.heads, hq);
-      if (threadIdx.x < 64) {
-        const int t = q0 + threadIdx.x;
-        const long long at = (long long)(start + t) * p.heads + hq;
-        slse[threadIdx.x] = t < len ? p.lse[at] * ATT_LOG2E : 0.0f;
-        sdsum[threadIdx.x] = t < len ? p.dsum[at] : 0.0f;
+    for (int q0 = q_first; q0 < query_end; q0 += ATT_BM) {
+      float next_lse = 0.0f, next_dsum = 0.0f;
+      bool more = false;
+      if constexpr (NBUF == 2) {
+        cp_async_wait<0>();  // this pair's Q and dO (and K, V on the first)
+        __syncthreads();     // visible to every warp, and every warp is done with the other buffer
+        const bool same_head = q0 + ATT_BM < query_end;
+        more = same_head || hq + 1 < (g + 1) * group;
+        const int nhq = same_head ? hq : hq + 1, nq0 = same_head ? q0 + ATT_BM : q_first;
+        if (more) {
+          fetch_tiles(nhq, nq0, b ^ 1);
+          // Read now, stored after this pair's work: the loads' latency hides behind it.
+          if (threadIdx.x < 64) row_stats(nhq, nq0, next_lse, next_dsum);
+        }
+        cp_async_commit();
+      } else {
+        __syncthreads();  // every warp is done with the previous pair's Q and dO
+        fetch_tiles(hq, q0, 0);
+        if (threadIdx.x < 64) row_stats(hq, q0, slse[0][threadIdx.x], sdsum[0][threadIdx.x]);
+        cp_async_commit();
+        cp_async_wait<0>();
+        __syncthreads();
       }
-      cp_async_commit();
-      cp_async_wait<0>();
-      __syncthreads();
+      const bf16* sq = sqdo + 2 * b * 64 * D;
+      const bf16* sdo = sq + 64 * D;
+      const float* lse_b = slse[b];
+      const float* dsum_b = sdsum[b];
       // Sᵀ = K·Qᵀ (16 keys × 64 queries) → Pᵀ, dV += Pᵀ·dO; then dPᵀ = V·dOᵀ → dSᵀ; in this
       // order so that fewer fragments are live at once.
       uint32_t frag[AREG ? D / 16 : 1][4];
@@ -600,7 +642,7 @@ __device__ void flash_dkdv(const AttnParams& p) {
           const bool ok = att_visible(q0 + qi, key[e >> 1], len, window);
           const float x = att_bwd_score(st[nt][e], p, scale2, cap, inv_cap);
           const float y = ok ? x : -INFINITY;
-          st[nt][e] = cap ? y : exp2f(y - slse[qi]);
+          st[nt][e] = cap ? y : exp2f(y - lse_b[qi]);
         }
       {
         uint32_t pa[4][4];
@@ -611,7 +653,7 @@ __device__ void flash_dkdv(const AttnParams& p) {
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
               const int qi = nt * 8 + (lane & 3) * 2 + (e & 1);
-              pr[nt][e] = exp2f(cap2 * st[nt][e] - slse[qi]);
+              pr[nt][e] = exp2f(cap2 * st[nt][e] - lse_b[qi]);
             }
           att_c_to_a(pa, pr);
         } else {
@@ -636,15 +678,22 @@ __device__ void flash_dkdv(const AttnParams& p) {
           if (cap) {
             // Masked: t = −∞ gives P = 0 and a factor max(0, 1 − ∞) = 0.
             const float t = st[nt][e];
-            const float pv = exp2f(cap2 * t - slse[qi]);
-            dpt[nt][e] = pv * (dpt[nt][e] - sdsum[qi]) * fmaxf(0.0f, 1.0f - t * t);
+            const float pv = exp2f(cap2 * t - lse_b[qi]);
+            dpt[nt][e] = pv * (dpt[nt][e] - dsum_b[qi]) * fmaxf(0.0f, 1.0f - t * t);
           } else {
-            dpt[nt][e] = st[nt][e] * (dpt[nt][e] - sdsum[qi]);
+            dpt[nt][e] = st[nt][e] * (dpt[nt][e] - dsum_b[qi]);
           }
         }
       uint32_t dsa[4][4];
       att_c_to_a(dsa, dpt);
       att_mma_cols<D, DC>(dk, dsa, sq, col0);  // dK += dSᵀ·Q (scaled below)
+      if constexpr (NBUF == 2) {
+        if (more && threadIdx.x < 64) {
+          slse[b ^ 1][threadIdx.x] = next_lse;
+          sdsum[b ^ 1][threadIdx.x] = next_dsum;
+        }
+        b ^= 1;
+      }
     }
   }
 #pragma unroll

@@ -597,8 +597,8 @@ const STATIC_SMEM: usize = 48 * 1024;
 
 /// The kernels of a head dim in [`CUDA_HEAD_DIMS`]. Shared memory: the forward holds Q of
 /// `fwd_rows` rows and K and V tiles of 64 × D bf16, dQ two 64-row tiles (three at 256: Q, dO
-/// and one for V then K), dK/dV K and V of `dkdv_rows` keys plus Q and dO of 64 queries; static
-/// up to 48 KiB, dynamic (opted in) above.
+/// and one for V then K), dK/dV K and V of `dkdv_rows` keys plus Q and dO of 64 queries (twice
+/// at 64 and 128); static up to 48 KiB, dynamic (opted in) above.
 fn tiling(head_dim: usize) -> Tiling {
     let tile = TILE * head_dim * 2;
     let (names, fwd_rows, dkdv_rows, dkdv_threads, dq_threads, dq_smem) = match head_dim {
@@ -626,9 +626,12 @@ fn tiling(head_dim: usize) -> Tiling {
 }
 
 impl Tiling {
-    /// Dynamic shared memory of dK/dV: K and V of `dkdv_rows` keys, Q and dO of 64 queries.
+    /// Dynamic shared memory of dK/dV: K and V of `dkdv_rows` keys, Q and dO of 64 queries,
+    /// the latter twice at head dim 64 and 128 (the next pair fetched while one is used:
+    /// `AttDkdvBuffers`).
     fn dkdv_smem(&self, head_dim: usize) -> usize {
-        (2 * self.dkdv_rows + 2 * TILE) * head_dim * 2
+        let buffers = if matches!(head_dim, 64 | 128) { 2 } else { 1 };
+        (2 * self.dkdv_rows + 2 * buffers * TILE) * head_dim * 2
     }
 
     /// The most shared memory any of this head dim's kernels takes per block, in bytes.
@@ -639,7 +642,7 @@ impl Tiling {
 }
 
 /// The most shared memory per block the flash-attention kernels need at `head_dim` (one of
-/// [`CUDA_HEAD_DIMS`]): 32 KiB at 64, 48 KiB at 96, 64 KiB at 128, 96 KiB at 256.
+/// [`CUDA_HEAD_DIMS`]): 48 KiB at 64 and 96, 96 KiB at 128 and 256.
 pub fn cuda_shared_memory(head_dim: usize) -> Option<usize> {
     CUDA_HEAD_DIMS
         .contains(&head_dim)
