@@ -8,8 +8,9 @@
 // Math and the CPU reference: src/ops/attention.rs.
 //
 // Forward: one block per (query tile, head, sequence), 4 warps; a warp owns 32 query rows (a
-// query tile of 128) at D ≤ 128, 16 (a tile of 64) at D = 256, so that each K and V fragment it
-// loads from shared memory feeds four MMAs (two at 256); key/value tiles of 64 stream through
+// query tile of 128) at D ≤ 128, 16 (a tile of 64) at D = 256 and in the _r16 kernels (D = 128
+// on cards with 100 KiB per SM), so that each K and V fragment it loads from shared memory feeds
+// four MMAs (two with 16 rows); key/value tiles of 64 stream through
 // shared memory, each fetched while the previous one is used (the next K during P·V, the next V
 // during the next S and softmax); S = Q·Kᵀ and O += P·V with mma.sync m16n8k16; the softmax
 // runs in base 2 (log2 e folded into the scale, exp2); query tiles are handed out last first
@@ -42,7 +43,8 @@
 //        2 × 48 fp32
 //   128  Q 128 rows + K, V: 64 KiB  64 keys, 256 thr (SPLIT 2), 6 tiles   128 thr, 2 tiles 32 KiB
 //        dyn, A from smem, O 2 × 64 (Q, dO twice) 96 KiB dyn, A regs,    static, A regs, 64 fp32
-//        fp32                       dK+dV 64 fp32
+//        fp32; _r16: 3 tiles 48 KiB dK+dV 64 fp32
+//        static, A regs, O 64 fp32
 //   256  3 tiles, 96 KiB dynamic,   32 keys, 256 thr (2 warps on keys ×  256 thr (SPLIT 2), 3 tiles
 //        A from smem, O 128 fp32    SPLIT 4 on columns): K, V 16 KiB     (Q, dO, one for V then K)
 //        (16 rows a warp)           each + Q, dO 32 KiB each = 96 KiB    96 KiB dyn, A from smem,
@@ -58,13 +60,16 @@
 //              D = 64         96             128            256
 //   fwd        216/222/222    241/237/237    255/253/253    235/230/230
 //   fwd_opt    254/254/254    250/255/255    255/255/255    250/254/254
+//   fwd_r16                                  166/186/166
+//   fwd_opt_r16                              168/229/167
 //   dkdv       173/171/171    238/231/231    204/217/217    210/217/217
 //   dkdv_opt   172/172/172    254/246/254    239/233/242    233/233/252
 //   dq         166/165/165    218/220/220    247/245/245    230/226/226
 //   dq_opt     167/168/168    242/244/251    250/255/250    222/224/222
 // The forward's 32 rows a warp take all 255 registers ptxas may give a 128-thread block: two
 // blocks (8 warps) per SM, as FlashAttention-2's forward at 128 × 64 tiles; each warp has twice
-// the independent MMAs to hide latency with.
+// the independent MMAs to hide latency with. On sm_86/89/120 (100 KiB per SM) the launcher takes
+// the _r16 kernels at D = 128: two blocks of 48 KiB where one of 64 KiB would leave 4 warps.
 // By registers alone a block of 128 threads fits 4 times per SM at 128 or fewer, 3 times at 168
 // or fewer (dq at 64), twice at 255 (shared memory may allow fewer).
 
@@ -266,14 +271,16 @@ __device__ __forceinline__ float quad_sum(float v) {
 // Query rows per forward warp, in m16 tiles (MI): two (32 rows, a query tile of 128 over the 4
 // warps) where the accumulators fit the registers, so that every K and V fragment loaded from
 // shared memory feeds 2·MI MMAs (4) instead of 2; one at D = 256, where a warp's 16 × 256 output
-// alone is 128 fp32 registers.
-template <int D>
+// alone is 128 fp32 registers, and in the _r16 kernels at D = 128, for cards whose SMs hold
+// 100 KiB of shared memory (sm_86/89/120: the 64 KiB of Q (128 rows), K and V fit once, the
+// 48 KiB of 64 rows twice; FlashAttention-2 takes 64-row tiles there too).
+template <int D, int MI = (D <= 128 ? 2 : 1)>
 struct AttFwdRows {
-  static constexpr int MI = D <= 128 ? 2 : 1;
   static constexpr int BM = 64 * MI;  // query rows per block
   // Q's fragments stay in registers for the whole block where they are few (4·MI·D/16 registers:
-  // 32 at D = 64); else they are read from shared memory at each k16 step (two ldmatrix beside
-  // the four of K at MI = 2), which leaves the registers to the MI × D/2 fp32 of O.
+  // 32 at D = 64 or at D = 128 with MI = 1); else they are read from shared memory at each k16
+  // step (two ldmatrix beside the four of K at MI = 2), which leaves the registers to the
+  // MI × D/2 fp32 of O.
   static constexpr bool AREG = MI * D <= 128;
 };
 
@@ -328,10 +335,10 @@ __device__ __forceinline__ void att_fwd_pv(float (*o)[D / 8][4], const uint32_t 
     }
 }
 
-template <int D, bool OPT>
+template <int D, bool OPT, int MI = (D <= 128 ? 2 : 1)>
 __device__ void flash_fwd(const AttnParams& p) {
-  constexpr int MI = AttFwdRows<D>::MI, BM = AttFwdRows<D>::BM;
-  constexpr bool AREG = AttFwdRows<D>::AREG;
+  constexpr int BM = AttFwdRows<D, MI>::BM;
+  constexpr bool AREG = AttFwdRows<D, MI>::AREG;
   bf16* sq = att_tiles<D, MI + 2>();  // Q (BM rows), K, V (64 rows each)
   bf16* sk = sq + BM * D;
   bf16* sv = sk + 64 * D;
@@ -493,6 +500,8 @@ extern "C" __global__ void __launch_bounds__(ATT_THREADS) flash_fwd_opt_d64(Attn
 extern "C" __global__ void __launch_bounds__(ATT_THREADS) flash_fwd_opt_d96(AttnParams p) { flash_fwd<96, true>(p); }
 extern "C" __global__ void __launch_bounds__(ATT_THREADS) flash_fwd_opt_d128(AttnParams p) { flash_fwd<128, true>(p); }
 extern "C" __global__ void __launch_bounds__(ATT_THREADS) flash_fwd_opt_d256(AttnParams p) { flash_fwd<256, true>(p); }
+extern "C" __global__ void __launch_bounds__(ATT_THREADS) flash_fwd_r16_d128(AttnParams p) { flash_fwd<128, false, 1>(p); }
+extern "C" __global__ void __launch_bounds__(ATT_THREADS) flash_fwd_opt_r16_d128(AttnParams p) { flash_fwd<128, true, 1>(p); }
 
 // ---- backward ----
 

@@ -420,3 +420,41 @@ fn flash_attention_head_dims_96_and_256_packed_equal_alone() {
     packed_equals_alone(&dev, d(96), &[1, 100, 37, 65], 112);
     packed_equals_alone(&dev, d(256), &[1, 100, 37, 65], 113);
 }
+
+/// Head dim 128's two forward tilings (32 query rows a warp in blocks of 128, the default where
+/// an SM holds two such blocks; 16 in blocks of 64 on cards with 100 KiB per SM) give the same
+/// output and lse bit for bit: each row sees the same key tiles in the same order through the
+/// same MMAs. Packed lengths on and off both tiles, GQA, the plain and the options kernels; the
+/// card's own choice is one of the two, and a tiling a head dim lacks is refused.
+#[test]
+fn flash_forward_tilings_at_head_dim_128_agree_bit_for_bit() {
+    let Some(dev) = gpu_or_skip("flash_forward_tilings_at_head_dim_128_agree_bit_for_bit") else {
+        return;
+    };
+    let mut r = rand::rngs::StdRng::seed_from_u64(120);
+    let cu = [0usize, 1, 64, 193, 320, 417];
+    let t = *cu.last().unwrap();
+    let up = |n: usize, h: usize, r: &mut rand::rngs::StdRng| {
+        Tensor::from_vec(data(r, n * h * 128).1, &[n, h, 128], &dev).unwrap()
+    };
+    let (q, k, v) = (up(t, 6, &mut r), up(t, 2, &mut r), up(t, 2, &mut r));
+    let plain = dims(6, 2, 128);
+    let options = plain
+        .with_scale(0.3)
+        .with_softcap(Some(2.0))
+        .with_window(Some(70));
+    for d in [plain, options] {
+        let run = |rows| {
+            let (o, lse) = attention::forward_cuda_rows(d, &q, &k, &v, &cu, rows).unwrap();
+            (o.to_vec::<bf16>().unwrap(), lse.to_vec::<f32>().unwrap())
+        };
+        let (wide, narrow, auto) = (run(Some(128)), run(Some(64)), run(None));
+        assert!(wide == narrow, "{d:?}: 128-row and 64-row tiles differ");
+        assert!(auto == wide, "{d:?}: the card's choice differs");
+    }
+    let z = Tensor::zeros(&[3, 2, 64], DType::BF16, &dev).unwrap();
+    let err = attention::forward_cuda_rows(dims(2, 2, 64), &z, &z, &z, &[0, 3], Some(64))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("takes 64 query rows"), "{err}");
+}

@@ -275,6 +275,22 @@ impl CudaDevice {
             .map_err(Error::cuda("reading the multiprocessor count"))
     }
 
+    /// Shared memory per streaming multiprocessor and the part of it the system reserves per
+    /// resident block, bytes: `(per SM, reserved per block)`.
+    pub fn shared_memory_per_multiprocessor(&self) -> Result<(usize, usize)> {
+        use cudarc::driver::sys::CUdevice_attribute as A;
+        let what = "reading the shared memory per multiprocessor";
+        let per_sm = self
+            .ctx
+            .attribute(A::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_MULTIPROCESSOR)
+            .map_err(Error::cuda(what))?;
+        let reserved = self
+            .ctx
+            .attribute(A::CU_DEVICE_ATTRIBUTE_RESERVED_SHARED_MEMORY_PER_BLOCK)
+            .map_err(Error::cuda(what))?;
+        Ok((per_sm.max(0) as usize, reserved.max(0) as usize))
+    }
+
     /// Device memory in use (total − free, as the driver reports it), bytes.
     pub fn memory_used(&self) -> Result<usize> {
         self.ctx

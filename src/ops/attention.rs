@@ -567,6 +567,9 @@ struct Tiling {
     /// Query rows per forward block (`AttFwdRows::BM`: 32 per warp where the accumulators fit
     /// the registers, else 16) and its shared memory: Q of that many rows, K and V of 64.
     fwd_rows: usize,
+    /// fwd and fwd_opt with 16 rows per warp (64 per block), for cards whose SMs cannot hold two
+    /// of the wide forward's blocks (head dim 128 only: [`fwd_query_rows`]).
+    fwd_r16: Option<[&'static str; 2]>,
     /// Dynamic shared memory of the forward (0: its tiles are static).
     fwd_smem: usize,
     /// Keys per dK/dV block and its threads.
@@ -613,6 +616,7 @@ fn tiling(head_dim: usize) -> Tiling {
     Tiling {
         names,
         fwd_rows,
+        fwd_r16: (head_dim == 128).then_some(["flash_fwd_r16_d128", "flash_fwd_opt_r16_d128"]),
         fwd_smem: if fwd_bytes > STATIC_SMEM {
             fwd_bytes
         } else {
@@ -665,11 +669,16 @@ impl AttnParams {
         }
     }
 
+    /// 1 where the `_opt` kernels are needed (a soft cap or a window), else 0.
+    fn options_index(&self) -> usize {
+        usize::from(self.softcap > 0.0 || self.window > 0)
+    }
+
     /// The kernel of `base` (`fwd`, `dkdv` or `dq`) for these options and head dim (one of
     /// [`CUDA_HEAD_DIMS`], checked): the `_opt` kernels read the soft cap and the window; the
     /// plain ones (the scale only) are compiled without that code, which costs registers.
     fn kernel(&self, base: &str, head_dim: usize) -> &'static str {
-        let opt = usize::from(self.softcap > 0.0 || self.window > 0);
+        let opt = self.options_index();
         let names = tiling(head_dim).names;
         match base {
             "fwd" => names[opt],
@@ -750,6 +759,39 @@ pub fn forward_cuda(
     v: &Tensor,
     cu_seqlens: &[usize],
 ) -> Result<(Tensor, Tensor)> {
+    forward_cuda_rows(d, q, k, v, cu_seqlens, None)
+}
+
+/// The query rows per forward block on this card: the head dim's wide tile (128 at D ≤ 128)
+/// where an SM holds two such blocks' shared memory (H100, A100: 228 and 164 KiB), else the
+/// 64-row kernels where they exist (D = 128 on sm_86/89/120, whose 100 KiB hold one 64 KiB block
+/// but two of 48 KiB).
+fn fwd_query_rows(cuda: &CudaDevice, head_dim: usize) -> Result<usize> {
+    let tl = tiling(head_dim);
+    if tl.fwd_r16.is_none() {
+        return Ok(tl.fwd_rows);
+    }
+    let wide = (tl.fwd_rows + 2 * TILE) * head_dim * 2;
+    let (per_sm, reserved) = cuda.shared_memory_per_multiprocessor()?;
+    Ok(if 2 * (wide + reserved) <= per_sm {
+        tl.fwd_rows
+    } else {
+        TILE
+    })
+}
+
+/// [`forward_cuda`] with the query rows per block given: `Some(64)` picks the 16-rows-a-warp
+/// kernels where the head dim has them (128), `Some` of the head dim's wide tile the wide ones,
+/// `None` what the card suits. The result is the same bit for bit; tests run both tilings.
+#[doc(hidden)]
+pub fn forward_cuda_rows(
+    d: Dims,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    cu_seqlens: &[usize],
+    rows: Option<usize>,
+) -> Result<(Tensor, Tensor)> {
     let op = "flash attention (cuda)";
     let (tokens, dev, cu, max_len) = check_cuda(op, d, q, k, v, cu_seqlens)?;
     let o = Tensor::uninit(q.shape(), DType::BF16, &dev)?;
@@ -772,9 +814,27 @@ pub fn forward_cuda(
         unreachable!("checked")
     };
     let cuda = CudaDevice::get(ord)?;
-    let name = p.kernel("fwd", d.head_dim);
-    let tiling = tiling(d.head_dim);
-    let smem = tiling.fwd_smem;
+    let tl = tiling(d.head_dim);
+    let rows = match rows {
+        Some(r) => r,
+        None => fwd_query_rows(&cuda, d.head_dim)?,
+    };
+    let (name, smem) = match tl.fwd_r16 {
+        Some(r16) if rows == TILE => {
+            let bytes = 3 * TILE * d.head_dim * 2;
+            (
+                r16[p.options_index()],
+                if bytes > STATIC_SMEM { bytes } else { 0 },
+            )
+        }
+        _ if rows == tl.fwd_rows => (p.kernel("fwd", d.head_dim), tl.fwd_smem),
+        _ => {
+            return Err(Error::InvalidArgument(format!(
+                "{op}: no forward kernel at head_dim {} takes {rows} query rows per block",
+                d.head_dim
+            )))
+        }
+    };
     let f = if smem > 0 {
         cuda.function_with_shared("attention", name, smem)?
     } else {
@@ -784,21 +844,14 @@ pub fn forward_cuda(
     b.arg(&p);
     // SAFETY: flash_fwd[_opt]_d*(AttnParams): q/k/v/o/lse checked above ([T, H|Hkv, D] bf16,
     // lse [T, H] f32), cu_seqlens validated (0 .. T, increasing) and on the device; the grid
-    // covers the longest sequence in blocks of `fwd_rows` queries (the kernel's BM); 128 threads as the kernel assumes; `smem` bytes of dynamic
+    // covers the longest sequence in blocks of `fwd_rows` queries (the kernel's BM, as chosen with it); 128 threads as the kernel assumes; `smem` bytes of dynamic
     // shared memory where the kernel's tiles are dynamic (opted in above); all buffers outlive
     // the launch; scale and soft cap finite (checked), window ≥ 0.
     unsafe {
         cuda.launch(
             name,
             b,
-            grid_rows(
-                max_len,
-                tiling.fwd_rows,
-                d.heads,
-                cu_seqlens.len() - 1,
-                128,
-                smem,
-            ),
+            grid_rows(max_len, rows, d.heads, cu_seqlens.len() - 1, 128, smem),
         )
     }?;
     Ok((o, lse))
