@@ -370,24 +370,30 @@ BENCH_SHAPES = [
     ("NF4 GEMM 2048×14336×4096 (gate/up)", "gemm_nf4_nt_bf16", *_gemm(2048, 14336, 4096, True)),
     ("NF4 GEMM 2048×1024×4096 (k/v)", "gemm_nf4_nt_bf16", *_gemm(2048, 1024, 4096, True)),
     ("NF4 dX 2048×4096×14336 (down)", "gemm_nf4_nn_bf16", *_gemm(2048, 4096, 14336, True)),
-    ("flash forward, 2k, d 128", "flash_fwd_d128", *_attn(2048)),
-    ("flash forward, 8k, d 128", "flash_fwd_d128", *_attn(8192)),
+    # At head dim 128 the launcher takes the 64-row-tile kernel on 100 KiB-per-SM cards.
+    ("flash forward, 2k, d 128", {"H100": "flash_fwd_d128", "H200": "flash_fwd_d128",
+                                  "4090": "flash_fwd_r16_d128"}, *_attn(2048)),
+    ("flash forward, 8k, d 128", {"H100": "flash_fwd_d128", "H200": "flash_fwd_d128",
+                                  "4090": "flash_fwd_r16_d128"}, *_attn(8192)),
     ("flash forward, 2k, d 64", "flash_fwd_d64", *_attn(2048, d=64)),
 ]
 
 
 def section_bench_shapes(profile):
     rows = []
-    for label, kernel, flop, nbytes in BENCH_SHAPES:
-        p = profile.get(kernel)
-        if not p or not p["mma"]:
+    for label, kernels, flop, nbytes in BENCH_SHAPES:
+        # One kernel for every card, or the one each card's launch takes.
+        per_card = kernels if isinstance(kernels, dict) else {k: kernels for k in ROOFLINE_CARDS}
+        names = list(dict.fromkeys(per_card[k] for k in ROOFLINE_CARDS))
+        profiles = {n: profile.get(n) for n in names}
+        if any(not p or not p["mma"] for p in profiles.values()):
             continue
-        waves = waves_per_mma(p)
-        row = [label, f"`{kernel}`", si(flop, "FLOP"), size(nbytes), f"{flop / nbytes:.0f}",
-               f"{waves:.2f}"]
+        waves = {n: waves_per_mma(p) for n, p in profiles.items()}
+        row = [label, ", ".join(f"`{n}`" for n in names), si(flop, "FLOP"), size(nbytes),
+               f"{flop / nbytes:.0f}", ", ".join(f"{waves[n]:.2f}" for n in names)]
         for key in ROOFLINE_CARDS:
             card = CARDS[key]
-            smem = smem_bound(waves, card)
+            smem = smem_bound(waves[per_card[key]], card)
             dram = min(1.0, flop / nbytes * card["bw"] / peak(card))
             bound = min(smem, dram)
             row.append(f"{smem:.0%} / {dram:.0%} → **{bound:.0%}** "
