@@ -10,11 +10,11 @@
 // Forward: one block per (query tile, head, sequence), 4 warps; a warp owns 32 query rows (a
 // query tile of 128) at D ≤ 128, 16 (a tile of 64) at D = 256 and in the _r16 kernels (D = 128
 // on cards with 100 KiB per SM), so that each K and V fragment it loads from shared memory feeds
-// four MMAs (two with 16 rows); key/value tiles of 64 stream through
-// shared memory, each fetched while the previous one is used (the next K during P·V, the next V
-// during the next S and softmax); S = Q·Kᵀ and O += P·V with mma.sync m16n8k16; the softmax
-// runs in base 2 (log2 e folded into the scale, exp2); query tiles are handed out last first
-// (the heaviest under the causal mask; dQ too).
+// four MMAs (two with 16 rows); key/value tiles of 64 stream through shared memory, each fetched
+// while the previous one is used (the next K during P·V, the next V during the next S and
+// softmax); S = Q·Kᵀ and O += P·V with mma.sync m16n8k16; the softmax runs in base 2 (log2 e
+// folded into the scale, exp2); query tiles are handed out last first (the heaviest under the
+// causal mask; dQ too).
 // Backward (deterministic, no atomics):
 //   flash_bwd_dsum:  D_i = dO_i · O_i
 //   flash_bwd_dkdv:  one block per (key tile, kv head, sequence); loops over the query heads of

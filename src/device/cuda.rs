@@ -199,6 +199,10 @@ pub struct CudaDevice {
     /// Dynamic shared memory each kernel has been allowed (cuFuncSetAttribute), bytes.
     shared_allowed: Mutex<HashMap<(&'static str, &'static str), usize>>,
     sync_each_launch: bool,
+    /// Read once at creation, for the launchers' tiling choices: streaming multiprocessors,
+    /// shared memory per SM and the part reserved per block (bytes).
+    multiprocessors: usize,
+    shared_per_sm: (usize, usize),
 }
 
 impl std::fmt::Debug for CudaDevice {
@@ -230,6 +234,28 @@ impl CudaDevice {
         let stream = ctx
             .new_stream()
             .map_err(Error::cuda("creating the CUDA stream"))?;
+        let attribute = |a, what| {
+            ctx.attribute(a)
+                .map(|v| v.max(0) as usize)
+                .map_err(Error::cuda(what))
+        };
+        use cudarc::driver::sys::CUdevice_attribute as A;
+        let multiprocessors = attribute(
+            A::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+            "reading the multiprocessor count",
+        )?
+        .max(1);
+        let smem = "reading the shared memory per multiprocessor";
+        let shared_per_sm = (
+            attribute(
+                A::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_MULTIPROCESSOR,
+                smem,
+            )?,
+            attribute(
+                A::CU_DEVICE_ATTRIBUTE_RESERVED_SHARED_MEMORY_PER_BLOCK,
+                smem,
+            )?,
+        );
         let dev = Arc::new(CudaDevice {
             ordinal,
             ctx,
@@ -238,6 +264,8 @@ impl CudaDevice {
             functions: Mutex::new(HashMap::new()),
             shared_allowed: Mutex::new(HashMap::new()),
             sync_each_launch: std::env::var("QLORA_SYNC").is_ok_and(|v| v == "1"),
+            multiprocessors,
+            shared_per_sm,
         });
         devices.insert(ordinal, dev.clone());
         Ok(dev)
@@ -265,30 +293,15 @@ impl CudaDevice {
             .map_err(Error::cuda("reading the compute capability"))
     }
 
-    /// Streaming multiprocessors.
-    pub fn multiprocessor_count(&self) -> Result<usize> {
-        self.ctx
-            .attribute(
-                cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
-            )
-            .map(|n| n.max(1) as usize)
-            .map_err(Error::cuda("reading the multiprocessor count"))
+    /// Streaming multiprocessors (read when the device was created).
+    pub fn multiprocessor_count(&self) -> usize {
+        self.multiprocessors
     }
 
     /// Shared memory per streaming multiprocessor and the part of it the system reserves per
-    /// resident block, bytes: `(per SM, reserved per block)`.
-    pub fn shared_memory_per_multiprocessor(&self) -> Result<(usize, usize)> {
-        use cudarc::driver::sys::CUdevice_attribute as A;
-        let what = "reading the shared memory per multiprocessor";
-        let per_sm = self
-            .ctx
-            .attribute(A::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_MULTIPROCESSOR)
-            .map_err(Error::cuda(what))?;
-        let reserved = self
-            .ctx
-            .attribute(A::CU_DEVICE_ATTRIBUTE_RESERVED_SHARED_MEMORY_PER_BLOCK)
-            .map_err(Error::cuda(what))?;
-        Ok((per_sm.max(0) as usize, reserved.max(0) as usize))
+    /// resident block, bytes: `(per SM, reserved per block)` (read when the device was created).
+    pub fn shared_memory_per_multiprocessor(&self) -> (usize, usize) {
+        self.shared_per_sm
     }
 
     /// Device memory in use (total − free, as the driver reports it), bytes.

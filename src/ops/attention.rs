@@ -598,6 +598,15 @@ macro_rules! flash_names {
 /// launcher opts in).
 const STATIC_SMEM: usize = 48 * 1024;
 
+/// The dynamic shared memory a launch passes for tiles of `bytes`: 0 where they are static.
+fn dynamic_smem(bytes: usize) -> usize {
+    if bytes > STATIC_SMEM {
+        bytes
+    } else {
+        0
+    }
+}
+
 /// The kernels of a head dim in [`CUDA_HEAD_DIMS`]. Shared memory: the forward holds Q of
 /// `fwd_rows` rows and K and V tiles of 64 × D bf16, dQ two 64-row tiles (three at 256: Q, dO
 /// and one for V then K), dK/dV K and V of `dkdv_rows` keys plus Q and dO of 64 queries (twice
@@ -617,11 +626,7 @@ fn tiling(head_dim: usize) -> Tiling {
         names,
         fwd_rows,
         fwd_r16: (head_dim == 128).then_some(["flash_fwd_r16_d128", "flash_fwd_opt_r16_d128"]),
-        fwd_smem: if fwd_bytes > STATIC_SMEM {
-            fwd_bytes
-        } else {
-            0
-        },
+        fwd_smem: dynamic_smem(fwd_bytes),
         dkdv_rows,
         dkdv_threads,
         dq_threads,
@@ -766,18 +771,18 @@ pub fn forward_cuda(
 /// where an SM holds two such blocks' shared memory (H100, A100: 228 and 164 KiB), else the
 /// 64-row kernels where they exist (D = 128 on sm_86/89/120, whose 100 KiB hold one 64 KiB block
 /// but two of 48 KiB).
-fn fwd_query_rows(cuda: &CudaDevice, head_dim: usize) -> Result<usize> {
+fn fwd_query_rows(cuda: &CudaDevice, head_dim: usize) -> usize {
     let tl = tiling(head_dim);
     if tl.fwd_r16.is_none() {
-        return Ok(tl.fwd_rows);
+        return tl.fwd_rows;
     }
     let wide = (tl.fwd_rows + 2 * TILE) * head_dim * 2;
-    let (per_sm, reserved) = cuda.shared_memory_per_multiprocessor()?;
-    Ok(if 2 * (wide + reserved) <= per_sm {
+    let (per_sm, reserved) = cuda.shared_memory_per_multiprocessor();
+    if 2 * (wide + reserved) <= per_sm {
         tl.fwd_rows
     } else {
         TILE
-    })
+    }
 }
 
 /// [`forward_cuda`] with the query rows per block given: `Some(64)` picks the 16-rows-a-warp
@@ -817,16 +822,13 @@ pub fn forward_cuda_rows(
     let tl = tiling(d.head_dim);
     let rows = match rows {
         Some(r) => r,
-        None => fwd_query_rows(&cuda, d.head_dim)?,
+        None => fwd_query_rows(&cuda, d.head_dim),
     };
     let (name, smem) = match tl.fwd_r16 {
-        Some(r16) if rows == TILE => {
-            let bytes = 3 * TILE * d.head_dim * 2;
-            (
-                r16[p.options_index()],
-                if bytes > STATIC_SMEM { bytes } else { 0 },
-            )
-        }
+        Some(r16) if rows == TILE => (
+            r16[p.options_index()],
+            dynamic_smem(3 * TILE * d.head_dim * 2),
+        ),
         _ if rows == tl.fwd_rows => (p.kernel("fwd", d.head_dim), tl.fwd_smem),
         _ => {
             return Err(Error::InvalidArgument(format!(
@@ -844,9 +846,10 @@ pub fn forward_cuda_rows(
     b.arg(&p);
     // SAFETY: flash_fwd[_opt]_d*(AttnParams): q/k/v/o/lse checked above ([T, H|Hkv, D] bf16,
     // lse [T, H] f32), cu_seqlens validated (0 .. T, increasing) and on the device; the grid
-    // covers the longest sequence in blocks of `fwd_rows` queries (the kernel's BM, as chosen with it); 128 threads as the kernel assumes; `smem` bytes of dynamic
-    // shared memory where the kernel's tiles are dynamic (opted in above); all buffers outlive
-    // the launch; scale and soft cap finite (checked), window ≥ 0.
+    // covers the longest sequence in blocks of `rows` queries (the chosen kernel's BM); 128
+    // threads as the kernel assumes; `smem` bytes of dynamic shared memory where the kernel's
+    // tiles are dynamic (opted in above); all buffers outlive the launch; scale and soft cap
+    // finite (checked), window ≥ 0.
     unsafe {
         cuda.launch(
             name,

@@ -146,11 +146,11 @@ fn launch_cfg(m: usize, n: usize, splits: usize, smem: usize) -> LaunchConfig {
 }
 
 /// Split-K factor: enough blocks to fill the GPU twice when the output has few tiles.
-fn split_k(dev: &CudaDevice, m: usize, n: usize, k: usize) -> Result<usize> {
+fn split_k(dev: &CudaDevice, m: usize, n: usize, k: usize) -> usize {
     let tiles = m.div_ceil(TILE) * n.div_ceil(TILE);
     let k_tiles = k.div_ceil(BK);
-    let want = (2 * dev.multiprocessor_count()?).div_ceil(tiles);
-    Ok(want.clamp(1, (k_tiles / 4).clamp(1, 32)))
+    let want = (2 * dev.multiprocessor_count()).div_ceil(tiles);
+    want.clamp(1, (k_tiles / 4).clamp(1, 32))
 }
 
 /// `C = alpha·op(A)·op(B) + beta·C` (A, B bf16; C bf16 or f32, of shape `[M, N]`). K is split
@@ -315,7 +315,7 @@ unsafe fn gemm_ptrs_split(
     let splits = match splits {
         _ if k == 0 => 1,
         Some(s) => s,
-        None => split_k(&cuda, m, n, k)?,
+        None => split_k(&cuda, m, n, k),
     };
     let k_tiles = k.div_ceil(BK).max(1);
     let per_split = k_tiles.div_ceil(splits);
