@@ -65,7 +65,7 @@
 //   dkdv       173/171/171    238/231/231    204/217/217    210/217/217
 //   dkdv_opt   172/172/172    254/246/254    239/233/242    233/233/252
 //   dq         166/165/165    218/220/220    247/245/245    230/226/226
-//   dq_opt     167/168/168    242/244/251    250/255/250    222/224/222
+//   dq_opt     167/168/168    242/244/251    250/255/252    222/224/222
 // The forward's 32 rows a warp take all 255 registers ptxas may give a 128-thread block: two
 // blocks (8 warps) per SM, as FlashAttention-2's forward at 128 × 64 tiles; each warp has twice
 // the independent MMAs to hide latency with. On sm_86/89/120 (100 KiB per SM) the launcher takes
@@ -195,45 +195,46 @@ __device__ __forceinline__ bf16* att_tiles() {
   }
 }
 
-// acc[16 × 64] += A(16 × D) · B where B(k=d, n=key) = tile[key][d] (keys are tile rows):
-// S = Q·Kᵀ style. acc[nt][4] for 8 n8 tiles.
-template <int D>
-__device__ __forceinline__ void att_mma_rows(float (*acc)[4], const uint32_t (*a)[4], const bf16* s) {
-  const int lane = threadIdx.x & 31, j = lane >> 3, r = lane & 7;
-#pragma unroll
-  for (int kk = 0; kk < D / 16; ++kk)
-#pragma unroll
-    for (int np = 0; np < 4; ++np) {
-      uint32_t t[4];
-      ldmatrix_x4(t, s + att_off<D>(np * 16 + (j >> 1) * 8 + r, kk * 2 + (j & 1)));
-      mma_m16n8k16_bf16(acc[2 * np], a[kk], t[0], t[1]);
-      mma_m16n8k16_bf16(acc[2 * np + 1], a[kk], t[2], t[3]);
-    }
-}
-
-// att_mma_rows with the A operand read from rows [row0, row0 + 16) of tile sa one k16 step at a
-// time (D = 256: no A fragments held across the loop).
-template <int D>
-__device__ __forceinline__ void att_mma_rows_s(float (*acc)[4], const bf16* sa, int row0, const bf16* s) {
+// acc[mi] (16 × 64 each) += A rows [row0 + 16·mi, +16) (16 × D) · B where B(k=d, n=key) =
+// tile[key][d] (keys are the rows of tile s): S = Q·Kᵀ style, for the MI m16 row tiles of a warp
+// (acc[mi][nt][4] for 8 n8 tiles). Each B fragment (one ldmatrix.x4: 2 n8 tiles × k16) feeds 2·MI
+// MMAs. A from registers (a[mi][kk], built by att_frag_a) when AREG, else from tile sa one k16
+// step at a time (D = 256, or Q at 32 rows a warp: no A fragments held across the loop).
+template <int D, int MI, bool AREG>
+__device__ __forceinline__ void att_mma_rows(float (*acc)[8][4], const uint32_t (*a)[AREG ? D / 16 : 1][4],
+                                             const bf16* sa, int row0, const bf16* s) {
   const int lane = threadIdx.x & 31, j = lane >> 3, r = lane & 7;
 #pragma unroll
   for (int kk = 0; kk < D / 16; ++kk) {
-    uint32_t a[4];
-    ldmatrix_x4(a, sa + att_off<D>(row0 + (j & 1) * 8 + r, kk * 2 + (j >> 1)));
+    uint32_t ak[MI][4];
+#pragma unroll
+    for (int mi = 0; mi < MI; ++mi) {
+      if constexpr (AREG) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) ak[mi][e] = a[mi][kk][e];
+      } else {
+        ldmatrix_x4(ak[mi], sa + att_off<D>(row0 + mi * 16 + (j & 1) * 8 + r, kk * 2 + (j >> 1)));
+      }
+    }
 #pragma unroll
     for (int np = 0; np < 4; ++np) {
       uint32_t t[4];
       ldmatrix_x4(t, s + att_off<D>(np * 16 + (j >> 1) * 8 + r, kk * 2 + (j & 1)));
-      mma_m16n8k16_bf16(acc[2 * np], a, t[0], t[1]);
-      mma_m16n8k16_bf16(acc[2 * np + 1], a, t[2], t[3]);
+#pragma unroll
+      for (int mi = 0; mi < MI; ++mi) {
+        mma_m16n8k16_bf16(acc[mi][2 * np], ak[mi], t[0], t[1]);
+        mma_m16n8k16_bf16(acc[mi][2 * np + 1], ak[mi], t[2], t[3]);
+      }
     }
   }
 }
 
-// acc[16 × DC] += P(16 × 64, as A fragments from probabilities) · tile(64 × D)[:, col0 .. col0+DC)
-// (O += P·V style); DC = D unless a kernel splits the columns between warps.
-template <int D, int DC = D>
-__device__ __forceinline__ void att_mma_cols(float (*acc)[4], const uint32_t (*p)[4], const bf16* s, int col0 = 0) {
+// acc[mi] (16 × DC each) += P[mi] (16 × 64, A fragments from probabilities) · tile(64 × D)[:,
+// col0 .. col0+DC) (O += P·V style); DC = D unless a kernel splits the columns between warps.
+// Each tile fragment feeds 2·MI MMAs.
+template <int D, int DC, int MI>
+__device__ __forceinline__ void att_mma_cols(float (*acc)[DC / 8][4], const uint32_t (*p)[4][4], const bf16* s,
+                                             int col0 = 0) {
   const int lane = threadIdx.x & 31, j = lane >> 3, r = lane & 7;
 #pragma unroll
   for (int kk = 0; kk < 4; ++kk)  // 64 keys = 4 k16 steps
@@ -241,8 +242,11 @@ __device__ __forceinline__ void att_mma_cols(float (*acc)[4], const uint32_t (*p
     for (int np = 0; np < DC / 16; ++np) {
       uint32_t t[4];
       ldmatrix_x4_trans(t, s + att_off<D>(kk * 16 + (j & 1) * 8 + r, (col0 >> 3) + np * 2 + (j >> 1)));
-      mma_m16n8k16_bf16(acc[2 * np], p[kk], t[0], t[1]);
-      mma_m16n8k16_bf16(acc[2 * np + 1], p[kk], t[2], t[3]);
+#pragma unroll
+      for (int mi = 0; mi < MI; ++mi) {
+        mma_m16n8k16_bf16(acc[mi][2 * np], p[mi][kk], t[0], t[1]);
+        mma_m16n8k16_bf16(acc[mi][2 * np + 1], p[mi][kk], t[2], t[3]);
+      }
     }
 }
 
@@ -283,57 +287,6 @@ struct AttFwdRows {
   // MI × D/2 fp32 of O.
   static constexpr bool AREG = MI * D <= 128;
 };
-
-// acc[mi] (16 × 64 each) += Q rows [row0 + 16·mi, +16) · Kᵀ for the MI row tiles of a warp; each
-// K fragment (one ldmatrix.x4: 2 n8 tiles × k16) feeds 2·MI MMAs. Q from registers (qa[mi][kk])
-// when AREG, else from tile sq one k16 step at a time.
-template <int D, int MI, bool AREG>
-__device__ __forceinline__ void att_fwd_scores(float (*acc)[8][4], const uint32_t (*qa)[AREG ? D / 16 : 1][4],
-                                               const bf16* sq, int row0, const bf16* sk) {
-  const int lane = threadIdx.x & 31, j = lane >> 3, r = lane & 7;
-#pragma unroll
-  for (int kk = 0; kk < D / 16; ++kk) {
-    uint32_t a[MI][4];
-#pragma unroll
-    for (int mi = 0; mi < MI; ++mi) {
-      if constexpr (AREG) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) a[mi][e] = qa[mi][kk][e];
-      } else {
-        ldmatrix_x4(a[mi], sq + att_off<D>(row0 + mi * 16 + (j & 1) * 8 + r, kk * 2 + (j >> 1)));
-      }
-    }
-#pragma unroll
-    for (int np = 0; np < 4; ++np) {
-      uint32_t t[4];
-      ldmatrix_x4(t, sk + att_off<D>(np * 16 + (j >> 1) * 8 + r, kk * 2 + (j & 1)));
-#pragma unroll
-      for (int mi = 0; mi < MI; ++mi) {
-        mma_m16n8k16_bf16(acc[mi][2 * np], a[mi], t[0], t[1]);
-        mma_m16n8k16_bf16(acc[mi][2 * np + 1], a[mi], t[2], t[3]);
-      }
-    }
-  }
-}
-
-// o[mi] (16 × D each) += P[mi] (16 × 64, A fragments) · V (64 × D); each V fragment feeds 2·MI
-// MMAs.
-template <int D, int MI>
-__device__ __forceinline__ void att_fwd_pv(float (*o)[D / 8][4], const uint32_t (*pa)[4][4], const bf16* sv) {
-  const int lane = threadIdx.x & 31, j = lane >> 3, r = lane & 7;
-#pragma unroll
-  for (int kk = 0; kk < 4; ++kk)  // 64 keys = 4 k16 steps
-#pragma unroll
-    for (int np = 0; np < D / 16; ++np) {
-      uint32_t t[4];
-      ldmatrix_x4_trans(t, sv + att_off<D>(kk * 16 + (j & 1) * 8 + r, np * 2 + (j >> 1)));
-#pragma unroll
-      for (int mi = 0; mi < MI; ++mi) {
-        mma_m16n8k16_bf16(o[mi][2 * np], pa[mi][kk], t[0], t[1]);
-        mma_m16n8k16_bf16(o[mi][2 * np + 1], pa[mi][kk], t[2], t[3]);
-      }
-    }
-}
 
 template <int D, bool OPT, int MI = (D <= 128 ? 2 : 1)>
 __device__ void flash_fwd(const AttnParams& p) {
@@ -401,7 +354,7 @@ __device__ void flash_fwd(const AttnParams& p) {
     for (int mi = 0; mi < MI; ++mi)
 #pragma unroll
       for (int i = 0; i < 8; ++i) s[mi][i][0] = s[mi][i][1] = s[mi][i][2] = s[mi][i][3] = 0.0f;
-    att_fwd_scores<D, MI, AREG>(s, qa, sq, row0, sk);
+    att_mma_rows<D, MI, AREG>(s, qa, sq, row0, sk);
     float tmax[2 * MI];
 #pragma unroll
     for (int i = 0; i < 2 * MI; ++i) tmax[i] = -INFINITY;
@@ -467,7 +420,7 @@ __device__ void flash_fwd(const AttnParams& p) {
     __syncthreads();     // V visible to every warp, and every warp is done with this K
     if (more) att_load<D>(sk, p.k, start + k0 + ATT_BN, end, p.kv_heads, g);
     cp_async_commit();  // (an empty group on the last tile keeps the wait counts uniform)
-    att_fwd_pv<D, MI>(o, pa, sv);
+    att_mma_cols<D, D, MI>(o, pa, sv);
     __syncthreads();  // every warp is done with this V
     if (more) att_load<D>(sv, p.v, start + k0 + ATT_BN, end, p.kv_heads, g);
     cp_async_commit();
@@ -631,12 +584,8 @@ __device__ void flash_dkdv(const AttnParams& p) {
       float st[8][4];
 #pragma unroll
       for (int i = 0; i < 8; ++i) st[i][0] = st[i][1] = st[i][2] = st[i][3] = 0.0f;
-      if constexpr (AREG) {
-        att_frag_a<D>(frag, sk, warp * 16);
-        att_mma_rows<D>(st, frag, sq);
-      } else {
-        att_mma_rows_s<D>(st, sk, warp * 16, sq);
-      }
+      if constexpr (AREG) att_frag_a<D>(frag, sk, warp * 16);
+      att_mma_rows<D, 1, AREG>(&st, &frag, sk, warp * 16, sq);
       // Without a soft cap st becomes Pᵀ = exp2(score₂ − lse₂); with one, t = tanh (−∞ where
       // masked), from which P = exp2(c·log2 e·t − lse₂) (twice) and 1 − t² are recomputed, so
       // that no second 16 × 64 block stays live. Masked: −∞ in either case (exp2 gives 0); of the
@@ -668,17 +617,13 @@ __device__ void flash_dkdv(const AttnParams& p) {
         } else {
           att_c_to_a(pa, st);
         }
-        att_mma_cols<D, DC>(dv, pa, sdo, col0);  // dV += Pᵀ·dO
+        att_mma_cols<D, DC, 1>(&dv, &pa, sdo, col0);  // dV += Pᵀ·dO
       }
       float dpt[8][4];
 #pragma unroll
       for (int i = 0; i < 8; ++i) dpt[i][0] = dpt[i][1] = dpt[i][2] = dpt[i][3] = 0.0f;
-      if constexpr (AREG) {
-        att_frag_a<D>(frag, sv, warp * 16);
-        att_mma_rows<D>(dpt, frag, sdo);
-      } else {
-        att_mma_rows_s<D>(dpt, sv, warp * 16, sdo);
-      }
+      if constexpr (AREG) att_frag_a<D>(frag, sv, warp * 16);
+      att_mma_rows<D, 1, AREG>(&dpt, &frag, sv, warp * 16, sdo);
 #pragma unroll
       for (int nt = 0; nt < 8; ++nt)
 #pragma unroll
@@ -695,7 +640,7 @@ __device__ void flash_dkdv(const AttnParams& p) {
         }
       uint32_t dsa[4][4];
       att_c_to_a(dsa, dpt);
-      att_mma_cols<D, DC>(dk, dsa, sq, col0);  // dK += dSᵀ·Q (scaled below)
+      att_mma_cols<D, DC, 1>(&dk, &dsa, sq, col0);  // dK += dSᵀ·Q (scaled below)
       if constexpr (NBUF == 2) {
         if (more && threadIdx.x < 64) {
           slse[b ^ 1][threadIdx.x] = next_lse;
@@ -804,12 +749,12 @@ __device__ void flash_dq(const AttnParams& p) {
     if constexpr (AREG) {
       cp_async_wait<1>();  // this V (this K may still be in flight)
       __syncthreads();
-      att_mma_rows<D>(dp, doa, sv);
+      att_mma_rows<D, 1, AREG>(&dp, &doa, sdo, warp * 16, sv);
       cp_async_wait<0>();  // this K (nothing else is in flight)
       __syncthreads();     // this K has landed, and every warp is done with this V
       if (more) att_load<D>(sv, p.v, start + k0 + ATT_BN, end, p.kv_heads, g);
       cp_async_commit();  // (an empty group on the last tile keeps the wait counts uniform)
-      att_mma_rows<D>(s, qa, sk);
+      att_mma_rows<D, 1, AREG>(&s, &qa, sq, warp * 16, sk);
     } else {
       // One tile for V, then K (kept for dQ += dS·K below); no room to fetch ahead.
       __syncthreads();  // every warp is done with the last K
@@ -817,13 +762,13 @@ __device__ void flash_dq(const AttnParams& p) {
       cp_async_commit();
       cp_async_wait<0>();
       __syncthreads();
-      att_mma_rows_s<D>(dp, sdo, warp * 16, sv);
+      att_mma_rows<D, 1, AREG>(&dp, &doa, sdo, warp * 16, sv);
       __syncthreads();  // V is no longer read
       att_load<D>(sk, p.k, start + k0, end, p.kv_heads, g);
       cp_async_commit();
       cp_async_wait<0>();
       __syncthreads();
-      att_mma_rows_s<D>(s, sq, warp * 16, sk);
+      att_mma_rows<D, 1, AREG>(&s, &qa, sq, warp * 16, sk);
     }
     // dS = P ⊙ (dP − D) with P = exp2(score₂ − lse₂) (0 where masked); dR = dS ⊙ (1 − t²)
     // through a soft cap, dS without one. The cap is uniform over the block: one loop per case,
@@ -856,7 +801,7 @@ __device__ void flash_dq(const AttnParams& p) {
     }
     uint32_t dsa[4][4];
     att_c_to_a(dsa, s);
-    att_mma_cols<D, DC>(dq, dsa, sk, col0);  // dQ += dS·K
+    att_mma_cols<D, DC, 1>(&dq, &dsa, sk, col0);  // dQ += dS·K
     if constexpr (AREG) {
       __syncthreads();  // every warp has done its dQ += dS·K with this K
       if (more) att_load<D>(sk, p.k, start + k0 + ATT_BN, end, p.kv_heads, g);
