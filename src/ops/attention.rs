@@ -598,6 +598,11 @@ macro_rules! flash_names {
 /// launcher opts in).
 const STATIC_SMEM: usize = 48 * 1024;
 
+/// The forward's tiles in bytes: Q of `rows` rows, K and V of 64, all × D bf16.
+fn fwd_tiles_bytes(rows: usize, head_dim: usize) -> usize {
+    (rows + 2 * TILE) * head_dim * 2
+}
+
 /// The dynamic shared memory a launch passes for tiles of `bytes`: 0 where they are static.
 fn dynamic_smem(bytes: usize) -> usize {
     if bytes > STATIC_SMEM {
@@ -621,12 +626,11 @@ fn tiling(head_dim: usize) -> Tiling {
         256 => (flash_names!(256), 64, 32, 256, 256, 3 * tile),
         _ => unreachable!("head_dim {head_dim} checked against CUDA_HEAD_DIMS"),
     };
-    let fwd_bytes = (fwd_rows + 2 * TILE) * head_dim * 2;
     Tiling {
         names,
         fwd_rows,
         fwd_r16: (head_dim == 128).then_some(["flash_fwd_r16_d128", "flash_fwd_opt_r16_d128"]),
-        fwd_smem: dynamic_smem(fwd_bytes),
+        fwd_smem: dynamic_smem(fwd_tiles_bytes(fwd_rows, head_dim)),
         dkdv_rows,
         dkdv_threads,
         dq_threads,
@@ -645,7 +649,7 @@ impl Tiling {
 
     /// The most shared memory any of this head dim's kernels takes per block, in bytes.
     fn max_smem(&self, head_dim: usize) -> usize {
-        let fwd = (self.fwd_rows + 2 * TILE) * head_dim * 2;
+        let fwd = fwd_tiles_bytes(self.fwd_rows, head_dim);
         self.dkdv_smem(head_dim).max(fwd).max(self.dq_smem)
     }
 }
@@ -776,7 +780,7 @@ fn fwd_query_rows(cuda: &CudaDevice, head_dim: usize) -> usize {
     if tl.fwd_r16.is_none() {
         return tl.fwd_rows;
     }
-    let wide = (tl.fwd_rows + 2 * TILE) * head_dim * 2;
+    let wide = fwd_tiles_bytes(tl.fwd_rows, head_dim);
     let (per_sm, reserved) = cuda.shared_memory_per_multiprocessor();
     if 2 * (wide + reserved) <= per_sm {
         tl.fwd_rows
@@ -827,7 +831,7 @@ pub fn forward_cuda_rows(
     let (name, smem) = match tl.fwd_r16 {
         Some(r16) if rows == TILE => (
             r16[p.options_index()],
-            dynamic_smem(3 * TILE * d.head_dim * 2),
+            dynamic_smem(fwd_tiles_bytes(TILE, d.head_dim)),
         ),
         _ if rows == tl.fwd_rows => (p.kernel("fwd", d.head_dim), tl.fwd_smem),
         _ => {
