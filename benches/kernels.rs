@@ -524,6 +524,105 @@ fn gemm(c: &mut Criterion) {
     g.finish();
 }
 
+/// The projections of one input as one launch against one launch per weight, at Llama-3-8B's
+/// q/k/v (4096 + 1024 + 1024 outputs of 4096, GQA) and gate/up (2 × 14336 of 4096): the forward
+/// (`lora_forward_group` against `nf4_forward_cuda` per weight) and the input gradient
+/// (`lora_backward_group` against `nf4_dx` plus β = 1 accumulations), without adapters, so the
+/// NF4 GEMMs alone are compared. Throughput in FLOPs.
+fn nf4_group(c: &mut Criterion) {
+    let Some((device, dev)) = cuda("nf4_group") else {
+        return;
+    };
+    let mut g = c.benchmark_group("nf4_group");
+    let k = 4096usize;
+    for (name, outs) in [
+        ("qkv", &[4096usize, 1024, 1024][..]),
+        ("gate_up", &[14336, 14336][..]),
+    ] {
+        let qs: Vec<Nf4Tensor> = outs
+            .iter()
+            .enumerate()
+            .map(|(j, &n)| {
+                let w = bf16_tensor(&device, &[n, k], 30 + j as u64);
+                Nf4Tensor::quantize(&w, Nf4Config::default()).unwrap()
+            })
+            .collect();
+        for m in [512usize, 2048, 8192] {
+            let x = bf16_tensor(&device, &[m, k], 40);
+            let dys: Vec<Tensor> = outs
+                .iter()
+                .enumerate()
+                .map(|(j, &n)| bf16_tensor(&device, &[m, n], 50 + j as u64))
+                .collect();
+            let shape = format!(
+                "{m}x{}x{k}",
+                outs.iter()
+                    .map(|n| n.to_string())
+                    .collect::<Vec<_>>()
+                    .join("+")
+            );
+            let flops: usize = outs.iter().map(|&n| 2 * m * n * k).sum();
+            g.throughput(Throughput::Elements(flops as u64));
+            let layers: Vec<_> = qs.iter().map(|q| (q, None)).collect();
+            g.bench_function(
+                BenchmarkId::new(format!("{name}_fwd_grouped"), &shape),
+                |b| {
+                    b.iter_custom(|iters| {
+                        timed(&dev, iters, || {
+                            // SAFETY: no adapter views.
+                            drop(unsafe { gemm::lora_forward_group(&x, &layers) }.unwrap())
+                        })
+                    })
+                },
+            );
+            g.bench_function(
+                BenchmarkId::new(format!("{name}_fwd_separate"), &shape),
+                |b| {
+                    b.iter_custom(|iters| {
+                        timed(&dev, iters, || {
+                            for q in &qs {
+                                drop(gemm::nf4_forward_cuda(&x, q, None).unwrap())
+                            }
+                        })
+                    })
+                },
+            );
+            let grads: Vec<gemm::GroupGrad> = qs
+                .iter()
+                .zip(&dys)
+                .map(|(w, dy)| gemm::GroupGrad { w, lora: None, dy })
+                .collect();
+            g.bench_function(
+                BenchmarkId::new(format!("{name}_dx_grouped"), &shape),
+                |b| {
+                    b.iter_custom(|iters| {
+                        timed(&dev, iters, || {
+                            let input = gemm::LayerInput::Kept(&x);
+                            // SAFETY: no adapter views.
+                            drop(unsafe { gemm::lora_backward_group(input, &grads) }.unwrap())
+                        })
+                    })
+                },
+            );
+            g.bench_function(
+                BenchmarkId::new(format!("{name}_dx_separate"), &shape),
+                |b| {
+                    b.iter_custom(|iters| {
+                        timed(&dev, iters, || {
+                            let mut dx = gemm::nf4_dx_cuda(&dys[0], &qs[0]).unwrap();
+                            for (dy, q) in dys.iter().zip(&qs).skip(1) {
+                                dx = gemm::nf4_dx_acc(dy, q, dx).unwrap();
+                            }
+                            drop(dx)
+                        })
+                    })
+                },
+            );
+        }
+    }
+    g.finish();
+}
+
 /// cuBLAS bf16 GEMM (fp32 accumulate) at the same shapes as `gemm/nt_bf16`: the ceiling our
 /// `mma.sync` kernels are measured against, in the same process on the same card. Row-major
 /// Y[m,n] = X[m,k]·W[n,k]ᵀ is column-major Yᵀ = op(W)·X with op = transpose, so cuBLAS gets
@@ -674,5 +773,5 @@ fn attention(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, copy, nf4, step_kernels, gemm, attention);
+criterion_group!(benches, copy, nf4, step_kernels, gemm, nf4_group, attention);
 criterion_main!(benches);

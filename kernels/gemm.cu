@@ -163,12 +163,11 @@ __device__ __forceinline__ void store_pair(bf16* c, long long i, float v0, float
 __device__ __forceinline__ float load_out(const float* c, long long i) { return c[i]; }
 __device__ __forceinline__ float load_out(const bf16* c, long long i) { return __bfloat162float(c[i]); }
 
-// The epilogue: C = alpha·acc + beta·C, or the split's fp32 partial.
+// The epilogue: C = alpha·acc + beta·C, or (when K is split) split z's fp32 partial.
 template <typename OutT>
-__device__ __forceinline__ void epilogue(const GemmParams& p, float (*acc)[4][4], int m0, int n0) {
+__device__ __forceinline__ void epilogue(const GemmParams& p, float (*acc)[4][4], int m0, int n0, int z, bool split) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int wm = warp >> 2, wn = warp & 3;
-  const bool split = gridDim.z > 1;
 #pragma unroll
   for (int mi = 0; mi < 4; ++mi)
 #pragma unroll
@@ -182,7 +181,7 @@ __device__ __forceinline__ void epilogue(const GemmParams& p, float (*acc)[4][4]
         const bool both = col + 1 < p.n;
         const float v0 = acc[mi][ni][h * 2], v1 = acc[mi][ni][h * 2 + 1];
         if (split) {
-          store_pair(p.partial + ((long long)blockIdx.z * p.m + row) * p.n, col, v0, v1, both);
+          store_pair(p.partial + ((long long)z * p.m + row) * p.n, col, v0, v1, both);
         } else {
           OutT* c = (OutT*)p.c;
           const long long at = (long long)row * p.ldc + col;
@@ -196,14 +195,12 @@ __device__ __forceinline__ void epilogue(const GemmParams& p, float (*acc)[4][4]
       }
 }
 
-// The output tile (first row m0, first column n0) of this block. The grid is (N tiles, M tiles)
-// and blocks start in the order of their linear index x + y·X; that index is mapped to tiles in
-// groups of GROUP_M tile rows (the last group may be smaller), column by column inside a group:
-// index i → group i / (GROUP_M·X), then within it row i % rows, column i / rows. A bijection on
-// the X × Y tiles, so every tile is computed once.
-__device__ __forceinline__ void gemm_tile(int& m0, int& n0) {
-  const int tiles_n = gridDim.x, tiles_m = gridDim.y;
-  const int i = blockIdx.y * tiles_n + blockIdx.x;
+// Tile i of a tiles_n × tiles_m output, as (first row m0, first column n0). Blocks start in the
+// order of their linear index; that index is mapped to tiles in groups of GROUP_M tile rows (the
+// last group may be smaller), column by column inside a group: index i → group i / (GROUP_M·X),
+// then within it row i % rows, column i / rows. A bijection on the X × Y tiles, so every tile is
+// computed once.
+__device__ __forceinline__ void tile_at(int i, int tiles_n, int tiles_m, int& m0, int& n0) {
   const int per_group = GROUP_M * tiles_n;
   const int first = i / per_group * GROUP_M;
   const int rows = min(GROUP_M, tiles_m - first);
@@ -211,18 +208,21 @@ __device__ __forceinline__ void gemm_tile(int& m0, int& n0) {
   m0 = (first + in % rows) * BM;
   n0 = in / rows * BN;
 }
+// This block's tile of a grid of (N tiles, M tiles), by its linear index x + y·X.
+__device__ __forceinline__ void gemm_tile(int& m0, int& n0) {
+  tile_at(blockIdx.y * gridDim.x + blockIdx.x, gridDim.x, gridDim.y, m0, n0);
+}
 
+// The output tile at (m0, n0), split z of `splits` along K.
 template <bool A_KC, bool B_KC, typename OutT>
-__device__ void gemm_body(const GemmParams& p) {
+__device__ void gemm_body(const GemmParams& p, int m0, int n0, int z, int splits) {
   bf16* sa = (bf16*)qlora_dynamic_smem();
   bf16* sb = sa + STAGES * TILE_ELEMS;
-  int m0, n0;
-  gemm_tile(m0, n0);
   const int tiles1 = (p.k + BK - 1) / BK;
-  const int t_begin = blockIdx.z * p.k_tiles_per_split;
+  const int t_begin = z * p.k_tiles_per_split;
   const int t_end1 = min(tiles1, t_begin + p.k_tiles_per_split);
   // Phase 2 (fused LoRA) runs in the last split only; launchers allow it without split-K.
-  const int tiles2 = (p.a2 != nullptr && blockIdx.z == gridDim.z - 1) ? (p.k2 + BK - 1) / BK : 0;
+  const int tiles2 = (p.a2 != nullptr && z == splits - 1) ? (p.k2 + BK - 1) / BK : 0;
   const int ntiles = max(0, t_end1 - t_begin) + tiles2;
 
   float acc[4][4][4];
@@ -269,11 +269,18 @@ __device__ void gemm_body(const GemmParams& p) {
     }
   }
   cp_async_wait<0>();
-  epilogue<OutT>(p, acc, m0, n0);
+  epilogue<OutT>(p, acc, m0, n0, z, splits > 1);
+}
+
+template <bool A_KC, bool B_KC, typename OutT>
+__device__ void gemm_entry(const GemmParams& p) {
+  int m0, n0;
+  gemm_tile(m0, n0);
+  gemm_body<A_KC, B_KC, OutT>(p, m0, n0, blockIdx.z, gridDim.z);
 }
 
 #define GEMM_ENTRY(NAME, AKC, BKC, OUT) \
-  extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) NAME(GemmParams p) { gemm_body<AKC, BKC, OUT>(p); }
+  extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) NAME(GemmParams p) { gemm_entry<AKC, BKC, OUT>(p); }
 
 GEMM_ENTRY(gemm_nt_bf16, true, true, bf16)
 GEMM_ENTRY(gemm_nt_f32, true, true, float)
@@ -303,6 +310,69 @@ extern "C" __global__ void gemm_splitk_reduce_f32(const float* partial, int spli
 extern "C" __global__ void gemm_splitk_reduce_bf16(const float* partial, int splits, bf16* c, int m, int n,
                                                    long long ldc, float alpha, float beta) {
   splitk_reduce<bf16>(partial, splits, c, m, n, ldc, alpha, beta);
+}
+
+// ---- grouped: several independent products in one launch (the adapters of q/k/v, gate/up) ----
+// Product j's output tiles are blocks [Σ_{i<j} tiles_i, Σ_{i≤j} tiles_i) of the grid's x, each
+// split along K as product j would be alone (splits_j, its partial in p[j].partial); gridDim.z is
+// the largest split count and a block past its product's count does nothing. Every block runs
+// gemm_body as the one-product kernel would for that tile and split: the same bits.
+#define PRODUCTS_MAX 3
+
+struct GemmGroup {
+  GemmParams p[PRODUCTS_MAX];
+  int tiles[PRODUCTS_MAX];   // tiles_m · tiles_n of each product
+  int splits[PRODUCTS_MAX];  // each product's K splits (1: no split, no partial)
+  int products;
+};
+
+template <bool A_KC, bool B_KC, typename OutT>
+__device__ void gemm_group_entry(const GemmGroup& g) {
+  int t = blockIdx.x, j = 0;
+  while (j + 1 < g.products && t >= g.tiles[j]) t -= g.tiles[j++];
+  const GemmParams& p = g.p[j];
+  if ((int)blockIdx.z >= g.splits[j]) return;  // the whole block: no barrier is left waiting
+  int m0, n0;
+  tile_at(t, (p.n + BN - 1) / BN, (p.m + BM - 1) / BM, m0, n0);
+  gemm_body<A_KC, B_KC, OutT>(p, m0, n0, blockIdx.z, g.splits[j]);
+}
+
+// Only the layouts the adapters use: x·Aᵀ (NT, bf16), s·dY·B (NN, bf16), dA and dB (TN, fp32).
+#define GEMM_GROUP_ENTRY(NAME, AKC, BKC, OUT)                                                          \
+  extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) NAME(const __grid_constant__ GemmGroup g) { \
+    gemm_group_entry<AKC, BKC, OUT>(g);                                                                 \
+  }
+GEMM_GROUP_ENTRY(gemm_group_nt_bf16, true, true, bf16)
+GEMM_GROUP_ENTRY(gemm_group_nn_bf16, true, false, bf16)
+GEMM_GROUP_ENTRY(gemm_group_tn_f32, false, false, float)
+
+// The split products' reductions, one thread per element of their outputs side by side (a product
+// that was not split has none).
+template <typename OutT>
+__device__ void splitk_reduce_group(const GemmGroup& g) {
+  long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+  for (int j = 0; j < g.products; ++j) {
+    const GemmParams& p = g.p[j];
+    const long long size = g.splits[j] > 1 ? (long long)p.m * p.n : 0;
+    if (i < size) {
+      const long long row = i / p.n, col = i % p.n;
+      float s = 0.0f;
+      for (int z = 0; z < g.splits[j]; ++z) s += p.partial[(long long)z * p.m * p.n + i];
+      OutT* c = (OutT*)p.c;
+      const long long at = row * p.ldc + col;
+      float out = p.alpha * s;
+      if (p.beta != 0.0f) out += p.beta * load_out(c, at);
+      store_out<OutT>(c, at, out);
+      return;
+    }
+    i -= size;
+  }
+}
+extern "C" __global__ void gemm_group_splitk_reduce_f32(const __grid_constant__ GemmGroup g) {
+  splitk_reduce_group<float>(g);
+}
+extern "C" __global__ void gemm_group_splitk_reduce_bf16(const __grid_constant__ GemmGroup g) {
+  splitk_reduce_group<bf16>(g);
 }
 
 // ---- NF4 weights as the B operand ----
@@ -412,17 +482,82 @@ __device__ __forceinline__ void store_b(bf16* sb, const BStage& st, bool nf4, co
   }
 }
 
-template <bool B_KC>
-__device__ void gemm_nf4_body(const GemmParams& p, const Nf4Params& w) {
+// ---- where an NF4 GEMM's K tiles come from ----
+// A block's K loop runs over phases: tiles of NF4 W against A (dY or X), then tiles of the
+// adapter's bf16 B2 against A2. Nf4Single is one weight (gemm_nf4_nt/nn_bf16); Nf4Sum is the
+// grouped dX, whose K is every group's W phase, then every group's adapter phase.
+#define GROUPS_MAX 3
+
+struct Nf4Group {
+  GemmParams p[GROUPS_MAX];
+  Nf4Params w[GROUPS_MAX];
+  int tiles_n[GROUPS_MAX];  // forward: N tiles of each group (the grid has their sum as columns)
+  int groups;
+};
+
+// K tile t's source: its group, whether it is an NF4 tile (else an adapter tile), and its k0.
+struct KTile {
+  int group;
+  bool nf4;
+  int k0;
+};
+
+__device__ __forceinline__ int k_tiles(int k) { return (k + BK - 1) / BK; }
+__device__ __forceinline__ int adapter_tiles(const GemmParams& p) { return p.a2 != nullptr ? k_tiles(p.k2) : 0; }
+
+struct Nf4Single {
+  const GemmParams& p;
+  const Nf4Params& w;
+  __device__ int groups() const { return 1; }
+  __device__ int tiles() const { return k_tiles(p.k) + adapter_tiles(p); }
+  __device__ KTile at(int t) const {
+    const int n1 = k_tiles(p.k);
+    return t < n1 ? KTile{0, true, t * BK} : KTile{0, false, (t - n1) * BK};
+  }
+  __device__ const GemmParams& params(int) const { return p; }
+  __device__ const Nf4Params& weight(int) const { return w; }
+};
+
+// dX = Σ_g dY_g·W_g + A2_g·B2_g over g < groups: group 0's output (c, ldc, m, n, alpha, beta).
+struct Nf4Sum {
+  const Nf4Group& g;
+  __device__ int groups() const { return g.groups; }
+  __device__ int tiles() const {
+    int n = 0;
+#pragma unroll
+    for (int i = 0; i < GROUPS_MAX; ++i)
+      if (i < g.groups) n += k_tiles(g.p[i].k) + adapter_tiles(g.p[i]);
+    return n;
+  }
+  __device__ KTile at(int t) const {
+#pragma unroll
+    for (int i = 0; i < GROUPS_MAX; ++i) {
+      const int n = i < g.groups ? k_tiles(g.p[i].k) : 0;
+      if (t < n) return KTile{i, true, t * BK};
+      t -= n;
+    }
+#pragma unroll
+    for (int i = 0; i < GROUPS_MAX; ++i) {
+      const int n = i < g.groups ? adapter_tiles(g.p[i]) : 0;
+      if (t < n) return KTile{i, false, t * BK};
+      t -= n;
+    }
+    return KTile{0, false, 0};  // t ≥ tiles(): never asked for
+  }
+  __device__ const GemmParams& params(int i) const { return g.p[i]; }
+  __device__ const Nf4Params& weight(int i) const { return g.w[i]; }
+};
+
+// The output tile at (m0, n0) of C = Σ over the phases' K tiles, with B from NF4 W (or the
+// adapter's bf16 B2), A/A2 bf16.
+template <bool B_KC, class Phases>
+__device__ void gemm_nf4_body(const Phases& ph, int m0, int n0) {
   bf16* sa = (bf16*)qlora_dynamic_smem();
   bf16* sb = sa + STAGES * TILE_ELEMS;  // two B buffers
-  __shared__ float code[16];
-  if (threadIdx.x < 16) code[threadIdx.x] = w.code[threadIdx.x];
-  int m0, n0;
-  gemm_tile(m0, n0);
-  const int n1 = (p.k + BK - 1) / BK;
-  const int n2 = p.a2 != nullptr ? (p.k2 + BK - 1) / BK : 0;
-  const int ntiles = n1 + n2;
+  __shared__ float code[GROUPS_MAX][16];  // each weight's codebook
+  if (threadIdx.x < 16 * ph.groups()) code[threadIdx.x >> 4][threadIdx.x & 15] = ph.weight(threadIdx.x >> 4).code[threadIdx.x & 15];
+  const int ntiles = ph.tiles();
+  const GemmParams& out = ph.params(0);
 
   float acc[4][4][4];
 #pragma unroll
@@ -433,12 +568,15 @@ __device__ void gemm_nf4_body(const GemmParams& p, const Nf4Params& w) {
       for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.0f;
 
   auto load_a = [&](int t, int stage) {
-    if (t < n1) load_tile<true>(sa + stage * TILE_ELEMS, p.a, p.lda, m0, p.m, t * BK, p.k);
-    else load_tile<true>(sa + stage * TILE_ELEMS, p.a2, p.lda2, m0, p.m, (t - n1) * BK, p.k2);
+    const KTile s = ph.at(t);
+    const GemmParams& p = ph.params(s.group);
+    if (s.nf4) load_tile<true>(sa + stage * TILE_ELEMS, p.a, p.lda, m0, p.m, s.k0, p.k);
+    else load_tile<true>(sa + stage * TILE_ELEMS, p.a2, p.lda2, m0, p.m, s.k0, p.k2);
   };
-  auto fetch_b = [&](int t, BStage& st) {
-    if (t < n1) fetch_nf4<B_KC>(w, n0, p.n, t * BK, p.k, st);
-    else fetch_bf16<B_KC>(p.b2, p.ldb2, n0, p.n, (t - n1) * BK, p.k2, st);
+  auto fetch_b = [&](const KTile& s, BStage& st) {
+    const GemmParams& p = ph.params(s.group);
+    if (s.nf4) fetch_nf4<B_KC>(ph.weight(s.group), n0, p.n, s.k0, p.k, st);
+    else fetch_bf16<B_KC>(p.b2, p.ldb2, n0, p.n, s.k0, p.k2, st);
   };
 
 #pragma unroll
@@ -447,10 +585,12 @@ __device__ void gemm_nf4_body(const GemmParams& p, const Nf4Params& w) {
     cp_async_commit();
   }
   BStage st;
-  __syncthreads();  // the codebook
+  __syncthreads();  // the codebooks
+  KTile src{0, false, 0};
   if (ntiles > 0) {
-    fetch_b(0, st);
-    store_b<B_KC>(sb, st, 0 < n1, code);
+    src = ph.at(0);
+    fetch_b(src, st);
+    store_b<B_KC>(sb, st, src.nf4, code[src.group]);
   }
   for (int t = 0; t < ntiles; ++t) {
     cp_async_wait<STAGES - 2>();
@@ -459,25 +599,59 @@ __device__ void gemm_nf4_body(const GemmParams& p, const Nf4Params& w) {
     if (next < ntiles) load_a(next, next % STAGES);
     cp_async_commit();
     const bool more = t + 1 < ntiles;
-    if (more) fetch_b(t + 1, st);
+    if (more) {
+      src = ph.at(t + 1);
+      fetch_b(src, st);
+    }
     const bf16* ta = sa + (t % STAGES) * TILE_ELEMS;
     const bf16* tb = sb + (t % 2) * TILE_ELEMS;
     compute_tile<true, B_KC>(ta, tb, acc, 0);
     compute_tile<true, B_KC>(ta, tb, acc, 1);
-    if (more) store_b<B_KC>(sb + ((t + 1) % 2) * TILE_ELEMS, st, t + 1 < n1, code);
+    if (more) store_b<B_KC>(sb + ((t + 1) % 2) * TILE_ELEMS, st, src.nf4, code[src.group]);
   }
   cp_async_wait<0>();
-  epilogue<bf16>(p, acc, m0, n0);
+  epilogue<bf16>(out, acc, m0, n0, 0, false);
 }
 
 // Y = X·Wᵀ (+ A2·B2ᵀ): X [M, K] bf16, W NF4 [N, K]; Y [M, N] bf16.
 extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) gemm_nf4_nt_bf16(GemmParams p, Nf4Params w) {
-  gemm_nf4_body<true>(p, w);
+  int m0, n0;
+  gemm_tile(m0, n0);
+  gemm_nf4_body<true>(Nf4Single{p, w}, m0, n0);
 }
 // dX = dY·W (+ A2·B2): dY [M, K=N_out] bf16, W NF4 [N_out, N_in]; dX [M, N_in] bf16; the
 // adapter's input gradient as a second phase of K: A2 = s·dY·B_lora [M, r], B2 = A_lora [r, N_in].
 extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) gemm_nf4_nn_bf16(GemmParams p, Nf4Params w) {
-  gemm_nf4_body<false>(p, w);
+  int m0, n0;
+  gemm_tile(m0, n0);
+  gemm_nf4_body<false>(Nf4Single{p, w}, m0, n0);
+}
+
+// ---- grouped: the weights of one input (q/k/v of an attention block, gate/up of an MLP) ----
+// Forward, Y_g = X·W_gᵀ (+ A2_g·B2_gᵀ) for g < groups: one launch over the groups' output tiles
+// side by side: the grid's columns are group 0's N tiles, then group 1's, ...; every block
+// computes one tile of one group exactly as gemm_nf4_nt_bf16 would (same tiles, same order of
+// sums, so the same bits). What it buys: one launch instead of several, and one wave schedule
+// over all their tiles, where a GQA layer's k and v alone fill a fraction of the SMs; the tile
+// order (gemm_tile) walks the groups' columns with the same X panel in L2.
+// __grid_constant__: the blocks index p[] and w[] with a run-time group, read in place from
+// the parameter space (without it the compiler copies the whole struct to local memory).
+extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
+    gemm_nf4_nt_group_bf16(const __grid_constant__ Nf4Group g) {
+  int m0, n0;
+  gemm_tile(m0, n0);
+  int tile = n0 / BN, i = 0;
+  while (i + 1 < g.groups && tile >= g.tiles_n[i]) tile -= g.tiles_n[i++];
+  gemm_nf4_body<true>(Nf4Single{g.p[i], g.w[i]}, m0, tile * BN);
+}
+// Input gradient, dX = Σ_g dY_g·W_g + A2_g·B2_g (A2_g = s·dY_g·B_g, B2_g = A_g, or none): one
+// GEMM whose K runs over every group's phases (Nf4Sum), so dX is summed in fp32 and rounded and
+// stored once, where one launch per weight added into it (β = 1) rounded it after each.
+extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
+    gemm_nf4_nn_group_bf16(const __grid_constant__ Nf4Group g) {
+  int m0, n0;
+  gemm_tile(m0, n0);
+  gemm_nf4_body<false>(Nf4Sum{g}, m0, n0);
 }
 
 // ---- small M (generation, tiny batches): Y[M ≤ 16, N] = X·Wᵀ (+ A2·B2ᵀ), W in NF4 ----

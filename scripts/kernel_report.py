@@ -369,6 +369,11 @@ BENCH_SHAPES = [
     ("bf16 GEMM 2048×4096×4096 (q/o)", "gemm_nt_bf16", *_gemm(2048, 4096, 4096, False)),
     ("NF4 GEMM 2048×14336×4096 (gate/up)", "gemm_nf4_nt_bf16", *_gemm(2048, 14336, 4096, True)),
     ("NF4 GEMM 2048×1024×4096 (k/v)", "gemm_nf4_nt_bf16", *_gemm(2048, 1024, 4096, True)),
+    # q/k/v as one launch: 4096 + 1024 + 1024 output columns of the same x.
+    ("NF4 GEMM 2048×(4096+1024+1024)×4096 (q/k/v grouped)", "gemm_nf4_nt_group_bf16",
+     *_gemm(2048, 6144, 4096, True)),
+    ("NF4 dX 2048×4096×(4096+1024+1024) (q/k/v grouped)", "gemm_nf4_nn_group_bf16",
+     *_gemm(2048, 4096, 6144, True)),
     ("NF4 dX 2048×4096×14336 (down)", "gemm_nf4_nn_bf16", *_gemm(2048, 4096, 14336, True)),
     # At head dim 128 the launcher takes the 64-row-tile kernel on 100 KiB-per-SM cards.
     ("flash forward, 2k, d 128", {"H100": "flash_fwd_d128", "H200": "flash_fwd_d128",

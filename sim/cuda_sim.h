@@ -57,6 +57,8 @@ using std::isnan;
 #define __noinline__ __attribute__((noinline))
 #define __align__(n) __attribute__((aligned(n)))
 #define __restrict__ __restrict
+#undef __grid_constant__
+#define __grid_constant__
 
 #include "runtime.h"  // the runtime the kernels call
 

@@ -341,6 +341,15 @@ enum Op<'a> {
         /// The CPU's dropout mask (the GPU redraws it from the seed).
         mask: Option<Vec<f32>>,
     },
+    /// Linear layers of one input on a GPU ([`Tape::linears`]): `ys[j] = linear(x, lins[j])`,
+    /// their backward one grouped dx GEMM.
+    LinearGroup {
+        x: Var,
+        ys: Vec<At>,
+        lins: Vec<Linear<'a>>,
+        /// Each layer's `s·x̃·Aᵀ` (None without an adapter).
+        xas: Vec<Option<Tensor>>,
+    },
     /// `y = h + linear(x)`.
     LinearResidual {
         x: Var,
@@ -653,14 +662,9 @@ impl<'a> Tape<'a> {
         self.dropout.map(|d| (d.p as f32, d.seed))
     }
 
-    /// `x·Wᵀ (+ b) (+ s·(x̃·Aᵀ)·Bᵀ)`: returns `(y, xa, mask)`; `y` is None when `skip_y`.
-    #[allow(clippy::type_complexity)]
-    fn linear_forward(
-        &self,
-        x: &Tensor,
-        lin: &Linear<'a>,
-        skip_y: bool,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Vec<f32>>)> {
+    /// `(T, in, out)` of a linear layer on x, checked: x is the tape's kind of activation
+    /// `[T, in]` and the weight `[out, in]`.
+    fn linear_dims(&self, x: &Tensor, lin: &Linear<'a>) -> Result<(usize, usize, usize)> {
         let op = "linear";
         self.check(op, x)?;
         let (t, i) = rows_cols(op, x)?;
@@ -685,10 +689,28 @@ impl<'a> Tape<'a> {
                 got: format!("{:?}", x.shape()),
             });
         }
-        let slot = match self.adapters {
-            Some(a) => a.slot_ref(lin.layer, lin.target, self.dropout_pair())?,
-            None => None,
-        };
+        Ok((t, i, o))
+    }
+
+    /// The adapter of a linear layer, if the tape's adapters have one for it.
+    fn linear_slot(&self, lin: &Linear<'a>) -> Result<Option<SlotRef<'a>>> {
+        match self.adapters {
+            Some(a) => a.slot_ref(lin.layer, lin.target, self.dropout_pair()),
+            None => Ok(None),
+        }
+    }
+
+    /// `x·Wᵀ (+ b) (+ s·(x̃·Aᵀ)·Bᵀ)`: returns `(y, xa, mask)`; `y` is None when `skip_y`.
+    #[allow(clippy::type_complexity)]
+    fn linear_forward(
+        &self,
+        x: &Tensor,
+        lin: &Linear<'a>,
+        skip_y: bool,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Vec<f32>>)> {
+        let op = "linear";
+        let (t, i, o) = self.linear_dims(x, lin)?;
+        let slot = self.linear_slot(lin)?;
         match self.device {
             Device::Cpu => {
                 let bias = lin.bias.map(|b| f32s(b, op)).transpose()?;
@@ -738,13 +760,7 @@ impl<'a> Tape<'a> {
                 Ok((Some(host(y, &[t, o])?), xa, mask))
             }
             Device::Cuda(_) => {
-                let BaseWeight::Nf4(w) = lin.weight else {
-                    return Err(Error::InvalidArgument(format!(
-                        "layer {} {}: the CUDA kernels take NF4 base weights; this one is dense",
-                        lin.layer,
-                        lin.target.module()
-                    )));
-                };
+                let w = nf4_weight(lin)?;
                 let (y, xa) = match (&slot, skip_y) {
                     (Some(SlotRef::Cuda(view)), false) => {
                         // SAFETY (both arms): the view comes from the tape's adapters
@@ -772,6 +788,86 @@ impl<'a> Tape<'a> {
     /// `y = x·Wᵀ (+ b) + s·(x̃·Aᵀ)·Bᵀ`, x̃ = x with dropout (training) — `ops::linear`.
     pub fn linear(&mut self, x: &Var, lin: Linear<'a>) -> Result<Var> {
         let (y, xa, mask) = self.linear_forward(x.value()?, &lin, false)?;
+        Ok(self.record_linear(x, lin, y, xa, mask))
+    }
+
+    /// Several linear layers of one input (q/k/v of attention, gate/up of an MLP), each as
+    /// [`Tape::linear`] with its own adapter. On a GPU their NF4 GEMMs are one launch
+    /// (`gemm::lora_forward_group`); each output, and the backward, is what `linear` gives.
+    pub fn linears(&mut self, x: &Var, lins: &[Linear<'a>]) -> Result<Vec<Var>> {
+        let xv = x.value()?;
+        if lins.len() < 2 || self.device == Device::Cpu {
+            let outs = lins
+                .iter()
+                .map(|lin| self.linear_forward(xv, lin, false))
+                .collect::<Result<Vec<_>>>()?;
+            return Ok(lins
+                .iter()
+                .zip(outs)
+                .map(|(lin, (y, xa, mask))| self.record_linear(x, *lin, y, xa, mask))
+                .collect());
+        }
+        let outs = self.linear_forward_group(xv, lins)?;
+        let mut vars = Vec::with_capacity(lins.len());
+        let mut xas = Vec::with_capacity(lins.len());
+        for (y, xa) in outs {
+            // As `linear`: a gradient flows to y when one flows to x or y has an adapter.
+            let rg = self.train && (x.rg || xa.is_some());
+            vars.push(self.var(Some(y), rg));
+            xas.push(xa);
+        }
+        if vars.iter().any(Var::requires_grad) {
+            self.ops.push(Op::LinearGroup {
+                x: x.clone(),
+                ys: vars.iter().map(Var::at).collect(),
+                lins: lins.to_vec(),
+                xas,
+            });
+        }
+        Ok(vars)
+    }
+
+    /// The GPU's forward of [`Tape::linears`]: one grouped NF4 GEMM, then each bias. Returns
+    /// each `(y, xa)`.
+    fn linear_forward_group(
+        &self,
+        x: &Tensor,
+        lins: &[Linear<'a>],
+    ) -> Result<Vec<(Tensor, Option<Tensor>)>> {
+        let mut layers = Vec::with_capacity(lins.len());
+        for lin in lins {
+            self.linear_dims(x, lin)?;
+            let view = match self.linear_slot(lin)? {
+                Some(SlotRef::Cuda(view)) => Some(view),
+                _ => None,
+            };
+            layers.push((nf4_weight(lin)?, view));
+        }
+        let refs: Vec<(&Nf4Tensor, Option<&gemm::LoraView>)> =
+            layers.iter().map(|(w, v)| (*w, v.as_ref())).collect();
+        // SAFETY: the views come from the tape's adapters (`slot_ref`), whose bf16 mirror and
+        // fp32 gradients live on this device for as long as the tape borrows them.
+        let outs = unsafe { gemm::lora_forward_group(x, &refs)? };
+        lins.iter()
+            .zip(outs)
+            .map(|(lin, (mut y, xa))| {
+                if let Some(b) = lin.bias {
+                    embedding::bias_add_cuda(&mut y, b)?;
+                }
+                Ok((y, xa))
+            })
+            .collect()
+    }
+
+    /// Puts a linear layer's output on the tape, and its record when a gradient flows.
+    fn record_linear(
+        &mut self,
+        x: &Var,
+        lin: Linear<'a>,
+        y: Option<Tensor>,
+        xa: Option<Tensor>,
+        mask: Option<Vec<f32>>,
+    ) -> Var {
         let rg = self.train && (x.rg || xa.is_some());
         let y = self.var(y, rg);
         if rg {
@@ -783,7 +879,7 @@ impl<'a> Tape<'a> {
                 mask,
             });
         }
-        Ok(y)
+        y
     }
 
     /// The residual stream's update by a linear layer: `y = h + linear(x)` (the projection's
@@ -1278,6 +1374,15 @@ impl<'a> Tape<'a> {
                 let acc = grads[at.id].take();
                 grads[at.id] = self.linear_backward(x, &lin, xa, mask, &dy, acc)?;
             }
+            Op::LinearGroup { x, ys, lins, xas } => {
+                let dys: Vec<Option<Rc<Tensor>>> = ys.iter().map(|y| grads[y.id].take()).collect();
+                if dys.iter().all(Option::is_none) {
+                    return Ok(());
+                }
+                let at = x.at();
+                let acc = grads[at.id].take();
+                grads[at.id] = self.linear_group_backward(x, &lins, &xas, &dys, acc)?;
+            }
             Op::LinearResidual {
                 x,
                 h,
@@ -1462,6 +1567,73 @@ impl<'a> Tape<'a> {
         self.linear_backward_into(x, lin, xa, mask, dy, acc)
     }
 
+    /// The backward of [`Tape::linears`] on a GPU: each adapter's gradients, and x's gradient
+    /// (`acc` plus the sum of every layer's dx) as one grouped GEMM (`gemm::lora_backward_group`)
+    /// over the layers whose output has a gradient.
+    fn linear_group_backward(
+        &self,
+        x: Var,
+        lins: &[Linear<'a>],
+        xas: &[Option<Tensor>],
+        dys: &[Option<Rc<Tensor>>],
+        acc: Option<Rc<Tensor>>,
+    ) -> Result<Option<Rc<Tensor>>> {
+        let mut views = Vec::with_capacity(lins.len());
+        for (lin, xa) in lins.iter().zip(xas) {
+            views.push(match (self.linear_slot(lin)?, xa) {
+                (Some(SlotRef::Cuda(view)), Some(_)) => Some(view),
+                _ => None,
+            });
+        }
+        let mut layers = Vec::with_capacity(lins.len());
+        for (((lin, xa), view), dy) in lins.iter().zip(xas).zip(&views).zip(dys) {
+            let Some(dy) = dy else { continue };
+            // Without a gradient for x, a layer without an adapter has nothing to compute.
+            if !x.rg && view.is_none() {
+                continue;
+            }
+            layers.push(gemm::GroupGrad {
+                w: nf4_weight(lin)?,
+                lora: view.as_ref().zip(xa.as_ref()),
+                dy,
+            });
+        }
+        let xv = x.value.expect("a recorded input");
+        if layers.is_empty() {
+            return Ok(acc);
+        }
+        // SAFETY (every call): the views come from the tape's adapters, which the tape borrows
+        // (see the forward).
+        if !x.rg {
+            unsafe { gemm::lora_backward_group(gemm::LayerInput::Frozen(&xv), &layers)? };
+            return Ok(acc);
+        }
+        let acc = match acc {
+            None => Acc::None,
+            Some(a) => match Rc::try_unwrap(a) {
+                Ok(t) => Acc::Own(t),
+                Err(shared) => Acc::Shared(shared),
+            },
+        };
+        let dx = match acc {
+            Acc::Own(acc) => {
+                let input = gemm::LayerInput::Accumulate(&xv, acc);
+                return Ok(unsafe { gemm::lora_backward_group(input, &layers)? }.map(Rc::new));
+            }
+            _ => match Rc::try_unwrap(xv) {
+                Ok(x) => unsafe { gemm::lora_backward_group(gemm::LayerInput::Spent(x), &layers)? },
+                Err(x) => unsafe {
+                    gemm::lora_backward_group(gemm::LayerInput::Kept(&x), &layers)?
+                },
+            },
+        }
+        .expect("x needs a gradient");
+        Ok(Some(match acc {
+            Acc::Shared(a) => sum(a, Rc::new(dx))?,
+            _ => Rc::new(dx),
+        }))
+    }
+
     fn linear_backward_into(
         &self,
         x: Var,
@@ -1570,6 +1742,18 @@ impl<'a> Tape<'a> {
                 }
             }
         }
+    }
+}
+
+/// The NF4 base weight of a linear layer on the GPU (the CUDA kernels take no other).
+fn nf4_weight<'w>(lin: &Linear<'w>) -> Result<&'w Nf4Tensor> {
+    match lin.weight {
+        BaseWeight::Nf4(w) => Ok(w),
+        _ => Err(Error::InvalidArgument(format!(
+            "layer {} {}: the CUDA kernels take NF4 base weights; this one is dense",
+            lin.layer,
+            lin.target.module()
+        ))),
     }
 }
 

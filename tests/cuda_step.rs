@@ -53,6 +53,20 @@ fn cuda_step_losses_match_the_cpu_for_ten_steps() {
     step_parity(o, 8, small_config(), 0.0, &[0, 81]);
 }
 
+/// Adapters on some projections of a group only (q and v of q/k/v, up of gate/up, and down):
+/// the GPU computes q/k/v and gate/up as groups whose members may have no adapter, and the
+/// first layer's group (whose input needs no gradient) has a member with nothing to compute.
+#[test]
+fn cuda_step_with_adapters_on_some_projections_matches_the_cpu() {
+    let Some(Device::Cuda(o)) =
+        gpu_or_skip("cuda_step_with_adapters_on_some_projections_matches_the_cpu")
+    else {
+        return;
+    };
+    let targets = [Target::Q, Target::V, Target::Up, Target::Down];
+    step_parity_on(o, (8, &targets), small_config(), 0.0, &[0, 50, 81]);
+}
+
 /// Ten steps with LoRA dropout: the masks are the same on both devices, so the losses and the
 /// trained adapter are too.
 #[test]
@@ -264,7 +278,9 @@ fn cuda_step_dropout_masks_match_the_cpu() {
     };
     let cfg = small_config();
     let model = Llama::random(cfg.clone(), BaseFormat::Nf4(Nf4Config::default()), 3).unwrap();
-    let lora = nonzero_adapter(&cfg, 8, 0.3, 4, |i| ((i * 31 % 17) as f32 - 8.0) * 0.01);
+    let lora = nonzero_adapter(&cfg, (8, &Target::ALL), 0.3, 4, |i| {
+        ((i * 31 % 17) as f32 - 8.0) * 0.01
+    });
     let ids: Vec<u32> = (0..81u32).map(|i| (i * 37 + 11) % 515).collect();
     let labels: Vec<i64> = ids.iter().map(|&t| t as i64).collect();
     let cu = [0usize, 50, 81];
@@ -317,11 +333,11 @@ fn rel_dist(a: &[f32], b: &[f32]) -> f64 {
     (d / n).sqrt()
 }
 
-/// Rank-`rank` adapters on every projection of `cfg` (PEFT's A from `seed`), B set to `b(i)`
-/// (not zero, so the adapters change the outputs).
+/// Rank-`rank` adapters on the `targets` projections of `cfg` (PEFT's A from `seed`), B set to
+/// `b(i)` (not zero, so the adapters change the outputs).
 fn nonzero_adapter(
     cfg: &LlamaConfig,
-    rank: usize,
+    (rank, targets): (usize, &[Target]),
     dropout: f64,
     seed: u64,
     b: impl Fn(usize) -> f32,
@@ -331,7 +347,7 @@ fn nonzero_adapter(
         alpha: 16.0,
         rslora: false,
         dropout,
-        targets: Target::ALL.to_vec(),
+        targets: targets.to_vec(),
     };
     let mut lora = LoraParams::init(cfg, lora_cfg, seed).unwrap();
     for s in lora.slots.clone() {
@@ -350,7 +366,9 @@ fn nonzero_adapter(
 fn family_parity(o: usize, cfg: LlamaConfig, batches: &[&[usize]], what: &str) -> LoraParams {
     let model = model_on(&cfg, 5, Device::Cpu);
     let gpu_model = model_on(&cfg, 5, Device::Cuda(o));
-    let lora = nonzero_adapter(&cfg, 8, 0.0, 6, |i| ((i * 13 % 11) as f32 - 5.0) * 0.01);
+    let lora = nonzero_adapter(&cfg, (8, &Target::ALL), 0.0, 6, |i| {
+        ((i * 13 % 11) as f32 - 5.0) * 0.01
+    });
     for cu in batches {
         assert_loss_on_both(&model, &gpu_model, &lora, cu, &format!("{what} {cu:?}"));
     }
@@ -385,10 +403,21 @@ fn assert_loss_on_both(
 /// loss within 2% of the CPU's; the adapter's change over the ten steps (trained − initial)
 /// within 10% of the CPU's in relative L2 distance.
 fn step_parity(o: usize, rank: usize, cfg: LlamaConfig, dropout: f64, cu: &[usize]) {
+    step_parity_on(o, (rank, &Target::ALL), cfg, dropout, cu)
+}
+
+/// [`step_parity`] with adapters on the `targets` projections only.
+fn step_parity_on(
+    o: usize,
+    (rank, targets): (usize, &[Target]),
+    cfg: LlamaConfig,
+    dropout: f64,
+    cu: &[usize],
+) {
     let dev = Device::Cuda(o);
     let model = model_on(&cfg, 3, Device::Cpu);
     let gpu_model = model_on(&cfg, 3, dev);
-    let lora = nonzero_adapter(&cfg, rank, dropout, 4, |i| {
+    let lora = nonzero_adapter(&cfg, (rank, targets), dropout, 4, |i| {
         ((i * 31 % 17) as f32 - 8.0) * 0.002
     });
     let initial = lora.values.clone();
@@ -404,7 +433,7 @@ fn step_parity(o: usize, rank: usize, cfg: LlamaConfig, dropout: f64, cu: &[usiz
         .count();
     let scale = 1.0 / counted as f32;
     let adam = AdamWConfig::default();
-    let what = format!("rank {rank}, dropout {dropout}, cu_seqlens {cu:?}");
+    let what = format!("rank {rank} on {targets:?}, dropout {dropout}, cu_seqlens {cu:?}");
 
     let mut cpu = Adapters::new(&lora, None, adam, Device::Cpu).unwrap();
     let mut gpu = Adapters::new(&lora, None, adam, dev).unwrap();
@@ -471,7 +500,9 @@ fn evaluate_file_on_cuda_matches_the_cpu() {
     let cfg = small_config();
     let (model, gpu_model) = (model_on(&cfg, 5, Device::Cpu), model_on(&cfg, 5, dev));
     let tokenizer = TextTokenizer::load(&fixtures.join("llama/tiny-llama")).unwrap();
-    let lora = nonzero_adapter(&cfg, 8, 0.0, 6, |i| ((i * 13 % 11) as f32 - 5.0) * 0.3);
+    let lora = nonzero_adapter(&cfg, (8, &Target::ALL), 0.0, 6, |i| {
+        ((i * 13 % 11) as f32 - 5.0) * 0.3
+    });
     let opts = DataOptions {
         format: None,
         seq_len: 128,

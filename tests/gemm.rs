@@ -754,3 +754,347 @@ fn lora_view_with_dropout_matches_the_cpu_with_the_same_mask() {
 fn qlora_rs_ptr(t: &Tensor, at: usize, width: u64) -> u64 {
     t.device_address() + at as u64 * width
 }
+
+/// An adapter of rank `rank` for W `[n, k]` as the CUDA step holds one: A and B in one flat bf16
+/// buffer, their gradients in one flat f32 buffer (returned to keep them alive).
+fn adapter_view(
+    r: &mut impl Rng,
+    dev: &Device,
+    (n, k, rank): (usize, usize, usize),
+    dropout: Option<(f32, u64)>,
+) -> (gemm::LoraView, Tensor, Tensor) {
+    let (_, ab) = data(r, rank * k + n * rank, 0.1);
+    let flat = Tensor::from_vec(ab, &[rank * k + n * rank], dev).unwrap();
+    let grads = Tensor::zeros(&[rank * k + n * rank], DType::F32, dev).unwrap();
+    let view = gemm::LoraView {
+        a: gemm::DevMat {
+            ptr: qlora_rs_ptr(&flat, 0, 2),
+            rows: rank,
+            cols: k,
+        },
+        b: gemm::DevMat {
+            ptr: qlora_rs_ptr(&flat, rank * k, 2),
+            rows: n,
+            cols: rank,
+        },
+        grad_a: qlora_rs_ptr(&grads, 0, 4),
+        grad_b: qlora_rs_ptr(&grads, rank * k, 4),
+        scale: 1.5,
+        dropout,
+    };
+    (view, flat, grads)
+}
+
+/// q/k/v (and gate/up) of one input as one launch: each output and each `xa` equal, bit for
+/// bit, what the projection gives alone. Shapes: output widths that are not tile multiples and
+/// differ (GQA's k/v narrower than q), a projection without an adapter, ranks 8 and 16,
+/// dropout on one, nine tile rows (a full group of the tile order and one over), and M ≤ 16
+/// (each weight on the small-M kernel).
+#[test]
+fn grouped_nf4_forward_equals_each_projection_alone() {
+    let Some(dev) = gpu_or_skip("grouped_nf4_forward_equals_each_projection_alone") else {
+        return;
+    };
+    let mut r = rand::rngs::StdRng::seed_from_u64(21);
+    // (M, K, [(N, LoRA rank)] per projection)
+    type Case = (usize, usize, &'static [(usize, Option<usize>)]);
+    let cases: [Case; 4] = [
+        (300, 576, &[(520, Some(16)), (136, None), (136, Some(8))]),
+        (1096, 96, &[(200, Some(8)), (72, Some(8)), (72, Some(8))]),
+        (97, 64, &[(264, Some(16)), (264, None)]),
+        (5, 96, &[(136, Some(8)), (40, Some(8)), (40, None)]),
+    ];
+    for (m, k, groups) in cases {
+        let (_, xb) = data(&mut r, m * k, 1.0);
+        let x = Tensor::from_vec(xb, &[m, k], &dev).unwrap();
+        let mut weights = Vec::new();
+        let mut views = Vec::new();
+        let mut keep = Vec::new();
+        for (j, &(n, rank)) in groups.iter().enumerate() {
+            weights.push(nf4_weight(&mut r, n, k, &dev).0);
+            views.push(rank.map(|rank| {
+                let dropout = (j == 2).then_some((0.25, 77));
+                let (v, flat, grads) = adapter_view(&mut r, &dev, (n, k, rank), dropout);
+                keep.push((flat, grads));
+                v
+            }));
+        }
+        let layers: Vec<_> = weights
+            .iter()
+            .zip(&views)
+            .map(|(w, v)| (w, v.as_ref()))
+            .collect();
+        let grouped = unsafe { gemm::lora_forward_group(&x, &layers) }.unwrap();
+        assert_eq!(grouped.len(), groups.len());
+        for (j, ((w, v), (y, xa))) in layers.iter().zip(&grouped).enumerate() {
+            let what = format!("M {m}, K {k}, projection {j} of {groups:?}");
+            let (want_y, want_xa) = match v {
+                Some(v) => {
+                    let (y, xa) = unsafe { gemm::lora_forward_view(&x, w, v) }.unwrap();
+                    (y, Some(xa))
+                }
+                None => (gemm::nf4_forward_cuda(&x, w, None).unwrap(), None),
+            };
+            assert_eq!(y.shape(), want_y.shape(), "{what}");
+            assert_eq!(
+                y.to_vec::<bf16>().unwrap(),
+                want_y.to_vec::<bf16>().unwrap(),
+                "y of {what}"
+            );
+            assert_eq!(xa.is_some(), want_xa.is_some(), "{what}");
+            if let (Some(xa), Some(want)) = (xa, want_xa) {
+                assert_eq!(
+                    xa.to_vec::<bf16>().unwrap(),
+                    want.to_vec::<bf16>().unwrap(),
+                    "xa of {what}"
+                );
+            }
+        }
+    }
+    // Refused: no weight, more than the kernel's groups, a weight of another input width.
+    let x = Tensor::from_vec(vec![bf16::ONE; 32 * 64], &[32, 64], &dev).unwrap();
+    let (w64, _) = nf4_weight(&mut r, 40, 64, &dev);
+    let (w96, _) = nf4_weight(&mut r, 40, 96, &dev);
+    let four: Vec<_> = (0..4).map(|_| (&w64, None)).collect();
+    for (layers, want) in [
+        (vec![], "1 to 3 weights, got 0"),
+        (four, "1 to 3 weights, got 4"),
+        (vec![(&w64, None), (&w96, None)], "W [N, 64]"),
+    ] {
+        let err = unsafe { gemm::lora_forward_group(&x, &layers) }
+            .map(|_| ())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("grouped lora forward") && err.contains(want),
+            "{want}: {err}"
+        );
+    }
+}
+
+/// The backward of q/k/v (or gate/up) as one group: every adapter's dA and dB, and the input's
+/// gradient `Σ_j dy_j·W_j + s_j·(dy_j·B_j)·A_j` summed in one GEMM (rounded once), against the
+/// f64 CPU reference of each layer summed; written anew, over the spent x, added into a
+/// gradient x already has, or not at all (an input without a gradient). Shapes as the forward's
+/// test, with dropout on one adapter and M = 5 (the backward has no small-M kernel).
+#[test]
+fn grouped_nf4_backward_matches_the_sum_of_each_projection() {
+    let Some(dev) = gpu_or_skip("grouped_nf4_backward_matches_the_sum_of_each_projection") else {
+        return;
+    };
+    let mut r = rand::rngs::StdRng::seed_from_u64(22);
+    type Case = (usize, usize, &'static [(usize, Option<usize>)]);
+    let cases: [Case; 3] = [
+        (300, 576, &[(520, Some(16)), (136, None), (136, Some(8))]),
+        (97, 64, &[(264, Some(16)), (264, Some(8))]),
+        (5, 96, &[(136, Some(8)), (40, None), (40, Some(8))]),
+    ];
+    let f = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<f64>>();
+    for (m, k, groups) in cases {
+        let (xf, xb) = data(&mut r, m * k, 1.0);
+        let x = Tensor::from_vec(xb.clone(), &[m, k], &dev).unwrap();
+        let ones = Tensor::from_vec(vec![bf16::ONE; m * k], &[m, k], &dev).unwrap();
+        let mut weights = Vec::new();
+        let mut dense = Vec::new();
+        let mut views = Vec::new();
+        let mut keep = Vec::new();
+        let mut dys = Vec::new();
+        let mut dyf = Vec::new();
+        for (j, &(n, rank)) in groups.iter().enumerate() {
+            let (q, d) = nf4_weight(&mut r, n, k, &dev);
+            weights.push(q);
+            dense.push(f(&to_f32(&d)));
+            views.push(rank.map(|rank| {
+                let dropout = (j == 2).then_some((0.25, 91));
+                let (v, flat, grads) = adapter_view(&mut r, &dev, (n, k, rank), dropout);
+                keep.push((v, flat, grads));
+                v
+            }));
+            let (df, db) = data(&mut r, m * n, 1.0);
+            dys.push(Tensor::from_vec(db, &[m, n], &dev).unwrap());
+            dyf.push(f(&df));
+        }
+        let layers: Vec<_> = weights
+            .iter()
+            .zip(&views)
+            .map(|(w, v)| (w, v.as_ref()))
+            .collect();
+        let outs = unsafe { gemm::lora_forward_group(&x, &layers) }.unwrap();
+        // The f64 reference, layer by layer, summed.
+        let mut dx_ref = vec![0.0f64; m * k];
+        let mut grads_ref = Vec::new();
+        for (j, &(n, rank)) in groups.iter().enumerate() {
+            let d = linear::Dims {
+                tokens: m,
+                in_features: k,
+                out_features: n,
+            };
+            let lora = views[j].map(|v| {
+                let flat = &keep
+                    .iter()
+                    .find(|(kv, _, _)| kv.a.ptr == v.a.ptr)
+                    .unwrap()
+                    .1;
+                let ab = f(&to_f32(flat));
+                let rank = rank.unwrap();
+                (v, ab[..rank * k].to_vec(), ab[rank * k..].to_vec(), rank)
+            });
+            let mask = views[j].and_then(|v| v.dropout).map(|(p, seed)| {
+                f(&to_f32(
+                    &qlora_rs::ops::dropout::dropout_cuda(&ones, p, seed).unwrap(),
+                ))
+            });
+            let (dx_j, grads_j) = match &lora {
+                Some((v, a, b, rank)) => {
+                    let l = linear::Lora {
+                        a,
+                        b,
+                        rank: *rank,
+                        scale: v.scale as f64,
+                    };
+                    let (_, xa) =
+                        linear::forward(d, &f(&xf), &dense[j], None, Some(&l), mask.as_deref())
+                            .unwrap();
+                    let (mut ga, mut gb) = (vec![0.0; rank * k], vec![0.0; n * rank]);
+                    let dx = linear::backward(
+                        d,
+                        &f(&xf),
+                        &dense[j],
+                        Some(linear::LoraGrads {
+                            lora: l,
+                            xa: &xa,
+                            grad_a: &mut ga,
+                            grad_b: &mut gb,
+                        }),
+                        mask.as_deref(),
+                        &dyf[j],
+                        true,
+                    )
+                    .unwrap()
+                    .unwrap();
+                    (dx, Some(ga.into_iter().chain(gb).collect::<Vec<f64>>()))
+                }
+                None => (
+                    linear::backward(d, &f(&xf), &dense[j], None, None, &dyf[j], true)
+                        .unwrap()
+                        .unwrap(),
+                    None,
+                ),
+            };
+            for (s, v) in dx_ref.iter_mut().zip(dx_j) {
+                *s += v;
+            }
+            grads_ref.push(grads_j);
+        }
+        let grad_layers: Vec<gemm::GroupGrad> = weights
+            .iter()
+            .zip(&views)
+            .zip(&outs)
+            .zip(&dys)
+            .map(|(((w, v), (_, xa)), dy)| gemm::GroupGrad {
+                w,
+                lora: v.as_ref().zip(xa.as_ref()),
+                dy,
+            })
+            .collect();
+        let what = format!("M {m}, K {k}, {groups:?}");
+        let check_grads = |times: f64| {
+            for (j, want) in grads_ref.iter().enumerate() {
+                if let (Some(want), Some(v)) = (want, views[j]) {
+                    let g = &keep
+                        .iter()
+                        .find(|(kv, _, _)| kv.a.ptr == v.a.ptr)
+                        .unwrap()
+                        .2;
+                    let want: Vec<f64> = want.iter().map(|w| w * times).collect();
+                    close(
+                        &format!("dA, dB of layer {j}, {what}"),
+                        &g.to_vec::<f32>().unwrap(),
+                        &want,
+                        1e-2,
+                    );
+                }
+            }
+        };
+        // Written anew; one rounding of the fp32 sum (the dropout term is a second).
+        let dx = unsafe { gemm::lora_backward_group(gemm::LayerInput::Kept(&x), &grad_layers) }
+            .unwrap()
+            .unwrap();
+        close(&format!("dx, {what}"), &to_f32(&dx), &dx_ref, 8e-3);
+        check_grads(1.0);
+        // Added into the gradient x already has.
+        let (accf, accb) = data(&mut r, m * k, 1.0);
+        let acc = Tensor::from_vec(accb, &[m, k], &dev).unwrap();
+        let summed = unsafe {
+            gemm::lora_backward_group(gemm::LayerInput::Accumulate(&x, acc), &grad_layers)
+        }
+        .unwrap()
+        .unwrap();
+        let want: Vec<f64> = dx_ref
+            .iter()
+            .zip(&accf)
+            .map(|(d, &a)| d + a as f64)
+            .collect();
+        close(
+            &format!("dx accumulated, {what}"),
+            &to_f32(&summed),
+            &want,
+            8e-3,
+        );
+        check_grads(2.0);
+        // No gradient for x: the adapters' only.
+        let none = unsafe { gemm::lora_backward_group(gemm::LayerInput::Frozen(&x), &grad_layers) }
+            .unwrap();
+        assert!(none.is_none(), "{what}");
+        check_grads(3.0);
+        // Over a spent x: the same bits as anew.
+        let spent = Tensor::from_vec(xb, &[m, k], &dev).unwrap();
+        let over =
+            unsafe { gemm::lora_backward_group(gemm::LayerInput::Spent(spent), &grad_layers) }
+                .unwrap()
+                .unwrap();
+        assert_eq!(
+            over.to_vec::<bf16>().unwrap(),
+            dx.to_vec::<bf16>().unwrap(),
+            "{what}"
+        );
+        check_grads(4.0);
+        // The adapters' gradients are grouped launches of the products each layer computes alone
+        // (split along K alike): the same bits as each layer's own backward.
+        let twin = |v: &gemm::LoraView| {
+            let (ra, rb) = (v.a.rows * v.a.cols, v.b.rows * v.b.cols);
+            let grads = Tensor::zeros(&[ra + rb], DType::F32, &dev).unwrap();
+            let view = gemm::LoraView {
+                grad_a: qlora_rs_ptr(&grads, 0, 4),
+                grad_b: qlora_rs_ptr(&grads, ra, 4),
+                ..*v
+            };
+            (view, grads)
+        };
+        let alone: Vec<_> = views.iter().map(|v| v.as_ref().map(twin)).collect();
+        let grouped: Vec<_> = views.iter().map(|v| v.as_ref().map(twin)).collect();
+        for (j, ((w, (_, xa)), dy)) in weights.iter().zip(&outs).zip(&dys).enumerate() {
+            if let (Some((v, _)), Some(xa)) = (&alone[j], xa) {
+                unsafe { gemm::lora_backward_view(&x, w, v, xa, dy) }.unwrap();
+            }
+        }
+        let twins: Vec<gemm::GroupGrad> = grad_layers
+            .iter()
+            .zip(&grouped)
+            .map(|(l, t)| gemm::GroupGrad {
+                lora: l.lora.zip(t.as_ref()).map(|((_, xa), (v, _))| (v, xa)),
+                ..*l
+            })
+            .collect();
+        unsafe { gemm::lora_backward_group(gemm::LayerInput::Frozen(&x), &twins) }.unwrap();
+        for (j, (a, g)) in alone.iter().zip(&grouped).enumerate() {
+            if let (Some((_, a)), Some((_, g))) = (a, g) {
+                assert_eq!(
+                    a.to_vec::<f32>().unwrap(),
+                    g.to_vec::<f32>().unwrap(),
+                    "dA, dB of layer {j} grouped and alone, {what}"
+                );
+            }
+        }
+    }
+}

@@ -666,9 +666,11 @@ impl Llama {
             let k = parts.pop().expect("three parts");
             (parts.pop().expect("three parts"), k, v)
         } else {
-            let q = tape.linear(&n1, self.lin(l, Target::Q))?;
-            let k = tape.linear(&n1, self.lin(l, Target::K))?;
-            let v = tape.linear(&n1, self.lin(l, Target::V))?;
+            let qkv = [Target::Q, Target::K, Target::V].map(|t| self.lin(l, t));
+            let [q, k, v]: [Var; 3] = tape
+                .linears(&n1, &qkv)?
+                .try_into()
+                .expect("one output per projection");
             drop(n1);
             (q, k, v)
         };
@@ -703,8 +705,11 @@ impl Llama {
             let u = parts.pop().expect("two parts");
             (parts.pop().expect("two parts"), u)
         } else {
-            let g = tape.linear(&n2, self.lin(l, Target::Gate))?;
-            let u = tape.linear(&n2, self.lin(l, Target::Up))?;
+            let gate_up = [Target::Gate, Target::Up].map(|t| self.lin(l, t));
+            let [g, u]: [Var; 2] = tape
+                .linears(&n2, &gate_up)?
+                .try_into()
+                .expect("one output per projection");
             drop(n2);
             (g, u)
         };

@@ -12,6 +12,14 @@
 //! ```
 //! With LoRA dropout (x̃ = x ⊙ m feeds the adapter) `dA += gᵀ·x̃`, and the adapter's part of dx
 //! is masked, `(g·A) ⊙ m`, so it is a separate gemm NN added after the NF4 GEMM.
+//! Layers of one input x (q/k/v, gate/up) go as a group: their forwards are one NF4 launch over
+//! all their output tiles ([`lora_forward_group`]), and their input gradients one NF4 GEMM whose
+//! K spans every weight and adapter ([`lora_backward_group`]):
+//! ```text
+//!           dx = Σ_j dy_j·W_j + g_j·A_j      NF4 GEMM NN, K = Σ_j (out_j + r_j)
+//! ```
+//! and each of the adapters' products above (xa, g, dA, dB) is one grouped launch over the
+//! layers (`gemm_group_*`), each product split along K as it would be alone: the same bits.
 //! Every GEMM accumulates in fp32; `C = alpha·A·B + beta·C`. The CPU reference of all of it is
 //! `ops::linear` (and `ops::matmul` for the plain products). Requirements, checked here: bf16
 //! operands, contiguous dimensions multiples of 8 (16 for NF4 weights), rank a multiple of 8 for
@@ -143,6 +151,44 @@ fn launch_cfg(m: usize, n: usize, splits: usize, smem: usize) -> LaunchConfig {
         block_dim: (THREADS, 1, 1),
         shared_mem_bytes: smem as u32,
     }
+}
+
+/// The row lengths and alignments a GEMM on addresses needs (see [`gemm_ptrs`]).
+fn check_ptrs(
+    op: &'static str,
+    layout: Layout,
+    [a, b, c]: [u64; 3],
+    [lda, ldb, ldc]: [usize; 3],
+    [m, n, k]: [usize; 3],
+    out: DType,
+) -> Result<()> {
+    multiple_of(op, "A's row length", lda, 8)?;
+    multiple_of(op, "B's row length", ldb, 8)?;
+    // The dimension along each operand's rows: A [M,K] / [K,M], B [N,K] / [K,N], C [M,N].
+    let (a_row, b_row) = match layout {
+        Layout::Nt => (k, k),
+        Layout::Nn => (k, n),
+        Layout::Tn => (m, n),
+    };
+    holds(op, "A", lda, a_row)?;
+    holds(op, "B", ldb, b_row)?;
+    holds(op, "C", ldc, n)?;
+    aligned(op, "A", a, 16)?;
+    aligned(op, "B", b, 16)?;
+    aligned(op, "C", c, out.size_in_bytes() as u64)
+}
+
+/// `(splits, K tiles per split)` of an `[M, N, K]` product: `pinned`, or [`split_k`]'s choice,
+/// evened out so that no split is empty.
+fn split_plan(cuda: &CudaDevice, [m, n, k]: [usize; 3], pinned: Option<usize>) -> (usize, usize) {
+    let splits = match pinned {
+        _ if k == 0 => 1,
+        Some(s) => s,
+        None => split_k(cuda, m, n, k),
+    };
+    let k_tiles = k.div_ceil(BK).max(1);
+    let per_split = k_tiles.div_ceil(splits);
+    (k_tiles.div_ceil(per_split), per_split)
 }
 
 /// Split-K factor: enough blocks to fill the GPU twice when the output has few tiles.
@@ -288,20 +334,7 @@ unsafe fn gemm_ptrs_split(
     splits: Option<usize>,
 ) -> Result<()> {
     let op = "gemm (cuda)";
-    multiple_of(op, "A's row length", lda, 8)?;
-    multiple_of(op, "B's row length", ldb, 8)?;
-    // The dimension along each operand's rows: A [M,K] / [K,M], B [N,K] / [K,N], C [M,N].
-    let (a_row, b_row) = match layout {
-        Layout::Nt => (k, k),
-        Layout::Nn => (k, n),
-        Layout::Tn => (m, n),
-    };
-    holds(op, "A", lda, a_row)?;
-    holds(op, "B", ldb, b_row)?;
-    holds(op, "C", ldc, n)?;
-    aligned(op, "A", a, 16)?;
-    aligned(op, "B", b, 16)?;
-    aligned(op, "C", c, out.size_in_bytes() as u64)?;
+    check_ptrs(op, layout, [a, b, c], [lda, ldb, ldc], [m, n, k], out)?;
     if splits == Some(0) {
         return Err(Error::InvalidArgument(format!(
             "{op}: a split-K count of 0 (1 means no split)"
@@ -312,14 +345,7 @@ unsafe fn gemm_ptrs_split(
     }
     let dev = Device::Cuda(ordinal);
     let cuda = CudaDevice::get(ordinal)?;
-    let splits = match splits {
-        _ if k == 0 => 1,
-        Some(s) => s,
-        None => split_k(&cuda, m, n, k),
-    };
-    let k_tiles = k.div_ceil(BK).max(1);
-    let per_split = k_tiles.div_ceil(splits);
-    let splits = k_tiles.div_ceil(per_split);
+    let (splits, per_split) = split_plan(&cuda, [m, n, k], splits);
     let workspace = if splits > 1 {
         Some(Tensor::uninit(&[splits * m * n], DType::F32, &dev)?)
     } else {
@@ -378,6 +404,160 @@ unsafe fn gemm_ptrs_split(
         // float): the workspace holds splits·M·N floats written by the GEMM above on the same
         // stream; C is the caller's [M, N] buffer with row length ldc.
         unsafe { cuda.launch(red, bld, grid_1d(m * n, 256)) }?;
+    }
+    Ok(())
+}
+
+/// The parameters of `gemm_group_*`: each product's GEMM, its tiles and its K splits.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct GemmGroup {
+    p: [GemmParams; GROUP_MAX],
+    tiles: [i32; GROUP_MAX],
+    splits: [i32; GROUP_MAX],
+    products: i32,
+}
+// SAFETY: #[repr(C)] plain data laid out like the kernel's `GemmGroup`.
+unsafe impl cudarc::driver::DeviceRepr for GemmGroup {}
+
+/// One product of [`gemm_group_ptrs`]: `C = alpha·op(A)·op(B) + beta·C` on addresses, as
+/// [`gemm_ptrs`] takes it.
+#[derive(Clone, Copy, Debug)]
+struct Product {
+    ptrs: [u64; 3],
+    lds: [usize; 3],
+    mnk: [usize; 3],
+    alpha: f32,
+    beta: f32,
+}
+
+/// Up to [`GROUP_MAX`] independent products of one layout and output type (an adapter's small
+/// GEMMs for each of q, k and v) as one launch, and one more for their split-K reductions. Each
+/// is split along K as it would be alone, so each result equals [`gemm_ptrs`]'s bit for bit. One
+/// product is [`gemm_ptrs`] itself. Kernels exist for the adapters' layouts: NT and NN with a
+/// bf16 output, TN with an fp32 one.
+///
+/// # Safety
+/// As [`gemm_ptrs`], for every product.
+unsafe fn gemm_group_ptrs(
+    o: usize,
+    layout: Layout,
+    out: DType,
+    products: &[Product],
+) -> Result<()> {
+    let op = "grouped gemm (cuda)";
+    if let [one] = products {
+        let ([a, b, c], [lda, ldb, ldc], [m, n, k]) = (one.ptrs, one.lds, one.mnk);
+        // SAFETY: forwarded from the caller's contract.
+        return unsafe {
+            gemm_ptrs(
+                o, layout, a, lda, b, ldb, c, ldc, m, n, k, out, one.alpha, one.beta,
+            )
+        };
+    }
+    let name = match (layout, out) {
+        (Layout::Nt, DType::BF16) => "gemm_group_nt_bf16",
+        (Layout::Nn, DType::BF16) => "gemm_group_nn_bf16",
+        (Layout::Tn, DType::F32) => "gemm_group_tn_f32",
+        _ => {
+            return Err(Error::InvalidArgument(format!(
+                "{op}: no grouped kernel for {layout:?} with a {out:?} output"
+            )))
+        }
+    };
+    if products.len() > GROUP_MAX {
+        return Err(Error::InvalidArgument(format!(
+            "{op}: takes at most {GROUP_MAX} products, got {}",
+            products.len()
+        )));
+    }
+    let cuda = CudaDevice::get(o)?;
+    let mut group = GemmGroup {
+        products: products.len() as i32,
+        ..GemmGroup::default()
+    };
+    let mut partial_len = 0;
+    let mut partial_at = [None; GROUP_MAX];
+    for (j, pr) in products.iter().enumerate() {
+        check_ptrs(op, layout, pr.ptrs, pr.lds, pr.mnk, out)?;
+        let [m, n, k] = pr.mnk;
+        let (splits, per_split) = split_plan(&cuda, pr.mnk, None);
+        group.p[j] = GemmParams {
+            a: pr.ptrs[0],
+            b: pr.ptrs[1],
+            c: pr.ptrs[2],
+            lda: pr.lds[0] as i64,
+            ldb: pr.lds[1] as i64,
+            ldc: pr.lds[2] as i64,
+            m: m as i32,
+            n: n as i32,
+            k: k as i32,
+            k_tiles_per_split: per_split as i32,
+            alpha: pr.alpha,
+            beta: pr.beta,
+            ..GemmParams::default()
+        };
+        group.tiles[j] = (m.div_ceil(TILE) * n.div_ceil(TILE)) as i32;
+        group.splits[j] = splits as i32;
+        if splits > 1 && m * n > 0 {
+            partial_at[j] = Some(partial_len);
+            partial_len += splits * m * n;
+        }
+    }
+    let tiles: usize = group.tiles.iter().map(|&t| t as usize).sum();
+    if tiles == 0 {
+        return Ok(());
+    }
+    let workspace = if partial_len > 0 {
+        Some(Tensor::uninit(
+            &[partial_len],
+            DType::F32,
+            &Device::Cuda(o),
+        )?)
+    } else {
+        None
+    };
+    if let Some(ws) = &workspace {
+        for (j, at) in partial_at.iter().enumerate() {
+            if let Some(at) = at {
+                group.p[j].partial = ws.device_ptr() + 4 * *at as u64;
+            }
+        }
+    }
+    let smem = 2 * STAGES * TILE * BK * 2;
+    let f = cuda.function_with_shared("gemm", name, smem)?;
+    let mut bld = cuda.stream().launch_builder(&f);
+    bld.arg(&group);
+    let max_splits = group.splits.iter().copied().max().unwrap_or(1).max(1) as u32;
+    let cfg = LaunchConfig {
+        grid_dim: (tiles as u32, 1, max_splits),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: smem as u32,
+    };
+    // SAFETY: the caller's contract covers each product's pointers and shapes (checked for row
+    // lengths and alignment above); each split product's partial is its own `splits·M·N` floats
+    // of the workspace; the grid holds every product's tiles, and the largest split count, as
+    // the kernel maps them; `smem` bytes and 256 threads, as it expects.
+    unsafe { cuda.launch(name, bld, cfg) }?;
+    if let Some(ws) = workspace {
+        let red = if out == DType::BF16 {
+            "gemm_group_splitk_reduce_bf16"
+        } else {
+            "gemm_group_splitk_reduce_f32"
+        };
+        let elems: usize = products
+            .iter()
+            .zip(&partial_at)
+            .filter(|(_, at)| at.is_some())
+            .map(|(pr, _)| pr.mnk[0] * pr.mnk[1])
+            .sum();
+        let f = cuda.function("gemm", red)?;
+        let mut bld = cuda.stream().launch_builder(&f);
+        bld.arg(&group);
+        // SAFETY: the partials the GEMM above wrote (the workspace, alive until here), each
+        // split product's C as above; one thread per element of the split products' outputs.
+        unsafe { cuda.launch(red, bld, grid_1d(elems, 256)) }?;
+        drop(ws);
     }
     Ok(())
 }
@@ -776,33 +956,173 @@ pub unsafe fn lora_forward_view(
 ) -> Result<(Tensor, Tensor)> {
     let op = "lora forward (cuda)";
     let o = cuda_ordinal(op, x)?;
+    let f = prepare_forwards(op, o, x, &[(w, Some(l))])?.remove(0);
+    let y = nf4_forward_launch(o, f.g, f.p, f.y)?;
+    Ok((y, f.xa.expect("prepared with an adapter")))
+}
+
+/// The most weights [`lora_forward_group`] takes in one launch (q, k and v).
+pub const GROUP_MAX: usize = 3;
+
+/// The parameters of `gemm_nf4_nt_group_bf16`: each group's GEMM and weight, and its number of
+/// 128-column output tiles (the grid's columns are theirs side by side).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct Nf4Group {
+    p: [GemmParams; GROUP_MAX],
+    w: [Nf4Params; GROUP_MAX],
+    tiles_n: [i32; GROUP_MAX],
+    groups: i32,
+}
+// SAFETY: #[repr(C)] plain data laid out like the kernel's `Nf4Group`.
+unsafe impl cudarc::driver::DeviceRepr for Nf4Group {}
+
+/// One NF4 projection, checked and ready to launch: the kernel's parameters, the output it
+/// writes, and `xa = s·x̃·Aᵀ` (already computed) when it has an adapter.
+struct Prepared {
+    g: GemmParams,
+    p: Nf4Params,
+    y: Tensor,
+    xa: Option<Tensor>,
+}
+
+/// Checks x `[M, K]` (bf16 on device `o`) against W `[N, K]` and fills the forward GEMM's
+/// parameters, with the adapter's term when given one: its view (checked by `check_view`) and
+/// `xa = s·x̃·Aᵀ` `[M, r]`.
+fn prepare_forward(
+    op: &'static str,
+    o: usize,
+    x: &Tensor,
+    w: &Nf4Tensor,
+    adapter: Option<(&LoraView, Tensor)>,
+) -> Result<Prepared> {
+    let dev = Device::Cuda(o);
     let (m, k) = dims2(op, "x", x)?;
-    let n = w.shape.first().copied().unwrap_or(0);
-    let r = check_view(op, l, w, k)?;
-    check_tensor(op, "x", x, DType::BF16, &[m, k], Device::Cuda(o))?;
-    let xa = adapter_input(o, x, l, (m, k, r))?;
+    check_tensor(op, "x", x, DType::BF16, &[m, k], dev)?;
     let p = nf4_params(w)?;
-    let y = Tensor::uninit(&[m, n], DType::BF16, &x.device())?;
-    let g = GemmParams {
+    let n = p.rows as usize;
+    if p.cols as usize != k || w.device() != dev {
+        return Err(Error::ShapeMismatch {
+            op,
+            expected: format!("W [N, {k}] on {dev}"),
+            got: format!("{} on {}", shape_str(&w.shape), w.device()),
+        });
+    }
+    multiple_of(op, "in_features", k, 16)?;
+    let y = Tensor::uninit(&[m, n], DType::BF16, &dev)?;
+    let mut g = GemmParams {
         a: x.device_ptr(),
         c: y.device_ptr(),
-        a2: xa.device_ptr(),
-        b2: l.b.ptr,
         lda: k as i64,
         ldc: n as i64,
-        lda2: r as i64,
-        ldb2: r as i64,
         m: m as i32,
         n: n as i32,
         k: k as i32,
-        k2: r as i32,
         k_tiles_per_split: k.div_ceil(BK) as i32,
         alpha: 1.0,
         beta: 0.0,
         ..GemmParams::default()
     };
-    let y = nf4_forward_launch(o, g, p, y)?;
-    Ok((y, xa))
+    let xa = match adapter {
+        Some((l, xa)) => {
+            let r = l.a.rows;
+            check_tensor(op, "x·Aᵀ", &xa, DType::BF16, &[m, r], dev)?;
+            g.a2 = xa.device_ptr();
+            g.b2 = l.b.ptr;
+            g.lda2 = r as i64;
+            g.ldb2 = r as i64;
+            g.k2 = r as i32;
+            Some(xa)
+        }
+        None => None,
+    };
+    Ok(Prepared { g, p, y, xa })
+}
+
+/// Checks x against each weight and adapter view, and computes every adapter's `xa` (one
+/// grouped launch): each layer ready for its forward GEMM.
+fn prepare_forwards(
+    op: &'static str,
+    o: usize,
+    x: &Tensor,
+    layers: &[(&Nf4Tensor, Option<&LoraView>)],
+) -> Result<Vec<Prepared>> {
+    let (m, k) = dims2(op, "x", x)?;
+    let mut views = Vec::with_capacity(layers.len());
+    for (w, l) in layers {
+        if let Some(l) = l {
+            views.push((*l, check_view(op, l, w, k)?));
+        }
+    }
+    check_tensor(op, "x", x, DType::BF16, &[m, k], Device::Cuda(o))?;
+    let mut xas = adapter_inputs(o, x, &views)?.into_iter();
+    layers
+        .iter()
+        .map(|(w, l)| {
+            let adapter = l.map(|l| (l, xas.next().expect("one xa per view")));
+            prepare_forward(op, o, x, w, adapter)
+        })
+        .collect()
+}
+
+/// Several NF4 projections of one input with their adapters (`None`: a projection without
+/// one): q/k/v of an attention block, gate/up of an MLP. Returns each `(y, xa)` as
+/// [`lora_forward_view`] does (`xa` None without an adapter). The NF4 GEMMs are one launch,
+/// `gemm_nf4_nt_group_bf16`, over all their output tiles: every y equals the one-weight kernel's
+/// bit for bit. At M ≤ [`SMALL_M`] each weight takes the small-M kernel, as it would alone.
+///
+/// # Safety
+/// As [`lora_forward_view`], for every view given.
+pub unsafe fn lora_forward_group(
+    x: &Tensor,
+    layers: &[(&Nf4Tensor, Option<&LoraView>)],
+) -> Result<Vec<(Tensor, Option<Tensor>)>> {
+    let op = "grouped lora forward (cuda)";
+    if layers.is_empty() || layers.len() > GROUP_MAX {
+        return Err(Error::InvalidArgument(format!(
+            "{op}: takes 1 to {GROUP_MAX} weights, got {}",
+            layers.len()
+        )));
+    }
+    let o = cuda_ordinal(op, x)?;
+    let prepared = prepare_forwards(op, o, x, layers)?;
+    let m = prepared[0].g.m as usize;
+    if layers.len() == 1 || m <= SMALL_M {
+        return prepared
+            .into_iter()
+            .map(|f| Ok((nf4_forward_launch(o, f.g, f.p, f.y)?, f.xa)))
+            .collect();
+    }
+    let mut group = Nf4Group {
+        groups: prepared.len() as i32,
+        ..Nf4Group::default()
+    };
+    for (i, f) in prepared.iter().enumerate() {
+        group.p[i] = f.g;
+        group.w[i] = f.p;
+        group.tiles_n[i] = (f.g.n as usize).div_ceil(TILE) as i32;
+    }
+    let tiles_n: usize = group.tiles_n.iter().map(|&t| t as usize).sum();
+    if m > 0 && tiles_n > 0 {
+        let cuda = CudaDevice::get(o)?;
+        let name = "gemm_nf4_nt_group_bf16";
+        let smem = (STAGES + 2) * TILE * BK * 2;
+        let f = cuda.function_with_shared("gemm", name, smem)?;
+        let mut bld = cuda.stream().launch_builder(&f);
+        bld.arg(&group);
+        let cfg = LaunchConfig {
+            grid_dim: (tiles_n as u32, m.div_ceil(TILE) as u32, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: smem as u32,
+        };
+        // SAFETY: gemm_nf4_nt_group_bf16(Nf4Group): each group's pointers are checked by
+        // `prepare_forward` as for gemm_nf4_nt_bf16 (x, y and xa tensors alive in `prepared`
+        // until the stream's work is done, the views by the caller's contract); the grid's
+        // columns are the groups' N tiles summed, as the kernel maps them; `smem` bytes (3 A
+        // stages + 2 B buffers) and 256 threads, as the kernel expects.
+        unsafe { cuda.launch(name, bld, cfg) }?;
+    }
+    Ok(prepared.into_iter().map(|f| (f.y, f.xa)).collect())
 }
 
 /// `xa = s·x̃·Aᵀ` alone (`x̃` the dropped-out x): what the backward of the layer needs from its
@@ -819,41 +1139,41 @@ pub unsafe fn lora_xa_view(x: &Tensor, w: &Nf4Tensor, l: &LoraView) -> Result<Te
     let (m, k) = dims2(op, "x", x)?;
     let r = check_view(op, l, w, k)?;
     check_tensor(op, "x", x, DType::BF16, &[m, k], Device::Cuda(o))?;
-    adapter_input(o, x, l, (m, k, r))
+    Ok(adapter_inputs(o, x, &[(l, r)])?.remove(0))
 }
 
-/// `s·x̃·Aᵀ` for a checked view (x `[M, K]` bf16 on device `o`, rank r).
-fn adapter_input(
-    o: usize,
-    x: &Tensor,
-    l: &LoraView,
-    (m, k, r): (usize, usize, usize),
-) -> Result<Tensor> {
-    let xa = Tensor::uninit(&[m, r], DType::BF16, &x.device())?;
-    let dropped = match l.dropout {
-        Some((p, seed)) => Some(super::dropout::dropout_cuda(x, p, seed)?),
-        None => None,
-    };
-    let x_ad = dropped.as_ref().unwrap_or(x);
-    // SAFETY: x (and its dropout) [M, K] bf16, A a live [r, K] bf16 view (checked by
-    // `check_view`), xa [M, r]; all on device `o`.
-    unsafe {
-        mm(
-            o,
-            Layout::Nt,
-            x_ad.device_ptr(),
-            k,
-            l.a.ptr,
-            k,
-            xa.device_ptr(),
-            r,
-            (m, r, k),
-            false,
-            l.scale,
-            0.0,
-        )?
-    };
-    Ok(xa)
+/// `xa_j = s_j·x̃_j·Aⱼᵀ` `[M, r_j]` for checked views `(view, r_j)` (x `[M, K]` bf16 on device
+/// `o`; x̃_j = x with view j's dropout), the products in one grouped launch.
+fn adapter_inputs(o: usize, x: &Tensor, views: &[(&LoraView, usize)]) -> Result<Vec<Tensor>> {
+    let (m, k) = (x.shape()[0], x.shape()[1]);
+    let mut xas = Vec::with_capacity(views.len());
+    let mut dropped = Vec::with_capacity(views.len());
+    let mut products = Vec::with_capacity(views.len());
+    for &(l, r) in views {
+        let xa = Tensor::uninit(&[m, r], DType::BF16, &x.device())?;
+        let x_ad = match l.dropout {
+            Some((p, seed)) => Some(super::dropout::dropout_cuda(x, p, seed)?),
+            None => None,
+        };
+        products.push(Product {
+            ptrs: [
+                x_ad.as_ref().unwrap_or(x).device_ptr(),
+                l.a.ptr,
+                xa.device_ptr(),
+            ],
+            lds: [k, k, r],
+            mnk: [m, r, k],
+            alpha: l.scale,
+            beta: 0.0,
+        });
+        dropped.push(x_ad);
+        xas.push(xa);
+    }
+    // SAFETY: x (and each dropout of it) [M, K] bf16, each A a live [r, K] bf16 view (checked
+    // by `check_view`), each xa [M, r]; all on device `o`, alive until after the launch.
+    unsafe { gemm_group_ptrs(o, Layout::Nt, DType::BF16, &products)? };
+    drop(dropped);
+    Ok(xas)
 }
 
 /// [`lora_backward_cuda`] for an adapter given as views: returns dx; dA, dB accumulate (fp32)
@@ -918,11 +1238,144 @@ pub unsafe fn lora_backward_view_acc(
 }
 
 /// The layer input of a backward: still needed by the caller, spent (its buffer takes dx), or
-/// kept with a gradient to add dx into.
-enum LayerInput<'a> {
+/// kept with a gradient to add dx into; or, for [`lora_backward_group`], an input that needs
+/// no gradient (only the adapters' are computed).
+pub enum LayerInput<'a> {
+    /// x, kept: dx is a new tensor.
     Kept(&'a Tensor),
+    /// x, spent: dx is written over it.
     Spent(Tensor),
+    /// x, and the gradient it already has: dx is added into that (β = 1).
     Accumulate(&'a Tensor, Tensor),
+    /// x, which needs no gradient.
+    Frozen(&'a Tensor),
+}
+
+impl LayerInput<'_> {
+    fn x(&self) -> &Tensor {
+        match self {
+            LayerInput::Kept(x) | LayerInput::Accumulate(x, _) | LayerInput::Frozen(x) => x,
+            LayerInput::Spent(x) => x,
+        }
+    }
+}
+
+/// One adapter's part of a backward: its layer's weight, its view, the forward's saved `xa`
+/// and the layer's output gradient dy.
+type AdapterGrad<'a> = (&'a Nf4Tensor, &'a LoraView, &'a Tensor, &'a Tensor);
+
+/// The adapters' gradients of layers of one input x `[M, K]`, checked: for each, with dy
+/// `[M, N]` and xa `[M, r]`, dB += dyᵀ·xa and dA += gᵀ·x̃ at the view's addresses; returns each
+/// `g = s·dy·B` `[M, r]`, whose `g·A` is the adapter's part of dx. Each of the three products is
+/// one grouped launch over the adapters.
+///
+/// # Safety
+/// As [`lora_backward_view`], for every view.
+unsafe fn adapter_grads(
+    op: &'static str,
+    o: usize,
+    x: &Tensor,
+    adapters: &[AdapterGrad<'_>],
+) -> Result<Vec<Tensor>> {
+    let (_, k) = dims2(op, "x", x)?;
+    let mut gs = Vec::with_capacity(adapters.len());
+    let (mut g_prods, mut db_prods) = (Vec::new(), Vec::new());
+    for &(w, l, xa, dy) in adapters {
+        let (m, n) = dims2(op, "dy", dy)?;
+        if w.shape.first() != Some(&n) {
+            return Err(Error::ShapeMismatch {
+                op,
+                expected: format!("dy [{m}, out] for W [out, in] = {}", shape_str(&w.shape)),
+                got: shape_str(dy.shape()),
+            });
+        }
+        let r = check_view(op, l, w, k)?;
+        check_tensor(op, "dy", dy, DType::BF16, &[m, n], Device::Cuda(o))?;
+        check_tensor(op, "x", x, DType::BF16, &[m, k], Device::Cuda(o))?;
+        check_tensor(op, "x·Aᵀ", xa, DType::BF16, &[m, r], Device::Cuda(o))?;
+        let g = Tensor::uninit(&[m, r], DType::BF16, &dy.device())?;
+        // g = s·dy·B
+        g_prods.push(Product {
+            ptrs: [dy.device_ptr(), l.b.ptr, g.device_ptr()],
+            lds: [n, r, r],
+            mnk: [m, r, n],
+            alpha: l.scale,
+            beta: 0.0,
+        });
+        // dB += dyᵀ·xa
+        db_prods.push(Product {
+            ptrs: [dy.device_ptr(), xa.device_ptr(), l.grad_b],
+            lds: [n, r, r],
+            mnk: [n, r, m],
+            alpha: 1.0,
+            beta: 1.0,
+        });
+        gs.push(g);
+    }
+    // SAFETY (each launch): dy [M, N], B view [N, r], g [M, r], x and its dropouts [M, K], xa
+    // [M, r], the gradient views [r, K] and [N, r] fp32: shapes checked above and by
+    // `check_view`; all on device `o`, alive until after the launches.
+    unsafe {
+        gemm_group_ptrs(o, Layout::Nn, DType::BF16, &g_prods)?;
+        gemm_group_ptrs(o, Layout::Tn, DType::F32, &db_prods)?;
+    }
+    // dA += gᵀ·x̃ = s·(dy·B)ᵀ·x̃
+    let mut dropped = Vec::with_capacity(adapters.len());
+    let mut da_prods = Vec::with_capacity(adapters.len());
+    for (&(_, l, _, _), g) in adapters.iter().zip(&gs) {
+        let (m, r) = (g.shape()[0], g.shape()[1]);
+        let x_ad = match l.dropout {
+            Some((p, seed)) => Some(super::dropout::dropout_cuda(x, p, seed)?),
+            None => None,
+        };
+        da_prods.push(Product {
+            ptrs: [
+                g.device_ptr(),
+                x_ad.as_ref().unwrap_or(x).device_ptr(),
+                l.grad_a,
+            ],
+            lds: [r, k, k],
+            mnk: [r, k, m],
+            alpha: 1.0,
+            beta: 1.0,
+        });
+        dropped.push(x_ad);
+    }
+    unsafe { gemm_group_ptrs(o, Layout::Tn, DType::F32, &da_prods)? };
+    drop(dropped);
+    Ok(gs)
+}
+
+/// `dx += (g·A) ⊙ m`: the adapter's input gradient under dropout (the mask m redrawn from the
+/// view's seed), which cannot be a phase of the NF4 GEMM's K.
+///
+/// # Safety
+/// As [`lora_backward_view`]; g is `[M, r]` and dx `[M, K]` on device `o`.
+unsafe fn add_masked_adapter_dx(o: usize, dx: Tensor, g: &Tensor, l: &LoraView) -> Result<Tensor> {
+    let Some((p, seed)) = l.dropout else {
+        return Ok(dx);
+    };
+    let (m, r) = (g.shape()[0], g.shape()[1]);
+    let k = l.a.cols;
+    let ga = Tensor::uninit(&[m, k], DType::BF16, &g.device())?;
+    // SAFETY: g [M, r], the A view [r, K] (checked by `check_view`), ga [M, K], on device `o`.
+    unsafe {
+        mm(
+            o,
+            Layout::Nn,
+            g.device_ptr(),
+            r,
+            l.a.ptr,
+            k,
+            ga.device_ptr(),
+            k,
+            (m, k, r),
+            false,
+            1.0,
+            0.0,
+        )?
+    };
+    super::embedding::add_cuda(&dx, &super::dropout::dropout_cuda(&ga, p, seed)?)
 }
 
 /// # Safety
@@ -935,83 +1388,11 @@ unsafe fn lora_backward(
     dy: &Tensor,
 ) -> Result<Tensor> {
     let op = "lora backward (cuda)";
-    let x = match &input {
-        LayerInput::Kept(x) | LayerInput::Accumulate(x, _) => *x,
-        LayerInput::Spent(x) => x,
-    };
     let o = cuda_ordinal(op, dy)?;
-    let (m, n) = dims2(op, "dy", dy)?;
-    let (_, k) = dims2(op, "x", x)?;
-    if w.shape.first() != Some(&n) {
-        return Err(Error::ShapeMismatch {
-            op,
-            expected: format!("dy [{m}, out] for W [out, in] = {}", shape_str(&w.shape)),
-            got: shape_str(dy.shape()),
-        });
-    }
-    let r = check_view(op, l, w, k)?;
-    check_tensor(op, "dy", dy, DType::BF16, &[m, n], Device::Cuda(o))?;
-    check_tensor(op, "x", x, DType::BF16, &[m, k], Device::Cuda(o))?;
-    check_tensor(op, "x·Aᵀ", xa, DType::BF16, &[m, r], Device::Cuda(o))?;
     // The adapter's gradients first, while x is intact; dx after, perhaps over x.
-    let g = Tensor::uninit(&[m, r], DType::BF16, &dy.device())?;
-    // SAFETY (every call below): dy [M, N], B view [N, r], g [M, r], A view [r, K], dx and the
-    // adapter term [M, K], x and its dropout [M, K], xa [M, r], the gradient views [r, K] and
-    // [N, r] fp32: shapes checked above and by `check_view`; all on device `o`.
-    unsafe {
-        // g = s·dy·B
-        mm(
-            o,
-            Layout::Nn,
-            dy.device_ptr(),
-            n,
-            l.b.ptr,
-            r,
-            g.device_ptr(),
-            r,
-            (m, r, n),
-            false,
-            l.scale,
-            0.0,
-        )?;
-        // dB += dyᵀ·xa
-        mm(
-            o,
-            Layout::Tn,
-            dy.device_ptr(),
-            n,
-            xa.device_ptr(),
-            r,
-            l.grad_b,
-            r,
-            (n, r, m),
-            true,
-            1.0,
-            1.0,
-        )?;
-    }
-    // dA += gᵀ·x̃ = s·(dy·B)ᵀ·x̃
-    let x_ad = match l.dropout {
-        Some((p, seed)) => Some(super::dropout::dropout_cuda(x, p, seed)?),
-        None => None,
-    };
-    unsafe {
-        mm(
-            o,
-            Layout::Tn,
-            g.device_ptr(),
-            r,
-            x_ad.as_ref().unwrap_or(x).device_ptr(),
-            k,
-            l.grad_a,
-            k,
-            (r, k, m),
-            true,
-            1.0,
-            1.0,
-        )?
-    };
-    drop(x_ad);
+    // SAFETY: forwarded from the caller's contract.
+    let g = unsafe { adapter_grads(op, o, input.x(), &[(w, l, xa, dy)])? }.remove(0);
+    let r = g.shape()[1];
     // dx = dy·W + g·A: without dropout the adapter's term is the NF4 GEMM's second phase of K;
     // with it, dy·W first and the masked term added after.
     let adapter = match l.dropout {
@@ -1025,33 +1406,138 @@ unsafe fn lora_backward(
     // SAFETY: g [M, r] (above) and the A view [r, K] (checked by `check_view`) on device `o`.
     let dx = unsafe {
         match input {
-            LayerInput::Kept(_) => nf4_dx(dy, w, None, 0.0, adapter)?,
+            LayerInput::Kept(_) | LayerInput::Frozen(_) => nf4_dx(dy, w, None, 0.0, adapter)?,
             LayerInput::Spent(x) => nf4_dx(dy, w, Some(x), 0.0, adapter)?,
             LayerInput::Accumulate(_, acc) => nf4_dx(dy, w, Some(acc), 1.0, adapter)?,
         }
     };
-    match l.dropout {
-        None => Ok(dx),
-        Some((p, seed)) => {
-            // dx += (g·A) ⊙ m
-            let ga = Tensor::uninit(&[m, k], DType::BF16, &dy.device())?;
-            unsafe {
-                mm(
-                    o,
-                    Layout::Nn,
-                    g.device_ptr(),
-                    r,
-                    l.a.ptr,
-                    k,
-                    ga.device_ptr(),
-                    k,
-                    (m, k, r),
-                    false,
-                    1.0,
-                    0.0,
-                )?
-            };
-            super::embedding::add_cuda(&dx, &super::dropout::dropout_cuda(&ga, p, seed)?)
+    // SAFETY: as above.
+    unsafe { add_masked_adapter_dx(o, dx, &g, l) }
+}
+
+/// One projection of a grouped backward ([`lora_backward_group`]): its weight, its adapter view
+/// with the `xa` its forward saved (None without an adapter), and its output's gradient.
+#[derive(Clone, Copy)]
+pub struct GroupGrad<'a> {
+    /// W `[N, K]`.
+    pub w: &'a Nf4Tensor,
+    /// The adapter and `xa = s·x̃·Aᵀ` `[M, r]` from [`lora_forward_group`].
+    pub lora: Option<(&'a LoraView, &'a Tensor)>,
+    /// dy `[M, N]`.
+    pub dy: &'a Tensor,
+}
+
+/// The backward of [`lora_forward_group`]: each adapter's dA and dB accumulate at its view, and
+/// (unless the input is [`LayerInput::Frozen`]) the input's gradient
+/// `dx = Σ_g dy_g·W_g + s_g·(dy_g·B_g)·A_g` is one NF4 GEMM, `gemm_nf4_nn_group_bf16`, whose K
+/// runs over every weight and every adapter: summed in fp32 and rounded once. An adapter with
+/// dropout adds its masked term after, as [`lora_backward_view`] does.
+///
+/// # Safety
+/// As [`lora_backward_view`], for every view given.
+pub unsafe fn lora_backward_group(
+    input: LayerInput<'_>,
+    layers: &[GroupGrad<'_>],
+) -> Result<Option<Tensor>> {
+    let op = "grouped lora backward (cuda)";
+    if layers.is_empty() || layers.len() > GROUP_MAX {
+        return Err(Error::InvalidArgument(format!(
+            "{op}: takes 1 to {GROUP_MAX} weights, got {}",
+            layers.len()
+        )));
+    }
+    let x = input.x();
+    let o = cuda_ordinal(op, x)?;
+    let dev = Device::Cuda(o);
+    let (m, k) = dims2(op, "x", x)?;
+    check_tensor(op, "x", x, DType::BF16, &[m, k], dev)?;
+    let mut group = Nf4Group {
+        groups: layers.len() as i32,
+        ..Nf4Group::default()
+    };
+    for (i, l) in layers.iter().enumerate() {
+        let (_, n) = dims2(op, "dy", l.dy)?;
+        let p = nf4_params(l.w)?;
+        if p.rows as usize != n || p.cols as usize != k || l.w.device() != dev {
+            return Err(Error::ShapeMismatch {
+                op,
+                expected: format!("W [{n}, {k}] on {dev} (dy [M, {n}], x [M, {k}])"),
+                got: format!("{} on {}", shape_str(&l.w.shape), l.w.device()),
+            });
+        }
+        check_tensor(op, "dy", l.dy, DType::BF16, &[m, n], dev)?;
+        multiple_of(op, "out_features", n, 8)?;
+        multiple_of(op, "in_features", k, 16)?;
+        group.w[i] = p;
+        group.p[i] = GemmParams {
+            a: l.dy.device_ptr(),
+            lda: n as i64,
+            m: m as i32,
+            n: k as i32,
+            k: n as i32,
+            k_tiles_per_split: n.div_ceil(BK) as i32,
+            alpha: 1.0,
+            ..GemmParams::default()
+        };
+    }
+    // The adapters' gradients first, while x is intact (dx may be written over it).
+    let adapters: Vec<AdapterGrad> = layers
+        .iter()
+        .filter_map(|l| l.lora.map(|(view, xa)| (l.w, view, xa, l.dy)))
+        .collect();
+    // SAFETY: forwarded from the caller's contract; checked inside.
+    let mut adapter_gs = unsafe { adapter_grads(op, o, x, &adapters)? }.into_iter();
+    let gs: Vec<Option<Tensor>> = layers
+        .iter()
+        .map(|l| {
+            l.lora
+                .map(|_| adapter_gs.next().expect("one g per adapter"))
+        })
+        .collect();
+    for (i, (g, l)) in gs.iter().zip(layers).enumerate() {
+        if let (Some(g), Some((view, _))) = (g, l.lora) {
+            if view.dropout.is_none() {
+                let r = g.shape()[1];
+                group.p[i].a2 = g.device_ptr();
+                group.p[i].lda2 = r as i64;
+                group.p[i].b2 = view.a.ptr;
+                group.p[i].ldb2 = k as i64;
+                group.p[i].k2 = r as i32;
+            }
         }
     }
+    let (dx, beta) = match input {
+        LayerInput::Frozen(_) => return Ok(None),
+        LayerInput::Kept(_) => (Tensor::uninit(&[m, k], DType::BF16, &dev)?, 0.0),
+        LayerInput::Spent(x) => (x, 0.0),
+        LayerInput::Accumulate(_, acc) => {
+            check_tensor(op, "dx (accumulated into)", &acc, DType::BF16, &[m, k], dev)?;
+            (acc, 1.0)
+        }
+    };
+    // The output and β are group 0's (the kernel's epilogue reads them there).
+    group.p[0].c = dx.device_ptr();
+    group.p[0].ldc = k as i64;
+    group.p[0].beta = beta;
+    if m > 0 && k > 0 {
+        let cuda = CudaDevice::get(o)?;
+        let name = "gemm_nf4_nn_group_bf16";
+        let smem = (STAGES + 2) * TILE * BK * 2;
+        let f = cuda.function_with_shared("gemm", name, smem)?;
+        let mut bld = cuda.stream().launch_builder(&f);
+        bld.arg(&group);
+        // SAFETY: gemm_nf4_nn_group_bf16(Nf4Group): every dy [M, N_g] bf16, W_g [N_g, K] NF4
+        // and dx [M, K] checked above; each adapter's g [M, r] (alive in `gs`) and A view
+        // [r, K] (checked by `check_view`, alive by the caller's contract); `smem` bytes and
+        // 256 threads, as the kernel expects.
+        unsafe { cuda.launch(name, bld, launch_cfg(m, k, 1, smem)) }?;
+    }
+    let mut dx = dx;
+    for (g, l) in gs.iter().zip(layers) {
+        if let (Some(g), Some((view, _))) = (g, l.lora) {
+            // SAFETY: g [M, r] from `adapter_grads`, the view checked there.
+            dx = unsafe { add_masked_adapter_dx(o, dx, g, view)? };
+        }
+    }
+    Ok(Some(dx))
 }
