@@ -1,6 +1,8 @@
 // Tensor-core GEMMs (mma.sync m16n8k16 bf16, fp32 accumulation, cp.async 3-stage pipeline) for
 // the three products of a linear layer, with an fp32 or bf16 output, C = alpha·A·B + beta·C,
-// split-K for skinny shapes, and an optional second phase that adds A2·B2 before the epilogue
+// split-K for skinny shapes (each split writes an fp32 partial; the last split of a tile to finish
+// sums the partials in split order, so the result does not depend on which finished last), and
+// an optional second phase that adds A2·B2 before the epilogue
 // (the fused LoRA terms: s·(X·Aᵀ)·Bᵀ in the forward, (s·dY·B)·A in the NF4 dX). The NF4 variants
 // take B as packed NF4 + (double-quantized) scales and dequantize each tile into shared memory,
 // so W never exists in bf16 in device memory.
@@ -39,7 +41,8 @@ struct GemmParams {
   const bf16* a;
   const bf16* b;
   void* c;
-  float* partial;  // split-K workspace [gridDim.z, m, n] (fp32) when gridDim.z > 1
+  float* partial;  // split-K workspace [splits, m, n] (fp32) when K is split
+  unsigned int* tile_done;  // split-K: per output tile, the splits finished (0 between launches)
   // Second phase: A2 [m, k2] (KC) and B2: [n, k2] (KC) in the forward, [k2, n] (MC) in the NF4
   // dX (the LoRA input gradient); null when absent.
   const bf16* a2;
@@ -213,6 +216,37 @@ __device__ __forceinline__ void gemm_tile(int& m0, int& n0) {
   tile_at(blockIdx.y * gridDim.x + blockIdx.x, gridDim.x, gridDim.y, m0, n0);
 }
 
+// After a split's partial of tile (m0, n0) is stored: the last of the tile's splits to get here
+// computes C = alpha·Σ_z partial[z] + beta·C over the tile, z in order 0, 1, ... (the same sum
+// whichever split finished last), and resets the tile's counter for the next launch. The
+// threadfence before the count publishes this block's partial; the one after it orders the last
+// block's reads after every other block's count (the grad_norm pattern in adamw.cu).
+template <typename OutT>
+__device__ void split_finish(const GemmParams& p, int m0, int n0, int splits) {
+  __shared__ bool last;
+  __threadfence();
+  __syncthreads();
+  unsigned int* done = p.tile_done + (m0 / BM) * ((p.n + BN - 1) / BN) + n0 / BN;
+  if (threadIdx.x == 0) last = atomicAdd(done, 1u) == (unsigned int)splits - 1;
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  OutT* c = (OutT*)p.c;
+  const long long plane = (long long)p.m * p.n;
+  for (int e = threadIdx.x; e < BM * BN; e += THREADS) {
+    const int row = m0 + e / BN, col = n0 + e % BN;
+    if (row >= p.m || col >= p.n) continue;
+    const long long i = (long long)row * p.n + col;
+    float sum = 0.0f;
+    for (int z = 0; z < splits; ++z) sum += __ldcg(p.partial + z * plane + i);  // L2: written by other SMs
+    const long long at = (long long)row * p.ldc + col;
+    float out = p.alpha * sum;
+    if (p.beta != 0.0f) out += p.beta * load_out(c, at);
+    store_out<OutT>(c, at, out);
+  }
+  if (threadIdx.x == 0) *done = 0;
+}
+
 // The output tile at (m0, n0), split z of `splits` along K.
 template <bool A_KC, bool B_KC, typename OutT>
 __device__ void gemm_body(const GemmParams& p, int m0, int n0, int z, int splits) {
@@ -270,6 +304,7 @@ __device__ void gemm_body(const GemmParams& p, int m0, int n0, int z, int splits
   }
   cp_async_wait<0>();
   epilogue<OutT>(p, acc, m0, n0, z, splits > 1);
+  if (splits > 1) split_finish<OutT>(p, m0, n0, splits);
 }
 
 template <bool A_KC, bool B_KC, typename OutT>
@@ -289,34 +324,11 @@ GEMM_ENTRY(gemm_nn_f32, true, false, float)
 GEMM_ENTRY(gemm_tn_bf16, false, false, bf16)
 GEMM_ENTRY(gemm_tn_f32, false, false, float)
 
-// C = alpha·Σ_z partial[z] + beta·C, summed in z order (deterministic). One thread per element.
-template <typename OutT>
-__device__ void splitk_reduce(const float* partial, int splits, OutT* c, int m, int n, long long ldc, float alpha,
-                              float beta) {
-  const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-  if (i >= (long long)m * n) return;
-  const long long row = i / n, col = i % n;
-  float s = 0.0f;
-  for (int z = 0; z < splits; ++z) s += partial[(long long)z * m * n + i];
-  const long long at = row * ldc + col;
-  float out = alpha * s;
-  if (beta != 0.0f) out += beta * load_out(c, at);
-  store_out<OutT>(c, at, out);
-}
-extern "C" __global__ void gemm_splitk_reduce_f32(const float* partial, int splits, float* c, int m, int n,
-                                                  long long ldc, float alpha, float beta) {
-  splitk_reduce<float>(partial, splits, c, m, n, ldc, alpha, beta);
-}
-extern "C" __global__ void gemm_splitk_reduce_bf16(const float* partial, int splits, bf16* c, int m, int n,
-                                                   long long ldc, float alpha, float beta) {
-  splitk_reduce<bf16>(partial, splits, c, m, n, ldc, alpha, beta);
-}
-
 // ---- grouped: several independent products in one launch (the adapters of q/k/v, gate/up) ----
 // Product j's output tiles are blocks [Σ_{i<j} tiles_i, Σ_{i≤j} tiles_i) of the grid's x, each
-// split along K as product j would be alone (splits_j, its partial in p[j].partial); gridDim.z is
-// the largest split count and a block past its product's count does nothing. Every block runs
-// gemm_body as the one-product kernel would for that tile and split: the same bits.
+// split along K as product j would be alone (splits_j, its partial and tile counters in p[j]);
+// gridDim.z is the largest split count and a block past its product's count does nothing. Every
+// block runs gemm_body as the one-product kernel would for that tile and split: the same bits.
 #define PRODUCTS_MAX 3
 
 struct GemmGroup {
@@ -345,35 +357,6 @@ __device__ void gemm_group_entry(const GemmGroup& g) {
 GEMM_GROUP_ENTRY(gemm_group_nt_bf16, true, true, bf16)
 GEMM_GROUP_ENTRY(gemm_group_nn_bf16, true, false, bf16)
 GEMM_GROUP_ENTRY(gemm_group_tn_f32, false, false, float)
-
-// The split products' reductions, one thread per element of their outputs side by side (a product
-// that was not split has none).
-template <typename OutT>
-__device__ void splitk_reduce_group(const GemmGroup& g) {
-  long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-  for (int j = 0; j < g.products; ++j) {
-    const GemmParams& p = g.p[j];
-    const long long size = g.splits[j] > 1 ? (long long)p.m * p.n : 0;
-    if (i < size) {
-      const long long row = i / p.n, col = i % p.n;
-      float s = 0.0f;
-      for (int z = 0; z < g.splits[j]; ++z) s += p.partial[(long long)z * p.m * p.n + i];
-      OutT* c = (OutT*)p.c;
-      const long long at = row * p.ldc + col;
-      float out = p.alpha * s;
-      if (p.beta != 0.0f) out += p.beta * load_out(c, at);
-      store_out<OutT>(c, at, out);
-      return;
-    }
-    i -= size;
-  }
-}
-extern "C" __global__ void gemm_group_splitk_reduce_f32(const __grid_constant__ GemmGroup g) {
-  splitk_reduce_group<float>(g);
-}
-extern "C" __global__ void gemm_group_splitk_reduce_bf16(const __grid_constant__ GemmGroup g) {
-  splitk_reduce_group<bf16>(g);
-}
 
 // ---- NF4 weights as the B operand ----
 

@@ -111,6 +111,13 @@ __attribute__((always_inline)) inline T __ldg(const T* p) {
   }
 }
 
+// A load that skips L1 (sees other blocks' stores made visible by a threadfence): one memory
+// here, so the same load as __ldg.
+template <class T>
+__attribute__((always_inline)) inline T __ldcg(const T* p) {
+  return __ldg(p);
+}
+
 // ---- math intrinsics: IEEE round-to-nearest host arithmetic (built with -ffp-contract=off) ----
 inline float __fadd_rn(float a, float b) { return a + b; }
 inline float __fsub_rn(float a, float b) { return a - b; }

@@ -203,6 +203,8 @@ pub struct CudaDevice {
     /// shared memory per SM and the part reserved per block (bytes).
     multiprocessors: usize,
     shared_per_sm: (usize, usize),
+    /// The split-K GEMMs' per-tile counters (zero between launches), grown on demand.
+    tile_counters: Mutex<Option<cudarc::driver::CudaSlice<u32>>>,
 }
 
 impl std::fmt::Debug for CudaDevice {
@@ -266,6 +268,7 @@ impl CudaDevice {
             sync_each_launch: std::env::var("QLORA_SYNC").is_ok_and(|v| v == "1"),
             multiprocessors,
             shared_per_sm,
+            tile_counters: Mutex::new(None),
         });
         devices.insert(ordinal, dev.clone());
         Ok(dev)
@@ -291,6 +294,27 @@ impl CudaDevice {
         self.ctx
             .compute_capability()
             .map_err(Error::cuda("reading the compute capability"))
+    }
+
+    /// The device address of at least `n` u32 counters, zero between kernels: a split-K GEMM
+    /// counts there the splits of each output tile that have finished, and the last resets the
+    /// count (kernels/gemm.cu, `split_finish`). One buffer serves every launch, since this GPU's
+    /// kernels run one after another on its one stream; a larger need replaces it (the old one
+    /// is freed in stream order, after the kernels that use it).
+    pub fn tile_counters(&self, n: usize) -> Result<u64> {
+        use cudarc::driver::DevicePtr;
+        let mut counters = self.tile_counters.lock().unwrap_or_else(|p| p.into_inner());
+        if counters.as_ref().is_none_or(|c| c.len() < n) {
+            let len = n.max(1024).next_power_of_two();
+            let fresh = self
+                .stream
+                .alloc_zeros::<u32>(len)
+                .map_err(Error::cuda("allocating the split-K tile counters"))?;
+            *counters = Some(fresh);
+        }
+        let c = counters.as_ref().expect("allocated above");
+        let (ptr, _sync) = c.device_ptr(&self.stream);
+        Ok(ptr)
     }
 
     /// Streaming multiprocessors (read when the device was created).

@@ -28,7 +28,7 @@
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
 use super::{check_tensor, cuda_ordinal};
-use crate::device::cuda::{grid_1d, CudaDevice};
+use crate::device::cuda::CudaDevice;
 use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::quant::nf4::{Absmax, Nf4Tensor};
@@ -59,6 +59,7 @@ struct GemmParams {
     b: u64,
     c: u64,
     partial: u64,
+    tile_done: u64,
     a2: u64,
     b2: u64,
     lda: i64,
@@ -351,11 +352,17 @@ unsafe fn gemm_ptrs_split(
     } else {
         None
     };
+    let tile_done = if splits > 1 {
+        cuda.tile_counters(m.div_ceil(TILE) * n.div_ceil(TILE))?
+    } else {
+        0
+    };
     let params = GemmParams {
         a,
         b,
         c,
         partial: workspace.as_ref().map_or(0, |w| w.device_ptr()),
+        tile_done,
         lda: lda as i64,
         ldb: ldb as i64,
         ldc: ldc as i64,
@@ -380,31 +387,11 @@ unsafe fn gemm_ptrs_split(
     let mut bld = cuda.stream().launch_builder(&f);
     bld.arg(&params);
     // SAFETY: the caller's contract covers the pointers and shapes; the workspace holds
-    // splits·M·N floats; the kernel needs `smem` bytes of dynamic shared memory (allowed above)
-    // and 256 threads, which cfg gives.
+    // splits·M·N floats and the counters one zero u32 per output tile (the last split of each
+    // tile sums the partials into C and resets its counter); the kernel needs `smem` bytes of
+    // dynamic shared memory (allowed above) and 256 threads, which cfg gives.
     unsafe { cuda.launch(name, bld, launch_cfg(m, n, splits, smem)) }?;
-    if let Some(ws) = workspace {
-        let red = if out == DType::BF16 {
-            "gemm_splitk_reduce_bf16"
-        } else {
-            "gemm_splitk_reduce_f32"
-        };
-        let f = cuda.function("gemm", red)?;
-        let (splits_i, m_i, n_i, ldc_i) = (splits as i32, m as i32, n as i32, ldc as i64);
-        let mut bld = cuda.stream().launch_builder(&f);
-        bld.arg(ws.cuda_slice::<f32>(op)?)
-            .arg(&splits_i)
-            .arg(&c)
-            .arg(&m_i)
-            .arg(&n_i)
-            .arg(&ldc_i)
-            .arg(&alpha)
-            .arg(&beta);
-        // SAFETY: gemm_splitk_reduce_*(const float*, int, T*, int, int, long long, float,
-        // float): the workspace holds splits·M·N floats written by the GEMM above on the same
-        // stream; C is the caller's [M, N] buffer with row length ldc.
-        unsafe { cuda.launch(red, bld, grid_1d(m * n, 256)) }?;
-    }
+    drop(workspace);
     Ok(())
 }
 
@@ -432,8 +419,8 @@ struct Product {
 }
 
 /// Up to [`GROUP_MAX`] independent products of one layout and output type (an adapter's small
-/// GEMMs for each of q, k and v) as one launch, and one more for their split-K reductions. Each
-/// is split along K as it would be alone, so each result equals [`gemm_ptrs`]'s bit for bit. One
+/// GEMMs for each of q, k and v) as one launch. Each is split along K as it would be alone, so
+/// each result equals [`gemm_ptrs`]'s bit for bit. One
 /// product is [`gemm_ptrs`] itself. Kernels exist for the adapters' layouts: NT and NN with a
 /// bf16 output, TN with an fp32 one.
 ///
@@ -476,7 +463,7 @@ unsafe fn gemm_group_ptrs(
         products: products.len() as i32,
         ..GemmGroup::default()
     };
-    let mut partial_len = 0;
+    let (mut partial_len, mut counters_len) = (0, 0);
     let mut partial_at = [None; GROUP_MAX];
     for (j, pr) in products.iter().enumerate() {
         check_ptrs(op, layout, pr.ptrs, pr.lds, pr.mnk, out)?;
@@ -500,8 +487,9 @@ unsafe fn gemm_group_ptrs(
         group.tiles[j] = (m.div_ceil(TILE) * n.div_ceil(TILE)) as i32;
         group.splits[j] = splits as i32;
         if splits > 1 && m * n > 0 {
-            partial_at[j] = Some(partial_len);
+            partial_at[j] = Some((partial_len, counters_len));
             partial_len += splits * m * n;
+            counters_len += group.tiles[j] as usize;
         }
     }
     let tiles: usize = group.tiles.iter().map(|&t| t as usize).sum();
@@ -518,9 +506,11 @@ unsafe fn gemm_group_ptrs(
         None
     };
     if let Some(ws) = &workspace {
+        let counters = cuda.tile_counters(counters_len)?;
         for (j, at) in partial_at.iter().enumerate() {
-            if let Some(at) = at {
-                group.p[j].partial = ws.device_ptr() + 4 * *at as u64;
+            if let Some((partial, tiles)) = at {
+                group.p[j].partial = ws.device_ptr() + 4 * *partial as u64;
+                group.p[j].tile_done = counters + 4 * *tiles as u64;
             }
         }
     }
@@ -536,29 +526,11 @@ unsafe fn gemm_group_ptrs(
     };
     // SAFETY: the caller's contract covers each product's pointers and shapes (checked for row
     // lengths and alignment above); each split product's partial is its own `splits·M·N` floats
-    // of the workspace; the grid holds every product's tiles, and the largest split count, as
-    // the kernel maps them; `smem` bytes and 256 threads, as it expects.
+    // of the workspace and its counters its own zero u32 per tile; the grid holds every
+    // product's tiles, and the largest split count, as the kernel maps them; `smem` bytes and
+    // 256 threads, as it expects.
     unsafe { cuda.launch(name, bld, cfg) }?;
-    if let Some(ws) = workspace {
-        let red = if out == DType::BF16 {
-            "gemm_group_splitk_reduce_bf16"
-        } else {
-            "gemm_group_splitk_reduce_f32"
-        };
-        let elems: usize = products
-            .iter()
-            .zip(&partial_at)
-            .filter(|(_, at)| at.is_some())
-            .map(|(pr, _)| pr.mnk[0] * pr.mnk[1])
-            .sum();
-        let f = cuda.function("gemm", red)?;
-        let mut bld = cuda.stream().launch_builder(&f);
-        bld.arg(&group);
-        // SAFETY: the partials the GEMM above wrote (the workspace, alive until here), each
-        // split product's C as above; one thread per element of the split products' outputs.
-        unsafe { cuda.launch(red, bld, grid_1d(elems, 256)) }?;
-        drop(ws);
-    }
+    drop(workspace);
     Ok(())
 }
 
