@@ -1557,13 +1557,7 @@ impl<'a> Tape<'a> {
             self.linear_backward_into(x, lin, xa, mask, dy, Acc::None)?;
             return Ok(acc);
         }
-        let acc = match acc {
-            None => Acc::None,
-            Some(a) => match Rc::try_unwrap(a) {
-                Ok(t) => Acc::Own(t),
-                Err(shared) => Acc::Shared(shared),
-            },
-        };
+        let acc = Acc::of(acc);
         self.linear_backward_into(x, lin, xa, mask, dy, acc)
     }
 
@@ -1608,13 +1602,7 @@ impl<'a> Tape<'a> {
             unsafe { gemm::lora_backward_group(gemm::LayerInput::Frozen(&xv), &layers)? };
             return Ok(acc);
         }
-        let acc = match acc {
-            None => Acc::None,
-            Some(a) => match Rc::try_unwrap(a) {
-                Ok(t) => Acc::Own(t),
-                Err(shared) => Acc::Shared(shared),
-            },
-        };
+        let acc = Acc::of(acc);
         let dx = match acc {
             Acc::Own(acc) => {
                 let input = gemm::LayerInput::Accumulate(&xv, acc);
@@ -1764,6 +1752,19 @@ enum Acc {
     Own(Tensor),
     /// Shared (e.g. a residual gradient that also flows elsewhere): summed into a new buffer.
     Shared(Rc<Tensor>),
+}
+
+impl Acc {
+    /// The gradient an input has: owned when nothing else holds it, else shared.
+    fn of(acc: Option<Rc<Tensor>>) -> Acc {
+        match acc {
+            None => Acc::None,
+            Some(a) => match Rc::try_unwrap(a) {
+                Ok(t) => Acc::Own(t),
+                Err(shared) => Acc::Shared(shared),
+            },
+        }
+    }
 }
 
 /// Two disjoint mutable ranges of one buffer (A before B in every slot).

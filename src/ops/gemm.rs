@@ -38,6 +38,10 @@ const TILE: usize = 128;
 const BK: usize = 32;
 const STAGES: usize = 3;
 const THREADS: u32 = 256;
+/// Dynamic shared memory of the bf16 GEMMs: STAGES A tiles and STAGES B tiles of bf16.
+const GEMM_SMEM: usize = 2 * STAGES * TILE * BK * 2;
+/// Dynamic shared memory of the NF4 GEMMs: STAGES A tiles and two decoded B tiles of bf16.
+const NF4_SMEM: usize = (STAGES + 2) * TILE * BK * 2;
 /// Rows at or below which the NF4 forward takes the memory-bound small-M kernel.
 pub const SMALL_M: usize = 16;
 
@@ -382,7 +386,7 @@ unsafe fn gemm_ptrs_split(
         (Layout::Tn, DType::BF16) => "gemm_tn_bf16",
         (Layout::Tn, _) => "gemm_tn_f32",
     };
-    let smem = 2 * STAGES * TILE * BK * 2;
+    let smem = GEMM_SMEM;
     let f = cuda.function_with_shared("gemm", name, smem)?;
     let mut bld = cuda.stream().launch_builder(&f);
     bld.arg(&params);
@@ -514,7 +518,7 @@ unsafe fn gemm_group_ptrs(
             }
         }
     }
-    let smem = 2 * STAGES * TILE * BK * 2;
+    let smem = GEMM_SMEM;
     let f = cuda.function_with_shared("gemm", name, smem)?;
     let mut bld = cuda.stream().launch_builder(&f);
     bld.arg(&group);
@@ -749,7 +753,7 @@ fn launch_nf4(
     n: usize,
 ) -> Result<()> {
     let cuda = CudaDevice::get(o)?;
-    let smem = (STAGES + 2) * TILE * BK * 2;
+    let smem = NF4_SMEM;
     let f = cuda.function_with_shared("gemm", name, smem)?;
     let mut bld = cuda.stream().launch_builder(&f);
     bld.arg(&g).arg(&p);
@@ -1078,7 +1082,7 @@ pub unsafe fn lora_forward_group(
     if m > 0 && tiles_n > 0 {
         let cuda = CudaDevice::get(o)?;
         let name = "gemm_nf4_nt_group_bf16";
-        let smem = (STAGES + 2) * TILE * BK * 2;
+        let smem = NF4_SMEM;
         let f = cuda.function_with_shared("gemm", name, smem)?;
         let mut bld = cuda.stream().launch_builder(&f);
         bld.arg(&group);
@@ -1494,7 +1498,7 @@ pub unsafe fn lora_backward_group(
     if m > 0 && k > 0 {
         let cuda = CudaDevice::get(o)?;
         let name = "gemm_nf4_nn_group_bf16";
-        let smem = (STAGES + 2) * TILE * BK * 2;
+        let smem = NF4_SMEM;
         let f = cuda.function_with_shared("gemm", name, smem)?;
         let mut bld = cuda.stream().launch_builder(&f);
         bld.arg(&group);
