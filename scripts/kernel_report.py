@@ -10,6 +10,9 @@
                  the file of the kernels that follow.
 --profile FILE   the simulated GPU's profile (QLORA_SIM_PROFILE, format in the simulator's notes):
                  tab-separated lines tagged `qsim-profile-v1`, summed per kernel.
+--sass DIR       DIR/sm_89.txt, DIR/sm_90.txt (those that exist): `cuobjdump -sass` of every
+                 kernels/*.cu cubin for that arch; each tensor-core kernel's main loop is read
+                 from it (scripts/sass_loops.py) for the instruction-issue bound.
 --command TEXT   a command that produced the inputs, shown in the header (repeatable).
 
 scripts/kernel-report.sh runs all of it. Standard library only. Every figure is a design figure
@@ -21,6 +24,8 @@ import math
 import os
 import re
 import sys
+
+import sass_loops
 
 # Cards and the peaks assumed. Tensor figures are dense bf16 mma with fp32 accumulate,
 # FLOP/clk/SM × SMs × boost clock; bandwidths are the vendors' spec-sheet figures.
@@ -114,6 +119,22 @@ def load_ptxas(directory):
     return found
 
 
+def load_sass(directory):
+    """{arch: {kernel: main-loop figures}} for each sm_XX.txt present (none without a directory)."""
+    found = {}
+    if not directory:
+        return found
+    for arch in ARCHS:
+        path = os.path.join(directory, arch + ".txt")
+        if os.path.exists(path):
+            with open(path, encoding="utf-8", errors="replace") as f:
+                found[arch] = sass_loops.analyse(f.read())
+            if not found[arch]:
+                sys.exit(f"kernel_report: {path}: no kernel with an HMMA loop found; is it "
+                         "`cuobjdump -sass` output?")
+    return found
+
+
 def load_profile(path):
     """{kernel: {field: value}}: lines of the same kernel summed (threads and smem maxed)."""
     kernels = {}
@@ -197,6 +218,29 @@ def peak(card):
 def waves_per_mma(p):
     """Shared-memory wavefronts (loads, stores, ldmatrix, cp.async) per MMA of a profiled kernel."""
     return sum(p[f"{s}_wave"] for s in ("lds", "sts", "ldsm", "cpa")) / p["mma"]
+
+
+def hmma_clocks(card):
+    """Clocks one HMMA.16816 keeps a scheduler partition's tensor core busy at the dense peak."""
+    return MMA_FLOP / (card["flop_clk_sm"] / 4)
+
+
+def issue_bound(loop, card):
+    """Share of the tensor peak the main loop's longest iteration allows when each partition
+    issues one instruction per clock: its HMMAs' tensor clocks over its issue slots."""
+    return min(1.0, loop["hmma"] * hmma_clocks(card) / loop["max"])
+
+
+def card_issue(sass, name, card):
+    """The issue bound of kernel `name` on `card` (from its arch's SASS), or None."""
+    loop = sass.get(card["arch"], {}).get(name)
+    return issue_bound(loop, card) if loop else None
+
+
+def bound_cell(smem, dram, issue):
+    """`smem / DRAM / issue → bound` (issue left out where there is no SASS figure)."""
+    parts = [smem, dram] + ([issue] if issue is not None else [])
+    return " / ".join(f"{x:.0%}" for x in parts) + f" → **{min(parts):.0%}**", min(parts)
 
 
 def smem_bound(waves, card):
@@ -312,7 +356,7 @@ def section_counts(profile):
          "global reuse"], rows)
 
 
-def section_bounds(profile):
+def section_bounds(profile, sass):
     mma_rows, mem_rows = [], []
     for name, p in sorted(profile.items(), key=lambda kv: natural(kv[0])):
         if p["mma"]:
@@ -324,7 +368,7 @@ def section_bounds(profile):
                 card = CARDS[key]
                 smem = smem_bound(waves, card)
                 dram = min(1.0, intensity * card["bw"] / peak(card)) if intensity else 1.0
-                row.append(f"{smem:.0%} / {dram:.0%} → **{min(smem, dram):.0%}**")
+                row.append(bound_cell(smem, dram, card_issue(sass, name, card))[0])
             mma_rows.append(row)
         else:
             n = p["launches"] or 1
@@ -333,11 +377,12 @@ def section_bounds(profile):
                              size((p["ldg_bytes"] + p["stg_bytes"]) / n), size(p["unique_bytes"] / n),
                              f"{eff:.0%}" if eff else "—", "bandwidth-bound"])
     out = ["## 3. Roofline bounds", "",
-           "Tensor-core kernels: the share of the dense bf16 peak that shared memory and DRAM "
-           "each allow, `smem / DRAM → bound`. **The DRAM figure uses the profile's shapes, which "
-           "are the tests' small shapes**: it holds for those shapes only (larger matrices and "
-           "sequences bring more FLOP per byte). The shared-memory figure depends on the tiling, "
-           "not the shape.", ""]
+           "Tensor-core kernels: the share of the dense bf16 peak that shared memory, DRAM and "
+           "instruction issue each allow, `smem / DRAM / issue → bound` (issue from section 5, "
+           "the main loop's longest iteration; absent where no SASS was read). **The DRAM "
+           "figure uses the profile's shapes, which are the tests' small shapes**: it holds for "
+           "those shapes only (larger matrices and sequences bring more FLOP per byte). The "
+           "shared-memory and issue figures depend on the tiling, not the shape.", ""]
     none = ["(none in the profile)"]
     out += table(["kernel", "FLOP (all launches)", "smem wavefronts per MMA",
                   "FLOP per unique byte"] + [CARDS[k]["name"] for k in ROOFLINE_CARDS],
@@ -384,7 +429,7 @@ BENCH_SHAPES = [
 ]
 
 
-def section_bench_shapes(profile):
+def section_bench_shapes(profile, sass):
     rows = []
     for label, kernels, flop, nbytes in BENCH_SHAPES:
         # One kernel for every card, or the one each card's launch takes.
@@ -400,20 +445,66 @@ def section_bench_shapes(profile):
             card = CARDS[key]
             smem = smem_bound(waves[per_card[key]], card)
             dram = min(1.0, flop / nbytes * card["bw"] / peak(card))
-            bound = min(smem, dram)
-            row.append(f"{smem:.0%} / {dram:.0%} → **{bound:.0%}** "
-                       f"({bound * peak(card) / 1e12:.0f} TFLOP/s)")
+            cell, bound = bound_cell(smem, dram, card_issue(sass, per_card[key], card))
+            row.append(f"{cell} ({bound * peak(card) / 1e12:.0f} TFLOP/s)")
         rows.append(row)
     if not rows:
         return ["## 4. Bounds at the benches' shapes", "", "(no tensor-core kernel in the profile)"]
     return ["## 4. Bounds at the benches' shapes", "",
-            "The same two ceilings at the shapes `benches/kernels.rs` times: shared memory from the "
+            "The same ceilings at the shapes `benches/kernels.rs` times: shared memory from the "
             "profiled wavefronts per MMA (a property of the tiling, so it carries over), DRAM from "
-            "the shape's FLOP and compulsory bytes (written out in `scripts/kernel_report.py`). "
+            "the shape's FLOP and compulsory bytes (written out in `scripts/kernel_report.py`), "
+            "instruction issue from the kernel's main loop (section 5: also the tiling's). "
             "On H100/H200 `mma.sync` itself is a further cap (see the assumption above); the "
             "issue's targets put the bf16 GEMM at ≥ 45% of cuBLAS there.", ""] + table(
         ["shape", "kernel", "FLOP", "compulsory bytes", "FLOP per byte", "smem wavefronts per MMA"]
-        + [CARDS[k]["name"] + " smem / DRAM → bound" for k in ROOFLINE_CARDS], rows)
+        + [CARDS[k]["name"] + " smem / DRAM / issue → bound" for k in ROOFLINE_CARDS], rows)
+
+
+def section_issue(sass):
+    archs = [a for a in ("sm_89", "sm_90") if a in sass]
+    names = sorted({n for a in archs for n in sass[a]}, key=natural)
+    if not names:
+        return ["## 5. Instruction issue in the main loops", "", "(no SASS read: no issue bound)"]
+    rows = []
+    for name in names:
+        row = [f"`{name}`"]
+        for arch in archs:
+            loop = sass[arch].get(name)
+            row += ([loop["hmma"], f"{loop['min']}–{loop['max']}", f"{loop['max'] / loop['hmma']:.1f}"]
+                    if loop else ["—", "—", "—"])
+        for key in ROOFLINE_CARDS:
+            card = CARDS[key]
+            loop = sass.get(card["arch"], {}).get(name)
+            if not loop:
+                row.append("—")
+                continue
+            worst = issue_bound(loop, card)
+            best = min(1.0, loop["hmma"] * hmma_clocks(card) / loop["min"])
+            row.append(f"**{worst:.0%}** ({best:.0%})")
+        rows.append(row)
+    header = ["kernel"]
+    for arch in archs:
+        header += [f"{arch} HMMA per iteration", f"{arch} instructions (shortest–longest)",
+                   f"{arch} instructions per HMMA (longest)"]
+    header += [f"{CARDS[k]['name']} issue bound, longest (shortest)" for k in ROOFLINE_CARDS]
+    clocks = ", ".join(f"{CARDS[k]['name']} {hmma_clocks(CARDS[k]):g}" for k in CARDS)
+    return ["## 5. Instruction issue in the main loops", "",
+            "Each SM partition issues one warp instruction per clock, and each HMMA.16816 (one "
+            f"`mma.sync.m16n8k16`) keeps the partition's tensor core busy for {MMA_FLOP} FLOP over "
+            f"its quarter of the SM's FLOP per clock at the dense peak ({clocks} clocks). So an "
+            "iteration of I instructions holding H HMMAs reaches at most H × clocks / I of the "
+            "peak, however many warps are resident: every other instruction (address arithmetic, "
+            "loads, the NF4 decode, the softmax) takes a slot an HMMA could have had. The main "
+            "loop and its iterations are read from `cuobjdump -sass` (`scripts/sass_loops.py`: "
+            "the loop with the most HMMAs; every path from its head to its backward branch that "
+            "does the full work, inner loops once, predicated instructions counted). For the "
+            "GEMMs the longest iteration is the steady state (a K tile loaded, for NF4 decoded, "
+            "and multiplied; the shorter ones are the pipeline's last tiles); for attention it "
+            "includes a boundary tile's masking, so an interior tile lies between the two figures. "
+            "The bound in sections 3 and 4 uses the longest. Not modelled: dual issue (none on "
+            "these cards), stalls on latency, and the HMMA rate `mma.sync` actually sustains on "
+            "sm_90 (see the assumption above).", ""] + table(header, rows)
 
 
 def section_reading():
@@ -450,10 +541,12 @@ def section_reading():
             "card's tensor FLOP per clock per SM (capped at 100%).",
             "- **DRAM bound** — FLOP per unique byte × DRAM bandwidth over the tensor peak "
             "(capped at 100%): the unique bytes are compulsory traffic with an infinite cache.",
+            "- **issue bound** — the main loop's HMMA tensor clocks over the instructions an "
+            "iteration issues (section 5; compiler output, not simulator counts).",
             "",
             "What the simulator cannot see: time. It has no clock, no caches (L1/L2 hit rates, "
-            "the cost of reuse), no latency or how well warps hide it, no instruction issue, "
-            "pipeline or dual-issue limits, no power or clock throttling. The bounds are ceilings "
+            "the cost of reuse), no latency or how well warps hide it, no pipeline limits beyond "
+            "the issue count read from SASS, no power or clock throttling. The bounds are ceilings "
             "implied by counts and spec-sheet peaks; only a run on a card measures speed."]
 
 
@@ -461,17 +554,20 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ptxas", required=True, help="directory of sm_XX.txt ptxas -v outputs")
     ap.add_argument("--profile", help="simulator profile (QLORA_SIM_PROFILE file)")
+    ap.add_argument("--sass", help="directory of sm_XX.txt `cuobjdump -sass` outputs")
     ap.add_argument("--nvcc-version", default="", help="nvcc version line for the header")
     ap.add_argument("--command", action="append", default=[], help="producing command (repeatable)")
     args = ap.parse_args()
     ptxas, profile = load_ptxas(args.ptxas), load_profile(args.profile)
+    sass = load_sass(args.sass)
     sections = [section_header(args), section_cards(), section_resources(ptxas, profile)]
     if profile:
-        sections += [section_counts(profile), section_bounds(profile),
-                     section_bench_shapes(profile)]
+        sections += [section_counts(profile), section_bounds(profile, sass),
+                     section_bench_shapes(profile, sass)]
     else:
         sections.append(["No simulator profile (or one without kernel lines): no counts, "
                          "no bounds."])
+    sections.append(section_issue(sass))
     sections.append(section_reading())
     print("\n\n".join("\n".join(s) for s in sections))
 
