@@ -110,6 +110,12 @@ __device__ __forceinline__ float block_sum(float v) {
 
 typedef __nv_bfloat16 bf16;
 
+// An NF4 codebook passed by value with a launch (64 bytes of parameters): kernels read it from the
+// constant bank instead of looking it up in device memory.
+struct Nf4Code {
+  float v[16];
+};
+
 // Two bf16 (each rounded to nearest even) at p, 4-byte aligned, in one 32-bit store: a warp's
 // C-fragment row (4 lanes × 2 columns) becomes one 16-byte run per row instead of two strided
 // 2-byte stores.

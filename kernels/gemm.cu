@@ -1,11 +1,11 @@
 // Tensor-core GEMMs (mma.sync m16n8k16 bf16, fp32 accumulation, cp.async 3-stage pipeline) for
 // the three products of a linear layer, with an fp32 or bf16 output, C = alpha·A·B + beta·C,
 // split-K for skinny shapes (each split writes an fp32 partial; the last split of a tile to finish
-// sums the partials in split order, so the result does not depend on which finished last), and
-// an optional second phase that adds A2·B2 before the epilogue
-// (the fused LoRA terms: s·(X·Aᵀ)·Bᵀ in the forward, (s·dY·B)·A in the NF4 dX). The NF4 variants
-// take B as packed NF4 + (double-quantized) scales and dequantize each tile into shared memory,
-// so W never exists in bf16 in device memory.
+// sums the partials in split order, so the result does not depend on which finished last). The NF4
+// variants take B as packed NF4 + (double-quantized) scales and dequantize each tile into shared
+// memory, so W never exists in bf16 in device memory, with an optional second phase of K that
+// adds A2·B2 before the epilogue (the fused LoRA terms: s·(X·Aᵀ)·Bᵀ in the forward, (s·dY·B)·A
+// in the dX).
 // Math, shapes and the CPU references: src/ops/gemm.rs.
 //
 // Operand layouts (KC: contiguous along k; MC: contiguous along m or n):
@@ -43,8 +43,8 @@ struct GemmParams {
   void* c;
   float* partial;  // split-K workspace [splits, m, n] (fp32) when K is split
   unsigned int* tile_done;  // split-K: per output tile, the splits finished (0 between launches)
-  // Second phase: A2 [m, k2] (KC) and B2: [n, k2] (KC) in the forward, [k2, n] (MC) in the NF4
-  // dX (the LoRA input gradient); null when absent.
+  // The NF4 kernels' second phase: A2 [m, k2] (KC) and B2: [n, k2] (KC) in the forward, [k2, n]
+  // (MC) in the dX (the LoRA input gradient); null when absent (always, for the plain GEMMs).
   const bf16* a2;
   const bf16* b2;
   long long lda, ldb, ldc, lda2, ldb2;
@@ -61,9 +61,9 @@ struct Nf4Params {
   const float* absmax2;
   const float* offset;
   const float* code2;
-  const float* code;  // [16]
   long long rows, cols;
   int blocksize_log2;  // blocks of 2^blocksize_log2 elements: the block of element i is i >> it
+  float code[16];      // the codebook, by value: read from the constant bank, never from memory
 };
 
 // ---- swizzled shared-memory addressing (element offsets) ----
@@ -72,62 +72,115 @@ __device__ __forceinline__ int off_kc(int row, int chunk) { return row * BK + ((
 // MC tile: [32 k-rows][128]: 16 chunks per row; chunk ^= row & 7.
 __device__ __forceinline__ int off_mc(int krow, int chunk) { return krow * BM + ((chunk ^ (krow & 7)) << 3); }
 
-// Loads one operand tile (rows [r0, r0+128) of the m/n dimension, k in [k0, min(k0+32, kend)))
-// with cp.async; zero-fills outside. A chunk of 8 that straddles the end of the contiguous
-// dimension (kend for KC, rmax for MC: possible when the row length `ld` is padded past it)
-// copies only the elements before the end and zero-fills the rest, so the padding is never read.
+// One thread's share of an operand tile's loads in the main loop, worked out once per output tile:
+// a K tile then costs two pointer steps and the two copies, and a clamp on the one K tile that
+// reaches past K (working each chunk's source and slot out from scratch for every K tile, with
+// 64-bit multiplies and bounds checks, was most of an iteration's instructions: the kernel
+// report's issue section). Chunk i (i = 0, 1) of the 512 16-byte chunks of a tile is q = tid +
+// 256·i: KC rows (q >> 2) at k (q & 3)·8, i.e. rows (tid >> 2) + 64·i; MC k-rows (q >> 4) at
+// column (q & 15)·8, i.e. k-rows (tid >> 4) + 16·i. Both chunks share the swizzle, so chunk 1's
+// slot is chunk 0's + 2048 elements (64·BK = 16·BM). A chunk copies only what lies inside the
+// matrix (16 bytes, fewer where a row of MC ends mid-chunk, 0 outside) and zero-fills the rest,
+// so the row padding is never read; the source of a row or column out of range is the tile's
+// first (in range): it copies 0 bytes, and its address stays a valid one.
+#define CHUNK1 2048
+
 template <bool KC>
-__device__ __forceinline__ void load_tile(bf16* s, const bf16* g, long long ld, int r0, int rmax, int k0,
-                                          int kend) {
-  const int tid = threadIdx.x;
+struct TileLoader {
+  const bf16* src[2];  // each chunk's source in the next K tile to load
+  int bytes[2];        // what each chunk copies of a whole K tile (16; fewer or 0 at the M/N edge)
+  int slot;            // chunk 0's element offset in a stage
+
+  // For the operand tile at rows (KC) or columns (MC) [r0, r0 + 128) of g, starting at K tile k0.
+  __device__ __forceinline__ void init(const bf16* g, long long ld, int r0, int rmax, int k0) {
+    const int tid = threadIdx.x;
 #pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    const int q = tid + i * THREADS;
-    if (KC) {
-      const int row = q >> 2, ch = q & 3;
-      const int gr = r0 + row, gk = k0 + ch * 8;
-      const bool ok = gr < rmax && gk < kend;
-      const int bytes = ok ? 2 * min(8, kend - gk) : 0;
-      cp_async_16(s + off_kc(row, ch), ok ? g + (long long)gr * ld + gk : g, bytes);
-    } else {
-      const int krow = q >> 4, ch = q & 15;
-      const int gk = k0 + krow, gr = r0 + ch * 8;
-      const bool ok = gk < kend && gr < rmax;
-      const int bytes = ok ? 2 * min(8, rmax - gr) : 0;
-      cp_async_16(s + off_mc(krow, ch), ok ? g + (long long)gk * ld + gr : g, bytes);
+    for (int i = 0; i < 2; ++i) {
+      if (KC) {
+        const int row = (tid >> 2) + 64 * i, ch = tid & 3;
+        const bool ok = r0 + row < rmax;
+        src[i] = g + (long long)(ok ? r0 + row : r0) * ld + k0 + ch * 8;
+        bytes[i] = ok ? 16 : 0;
+      } else {
+        const int krow = (tid >> 4) + 16 * i, gr = r0 + (tid & 15) * 8;
+        const bool ok = gr < rmax;
+        src[i] = g + (long long)(k0 + krow) * ld + (ok ? gr : r0);
+        bytes[i] = ok ? 2 * min(8, rmax - gr) : 0;
+      }
     }
+    slot = KC ? off_kc(tid >> 2, tid & 3) : off_mc(tid >> 4, tid & 15);
   }
-}
+
+  // Copies the K tile at k0 (the one src points at) into stage s, then moves src to the next.
+  // Only a tile reaching past kend copies less: KC chunks up to kend, MC k-rows before it.
+  __device__ __forceinline__ void load(bf16* s, const bf16* g, long long ld, int k0, int kend) {
+    if (k0 + BK <= kend) {
+      cp_async_16(s + slot, src[0], bytes[0]);
+      cp_async_16(s + slot + CHUNK1, src[1], bytes[1]);
+    } else {
+      const int tid = threadIdx.x;
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        int n = bytes[i];
+        if (KC) n = min(n, 2 * max(0, kend - (k0 + (tid & 3) * 8)));
+        else n = k0 + (tid >> 4) + 16 * i < kend ? n : 0;
+        cp_async_16(s + slot + CHUNK1 * i, n > 0 ? src[i] : g, n);
+      }
+    }
+    const long long step = KC ? (long long)BK : BK * ld;
+    src[0] += step;
+    src[1] += step;
+  }
+};
+
+// Each lane's ldmatrix addresses in a stage, worked out once per block rather than for every k16
+// step (lane = 8j + r).
+// KC tile: a lane's swizzle is (r >> 1) & 3 for all of its rows (they differ by multiples of 8),
+// so the 16-row blocks mi (np) lie 16·BK elements apart, and the second k16 step (chunk + 2, the
+// chunk being 0 or 1) flips bit 4 of the offset.
+// MC tile: the swizzle is r, XORed into the 16-byte chunk. A's chunk is 8·wm + 2·mi + h (h = 0
+// or 1): bitwise, its XOR with r is 8·wm + 2·(mi ^ q) + (h ^ (r & 1)), q = (r >> 1) & 3, so block
+// mi lies 16·(mi ^ q) elements from a per-lane start. B's chunk is 4·wn + 2·np + h, whose bit 2
+// (wn's low bit) meets r's: its XOR with r is 8·(wn >> 1) + (4·(wn & 1) ^ (r & 4)) + 2·(np ^ (q &
+// 1)) + (h ^ (r & 1)). The second k16 step is 16 rows (16·BM elements) further.
+template <bool A_KC, bool B_KC>
+struct FragOffsets {
+  int a, b;  // KC: block 0 at kk = 0; MC: the per-lane start (the block term left out)
+  int q16;   // MC: 16·q
+
+  __device__ __forceinline__ FragOffsets() {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int wm = warp >> 2, wn = warp & 3;
+    const int j = lane >> 3, r = lane & 7;
+    q16 = ((r >> 1) & 3) * 16;
+    a = A_KC ? off_kc(wm * 64 + (j & 1) * 8 + r, j >> 1)
+             : ((j >> 1) * 8 + r) * BM + (wm * 8 + ((j & 1) ^ (r & 1))) * 8;
+    b = B_KC ? off_kc(wn * 32 + (j >> 1) * 8 + r, j & 1)
+             : ((j & 1) * 8 + r) * BM + ((wn >> 1) * 8 + ((4 * (wn & 1)) ^ (r & 4)) + ((j >> 1) ^ (r & 1))) * 8;
+  }
+  __device__ __forceinline__ int at_a(int mi, int kk) const {
+    return A_KC ? (a ^ (kk * 16)) + mi * 16 * BK : a + ((mi * 16) ^ q16) + kk * 16 * BM;
+  }
+  __device__ __forceinline__ int at_b(int np, int kk) const {
+    return B_KC ? (b ^ (kk * 16)) + np * 16 * BK : b + ((np * 16) ^ (q16 & 16)) + kk * 16 * BM;
+  }
+};
 
 // Fragments of one k16 step (kk = 0 or 1 within the BK = 32 tile) and the 16 mma.
 template <bool A_KC, bool B_KC>
-__device__ __forceinline__ void compute_tile(const bf16* sa, const bf16* sb, float (*acc)[4][4], int kk) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int wm = warp >> 2, wn = warp & 3;
-  const int j = lane >> 3, r = lane & 7;
+__device__ __forceinline__ void compute_tile(const bf16* sa, const bf16* sb, const FragOffsets<A_KC, B_KC>& fo,
+                                             float (*acc)[4][4], int kk) {
   uint32_t a[4][4], b[4][2];
 #pragma unroll
   for (int mi = 0; mi < 4; ++mi) {
-    if (A_KC) {
-      const int row = wm * 64 + mi * 16 + (j & 1) * 8 + r;
-      ldmatrix_x4(a[mi], sa + off_kc(row, kk * 2 + (j >> 1)));
-    } else {
-      const int krow = kk * 16 + (j >> 1) * 8 + r;
-      const int col = wm * 64 + mi * 16 + (j & 1) * 8;
-      ldmatrix_x4_trans(a[mi], sa + off_mc(krow, col >> 3));
-    }
+    if (A_KC) ldmatrix_x4(a[mi], sa + fo.at_a(mi, kk));
+    else ldmatrix_x4_trans(a[mi], sa + fo.at_a(mi, kk));
   }
 #pragma unroll
   for (int np = 0; np < 2; ++np) {
     uint32_t t[4];
-    if (B_KC) {
-      const int row = wn * 32 + np * 16 + (j >> 1) * 8 + r;
-      ldmatrix_x4(t, sb + off_kc(row, kk * 2 + (j & 1)));
-    } else {
-      const int krow = kk * 16 + (j & 1) * 8 + r;
-      const int col = wn * 32 + np * 16 + (j >> 1) * 8;
-      ldmatrix_x4_trans(t, sb + off_mc(krow, col >> 3));
-    }
+    if (B_KC) ldmatrix_x4(t, sb + fo.at_b(np, kk));
+    else ldmatrix_x4_trans(t, sb + fo.at_b(np, kk));
     b[2 * np][0] = t[0];
     b[2 * np][1] = t[1];
     b[2 * np + 1][0] = t[2];
@@ -252,12 +305,10 @@ template <bool A_KC, bool B_KC, typename OutT>
 __device__ void gemm_body(const GemmParams& p, int m0, int n0, int z, int splits) {
   bf16* sa = (bf16*)qlora_dynamic_smem();
   bf16* sb = sa + STAGES * TILE_ELEMS;
+  // The plain GEMMs have no second phase (a2 is the NF4 kernels' adapter term).
   const int tiles1 = (p.k + BK - 1) / BK;
   const int t_begin = z * p.k_tiles_per_split;
-  const int t_end1 = min(tiles1, t_begin + p.k_tiles_per_split);
-  // Phase 2 (fused LoRA) runs in the last split only; launchers allow it without split-K.
-  const int tiles2 = (p.a2 != nullptr && z == splits - 1) ? (p.k2 + BK - 1) / BK : 0;
-  const int ntiles = max(0, t_end1 - t_begin) + tiles2;
+  const int ntiles = max(0, min(tiles1, t_begin + p.k_tiles_per_split) - t_begin);
 
   float acc[4][4][4];
 #pragma unroll
@@ -267,40 +318,37 @@ __device__ void gemm_body(const GemmParams& p, int m0, int n0, int z, int splits
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.0f;
 
+  TileLoader<A_KC> la;
+  TileLoader<B_KC> lb;
+  la.init(p.a, p.lda, m0, p.m, t_begin * BK);
+  lb.init(p.b, p.ldb, n0, p.n, t_begin * BK);
+  // Tiles are loaded in order, so the loaders' sources are always at tile t.
   auto load = [&](int t, int stage) {
-    const int n1 = max(0, t_end1 - t_begin);
-    if (t < n1) {
-      const int k0 = (t_begin + t) * BK;
-      load_tile<A_KC>(sa + stage * TILE_ELEMS, p.a, p.lda, m0, p.m, k0, p.k);
-      load_tile<B_KC>(sb + stage * TILE_ELEMS, p.b, p.ldb, n0, p.n, k0, p.k);
-    } else {
-      const int k0 = (t - n1) * BK;
-      load_tile<true>(sa + stage * TILE_ELEMS, p.a2, p.lda2, m0, p.m, k0, p.k2);
-      load_tile<true>(sb + stage * TILE_ELEMS, p.b2, p.ldb2, n0, p.n, k0, p.k2);
-    }
+    const int k0 = (t_begin + t) * BK;
+    la.load(sa + stage * TILE_ELEMS, p.a, p.lda, k0, p.k);
+    lb.load(sb + stage * TILE_ELEMS, p.b, p.ldb, k0, p.k);
   };
-  const int n1 = max(0, t_end1 - t_begin);
 
 #pragma unroll
   for (int s = 0; s < STAGES - 1; ++s) {
     if (s < ntiles) load(s, s);
     cp_async_commit();
   }
+  const FragOffsets<A_KC, B_KC> fo;
+  // The stages tile t reads and tile t + STAGES - 1 fills, counted round rather than t % STAGES.
+  int use = 0, fill = STAGES - 1;
   for (int t = 0; t < ntiles; ++t) {
     cp_async_wait<STAGES - 2>();
     __syncthreads();
     const int next = t + STAGES - 1;
-    if (next < ntiles) load(next, next % STAGES);
+    if (next < ntiles) load(next, fill);
     cp_async_commit();
-    const bf16* ta = sa + (t % STAGES) * TILE_ELEMS;
-    const bf16* tb = sb + (t % STAGES) * TILE_ELEMS;
-    if (t < n1) {
-      compute_tile<A_KC, B_KC>(ta, tb, acc, 0);
-      compute_tile<A_KC, B_KC>(ta, tb, acc, 1);
-    } else {
-      compute_tile<true, true>(ta, tb, acc, 0);
-      compute_tile<true, true>(ta, tb, acc, 1);
-    }
+    const bf16* ta = sa + use * TILE_ELEMS;
+    const bf16* tb = sb + use * TILE_ELEMS;
+    compute_tile<A_KC, B_KC>(ta, tb, fo, acc, 0);
+    compute_tile<A_KC, B_KC>(ta, tb, fo, acc, 1);
+    use = use == STAGES - 1 ? 0 : use + 1;
+    fill = fill == STAGES - 1 ? 0 : fill + 1;
   }
   cp_async_wait<0>();
   epilogue<OutT>(p, acc, m0, n0, z, splits > 1);
@@ -367,11 +415,12 @@ __device__ __forceinline__ float nf4_scale(const Nf4Params& w, long long block) 
 
 // What one thread carries from global memory to its share of a B tile: 16 consecutive elements,
 // either as NF4 (8 bytes + scale, decoded when stored) or bf16 (phase 2's B2 rows).
+// Out of range it holds what stores as zeros (NF4: a zero scale, which every code times is zero;
+// bf16: zero bits), so storing it needs no test of its own.
 struct BStage {
   uint2 bits;
   float scale;
   uint4 raw[2];
-  bool ok;
 };
 
 // This thread's 16 elements of the B tile: (row-of-tile, first element) in the smem layout.
@@ -393,16 +442,19 @@ __device__ __forceinline__ void fetch_nf4(const Nf4Params& w, int n0, int nmax, 
   int srow, scol;
   b_slot<B_KC>(srow, scol);
   long long wrow, wcol;
+  bool ok;
   if (B_KC) {
     wrow = n0 + srow;
     wcol = k0 + scol;
-    st.ok = wrow < nmax && wcol < kmax;
+    ok = wrow < nmax && wcol < kmax;
   } else {
     wrow = k0 + srow;
     wcol = n0 + scol;
-    st.ok = wrow < kmax && wcol < nmax;
+    ok = wrow < kmax && wcol < nmax;
   }
-  if (st.ok) {
+  st.bits = make_uint2(0x77777777u, 0x77777777u);
+  st.scale = 0.0f;
+  if (ok) {
     const long long flat = wrow * w.cols + wcol;
     st.bits = __ldg(reinterpret_cast<const uint2*>(w.packed + flat / 2));
     st.scale = nf4_scale(w, flat >> w.blocksize_log2);
@@ -419,8 +471,8 @@ __device__ __forceinline__ void fetch_bf16(const bf16* b2, long long ldb2, int n
   const long long n = B_KC ? n0 + srow : n0 + scol, k = B_KC ? k0 + scol : k0 + srow;
   // The contiguous dimension (k2 for KC, n for MC) is a multiple of 8: a 16-element run may be
   // half inside.
-  st.ok = n < nmax && k < kmax;
-  if (st.ok) {
+  st.raw[0] = st.raw[1] = make_uint4(0, 0, 0, 0);
+  if (n < nmax && k < kmax) {
     const uint4* src = reinterpret_cast<const uint4*>(B_KC ? b2 + n * ldb2 + k : b2 + k * ldb2 + n);
     const bool second = B_KC ? k + 8 < kmax : n + 8 < nmax;
     st.raw[0] = __ldg(src);
@@ -428,27 +480,66 @@ __device__ __forceinline__ void fetch_bf16(const bf16* b2, long long ldb2, int n
   }
 }
 
+// ---- NF4 decode in registers ----
+// A thread's 16 elements share one scale (blocks are ≥ 32 elements and the runs 16-aligned), so
+// it computes the 16 possible values once, bf16(code[i]·scale) as the CPU reference rounds them,
+// and picks each element's value with byte permutes (prmt): no shared-memory codebook lookups,
+// which cost as much shared-memory bandwidth per tile as a quarter of the tile's ldmatrix reads.
+// The table is two byte planes: lo[j] holds the low bytes of entries 4j..4j+3, hi[j] their high
+// bytes, so one prmt over a pair of planes looks up four 3-bit indices at once.
+struct Nf4Table {
+  uint32_t lo[4], hi[4];
+};
+
+__device__ __forceinline__ uint32_t bf16_bits(float v) { return __bfloat16_as_ushort(__float2bfloat16_rn(v)); }
+
+// code: the weight's codebook in the kernel's parameters (constant-bank operands of the FMULs).
+__device__ __forceinline__ Nf4Table nf4_table(const float (&code)[16], float scale) {
+  Nf4Table t;
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    // Entries 4j, 4j+1 and 4j+2, 4j+3 as bf16 pairs (the lower entry in the low half).
+    const uint32_t a = bf16_bits(__fmul_rn(code[4 * j], scale)) | bf16_bits(__fmul_rn(code[4 * j + 1], scale)) << 16;
+    const uint32_t b = bf16_bits(__fmul_rn(code[4 * j + 2], scale)) | bf16_bits(__fmul_rn(code[4 * j + 3], scale)) << 16;
+    t.lo[j] = __byte_perm(a, b, 0x6420);
+    t.hi[j] = __byte_perm(a, b, 0x7531);
+  }
+  return t;
+}
+
+// The 8 elements of one packed word (byte j: element 2j in the high nibble, 2j + 1 in the low)
+// as 4 words of bf16 pairs, element order. Nibble n of the word is the code of element n ^ 1. A
+// code's low 3 bits index a half of the table (entries 0-7 or 8-15) and bit 3 says which half, so
+// each looked-up byte is one of two prmt lookups, chosen by a third prmt; the last prmt pairs low
+// and high bytes and puts the two elements of a byte back in order.
+__device__ __forceinline__ void nf4_lookup(uint32_t w, const Nf4Table& t, uint32_t* out) {
+  const uint32_t idx = w & 0x77777777u;
+  const uint32_t pick = ((w >> 1) & 0x44444444u) | 0x32103210u;  // byte n of the first (n) or second (n + 4) lookup
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {  // nibbles 4h .. 4h + 3: elements 4h + 1, 4h, 4h + 3, 4h + 2
+    const uint32_t s = idx >> (16 * h), c = pick >> (16 * h);
+    const uint32_t lo = __byte_perm(__byte_perm(t.lo[0], t.lo[1], s), __byte_perm(t.lo[2], t.lo[3], s), c);
+    const uint32_t hi = __byte_perm(__byte_perm(t.hi[0], t.hi[1], s), __byte_perm(t.hi[2], t.hi[3], s), c);
+    out[2 * h] = __byte_perm(lo, hi, 0x4051);      // elements 4h, 4h + 1 (nibbles 1, 0): low, high byte each
+    out[2 * h + 1] = __byte_perm(lo, hi, 0x6273);  // elements 4h + 2, 4h + 3 (nibbles 3, 2)
+  }
+}
+
 template <bool B_KC>
-__device__ __forceinline__ void store_b(bf16* sb, const BStage& st, bool nf4, const float* code) {
+__device__ __forceinline__ void store_b(bf16* sb, const BStage& st, bool nf4, const float (&code)[16]) {
   int srow, scol;
   b_slot<B_KC>(srow, scol);
   uint4 out[2];
-  if (!st.ok) {
-    out[0] = out[1] = make_uint4(0, 0, 0, 0);
-  } else if (!nf4) {
+  if (!nf4) {
     out[0] = st.raw[0];
     out[1] = st.raw[1];
   } else {
-    union { uint4 u[2]; bf16 h[16]; } v;
-    const uint32_t words[2] = {st.bits.x, st.bits.y};
-#pragma unroll
-    for (int j = 0; j < 8; ++j) {
-      const uint32_t byte = (words[j >> 2] >> (8 * (j & 3))) & 0xFF;
-      v.h[2 * j] = __float2bfloat16_rn(__fmul_rn(code[byte >> 4], st.scale));
-      v.h[2 * j + 1] = __float2bfloat16_rn(__fmul_rn(code[byte & 0xF], st.scale));
-    }
-    out[0] = v.u[0];
-    out[1] = v.u[1];
+    const Nf4Table t = nf4_table(code, st.scale);
+    uint32_t v[8];
+    nf4_lookup(st.bits.x, t, v);
+    nf4_lookup(st.bits.y, t, v + 4);
+    out[0] = make_uint4(v[0], v[1], v[2], v[3]);
+    out[1] = make_uint4(v[4], v[5], v[6], v[7]);
   }
   const int c0 = scol >> 3;
   // In the MC tile the 8 lanes of a store phase write one 256-byte row, chunks 2l and 2l + 1:
@@ -537,8 +628,6 @@ template <bool B_KC, class Phases>
 __device__ void gemm_nf4_body(const Phases& ph, int m0, int n0) {
   bf16* sa = (bf16*)qlora_dynamic_smem();
   bf16* sb = sa + STAGES * TILE_ELEMS;  // two B buffers
-  __shared__ float code[GROUPS_MAX][16];  // each weight's codebook
-  if (threadIdx.x < 16 * ph.groups()) code[threadIdx.x >> 4][threadIdx.x & 15] = ph.weight(threadIdx.x >> 4).code[threadIdx.x & 15];
   const int ntiles = ph.tiles();
   const GemmParams& out = ph.params(0);
 
@@ -550,11 +639,20 @@ __device__ void gemm_nf4_body(const Phases& ph, int m0, int n0) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.0f;
 
+  // A's tiles come in order, phase after phase: the loader starts again where a phase begins.
+  TileLoader<true> la;
+  int la_phase = -1;  // 2·group + (0: the NF4 phase, 1: the adapter's)
   auto load_a = [&](int t, int stage) {
     const KTile s = ph.at(t);
     const GemmParams& p = ph.params(s.group);
-    if (s.nf4) load_tile<true>(sa + stage * TILE_ELEMS, p.a, p.lda, m0, p.m, s.k0, p.k);
-    else load_tile<true>(sa + stage * TILE_ELEMS, p.a2, p.lda2, m0, p.m, s.k0, p.k2);
+    const bf16* a = s.nf4 ? p.a : p.a2;
+    const long long lda = s.nf4 ? p.lda : p.lda2;
+    const int phase = 2 * s.group + (s.nf4 ? 0 : 1);
+    if (phase != la_phase) {
+      la.init(a, lda, m0, p.m, s.k0);
+      la_phase = phase;
+    }
+    la.load(sa + stage * TILE_ELEMS, a, lda, s.k0, s.nf4 ? p.k : p.k2);
   };
   auto fetch_b = [&](const KTile& s, BStage& st) {
     const GemmParams& p = ph.params(s.group);
@@ -568,29 +666,32 @@ __device__ void gemm_nf4_body(const Phases& ph, int m0, int n0) {
     cp_async_commit();
   }
   BStage st;
-  __syncthreads();  // the codebooks
+  const FragOffsets<true, B_KC> fo;
   KTile src{0, false, 0};
   if (ntiles > 0) {
     src = ph.at(0);
     fetch_b(src, st);
-    store_b<B_KC>(sb, st, src.nf4, code[src.group]);
+    store_b<B_KC>(sb, st, src.nf4, ph.weight(src.group).code);
   }
+  int use = 0, fill = STAGES - 1;  // A's stages tile t reads and tile t + STAGES - 1 fills
   for (int t = 0; t < ntiles; ++t) {
     cp_async_wait<STAGES - 2>();
     __syncthreads();
     const int next = t + STAGES - 1;
-    if (next < ntiles) load_a(next, next % STAGES);
+    if (next < ntiles) load_a(next, fill);
     cp_async_commit();
     const bool more = t + 1 < ntiles;
     if (more) {
       src = ph.at(t + 1);
       fetch_b(src, st);
     }
-    const bf16* ta = sa + (t % STAGES) * TILE_ELEMS;
-    const bf16* tb = sb + (t % 2) * TILE_ELEMS;
-    compute_tile<true, B_KC>(ta, tb, acc, 0);
-    compute_tile<true, B_KC>(ta, tb, acc, 1);
-    if (more) store_b<B_KC>(sb + ((t + 1) % 2) * TILE_ELEMS, st, src.nf4, code[src.group]);
+    const bf16* ta = sa + use * TILE_ELEMS;
+    const bf16* tb = sb + (t & 1) * TILE_ELEMS;
+    compute_tile<true, B_KC>(ta, tb, fo, acc, 0);
+    compute_tile<true, B_KC>(ta, tb, fo, acc, 1);
+    if (more) store_b<B_KC>(sb + ((t + 1) & 1) * TILE_ELEMS, st, src.nf4, ph.weight(src.group).code);
+    use = use == STAGES - 1 ? 0 : use + 1;
+    fill = fill == STAGES - 1 ? 0 : fill + 1;
   }
   cp_async_wait<0>();
   epilogue<bf16>(out, acc, m0, n0, 0, false);
@@ -646,7 +747,8 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
 #define SM_CHUNK 1024
 #define SM_ROWS 4
 
-extern "C" __global__ void __launch_bounds__(256, 2) gemm_nf4_small_m_bf16(GemmParams p, Nf4Params w) {
+extern "C" __global__ void __launch_bounds__(256, 2)
+    gemm_nf4_small_m_bf16(GemmParams p, const __grid_constant__ Nf4Params w) {
   __shared__ __align__(16) bf16 sx[16 * SM_CHUNK];
   __shared__ float code[16];
   if (threadIdx.x < 16) code[threadIdx.x] = w.code[threadIdx.x];

@@ -20,14 +20,14 @@ __device__ __forceinline__ uint8_t nf4_nearest(float s, const float* mids) {
 }
 
 // One warp per quantization block; each lane takes pairs of elements (one output byte per pair).
-//   x: [n] input; code: [16]; packed: [ceil(n/2)]; absmax: [ceil(n/blocksize)]
+//   x: [n] input; code: the codebook; packed: [ceil(n/2)]; absmax: [ceil(n/blocksize)]
 template <typename T>
-__device__ void quantize_4bit(const T* __restrict__ x, const float* __restrict__ code,
+__device__ void quantize_4bit(const T* __restrict__ x, const Nf4Code& code,
                               uint8_t* __restrict__ packed, float* __restrict__ absmax,
                               long long n, int blocksize) {
   float mids[15];
 #pragma unroll
-  for (int k = 0; k < 15; ++k) mids[k] = __fmul_rn(__fadd_rn(code[k], code[k + 1]), 0.5f);
+  for (int k = 0; k < 15; ++k) mids[k] = __fmul_rn(__fadd_rn(code.v[k], code.v[k + 1]), 0.5f);
 
   const int warps_per_cta = blockDim.x / QLORA_WARP;
   const long long block = (long long)blockIdx.x * warps_per_cta + threadIdx.x / QLORA_WARP;
@@ -61,16 +61,16 @@ __device__ void quantize_4bit(const T* __restrict__ x, const float* __restrict__
   if (lane == 0) absmax[block] = full ? amax : scale;
 }
 
-extern "C" __global__ void nf4_quantize_f32(const float* x, const float* code, uint8_t* packed,
+extern "C" __global__ void nf4_quantize_f32(const float* x, Nf4Code code, uint8_t* packed,
                                             float* absmax, long long n, int blocksize) {
   quantize_4bit(x, code, packed, absmax, n, blocksize);
 }
-extern "C" __global__ void nf4_quantize_bf16(const __nv_bfloat16* x, const float* code,
+extern "C" __global__ void nf4_quantize_bf16(const __nv_bfloat16* x, Nf4Code code,
                                              uint8_t* packed, float* absmax, long long n,
                                              int blocksize) {
   quantize_4bit(x, code, packed, absmax, n, blocksize);
 }
-extern "C" __global__ void nf4_quantize_f16(const __half* x, const float* code, uint8_t* packed,
+extern "C" __global__ void nf4_quantize_f16(const __half* x, Nf4Code code, uint8_t* packed,
                                             float* absmax, long long n, int blocksize) {
   quantize_4bit(x, code, packed, absmax, n, blocksize);
 }
@@ -211,13 +211,13 @@ struct DoubleScale {
 // each thread keeps several loads in flight.
 #define NF4_DQ_UNROLL 4
 
-//   packed: [ceil(n/2)]; code: [16]; out: [n]. blocksize is a power of two >= 32, so a group of
+//   packed: [ceil(n/2)]; code: the codebook; out: [n]. blocksize is a power of two >= 32, so a group of
 //   8 elements never straddles two blocks. Grid: ceil(ceil(n/8) / NF4_DQ_UNROLL) threads or more.
 template <typename T, typename Scale>
-__device__ void dequantize_4bit(const uint8_t* __restrict__ packed, const float* __restrict__ code,
+__device__ void dequantize_4bit(const uint8_t* __restrict__ packed, const Nf4Code& code,
                                 Scale scale_of, T* __restrict__ out, long long n, int blocksize) {
   __shared__ float table[16];
-  if (threadIdx.x < 16) table[threadIdx.x] = code[threadIdx.x];
+  if (threadIdx.x < 16) table[threadIdx.x] = code.v[threadIdx.x];
   __syncthreads();
   const long long full_groups = n / 8;
   const long long stride = (long long)gridDim.x * blockDim.x;
@@ -255,17 +255,18 @@ __device__ void dequantize_4bit(const uint8_t* __restrict__ packed, const float*
   }
 }
 
-#define NF4_DEQUANT_ENTRIES(SUFFIX, T)                                                            \
-  extern "C" __global__ void nf4_dequantize_##SUFFIX(const uint8_t* packed, const float* absmax, \
-                                                     const float* code, T* out, long long n,     \
-                                                     int blocksize) {                            \
-    dequantize_4bit(packed, code, PlainScale{absmax}, out, n, blocksize);                        \
-  }                                                                                              \
-  extern "C" __global__ void nf4_dequantize_dq_##SUFFIX(                                         \
-      const uint8_t* packed, const uint8_t* absmax_q, const float* absmax2, const float* offset,  \
-      const float* code2, const float* code, T* out, long long n, int blocksize) {               \
-    dequantize_4bit(packed, code, DoubleScale{absmax_q, absmax2, code2, __ldg(offset)}, out, n,  \
-                    blocksize);                                                                  \
+#define NF4_DEQUANT_ENTRIES(SUFFIX, T)                                                              \
+  extern "C" __global__ void nf4_dequantize_##SUFFIX(const uint8_t* packed, const float* absmax,   \
+                                                     const __grid_constant__ Nf4Code code, T* out, \
+                                                     long long n, int blocksize) {                 \
+    dequantize_4bit(packed, code, PlainScale{absmax}, out, n, blocksize);                          \
+  }                                                                                                \
+  extern "C" __global__ void nf4_dequantize_dq_##SUFFIX(                                           \
+      const uint8_t* packed, const uint8_t* absmax_q, const float* absmax2, const float* offset,    \
+      const float* code2, const __grid_constant__ Nf4Code code, T* out, long long n,               \
+      int blocksize) {                                                                             \
+    dequantize_4bit(packed, code, DoubleScale{absmax_q, absmax2, code2, __ldg(offset)}, out, n,    \
+                    blocksize);                                                                    \
   }
 
 NF4_DEQUANT_ENTRIES(f32, float)

@@ -226,9 +226,9 @@ def hmma_clocks(card):
 
 
 def issue_bound(loop, card):
-    """Share of the tensor peak the main loop's longest iteration allows when each partition
+    """Share of the tensor peak the main loop's steady iteration allows when each partition
     issues one instruction per clock: its HMMAs' tensor clocks over its issue slots."""
-    return min(1.0, loop["hmma"] * hmma_clocks(card) / loop["max"])
+    return min(1.0, loop["hmma"] * hmma_clocks(card) / loop["steady"])
 
 
 def card_issue(sass, name, card):
@@ -379,7 +379,7 @@ def section_bounds(profile, sass):
     out = ["## 3. Roofline bounds", "",
            "Tensor-core kernels: the share of the dense bf16 peak that shared memory, DRAM and "
            "instruction issue each allow, `smem / DRAM / issue → bound` (issue from section 5, "
-           "the main loop's longest iteration; absent where no SASS was read). **The DRAM "
+           "the main loop's steady iteration; absent where no SASS was read). **The DRAM "
            "figure uses the profile's shapes, which are the tests' small shapes**: it holds for "
            "those shapes only (larger matrices and sequences bring more FLOP per byte). The "
            "shared-memory and issue figures depend on the tiling, not the shape.", ""]
@@ -471,23 +471,18 @@ def section_issue(sass):
         row = [f"`{name}`"]
         for arch in archs:
             loop = sass[arch].get(name)
-            row += ([loop["hmma"], f"{loop['min']}–{loop['max']}", f"{loop['max'] / loop['hmma']:.1f}"]
-                    if loop else ["—", "—", "—"])
+            row += ([loop["hmma"], f"{loop['steady']} ({loop['min']}–{loop['max']})",
+                     f"{loop['steady'] / loop['hmma']:.1f}"] if loop else ["—", "—", "—"])
         for key in ROOFLINE_CARDS:
             card = CARDS[key]
             loop = sass.get(card["arch"], {}).get(name)
-            if not loop:
-                row.append("—")
-                continue
-            worst = issue_bound(loop, card)
-            best = min(1.0, loop["hmma"] * hmma_clocks(card) / loop["min"])
-            row.append(f"**{worst:.0%}** ({best:.0%})")
+            row.append(f"**{issue_bound(loop, card):.0%}**" if loop else "—")
         rows.append(row)
     header = ["kernel"]
     for arch in archs:
-        header += [f"{arch} HMMA per iteration", f"{arch} instructions (shortest–longest)",
-                   f"{arch} instructions per HMMA (longest)"]
-    header += [f"{CARDS[k]['name']} issue bound, longest (shortest)" for k in ROOFLINE_CARDS]
+        header += [f"{arch} HMMA per iteration", f"{arch} instructions, steady (shortest–longest)",
+                   f"{arch} instructions per HMMA (steady)"]
+    header += [f"{CARDS[k]['name']} issue bound" for k in ROOFLINE_CARDS]
     clocks = ", ".join(f"{CARDS[k]['name']} {hmma_clocks(CARDS[k]):g}" for k in CARDS)
     return ["## 5. Instruction issue in the main loops", "",
             "Each SM partition issues one warp instruction per clock, and each HMMA.16816 (one "
@@ -497,14 +492,15 @@ def section_issue(sass):
             "peak, however many warps are resident: every other instruction (address arithmetic, "
             "loads, the NF4 decode, the softmax) takes a slot an HMMA could have had. The main "
             "loop and its iterations are read from `cuobjdump -sass` (`scripts/sass_loops.py`: "
-            "the loop with the most HMMAs; every path from its head to its backward branch that "
-            "does the full work, inner loops once, predicated instructions counted). For the "
-            "GEMMs the longest iteration is the steady state (a K tile loaded, for NF4 decoded, "
-            "and multiplied; the shorter ones are the pipeline's last tiles); for attention it "
-            "includes a boundary tile's masking, so an interior tile lies between the two figures. "
-            "The bound in sections 3 and 4 uses the longest. Not modelled: dual issue (none on "
-            "these cards), stalls on latency, and the HMMA rate `mma.sync` actually sustains on "
-            "sm_90 (see the assumption above).", ""] + table(header, rows)
+            "the loop with the most HMMAs; the paths from its head to its backward branch that "
+            "hold all of its HMMAs, inner loops once, predicated instructions counted). The steady "
+            "iteration is, of those, the shortest that does the most work (global loads, then "
+            "shared-memory accesses, then PRMT/MUFU): it fetches the next tile, for NF4 decodes "
+            "it, and skips edge work (a partial K tile, a boundary mask, the adapter's phase); "
+            "the shortest path is the pipeline's last tiles, the longest stacks the edge cases. "
+            "The bounds here and in sections 3 and 4 use the steady iteration. Not modelled: dual "
+            "issue (none on these cards), stalls on latency, and the HMMA rate `mma.sync` "
+            "actually sustains on sm_90 (see the assumption above).", ""] + table(header, rows)
 
 
 def section_reading():
@@ -541,8 +537,8 @@ def section_reading():
             "card's tensor FLOP per clock per SM (capped at 100%).",
             "- **DRAM bound** — FLOP per unique byte × DRAM bandwidth over the tensor peak "
             "(capped at 100%): the unique bytes are compulsory traffic with an infinite cache.",
-            "- **issue bound** — the main loop's HMMA tensor clocks over the instructions an "
-            "iteration issues (section 5; compiler output, not simulator counts).",
+            "- **issue bound** — the main loop's HMMA tensor clocks over the instructions its "
+            "steady iteration issues (section 5; compiler output, not simulator counts).",
             "",
             "What the simulator cannot see: time. It has no clock, no caches (L1/L2 hit rates, "
             "the cost of reuse), no latency or how well warps hide it, no pipeline limits beyond "

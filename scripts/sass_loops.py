@@ -17,7 +17,14 @@ to the backward branch: forward branches are taken or not, inner loops' backward
 taken (their body counted once), and branches out of the loop end the path (not an iteration).
 Every instruction on the path counts, predicated or not (a predicated-off instruction still takes
 its issue slot). Of the paths with the most HMMAs (the iterations that do the full tile of work:
-not a skipped or empty tile), the shortest and the longest instruction counts are kept.
+not a skipped or empty tile), the shortest and the longest instruction counts are kept, and the
+steady state: of those doing the most work, the shortest. Work is counted in order: global loads
+(LDG, LDGSTS: the iterations that also fetch the next tile, and for NF4 its double-quantized
+scales), then shared-memory reads and writes (LDS, LDSM, STS), then PRMT and MUFU (the NF4
+decode's lookups, the softmax's exponentials); the shortest such path skips the edge work (a
+partial K tile, a boundary mask, a zero-filled row, the adapter's phase). Branches that depend on
+one another (a value tested twice) are not correlated, so a path may combine cases no iteration
+does; the steady path is chosen to be the common one.
 """
 import re
 
@@ -49,8 +56,21 @@ def _control(text):
     return ("leave", None, conditional)  # EXIT, RET, CALL.REL.NOINC: not part of an iteration
 
 
+def _op(text):
+    return re.sub(r"^@!?U?P\w+\s+", "", text).split(" ", 1)[0].split(".", 1)[0]
+
+
 def _is_hmma(text):
-    return re.sub(r"^@!?U?P\w+\s+", "", text).startswith("HMMA")
+    return _op(text) == "HMMA"
+
+
+_WORK = (("LDG", "LDGSTS"), ("LDS", "LDSM", "STS"), ("PRMT", "MUFU"))
+
+
+def _work(text):
+    """The instruction's place in the work count (a tuple, one entry per _WORK class)."""
+    op = _op(text)
+    return tuple(int(op in cls) for cls in _WORK)
 
 
 def main_loop(ins):
@@ -73,12 +93,13 @@ def main_loop(ins):
 
 
 def iteration(ins, head, back):
-    """{'hmma', 'min', 'max', 'body'}: HMMAs of a full iteration and the fewest and most
-    instructions such an iteration issues; body = instructions in the loop's address range."""
+    """{'hmma', 'steady', 'min', 'max', 'body'}: HMMAs of a full iteration, the instructions of the
+    steady one and the fewest and most of any; body = instructions in the loop's address range."""
     index = {a: j for j, (a, _) in enumerate(ins)}
-    # paths[j] = {hmma count: (fewest, most) instructions} over paths from head to just before j.
+    # paths[j] = {(HMMAs, work...): (fewest, most) instructions} over paths from head to just
+    # before j.
     paths = [dict() for _ in range(back + 2)]
-    paths[head] = {0: (0, 0)}
+    paths[head] = {(0,) * (1 + len(_WORK)): (0, 0)}
 
     def merge(into, hmma, lo, hi):
         old = into.get(hmma)
@@ -90,8 +111,8 @@ def iteration(ins, head, back):
         if not here:
             continue
         text = ins[j][1]
-        h = 1 if _is_hmma(text) else 0
-        after = {k + h: (lo + 1, hi + 1) for k, (lo, hi) in here.items()}
+        add = (int(_is_hmma(text)),) + _work(text)
+        after = {tuple(a + b for a, b in zip(k, add)): (lo + 1, hi + 1) for k, (lo, hi) in here.items()}
         c = _control(text)
         if j == back:
             done = after
@@ -113,9 +134,11 @@ def iteration(ins, head, back):
                 merge(paths[j + 1], k, lo, hi)
     if not done:
         return None
-    hmma = max(done)
-    lo, hi = done[hmma]
-    return dict(hmma=hmma, min=lo, max=hi, body=back - head + 1)
+    hmma = max(k[0] for k in done)
+    full = {k: v for k, v in done.items() if k[0] == hmma}
+    steady = full[max(full)][0]  # the most work, then the fewest instructions
+    return dict(hmma=hmma, steady=steady, min=min(lo for lo, _ in full.values()),
+                max=max(hi for _, hi in full.values()), body=back - head + 1)
 
 
 def analyse(text):
@@ -132,27 +155,30 @@ def analyse(text):
 
 
 def _selftest():
-    """A loop at 0x10..0x70 with an optional two-instruction block and a path that skips an HMMA
-    (not a full iteration), an inner loop at 0x30, and a branch out: full iterations issue 6-8."""
+    """A loop at 0x10..0x80 with an optional block holding a load (the steady iteration takes it),
+    a path that skips an HMMA (not a full iteration), an inner loop at 0x30, an optional
+    instruction at 0x80 and a branch out: full iterations issue 7-10, the steady one 9."""
     text = """
         Function : k
         /*0000*/                   MOV R1, c[0x0][0x28] ;
         /*0010*/                   HMMA.16816.F32.BF16 R0, R2, R4, R0 ;
         /*0020*/              @P0 BRA 0x50 ;
-        /*0030*/                   IADD3 R1, R1, 0x1, RZ ;
+        /*0030*/                   LDGSTS.E.BYPASS.128 [R1], [R2.64], P1 ;
         /*0040*/              @P3 BRA 0x30 ;
-        /*0050*/              @P2 BRA 0x70 ;
+        /*0050*/              @P2 BRA 0x80 ;
         /*0060*/                   HMMA.16816.F32.BF16 R8, R2, R4, R8 ;
-        /*0070*/              @P4 BRA 0x90 ;
-        /*0080*/              @P1 BRA 0x10 ;
-        /*0090*/                   EXIT ;
+        /*0070*/              @P5 BRA 0x90 ;
+        /*0080*/                   IADD3 R1, R1, 0x1, RZ ;
+        /*0090*/              @P4 BRA 0xb0 ;
+        /*00a0*/              @P1 BRA 0x10 ;
+        /*00b0*/                   EXIT ;
     """
     funcs = parse(text)
-    assert list(funcs) == ["k"] and len(funcs["k"]) == 10, funcs
+    assert list(funcs) == ["k"] and len(funcs["k"]) == 12, funcs
     ins = funcs["k"]
-    assert main_loop(ins) == (1, 8), main_loop(ins)
-    got = iteration(ins, 1, 8)
-    assert got == dict(hmma=2, min=6, max=8, body=8), got
+    assert main_loop(ins) == (1, 10), main_loop(ins)
+    got = iteration(ins, 1, 10)
+    assert got == dict(hmma=2, steady=9, min=7, max=10, body=10), got
     print("sass_loops: self-test passed")
 
 

@@ -141,6 +141,14 @@ inline int __clzll(long long x) { return x == 0 ? 64 : __builtin_clzll((unsigned
 inline int __popc(unsigned x) { return __builtin_popcount(x); }
 inline int __popcll(unsigned long long x) { return __builtin_popcountll(x); }
 inline int __ffs(int x) { return __builtin_ffs(x); }
+// prmt as CUDA documents __byte_perm: byte n of the result is byte s<4n+2:4n> of the eight bytes
+// y:x (x bytes 0-3, y bytes 4-7); bit 4n+3 and the upper 16 bits of s are not used.
+inline unsigned __byte_perm(unsigned x, unsigned y, unsigned s) {
+  const unsigned long long in = (unsigned long long)y << 32 | x;
+  unsigned r = 0;
+  for (int n = 0; n < 4; ++n) r |= (unsigned)(in >> (8 * (s >> (4 * n) & 7)) & 0xFF) << (8 * n);
+  return r;
+}
 
 inline int min(int a, int b) { return a < b ? a : b; }
 inline int max(int a, int b) { return a > b ? a : b; }

@@ -111,7 +111,7 @@ impl Fixture {
             weight.dtype(),
             self.blocksize(),
             u(self.u8s("packed")),
-            t(self.f32s("code")),
+            self.f32s("code").try_into().unwrap(),
             absmax,
         )
         .unwrap()
@@ -191,7 +191,7 @@ fn compare_with_bnb(fx: &Fixture, q: &Nf4Tensor) -> Vec<String> {
     ));
     check(first_diff(
         "code",
-        &f32_bits(&q.code.to_vec::<f32>().unwrap()),
+        &f32_bits(&q.code),
         &f32_bits(&fx.f32s("code")),
     ));
     match &q.absmax {

@@ -514,7 +514,7 @@ pub fn quantize(model_dir: &Path, out: &Path) -> Result<ExportReport> {
         Ok(match suffix {
             "" => q.packed.to_vec::<u8>()?,
             ".absmax" => qa.to_vec::<u8>()?,
-            ".quant_map" => f32_bytes(&q.code.to_vec::<f32>()?),
+            ".quant_map" => f32_bytes(&q.code),
             ".nested_absmax" => f32_bytes(&absmax2.to_vec::<f32>()?),
             ".nested_quant_map" => f32_bytes(&code2.to_vec::<f32>()?),
             ".quant_state.bitsandbytes__nf4" => quant_state_json(q),

@@ -91,12 +91,13 @@ struct Nf4Params {
     absmax2: u64,
     offset: u64,
     code2: u64,
-    code: u64,
     rows: i64,
     cols: i64,
     /// log2 of the blocksize (a power of two: `nf4::check_blocksize`), so the kernels find an
     /// element's block with a shift.
     blocksize_log2: i32,
+    /// The codebook by value: the kernels read it from the constant bank.
+    code: [f32; 16],
 }
 // SAFETY: #[repr(C)] plain data laid out like the kernel's `Nf4Params`.
 unsafe impl cudarc::driver::DeviceRepr for Nf4Params {}
@@ -552,7 +553,7 @@ fn nf4_params(w: &Nf4Tensor) -> Result<Nf4Params> {
     w.validate()?;
     let mut p = Nf4Params {
         packed: w.packed.device_ptr(),
-        code: w.code.device_ptr(),
+        code: w.code,
         rows: rows as i64,
         cols: cols as i64,
         blocksize_log2: w.blocksize.trailing_zeros() as i32,

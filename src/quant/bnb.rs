@@ -118,8 +118,15 @@ pub fn load_nf4(ckpt: &Checkpoint, prefix: &str, shape: &[usize]) -> Result<Nf4T
         ));
     }
     let packed = Tensor::from_vec(packed.bytes.to_vec(), &[n.div_ceil(2)], &cpu)?;
-    let code = ckpt.f32(&format!("{prefix}.weight.quant_map"), &[16])?;
-    let code = Tensor::from_vec(code, &[16], &cpu)?;
+    let code: [f32; 16] = ckpt
+        .f32(&format!("{prefix}.weight.quant_map"), &[16])?
+        .try_into()
+        .map_err(|v: Vec<f32>| {
+            ckpt.error(
+                &format!("{prefix}.weight.quant_map"),
+                format!("expected 16 values, found {}", v.len()),
+            )
+        })?;
     let nested = state.get("nested_offset").is_some();
     let absmax_key = format!("{prefix}.weight.absmax");
     let absmax = if nested {

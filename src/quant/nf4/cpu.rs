@@ -301,9 +301,8 @@ pub(super) fn quantize_into(w: &Tensor, q: &mut Nf4Tensor) -> Result<()> {
 /// Dequantizes `q` into `out` (shape, dtype and device checked by the caller).
 pub(super) fn dequantize_into(q: &Nf4Tensor, out: &mut Tensor) -> Result<()> {
     let absmax = q.absmax_f32()?;
-    let code = q.code.cpu_slice::<f32>("nf4 dequantize")?;
     let packed = q.packed.cpu_slice::<u8>("nf4 dequantize")?;
-    let values = dequantize_4bit(packed, &absmax, code, q.elem_count(), q.blocksize);
+    let values = dequantize_4bit(packed, &absmax, &q.code, q.elem_count(), q.blocksize);
     let cpu = Device::Cpu;
     *out = match out.dtype() {
         DType::F32 => Tensor::from_vec(values, &q.shape, &cpu)?,

@@ -16,6 +16,13 @@ const DEQUANT_THREADS: u32 = 256;
 /// Groups of 8 elements per dequantize thread (`NF4_DQ_UNROLL` in the kernel).
 const DEQUANT_UNROLL: usize = 4;
 
+/// The codebook as the kernels' `Nf4Code` parameter: passed by value with each launch.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Nf4Code([f32; 16]);
+// SAFETY: #[repr(C)] plain data laid out like the kernels' `Nf4Code` (16 floats).
+unsafe impl cudarc::driver::DeviceRepr for Nf4Code {}
+
 fn float_kernel(op: &'static str, dtype: DType, names: [&'static str; 3]) -> Result<&'static str> {
     match dtype {
         DType::F32 => Ok(names[0]),
@@ -63,7 +70,8 @@ pub(super) fn quantize_into(w: &Tensor, q: &mut Nf4Tensor, ordinal: usize) -> Re
             DType::BF16 => b.arg(w.cuda_slice::<bf16>(op)?),
             _ => b.arg(w.cuda_slice::<f16>(op)?),
         };
-        b.arg(q.code.cuda_slice::<f32>(op)?)
+        let code = Nf4Code(q.code);
+        b.arg(&code)
             .arg(q.packed.cuda_slice_mut::<u8>(op)?)
             .arg(absmax.cuda_slice_mut::<f32>(op)?)
             .arg(&n_i64)
@@ -177,7 +185,8 @@ pub(super) fn dequantize_into(q: &Nf4Tensor, out: &mut Tensor, ordinal: usize) -
                 .arg(code2.cuda_slice::<f32>(op)?);
         }
     }
-    b.arg(q.code.cuda_slice::<f32>(op)?);
+    let code = Nf4Code(q.code);
+    b.arg(&code);
     match out.dtype() {
         DType::F32 => b.arg(out.cuda_slice_mut::<f32>(op)?),
         DType::BF16 => b.arg(out.cuda_slice_mut::<bf16>(op)?),

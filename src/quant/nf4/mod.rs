@@ -133,8 +133,10 @@ pub struct Nf4Tensor {
     pub blocksize: usize,
     /// u8 `[ceil(n / 2)]`: two codes per byte, the first in the high nibble.
     pub packed: Tensor,
-    /// f32 `[16]`: the codebook.
-    pub code: Tensor,
+    /// The codebook ([`NF4_CODE`] unless a checkpoint says otherwise). Sixteen numbers, kept on
+    /// the host: the kernels take them by value with each launch, so they are read from the
+    /// constant bank rather than looked up in device memory.
+    pub code: [f32; 16],
     /// The per-block scales.
     pub absmax: Absmax,
 }
@@ -224,7 +226,7 @@ impl Nf4Tensor {
             dtype,
             blocksize: cfg.blocksize,
             packed: Tensor::zeros(&[n.div_ceil(2)], DType::U8, device)?,
-            code: Tensor::from_vec(NF4_CODE.to_vec(), &[16], device)?,
+            code: NF4_CODE,
             absmax,
         })
     }
@@ -262,7 +264,7 @@ impl Nf4Tensor {
         dtype: DType,
         blocksize: usize,
         packed: Tensor,
-        code: Tensor,
+        code: [f32; 16],
         absmax: Absmax,
     ) -> Result<Nf4Tensor> {
         let q = Nf4Tensor {
@@ -292,7 +294,7 @@ impl Nf4Tensor {
         self.packed.device()
     }
 
-    /// Bytes on the device: codes plus scales (plus the 16- and 256-entry tables).
+    /// Bytes on the device: codes plus scales (plus the 256-entry table of double quantization).
     pub fn size_in_bytes(&self) -> usize {
         let tables = match &self.absmax {
             Absmax::Plain(a) => 4 * a.elem_count(),
@@ -300,7 +302,7 @@ impl Nf4Tensor {
                 q.elem_count() + 4 * absmax2.elem_count() + 4 + 1024
             }
         };
-        self.packed.elem_count() + 64 + tables
+        self.packed.elem_count() + tables
     }
 
     /// Checks every part's dtype, shape and device against the weight's shape and block size.
@@ -336,7 +338,6 @@ impl Nf4Tensor {
             Ok(())
         };
         part("packed", &self.packed, DType::U8, n.div_ceil(2))?;
-        part("code", &self.code, DType::F32, 16)?;
         match &self.absmax {
             Absmax::Plain(a) => part("absmax", a, DType::F32, nblocks)?,
             Absmax::Double {
@@ -387,9 +388,8 @@ impl Nf4Tensor {
             )));
         }
         let absmax = self.absmax_f32()?;
-        let code = self.code.cpu_slice::<f32>("nf4 dequantize")?;
         let packed = self.packed.cpu_slice::<u8>("nf4 dequantize")?;
-        cpu::dequantize_4bit_into(packed, &absmax, code, self.blocksize, out);
+        cpu::dequantize_4bit_into(packed, &absmax, &self.code, self.blocksize, out);
         Ok(())
     }
 
@@ -462,7 +462,7 @@ impl Nf4Tensor {
             dtype: self.dtype,
             blocksize: self.blocksize,
             packed: self.packed.to_device(device)?,
-            code: self.code.to_device(device)?,
+            code: self.code,
             absmax,
         })
     }
