@@ -13,8 +13,9 @@
 // four MMAs (two with 16 rows); key/value tiles of 64 stream through shared memory, each fetched
 // while the previous one is used (the next K during P·V, the next V during the next S and
 // softmax); S = Q·Kᵀ and O += P·V with mma.sync m16n8k16; the softmax runs in base 2 (log2 e
-// folded into the scale, exp2); query tiles are handed out last first (the heaviest under the
-// causal mask; dQ too).
+// folded into the scale, each exponential one ex2.approx.ftz: weights below 2^-126 are 0, where
+// exp2f spent three more instructions on each to return them subnormal); query tiles are handed
+// out last first (the heaviest under the causal mask; dQ too).
 // Backward (deterministic, no atomics):
 //   flash_bwd_dsum:  D_i = dO_i · O_i
 //   flash_bwd_dkdv:  one block per (key tile, kv head, sequence); loops over the query heads of
@@ -394,14 +395,14 @@ __device__ void flash_fwd(const AttnParams& p) {
         const int row = 2 * mi + hr;
         const float mn = fmaxf(m[row], quad_max(tmax[row]));
         const float use = mn == -INFINITY ? 0.0f : mn;
-        corr[hr] = exp2f(m[row] - use);
+        corr[hr] = ex2_ftz(m[row] - use);
         m[row] = mn;
         float sum = 0.0f;
 #pragma unroll
         for (int nt = 0; nt < 8; ++nt)
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
-            const float pv = exp2f(s[mi][nt][hr * 2 + e] - use);
+            const float pv = ex2_ftz(s[mi][nt][hr * 2 + e] - use);
             s[mi][nt][hr * 2 + e] = pv;
             sum += pv;
           }
@@ -600,7 +601,7 @@ __device__ void flash_dkdv(const AttnParams& p) {
           const bool ok = att_visible(q0 + qi, key[e >> 1], len, window);
           const float x = att_bwd_score(st[nt][e], p, scale2, cap, inv_cap);
           const float y = ok ? x : -INFINITY;
-          st[nt][e] = cap ? y : exp2f(y - lse_b[qi]);
+          st[nt][e] = cap ? y : ex2_ftz(y - lse_b[qi]);
         }
       {
         uint32_t pa[4][4];
@@ -611,7 +612,7 @@ __device__ void flash_dkdv(const AttnParams& p) {
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
               const int qi = nt * 8 + (lane & 3) * 2 + (e & 1);
-              pr[nt][e] = exp2f(cap2 * st[nt][e] - lse_b[qi]);
+              pr[nt][e] = ex2_ftz(cap2 * st[nt][e] - lse_b[qi]);
             }
           att_c_to_a(pa, pr);
         } else {
@@ -632,7 +633,7 @@ __device__ void flash_dkdv(const AttnParams& p) {
           if (cap) {
             // Masked: t = −∞ gives P = 0 and a factor max(0, 1 − ∞) = 0.
             const float t = st[nt][e];
-            const float pv = exp2f(cap2 * t - lse_b[qi]);
+            const float pv = ex2_ftz(cap2 * t - lse_b[qi]);
             dpt[nt][e] = pv * (dpt[nt][e] - dsum_b[qi]) * fmaxf(0.0f, 1.0f - t * t);
           } else {
             dpt[nt][e] = st[nt][e] * (dpt[nt][e] - dsum_b[qi]);
@@ -783,7 +784,7 @@ __device__ void flash_dq(const AttnParams& p) {
           const int key = k0 + nt * 8 + (lane & 3) * 2 + (e & 1);
           const bool ok = interior || att_visible(qrow[hr], key, len, window);
           const float t = att_bwd_score(s[nt][e], p, scale2, true, inv_cap);
-          const float pv = exp2f(ok ? cap2 * t - lse2[hr] : -INFINITY);
+          const float pv = ex2_ftz(ok ? cap2 * t - lse2[hr] : -INFINITY);
           s[nt][e] = pv * (dp[nt][e] - ds_[hr]) * (1.0f - t * t);
         }
     } else {
@@ -795,7 +796,7 @@ __device__ void flash_dq(const AttnParams& p) {
           const int key = k0 + nt * 8 + (lane & 3) * 2 + (e & 1);
           const bool ok = interior || att_visible(qrow[hr], key, len, window);
           const float x = att_bwd_score(s[nt][e], p, scale2, false, inv_cap);
-          const float pv = exp2f(ok ? x - lse2[hr] : -INFINITY);
+          const float pv = ex2_ftz(ok ? x - lse2[hr] : -INFINITY);
           s[nt][e] = pv * (dp[nt][e] - ds_[hr]);
         }
     }

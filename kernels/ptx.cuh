@@ -82,3 +82,17 @@ __device__ __forceinline__ void mma_m16n8k16_bf16(float* c, const uint32_t* a, u
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 #endif
 }
+
+// ex2.approx.ftz.f32: 2^x (about 2 ulp), one MUFU.EX2. A result below the smallest normal float
+// (x < −126) is flushed to +0, as are subnormal inputs. exp2f without --use_fast_math spends three
+// more instructions per call (a test, and a halving before and a squaring after for results in the
+// subnormal range); for softmax weights those results are zero in all but name.
+__device__ __forceinline__ float ex2_ftz(float x) {
+#ifdef QLORA_SIM
+  return ::qsim::ex2_approx_ftz(x);
+#else
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+#endif
+}

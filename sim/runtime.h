@@ -114,6 +114,7 @@ void ldmatrix_x4(uint32_t* r, const void* row, bool trans);
 void cp_async_16(void* dst, const void* src, int src_bytes);
 void cp_async_commit();
 void cp_async_wait(int n);
+float ex2_approx_ftz(float x);
 
 }  // namespace qsim
 
