@@ -484,7 +484,8 @@ __device__ __forceinline__ void fetch_bf16(const bf16* b2, long long ldb2, int n
 // A thread's 16 elements share one scale (blocks are ≥ 32 elements and the runs 16-aligned), so
 // it computes the 16 possible values once, bf16(code[i]·scale) as the CPU reference rounds them,
 // and picks each element's value with byte permutes (prmt): no shared-memory codebook lookups,
-// which cost as much shared-memory bandwidth per tile as a quarter of the tile's ldmatrix reads.
+// which took a third as many wavefronts per tile as the tile's ldmatrix reads (16 per warp
+// against 48).
 // The table is two byte planes: lo[j] holds the low bytes of entries 4j..4j+3, hi[j] their high
 // bytes, so one prmt over a pair of planes looks up four 3-bit indices at once.
 struct Nf4Table {
