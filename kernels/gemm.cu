@@ -63,7 +63,7 @@ struct Nf4Params {
   const float* code2;
   long long rows, cols;
   int blocksize_log2;  // blocks of 2^blocksize_log2 elements: the block of element i is i >> it
-  float code[16];      // the codebook, by value: read from the constant bank, never from memory
+  Nf4Code code;        // the codebook, by value: read from the constant bank, never from memory
 };
 
 // ---- swizzled shared-memory addressing (element offsets) ----
@@ -495,13 +495,13 @@ struct Nf4Table {
 __device__ __forceinline__ uint32_t bf16_bits(float v) { return __bfloat16_as_ushort(__float2bfloat16_rn(v)); }
 
 // code: the weight's codebook in the kernel's parameters (constant-bank operands of the FMULs).
-__device__ __forceinline__ Nf4Table nf4_table(const float (&code)[16], float scale) {
+__device__ __forceinline__ Nf4Table nf4_table(const Nf4Code& code, float scale) {
   Nf4Table t;
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
     // Entries 4j, 4j+1 and 4j+2, 4j+3 as bf16 pairs (the lower entry in the low half).
-    const uint32_t a = bf16_bits(__fmul_rn(code[4 * j], scale)) | bf16_bits(__fmul_rn(code[4 * j + 1], scale)) << 16;
-    const uint32_t b = bf16_bits(__fmul_rn(code[4 * j + 2], scale)) | bf16_bits(__fmul_rn(code[4 * j + 3], scale)) << 16;
+    const uint32_t a = bf16_bits(__fmul_rn(code.v[4 * j], scale)) | bf16_bits(__fmul_rn(code.v[4 * j + 1], scale)) << 16;
+    const uint32_t b = bf16_bits(__fmul_rn(code.v[4 * j + 2], scale)) | bf16_bits(__fmul_rn(code.v[4 * j + 3], scale)) << 16;
     t.lo[j] = __byte_perm(a, b, 0x6420);
     t.hi[j] = __byte_perm(a, b, 0x7531);
   }
@@ -527,7 +527,7 @@ __device__ __forceinline__ void nf4_lookup(uint32_t w, const Nf4Table& t, uint32
 }
 
 template <bool B_KC>
-__device__ __forceinline__ void store_b(bf16* sb, const BStage& st, bool nf4, const float (&code)[16]) {
+__device__ __forceinline__ void store_b(bf16* sb, const BStage& st, bool nf4, const Nf4Code& code) {
   int srow, scol;
   b_slot<B_KC>(srow, scol);
   uint4 out[2];
@@ -583,7 +583,6 @@ __device__ __forceinline__ int adapter_tiles(const GemmParams& p) { return p.a2 
 struct Nf4Single {
   const GemmParams& p;
   const Nf4Params& w;
-  __device__ int groups() const { return 1; }
   __device__ int tiles() const { return k_tiles(p.k) + adapter_tiles(p); }
   __device__ KTile at(int t) const {
     const int n1 = k_tiles(p.k);
@@ -596,7 +595,6 @@ struct Nf4Single {
 // dX = Σ_g dY_g·W_g + A2_g·B2_g over g < groups: group 0's output (c, ldc, m, n, alpha, beta).
 struct Nf4Sum {
   const Nf4Group& g;
-  __device__ int groups() const { return g.groups; }
   __device__ int tiles() const {
     int n = 0;
 #pragma unroll
@@ -752,7 +750,7 @@ extern "C" __global__ void __launch_bounds__(256, 2)
     gemm_nf4_small_m_bf16(GemmParams p, const __grid_constant__ Nf4Params w) {
   __shared__ __align__(16) bf16 sx[16 * SM_CHUNK];
   __shared__ float code[16];
-  if (threadIdx.x < 16) code[threadIdx.x] = w.code[threadIdx.x];
+  if (threadIdx.x < 16) code[threadIdx.x] = w.code.v[threadIdx.x];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int n_base = blockIdx.x * 32 + warp * SM_ROWS;
   const int m_rows = p.m;

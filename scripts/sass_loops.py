@@ -93,8 +93,8 @@ def main_loop(ins):
 
 
 def iteration(ins, head, back):
-    """{'hmma', 'steady', 'min', 'max', 'body'}: HMMAs of a full iteration, the instructions of the
-    steady one and the fewest and most of any; body = instructions in the loop's address range."""
+    """{'hmma', 'steady', 'min', 'max'}: HMMAs of a full iteration, the instructions of the
+    steady one and the fewest and most of any."""
     index = {a: j for j, (a, _) in enumerate(ins)}
     # paths[j] = {(HMMAs, work...): (fewest, most) instructions} over paths from head to just
     # before j.
@@ -138,7 +138,7 @@ def iteration(ins, head, back):
     full = {k: v for k, v in done.items() if k[0] == hmma}
     steady = full[max(full)][0]  # the most work, then the fewest instructions
     return dict(hmma=hmma, steady=steady, min=min(lo for lo, _ in full.values()),
-                max=max(hi for _, hi in full.values()), body=back - head + 1)
+                max=max(hi for _, hi in full.values()))
 
 
 def analyse(text):
@@ -178,7 +178,7 @@ def _selftest():
     ins = funcs["k"]
     assert main_loop(ins) == (1, 10), main_loop(ins)
     got = iteration(ins, 1, 10)
-    assert got == dict(hmma=2, steady=9, min=7, max=10, body=10), got
+    assert got == dict(hmma=2, steady=9, min=7, max=10), got
     print("sass_loops: self-test passed")
 
 

@@ -96,7 +96,7 @@ struct Nf4Params {
     /// log2 of the blocksize (a power of two: `nf4::check_blocksize`), so the kernels find an
     /// element's block with a shift.
     blocksize_log2: i32,
-    /// The codebook by value: the kernels read it from the constant bank.
+    /// The codebook by value (the kernels' `Nf4Code`): they read it from the constant bank.
     code: [f32; 16],
 }
 // SAFETY: #[repr(C)] plain data laid out like the kernel's `Nf4Params`.
