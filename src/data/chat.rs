@@ -162,7 +162,11 @@ pub fn strftime(format: &str, t: &LocalTime) -> std::result::Result<String, Stri
                 v.to_string()
             }
         };
-        let hour12 = if t.hour % 12 == 0 { 12 } else { t.hour % 12 };
+        let hour12 = if t.hour.is_multiple_of(12) {
+            12
+        } else {
+            t.hour % 12
+        };
         match code {
             Some('a') => out.push_str(&DAYS[t.weekday as usize][..3]),
             Some('A') => out.push_str(DAYS[t.weekday as usize]),

@@ -53,7 +53,7 @@ pub fn write(
         offset += n;
     }
     let mut text = Value::Object(header).to_string().into_bytes();
-    while text.len() % 8 != 0 {
+    while !text.len().is_multiple_of(8) {
         text.push(b' ');
     }
     let tmp = path.with_extension("safetensors.tmp");

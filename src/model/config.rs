@@ -442,7 +442,7 @@ fn phi_rope(
     }
     // transformers: `int(head_dim * partial_rotary_factor)`.
     let rot = (head_dim as f64 * factor) as usize;
-    if rot < 2 || rot % 2 != 0 {
+    if rot < 2 || !rot.is_multiple_of(2) {
         return Err(Error::InvalidArgument(format!(
             "config: head_dim {head_dim} × partial_rotary_factor {factor} gives {rot} rotary \
              dims; an even number ≥ 2 is needed"

@@ -598,7 +598,7 @@ fn tensor_type(
     let n = cfg.num_layers;
     let mut t = default;
     if is_output {
-        t = if cols % block != 0 {
+        t = if !cols.is_multiple_of(block) {
             GgmlType::Q8_0
         } else if default != GgmlType::Q8_0 {
             GgmlType::Q6_K
@@ -626,7 +626,7 @@ fn tensor_type(
         }
     }
     let qk = t.block_size().expect("a known type");
-    if cols % qk == 0 {
+    if cols.is_multiple_of(qk) {
         return Ok((t, None));
     }
     let fallback = match t {
@@ -641,7 +641,7 @@ fn tensor_type(
             )))
         }
     };
-    let (fallback, why) = if cols % 32 == 0 {
+    let (fallback, why) = if cols.is_multiple_of(32) {
         (fallback, format!("{cols} not divisible by {qk}"))
     } else {
         (GgmlType::F16, format!("{cols} not divisible by 32"))

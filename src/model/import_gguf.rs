@@ -544,7 +544,7 @@ impl Hyper {
             )));
         }
         let rot = self.rotary_dim;
-        if rot == 0 || rot > self.head_dim || rot % 2 != 0 {
+        if rot == 0 || rot > self.head_dim || !rot.is_multiple_of(2) {
             return Err(g.error(format!(
                 "metadata `{}` is {rot}: an even number of at most the head width {} is needed",
                 key("rope.dimension_count"),
@@ -1215,7 +1215,7 @@ fn write_safetensors(g: &GgufFile, plan: &[Planned], path: &Path) -> Result<usiz
         offset += 2 * n;
     }
     let mut header = serde_json::to_string(&Json::Object(header)).expect("JSON of plain values");
-    while header.len() % 8 != 0 {
+    while !header.len().is_multiple_of(8) {
         header.push(' ');
     }
     let tmp = path.with_extension("safetensors.tmp");

@@ -38,9 +38,11 @@
 
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
+use std::mem::MaybeUninit;
+
 use rayon::prelude::*;
 
-use super::matmul::{gemm, gemm_ldc, Mat};
+use super::matmul::{gemm, gemm_sum_threads, Mat, Product};
 use super::{check_cu_seqlens, check_tensor, cuda_ordinal, expect_len, zeros, Real};
 use crate::device::cuda::CudaDevice;
 use crate::device::Device;
@@ -96,7 +98,7 @@ impl Dims {
     }
 
     fn check(&self) -> Result<()> {
-        if self.kv_heads == 0 || self.heads % self.kv_heads != 0 {
+        if self.kv_heads == 0 || !self.heads.is_multiple_of(self.kv_heads) {
             return Err(Error::InvalidArgument(format!(
                 "attention: query heads ({}) must be a multiple of key/value heads ({})",
                 self.heads, self.kv_heads
@@ -194,73 +196,80 @@ fn check<T: Real>(
     Ok(tokens)
 }
 
-/// One sequence's probabilities `P` (`L × L`, zero outside each row's visible keys) for one
-/// head, from `S` (scaled, soft-capped); returns the row log-sum-exps when `lse` is `None`, else
-/// uses the given ones. With `want_cap_grad` and a soft cap, also returns `1 − tanh²(R/c)` at
-/// the visible entries (zero elsewhere), the factor of the backward through the cap.
-fn probabilities<T: Real>(
+/// Rows `r0..r1` of one (sequence, head)'s probabilities into `p`, whose row `i − r0` holds
+/// columns `base..` (`ld` apart): the scores of columns `first_key(r0)..r1` by one product, then
+/// the softmax of each row's visible keys, zero elsewhere in `base..r1`. With `lse` (the rows'
+/// saved log-sum-exps) P = e^(S − lse); else e^(S − max)/Σ, and the rows' lse are returned. With
+/// a soft cap and `cap`, also writes `1 − tanh²(R/c)` at the visible entries (zero elsewhere)
+/// into `cap` (laid out like `p`), the factor of the backward through the cap.
+#[allow(clippy::too_many_arguments)]
+fn block_probabilities<T: Real>(
     q: Mat<T>,
     k: Mat<T>,
     opt: Options<T>,
+    (r0, r1): (usize, usize),
+    p: &mut [T],
+    (base, ld): (usize, usize),
     lse: Option<&[T]>,
-    want_cap_grad: bool,
-) -> (Vec<T>, Vec<T>, Option<Vec<T>>) {
-    let l = q.rows;
-    let mut p = vec![T::zero(); l * l];
-    // Causal: each block of rows only needs the columns up to its last row, and with a window
-    // from its first row's first visible column (the rest of S is zeroed below); every element
-    // is the same dot product as in the full product.
-    for (r0, r1) in causal_blocks(l) {
-        let c0 = opt.first_key(r0);
-        gemm_ldc(
-            q.block(r0, r1, 0, q.cols),
-            k.block(c0, r1, 0, k.cols).t(),
-            &mut p[r0 * l + c0..],
-            l,
-            opt.scale,
-            T::zero(),
-        );
-    }
-    let mut cap_grad = match (opt.softcap, want_cap_grad) {
-        (Some(_), true) => Some(vec![T::zero(); l * l]),
-        _ => None,
-    };
-    let mut out_lse = Vec::with_capacity(l);
-    for i in 0..l {
+    mut cap: Option<&mut [T]>,
+) -> Vec<T> {
+    let c0 = opt.first_key(r0);
+    // Every element is the same dot product as in the full product; columns past r1 and before
+    // the block's first visible column are never needed.
+    gemm_serial(
+        q.block(r0, r1, 0, q.cols),
+        k.block(c0, r1, 0, k.cols).t(),
+        &mut p[c0 - base..],
+        ld,
+        opt.scale,
+    );
+    let mut out_lse = Vec::with_capacity(r1 - r0);
+    for i in r0..r1 {
         let lo = opt.first_key(i);
-        let row = &mut p[i * l..(i + 1) * l];
+        let row = &mut p[(i - r0) * ld..(i - r0) * ld + (r1 - base)];
+        let (vis, width) = (lo - base..i + 1 - base, r1 - base);
         if let Some(c) = opt.softcap {
-            for (j, s) in row.iter_mut().enumerate().take(i + 1).skip(lo) {
+            for (j, s) in row[vis.clone()].iter_mut().enumerate() {
                 let t = (*s / c).tanh();
                 *s = c * t;
-                if let Some(g) = cap_grad.as_mut() {
-                    g[i * l + j] = T::one() - t * t;
+                if let Some(g) = cap.as_deref_mut() {
+                    g[(i - r0) * ld + vis.start + j] = T::one() - t * t;
                 }
             }
+            if let Some(g) = cap.as_deref_mut() {
+                let g = &mut g[(i - r0) * ld..(i - r0) * ld + width];
+                g[..vis.start].fill(T::zero());
+                g[vis.end..].fill(T::zero());
+            }
         }
-        // P = e^(S − lse) with the saved lse; else e^(S − max) / Σ, lse = max + ln Σ.
         let m = match lse {
             Some(saved) => {
-                T::exp_shifted(&mut row[lo..=i], saved[i], T::one());
-                saved[i]
+                T::exp_shifted(&mut row[vis.clone()], saved[i - r0], T::one());
+                saved[i - r0]
             }
             None => {
-                let mx = T::max_of(&row[lo..=i]);
-                let sum = T::exp_shifted_sum(&mut row[lo..=i], mx);
-                T::scale_slice(&mut row[lo..=i], T::one() / sum);
+                let mx = T::max_of(&row[vis.clone()]);
+                let sum = T::exp_shifted_sum(&mut row[vis.clone()], mx);
+                T::scale_slice(&mut row[vis.clone()], T::one() / sum);
                 mx + sum.ln()
             }
         };
-        row[..lo].fill(T::zero());
-        row[i + 1..].fill(T::zero());
+        row[..vis.start].fill(T::zero());
+        row[vis.end..].fill(T::zero());
         out_lse.push(m);
     }
-    (p, out_lse, cap_grad)
+    out_lse
+}
+
+/// `C = alpha·A·B` into C's rows `ldc` apart, on this thread (the CPU reference's attention runs
+/// its blocks in parallel, one product per task).
+fn gemm_serial<T: Real>(a: Mat<T>, b: Mat<T>, c: &mut [T], ldc: usize, alpha: T) {
+    gemm_sum_threads(&[Product { a, b, alpha }], c, ldc, T::zero(), 1);
 }
 
 /// Rows per block of the causal products: a block of rows `r0..r1` of `P` (or `S`, `dS`) is
 /// zero beyond column `r1` (and, with a window, before its first row's first visible column),
-/// so its products stop (and start) there.
+/// so its products stop (and start) there. Blocks are also the CPU reference's unit of work.
 const CAUSAL_BLOCK: usize = 64;
 
 /// The `(r0, r1)` row blocks of an `l`-row causal matrix.
@@ -268,6 +277,40 @@ fn causal_blocks(l: usize) -> impl Iterator<Item = (usize, usize)> {
     (0..l)
         .step_by(CAUSAL_BLOCK)
         .map(move |r0| (r0, (r0 + CAUSAL_BLOCK).min(l)))
+}
+
+/// One (sequence, head)'s operands: q, k, v as `L × D` views.
+struct Head<'a, T> {
+    s0: usize,
+    l: usize,
+    h: usize,
+    q: Mat<'a, T>,
+    k: Mat<'a, T>,
+    v: Mat<'a, T>,
+}
+
+/// The views of every (sequence, head), in order.
+fn heads<'a, T: Real>(
+    d: Dims,
+    (q, k, v): (&'a [T], &'a [T], &'a [T]),
+    cu_seqlens: &[usize],
+) -> Vec<Head<'a, T>> {
+    let (h_n, kv_n, dim) = (d.heads, d.kv_heads, d.head_dim);
+    let group = h_n / kv_n;
+    pairs(cu_seqlens, h_n)
+        .into_iter()
+        .map(|(s0, l, h)| {
+            let g = h / group;
+            Head {
+                s0,
+                l,
+                h,
+                q: Mat::strided(&q[(s0 * h_n + h) * dim..], l, dim, h_n * dim),
+                k: Mat::strided(&k[(s0 * kv_n + g) * dim..], l, dim, kv_n * dim),
+                v: Mat::strided(&v[(s0 * kv_n + g) * dim..], l, dim, kv_n * dim),
+            }
+        })
+        .collect()
 }
 
 /// Returns `(o [T, H, D], lse [T, H])`.
@@ -279,42 +322,45 @@ pub fn forward<T: Real>(
     cu_seqlens: &[usize],
 ) -> Result<(Vec<T>, Vec<T>)> {
     let tokens = check("attention", d, q, k, v, cu_seqlens)?;
-    let (h_n, kv_n, dim) = (d.heads, d.kv_heads, d.head_dim);
-    let group = h_n / kv_n;
+    let (h_n, dim) = (d.heads, d.head_dim);
     let opt = d.options::<T>();
-    // Every (sequence, head) on its own, in parallel; gathered in a fixed order.
-    let per_head: Vec<_> = pairs(cu_seqlens, h_n)
+    let heads = heads(d, (q, k, v), cu_seqlens);
+    // Every (sequence, head, block of rows) on its own, in parallel; gathered in order.
+    let tasks: Vec<(usize, usize, usize)> = heads
+        .iter()
+        .enumerate()
+        .flat_map(|(x, hd)| causal_blocks(hd.l).map(move |(r0, r1)| (x, r0, r1)))
+        .collect();
+    let blocks: Vec<_> = tasks
         .into_par_iter()
-        .map(|(s0, l, h)| {
-            let g = h / group;
-            let qh = Mat::strided(&q[(s0 * h_n + h) * dim..], l, dim, h_n * dim);
-            let kg = Mat::strided(&k[(s0 * kv_n + g) * dim..], l, dim, kv_n * dim);
-            let vg = Mat::strided(&v[(s0 * kv_n + g) * dim..], l, dim, kv_n * dim);
-            let (p, row_lse, _) = probabilities(qh, kg, opt, None, false);
-            let mut oh = vec![T::zero(); l * dim];
-            // o = P·v over the nonzero columns of each block of P's rows (the terms skipped are
-            // the zeros outside the causal window: the sums are those of the full product).
-            let pm = Mat::new(&p, l, l);
-            for (r0, r1) in causal_blocks(l) {
-                let c0 = opt.first_key(r0);
-                gemm(
-                    pm.block(r0, r1, c0, r1),
-                    vg.block(c0, r1, 0, dim),
-                    &mut oh[r0 * dim..r1 * dim],
-                    T::one(),
-                    T::zero(),
-                );
-            }
-            (s0, l, h, oh, row_lse)
+        .map(|(x, r0, r1)| {
+            let hd = &heads[x];
+            let c0 = opt.first_key(r0);
+            let w = r1 - c0;
+            let mut p = vec![T::zero(); (r1 - r0) * w];
+            let row_lse =
+                block_probabilities(hd.q, hd.k, opt, (r0, r1), &mut p, (c0, w), None, None);
+            // o = P·v over the block's visible columns (the terms skipped are the zeros outside
+            // the causal window: the sums are those of the full product).
+            let mut ob = vec![T::zero(); (r1 - r0) * dim];
+            gemm_serial(
+                Mat::new(&p, r1 - r0, w),
+                hd.v.block(c0, r1, 0, dim),
+                &mut ob,
+                dim,
+                T::one(),
+            );
+            (x, r0, ob, row_lse)
         })
         .collect();
     let mut o = zeros(q.len());
     let mut lse = vec![T::zero(); tokens * h_n];
-    for (s0, l, h, oh, row_lse) in per_head {
-        for i in 0..l {
-            let dst = ((s0 + i) * h_n + h) * dim;
-            o[dst..dst + dim].copy_from_slice(&oh[i * dim..(i + 1) * dim]);
-            lse[(s0 + i) * h_n + h] = row_lse[i];
+    for (x, r0, ob, row_lse) in blocks {
+        let hd = &heads[x];
+        for (i, (orow, &m)) in ob.chunks(dim).zip(&row_lse).enumerate() {
+            let at = (hd.s0 + r0 + i) * h_n + hd.h;
+            o[at * dim..(at + 1) * dim].copy_from_slice(orow);
+            lse[at] = m;
         }
     }
     Ok((o, lse))
@@ -327,6 +373,37 @@ fn pairs(cu_seqlens: &[usize], heads: usize) -> Vec<(usize, usize, usize)> {
         .flat_map(|w| (0..heads).map(move |h| (w[0], w[1] - w[0], h)))
         .collect()
 }
+
+/// A buffer of `n` elements not yet written.
+fn uninit<T>(n: usize) -> Vec<MaybeUninit<T>> {
+    let mut v = Vec::with_capacity(n);
+    // SAFETY: MaybeUninit needs no initialization.
+    unsafe { v.set_len(n) };
+    v
+}
+
+/// `s` with every element set to zero, as initialized values.
+fn zeroed<T: Real>(s: &mut [MaybeUninit<T>]) -> &mut [T] {
+    for x in s.iter_mut() {
+        x.write(T::zero());
+    }
+    // SAFETY: every element was written just above; MaybeUninit<T> has T's layout.
+    unsafe { &mut *(s as *mut [MaybeUninit<T>] as *mut [T]) }
+}
+
+/// The buffer as initialized values.
+///
+/// Every element must have been written (here: through [`zeroed`], block by block).
+fn assume_init<T>(v: Vec<MaybeUninit<T>>) -> Vec<T> {
+    let mut v = std::mem::ManuallyDrop::new(v);
+    // SAFETY: the caller's contract; MaybeUninit<T> has T's layout, and the allocation is
+    // handed over whole (pointer, length and capacity).
+    unsafe { Vec::from_raw_parts(v.as_mut_ptr() as *mut T, v.len(), v.capacity()) }
+}
+
+/// Bytes of `P` and `dS` the backward holds at once (at least one head's): heads are taken in
+/// groups under this budget.
+const BACKWARD_BUDGET: usize = 256 << 20;
 
 /// Returns `(dq, dk, dv)`, shaped like q, k, v.
 #[allow(clippy::too_many_arguments)]
@@ -357,107 +434,148 @@ pub fn backward<T: Real>(
     let (h_n, kv_n, dim) = (d.heads, d.kv_heads, d.head_dim);
     let group = h_n / kv_n;
     let opt = d.options::<T>();
-    // Every (sequence, head) on its own, in parallel; dk and dv summed over the heads of a
-    // group in a fixed order.
-    let per_head: Vec<_> = pairs(cu_seqlens, h_n)
-        .into_par_iter()
-        .map(|(s0, l, h)| {
-            let g = h / group;
-            let qh = Mat::strided(&q[(s0 * h_n + h) * dim..], l, dim, h_n * dim);
-            let kg = Mat::strided(&k[(s0 * kv_n + g) * dim..], l, dim, kv_n * dim);
-            let vg = Mat::strided(&v[(s0 * kv_n + g) * dim..], l, dim, kv_n * dim);
-            let doh = Mat::strided(&d_o[(s0 * h_n + h) * dim..], l, dim, h_n * dim);
-            let row_lse: Vec<T> = (0..l).map(|i| lse[(s0 + i) * h_n + h]).collect();
-            let (p, _, cap_grad) = probabilities(qh, kg, opt, Some(&row_lse), true);
-            // D_i = dO_i · o_i
-            let di: Vec<T> = (0..l)
-                .map(|i| {
-                    let at = ((s0 + i) * h_n + h) * dim;
-                    (0..dim).map(|c| d_o[at + c] * o[at + c]).sum()
-                })
-                .collect();
-            // The products below skip the zeros of P and dS outside the causal window: row
-            // blocks r0..r1 of P and dS span columns first_key(r0)..r1; rows c0..c1 of Pᵀ and dSᵀ
-            // span columns c0..query_end(c1 − 1).
-            let pm = Mat::new(&p, l, l);
-            // dv_g += Pᵀ·dO_h
-            let mut dvh = vec![T::zero(); l * dim];
-            for (c0, c1) in causal_blocks(l) {
-                let r1 = opt.query_end(c1 - 1, l);
-                gemm(
-                    pm.t().block(c0, c1, c0, r1),
-                    doh.block(c0, r1, 0, dim),
-                    &mut dvh[c0 * dim..c1 * dim],
-                    T::one(),
-                    T::zero(),
-                );
-            }
-            // dS = P ⊙ (dO·vᵀ − D), times 1 − tanh² through a soft cap.
-            let mut ds = vec![T::zero(); l * l];
-            for (r0, r1) in causal_blocks(l) {
-                let c0 = opt.first_key(r0);
-                gemm_ldc(
-                    doh.block(r0, r1, 0, dim),
-                    vg.block(c0, r1, 0, dim).t(),
-                    &mut ds[r0 * l + c0..],
-                    l,
-                    T::one(),
-                    T::zero(),
-                );
-            }
-            for (i, ((ds_row, p_row), &d_i)) in
-                ds.chunks_mut(l).zip(p.chunks(l)).zip(&di).enumerate()
-            {
-                let lo = opt.first_key(i);
-                for (s, &pv) in ds_row[lo..=i].iter_mut().zip(&p_row[lo..]) {
-                    *s = pv * (*s - d_i);
-                }
-                if let Some(cg) = &cap_grad {
-                    for (s, &f) in ds_row[lo..=i].iter_mut().zip(&cg[i * l + lo..]) {
-                        *s *= f;
-                    }
-                }
-                ds_row[..lo].fill(T::zero());
-                ds_row[i + 1..].fill(T::zero());
-            }
-            let dsm = Mat::new(&ds, l, l);
-            let mut dqh = vec![T::zero(); l * dim];
-            for (r0, r1) in causal_blocks(l) {
-                let c0 = opt.first_key(r0);
-                gemm(
-                    dsm.block(r0, r1, c0, r1),
-                    kg.block(c0, r1, 0, dim),
-                    &mut dqh[r0 * dim..r1 * dim],
-                    opt.scale,
-                    T::zero(),
-                );
-            }
-            let mut dkh = vec![T::zero(); l * dim];
-            for (c0, c1) in causal_blocks(l) {
-                let r1 = opt.query_end(c1 - 1, l);
-                gemm(
-                    dsm.t().block(c0, c1, c0, r1),
-                    qh.block(c0, r1, 0, dim),
-                    &mut dkh[c0 * dim..c1 * dim],
-                    opt.scale,
-                    T::zero(),
-                );
-            }
-            (s0, l, h, dqh, dkh, dvh)
-        })
-        .collect();
+    let heads = heads(d, (q, k, v), cu_seqlens);
     let (mut dq, mut dk, mut dv) = (zeros(q.len()), zeros(k.len()), zeros(v.len()));
-    for (s0, l, h, dqh, dkh, dvh) in per_head {
-        let g = h / group;
-        for i in 0..l {
-            let qa = ((s0 + i) * h_n + h) * dim;
-            let ka = ((s0 + i) * kv_n + g) * dim;
-            dq[qa..qa + dim].copy_from_slice(&dqh[i * dim..(i + 1) * dim]);
-            for c in 0..dim {
-                dk[ka + c] += dkh[i * dim + c];
-                dv[ka + c] += dvh[i * dim + c];
+    let elem = std::mem::size_of::<T>();
+    let mut first = 0;
+    while first < heads.len() {
+        // Heads first..last hold their P and dS at once (2·L² each).
+        let mut last = first + 1;
+        let mut bytes = 2 * heads[first].l.pow(2) * elem;
+        while last < heads.len() && bytes + 2 * heads[last].l.pow(2) * elem <= BACKWARD_BUDGET {
+            bytes += 2 * heads[last].l.pow(2) * elem;
+            last += 1;
+        }
+        let group_heads = &heads[first..last];
+        // Zeroed block by block by the tasks that fill them (in parallel, and just before use).
+        let mut p_all: Vec<Vec<MaybeUninit<T>>> =
+            group_heads.iter().map(|hd| uninit(hd.l * hd.l)).collect();
+        let mut ds_all: Vec<Vec<MaybeUninit<T>>> =
+            group_heads.iter().map(|hd| uninit(hd.l * hd.l)).collect();
+        // Phase 1, per block of rows: P (from the saved lse), dS = P ⊙ (dO·vᵀ − D) (times
+        // 1 − tanh² through a soft cap), and dq = σ dS·k over the block's visible columns.
+        let mut tasks = Vec::new();
+        for (x, (p, ds)) in p_all.iter_mut().zip(ds_all.iter_mut()).enumerate() {
+            let l = group_heads[x].l;
+            let rows = p
+                .chunks_mut(CAUSAL_BLOCK * l)
+                .zip(ds.chunks_mut(CAUSAL_BLOCK * l));
+            for ((r0, r1), (pb, dsb)) in causal_blocks(l).zip(rows) {
+                tasks.push((x, r0, r1, pb, dsb));
             }
         }
+        let dq_blocks: Vec<_> = tasks
+            .into_par_iter()
+            .map(|(x, r0, r1, pb, dsb)| {
+                let (pb, dsb) = (zeroed(pb), zeroed(dsb));
+                let hd = &group_heads[x];
+                let (l, s0) = (hd.l, hd.s0);
+                let c0 = opt.first_key(r0);
+                let doh = Mat::strided(&d_o[(s0 * h_n + hd.h) * dim..], l, dim, h_n * dim);
+                let row_lse: Vec<T> = (r0..r1).map(|i| lse[(s0 + i) * h_n + hd.h]).collect();
+                let mut cap = opt.softcap.map(|_| vec![T::zero(); (r1 - r0) * l]);
+                block_probabilities(
+                    hd.q,
+                    hd.k,
+                    opt,
+                    (r0, r1),
+                    pb,
+                    (0, l),
+                    Some(&row_lse),
+                    cap.as_deref_mut(),
+                );
+                gemm_serial(
+                    doh.block(r0, r1, 0, dim),
+                    hd.v.block(c0, r1, 0, dim).t(),
+                    &mut dsb[c0..],
+                    l,
+                    T::one(),
+                );
+                for i in r0..r1 {
+                    // D_i = dO_i · o_i
+                    let at = ((s0 + i) * h_n + hd.h) * dim;
+                    let d_i: T = (0..dim).map(|c| d_o[at + c] * o[at + c]).sum();
+                    let lo = opt.first_key(i);
+                    let row = (i - r0) * l;
+                    let (ds_row, p_row) = (&mut dsb[row..row + r1], &pb[row..row + r1]);
+                    for (s, &pv) in ds_row[lo..=i].iter_mut().zip(&p_row[lo..]) {
+                        *s = pv * (*s - d_i);
+                    }
+                    if let Some(cg) = &cap {
+                        for (s, &f) in ds_row[lo..=i].iter_mut().zip(&cg[row + lo..]) {
+                            *s *= f;
+                        }
+                    }
+                    ds_row[..lo].fill(T::zero());
+                    ds_row[i + 1..].fill(T::zero());
+                }
+                let mut dqb = vec![T::zero(); (r1 - r0) * dim];
+                gemm_serial(
+                    Mat::strided(&dsb[c0..], r1 - r0, r1 - c0, l),
+                    hd.k.block(c0, r1, 0, dim),
+                    &mut dqb,
+                    dim,
+                    opt.scale,
+                );
+                (x, r0, dqb)
+            })
+            .collect();
+        // Every block of every matrix was zeroed and filled by phase 1.
+        let p_all: Vec<Vec<T>> = p_all.into_iter().map(assume_init).collect();
+        let ds_all: Vec<Vec<T>> = ds_all.into_iter().map(assume_init).collect();
+        // Phase 2, per block of key rows c0..c1 (the rows of Pᵀ and dSᵀ span columns
+        // c0..query_end(c1 − 1)): dv_h = Pᵀ·dO_h and dk_h = σ dSᵀ·q_h.
+        let tasks: Vec<(usize, usize, usize)> = group_heads
+            .iter()
+            .enumerate()
+            .flat_map(|(x, hd)| causal_blocks(hd.l).map(move |(c0, c1)| (x, c0, c1)))
+            .collect();
+        let dkv_blocks: Vec<_> = tasks
+            .into_par_iter()
+            .map(|(x, c0, c1)| {
+                let hd = &group_heads[x];
+                let l = hd.l;
+                let r1 = opt.query_end(c1 - 1, l);
+                let doh = Mat::strided(&d_o[(hd.s0 * h_n + hd.h) * dim..], l, dim, h_n * dim);
+                let mut dvb = vec![T::zero(); (c1 - c0) * dim];
+                gemm_serial(
+                    Mat::new(&p_all[x], l, l).t().block(c0, c1, c0, r1),
+                    doh.block(c0, r1, 0, dim),
+                    &mut dvb,
+                    dim,
+                    T::one(),
+                );
+                let mut dkb = vec![T::zero(); (c1 - c0) * dim];
+                gemm_serial(
+                    Mat::new(&ds_all[x], l, l).t().block(c0, c1, c0, r1),
+                    hd.q.block(c0, r1, 0, dim),
+                    &mut dkb,
+                    dim,
+                    opt.scale,
+                );
+                (x, c0, dkb, dvb)
+            })
+            .collect();
+        for (x, r0, dqb) in dq_blocks {
+            let hd = &group_heads[x];
+            for (i, row) in dqb.chunks(dim).enumerate() {
+                let at = ((hd.s0 + r0 + i) * h_n + hd.h) * dim;
+                dq[at..at + dim].copy_from_slice(row);
+            }
+        }
+        // dk and dv summed over the heads of a group in head order (the blocks come in order).
+        for (x, c0, dkb, dvb) in dkv_blocks {
+            let hd = &group_heads[x];
+            let g = hd.h / group;
+            for (i, (krow, vrow)) in dkb.chunks(dim).zip(dvb.chunks(dim)).enumerate() {
+                let at = ((hd.s0 + c0 + i) * kv_n + g) * dim;
+                for c in 0..dim {
+                    dk[at + c] += krow[c];
+                    dv[at + c] += vrow[c];
+                }
+            }
+        }
+        first = last;
     }
     Ok((dq, dk, dv))
 }

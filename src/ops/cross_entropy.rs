@@ -149,7 +149,7 @@ pub fn forward_backward<T: Real>(
         h.len(),
         &[tokens, d],
     )?;
-    if d == 0 || w.len() % d != 0 {
+    if d == 0 || !w.len().is_multiple_of(d) {
         return Err(Error::ShapeMismatch {
             op: "cross-entropy",
             expected: format!("lm_head weight [V, {d}]"),

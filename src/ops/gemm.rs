@@ -114,7 +114,7 @@ fn dims2(op: &'static str, name: &str, t: &Tensor) -> Result<(usize, usize)> {
 }
 
 fn multiple_of(op: &'static str, what: &str, v: usize, m: usize) -> Result<()> {
-    if v % m == 0 {
+    if v.is_multiple_of(m) {
         Ok(())
     } else {
         Err(Error::InvalidArgument(format!(
@@ -127,7 +127,7 @@ fn multiple_of(op: &'static str, what: &str, v: usize, m: usize) -> Result<()> {
 /// loads) and store C one element at a time: a raw address they are given must be aligned to
 /// that, or the card faults (misaligned address) after the launch, far from the cause.
 fn aligned(op: &'static str, what: &str, addr: u64, bytes: u64) -> Result<()> {
-    if addr % bytes == 0 {
+    if addr.is_multiple_of(bytes) {
         Ok(())
     } else {
         Err(Error::InvalidArgument(format!(

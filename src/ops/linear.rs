@@ -14,7 +14,7 @@
 //! ```
 //! (Unsloth's `fast_lora.py` derivation, with the dropout mask on the adapter branch.)
 
-use super::matmul::{gemm, Mat};
+use super::matmul::{gemm, gemm_new, Mat, Product};
 use super::{expect_len, for_chunks, for_rows, zeros, Real, PAR_CHUNK};
 use crate::error::Result;
 
@@ -150,35 +150,35 @@ pub fn forward<T: Real>(
 ) -> Result<(Vec<T>, Vec<T>)> {
     check("linear", d, x, w, bias, lora, mask)?;
     let (t, i, o) = (d.tokens, d.in_features, d.out_features);
-    let mut y = zeros(t * o);
-    gemm(
-        Mat::new(x, t, i),
-        Mat::new(w, o, i).t(),
-        &mut y,
-        T::one(),
-        T::zero(),
-    );
+    let base = Product {
+        a: Mat::new(x, t, i),
+        b: Mat::new(w, o, i).t(),
+        alpha: T::one(),
+    };
+    let mut xa = Vec::new();
+    let mut y = match lora {
+        Some(l) => {
+            let xd = masked(x, mask);
+            xa = vec![T::zero(); t * l.rank];
+            gemm(
+                Mat::new(&xd, t, i),
+                Mat::new(l.a, l.rank, i).t(),
+                &mut xa,
+                T::one(),
+                T::zero(),
+            );
+            // y = x·Wᵀ + s·xa·Bᵀ in one pass over y.
+            let adapter = Product {
+                a: Mat::new(&xa, t, l.rank),
+                b: Mat::new(l.b, o, l.rank).t(),
+                alpha: l.scale,
+            };
+            gemm_new(&[base, adapter])
+        }
+        None => gemm_new(&[base]),
+    };
     if let Some(b) = bias {
         add_bias(&mut y, b);
-    }
-    let mut xa = Vec::new();
-    if let Some(l) = lora {
-        let xd = masked(x, mask);
-        xa = vec![T::zero(); t * l.rank];
-        gemm(
-            Mat::new(&xd, t, i),
-            Mat::new(l.a, l.rank, i).t(),
-            &mut xa,
-            T::one(),
-            T::zero(),
-        );
-        gemm(
-            Mat::new(&xa, t, l.rank),
-            Mat::new(l.b, o, l.rank).t(),
-            &mut y,
-            l.scale,
-            T::one(),
-        );
     }
     Ok((y, xa))
 }
@@ -205,15 +205,14 @@ pub fn backward<T: Real>(
         lora.as_ref().map(|g| &g.lora),
         mask,
     )?;
-    let mut dx = need_dx.then(|| zeros(t * i));
-    if let Some(dx) = dx.as_mut() {
-        gemm(
-            Mat::new(dy, t, o),
-            Mat::new(w, o, i),
-            dx,
-            T::one(),
-            T::zero(),
-        );
+    let base = Product {
+        a: Mat::new(dy, t, o),
+        b: Mat::new(w, o, i),
+        alpha: T::one(),
+    };
+    let mut dx = None;
+    if need_dx && lora.is_none() {
+        dx = Some(gemm_new(&[base]));
     }
     if let Some(LoraGrads {
         lora: l,
@@ -234,26 +233,28 @@ pub fn backward<T: Real>(
             T::one(),
             T::zero(),
         );
-        if let Some(dx) = dx.as_mut() {
-            let mut ga = zeros(t * i);
-            gemm(
-                Mat::new(&g, t, r),
-                Mat::new(l.a, r, i),
-                &mut ga,
-                T::one(),
-                T::zero(),
-            );
-            let scale = l.scale;
-            for_chunks(dx, PAR_CHUNK, |at, dxs| match mask {
+        if need_dx {
+            let adapter = Product {
+                a: Mat::new(&g, t, r),
+                b: Mat::new(l.a, r, i),
+                alpha: l.scale,
+            };
+            dx = Some(match mask {
+                // dx = dy·W + s·g·A in one pass over dx.
+                None => gemm_new(&[base, adapter]),
                 Some(m) => {
-                    for ((dv, &gv), &mv) in dxs.iter_mut().zip(&ga[at..]).zip(&m[at..]) {
-                        *dv += scale * gv * mv;
-                    }
-                }
-                None => {
-                    for (dv, &gv) in dxs.iter_mut().zip(&ga[at..]) {
-                        *dv += scale * gv;
-                    }
+                    let mut dx = gemm_new(&[base]);
+                    let ga = gemm_new(&[Product {
+                        alpha: T::one(),
+                        ..adapter
+                    }]);
+                    let scale = l.scale;
+                    for_chunks(&mut dx, PAR_CHUNK, |at, dxs| {
+                        for ((dv, &gv), &mv) in dxs.iter_mut().zip(&ga[at..]).zip(&m[at..]) {
+                            *dv += scale * gv * mv;
+                        }
+                    });
+                    dx
                 }
             });
         }

@@ -1,5 +1,6 @@
-//! Matrix products for the CPU reference, through `matrixmultiply` (strided, so every transpose
-//! the forward and backward need is a view, not a copy).
+//! Matrix products for the CPU reference: f32 through our own AVX-512 kernel (`sgemm`) where the
+//! CPU has it, else (and f64 always) through `matrixmultiply`. Both take strided operands, so
+//! every transpose the forward and backward need is a view, not a copy.
 //!
 //! The three shapes of a linear layer `Y = X·Wᵀ` (X `[m, k]`, W `[n, k]`, Y `[m, n]`):
 //! forward `Y = X·Wᵀ`, input gradient `dX = dY·W` (`[m, n]·[n, k]`), weight-shaped gradient
@@ -107,14 +108,37 @@ pub fn gemm<T: Real>(a: Mat<T>, b: Mat<T>, c: &mut [T], alpha: T, beta: T) {
 /// [`gemm`] into a C whose rows are `ldc ≥ B.cols` elements apart (a block of a larger
 /// row-major matrix); the elements between the rows' ends and the next rows are not touched.
 pub fn gemm_ldc<T: Real>(a: Mat<T>, b: Mat<T>, c: &mut [T], ldc: usize, alpha: T, beta: T) {
-    assert_eq!(
-        a.cols, b.rows,
-        "gemm: inner dimensions {}x{} · {}x{}",
-        a.rows, a.cols, b.rows, b.cols
-    );
-    a.check("A");
-    b.check("B");
-    let (m, k, n) = (a.rows, a.cols, b.cols);
+    gemm_sum(&[Product { a, b, alpha }], c, ldc, beta)
+}
+
+/// One product `alpha·A·B` of a [`gemm_sum`].
+#[derive(Clone, Copy, Debug)]
+pub struct Product<'a, T> {
+    /// A, `m × k`.
+    pub a: Mat<'a, T>,
+    /// B, `k × n`.
+    pub b: Mat<'a, T>,
+    /// The product's factor.
+    pub alpha: T,
+}
+
+/// `C = Σ alpha_t·A_t·B_t + beta·C` over one or two products of one output shape, C's rows `ldc`
+/// apart: the same sums as a [`gemm_ldc`] of the first product followed by one with beta = 1
+/// for the second, but where the CPU has our own kernel (f32 on AVX-512) in one pass over C (a
+/// layer's base product and its LoRA term).
+pub fn gemm_sum<T: Real>(products: &[Product<T>], c: &mut [T], ldc: usize, beta: T) {
+    gemm_sum_threads(products, c, ldc, beta, cpu_threads())
+}
+
+/// [`gemm_sum`] on at most `threads` threads (1 where the caller already runs in parallel).
+pub fn gemm_sum_threads<T: Real>(
+    products: &[Product<T>],
+    c: &mut [T],
+    ldc: usize,
+    beta: T,
+    threads: usize,
+) {
+    let (m, n) = check_sum(products);
     if m == 0 || n == 0 {
         return;
     }
@@ -123,7 +147,87 @@ pub fn gemm_ldc<T: Real>(a: Mat<T>, b: Mat<T>, c: &mut [T], ldc: usize, alpha: T
         "gemm: output buffer of {} elements for {m}x{n} rows {ldc} apart",
         c.len()
     );
-    let threads = cpu_threads();
+    // SAFETY: the views were checked to stay within their slices, and `c` holds the m rows of n
+    // elements `ldc` apart.
+    unsafe { gemm_sum_raw(products, c.as_mut_ptr(), ldc, beta, threads) }
+}
+
+/// A fresh row-major `m × n` C = Σ alpha_t·A_t·B_t: [`gemm_sum`] with beta = 0 into a buffer
+/// that is not zeroed first (no element of C is read before it is written).
+pub fn gemm_new<T: Real>(products: &[Product<T>]) -> Vec<T> {
+    let (m, n) = check_sum(products);
+    let mut c = Vec::with_capacity(m * n);
+    if m > 0 && n > 0 {
+        // SAFETY: the views were checked; the buffer has room for the m rows of n elements, and
+        // with beta = 0 each element is written before anything reads it (both kernels document
+        // that C is not read when beta is 0).
+        unsafe { gemm_sum_raw(products, c.as_mut_ptr(), n, T::zero(), cpu_threads()) };
+    }
+    // SAFETY: every one of the m·n elements was written above.
+    unsafe { c.set_len(m * n) };
+    c
+}
+
+/// `(m, n)` of a sum of products, after checking that they agree and that every view stays
+/// within its slice.
+fn check_sum<T: Real>(products: &[Product<T>]) -> (usize, usize) {
+    assert!(
+        (1..=2).contains(&products.len()),
+        "gemm: one or two products"
+    );
+    let (m, n) = (products[0].a.rows, products[0].b.cols);
+    for p in products {
+        assert!(
+            p.a.cols == p.b.rows && p.a.rows == m && p.b.cols == n,
+            "gemm: {}x{} · {}x{} into {m}x{n}",
+            p.a.rows,
+            p.a.cols,
+            p.b.rows,
+            p.b.cols
+        );
+        p.a.check("A");
+        p.b.check("B");
+    }
+    (m, n)
+}
+
+/// [`gemm_sum_threads`] into C at `c`, rows `ldc` apart.
+///
+/// # Safety
+/// The views must be checked and `c` must hold the `m` rows of `n` elements `ldc` apart (m, n > 0),
+/// untouched by other threads; with beta = 0 they may be uninitialized.
+unsafe fn gemm_sum_raw<T: Real>(
+    products: &[Product<T>],
+    c: *mut T,
+    ldc: usize,
+    beta: T,
+    threads: usize,
+) {
+    // SAFETY: forwarded from the caller.
+    if unsafe { T::gemm_own(products, beta, c, ldc, threads) } {
+        return;
+    }
+    for (i, p) in products.iter().enumerate() {
+        let beta = if i == 0 { beta } else { T::one() };
+        // SAFETY: forwarded from the caller.
+        unsafe { split_gemm(p.a, p.b, c, ldc, p.alpha, beta, threads) };
+    }
+}
+
+/// One product over `matrixmultiply`, split over `threads`.
+///
+/// # Safety
+/// As [`gemm_sum_raw`].
+unsafe fn split_gemm<T: Real>(
+    a: Mat<T>,
+    b: Mat<T>,
+    c: *mut T,
+    ldc: usize,
+    alpha: T,
+    beta: T,
+    threads: usize,
+) {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
     // Each part packs its share of the operand it splits and all of the other: split the larger
     // side of C, so the operand packed whole by every part is the smaller one.
     let by_rows = m >= 2 * MIN_ROWS && (m >= n || n < 2 * MIN_COLS);
@@ -134,7 +238,7 @@ pub fn gemm_ldc<T: Real>(a: Mat<T>, b: Mat<T>, c: &mut [T], ldc: usize, alpha: T
     } else {
         threads.min(n / MIN_COLS).max(1)
     };
-    let c_ptr = SyncPtr(c.as_mut_ptr());
+    let c_ptr = SyncPtr(c);
     let one = |p: usize| {
         let (len, at) = if by_rows { (m, p) } else { (n, p) };
         let (start, end) = (at * len / parts, (at + 1) * len / parts);

@@ -19,6 +19,8 @@ pub mod random;
 pub mod residual;
 pub mod rmsnorm;
 pub mod rope;
+#[cfg(target_arch = "x86_64")]
+pub mod sgemm;
 pub mod split;
 pub mod swiglu;
 pub mod vexp;
@@ -92,6 +94,42 @@ pub trait Real:
         }
     }
 
+    /// The sum of products of [`matmul::gemm_sum`] on up to `threads` threads with this type's
+    /// own kernel for this CPU (f32 on AVX-512: `ops::sgemm`); `false` where there is none, and
+    /// `gemm_sum` splits each product over [`Real::gemm_raw`] itself.
+    ///
+    /// # Safety
+    /// The products' views must be in bounds and C must hold their `m` rows of `n` elements
+    /// `ldc` apart, untouched by other threads meanwhile.
+    unsafe fn gemm_own(
+        _products: &[matmul::Product<Self>],
+        _beta: Self,
+        _c: *mut Self,
+        _ldc: usize,
+        _threads: usize,
+    ) -> bool {
+        false
+    }
+
+    /// `h[i] ← g·σ(g)·u` (SwiGLU's forward; see `swiglu`); in f32 the same operations built
+    /// for the CPU's widest SIMD ([`vexp::silu_gate`]).
+    fn silu_gate(h: &mut [Self], gate: &[Self], up: &[Self]) {
+        for ((o, &g), &u) in h.iter_mut().zip(gate).zip(up) {
+            *o = g * (Self::one() / (Self::one() + (-g).fast_exp())) * u;
+        }
+    }
+
+    /// SwiGLU's backward (see `swiglu`); in f32 [`vexp::silu_gate_grad`].
+    fn silu_gate_grad(dg: &mut [Self], du: &mut [Self], gate: &[Self], up: &[Self], dh: &[Self]) {
+        let one = Self::one();
+        let outputs = dg.iter_mut().zip(du.iter_mut());
+        for ((og, ou), ((&g, &u), &d)) in outputs.zip(gate.iter().zip(up).zip(dh)) {
+            let s = one / (one + (-g).fast_exp());
+            *og = d * u * s * (one + g * (one - s));
+            *ou = d * g * s;
+        }
+    }
+
     /// `xs[i] ← xs[i] · s`.
     fn scale_slice(xs: &mut [Self], s: Self) {
         for x in xs.iter_mut() {
@@ -125,6 +163,42 @@ impl Real for f32 {
         unsafe { matrixmultiply::sgemm(m, k, n, alpha, a, rsa, csa, b, rsb, csb, beta, c, rsc, 1) }
     }
 
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn gemm_own(
+        products: &[matmul::Product<f32>],
+        beta: f32,
+        c: *mut f32,
+        ldc: usize,
+        threads: usize,
+    ) -> bool {
+        if !sgemm::available() {
+            return false;
+        }
+        let view = |m: matmul::Mat<f32>| sgemm::Strided {
+            ptr: m.data.as_ptr(),
+            rs: m.row_stride as isize,
+            cs: m.col_stride as isize,
+        };
+        let terms: Vec<sgemm::Term> = products
+            .iter()
+            .map(|p| sgemm::Term {
+                k: p.a.cols,
+                alpha: p.alpha,
+                a: view(p.a),
+                b: view(p.b),
+            })
+            .collect();
+        let out = sgemm::Out {
+            ptr: c,
+            rs: ldc as isize,
+            cs: 1,
+        };
+        let (m, n) = (products[0].a.rows, products[0].b.cols);
+        // SAFETY: AVX-512F is present; the bounds are the caller's contract.
+        unsafe { sgemm::sgemm(m, n, &terms, beta, out, threads) };
+        true
+    }
+
     #[inline(always)]
     fn fast_exp(self) -> f32 {
         vexp::exp(self)
@@ -140,6 +214,14 @@ impl Real for f32 {
 
     fn scale_slice(xs: &mut [f32], s: f32) {
         vexp::scale(xs, s)
+    }
+
+    fn silu_gate(h: &mut [f32], gate: &[f32], up: &[f32]) {
+        vexp::silu_gate(h, gate, up)
+    }
+
+    fn silu_gate_grad(dg: &mut [f32], du: &mut [f32], gate: &[f32], up: &[f32], dh: &[f32]) {
+        vexp::silu_gate_grad(dg, du, gate, up, dh)
     }
 
     fn max_of(xs: &[f32]) -> f32 {

@@ -74,7 +74,7 @@ fn effective<T: Real>(w: &[T], norm: Norm) -> std::borrow::Cow<'_, [T]> {
 pub fn forward<T: Real>(x: &[T], w: &[T], d: usize, norm: Norm) -> Result<(Vec<T>, Vec<T>)> {
     expect_len("rmsnorm", "weight", w.len(), &[d])?;
     let w = &*effective(w, norm);
-    if d == 0 || x.len() % d != 0 {
+    if d == 0 || !x.len().is_multiple_of(d) {
         expect_len("rmsnorm", "input [T, d]", x.len(), &[x.len() / d.max(1), d])?;
     }
     let rows = x.len() / d;

@@ -96,7 +96,7 @@ pub fn inv_freq(dim: usize, theta: f32, scaling: RopeScaling) -> Vec<f32> {
 /// `short_factor` or `long_factor`): `f_i = 1 / (factors[i] · theta^(2i/dim))`, in f32 with the
 /// product first, as transformers' `1.0 / (ext_factors * base**(arange(0, dim, 2) / dim))`.
 pub fn inv_freq_with_factors(dim: usize, theta: f32, factors: &[f32]) -> Result<Vec<f32>> {
-    if dim == 0 || dim % 2 != 0 {
+    if dim == 0 || !dim.is_multiple_of(2) {
         return Err(Error::InvalidArgument(format!(
             "rope frequencies with factors: the rotated dims ({dim}) must be even and non-zero"
         )));

@@ -48,10 +48,6 @@ impl Act {
     }
 }
 
-fn sigmoid<T: Real>(g: T) -> T {
-    T::one() / (T::one() + (-g).fast_exp())
-}
-
 /// `(gelu_tanh(g), gelu_tanh'(g))`, in the order of operations the GeGLU kernels use.
 fn gelu_tanh<T: Real>(g: T) -> (T, T) {
     let (k, a) = (T::of(std::f64::consts::FRAC_2_PI.sqrt()), T::of(0.044715));
@@ -68,15 +64,11 @@ pub fn forward<T: Real>(gate: &[T], up: &[T], act: Act) -> Result<Vec<T>> {
     expect_len("glu", "up", up.len(), &[gate.len()])?;
     let mut h = zeros(gate.len());
     for_chunks(&mut h, PAR_CHUNK, |at, hs| {
-        let inputs = hs.iter_mut().zip(&gate[at..]).zip(&up[at..]);
+        let n = hs.len();
         match act {
-            Act::Silu => {
-                for ((o, &g), &u) in inputs {
-                    *o = g * sigmoid(g) * u;
-                }
-            }
+            Act::Silu => T::silu_gate(hs, &gate[at..at + n], &up[at..at + n]),
             Act::GeluTanh => {
-                for ((o, &g), &u) in inputs {
+                for ((o, &g), &u) in hs.iter_mut().zip(&gate[at..]).zip(&up[at..]) {
                     *o = gelu_tanh(g).0 * u;
                 }
             }
@@ -92,17 +84,18 @@ pub fn backward<T: Real>(gate: &[T], up: &[T], dh: &[T], act: Act) -> Result<(Ve
     let mut dg = zeros(gate.len());
     let mut du = zeros(gate.len());
     for_chunks2(&mut dg, &mut du, PAR_CHUNK, |at, dgs, dus| {
-        let inputs = gate[at..].iter().zip(&up[at..]).zip(&dh[at..]);
-        let outputs = dgs.iter_mut().zip(dus.iter_mut());
+        let n = dgs.len();
         match act {
-            Act::Silu => {
-                for ((og, ou), ((&g, &u), &d)) in outputs.zip(inputs) {
-                    let s = sigmoid(g);
-                    *og = d * u * s * (T::one() + g * (T::one() - s));
-                    *ou = d * g * s;
-                }
-            }
+            Act::Silu => T::silu_gate_grad(
+                dgs,
+                dus,
+                &gate[at..at + n],
+                &up[at..at + n],
+                &dh[at..at + n],
+            ),
             Act::GeluTanh => {
+                let inputs = gate[at..].iter().zip(&up[at..]).zip(&dh[at..]);
+                let outputs = dgs.iter_mut().zip(dus.iter_mut());
                 for ((og, ou), ((&g, &u), &d)) in outputs.zip(inputs) {
                     let (value, slope) = gelu_tanh(g);
                     *og = d * u * slope;

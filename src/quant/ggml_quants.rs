@@ -130,12 +130,12 @@ pub fn quantize(ty: GgmlType, x: &[f32], row_len: usize) -> Result<Vec<u8>> {
         (Some(b), Some(s)) => (b, s),
         _ => unreachable!("every quantize type has ggml traits"),
     };
-    if row_len == 0 || row_len % block != 0 {
+    if row_len == 0 || !row_len.is_multiple_of(block) {
         return Err(Error::InvalidArgument(format!(
             "{ty}: rows of {row_len} values are not a whole number of blocks of {block}"
         )));
     }
-    if x.len() % row_len != 0 {
+    if !x.len().is_multiple_of(row_len) {
         return Err(Error::InvalidArgument(format!(
             "{ty}: {} values are not a whole number of rows of {row_len}",
             x.len()

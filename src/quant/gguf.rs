@@ -678,7 +678,7 @@ fn tensor_size(
         .iter()
         .try_fold(1usize, |a, &d| a.checked_mul(d))
         .ok_or_else(|| format!("tensor `{name}` has dimensions {dims:?}, too many values"))?;
-    if dims[0] % block != 0 {
+    if !dims[0].is_multiple_of(block) {
         return Err(format!(
             "tensor `{name}` ({tname}) has rows of {} values, not a multiple of its block of {block}",
             dims[0]
@@ -826,7 +826,7 @@ pub fn dequantize(ty: GgmlType, bytes: &[u8], out: &mut [f32]) -> Result<()> {
             supported_type_names()
         )));
     }
-    if out.len() % block != 0 || bytes.len() != out.len() / block * size {
+    if !out.len().is_multiple_of(block) || bytes.len() != out.len() / block * size {
         return Err(Error::InvalidArgument(format!(
             "{ty}: {} bytes do not hold {} values (blocks of {block} values in {size} bytes)",
             bytes.len(),

@@ -42,7 +42,7 @@ impl PlannedTensor {
                 )))
             }
         };
-        if row % bs != 0 {
+        if !row.is_multiple_of(bs) {
             return Err(Error::InvalidArgument(format!(
                 "tensor `{}`: rows of {row} values are not a whole number of {} blocks ({bs} \
                  values)",

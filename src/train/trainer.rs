@@ -435,7 +435,7 @@ impl Trainer {
         let scale = 1.0 / counted.max(1) as f32;
         let lr = self.schedule.lr(self.state.step);
         let next = self.state.step + 1;
-        let log = next % self.config.logging_steps.max(1) == 0 || next >= self.total_steps;
+        let log = next.is_multiple_of(self.config.logging_steps.max(1)) || next >= self.total_steps;
         self.pending.started.get_or_insert(started);
         self.pending.tokens += tokens;
         let mut step = PendingStep {
@@ -629,12 +629,16 @@ impl Trainer {
                 evaluating: None,
             });
             let s = self.state.step;
-            if self.config.eval_every > 0 && s % self.config.eval_every == 0 && s < self.total_steps
+            if self.config.eval_every > 0
+                && s.is_multiple_of(self.config.eval_every)
+                && s < self.total_steps
             {
                 eval_loss = self.log_eval(progress)?;
                 self.report_eval(eval_loss, progress);
             }
-            if self.config.save_every > 0 && s % self.config.save_every == 0 && s < self.total_steps
+            if self.config.save_every > 0
+                && s.is_multiple_of(self.config.save_every)
+                && s < self.total_steps
             {
                 self.save_checkpoint()?;
             }
