@@ -313,6 +313,16 @@ fn heads<'a, T: Real>(
         .collect()
 }
 
+/// `(head index, r0, r1)` of every block of rows of every head, in order: the tasks of the CPU
+/// reference.
+fn head_blocks<T>(heads: &[Head<T>]) -> Vec<(usize, usize, usize)> {
+    heads
+        .iter()
+        .enumerate()
+        .flat_map(|(x, hd)| causal_blocks(hd.l).map(move |(r0, r1)| (x, r0, r1)))
+        .collect()
+}
+
 /// Returns `(o [T, H, D], lse [T, H])`.
 pub fn forward<T: Real>(
     d: Dims,
@@ -326,12 +336,7 @@ pub fn forward<T: Real>(
     let opt = d.options::<T>();
     let heads = heads(d, (q, k, v), cu_seqlens);
     // Every (sequence, head, block of rows) on its own, in parallel; gathered in order.
-    let tasks: Vec<(usize, usize, usize)> = heads
-        .iter()
-        .enumerate()
-        .flat_map(|(x, hd)| causal_blocks(hd.l).map(move |(r0, r1)| (x, r0, r1)))
-        .collect();
-    let blocks: Vec<_> = tasks
+    let blocks: Vec<_> = head_blocks(&heads)
         .into_par_iter()
         .map(|(x, r0, r1)| {
             let hd = &heads[x];
@@ -447,6 +452,10 @@ pub fn backward<T: Real>(
             last += 1;
         }
         let group_heads = &heads[first..last];
+        let d_os: Vec<Mat<T>> = group_heads
+            .iter()
+            .map(|hd| Mat::strided(&d_o[(hd.s0 * h_n + hd.h) * dim..], hd.l, dim, h_n * dim))
+            .collect();
         // Zeroed block by block by the tasks that fill them (in parallel, and just before use).
         let mut p_all: Vec<Vec<MaybeUninit<T>>> =
             group_heads.iter().map(|hd| uninit(hd.l * hd.l)).collect();
@@ -471,7 +480,7 @@ pub fn backward<T: Real>(
                 let hd = &group_heads[x];
                 let (l, s0) = (hd.l, hd.s0);
                 let c0 = opt.first_key(r0);
-                let doh = Mat::strided(&d_o[(s0 * h_n + hd.h) * dim..], l, dim, h_n * dim);
+                let doh = d_os[x];
                 let row_lse: Vec<T> = (r0..r1).map(|i| lse[(s0 + i) * h_n + hd.h]).collect();
                 let mut cap = opt.softcap.map(|_| vec![T::zero(); (r1 - r0) * l]);
                 block_probabilities(
@@ -525,18 +534,13 @@ pub fn backward<T: Real>(
         let ds_all: Vec<Vec<T>> = ds_all.into_iter().map(assume_init).collect();
         // Phase 2, per block of key rows c0..c1 (the rows of Pᵀ and dSᵀ span columns
         // c0..query_end(c1 − 1)): dv_h = Pᵀ·dO_h and dk_h = σ dSᵀ·q_h.
-        let tasks: Vec<(usize, usize, usize)> = group_heads
-            .iter()
-            .enumerate()
-            .flat_map(|(x, hd)| causal_blocks(hd.l).map(move |(c0, c1)| (x, c0, c1)))
-            .collect();
-        let dkv_blocks: Vec<_> = tasks
+        let dkv_blocks: Vec<_> = head_blocks(group_heads)
             .into_par_iter()
             .map(|(x, c0, c1)| {
                 let hd = &group_heads[x];
                 let l = hd.l;
                 let r1 = opt.query_end(c1 - 1, l);
-                let doh = Mat::strided(&d_o[(hd.s0 * h_n + hd.h) * dim..], l, dim, h_n * dim);
+                let doh = d_os[x];
                 let mut dvb = vec![T::zero(); (c1 - c0) * dim];
                 gemm_serial(
                     Mat::new(&p_all[x], l, l).t().block(c0, c1, c0, r1),

@@ -281,16 +281,22 @@ unsafe fn split_gemm<T: Real>(
             }
         }
     };
-    if parts == 1 {
-        one(0);
-    } else {
-        rayon::scope(|s| {
-            for p in 1..parts {
-                s.spawn(move |_| one(p));
-            }
-            one(0);
-        });
+    in_parts(parts, one);
+}
+
+/// Runs `one(p)` for every part `p < parts` (at least part 0): part 0 on this thread, the others
+/// as rayon tasks, all joined before returning.
+pub(crate) fn in_parts(parts: usize, one: impl Fn(usize) + Sync) {
+    if parts <= 1 {
+        return one(0);
     }
+    let one = &one;
+    rayon::scope(|s| {
+        for p in 1..parts {
+            s.spawn(move |_| one(p));
+        }
+        one(0);
+    });
 }
 
 /// Multiply-adds below which a product runs on one thread (splitting costs more than it saves).

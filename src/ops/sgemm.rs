@@ -154,31 +154,28 @@ pub unsafe fn sgemm(m: usize, n: usize, terms: &[Term], beta: f32, c: Out, threa
     } else {
         threads.clamp(1, items)
     };
+    let longest = terms.iter().map(|t| block_len(t.k)).max().unwrap_or(0);
+    let lines = longest * if narrow { 1 } else { 4 };
     let one = |p: usize| {
-        // SAFETY: forwarded from the caller; part p writes the tiles of items start..end only.
-        unsafe {
-            let part = if narrow { run_part::<1> } else { run_part::<4> };
-            part(
-                m,
-                n,
-                terms,
-                beta,
-                c,
-                p * items / parts,
-                (p + 1) * items / parts,
-            )
+        let (start, end) = (p * items / parts, (p + 1) * items / parts);
+        if start >= end {
+            return;
         }
-    };
-    if parts == 1 {
-        one(0);
-    } else {
-        rayon::scope(|s| {
-            for p in 1..parts {
-                s.spawn(move |_| one(p));
+        PANEL.with(|cell| {
+            // A part never runs inside another on one thread (a part calls no GEMM), so the
+            // buffer is free here.
+            let mut buf = cell.borrow_mut();
+            if buf.len() < lines {
+                buf.resize(lines, Line([0.0; 16]));
             }
-            one(0);
-        });
-    }
+            let packed = buf.as_mut_ptr() as *mut f32;
+            let part = if narrow { run_part::<1> } else { run_part::<4> };
+            // SAFETY: forwarded from the caller; part p writes the tiles of items start..end
+            // only, and the buffer holds the longest K block's panel.
+            unsafe { part(m, n, terms, beta, c, start, end, packed) }
+        })
+    };
+    super::matmul::in_parts(parts, one);
 }
 
 /// `C = beta·C` (a product with k = 0; C is not read when beta = 0).
@@ -194,10 +191,15 @@ unsafe fn scale_c(m: usize, n: usize, beta: f32, c: Out) {
     }
 }
 
-/// A 64-byte-aligned buffer for one packed panel.
+/// 16 floats, 64-byte aligned: the unit of a packed panel.
 #[repr(C, align(64))]
 #[derive(Clone, Copy)]
 struct Line([f32; 16]);
+
+thread_local! {
+    // This thread's packed panel: grown to the longest K block once, then reused.
+    static PANEL: std::cell::RefCell<Vec<Line>> = const { std::cell::RefCell::new(Vec::new()) };
+}
 
 /// The length of each K block of a term with inner dimension `k` (balanced, ≤ [`KC_MAX`]).
 fn block_len(k: usize) -> usize {
@@ -205,50 +207,10 @@ fn block_len(k: usize) -> usize {
 }
 
 /// The tiles of grid items `start..end` (item `q·tiles + t` is row tile t of panel q), with
-/// panels of `V` vectors (4: the wide layout, 6-row tiles; 1: the narrow one, 12-row tiles).
-unsafe fn run_part<const V: usize>(
-    m: usize,
-    n: usize,
-    terms: &[Term],
-    beta: f32,
-    c: Out,
-    start: usize,
-    end: usize,
-) {
-    if start >= end {
-        return;
-    }
-    let longest = terms.iter().map(|t| block_len(t.k)).max().unwrap_or(0);
-    thread_local! {
-        // This thread's packed panel: grown to the longest K block once, then reused.
-        static PANEL: std::cell::RefCell<Vec<Line>> = const { std::cell::RefCell::new(Vec::new()) };
-    }
-    PANEL.with(|cell| {
-        // A part never runs inside another on one thread (a part calls no GEMM), so the
-        // buffer is free here.
-        let mut buf = cell.borrow_mut();
-        if buf.len() < longest * V {
-            buf.resize(longest * V, Line([0.0; 16]));
-        }
-        // SAFETY: forwarded from the caller; the buffer holds longest·16·V floats.
-        unsafe {
-            run_terms::<V>(
-                m,
-                n,
-                terms,
-                beta,
-                c,
-                start,
-                end,
-                buf.as_mut_ptr() as *mut f32,
-            )
-        }
-    })
-}
-
-/// [`run_part`] with its packing buffer.
+/// panels of `V` vectors (4: the wide layout, 6-row tiles; 1: the narrow one, 12-row tiles),
+/// B packed into `packed` (room for the longest K block's panel).
 #[allow(clippy::too_many_arguments)]
-unsafe fn run_terms<const V: usize>(
+unsafe fn run_part<const V: usize>(
     m: usize,
     n: usize,
     terms: &[Term],
