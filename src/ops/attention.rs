@@ -43,7 +43,10 @@ use std::mem::MaybeUninit;
 use rayon::prelude::*;
 
 use super::matmul::{gemm, gemm_sum_threads, Mat, Product};
-use super::{check_cu_seqlens, check_tensor, cuda_ordinal, expect_len, zeros, Real};
+use super::{
+    assume_init, check_cu_seqlens, check_tensor, cuda_ordinal, expect_len, uninit, zeroed, zeros,
+    Real,
+};
 use crate::device::cuda::CudaDevice;
 use crate::device::Device;
 use crate::error::{Error, Result};
@@ -379,33 +382,6 @@ fn pairs(cu_seqlens: &[usize], heads: usize) -> Vec<(usize, usize, usize)> {
         .collect()
 }
 
-/// A buffer of `n` elements not yet written.
-fn uninit<T>(n: usize) -> Vec<MaybeUninit<T>> {
-    let mut v = Vec::with_capacity(n);
-    // SAFETY: MaybeUninit needs no initialization.
-    unsafe { v.set_len(n) };
-    v
-}
-
-/// `s` with every element set to zero, as initialized values.
-fn zeroed<T: Real>(s: &mut [MaybeUninit<T>]) -> &mut [T] {
-    for x in s.iter_mut() {
-        x.write(T::zero());
-    }
-    // SAFETY: every element was written just above; MaybeUninit<T> has T's layout.
-    unsafe { &mut *(s as *mut [MaybeUninit<T>] as *mut [T]) }
-}
-
-/// The buffer as initialized values.
-///
-/// Every element must have been written (here: through [`zeroed`], block by block).
-fn assume_init<T>(v: Vec<MaybeUninit<T>>) -> Vec<T> {
-    let mut v = std::mem::ManuallyDrop::new(v);
-    // SAFETY: the caller's contract; MaybeUninit<T> has T's layout, and the allocation is
-    // handed over whole (pointer, length and capacity).
-    unsafe { Vec::from_raw_parts(v.as_mut_ptr() as *mut T, v.len(), v.capacity()) }
-}
-
 /// Bytes of `P` and `dS` the backward holds at once (at least one head's): heads are taken in
 /// groups under this budget.
 const BACKWARD_BUDGET: usize = 256 << 20;
@@ -529,9 +505,15 @@ pub fn backward<T: Real>(
                 (x, r0, dqb)
             })
             .collect();
-        // Every block of every matrix was zeroed and filled by phase 1.
-        let p_all: Vec<Vec<T>> = p_all.into_iter().map(assume_init).collect();
-        let ds_all: Vec<Vec<T>> = ds_all.into_iter().map(assume_init).collect();
+        // SAFETY: every block of every matrix was zeroed (and filled) by phase 1.
+        let p_all: Vec<Vec<T>> = p_all
+            .into_iter()
+            .map(|v| unsafe { assume_init(v) })
+            .collect();
+        let ds_all: Vec<Vec<T>> = ds_all
+            .into_iter()
+            .map(|v| unsafe { assume_init(v) })
+            .collect();
         // Phase 2, per block of key rows c0..c1 (the rows of Pᵀ and dSᵀ span columns
         // c0..query_end(c1 − 1)): dv_h = Pᵀ·dO_h and dk_h = σ dSᵀ·q_h.
         let dkv_blocks: Vec<_> = head_blocks(group_heads)

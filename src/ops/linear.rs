@@ -15,7 +15,7 @@
 //! (Unsloth's `fast_lora.py` derivation, with the dropout mask on the adapter branch.)
 
 use super::matmul::{gemm, gemm_new, Mat, Product};
-use super::{expect_len, for_chunks, for_rows, zeros, Real, PAR_CHUNK};
+use super::{expect_len, for_chunks, for_rows, fresh_chunks, Real, PAR_CHUNK};
 use crate::error::Result;
 
 /// The adapter of one linear layer.
@@ -83,8 +83,7 @@ fn check<T: Real>(
 fn masked<'a, T: Real>(x: &'a [T], mask: Option<&[T]>) -> std::borrow::Cow<'a, [T]> {
     match mask {
         Some(m) => {
-            let mut xd = zeros(x.len());
-            for_chunks(&mut xd, PAR_CHUNK, |at, out| {
+            let xd = fresh_chunks(x.len(), PAR_CHUNK, |at, out: &mut [T]| {
                 for ((o, &a), &b) in out.iter_mut().zip(&x[at..]).zip(&m[at..]) {
                     *o = a * b;
                 }

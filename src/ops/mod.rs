@@ -25,6 +25,8 @@ pub mod split;
 pub mod swiglu;
 pub mod vexp;
 
+use std::mem::MaybeUninit;
+
 use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::tensor::{shape_str, DType, Tensor};
@@ -389,6 +391,74 @@ pub(crate) fn for_chunks2<T: Send>(
             .enumerate()
             .for_each(|(c, (pa, pb))| f(c * chunk, pa, pb));
     }
+}
+
+/// A buffer of `n` elements not yet written.
+pub(crate) fn uninit<T>(n: usize) -> Vec<MaybeUninit<T>> {
+    let mut v = Vec::with_capacity(n);
+    // SAFETY: MaybeUninit needs no initialization.
+    unsafe { v.set_len(n) };
+    v
+}
+
+/// `s` with every element set to zero, as initialized values.
+pub(crate) fn zeroed<T: Real>(s: &mut [MaybeUninit<T>]) -> &mut [T] {
+    for x in s.iter_mut() {
+        x.write(T::zero());
+    }
+    // SAFETY: every element was written just above; MaybeUninit<T> has T's layout.
+    unsafe { &mut *(s as *mut [MaybeUninit<T>] as *mut [T]) }
+}
+
+/// The buffer as initialized values.
+///
+/// # Safety
+/// Every element must have been written (through [`zeroed`], piece by piece).
+pub(crate) unsafe fn assume_init<T>(v: Vec<MaybeUninit<T>>) -> Vec<T> {
+    let mut v = std::mem::ManuallyDrop::new(v);
+    // SAFETY: the caller's contract; MaybeUninit<T> has T's layout, and the allocation is
+    // handed over whole (pointer, length and capacity).
+    unsafe { Vec::from_raw_parts(v.as_mut_ptr() as *mut T, v.len(), v.capacity()) }
+}
+
+/// A fresh buffer of `n` elements filled by [`for_chunks`] with `f`: each piece is zeroed by the
+/// task that fills it, just before `f` runs, so the zeros are written in that core's cache and
+/// not by a pass of their own over the whole buffer (as `zeros` then `for_chunks` would).
+pub(crate) fn fresh_chunks<T: Real>(
+    n: usize,
+    chunk: usize,
+    f: impl Fn(usize, &mut [T]) + Sync,
+) -> Vec<T> {
+    let mut v = uninit(n);
+    for_chunks(&mut v, chunk, |start, piece| f(start, zeroed(piece)));
+    // SAFETY: for_chunks hands every element to one piece, and each piece was zeroed.
+    unsafe { assume_init(v) }
+}
+
+/// [`fresh_chunks`] over whole rows of `row` elements, as [`for_rows`] cuts them.
+pub(crate) fn fresh_rows<T: Real>(
+    n: usize,
+    row: usize,
+    f: impl Fn(usize, &mut [T]) + Sync,
+) -> Vec<T> {
+    let mut v = uninit(n);
+    for_rows(&mut v, row, |first, piece| f(first, zeroed(piece)));
+    // SAFETY: for_rows hands every element to one piece, and each piece was zeroed.
+    unsafe { assume_init(v) }
+}
+
+/// [`fresh_chunks`] for two outputs of `n` elements, cut alike ([`for_chunks2`]).
+pub(crate) fn fresh_chunks2<T: Real>(
+    n: usize,
+    chunk: usize,
+    f: impl Fn(usize, &mut [T], &mut [T]) + Sync,
+) -> (Vec<T>, Vec<T>) {
+    let (mut a, mut b) = (uninit(n), uninit(n));
+    for_chunks2(&mut a, &mut b, chunk, |start, pa, pb| {
+        f(start, zeroed(pa), zeroed(pb))
+    });
+    // SAFETY: for_chunks2 hands every element of both to one piece, and each was zeroed.
+    unsafe { (assume_init(a), assume_init(b)) }
 }
 
 /// `vec![T::zero(); n]`, zeroed over the CPU's cores when large (a fresh buffer's zeroing and

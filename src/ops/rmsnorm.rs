@@ -21,7 +21,7 @@
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
 use super::{
-    check_tensor, cuda_ordinal, expect_len, for_chunks, for_rows, row_block, zeros, Real, NULL_PTR,
+    check_tensor, cuda_ordinal, expect_len, for_chunks, fresh_rows, row_block, Real, NULL_PTR,
     PAR_CHUNK,
 };
 use crate::device::cuda::CudaDevice;
@@ -78,7 +78,6 @@ pub fn forward<T: Real>(x: &[T], w: &[T], d: usize, norm: Norm) -> Result<(Vec<T
         expect_len("rmsnorm", "input [T, d]", x.len(), &[x.len() / d.max(1), d])?;
     }
     let rows = x.len() / d;
-    let mut y = zeros(x.len());
     let mut rstd = vec![T::zero(); rows];
     let (eps, dn) = (T::of(norm.eps), T::of(d as f64));
     // Rows in parallel; each row computed as one thread computes it.
@@ -90,7 +89,7 @@ pub fn forward<T: Real>(x: &[T], w: &[T], d: usize, norm: Norm) -> Result<(Vec<T
             *r = T::one() / (ms + eps).sqrt();
         }
     });
-    for_rows(&mut y, d, |t0, ys| {
+    let y = fresh_rows(x.len(), d, |t0, ys: &mut [T]| {
         for (j, yr) in ys.chunks_mut(d).enumerate() {
             let t = t0 + j;
             let (xr, r) = (&x[t * d..(t + 1) * d], rstd[t]);
@@ -116,9 +115,8 @@ pub fn backward<T: Real>(
     expect_len("rmsnorm backward", "output gradient", dy.len(), &[rows, d])?;
     expect_len("rmsnorm backward", "weight", w.len(), &[d])?;
     let w = &*effective(w, norm);
-    let mut dx = zeros(x.len());
     let dn = T::of(d as f64);
-    for_rows(&mut dx, d, |t0, dxs| {
+    let dx = fresh_rows(x.len(), d, |t0, dxs: &mut [T]| {
         for (j, dxr) in dxs.chunks_mut(d).enumerate() {
             let t = t0 + j;
             let (xr, dyr) = (&x[t * d..(t + 1) * d], &dy[t * d..(t + 1) * d]);

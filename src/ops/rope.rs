@@ -160,17 +160,17 @@ fn rotate<T: Real>(
         return Ok(());
     }
     let m = T::of(mag as f64);
+    let angles = Angles::of(positions, freqs);
     // Tokens in parallel, each rotated as one thread rotates it.
     for_rows(x, heads * head_dim, |t0, xs| {
         let mut cos = vec![T::zero(); half];
         let mut sin = vec![T::zero(); half];
         for (j, row) in xs.chunks_mut(heads * head_dim).enumerate() {
-            let p = positions[t0 + j];
+            let at = (t0 + j) * half;
             for i in 0..half {
-                let angle = (p as f32 * freqs[i]) as f64;
                 // × m is exact for m = 1: the plain rotation's values, bit for bit.
-                cos[i] = T::of(angle.cos()) * m;
-                sin[i] = T::of(direction * angle.sin()) * m;
+                cos[i] = T::of(angles.cos[at + i]) * m;
+                sin[i] = T::of(direction * angles.sin[at + i]) * m;
             }
             for v in row.chunks_mut(head_dim) {
                 for i in 0..half {
@@ -182,6 +182,65 @@ fn rotate<T: Real>(
         }
     });
     Ok(())
+}
+
+/// `cos θ` and `sin θ` in f64 of every (token, frequency) of one batch, `θ = p · f_i` rounded to
+/// f32 first. They are the same for every layer and for the forward, the replay and the backward
+/// of a step, so each thread keeps the tables of the last few (positions, frequencies) it rotated
+/// (a model whose layers alternate two frequency sets, as Gemma 3's local and global layers do,
+/// keeps both) and computes a table only for a new batch.
+struct Angles {
+    positions: Vec<u32>,
+    freqs: Vec<f32>,
+    /// `[T, freqs]`
+    cos: Vec<f64>,
+    /// `[T, freqs]`
+    sin: Vec<f64>,
+}
+
+/// Tables each thread keeps ([`Angles`]), the least recently used replaced first.
+const ANGLE_TABLES: usize = 4;
+
+impl Angles {
+    fn of(positions: &[u32], freqs: &[f32]) -> std::sync::Arc<Angles> {
+        use std::cell::RefCell;
+        use std::sync::Arc;
+        thread_local! {
+            // Most recently used last.
+            static KEPT: RefCell<Vec<Arc<Angles>>> = const { RefCell::new(Vec::new()) };
+        }
+        KEPT.with(|cell| {
+            let mut kept = cell.borrow_mut();
+            let hit = kept
+                .iter()
+                .position(|a| a.positions == positions && a.freqs == freqs);
+            let a = match hit {
+                Some(i) => kept.remove(i),
+                None => {
+                    let n = positions.len() * freqs.len();
+                    let (mut cos, mut sin) = (Vec::with_capacity(n), Vec::with_capacity(n));
+                    for &p in positions {
+                        for &f in freqs {
+                            let angle = (p as f32 * f) as f64;
+                            cos.push(angle.cos());
+                            sin.push(angle.sin());
+                        }
+                    }
+                    if kept.len() == ANGLE_TABLES {
+                        kept.remove(0);
+                    }
+                    Arc::new(Angles {
+                        positions: positions.to_vec(),
+                        freqs: freqs.to_vec(),
+                        cos,
+                        sin,
+                    })
+                }
+            };
+            kept.push(Arc::clone(&a));
+            a
+        })
+    }
 }
 
 /// Rotates the first `2·freqs.len()` dims of each head of `x` (`[T, heads, head_dim]`) in place
@@ -309,4 +368,35 @@ pub fn apply_cuda_rows(
     // the views of x and positions hold the rows' T·heads·head_dim and T (checked in range), freqs `half_rot` (2·half_rot ≤ head_dim, checked); one
     // thread per rotated pair, bounds-checked.
     unsafe { cuda.launch(name, b, grid_1d(pairs, 256)) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A table is computed once per (positions, frequencies) and found again while it is among
+    /// the kept ones, also when two frequency sets alternate; its values are the ones computed
+    /// on the spot.
+    #[test]
+    fn angle_tables_are_kept_and_hold_the_angles() {
+        let positions: Vec<u32> = (0..37).chain(0..5).collect();
+        let local = inv_freq(16, 10_000.0, RopeScaling::None);
+        let global = inv_freq(16, 1_000_000.0, RopeScaling::None);
+        let a = Angles::of(&positions, &local);
+        let b = Angles::of(&positions, &global);
+        assert!(std::sync::Arc::ptr_eq(&a, &Angles::of(&positions, &local)));
+        assert!(std::sync::Arc::ptr_eq(&b, &Angles::of(&positions, &global)));
+        assert!(!std::sync::Arc::ptr_eq(&a, &b));
+        for (t, &p) in positions.iter().enumerate() {
+            for (i, &f) in global.iter().enumerate() {
+                let angle = (p as f32 * f) as f64;
+                assert_eq!(b.cos[t * global.len() + i], angle.cos());
+                assert_eq!(b.sin[t * global.len() + i], angle.sin());
+            }
+        }
+        // Other positions: a table of their own.
+        let c = Angles::of(&positions[..10], &local);
+        assert!(!std::sync::Arc::ptr_eq(&a, &c));
+        assert_eq!(c.cos.len(), 10 * local.len());
+    }
 }

@@ -21,9 +21,7 @@
 
 use cudarc::driver::PushKernelArg;
 
-use super::{
-    check_tensor, cuda_ordinal, expect_len, for_chunks, for_chunks2, zeros, Real, PAR_CHUNK,
-};
+use super::{check_tensor, cuda_ordinal, expect_len, fresh_chunks, fresh_chunks2, Real, PAR_CHUNK};
 use crate::device::cuda::{grid_1d, CudaDevice};
 use crate::device::Device;
 use crate::error::Result;
@@ -62,8 +60,7 @@ fn gelu_tanh<T: Real>(g: T) -> (T, T) {
 /// `h = act(gate) ⊙ up`.
 pub fn forward<T: Real>(gate: &[T], up: &[T], act: Act) -> Result<Vec<T>> {
     expect_len("glu", "up", up.len(), &[gate.len()])?;
-    let mut h = zeros(gate.len());
-    for_chunks(&mut h, PAR_CHUNK, |at, hs| {
+    let h = fresh_chunks(gate.len(), PAR_CHUNK, |at, hs: &mut [T]| {
         let n = hs.len();
         match act {
             Act::Silu => T::silu_gate(hs, &gate[at..at + n], &up[at..at + n]),
@@ -81,9 +78,7 @@ pub fn forward<T: Real>(gate: &[T], up: &[T], act: Act) -> Result<Vec<T>> {
 pub fn backward<T: Real>(gate: &[T], up: &[T], dh: &[T], act: Act) -> Result<(Vec<T>, Vec<T>)> {
     expect_len("glu backward", "up", up.len(), &[gate.len()])?;
     expect_len("glu backward", "output gradient", dh.len(), &[gate.len()])?;
-    let mut dg = zeros(gate.len());
-    let mut du = zeros(gate.len());
-    for_chunks2(&mut dg, &mut du, PAR_CHUNK, |at, dgs, dus| {
+    let (dg, du) = fresh_chunks2(gate.len(), PAR_CHUNK, |at, dgs: &mut [T], dus: &mut [T]| {
         let n = dgs.len();
         match act {
             Act::Silu => T::silu_gate_grad(
