@@ -366,9 +366,15 @@ pub(crate) fn for_chunks<T: Send>(out: &mut [T], chunk: usize, f: impl Fn(usize,
 /// [`for_chunks`] over whole rows of `row` elements: `f(first_row, rows)`, about
 /// [`PAR_CHUNK`] elements (at least one row) per piece.
 pub(crate) fn for_rows<T: Send>(out: &mut [T], row: usize, f: impl Fn(usize, &mut [T]) + Sync) {
+    let (row, chunk) = row_pieces(row);
+    for_chunks(out, chunk, |start, piece| f(start / row, piece));
+}
+
+/// `(row, chunk)` for cutting rows of `row` elements into pieces of whole rows: the row length
+/// (at least 1) and a piece of about [`PAR_CHUNK`] elements (at least one row).
+fn row_pieces(row: usize) -> (usize, usize) {
     let row = row.max(1);
-    let rows = (PAR_CHUNK / row).max(1);
-    for_chunks(out, rows * row, |start, piece| f(start / row, piece));
+    (row, (PAR_CHUNK / row).max(1) * row)
 }
 
 /// [`for_chunks`] over two outputs of one length, cut alike: `f(start, a_piece, b_piece)`.
@@ -441,10 +447,8 @@ pub(crate) fn fresh_rows<T: Real>(
     row: usize,
     f: impl Fn(usize, &mut [T]) + Sync,
 ) -> Vec<T> {
-    let mut v = uninit(n);
-    for_rows(&mut v, row, |first, piece| f(first, zeroed(piece)));
-    // SAFETY: for_rows hands every element to one piece, and each piece was zeroed.
-    unsafe { assume_init(v) }
+    let (row, chunk) = row_pieces(row);
+    fresh_chunks(n, chunk, |start, piece| f(start / row, piece))
 }
 
 /// [`fresh_chunks`] for two outputs of `n` elements, cut alike ([`for_chunks2`]).
