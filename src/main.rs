@@ -800,6 +800,10 @@ fn run_bench(
     };
     let mut launches = 0u64;
     let mut cpu_secs = 0.0;
+    // Host time to issue each step's work, up to the closing synchronisation: the step reads
+    // nothing back, so on a GPU this is the host's own cost (our code and the driver's launch
+    // calls), and it stays below the step time while the host keeps ahead of the GPU.
+    let mut issued = 0.0;
     for step in 0..=steps {
         sync()?;
         let launched = qlora_rs::device::cuda::launches();
@@ -808,8 +812,10 @@ fn run_bench(
         adapters.zero_grads()?;
         model.train_micro_batch(&adapters, &ids, &labels, &cu, 1.0 / counted, step as u64)?;
         adapters.step(1e-4, 1.0)?;
+        let issue_time = t0.elapsed().as_secs_f64();
         sync()?;
         if step > 0 {
+            issued += issue_time;
             times.push(t0.elapsed().as_secs_f64());
             cpu_secs += process_cpu_secs() - cpu0;
             launches = qlora_rs::device::cuda::launches() - launched;
@@ -891,12 +897,18 @@ fn run_bench(
                 ),
                 None => println!("  MFU         n/a (no bf16 peak on file for {name})"),
             }
-            // Launches per step, and the step time per launch: on a GPU the bound under which
-            // the host's issuing would show; in QLORA_SIM_MODE=account (kernels checked, not
-            // run) it is the host's own cost per launch, simulator checks included.
+            // Launches per step, the step time per launch (on a GPU the bound under which the
+            // host's issuing would show) and the host's issue time per launch (on a GPU, below
+            // the former while the host keeps ahead; on the simulated GPU both are the host's,
+            // simulator checks included).
+            let per_launch = |secs: f64| secs * 1e6 / launches.max(1) as f64;
+            let issue = issued / times.len().max(1) as f64;
             println!(
-                "  launches    {launches} per step ({:.1} µs of step time per launch)",
-                mean * 1e6 / launches.max(1) as f64
+                "  launches    {launches} per step: {:.1} µs of step time per launch; issued in \
+                 {:.2} ms a step, {:.1} µs per launch on the host",
+                per_launch(mean),
+                issue * 1e3,
+                per_launch(issue)
             );
             if name.contains("simulated") {
                 println!(

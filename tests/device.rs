@@ -236,7 +236,7 @@ fn device_cuda_launch_beyond_the_shared_memory_opt_in_is_refused() {
     let x = Tensor::from_vec(vec![1.5f32; 32], &[32], &Device::Cuda(o)).unwrap();
     let y = Tensor::zeros(&[32], DType::BF16, &Device::Cuda(o)).unwrap();
     let n = 32i64;
-    let mut b = dev.stream().launch_builder(&f);
+    let mut b = dev.stream().launch_builder(f);
     b.arg(x.cuda_slice::<f32>("test").unwrap())
         .arg(y.cuda_slice::<bf16>("test").unwrap())
         .arg(&n);
@@ -266,7 +266,7 @@ fn device_cuda_fault_on_purpose_child() {
     let _ = qlora_rs::ops::embedding::cast_cuda(&x, DType::BF16).unwrap();
     let f = dev.function("testing", "fault_on_purpose").unwrap();
     let null = 0u64;
-    let mut b = dev.stream().launch_builder(&f);
+    let mut b = dev.stream().launch_builder(f);
     b.arg(&null);
     // SAFETY: deliberately violated: the kernel writes through a null pointer, which faults the
     // device of this process (and only this one).

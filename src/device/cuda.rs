@@ -16,9 +16,12 @@ use cudarc::driver::{
 use cudarc::nvrtc::Ptx;
 use half::{bf16, f16};
 
-use super::{kernels, Availability, CpuStorage};
+use super::{kernel_table, kernels, Availability, CpuStorage};
 use crate::error::{Error, Result};
 use crate::tensor::DType;
+
+type Kernel = kernel_table::Kernel<CudaFunction>;
+type KernelTable = kernel_table::KernelTable<CudaFunction>;
 
 /// Whether `libcuda` can be loaded. Must be true before any other cudarc call: cudarc panics
 /// when the library is missing.
@@ -195,9 +198,8 @@ pub struct CudaDevice {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
-    functions: Mutex<HashMap<(&'static str, &'static str), CudaFunction>>,
-    /// Dynamic shared memory each kernel has been allowed (cuFuncSetAttribute), bytes.
-    shared_allowed: Mutex<HashMap<(&'static str, &'static str), usize>>,
+    /// Every kernel resolved so far, found on each launch without a lock or a string hash.
+    kernels: KernelTable,
     sync_each_launch: bool,
     /// Read once at creation, for the launchers' tiling choices: streaming multiprocessors,
     /// shared memory per SM and the part reserved per block (bytes).
@@ -217,6 +219,11 @@ impl CudaDevice {
     /// The process-wide handle of GPU `ordinal`, created on first use. Errors (never panics) when
     /// this build has no kernels, there is no driver, or no such GPU.
     pub fn get(ordinal: usize) -> Result<Arc<CudaDevice>> {
+        // Every op asks for its device, so the usual ordinals are found without a lock.
+        static FIRST: [OnceLock<Arc<CudaDevice>>; 16] = [const { OnceLock::new() }; 16];
+        if let Some(dev) = FIRST.get(ordinal).and_then(OnceLock::get) {
+            return Ok(dev.clone());
+        }
         static DEVICES: OnceLock<Mutex<HashMap<usize, Arc<CudaDevice>>>> = OnceLock::new();
         let mut devices = DEVICES
             .get_or_init(Default::default)
@@ -263,14 +270,17 @@ impl CudaDevice {
             ctx,
             stream,
             modules: Mutex::new(HashMap::new()),
-            functions: Mutex::new(HashMap::new()),
-            shared_allowed: Mutex::new(HashMap::new()),
+            kernels: KernelTable::new(),
             sync_each_launch: std::env::var("QLORA_SYNC").is_ok_and(|v| v == "1"),
             multiprocessors,
             shared_per_sm,
             tile_counters: Mutex::new(None),
         });
         devices.insert(ordinal, dev.clone());
+        if let Some(slot) = FIRST.get(ordinal) {
+            // Under the lock above, so the slot is empty: this is its only setter.
+            let _ = slot.set(dev.clone());
+        }
         Ok(dev)
     }
 
@@ -377,12 +387,24 @@ impl CudaDevice {
         Ok(())
     }
 
-    /// Kernel `name` from `kernels/<module>.cu`, loading the module on first use.
-    pub fn function(&self, module: &'static str, name: &'static str) -> Result<CudaFunction> {
-        let mut functions = self.functions.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(f) = functions.get(&(module, name)) {
-            return Ok(f.clone());
+    /// Kernel `name` from `kernels/<module>.cu`, loading the module on first use. The handle is
+    /// resolved once per device (module load, function lookup); every later call for the same
+    /// `module` and `name` finds it in [`KernelTable`] with a few atomic loads.
+    pub fn function(&self, module: &'static str, name: &'static str) -> Result<&CudaFunction> {
+        Ok(&self.kernel(module, name)?.function)
+    }
+
+    /// The table entry of `module`'s kernel `name`, resolving it on first use.
+    fn kernel(&self, module: &'static str, name: &'static str) -> Result<&Kernel> {
+        if let Some(k) = self.kernels.find(module, name) {
+            return Ok(k);
         }
+        self.kernels
+            .insert(module, name, || self.load_function(module, name))
+    }
+
+    /// Loads `module` if needed and finds `name` in it (the slow path of [`CudaDevice::function`]).
+    fn load_function(&self, module: &'static str, name: &'static str) -> Result<CudaFunction> {
         let module_handle = {
             let mut modules = self.modules.lock().unwrap_or_else(|p| p.into_inner());
             match modules.get(module) {
@@ -403,34 +425,38 @@ impl CudaDevice {
                 }
             }
         };
-        let f = module_handle
+        module_handle
             .load_function(name)
             .map_err(Error::cuda_with(|| {
                 format!("finding kernel {name} in {module}.cu")
-            }))?;
-        functions.insert((module, name), f.clone());
-        Ok(f)
+            }))
     }
 
     /// Kernel `name` from `kernels/<module>.cu`, allowed `bytes` of dynamic shared memory per
     /// block. Every launcher whose kernel takes dynamic shared memory comes here, whatever the
     /// size: the 48 KiB a block gets without opting in is a default, not a promise that a tile or
-    /// stage count will stay under it. The attribute is set once per kernel and size; more than
-    /// the card allows is an error naming the kernel.
+    /// stage count will stay under it. The attribute is set once per kernel and size (after that
+    /// a launch reads one atomic); more than the card allows is an error naming the kernel.
     pub fn function_with_shared(
         &self,
         module: &'static str,
         name: &'static str,
         bytes: usize,
-    ) -> Result<CudaFunction> {
+    ) -> Result<&CudaFunction> {
         use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
-        let f = self.function(module, name)?;
-        let mut allowed = self
-            .shared_allowed
+        use std::sync::atomic::Ordering;
+        let k = self.kernel(module, name)?;
+        if k.shared_allowed.load(Ordering::Acquire) >= bytes {
+            return Ok(&k.function);
+        }
+        // Serialised so that two threads cannot lower each other's allowance.
+        let _raising = self
+            .kernels
+            .insert_lock
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        if allowed.get(&(module, name)).is_some_and(|&a| a >= bytes) {
-            return Ok(f);
+        if k.shared_allowed.load(Ordering::Acquire) >= bytes {
+            return Ok(&k.function);
         }
         let most = self
             .ctx
@@ -442,15 +468,16 @@ impl CudaDevice {
                  GPU allows {most}"
             )));
         }
-        f.set_attribute(
-            CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-            bytes as i32,
-        )
-        .map_err(Error::cuda_with(|| {
-            format!("allowing {bytes} bytes of shared memory for {name}")
-        }))?;
-        allowed.insert((module, name), bytes);
-        Ok(f)
+        k.function
+            .set_attribute(
+                CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                bytes as i32,
+            )
+            .map_err(Error::cuda_with(|| {
+                format!("allowing {bytes} bytes of shared memory for {name}")
+            }))?;
+        k.shared_allowed.store(bytes, Ordering::Release);
+        Ok(&k.function)
     }
 
     /// Launches a kernel whose arguments are already pushed onto `args`, then (with

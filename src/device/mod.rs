@@ -7,6 +7,7 @@
 
 pub mod cpu;
 pub mod cuda;
+mod kernel_table;
 pub mod kernels;
 
 pub use cpu::CpuStorage;

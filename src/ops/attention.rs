@@ -950,7 +950,7 @@ pub fn forward_cuda_rows(
     } else {
         cuda.function("attention", name)?
     };
-    let mut b = cuda.stream().launch_builder(&f);
+    let mut b = cuda.stream().launch_builder(f);
     b.arg(&p);
     // SAFETY: flash_fwd[_opt]_d*(AttnParams): q/k/v/o/lse checked above ([T, H|Hkv, D] bf16,
     // lse [T, H] f32), cu_seqlens validated (0 .. T, increasing) and on the device; the grid
@@ -1018,7 +1018,7 @@ pub fn backward_cuda(
     let name = tl.names[6];
     let f = cuda.function("attention", name)?;
     let tokens_i = tokens as i32;
-    let mut b = cuda.stream().launch_builder(&f);
+    let mut b = cuda.stream().launch_builder(f);
     b.arg(&p).arg(&tokens_i);
     let warps = tokens * d.heads;
     let cfg = LaunchConfig {
@@ -1033,7 +1033,7 @@ pub fn backward_cuda(
     let name = p.kernel("dkdv", d.head_dim);
     let smem = tl.dkdv_smem(d.head_dim);
     let f = cuda.function_with_shared("attention", name, smem)?;
-    let mut b = cuda.stream().launch_builder(&f);
+    let mut b = cuda.stream().launch_builder(f);
     b.arg(&p);
     let cfg = grid_rows(
         max_len,
@@ -1054,7 +1054,7 @@ pub fn backward_cuda(
     } else {
         cuda.function("attention", name)?
     };
-    let mut b = cuda.stream().launch_builder(&f);
+    let mut b = cuda.stream().launch_builder(f);
     b.arg(&p);
     let cfg = grid(max_len, d.heads, seqs, tl.dq_threads, tl.dq_smem);
     // SAFETY: flash_bwd_dq[_opt]_*(AttnParams): as above; the thread count the kernel's column

@@ -275,7 +275,7 @@ pub fn chunk_cuda(
     let name = "ce_fwd_bwd_f32";
     let f = cuda.function("cross_entropy", name)?;
     let (v_i, ld, cap) = (vocab as i32, vocab as i64, kernel_softcap(softcap));
-    let mut b = cuda.stream().launch_builder(&f);
+    let mut b = cuda.stream().launch_builder(f);
     b.arg(logits.cuda_slice_mut::<f32>(op)?)
         .arg(t.cuda_slice::<i32>(op)?)
         .arg(loss.cuda_slice_mut::<f32>(op)?)
@@ -404,7 +404,7 @@ pub fn lm_head_ce_cuda(
         }
         let (v_i, ld, cap) = (vocab as i32, vp as i64, kernel_softcap(softcap));
         let (tc, lc) = (tp + (c0 * 4) as u64, lp + (c0 * 4) as u64);
-        let mut b = cuda.stream().launch_builder(&ce);
+        let mut b = cuda.stream().launch_builder(ce);
         b.arg(&zp).arg(&tc).arg(&lc).arg(&v_i).arg(&ld);
         let (scale, zbp) = (
             grad_scale.unwrap_or(0.0),

@@ -74,7 +74,7 @@ pub fn dropout_cuda(x: &Tensor, p: f32, seed: u64) -> Result<Tensor> {
     let name = "dropout_bf16";
     let f = cuda.function("embedding", name)?;
     let n_i = n as i64;
-    let mut b = cuda.stream().launch_builder(&f);
+    let mut b = cuda.stream().launch_builder(f);
     b.arg(x.cuda_slice::<half::bf16>(op)?)
         .arg(y.cuda_slice_mut::<half::bf16>(op)?)
         .arg(&n_i)

@@ -100,7 +100,7 @@ pub fn forward_cuda(table: &Tensor, ids: &[u32], scale: Option<f32>) -> Result<T
         Some(s) => (half::bf16::from_f32(s).to_f32(), 1i32),
         None => (1.0f32, 0i32),
     };
-    let mut b = cuda.stream().launch_builder(&f);
+    let mut b = cuda.stream().launch_builder(f);
     b.arg(table.cuda_slice::<half::bf16>(op)?)
         .arg(ids.cuda_slice::<i32>(op)?)
         .arg(out.cuda_slice_mut::<half::bf16>(op)?)
@@ -142,7 +142,7 @@ pub fn cast_cuda(x: &Tensor, to: DType) -> Result<Tensor> {
     let cuda = CudaDevice::get(o)?;
     let f = cuda.function("embedding", name)?;
     let n_i = n as i64;
-    let mut b = cuda.stream().launch_builder(&f);
+    let mut b = cuda.stream().launch_builder(f);
     match to {
         DType::BF16 => {
             b.arg(x.cuda_slice::<f32>(op)?)
@@ -176,7 +176,7 @@ pub fn add_cuda(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     let name = "add_bf16";
     let f = cuda.function("embedding", name)?;
     let n_i = n as i64;
-    let mut bld = cuda.stream().launch_builder(&f);
+    let mut bld = cuda.stream().launch_builder(f);
     bld.arg(a.cuda_slice::<half::bf16>(op)?)
         .arg(b.cuda_slice::<half::bf16>(op)?)
         .arg(out.cuda_slice_mut::<half::bf16>(op)?)
@@ -207,7 +207,7 @@ pub fn add_assign_cuda(acc: &mut Tensor, b: &Tensor) -> Result<()> {
     // add_bf16 reads a[i] and b[i] and then writes out[i], one element per thread: `a` and
     // `out` may be the same buffer.
     let a_ptr = acc.device_ptr();
-    let mut bld = cuda.stream().launch_builder(&f);
+    let mut bld = cuda.stream().launch_builder(f);
     bld.arg(&a_ptr)
         .arg(b.cuda_slice::<half::bf16>(op)?)
         .arg(acc.cuda_slice_mut::<half::bf16>(op)?)
@@ -235,7 +235,7 @@ pub fn bias_add_cuda(y: &mut Tensor, bias: &Tensor) -> Result<()> {
     let name = "bias_add_bf16";
     let f = cuda.function("embedding", name)?;
     let (n_i, cols_i) = (n as i64, cols as i32);
-    let mut bld = cuda.stream().launch_builder(&f);
+    let mut bld = cuda.stream().launch_builder(f);
     bld.arg(y.cuda_slice_mut::<half::bf16>(op)?)
         .arg(bias.cuda_slice::<half::bf16>(op)?)
         .arg(&n_i)
@@ -268,7 +268,7 @@ pub fn cast_into_cuda(x: &Tensor, y: &mut Tensor) -> Result<()> {
     let name = "cast_f32_bf16";
     let f = cuda.function("embedding", name)?;
     let n_i = n as i64;
-    let mut b = cuda.stream().launch_builder(&f);
+    let mut b = cuda.stream().launch_builder(f);
     b.arg(x.cuda_slice::<f32>(op)?)
         .arg(y.cuda_slice_mut::<half::bf16>(op)?)
         .arg(&n_i);

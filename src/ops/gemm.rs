@@ -389,7 +389,7 @@ unsafe fn gemm_ptrs_split(
     };
     let smem = GEMM_SMEM;
     let f = cuda.function_with_shared("gemm", name, smem)?;
-    let mut bld = cuda.stream().launch_builder(&f);
+    let mut bld = cuda.stream().launch_builder(f);
     bld.arg(&params);
     // SAFETY: the caller's contract covers the pointers and shapes; the workspace holds
     // splits·M·N floats and the counters one zero u32 per output tile (the last split of each
@@ -521,7 +521,7 @@ unsafe fn gemm_group_ptrs(
     }
     let smem = GEMM_SMEM;
     let f = cuda.function_with_shared("gemm", name, smem)?;
-    let mut bld = cuda.stream().launch_builder(&f);
+    let mut bld = cuda.stream().launch_builder(f);
     bld.arg(&group);
     let max_splits = group.splits.iter().copied().max().unwrap_or(1).max(1) as u32;
     let cfg = LaunchConfig {
@@ -638,7 +638,7 @@ fn nf4_forward_launch(o: usize, g: GemmParams, p: Nf4Params, y: Tensor) -> Resul
         let cuda = CudaDevice::get(o)?;
         let name = "gemm_nf4_small_m_bf16";
         let f = cuda.function("gemm", name)?;
-        let mut bld = cuda.stream().launch_builder(&f);
+        let mut bld = cuda.stream().launch_builder(f);
         bld.arg(&g).arg(&p);
         let cfg = LaunchConfig {
             grid_dim: (n.div_ceil(32) as u32, 1, 1),
@@ -756,7 +756,7 @@ fn launch_nf4(
     let cuda = CudaDevice::get(o)?;
     let smem = NF4_SMEM;
     let f = cuda.function_with_shared("gemm", name, smem)?;
-    let mut bld = cuda.stream().launch_builder(&f);
+    let mut bld = cuda.stream().launch_builder(f);
     bld.arg(&g).arg(&p);
     // SAFETY: gemm_nf4_*(GemmParams, Nf4Params): the pointers come from tensors checked by the
     // callers (x/dy bf16 [M, K], the output bf16 [M, N], the NF4 parts validated against W's
@@ -1085,7 +1085,7 @@ pub unsafe fn lora_forward_group(
         let name = "gemm_nf4_nt_group_bf16";
         let smem = NF4_SMEM;
         let f = cuda.function_with_shared("gemm", name, smem)?;
-        let mut bld = cuda.stream().launch_builder(&f);
+        let mut bld = cuda.stream().launch_builder(f);
         bld.arg(&group);
         let cfg = LaunchConfig {
             grid_dim: (tiles_n as u32, m.div_ceil(TILE) as u32, 1),
@@ -1501,7 +1501,7 @@ pub unsafe fn lora_backward_group(
         let name = "gemm_nf4_nn_group_bf16";
         let smem = NF4_SMEM;
         let f = cuda.function_with_shared("gemm", name, smem)?;
-        let mut bld = cuda.stream().launch_builder(&f);
+        let mut bld = cuda.stream().launch_builder(f);
         bld.arg(&group);
         // SAFETY: gemm_nf4_nn_group_bf16(Nf4Group): every dy [M, N_g] bf16, W_g [N_g, K] NF4
         // and dx [M, K] checked above; each adapter's g [M, r] (alive in `gs`) and A view

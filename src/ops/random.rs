@@ -56,7 +56,7 @@ pub fn uniform_cuda(shape: &[usize], a: f32, s: u64, device: &Device) -> Result<
     let name = "uniform_bf16";
     let f = cuda.function("embedding", name)?;
     let n_i = n as i64;
-    let mut b = cuda.stream().launch_builder(&f);
+    let mut b = cuda.stream().launch_builder(f);
     b.arg(y.cuda_slice_mut::<half::bf16>(op)?)
         .arg(&n_i)
         .arg(&s)

@@ -173,7 +173,7 @@ pub fn forward_cuda(x: &Tensor, w: &Tensor, norm: Norm) -> Result<(Tensor, Tenso
     let name = "rmsnorm_fwd_bf16";
     let f = cuda.function("rmsnorm", name)?;
     let (d_i, eps_f, offset) = (d as i32, norm.eps as f32, norm.flag());
-    let mut b = cuda.stream().launch_builder(&f);
+    let mut b = cuda.stream().launch_builder(f);
     b.arg(x.cuda_slice::<half::bf16>(op)?)
         .arg(w.cuda_slice::<half::bf16>(op)?)
         .arg(y.cuda_slice_mut::<half::bf16>(op)?)
@@ -211,7 +211,7 @@ pub fn forward_residual_cuda(
     let name = "rmsnorm_residual_fwd_bf16";
     let f = cuda.function("rmsnorm", name)?;
     let (d_i, eps_f, offset) = (d as i32, norm.eps as f32, norm.flag());
-    let mut b = cuda.stream().launch_builder(&f);
+    let mut b = cuda.stream().launch_builder(f);
     b.arg(a.cuda_slice::<half::bf16>(op)?)
         .arg(b_in.cuda_slice::<half::bf16>(op)?)
         .arg(h.cuda_slice_mut::<half::bf16>(op)?)
@@ -256,7 +256,7 @@ pub fn backward_cuda(
     let name = "rmsnorm_bwd_bf16";
     let f = cuda.function("rmsnorm", name)?;
     let (d_i, offset) = (d as i32, norm.flag());
-    let mut b = cuda.stream().launch_builder(&f);
+    let mut b = cuda.stream().launch_builder(f);
     b.arg(x.cuda_slice::<half::bf16>(op)?)
         .arg(w.cuda_slice::<half::bf16>(op)?)
         .arg(rstd.cuda_slice::<f32>(op)?)

@@ -354,7 +354,7 @@ pub fn apply_cuda_rows(
     let xs = x.cuda_slice_mut::<half::bf16>(op)?;
     let mut xv = xs.slice_mut(row0 * width..(row0 + t) * width);
     let pv = positions.cuda_slice::<i32>(op)?.slice(row0..row0 + t);
-    let mut b = cuda.stream().launch_builder(&f);
+    let mut b = cuda.stream().launch_builder(f);
     b.arg(&mut xv)
         .arg(&pv)
         .arg(freqs.cuda_slice::<f32>(op)?)

@@ -254,7 +254,7 @@ fn copy_cols_cuda(
     let units = |v: usize| (v / u) as i64;
     let (s_ld_u, s_col_u, d_ld_u, d_col_u) = (units(s_ld), units(s_col), units(d_ld), units(d_col));
     let (rows_i, cols_u) = (rows as i64, units(cols));
-    let mut b = cuda.stream().launch_builder(&f);
+    let mut b = cuda.stream().launch_builder(f);
     b.arg(s.cuda_slice::<half::bf16>(op)?)
         .arg(&s_ld_u)
         .arg(&s_col_u)

@@ -119,7 +119,7 @@ pub fn forward_cuda(gate: &Tensor, up: &Tensor, act: Act) -> Result<Tensor> {
     let name = act.kernels().0;
     let f = cuda.function("swiglu", name)?;
     let n_i = n as i64;
-    let mut b = cuda.stream().launch_builder(&f);
+    let mut b = cuda.stream().launch_builder(f);
     b.arg(gate.cuda_slice::<half::bf16>(op)?)
         .arg(up.cuda_slice::<half::bf16>(op)?)
         .arg(h.cuda_slice_mut::<half::bf16>(op)?)
@@ -148,7 +148,7 @@ pub fn backward_cuda(gate: Tensor, up: Tensor, dh: &Tensor, act: Act) -> Result<
     let name = act.kernels().1;
     let f = cuda.function("swiglu", name)?;
     let (n_i, gp, upp) = (n as i64, gate.device_ptr(), up.device_ptr());
-    let mut b = cuda.stream().launch_builder(&f);
+    let mut b = cuda.stream().launch_builder(f);
     b.arg(&gp)
         .arg(&upp)
         .arg(dh.cuda_slice::<half::bf16>(op)?)

@@ -202,7 +202,7 @@ impl AdamWCuda {
         let blocks = (grads.elem_count().div_ceil(256)).clamp(1, NORM_BLOCKS) as u32;
         // The step this norm belongs to (the update that follows it is step + 1).
         let step = self.step + 1;
-        let mut b = dev.stream().launch_builder(&f);
+        let mut b = dev.stream().launch_builder(f);
         b.arg(grads.cuda_slice::<f32>("grad norm")?)
             .arg(&n)
             .arg(&mut self.partials)
@@ -271,7 +271,7 @@ impl AdamWCuda {
         let f = dev.function("adamw", name)?;
         let n = params.elem_count();
         let n_i = n as i64;
-        let mut b = dev.stream().launch_builder(&f);
+        let mut b = dev.stream().launch_builder(f);
         b.arg(params.cuda_slice_mut::<f32>("adamw")?)
             .arg(grads.cuda_slice::<f32>("adamw")?)
             .arg(self.m.cuda_slice_mut::<f32>("adamw")?)

@@ -64,7 +64,7 @@ pub(super) fn quantize_into(w: &Tensor, q: &mut Nf4Tensor, ordinal: usize) -> Re
         };
         let f = dev.function(MODULE, name)?;
         let (n_i64, bs_i32) = (n as i64, q.blocksize as i32);
-        let mut b = dev.stream().launch_builder(&f);
+        let mut b = dev.stream().launch_builder(f);
         match w.dtype() {
             DType::F32 => b.arg(w.cuda_slice::<f32>(op)?),
             DType::BF16 => b.arg(w.cuda_slice::<bf16>(op)?),
@@ -100,7 +100,7 @@ pub(super) fn quantize_into(w: &Tensor, q: &mut Nf4Tensor, ordinal: usize) -> Re
         let name = "nf4_quantize_absmax";
         let nblocks_i64 = nblocks as i64;
         let f = dev.function(MODULE, name)?;
-        let mut b = dev.stream().launch_builder(&f);
+        let mut b = dev.stream().launch_builder(f);
         b.arg(absmax.cuda_slice::<f32>(op)?)
             .arg(offset.cuda_slice::<f32>(op)?)
             .arg(code2.cuda_slice::<f32>(op)?)
@@ -125,7 +125,7 @@ fn launch_mean(dev: &CudaDevice, absmax: &Tensor, offset: &mut Tensor) -> Result
     let name = "nf4_absmax_mean";
     let n = absmax.elem_count() as i64;
     let f = dev.function(MODULE, name)?;
-    let mut b = dev.stream().launch_builder(&f);
+    let mut b = dev.stream().launch_builder(f);
     b.arg(absmax.cuda_slice::<f32>(name)?)
         .arg(&n)
         .arg(offset.cuda_slice_mut::<f32>(name)?);
@@ -167,7 +167,7 @@ pub(super) fn dequantize_into(q: &Nf4Tensor, out: &mut Tensor, ordinal: usize) -
     };
     let name = float_kernel(op, out.dtype(), names)?;
     let f = dev.function(MODULE, name)?;
-    let mut b = dev.stream().launch_builder(&f);
+    let mut b = dev.stream().launch_builder(f);
     b.arg(q.packed.cuda_slice::<u8>(op)?);
     match &q.absmax {
         Absmax::Plain(a) => {
