@@ -2,7 +2,9 @@
 // variable-length sequences (cu_seqlens), head dim 64, 96, 128 or 256, bf16 in and out, fp32 online
 // softmax; the forward saves the row log-sum-exp. The T×T scores never exist in memory.
 // Options (Gemma 2/3): the score scale, a tanh soft cap c (S = c·tanh(σ q·k / c), 0 = none) and
-// a sliding window w (query i sees keys i − w < j ≤ i, 0 = none). With a window each kernel
+// a sliding window w (query i sees keys i − w < j ≤ i, 0 = none). The cap's tanh is ctanh_ex2
+// (ptx.cuh: one ex2 and one approximate reciprocal, within 5e-7·c of c·tanh; tanhf took about 17
+// instructions per score with its branch for small arguments). With a window each kernel
 // visits only the tiles that some pair of its tile can see; the forward and dQ mask element by
 // element only the tiles on the diagonal, the window's edge or the sequence's end.
 // Math and the CPU reference: src/ops/attention.rs.
@@ -341,7 +343,8 @@ __device__ void flash_fwd(const AttnParams& p) {
   const auto qrow = [&](int row) { return q0 + row0 + (row >> 1) * 16 + (row & 1) * 8 + (lane >> 2); };
 
   const bool cap = OPT && p.softcap > 0.0f;
-  const float inv_cap = cap ? 1.0f / p.softcap : 0.0f;
+  // tanh(σ·s / c) is taken as ctanh_ex2(s · 2·log2 e·σ / c).
+  const float tanh_k = cap ? 2.0f * ATT_LOG2E * p.scale / p.softcap : 0.0f;
   // log2 e folded into the scale (no cap) or into the cap's factor: x₂ = x · log2 e.
   const float scale2 = p.scale * ATT_LOG2E, cap2 = p.softcap * ATT_LOG2E;
   for (int k0 = first_key; k0 < last_key; k0 += ATT_BN) {
@@ -368,7 +371,7 @@ __device__ void flash_fwd(const AttnParams& p) {
         for (int nt = 0; nt < 8; ++nt)
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
-            const float x = cap ? cap2 * tanhf(s[mi][nt][e] * p.scale * inv_cap) : s[mi][nt][e] * scale2;
+            const float x = cap ? ctanh_ex2(s[mi][nt][e] * tanh_k, cap2) : s[mi][nt][e] * scale2;
             s[mi][nt][e] = x;
             tmax[2 * mi + (e >> 1)] = fmaxf(tmax[2 * mi + (e >> 1)], x);
           }
@@ -381,7 +384,7 @@ __device__ void flash_fwd(const AttnParams& p) {
           for (int e = 0; e < 4; ++e) {
             const int key = k0 + nt * 8 + (lane & 3) * 2 + (e & 1);
             const int row = 2 * mi + (e >> 1);
-            const float x = cap ? cap2 * tanhf(s[mi][nt][e] * p.scale * inv_cap) : s[mi][nt][e] * scale2;
+            const float x = cap ? ctanh_ex2(s[mi][nt][e] * tanh_k, cap2) : s[mi][nt][e] * scale2;
             s[mi][nt][e] = att_visible(qrow(row), key, len, window) ? x : -INFINITY;
             tmax[row] = fmaxf(tmax[row], s[mi][nt][e]);
           }
@@ -480,8 +483,8 @@ extern "C" __global__ void flash_bwd_dsum_d256(AttnParams p, int tokens) { flash
 // The backward's view of one score: with a soft cap, t = tanh(σ·acc / c) (the score is c·t, so
 // c·log2 e·t in log2 units, and dR = dS·(1 − t²)); without one, the score in log2 units,
 // acc·σ·log2 e (scale2). P = exp2(score₂ − lse·log2 e) as in the forward's base-2 softmax.
-__device__ __forceinline__ float att_bwd_score(float acc, const AttnParams& p, float scale2, bool cap, float inv_cap) {
-  return cap ? tanhf(acc * p.scale * inv_cap) : acc * scale2;
+__device__ __forceinline__ float att_bwd_score(float acc, float scale2, bool cap, float tanh_k) {
+  return cap ? ctanh_ex2(acc * tanh_k, 1.0f) : acc * scale2;
 }
 
 // dK, dV for 64 keys of kv head g: warps own 16 keys each.
@@ -518,7 +521,8 @@ __device__ void flash_dkdv(const AttnParams& p) {
   const int group = p.heads / p.kv_heads;
   const bool cap = OPT && p.softcap > 0.0f;
   const int window = OPT ? p.window : 0;
-  const float inv_cap = cap ? 1.0f / p.softcap : 0.0f;
+  // tanh(σ·s / c) is taken as ctanh_ex2(s · 2·log2 e·σ / c).
+  const float tanh_k = cap ? 2.0f * ATT_LOG2E * p.scale / p.softcap : 0.0f;
   // log2 e folded into the scale and the cap's factor; slse holds lse·log2 e.
   const float scale2 = p.scale * ATT_LOG2E, cap2 = p.softcap * ATT_LOG2E;
   const int query_end = att_query_end(k0, KROWS, len, window);
@@ -599,7 +603,7 @@ __device__ void flash_dkdv(const AttnParams& p) {
         for (int e = 0; e < 4; ++e) {
           const int qi = nt * 8 + (lane & 3) * 2 + (e & 1);
           const bool ok = att_visible(q0 + qi, key[e >> 1], len, window);
-          const float x = att_bwd_score(st[nt][e], p, scale2, cap, inv_cap);
+          const float x = att_bwd_score(st[nt][e], scale2, cap, tanh_k);
           const float y = ok ? x : -INFINITY;
           st[nt][e] = cap ? y : ex2_ftz(y - lse_b[qi]);
         }
@@ -737,7 +741,8 @@ __device__ void flash_dq(const AttnParams& p) {
   float dq[DC / 8][4];
 #pragma unroll
   for (int i = 0; i < DC / 8; ++i) dq[i][0] = dq[i][1] = dq[i][2] = dq[i][3] = 0.0f;
-  const float inv_cap = cap ? 1.0f / p.softcap : 0.0f;
+  // tanh(σ·s / c) is taken as ctanh_ex2(s · 2·log2 e·σ / c).
+  const float tanh_k = cap ? 2.0f * ATT_LOG2E * p.scale / p.softcap : 0.0f;
   // log2 e folded into the scale (no cap) or into the cap's factor.
   const float scale2 = p.scale * ATT_LOG2E, cap2 = p.softcap * ATT_LOG2E;
   for (int k0 = first_key; k0 < last_key; k0 += ATT_BN) {
@@ -783,7 +788,7 @@ __device__ void flash_dq(const AttnParams& p) {
           const int hr = e >> 1;
           const int key = k0 + nt * 8 + (lane & 3) * 2 + (e & 1);
           const bool ok = interior || att_visible(qrow[hr], key, len, window);
-          const float t = att_bwd_score(s[nt][e], p, scale2, true, inv_cap);
+          const float t = att_bwd_score(s[nt][e], scale2, true, tanh_k);
           const float pv = ex2_ftz(ok ? cap2 * t - lse2[hr] : -INFINITY);
           s[nt][e] = pv * (dp[nt][e] - ds_[hr]) * (1.0f - t * t);
         }
@@ -795,7 +800,7 @@ __device__ void flash_dq(const AttnParams& p) {
           const int hr = e >> 1;
           const int key = k0 + nt * 8 + (lane & 3) * 2 + (e & 1);
           const bool ok = interior || att_visible(qrow[hr], key, len, window);
-          const float x = att_bwd_score(s[nt][e], p, scale2, false, inv_cap);
+          const float x = att_bwd_score(s[nt][e], scale2, false, tanh_k);
           const float pv = ex2_ftz(ok ? x - lse2[hr] : -INFINITY);
           s[nt][e] = pv * (dp[nt][e] - ds_[hr]);
         }

@@ -725,7 +725,14 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
   gemm_tile(m0, n0);
   int tile = n0 / BN, i = 0;
   while (i + 1 < g.groups && tile >= g.tiles_n[i]) tile -= g.tiles_n[i++];
-  gemm_nf4_body<true>(Nf4Single{g.p[i], g.w[i]}, m0, tile * BN);
+  // One body per group index known at compile time: its parameters are then read as constant
+  // operands, as in gemm_nf4_nt_bf16, not through a run-time index in the main loop.
+  static_assert(GROUPS_MAX == 3, "one case per group");
+  switch (i) {
+    case 0: gemm_nf4_body<true>(Nf4Single{g.p[0], g.w[0]}, m0, tile * BN); break;
+    case 1: gemm_nf4_body<true>(Nf4Single{g.p[1], g.w[1]}, m0, tile * BN); break;
+    default: gemm_nf4_body<true>(Nf4Single{g.p[2], g.w[2]}, m0, tile * BN); break;
+  }
 }
 // Input gradient, dX = Σ_g dY_g·W_g + A2_g·B2_g (A2_g = s·dY_g·B_g, B2_g = A_g, or none): one
 // GEMM whose K runs over every group's phases (Nf4Sum), so dX is summed in fp32 and rounded and
