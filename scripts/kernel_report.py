@@ -61,6 +61,9 @@ ARCHS = {
 }
 WAVES_PER_CLK = 1  # shared memory, every card: 32 banks × 4 B = 128 B = one wavefront/clock/SM
 MMA_FLOP = 4096  # mma.sync.m16n8k16: 16 × 8 × 16 × 2
+# The special-function unit (MUFU: ex2, rcp) on sm_80–sm_90: 16 results per clock per SM (the
+# CUDA programming guide's throughput table), 4 per partition, so a warp's MUFU holds it 8 clocks.
+MUFU_CLOCKS = 32 / 4
 MMA_SYNC_ON_HOPPER = 2 / 3  # share of the sm_90 dense peak mma.sync is commonly reported to reach
 CONFLICT_FLAG = 1.05
 
@@ -227,8 +230,16 @@ def hmma_clocks(card):
 
 def issue_bound(loop, card):
     """Share of the tensor peak the main loop's steady iteration allows when each partition
-    issues one instruction per clock: its HMMAs' tensor clocks over its issue slots."""
-    return min(1.0, loop["hmma"] * hmma_clocks(card) / loop["steady"])
+    issues one instruction per clock and its special-function unit takes MUFU_CLOCKS per warp
+    MUFU: its HMMAs' tensor clocks over its issue slots, or over its MUFU clocks if fewer."""
+    return min(loop["hmma"] * hmma_clocks(card) / loop["steady"], sfu_bound(loop, card))
+
+
+def sfu_bound(loop, card):
+    """The MUFU part of issue_bound alone (1 where the iteration has no MUFU)."""
+    if not loop["mufu"]:
+        return 1.0
+    return min(1.0, loop["hmma"] * hmma_clocks(card) / (loop["mufu"] * MUFU_CLOCKS))
 
 
 def card_issue(sass, name, card):
@@ -472,16 +483,23 @@ def section_issue(sass):
         for arch in archs:
             loop = sass[arch].get(name)
             row += ([loop["hmma"], f"{loop['steady']} ({loop['min']}–{loop['max']})",
-                     f"{loop['steady'] / loop['hmma']:.1f}"] if loop else ["—", "—", "—"])
+                     f"{loop['steady'] / loop['hmma']:.1f}", loop["mufu"]]
+                    if loop else ["—", "—", "—", "—"])
         for key in ROOFLINE_CARDS:
             card = CARDS[key]
             loop = sass.get(card["arch"], {}).get(name)
-            row.append(f"**{issue_bound(loop, card):.0%}**" if loop else "—")
+            if not loop:
+                row.append("—")
+                continue
+            cell = f"**{issue_bound(loop, card):.0%}**"
+            if sfu_bound(loop, card) < 1.0:
+                cell += f" (MUFU {sfu_bound(loop, card):.0%})"
+            row.append(cell)
         rows.append(row)
     header = ["kernel"]
     for arch in archs:
         header += [f"{arch} HMMA per iteration", f"{arch} instructions, steady (shortest–longest)",
-                   f"{arch} instructions per HMMA (steady)"]
+                   f"{arch} instructions per HMMA (steady)", f"{arch} MUFU (steady)"]
     header += [f"{CARDS[k]['name']} issue bound" for k in ROOFLINE_CARDS]
     clocks = ", ".join(f"{CARDS[k]['name']} {hmma_clocks(CARDS[k]):g}" for k in CARDS)
     return ["## 5. Instruction issue in the main loops", "",
@@ -498,6 +516,11 @@ def section_issue(sass):
             "shared-memory accesses, then PRMT/MUFU): it fetches the next tile, for NF4 decodes "
             "it, and skips edge work (a partial K tile, a boundary mask, the adapter's phase); "
             "the shortest path is the pipeline's last tiles, the longest stacks the edge cases. "
+            "The special-function unit bounds the same iteration: a warp's MUFU (ex2, the "
+            f"reciprocal) holds its partition's unit {MUFU_CLOCKS:g} clocks (16 results per clock "
+            "per SM), so U of them allow at most H × clocks / (8·U) of the peak; the issue bound "
+            "is the lower of the two, and the MUFU part is shown beside it where it is below "
+            "100%. "
             "The bounds here and in sections 3 and 4 use the steady iteration. Not modelled: dual "
             "issue (none on these cards), stalls on latency, and the HMMA rate `mma.sync` "
             "actually sustains on sm_90 (see the assumption above).", ""] + table(header, rows)
@@ -538,7 +561,8 @@ def section_reading():
             "- **DRAM bound** — FLOP per unique byte × DRAM bandwidth over the tensor peak "
             "(capped at 100%): the unique bytes are compulsory traffic with an infinite cache.",
             "- **issue bound** — the main loop's HMMA tensor clocks over the instructions its "
-            "steady iteration issues (section 5; compiler output, not simulator counts).",
+            "steady iteration issues, or over its MUFUs' clocks on the special-function unit if "
+            "that is lower (section 5; compiler output, not simulator counts).",
             "",
             "What the simulator cannot see: time. It has no clock, no caches (L1/L2 hit rates, "
             "the cost of reuse), no latency or how well warps hide it, no pipeline limits beyond "

@@ -25,6 +25,12 @@ decode's lookups, the softmax's exponentials); the shortest such path skips the 
 partial K tile, a boundary mask, a zero-filled row, the adapter's phase). Branches that depend on
 one another (a value tested twice) are not correlated, so a path may combine cases no iteration
 does; the steady path is chosen to be the common one.
+
+The steady iteration's MUFUs are counted too (ex2, the reciprocal): the special-function unit
+returns 16 results per clock per SM on sm_80 to sm_90, 4 per partition, so a warp's MUFU holds it
+for 8 clocks, and an iteration with U of them and H HMMAs reaches at most
+H × (clocks per HMMA) / (8·U) of the tensor peak (scripts/kernel_report.py takes the lower of the
+two bounds).
 """
 import re
 
@@ -68,9 +74,10 @@ _WORK = (("LDG", "LDGSTS"), ("LDS", "LDSM", "STS"), ("PRMT", "MUFU"))
 
 
 def _work(text):
-    """The instruction's place in the work count (a tuple, one entry per _WORK class)."""
+    """The instruction's place in the work count (a tuple, one entry per _WORK class), then
+    whether it is a MUFU (counted apart for the SFU's bound; it breaks only ties of the rest)."""
     op = _op(text)
-    return tuple(int(op in cls) for cls in _WORK)
+    return tuple(int(op in cls) for cls in _WORK) + (int(op == "MUFU"),)
 
 
 def main_loop(ins):
@@ -99,7 +106,7 @@ def iteration(ins, head, back):
     # paths[j] = {(HMMAs, work...): (fewest, most) instructions} over paths from head to just
     # before j.
     paths = [dict() for _ in range(back + 2)]
-    paths[head] = {(0,) * (1 + len(_WORK)): (0, 0)}
+    paths[head] = {(0,) * (2 + len(_WORK)): (0, 0)}
 
     def merge(into, hmma, lo, hi):
         old = into.get(hmma)
@@ -136,8 +143,9 @@ def iteration(ins, head, back):
         return None
     hmma = max(k[0] for k in done)
     full = {k: v for k, v in done.items() if k[0] == hmma}
-    steady = full[max(full)][0]  # the most work, then the fewest instructions
-    return dict(hmma=hmma, steady=steady, min=min(lo for lo, _ in full.values()),
+    most = max(full)  # the most work, then the fewest instructions
+    return dict(hmma=hmma, steady=full[most][0], mufu=most[-1],
+                min=min(lo for lo, _ in full.values()),
                 max=max(hi for _, hi in full.values()))
 
 
@@ -178,7 +186,19 @@ def _selftest():
     ins = funcs["k"]
     assert main_loop(ins) == (1, 10), main_loop(ins)
     got = iteration(ins, 1, 10)
-    assert got == dict(hmma=2, steady=9, min=7, max=10), got
+    assert got == dict(hmma=2, steady=9, mufu=0, min=7, max=10), got
+    # A MUFU on an optional block: the steady iteration takes it (more work) and counts both.
+    text = """
+        Function : m
+        /*0000*/                   HMMA.16816.F32.BF16 R0, R2, R4, R0 ;
+        /*0010*/                   MUFU.EX2 R1, R1 ;
+        /*0020*/              @P0 BRA 0x40 ;
+        /*0030*/                   MUFU.RCP R2, R2 ;
+        /*0040*/              @P1 BRA 0x0 ;
+        /*0050*/                   EXIT ;
+    """
+    got = analyse(text)
+    assert got == {"m": dict(hmma=1, steady=5, mufu=2, min=4, max=5)}, got
     print("sass_loops: self-test passed")
 
 
